@@ -1,0 +1,351 @@
+"""RMSNorm and LayerNorm as ``torch.library`` custom ops with autograd, and their pure-PyTorch reference.
+
+Public functions:
+
+* :func:`rms_norm` ``(x, weight, eps=1e-6, residual=None)``
+* :func:`layer_norm` ``(x, weight, bias, eps=1e-5, residual=None)``
+
+With ``residual`` both return ``(y, residual_out)`` where ``residual_out = x + residual`` (rounded to x's
+dtype) and ``y = norm(residual_out)``, computed in one pass; otherwise they return ``y``.
+
+Ops (namespace ``mmfast``): ``rms_norm_fwd``, ``rms_norm_bwd``, ``layer_norm_fwd``, ``layer_norm_bwd``.
+They are opaque to ``torch.compile`` (fake impls registered), so compiled graphs trace them without
+a break. Each call picks its backend (:mod:`mmfast.ops.backend`).
+
+The reference (:func:`rms_norm_reference`, :func:`layer_norm_reference`) is the definition the kernels
+are tested against: run in float64 it is the test oracle; run in low precision it is what PyTorch/HF
+modules compute.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backend import resolve_backend
+
+#: Widest normalised dimension supported.
+MAX_N = 65536
+#: Activation dtypes the ops accept.
+ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# ---------------------------------------------------------------------------------------------
+# input checks (before anything launches)
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_tensor(fn: str, name: str, t: object) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def check_norm_inputs(
+    fn: str,
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    eps: float,
+) -> None:
+    """Raise TypeError/ValueError naming the offending argument; return None when all is well."""
+    _check_tensor(fn, "x", x)
+    if x.dtype not in ACT_DTYPES:
+        raise TypeError(f"{fn}: x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError(f"{fn}: x must have at least one dimension (the normalised one)")
+    N = x.shape[-1]
+    if N < 1:
+        raise ValueError(f"{fn}: x's last dimension (the normalised one) is empty")
+    if N > MAX_N:
+        raise ValueError(f"{fn}: x's last dimension is {N}, above the supported maximum {MAX_N}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        _check_tensor(fn, name, p)
+        if p.dtype not in (x.dtype, torch.float32):
+            raise TypeError(f"{fn}: {name} must be in x's dtype ({x.dtype}) or float32, got {p.dtype}")
+        if p.shape != (N,):
+            raise ValueError(f"{fn}: {name} must have shape ({N},) to match x's last dimension, got {tuple(p.shape)}")
+        if p.device != x.device:
+            raise ValueError(f"{fn}: {name} is on {p.device} but x is on {x.device}")
+    if residual is not None:
+        _check_tensor(fn, "residual", residual)
+        if residual.dtype != x.dtype:
+            raise TypeError(f"{fn}: residual must have x's dtype ({x.dtype}), got {residual.dtype}")
+        if residual.shape != x.shape:
+            raise ValueError(f"{fn}: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        if residual.device != x.device:
+            raise ValueError(f"{fn}: residual is on {residual.device} but x is on {x.device}")
+    if isinstance(eps, bool) or not isinstance(eps, (float, int)):
+        raise TypeError(f"{fn}: eps must be a Python float, got {type(eps).__name__}")
+    if not (0 <= eps < float("inf")):  # also rejects NaN; plain comparisons trace under torch.compile
+        raise ValueError(f"{fn}: eps must be finite and >= 0, got {eps}")
+
+
+# ---------------------------------------------------------------------------------------------
+# reference (pure PyTorch). Differentiable; computes in fp32 (float64 for float64 input).
+# ---------------------------------------------------------------------------------------------
+
+
+def _norm_fwd_reference(x, weight, bias, residual, eps, rms):
+    """Same contract as :func:`mmfast.kernels.norm.norm_fwd`, in plain PyTorch (any leading shape)."""
+    dtype = x.dtype
+    cdt = torch.promote_types(dtype, torch.float32)
+    h = x if residual is None else x + residual  # rounds to x's dtype, as the kernels do
+    hf = h.to(cdt)
+    if rms:
+        mean = None
+        xc = hf
+    else:
+        mean = hf.mean(-1)
+        xc = hf - mean.unsqueeze(-1)
+    rstd = torch.rsqrt(xc.square().mean(-1) + eps)
+    y = xc * rstd.unsqueeze(-1)
+    if rms:
+        y = y.to(dtype).to(cdt)  # HF LlamaRMSNorm: round to the input dtype before the weight
+    if weight is not None:
+        y = y * weight.to(cdt)
+    if bias is not None:
+        y = y + bias.to(cdt)
+    return y.to(dtype), (h if residual is not None else None), mean, rstd
+
+
+def _norm_bwd_reference(dy, x, weight, mean, rstd, dresidual_out, rms, need_dx, need_dw, need_db,
+                        dw_dtype=None, db_dtype=None):
+    """Same contract as :func:`mmfast.kernels.norm.norm_bwd`, in plain PyTorch (explicit formulas)."""
+    cdt = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(cdt)
+    xhat = (xf if rms else xf - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
+    dyf = dy.to(cdt)
+    dx = dw = db = None
+    if need_dx:
+        wdy = dyf * weight.to(cdt) if weight is not None else dyf
+        c1 = (xhat * wdy).mean(-1, keepdim=True)
+        proj = xhat * c1 if rms else xhat * c1 + wdy.mean(-1, keepdim=True)
+        dxf = (wdy - proj) * rstd.unsqueeze(-1)
+        if dresidual_out is not None:
+            dxf = dxf + dresidual_out.to(cdt)
+        dx = dxf.to(x.dtype).contiguous()
+    if need_dw:
+        dw = (dyf * xhat).reshape(-1, x.shape[-1]).sum(0).to(dw_dtype or weight.dtype)
+    if need_db:
+        db = dyf.reshape(-1, x.shape[-1]).sum(0).to(db_dtype or x.dtype)
+    return dx, dw, db
+
+
+def rms_norm_reference(x: Tensor, weight: Optional[Tensor], eps: float = 1e-6, residual: Optional[Tensor] = None):
+    """RMSNorm as HF ``LlamaRMSNorm`` computes it (plus the optional residual add), differentiable."""
+    y, h, _, _ = _norm_fwd_reference(x, weight, None, residual, eps, rms=True)
+    return y if residual is None else (y, h)
+
+
+def layer_norm_reference(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-5,
+                         residual: Optional[Tensor] = None):
+    """LayerNorm as ``nn.LayerNorm`` computes it (plus the optional residual add), differentiable."""
+    y, h, _, _ = _norm_fwd_reference(x, weight, bias, residual, eps, rms=False)
+    return y if residual is None else (y, h)
+
+
+# ---------------------------------------------------------------------------------------------
+# backend dispatch on 2-D row views
+# ---------------------------------------------------------------------------------------------
+
+
+def _rows(t: Tensor) -> Tensor:
+    """``t`` as [M, N] with a unit column stride: a view where one exists, else a contiguous copy."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t.reshape(-1, t.shape[-1])
+
+
+def _impl(device: torch.device):
+    if resolve_backend(device) == "triton":
+        from ..kernels import norm as kernels
+
+        return kernels.norm_fwd, kernels.norm_bwd
+    return _norm_fwd_reference, _norm_bwd_reference
+
+
+def _fwd(x, weight, bias, residual, eps, rms):
+    fwd, _ = _impl(x.device)
+    y, h, mean, rstd = fwd(_rows(x), weight, bias, None if residual is None else _rows(residual), eps, rms)
+    lead = x.shape[:-1]
+    empty = x.new_empty(0)
+    stat_empty = x.new_empty(0, dtype=torch.float32)
+    return (
+        y.reshape(x.shape),
+        empty if h is None else h.reshape(x.shape),
+        stat_empty if mean is None else mean.reshape(lead),
+        rstd.reshape(lead),
+    )
+
+
+def _bwd(dy, x, weight, mean, rstd, dres, rms, need_dx, need_dw, need_db, db_dtype):
+    _, bwd = _impl(x.device)
+    N = x.shape[-1]
+    dx, dw, db = bwd(
+        _rows(dy), _rows(x), weight,
+        None if mean is None else mean.reshape(-1), rstd.reshape(-1),
+        None if dres is None else _rows(dres),
+        rms, need_dx, need_dw, need_db,
+        dw_dtype=None if weight is None else weight.dtype, db_dtype=db_dtype,
+    )
+    return (
+        dy.new_empty(0) if dx is None else dx.reshape(x.shape),
+        dy.new_empty(0) if dw is None else dw.reshape(N),
+        dy.new_empty(0) if db is None else db.reshape(N),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# custom ops: RMSNorm
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mmfast::rms_norm_fwd", mutates_args=())
+def rms_norm_fwd(x: Tensor, weight: Optional[Tensor], residual: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(y, residual_out, rstd)``; ``residual_out`` is empty without a residual."""
+    y, h, _, rstd = _fwd(x, weight, None, residual, eps, rms=True)
+    return y, h, rstd
+
+
+@rms_norm_fwd.register_fake
+def _(x, weight, residual, eps):
+    h = x.new_empty(x.shape) if residual is not None else x.new_empty(0)
+    return x.new_empty(x.shape), h, x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("mmfast::rms_norm_bwd", mutates_args=())
+def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor, dresidual_out: Optional[Tensor],
+                 need_dx: bool, need_dw: bool) -> tuple[Tensor, Tensor]:
+    """Returns ``(dx, dweight)``; each is empty when not requested. ``x`` is the normalised input."""
+    dx, dw, _ = _bwd(dy, x, weight, None, rstd, dresidual_out, True, need_dx, need_dw, False, None)
+    return dx, dw
+
+
+@rms_norm_bwd.register_fake
+def _(dy, x, weight, rstd, dresidual_out, need_dx, need_dw):
+    dx = dy.new_empty(x.shape, dtype=x.dtype) if need_dx else dy.new_empty(0)
+    dw = weight.new_empty(weight.shape) if need_dw else dy.new_empty(0)
+    return dx, dw
+
+
+def _rms_setup_context(ctx, inputs, output):
+    x, weight, residual, eps = inputs
+    _, h, rstd = output
+    ctx.has_residual = residual is not None
+    ctx.save_for_backward(h if ctx.has_residual else x, weight, rstd)
+    ctx.mark_non_differentiable(rstd)
+    ctx.set_materialize_grads(False)
+
+
+def _grads_wanted(ctx, residual_index: int) -> tuple[bool, bool]:
+    """Whether x and the residual need gradients (both get the same one: d(x + residual))."""
+    return ctx.needs_input_grad[0], ctx.has_residual and ctx.needs_input_grad[residual_index]
+
+
+def _rms_backward(ctx, dy, dh, _drstd):
+    h, weight, rstd = ctx.saved_tensors
+    need_x, need_res = _grads_wanted(ctx, 2)
+    need_dw = weight is not None and ctx.needs_input_grad[1]
+    if dy is None:
+        dy = torch.zeros_like(h)
+    dx, dw = torch.ops.mmfast.rms_norm_bwd(
+        dy, h, weight, rstd, dh if ctx.has_residual else None, need_x or need_res, need_dw
+    )
+    return (dx if need_x else None, dw if need_dw else None, dx if need_res else None, None)
+
+
+rms_norm_fwd.register_autograd(_rms_backward, setup_context=_rms_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# custom ops: LayerNorm
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mmfast::layer_norm_fwd", mutates_args=())
+def layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
+                   eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(y, residual_out, mean, rstd)``; ``residual_out`` is empty without a residual."""
+    return _fwd(x, weight, bias, residual, eps, rms=False)
+
+
+@layer_norm_fwd.register_fake
+def _(x, weight, bias, residual, eps):
+    h = x.new_empty(x.shape) if residual is not None else x.new_empty(0)
+    stat = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return x.new_empty(x.shape), h, stat, stat.new_empty(stat.shape)
+
+
+@torch.library.custom_op("mmfast::layer_norm_bwd", mutates_args=())
+def layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
+                   rstd: Tensor, dresidual_out: Optional[Tensor], need_dx: bool, need_dw: bool,
+                   need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(dx, dweight, dbias)``; each is empty when not requested. ``bias`` gives dbias's dtype."""
+    return _bwd(dy, x, weight, mean, rstd, dresidual_out, False, need_dx, need_dw, need_db,
+                None if bias is None else bias.dtype)
+
+
+@layer_norm_bwd.register_fake
+def _(dy, x, weight, bias, mean, rstd, dresidual_out, need_dx, need_dw, need_db):
+    dx = dy.new_empty(x.shape, dtype=x.dtype) if need_dx else dy.new_empty(0)
+    dw = weight.new_empty(weight.shape) if need_dw else dy.new_empty(0)
+    db = bias.new_empty(bias.shape) if need_db else dy.new_empty(0)
+    return dx, dw, db
+
+
+def _ln_setup_context(ctx, inputs, output):
+    x, weight, bias, residual, eps = inputs
+    _, h, mean, rstd = output
+    ctx.has_residual = residual is not None
+    ctx.save_for_backward(h if ctx.has_residual else x, weight, bias, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)
+
+
+def _ln_backward(ctx, dy, dh, _dmean, _drstd):
+    h, weight, bias, mean, rstd = ctx.saved_tensors
+    need_x, need_res = _grads_wanted(ctx, 3)
+    need_dw = weight is not None and ctx.needs_input_grad[1]
+    need_db = bias is not None and ctx.needs_input_grad[2]
+    if dy is None:
+        dy = torch.zeros_like(h)
+    dx, dw, db = torch.ops.mmfast.layer_norm_bwd(
+        dy, h, weight, bias, mean, rstd, dh if ctx.has_residual else None, need_x or need_res, need_dw, need_db
+    )
+    return (dx if need_x else None, dw if need_dw else None, db if need_db else None, dx if need_res else None, None)
+
+
+layer_norm_fwd.register_autograd(_ln_backward, setup_context=_ln_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# public functions
+# ---------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float = 1e-6, residual: Optional[Tensor] = None):
+    """Fused RMSNorm over the last dimension, rounding like HF ``LlamaRMSNorm``.
+
+    ``weight`` may be in x's dtype or float32 (master weights); the output is in x's dtype.
+    With ``residual``, returns ``(y, residual_out)`` with ``residual_out = x + residual``, ``y = rms_norm(residual_out)``.
+    """
+    check_norm_inputs("rms_norm", x, weight, None, residual, eps)
+    y, h, _ = torch.ops.mmfast.rms_norm_fwd(x, weight, residual, float(eps))
+    return y if residual is None else (y, h)
+
+
+def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-5,
+               residual: Optional[Tensor] = None):
+    """Fused LayerNorm over the last dimension, rounding like ``nn.LayerNorm``.
+
+    ``weight``/``bias`` are optional and may be in x's dtype or float32; the output is in x's dtype.
+    With ``residual``, returns ``(y, residual_out)`` with ``residual_out = x + residual``, ``y = layer_norm(residual_out)``.
+    """
+    check_norm_inputs("layer_norm", x, weight, bias, residual, eps)
+    y, h, _, _ = torch.ops.mmfast.layer_norm_fwd(x, weight, bias, residual, float(eps))
+    return y if residual is None else (y, h)
