@@ -1,0 +1,29 @@
+"""Test setup: with no CUDA device, Triton kernels run through the interpreter.
+
+``TRITON_INTERPRET`` has to be decided before Triton is imported, so it is set here, before any test
+module imports mmfast. On a GPU machine nothing is set and the same tests run natively.
+"""
+
+import os
+
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture
+def seed():
+    """A fresh random seed per test (printed in failure messages so a failure can be replayed)."""
+    s = int(os.environ.get("MMFAST_TEST_SEED", 0)) or torch.seed() % (2**31)
+    torch.manual_seed(s)
+    return s

@@ -1,0 +1,162 @@
+"""Builds a norm test case and checks mmfast against the float64 reference (see ``accuracy.py``).
+
+For each case three computations run on the same inputs:
+
+* ``ours``: ``mmfast.rms_norm`` / ``mmfast.layer_norm`` (the backend the environment selects);
+* ``lowp``: PyTorch's own implementation in the same low precision: HF ``LlamaRMSNorm`` math
+  (== ``rms_norm_reference``, checked bitwise in test_norm.py) and native ``F.layer_norm``, with the
+  residual added in x's dtype first;
+* ``ref``: the reference in float64.
+
+The loss seen by backward is ``sum(y * gy) + sum(residual_out * gh)`` with random gy, gh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+import mmfast
+from accuracy import assert_accurate
+
+EPS = {"rms": 1e-6, "ln": 1e-5}
+DTYPES = {
+    "fp32": (torch.float32, torch.float32),
+    "fp16": (torch.float16, torch.float16),
+    "bf16": (torch.bfloat16, torch.bfloat16),
+    "bf16-fp32w": (torch.bfloat16, torch.float32),
+}
+
+
+@dataclasses.dataclass
+class Case:
+    kind: str  # "rms" | "ln"
+    x: torch.Tensor
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    residual: torch.Tensor | None
+    gy: torch.Tensor
+    gh: torch.Tensor | None
+
+    @property
+    def eps(self) -> float:
+        return EPS[self.kind]
+
+    def leaves(self) -> list[torch.Tensor]:
+        return [t for t in (self.x, self.weight, self.bias, self.residual) if t is not None and t.requires_grad]
+
+
+def make_case(kind, lead, N, dtypes="bf16", residual=False, weight=True, bias=True, device="cpu",
+              x_layout=None, grad_weight=True) -> Case:
+    """Random inputs; ``x_layout(t)`` may return a non-contiguous tensor with t's values."""
+    x_dtype, w_dtype = DTYPES[dtypes] if isinstance(dtypes, str) else dtypes
+    shape = (*lead, N)
+
+    def act(offset=0.0):
+        t = (torch.randn(shape, device=device) * 1.5 + offset).to(x_dtype)
+        return x_layout(t) if x_layout is not None else t
+
+    x = act(0.5 if kind == "ln" else 0.0).requires_grad_()
+    w = b = None
+    if weight:
+        w = (1 + 0.1 * torch.randn(N, device=device)).to(w_dtype).requires_grad_(grad_weight)
+    if bias and kind == "ln":
+        b = (0.1 * torch.randn(N, device=device)).to(w_dtype).requires_grad_(grad_weight)
+    r = act().requires_grad_() if residual else None
+    gy = act()
+    gh = act() if residual else None
+    return Case(kind, x, w, b, r, gy, gh)
+
+
+def _detached(case: Case, dtype=None) -> Case:
+    def cv(t):
+        if t is None:
+            return None
+        return (t.detach().to(dtype) if dtype is not None else t.detach()).requires_grad_(t.requires_grad)
+
+    return dataclasses.replace(case, x=cv(case.x), weight=cv(case.weight), bias=cv(case.bias), residual=cv(case.residual))
+
+
+def run_ours(case: Case):
+    c = _detached(case)
+    if c.kind == "rms":
+        out = mmfast.rms_norm(c.x, c.weight, c.eps, residual=c.residual)
+    else:
+        out = mmfast.layer_norm(c.x, c.weight, c.bias, c.eps, residual=c.residual)
+    y, h = out if c.residual is not None else (out, None)
+    return y, h, _grads(c, y, h)
+
+
+def run_lowp(case: Case):
+    c = _detached(case)
+    h = c.x + c.residual if c.residual is not None else None
+    inp = h if h is not None else c.x
+    if c.kind == "rms":
+        y = mmfast.rms_norm_reference(inp, c.weight, c.eps)
+    else:
+        y = F.layer_norm(inp, (inp.shape[-1],), c.weight, c.bias, c.eps).to(c.x.dtype)
+    return y, h, _grads(c, y, h)
+
+
+def run_ref(case: Case):
+    c = _detached(case, torch.float64)
+    if c.kind == "rms":
+        out = mmfast.rms_norm_reference(c.x, c.weight, c.eps, residual=c.residual)
+    else:
+        out = mmfast.layer_norm_reference(c.x, c.weight, c.bias, c.eps, residual=c.residual)
+    y, h = out if c.residual is not None else (out, None)
+    return y, h, _grads(c, y, h, torch.float64)
+
+
+def _grads(c: Case, y, h, dtype=None):
+    leaves = c.leaves()
+    if not leaves:
+        return []
+    outs, gos = [y], [c.gy.to(dtype) if dtype else c.gy]
+    if h is not None:
+        outs.append(h)
+        gos.append(c.gh.to(dtype) if dtype else c.gh)
+    return list(torch.autograd.grad(outs, leaves, gos, allow_unused=True))
+
+
+def _stats64(case: Case, h64):
+    x = h64 if h64 is not None else case.x.detach().double()
+    xc = x if case.kind == "rms" else x - x.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(xc.square().mean(-1, keepdim=True) + case.eps)
+    return xc * rstd, rstd
+
+
+def check_case(case: Case, seed: int) -> None:
+    """Run the three computations and apply the accuracy rule to every output and gradient."""
+    y, h, grads = run_ours(case)
+    y_lp, h_lp, grads_lp = run_lowp(case)
+    y_ref, h_ref, grads_ref = run_ref(case)
+    assert y.dtype == case.x.dtype and y.shape == case.x.shape
+    assert_accurate("y", y, y_lp, y_ref, y_ref.abs().max().item() if y_ref.numel() else 0.0, seed)
+    if h is not None:
+        assert h.dtype == case.x.dtype
+        assert_accurate("residual_out", h, h_lp, h_ref, h_ref.abs().max().item() if h_ref.numel() else 0.0, seed)
+
+    N = case.x.shape[-1]
+    xhat, rstd = _stats64(case, h_ref.detach() if h_ref is not None else None)
+    gy = case.gy.double()
+    w = case.weight.detach().double() if case.weight is not None else torch.ones(N, dtype=torch.float64, device=gy.device)
+    rows = lambda t: t.reshape(-1, N)  # noqa: E731
+    empty = gy.numel() == 0
+    dx_scale = 0.0 if empty else (rstd.max() * (gy * w).abs().max()).item()
+    if case.gh is not None and not empty:
+        dx_scale += case.gh.double().abs().max().item()
+    scales = {
+        "x": dx_scale,
+        "residual": dx_scale,
+        "weight": 0.0 if empty else rows((gy * xhat).abs()).sum(0).max().item(),
+        "bias": 0.0 if empty else rows(gy.abs()).sum(0).max().item(),
+    }
+    names = [n for n in ("x", "weight", "bias", "residual") if getattr(case, n) is not None and getattr(case, n).requires_grad]
+    for name, g, g_lp, g_ref in zip(names, grads, grads_lp, grads_ref):
+        assert g is not None, f"d{name} missing"
+        param = getattr(case, name)
+        assert g.dtype == param.dtype, f"d{name} dtype {g.dtype} != {param.dtype}"
+        assert_accurate(f"d{name}", g, g_lp, g_ref, scales[name], seed)

@@ -1,0 +1,164 @@
+"""Fused RMSNorm / LayerNorm against the float64 reference (accuracy rule: accuracy.py).
+
+On a machine without CUDA these run the Triton kernels through the interpreter (conftest.py); on a
+GPU the same tests run natively.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mmfast
+from mmfast.kernels import _device
+from norm_cases import DTYPES, check_case, make_case, run_ours
+
+KINDS = ["rms", "ln"]
+NS = [1, 7, 129, 768, 1000, 4096, 5120]
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("N", NS)
+@pytest.mark.parametrize("dtypes", list(DTYPES))
+@pytest.mark.parametrize("kind", KINDS)
+def test_matrix(kind, dtypes, N, residual, device, seed):
+    check_case(make_case(kind, (2, 5), N, dtypes, residual=residual, device=device), seed)
+
+
+@pytest.mark.parametrize("N", [8192, 8193, 16385, 65536])
+@pytest.mark.parametrize("dtypes", ["fp32", "bf16-fp32w"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_wide_rows(kind, dtypes, N, device, seed):
+    """Rows wider than the register-resident path loop over column blocks (forward and backward)."""
+    check_case(make_case(kind, (3,), N, dtypes, residual=True, device=device), seed)
+
+
+@pytest.mark.parametrize("lead", [(), (1,), (7,), (2, 3, 4), (0,), (3, 0, 2)], ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_leading_dims(kind, lead, device, seed):
+    check_case(make_case(kind, lead, 129, "bf16", residual=True, device=device), seed)
+
+
+@pytest.mark.parametrize("M,N", [(2000, 7), (300, 768), (77, 4096), (20, 9000)])
+@pytest.mark.parametrize("kind", KINDS)
+def test_persistent_rows(kind, M, N, device, seed):
+    """Enough rows that each persistent backward program walks several row tiles."""
+    check_case(make_case(kind, (M,), N, "bf16-fp32w", residual=False, device=device), seed)
+
+
+LAYOUTS = {
+    "transposed": lambda t: t.transpose(0, 1).contiguous().transpose(0, 1),  # rows not viewable as [M, N]
+    "row-slice": lambda t: torch.cat([t, t[..., :3]], dim=-1)[..., : t.shape[-1]],  # row stride > N
+    "every-other-row": lambda t: torch.stack([t, t], dim=1).flatten(0, 1)[::2],  # strided rows
+    "column-major": lambda t: t.transpose(-1, -2).contiguous().transpose(-1, -2),  # last dim not unit-stride
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("kind", KINDS)
+def test_non_contiguous(kind, layout, device, seed):
+    case = make_case(kind, (4, 6), 200, "bf16", residual=True, device=device, x_layout=LAYOUTS[layout])
+    assert not case.x.is_contiguous() and not case.gy.is_contiguous()
+    check_case(case, seed)
+
+
+@pytest.mark.parametrize(
+    "kind,weight,bias", [("rms", False, False), ("ln", False, False), ("ln", True, False)],
+    ids=["rms-no-weight", "ln-no-affine", "ln-weight-no-bias"],
+)
+@pytest.mark.parametrize("dtypes", ["fp32", "bf16"])
+def test_affine_variants(kind, weight, bias, dtypes, device, seed):
+    check_case(make_case(kind, (3, 5), 768, dtypes, residual=True, weight=weight, bias=bias, device=device), seed)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_frozen_affine_parameters(kind, device, seed):
+    """Weights that do not require grad get none (and dx is still right)."""
+    case = make_case(kind, (4, 5), 768, "bf16", residual=False, device=device, grad_weight=False)
+    check_case(case, seed)
+    _, _, grads = run_ours(case)
+    assert len(grads) == 1  # dx only
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_only_parameter_gradients(kind, device, seed):
+    """x does not require grad (LN tuning's first layer): only dweight/dbias are produced."""
+    case = make_case(kind, (4, 5), 768, "bf16-fp32w", device=device)
+    case.x.requires_grad_(False)
+    check_case(case, seed)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_backward_deterministic(kind, device, seed):
+    case = make_case(kind, (64,), 1000, "bf16-fp32w", residual=True, device=device)
+    first = run_ours(case)[2]
+    second = run_ours(case)[2]
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_residual_gradients_are_separate(device):
+    """x and residual receive the same gradient values without sharing storage after accumulation."""
+    x = torch.randn(3, 64, device=device, requires_grad=True)
+    r = torch.randn(3, 64, device=device, requires_grad=True)
+    w = torch.ones(64, device=device, requires_grad=True)
+    for _ in range(2):
+        y, h = mmfast.rms_norm(x, w, 1e-6, residual=r)
+        (y.sum() + h.sum()).backward()
+    assert torch.equal(x.grad, r.grad)
+    x.grad.add_(1.0)
+    assert not torch.equal(x.grad, r.grad)
+
+
+def test_rms_reference_matches_hf_bitwise(device):
+    """The RMSNorm reference is exactly HF's LlamaRMSNorm (the rounding the kernels promise)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        m = LlamaRMSNorm(257, eps=1e-6).to(device=device, dtype=dtype)
+        with torch.no_grad():
+            m.weight.normal_(1.0, 0.1)
+        x = torch.randn(9, 257, device=device, dtype=dtype)
+        assert torch.equal(m(x), mmfast.rms_norm_reference(x, m.weight, 1e-6))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rounding_matches_pytorch_modules(kind, device, seed):
+    """Outputs round like HF LlamaRMSNorm / nn.LayerNorm: almost every element identical in bf16,
+    none more than one bf16 unit apart (fp32 sums in a different order may flip a rounding)."""
+    x = torch.randn(64, 1000, device=device, dtype=torch.bfloat16)
+    w = (1 + 0.1 * torch.randn(1000, device=device)).to(torch.bfloat16)
+    b = (0.1 * torch.randn(1000, device=device)).to(torch.bfloat16)
+    if kind == "rms":
+        ours, theirs = mmfast.rms_norm(x, w, 1e-6), mmfast.rms_norm_reference(x, w, 1e-6)
+    else:
+        ours, theirs = mmfast.layer_norm(x, w, b, 1e-5), torch.nn.functional.layer_norm(x, (1000,), w, b, 1e-5)
+    same = (ours == theirs).float().mean().item()
+    assert same > 0.99, f"only {same:.3f} of elements round identically (seed {seed})"
+    ulp = torch.finfo(torch.bfloat16).eps * theirs.float().abs().clamp_min(1e-30)
+    assert ((ours.float() - theirs.float()).abs() <= ulp * 1.0001).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    kind=st.sampled_from(KINDS),
+    lead=st.lists(st.integers(0, 6), max_size=3),
+    N=st.one_of(st.integers(1, 300), st.integers(301, 9000)),
+    dtypes=st.sampled_from(list(DTYPES)),
+    residual=st.booleans(),
+    weight=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_fuzz_shapes(kind, lead, N, dtypes, residual, weight, seed):
+    from conftest import DEVICE
+
+    torch.manual_seed(seed)
+    check_case(make_case(kind, tuple(lead), N, dtypes, residual=residual, weight=weight, bias=weight, device=DEVICE), seed)
+
+
+def test_interpreter_sm_count_is_fixed():
+    """Under the interpreter no device is queried; the persistent grid sees a fixed virtual SM count."""
+    if _device.interpreting():
+        assert _device.sm_count(torch.device("cpu")) == _device.INTERPRETER_SM_COUNT
+    else:
+        assert _device.sm_count(torch.device("cuda")) == torch.cuda.get_device_properties(0).multi_processor_count

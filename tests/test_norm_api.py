@@ -1,0 +1,195 @@
+"""The op layer around the norm kernels: bad input, backend choice, opcheck, torch.compile."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mmfast
+from mmfast.ops import norm as ops_norm
+from mmfast.ops.backend import ENV_VAR, resolve_backend
+from norm_cases import check_case, make_case
+
+# ---------------------------------------------------------------------------------------------
+# bad input: a clear error naming the argument, before anything launches
+# ---------------------------------------------------------------------------------------------
+
+
+def _call(kind, x, w=None, b=None, eps=1e-5, residual=None):
+    if kind == "rms":
+        return mmfast.rms_norm(x, w, eps, residual=residual)
+    return mmfast.layer_norm(x, w, b, eps, residual=residual)
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    """Fail the test if any backend runs: errors must come before a launch."""
+
+    def boom(*a, **k):
+        raise AssertionError("a backend ran before the bad input was rejected")
+
+    monkeypatch.setattr(ops_norm, "_impl", boom)
+
+
+BAD = {
+    "weight-length": (ValueError, "weight", lambda d: dict(x=torch.randn(2, 8, device=d), w=torch.ones(7, device=d))),
+    "weight-2d": (ValueError, "weight", lambda d: dict(x=torch.randn(2, 8, device=d), w=torch.ones(1, 8, device=d))),
+    "bias-length": (ValueError, "bias", lambda d: dict(x=torch.randn(2, 8, device=d), w=torch.ones(8, device=d), b=torch.ones(9, device=d))),
+    "int-x": (TypeError, "x", lambda d: dict(x=torch.ones(2, 8, dtype=torch.int32, device=d))),
+    "complex-x": (TypeError, "x", lambda d: dict(x=torch.ones(2, 8, dtype=torch.complex64, device=d))),
+    "float64-x": (TypeError, "x", lambda d: dict(x=torch.ones(2, 8, dtype=torch.float64, device=d))),
+    "int-weight": (TypeError, "weight", lambda d: dict(x=torch.randn(2, 8, device=d), w=torch.ones(8, dtype=torch.int64, device=d))),
+    "complex-weight": (TypeError, "weight", lambda d: dict(x=torch.randn(2, 8, device=d), w=torch.ones(8, dtype=torch.complex64, device=d))),
+    "fp16-weight-bf16-x": (TypeError, "weight", lambda d: dict(x=torch.randn(2, 8, device=d).bfloat16(), w=torch.ones(8, dtype=torch.float16, device=d))),
+    "weight-other-device": (ValueError, "weight", lambda d: dict(x=torch.randn(2, 8, device=d), w=torch.ones(8, device="meta"))),
+    "bias-other-device": (ValueError, "bias", lambda d: dict(x=torch.randn(2, 8, device=d), w=torch.ones(8, device=d), b=torch.ones(8, device="meta"))),
+    "residual-other-device": (ValueError, "residual", lambda d: dict(x=torch.randn(2, 8, device=d), residual=torch.ones(2, 8, device="meta"))),
+    "residual-shape": (ValueError, "residual", lambda d: dict(x=torch.randn(2, 8, device=d), residual=torch.ones(1, 8, device=d))),
+    "residual-dtype": (TypeError, "residual", lambda d: dict(x=torch.randn(2, 8, device=d), residual=torch.ones(2, 8, device=d).half())),
+    "N-too-large": (ValueError, "65536", lambda d: dict(x=torch.zeros(1, ops_norm.MAX_N + 1, device=d))),
+    "N-zero": (ValueError, "empty", lambda d: dict(x=torch.zeros(3, 0, device=d))),
+    "scalar-x": (ValueError, "dimension", lambda d: dict(x=torch.tensor(1.0, device=d))),
+    "negative-eps": (ValueError, "eps", lambda d: dict(x=torch.randn(2, 8, device=d), eps=-1.0)),
+    "nan-eps": (ValueError, "eps", lambda d: dict(x=torch.randn(2, 8, device=d), eps=float("nan"))),
+    "tensor-eps": (TypeError, "eps", lambda d: dict(x=torch.randn(2, 8, device=d), eps=torch.tensor(1e-5))),
+    "x-not-tensor": (TypeError, "x", lambda d: dict(x=[[1.0, 2.0]])),
+}
+
+
+@pytest.mark.parametrize(
+    "kind,case", [("ln", c) for c in BAD] + [("rms", c) for c in BAD if not c.startswith("bias")]
+)
+def test_bad_input(kind, case, device, no_launch):
+    exc, word, make = BAD[case]
+    kwargs = make(device)
+    with pytest.raises(exc, match=word):
+        _call(kind, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# backend choice
+# ---------------------------------------------------------------------------------------------
+
+
+def test_backend_env(monkeypatch, device):
+    monkeypatch.setenv(ENV_VAR, "reference")
+    assert resolve_backend(torch.device(device)) == "reference"
+    monkeypatch.setenv(ENV_VAR, "bogus")
+    with pytest.raises(ValueError, match=ENV_VAR):
+        resolve_backend(torch.device(device))
+    monkeypatch.setenv(ENV_VAR, "auto")
+    assert resolve_backend(torch.device(device)) == "triton"  # CUDA, or CPU under the interpreter
+
+
+def test_cpu_without_interpreter_uses_reference():
+    """A fresh process with the interpreter off: CPU tensors take the reference, and forcing Triton
+    is an error that says why (Triton fixes interpreter mode when it is imported, hence a subprocess)."""
+    code = (
+        "import torch, mmfast\n"
+        "from mmfast.ops.backend import resolve_backend\n"
+        "assert resolve_backend(torch.device('cpu')) == 'reference'\n"
+        "y = mmfast.rms_norm(torch.randn(2, 8), torch.ones(8))\n"
+        "import os; os.environ['MMFAST_BACKEND'] = 'triton'\n"
+        "try:\n"
+        "    mmfast.rms_norm(torch.randn(2, 8), torch.ones(8))\n"
+        "except RuntimeError as e:\n"
+        "    assert 'CUDA tensors' in str(e), e\n"
+        "else:\n"
+        "    raise SystemExit('no error')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", ENV_VAR)}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("kind", ["rms", "ln"])
+def test_reference_backend_accuracy(kind, monkeypatch, device, seed):
+    """The reference backend (explicit backward formulas) obeys the same accuracy rule."""
+    monkeypatch.setenv(ENV_VAR, "reference")
+    check_case(make_case(kind, (3, 7), 1000, "bf16-fp32w", residual=True, device=device), seed)
+    check_case(make_case(kind, (3, 7), 129, "fp32", residual=False, device=device), seed)
+
+
+def test_backends_agree(monkeypatch, device):
+    x = torch.randn(6, 300, device=device)
+    w = torch.randn(300, device=device)
+    monkeypatch.setenv(ENV_VAR, "reference")
+    ref = mmfast.rms_norm(x, w)
+    monkeypatch.setenv(ENV_VAR, "triton")
+    torch.testing.assert_close(mmfast.rms_norm(x, w), ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library: opcheck and torch.compile
+# ---------------------------------------------------------------------------------------------
+
+
+def _opcheck_args(device):
+    x = torch.randn(3, 5, 64, device=device, requires_grad=True)
+    r = torch.randn(3, 5, 64, device=device, requires_grad=True)
+    w = torch.randn(64, device=device, requires_grad=True)
+    b = torch.randn(64, device=device, requires_grad=True)
+    return x, r, w, b
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_opcheck(backend, monkeypatch, device):
+    monkeypatch.setenv(ENV_VAR, backend)
+    x, r, w, b = _opcheck_args(device)
+    ops = torch.ops.mmfast
+    torch.library.opcheck(ops.rms_norm_fwd, (x, w, r, 1e-6))
+    torch.library.opcheck(ops.rms_norm_fwd, (x, None, None, 1e-6))
+    torch.library.opcheck(ops.layer_norm_fwd, (x, w, b, r, 1e-5))
+    torch.library.opcheck(ops.layer_norm_fwd, (x, None, None, None, 1e-5))
+    with torch.no_grad():
+        y, h, rstd = ops.rms_norm_fwd(x, w, r, 1e-6)
+        _, _, mean, lrstd = ops.layer_norm_fwd(x, w, b, r, 1e-5)
+    dy = torch.randn_like(y)
+    w, b = w.detach(), b.detach()  # the backward ops are not themselves differentiated
+    torch.library.opcheck(ops.rms_norm_bwd, (dy, h, w, rstd, dy, True, True))
+    torch.library.opcheck(ops.rms_norm_bwd, (dy, h, None, rstd, None, True, False))
+    torch.library.opcheck(ops.layer_norm_bwd, (dy, h, w, b, mean, lrstd, dy, True, True, True))
+    torch.library.opcheck(ops.layer_norm_bwd, (dy, h, w, b, mean, lrstd, None, False, True, False))
+
+
+@pytest.mark.parametrize("kind", ["rms", "ln"])
+def test_compile_fullgraph(kind, device):
+    """torch.compile traces the ops with no graph break; forward and backward match eager."""
+    torch._dynamo.reset()
+    x, r, w, b = _opcheck_args(device)
+
+    def f(x, r, w, b):
+        if kind == "rms":
+            y, h = mmfast.rms_norm(x * 2, w, 1e-6, residual=r)
+        else:
+            y, h = mmfast.layer_norm(x * 2, w, b, 1e-5, residual=r)
+        return (y.float().square().sum() + h.sum()) / 7
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=False)
+    leaves = (x, r, w, b)
+    eager_grads = torch.autograd.grad(f(*leaves), leaves, allow_unused=True)
+    loss = compiled(*leaves)
+    torch.testing.assert_close(loss, f(*leaves))
+    for g_c, g_e in zip(torch.autograd.grad(loss, leaves, allow_unused=True), eager_grads):
+        if g_e is None:
+            assert g_c is None
+        else:
+            torch.testing.assert_close(g_c, g_e)
+
+
+def test_compile_dynamic_shapes(device):
+    torch._dynamo.reset()
+    w = torch.randn(64, device=device)
+    f = torch.compile(lambda x: mmfast.rms_norm(x, w), backend="aot_eager", fullgraph=True, dynamic=True)
+    for M in (3, 5, 11):
+        x = torch.randn(M, 64, device=device)
+        torch.testing.assert_close(f(x), mmfast.rms_norm(x, w))
+
+
+def test_interpreter_set_by_conftest():
+    """The CPU test run exercises the Triton kernels, not the reference."""
+    if not torch.cuda.is_available():
+        assert os.environ.get("TRITON_INTERPRET") == "1"
