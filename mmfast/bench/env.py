@@ -1,0 +1,57 @@
+"""What a benchmark record says about where it ran: device, library versions, commit."""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import subprocess
+
+import torch
+
+from ..kernels._device import interpreting
+
+
+def _git(*args: str) -> str | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+@functools.lru_cache(maxsize=None)
+def commit() -> str:
+    """The checkout's commit, with ``-dirty`` when it has uncommitted changes to tracked files."""
+    sha = _git("rev-parse", "--short=12", "HEAD")
+    if sha is None:
+        return os.environ.get("MMFAST_COMMIT", "unknown")
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    return sha + ("-dirty" if dirty else "")
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except Exception:  # noqa: BLE001 - absent or broken: report as missing
+        return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    return f"cpu ({cpu}, {os.cpu_count()} cores)" + (" [Triton interpreter]" if interpreting() else "")
+
+
+def environment(device: torch.device) -> dict:
+    """Fields stamped on every record."""
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "commit": commit(),
+    }

@@ -1,0 +1,57 @@
+"""Timing: median of CUDA-event timings on a GPU (``triton.testing.do_bench``), of wall-clock timings on
+CPU; peak memory; the device-to-device copy bandwidth every GB/s figure is compared with."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Sequence
+
+import torch
+
+
+def median_ms(
+    fn: Callable[[], object],
+    device: torch.device,
+    *,
+    grad_to_none: Sequence[torch.Tensor] = (),
+    warmup_ms: float = 25,
+    rep_ms: float = 100,
+) -> float:
+    """Median milliseconds of one call of ``fn`` (after warm-up; gradients of ``grad_to_none`` cleared
+    before each call so accumulation is not timed)."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=list(grad_to_none), return_mode="median"))
+
+    def once() -> float:
+        for t in grad_to_none:
+            t.grad = None
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+    first = once()  # warm-up (and a first estimate)
+    reps = max(3, min(50, int(rep_ms / max(first, 1e-3))))
+    return statistics.median(once() for _ in range(reps))
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Peak memory allocated by ``fn`` above what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return int(torch.cuda.max_memory_allocated(device) - base)
+
+
+def copy_gbps(device: torch.device, nbytes: int) -> float:
+    """Bandwidth of a device-to-device copy of ``nbytes`` (bytes read + bytes written per second / 1e9)."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
