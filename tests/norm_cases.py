@@ -130,7 +130,9 @@ def _stats64(case: Case, h64):
 
 def check_case(case: Case, seed: int) -> None:
     """Run the three computations and apply the accuracy rule to every output and gradient."""
+    gy_before = case.gy.clone()
     y, h, grads = run_ours(case)
+    assert torch.equal(case.gy, gy_before), "backward wrote into dy"
     y_lp, h_lp, grads_lp = run_lowp(case)
     y_ref, h_ref, grads_ref = run_ref(case)
     assert y.dtype == case.x.dtype and y.shape == case.x.shape

@@ -156,6 +156,42 @@ def test_fuzz_shapes(kind, lead, N, dtypes, residual, weight, seed):
     check_case(make_case(kind, tuple(lead), N, dtypes, residual=residual, weight=weight, bias=weight, device=DEVICE), seed)
 
 
+def test_persistent_grid_is_bounded():
+    """The backward's program count never exceeds a few per SM, whatever M, and shrinks with M."""
+    from mmfast.kernels.norm import bwd_launch
+
+    dev = torch.device("cpu")
+    sms = _device.sm_count(dev)
+    for N in (7, 768, 4096, 20000):
+        big = [bwd_launch(M, N, dev).programs for M in (10**5, 10**6, 10**7)]
+        assert big[0] == big[1] == big[2] <= 8 * sms
+        assert bwd_launch(1, N, dev).programs == 1
+        small = bwd_launch(3, N, dev)
+        assert small.programs <= 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: 64-bit offsets only matter past 2**31 elements")
+@pytest.mark.parametrize("kind", KINDS)
+def test_offsets_past_2_31_elements(kind):
+    """M * N > 2**31: the last rows, addressed with 64-bit offsets, are bit-identical to the same rows
+    normalised on their own (each row's result does not depend on M)."""
+    N = 4096
+    M = (2**31) // N + 64
+    x = torch.randn(M, N, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.ones(N, device="cuda", requires_grad=False)
+    norm = (lambda t: mmfast.rms_norm(t, w)) if kind == "rms" else (lambda t: mmfast.layer_norm(t, w, None))
+    tail = slice(M - 64, M)
+    y = norm(x)
+    gy = torch.zeros_like(y)
+    gy[tail] = torch.randn_like(gy[tail])
+    (dx,) = torch.autograd.grad(y, x, gy)
+    x_tail = x.detach()[tail].clone().requires_grad_()
+    y_tail = norm(x_tail)
+    (dx_tail,) = torch.autograd.grad(y_tail, x_tail, gy[tail])
+    assert torch.equal(y[tail], y_tail)
+    assert torch.equal(dx[tail], dx_tail)
+
+
 def test_interpreter_sm_count_is_fixed():
     """Under the interpreter no device is queried; the persistent grid sees a fixed virtual SM count."""
     if _device.interpreting():
