@@ -110,6 +110,16 @@ def _round(x, dtype: tl.constexpr, SOFT_RNE: tl.constexpr):
 
 
 @triton.jit
+def _load_input(x_ptr, r_ptr, cols, mask, dtype: tl.constexpr, HAS_RES: tl.constexpr, SOFT_RNE: tl.constexpr):
+    """The normalised input, in fp32: x, or x + residual rounded to x's dtype."""
+    x = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        r = tl.load(r_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        x = _round(x + r, dtype, SOFT_RNE).to(tl.float32)
+    return x
+
+
+@triton.jit
 def _norm_fwd_kernel(
     X, stride_x, R, stride_r, W, B, Y, RES_OUT, MEAN, RSTD,
     M, N, eps,
@@ -180,12 +190,9 @@ def _norm_fwd_wide_kernel(
     for start in range(0, N, BLOCK_N):
         cols = start + offs
         m = cols < N
-        x = tl.load(x_row + cols, mask=m, other=0.0).to(tl.float32)
+        x = _load_input(x_row, r_row, cols, m, dtype, HAS_RES, SOFT_RNE)
         if HAS_RES:
-            r = tl.load(r_row + cols, mask=m, other=0.0).to(tl.float32)
-            h = _round(x + r, dtype, SOFT_RNE)
-            tl.store(RES_OUT + out_row + cols, h, mask=m)
-            x = h.to(tl.float32)
+            tl.store(RES_OUT + out_row + cols, x.to(dtype), mask=m)  # exact: x holds x + r rounded
         if IS_RMS:
             acc_ss += x * x
         else:
@@ -208,10 +215,7 @@ def _norm_fwd_wide_kernel(
     for start in range(0, N, BLOCK_N):
         cols = start + offs
         m = cols < N
-        x = tl.load(x_row + cols, mask=m, other=0.0).to(tl.float32)
-        if HAS_RES:
-            r = tl.load(r_row + cols, mask=m, other=0.0).to(tl.float32)
-            x = _round(x + r, dtype, SOFT_RNE).to(tl.float32)
+        x = _load_input(x_row, r_row, cols, m, dtype, HAS_RES, SOFT_RNE)
         y = (x - mean) * rstd
         if IS_RMS:
             y = _round(y, dtype, SOFT_RNE).to(tl.float32)
