@@ -1,0 +1,5 @@
+"""Instance-level patching of HuggingFace models' norm modules (table in ``table.py``)."""
+
+from .core import PatchReport, disabled, is_disabled, is_patched, patch_norms, unpatch_norms
+
+__all__ = ["PatchReport", "disabled", "is_disabled", "is_patched", "patch_norms", "unpatch_norms"]

@@ -1,0 +1,208 @@
+"""Instance-level forward swap for norm modules: patch, unpatch, disable, report.
+
+Rules:
+
+* only the ``forward`` (and ``extra_repr``) of module *instances* change; classes, parameter names,
+  ``state_dict`` keys and ``type(module)`` stay as they were;
+* a module whose forward some other code already replaced is left alone and reported, except for an
+  Accelerate hook, which wraps ``_old_forward``: then ``_old_forward`` is what gets swapped, so the hook
+  keeps working;
+* patching is idempotent; ``unpatch`` puts back exactly what was there;
+* ``MMFAST_DISABLE=1`` or ``with mmfast.disabled():`` make patched modules run their original forward.
+
+No tensor data is touched, so models on the meta device patch the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import re
+from collections import Counter
+from typing import Iterator, Optional
+
+from torch import Tensor, nn
+
+from .table import KERNEL_LIBRARIES, NormFamily, family_of, is_norm_candidate, unsupported_reason
+
+_ATTR = "_mmfast_patch"
+_ABSENT = object()
+_DISABLE_DEPTH = 0
+
+
+def is_disabled() -> bool:
+    """True inside ``mmfast.disabled()`` or when ``MMFAST_DISABLE`` is set to a true value."""
+    return _DISABLE_DEPTH > 0 or os.environ.get("MMFAST_DISABLE", "0").strip().lower() not in ("", "0", "false", "off")
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Patched modules run their original forwards inside this block."""
+    global _DISABLE_DEPTH
+    _DISABLE_DEPTH += 1
+    try:
+        yield
+    finally:
+        _DISABLE_DEPTH -= 1
+
+
+@dataclasses.dataclass
+class _Patch:
+    """What mmfast changed on one module instance, and what to put back."""
+
+    family: NormFamily
+    slot: str  # "forward", or "_old_forward" under an Accelerate hook
+    saved_slot: object  # the instance's own value of ``slot`` before patching, or _ABSENT
+    saved_extra_repr: object
+
+
+def _original_call(module: nn.Module, rec: _Patch):
+    if rec.saved_slot is not _ABSENT:
+        return rec.saved_slot
+    return functools.partial(type(module).forward, module)
+
+
+def patched_forward(module: nn.Module, *args, **kwargs):
+    """The forward installed on patched instances."""
+    rec: _Patch = module.__dict__[_ATTR]
+    if is_disabled():
+        out = _original_call(module, rec)(*args, **kwargs)
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        # fp32 master weights make the original LlamaRMSNorm return fp32; keep the input dtype.
+        if isinstance(out, Tensor) and isinstance(x, Tensor) and out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        return out
+    return rec.family.forward(module, *args, **kwargs)
+
+
+def _patched_extra_repr(module: nn.Module) -> str:
+    rec: _Patch = module.__dict__[_ATTR]
+    base = type(module).extra_repr(module) if rec.saved_extra_repr is _ABSENT else rec.saved_extra_repr()
+    return f"{base}, mmfast={rec.family.kind}" if base else f"mmfast={rec.family.kind}"
+
+
+def is_patched(module: nn.Module) -> bool:
+    return _ATTR in module.__dict__
+
+
+def _describe(fn) -> str:
+    inner = getattr(fn, "func", None) or getattr(fn, "__func__", None) or fn
+    mod = getattr(inner, "__module__", None) or "?"
+    name = getattr(inner, "__qualname__", None) or type(inner).__name__
+    return f"{mod}.{name}"
+
+
+def _foreign_patch(module: nn.Module) -> Optional[str]:
+    """Why ``module``'s forward is someone else's, or None when it is the class's own."""
+    cls = type(module)
+    lib = cls.__module__.split(".")[0]
+    if lib in KERNEL_LIBRARIES:
+        return f"already replaced by {lib} ({cls.__module__}.{cls.__qualname__}); mmfast does not stack on it"
+    owner = next(c for c in cls.__mro__ if "forward" in c.__dict__)
+    fwd = owner.__dict__["forward"]
+    if getattr(fwd, "__module__", owner.__module__) != owner.__module__:
+        return f"class forward was replaced globally by {_describe(fwd)}; mmfast does not stack on it"
+    d = module.__dict__
+    if "forward" in d:
+        if "_hf_hook" in d and "_old_forward" in d:
+            old = d["_old_forward"]
+            if getattr(old, "__func__", None) is cls.forward or getattr(old, "func", None) is cls.forward:
+                return None  # an Accelerate hook around the class's own forward
+            return f"forward behind an Accelerate hook was replaced by {_describe(old)}; mmfast does not stack on it"
+        return f"forward already replaced on this instance by {_describe(d['forward'])}; mmfast does not stack on it"
+    return None
+
+
+def _install(module: nn.Module, fam: NormFamily) -> None:
+    d = module.__dict__
+    slot = "_old_forward" if "_hf_hook" in d and "_old_forward" in d else "forward"
+    rec = _Patch(fam, slot, d.get(slot, _ABSENT) if slot == "_old_forward" else _ABSENT,
+                 d.get("extra_repr", _ABSENT))
+    d[_ATTR] = rec
+    setattr(module, slot, functools.partial(patched_forward, module))
+    module.extra_repr = functools.partial(_patched_extra_repr, module)
+
+
+def _uninstall(module: nn.Module) -> None:
+    d = module.__dict__
+    rec: _Patch = d.pop(_ATTR)
+    for name, saved in ((rec.slot, rec.saved_slot), ("extra_repr", rec.saved_extra_repr)):
+        if saved is _ABSENT:
+            d.pop(name, None)
+        else:
+            d[name] = saved
+
+
+@dataclasses.dataclass
+class PatchReport:
+    """What ``mmfast.patch`` did: ``patched`` module paths, ``skipped`` (path, reason) pairs."""
+
+    patched: list[str] = dataclasses.field(default_factory=list)
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    kinds: dict[str, str] = dataclasses.field(default_factory=dict)
+    backend: str = "auto"
+    tuning: Optional[str] = None
+    trainable_params: int = 0
+    all_params: int = 0
+
+    def trainable_line(self) -> str:
+        """The trainable-parameter line, in PEFT's ``print_trainable_parameters`` format."""
+        pct = 100 * self.trainable_params / self.all_params if self.all_params else 0.0
+        return (f"trainable params: {self.trainable_params:,d} || all params: {self.all_params:,d} "
+                f"|| trainable%: {pct:.4f}")
+
+    def summary(self) -> str:
+        tuning = f", tuning {self.tuning}" if self.tuning else ""
+        return (f"mmfast.patch: {len(self.patched)} norm modules patched, {len(self.skipped)} skipped "
+                f"(backend {self.backend}{tuning})")
+
+    def __str__(self) -> str:
+        groups = Counter((re.sub(r"\.\d+\.", ".*.", p), self.kinds[p]) for p in self.patched)
+        rows = [(pattern, kind, str(n)) for (pattern, kind), n in groups.items()]
+        rows += [(path, "skipped", reason) for path, reason in self.skipped]
+        w0 = max([len("module")] + [len(r[0]) for r in rows])
+        w1 = max([len("kind")] + [len(r[1]) for r in rows])
+        lines = [self.summary(), f"  {'module':<{w0}}  {'kind':<{w1}}  count / reason"]
+        lines += [f"  {a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
+        lines.append(self.trainable_line())
+        return "\n".join(lines)
+
+
+def patch_norms(model: nn.Module, report: Optional[PatchReport] = None) -> PatchReport:
+    """Swap the forward of every supported norm instance in ``model`` (idempotent)."""
+    report = report or PatchReport()
+    for path, module in model.named_modules(remove_duplicate=True):
+        if is_patched(module):
+            rec: _Patch = module.__dict__[_ATTR]
+            report.patched.append(path)
+            report.kinds[path] = rec.family.kind
+            continue
+        foreign = _foreign_patch(module) if (is_norm_candidate(module) or family_of(module)) else None
+        if foreign is not None:
+            report.skipped.append((path, foreign))
+            continue
+        fam = family_of(module)
+        if fam is None:
+            if is_norm_candidate(module):
+                report.skipped.append((path, unsupported_reason(module)))
+            continue
+        reason = fam.check(module)
+        if reason is not None:
+            report.skipped.append((path, reason))
+            continue
+        _install(module, fam)
+        report.patched.append(path)
+        report.kinds[path] = fam.kind
+    return report
+
+
+def unpatch_norms(model: nn.Module) -> int:
+    """Restore the original forwards of every patched module; returns how many were restored."""
+    n = 0
+    for module in model.modules():
+        if is_patched(module):
+            _uninstall(module)
+            n += 1
+    return n

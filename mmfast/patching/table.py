@@ -1,0 +1,101 @@
+"""Which norm modules mmfast patches, and with which fused forward.
+
+One entry per family. A module belongs to a family when its class computes exactly what the fused
+forward computes; anything else that looks like a norm is reported as skipped with the reason.
+Adding a family is one ``NormFamily`` entry (and its forward in :mod:`mmfast.nn.norm`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Optional
+
+from torch import nn
+
+from ..nn.norm import layer_norm_forward, llama_rms_norm_forward
+from ..ops.norm import MAX_N
+
+
+@dataclasses.dataclass(frozen=True)
+class NormFamily:
+    kind: str  # short label used in reports and repr ("rms_norm", "layer_norm")
+    description: str
+    matches: Callable[[nn.Module], bool]  # class-level: does this module compute our op exactly?
+    forward: Callable  # fused forward: forward(module, input)
+    check: Callable[[nn.Module], Optional[str]]  # instance-level: None, or why this instance can't be patched
+
+
+def _code_key(fn) -> tuple | None:
+    code = getattr(fn, "__code__", None)
+    return None if code is None else (code.co_code, code.co_consts, code.co_names, code.co_varnames)
+
+
+@functools.lru_cache(maxsize=None)
+def _llama_forward_key() -> tuple:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    return _code_key(LlamaRMSNorm.forward)
+
+
+def _is_llama_rms_norm(m: nn.Module) -> bool:
+    """LlamaRMSNorm and every class whose forward is the same code (Mistral, Qwen2/3, Phi-3, Granite,
+    Idefics3, Qwen2-VL, ...): normalise in fp32, round to the input dtype, multiply by ``weight``."""
+    return _code_key(type(m).forward) == _llama_forward_key()
+
+
+def _check_rms(m: nn.Module) -> Optional[str]:
+    w = getattr(m, "weight", None)
+    if not isinstance(w, nn.Parameter) or w.dim() != 1:
+        return "weight is not a 1-D parameter"
+    if w.shape[0] > MAX_N:
+        return f"width {w.shape[0]} above the supported {MAX_N}"
+    return None
+
+
+def _is_torch_layer_norm(m: nn.Module) -> bool:
+    return isinstance(m, nn.LayerNorm) and type(m).forward is nn.LayerNorm.forward
+
+
+def _check_layer_norm(m: nn.Module) -> Optional[str]:
+    if len(m.normalized_shape) != 1:
+        return f"normalizes over {len(m.normalized_shape)} dimensions; the fused op normalizes the last one"
+    if m.normalized_shape[0] > MAX_N:
+        return f"width {m.normalized_shape[0]} above the supported {MAX_N}"
+    return None
+
+
+FAMILIES: tuple[NormFamily, ...] = (
+    NormFamily("rms_norm", "LLaMA-style RMSNorm", _is_llama_rms_norm, llama_rms_norm_forward, _check_rms),
+    NormFamily("layer_norm", "torch.nn.LayerNorm", _is_torch_layer_norm, layer_norm_forward, _check_layer_norm),
+)
+
+#: Norms with other semantics, left unpatched with a specific reason (class-name predicate, reason).
+KNOWN_DIFFERENT: tuple[tuple[Callable[[str], bool], str], ...] = (
+    (lambda name: name.startswith("Gemma") and "RMSNorm" in name,
+     "scales by (1 + weight) and rounds once in fp32 (Gemma); not the LLaMA rounding the fused RMSNorm keeps"),
+)
+
+#: Packages whose norm kernels mmfast will not stack on.
+KERNEL_LIBRARIES = ("liger_kernel", "unsloth", "apex", "flash_attn", "xformers", "transformer_engine",
+                    "deepspeed", "megatron", "bitsandbytes")
+
+
+def family_of(m: nn.Module) -> Optional[NormFamily]:
+    for fam in FAMILIES:
+        if fam.matches(m):
+            return fam
+    return None
+
+
+def is_norm_candidate(m: nn.Module) -> bool:
+    """Modules worth a line in the report: anything whose class name says it is a norm."""
+    return "norm" in type(m).__name__.lower()
+
+
+def unsupported_reason(m: nn.Module) -> str:
+    name = type(m).__name__
+    for pred, reason in KNOWN_DIFFERENT:
+        if pred(name):
+            return reason
+    return f"{name}: no fused op with the same semantics"
