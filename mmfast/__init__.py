@@ -2,10 +2,19 @@
 
 __version__ = "0.1.0"
 
+from .api import patch, unpatch
 from .ops.norm import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
+from .patching import PatchReport, disabled
+from .tuning import load_trainable, save_trainable
 
 __all__ = [
     "__version__",
+    "PatchReport",
+    "disabled",
+    "load_trainable",
+    "patch",
+    "save_trainable",
+    "unpatch",
     "layer_norm",
     "layer_norm_reference",
     "rms_norm",

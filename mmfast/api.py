@@ -1,0 +1,95 @@
+"""``mmfast.patch`` / ``mmfast.unpatch``: the one call users make on an already-built model."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Optional
+
+from torch import nn
+
+from .ops.backend import requested_backend
+from .patching import PatchReport, patch_norms, unpatch_norms
+from .tuning import LN_RECIPES, apply_ln_recipe, remove_tuning_hooks
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the message (not at import)."""
+
+    def __init__(self):
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+logger = logging.getLogger("mmfast")
+if not logger.handlers:
+    _handler = _StderrHandler()
+    _handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(_handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+TUNINGS = (None, *LN_RECIPES)
+
+
+def _is_rank0() -> bool:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameter counts; shared parameters are counted once."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def patch(
+    model: nn.Module,
+    tuning: Optional[str] = None,
+    *,
+    final_norm: bool = False,
+    master_weights: bool = True,
+    verbose: bool = True,
+) -> PatchReport:
+    """Swap mmfast's fused kernels into ``model``'s norm modules and, with ``tuning``, apply a recipe.
+
+    Call it before creating the optimizer and before DDP / FSDP / DeepSpeed / ``torch.compile``
+    wrapping. ``tuning``: None (kernels only), ``"layernorm"``, ``"layernorm-simp"`` or
+    ``"layernorm+projector"`` (METHODS.md); ``final_norm`` adds the LLM's final norm to a recipe;
+    ``master_weights`` keeps trainable norm weights in fp32. Returns a :class:`PatchReport`; with
+    ``verbose`` its summary and trainable-parameter line are logged once, on rank 0.
+    """
+    if tuning not in TUNINGS:
+        raise ValueError(f"tuning={tuning!r} is not one of {TUNINGS}")
+    report = patch_norms(model, PatchReport(backend=requested_backend(), tuning=tuning))
+    if tuning is not None:
+        apply_ln_recipe(model, tuning, final_norm=final_norm, master_weights=master_weights)
+    report.trainable_params, report.all_params = count_parameters(model)
+    if verbose and _is_rank0():
+        logger.info("%s\n%s", report.summary(), report.trainable_line())
+        for path, reason in report.skipped:
+            logger.info("  skipped %s: %s", path, reason)
+    return report
+
+
+def unpatch(model: nn.Module) -> int:
+    """Restore the original forwards of every patched module and remove mmfast's hooks.
+
+    Parameters keep their current values, dtypes and ``requires_grad``. Returns the number of modules
+    restored."""
+    remove_tuning_hooks(model)
+    return unpatch_norms(model)

@@ -1,0 +1,133 @@
+"""LayerNorm-tuning recipes (METHODS.md, section 1): which parameters train, everything else frozen.
+
+| recipe | trainable |
+|---|---|
+| ``layernorm`` | every LLM block's ``input_layernorm`` and ``post_attention_layernorm``; the multimodal projector; the input embeddings and the LM head |
+| ``layernorm-simp`` | only those LLM block norms |
+| ``layernorm+projector`` | the block norms and the projector |
+
+``final_norm=True`` adds the LLM's final norm. Trainable norm weights become fp32 master weights
+(``master_weights=True``): an update of 1e-4 to a bf16 weight near 1.0 rounds away. When the input
+embeddings are frozen, a forward hook makes the embedding output require grad so gradients still
+reach blocks under (reentrant) activation checkpointing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from torch import nn
+
+LN_RECIPES = ("layernorm", "layernorm-simp", "layernorm+projector")
+#: Submodule names that hold a vision-language projector, in the order they are looked for.
+PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector")
+_HOOK_ATTR = "_mmfast_tuning_hooks"
+
+
+@dataclasses.dataclass
+class ModelParts:
+    """The parts of a (multimodal) causal LM that the recipes refer to."""
+
+    hf_model: nn.Module  # the outermost transformers PreTrainedModel
+    decoder: nn.Module  # the language model's decoder (``get_decoder()``), with ``.layers``
+    projector: Optional[nn.Module]
+    input_embeddings: Optional[nn.Module]
+    output_embeddings: Optional[nn.Module]
+
+
+def _hf_model(model: nn.Module) -> nn.Module:
+    from transformers import PreTrainedModel
+
+    for m in model.modules():  # the wrapped model of a PEFT/DDP/compile wrapper
+        if isinstance(m, PreTrainedModel):
+            return m
+    raise ValueError(f"tuning recipes need a transformers PreTrainedModel inside {type(model).__name__}")
+
+
+def find_parts(model: nn.Module) -> ModelParts:
+    hf = _hf_model(model)
+    decoder = hf.get_decoder() if hasattr(hf, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if decoder is None or layers is None or not all(
+        hasattr(layer, "input_layernorm") and hasattr(layer, "post_attention_layernorm") for layer in layers
+    ):
+        raise ValueError(
+            f"LayerNorm tuning needs a LLaMA-style language model (get_decoder().layers with input_layernorm and "
+            f"post_attention_layernorm); {type(hf).__name__} has none"
+        )
+    projector = None
+    for name, m in hf.named_modules():
+        if name.split(".")[-1] in PROJECTOR_NAMES:
+            projector = m
+            break
+    return ModelParts(hf, decoder, projector, hf.get_input_embeddings(), hf.get_output_embeddings())
+
+
+def block_norms(parts: ModelParts, final_norm: bool) -> list[nn.Module]:
+    norms = [n for layer in parts.decoder.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    if final_norm:
+        norm = getattr(parts.decoder, "norm", None)
+        if norm is None:
+            raise ValueError(f"final_norm=True but {type(parts.decoder).__name__} has no final `norm`")
+        norms.append(norm)
+    return norms
+
+
+def _input_grads_hook(parts: ModelParts) -> None:
+    """Frozen input embeddings: make their output require grad in grad mode.
+
+    Under reentrant activation checkpointing (HF's, FSDP's or DeepSpeed's checkpoint wrappers) a
+    block whose inputs do not require grad is skipped by backward entirely, so its norms would get no
+    gradient. The price is the input-gradient work of the first block only. Skipped while compiling.
+    """
+    emb, hf = parts.input_embeddings, parts.hf_model
+    if emb is None or getattr(hf, _HOOK_ATTR, None):
+        return
+
+    def hook(module, args, output):
+        # Not inside torch.compile: it cannot return such a tensor, and compiled code checkpoints with
+        # the non-reentrant implementation, which does not need it.
+        if torch.is_grad_enabled() and not output.requires_grad and not torch.compiler.is_compiling():
+            output.requires_grad_(True)
+
+    hf.__dict__[_HOOK_ATTR] = [emb.register_forward_hook(hook)]
+
+
+def remove_tuning_hooks(model: nn.Module) -> None:
+    for m in model.modules():
+        for h in m.__dict__.pop(_HOOK_ATTR, []):
+            h.remove()
+
+
+def apply_ln_recipe(model: nn.Module, recipe: str, *, final_norm: bool = False, master_weights: bool = True) -> None:
+    """Freeze ``model`` and make the recipe's parameters trainable."""
+    if recipe not in LN_RECIPES:
+        raise ValueError(f"unknown LayerNorm-tuning recipe {recipe!r}; choose from {LN_RECIPES}")
+    parts = find_parts(model)
+    norms = block_norms(parts, final_norm)
+    train: list[nn.Module] = list(norms)
+    if recipe in ("layernorm", "layernorm+projector"):
+        if parts.projector is None and recipe == "layernorm+projector":
+            raise ValueError(f"tuning={recipe!r} needs a multimodal projector; {type(parts.hf_model).__name__} has none")
+        if parts.projector is not None:
+            train.append(parts.projector)
+    if recipe == "layernorm":
+        for emb, what in ((parts.input_embeddings, "input embeddings"), (parts.output_embeddings, "LM head")):
+            if emb is None:
+                raise ValueError(f"tuning='layernorm' trains the {what}, which {type(parts.hf_model).__name__} lacks")
+            train.append(emb)
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in train:
+        for p in m.parameters():
+            p.requires_grad_(True)
+    if master_weights:
+        for norm in norms:
+            for p in norm.parameters(recurse=False):
+                if p.dtype != torch.float32:
+                    p.data = p.data.to(torch.float32)
+    if recipe != "layernorm":
+        _input_grads_hook(parts)

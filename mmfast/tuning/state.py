@@ -1,0 +1,91 @@
+"""Save and load only the trainable tensors of a tuned model (safetensors)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+FORMAT = "mmfast-trainable"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP / FSDP1 (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            inner = model.module
+        if inner is None and type(model).__name__ == "FullyShardedDataParallel":
+            inner = model.module
+        if inner is None:
+            return model
+        model = inner
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Name -> full tensor of every parameter that requires grad (sharded DTensors are gathered)."""
+    out = {}
+    for name, p in unwrap(model).named_parameters():
+        if not p.requires_grad:
+            continue
+        t = p.detach()
+        if hasattr(t, "full_tensor"):  # FSDP2 / DTensor shard: every rank must call this
+            t = t.full_tensor()
+        out[name] = t.cpu().contiguous()
+    return out
+
+
+def save_trainable(model: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Write the trainable parameters of ``model`` to ``path`` (safetensors); returns their names."""
+    from safetensors.torch import save_file
+
+    from .. import __version__
+
+    tensors = trainable_state(model)
+    if not tensors:
+        raise ValueError("save_trainable: the model has no trainable parameters (apply a tuning recipe first)")
+    meta = {"format": FORMAT, "mmfast": __version__, "model_class": type(unwrap(model)).__name__}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file(tensors, str(path), metadata=meta)
+    return sorted(tensors)
+
+
+def load_trainable(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> list[str]:
+    """Copy the tensors saved by :func:`save_trainable` into ``model``'s parameters.
+
+    Every saved tensor must name a parameter of the same shape; with ``strict`` every trainable
+    parameter of ``model`` must be in the file too. Anything else raises a ValueError that lists
+    the mismatches, before any parameter is changed. Values are cast to each parameter's dtype.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"load_trainable: {path} was not written by mmfast.save_trainable")
+        saved = {k: f.get_tensor(k) for k in f.keys()}
+    inner = unwrap(model)
+    params = dict(inner.named_parameters())
+    problems = []
+    for name, t in saved.items():
+        p = params.get(name)
+        if p is None:
+            problems.append(f"{name}: not a parameter of {type(inner).__name__}")
+        elif tuple(p.shape) != tuple(t.shape):
+            problems.append(f"{name}: saved shape {tuple(t.shape)} != model's {tuple(p.shape)}")
+        elif hasattr(p, "full_tensor"):
+            problems.append(f"{name}: sharded (DTensor) parameter; load before fully_shard")
+    if strict:
+        problems += [f"{n}: trainable in the model but not in the file" for n, p in params.items()
+                     if p.requires_grad and n not in saved]
+    if problems:
+        saved_from = meta.get("model_class", "?")
+        raise ValueError(
+            f"load_trainable: {path} (saved from {saved_from}) does not match {type(inner).__name__}:\n  "
+            + "\n  ".join(problems)
+        )
+    with torch.no_grad():
+        for name, t in saved.items():
+            params[name].copy_(t.to(dtype=params[name].dtype))
+    return sorted(saved)
