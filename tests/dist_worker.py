@@ -1,0 +1,51 @@
+"""Worker for the distributed tests: one rank of a DDP or FSDP2 run on CPU (gloo), saving the
+gradients of the trainable parameters (gathered to full tensors) from rank 0."""
+
+import os
+import sys
+
+
+def run(rank: int, world: int, port: int, mode: str, out_path: str) -> None:
+    import faulthandler
+
+    faulthandler.dump_traceback_later(240, exit=True)  # a hung rank says where, then exits
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import torch
+    import torch.distributed as dist
+
+    import mmfast
+    from tiny_models import batch, build
+
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        model = build("llava", seed=0)
+        mmfast.patch(model, tuning="layernorm-simp", verbose=False)  # before wrapping, as documented
+        if mode == "ddp":
+            model = torch.nn.parallel.DistributedDataParallel(model)
+        elif mode == "fsdp2":
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model.model.language_model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+        else:
+            raise ValueError(mode)
+        full = batch("llava", seed=7, B=2 * world)
+        per = full["input_ids"].shape[0] // world
+        mine = {k: v[rank * per:(rank + 1) * per] for k, v in full.items()}
+        model(**mine).loss.backward()
+        grads = {}
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                g = p.grad
+                grads[name.removeprefix("module.")] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
+        if rank == 0:
+            torch.save(grads, out_path)
+        # release the DDP reducer / FSDP state while the group is alive, then leave together
+        del model, grads
+        import gc
+
+        gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

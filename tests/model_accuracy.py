@@ -1,0 +1,58 @@
+"""The accuracy rule of ``accuracy.py`` applied to whole models (patched vs the same model unpatched,
+both against the model in float64).
+
+* the main output: element-wise, scale max|output|;
+* the loss (a scalar): scale |L| + sum |dL/dy * y|, its own rounding plus what a one-unit relative
+  change of every output would move it by (so one unit in the last place is the most it may lose
+  beyond twice PyTorch's error);
+* every parameter gradient is present, finite, of the right shape and dtype, and all of them
+  together, norm-wise: || g - ref || <= 2 || g_torch - ref || + eps || ref ||.
+
+Gradients are compared jointly because at model level each one's error is dominated by the rounding
+noise arriving from upstream layers (the same size for both implementations, but a different draw),
+and some are mathematically zero (attention key biases: softmax ignores a shift of every score), so
+per-tensor ratios are ratios of two noise samples. The fused kernels' own gradients are checked per
+tensor, from exact inputs, in the kernel tests.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from accuracy import assert_accurate
+from tiny_models import first_output
+
+
+def run_model(model: nn.Module, inputs: dict):
+    """(output, loss, {param name: grad}, the loss's natural scale) of one forward/backward."""
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs)
+    y = first_output(out)
+    y.retain_grad()
+    loss = out["loss"] if out.get("loss") is not None else y.float().square().mean()
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    loss_scale = abs(loss.item()) + (y.grad.abs() * y.detach().abs()).sum().item()
+    return y.detach(), loss.detach(), grads, loss_scale
+
+
+def double_inputs(inputs: dict) -> dict:
+    return {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+
+
+def assert_model_accurate(ours, lowp, ref, seed: int) -> None:
+    """``ours``/``lowp``/``ref``: results of :func:`run_model`."""
+    y1, l1, g1, _ = ours
+    y0, l0, g0, _ = lowp
+    yr, lr, gr, loss_scale = ref
+    assert_accurate("output", y1, y0, yr, yr.abs().max().item(), seed)
+    assert_accurate("loss", l1, l0, lr, loss_scale, seed)
+    assert g1.keys() == g0.keys() == gr.keys(), set(g1) ^ set(gr)
+    for n, g in g1.items():
+        assert g.shape == gr[n].shape and g.dtype == g0[n].dtype and torch.isfinite(g).all(), n
+    flat = lambda gs: torch.cat([gs[n].double().flatten() for n in sorted(gs)])  # noqa: E731
+    f1, f0, fr = flat(g1), flat(g0), flat(gr)
+    err, err_lowp = (f1 - fr).norm().item(), (f0 - fr).norm().item()
+    bound = 2 * err_lowp + torch.finfo(next(iter(g1.values())).dtype).eps * fr.norm().item()
+    assert err <= bound, f"gradients: ||error|| {err:.3e} > 2 x PyTorch's {err_lowp:.3e} + eps ||ref|| (seed {seed})"

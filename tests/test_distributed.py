@@ -1,0 +1,59 @@
+"""DDP and FSDP2 (``fully_shard``) with two CPU processes (gloo): the gradients of the trainable norms
+equal those of one process on the whole batch (accuracy rule of tests/accuracy.py, float64 oracle)."""
+
+import copy
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import mmfast
+from accuracy import assert_accurate
+from tiny_models import batch, build
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _single_process_grads(model, inputs):
+    model.zero_grad(set_to_none=True)
+    model(**inputs).loss.backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_distributed_gradients_match_single_process(mode, tmp_path):
+    import dist_worker
+
+    out = tmp_path / "grads.pt"
+    ctx = mp.start_processes(dist_worker.run, args=(WORLD, _free_port(), mode, str(out)), nprocs=WORLD,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + 300
+    while not ctx.join(timeout=5):  # raises if a rank failed
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{mode} run did not finish in 300 s")
+    dist_grads = torch.load(out)
+
+    model = build("llava", seed=0)
+    ref_model = copy.deepcopy(model).double()
+    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    mmfast.patch(ref_model, tuning="layernorm-simp", master_weights=False, verbose=False)
+    inputs = batch("llava", seed=7, B=2 * WORLD)
+    single = _single_process_grads(model, inputs)
+    with mmfast.disabled():  # the float64 oracle runs the original HF forwards
+        ref = _single_process_grads(ref_model, {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()})
+
+    assert dist_grads.keys() == single.keys() == ref.keys() and len(single) == 2 * 2
+    for name in single:
+        # the one-process run is the low-precision baseline the distributed run is held to
+        assert_accurate(f"{mode} grad {name}", dist_grads[name], single[name], ref[name],
+                        ref[name].abs().max().item(), seed=0)

@@ -1,0 +1,320 @@
+"""mmfast.patch on HuggingFace LLaMA, CLIP (vision, text) and LLaVA: numerics, structure, lifecycle."""
+
+import copy
+import functools
+import types
+
+import pytest
+import torch
+from torch import nn
+
+import mmfast
+from model_accuracy import assert_model_accurate, double_inputs, run_model
+from mmfast.patching import core
+from tiny_models import batch, build, first_output
+
+KINDS = ["llama", "clip-vision", "clip-text", "llava"]
+EXPECTED_PATCHED = {  # module kinds every tiny model must have patched
+    "llama": {"rms_norm"},
+    "clip-vision": {"layer_norm"},
+    "clip-text": {"layer_norm"},
+    "llava": {"rms_norm", "layer_norm"},
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_patched_matches_unpatched(kind, seed):
+    """Output, loss and every gradient of the patched model vs the unpatched one, both against the
+    same model in float64 (rule: tests/model_accuracy.py)."""
+    model = build(kind, seed)
+    ref_model = copy.deepcopy(model).double()
+    inputs = batch(kind, seed)
+    lowp = run_model(model, inputs)
+    ref = run_model(ref_model, double_inputs(inputs))
+
+    report = mmfast.patch(model, verbose=False)
+    assert {report.kinds[p] for p in report.patched} == EXPECTED_PATCHED[kind]
+    assert not report.skipped
+    assert_model_accurate(run_model(model, inputs), lowp, ref, seed)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_structure_unchanged(kind):
+    model = build(kind)
+    keys = list(model.state_dict())
+    types_before = {n: type(m) for n, m in model.named_modules()}
+    names = [n for n, _ in model.named_parameters()]
+    report = mmfast.patch(model, verbose=False)
+    assert list(model.state_dict()) == keys
+    assert {n: type(m) for n, m in model.named_modules()} == types_before
+    assert [n for n, _ in model.named_parameters()] == names
+    assert len(report.patched) > 0
+    for path in report.patched:
+        assert "mmfast=" in repr(model.get_submodule(path))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unpatch_is_exact(kind):
+    model = build(kind)
+    pristine = copy.deepcopy(model)
+    inputs = batch(kind)
+    mmfast.patch(model, verbose=False)
+    n = mmfast.unpatch(model)
+    assert n > 0
+    for m in model.modules():
+        assert not {"forward", "extra_repr", "_mmfast_patch"} & set(m.__dict__)
+    assert repr(model) == repr(pristine)
+    with torch.no_grad():
+        assert torch.equal(first_output(model(**inputs)), first_output(pristine(**inputs)))
+
+
+def test_patch_twice_is_patch_once():
+    model = build("llava")
+    first = mmfast.patch(model, verbose=False)
+    forwards = {n: m.__dict__.get("forward") for n, m in model.named_modules()}
+    second = mmfast.patch(model, verbose=False)
+    assert second.patched == first.patched and second.skipped == first.skipped
+    assert {n: m.__dict__.get("forward") for n, m in model.named_modules()} == forwards
+    mmfast.unpatch(model)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_disable_env_and_context(monkeypatch):
+    model = build("llama")
+    inputs = batch("llama")
+    with torch.no_grad():
+        expected = first_output(model(**inputs))
+    mmfast.patch(model, verbose=False)
+    calls = []
+    real = mmfast.rms_norm
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr("mmfast.nn.norm.rms_norm", counting)
+    with torch.no_grad():
+        model(**inputs)
+        assert calls, "the patched model did not call the fused op"
+        calls.clear()
+        with mmfast.disabled():
+            out = first_output(model(**inputs))
+        assert not calls and torch.equal(out, expected)
+        monkeypatch.setenv("MMFAST_DISABLE", "1")
+        out = first_output(model(**inputs))
+        assert not calls and torch.equal(out, expected)
+        monkeypatch.setenv("MMFAST_DISABLE", "0")
+        model(**inputs)
+        assert calls
+
+
+def test_disabled_keeps_dtype_with_fp32_master_weights():
+    """With fp32 norm weights in a bf16 model, the original LlamaRMSNorm returns fp32; disabled mode keeps
+    the activations in bf16 so the rest of the model still runs."""
+    model = build("llama", dtype=torch.bfloat16)
+    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    with mmfast.disabled():
+        out = model(**batch("llama"))
+    assert out.logits.dtype == torch.bfloat16
+
+
+def test_meta_device_patch():
+    from tiny_models import llava_config
+    from transformers import LlavaForConditionalGeneration
+
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(llava_config())
+    report = mmfast.patch(model, tuning="layernorm", verbose=False)
+    assert report.patched and all(p.is_meta for p in model.parameters())
+
+
+def test_report_table_and_log(capfd, monkeypatch):
+    model = build("llava")
+    report = mmfast.patch(model, tuning="layernorm-simp")
+    err = capfd.readouterr().err
+    assert err.count("mmfast.patch:") == 1 and "trainable params:" in err
+    text = str(report)
+    assert text.splitlines()[-1].startswith("trainable params: ")
+    assert "|| all params: " in text and "|| trainable%: " in text
+    assert "layers.*.input_layernorm" in text
+    monkeypatch.setenv("RANK", "1")
+    mmfast.patch(build("llava"), tuning="layernorm-simp")
+    assert "mmfast.patch" not in capfd.readouterr().err  # logs on rank 0 only
+
+
+def test_pickle_and_deepcopy_keep_patch():
+    import io
+    import pickle
+
+    model = build("llama")
+    mmfast.patch(model, verbose=False)
+    inputs = batch("llama")
+    with torch.no_grad():
+        ref = first_output(model(**inputs))
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert core.is_patched(clone.model.norm) and clone.model.norm.forward.args[0] is clone.model.norm
+        with torch.no_grad():
+            assert torch.equal(first_output(clone(**inputs)), ref)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert core.is_patched(loaded.model.layers[0].input_layernorm)
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    model = build("llava")
+    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    inputs = batch("llava")
+    with torch.no_grad():
+        ref = first_output(model(**inputs))
+    model.save_pretrained(tmp_path)
+    loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path)
+    assert not any(core.is_patched(m) for m in loaded.modules())
+    sd, lsd = model.state_dict(), loaded.state_dict()
+    assert sd.keys() == lsd.keys()
+    for k in sd:
+        assert torch.equal(sd[k].float(), lsd[k].float()), k
+    mmfast.patch(loaded, verbose=False)
+    with torch.no_grad():
+        assert torch.equal(first_output(loaded(**inputs)), ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# what is not patched, and why
+# ---------------------------------------------------------------------------------------------
+
+
+def _llama_norm():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    return LlamaRMSNorm(16)
+
+
+def _foreign_forward(self, x):
+    return x
+
+
+def test_refuses_instance_patched_by_other_library():
+    model = nn.Sequential(_llama_norm(), _llama_norm())
+    fake = types.FunctionType(_foreign_forward.__code__, {}, "forward")
+    fake.__module__ = "liger_kernel.transformers.rms_norm"
+    fake.__qualname__ = "LigerRMSNorm.forward"
+    model[0].forward = types.MethodType(fake, model[0])
+    report = mmfast.patch(model, verbose=False)
+    assert report.patched == ["1"]
+    (path, reason), = report.skipped
+    assert path == "0" and "liger_kernel" in reason and "does not stack" in reason
+    assert model[0].__dict__["forward"].__func__ is fake
+
+
+def test_refuses_class_from_other_library():
+    Liger = type("LigerRMSNorm", (nn.Module,), {"forward": lambda self, x: x, "__module__": "liger_kernel.transformers.rms_norm"})
+    model = nn.Sequential(Liger(), nn.LayerNorm(8))
+    report = mmfast.patch(model, verbose=False)
+    assert report.patched == ["1"]
+    assert report.skipped[0][0] == "0" and "liger_kernel" in report.skipped[0][1]
+
+
+def test_refuses_globally_replaced_class_forward(monkeypatch):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    fake = types.FunctionType(_foreign_forward.__code__, {}, "forward")
+    fake.__module__ = "unsloth.kernels.rms_layernorm"
+    monkeypatch.setattr(LlamaRMSNorm, "forward", fake)
+    report = mmfast.patch(nn.Sequential(LlamaRMSNorm(8)), verbose=False)
+    assert not report.patched and "unsloth" in report.skipped[0][1]
+
+
+def test_skips_other_semantics_with_reason():
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    model = nn.Sequential(GemmaRMSNorm(8), nn.LayerNorm((4, 8)), nn.GroupNorm(2, 8), _llama_norm())
+    report = mmfast.patch(model, verbose=False)
+    assert report.patched == ["3"]
+    reasons = dict(report.skipped)
+    assert "(1 + weight)" in reasons["0"]
+    assert "2 dimensions" in reasons["1"]
+    assert "GroupNorm" in reasons["2"]
+
+
+def test_layer_norm_without_affine_and_bias():
+    model = nn.Sequential(nn.LayerNorm(32, elementwise_affine=False), nn.LayerNorm(32, bias=False))
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        ref = model(x)
+    report = mmfast.patch(model, verbose=False)
+    assert report.patched == ["0", "1"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref)
+
+
+def test_accelerate_hook_kept():
+    """A module behind an Accelerate hook: the hook keeps running and wraps the fused forward."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class Count(ModelHook):
+        n = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Count.n += 1
+            return args, kwargs
+
+    norm = _llama_norm()
+    add_hook_to_module(norm, Count())
+    x = torch.randn(2, 16)
+    ref = norm(x)
+    report = mmfast.patch(nn.Sequential(norm), verbose=False)
+    assert report.patched == ["0"]
+    assert isinstance(norm.__dict__["_old_forward"], functools.partial)
+    before = Count.n
+    torch.testing.assert_close(norm(x), ref)
+    assert Count.n == before + 1
+    mmfast.unpatch(norm)
+    assert norm.__dict__["_old_forward"].__func__ is type(norm).forward
+
+
+# ---------------------------------------------------------------------------------------------
+# compile and PEFT
+# ---------------------------------------------------------------------------------------------
+
+
+def test_compile_fullgraph_patched_llama():
+    torch._dynamo.reset()
+    model = build("llama")
+    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    inputs = batch("llama")
+    eager_out = model(**inputs)
+    eager_loss = eager_out.loss
+    eager_loss.backward()
+    eager_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    out = compiled(**inputs)
+    torch.testing.assert_close(out.logits, eager_out.logits)
+    out.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == eager_grads.keys() and len(grads) == 2 * 2
+    for n in grads:
+        torch.testing.assert_close(grads[n], eager_grads[n])
+
+
+def test_peft_lora_model(seed):
+    from peft import LoraConfig, get_peft_model
+
+    ref = get_peft_model(build("llama", seed), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    with torch.no_grad():  # LoRA B starts at zero; give it values so its gradient path is non-trivial
+        for n, p in ref.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    peft_model = copy.deepcopy(ref)
+    report = mmfast.patch(peft_model, verbose=False)
+    assert any(p.startswith("base_model.model.model.layers.0") for p in report.patched)
+    inputs = batch("llama", seed)
+    lowp = run_model(ref, inputs)
+    ref64 = run_model(copy.deepcopy(ref).double(), double_inputs(inputs))
+    ours = run_model(peft_model, inputs)
+    assert ours[2].keys() == lowp[2].keys() and all("lora_" in n for n in ours[2])
+    assert_model_accurate(ours, lowp, ref64, seed)

@@ -1,0 +1,260 @@
+"""LayerNorm-tuning recipes: parameter selection, fp32 master weights, training in HF Trainer (with
+gradient checkpointing), and the trainable state's save/load."""
+
+import copy
+
+import pytest
+import torch
+
+import mmfast
+from mmfast.tuning.recipes import remove_tuning_hooks
+from tiny_models import batch, build, llava_7b_config
+
+# ---------------------------------------------------------------------------------------------
+# parameter selection on a LLaVA-1.5-7B-shaped model (meta device: no memory, no data)
+# ---------------------------------------------------------------------------------------------
+
+BLOCK_NORMS_7B = 2 * 32 * 4096
+PROJECTOR_7B = (1024 * 4096 + 4096) + (4096 * 4096 + 4096)
+EMBED_HEAD_7B = 2 * 32000 * 4096
+
+
+@pytest.fixture(scope="module")
+def llava_7b_meta():
+    from transformers import LlavaForConditionalGeneration
+
+    with torch.device("meta"):
+        return LlavaForConditionalGeneration(llava_7b_config())
+
+
+def _trainable(model):
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize(
+    "tuning,final_norm,expected",
+    [
+        ("layernorm-simp", False, BLOCK_NORMS_7B),
+        ("layernorm-simp", True, BLOCK_NORMS_7B + 4096),
+        ("layernorm+projector", False, BLOCK_NORMS_7B + PROJECTOR_7B),
+        ("layernorm", False, BLOCK_NORMS_7B + PROJECTOR_7B + EMBED_HEAD_7B),
+    ],
+)
+def test_recipe_counts_7b(llava_7b_meta, tuning, final_norm, expected):
+    model = llava_7b_meta
+    assert BLOCK_NORMS_7B == 262_144 and PROJECTOR_7B == 20_979_712 and EMBED_HEAD_7B == 262_144_000
+    report = mmfast.patch(model, tuning=tuning, final_norm=final_norm, verbose=False)
+    trainable = _trainable(model)
+    assert report.trainable_params == sum(p.numel() for p in trainable.values()) == expected
+    assert all(p.is_meta for p in model.parameters())  # no data was touched
+    lm = "model.language_model."
+    expected_names = {f"{lm}layers.{i}.{k}.weight" for i in range(32) for k in ("input_layernorm", "post_attention_layernorm")}
+    if final_norm:
+        expected_names.add(f"{lm}norm.weight")
+    if tuning != "layernorm-simp":
+        expected_names |= {f"model.multi_modal_projector.linear_{i}.{k}" for i in (1, 2) for k in ("weight", "bias")}
+    if tuning == "layernorm":
+        expected_names |= {f"{lm}embed_tokens.weight", "lm_head.weight"}
+    assert set(trainable) == expected_names
+    for name, p in trainable.items():  # norms are fp32 master weights; the rest keeps its dtype
+        assert p.dtype == torch.float32 if "layernorm" in name or name.endswith("norm.weight") else True
+    assert not any("vision_tower" in n for n in trainable)
+
+
+def test_recipe_errors():
+    with pytest.raises(ValueError, match="tuning="):
+        mmfast.patch(build("llama"), tuning="lora", verbose=False)
+    with pytest.raises(ValueError, match="LLaMA-style language model"):
+        mmfast.patch(build("clip-vision"), tuning="layernorm-simp", verbose=False)
+    with pytest.raises(ValueError, match="projector"):
+        mmfast.patch(build("llama"), tuning="layernorm+projector", verbose=False)
+    report = mmfast.patch(build("llama"), tuning="layernorm", verbose=False)  # no projector: norms + embeddings + head
+    assert report.trainable_params == 2 * 2 * 40 + 2 * 64 * 40
+
+
+# ---------------------------------------------------------------------------------------------
+# training: fp32 master weights move, bf16 ones would not
+# ---------------------------------------------------------------------------------------------
+
+
+def _train_steps(model, steps=5, lr=1e-4):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    inputs = batch("llava", seed=3, dtype=torch.bfloat16)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = model(**inputs).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_bf16_layernorm_simp_trains_with_master_weights():
+    model = build("llava", dtype=torch.bfloat16)
+    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    trainable = _trainable(model)
+    assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    losses = _train_steps(model)
+    for n, p in trainable.items():
+        assert not torch.equal(p, before[n]), f"{n} did not move"
+    assert losses[-1] < losses[0], losses
+
+
+def test_bf16_norm_weights_would_not_move():
+    """Without master weights, AdamW's 1e-4 updates to bf16 weights near 1.0 round away entirely."""
+    model = build("llava", dtype=torch.bfloat16)
+    mmfast.patch(model, tuning="layernorm-simp", master_weights=False, verbose=False)
+    trainable = _trainable(model)
+    assert all(p.dtype == torch.bfloat16 for p in trainable.values())
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    _train_steps(model)
+    for n, p in trainable.items():
+        assert torch.equal(p, before[n]), f"{n} moved"
+
+
+# ---------------------------------------------------------------------------------------------
+# HF Trainer, gradient checkpointing
+# ---------------------------------------------------------------------------------------------
+
+
+class _Dataset(torch.utils.data.Dataset):
+    def __init__(self, n=8):
+        b = batch("llava", seed=5, B=n)
+        self.items = [{k: v[i] for k, v in b.items()} for i in range(n)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def _checkpointing_args(on: bool, reentrant: bool) -> dict:
+    """TrainingArguments for activation checkpointing, under the name this transformers uses."""
+    from transformers import TrainingArguments
+
+    name = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
+        else "gradient_checkpointing"
+    return {name: on, f"{name}_kwargs": {"use_reentrant": reentrant}}
+
+
+@pytest.mark.parametrize("checkpointing", ["off", "reentrant", "non-reentrant"])
+def test_hf_trainer(checkpointing, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = build("llava")
+    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    trainable = _trainable(model)
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-3,
+        report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True,
+        **_checkpointing_args(checkpointing != "off", checkpointing == "reentrant"),
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=_Dataset())
+    result = trainer.train()
+    assert result.global_step == 3 and torch.isfinite(torch.tensor(result.training_loss))
+    layers = model.model.language_model.layers
+    assert bool(getattr(layers[0], "gradient_checkpointing", False)) == (checkpointing != "off")
+    for n, p in trainable.items():
+        assert not torch.equal(p, before[n]), f"{n} did not move"
+
+
+def test_reentrant_checkpoint_wrapper_needs_the_input_grad_hook():
+    """Reentrant activation checkpointing applied from outside HF (FSDP's checkpoint_wrapper): with
+    frozen embeddings no block input requires grad, and without mmfast's hook the checkpointed blocks'
+    norms get no gradient at all."""
+    import functools
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper)
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    model = build("llava")
+    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    apply_activation_checkpointing(
+        model, check_fn=lambda m: isinstance(m, LlamaDecoderLayer),
+        checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.REENTRANT))
+    model.train()
+    norm = model.model.language_model.layers[0]._checkpoint_wrapped_module.input_layernorm
+    model(**batch("llava")).loss.backward()
+    assert norm.weight.grad is not None and norm.weight.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+    remove_tuning_hooks(model)
+    with pytest.warns(UserWarning, match="None of the inputs have requires_grad"):
+        loss = model(**batch("llava")).loss
+    if loss.requires_grad:
+        loss.backward()
+    assert norm.weight.grad is None
+
+
+def test_unpatch_removes_hooks():
+    model = build("llava")
+    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    emb = model.get_input_embeddings()
+    assert emb._forward_hooks
+    mmfast.unpatch(model)
+    assert not emb._forward_hooks
+
+
+# ---------------------------------------------------------------------------------------------
+# trainable state
+# ---------------------------------------------------------------------------------------------
+
+
+def test_save_load_trainable(tmp_path):
+    model = build("llava")
+    mmfast.patch(model, tuning="layernorm+projector", verbose=False)
+    with torch.no_grad():
+        for p in _trainable(model).values():
+            p.add_(torch.randn_like(p))
+    path = tmp_path / "trainable.safetensors"
+    names = mmfast.save_trainable(model, path)
+    assert names == sorted(_trainable(model))
+
+    fresh = build("llava")
+    mmfast.patch(fresh, tuning="layernorm+projector", verbose=False)
+    assert mmfast.load_trainable(fresh, path) == names
+    for n, p in _trainable(model).items():
+        assert torch.equal(p, dict(fresh.named_parameters())[n])
+    inputs = batch("llava")
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, fresh(**inputs).logits)
+
+
+def test_load_trainable_mismatch(tmp_path):
+    from tiny_models import llama_config, llava_config
+    from transformers import LlavaForConditionalGeneration
+
+    model = build("llava")
+    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    path = tmp_path / "t.safetensors"
+    mmfast.save_trainable(model, path)
+
+    wider = LlavaForConditionalGeneration(llava_config(text=llama_config(hidden_size=48)))
+    mmfast.patch(wider, tuning="layernorm-simp", verbose=False)
+    snapshot = copy.deepcopy(wider.state_dict())
+    with pytest.raises(ValueError, match="saved shape"):
+        mmfast.load_trainable(wider, path)
+    assert all(torch.equal(v, wider.state_dict()[k]) for k, v in snapshot.items())  # nothing changed
+
+    more = build("llava")
+    mmfast.patch(more, tuning="layernorm+projector", verbose=False)
+    with pytest.raises(ValueError, match="not in the file"):
+        mmfast.load_trainable(more, path)
+    mmfast.load_trainable(more, path, strict=False)
+
+    other = tmp_path / "other.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(other))
+    with pytest.raises(ValueError, match="not written by mmfast"):
+        mmfast.load_trainable(model, other)
+    with pytest.raises(ValueError, match="no trainable"):
+        frozen = build("llama")
+        for p in frozen.parameters():
+            p.requires_grad_(False)
+        mmfast.save_trainable(frozen, tmp_path / "none.safetensors")
