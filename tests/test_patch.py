@@ -13,11 +13,12 @@ from model_accuracy import assert_model_accurate, double_inputs, run_model
 from mmfast.patching import core
 from tiny_models import batch, build, first_output
 
-KINDS = ["llama", "clip-vision", "clip-text", "llava"]
+KINDS = ["llama", "clip-vision", "clip-text", "siglip-vision", "llava"]
 EXPECTED_PATCHED = {  # module kinds every tiny model must have patched
     "llama": {"rms_norm"},
     "clip-vision": {"layer_norm"},
     "clip-text": {"layer_norm"},
+    "siglip-vision": {"layer_norm"},
     "llava": {"rms_norm", "layer_norm"},
 }
 
@@ -36,6 +37,38 @@ def test_patched_matches_unpatched(kind, seed):
     assert {report.kinds[p] for p in report.patched} == EXPECTED_PATCHED[kind]
     assert not report.skipped
     assert_model_accurate(run_model(model, inputs), lowp, ref, seed)
+
+
+def test_optimizer_steps_match(seed):
+    """A few AdamW steps of LayerNorm tuning: the patched model's updates to the trainable norms follow
+    the unpatched model's, both against the same steps in float64 (all updates jointly, norm-wise: in
+    its first steps Adam moves each weight by about lr * sign(gradient), so weights whose gradient is
+    near zero move by rounding noise, differently in every implementation)."""
+    base = build("llava", seed)
+    models = {"ours": copy.deepcopy(base), "lowp": copy.deepcopy(base), "ref": copy.deepcopy(base).double()}
+    mmfast.patch(models["ours"], tuning="layernorm-simp", verbose=False)
+    for name in ("lowp", "ref"):  # the same recipe with the original forwards (the oracle stays float64)
+        mmfast.patch(models[name], tuning="layernorm-simp", master_weights=name == "lowp", verbose=False)
+        mmfast.unpatch(models[name])
+    assert all(p.dtype == torch.float64 for p in models["ref"].parameters())
+    start = {k: p.detach().double() for k, p in base.named_parameters()}
+    inputs = batch("llava", seed)
+    deltas = {}
+    for name, model in models.items():
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-3)
+        x = double_inputs(inputs) if name == "ref" else inputs
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            model(**x).loss.backward()
+            opt.step()
+        trained = {k: p.detach().double() for k, p in model.named_parameters() if p.requires_grad}
+        deltas[name] = torch.cat([trained[k].flatten() - start[k].flatten() for k in sorted(trained)])
+    assert deltas["ref"].numel() == 2 * 2 * 40 and deltas["ref"].abs().min() > 0
+    err = (deltas["ours"] - deltas["ref"]).norm().item()
+    err_lowp = (deltas["lowp"] - deltas["ref"]).norm().item()
+    bound = 2 * err_lowp + torch.finfo(torch.float32).eps * deltas["ref"].norm().item()
+    assert err <= bound, f"updates after 3 steps: ||error|| {err:.3e} > 2 x {err_lowp:.3e} + eps ||ref|| (seed {seed})"
 
 
 @pytest.mark.parametrize("kind", KINDS)

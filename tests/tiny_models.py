@@ -48,6 +48,11 @@ def build(kind: str, seed: int = 0, dtype=torch.float32):
     elif kind == "clip-text":
         m = CLIPTextModel(CLIPTextConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=2,
                                          num_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=32))
+    elif kind == "siglip-vision":
+        from transformers import SiglipVisionConfig, SiglipVisionModel
+
+        m = SiglipVisionModel(SiglipVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+                                                 num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH))
     elif kind == "llava":
         m = LlavaForConditionalGeneration(llava_config())
     else:
@@ -62,7 +67,7 @@ def build(kind: str, seed: int = 0, dtype=torch.float32):
 def batch(kind: str, seed: int = 1, B: int = 2, S: int = 12, dtype=torch.float32, images=None) -> dict:
     """Inputs for ``kind``; for llava, ``images`` says which samples carry an image (default: all)."""
     g = torch.Generator().manual_seed(seed)
-    if kind == "clip-vision":
+    if kind in ("clip-vision", "siglip-vision"):
         return {"pixel_values": torch.randn(B, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g).to(dtype)}
     ids = torch.randint(0, VOCAB - 1, (B, S), generator=g)
     if kind == "clip-text":
