@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import round_to as _round
+from ._common import sum_partials as _sum_partials
 from ._device import interpreting, sm_count
 
 # ---------------------------------------------------------------------------------------------
@@ -91,22 +93,6 @@ def bwd_launch(M: int, N: int, device: torch.device) -> NormLaunch:
 # ---------------------------------------------------------------------------------------------
 # kernels
 # ---------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _round(x, dtype: tl.constexpr, SOFT_RNE: tl.constexpr):
-    """Round fp32 ``x`` to ``dtype``, to nearest even.
-
-    The Triton interpreter truncates fp32 -> bf16 casts; under it (``SOFT_RNE``) the rounding is done
-    exactly with integer arithmetic, so interpreted runs round the way the GPU does.
-    """
-    if SOFT_RNE and dtype == tl.bfloat16:
-        bits = x.to(tl.int32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-        r = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
-        return r.to(dtype)
-    else:
-        return x.to(dtype)
 
 
 @triton.jit
@@ -366,19 +352,6 @@ def _norm_bwd_wide_kernel(
             tl.store(DB_PART + pid * N + cols, db_acc, mask=m)
 
 
-@triton.jit
-def _sum_partials_kernel(PART, OUT, P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, SOFT_RNE: tl.constexpr):
-    """OUT[n] = sum_p PART[p, n], in a fixed order, rounded once to OUT's dtype."""
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < N
-    acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
-    for p0 in range(0, P, BLOCK_P):
-        ps = p0 + tl.arange(0, BLOCK_P)
-        mask = (ps < P)[:, None] & col_mask[None, :]
-        acc += tl.load(PART + ps[:, None].to(tl.int64) * N + cols[None, :], mask=mask, other=0.0)
-    tl.store(OUT + cols, _round(tl.sum(acc, axis=0), OUT.dtype.element_ty, SOFT_RNE), mask=col_mask)
-
-
 # ---------------------------------------------------------------------------------------------
 # host launchers
 # ---------------------------------------------------------------------------------------------
@@ -422,14 +395,6 @@ def norm_fwd(
     else:
         _norm_fwd_kernel[(cfg.programs,)](*args, BLOCK_M=cfg.block_m, **flags)
     return y, res_out, mean, rstd
-
-
-def _sum_partials(part: torch.Tensor, out: torch.Tensor) -> None:
-    P, N = part.shape
-    block_n = min(256, max(16, triton.next_power_of_2(N)))
-    _sum_partials_kernel[(triton.cdiv(N, block_n),)](
-        part, out, P, N, BLOCK_P=32, BLOCK_N=block_n, SOFT_RNE=interpreting(), num_warps=4
-    )
 
 
 def norm_bwd(
