@@ -1,0 +1,220 @@
+"""The Mixture-of-Modality adapter as a ``torch.library`` custom op with autograd, and its reference.
+
+:func:`mma_adapter` ``(x, down_w, down_b, up_w, up_b, mix, scale, groups, dropout, seed)``:
+
+    z  = x down_w^T + down_b                        x [B, S, D], down_w [R, D]
+    zd = dropout(z)                                  keep mask from ``seed``, scaled by 1 / (1 - p)
+    y  = x + scale * sum_e mix[:, e] * (zd ._G up_w[e]^T + up_b[e])      up_w [E, D, R/G], mix [B, E]
+
+``._G`` is the grouped up-projection (output channels of group g read hidden channels of group g).
+The router (``mix = softmax(router(route) / t)``) stays outside the op, in autograd, so d(route) and
+the router's gradients come from its ``d mix`` output. Ops: ``mmfast::mma_adapter_fwd`` and
+``mmfast::mma_adapter_bwd``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backend import resolve_backend
+from .norm import ACT_DTYPES
+
+# ---------------------------------------------------------------------------------------------
+# input checks
+# ---------------------------------------------------------------------------------------------
+
+
+def check_adapter_inputs(x, down_w, down_b, up_w, up_b, mix, scale, groups, dropout, seed) -> None:
+    fn = "mma_adapter"
+    named = dict(x=x, down_w=down_w, down_b=down_b, up_w=up_w, up_b=up_b, mix=mix)
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dtype not in ACT_DTYPES:
+        raise TypeError(f"{fn}: x must be float32, float16 or bfloat16, got {x.dtype}")
+    for name in ("down_w", "down_b", "up_w", "up_b"):
+        if named[name].dtype not in (x.dtype, torch.float32):
+            raise TypeError(f"{fn}: {name} must be in x's dtype ({x.dtype}) or float32, got {named[name].dtype}")
+    if not mix.dtype.is_floating_point:
+        raise TypeError(f"{fn}: mix must be floating point, got {mix.dtype}")
+    for name, t in named.items():
+        if t.device != x.device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but x is on {x.device}")
+    if x.dim() != 3:
+        raise ValueError(f"{fn}: x must be [batch, seq, dim], got shape {tuple(x.shape)}")
+    B, S, D = x.shape
+    if down_w.dim() != 2 or down_w.shape[1] != D:
+        raise ValueError(f"{fn}: down_w must be [hidden, {D}], got {tuple(down_w.shape)}")
+    R = down_w.shape[0]
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{fn}: groups must be a positive int, got {groups!r}")
+    if R % groups or D % groups:
+        raise ValueError(f"{fn}: groups={groups} must divide hidden ({R}) and dim ({D})")
+    if down_b.shape != (R,):
+        raise ValueError(f"{fn}: down_b must have shape ({R},), got {tuple(down_b.shape)}")
+    if up_w.dim() != 3 or up_w.shape[1:] != (D, R // groups):
+        raise ValueError(f"{fn}: up_w must be [experts, {D}, {R // groups}], got {tuple(up_w.shape)}")
+    E = up_w.shape[0]
+    if up_b.shape != (E, D):
+        raise ValueError(f"{fn}: up_b must have shape ({E}, {D}), got {tuple(up_b.shape)}")
+    if mix.shape != (B, E):
+        raise ValueError(f"{fn}: mix must have shape ({B}, {E}) (batch, experts), got {tuple(mix.shape)}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"{fn}: dropout must be in [0, 1), got {dropout}")
+    if dropout > 0:
+        if not isinstance(seed, Tensor) or seed.numel() != 1 or seed.dtype != torch.int64 or seed.device != x.device:
+            raise ValueError(f"{fn}: dropout > 0 needs seed, a one-element int64 tensor on {x.device}")
+    if B * S * R >= 2**31:
+        raise ValueError(f"{fn}: batch * seq * hidden = {B * S * R} must stay below 2**31 (dropout offsets)")
+
+
+# ---------------------------------------------------------------------------------------------
+# reference (pure PyTorch)
+# ---------------------------------------------------------------------------------------------
+
+
+def mma_adapter_reference(x, down_w, down_b, up_w, up_b, mix, scale=1.0, groups=2, keep=None):
+    """The formula, differentiable, computed in fp32 (float64 for float64 inputs); ``keep`` is the
+    scaled dropout mask [B, S, R] (0 or 1 / (1 - p)) or None. Output in x's dtype."""
+    cdt = torch.promote_types(x.dtype, torch.float32)
+    E, D, RG = up_w.shape
+    z = x.to(cdt) @ down_w.to(cdt).T + down_b.to(cdt)
+    if keep is not None:
+        z = z * keep.to(cdt)
+    zg = z.unflatten(-1, (groups, RG))  # [B, S, G, RG]
+    ug = up_w.to(cdt).view(E, groups, D // groups, RG)  # [E, G, D/G, RG]
+    out = torch.einsum("bsgj,egdj->bsegd", zg, ug).flatten(-2) + up_b.to(cdt)  # [B, S, E, D]
+    y = x.to(cdt) + scale * (mix.to(cdt)[:, None, :, None] * out).sum(2)
+    return y.to(x.dtype)
+
+
+def mma_adapter_lavin_style(x, down_w, down_b, up_w, up_b, mix, scale=1.0, groups=2, keep=None):
+    """What an eager LaVIN-style module computes: everything in x's dtype, one expert at a time
+    (fp32 weights are cast to x's dtype, as autocast would)."""
+    dt = x.dtype
+    z = torch.nn.functional.linear(x, down_w.to(dt), down_b.to(dt))
+    if keep is not None:
+        z = z * keep.to(dt)
+    E, D, RG = up_w.shape
+    zg = z.unflatten(-1, (groups, RG))
+    y = x
+    for e in range(E):
+        ug = up_w[e].to(dt).view(groups, D // groups, RG)
+        out = torch.einsum("bsgj,gdj->bsgd", zg, ug).flatten(-2) + up_b[e].to(dt)
+        y = y + scale * mix[:, e, None, None].to(dt) * out
+    return y
+
+
+def reference_keep_mask(seed: Tensor, M: int, R: int, p: float, device) -> Tensor:
+    """The reference backend's dropout mask (its own random stream: torch's generator seeded by seed)."""
+    g = torch.Generator(device="cpu").manual_seed(int(seed.item()))
+    return (torch.rand(M, R, generator=g) >= p).to(device)
+
+
+def _reference_fwd(x, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed):
+    B, S, D = x.shape
+    R = down_w.shape[0]
+    keep = reference_keep_mask(seed, B * S, R, p, x.device).view(B, S, R) / (1 - p) if p > 0 else None
+    z = (x.float() @ down_w.float().T + down_b.float()).reshape(B * S, R)
+    return mma_adapter_reference(x, down_w, down_b, up_w, up_b, mix, scale, groups, keep), z
+
+
+def _reference_bwd(dy, x, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed):
+    B, S, D = x.shape
+    R = down_w.shape[0]
+    keep = reference_keep_mask(seed, B * S, R, p, x.device).view(B, S, R) / (1 - p) if p > 0 else None
+    leaves = [t.detach().requires_grad_() for t in (x, down_w, down_b, up_w, up_b, mix)]
+    with torch.enable_grad():
+        y = mma_adapter_reference(*leaves, scale, groups, keep)
+        return torch.autograd.grad(y, leaves, dy)
+
+
+# ---------------------------------------------------------------------------------------------
+# custom ops
+# ---------------------------------------------------------------------------------------------
+
+
+def _rows(x: Tensor) -> Tensor:
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return x.reshape(-1, x.shape[-1])
+
+
+@torch.library.custom_op("mmfast::mma_adapter_fwd", mutates_args=())
+def mma_adapter_fwd(x: Tensor, down_w: Tensor, down_b: Tensor, up_w: Tensor, up_b: Tensor, mix: Tensor,
+                    scale: float, groups: int, p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Returns ``(y [B, S, D], z [B * S, R] fp32)``; z (before dropout) is saved for backward."""
+    B, S, D = x.shape
+    if resolve_backend(x.device) == "triton":
+        from ..kernels import adapter as kernels
+
+        y, z = kernels.adapter_fwd(_rows(x), S, down_w, down_b, up_w, up_b, mix.float().contiguous(),
+                                   scale, groups, p, seed)
+        return y.view(B, S, D), z
+    return _reference_fwd(x, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed)
+
+
+@mma_adapter_fwd.register_fake
+def _(x, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed):
+    B, S, D = x.shape
+    return x.new_empty((B, S, D)), x.new_empty((B * S, down_w.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("mmfast::mma_adapter_bwd", mutates_args=())
+def mma_adapter_bwd(dy: Tensor, x: Tensor, z: Tensor, down_w: Tensor, down_b: Tensor, up_w: Tensor,
+                    up_b: Tensor, mix: Tensor, scale: float, groups: int, p: float, seed: Optional[Tensor],
+                    need_dx: bool, need_dw: bool, need_dmix: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(dx, d_down_w, d_down_b, d_up_w, d_up_b, d_mix)``; the ones not requested are empty."""
+    B, S, D = x.shape
+    if resolve_backend(x.device) == "triton":
+        from ..kernels import adapter as kernels
+
+        grads = kernels.adapter_bwd(_rows(dy), _rows(x), z, S, down_w, up_w, up_b, mix.float().contiguous(),
+                                    scale, groups, p, seed, need_dx, need_dw, need_dmix)
+    else:
+        grads = _reference_bwd(dy, x, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed)
+        grads = [g if want else None for g, want in zip(grads, (need_dx,) + (need_dw,) * 4 + (need_dmix,))]
+    dx, dA, da, dU, dc, dmix = grads
+    targets = (x, down_w, down_b, up_w, up_b, mix)
+    empty = dy.new_empty(0)
+    return tuple(empty if g is None else g.reshape(t.shape).to(t.dtype) for g, t in zip((dx, dA, da, dU, dc, dmix), targets))
+
+
+@mma_adapter_bwd.register_fake
+def _(dy, x, z, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed, need_dx, need_dw, need_dmix):
+    like = lambda t, want: t.new_empty(t.shape) if want else dy.new_empty(0)  # noqa: E731
+    return (like(x, need_dx), like(down_w, need_dw), like(down_b, need_dw), like(up_w, need_dw),
+            like(up_b, need_dw), like(mix, need_dmix))
+
+
+def _setup_context(ctx, inputs, output):
+    x, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed = inputs
+    ctx.save_for_backward(x, output[1], down_w, down_b, up_w, up_b, mix, seed)
+    ctx.args = (scale, groups, p)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, dy, _dz):
+    x, z, down_w, down_b, up_w, up_b, mix, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_dw = any(need[1:5])
+    dx, dA, da, dU, dc, dmix = torch.ops.mmfast.mma_adapter_bwd(
+        dy, x, z, down_w, down_b, up_w, up_b, mix, *ctx.args, seed, need[0], need_dw, need[5])
+    grads = (dx, dA, da, dU, dc, dmix)
+    return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None, None, None, None)
+
+
+mma_adapter_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def mma_adapter(x: Tensor, down_w: Tensor, down_b: Tensor, up_w: Tensor, up_b: Tensor, mix: Tensor,
+                scale: float = 1.0, groups: int = 2, dropout: float = 0.0, seed: Optional[Tensor] = None) -> Tensor:
+    """The fused MMA adapter (module docstring). ``seed`` (one-element int64 tensor on x's device) is
+    needed when ``dropout > 0``; the same seed gives the same mask."""
+    check_adapter_inputs(x, down_w, down_b, up_w, up_b, mix, scale, groups, dropout, seed)
+    y, _ = torch.ops.mmfast.mma_adapter_fwd(x, down_w, down_b, up_w, up_b, mix, float(scale), groups,
+                                            float(dropout), seed if dropout > 0 else None)
+    return y
