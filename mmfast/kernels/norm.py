@@ -96,11 +96,11 @@ def bwd_launch(M: int, N: int, device: torch.device) -> NormLaunch:
 
 
 @triton.jit
-def _load_input(x_ptr, r_ptr, cols, mask, dtype: tl.constexpr, HAS_RES: tl.constexpr, SOFT_RNE: tl.constexpr):
-    """The normalised input, in fp32: x, or x + residual rounded to x's dtype."""
-    x = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+def _load_input(X, R, x_off, r_off, cols, mask, dtype: tl.constexpr, HAS_RES: tl.constexpr, SOFT_RNE: tl.constexpr):
+    """The normalised input, in fp32: x, or x + residual rounded to x's dtype (R may be None)."""
+    x = tl.load(X + x_off + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
-        r = tl.load(r_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(R + r_off + cols, mask=mask, other=0.0).to(tl.float32)
         x = _round(x + r, dtype, SOFT_RNE).to(tl.float32)
     return x
 
@@ -166,8 +166,8 @@ def _norm_fwd_wide_kernel(
     dtype = Y.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
-    x_row = X + row * stride_x
-    r_row = R + row * stride_r
+    x_off = row * stride_x
+    r_off = row * stride_r
     out_row = row * N
 
     acc_ss = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -176,7 +176,7 @@ def _norm_fwd_wide_kernel(
     for start in range(0, N, BLOCK_N):
         cols = start + offs
         m = cols < N
-        x = _load_input(x_row, r_row, cols, m, dtype, HAS_RES, SOFT_RNE)
+        x = _load_input(X, R, x_off, r_off, cols, m, dtype, HAS_RES, SOFT_RNE)
         if HAS_RES:
             tl.store(RES_OUT + out_row + cols, x.to(dtype), mask=m)  # exact: x holds x + r rounded
         if IS_RMS:
@@ -201,7 +201,7 @@ def _norm_fwd_wide_kernel(
     for start in range(0, N, BLOCK_N):
         cols = start + offs
         m = cols < N
-        x = _load_input(x_row, r_row, cols, m, dtype, HAS_RES, SOFT_RNE)
+        x = _load_input(X, R, x_off, r_off, cols, m, dtype, HAS_RES, SOFT_RNE)
         y = (x - mean) * rstd
         if IS_RMS:
             y = _round(y, dtype, SOFT_RNE).to(tl.float32)

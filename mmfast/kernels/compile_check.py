@@ -1,0 +1,197 @@
+"""Compile every Triton kernel for a GPU target without a GPU: ``python -m mmfast.kernels.compile_check``.
+
+The Triton interpreter (how the CPU tests run the kernels) accepts code that the real compiler
+rejects (a tensor first defined inside a loop and used after it, say), and says nothing of register
+pressure. This compiles a representative set of specializations of each kernel, with the block
+sizes and warps the launchers choose, down to a cubin for ``--arch`` (default sm_90), and reports
+registers, stack and local memory per kernel from ``cuobjdump``. Any compile error fails (exit 1);
+spills are reported, and fail with ``--no-spills``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Ptr:
+    dtype: torch.dtype
+
+
+_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64", torch.int32: "i32"}
+
+
+def _signature(fn, args: dict) -> tuple[dict, dict]:
+    sig, consts = {}, {}
+    for p in fn.params:
+        if p.name not in args:
+            raise KeyError(f"{fn.__name__}: no value for {p.name}")
+        v = args[p.name]
+        if p.is_constexpr or v is None:
+            sig[p.name] = "constexpr"
+            consts[p.name] = v
+        elif isinstance(v, Ptr):
+            sig[p.name] = "*" + _TYPES[v.dtype]
+        elif isinstance(v, bool):
+            raise TypeError(f"{fn.__name__}: {p.name} is a bool but not constexpr")
+        elif isinstance(v, int):
+            sig[p.name] = "i64" if abs(v) >= 2**31 else "i32"
+        elif isinstance(v, float):
+            sig[p.name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: cannot type {p.name}={v!r}")
+    return sig, consts
+
+
+def _norm_variants():
+    from . import norm as K
+
+    bf16, f32 = torch.bfloat16, torch.float32
+    for rms in (True, False):
+        for dt, wdt in ((bf16, f32), (bf16, bf16), (f32, f32)):
+            for N in (768, 4096, 8192, 20000):
+                for res in (False, True):
+                    cfg = K.fwd_launch(32768, N)
+                    args = dict(X=Ptr(dt), stride_x=N, R=Ptr(dt) if res else None, stride_r=N, W=Ptr(wdt),
+                                B=None if rms else Ptr(wdt), Y=Ptr(dt), RES_OUT=Ptr(dt) if res else None,
+                                MEAN=None if rms else Ptr(f32), RSTD=Ptr(f32), M=32768, N=N, eps=1e-6,
+                                IS_RMS=rms, HAS_W=True, HAS_B=not rms, HAS_RES=res, BLOCK_N=cfg.block_n,
+                                SOFT_RNE=False)
+                    if cfg.wide:
+                        yield K._norm_fwd_wide_kernel, args, cfg.num_warps
+                    else:
+                        yield K._norm_fwd_kernel, {**args, "BLOCK_M": cfg.block_m}, cfg.num_warps
+                for need_dx, dres in ((True, False), (True, True), (False, False)):
+                    cfg = K.bwd_launch(32768, N, torch.device("cpu"))
+                    args = dict(DY=Ptr(dt), stride_dy=N, X=Ptr(dt), stride_x=N, W=Ptr(wdt),
+                                MEAN=None if rms else Ptr(f32), RSTD=Ptr(f32), DRES=Ptr(dt) if dres else None,
+                                stride_dres=N, DX=Ptr(dt) if need_dx else None, DW_PART=Ptr(f32),
+                                DB_PART=None if rms else Ptr(f32), M=32768, N=N, IS_RMS=rms, HAS_W=True,
+                                HAS_DRES=dres, NEED_DX=need_dx, NEED_DW=True, NEED_DB=not rms,
+                                BLOCK_N=cfg.block_n, SOFT_RNE=False)
+                    if cfg.wide:
+                        yield K._norm_bwd_rowdot_kernel, dict(
+                            DY=Ptr(dt), stride_dy=N, X=Ptr(dt), stride_x=N, W=Ptr(wdt),
+                            MEAN=None if rms else Ptr(f32), RSTD=Ptr(f32), C=Ptr(f32), N=N, IS_RMS=rms,
+                            HAS_W=True, BLOCK_N=cfg.block_n), cfg.num_warps
+                        yield K._norm_bwd_wide_kernel, {**args, "C": Ptr(f32)}, cfg.num_warps
+                    else:
+                        yield K._norm_bwd_kernel, {**args, "BLOCK_M": cfg.block_m}, cfg.num_warps
+
+
+def _common_variants():
+    from . import _common as K
+
+    for out in (torch.float32, torch.bfloat16):
+        yield K._sum_partials_kernel, dict(PART=Ptr(torch.float32), OUT=Ptr(out), P=264, N=4096, BLOCK_P=32,
+                                           BLOCK_N=256, SOFT_RNE=False), 4
+
+
+def _adapter_variants():
+    from . import adapter as K
+
+    f32, i64 = torch.float32, torch.int64
+    R, E, G = 8, 2, 2
+    for dt, wdt in ((torch.bfloat16, f32), (torch.bfloat16, torch.bfloat16), (f32, f32)):
+        cfg = K.launch_config(dt)
+        for D in (1024, 4096):
+            for drop in (False, True):
+                shared = dict(M=32768, S=512, D=D, DG=D // G, scale=1.0, p_drop=0.1, keep_scale=1.0 / 0.9,
+                              R=R, RP=K.hidden_pad(R), RG=R // G, E=E, HAS_DROPOUT=drop,
+                              PRECISION=K._dot_precision(dt), BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d)
+                seed = Ptr(i64) if drop else None
+                yield K._mma_fwd_kernel, dict(
+                    X=Ptr(dt), stride_x=D, A=Ptr(wdt), AB=Ptr(wdt), U=Ptr(wdt), C=Ptr(wdt), MIX=Ptr(f32),
+                    SEED=seed, Y=Ptr(dt), Z=Ptr(f32), SOFT_RNE=False, **shared), cfg.num_warps
+                yield K._mma_bwd_rows_kernel, dict(
+                    DY=Ptr(dt), stride_dy=D, Z=Ptr(f32), U=Ptr(wdt), C=Ptr(wdt), MIX=Ptr(f32), SEED=seed,
+                    DZ=Ptr(f32), DMIX=Ptr(f32), EP=2, **shared), cfg.num_warps
+                yield K._mma_bwd_cols_kernel, dict(
+                    X=Ptr(dt), stride_x=D, DY=Ptr(dt), stride_dy=D, Z=Ptr(f32), DZ=Ptr(f32), A=Ptr(wdt),
+                    MIX=Ptr(f32), SEED=seed, DX=Ptr(dt), DA_PART=Ptr(f32), DU_PART=Ptr(f32),
+                    DC_PART=Ptr(f32), EP=2, NEED_DX=True, NEED_DW=True, SOFT_RNE=False, **shared), cfg.num_warps
+
+
+def variants():
+    """(kernel, args, num_warps) for every specialization checked."""
+    yield from _norm_variants()
+    yield from _common_variants()
+    yield from _adapter_variants()
+
+
+def _cuobjdump() -> str | None:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return path if os.path.exists(path) else None
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    tool = _cuobjdump()
+    if tool is None:
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
+    return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mmfast.kernels.compile_check", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90)")
+    p.add_argument("--no-spills", action="store_true", help="fail when any kernel uses local memory (spills)")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("compile_check: unset TRITON_INTERPRET (it needs the compiler, not the interpreter)", file=sys.stderr)
+        return 2
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", args.arch, 32)
+    failures, spills, rows = [], [], []
+    start = time.time()
+    for fn, kargs, warps in variants():
+        sig, consts = _signature(fn, kargs)
+        label = fn.__name__ + "(" + ", ".join(f"{k}={v}" for k, v in consts.items() if v is not None) + f", warps={warps})"
+        try:
+            compiled = triton.compile(ASTSource(fn, sig, constexprs=consts), target=target,
+                                      options={"num_warps": warps})
+        except Exception as e:  # noqa: BLE001 - every failure is reported
+            failures.append((label, f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:400]}"))
+            continue
+        use = resource_usage(compiled.asm["cubin"])
+        rows.append((fn.__name__, warps, use))
+        if use.get("LOCAL", 0) or use.get("STACK", 0):
+            spills.append((label, use))
+    worst: dict[str, tuple] = {}
+    for name, warps, use in rows:
+        if name not in worst or use.get("REG", 0) > worst[name][1].get("REG", 0):
+            worst[name] = (warps, use)
+    print(f"compiled {len(rows)} specializations for sm_{args.arch} in {time.time() - start:.0f} s "
+          f"(triton {triton.__version__})")
+    for name, (warps, use) in worst.items():
+        print(f"  {name:<28} max regs {use.get('REG', '?'):>4} (warps {warps})  stack {use.get('STACK', '?')}  "
+              f"local {use.get('LOCAL', '?')}")
+    for label, use in spills:
+        print(f"SPILLS: {label}: {use}")
+    for label, err in failures:
+        print(f"FAILED: {label}\n    {err}")
+    return 1 if failures or (args.no_spills and spills) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
