@@ -3,12 +3,15 @@
 __version__ = "0.1.0"
 
 from .api import patch, unpatch
+from .nn.adapter import MMAdapter
+from .ops.adapter import mma_adapter
 from .ops.norm import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
 from .patching import PatchReport, disabled
 from .tuning import load_trainable, save_trainable
 
 __all__ = [
     "__version__",
+    "MMAdapter",
     "PatchReport",
     "disabled",
     "load_trainable",
@@ -17,6 +20,7 @@ __all__ = [
     "unpatch",
     "layer_norm",
     "layer_norm_reference",
+    "mma_adapter",
     "rms_norm",
     "rms_norm_reference",
 ]

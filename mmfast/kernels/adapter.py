@@ -248,9 +248,27 @@ def _mma_bwd_cols_kernel(
                  mask=(eidx < E)[:, None] & cmask[None, :])
 
 
+@triton.jit
+def _keep_mask_kernel(SEED, OUT, M, p_drop, R: tl.constexpr, RP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The dropout keep mask the adapter kernels use, written out (for tests and inspection)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    hid = tl.arange(0, RP)
+    keep = _keep_mask(SEED, rows, hid, R, p_drop)
+    mask = (rows < M)[:, None] & (hid < R)[None, :]
+    tl.store(OUT + rows.to(tl.int64)[:, None] * R + hid[None, :], keep.to(tl.int8), mask=mask)
+
+
 # ---------------------------------------------------------------------------------------------
 # host launchers
 # ---------------------------------------------------------------------------------------------
+
+
+def keep_mask(seed: torch.Tensor, M: int, R: int, p_drop: float) -> torch.Tensor:
+    """Boolean [M, R]: which hidden activations the adapter kernels keep for ``seed``."""
+    out = torch.empty((M, R), dtype=torch.int8, device=seed.device)
+    if M:
+        _keep_mask_kernel[(triton.cdiv(M, 64),)](seed, out, M, float(p_drop), R=R, RP=hidden_pad(R), BLOCK_M=64)
+    return out.bool()
 
 
 def _dims(x2: torch.Tensor, down_w: torch.Tensor, up_w: torch.Tensor, groups: int):

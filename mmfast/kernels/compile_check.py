@@ -27,7 +27,8 @@ class Ptr:
     dtype: torch.dtype
 
 
-_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64", torch.int32: "i32"}
+_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64", torch.int32: "i32",
+          torch.int8: "i8"}
 
 
 def _signature(fn, args: dict) -> tuple[dict, dict]:
@@ -119,6 +120,8 @@ def _adapter_variants():
                     X=Ptr(dt), stride_x=D, DY=Ptr(dt), stride_dy=D, Z=Ptr(f32), DZ=Ptr(f32), A=Ptr(wdt),
                     MIX=Ptr(f32), SEED=seed, DX=Ptr(dt), DA_PART=Ptr(f32), DU_PART=Ptr(f32),
                     DC_PART=Ptr(f32), EP=2, NEED_DX=True, NEED_DW=True, SOFT_RNE=False, **shared), cfg.num_warps
+    yield K._keep_mask_kernel, dict(SEED=Ptr(i64), OUT=Ptr(torch.int8), M=32768, p_drop=0.1, R=R,
+                                    RP=K.hidden_pad(R), BLOCK_M=64), 4
 
 
 def variants():

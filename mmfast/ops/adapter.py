@@ -114,6 +114,16 @@ def reference_keep_mask(seed: Tensor, M: int, R: int, p: float, device) -> Tenso
     return (torch.rand(M, R, generator=g) >= p).to(device)
 
 
+def dropout_keep_mask(seed: Tensor, M: int, R: int, p: float) -> Tensor:
+    """The keep mask [M, R] the backend selected for ``seed``'s device draws for ``seed`` (rows are
+    tokens, b * S + s; columns hidden channels)."""
+    if resolve_backend(seed.device) == "triton":
+        from ..kernels import adapter as kernels
+
+        return kernels.keep_mask(seed, M, R, p)
+    return reference_keep_mask(seed, M, R, p, seed.device)
+
+
 def _reference_fwd(x, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed):
     B, S, D = x.shape
     R = down_w.shape[0]
@@ -123,13 +133,27 @@ def _reference_fwd(x, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed):
 
 
 def _reference_bwd(dy, x, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed):
+    """Explicit gradients of :func:`mma_adapter_reference` (in fp32), in the order
+    (dx, d_down_w, d_down_b, d_up_w, d_up_b, d_mix)."""
     B, S, D = x.shape
-    R = down_w.shape[0]
-    keep = reference_keep_mask(seed, B * S, R, p, x.device).view(B, S, R) / (1 - p) if p > 0 else None
-    leaves = [t.detach().requires_grad_() for t in (x, down_w, down_b, up_w, up_b, mix)]
-    with torch.enable_grad():
-        y = mma_adapter_reference(*leaves, scale, groups, keep)
-        return torch.autograd.grad(y, leaves, dy)
+    E, _, RG = up_w.shape
+    R, G, DG = down_w.shape[0], groups, D // groups
+    f = torch.float32
+    xf, A, U, c, w, g = x.to(f), down_w.to(f), up_w.to(f), up_b.to(f), mix.to(f), dy.to(f)
+    keep = reference_keep_mask(seed, B * S, R, p, x.device).view(B, S, R).to(f) / (1 - p) if p > 0 else None
+    z = xf @ A.T + down_b.to(f)
+    zd = z * keep if keep is not None else z
+    ug = U.view(E, G, DG, RG)
+    zg = zd.view(B, S, G, RG)
+    out = torch.einsum("bsgj,egdj->bsegd", zg, ug).flatten(-2) + c  # [B, S, E, D]
+    d_out = scale * w[:, None, :, None] * g[:, :, None, :]  # [B, S, E, D]
+    dmix = scale * torch.einsum("bsd,bsed->be", g, out)
+    dc = d_out.sum((0, 1))
+    dU = torch.einsum("bsegd,bsgj->egdj", d_out.view(B, S, E, G, DG), zg).reshape(E, D, RG)
+    dzd = torch.einsum("bsegd,egdj->bsgj", d_out.view(B, S, E, G, DG), ug).reshape(B, S, R)
+    dz = dzd * keep if keep is not None else dzd
+    dx = g + dz @ A
+    return dx, torch.einsum("bsr,bsd->rd", dz, xf), dz.sum((0, 1)), dU, dc, dmix
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,71 @@
+"""``MMAdapter``: the Mixture-of-Modality adapter with its router, as an ``nn.Module``."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.adapter import mma_adapter
+
+
+class MMAdapter(nn.Module):
+    """``y = x + scale * sum_e softmax(router(route) / temperature)_e * up_e(dropout(down(x)))``.
+
+    Parameters: ``down`` (``nn.Linear(dim, hidden_dim)``), ``up_weight`` ``[experts, dim, hidden_dim //
+    groups]`` (grouped: output channels of group g read hidden channels of group g), ``up_bias``
+    ``[experts, dim]``, ``router`` (``nn.Linear(dim, experts)``). ``down`` starts xavier-uniform with a
+    zero bias, the up-projections at zero (a new adapter is exactly the identity), the router with
+    ``nn.Linear``'s default init.
+
+    ``forward(x [B, S, dim], route [B, dim])``: ``route`` is what each sample's router reads (its
+    modality token's state). Dropout applies to the hidden activations in training mode only.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int = 8, groups: int = 2, experts: int = 2, scale: float = 1.0,
+                 temperature: float = 10.0, dropout: float = 0.1, *, device=None, dtype=None):
+        super().__init__()
+        for name, v in (("dim", dim), ("hidden_dim", hidden_dim), ("groups", groups), ("experts", experts)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"MMAdapter: {name} must be a positive int, got {v!r}")
+        if hidden_dim % groups or dim % groups:
+            raise ValueError(f"MMAdapter: groups={groups} must divide hidden_dim={hidden_dim} and dim={dim}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"MMAdapter: dropout must be in [0, 1), got {dropout}")
+        if not temperature > 0:
+            raise ValueError(f"MMAdapter: temperature must be > 0, got {temperature}")
+        factory = {"device": device, "dtype": dtype}
+        self.dim, self.hidden_dim, self.groups, self.experts = dim, hidden_dim, groups, experts
+        self.scale, self.temperature, self.dropout = float(scale), float(temperature), float(dropout)
+        self.down = nn.Linear(dim, hidden_dim, **factory)
+        self.up_weight = nn.Parameter(torch.empty(experts, dim, hidden_dim // groups, **factory))
+        self.up_bias = nn.Parameter(torch.empty(experts, dim, **factory))
+        self.router = nn.Linear(dim, experts, **factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.down.weight.is_meta:
+            return
+        nn.init.xavier_uniform_(self.down.weight)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up_weight)
+        nn.init.zeros_(self.up_bias)
+
+    def mix(self, route: Tensor) -> Tensor:
+        """Router weights per sample, ``[B, experts]``, in the router's dtype."""
+        logits = self.router(route.to(self.router.weight.dtype))
+        return torch.softmax(logits / self.temperature, dim=-1)
+
+    def forward(self, x: Tensor, route: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"MMAdapter: x must be [batch, seq, {self.dim}], got {getattr(x, 'shape', type(x))}")
+        if not isinstance(route, Tensor) or route.shape != (x.shape[0], self.dim):
+            raise ValueError(f"MMAdapter: route must be [{x.shape[0]}, {self.dim}] (one per sample), "
+                             f"got {getattr(route, 'shape', type(route))}")
+        p = self.dropout if self.training else 0.0
+        seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64) if p > 0 else None
+        return mma_adapter(x, self.down.weight, self.down.bias, self.up_weight, self.up_bias, self.mix(route),
+                           self.scale, self.groups, p, seed)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, hidden_dim={self.hidden_dim}, groups={self.groups}, experts={self.experts}, "
+                f"scale={self.scale}, temperature={self.temperature}, dropout={self.dropout}")

@@ -1,0 +1,250 @@
+"""The fused MMA adapter against the float64 reference of its formula (accuracy rule: accuracy.py).
+
+PyTorch's own low-precision implementation is a LaVIN-style eager module (everything in x's dtype,
+one expert at a time). Natural scales come from the same formula evaluated on the absolute values of
+every input and of dy: the adapter is multilinear with a positive scale, so that evaluation is the sum
+of the magnitudes of every term of each output and gradient.
+
+CPU runs the kernels through the interpreter in fp32 and fp16 (its bf16 tl.dot is broken); a GPU
+runs bf16 too.
+"""
+
+import pytest
+import torch
+
+import mmfast
+from accuracy import assert_accurate
+from mmfast.ops.adapter import dropout_keep_mask, mma_adapter, mma_adapter_lavin_style, mma_adapter_reference
+from mmfast.ops.backend import ENV_VAR
+
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
+NAMES = ["x", "down_w", "down_b", "up_w", "up_b", "mix"]
+
+
+def make_inputs(B, S, D, R, G, E, dtype, device, weight_dtype=torch.float32, trained=True):
+    """Adapter inputs; ``trained`` gives non-zero up weights (a fresh adapter has zeros there)."""
+    x = torch.randn(B, S, D, device=device).to(dtype)
+    down_w = torch.nn.init.xavier_uniform_(torch.empty(R, D, device=device))
+    down_b = 0.1 * torch.randn(R, device=device)
+    up_w = (0.2 if trained else 0.0) * torch.randn(E, D, R // G, device=device)
+    up_b = (0.1 if trained else 0.0) * torch.randn(E, D, device=device)
+    mix = torch.softmax(torch.randn(B, E, device=device), dim=-1)
+    params = [t.to(weight_dtype) for t in (down_w, down_b, up_w, up_b)]
+    return [t.requires_grad_() for t in (x, *params, mix)]
+
+
+def _run(fn, leaves, dy, **kw):
+    ins = [t.detach().clone().requires_grad_() for t in leaves]
+    y = fn(*ins, **kw)
+    return y, torch.autograd.grad(y, ins, dy.to(y.dtype))
+
+
+def check_adapter(leaves, scale, groups, seed, keep=None, dropout=0.0, dseed=None):
+    """Fused (with dropout from ``dseed``) vs LaVIN-style low precision vs float64, using ``keep`` (the
+    scaled mask the fused op draws) in the latter two."""
+    dy = torch.randn_like(leaves[0])
+    keep_lp = None if keep is None else keep.to(leaves[0].dtype)
+    y, g = _run(mma_adapter, leaves, dy, scale=scale, groups=groups, dropout=dropout, seed=dseed)
+    y_lp, g_lp = _run(mma_adapter_lavin_style, leaves, dy, scale=scale, groups=groups, keep=keep_lp)
+    l64 = [t.detach().double() for t in leaves]
+    keep64 = None if keep is None else keep.double()
+    y_ref, g_ref = _run(mma_adapter_reference, l64, dy.double(), scale=scale, groups=groups, keep=keep64)
+    y_abs, g_abs = _run(mma_adapter_reference, [t.abs() for t in l64], dy.double().abs(), scale=abs(scale),
+                        groups=groups, keep=keep64)
+    assert y.dtype == leaves[0].dtype and y.shape == leaves[0].shape
+    assert_accurate("y", y, y_lp, y_ref, y_abs.abs().max().item(), seed)
+    for name, a, b, r, s in zip(NAMES, g, g_lp, g_ref, g_abs):
+        assert a.dtype == leaves[NAMES.index(name)].dtype, name
+        assert_accurate(f"d{name}", a, b, r, s.abs().max().item(), seed)
+
+
+SHAPES = [  # (B, S, D, R, G, E)
+    (2, 5, 200, 8, 2, 2),  # D not a power of two
+    (3, 7, 1100, 12, 4, 2),  # several column chunks, four groups
+    (1, 33, 96, 4, 1, 2),  # one group, more tokens than a tile
+    (4, 3, 136, 16, 2, 2),  # hidden 16
+    (2, 9, 120, 6, 3, 3),  # three groups, three experts
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_matches_reference(shape, dtype, device, seed):
+    B, S, D, R, G, E = shape
+    check_adapter(make_inputs(B, S, D, R, G, E, dtype, device), 0.8, G, seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_weights_in_activation_dtype(dtype, device, seed):
+    check_adapter(make_inputs(2, 6, 200, 8, 2, 2, dtype, device, weight_dtype=dtype), 1.0, 2, seed)
+
+
+def test_dropout_matches_reference_with_its_mask(device, seed):
+    """The backward regenerates exactly the forward's mask: fused output and every gradient equal the
+    reference computed with that mask."""
+    B, S, D, R, G, E, p = 3, 11, 200, 8, 2, 2, 0.3
+    leaves = make_inputs(B, S, D, R, G, E, torch.float32, device)
+    dseed = torch.tensor([seed], dtype=torch.int64, device=device)
+    keep = dropout_keep_mask(dseed, B * S, R, p).view(B, S, R) / (1 - p)
+    assert 0 < (keep == 0).sum() < keep.numel()
+    check_adapter(leaves, 1.0, G, seed, keep=keep, dropout=p, dseed=dseed)
+
+
+def test_dropout_same_seed_same_mask_and_keep_rate(device):
+    B, S, D, R, p = 4, 64, 96, 8, 0.25
+    leaves = make_inputs(B, S, D, R, 2, 2, torch.float32, device)
+    args = [t.detach() for t in leaves]
+    s1 = torch.tensor([1234], dtype=torch.int64, device=device)
+    s2 = torch.tensor([999], dtype=torch.int64, device=device)
+    y1 = mma_adapter(*args, dropout=p, seed=s1)
+    assert torch.equal(y1, mma_adapter(*args, dropout=p, seed=s1.clone()))
+    assert not torch.equal(y1, mma_adapter(*args, dropout=p, seed=s2))
+    mask = dropout_keep_mask(torch.tensor([7], dtype=torch.int64, device=device), 20000, R, p)
+    n = mask.numel()
+    rate = mask.float().mean().item()
+    sigma = ((1 - p) * p / n) ** 0.5
+    assert abs(rate - (1 - p)) < 5 * sigma, rate
+    assert torch.equal(mask, dropout_keep_mask(torch.tensor([7], dtype=torch.int64, device=device), 20000, R, p))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_new_adapter_is_identity(dtype, device):
+    adapter = mmfast.MMAdapter(200, hidden_dim=8, groups=2, dropout=0.1).to(device)
+    x = torch.randn(3, 5, 200, device=device).to(dtype).requires_grad_()
+    route = torch.randn(3, 200, device=device).to(dtype)
+    for mode in (adapter.train, adapter.eval):
+        mode()
+        y = adapter(x, route)
+        assert torch.equal(y, x)
+        dy = torch.randn_like(y)
+        (dx,) = torch.autograd.grad(y, x, dy)
+        assert torch.equal(dx, dy)
+
+
+def test_module_gradients_reach_router_and_route(device, seed):
+    """Through the module: the router's weights and the route get gradients (via d mix), and they
+    match the float64 formula."""
+    D = 136
+    adapter = mmfast.MMAdapter(D, hidden_dim=8, groups=2, dropout=0.0).to(device)
+    with torch.no_grad():
+        adapter.up_weight.normal_(0, 0.2)
+        adapter.up_bias.normal_(0, 0.1)
+    ref = mmfast.MMAdapter(D, hidden_dim=8, groups=2, dropout=0.0).to(device).double()
+    ref.load_state_dict(adapter.state_dict())
+    x = torch.randn(2, 7, D, device=device, requires_grad=True)
+    route = torch.randn(2, D, device=device, requires_grad=True)
+    dy = torch.randn(2, 7, D, device=device)
+    y = adapter(x, route)
+    grads = torch.autograd.grad(y, [x, route, *adapter.parameters()], dy)
+    x64, r64 = x.detach().double().requires_grad_(), route.detach().double().requires_grad_()
+    mix = ref.mix(r64)
+    y64 = mma_adapter_reference(x64, ref.down.weight, ref.down.bias, ref.up_weight, ref.up_bias, mix, 1.0, 2)
+    grads64 = torch.autograd.grad(y64, [x64, r64, *ref.parameters()], dy.double())
+    names = ["x", "route"] + [n for n, _ in adapter.named_parameters()]
+    assert "router.weight" in names
+    for name, g, g64 in zip(names, grads, grads64):
+        assert g.abs().sum() > 0, name
+        torch.testing.assert_close(g.double(), g64, rtol=1e-4, atol=1e-5 * g64.abs().max().item(), msg=name)
+
+
+def test_eval_and_zero_dropout_draw_no_random_numbers(device, monkeypatch):
+    adapter = mmfast.MMAdapter(64, dropout=0.1).to(device)
+    x, route = torch.randn(2, 3, 64, device=device), torch.randn(2, 64, device=device)
+    calls = []
+    real = torch.randint
+    monkeypatch.setattr(torch, "randint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    adapter.eval()
+    adapter(x, route)
+    adapter.train()
+    adapter.dropout = 0.0
+    adapter(x, route)
+    assert not calls
+    adapter.dropout = 0.1
+    adapter(x, route)
+    assert calls
+
+
+def test_parameter_counts():
+    assert sum(p.numel() for p in mmfast.MMAdapter(4096).parameters()) == 81_930
+    assert sum(p.numel() for p in mmfast.MMAdapter(1024).parameters()) == 20_490
+    a = mmfast.MMAdapter(4096)
+    assert a.down.weight.shape == (8, 4096) and a.up_weight.shape == (2, 4096, 4)
+    assert a.up_bias.shape == (2, 4096) and a.router.weight.shape == (2, 4096)
+
+
+def test_reference_backend(monkeypatch, device, seed):
+    monkeypatch.setenv(ENV_VAR, "reference")
+    check_adapter(make_inputs(2, 5, 200, 8, 2, 2, torch.float32, device), 0.8, 2, seed)
+    dseed = torch.tensor([seed], dtype=torch.int64, device=device)
+    keep = dropout_keep_mask(dseed, 2 * 5, 8, 0.2).view(2, 5, 8) / 0.8
+    check_adapter(make_inputs(2, 5, 200, 8, 2, 2, torch.float32, device), 1.0, 2, seed, keep=keep, dropout=0.2,
+                  dseed=dseed)
+
+
+# ---------------------------------------------------------------------------------------------
+# errors, opcheck, compile
+# ---------------------------------------------------------------------------------------------
+
+
+def _good(device):
+    return [t.detach() for t in make_inputs(2, 3, 64, 8, 2, 2, torch.float32, device)]
+
+
+BAD = {
+    "x-2d": (ValueError, "x must be", lambda a: [a[0][0]] + a[1:]),
+    "x-int": (TypeError, "x must be", lambda a: [a[0].long()] + a[1:]),
+    "down-width": (ValueError, "down_w", lambda a: [a[0], a[1][:, :32]] + a[2:]),
+    "down-bias": (ValueError, "down_b", lambda a: [a[0], a[1], a[2][:4]] + a[3:]),
+    "up-shape": (ValueError, "up_w", lambda a: a[:3] + [a[3][:, :, :2]] + a[4:]),
+    "up-bias": (ValueError, "up_b", lambda a: a[:4] + [a[4][:1]] + a[5:]),
+    "mix-shape": (ValueError, "mix", lambda a: a[:5] + [a[5][:1]]),
+    "fp16-weights-fp32-x": (TypeError, "down_w", lambda a: [a[0], a[1].half()] + a[2:]),
+    "other-device": (ValueError, "up_b", lambda a: a[:4] + [a[4].to("meta")] + a[5:]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input(case, device):
+    exc, word, make = BAD[case]
+    with pytest.raises(exc, match=word):
+        mma_adapter(*make(_good(device)))
+
+
+def test_bad_arguments(device):
+    args = _good(device)
+    with pytest.raises(ValueError, match="groups"):
+        mma_adapter(*args, groups=3)
+    with pytest.raises(ValueError, match="dropout"):
+        mma_adapter(*args, dropout=1.0)
+    with pytest.raises(ValueError, match="seed"):
+        mma_adapter(*args, dropout=0.1)
+    with pytest.raises(ValueError, match="groups"):
+        mmfast.MMAdapter(100, hidden_dim=8, groups=3)
+    adapter = mmfast.MMAdapter(64).to(device)
+    with pytest.raises(ValueError, match="route"):
+        adapter(torch.randn(2, 3, 64, device=device), torch.randn(3, 64, device=device))
+
+
+def test_opcheck(device):
+    x, A, a, U, c, mix = make_inputs(2, 3, 64, 8, 2, 2, torch.float32, device)
+    seed = torch.tensor([5], dtype=torch.int64, device=device)
+    torch.library.opcheck(torch.ops.mmfast.mma_adapter_fwd, (x, A, a, U, c, mix, 0.5, 2, 0.0, None))
+    torch.library.opcheck(torch.ops.mmfast.mma_adapter_fwd, (x, A, a, U, c, mix, 0.5, 2, 0.1, seed))
+    with torch.no_grad():
+        y, z = torch.ops.mmfast.mma_adapter_fwd(x, A, a, U, c, mix, 0.5, 2, 0.1, seed)
+    args = [t.detach() for t in (torch.randn_like(y), x, z, A, a, U, c, mix)]
+    torch.library.opcheck(torch.ops.mmfast.mma_adapter_bwd, (*args, 0.5, 2, 0.1, seed, True, True, True))
+
+
+def test_compile_fullgraph(device):
+    torch._dynamo.reset()
+    adapter = mmfast.MMAdapter(64, dropout=0.0).to(device)
+    with torch.no_grad():
+        adapter.up_weight.normal_()
+    x, route = torch.randn(2, 3, 64, device=device, requires_grad=True), torch.randn(2, 64, device=device)
+    compiled = torch.compile(adapter, backend="aot_eager", fullgraph=True)
+    y = compiled(x, route)
+    torch.testing.assert_close(y, adapter(x, route))
+    (g,) = torch.autograd.grad(y.sum(), x)
+    (g_eager,) = torch.autograd.grad(adapter(x, route).sum(), x)
+    torch.testing.assert_close(g, g_eager)
