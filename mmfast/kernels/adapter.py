@@ -12,7 +12,9 @@ loaded "expanded" to all R hidden channels (zero outside the column's group) and
 weight of each row.
 
 Products run in x's dtype on the tensor cores (fp32 inputs: exact fp32), with fp32 accumulation;
-fp32 weights (master weights) are cast to x's dtype for the products.
+fp32 weights (master weights) are cast to x's dtype for the products, except in the backward's
+dy . U, where U is split into its x-dtype part and the remainder (two products) so that d(z) and
+the router-weight gradient keep fp32 weights' precision.
 
 Forward: one kernel; a tile of rows is read twice, chunk by chunk (for z, then for y); the tile is
 small enough (BLOCK_M rows) that the second read mostly hits L2. Backward: a row kernel reads dy once for d(zd) and the router-weight
@@ -150,7 +152,8 @@ def _mma_bwd_rows_kernel(
     DY, stride_dy, Z, U, C, MIX, SEED, DZ, DMIX,
     M, S, D, DG, scale, p_drop, keep_scale,
     R: tl.constexpr, RP: tl.constexpr, RG: tl.constexpr, E: tl.constexpr, EP: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, SPLIT_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Per row: dz = dropout'(s * sum_e mix_e * dy ._G U_e) (before dropout: d of z = x A^T + a), and
     dmix_e = s * sum_d dy_d * (zd ._G U_e^T + c_e)_d."""
@@ -177,7 +180,11 @@ def _mma_bwd_rows_kernel(
         dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
         for e in tl.static_range(E):
             ue = _up_expanded(U, e, cols, cmask, hid, hmask, D, DG, RG)
-            te = tl.dot(dy, tl.trans(ue.to(dt)), input_precision=PRECISION)  # [BLOCK_M, RP]
+            hi = ue.to(dt)
+            te = tl.dot(dy, tl.trans(hi), input_precision=PRECISION)  # [BLOCK_M, RP]
+            if SPLIT_W:  # fp32 weights, 16-bit activations: add the part of U the cast dropped
+                lo = (ue.to(tl.float32) - hi.to(tl.float32)).to(dt)
+                te += tl.dot(dy, tl.trans(lo), input_precision=PRECISION)
             we = tl.load(MIX + sample * E + e, mask=rmask, other=0.0)
             dzd += we[:, None] * te
             ce = tl.load(C + e * D + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -318,7 +325,8 @@ def adapter_bwd(dy2, x2, z, S, down_w, up_w, up_b, mix, scale, groups, p_drop, s
     dmix_rows = torch.empty((M, E), dtype=torch.float32, device=dev)
     _mma_bwd_rows_kernel[(triton.cdiv(M, cfg.block_m),)](
         dy2, dy2.stride(0), z, up_w, up_b, mix, seed, dz, dmix_rows,
-        M, S, D, DG, float(scale), float(p_drop), 1.0 / (1.0 - p_drop), **common,
+        M, S, D, DG, float(scale), float(p_drop), 1.0 / (1.0 - p_drop),
+        SPLIT_W=up_w.dtype == torch.float32 and x2.dtype != torch.float32, **common,
     )
     if need_dmix:
         dmix = dmix_rows.view(B, S, E).sum(1)

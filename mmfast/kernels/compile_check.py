@@ -115,7 +115,7 @@ def _adapter_variants():
                     SEED=seed, Y=Ptr(dt), Z=Ptr(f32), SOFT_RNE=False, **shared), cfg.num_warps
                 yield K._mma_bwd_rows_kernel, dict(
                     DY=Ptr(dt), stride_dy=D, Z=Ptr(f32), U=Ptr(wdt), C=Ptr(wdt), MIX=Ptr(f32), SEED=seed,
-                    DZ=Ptr(f32), DMIX=Ptr(f32), EP=2, **shared), cfg.num_warps
+                    DZ=Ptr(f32), DMIX=Ptr(f32), EP=2, SPLIT_W=wdt == f32 and dt != f32, **shared), cfg.num_warps
                 yield K._mma_bwd_cols_kernel, dict(
                     X=Ptr(dt), stride_x=D, DY=Ptr(dt), stride_dy=D, Z=Ptr(f32), DZ=Ptr(f32), A=Ptr(wdt),
                     MIX=Ptr(f32), SEED=seed, DX=Ptr(dt), DA_PART=Ptr(f32), DU_PART=Ptr(f32),
