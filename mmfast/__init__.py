@@ -8,9 +8,11 @@ from .ops.adapter import mma_adapter
 from .ops.norm import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
 from .patching import PatchReport, disabled
 from .tuning import load_trainable, save_trainable
+from .tuning.mma import MMAOptions
 
 __all__ = [
     "__version__",
+    "MMAOptions",
     "MMAdapter",
     "PatchReport",
     "disabled",

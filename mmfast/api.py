@@ -12,6 +12,7 @@ from torch import nn
 from .ops.backend import requested_backend
 from .patching import PatchReport, patch_norms, unpatch_norms
 from .tuning import LN_RECIPES, apply_ln_recipe, remove_tuning_hooks
+from .tuning.mma import MMAOptions, insert_mma, remove_mma
 
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time of the message (not at import)."""
@@ -36,7 +37,7 @@ if not logger.handlers:
     logger.setLevel(logging.INFO)
     logger.propagate = False
 
-TUNINGS = (None, *LN_RECIPES)
+TUNINGS = (None, *LN_RECIPES, "mma")
 
 
 def _is_rank0() -> bool:
@@ -63,20 +64,26 @@ def patch(
     *,
     final_norm: bool = False,
     master_weights: bool = True,
+    mma: Optional[MMAOptions] = None,
     verbose: bool = True,
 ) -> PatchReport:
     """Swap mmfast's fused kernels into ``model``'s norm modules and, with ``tuning``, apply a recipe.
 
     Call it before creating the optimizer and before DDP / FSDP / DeepSpeed / ``torch.compile``
     wrapping. ``tuning``: None (kernels only), ``"layernorm"``, ``"layernorm-simp"`` or
-    ``"layernorm+projector"`` (METHODS.md); ``final_norm`` adds the LLM's final norm to a recipe;
+    ``"layernorm+projector"`` (LayerNorm tuning), or ``"mma"`` (Mixture-of-Modality adapters, with
+    ``mma`` options; METHODS.md). ``final_norm`` adds the LLM's final norm to a LayerNorm recipe;
     ``master_weights`` keeps trainable norm weights in fp32. Returns a :class:`PatchReport`; with
     ``verbose`` its summary and trainable-parameter line are logged once, on rank 0.
     """
     if tuning not in TUNINGS:
         raise ValueError(f"tuning={tuning!r} is not one of {TUNINGS}")
+    if mma is not None and tuning != "mma":
+        raise ValueError("mma options need tuning='mma'")
     report = patch_norms(model, PatchReport(backend=requested_backend(), tuning=tuning))
-    if tuning is not None:
+    if tuning == "mma":
+        insert_mma(model, mma)
+    elif tuning is not None:
         apply_ln_recipe(model, tuning, final_norm=final_norm, master_weights=master_weights)
     report.trainable_params, report.all_params = count_parameters(model)
     if verbose and _is_rank0():
@@ -87,9 +94,10 @@ def patch(
 
 
 def unpatch(model: nn.Module) -> int:
-    """Restore the original forwards of every patched module and remove mmfast's hooks.
+    """Restore the original forwards of every patched module, remove mmfast's hooks and the MMA
+    adapters and modality embedding ``tuning="mma"`` added.
 
-    Parameters keep their current values, dtypes and ``requires_grad``. Returns the number of modules
-    restored."""
+    Other parameters keep their current values, dtypes and ``requires_grad``. Returns the number of
+    modules restored or removed."""
     remove_tuning_hooks(model)
-    return unpatch_norms(model)
+    return remove_mma(model) + unpatch_norms(model)

@@ -1,0 +1,278 @@
+"""Mixture-of-Modality Adaptation (METHODS.md, section 2) inserted into HuggingFace models.
+
+* Every LLaMA-style decoder layer gets ``mma_adapter`` (an :class:`~mmfast.nn.adapter.MMAdapter`)
+  applied to the output of ``input_layernorm``, before attention: ``h = x + Attn(adapter(norm(x)))``.
+* Every CLIP/SigLIP encoder layer gets one applied to the output of ``layer_norm1``.
+* Routing is per sample. In the vision tower each sample routes from its own CLS token (position 0 of
+  that layer's normed input). In the LLM a learned ``mma_modality_embedding`` (``Embedding(2, D)``:
+  "has image" or not) plays LaVIN's modality token: before the main pass it runs through every
+  decoder layer as a one-token sequence (adapters included), and layer l's router reads that token's
+  normed state at layer l. The main sequence keeps plain causal attention, with no extra token.
+* Which samples have images: ``mma_has_image`` (a [B] bool tensor) passed to the model's forward, or
+  else the image tokens in ``input_ids`` (``config.image_token_id``); neither means text only. Decode
+  steps of generation keep the prefill's flags.
+
+Every added parameter has ``mma`` in its name; adapters are fp32. Routes are computed once per forward
+and read by the layers (also when activation checkpointing recomputes a layer during backward, which
+therefore must come before the model's next forward, as in every usual training loop).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..nn.adapter import MMAdapter
+from .recipes import _hf_model, find_parts
+
+ADAPTER_NAME = "mma_adapter"
+EMBEDDING_NAME = "mma_modality_embedding"
+HAS_IMAGE_KWARG = "mma_has_image"
+_STATE = "_mmfast_mma_state"
+
+
+@dataclasses.dataclass
+class MMAOptions:
+    """Adapter hyper-parameters (LaVIN's defaults; temperature 5 for 13B)."""
+
+    hidden_dim: int = 8
+    groups: int = 2
+    experts: int = 2
+    scale: float = 1.0
+    temperature: float = 10.0
+    dropout: float = 0.1
+
+
+@dataclasses.dataclass
+class _State:
+    """Per-forward routing of one model: flags per sample and the LLM routes per layer."""
+
+    has_image: Optional[Tensor] = None
+    routes: dict = dataclasses.field(default_factory=dict)
+    recording: bool = False  # True while the modality token runs through the layers
+
+
+def _state(hf: nn.Module) -> _State:
+    st = hf.__dict__.get(_STATE)
+    if st is None:
+        st = hf.__dict__[_STATE] = _State()
+    return st
+
+
+# ---------------------------------------------------------------------------------------------
+# hooks (module-level functions bound with partial: picklable, found again by unpatch)
+# ---------------------------------------------------------------------------------------------
+
+
+def _vision_norm_hook(adapter: MMAdapter, module, args, output):
+    """layer_norm1 output -> adapter, each sample routed by its own CLS token (position 0)."""
+    return adapter(output, output[:, 0])
+
+
+def _llm_norm_hook(state: _State, layer: int, adapter: MMAdapter, module, args, output):
+    """input_layernorm output -> adapter, routed by the modality token's normed state at this layer."""
+    if state.recording:  # the modality token itself: it routes from its own state and leaves it
+        route = output[:, 0]
+        state.routes[layer] = route
+    else:
+        route = state.routes.get(layer)
+        if route is None or route.shape[0] != output.shape[0]:
+            raise RuntimeError("mmfast MMA: no modality route for this forward; call the model (or its language "
+                               "model) as a whole, not a decoder layer alone")
+    return adapter(output, route)
+
+
+def _top_pre_hook(state: _State, image_token_id: Optional[int], module, args, kwargs):
+    """Decide which samples have images, from ``mma_has_image`` or the image tokens in ``input_ids``."""
+    flags = kwargs.pop(HAS_IMAGE_KWARG, None)
+    ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
+    embeds = kwargs.get("inputs_embeds")
+    ref = ids if ids is not None else embeds
+    if ref is None:
+        raise ValueError("mmfast MMA: the model needs input_ids or inputs_embeds")
+    B, device = ref.shape[0], ref.device
+    past = kwargs.get("past_key_values")
+    decoding = past is not None and getattr(past, "get_seq_length", lambda: 0)() > 0
+    if flags is not None:
+        flags = torch.as_tensor(flags, device=device).bool().reshape(-1)
+        if flags.shape[0] != B:
+            raise ValueError(f"mmfast MMA: {HAS_IMAGE_KWARG} has {flags.shape[0]} entries for a batch of {B}")
+    elif decoding and state.has_image is not None and state.has_image.shape[0] == B:
+        flags = state.has_image  # generation: keep the prefill's flags
+    elif ids is not None and image_token_id is not None:
+        flags = (ids == image_token_id).any(-1)
+    elif kwargs.get("pixel_values") is not None:
+        raise ValueError(f"mmfast MMA: images given without input_ids; pass {HAS_IMAGE_KWARG} (a [batch] bool tensor)")
+    else:
+        flags = torch.zeros(B, dtype=torch.bool, device=device)
+    state.has_image = flags
+    return args, kwargs
+
+
+def _without_checkpointing(layer: nn.Module, h: Tensor, **kwargs) -> Tensor:
+    """Call a decoder layer on the modality token with activation checkpointing off for this call.
+
+    Reentrant checkpointing runs its forward without grad, and the routes recorded in this pass must
+    carry theirs (the token is one per sample: nothing to save). Checkpoint wrappers (FSDP's) are
+    stepped over; HF layers have their ``gradient_checkpointing`` flag lowered for the call. The
+    layer's own hooks (FSDP's unshard among them) still run."""
+    inner = getattr(layer, "_checkpoint_wrapped_module", layer)
+    flagged = bool(getattr(inner, "gradient_checkpointing", False))
+    if flagged:
+        inner.gradient_checkpointing = False
+    try:
+        out = inner(h, **kwargs)
+    finally:
+        if flagged:
+            inner.gradient_checkpointing = True
+    return out[0] if isinstance(out, tuple) else out
+
+
+class _RouteGradBridge(torch.autograd.Function):
+    """Identity on the language model's input embeddings that carries the routes' gradients.
+
+    The main pass reads each route through a detached leaf, so every kind of activation checkpointing
+    (reentrant ones recompute a layer inside backward and would otherwise run a nested backward into
+    the modality pass's shared graph, once per layer) just accumulates ``.grad`` on the leaf. This
+    node sits upstream of every layer, so its backward runs after all of them: it hands the leaves'
+    gradients to the routes, and the modality pass is traversed once.
+    """
+
+    @staticmethod
+    def forward(ctx, embeds, leaves, *routes):
+        ctx.leaves = leaves
+        return embeds.view_as(embeds)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad, None, *[leaf.grad for leaf in ctx.leaves])
+
+
+def _llm_pre_hook(state: _State, module, args, kwargs):
+    """Run the modality token through every decoder layer (one-token sequence) and record routes."""
+    ref = kwargs.get("inputs_embeds")
+    if ref is None:
+        ref = kwargs.get("input_ids", args[0] if args else None)
+    B = ref.shape[0]
+    flags = state.has_image
+    if flags is None or flags.shape[0] != B:
+        flags = torch.zeros(B, dtype=torch.bool, device=ref.device)
+    emb: nn.Embedding = getattr(module, EMBEDDING_NAME)
+    dtype = module.get_input_embeddings().weight.dtype
+    h = emb(flags.long()).to(dtype)[:, None, :]
+    position_ids = torch.zeros(B, 1, dtype=torch.long, device=h.device)
+    pos_emb = module.rotary_emb(h, position_ids=position_ids)
+    state.routes = {}
+    state.recording = True
+    try:
+        for layer in module.layers:
+            h = _without_checkpointing(layer, h, attention_mask=None, position_ids=position_ids,
+                                       past_key_values=None, use_cache=False, position_embeddings=pos_emb)
+    finally:
+        state.recording = False
+    routes = [state.routes[i] for i in sorted(state.routes)]
+    if torch.is_grad_enabled() and any(r.requires_grad for r in routes):
+        leaves = [r.detach().requires_grad_(r.requires_grad) for r in routes]
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:  # called with token ids: embed them here so the bridge can sit on the embeddings
+            ids = kwargs.pop("input_ids", None)
+            if ids is None:
+                ids, args = args[0], (None, *args[1:])
+            embeds = module.get_input_embeddings()(ids)
+        kwargs["inputs_embeds"] = _RouteGradBridge.apply(embeds, leaves, *routes)
+        state.routes = dict(zip(sorted(state.routes), leaves))
+    return args, kwargs
+
+
+_HOOK_FUNCS = (_vision_norm_hook, _llm_norm_hook, _top_pre_hook, _llm_pre_hook)
+
+
+def _ours(hook) -> bool:
+    return isinstance(hook, functools.partial) and hook.func in _HOOK_FUNCS
+
+
+# ---------------------------------------------------------------------------------------------
+# insertion and removal
+# ---------------------------------------------------------------------------------------------
+
+
+def _vision_layers(hf: nn.Module) -> list[nn.Module]:
+    """Encoder layers with a ``layer_norm1`` (CLIP, SigLIP), wherever the vision tower sits."""
+    return [m for name, m in hf.named_modules() if hasattr(m, "layer_norm1") and hasattr(m, "self_attn")
+            and isinstance(getattr(m, "layer_norm1"), nn.Module)]
+
+
+def _adapter_like(module: nn.Module, dim: int, opts: MMAOptions) -> MMAdapter:
+    p = next(module.parameters())
+    return MMAdapter(dim, hidden_dim=opts.hidden_dim, groups=opts.groups, experts=opts.experts, scale=opts.scale,
+                     temperature=opts.temperature, dropout=opts.dropout, device=p.device, dtype=torch.float32)
+
+
+def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[str]:
+    """Add MMA adapters, the modality embedding and their hooks to ``model`` (idempotent); make the
+    MMA parameters and the multimodal projector trainable and freeze the rest. Returns the names of
+    the added parameters."""
+    opts = opts or MMAOptions()
+    hf = _hf_model(model)
+    if any(n.split(".")[-1] in (ADAPTER_NAME, EMBEDDING_NAME) for n, _ in hf.named_modules()):
+        return sorted(n for n, _ in hf.named_parameters() if "mma" in n)
+    try:
+        parts = find_parts(model)
+    except ValueError:
+        parts = None  # no LLaMA-style language model: vision adapters only (a CLIP/SigLIP tower)
+    vision = _vision_layers(hf)
+    if parts is None and not vision:
+        raise ValueError(f"tuning='mma' found neither a LLaMA-style language model nor CLIP/SigLIP encoder layers "
+                         f"in {type(hf).__name__}")
+
+    if parts is not None:
+        state = _state(hf)
+        dim = parts.decoder.layers[0].input_layernorm.weight.shape[0]
+        for i, layer in enumerate(parts.decoder.layers):
+            adapter = _adapter_like(layer, dim, opts)
+            layer.add_module(ADAPTER_NAME, adapter)
+            layer.input_layernorm.register_forward_hook(functools.partial(_llm_norm_hook, state, i, adapter))
+        p = next(parts.decoder.parameters())
+        parts.decoder.add_module(EMBEDDING_NAME, nn.Embedding(2, dim, device=p.device, dtype=torch.float32))
+        parts.decoder.register_forward_pre_hook(functools.partial(_llm_pre_hook, state), with_kwargs=True)
+        image_token_id = getattr(hf.config, "image_token_id", None)
+        if image_token_id is None:
+            image_token_id = getattr(hf.config, "image_token_index", None)
+        hf.register_forward_pre_hook(functools.partial(_top_pre_hook, state, image_token_id), with_kwargs=True)
+
+    for layer in vision:
+        vdim = layer.layer_norm1.normalized_shape[0]
+        adapter = _adapter_like(layer, vdim, opts)
+        layer.add_module(ADAPTER_NAME, adapter)
+        layer.layer_norm1.register_forward_hook(functools.partial(_vision_norm_hook, adapter))
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    train = [m for n, m in hf.named_modules() if n.split(".")[-1] in (ADAPTER_NAME, EMBEDDING_NAME)]
+    if parts is not None and parts.projector is not None:
+        train.append(parts.projector)
+    for m in train:
+        for p in m.parameters():
+            p.requires_grad_(True)
+    return sorted(n for n, _ in hf.named_parameters() if "mma" in n)
+
+
+def remove_mma(model: nn.Module) -> int:
+    """Remove every MMA adapter, the modality embedding and their hooks; returns how many modules went."""
+    removed = 0
+    for m in model.modules():
+        for hooks in (m._forward_hooks, m._forward_pre_hooks):
+            for key in [k for k, h in hooks.items() if _ours(h)]:
+                del hooks[key]
+                m._forward_hooks_with_kwargs.pop(key, None)
+                m._forward_pre_hooks_with_kwargs.pop(key, None)
+        for name in (ADAPTER_NAME, EMBEDDING_NAME):
+            if name in m._modules:
+                del m._modules[name]
+                removed += 1
+        m.__dict__.pop(_STATE, None)
+    return removed

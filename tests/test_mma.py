@@ -1,0 +1,217 @@
+"""mmfast.patch(model, tuning="mma"): adapters in LLaMA blocks and CLIP layers, per-sample routing,
+training, parameter counts, save/load, unpatch."""
+
+import copy
+
+import pytest
+import torch
+
+import mmfast
+from mmfast.tuning.mma import ADAPTER_NAME, EMBEDDING_NAME
+from tiny_models import batch, build, first_output, llava_7b_config
+
+
+def _perturb_adapters(model, seed=0):
+    """Give every adapter non-zero up weights (a fresh one is the identity) so routing shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "mma_adapter.up_" in n:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+
+
+def _mma(kind="llava", seed=0, dropout=0.0):
+    """A tiny model with MMA inserted; dropout off by default so that runs can be compared."""
+    model = build(kind, seed)
+    mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(dropout=dropout), verbose=False)
+    return model
+
+
+def test_mma_parameter_count_7b():
+    from transformers import LlavaForConditionalGeneration
+
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(llava_7b_config())
+    before = {n for n, _ in model.named_parameters()}
+    report = mmfast.patch(model, tuning="mma", verbose=False)
+    added = {n: p for n, p in model.named_parameters() if n not in before}
+    assert all("mma" in n for n in added)
+    assert sum(p.numel() for p in added.values()) == 32 * 81_930 + 24 * 20_490 + 2 * 4_096 == 3_121_712
+    assert sum(p.numel() for n, p in added.items() if "vision_tower" in n) == 24 * 20_490
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(added) | {n for n in before if "multi_modal_projector" in n}
+    assert report.trainable_params == 3_121_712 + 20_979_712
+    assert all(p.dtype == torch.float32 for p in added.values())
+
+
+def test_new_adapters_leave_the_model_unchanged():
+    """At init every adapter is the identity: logits equal those of the model with fused norms only."""
+    base = build("llava")
+    plain = copy.deepcopy(base)
+    mmfast.patch(plain, verbose=False)
+    mmfast.patch(base, tuning="mma", verbose=False)
+    inputs = batch("llava", images=[True, False])
+    with torch.no_grad():
+        assert torch.equal(first_output(base(**inputs)), first_output(plain(**inputs)))
+
+
+def test_mma_trains_tiny_llava():
+    model = _mma(dropout=0.1)
+    model.train()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert any(EMBEDDING_NAME in n for n in trainable) and any("router" in n for n in trainable)
+    assert any("multi_modal_projector" in n for n in trainable)
+    opt = torch.optim.AdamW(trainable.values(), lr=1e-3)
+    inputs = batch("llava", seed=4, images=[True, False])
+    losses = []
+    for _ in range(6):
+        opt.zero_grad(set_to_none=True)
+        loss = model(**inputs).loss
+        loss.backward()
+        losses.append(loss.item())
+        opt.step()
+    assert losses[-1] < losses[0], losses
+    # LLaVA reads the second-to-last vision layer, so the last layer's adapter never gets a gradient
+    unused = f"vision_tower.encoder.layers.{model.config.vision_config.num_hidden_layers - 1}."
+    missing = [n for n, p in trainable.items() if unused not in n and (p.grad is None or p.grad.abs().sum() == 0)]
+    assert not missing, f"no gradient after training steps: {missing}"
+    assert all(p.grad is None for n, p in trainable.items() if unused in n)
+
+
+def _capture_mix(model, layer_path):
+    adapter = model.get_submodule(layer_path + "." + ADAPTER_NAME)
+    seen = []
+    original = adapter.mix
+
+    def mix(route):
+        w = original(route)
+        seen.append(w.detach())
+        return w
+
+    adapter.mix = mix
+    return seen
+
+
+def test_text_and_image_samples_route_differently():
+    model = _mma()
+    seen = _capture_mix(model, "model.language_model.layers.1")
+    with torch.no_grad():
+        model(**batch("llava", B=3, images=[True, False, True]))
+    main = seen[-1]  # the modality pass ran first, the main pass last
+    assert main.shape == (3, 2)
+    assert not torch.allclose(main[0], main[1])
+    assert torch.equal(main[0], main[2])  # same modality, same route
+    with torch.no_grad():
+        model(**batch("llava", B=3, images=[True, False, True]), mma_has_image=torch.tensor([False, False, True]))
+    assert torch.equal(seen[-1][0], main[1]) and torch.equal(seen[-1][2], main[2])  # the explicit flags win
+
+
+def test_llm_sample_independent_of_batch():
+    """Routing is per sample: a text-only sample's logits do not depend on the other samples."""
+    model = _mma()
+    _perturb_adapters(model)
+    both = batch("llava", seed=6, B=2, images=[True, False])
+    alone = {k: v[1:] for k, v in both.items() if k != "pixel_values"}
+    with torch.no_grad():
+        together = model(**both).logits[1]
+        single = model(**alone).logits[0]
+    torch.testing.assert_close(together, single, rtol=1e-5, atol=1e-5)
+
+
+def test_clip_routes_each_sample_from_its_own_cls():
+    model = _mma()
+    _perturb_adapters(model)
+    tower = model.model.vision_tower
+    pix = batch("clip-vision", seed=8, B=3)["pixel_values"]
+    with torch.no_grad():
+        together = tower(pixel_values=pix).last_hidden_state
+        for i in range(3):
+            alone = tower(pixel_values=pix[i:i + 1]).last_hidden_state[0]
+            torch.testing.assert_close(together[i], alone, rtol=1e-5, atol=1e-5)
+    # and routing does depend on the sample: swapping in another image changes sample 0's router weights
+    seen = _capture_mix(model, "model.vision_tower.encoder.layers.1")  # at layer 0 every CLS is the same embedding
+    with torch.no_grad():
+        tower(pixel_values=pix)
+    assert not torch.allclose(seen[-1][0], seen[-1][1])
+
+
+def test_clip_only_model():
+    model = _mma("clip-vision")
+    assert all(("mma" in n) == p.requires_grad for n, p in model.named_parameters())
+    assert sum(n.endswith(ADAPTER_NAME) for n, _ in model.named_modules()) == 2
+    _perturb_adapters(model)
+    out = model(**batch("clip-vision"))
+    out.last_hidden_state.square().mean().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "mma" in n and "up_" in n)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_activation_checkpointing_gives_the_same_gradients(reentrant):
+    model = _mma()
+    _perturb_adapters(model)
+    model.train()
+    inputs = batch("llava", images=[True, False])
+    model(**inputs).loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable(**{("activation_checkpointing_kwargs" if "activation" in enable.__name__ else "gradient_checkpointing_kwargs"):
+              {"use_reentrant": reentrant}})
+    model(**inputs).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == ref.keys()
+    for n in ref:
+        torch.testing.assert_close(grads[n], ref[n], rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_generation_keeps_prefill_routing():
+    model = _mma()
+    _perturb_adapters(model)
+    model.eval()
+    inputs = batch("llava", B=2, images=[True, False])
+    inputs.pop("labels")
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape == (2, inputs["input_ids"].shape[1] + 3)
+    state = model.__dict__["_mmfast_mma_state"]
+    assert state.has_image.tolist() == [True, False]
+
+
+def test_save_load_trainable_mma(tmp_path):
+    model = _mma()
+    _perturb_adapters(model)
+    path = tmp_path / "mma.safetensors"
+    names = mmfast.save_trainable(model, path)
+    assert any(EMBEDDING_NAME in n for n in names)
+    fresh = _mma()
+    mmfast.load_trainable(fresh, path)
+    inputs = batch("llava", images=[True, False])
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, fresh(**inputs).logits)
+
+
+def test_unpatch_removes_mma():
+    model = build("llava")
+    pristine = copy.deepcopy(model)
+    mmfast.patch(model, tuning="mma", verbose=False)
+    mmfast.patch(model, tuning="mma", verbose=False)  # idempotent: no second set of adapters
+    assert sum(n.endswith(ADAPTER_NAME) for n, _ in model.named_modules()) == 2 + 2
+    assert sum(n.endswith(EMBEDDING_NAME) for n, _ in model.named_modules()) == 1
+    mmfast.unpatch(model)
+    assert not any("mma" in n for n, _ in model.named_parameters())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert repr(model) == repr(pristine)
+    inputs = batch("llava", images=[True, False])
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, pristine(**inputs).logits)
+
+
+def test_mma_errors():
+    from transformers import GPT2Config, GPT2Model
+
+    with pytest.raises(ValueError, match="neither"):
+        mmfast.patch(GPT2Model(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=32)), tuning="mma", verbose=False)
+    with pytest.raises(ValueError, match="tuning='mma'"):
+        mmfast.patch(build("llama"), tuning="layernorm-simp", mma=mmfast.MMAOptions(), verbose=False)
+    model = _mma()
+    with pytest.raises(ValueError, match="mma_has_image"):
+        model(**batch("llava", B=2), mma_has_image=torch.tensor([True]))
