@@ -39,9 +39,11 @@ def _run(fn, leaves, dy, **kw):
     return y, torch.autograd.grad(y, ins, dy.to(y.dtype))
 
 
-def check_adapter(leaves, scale, groups, seed, keep=None, dropout=0.0, dseed=None):
-    """Fused (with dropout from ``dseed``) vs LaVIN-style low precision vs float64, using ``keep`` (the
-    scaled mask the fused op draws) in the latter two."""
+DRAWS = 3
+
+
+def _results(leaves, scale, groups, keep=None, dropout=0.0, dseed=None):
+    """Per quantity: (fused, LaVIN-style low precision, float64 reference, natural scale)."""
     dy = torch.randn_like(leaves[0])
     keep_lp = None if keep is None else keep.to(leaves[0].dtype)
     y, g = _run(mma_adapter, leaves, dy, scale=scale, groups=groups, dropout=dropout, seed=dseed)
@@ -52,10 +54,26 @@ def check_adapter(leaves, scale, groups, seed, keep=None, dropout=0.0, dseed=Non
     y_abs, g_abs = _run(mma_adapter_reference, [t.abs() for t in l64], dy.double().abs(), scale=abs(scale),
                         groups=groups, keep=keep64)
     assert y.dtype == leaves[0].dtype and y.shape == leaves[0].shape
-    assert_accurate("y", y, y_lp, y_ref, y_abs.abs().max().item(), seed)
-    for name, a, b, r, s in zip(NAMES, g, g_lp, g_ref, g_abs):
+    for name, a in zip(NAMES, g):
         assert a.dtype == leaves[NAMES.index(name)].dtype, name
-        assert_accurate(f"d{name}", a, b, r, s.abs().max().item(), seed)
+    out = {"y": (y, y_lp, y_ref, y_abs.abs().max().item())}
+    for name, a, b, r, s in zip(NAMES, g, g_lp, g_ref, g_abs):
+        out["d" + name] = (a, b, r, s.abs().max().item())
+    return out
+
+
+def check_adapter(make_draw, seed, draws=DRAWS):
+    """The accuracy rule over ``draws`` independent random draws pooled per quantity (fused max error
+    <= 2 x PyTorch's max error + atol, on the same inputs). Pooling matters for small outputs: d mix
+    has batch x experts values and is a sum of thousands of terms that cancel, so one draw's max
+    error is a noisy sample of either implementation's error."""
+    pooled = {}
+    for i in range(draws):
+        for name, (a, b, r, s) in _results(**make_draw(i)).items():
+            pooled.setdefault(name, []).append((a, b, r, s))
+    for name, items in pooled.items():
+        cat = lambda k: torch.cat([it[k].flatten() for it in items])  # noqa: E731
+        assert_accurate(name, cat(0), cat(1), cat(2), max(it[3] for it in items), seed)
 
 
 SHAPES = [  # (B, S, D, R, G, E)
@@ -71,23 +89,28 @@ SHAPES = [  # (B, S, D, R, G, E)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_fused_matches_reference(shape, dtype, device, seed):
     B, S, D, R, G, E = shape
-    check_adapter(make_inputs(B, S, D, R, G, E, dtype, device), 0.8, G, seed)
+    check_adapter(lambda i: dict(leaves=make_inputs(B, S, D, R, G, E, dtype, device), scale=0.8, groups=G), seed)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_weights_in_activation_dtype(dtype, device, seed):
-    check_adapter(make_inputs(2, 6, 200, 8, 2, 2, dtype, device, weight_dtype=dtype), 1.0, 2, seed)
+    check_adapter(lambda i: dict(leaves=make_inputs(2, 6, 200, 8, 2, 2, dtype, device, weight_dtype=dtype),
+                                 scale=1.0, groups=2), seed)
 
 
-def test_dropout_matches_reference_with_its_mask(device, seed):
-    """The backward regenerates exactly the forward's mask: fused output and every gradient equal the
-    reference computed with that mask."""
-    B, S, D, R, G, E, p = 3, 11, 200, 8, 2, 2, 0.3
-    leaves = make_inputs(B, S, D, R, G, E, torch.float32, device)
+def _dropout_draw(B, S, D, R, G, E, p, dtype, device, seed):
     dseed = torch.tensor([seed], dtype=torch.int64, device=device)
     keep = dropout_keep_mask(dseed, B * S, R, p).view(B, S, R) / (1 - p)
     assert 0 < (keep == 0).sum() < keep.numel()
-    check_adapter(leaves, 1.0, G, seed, keep=keep, dropout=p, dseed=dseed)
+    return dict(leaves=make_inputs(B, S, D, R, G, E, dtype, device), scale=1.0, groups=G, keep=keep, dropout=p,
+                dseed=dseed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dropout_matches_reference_with_its_mask(dtype, device, seed):
+    """The backward regenerates exactly the forward's mask: fused output and every gradient match the
+    reference computed with that mask."""
+    check_adapter(lambda i: _dropout_draw(3, 11, 200, 8, 2, 2, 0.3, dtype, device, seed + i), seed)
 
 
 def test_dropout_same_seed_same_mask_and_keep_rate(device):
@@ -174,11 +197,9 @@ def test_parameter_counts():
 
 def test_reference_backend(monkeypatch, device, seed):
     monkeypatch.setenv(ENV_VAR, "reference")
-    check_adapter(make_inputs(2, 5, 200, 8, 2, 2, torch.float32, device), 0.8, 2, seed)
-    dseed = torch.tensor([seed], dtype=torch.int64, device=device)
-    keep = dropout_keep_mask(dseed, 2 * 5, 8, 0.2).view(2, 5, 8) / 0.8
-    check_adapter(make_inputs(2, 5, 200, 8, 2, 2, torch.float32, device), 1.0, 2, seed, keep=keep, dropout=0.2,
-                  dseed=dseed)
+    check_adapter(lambda i: dict(leaves=make_inputs(2, 5, 200, 8, 2, 2, torch.float32, device), scale=0.8,
+                                 groups=2), seed)
+    check_adapter(lambda i: _dropout_draw(2, 5, 200, 8, 2, 2, 0.2, torch.float32, device, seed + i), seed)
 
 
 # ---------------------------------------------------------------------------------------------

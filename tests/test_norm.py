@@ -4,6 +4,8 @@ On a machine without CUDA these run the Triton kernels through the interpreter (
 GPU the same tests run natively.
 """
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -124,8 +126,10 @@ def test_rms_reference_matches_hf_bitwise(device):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_rounding_matches_pytorch_modules(kind, device, seed):
-    """Outputs round like HF LlamaRMSNorm / nn.LayerNorm: almost every element identical in bf16,
-    none more than one bf16 unit apart (fp32 sums in a different order may flip a rounding)."""
+    """Outputs round like HF LlamaRMSNorm / nn.LayerNorm: almost every element identical in bf16, and
+    none further apart than one bf16 unit plus what two fp32 computations of the value before rounding
+    may differ by (sums in another order: a forward-error bound of (log2 N + 4) fp32 units at the
+    output's scale each). The second term matters only near zero, where bf16 units get finer than that."""
     x = torch.randn(64, 1000, device=device, dtype=torch.bfloat16)
     w = (1 + 0.1 * torch.randn(1000, device=device)).to(torch.bfloat16)
     b = (0.1 * torch.randn(1000, device=device)).to(torch.bfloat16)
@@ -135,8 +139,9 @@ def test_rounding_matches_pytorch_modules(kind, device, seed):
         ours, theirs = mmfast.layer_norm(x, w, b, 1e-5), torch.nn.functional.layer_norm(x, (1000,), w, b, 1e-5)
     same = (ours == theirs).float().mean().item()
     assert same > 0.99, f"only {same:.3f} of elements round identically (seed {seed})"
-    ulp = torch.finfo(torch.bfloat16).eps * theirs.float().abs().clamp_min(1e-30)
-    assert ((ours.float() - theirs.float()).abs() <= ulp * 1.0001).all()
+    ulp = torch.finfo(torch.bfloat16).eps * theirs.float().abs()
+    fp32_noise = 2 * (math.log2(1000) + 4) * torch.finfo(torch.float32).eps * theirs.float().abs().max()
+    assert ((ours.float() - theirs.float()).abs() <= ulp * 1.0001 + fp32_noise).all()
 
 
 @settings(max_examples=40, deadline=None)
