@@ -144,9 +144,10 @@ def test_new_adapter_is_identity(dtype, device):
         assert torch.equal(dx, dy)
 
 
-def test_module_gradients_reach_router_and_route(device, seed):
-    """Through the module: the router's weights and the route get gradients (via d mix), and they
-    match the float64 formula."""
+def test_module_gradients_reach_router_and_route(device, seed, monkeypatch):
+    """Through the module the router's parameters and the route get gradients (via d mix). All the
+    module's gradients together follow the rule norm-wise (model_accuracy.py says why jointly): PyTorch's
+    own is the same module on the reference backend, the oracle the formula in float64."""
     D = 136
     adapter = mmfast.MMAdapter(D, hidden_dim=8, groups=2, dropout=0.0).to(device)
     with torch.no_grad():
@@ -154,20 +155,28 @@ def test_module_gradients_reach_router_and_route(device, seed):
         adapter.up_bias.normal_(0, 0.1)
     ref = mmfast.MMAdapter(D, hidden_dim=8, groups=2, dropout=0.0).to(device).double()
     ref.load_state_dict(adapter.state_dict())
-    x = torch.randn(2, 7, D, device=device, requires_grad=True)
-    route = torch.randn(2, D, device=device, requires_grad=True)
-    dy = torch.randn(2, 7, D, device=device)
-    y = adapter(x, route)
-    grads = torch.autograd.grad(y, [x, route, *adapter.parameters()], dy)
-    x64, r64 = x.detach().double().requires_grad_(), route.detach().double().requires_grad_()
-    mix = ref.mix(r64)
-    y64 = mma_adapter_reference(x64, ref.down.weight, ref.down.bias, ref.up_weight, ref.up_bias, mix, 1.0, 2)
+    x = torch.randn(4, 7, D, device=device)
+    route = torch.randn(4, D, device=device)
+    dy = torch.randn(4, 7, D, device=device)
+
+    def grads(module, x, route):
+        x, route = x.clone().requires_grad_(), route.clone().requires_grad_()
+        return torch.autograd.grad(module(x, route), [x, route, *module.parameters()], dy.to(x.dtype))
+
+    ours = grads(adapter, x, route)
+    monkeypatch.setenv(ENV_VAR, "reference")
+    lowp = grads(adapter, x, route)
+    x64, r64 = x.double().requires_grad_(), route.double().requires_grad_()
+    y64 = mma_adapter_reference(x64, ref.down.weight, ref.down.bias, ref.up_weight, ref.up_bias, ref.mix(r64), 1.0, 2)
     grads64 = torch.autograd.grad(y64, [x64, r64, *ref.parameters()], dy.double())
     names = ["x", "route"] + [n for n, _ in adapter.named_parameters()]
-    assert "router.weight" in names
-    for name, g, g64 in zip(names, grads, grads64):
-        assert g.abs().sum() > 0, name
-        torch.testing.assert_close(g.double(), g64, rtol=1e-4, atol=1e-5 * g64.abs().max().item(), msg=name)
+    assert {"router.weight", "router.bias"} <= set(names)
+    for name, g in zip(names, ours):
+        assert g.abs().sum() > 0, f"no gradient reached {name}"
+    flat = lambda gs: torch.cat([g.double().flatten() for g in gs])  # noqa: E731
+    err, err_lowp = (flat(ours) - flat(grads64)).norm().item(), (flat(lowp) - flat(grads64)).norm().item()
+    bound = 2 * err_lowp + torch.finfo(torch.float32).eps * flat(grads64).norm().item()
+    assert err <= bound, f"||error|| {err:.3e} > 2 x {err_lowp:.3e} + eps ||ref|| (seed {seed})"
 
 
 def test_eval_and_zero_dropout_draw_no_random_numbers(device, monkeypatch):
