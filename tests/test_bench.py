@@ -1,11 +1,18 @@
-"""The benchmark's CPU mode runs end to end on tiny sizes (so it cannot rot) and writes its records."""
+"""The benchmark's CPU mode runs end to end on tiny sizes (so it cannot rot), writes every output, and
+its providers compute the same functions."""
 
 import json
+import os
+import subprocess
+import sys
 
+import pytest
 import torch
 
+from mmfast.bench import adapter as adapter_bench
+from mmfast.bench import norm as norm_bench
 from mmfast.bench.__main__ import main
-from mmfast.bench.norm import NormCase
+from mmfast.bench.cases import AdapterCase, NormCase
 
 FIELDS = {"op", "provider", "direction", "dtype", "M", "N", "ms", "gbps", "frac_of_copy", "peak_mem_bytes",
           "device", "torch", "triton", "commit"}
@@ -18,12 +25,26 @@ def test_bench_quick_run(tmp_path, capsys):
     assert "NOT GPU performance" in out.out or torch.cuda.is_available()
     data = json.loads((tmp_path / "results.json").read_text())
     records = data["records"]
-    assert {r["provider"] for r in records} >= {"hf-eager", "torch-native", "torch.compile"}
-    assert any(r["provider"].startswith("mmfast-") for r in records)
-    assert {r["direction"] for r in records} == {"fwd", "bwd", "fwd+bwd"}
+    kernel = [r for r in records if r["direction"] != "train-step"]
+    model = [r for r in records if r["direction"] == "train-step"]
+    assert {r["op"] for r in kernel} == {"rms_norm", "rms_norm+residual", "layer_norm", "mma_adapter"}
+    assert {r["provider"] for r in kernel} >= {"hf-eager", "torch-native", "torch.compile", "lavin-eager"}
+    assert any(r["provider"].startswith("mmfast-") for r in kernel)
+    assert {r["direction"] for r in kernel} == {"fwd", "bwd", "fwd+bwd"}
     for r in records:
         assert FIELDS <= set(r), FIELDS - set(r)
-        assert r["error"] is None and r["ms"] > 0 and r["gbps"] > 0
+        assert r["error"] is None and r["ms"] > 0
+    for r in kernel:
+        assert r["gbps"] > 0 and r["frac_of_copy"] > 0
+    assert {(r["tuning"], r["provider"]) for r in model} >= {(t, p) for t in ("layernorm", "layernorm-simp", "mma")
+                                                             for p in ("hf-eager", "mmfast")}
+    assert all(r["tokens_per_s"] > 0 and r["trainable"] > 0 for r in model)
+    csv_lines = (tmp_path / "results.csv").read_text().splitlines()
+    assert len(csv_lines) == len(records) + 1 and "frac_of_copy" in csv_lines[0]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## rms_norm, float32" in summary and "Model level" in summary and data["meta"]["commit"] in summary
+    plots = [f for f in os.listdir(tmp_path) if f.endswith(".png")]
+    assert "model_train_step.png" in plots and "mma_adapter_float32.png" in plots
 
 
 def test_byte_model():
@@ -33,3 +54,40 @@ def test_byte_model():
     r = NormCase("layer_norm", 10, 100, torch.float32, residual=True)
     assert r.bytes_moved("fwd") == 4 * 4 * 10 * 100  # read x, residual; write y, residual_out
     assert r.bytes_moved("fwd+bwd") == r.bytes_moved("fwd") + 4 * 4 * 10 * 100
+    a = AdapterCase(2, 5, 64, torch.bfloat16)
+    assert a.bytes_moved("fwd") == 2 * 2 * 10 * 64 and a.bytes_moved("bwd") == 3 * 2 * 10 * 64
+
+
+@pytest.mark.parametrize("case", [NormCase("rms_norm", 12, 96, torch.float32, residual=True),
+                                  NormCase("layer_norm", 12, 96, torch.float32),
+                                  AdapterCase(2, 6, 96, torch.float32)], ids=lambda c: c.name)
+def test_providers_compute_the_same_function(case, device):
+    """Every provider times the same computation (same parameters, same inputs): in fp32 they differ
+    only by summation order."""
+    bench = adapter_bench if isinstance(case, AdapterCase) else norm_bench
+    outs = {}
+    for name in bench.providers(torch.device(device)):
+        torch.manual_seed(0)
+        fn, _ = bench.build_provider(name, case, torch.device(device))
+        torch.manual_seed(1)
+        if isinstance(case, AdapterCase):
+            inputs = adapter_bench.make_inputs(case, torch.device(device))
+        else:
+            x = torch.randn(case.M, case.N, device=device)
+            inputs = (x, torch.randn_like(x) if case.residual else None)
+        out = fn(*inputs)
+        outs[name] = out[0] if isinstance(out, tuple) else out
+    first = next(iter(outs.values()))
+    for name, y in outs.items():
+        torch.testing.assert_close(y, first, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_pytest_benchmark_cases_run():
+    """``pytest benchmarks/ --benchmark-only`` works (tiny CPU sizes here)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "--benchmark-only", "-q", "-p",
+                          "no:cacheprovider", "--benchmark-disable-gc"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout

@@ -1,8 +1,14 @@
 """``python -m mmfast.bench``: mmfast beside the alternatives a user would pick.
 
-With a GPU: the norm sizes well above the L2 (RMSNorm at M = 32768, N in {1024, 4096, 5120, 8192};
-LayerNorm at CLIP widths with M = 64*577) in bf16. Without one: small CPU sizes, labelled as what they
-are (CPU timings, not GPU performance). Prints a table and writes ``results.json`` under ``--out``.
+Kernel suite: RMSNorm and LayerNorm (with and without the residual) and the MMA adapter, forward,
+backward and forward+backward, against HF eager, PyTorch native, torch.compile, Liger (when
+importable) and mmfast. Sizes above the L2: RMSNorm at M = 32768, N in {1024, 4096, 5120, 8192};
+LayerNorm at CLIP widths with M = 64*577; the adapter at D = 4096; small shapes timed as CUDA-graph
+replays. Model suite: a LLaVA-shaped training step (CLIP ViT-L/14 tower, projector, LLaMA layers at
+7B widths) under each tuning recipe: tokens/s and peak memory, HF eager vs mmfast (vs Liger).
+
+Without a GPU: small CPU sizes and a tiny model, labelled as what they are (CPU timings, not GPU
+performance). Writes results.json, results.csv, summary.md and PNG plots under --out.
 """
 
 from __future__ import annotations
@@ -13,32 +19,55 @@ import sys
 
 import torch
 
+from . import adapter as adapter_bench
+from . import model as model_bench
+from . import norm as norm_bench
+from .cases import AdapterCase, NormCase
 from .env import environment
-from .norm import NormCase, providers
-from .report import table, write_json
-from .runner import DIRECTIONS, time_norm_case
+from .report import table, write_csv, write_json, write_plots, write_summary_md
+from .runner import record, time_case
 from .timing import copy_gbps
 
 CPU_BANNER = (
     "NO GPU: these are CPU timings of small sizes (mmfast runs its pure-PyTorch reference or the Triton "
     "interpreter here). They are NOT GPU performance; run on a CUDA machine for real numbers."
 )
+OPS = ("rms_norm", "layer_norm", "mma_adapter", "model")
 
 
-def default_cases(device: torch.device, quick: bool) -> list[NormCase]:
+def kernel_cases(device: torch.device, quick: bool) -> list:
     bf16 = torch.bfloat16
     if quick:
-        return [NormCase("rms_norm", 64, 256, torch.float32), NormCase("layer_norm", 64, 256, torch.float32)]
+        f32 = torch.float32
+        return [NormCase("rms_norm", 64, 256, f32), NormCase("rms_norm", 64, 256, f32, residual=True),
+                NormCase("layer_norm", 64, 256, f32), AdapterCase(2, 16, 128, f32)]
     if device.type != "cuda":
-        return [
-            NormCase("rms_norm", 2048, 1024, torch.float32),
-            NormCase("rms_norm", 512, 4096, torch.float32),
-            NormCase("layer_norm", 2048, 768, torch.float32),
-        ]
+        f32 = torch.float32
+        return [NormCase("rms_norm", 2048, n, f32, residual=r) for n in (1024, 4096) for r in (False, True)] + \
+               [NormCase("layer_norm", 2048, 768, f32, residual=r) for r in (False, True)] + \
+               [AdapterCase(4, 256, 1024, f32)]
     clip_m = 64 * 577
-    return [NormCase("rms_norm", 32768, n, bf16) for n in (1024, 4096, 5120, 8192)] + [
-        NormCase("layer_norm", clip_m, n, bf16) for n in (768, 1024, 1280)
-    ]
+    cases = [NormCase("rms_norm", 32768, n, bf16, residual=r) for r in (False, True) for n in (1024, 4096, 5120, 8192)]
+    cases += [NormCase("layer_norm", clip_m, n, bf16, residual=r) for r in (False, True) for n in (768, 1024, 1280)]
+    cases += [AdapterCase(64, 512, 4096, bf16), AdapterCase(64, 577, 1024, bf16)]
+    cases += [NormCase("rms_norm", 512, 4096, bf16, graphs=True), NormCase("rms_norm", 512, 4096, bf16, True, True),
+              NormCase("layer_norm", 577, 1024, bf16, graphs=True), AdapterCase(1, 512, 4096, bf16, graphs=True)]
+    return cases
+
+
+def model_cases(device: torch.device, quick: bool, llm_layers: int) -> list:
+    if quick or device.type != "cuda":
+        return [model_bench.tiny(t) for t in model_bench.TUNINGS]
+    return [model_bench.llava_7b_widths(t, llm_layers, batch=4, text_tokens=448) for t in model_bench.TUNINGS]
+
+
+def _providers(case, device: torch.device) -> list[str]:
+    if isinstance(case, NormCase):
+        return norm_bench.providers(device)
+    if isinstance(case, AdapterCase):
+        return adapter_bench.providers(device)
+    names = model_bench.providers(device)
+    return [n for n in names if not (n == "liger" and case.tuning == "mma")]
 
 
 def _progress(total: int):
@@ -54,51 +83,72 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mmfast.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench-results", help="output directory (default: %(default)s)")
-    p.add_argument("--ops", default="rms_norm,layer_norm", help="comma-separated ops (default: %(default)s)")
+    p.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of %(default)s")
     p.add_argument("--providers", default=None, help="comma-separated providers (default: all available)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run (seconds)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--llm-layers", type=int, default=8, help="LLaMA layers in the model-level step (GPU)")
+    p.add_argument("--steps", type=int, default=10, help="timed training steps per model-level run")
     args = p.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ops = set(args.ops.split(","))
-    cases = [c for c in default_cases(device, args.quick) if c.op in ops]
-    names = providers(device)
-    if args.providers:
-        wanted = args.providers.split(",")
-        unknown = set(wanted) - set(names)
-        if unknown:
-            p.error(f"unknown providers {sorted(unknown)}; available: {names}")
-        names = [n for n in names if n in wanted]
+    unknown_ops = ops - set(OPS)
+    if unknown_ops:
+        p.error(f"unknown ops {sorted(unknown_ops)}; choose from {OPS}")
+    cases = [c for c in kernel_cases(device, args.quick) if c.op in ops]
+    if "model" in ops:
+        cases += model_cases(device, args.quick, args.llm_layers)
+    wanted = set(args.providers.split(",")) if args.providers else None
+    plan = [(c, prov) for c in cases for prov in _providers(c, device) if wanted is None or prov in wanted]
+    if not plan:
+        p.error("nothing to run: no case has any of the requested providers")
     if device.type != "cuda":
         print(CPU_BANNER, file=sys.stderr)
 
     env = environment(device)
     copy = copy_gbps(device, (1 << 30) if device.type == "cuda" else (1 << 26))
     records: list[dict] = []
-    bar = _progress(len(cases) * len(names))
-    for case in cases:
-        for name in names:
-            if bar is not None:
-                bar.set_postfix_str(f"{case.name} N={case.N} {name}")
-            records += time_norm_case(case, name, device, copy, env)
-            if bar is not None:
-                bar.update()
+    bar = _progress(len(plan))
+    for case, prov in plan:
+        if bar is not None:
+            bar.set_postfix_str(f"{case.name} N={case.N} {prov}")
+        if isinstance(case, model_bench.ModelCase):
+            records.append(_model_record(case, prov, device, env, args.steps))
+        else:
+            records += time_case(case, prov, device, copy, env)
+        if bar is not None:
+            bar.update()
     if bar is not None:
         bar.close()
 
-    meta = {**env, "copy_gbps": copy, "gpu": device.type == "cuda", "directions": list(DIRECTIONS)}
+    meta = {**env, "copy_gbps": copy, "gpu": device.type == "cuda", "quick": args.quick}
     if device.type != "cuda":
         meta["note"] = CPU_BANNER
+    os.makedirs(args.out, exist_ok=True)
     print(f"\n{env['device']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}")
     print(f"device-to-device copy: {copy:.1f} GB/s (read + write); %copy = achieved GB/s / that")
     print(table(records))
     if device.type != "cuda":
         print("\n" + CPU_BANNER)
-    path = os.path.join(args.out, "results.json")
-    write_json(path, meta, records)
-    print(f"\nwrote {path}")
+    write_json(os.path.join(args.out, "results.json"), meta, records)
+    write_csv(os.path.join(args.out, "results.csv"), records)
+    plots = write_plots(args.out, meta, records)
+    write_summary_md(os.path.join(args.out, "summary.md"), meta, records, plots)
+    print(f"\nwrote {args.out}/results.json, results.csv, summary.md" + (f" and {len(plots)} plots" if plots else ""))
     return 1 if any(r["error"] for r in records) else 0
+
+
+def _model_record(case, provider: str, device: torch.device, env: dict, steps: int) -> dict:
+    try:
+        res = model_bench.time_train_step(case, provider, device, steps=steps, warmup=2 if device.type != "cuda" else 3)
+    except Exception as e:  # noqa: BLE001 - reported in the results, never hidden
+        msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        print(f"[mmfast.bench] {provider} failed on {case.name}: {msg}", file=sys.stderr)
+        return record(case, provider, "train-step", None, None, None, env, error=msg, tuning=case.tuning)
+    return record(case, provider, "train-step", res["ms"], None, res["peak_mem_bytes"], env,
+                  tokens_per_s=res["tokens_per_s"], trainable=res["trainable"], tuning=case.tuning,
+                  llm_layers=case.llm_layers)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,19 @@
-"""Norm benchmark cases, their byte model, and the providers timed side by side.
-
-Providers (each a function ``(x, residual) -> y`` or ``(y, residual_out)`` with its own parameters):
+"""Norm providers timed side by side (each a function ``(x, residual) -> y`` or ``(y, residual_out)``
+with its own parameters):
 
 * ``hf-eager``: the module a HuggingFace model runs (``LlamaRMSNorm``; ``nn.LayerNorm`` as in CLIP),
   with the residual added in eager PyTorch first;
 * ``torch-native``: ``F.rms_norm`` / ``F.layer_norm``;
-* ``torch.compile``: ``torch.compile`` of the ``hf-eager`` function;
+* ``torch.compile``: ``torch.compile`` of the ``hf-eager`` function; ``torch.compile-nomix`` the same
+  with Inductor's fused norm backward (``triton.mix_order_reduction``) off, where torch has it (GPU);
+* ``liger``: Liger-Kernel's ``LigerRMSNorm`` / ``LigerLayerNorm`` (GPU, when importable);
 * ``mmfast-<backend>``: ``mmfast.rms_norm`` / ``mmfast.layer_norm`` on the backend the device selects.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+import importlib.util
 from typing import Callable
 
 import torch
@@ -20,36 +22,28 @@ from torch import nn
 
 import mmfast
 from ..ops.backend import resolve_backend
+from .cases import NormCase
 
 EPS = {"rms_norm": 1e-6, "layer_norm": 1e-5}
 
 
-@dataclasses.dataclass(frozen=True)
-class NormCase:
-    op: str  # "rms_norm" | "layer_norm"
-    M: int
-    N: int
-    dtype: torch.dtype
-    residual: bool = False
-
-    @property
-    def name(self) -> str:
-        return self.op + ("+residual" if self.residual else "")
-
-    def bytes_moved(self, direction: str) -> int:
-        """Fewest bytes the op must move (activations; per-row statistics and the N-long parameters
-        are below 0.1% at the benchmarked sizes and not counted).
-
-        fwd: read x (+ residual), write y (+ residual_out); bwd: read x and dy (+ the gradient of
-        residual_out), write dx."""
-        unit = self.M * self.N * torch.finfo(self.dtype).bits // 8
-        fwd = unit * (4 if self.residual else 2)
-        bwd = unit * (4 if self.residual else 3)
-        return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[direction]
-
-
 def mmfast_provider_name(device: torch.device) -> str:
     return f"mmfast-{resolve_backend(device)}"
+
+
+def has_mix_order_switch() -> bool:
+    import torch._inductor.config as cfg
+
+    return hasattr(cfg.triton, "mix_order_reduction")
+
+
+def providers(device: torch.device) -> list[str]:
+    names = ["hf-eager", "torch-native", "torch.compile"]
+    if device.type == "cuda" and has_mix_order_switch():
+        names.append("torch.compile-nomix")
+    if device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None:
+        names.append("liger")
+    return names + [mmfast_provider_name(device)]
 
 
 def _hf_module(case: NormCase) -> nn.Module:
@@ -58,6 +52,14 @@ def _hf_module(case: NormCase) -> nn.Module:
 
         return LlamaRMSNorm(case.N, eps=EPS[case.op])
     return nn.LayerNorm(case.N, eps=EPS[case.op])
+
+
+def _liger_module(case: NormCase) -> nn.Module:
+    from liger_kernel.transformers import LigerLayerNorm, LigerRMSNorm
+
+    if case.op == "rms_norm":
+        return LigerRMSNorm(case.N, eps=EPS[case.op], offset=0.0, casting_mode="llama")
+    return LigerLayerNorm(case.N, eps=EPS[case.op])
 
 
 def _with_residual(norm: Callable, residual: bool) -> Callable:
@@ -71,9 +73,20 @@ def _with_residual(norm: Callable, residual: bool) -> Callable:
     return fn
 
 
+def _under(ctx_factory, fn: Callable) -> Callable:
+    """``fn`` run inside a fresh ``ctx_factory()`` each call (compile-time config must be active at
+    the first call, which is when torch.compile compiles)."""
+
+    def wrapped(*args):
+        with ctx_factory():
+            return fn(*args)
+
+    return wrapped
+
+
 def build_provider(name: str, case: NormCase, device: torch.device) -> tuple[Callable, list[torch.Tensor]]:
     """``(fn, params)`` for provider ``name``: ``fn(x, residual)`` and the trainable parameters it uses."""
-    module = _hf_module(case).to(device=device, dtype=case.dtype)
+    module = (_liger_module(case) if name == "liger" else _hf_module(case)).to(device=device, dtype=case.dtype)
     with torch.no_grad():
         module.weight.normal_(1.0, 0.1)
         if getattr(module, "bias", None) is not None:
@@ -82,19 +95,40 @@ def build_provider(name: str, case: NormCase, device: torch.device) -> tuple[Cal
     w, b, eps, N = module.weight, getattr(module, "bias", None), EPS[case.op], case.N
     rms = case.op == "rms_norm"
 
-    if name == "hf-eager":
+    if name in ("hf-eager", "liger"):
         return _with_residual(module, case.residual), params
     if name == "torch.compile":
         return torch.compile(_with_residual(module, case.residual)), params
+    if name == "torch.compile-nomix":
+        import torch._inductor.config as cfg
+
+        compiled = torch.compile(_with_residual(module, case.residual))
+        return _under(lambda: cfg.patch({"triton.mix_order_reduction": False}), compiled), params
     if name == "torch-native":
         norm = (lambda h: F.rms_norm(h, (N,), w, eps)) if rms else (lambda h: F.layer_norm(h, (N,), w, b, eps))
         return _with_residual(norm, case.residual), params
     if name.startswith("mmfast-"):
+        backend = name.removeprefix("mmfast-")
+        ctx = (lambda: _backend(backend))
         if rms:
-            return (lambda x, r: mmfast.rms_norm(x, w, eps, residual=r)), params
-        return (lambda x, r: mmfast.layer_norm(x, w, b, eps, residual=r)), params
+            return _under(ctx, lambda x, r: mmfast.rms_norm(x, w, eps, residual=r)), params
+        return _under(ctx, lambda x, r: mmfast.layer_norm(x, w, b, eps, residual=r)), params
     raise ValueError(f"unknown norm provider {name!r}")
 
 
-def providers(device: torch.device) -> list[str]:
-    return ["hf-eager", "torch-native", "torch.compile", mmfast_provider_name(device)]
+@contextlib.contextmanager
+def _backend(name: str):
+    """Force mmfast's backend for the duration of a call (the provider names it explicitly)."""
+    import os
+
+    from ..ops.backend import ENV_VAR
+
+    old = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = old

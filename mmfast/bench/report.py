@@ -1,43 +1,194 @@
-"""Benchmark output: a printed table per op and ``results.json``."""
+"""Benchmark output: a table per op (printed and in ``summary.md``), ``results.json``, ``results.csv``
+and PNG plots (GB/s against N per provider for the kernels; bars for the model-level step)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from collections import defaultdict
+
+KERNEL_DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
 
 
 def _ms(v) -> str:
     return "error" if v is None else f"{v:.4f}" if v < 1 else f"{v:.3f}"
 
 
-def table(records: list[dict]) -> str:
-    """One block per (op, M, N): a row per provider with each direction's time and % of copy bandwidth."""
+def _is_model(r: dict) -> bool:
+    return r["direction"] == "train-step"
+
+
+def _kernel_groups(records):
     groups: dict[tuple, dict[str, dict[str, dict]]] = defaultdict(lambda: defaultdict(dict))
-    directions: list[str] = []
     for r in records:
-        groups[(r["op"], r["dtype"], r["M"], r["N"])][r["provider"]][r["direction"]] = r
-        if r["direction"] not in directions:
-            directions.append(r["direction"])
-    lines = []
-    for (op, dtype, M, N), by_provider in groups.items():
-        lines.append(f"\n{op}  {dtype}  M={M} N={N}")
-        head = f"  {'provider':<18}" + "".join(f"{d + ' ms':>14}{'%copy':>7}" for d in directions)
-        lines.append(head)
+        if not _is_model(r):
+            groups[(r["op"], r["dtype"], r["M"], r["N"], r.get("timing", "direct"))][r["provider"]][r["direction"]] = r
+    return groups
+
+
+def kernel_rows(records: list[dict]) -> list[tuple[tuple, list[list[str]]]]:
+    """Per (op, dtype, M, N, timing): rows of [provider, fwd ms, %copy, bwd ms, %copy, fwd+bwd ms, %copy, error]."""
+    out = []
+    for key, by_provider in _kernel_groups(records).items():
+        rows = []
         for provider, by_dir in by_provider.items():
-            row = f"  {provider:<18}"
-            for d in directions:
+            row = [provider]
+            for d in KERNEL_DIRECTIONS:
                 r = by_dir.get(d)
-                frac = r and r["frac_of_copy"]
-                row += f"{_ms(r['ms']) if r else '-':>14}" + (f"{100 * frac:>6.0f}%" if frac else f"{'':>7}")
-            errors = {r["error"] for r in by_dir.values() if r.get("error")}
-            if errors:
-                row += "   " + "; ".join(sorted(errors))
-            lines.append(row)
+                row.append(_ms(r["ms"]) if r else "-")
+                frac = r and r.get("frac_of_copy")
+                row.append(f"{100 * frac:.0f}%" if frac else "")
+            errors = sorted({r["error"] for r in by_dir.values() if r.get("error")})
+            row.append("; ".join(errors))
+            rows.append(row)
+        out.append((key, rows))
+    return out
+
+
+def model_rows(records: list[dict]) -> list[list[str]]:
+    rows = []
+    for r in records:
+        if _is_model(r):
+            peak = r.get("peak_mem_bytes")
+            rows.append([r["op"], r["provider"], r["dtype"], str(r["M"]), _ms(r["ms"]),
+                         "" if r.get("tokens_per_s") is None else f"{r['tokens_per_s']:.0f}",
+                         "" if peak is None else f"{peak / 2**30:.2f}", str(r.get("trainable", "")),
+                         r.get("error") or ""])
+    return rows
+
+
+KERNEL_HEAD = ["provider", "fwd ms", "%copy", "bwd ms", "%copy", "fwd+bwd ms", "%copy", "error"]
+MODEL_HEAD = ["case", "provider", "dtype", "tokens/step", "ms/step", "tokens/s", "peak GiB", "trainable", "error"]
+
+
+def table(records: list[dict]) -> str:
+    lines = []
+    for (op, dtype, M, N, timing), rows in kernel_rows(records):
+        lines.append(f"\n{op}  {dtype}  M={M} N={N}" + ("  (CUDA-graph replays)" if timing == "cuda-graph" else ""))
+        widths = [max(len(KERNEL_HEAD[i]), *(len(r[i]) for r in rows)) for i in range(len(KERNEL_HEAD) - 1)]
+        fmt = lambda cells: "  " + "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+        lines.append(fmt(KERNEL_HEAD[:-1]))
+        lines += [fmt(r[:-1]) + (f"   {r[-1]}" if r[-1] else "") for r in rows]
+    mrows = model_rows(records)
+    if mrows:
+        lines.append("\nmodel level: one training step (forward, loss, backward, AdamW)")
+        widths = [max(len(MODEL_HEAD[i]), *(len(r[i]) for r in mrows)) for i in range(len(MODEL_HEAD) - 1)]
+        lines.append("  " + "  ".join(h.ljust(w) for h, w in zip(MODEL_HEAD, widths)))
+        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + (f"   {r[-1]}" if r[-1] else "")
+                  for r in mrows]
     return "\n".join(lines)
 
 
+def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def write_summary_md(path: str, meta: dict, records: list[dict], plots: list[str]) -> None:
+    lines = ["# mmfast benchmark", ""]
+    lines.append(f"- device: {meta['device']}")
+    lines.append(f"- torch {meta['torch']}, triton {meta['triton']}, transformers {meta.get('transformers')}, "
+                 f"CUDA {meta.get('cuda')}")
+    lines.append(f"- commit: {meta['commit']}")
+    if meta.get("copy_gbps"):
+        lines.append(f"- device-to-device copy in this run: {meta['copy_gbps']:.1f} GB/s (bytes read + written); "
+                     "%copy = achieved GB/s from each op's byte model / that")
+    if meta.get("note"):
+        lines += ["", f"**{meta['note']}**"]
+    for (op, dtype, M, N, timing), rows in kernel_rows(records):
+        suffix = " (CUDA-graph replays)" if timing == "cuda-graph" else ""
+        lines += ["", f"## {op}, {dtype}, M={M}, N={N}{suffix}", ""] + _md_table(KERNEL_HEAD, rows)
+    mrows = model_rows(records)
+    if mrows:
+        lines += ["", "## Model level: one training step", ""] + _md_table(MODEL_HEAD, mrows)
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def write_json(path: str, meta: dict, records: list[dict]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump({"meta": meta, "records": records}, f, indent=1)
+
+
+def write_csv(path: str, records: list[dict]) -> None:
+    keys: list[str] = []
+    for r in records:
+        keys += [k for k in r if k not in keys]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(records)
+
+
+def write_plots(out_dir: str, meta: dict, records: list[dict]) -> list[str]:
+    """PNG plots; returns their paths ([] when matplotlib is missing, which is said on stderr)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        import sys
+
+        print("[mmfast.bench] matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
+        return []
+    title_note = "" if meta.get("gpu") else "  [CPU: not GPU performance]"
+    paths = []
+    by_op: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        if not _is_model(r) and r.get("timing") != "cuda-graph" and r.get("gbps"):
+            by_op[(r["op"], r["dtype"])].append(r)
+    for (op, dtype), rs in by_op.items():
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
+        for ax, d in zip(axes, KERNEL_DIRECTIONS):
+            series: dict[str, list] = defaultdict(list)
+            for r in rs:
+                if r["direction"] == d:
+                    series[r["provider"]].append((r["N"], r["gbps"]))
+            for provider, pts in sorted(series.items()):
+                pts.sort()
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
+            if meta.get("copy_gbps"):
+                ax.axhline(meta["copy_gbps"], color="gray", linestyle="--", linewidth=1, label="d2d copy")
+            ax.set_title(d)
+            ax.set_xlabel("N")
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("GB/s (byte model)")
+        axes[-1].legend(fontsize=8)
+        fig.suptitle(f"{op} ({dtype}), {meta['device']}{title_note}", fontsize=10)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{op.replace('+', '_')}_{dtype}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    model = [r for r in records if _is_model(r) and r.get("tokens_per_s")]
+    if model:
+        with_mem = any(r.get("peak_mem_bytes") for r in model)  # not measured on CPU
+        fig, axes = plt.subplots(1, 2 if with_mem else 1, figsize=(12 if with_mem else 6.5, 4.2), squeeze=False)
+        axes = list(axes[0])
+        cases = sorted({r["op"] for r in model})
+        provs = sorted({r["provider"] for r in model})
+        width = 0.8 / len(provs)
+        for i, prov in enumerate(provs):
+            tps = [next((r["tokens_per_s"] for r in model if r["op"] == c and r["provider"] == prov), 0) for c in cases]
+            mem = [next(((r["peak_mem_bytes"] or 0) / 2**30 for r in model if r["op"] == c and r["provider"] == prov), 0)
+                   for c in cases]
+            xs = [j + i * width for j in range(len(cases))]
+            axes[0].bar(xs, tps, width, label=prov)
+            if with_mem:
+                axes[1].bar(xs, mem, width, label=prov)
+        for ax, label in zip(axes, ("tokens / s", "peak GiB")):
+            ax.set_xticks([j + width * (len(provs) - 1) / 2 for j in range(len(cases))])
+            ax.set_xticklabels([c.split("[")[-1].rstrip("]") for c in cases])
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3, axis="y")
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"LLaVA-shaped training step, {meta['device']}{title_note}", fontsize=10)
+        fig.tight_layout()
+        path = os.path.join(out_dir, "model_train_step.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths

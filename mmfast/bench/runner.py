@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import sys
+from typing import Callable
 
 import torch
 
-from .norm import NormCase, build_provider
-from .timing import median_ms, peak_memory_bytes
+from . import adapter as adapter_bench
+from . import norm as norm_bench
+from .cases import DIRECTIONS, AdapterCase, NormCase
+from .timing import median_ms, median_ms_graph, peak_memory_bytes
 
-DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
 
-
-def _record(case: NormCase, provider: str, direction: str, ms: float | None, copy: float, peak: int | None,
-            env: dict, error: str | None = None) -> dict:
-    nbytes = case.bytes_moved(direction)
-    gbps = None if ms is None else nbytes / (ms * 1e-3) / 1e9
+def record(case, provider: str, direction: str, ms: float | None, copy: float | None, peak: int | None,
+           env: dict, error: str | None = None, **extra) -> dict:
+    nbytes = case.bytes_moved(direction) if hasattr(case, "bytes_moved") else None
+    gbps = None if ms is None or nbytes is None else nbytes / (ms * 1e-3) / 1e9
     return {
         "op": case.name,
         "provider": provider,
@@ -26,39 +27,81 @@ def _record(case: NormCase, provider: str, direction: str, ms: float | None, cop
         "ms": ms,
         "bytes": nbytes,
         "gbps": gbps,
-        "frac_of_copy": None if gbps is None else gbps / copy,
+        "frac_of_copy": None if gbps is None or not copy else gbps / copy,
         "peak_mem_bytes": peak,
+        "timing": "cuda-graph" if getattr(case, "graphs", False) and env.get("cuda") else "direct",
         **env,
+        **extra,
         "error": error,
     }
 
 
-def _time_backward_only(case, provider, device, x, r, seeds) -> float:
-    """Backward alone: one forward, then repeated ``backward(retain_graph=True)``. A compiled backward
-    refuses to run twice while it donates buffers, so this direction uses a fresh provider instance
-    built with donated buffers off (fwd and fwd+bwd keep the default)."""
-    with torch._functorch.config.patch(donated_buffer=False):
-        fn, params = build_provider(provider, case, device)
-        leaves = [x] + ([r] if r is not None else []) + params
-        out = fn(x, r)
-        outs = list(out) if isinstance(out, tuple) else [out]
-        torch.autograd.backward(outs, seeds, retain_graph=True)  # warm-up
-        return median_ms(lambda: torch.autograd.backward(outs, seeds, retain_graph=True), device, grad_to_none=leaves)
-
-
-def time_norm_case(case: NormCase, provider: str, device: torch.device, copy: float, env: dict,
-                   directions=DIRECTIONS) -> list[dict]:
-    """Records for ``provider`` on ``case``; a provider that fails gets records carrying the error."""
-    try:
-        fn, params = build_provider(provider, case, device)
+def _setup(case, provider: str, device: torch.device):
+    """(fn, leaves, inputs, seeds): fn(*inputs) returns the outputs backward is seeded with."""
+    if isinstance(case, NormCase):
+        fn, params = norm_bench.build_provider(provider, case, device)
         x = torch.randn(case.M, case.N, device=device, dtype=case.dtype, requires_grad=True)
         r = torch.randn_like(x, requires_grad=True) if case.residual else None
         leaves = [x] + ([r] if r is not None else []) + params
-        seeds = [torch.randn_like(x) for _ in range(2 if case.residual else 1)]
+        return fn, leaves, (x, r), [torch.randn_like(x) for _ in range(2 if case.residual else 1)]
+    if isinstance(case, AdapterCase):
+        fn, params = adapter_bench.build_provider(provider, case, device)
+        x, route = adapter_bench.make_inputs(case, device)
+        return fn, [x] + params, (x, route), [torch.randn_like(x)]
+    raise TypeError(type(case).__name__)
+
+
+def _outputs(fn, inputs) -> list[torch.Tensor]:
+    out = fn(*inputs)
+    return list(out) if isinstance(out, tuple) else [out]
+
+
+def _timer(case, device: torch.device) -> Callable:
+    if getattr(case, "graphs", False) and device.type == "cuda":
+        return median_ms_graph
+    return median_ms
+
+
+def timed_call(case, provider: str, device: torch.device, direction: str):
+    """``(call, leaves)``: one warmed-up call of ``direction`` for ``provider`` on ``case``.
+
+    Backward alone is one forward, then repeated ``backward(retain_graph=True)``; a compiled backward
+    refuses to run twice while it donates buffers, so that direction is built (and compiled afresh)
+    with donated buffers off."""
+    if direction == "bwd":
+        # Compiled code is cached per function, not per module instance: without a reset this instance
+        # would reuse the artifact another instance compiled with donated buffers.
+        torch._dynamo.reset()
+        with torch._functorch.config.patch(donated_buffer=False):
+            fn, leaves, inputs, seeds = _setup(case, provider, device)
+            outs = _outputs(fn, inputs)
+
+            def call():
+                torch.autograd.backward(outs, seeds, retain_graph=True)
+
+            call()
+        return call, leaves
+    fn, leaves, inputs, seeds = _setup(case, provider, device)
+    if direction == "fwd":
+        def call():
+            return _outputs(fn, inputs)
+    elif direction == "fwd+bwd":
+        def call():
+            torch.autograd.backward(_outputs(fn, inputs), seeds)
+    else:
+        raise ValueError(direction)
+    call()
+    return call, leaves
+
+
+def time_case(case, provider: str, device: torch.device, copy: float | None, env: dict,
+              directions=DIRECTIONS) -> list[dict]:
+    """Records for ``provider`` on ``case``; a provider that fails gets records carrying the error."""
+    try:
+        fn, leaves, inputs, seeds = _setup(case, provider, device)
 
         def forward():
-            out = fn(x, r)
-            return list(out) if isinstance(out, tuple) else [out]
+            return _outputs(fn, inputs)
 
         def fwd_bwd():
             torch.autograd.backward(forward(), seeds)
@@ -67,20 +110,22 @@ def time_norm_case(case: NormCase, provider: str, device: torch.device, copy: fl
         for t in leaves:
             t.grad = None
         peak = peak_memory_bytes(fwd_bwd, device)
+        timer = _timer(case, device)
         out: list[dict] = []
         for direction in directions:
             if direction == "fwd":
-                ms = median_ms(forward, device)
+                ms = timer(forward, device)
             elif direction == "fwd+bwd":
-                ms = median_ms(fwd_bwd, device, grad_to_none=leaves)
-            else:
-                ms = _time_backward_only(case, provider, device, x, r, seeds)
-            out.append(_record(case, provider, direction, ms, copy, peak, env))
+                ms = timer(fwd_bwd, device, grad_to_none=leaves)
+            else:  # a separate instance (see timed_call)
+                call, bleaves = timed_call(case, provider, device, "bwd")
+                ms = timer(call, device, grad_to_none=bleaves)
+            out.append(record(case, provider, direction, ms, copy, peak, env))
         return out
     except Exception as e:  # noqa: BLE001 - reported in the results, never hidden
         msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
         print(f"[mmfast.bench] {provider} failed on {case.name} M={case.M} N={case.N}: {msg}", file=sys.stderr)
-        return [_record(case, provider, d, None, copy, None, env, error=msg) for d in directions]
+        return [record(case, provider, d, None, copy, None, env, error=msg) for d in directions]
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()

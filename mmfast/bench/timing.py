@@ -37,6 +37,27 @@ def median_ms(
     return statistics.median(once() for _ in range(reps))
 
 
+def median_ms_graph(fn: Callable[[], object], device: torch.device, *, grad_to_none: Sequence[torch.Tensor] = (),
+                    warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median milliseconds of one replay of ``fn`` captured in a CUDA graph: launch overhead is gone,
+    what remains is the kernels' own time. Gradients are cleared once before capture (replays then
+    write into the same buffers)."""
+    for t in grad_to_none:
+        t.grad = None
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # capture needs the work (and its allocations) warmed up off-stream
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    for t in grad_to_none:
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return median_ms(graph.replay, device, warmup_ms=warmup_ms, rep_ms=rep_ms)
+
+
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
     """Peak memory allocated by ``fn`` above what was allocated before it (CUDA only)."""
     if device.type != "cuda":

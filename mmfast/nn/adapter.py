@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..ops.adapter import mma_adapter
+from ..ops.adapter import mma_adapter, mma_adapter_lavin_style
+
+IMPLS = ("fused", "eager")
 
 
 class MMAdapter(nn.Module):
@@ -19,6 +21,9 @@ class MMAdapter(nn.Module):
 
     ``forward(x [B, S, dim], route [B, dim])``: ``route`` is what each sample's router reads (its
     modality token's state). Dropout applies to the hidden activations in training mode only.
+
+    ``impl``: ``"fused"`` (the Triton op, default) or ``"eager"`` (a LaVIN-style PyTorch composition in
+    x's dtype, one expert at a time; for comparisons).
     """
 
     def __init__(self, dim: int, hidden_dim: int = 8, groups: int = 2, experts: int = 2, scale: float = 1.0,
@@ -40,6 +45,7 @@ class MMAdapter(nn.Module):
         self.up_weight = nn.Parameter(torch.empty(experts, dim, hidden_dim // groups, **factory))
         self.up_bias = nn.Parameter(torch.empty(experts, dim, **factory))
         self.router = nn.Linear(dim, experts, **factory)
+        self.impl = "fused"
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -62,6 +68,14 @@ class MMAdapter(nn.Module):
             raise ValueError(f"MMAdapter: route must be [{x.shape[0]}, {self.dim}] (one per sample), "
                              f"got {getattr(route, 'shape', type(route))}")
         p = self.dropout if self.training else 0.0
+        if self.impl == "eager":
+            keep = None
+            if p > 0:
+                keep = (torch.rand(*x.shape[:-1], self.hidden_dim, device=x.device) >= p).to(x.dtype) / (1 - p)
+            return mma_adapter_lavin_style(x, self.down.weight, self.down.bias, self.up_weight, self.up_bias,
+                                           self.mix(route), self.scale, self.groups, keep)
+        if self.impl != "fused":
+            raise ValueError(f"MMAdapter: impl must be one of {IMPLS}, got {self.impl!r}")
         seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64) if p > 0 else None
         return mma_adapter(x, self.down.weight, self.down.bias, self.up_weight, self.up_bias, self.mix(route),
                            self.scale, self.groups, p, seed)

@@ -1,0 +1,48 @@
+"""Kernel and model-level benchmarks as pytest-benchmark cases (see conftest.py)."""
+
+import pytest
+import torch
+
+from conftest import DEVICE
+from mmfast.bench.__main__ import _providers, kernel_cases, model_cases
+from mmfast.bench.cases import DIRECTIONS
+from mmfast.bench.model import time_train_step
+from mmfast.bench.runner import time_case, timed_call
+
+QUICK = DEVICE.type != "cuda"
+KERNEL_PAIRS = [(c, p) for c in kernel_cases(DEVICE, QUICK) for p in _providers(c, DEVICE)]
+MODEL_PAIRS = [(c, p) for c in model_cases(DEVICE, QUICK, llm_layers=8) for p in _providers(c, DEVICE)]
+
+
+def _id(pair):
+    case, provider = pair
+    return f"{case.name}-M{case.M}-N{case.N}{'-graphs' if getattr(case, 'graphs', False) else ''}-{provider}"
+
+
+def _synced(call):
+    def run():
+        call()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize(DEVICE)
+
+    return run
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("pair", KERNEL_PAIRS, ids=_id)
+def test_kernel(benchmark, pair, direction, device, env, copy):
+    case, provider = pair
+    (rec,) = time_case(case, provider, device, copy, env, directions=(direction,))
+    benchmark.extra_info.update({k: v for k, v in rec.items() if v is not None})
+    assert rec["error"] is None, rec["error"]
+    call, _ = timed_call(case, provider, device, direction)
+    benchmark.pedantic(_synced(call), rounds=20 if DEVICE.type == "cuda" else 3, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("pair", MODEL_PAIRS, ids=_id)
+def test_model_train_step(benchmark, pair, device, env):
+    case, provider = pair
+    res = benchmark.pedantic(lambda: time_train_step(case, provider, device, steps=5 if QUICK else 10),
+                             rounds=1, iterations=1)
+    benchmark.extra_info.update({"op": case.name, "provider": provider, "tuning": case.tuning,
+                                 "tokens_per_step": case.M, **res, **env})

@@ -1,0 +1,71 @@
+"""Benchmark cases and their byte models: the fewest bytes each op must move through memory.
+
+Per-row statistics and the weights (N-long vectors, or the adapter's few-MB parameters) are below
+0.1% of the traffic at the benchmarked sizes and are not counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
+
+
+def _elem(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+@dataclasses.dataclass(frozen=True)
+class NormCase:
+    op: str  # "rms_norm" | "layer_norm"
+    M: int
+    N: int
+    dtype: torch.dtype
+    residual: bool = False
+    graphs: bool = False  # small shape: time CUDA-graph replays (launch overhead out of the way)
+
+    @property
+    def name(self) -> str:
+        return self.op + ("+residual" if self.residual else "")
+
+    def bytes_moved(self, direction: str) -> int:
+        """fwd: read x (+ residual), write y (+ residual_out); bwd: read x and dy (+ the gradient of
+        residual_out), write dx."""
+        unit = self.M * self.N * _elem(self.dtype)
+        fwd = unit * (4 if self.residual else 2)
+        bwd = unit * (4 if self.residual else 3)
+        return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[direction]
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterCase:
+    """The MMA adapter on x [B, S, D] (M = B * S tokens), hidden R, G groups, E experts."""
+
+    B: int
+    S: int
+    D: int
+    dtype: torch.dtype
+    R: int = 8
+    G: int = 2
+    E: int = 2
+    graphs: bool = False
+    op: str = "mma_adapter"
+
+    @property
+    def name(self) -> str:
+        return self.op
+
+    @property
+    def M(self) -> int:
+        return self.B * self.S
+
+    @property
+    def N(self) -> int:
+        return self.D
+
+    def bytes_moved(self, direction: str) -> int:
+        """fwd: read x, write y; bwd: read x and dy, write dx."""
+        unit = self.M * self.D * _elem(self.dtype)
+        return {"fwd": 2 * unit, "bwd": 3 * unit, "fwd+bwd": 5 * unit}[direction]

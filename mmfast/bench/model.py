@@ -1,0 +1,186 @@
+"""Model-level benchmark: a LLaVA-shaped training step (vision tower + projector + LLaMA layers, loss,
+backward, AdamW step) under each tuning recipe: tokens per second and peak memory.
+
+Providers:
+
+* ``hf-eager``: transformers' own forwards. The same parameters train; LayerNorm-tuning norms stay in
+  the model dtype (as PEFT's LN tuning keeps them: HF's RMSNorm cannot take fp32 weights in a bf16
+  model), MMA adapters run as a LaVIN-style PyTorch composition;
+* ``mmfast``: ``mmfast.patch(model, tuning=...)`` (fused norms and adapter, fp32 master weights);
+* ``liger``: Liger-Kernel's norm kernels patched onto the same modules (GPU, when importable;
+  LayerNorm tuning only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import time
+
+import torch
+from torch import nn
+
+import mmfast
+from ..nn.adapter import MMAdapter
+from ..patching import unpatch_norms
+
+TUNINGS = ("layernorm", "layernorm-simp", "mma")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCase:
+    tuning: str
+    llm_layers: int
+    vision_layers: int
+    hidden: int  # LLM width
+    intermediate: int
+    heads: int
+    vision_hidden: int
+    vision_intermediate: int
+    vision_heads: int
+    image_size: int
+    patch: int
+    vocab: int
+    batch: int
+    text_tokens: int  # per sample, besides the image tokens
+    dtype: torch.dtype = torch.bfloat16
+    op: str = "llava-train-step"
+
+    @property
+    def name(self) -> str:
+        return f"{self.op}[{self.tuning}]"
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.image_size // self.patch) ** 2
+
+    @property
+    def M(self) -> int:  # tokens per step
+        return self.batch * (self.image_tokens + self.text_tokens)
+
+    @property
+    def N(self) -> int:
+        return self.hidden
+
+
+def llava_7b_widths(tuning: str, llm_layers: int, batch: int, text_tokens: int) -> ModelCase:
+    """CLIP ViT-L/14 at 336 px (576 image tokens), 2-layer projector, LLaMA-7B widths."""
+    return ModelCase(tuning, llm_layers, 24, 4096, 11008, 32, 1024, 4096, 16, 336, 14, 32000, batch, text_tokens)
+
+
+def tiny(tuning: str) -> ModelCase:
+    return ModelCase(tuning, 2, 2, 64, 128, 4, 32, 64, 4, 28, 14, 128, 2, 12, torch.float32)
+
+
+def build_model(case: ModelCase, device: torch.device) -> nn.Module:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=case.vision_hidden, intermediate_size=case.vision_intermediate,
+                              num_hidden_layers=case.vision_layers, num_attention_heads=case.vision_heads,
+                              image_size=case.image_size, patch_size=case.patch, projection_dim=case.vision_hidden)
+    text = LlamaConfig(hidden_size=case.hidden, intermediate_size=case.intermediate, num_hidden_layers=case.llm_layers,
+                       num_attention_heads=case.heads, num_key_value_heads=case.heads, vocab_size=case.vocab,
+                       max_position_embeddings=4096, tie_word_embeddings=False)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=case.vocab - 1,
+                      vision_feature_layer=-2, projector_hidden_act="gelu")
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(cfg)
+    return model.to(case.dtype).train()
+
+
+def make_batch(case: ModelCase, device: torch.device) -> dict:
+    B, T = case.batch, case.image_tokens + case.text_tokens
+    ids = torch.randint(0, case.vocab - 1, (B, T), device=device)
+    ids[:, 1:1 + case.image_tokens] = case.vocab - 1
+    labels = ids.clone()
+    labels[:, 1:1 + case.image_tokens] = -100
+    pix = torch.randn(B, 3, case.image_size, case.image_size, device=device, dtype=case.dtype)
+    return {"input_ids": ids, "labels": labels, "pixel_values": pix}
+
+
+def providers(device: torch.device) -> list[str]:
+    names = ["hf-eager", "mmfast"]
+    if device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None:
+        names.append("liger")
+    return names
+
+
+def _liger_rms(module, x):
+    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+    return LigerRMSNormFunction.apply(x, module.weight, module.variance_epsilon, 0.0, "llama")
+
+
+def _liger_ln(module, x):
+    from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+
+    return LigerLayerNormFunction.apply(x, module.weight, module.bias, module.eps)
+
+
+def prepare(model: nn.Module, provider: str, tuning: str) -> None:
+    """Apply ``tuning`` the way ``provider`` runs it (see the module docstring)."""
+    if provider == "mmfast":
+        mmfast.patch(model, tuning=tuning, verbose=False)
+        return
+    if provider == "liger" and tuning == "mma":
+        raise ValueError("Liger has no MMA adapter")
+    # hf-eager and liger: the recipe's parameter selection, then the original forwards back
+    mmfast.patch(model, tuning=tuning, master_weights=False, verbose=False)
+    unpatch_norms(model)
+    for m in model.modules():
+        if isinstance(m, MMAdapter):
+            m.impl = "eager"
+    if provider == "liger":
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+        for m in model.modules():
+            if isinstance(m, LlamaRMSNorm):
+                m.forward = functools.partial(_liger_rms, m)
+            elif isinstance(m, nn.LayerNorm):
+                m.forward = functools.partial(_liger_ln, m)
+
+
+def time_train_step(case: ModelCase, provider: str, device: torch.device, steps: int = 10,
+                    warmup: int = 3) -> dict:
+    """{ms per step (median), tokens_per_s, peak_mem_bytes, trainable}."""
+    torch.manual_seed(0)
+    model = build_model(case, device)
+    prepare(model, provider, case.tuning)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    batch = make_batch(case, device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        opt.step()
+
+    for _ in range(warmup):
+        step()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(steps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        peak = int(torch.cuda.max_memory_allocated(device))
+    else:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+        peak = None
+    times.sort()
+    ms = times[len(times) // 2]
+    out = {"ms": ms, "tokens_per_s": case.M / (ms * 1e-3), "peak_mem_bytes": peak,
+           "trainable": sum(p.numel() for p in params)}
+    del model, opt, batch
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
