@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
-# Run on a GPU machine (the device tool's H100/H200): install mmfast into the machine's Python, run the
-# test suite natively, run the benchmark, and leave logs and results under $OUT.
+# Run on a GPU machine (the device tool's H100/H200): install mmfast into the machine's Python, then one
+# or more stages, leaving logs and results under $OUT (at most a handful of files: the device tool
+# brings back 8).
 #
-#   device run:  bash scripts/gpu_check.sh            (carry .whl when extra wheels are needed)
+#   bash scripts/gpu_check.sh [stage ...]      stages: tests, compile, bench-kernels, bench-model, all
+#                                              (default: all; each stage is sized to fit a 10-minute call)
 #
-# The machine has no package registry: wheels it lacks travel in .whl/ and are installed from there.
+# The machine has no package registry: wheels it lacks (liger-kernel, say) travel in .whl/ (carry it)
+# and are installed from there. Results come back as $OUT/<stage>.log and $OUT/bench-<suite>.tar.gz;
+# unpack a bench tarball into benchmarks/results/<date>_<device>_<commit>/ and commit it.
 set -uo pipefail
 OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(all)
+[ "${stages[0]}" = all ] && stages=(tests compile bench-kernels bench-model)
 
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -16,18 +23,35 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
   || { cat "$OUT/install.log"; exit 1; }
-
 {
   nvidia-smi
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
-} > "$OUT/env.txt" 2>&1
+  python3 -c "import liger_kernel; print('liger_kernel', liger_kernel.__version__ if hasattr(liger_kernel, '__version__') else 'present')" \
+    2>/dev/null || echo "liger_kernel: not installed"
+  git rev-parse HEAD 2>/dev/null || echo "commit: unknown"
+} >> "$OUT/install.log" 2>&1
 
-python3 -m pytest tests -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -n 25
-tests_rc=${PIPESTATUS[0]}
-
-python3 -m mmfast.bench --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log" | grep -v '^mmfast.bench'
-bench_rc=${PIPESTATUS[0]}
-
-echo "tests rc=$tests_rc bench rc=$bench_rc"
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+status=0
+for stage in "${stages[@]}"; do
+  case "$stage" in
+    tests)
+      python3 -m pytest tests -q -p no:cacheprovider -x --durations=15 2>&1 | tee "$OUT/tests.log" | tail -n 30
+      rc=${PIPESTATUS[0]} ;;
+    compile)
+      python3 -m mmfast.kernels.compile_check 2>&1 | tee "$OUT/compile.log" | tail -n 20
+      rc=${PIPESTATUS[0]} ;;
+    bench-kernels|bench-model)
+      suite=${stage#bench-}
+      ops=$([ "$suite" = model ] && echo model || echo rms_norm,layer_norm,mma_adapter)
+      dir="$OUT/bench-$suite"
+      python3 -m mmfast.bench --ops "$ops" --out "$dir" 2>&1 | tee "$OUT/$stage.log" | grep -v '^mmfast.bench'
+      rc=${PIPESTATUS[0]}
+      tar -czf "$OUT/$stage.tar.gz" -C "$dir" . && rm -rf "$dir" ;;
+    *)
+      echo "unknown stage $stage"; rc=2 ;;
+  esac
+  echo "stage $stage: rc=$rc"
+  [ "$rc" -ne 0 ] && status=1
+done
+exit $status
