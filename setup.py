@@ -1,9 +1,63 @@
 """Setuptools shim.
 
-A plain ``pip install .`` is pure Python: the Triton kernels compile at first use. The optional CUDA
-C++ extension (``csrc/``) is built on first use as well; nothing here requires nvcc.
+A plain ``pip install .`` is pure Python: the Triton kernels compile at first use, and so does the
+optional CUDA C++ extension (``csrc/``, copied into the package as ``mmfast/_csrc`` so an installed
+mmfast can build it). Nothing here needs nvcc unless asked:
+
+    MMFAST_CUDA=1 pip install --no-build-isolation -e .
+
+builds the extension ahead of time as ``mmfast._cuda_ext`` (with the torch already installed, hence
+no build isolation), with the same sources and flags as the build on first use.
 """
 
-from setuptools import setup
+import importlib.util
+import os
+import shutil
+from pathlib import Path
 
-setup()
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+
+
+class BuildPyWithCudaSources(build_py):
+    """Also copies ``csrc/`` into the built package as ``mmfast/_csrc``."""
+
+    def run(self):
+        super().run()
+        if not CSRC.is_dir():
+            return
+        dst = Path(self.build_lib) / "mmfast" / "_csrc"
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in sorted(CSRC.iterdir()):
+            if f.suffix in (".cu", ".cuh", ".h", ".cpp"):
+                shutil.copy2(f, dst / f.name)
+
+
+def _loader():
+    """mmfast/kernels/cuda_ext.py, for its source list and flags (shared with the build on first use)."""
+    spec = importlib.util.spec_from_file_location("_mmfast_cuda_ext_loader", ROOT / "mmfast" / "kernels" / "cuda_ext.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cmdclass = {"build_py": BuildPyWithCudaSources}
+ext_modules = []
+if os.environ.get("MMFAST_CUDA", "0").strip() not in ("", "0"):
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    loader = _loader()
+    ext_modules.append(
+        CUDAExtension(
+            loader.AOT_MODULE,
+            sources=[os.path.relpath(CSRC / f, ROOT) for f in loader.SOURCES],
+            include_dirs=[str(CSRC)],
+            extra_compile_args={"cxx": list(loader.CXX_FLAGS), "nvcc": list(loader.NVCC_FLAGS)},
+        )
+    )
+    cmdclass["build_ext"] = BuildExtension
+
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

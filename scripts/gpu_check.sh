@@ -3,8 +3,12 @@
 # or more stages, leaving logs and results under $OUT (at most a handful of files: the device tool
 # brings back 8).
 #
-#   bash scripts/gpu_check.sh [stage ...]      stages: tests, compile, bench-kernels, bench-model, all
+#   bash scripts/gpu_check.sh [stage ...]      stages: cuda, tests, compile, bench-kernels, bench-model, all
 #                                              (default: all; each stage is sized to fit a 10-minute call)
+#
+# cuda: build the CUDA C++ extension (on first use, cached in .mmfast-cache/, which the device tool keeps
+# between calls), compile-check it, and run the norm test matrix on the cuda backend. bench-kernels also
+# writes the backend table (backend_table.json in its tarball): copy it to mmfast/ops/backend_tables/.
 #
 # The machine has no package registry: wheels it lacks (liger-kernel, say) travel in .whl/ (carry it)
 # and are installed from there. Results come back as $OUT/<stage>.log and $OUT/bench-<suite>.tar.gz;
@@ -15,7 +19,8 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(all)
-[ "${stages[0]}" = all ] && stages=(tests compile bench-kernels bench-model)
+[ "${stages[0]}" = all ] && stages=(cuda tests compile bench-kernels bench-model)
+export MMFAST_CACHE_DIR="${MMFAST_CACHE_DIR:-$PWD/.mmfast-cache}"
 
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -35,6 +40,17 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.lo
 status=0
 for stage in "${stages[@]}"; do
   case "$stage" in
+    cuda)
+      {
+        start=$(date +%s)
+        python3 -c "from mmfast.kernels import cuda_ext as c; ok = c.load(); print('cuda extension:', 'loaded from ' + str(c.origin()) if ok else 'UNAVAILABLE: ' + str(c.unavailable_reason())); raise SystemExit(0 if ok else 1)"
+        rc=$?
+        echo "build/load: $(( $(date +%s) - start )) s"
+        python3 -m mmfast.kernels.cuda_compile_check | tail -n 25
+        [ $rc -eq 0 ] && python3 -m pytest tests/test_norm.py tests/test_cuda_backend.py -q -p no:cacheprovider -k "cuda" --durations=10 2>&1 | tail -n 30
+        rc=$(( rc | ${PIPESTATUS[0]:-0} ))
+      } > "$OUT/cuda.log" 2>&1
+      tail -n 40 "$OUT/cuda.log" ;;
     tests)
       python3 -m pytest tests -q -p no:cacheprovider -x --durations=15 2>&1 | tee "$OUT/tests.log" | tail -n 30
       rc=${PIPESTATUS[0]} ;;
@@ -45,7 +61,8 @@ for stage in "${stages[@]}"; do
       suite=${stage#bench-}
       ops=$([ "$suite" = model ] && echo model || echo rms_norm,layer_norm,mma_adapter)
       dir="$OUT/bench-$suite"
-      python3 -m mmfast.bench --ops "$ops" --out "$dir" 2>&1 | tee "$OUT/$stage.log" | grep -v '^mmfast.bench'
+      extra=$([ "$suite" = kernels ] && echo "--backend-table $dir/backend_table.json")
+      python3 -m mmfast.bench --ops "$ops" --out "$dir" $extra 2>&1 | tee "$OUT/$stage.log" | grep -v '^mmfast.bench'
       rc=${PIPESTATUS[0]}
       tar -czf "$OUT/$stage.tar.gz" -C "$dir" . && rm -rf "$dir" ;;
     *)

@@ -1,14 +1,16 @@
 """Fused RMSNorm / LayerNorm against the float64 reference (accuracy rule: accuracy.py).
 
 On a machine without CUDA these run the Triton kernels through the interpreter (conftest.py); on a
-GPU the same tests run natively.
+GPU the same tests run natively, once per backend: ``auto`` (Triton, no backend table is consulted
+without one) and ``cuda`` (the CUDA C++ kernels, built on first use; a GPU machine where they do not
+build fails here rather than skipping).
 """
 
 import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mmfast
@@ -17,6 +19,18 @@ from norm_cases import DTYPES, check_case, make_case, run_ours
 
 KINDS = ["rms", "ln"]
 NS = [1, 7, 129, 768, 1000, 4096, 5120]
+BACKENDS = ["auto", "cuda"] if torch.cuda.is_available() else ["auto"]
+
+
+@pytest.fixture(autouse=True, params=BACKENDS)
+def norm_backend(request, monkeypatch):
+    """Every test of this module once per backend (the CUDA C++ one only where there is a GPU)."""
+    if request.param == "cuda":
+        from mmfast.kernels import cuda_ext
+
+        assert cuda_ext.load(), f"the CUDA C++ backend did not load: {cuda_ext.unavailable_reason()}"
+        monkeypatch.setenv("MMFAST_BACKEND", "cuda")
+    return request.param
 
 
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
@@ -144,7 +158,7 @@ def test_rounding_matches_pytorch_modules(kind, device, seed):
     assert ((ours.float() - theirs.float()).abs() <= ulp * 1.0001 + fp32_noise).all()
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     kind=st.sampled_from(KINDS),
     lead=st.lists(st.integers(0, 6), max_size=3),

@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--llm-layers", type=int, default=8, help="LLaMA layers in the model-level step (GPU)")
     p.add_argument("--steps", type=int, default=10, help="timed training steps per model-level run")
+    p.add_argument("--backend-table", default=None, metavar="FILE",
+                   help="also write the table MMFAST_BACKEND=auto uses to choose between the CUDA C++ and Triton "
+                        "kernels on this GPU model, from this run's mmfast-cuda and mmfast-triton timings")
     args = p.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -136,7 +139,30 @@ def main(argv: list[str] | None = None) -> int:
     plots = write_plots(args.out, meta, records)
     write_summary_md(os.path.join(args.out, "summary.md"), meta, records, plots)
     print(f"\nwrote {args.out}/results.json, results.csv, summary.md" + (f" and {len(plots)} plots" if plots else ""))
+    if args.backend_table:
+        _write_backend_table(args.backend_table, device, env, records, args.out)
     return 1 if any(r["error"] for r in records) else 0
+
+
+def _write_backend_table(path: str, device: torch.device, env: dict, records: list[dict], out: str) -> None:
+    import json
+
+    from ..ops.backend_table import build_table
+
+    if device.type != "cuda":
+        print("--backend-table: not written, the table is made from GPU timings only", file=sys.stderr)
+        return
+    meta = {k: env[k] for k in ("torch", "triton", "commit") if k in env}
+    meta["source"] = os.path.join(out, "results.json")
+    table = build_table(records, env["device"], meta)
+    if not table["entries"]:
+        print("--backend-table: not written, no case was timed with both mmfast-cuda and mmfast-triton", file=sys.stderr)
+        return
+    with open(path, "w") as f:
+        json.dump(table, f, indent=1)
+        f.write("\n")
+    wins = sum(e["winner"] == "cuda" for e in table["entries"])
+    print(f"wrote {path}: CUDA C++ faster in {wins} of {len(table['entries'])} (op, direction, dtype, N) classes")
 
 
 def _model_record(case, provider: str, device: torch.device, env: dict, steps: int) -> dict:

@@ -7,7 +7,9 @@ with its own parameters):
 * ``torch.compile``: ``torch.compile`` of the ``hf-eager`` function; ``torch.compile-nomix`` the same
   with Inductor's fused norm backward (``triton.mix_order_reduction``) off, where torch has it (GPU);
 * ``liger``: Liger-Kernel's ``LigerRMSNorm`` / ``LigerLayerNorm`` (GPU, when importable);
-* ``mmfast-<backend>``: ``mmfast.rms_norm`` / ``mmfast.layer_norm`` on the backend the device selects.
+* ``mmfast-<backend>``: ``mmfast.rms_norm`` / ``mmfast.layer_norm`` with the backend forced: on a GPU
+  ``mmfast-triton`` and ``mmfast-cuda`` (the CUDA C++ kernels, when they build here; otherwise the run
+  says why it has no such column), on CPU the backend the device selects.
 """
 
 from __future__ import annotations
@@ -31,6 +33,31 @@ def mmfast_provider_name(device: torch.device) -> str:
     return f"mmfast-{resolve_backend(device)}"
 
 
+def mmfast_providers(device: torch.device) -> list[str]:
+    """mmfast's own providers on ``device``: both GPU backends side by side where both can run."""
+    if device.type != "cuda":
+        return [mmfast_provider_name(device)]
+    from ..kernels import cuda_ext
+
+    names = ["mmfast-triton"]
+    if cuda_ext.load():
+        names.append("mmfast-cuda")
+    else:
+        _say_once(f"mmfast-cuda: not benchmarked, the CUDA C++ kernels are unavailable: {cuda_ext.unavailable_reason()}")
+    return names
+
+
+_said: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        import sys
+
+        print(message, file=sys.stderr)
+
+
 def has_mix_order_switch() -> bool:
     import torch._inductor.config as cfg
 
@@ -43,7 +70,7 @@ def providers(device: torch.device) -> list[str]:
         names.append("torch.compile-nomix")
     if device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None:
         names.append("liger")
-    return names + [mmfast_provider_name(device)]
+    return names + mmfast_providers(device)
 
 
 def _hf_module(case: NormCase) -> nn.Module:

@@ -1,26 +1,44 @@
-"""Which implementation runs an op: ``triton``, ``reference`` (pure PyTorch), chosen per call.
+"""Which implementation runs an op: ``cuda`` (the CUDA C++ extension), ``triton``, ``reference``
+(pure PyTorch), chosen per call.
 
 ``MMFAST_BACKEND`` forces one (``auto`` is the default):
 
-* ``auto``: CUDA tensors run the Triton kernels; CPU tensors run the reference, or the Triton kernels
-  through the interpreter when ``TRITON_INTERPRET=1``;
+* ``auto``: CUDA tensors run the Triton kernels, or the CUDA C++ kernels where the backend table of
+  the device (written by the benchmark, see :mod:`mmfast.ops.backend_table`) measured them faster for
+  that op, direction, dtype and width; no table, no CUDA C++. CPU tensors run the reference, or the
+  Triton kernels through the interpreter when ``TRITON_INTERPRET=1``;
+* ``cuda``: the CUDA C++ kernels for the ops that have them (the norms; other ops run Triton). When
+  the extension cannot be built or loaded, or the tensors are not on a GPU, one warning says why and
+  the op runs as ``auto`` would without it;
 * ``triton``: always the Triton kernels; an error (not a fallback) where they cannot run;
 * ``reference``: always the pure-PyTorch reference.
 
-Nothing falls back silently: a forced backend that cannot run raises with the reason.
+Nothing falls back silently: a fallback warns once with the reason, a forced Triton that cannot run raises.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import threading
+import warnings
+from typing import NamedTuple
 
 import torch
 
 from ..kernels._device import interpreting
 
 ENV_VAR = "MMFAST_BACKEND"
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "cuda", "triton", "reference")
+
+
+class KernelKey(NamedTuple):
+    """What the backend table is keyed by: an op with a CUDA C++ implementation, one direction."""
+
+    op: str  # "rms_norm" | "layer_norm"
+    direction: str  # "fwd" | "bwd"
+    dtype: torch.dtype
+    N: int
 
 
 def requested_backend() -> str:
@@ -49,17 +67,33 @@ def _triton_can_run(device: torch.device) -> str | None:
     )
 
 
-def resolve_backend(device: torch.device) -> str:
-    """The backend that runs an op on ``device`` now."""
-    wanted = requested_backend()
-    if wanted == "reference":
-        return "reference"
-    if wanted == "triton":
+def cuda_can_run(device: torch.device) -> str | None:
+    """None when the CUDA C++ kernels can run on ``device`` (building them on first use), else why not."""
+    if device.type != "cuda":
+        return f"the CUDA C++ kernels run CUDA tensors, not {device.type} tensors"
+    from ..kernels import cuda_ext
+
+    return cuda_ext.unavailable_reason()
+
+
+_warned: set[str] = set()
+_warn_lock = threading.Lock()
+
+
+def _warn_once(message: str) -> None:
+    with _warn_lock:
+        if message in _warned:
+            return
+        _warned.add(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _without_cuda(device: torch.device, forced_triton: bool) -> str:
+    if forced_triton:
         reason = _triton_can_run(device)
         if reason is not None:
             raise RuntimeError(f"{ENV_VAR}=triton cannot run: {reason}")
         return "triton"
-    # auto
     if device.type == "cuda":
         reason = _triton_can_run(device)
         if reason is not None:
@@ -68,3 +102,30 @@ def resolve_backend(device: torch.device) -> str:
     if device.type == "cpu" and interpreting() and _triton_available():
         return "triton"
     return "reference"
+
+
+def resolve_backend(device: torch.device, key: KernelKey | None = None) -> str:
+    """The backend that runs an op on ``device`` now. ``key`` describes an op that has a CUDA C++
+    implementation (None for ops that do not)."""
+    wanted = requested_backend()
+    if wanted == "reference":
+        return "reference"
+    if wanted == "triton":
+        return _without_cuda(device, forced_triton=True)
+    if key is not None:
+        if wanted == "cuda":
+            reason = cuda_can_run(device)
+            if reason is None:
+                return "cuda"
+            _warn_once(f"mmfast: {ENV_VAR}=cuda, but the CUDA C++ kernels cannot run: {reason}. "
+                       "Running the Triton kernels (or the reference on CPU) instead.")
+        elif device.type == "cuda":
+            from .backend_table import table_winner
+
+            if table_winner(device, key) == "cuda":
+                reason = cuda_can_run(device)
+                if reason is None:
+                    return "cuda"
+                _warn_once(f"mmfast: the backend table prefers the CUDA C++ kernels on this GPU, but they cannot "
+                           f"run: {reason}. Running the Triton kernels instead.")
+    return _without_cuda(device, forced_triton=False)

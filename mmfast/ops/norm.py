@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backend import resolve_backend
+from .backend import KernelKey, resolve_backend
 
 #: Widest normalised dimension supported.
 MAX_N = 65536
@@ -161,8 +161,13 @@ def _rows(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _impl(device: torch.device):
-    if resolve_backend(device) == "triton":
+def _impl(x: Tensor, rms: bool, direction: str):
+    backend = resolve_backend(x.device, KernelKey("rms_norm" if rms else "layer_norm", direction, x.dtype, x.shape[-1]))
+    if backend == "cuda":
+        from ..kernels import cuda_ext as kernels
+
+        return kernels.norm_fwd, kernels.norm_bwd
+    if backend == "triton":
         from ..kernels import norm as kernels
 
         return kernels.norm_fwd, kernels.norm_bwd
@@ -170,7 +175,7 @@ def _impl(device: torch.device):
 
 
 def _fwd(x, weight, bias, residual, eps, rms):
-    fwd, _ = _impl(x.device)
+    fwd, _ = _impl(x, rms, "fwd")
     y, h, mean, rstd = fwd(_rows(x), weight, bias, None if residual is None else _rows(residual), eps, rms)
     lead = x.shape[:-1]
     empty = x.new_empty(0)
@@ -184,7 +189,7 @@ def _fwd(x, weight, bias, residual, eps, rms):
 
 
 def _bwd(dy, x, weight, mean, rstd, dres, rms, need_dx, need_dw, need_db, db_dtype):
-    _, bwd = _impl(x.device)
+    _, bwd = _impl(x, rms, "bwd")
     N = x.shape[-1]
     dx, dw, db = bwd(
         _rows(dy), _rows(x), weight,

@@ -1,0 +1,454 @@
+// Fused RMSNorm / LayerNorm backward with the affine-parameter gradients.
+//
+// Persistent grid: a bounded number of blocks (SM count x occupancy, fewer for small M) walks the rows.
+// Per row: one read of x and dy (and of the incoming residual gradient), the two row dot products
+// (sum of xhat*w*dy, and sum of w*dy for LayerNorm), one write of dx. Each row slot of a block keeps
+// its dweight/dbias contributions in fp32 registers across all its rows and writes them once at the end
+// as one row of a [num_partials, N] workspace; norm_sum_partials then sums the workspace columns in a
+// fixed order. No atomics anywhere: the result is bit-identical run to run.
+//
+// The wide kernel (rows too long for registers) keeps its partials in its own workspace row instead,
+// read-modified-written by the thread that owns those columns, and takes two passes over each row.
+#include <cstdio>
+
+#include "norm_common.cuh"
+
+namespace mmfast {
+namespace detail {
+
+template <typename T, typename W, bool RMS, int VEC, int TPR, int ITEMS, int N_CT>
+__global__ void __launch_bounds__(block_threads(TPR)) norm_bwd_reg_kernel(const NormBwdParams p) {
+  constexpr int kRows = rows_per_block(TPR);
+  constexpr bool kFull = N_CT > 0 && (N_CT / VEC) == TPR * ITEMS;
+  constexpr int K = RMS ? 1 : 2;
+  __shared__ float red[kRows * (TPR / 32) * K];
+
+  const int row_in_block = threadIdx.x / TPR;
+  const int lane = threadIdx.x % TPR;
+  const int64_t N = N_CT > 0 ? N_CT : p.N;
+  const int64_t units = N / VEC;
+  const float inv_n = 1.f / static_cast<float>(N);
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const T* __restrict__ dy = static_cast<const T*>(p.dy);
+  const T* __restrict__ dres = static_cast<const T*>(p.dres);
+  const W* __restrict__ weight = static_cast<const W*>(p.weight);
+  T* __restrict__ dx = static_cast<T*>(p.dx);
+
+  float dw_acc[ITEMS][VEC];
+  float db_acc[RMS ? 1 : ITEMS][VEC];
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i)
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      dw_acc[i][k] = 0.f;
+      if constexpr (!RMS) db_acc[i][k] = 0.f;
+    }
+
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kRows; base < p.M;
+       base += static_cast<int64_t>(gridDim.x) * kRows) {
+    const int64_t row = base + row_in_block;
+    const bool valid = row < p.M;
+    const float rstd = valid ? p.rstd[row] : 0.f;
+    const float mean = (!RMS && valid) ? p.mean[row] : 0.f;
+
+    // x and dy stay in their storage dtype in registers (half the registers for 16-bit types) and are
+    // widened where used.
+    T xr[ITEMS][VEC], gr[ITEMS][VEC];
+    bool ok[ITEMS];
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int64_t u = static_cast<int64_t>(i) * TPR + lane;
+      ok[i] = valid && (kFull || u < units);
+      if (ok[i]) {
+        load_vec<T, VEC>(x + row * p.stride_x + u * VEC, xr[i]);
+        load_vec<T, VEC>(dy + row * p.stride_dy + u * VEC, gr[i]);
+      } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) xr[i][k] = gr[i][k] = from_f32<T>(0.f);
+      }
+    }
+
+    if (p.need_dx) {  // uniform across the block
+      float c[K];
+#pragma unroll
+      for (int j = 0; j < K; ++j) c[j] = 0.f;
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i) {
+        if (!ok[i]) continue;
+        float w[VEC];
+        load_affine<W, VEC>(weight, (static_cast<int64_t>(i) * TPR + lane) * VEC, 1.f, w);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const float wdy = to_f32(gr[i][k]) * w[k];
+          c[0] = fmaf((to_f32(xr[i][k]) - mean) * rstd, wdy, c[0]);
+          if constexpr (!RMS) c[1] += wdy;
+        }
+      }
+      row_allreduce<TPR, K>(c, red, row_in_block, lane);
+      const float c1 = c[0] * inv_n;
+      const float c2 = RMS ? 0.f : c[K - 1] * inv_n;
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i) {
+        if (!ok[i]) continue;
+        const int64_t u = static_cast<int64_t>(i) * TPR + lane;
+        float w[VEC], r[VEC];
+        load_affine<W, VEC>(weight, u * VEC, 1.f, w);
+        if (dres != nullptr) {
+          load_vec_f32<T, VEC>(dres + row * p.stride_dres + u * VEC, r);
+        } else {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) r[k] = 0.f;
+        }
+        T out[VEC];
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const float xh = (to_f32(xr[i][k]) - mean) * rstd;
+          out[k] = from_f32<T>(fmaf(to_f32(gr[i][k]) * w[k] - fmaf(xh, c1, c2), rstd, r[k]));
+        }
+        store_vec<T, VEC>(dx + row * N + u * VEC, out);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i)
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const float g = to_f32(gr[i][k]);
+        dw_acc[i][k] = fmaf(g, (to_f32(xr[i][k]) - mean) * rstd, dw_acc[i][k]);
+        if constexpr (!RMS) db_acc[i][k] += g;
+      }
+  }
+
+  // one workspace row per row slot of the block
+  const int64_t prow = static_cast<int64_t>(blockIdx.x) * kRows + row_in_block;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int64_t u = static_cast<int64_t>(i) * TPR + lane;
+    if (!(kFull || u < units)) continue;
+    if (p.need_dw) store_vec<float, VEC>(p.dw_partial + prow * N + u * VEC, dw_acc[i]);
+    if constexpr (!RMS) {
+      if (p.need_db) store_vec<float, VEC>(p.db_partial + prow * N + u * VEC, db_acc[i]);
+    }
+  }
+}
+
+template <typename T, typename W, bool RMS, int VEC>
+__global__ void __launch_bounds__(kWideThreads) norm_bwd_wide_kernel(const NormBwdParams p) {
+  constexpr int K = RMS ? 1 : 2;
+  __shared__ float red[(kWideThreads / 32) * K];
+  const int64_t N = p.N;
+  const int64_t units = N / VEC;
+  const float inv_n = 1.f / static_cast<float>(N);
+  const T* x = static_cast<const T*>(p.x);
+  const T* dy = static_cast<const T*>(p.dy);
+  const T* dres = static_cast<const T*>(p.dres);
+  const W* weight = static_cast<const W*>(p.weight);
+  T* dx = static_cast<T*>(p.dx);
+  float* dw_part = p.dw_partial + static_cast<int64_t>(blockIdx.x) * N;
+  float* db_part = p.db_partial + static_cast<int64_t>(blockIdx.x) * N;
+
+  for (int64_t row = blockIdx.x; row < p.M; row += gridDim.x) {
+    const bool first = row == blockIdx.x;
+    const float rstd = p.rstd[row];
+    const float mean = RMS ? 0.f : p.mean[row];
+    const T* xr = x + row * p.stride_x;
+    const T* gr = dy + row * p.stride_dy;
+    float c1 = 0.f, c2 = 0.f;
+    if (p.need_dx) {
+      float c[K];
+#pragma unroll
+      for (int j = 0; j < K; ++j) c[j] = 0.f;
+      for (int64_t u = threadIdx.x; u < units; u += blockDim.x) {
+        float xv[VEC], g[VEC], w[VEC];
+        load_vec_f32<T, VEC>(xr + u * VEC, xv);
+        load_vec_f32<T, VEC>(gr + u * VEC, g);
+        load_affine<W, VEC>(weight, u * VEC, 1.f, w);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const float wdy = g[k] * w[k];
+          c[0] = fmaf((xv[k] - mean) * rstd, wdy, c[0]);
+          if constexpr (!RMS) c[1] += wdy;
+        }
+      }
+      block_allreduce<K>(c, red);
+      c1 = c[0] * inv_n;
+      c2 = RMS ? 0.f : c[K - 1] * inv_n;
+    }
+    for (int64_t u = threadIdx.x; u < units; u += blockDim.x) {
+      float xh[VEC], g[VEC];
+      load_vec_f32<T, VEC>(xr + u * VEC, xh);
+      load_vec_f32<T, VEC>(gr + u * VEC, g);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) xh[k] = (xh[k] - mean) * rstd;
+      if (p.need_dx) {
+        float w[VEC], r[VEC];
+        load_affine<W, VEC>(weight, u * VEC, 1.f, w);
+        if (dres != nullptr) {
+          load_vec_f32<T, VEC>(dres + row * p.stride_dres + u * VEC, r);
+        } else {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) r[k] = 0.f;
+        }
+        T out[VEC];
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) out[k] = from_f32<T>(fmaf(g[k] * w[k] - fmaf(xh[k], c1, c2), rstd, r[k]));
+        store_vec<T, VEC>(dx + row * N + u * VEC, out);
+      }
+      if (p.need_dw) {
+        float acc[VEC];
+        if (first) {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) acc[k] = 0.f;
+        } else {
+          load_vec<float, VEC>(dw_part + u * VEC, acc);
+        }
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) acc[k] = fmaf(g[k], xh[k], acc[k]);
+        store_vec<float, VEC>(dw_part + u * VEC, acc);
+      }
+      if constexpr (!RMS) {
+        if (p.need_db) {
+          float acc[VEC];
+          if (first) {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) acc[k] = 0.f;
+          } else {
+            load_vec<float, VEC>(db_part + u * VEC, acc);
+          }
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) acc[k] += g[k];
+          store_vec<float, VEC>(db_part + u * VEC, acc);
+        }
+      }
+    }
+  }
+}
+
+// out[n] = sum_p partial[p, n]: 32 columns x 8 slices of p per block, slices summed in order.
+template <typename O>
+__global__ void __launch_bounds__(256) sum_partials_kernel(const float* __restrict__ part, int64_t P, int64_t N,
+                                                           O* __restrict__ out) {
+  __shared__ float red[8][33];
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
+  float s = 0.f;
+  if (col < N) {
+    for (int64_t q = threadIdx.y; q < P; q += 8) s += part[q * N + col];
+  }
+  red[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < N) {
+    float t = 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) t += red[j][threadIdx.x];
+    out[col] = from_f32<O>(t);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// host side: grids, launchers, dispatch
+// ------------------------------------------------------------------------------------------------
+
+constexpr int kMaxDevices = 64;
+
+int current_sm_count() {
+  static int cache[kMaxDevices] = {0};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) return 1;
+  if (dev >= kMaxDevices) {
+    int n = 1;
+    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+    return n > 0 ? n : 1;
+  }
+  if (cache[dev] == 0) {
+    int n = 1;
+    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+    cache[dev] = n > 0 ? n : 1;
+  }
+  return cache[dev];
+}
+
+// Resident blocks per SM of `kernel` (cached per instance and device).
+template <typename Kernel>
+int blocks_per_sm(Kernel kernel, int threads, int* cache) {
+  int dev = 0;
+  cudaGetDevice(&dev);
+  const int slot = (dev >= 0 && dev < kMaxDevices) ? dev : 0;
+  if (cache[slot] == 0) {
+    int n = 1;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, 0) != cudaSuccess || n < 1) n = 1;
+    cache[slot] = n;
+  }
+  return cache[slot];
+}
+
+// Blocks of a persistent backward: enough for every SM at full occupancy, but each block gets at least
+// kMinRowsPerProgram row groups, so small M gets fewer blocks (and fewer partial rows to sum).
+inline int64_t persistent_blocks(int64_t row_groups, int per_sm) {
+  const int64_t cap = static_cast<int64_t>(current_sm_count()) * per_sm;
+  int64_t want = (row_groups + kMinRowsPerProgram - 1) / kMinRowsPerProgram;
+  if (want < 1) want = 1;
+  return want < cap ? want : cap;
+}
+
+// Run (or, with launch == false, only size) one backward configuration; *partials = workspace rows.
+template <typename T, typename W, bool RMS, int VEC, int TPR, int ITEMS, int N_CT>
+cudaError_t launch_bwd_reg(const NormBwdParams& p, cudaStream_t stream, bool launch, int64_t* partials) {
+  static int occ_cache[kMaxDevices] = {0};
+  constexpr int kRows = rows_per_block(TPR);
+  auto kernel = norm_bwd_reg_kernel<T, W, RMS, VEC, TPR, ITEMS, N_CT>;
+  const int64_t blocks =
+      persistent_blocks((p.M + kRows - 1) / kRows, blocks_per_sm(kernel, block_threads(TPR), occ_cache));
+  *partials = blocks * kRows;
+  if (!launch) return cudaSuccess;
+  kernel<<<static_cast<unsigned>(blocks), block_threads(TPR), 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, typename W, bool RMS, int VEC>
+cudaError_t launch_bwd_wide(const NormBwdParams& p, cudaStream_t stream, bool launch, int64_t* partials) {
+  static int occ_cache[kMaxDevices] = {0};
+  auto kernel = norm_bwd_wide_kernel<T, W, RMS, VEC>;
+  const int64_t blocks = persistent_blocks(p.M, blocks_per_sm(kernel, kWideThreads, occ_cache));
+  *partials = blocks;
+  if (!launch) return cudaSuccess;
+  kernel<<<static_cast<unsigned>(blocks), kWideThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+#define MMFAST_BWD_SPECIAL(WIDTH) \
+  case WIDTH:                     \
+    return launch_bwd_reg<T, W, RMS, V, spec_tpr(WIDTH / V), spec_items(WIDTH / V), WIDTH>(p, s, launch, partials);
+
+template <typename T, typename W, bool RMS>
+cudaError_t bwd_typed(const NormBwdParams& p, const Config& c, cudaStream_t s, bool launch, int64_t* partials) {
+  constexpr int V = 16 / static_cast<int>(sizeof(T));
+  switch (c.path) {
+    case Path::kSpecial:
+      switch (c.n_ct) {
+        MMFAST_BWD_SPECIAL(768)
+        MMFAST_BWD_SPECIAL(1024)
+        MMFAST_BWD_SPECIAL(1280)
+        MMFAST_BWD_SPECIAL(4096)
+        MMFAST_BWD_SPECIAL(5120)
+        MMFAST_BWD_SPECIAL(8192)
+        default:
+          return cudaErrorInvalidValue;
+      }
+    case Path::kRegister:
+      if (c.vec == V) {
+        switch (c.tpr) {
+          case 32: return launch_bwd_reg<T, W, RMS, V, 32, kRegItems, 0>(p, s, launch, partials);
+          case 64: return launch_bwd_reg<T, W, RMS, V, 64, kRegItems, 0>(p, s, launch, partials);
+          case 128: return launch_bwd_reg<T, W, RMS, V, 128, kRegItems, 0>(p, s, launch, partials);
+          case 256: return launch_bwd_reg<T, W, RMS, V, 256, kRegItems, 0>(p, s, launch, partials);
+          default: return cudaErrorInvalidValue;
+        }
+      }
+      switch (c.tpr) {
+        case 32: return launch_bwd_reg<T, W, RMS, 1, 32, kRegItems, 0>(p, s, launch, partials);
+        case 128: return launch_bwd_reg<T, W, RMS, 1, 128, kRegItems, 0>(p, s, launch, partials);
+        case 256: return launch_bwd_reg<T, W, RMS, 1, 256, kRegItems, 0>(p, s, launch, partials);
+        default: return cudaErrorInvalidValue;
+      }
+    case Path::kWide:
+      return c.vec == V ? launch_bwd_wide<T, W, RMS, V>(p, s, launch, partials)
+                        : launch_bwd_wide<T, W, RMS, 1>(p, s, launch, partials);
+  }
+  return cudaErrorInvalidValue;
+}
+
+#undef MMFAST_BWD_SPECIAL
+
+bool bwd_vec_ok(const NormBwdParams& p) {
+  const int v = 16 / dtype_size(p.act);
+  bool ok = p.N % v == 0 && p.stride_x % v == 0 && p.stride_dy % v == 0 && aligned16(p.x) && aligned16(p.dy);
+  if (p.need_dx) ok = ok && aligned16(p.dx);
+  if (p.dres != nullptr) ok = ok && p.stride_dres % v == 0 && aligned16(p.dres);
+  if (p.weight != nullptr) ok = ok && aligned16(p.weight);
+  if (p.need_dw) ok = ok && aligned16(p.dw_partial);
+  if (p.need_db) ok = ok && aligned16(p.db_partial);
+  return ok;
+}
+
+cudaError_t bwd_run(const NormBwdParams& p, cudaStream_t stream, bool launch, int64_t* partials) {
+  *partials = 0;
+  if (p.M == 0) return cudaSuccess;
+  // The workspace pointers are not known when sizing; size with the alignment they will have
+  // (torch allocations are 256-byte aligned).
+  NormBwdParams q = p;
+  if (!launch) {
+    static float dummy alignas(16);
+    q.dw_partial = q.need_dw ? &dummy : nullptr;
+    q.db_partial = q.need_db ? &dummy : nullptr;
+  }
+  const Config c = choose_config(q.N, q.act, bwd_vec_ok(q), /*backward=*/true);
+  return dispatch_norm(q.act, q.wdt, q.rms, [&](auto t, auto w, auto r) -> cudaError_t {
+    return bwd_typed<typename decltype(t)::type, typename decltype(w)::type, decltype(r)::value>(q, c, stream, launch,
+                                                                                               partials);
+  });
+}
+
+const char* config_name(const Config& c) {
+  static thread_local char buf[48];  // valid until this thread's next call
+  switch (c.path) {
+    case Path::kSpecial:
+      snprintf(buf, sizeof(buf), "special-%d", c.n_ct);
+      break;
+    case Path::kRegister:
+      snprintf(buf, sizeof(buf), "register-v%d-t%d", c.vec, c.tpr);
+      break;
+    case Path::kWide:
+      snprintf(buf, sizeof(buf), "wide-v%d", c.vec);
+      break;
+  }
+  return buf;
+}
+
+}  // namespace detail
+
+int64_t norm_bwd_num_partials(const NormBwdParams& p) {
+  int64_t partials = 0;
+  if (detail::bwd_run(p, nullptr, false, &partials) != cudaSuccess) return -1;
+  return partials;
+}
+
+cudaError_t norm_bwd(const NormBwdParams& p, cudaStream_t stream) {
+  if (p.M < 0 || p.N < 1 || p.x == nullptr || p.dy == nullptr || p.rstd == nullptr) return cudaErrorInvalidValue;
+  if (!p.rms && p.mean == nullptr) return cudaErrorInvalidValue;
+  if ((p.need_dx && p.dx == nullptr) || (p.need_dw && p.dw_partial == nullptr) ||
+      (p.need_db && (p.rms || p.db_partial == nullptr)))
+    return cudaErrorInvalidValue;
+  int64_t partials = 0;
+  return detail::bwd_run(p, stream, true, &partials);
+}
+
+cudaError_t norm_sum_partials(const float* partial, int64_t P, int64_t N, void* out, DType out_dt,
+                              cudaStream_t stream) {
+  if (N < 1 || out == nullptr || (P > 0 && partial == nullptr)) return cudaErrorInvalidValue;
+  const dim3 block(32, 8);
+  const unsigned grid = static_cast<unsigned>((N + 31) / 32);
+  switch (out_dt) {
+    case DType::kFloat32:
+      detail::sum_partials_kernel<float><<<grid, block, 0, stream>>>(partial, P, N, static_cast<float*>(out));
+      break;
+    case DType::kFloat16:
+      detail::sum_partials_kernel<__half><<<grid, block, 0, stream>>>(partial, P, N, static_cast<__half*>(out));
+      break;
+    case DType::kBFloat16:
+      detail::sum_partials_kernel<__nv_bfloat16>
+          <<<grid, block, 0, stream>>>(partial, P, N, static_cast<__nv_bfloat16*>(out));
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+const char* norm_bwd_path(const NormBwdParams& p) {
+  NormBwdParams q = p;
+  static float dummy alignas(16);
+  if (q.need_dw && q.dw_partial == nullptr) q.dw_partial = &dummy;
+  if (q.need_db && q.db_partial == nullptr) q.db_partial = &dummy;
+  return detail::config_name(detail::choose_config(q.N, q.act, detail::bwd_vec_ok(q), /*backward=*/true));
+}
+
+}  // namespace mmfast

@@ -1,0 +1,331 @@
+"""The CUDA C++ backend's loader: finds the ``csrc/`` extension, builds it on first use, loads it.
+
+Where the extension comes from, in order:
+
+1. ``mmfast._cuda_ext``, built ahead of time by ``MMFAST_CUDA=1 pip install --no-build-isolation -e .``;
+2. a build on first use with ``torch.utils.cpp_extension`` and ninja into a cache directory
+   (``$MMFAST_CACHE_DIR``, default ``~/.cache/mmfast``), one subdirectory per combination of source
+   hash, torch, CUDA and Python versions, reused by every later process.
+
+Builds are serialised by an OS file lock on the cache directory, so concurrent processes (the ranks
+of a DDP job) build once and the others load the result; the lock dies with its holder, so a killed
+build never blocks a later import (a stale lock file left by torch's own build helper is removed
+while the lock is held). A process waits at most ``$MMFAST_CUDA_BUILD_TIMEOUT`` seconds (default
+1800) for another's build. Local ranks other than 0 give rank 0 a head start before they try.
+
+Nothing here raises: :func:`load` returns whether the extension is usable and :func:`unavailable_reason`
+says why not (no CUDA device, a CPU-only torch, no nvcc, no ninja, a compile error, a lock timeout).
+The backend layer (:mod:`mmfast.ops.backend`) turns that into one warning and the Triton kernels.
+
+:func:`norm_fwd` / :func:`norm_bwd` have the signatures of :mod:`mmfast.kernels.norm`'s launchers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+try:  # POSIX only; elsewhere builds are not serialised across processes
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+#: Module name of the ahead-of-time build (setup.py with MMFAST_CUDA=1).
+AOT_MODULE = "mmfast._cuda_ext"
+#: Module name of the build on first use.
+JIT_NAME = "mmfast_cuda_ext"
+#: Translation units, compiled in this order; headers are hashed too.
+SOURCES = ("binding.cpp", "norm_fwd.cu", "norm_bwd.cu")
+HEADERS = ("norm.h", "norm_common.cuh")
+#: Extra nvcc flags (no fast-math: the kernels round like PyTorch).
+NVCC_FLAGS = ("-O3", "-lineinfo")
+CXX_FLAGS = ("-O3",)
+
+CACHE_ENV = "MMFAST_CACHE_DIR"
+TIMEOUT_ENV = "MMFAST_CUDA_BUILD_TIMEOUT"
+DEFAULT_TIMEOUT_S = 1800.0
+#: Seconds a local rank other than 0 waits for rank 0 to start (or finish) the build.
+RANK0_HEAD_START_S = 30.0
+
+_state_lock = threading.Lock()
+_loaded: bool | None = None  # None: not tried yet
+_reason: str | None = None
+_origin: str | None = None  # "aot" or the build directory
+
+
+# ---------------------------------------------------------------------------------------------
+# sources and cache
+# ---------------------------------------------------------------------------------------------
+
+
+def source_dir() -> Path:
+    """The directory holding the CUDA sources: the copy inside an installed wheel, else the repository's ``csrc``."""
+    here = Path(__file__).resolve().parent.parent  # the mmfast package
+    for candidate in (here / "_csrc", here.parent / "csrc"):
+        if all((candidate / f).is_file() for f in SOURCES + HEADERS):
+            return candidate
+    raise FileNotFoundError(f"the CUDA sources ({', '.join(SOURCES)}) are neither in {here / '_csrc'} nor in {here.parent / 'csrc'}")
+
+
+def source_hash() -> str:
+    h = hashlib.sha256()
+    src = source_dir()
+    for name in SOURCES + HEADERS:
+        h.update(name.encode())
+        h.update((src / name).read_bytes())
+    return h.hexdigest()
+
+
+def build_key() -> str:
+    """Names the build directory: sources, compiler flags, torch, CUDA and Python versions."""
+    h = hashlib.sha256()
+    for part in (source_hash(), " ".join(NVCC_FLAGS + CXX_FLAGS), torch.__version__, str(torch.version.cuda),
+                 sys.implementation.cache_tag, os.environ.get("TORCH_CUDA_ARCH_LIST", "")):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def cache_root() -> Path:
+    root = os.environ.get(CACHE_ENV)
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "mmfast"
+
+
+def build_dir() -> Path:
+    return cache_root() / f"cuda-{build_key()}"
+
+
+def build_timeout() -> float:
+    raw = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        return float(raw) if raw.strip() else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# the lock
+# ---------------------------------------------------------------------------------------------
+
+
+class LockTimeout(TimeoutError):
+    pass
+
+
+@contextlib.contextmanager
+def build_lock(directory: Path, timeout: float):
+    """Exclusive OS lock on ``directory/build.lock``, waited for at most ``timeout`` seconds.
+
+    ``flock`` locks belong to the open file: the kernel drops them when the holder exits, however it
+    exits, so a lock file left behind by a killed build is free for the next process.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:  # pragma: no cover - Windows
+        yield
+        return
+    fd = os.open(directory / "build.lock", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise LockTimeout(
+                        f"another process has held the build lock {directory / 'build.lock'} for over {timeout:.0f} s "
+                        f"(raise {TIMEOUT_ENV} if its build is just slow)"
+                    ) from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def lock_is_held(directory: Path) -> bool:
+    """Whether some process holds ``directory``'s build lock right now."""
+    if fcntl is None or not (directory / "build.lock").exists():  # pragma: no cover - Windows
+        return False
+    fd = os.open(directory / "build.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def _local_rank() -> int:
+    try:
+        return int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def wait_for_rank0(directory: Path, head_start: float = RANK0_HEAD_START_S) -> None:
+    """On local ranks other than 0: give rank 0 up to ``head_start`` s to take the build lock or finish."""
+    if _local_rank() == 0:
+        return
+    deadline = time.monotonic() + head_start
+    while time.monotonic() < deadline:
+        if (directory / "built.ok").exists() or lock_is_held(directory):
+            return
+        time.sleep(0.2)
+
+
+# ---------------------------------------------------------------------------------------------
+# building and loading
+# ---------------------------------------------------------------------------------------------
+
+
+def prerequisites() -> str | None:
+    """None when a build can be attempted here, else why not."""
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is a CPU-only build"
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible"
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    nvcc = Path(home, "bin", "nvcc") if home else None
+    if nvcc is None or not nvcc.exists():
+        return "nvcc was not found (install the CUDA toolkit or set CUDA_HOME)"
+    if not cpp_extension.is_ninja_available():
+        return "ninja was not found (pip install ninja)"
+    return None
+
+
+def _build(directory: Path):
+    from torch.utils import cpp_extension
+
+    src = source_dir()
+    timeout = build_timeout()
+    wait_for_rank0(directory)
+    with build_lock(directory, timeout):
+        stale = directory / "lock"  # torch's own build baton, left behind if a build was killed
+        if stale.exists():
+            stale.unlink()
+        if not (directory / "built.ok").exists():
+            print(f"mmfast: building the CUDA C++ kernels in {directory} (first use; a minute or two)", file=sys.stderr)
+        module = cpp_extension.load(
+            name=JIT_NAME,
+            sources=[str(src / f) for f in SOURCES],
+            extra_cflags=list(CXX_FLAGS),
+            extra_cuda_cflags=list(NVCC_FLAGS),
+            extra_include_paths=[str(src)],
+            build_directory=str(directory),
+            verbose=os.environ.get("MMFAST_CUDA_VERBOSE", "0") not in ("", "0"),
+            is_python_module=True,
+        )
+        (directory / "built.ok").write_text(build_key() + "\n")
+    return module
+
+
+def _short(exc: BaseException) -> str:
+    """The lines of a build error worth reading: the compiler's error lines, else the last few."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower() and "ninja: build stopped" not in line]
+    picked = (errors or lines)[-3:]
+    return f"{type(exc).__name__}: " + " | ".join(picked) if picked else type(exc).__name__
+
+
+def load() -> bool:
+    """Make ``torch.ops.mmfast_cuda`` usable (import the ahead-of-time build, or build on first use).
+
+    Returns whether it is; tried once per process, the answer (and :func:`unavailable_reason`) is kept.
+    """
+    global _loaded, _reason, _origin
+    if _loaded is not None:
+        return _loaded
+    with _state_lock:
+        if _loaded is not None:
+            return _loaded
+        try:
+            importlib.import_module(AOT_MODULE)
+            _loaded, _origin = True, "aot"
+            return True
+        except ImportError:
+            pass
+        except Exception as exc:  # an AOT build that does not load (ABI mismatch, ...)
+            _loaded, _reason = False, f"the ahead-of-time build {AOT_MODULE} failed to load ({_short(exc)})"
+            return False
+        why = prerequisites()
+        if why is not None:
+            _loaded, _reason = False, why
+            return False
+        directory = build_dir()
+        try:
+            _build(directory)
+        except Exception as exc:
+            _loaded, _reason = False, f"the build in {directory} failed ({_short(exc)})"
+            return False
+        _loaded, _origin = True, str(directory)
+        return True
+
+
+def available() -> bool:
+    return load()
+
+
+def unavailable_reason() -> str | None:
+    """Why the extension cannot be used (after :func:`load` has been tried), else None."""
+    return None if load() else _reason
+
+
+def origin() -> str | None:
+    """``"aot"`` or the build directory the loaded extension came from."""
+    return _origin if load() else None
+
+
+def _reset_for_tests() -> None:
+    global _loaded, _reason, _origin
+    with _state_lock:
+        _loaded = _reason = _origin = None
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers with the signatures of mmfast.kernels.norm
+# ---------------------------------------------------------------------------------------------
+
+
+def _none_if_empty(t: torch.Tensor, present: bool) -> torch.Tensor | None:
+    return t if present else None
+
+
+def norm_fwd(x, weight, bias, residual, eps, rms):
+    """See :func:`mmfast.kernels.norm.norm_fwd`."""
+    y, h, mean, rstd = torch.ops.mmfast_cuda.norm_fwd(x, weight, bias, residual, float(eps), rms)
+    return y, _none_if_empty(h, residual is not None), _none_if_empty(mean, not rms), rstd
+
+
+def norm_bwd(dy, x, weight, mean, rstd, dresidual_out, rms, need_dx, need_dw, need_db, dw_dtype=None, db_dtype=None):
+    """See :func:`mmfast.kernels.norm.norm_bwd`."""
+    if need_dw and weight is None:
+        raise ValueError("need_dw requires a weight")
+    if need_dw and dw_dtype is None:
+        dw_dtype = weight.dtype
+    if need_db and db_dtype is None:
+        db_dtype = dw_dtype or x.dtype
+    dx, dw, db = torch.ops.mmfast_cuda.norm_bwd(
+        dy, x, weight, None if rms else mean, rstd, dresidual_out, rms, need_dx, need_dw, need_db, dw_dtype, db_dtype
+    )
+    return _none_if_empty(dx, need_dx), _none_if_empty(dw, need_dw), _none_if_empty(db, need_db)
+
+
+def norm_path(x, weight, bias, residual, rms, backward=False) -> str:
+    """Which CUDA kernel runs these inputs (``special-4096``, ``register-v8-t128``, ``wide-v1``, ...)."""
+    return torch.ops.mmfast_cuda.norm_path(x, weight, bias, residual, rms, backward)

@@ -1,0 +1,426 @@
+"""The CUDA C++ backend on a machine without a GPU: its sources compile for sm_90a, and the logic that
+builds, loads, locks, falls back and chooses between backends behaves as documented.
+
+The kernels' numerics are tested by the whole norm matrix in test_norm.py, which runs once per backend
+(``cuda`` included) natively on a GPU machine.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import mmfast
+from mmfast.kernels import cuda_ext
+from mmfast.ops import backend, backend_table
+from mmfast.ops.backend import KernelKey, resolve_backend
+
+ROOT = Path(__file__).resolve().parent.parent
+NO_GPU = not torch.cuda.is_available()
+
+
+@pytest.fixture
+def fresh_loader(monkeypatch, tmp_path):
+    """A loader that has not tried yet, building into a private cache; restored afterwards."""
+    monkeypatch.setenv(cuda_ext.CACHE_ENV, str(tmp_path / "cache"))
+    cuda_ext._reset_for_tests()
+    backend._warned.clear()
+    yield cuda_ext
+    cuda_ext._reset_for_tests()
+    backend._warned.clear()
+
+
+@pytest.fixture
+def clean_tables(monkeypatch):
+    backend_table.clear_cache()
+    yield
+    backend_table.clear_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# compile check
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cuda_sources_compile_for_sm90a():
+    """Every .cu compiles with the machine's nvcc for sm_90a; binding.cpp passes a syntax check against
+    torch's headers. Spills are reported in the output, not failed."""
+    from mmfast.kernels.cuda_compile_check import find_nvcc
+
+    if find_nvcc() is None:
+        pytest.skip("no nvcc on this machine (CI machines have one)")
+    out = subprocess.run([sys.executable, "-m", "mmfast.kernels.cuda_compile_check", "--arch", "sm_90a"],
+                         capture_output=True, text=True, timeout=1200)
+    print(out.stdout)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for f in ("norm_fwd.cu: ok", "norm_bwd.cu: ok", "binding.cpp: ok"):
+        assert f in out.stdout
+    for family in ("norm_fwd_reg_kernel", "norm_fwd_wide_kernel", "norm_bwd_reg_kernel", "norm_bwd_wide_kernel",
+                   "sum_partials_kernel"):
+        assert family in out.stdout
+
+
+def test_compile_check_fails_on_a_compile_error(tmp_path, monkeypatch):
+    from mmfast.kernels import cuda_compile_check as cc
+
+    nvcc = cc.find_nvcc()
+    if nvcc is None:
+        pytest.skip("no nvcc on this machine (CI machines have one)")
+    bad = tmp_path / "bad.cu"
+    bad.write_text("__global__ void k(float* p) { p[0] = not_declared; }\n")
+    rc, log, _ = cc.compile_cu(nvcc, bad, "sm_90a", tmp_path)
+    assert rc != 0 and "not_declared" in log
+
+
+def test_ptxas_report_is_parsed():
+    from mmfast.kernels.cuda_compile_check import parse_ptxas
+
+    log = textwrap.dedent("""\
+        ptxas info    : Compiling entry function '_Z1kPf' for 'sm_90a'
+        ptxas info    : Function properties for _Z1kPf
+            16 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads
+        ptxas info    : Used 40 registers, used 0 barriers
+        """)
+    (use,) = parse_ptxas(log)
+    assert (use.regs, use.stack, use.spill_stores, use.spill_loads) == (40, 16, 8, 4) and use.spills
+    assert use.family == "k"
+
+
+# ---------------------------------------------------------------------------------------------
+# loading and falling back
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not NO_GPU, reason="checks what a machine without a GPU reports")
+def test_load_without_gpu_says_why(fresh_loader):
+    assert fresh_loader.load() is False
+    reason = fresh_loader.unavailable_reason()
+    assert "CPU-only" in reason or "no CUDA device" in reason
+    assert fresh_loader.load() is False  # tried once, answer kept
+
+
+def test_prerequisites_name_what_is_missing(monkeypatch):
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+    assert "nvcc" in cuda_ext.prerequisites()
+    fake_home = Path(__file__).parent  # no bin/nvcc in it
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(fake_home))
+    assert "nvcc" in cuda_ext.prerequisites()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "no CUDA device" in cuda_ext.prerequisites()
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert "CPU-only" in cuda_ext.prerequisites()
+
+
+def test_ninja_missing_is_named(monkeypatch, tmp_path):
+    from torch.utils import cpp_extension
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").write_text("")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
+    assert "ninja" in cuda_ext.prerequisites()
+
+
+def test_failed_build_is_reported_and_falls_back_to_triton(fresh_loader, monkeypatch, tmp_path):
+    """A real nvcc run on a source that does not compile: load() says so with the compiler's error, and a
+    forced ``cuda`` backend warns once and runs Triton."""
+    from mmfast.kernels.cuda_compile_check import find_nvcc
+    from torch.utils import cpp_extension
+
+    nvcc = find_nvcc()
+    if nvcc is None:
+        pytest.skip("no nvcc on this machine (CI machines have one)")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "broken.cu").write_text('#include "broken.h"\n__global__ void k(int* p) { p[0] = undefined_name; }\n')
+    (src / "broken.h").write_text("#pragma once\n")
+    monkeypatch.setattr(fresh_loader, "SOURCES", ("broken.cu",))
+    monkeypatch.setattr(fresh_loader, "HEADERS", ("broken.h",))
+    monkeypatch.setattr(fresh_loader, "source_dir", lambda: src)
+    monkeypatch.setattr(fresh_loader, "prerequisites", lambda: None)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(Path(nvcc).resolve().parent.parent))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+
+    assert fresh_loader.load() is False
+    reason = fresh_loader.unavailable_reason()
+    assert "failed" in reason and "undefined_name" in reason
+
+    monkeypatch.setenv("MMFAST_BACKEND", "cuda")
+    key = KernelKey("rms_norm", "fwd", torch.bfloat16, 4096)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert resolve_backend(torch.device("cuda"), key) == "triton"
+        assert resolve_backend(torch.device("cuda"), key) == "triton"
+    msgs = [str(w.message) for w in seen if issubclass(w.category, RuntimeWarning)]
+    assert len(msgs) == 1 and "undefined_name" in msgs[0] and "Triton" in msgs[0]
+
+
+def test_forced_cuda_on_cpu_tensors_warns_once_and_still_computes(fresh_loader, monkeypatch, seed):
+    monkeypatch.setenv("MMFAST_BACKEND", "cuda")
+    x = torch.randn(3, 64, requires_grad=True)
+    w = torch.randn(64, requires_grad=True)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        y1 = mmfast.rms_norm(x, w)
+        y1.sum().backward()
+        y2 = mmfast.rms_norm(x, w)
+    msgs = [str(w.message) for w in seen if issubclass(w.category, RuntimeWarning)]
+    assert len(msgs) == 1, msgs
+    assert "MMFAST_BACKEND=cuda" in msgs[0] and "cpu" in msgs[0]
+    ref = mmfast.ops.norm.rms_norm_reference(x.detach().double(), w.detach().double())
+    torch.testing.assert_close(y2.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_ops_without_cuda_kernels_ignore_forced_cuda(monkeypatch, fresh_loader):
+    """The adapter has no CUDA C++ implementation: MMFAST_BACKEND=cuda runs it as auto would, no warning."""
+    monkeypatch.setenv("MMFAST_BACKEND", "cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_backend(torch.device("cpu")) in ("reference", "triton")
+        assert resolve_backend(torch.device("cuda")) == "triton"
+
+
+# ---------------------------------------------------------------------------------------------
+# the build lock
+# ---------------------------------------------------------------------------------------------
+
+HOLDER = textwrap.dedent("""\
+    import fcntl, os, sys, time
+    fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    print("held", flush=True)
+    time.sleep(600)
+    """)
+
+
+@pytest.mark.skipif(cuda_ext.fcntl is None, reason="POSIX file locks")
+def test_lock_waits_times_out_and_survives_a_killed_holder(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "build.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert cuda_ext.lock_is_held(tmp_path)
+        start = time.monotonic()
+        with pytest.raises(cuda_ext.LockTimeout, match="MMFAST_CUDA_BUILD_TIMEOUT"):
+            with cuda_ext.build_lock(tmp_path, timeout=0.5):
+                pass
+        assert 0.4 < time.monotonic() - start < 5
+    finally:
+        holder.send_signal(signal.SIGKILL)  # a build killed mid-way
+        holder.wait()
+    assert (tmp_path / "build.lock").exists()  # the file stays behind ...
+    start = time.monotonic()
+    with cuda_ext.build_lock(tmp_path, timeout=5):  # ... but the lock died with its holder
+        assert cuda_ext.lock_is_held(tmp_path)
+    assert time.monotonic() - start < 1
+    assert not cuda_ext.lock_is_held(tmp_path)
+
+
+def test_build_clears_a_stale_torch_baton_and_marks_success(fresh_loader, monkeypatch, tmp_path):
+    from torch.utils import cpp_extension
+
+    directory = tmp_path / "build"
+    directory.mkdir()
+    (directory / "lock").write_text("")  # torch's baton from a killed build: its load() would wait forever
+    calls = []
+
+    def fake_load(**kwargs):
+        assert not (directory / "lock").exists()
+        assert cuda_ext.lock_is_held(directory)
+        calls.append(kwargs)
+        return object()
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    cuda_ext._build(directory)
+    assert (directory / "built.ok").read_text().strip() == cuda_ext.build_key()
+    (kw,) = calls
+    assert kw["build_directory"] == str(directory) and kw["name"] == cuda_ext.JIT_NAME
+    assert [Path(s).name for s in kw["sources"]] == list(cuda_ext.SOURCES)
+    assert "--use_fast_math" not in kw["extra_cuda_cflags"]
+
+
+def test_other_local_ranks_give_rank0_a_head_start(monkeypatch, tmp_path):
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    start = time.monotonic()
+    cuda_ext.wait_for_rank0(tmp_path, head_start=5)
+    assert time.monotonic() - start < 0.5  # rank 0 never waits
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    start = time.monotonic()
+    cuda_ext.wait_for_rank0(tmp_path, head_start=0.5)
+    assert 0.4 < time.monotonic() - start < 5  # nobody started: waits out the head start, then builds itself
+    (tmp_path / "built.ok").write_text("x")
+    start = time.monotonic()
+    cuda_ext.wait_for_rank0(tmp_path, head_start=5)
+    assert time.monotonic() - start < 0.5  # already built
+
+
+def test_build_key_follows_sources_and_versions(monkeypatch, tmp_path):
+    key = cuda_ext.build_key()
+    assert key == cuda_ext.build_key() and len(key) == 16
+    monkeypatch.setattr(torch, "__version__", "0.0.0-other")
+    assert cuda_ext.build_key() != key
+    monkeypatch.setenv(cuda_ext.CACHE_ENV, str(tmp_path))
+    assert cuda_ext.build_dir().parent == tmp_path
+
+
+def test_bad_timeout_is_an_error(monkeypatch):
+    monkeypatch.setenv(cuda_ext.TIMEOUT_ENV, "soon")
+    with pytest.raises(ValueError, match="MMFAST_CUDA_BUILD_TIMEOUT"):
+        cuda_ext.build_timeout()
+
+
+# ---------------------------------------------------------------------------------------------
+# packaging
+# ---------------------------------------------------------------------------------------------
+
+
+def test_wheel_carries_the_cuda_sources(tmp_path):
+    """A non-editable install can build on first use: the wheel holds csrc/ as mmfast/_csrc."""
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                          "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "MMFAST_CUDA": "0"})
+    assert out.returncode == 0, out.stderr
+    (wheel,) = tmp_path.glob("mmfast-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for f in cuda_ext.SOURCES + cuda_ext.HEADERS:
+        assert f"mmfast/_csrc/{f}" in names
+    assert not any(n.endswith(".so") for n in names)  # pure Python unless MMFAST_CUDA=1
+
+
+def test_source_dir_prefers_the_packaged_copy(tmp_path, monkeypatch):
+    assert cuda_ext.source_dir() == ROOT / "csrc"
+    pkg = tmp_path / "mmfast"
+    (pkg / "kernels").mkdir(parents=True)
+    (pkg / "_csrc").mkdir()
+    for f in cuda_ext.SOURCES + cuda_ext.HEADERS:
+        (pkg / "_csrc" / f).write_text("")
+    monkeypatch.setattr(cuda_ext, "__file__", str(pkg / "kernels" / "cuda_ext.py"))
+    assert cuda_ext.source_dir() == pkg / "_csrc"
+
+
+def test_aot_build_is_opt_in():
+    """setup.py describes the extension only with MMFAST_CUDA=1, from the loader's sources and flags."""
+    probe = textwrap.dedent("""\
+        import os, sys, setuptools
+        import torch.utils.cpp_extension as ce
+        ce.CUDA_HOME = ce.CUDA_HOME or "/usr/local/cuda"  # a CPU-only torch knows no toolkit; nothing is built
+        seen = {}
+        setuptools.setup = lambda **kw: seen.update(kw)
+        sys.argv = ["setup.py"]
+        exec(compile(open("setup.py").read(), "setup.py", "exec"), {"__name__": "__main__", "__file__": os.path.abspath("setup.py")})
+        print([(e.name, e.sources) for e in seen["ext_modules"]], sorted(seen["cmdclass"]))
+        """)
+    plain = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, "MMFAST_CUDA": "0"})
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.strip() == "[] ['build_py']"
+    aot = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "MMFAST_CUDA": "1"})
+    assert aot.returncode == 0, aot.stderr
+    assert "mmfast._cuda_ext" in aot.stdout and "csrc/norm_bwd.cu" in aot.stdout and "build_ext" in aot.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# the backend table
+# ---------------------------------------------------------------------------------------------
+
+
+def _table(entries, device="Test GPU"):
+    return {"format": 1, "device": device, "entries": entries}
+
+
+def _entry(op, direction, dtype, N, winner):
+    return {"op": op, "direction": direction, "dtype": dtype, "N": N, "winner": winner}
+
+
+def test_table_lookup_uses_the_nearest_benchmarked_width():
+    t = _table([_entry("rms_norm", "bwd", "bfloat16", 1024, "triton"), _entry("rms_norm", "bwd", "bfloat16", 8192, "cuda")])
+    win = lambda N, op="rms_norm", d="bwd", dt=torch.bfloat16: backend_table.winner_from(t, KernelKey(op, d, dt, N))  # noqa: E731
+    assert win(1024) == "triton" and win(700) == "triton" and win(2000) == "triton"
+    assert win(4096) == "cuda" and win(65536) == "cuda" and win(8192) == "cuda"
+    assert win(4096, d="fwd") == "triton"  # no entry for the class: Triton
+    assert win(4096, op="layer_norm") == "triton"
+    assert win(4096, dt=torch.float16) == "triton"
+    assert backend_table.winner_from(None, KernelKey("rms_norm", "bwd", torch.bfloat16, 4096)) == "triton"
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"format": 2, "device": "x", "entries": []}, "format"),
+    ({"format": 1, "entries": []}, "device"),
+    ({"format": 1, "device": "x", "entries": [{"op": "softmax", "direction": "fwd", "dtype": "bfloat16", "N": 8, "winner": "cuda"}]}, "op"),
+    ({"format": 1, "device": "x", "entries": [_entry("rms_norm", "fwd", "bfloat16", 0, "cuda")]}, "N"),
+    ({"format": 1, "device": "x", "entries": [_entry("rms_norm", "fwd", "bfloat16", 8, "fastest")]}, "winner"),
+])
+def test_malformed_tables_are_rejected(bad, match):
+    with pytest.raises(ValueError, match=match):
+        backend_table.validate(bad)
+
+
+def test_table_from_benchmark_records():
+    recs = []
+    for provider, ms in (("mmfast-cuda", 1.0), ("mmfast-triton", 2.0)):
+        for M in (512, 32768):
+            recs.append({"op": "rms_norm", "direction": "bwd", "dtype": "bfloat16", "M": M, "N": 4096, "residual": False,
+                         "provider": provider, "ms": ms if M == 32768 else 3.0 - ms})
+        recs.append({"op": "rms_norm", "direction": "bwd", "dtype": "bfloat16", "M": 32768, "N": 4096, "residual": True,
+                     "provider": provider, "ms": 9.0 - ms})
+    recs.append({"op": "rms_norm", "direction": "fwd", "dtype": "bfloat16", "M": 32768, "N": 4096, "residual": False,
+                 "provider": "mmfast-triton", "ms": 1.0})  # only one backend timed: no entry
+    recs.append({"op": "rms_norm", "direction": "fwd+bwd", "dtype": "bfloat16", "M": 32768, "N": 4096, "residual": False,
+                 "provider": "mmfast-cuda", "ms": 1.0})
+    t = backend_table.build_table(recs, "Test GPU", {"commit": "abc"})
+    assert t["commit"] == "abc" and t["device"] == "Test GPU"
+    (e,) = t["entries"]
+    assert (e["direction"], e["M"], e["N"], e["winner"], e["cuda_ms"], e["triton_ms"]) == ("bwd", 32768, 4096, "cuda", 1.0, 2.0)
+
+
+def test_auto_consults_the_table_for_the_device(monkeypatch, tmp_path, fresh_loader, clean_tables):
+    """auto + a table that prefers CUDA C++ for the class: the extension is tried; when it cannot run,
+    one warning and Triton. Classes the table gives to Triton never try to build anything."""
+    import json
+
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(_table([_entry("layer_norm", "fwd", "float16", 1024, "cuda"),
+                                       _entry("layer_norm", "bwd", "float16", 1024, "triton")])))
+    monkeypatch.setenv(backend_table.TABLE_ENV, str(path))
+    monkeypatch.setattr(backend_table, "_device_name", lambda index: "Test GPU")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    tried = []
+    monkeypatch.setattr(backend, "cuda_can_run", lambda device: tried.append(device) or "it is a test")
+    monkeypatch.setenv("MMFAST_BACKEND", "auto")
+    cuda = torch.device("cuda", 0)
+    assert resolve_backend(cuda, KernelKey("layer_norm", "bwd", torch.float16, 1024)) == "triton"
+    assert tried == []
+    with pytest.warns(RuntimeWarning, match="backend table prefers the CUDA C\\+\\+ kernels.*it is a test"):
+        assert resolve_backend(cuda, KernelKey("layer_norm", "fwd", torch.float16, 1280)) == "triton"
+    assert len(tried) == 1
+    monkeypatch.setattr(backend, "cuda_can_run", lambda device: None)
+    assert resolve_backend(cuda, KernelKey("layer_norm", "fwd", torch.float16, 1024)) == "cuda"
+    monkeypatch.setattr(backend_table, "_device_name", lambda index: "Another GPU")
+    backend_table.clear_cache()
+    assert resolve_backend(cuda, KernelKey("layer_norm", "fwd", torch.float16, 1024)) == "triton"  # no table for it
+
+
+def test_shipped_tables_are_valid(clean_tables, monkeypatch):
+    monkeypatch.delenv(backend_table.TABLE_ENV, raising=False)
+    for table in backend_table.load_tables():
+        assert table["entries"], "a shipped table with no entries"
+
+
+def test_unknown_backend_names_the_choices(monkeypatch):
+    monkeypatch.setenv("MMFAST_BACKEND", "cudnn")
+    with pytest.raises(ValueError, match="auto, cuda, triton, reference"):
+        backend.requested_backend()
