@@ -66,7 +66,7 @@ cudaError_t norm_bwd(const NormBwdParams& p, cudaStream_t stream);
 cudaError_t norm_sum_partials(const float* partial, int64_t P, int64_t N, void* out, DType out_dt,
                               cudaStream_t stream);
 
-// Which kernel a forward / backward with these parameters runs ("spec-4096", "reg-v8-t128", "wide-v1", ...).
+// Which kernel a forward / backward with these parameters runs ("special-4096", "register-v8-t128", "wide-v1", ...).
 const char* norm_fwd_path(const NormFwdParams& p);
 const char* norm_bwd_path(const NormBwdParams& p);
 

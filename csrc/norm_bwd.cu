@@ -16,18 +16,35 @@
 namespace mmfast {
 namespace detail {
 
+// One vector of dx = rstd * (w*dy - (xhat*c1 + c2)) + dresidual_out, rounded to T.
+// (`dres` is the residual gradient's base pointer, only tested for null; r points at this vector.)
+template <typename T, typename W, int VEC>
+__device__ __forceinline__ void store_dx(T* dx, const float (&xh)[VEC], const float (&g)[VEC], const W* weight,
+                                         int64_t col, const T* dres, const T* r, float c1, float c2, float rstd) {
+  float w[VEC], rv[VEC];
+  load_affine<W, VEC>(weight, col, 1.f, w);
+  if (dres != nullptr) {
+    load_vec_f32<T, VEC>(r, rv);
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) rv[k] = 0.f;
+  }
+  T out[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) out[k] = from_f32<T>(fmaf(g[k] * w[k] - fmaf(xh[k], c1, c2), rstd, rv[k]));
+  store_vec<T, VEC>(dx, out);
+}
+
 template <typename T, typename W, bool RMS, int VEC, int TPR, int ITEMS, int N_CT>
 __global__ void __launch_bounds__(block_threads(TPR)) norm_bwd_reg_kernel(const NormBwdParams p) {
   constexpr int kRows = rows_per_block(TPR);
-  constexpr bool kFull = N_CT > 0 && (N_CT / VEC) == TPR * ITEMS;
   constexpr int K = RMS ? 1 : 2;
   __shared__ float red[kRows * (TPR / 32) * K];
 
-  const int row_in_block = threadIdx.x / TPR;
-  const int lane = threadIdx.x % TPR;
-  const int64_t N = N_CT > 0 ? N_CT : p.N;
-  const int64_t units = N / VEC;
-  const float inv_n = 1.f / static_cast<float>(N);
+  const RowGeometry<VEC, TPR, ITEMS, N_CT> geo(p.N);
+  const int row_in_block = geo.row_in_block, lane = geo.lane;
+  const int64_t N = geo.N;
+  const float inv_n = geo.inv_n;
   const T* __restrict__ x = static_cast<const T*>(p.x);
   const T* __restrict__ dy = static_cast<const T*>(p.dy);
   const T* __restrict__ dres = static_cast<const T*>(p.dres);
@@ -57,8 +74,8 @@ __global__ void __launch_bounds__(block_threads(TPR)) norm_bwd_reg_kernel(const 
     bool ok[ITEMS];
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
-      const int64_t u = static_cast<int64_t>(i) * TPR + lane;
-      ok[i] = valid && (kFull || u < units);
+      const int64_t u = geo.unit(i);
+      ok[i] = valid && geo.inside(u);
       if (ok[i]) {
         load_vec<T, VEC>(x + row * p.stride_x + u * VEC, xr[i]);
         load_vec<T, VEC>(dy + row * p.stride_dy + u * VEC, gr[i]);
@@ -76,7 +93,7 @@ __global__ void __launch_bounds__(block_threads(TPR)) norm_bwd_reg_kernel(const 
       for (int i = 0; i < ITEMS; ++i) {
         if (!ok[i]) continue;
         float w[VEC];
-        load_affine<W, VEC>(weight, (static_cast<int64_t>(i) * TPR + lane) * VEC, 1.f, w);
+        load_affine<W, VEC>(weight, geo.unit(i) * VEC, 1.f, w);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
           const float wdy = to_f32(gr[i][k]) * w[k];
@@ -90,22 +107,15 @@ __global__ void __launch_bounds__(block_threads(TPR)) norm_bwd_reg_kernel(const 
 #pragma unroll
       for (int i = 0; i < ITEMS; ++i) {
         if (!ok[i]) continue;
-        const int64_t u = static_cast<int64_t>(i) * TPR + lane;
-        float w[VEC], r[VEC];
-        load_affine<W, VEC>(weight, u * VEC, 1.f, w);
-        if (dres != nullptr) {
-          load_vec_f32<T, VEC>(dres + row * p.stride_dres + u * VEC, r);
-        } else {
-#pragma unroll
-          for (int k = 0; k < VEC; ++k) r[k] = 0.f;
-        }
-        T out[VEC];
+        const int64_t u = geo.unit(i);
+        float xh[VEC], g[VEC];
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          const float xh = (to_f32(xr[i][k]) - mean) * rstd;
-          out[k] = from_f32<T>(fmaf(to_f32(gr[i][k]) * w[k] - fmaf(xh, c1, c2), rstd, r[k]));
+          xh[k] = (to_f32(xr[i][k]) - mean) * rstd;
+          g[k] = to_f32(gr[i][k]);
         }
-        store_vec<T, VEC>(dx + row * N + u * VEC, out);
+        store_dx<T, W, VEC>(dx + row * N + u * VEC, xh, g, weight, u * VEC, dres,
+                            dres + row * p.stride_dres + u * VEC, c1, c2, rstd);
       }
     }
 #pragma unroll
@@ -122,8 +132,8 @@ __global__ void __launch_bounds__(block_threads(TPR)) norm_bwd_reg_kernel(const 
   const int64_t prow = static_cast<int64_t>(blockIdx.x) * kRows + row_in_block;
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
-    const int64_t u = static_cast<int64_t>(i) * TPR + lane;
-    if (!(kFull || u < units)) continue;
+    const int64_t u = geo.unit(i);
+    if (!geo.inside(u)) continue;
     if (p.need_dw) store_vec<float, VEC>(p.dw_partial + prow * N + u * VEC, dw_acc[i]);
     if constexpr (!RMS) {
       if (p.need_db) store_vec<float, VEC>(p.db_partial + prow * N + u * VEC, db_acc[i]);
@@ -143,8 +153,8 @@ __global__ void __launch_bounds__(kWideThreads) norm_bwd_wide_kernel(const NormB
   const T* dres = static_cast<const T*>(p.dres);
   const W* weight = static_cast<const W*>(p.weight);
   T* dx = static_cast<T*>(p.dx);
-  float* dw_part = p.dw_partial + static_cast<int64_t>(blockIdx.x) * N;
-  float* db_part = p.db_partial + static_cast<int64_t>(blockIdx.x) * N;
+  float* dw_part = p.need_dw ? p.dw_partial + static_cast<int64_t>(blockIdx.x) * N : nullptr;
+  float* db_part = p.need_db ? p.db_partial + static_cast<int64_t>(blockIdx.x) * N : nullptr;
 
   for (int64_t row = blockIdx.x; row < p.M; row += gridDim.x) {
     const bool first = row == blockIdx.x;
@@ -180,18 +190,8 @@ __global__ void __launch_bounds__(kWideThreads) norm_bwd_wide_kernel(const NormB
 #pragma unroll
       for (int k = 0; k < VEC; ++k) xh[k] = (xh[k] - mean) * rstd;
       if (p.need_dx) {
-        float w[VEC], r[VEC];
-        load_affine<W, VEC>(weight, u * VEC, 1.f, w);
-        if (dres != nullptr) {
-          load_vec_f32<T, VEC>(dres + row * p.stride_dres + u * VEC, r);
-        } else {
-#pragma unroll
-          for (int k = 0; k < VEC; ++k) r[k] = 0.f;
-        }
-        T out[VEC];
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) out[k] = from_f32<T>(fmaf(g[k] * w[k] - fmaf(xh[k], c1, c2), rstd, r[k]));
-        store_vec<T, VEC>(dx + row * N + u * VEC, out);
+        store_dx<T, W, VEC>(dx + row * N + u * VEC, xh, g, weight, u * VEC, dres,
+                            dres + row * p.stride_dres + u * VEC, c1, c2, rstd);
       }
       if (p.need_dw) {
         float acc[VEC];
@@ -280,10 +280,11 @@ int blocks_per_sm(Kernel kernel, int threads, int* cache) {
   return cache[slot];
 }
 
-// Blocks of a persistent backward: enough for every SM at full occupancy, but each block gets at least
-// kMinRowsPerProgram row groups, so small M gets fewer blocks (and fewer partial rows to sum).
+// Blocks of a persistent backward: up to kMaxBlocksPerSm per SM (fewer when occupancy allows fewer),
+// each with at least kMinRowsPerProgram row groups, so small M gets fewer blocks and fewer partial rows.
+// The cap bounds the workspace and the finalize's reading of it independently of M.
 inline int64_t persistent_blocks(int64_t row_groups, int per_sm) {
-  const int64_t cap = static_cast<int64_t>(current_sm_count()) * per_sm;
+  const int64_t cap = static_cast<int64_t>(current_sm_count()) * (per_sm < kMaxBlocksPerSm ? per_sm : kMaxBlocksPerSm);
   int64_t want = (row_groups + kMinRowsPerProgram - 1) / kMinRowsPerProgram;
   if (want < 1) want = 1;
   return want < cap ? want : cap;
@@ -412,7 +413,9 @@ int64_t norm_bwd_num_partials(const NormBwdParams& p) {
 }
 
 cudaError_t norm_bwd(const NormBwdParams& p, cudaStream_t stream) {
-  if (p.M < 0 || p.N < 1 || p.x == nullptr || p.dy == nullptr || p.rstd == nullptr) return cudaErrorInvalidValue;
+  if (p.M < 0 || p.N < 1) return cudaErrorInvalidValue;
+  if (p.M == 0) return cudaSuccess;  // before the pointer checks: empty tensors have null data pointers
+  if (p.x == nullptr || p.dy == nullptr || p.rstd == nullptr) return cudaErrorInvalidValue;
   if (!p.rms && p.mean == nullptr) return cudaErrorInvalidValue;
   if ((p.need_dx && p.dx == nullptr) || (p.need_dw && p.dw_partial == nullptr) ||
       (p.need_db && (p.rms || p.db_partial == nullptr)))

@@ -202,6 +202,8 @@ constexpr int kWideThreads = 512;
 constexpr int kRegItems = 4;
 // Rows a backward program handles at least before another program is added (small M).
 constexpr int kMinRowsPerProgram = 4;
+// Most resident blocks per SM a persistent backward launches.
+constexpr int kMaxBlocksPerSm = 4;
 
 enum class Path : int { kSpecial = 0, kRegister = 1, kWide = 2 };
 
@@ -217,6 +219,27 @@ struct Config {
 __host__ __device__ constexpr int rows_per_block(int tpr) { return tpr < 128 ? 128 / tpr : 1; }
 __host__ __device__ constexpr int block_threads(int tpr) { return tpr < 128 ? 128 : tpr; }
 
+// Where a thread of a register kernel sits: its row slot in the block and lane in the row, and the row
+// length in VEC-element units (compile-time for the special widths, whose rows fill the threads exactly).
+template <int VEC, int TPR, int ITEMS, int N_CT>
+struct RowGeometry {
+  static constexpr int kRows = rows_per_block(TPR);
+  static constexpr bool kFull = N_CT > 0 && (N_CT / VEC) == TPR * ITEMS;
+  int row_in_block, lane;
+  int64_t N, units;
+  float inv_n;
+
+  __device__ explicit RowGeometry(int64_t n)
+      : row_in_block(threadIdx.x / TPR),
+        lane(threadIdx.x % TPR),
+        N(N_CT > 0 ? N_CT : n),
+        units((N_CT > 0 ? N_CT : n) / VEC),
+        inv_n(1.f / static_cast<float>(N_CT > 0 ? N_CT : n)) {}
+  // Vector index of this thread's i-th item, and whether it lies inside the row.
+  __device__ int64_t unit(int i) const { return static_cast<int64_t>(i) * TPR + lane; }
+  __device__ bool inside(int64_t u) const { return kFull || u < units; }
+};
+
 // Items and threads per row of a specialised width: exact fits, no predicates.
 __host__ __device__ constexpr int spec_items(int units) {
   return units % 5 == 0 ? 5 : (units % 3 == 0 ? 3 : 4);
@@ -230,8 +253,9 @@ inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 
 // The widths with their own compile-time instances.
 constexpr int kSpecialWidths[] = {768, 1024, 1280, 4096, 5120, 8192};
 
-// The backward holds x, dy and the fp32 dweight/dbias partials per element, so its register kernels
-// stop at 256 threads per row (up to 255 registers per thread); the forward goes to 512.
+// The backward holds x, dy and the fp32 dweight/dbias partials per element, so its generic register
+// kernels stop at 256 threads per row (up to 255 registers per thread); the forward goes to 512. The
+// special widths keep their exact fit (fp32 at 8192: 512 threads, 16 elements each).
 inline Config choose_config(int64_t N, DType act, bool vec_ok, bool backward) {
   const int v = 16 / dtype_size(act);
   const int max_tpr = backward ? 256 : 512;

@@ -13,17 +13,29 @@
 namespace mmfast {
 namespace detail {
 
+// One vector of the normalised input: x, or residual_out = round(x + residual), which is also stored.
+// (`res` is the residual's base pointer, only tested for null; r and h point at this vector.)
+template <typename T, int VEC>
+__device__ __forceinline__ void load_input(const T* x, const T* res, const T* r, T* h, T (&out)[VEC]) {
+  load_vec<T, VEC>(x, out);
+  if (res != nullptr) {
+    T rv[VEC];
+    load_vec<T, VEC>(r, rv);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) out[k] = from_f32<T>(to_f32(out[k]) + to_f32(rv[k]));
+    store_vec<T, VEC>(h, out);
+  }
+}
+
 template <typename T, typename W, bool RMS, int VEC, int TPR, int ITEMS, int N_CT>
 __global__ void __launch_bounds__(block_threads(TPR)) norm_fwd_reg_kernel(const NormFwdParams p) {
   constexpr int kRows = rows_per_block(TPR);
-  constexpr bool kFull = N_CT > 0 && (N_CT / VEC) == TPR * ITEMS;
   __shared__ float red[kRows * (TPR / 32)];
 
-  const int row_in_block = threadIdx.x / TPR;
-  const int lane = threadIdx.x % TPR;
-  const int64_t N = N_CT > 0 ? N_CT : p.N;
-  const int64_t units = N / VEC;
-  const float inv_n = 1.f / static_cast<float>(N);
+  const RowGeometry<VEC, TPR, ITEMS, N_CT> geo(p.N);
+  const int row_in_block = geo.row_in_block, lane = geo.lane;
+  const int64_t N = geo.N;
+  const float inv_n = geo.inv_n;
   const T* __restrict__ x = static_cast<const T*>(p.x);
   const T* __restrict__ res = static_cast<const T*>(p.residual);
   const W* __restrict__ weight = static_cast<const W*>(p.weight);
@@ -40,18 +52,12 @@ __global__ void __launch_bounds__(block_threads(TPR)) norm_fwd_reg_kernel(const 
     bool ok[ITEMS];
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
-      const int64_t u = static_cast<int64_t>(i) * TPR + lane;
-      ok[i] = valid && (kFull || u < units);
+      const int64_t u = geo.unit(i);
+      ok[i] = valid && geo.inside(u);
       if (ok[i]) {
         T xv[VEC];
-        load_vec<T, VEC>(x + row * p.stride_x + u * VEC, xv);
-        if (res != nullptr) {
-          T rv[VEC];
-          load_vec<T, VEC>(res + row * p.stride_res + u * VEC, rv);
-#pragma unroll
-          for (int k = 0; k < VEC; ++k) xv[k] = from_f32<T>(to_f32(xv[k]) + to_f32(rv[k]));
-          store_vec<T, VEC>(h_out + row * N + u * VEC, xv);
-        }
+        load_input<T, VEC>(x + row * p.stride_x + u * VEC, res, res + row * p.stride_res + u * VEC,
+                           h_out + row * N + u * VEC, xv);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) h[i][k] = to_f32(xv[k]);
       } else {
@@ -91,7 +97,7 @@ __global__ void __launch_bounds__(block_threads(TPR)) norm_fwd_reg_kernel(const 
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       if (!ok[i]) continue;
-      const int64_t u = static_cast<int64_t>(i) * TPR + lane;
+      const int64_t u = geo.unit(i);
       float w[VEC];
       load_affine<W, VEC>(weight, u * VEC, 1.f, w);
       T out[VEC];
@@ -127,14 +133,8 @@ __global__ void __launch_bounds__(kWideThreads) norm_fwd_wide_kernel(const NormF
     Moments m{0.f, 0.f, 0.f};
     for (int64_t u = threadIdx.x; u < units; u += blockDim.x) {
       T xv[VEC];
-      load_vec<T, VEC>(x + row * p.stride_x + u * VEC, xv);
-      if (res != nullptr) {
-        T rv[VEC];
-        load_vec<T, VEC>(res + row * p.stride_res + u * VEC, rv);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) xv[k] = from_f32<T>(to_f32(xv[k]) + to_f32(rv[k]));
-        store_vec<T, VEC>(h_out + row * N + u * VEC, xv);
-      }
+      load_input<T, VEC>(x + row * p.stride_x + u * VEC, res, res + row * p.stride_res + u * VEC,
+                         h_out + row * N + u * VEC, xv);
       if constexpr (RMS) {
 #pragma unroll
         for (int k = 0; k < VEC; ++k) ss[0] = fmaf(to_f32(xv[k]), to_f32(xv[k]), ss[0]);
@@ -266,10 +266,11 @@ bool fwd_vec_ok(const NormFwdParams& p) {
 }  // namespace detail
 
 cudaError_t norm_fwd(const NormFwdParams& p, cudaStream_t stream) {
-  if (p.M < 0 || p.N < 1 || p.x == nullptr || p.y == nullptr || p.rstd == nullptr) return cudaErrorInvalidValue;
+  if (p.M < 0 || p.N < 1) return cudaErrorInvalidValue;
+  if (p.M == 0) return cudaSuccess;  // before the pointer checks: empty tensors have null data pointers
+  if (p.x == nullptr || p.y == nullptr || p.rstd == nullptr) return cudaErrorInvalidValue;
   if (!p.rms && p.mean == nullptr) return cudaErrorInvalidValue;
   if (p.residual != nullptr && p.residual_out == nullptr) return cudaErrorInvalidValue;
-  if (p.M == 0) return cudaSuccess;
   const detail::Config c = detail::choose_config(p.N, p.act, detail::fwd_vec_ok(p), /*backward=*/false);
   return detail::dispatch_norm(p.act, p.wdt, p.rms, [&](auto t, auto w, auto r) -> cudaError_t {
     return detail::fwd_typed<typename decltype(t)::type, typename decltype(w)::type, decltype(r)::value>(p, c, stream);

@@ -308,6 +308,8 @@ def _none_if_empty(t: torch.Tensor, present: bool) -> torch.Tensor | None:
 
 def norm_fwd(x, weight, bias, residual, eps, rms):
     """See :func:`mmfast.kernels.norm.norm_fwd`."""
+    weight = None if weight is None else weight.contiguous()  # the kernels read affine vectors densely
+    bias = None if bias is None else bias.contiguous()
     y, h, mean, rstd = torch.ops.mmfast_cuda.norm_fwd(x, weight, bias, residual, float(eps), rms)
     return y, _none_if_empty(h, residual is not None), _none_if_empty(mean, not rms), rstd
 
@@ -320,6 +322,7 @@ def norm_bwd(dy, x, weight, mean, rstd, dresidual_out, rms, need_dx, need_dw, ne
         dw_dtype = weight.dtype
     if need_db and db_dtype is None:
         db_dtype = dw_dtype or x.dtype
+    weight = None if weight is None else weight.contiguous()
     dx, dw, db = torch.ops.mmfast_cuda.norm_bwd(
         dy, x, weight, None if rms else mean, rstd, dresidual_out, rms, need_dx, need_dw, need_db, dw_dtype, db_dtype
     )
