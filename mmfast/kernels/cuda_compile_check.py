@@ -1,7 +1,8 @@
 """Compile the CUDA C++ kernels without a GPU: ``python -m mmfast.kernels.cuda_compile_check``.
 
 Every ``.cu`` in the CUDA sources compiles on its own with the machine's nvcc for ``--arch``
-(default ``sm_90a``, i.e. ``-gencode=arch=compute_90a,code=sm_90a``) with ``-Xptxas -v``; registers,
+(default ``sm_90a``, i.e. ``-gencode=arch=compute_90a,code=sm_90a``), with the flags torch's extension
+builds add (no implicit half/bfloat16 conversions, ...) and ``-Xptxas -v``; registers,
 stack and spills are reported per kernel family (worst instance) and every instance that spills is
 listed. The torch binding (``binding.cpp``) is syntax-checked with the host compiler against the
 installed torch's headers (a CPU-only torch lacks one generated CUDA header; an empty stand-in is used).
@@ -91,8 +92,11 @@ def parse_ptxas(text: str) -> list[KernelUse]:
 
 
 def compile_cu(nvcc: str, path: Path, arch: str, out_dir: Path) -> tuple[int, str, float]:
+    from torch.utils import cpp_extension
+
     cc = arch.removeprefix("sm_")
-    cmd = [nvcc, "-std=c++17", *NVCC_FLAGS, f"-gencode=arch=compute_{cc},code=sm_{cc}", "-Xptxas", "-v",
+    torch_flags = list(getattr(cpp_extension, "COMMON_NVCC_FLAGS", []))  # what torch's own builds add
+    cmd = [nvcc, "-std=c++17", *torch_flags, *NVCC_FLAGS, f"-gencode=arch=compute_{cc},code=sm_{cc}", "-Xptxas", "-v",
            "-I", str(path.parent), "-c", str(path), "-o", str(out_dir / (path.stem + ".o"))]
     start = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
