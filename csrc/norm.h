@@ -41,8 +41,8 @@ struct NormBwdParams {
   const float* rstd = nullptr;      // [M]
   const void* dres = nullptr;       // optional, [M, N], row stride stride_dres: added to dx
   void* dx = nullptr;               // [M, N], row stride N (when need_dx)
-  float* dw_partial = nullptr;      // [num_partials, N] workspace (when need_dw)
-  float* db_partial = nullptr;      // [num_partials, N] workspace (when need_db)
+  float* dw_partial = nullptr;      // [num_partials, N] workspace (when need_dw), 16-byte aligned
+  float* db_partial = nullptr;      // [num_partials, N] workspace (when need_db), 16-byte aligned
   int64_t M = 0, N = 0;
   int64_t stride_dy = 0, stride_x = 0, stride_dres = 0;
   DType act = DType::kFloat32;

@@ -365,25 +365,15 @@ bool bwd_vec_ok(const NormBwdParams& p) {
   if (p.need_dx) ok = ok && aligned16(p.dx);
   if (p.dres != nullptr) ok = ok && p.stride_dres % v == 0 && aligned16(p.dres);
   if (p.weight != nullptr) ok = ok && aligned16(p.weight);
-  if (p.need_dw) ok = ok && aligned16(p.dw_partial);
-  if (p.need_db) ok = ok && aligned16(p.db_partial);
-  return ok;
+  return ok;  // the workspaces are 16-byte aligned by contract (norm.h), so they never decide the path
 }
 
 cudaError_t bwd_run(const NormBwdParams& p, cudaStream_t stream, bool launch, int64_t* partials) {
   *partials = 0;
   if (p.M == 0) return cudaSuccess;
-  // The workspace pointers are not known when sizing; size with the alignment they will have
-  // (torch allocations are 256-byte aligned).
-  NormBwdParams q = p;
-  if (!launch) {
-    static float dummy alignas(16);
-    q.dw_partial = q.need_dw ? &dummy : nullptr;
-    q.db_partial = q.need_db ? &dummy : nullptr;
-  }
-  const Config c = choose_config(q.N, q.act, bwd_vec_ok(q), /*backward=*/true);
-  return dispatch_norm(q.act, q.wdt, q.rms, [&](auto t, auto w, auto r) -> cudaError_t {
-    return bwd_typed<typename decltype(t)::type, typename decltype(w)::type, decltype(r)::value>(q, c, stream, launch,
+  const Config c = choose_config(p.N, p.act, bwd_vec_ok(p), /*backward=*/true);
+  return dispatch_norm(p.act, p.wdt, p.rms, [&](auto t, auto w, auto r) -> cudaError_t {
+    return bwd_typed<typename decltype(t)::type, typename decltype(w)::type, decltype(r)::value>(p, c, stream, launch,
                                                                                                partials);
   });
 }
@@ -420,6 +410,8 @@ cudaError_t norm_bwd(const NormBwdParams& p, cudaStream_t stream) {
   if ((p.need_dx && p.dx == nullptr) || (p.need_dw && p.dw_partial == nullptr) ||
       (p.need_db && (p.rms || p.db_partial == nullptr)))
     return cudaErrorInvalidValue;
+  if ((p.need_dw && !detail::aligned16(p.dw_partial)) || (p.need_db && !detail::aligned16(p.db_partial)))
+    return cudaErrorMisalignedAddress;
   int64_t partials = 0;
   return detail::bwd_run(p, stream, true, &partials);
 }
@@ -447,11 +439,7 @@ cudaError_t norm_sum_partials(const float* partial, int64_t P, int64_t N, void* 
 }
 
 const char* norm_bwd_path(const NormBwdParams& p) {
-  NormBwdParams q = p;
-  static float dummy alignas(16);
-  if (q.need_dw && q.dw_partial == nullptr) q.dw_partial = &dummy;
-  if (q.need_db && q.db_partial == nullptr) q.db_partial = &dummy;
-  return detail::config_name(detail::choose_config(q.N, q.act, detail::bwd_vec_ok(q), /*backward=*/true));
+  return detail::config_name(detail::choose_config(p.N, p.act, detail::bwd_vec_ok(p), /*backward=*/true));
 }
 
 }  // namespace mmfast

@@ -277,10 +277,6 @@ def load() -> bool:
         return True
 
 
-def available() -> bool:
-    return load()
-
-
 def unavailable_reason() -> str | None:
     """Why the extension cannot be used (after :func:`load` has been tried), else None."""
     return None if load() else _reason
