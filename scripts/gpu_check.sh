@@ -6,6 +6,9 @@
 #   bash scripts/gpu_check.sh [stage ...]      stages: cuda, tests, compile, bench-kernels, bench-model, all
 #                                              (default: all; each stage is sized to fit a 10-minute call)
 #
+# Time caps (seconds): MMFAST_TESTS_TIMEOUT (tests, default 420) and MMFAST_BENCH_BUDGET (a bench stage
+# stops starting runs after it, default 450, and writes what it measured).
+#
 # cuda: build the CUDA C++ extension (on first use, cached in .mmfast-cache/, which the device tool keeps
 # between calls), compile-check it, and run the norm test matrix on the cuda backend. bench-kernels also
 # writes the backend table (backend_table.json in its tarball): copy it to mmfast/ops/backend_tables/.
@@ -52,7 +55,9 @@ for stage in "${stages[@]}"; do
       } > "$OUT/cuda.log" 2>&1
       tail -n 40 "$OUT/cuda.log" ;;
     tests)
-      python3 -m pytest tests -q -p no:cacheprovider -x --durations=15 2>&1 | tee "$OUT/tests.log" | tail -n 30
+      # capped so that a hung kernel still leaves its log (the device tool kills a call at 10 minutes)
+      timeout "${MMFAST_TESTS_TIMEOUT:-420}" python3 -m pytest tests -q -p no:cacheprovider --durations=15 2>&1 \
+        | tee "$OUT/tests.log" | tail -n 40
       rc=${PIPESTATUS[0]} ;;
     compile)
       python3 -m mmfast.kernels.compile_check 2>&1 | tee "$OUT/compile.log" | tail -n 20
@@ -62,7 +67,7 @@ for stage in "${stages[@]}"; do
       ops=$([ "$suite" = model ] && echo model || echo rms_norm,layer_norm,mma_adapter)
       dir="$OUT/bench-$suite"
       extra=$([ "$suite" = kernels ] && echo "--backend-table $dir/backend_table.json")
-      python3 -m mmfast.bench --ops "$ops" --out "$dir" $extra 2>&1 | tee "$OUT/$stage.log" | grep -v '^mmfast.bench'
+      python3 -m mmfast.bench --ops "$ops" --out "$dir" --time-budget "${MMFAST_BENCH_BUDGET:-450}" $extra 2>&1 | tee "$OUT/$stage.log" | grep -v '^mmfast.bench'
       rc=${PIPESTATUS[0]}
       tar -czf "$OUT/$stage.tar.gz" -C "$dir" . && rm -rf "$dir" ;;
     *)

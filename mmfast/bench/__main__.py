@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 
@@ -89,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--llm-layers", type=int, default=8, help="LLaMA layers in the model-level step (GPU)")
     p.add_argument("--steps", type=int, default=10, help="timed training steps per model-level run")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="stop starting new runs after this many seconds and write what was measured; the runs left "
+                        "out are listed in the results (default: no limit)")
     p.add_argument("--backend-table", default=None, metavar="FILE",
                    help="also write the table MMFAST_BACKEND=auto uses to choose between the CUDA C++ and Triton "
                         "kernels on this GPU model, from this run's mmfast-cuda and mmfast-triton timings")
@@ -112,8 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(device)
     copy = copy_gbps(device, (1 << 30) if device.type == "cuda" else (1 << 26))
     records: list[dict] = []
+    not_run: list[str] = []
+    started = time.monotonic()
     bar = _progress(len(plan))
     for case, prov in plan:
+        if args.time_budget is not None and time.monotonic() - started > args.time_budget:
+            not_run.append(f"{case.name} M={case.M} N={getattr(case, 'N', '-')} {prov}")
+            continue
         if bar is not None:
             bar.set_postfix_str(f"{case.name} N={case.N} {prov}")
         if isinstance(case, model_bench.ModelCase):
@@ -126,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         bar.close()
 
     meta = {**env, "copy_gbps": copy, "gpu": device.type == "cuda", "quick": args.quick}
+    if not_run:
+        meta["not_run"] = not_run
+        print(f"--time-budget {args.time_budget:g} s reached: {len(not_run)} of {len(plan)} runs not started "
+              "(listed in results.json under not_run)", file=sys.stderr)
     if device.type != "cuda":
         meta["note"] = CPU_BANNER
     os.makedirs(args.out, exist_ok=True)
@@ -141,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwrote {args.out}/results.json, results.csv, summary.md" + (f" and {len(plots)} plots" if plots else ""))
     if args.backend_table:
         _write_backend_table(args.backend_table, device, env, records, args.out)
-    return 1 if any(r["error"] for r in records) else 0
+    return 1 if any(r["error"] for r in records) or not_run else 0
 
 
 def _write_backend_table(path: str, device: torch.device, env: dict, records: list[dict], out: str) -> None:
