@@ -3,26 +3,29 @@
 # or more stages, leaving logs and results under $OUT (at most a handful of files: the device tool
 # brings back 8).
 #
-#   bash scripts/gpu_check.sh [stage ...]      stages: cuda, tests, compile, bench-kernels, bench-model, all
-#                                              (default: all; each stage is sized to fit a 10-minute call)
+#   bash scripts/gpu_check.sh [stage ...]      stages: cuda, tests, compile, overhead, bench-kernels,
+#                                              bench-model, all (default: all; each stage fits a 10-minute call)
 #
 # Time caps (seconds): MMFAST_TESTS_TIMEOUT (tests, default 420) and MMFAST_BENCH_BUDGET (a bench stage
-# stops starting runs after it, default 450, and writes what it measured).
+# stops starting runs after it, default 450, and writes what it measured). MMFAST_TESTS (default
+# "tests") and MMFAST_CUDA_TESTS (default "cuda") narrow the tests / cuda stages (a path list and a -k
+# expression); MMFAST_CUDA_COMPILE_CHECK=0 skips the nvcc compile report in the cuda stage.
+# overhead: host microseconds per norm call for every provider (benchmarks/host_overhead.py).
 #
 # cuda: build the CUDA C++ extension (on first use, cached in .mmfast-cache/, which the device tool keeps
 # between calls), compile-check it, and run the norm test matrix on the cuda backend. bench-kernels also
 # writes the backend table (backend_table.json in its tarball): copy it to mmfast/ops/backend_tables/.
 #
 # The machine has no package registry: wheels it lacks (liger-kernel, say) travel in .whl/ (carry it)
-# and are installed from there. Results come back as $OUT/<stage>.log and $OUT/bench-<suite>.tar.gz;
-# unpack a bench tarball into benchmarks/results/<date>_<device>_<commit>/ and commit it.
+# and are installed from there. Results come back as $OUT/<stage>.log, $OUT/overhead/ and
+# $OUT/bench-<suite>.tar.gz (its log inside): unpack one into benchmarks/results/<date>_<device>_<commit>/.
 set -uo pipefail
 OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(all)
-[ "${stages[0]}" = all ] && stages=(cuda tests compile bench-kernels bench-model)
+[ "${stages[0]}" = all ] && stages=(cuda tests compile overhead bench-kernels bench-model)
 export MMFAST_CACHE_DIR="${MMFAST_CACHE_DIR:-$PWD/.mmfast-cache}"
 
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -49,25 +52,33 @@ for stage in "${stages[@]}"; do
         python3 -c "from mmfast.kernels import cuda_ext as c; ok = c.load(); print('cuda extension:', 'loaded from ' + str(c.origin()) if ok else 'UNAVAILABLE: ' + str(c.unavailable_reason())); raise SystemExit(0 if ok else 1)"
         rc=$?
         echo "build/load: $(( $(date +%s) - start )) s"
-        python3 -m mmfast.kernels.cuda_compile_check | tail -n 25
-        [ $rc -eq 0 ] && python3 -m pytest tests/test_norm.py tests/test_cuda_backend.py -q -p no:cacheprovider -k "cuda" --durations=10 2>&1 | tail -n 30
+        [ "${MMFAST_CUDA_COMPILE_CHECK:-1}" = 0 ] || python3 -m mmfast.kernels.cuda_compile_check | tail -n 25
+        [ $rc -eq 0 ] && python3 -m pytest tests/test_norm.py tests/test_cuda_backend.py -q -p no:cacheprovider \
+          -k "${MMFAST_CUDA_TESTS:-cuda}" --durations=10 2>&1 | tail -n 30
         rc=$(( rc | ${PIPESTATUS[0]:-0} ))
       } > "$OUT/cuda.log" 2>&1
       tail -n 40 "$OUT/cuda.log" ;;
     tests)
       # capped so that a hung kernel still leaves its log (the device tool kills a call at 10 minutes)
-      timeout "${MMFAST_TESTS_TIMEOUT:-420}" python3 -m pytest tests -q -p no:cacheprovider --durations=15 2>&1 \
+      # shellcheck disable=SC2086
+      timeout "${MMFAST_TESTS_TIMEOUT:-420}" python3 -m pytest ${MMFAST_TESTS:-tests} -q -p no:cacheprovider --durations=15 2>&1 \
         | tee "$OUT/tests.log" | tail -n 40
       rc=${PIPESTATUS[0]} ;;
     compile)
       python3 -m mmfast.kernels.compile_check 2>&1 | tee "$OUT/compile.log" | tail -n 20
+      rc=${PIPESTATUS[0]} ;;
+    overhead)
+      mkdir -p "$OUT/overhead"
+      python3 benchmarks/host_overhead.py --out "$OUT/overhead" 2>&1 | tee "$OUT/overhead/overhead.log"
       rc=${PIPESTATUS[0]} ;;
     bench-kernels|bench-model)
       suite=${stage#bench-}
       ops=$([ "$suite" = model ] && echo model || echo rms_norm,layer_norm,mma_adapter)
       dir="$OUT/bench-$suite"
       extra=$([ "$suite" = kernels ] && echo "--backend-table $dir/backend_table.json")
-      python3 -m mmfast.bench --ops "$ops" --out "$dir" --time-budget "${MMFAST_BENCH_BUDGET:-450}" $extra 2>&1 | tee "$OUT/$stage.log" | grep -v '^mmfast.bench'
+      mkdir -p "$dir"
+      python3 -m mmfast.bench --ops "$ops" --out "$dir" --time-budget "${MMFAST_BENCH_BUDGET:-450}" $extra 2>&1 \
+        | tee "$dir/bench.log" | grep -v '^mmfast.bench'
       rc=${PIPESTATUS[0]}
       tar -czf "$OUT/$stage.tar.gz" -C "$dir" . && rm -rf "$dir" ;;
     *)

@@ -96,7 +96,12 @@ def run_lowp(case: Case):
     if c.kind == "rms":
         y = mmfast.rms_norm_reference(inp, c.weight, c.eps)
     else:
-        y = F.layer_norm(inp, (inp.shape[-1],), c.weight, c.bias, c.eps).to(c.x.dtype)
+        w, b = c.weight, c.bias
+        if any(t is not None and t.dtype != inp.dtype for t in (w, b)):
+            # low-precision x with fp32 weights: torch's CUDA layer_norm rejects mixed dtypes, and
+            # autocast (and the CPU kernel) computes it as fp32 LayerNorm of the upcast input
+            inp = inp.float()
+        y = F.layer_norm(inp, (inp.shape[-1],), w, b, c.eps).to(c.x.dtype)
     return y, h, _grads(c, y, h)
 
 

@@ -193,3 +193,65 @@ def test_interpreter_set_by_conftest():
     """The CPU test run exercises the Triton kernels, not the reference."""
     if not torch.cuda.is_available():
         assert os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# eager fast path (autograd.Function) vs the custom ops
+# ---------------------------------------------------------------------------------------------
+
+
+def _run_both_paths(kind, monkeypatch, device, residual, wdtype):
+    """Outputs and gradients of one call through each path, on the same inputs."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 300, device=device, dtype=torch.bfloat16, requires_grad=True)
+    r = torch.randn_like(x, requires_grad=True) if residual else None
+    w = torch.randn(300, device=device, dtype=wdtype, requires_grad=True)
+    b = torch.randn(300, device=device, dtype=wdtype, requires_grad=True) if kind == "ln" else None
+    gy, gh = torch.randn_like(x), torch.randn_like(x)
+    leaves = [t for t in (x, r, w, b) if t is not None]
+    results = {}
+    for path in ("fast", "ops"):
+        monkeypatch.setenv(ops_norm.EAGER_ENV, "ops" if path == "ops" else "")
+        out = mmfast.rms_norm(x, w, residual=r) if kind == "rms" else mmfast.layer_norm(x, w, b, residual=r)
+        y, h = out if residual else (out, None)
+        assert (y.grad_fn.name() == ("_RMSNormFnBackward" if kind == "rms" else "_LayerNormFnBackward")) == (path == "fast")
+        outs, seeds = ([y, h], [gy, gh]) if residual else ([y], [gy])
+        results[path] = [y, h] + list(torch.autograd.grad(outs, leaves, seeds))
+    return results
+
+
+@pytest.mark.parametrize("kind", ["rms", "ln"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_eager_fast_path_equals_custom_ops(kind, residual, monkeypatch, device):
+    """Both paths run the same kernels: outputs and every gradient are bitwise equal."""
+    res = _run_both_paths(kind, monkeypatch, device, residual, torch.float32)
+    for a, b in zip(res["fast"], res["ops"]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a, b)
+
+
+def test_fast_path_only_in_plain_eager(device):
+    """Modes, subclasses and tracing see the custom op (so they can intercept it)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    x = torch.randn(4, 64, device=device, requires_grad=True)
+    w = torch.randn(64, device=device)
+    assert mmfast.rms_norm(x, w).grad_fn.name() == "_RMSNormFnBackward"
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        mmfast.rms_norm(x, w)
+    assert any("mmfast.rms_norm_fwd" in s for s in seen), seen
+    class Passthrough(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Passthrough():
+        assert mmfast.layer_norm(x, w, None).grad_fn.name() != "_LayerNormFnBackward"

@@ -53,7 +53,9 @@ def median_ms_graph(fn: Callable[[], object], device: torch.device, *, grad_to_n
     for t in grad_to_none:
         t.grad = None
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # thread_local: only this thread's calls can invalidate the capture (the default, global, is also
+    # broken by any other thread's unsafe CUDA call, e.g. a compile worker's)
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         fn()
     return median_ms(graph.replay, device, warmup_ms=warmup_ms, rep_ms=rep_ms)
 

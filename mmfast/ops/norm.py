@@ -12,6 +12,12 @@ Ops (namespace ``mmfast``): ``rms_norm_fwd``, ``rms_norm_bwd``, ``layer_norm_fwd
 They are opaque to ``torch.compile`` (fake impls registered), so compiled graphs trace them without
 a break. Each call picks its backend (:mod:`mmfast.ops.backend`).
 
+Plain eager calls (no compile, no tensor subclass, no dispatch / function mode, no functorch
+transform) skip the custom-op dispatcher and run the same forward and backward through a
+``torch.autograd.Function``: the dispatcher's Python layers cost tens of microseconds per call,
+which is longer than the kernel itself for the small activations of a LLaVA step. Both paths call the
+same ``_fwd``/``_bwd``; ``MMFAST_EAGER=ops`` sends eager calls through the custom ops too.
+
 The reference (:func:`rms_norm_reference`, :func:`layer_norm_reference`) is the definition the kernels
 are tested against: run in float64 it is the test oracle; run in low precision it is what PyTorch/HF
 modules compute.
@@ -19,6 +25,7 @@ modules compute.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -329,6 +336,70 @@ layer_norm_fwd.register_autograd(_ln_backward, setup_context=_ln_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
+# eager fast path: the same forward/backward without the custom-op dispatcher
+# ---------------------------------------------------------------------------------------------
+
+#: ``MMFAST_EAGER=ops`` routes eager calls through the custom ops (the path compile traces).
+EAGER_ENV = "MMFAST_EAGER"
+
+
+def _plain_eager(*tensors: Optional[Tensor]) -> bool:
+    """True when nothing would see the difference between the custom op and a bare autograd.Function:
+    not compiling or tracing, no torch_function / dispatch mode, no functorch transform, plain Tensors."""
+    if os.environ.get(EAGER_ENV) == "ops" or torch.compiler.is_compiling():
+        return False
+    if torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return all(t is None or type(t) is Tensor or type(t) is torch.nn.Parameter for t in tensors)
+
+
+class _RMSNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, residual, eps):
+        y, h, _, rstd = _fwd(x, weight, None, residual, eps, rms=True)
+        ctx.has_residual = residual is not None
+        ctx.save_for_backward(h if ctx.has_residual else x, weight, rstd)
+        ctx.set_materialize_grads(False)
+        return y, (h if ctx.has_residual else None)
+
+    @staticmethod
+    def backward(ctx, dy, dh):
+        h, weight, rstd = ctx.saved_tensors
+        need_x, need_res = _grads_wanted(ctx, 2)
+        need_dw = weight is not None and ctx.needs_input_grad[1]
+        if dy is None:
+            dy = torch.zeros_like(h)
+        dx, dw, _ = _bwd(dy, h, weight, None, rstd, dh if ctx.has_residual else None, True,
+                         need_x or need_res, need_dw, False, None)
+        return (dx if need_x else None, dw if need_dw else None, dx if need_res else None, None)
+
+
+class _LayerNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, eps):
+        y, h, mean, rstd = _fwd(x, weight, bias, residual, eps, rms=False)
+        ctx.has_residual = residual is not None
+        ctx.save_for_backward(h if ctx.has_residual else x, weight, bias, mean, rstd)
+        ctx.set_materialize_grads(False)
+        return y, (h if ctx.has_residual else None)
+
+    @staticmethod
+    def backward(ctx, dy, dh):
+        h, weight, bias, mean, rstd = ctx.saved_tensors
+        need_x, need_res = _grads_wanted(ctx, 3)
+        need_dw = weight is not None and ctx.needs_input_grad[1]
+        need_db = bias is not None and ctx.needs_input_grad[2]
+        if dy is None:
+            dy = torch.zeros_like(h)
+        dx, dw, db = _bwd(dy, h, weight, mean, rstd, dh if ctx.has_residual else None, False,
+                          need_x or need_res, need_dw, need_db, None if bias is None else bias.dtype)
+        return (dx if need_x else None, dw if need_dw else None, db if need_db else None,
+                dx if need_res else None, None)
+
+
+# ---------------------------------------------------------------------------------------------
 # public functions
 # ---------------------------------------------------------------------------------------------
 
@@ -340,7 +411,10 @@ def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float = 1e-6, residual: O
     With ``residual``, returns ``(y, residual_out)`` with ``residual_out = x + residual``, ``y = rms_norm(residual_out)``.
     """
     check_norm_inputs("rms_norm", x, weight, None, residual, eps)
-    y, h, _ = torch.ops.mmfast.rms_norm_fwd(x, weight, residual, float(eps))
+    if _plain_eager(x, weight, residual):
+        y, h = _RMSNormFn.apply(x, weight, residual, float(eps))
+    else:
+        y, h, _ = torch.ops.mmfast.rms_norm_fwd(x, weight, residual, float(eps))
     return y if residual is None else (y, h)
 
 
@@ -352,5 +426,8 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps:
     With ``residual``, returns ``(y, residual_out)`` with ``residual_out = x + residual``, ``y = layer_norm(residual_out)``.
     """
     check_norm_inputs("layer_norm", x, weight, bias, residual, eps)
-    y, h, _, _ = torch.ops.mmfast.layer_norm_fwd(x, weight, bias, residual, float(eps))
+    if _plain_eager(x, weight, bias, residual):
+        y, h = _LayerNormFn.apply(x, weight, bias, residual, float(eps))
+    else:
+        y, h, _, _ = torch.ops.mmfast.layer_norm_fwd(x, weight, bias, residual, float(eps))
     return y if residual is None else (y, h)
