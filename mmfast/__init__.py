@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from .api import patch, unpatch
 from .nn.adapter import MMAdapter
 from .ops.adapter import mma_adapter
+from .ops.backend import use_backend
 from .ops.norm import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
 from .patching import PatchReport, disabled
 from .tuning import load_trainable, save_trainable
@@ -20,6 +21,7 @@ __all__ = [
     "patch",
     "save_trainable",
     "unpatch",
+    "use_backend",
     "layer_norm",
     "layer_norm_reference",
     "mma_adapter",

@@ -91,3 +91,24 @@ def test_pytest_benchmark_cases_run():
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert " passed" in out.stdout
+
+
+def test_busy_time_counts_overlaps_once():
+    from mmfast.bench.timing import busy_us
+
+    assert busy_us([]) == 0
+    assert busy_us([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17
+    assert busy_us([(3, 4), (0, 1)]) == 2
+
+
+def test_profiler_events_have_what_gpu_time_reads():
+    """gpu_busy_ms reads device_type and time_range of the profiler's events: the API it relies on."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(64, 64)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        (x @ x).sum()
+    events = list(prof.events())
+    assert events and all(e.device_type == DeviceType.CPU for e in events)
+    assert all(e.time_range.end >= e.time_range.start for e in events)

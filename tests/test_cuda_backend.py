@@ -387,6 +387,19 @@ def test_table_from_benchmark_records():
     assert (e["direction"], e["M"], e["N"], e["winner"], e["cuda_ms"], e["triton_ms"]) == ("bwd", 32768, 4096, "cuda", 1.0, 2.0)
 
 
+def test_table_uses_gpu_time_and_a_margin():
+    """GPU busy time decides where recorded (the wall time of a host-bound call says nothing of the
+    kernels); CUDA C++ must beat Triton by more than the margin."""
+    def rec(provider, direction, ms, gpu_ms):
+        return {"op": "layer_norm", "direction": direction, "dtype": "bfloat16", "M": 36928, "N": 1024,
+                "residual": False, "provider": provider, "ms": ms, "gpu_ms": gpu_ms}
+
+    recs = [rec("mmfast-cuda", "fwd", 0.5, 0.030), rec("mmfast-triton", "fwd", 0.2, 0.040),  # host noise vs kernels
+            rec("mmfast-cuda", "bwd", 0.1, 0.0995), rec("mmfast-triton", "bwd", 0.1, 0.1)]  # within the margin
+    winners = {e["direction"]: (e["winner"], e["cuda_ms"]) for e in backend_table.build_table(recs, "G")["entries"]}
+    assert winners == {"fwd": ("cuda", 0.030), "bwd": ("triton", 0.0995)}
+
+
 def test_auto_consults_the_table_for_the_device(monkeypatch, tmp_path, fresh_loader, clean_tables):
     """auto + a table that prefers CUDA C++ for the class: the extension is tried; when it cannot run,
     one warning and Triton. Classes the table gives to Triton never try to build anything."""

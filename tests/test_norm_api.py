@@ -83,6 +83,31 @@ def test_backend_env(monkeypatch, device):
     assert resolve_backend(torch.device(device)) == "triton"  # CUDA, or CPU under the interpreter
 
 
+def test_use_backend_block(monkeypatch, device):
+    """use_backend wins over the variable, nests, rejects unknown names, and covers a backward run
+    inside the block."""
+    from mmfast.ops import backend as be
+
+    dev = torch.device(device)
+    monkeypatch.setenv(ENV_VAR, "triton")
+    with mmfast.use_backend("reference"):
+        assert resolve_backend(dev) == "reference"
+        with mmfast.use_backend("auto"):
+            assert resolve_backend(dev) == "triton"
+        assert resolve_backend(dev) == "reference"
+    assert resolve_backend(dev) == "triton"
+    with pytest.raises(ValueError, match="use_backend"), mmfast.use_backend("bogus"):
+        pass
+
+    seen = []
+    real = be.resolve_backend
+    monkeypatch.setattr(ops_norm, "resolve_backend", lambda d, key=None: seen.append((key.direction, real(d, key))) or seen[-1][1])
+    x = torch.randn(4, 64, device=device, requires_grad=True)
+    with mmfast.use_backend("reference"):
+        mmfast.rms_norm(x, torch.ones(64, device=device)).sum().backward()
+    assert seen == [("fwd", "reference"), ("bwd", "reference")]
+
+
 def test_cpu_without_interpreter_uses_reference():
     """A fresh process with the interpreter off: CPU tensors take the reference, and forcing Triton
     is an error that says why (Triton fixes interpreter mode when it is imported, hence a subprocess)."""

@@ -90,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--llm-layers", type=int, default=8, help="LLaMA layers in the model-level step (GPU)")
     p.add_argument("--steps", type=int, default=10, help="timed training steps per model-level run")
+    p.add_argument("--sizes", choices=("all", "large", "small"), default="all",
+                   help="kernel cases to run: large (above the L2, timed directly), small (GPU: CUDA-graph "
+                        "replays), or all (default). Separate processes keep a failed capture from "
+                        "affecting the other cases")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="stop starting new runs after this many seconds and write what was measured; the runs left "
                         "out are listed in the results (default: no limit)")
@@ -103,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown_ops = ops - set(OPS)
     if unknown_ops:
         p.error(f"unknown ops {sorted(unknown_ops)}; choose from {OPS}")
-    cases = [c for c in kernel_cases(device, args.quick) if c.op in ops]
+    cases = [c for c in kernel_cases(device, args.quick) if c.op in ops
+             and (args.sizes == "all" or getattr(c, "graphs", False) == (args.sizes == "small"))]
     if "model" in ops:
         cases += model_cases(device, args.quick, args.llm_layers)
     wanted = set(args.providers.split(",")) if args.providers else None

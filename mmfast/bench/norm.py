@@ -14,7 +14,6 @@ with its own parameters):
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 from typing import Callable
 
@@ -143,19 +142,8 @@ def build_provider(name: str, case: NormCase, device: torch.device) -> tuple[Cal
     raise ValueError(f"unknown norm provider {name!r}")
 
 
-@contextlib.contextmanager
 def _backend(name: str):
     """Force mmfast's backend for the duration of a call (the provider names it explicitly)."""
-    import os
+    from ..ops.backend import use_backend
 
-    from ..ops.backend import ENV_VAR
-
-    old = os.environ.get(ENV_VAR)
-    os.environ[ENV_VAR] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = old
+    return use_backend(name)

@@ -27,8 +27,22 @@ def _kernel_groups(records):
     return groups
 
 
+def _has_gpu_time(records: list[dict]) -> bool:
+    return any(r.get("gpu_ms") is not None for r in records)
+
+
+def kernel_head(records: list[dict]) -> list[str]:
+    """Column names: per direction wall ms (+ GPU ms on a GPU) and %copy."""
+    head = ["provider"]
+    for d in KERNEL_DIRECTIONS:
+        head += [f"{d} ms"] + (["GPU ms"] if _has_gpu_time(records) else []) + ["%copy"]
+    return head + ["error"]
+
+
 def kernel_rows(records: list[dict]) -> list[tuple[tuple, list[list[str]]]]:
-    """Per (op, dtype, M, N, timing): rows of [provider, fwd ms, %copy, bwd ms, %copy, fwd+bwd ms, %copy, error]."""
+    """Per (op, dtype, M, N, timing): rows of [provider, then per direction: wall ms, (GPU ms,) %copy;
+    error]. %copy comes from the GPU time where there is one."""
+    with_gpu = _has_gpu_time(records)
     out = []
     for key, by_provider in _kernel_groups(records).items():
         rows = []
@@ -37,6 +51,8 @@ def kernel_rows(records: list[dict]) -> list[tuple[tuple, list[list[str]]]]:
             for d in KERNEL_DIRECTIONS:
                 r = by_dir.get(d)
                 row.append(_ms(r["ms"]) if r else "-")
+                if with_gpu:
+                    row.append("" if not r or r.get("gpu_ms") is None else _ms(r["gpu_ms"]))
                 frac = r and r.get("frac_of_copy")
                 row.append(f"{100 * frac:.0f}%" if frac else "")
             errors = sorted({r["error"] for r in by_dir.values() if r.get("error")})
@@ -58,17 +74,23 @@ def model_rows(records: list[dict]) -> list[list[str]]:
     return rows
 
 
-KERNEL_HEAD = ["provider", "fwd ms", "%copy", "bwd ms", "%copy", "fwd+bwd ms", "%copy", "error"]
 MODEL_HEAD = ["case", "provider", "dtype", "tokens/step", "ms/step", "tokens/s", "peak GiB", "trainable", "error"]
+
+
+GPU_TIME_NOTE = ("ms: wall time per call, CUDA events with the L2 flushed (what eager code waits, host included); "
+                 "GPU ms: the GPU's busy time per call from the profiler (kernels only); %copy from GPU ms")
 
 
 def table(records: list[dict]) -> str:
     lines = []
+    head = kernel_head(records)
+    if _has_gpu_time(records):
+        lines.append(GPU_TIME_NOTE)
     for (op, dtype, M, N, timing), rows in kernel_rows(records):
         lines.append(f"\n{op}  {dtype}  M={M} N={N}" + ("  (CUDA-graph replays)" if timing == "cuda-graph" else ""))
-        widths = [max(len(KERNEL_HEAD[i]), *(len(r[i]) for r in rows)) for i in range(len(KERNEL_HEAD) - 1)]
+        widths = [max(len(head[i]), *(len(r[i]) for r in rows)) for i in range(len(head) - 1)]
         fmt = lambda cells: "  " + "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-        lines.append(fmt(KERNEL_HEAD[:-1]))
+        lines.append(fmt(head[:-1]))
         lines += [fmt(r[:-1]) + (f"   {r[-1]}" if r[-1] else "") for r in rows]
     mrows = model_rows(records)
     if mrows:
@@ -95,9 +117,11 @@ def write_summary_md(path: str, meta: dict, records: list[dict], plots: list[str
                      "%copy = achieved GB/s from each op's byte model / that")
     if meta.get("note"):
         lines += ["", f"**{meta['note']}**"]
+    if _has_gpu_time(records):
+        lines += ["", GPU_TIME_NOTE + "."]
     for (op, dtype, M, N, timing), rows in kernel_rows(records):
         suffix = " (CUDA-graph replays)" if timing == "cuda-graph" else ""
-        lines += ["", f"## {op}, {dtype}, M={M}, N={N}{suffix}", ""] + _md_table(KERNEL_HEAD, rows)
+        lines += ["", f"## {op}, {dtype}, M={M}, N={N}{suffix}", ""] + _md_table(kernel_head(records), rows)
     mrows = model_rows(records)
     if mrows:
         lines += ["", "## Model level: one training step", ""] + _md_table(MODEL_HEAD, mrows)
@@ -155,7 +179,7 @@ def write_plots(out_dir: str, meta: dict, records: list[dict]) -> list[str]:
             ax.set_title(d)
             ax.set_xlabel("N")
             ax.grid(alpha=0.3)
-        axes[0].set_ylabel("GB/s (byte model)")
+        axes[0].set_ylabel("GB/s (byte model" + (", GPU time)" if _has_gpu_time(rs) else ")"))
         axes[-1].legend(fontsize=8)
         fig.suptitle(f"{op} ({dtype}), {meta['device']}{title_note}", fontsize=10)
         fig.tight_layout()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Callable
 
@@ -10,13 +11,17 @@ import torch
 from . import adapter as adapter_bench
 from . import norm as norm_bench
 from .cases import DIRECTIONS, AdapterCase, NormCase
-from .timing import median_ms, median_ms_graph, peak_memory_bytes
+from .timing import gpu_busy_ms, median_ms, median_ms_graph, peak_memory_bytes
 
 
 def record(case, provider: str, direction: str, ms: float | None, copy: float | None, peak: int | None,
-           env: dict, error: str | None = None, **extra) -> dict:
+           env: dict, error: str | None = None, gpu_ms: float | None = None, **extra) -> dict:
+    """One timing. ``ms``: wall time per call (what eager code waits); ``gpu_ms``: the GPU's busy time
+    per call (kernels only, host gaps left out; GPU runs). GB/s and the fraction of copy bandwidth
+    come from ``gpu_ms`` when there is one, else from ``ms``."""
     nbytes = case.bytes_moved(direction) if hasattr(case, "bytes_moved") else None
-    gbps = None if ms is None or nbytes is None else nbytes / (ms * 1e-3) / 1e9
+    basis = gpu_ms if gpu_ms is not None else ms
+    gbps = None if basis is None or nbytes is None else nbytes / (basis * 1e-3) / 1e9
     return {
         "op": case.name,
         "provider": provider,
@@ -25,6 +30,7 @@ def record(case, provider: str, direction: str, ms: float | None, copy: float | 
         "M": case.M,
         "N": case.N,
         "ms": ms,
+        "gpu_ms": gpu_ms,
         "bytes": nbytes,
         "gbps": gbps,
         "frac_of_copy": None if gbps is None or not copy else gbps / copy,
@@ -34,6 +40,17 @@ def record(case, provider: str, direction: str, ms: float | None, copy: float | 
         **extra,
         "error": error,
     }
+
+
+def provider_backend(provider: str):
+    """The context a provider's calls run under: ``mmfast-<backend>`` pins mmfast's backend for the
+    forward and the backward alike (the backward resolves its backend when it runs)."""
+    from ..ops.backend import BACKENDS, use_backend
+
+    name = provider.removeprefix("mmfast-")
+    if provider.startswith("mmfast-") and name in BACKENDS:
+        return use_backend(name)
+    return contextlib.nullcontext()
 
 
 def _setup(case, provider: str, device: torch.device):
@@ -77,17 +94,20 @@ def timed_call(case, provider: str, device: torch.device, direction: str):
             outs = _outputs(fn, inputs)
 
             def call():
-                torch.autograd.backward(outs, seeds, retain_graph=True)
+                with provider_backend(provider):
+                    torch.autograd.backward(outs, seeds, retain_graph=True)
 
             call()
         return call, leaves
     fn, leaves, inputs, seeds = _setup(case, provider, device)
     if direction == "fwd":
         def call():
-            return _outputs(fn, inputs)
+            with provider_backend(provider):
+                return _outputs(fn, inputs)
     elif direction == "fwd+bwd":
         def call():
-            torch.autograd.backward(_outputs(fn, inputs), seeds)
+            with provider_backend(provider):
+                torch.autograd.backward(_outputs(fn, inputs), seeds)
     else:
         raise ValueError(direction)
     call()
@@ -101,10 +121,12 @@ def time_case(case, provider: str, device: torch.device, copy: float | None, env
         fn, leaves, inputs, seeds = _setup(case, provider, device)
 
         def forward():
-            return _outputs(fn, inputs)
+            with provider_backend(provider):
+                return _outputs(fn, inputs)
 
         def fwd_bwd():
-            torch.autograd.backward(forward(), seeds)
+            with provider_backend(provider):
+                torch.autograd.backward(_outputs(fn, inputs), seeds)
 
         fwd_bwd()  # warm-up: compilation, autotuning, allocator
         for t in leaves:
@@ -112,15 +134,26 @@ def time_case(case, provider: str, device: torch.device, copy: float | None, env
         peak = peak_memory_bytes(fwd_bwd, device)
         timer = _timer(case, device)
         out: list[dict] = []
+        graphs = getattr(case, "graphs", False)
         for direction in directions:
             if direction == "fwd":
-                ms = timer(forward, device)
+                call, grads = forward, ()
             elif direction == "fwd+bwd":
-                ms = timer(fwd_bwd, device, grad_to_none=leaves)
+                call, grads = fwd_bwd, leaves
             else:  # a separate instance (see timed_call)
-                call, bleaves = timed_call(case, provider, device, "bwd")
-                ms = timer(call, device, grad_to_none=bleaves)
-            out.append(record(case, provider, direction, ms, copy, peak, env))
+                call, grads = timed_call(case, provider, device, "bwd")
+            ms = timer(call, device, grad_to_none=grads)
+            # a CUDA-graph replay has no host gaps: its wall time is already the GPU time
+            gpu_ms, gpu_error = None, None
+            if not graphs:
+                try:
+                    gpu_ms = gpu_busy_ms(call, device, grad_to_none=grads)
+                except Exception as e:  # noqa: BLE001 - the wall time stands; the reason is recorded and said
+                    gpu_error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                    print(f"[mmfast.bench] no GPU time for {provider} on {case.name} {direction}: {gpu_error}",
+                          file=sys.stderr)
+            extra = {"gpu_error": gpu_error} if gpu_error else {}
+            out.append(record(case, provider, direction, ms, copy, peak, env, gpu_ms=gpu_ms, **extra))
         return out
     except Exception as e:  # noqa: BLE001 - reported in the results, never hidden
         msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]

@@ -60,6 +60,42 @@ def median_ms_graph(fn: Callable[[], object], device: torch.device, *, grad_to_n
     return median_ms(graph.replay, device, warmup_ms=warmup_ms, rep_ms=rep_ms)
 
 
+def busy_us(intervals: Sequence[tuple[float, float]]) -> float:
+    """Length of the union of ``[start, end]`` intervals: time the GPU had work, overlaps counted once."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def gpu_busy_ms(fn: Callable[[], object], device: torch.device, *, grad_to_none: Sequence[torch.Tensor] = (),
+                iters: int = 10) -> float | None:
+    """GPU time of one call of ``fn``: the profiler's kernel (and memset / memcpy) intervals over ``iters``
+    calls, their union divided by ``iters``. Unlike :func:`median_ms` this leaves out the gaps the host
+    leaves between kernels, so it measures the kernels whatever the host's speed. None off a GPU."""
+    if device.type != "cuda":
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            for t in grad_to_none:
+                t.grad = None
+            fn()
+        torch.cuda.synchronize(device)
+    intervals = [(e.time_range.start, e.time_range.end) for e in prof.events()
+                 if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+    if not intervals:
+        raise RuntimeError("the profiler recorded no GPU activity")
+    return busy_us(intervals) / iters / 1e3
+
+
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
     """Peak memory allocated by ``fn`` above what was allocated before it (CUDA only)."""
     if device.type != "cuda":

@@ -14,15 +14,20 @@
 * ``reference``: always the pure-PyTorch reference.
 
 Nothing falls back silently: a fallback warns once with the reason, a forced Triton that cannot run raises.
+
+``with mmfast.use_backend("cuda"):`` does what ``MMFAST_BACKEND=cuda`` does, for the calls (forward and
+backward) made inside the block, and takes precedence over the variable.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
 import threading
 import warnings
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import torch
 
@@ -41,14 +46,36 @@ class KernelKey(NamedTuple):
     N: int
 
 
+#: Set by :func:`use_backend`; process-wide, because backward runs on autograd's own threads.
+_override: str | None = None
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the mmfast ops called inside the block (and their backward, when it runs inside the block)
+    on backend ``name``, as if ``MMFAST_BACKEND=name``. Blocks nest; the innermost wins."""
+    global _override
+    value = name.strip().lower()
+    if value not in BACKENDS:
+        raise ValueError(f"use_backend: {name!r} is not one of {', '.join(BACKENDS)}")
+    previous, _override = _override, value
+    try:
+        yield
+    finally:
+        _override = previous
+
+
 def requested_backend() -> str:
-    """The backend ``MMFAST_BACKEND`` asks for (``auto`` when unset)."""
+    """The backend asked for: :func:`use_backend`, else ``MMFAST_BACKEND`` (``auto`` when unset)."""
+    if _override is not None:
+        return _override
     value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if value not in BACKENDS:
         raise ValueError(f"{ENV_VAR}={value!r} is not one of {', '.join(BACKENDS)}")
     return value
 
 
+@functools.lru_cache(maxsize=None)
 def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 

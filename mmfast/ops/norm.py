@@ -165,7 +165,11 @@ def _rows(t: Tensor) -> Tensor:
     """``t`` as [M, N] with a unit column stride: a view where one exists, else a contiguous copy."""
     if t.stride(-1) != 1:
         t = t.contiguous()
-    return t.reshape(-1, t.shape[-1])
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
+def _flat(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t if t is None or t.dim() == 1 else t.reshape(-1)
 
 
 def _impl(x: Tensor, rms: bool, direction: str):
@@ -181,35 +185,47 @@ def _impl(x: Tensor, rms: bool, direction: str):
     return _norm_fwd_reference, _norm_bwd_reference
 
 
-def _fwd(x, weight, bias, residual, eps, rms):
+def _fwd_eager(x, weight, bias, residual, eps, rms):
+    """``(y, residual_out | None, mean | None, rstd)``, y and residual_out shaped like x, the statistics
+    like ``x.shape[:-1]``."""
     fwd, _ = _impl(x, rms, "fwd")
     y, h, mean, rstd = fwd(_rows(x), weight, bias, None if residual is None else _rows(residual), eps, rms)
-    lead = x.shape[:-1]
-    empty = x.new_empty(0)
-    stat_empty = x.new_empty(0, dtype=torch.float32)
+    if x.dim() != 2:
+        lead = x.shape[:-1]
+        y = y.reshape(x.shape)
+        h = None if h is None else h.reshape(x.shape)
+        mean = None if mean is None else mean.reshape(lead)
+        rstd = rstd.reshape(lead)
+    return y, h, mean, rstd
+
+
+def _bwd_eager(dy, x, weight, mean, rstd, dres, rms, need_dx, need_dw, need_db, db_dtype):
+    """``(dx | None, dweight | None, dbias | None)``."""
+    _, bwd = _impl(x, rms, "bwd")
+    dx, dw, db = bwd(
+        _rows(dy), _rows(x), weight, _flat(mean), _flat(rstd), None if dres is None else _rows(dres),
+        rms, need_dx, need_dw, need_db,
+        dw_dtype=None if weight is None else weight.dtype, db_dtype=db_dtype,
+    )
+    if dx is not None and x.dim() != 2:
+        dx = dx.reshape(x.shape)
+    return dx, dw, db
+
+
+def _fwd(x, weight, bias, residual, eps, rms):
+    """:func:`_fwd_eager` with empty tensors for the missing outputs (custom ops return tensors only)."""
+    y, h, mean, rstd = _fwd_eager(x, weight, bias, residual, eps, rms)
     return (
-        y.reshape(x.shape),
-        empty if h is None else h.reshape(x.shape),
-        stat_empty if mean is None else mean.reshape(lead),
-        rstd.reshape(lead),
+        y,
+        x.new_empty(0) if h is None else h,
+        x.new_empty(0, dtype=torch.float32) if mean is None else mean,
+        rstd,
     )
 
 
 def _bwd(dy, x, weight, mean, rstd, dres, rms, need_dx, need_dw, need_db, db_dtype):
-    _, bwd = _impl(x, rms, "bwd")
-    N = x.shape[-1]
-    dx, dw, db = bwd(
-        _rows(dy), _rows(x), weight,
-        None if mean is None else mean.reshape(-1), rstd.reshape(-1),
-        None if dres is None else _rows(dres),
-        rms, need_dx, need_dw, need_db,
-        dw_dtype=None if weight is None else weight.dtype, db_dtype=db_dtype,
-    )
-    return (
-        dy.new_empty(0) if dx is None else dx.reshape(x.shape),
-        dy.new_empty(0) if dw is None else dw.reshape(N),
-        dy.new_empty(0) if db is None else db.reshape(N),
-    )
+    dx, dw, db = _bwd_eager(dy, x, weight, mean, rstd, dres, rms, need_dx, need_dw, need_db, db_dtype)
+    return tuple(dy.new_empty(0) if t is None else t for t in (dx, dw, db))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,11 +374,11 @@ def _plain_eager(*tensors: Optional[Tensor]) -> bool:
 class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, residual, eps):
-        y, h, _, rstd = _fwd(x, weight, None, residual, eps, rms=True)
+        y, h, _, rstd = _fwd_eager(x, weight, None, residual, eps, rms=True)
         ctx.has_residual = residual is not None
         ctx.save_for_backward(h if ctx.has_residual else x, weight, rstd)
         ctx.set_materialize_grads(False)
-        return y, (h if ctx.has_residual else None)
+        return y, h
 
     @staticmethod
     def backward(ctx, dy, dh):
@@ -371,19 +387,19 @@ class _RMSNormFn(torch.autograd.Function):
         need_dw = weight is not None and ctx.needs_input_grad[1]
         if dy is None:
             dy = torch.zeros_like(h)
-        dx, dw, _ = _bwd(dy, h, weight, None, rstd, dh if ctx.has_residual else None, True,
-                         need_x or need_res, need_dw, False, None)
+        dx, dw, _ = _bwd_eager(dy, h, weight, None, rstd, dh if ctx.has_residual else None, True,
+                               need_x or need_res, need_dw, False, None)
         return (dx if need_x else None, dw if need_dw else None, dx if need_res else None, None)
 
 
 class _LayerNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, eps):
-        y, h, mean, rstd = _fwd(x, weight, bias, residual, eps, rms=False)
+        y, h, mean, rstd = _fwd_eager(x, weight, bias, residual, eps, rms=False)
         ctx.has_residual = residual is not None
         ctx.save_for_backward(h if ctx.has_residual else x, weight, bias, mean, rstd)
         ctx.set_materialize_grads(False)
-        return y, (h if ctx.has_residual else None)
+        return y, h
 
     @staticmethod
     def backward(ctx, dy, dh):
@@ -393,8 +409,8 @@ class _LayerNormFn(torch.autograd.Function):
         need_db = bias is not None and ctx.needs_input_grad[2]
         if dy is None:
             dy = torch.zeros_like(h)
-        dx, dw, db = _bwd(dy, h, weight, mean, rstd, dh if ctx.has_residual else None, False,
-                          need_x or need_res, need_dw, need_db, None if bias is None else bias.dtype)
+        dx, dw, db = _bwd_eager(dy, h, weight, mean, rstd, dh if ctx.has_residual else None, False,
+                                need_x or need_res, need_dw, need_db, None if bias is None else bias.dtype)
         return (dx if need_x else None, dw if need_dw else None, db if need_db else None,
                 dx if need_res else None, None)
 
