@@ -275,16 +275,19 @@ def _grads_wanted(ctx, residual_index: int) -> tuple[bool, bool]:
     return ctx.needs_input_grad[0], ctx.has_residual and ctx.needs_input_grad[residual_index]
 
 
-def _rms_backward(ctx, dy, dh, _drstd):
+def _rms_grads(ctx, dy, dh, bwd):
+    """The gradients of (x, weight, residual, eps) from ``bwd`` (the custom op or the eager call)."""
     h, weight, rstd = ctx.saved_tensors
     need_x, need_res = _grads_wanted(ctx, 2)
     need_dw = weight is not None and ctx.needs_input_grad[1]
     if dy is None:
         dy = torch.zeros_like(h)
-    dx, dw = torch.ops.mmfast.rms_norm_bwd(
-        dy, h, weight, rstd, dh if ctx.has_residual else None, need_x or need_res, need_dw
-    )
+    dx, dw = bwd(dy, h, weight, rstd, dh if ctx.has_residual else None, need_x or need_res, need_dw)
     return (dx if need_x else None, dw if need_dw else None, dx if need_res else None, None)
+
+
+def _rms_backward(ctx, dy, dh, _drstd):
+    return _rms_grads(ctx, dy, dh, torch.ops.mmfast.rms_norm_bwd)
 
 
 rms_norm_fwd.register_autograd(_rms_backward, setup_context=_rms_setup_context)
@@ -335,17 +338,21 @@ def _ln_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _ln_backward(ctx, dy, dh, _dmean, _drstd):
+def _ln_grads(ctx, dy, dh, bwd):
+    """The gradients of (x, weight, bias, residual, eps) from ``bwd`` (the custom op or the eager call)."""
     h, weight, bias, mean, rstd = ctx.saved_tensors
     need_x, need_res = _grads_wanted(ctx, 3)
     need_dw = weight is not None and ctx.needs_input_grad[1]
     need_db = bias is not None and ctx.needs_input_grad[2]
     if dy is None:
         dy = torch.zeros_like(h)
-    dx, dw, db = torch.ops.mmfast.layer_norm_bwd(
-        dy, h, weight, bias, mean, rstd, dh if ctx.has_residual else None, need_x or need_res, need_dw, need_db
-    )
+    dx, dw, db = bwd(dy, h, weight, bias, mean, rstd, dh if ctx.has_residual else None,
+                     need_x or need_res, need_dw, need_db)
     return (dx if need_x else None, dw if need_dw else None, db if need_db else None, dx if need_res else None, None)
+
+
+def _ln_backward(ctx, dy, dh, _dmean, _drstd):
+    return _ln_grads(ctx, dy, dh, torch.ops.mmfast.layer_norm_bwd)
 
 
 layer_norm_fwd.register_autograd(_ln_backward, setup_context=_ln_setup_context)
@@ -382,14 +389,10 @@ class _RMSNormFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dh):
-        h, weight, rstd = ctx.saved_tensors
-        need_x, need_res = _grads_wanted(ctx, 2)
-        need_dw = weight is not None and ctx.needs_input_grad[1]
-        if dy is None:
-            dy = torch.zeros_like(h)
-        dx, dw, _ = _bwd_eager(dy, h, weight, None, rstd, dh if ctx.has_residual else None, True,
-                               need_x or need_res, need_dw, False, None)
-        return (dx if need_x else None, dw if need_dw else None, dx if need_res else None, None)
+        def bwd(dy, h, weight, rstd, dres, need_dx, need_dw):
+            return _bwd_eager(dy, h, weight, None, rstd, dres, True, need_dx, need_dw, False, None)[:2]
+
+        return _rms_grads(ctx, dy, dh, bwd)
 
 
 class _LayerNormFn(torch.autograd.Function):
@@ -403,16 +406,11 @@ class _LayerNormFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dh):
-        h, weight, bias, mean, rstd = ctx.saved_tensors
-        need_x, need_res = _grads_wanted(ctx, 3)
-        need_dw = weight is not None and ctx.needs_input_grad[1]
-        need_db = bias is not None and ctx.needs_input_grad[2]
-        if dy is None:
-            dy = torch.zeros_like(h)
-        dx, dw, db = _bwd_eager(dy, h, weight, mean, rstd, dh if ctx.has_residual else None, False,
-                                need_x or need_res, need_dw, need_db, None if bias is None else bias.dtype)
-        return (dx if need_x else None, dw if need_dw else None, db if need_db else None,
-                dx if need_res else None, None)
+        def bwd(dy, h, weight, bias, mean, rstd, dres, need_dx, need_dw, need_db):
+            return _bwd_eager(dy, h, weight, mean, rstd, dres, False, need_dx, need_dw, need_db,
+                              None if bias is None else bias.dtype)
+
+        return _ln_grads(ctx, dy, dh, bwd)
 
 
 # ---------------------------------------------------------------------------------------------
