@@ -23,11 +23,15 @@ def run(rank: int, world: int, port: int, mode: str, out_path: str) -> None:
         if mode == "ddp":
             model = torch.nn.parallel.DistributedDataParallel(model)
         elif mode == "fsdp2":
+            from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
+            # the model is on CPU: without an explicit CPU mesh, fully_shard meshes over CUDA whenever a
+            # GPU is visible, and a CPU model on a CUDA mesh crashes the rank
+            mesh = init_device_mesh("cpu", (world,))
             for layer in model.model.language_model.layers:
-                fully_shard(layer)
-            fully_shard(model)
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
         else:
             raise ValueError(mode)
         full = batch("llava", seed=7, B=2 * world)
