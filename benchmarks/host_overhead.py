@@ -60,7 +60,8 @@ def main() -> None:
                     return fn(x, None)
 
                 def fwd_bwd():
-                    torch.autograd.backward(fn(x, None), dy)
+                    with norm_bench.provider_backend(prov):  # the backward runs on the provider's backend too
+                        torch.autograd.backward(fn(x, None), dy)
                     x.grad = None
                     for q in params:
                         q.grad = None

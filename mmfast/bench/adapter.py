@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..nn.adapter import MMAdapter
 from ..ops.adapter import mma_adapter_lavin_style
 from .cases import AdapterCase
-from .norm import _backend, _under, mmfast_provider_name
+from .norm import _under, mmfast_provider_name, provider_backend
 
 
 def providers(device: torch.device) -> list[str]:
@@ -71,8 +71,7 @@ def build_provider(name: str, case: AdapterCase, device: torch.device) -> tuple[
     if name == "torch.compile":
         return torch.compile(_lavin(adapter)), params
     if name.startswith("mmfast-"):
-        backend = name.removeprefix("mmfast-")
-        return _under(lambda: _backend(backend), adapter), params
+        return _under(lambda: provider_backend(name), adapter), params
     raise ValueError(f"unknown adapter provider {name!r}")
 
 

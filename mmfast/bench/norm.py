@@ -14,6 +14,7 @@ with its own parameters):
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from typing import Callable
 
@@ -134,16 +135,19 @@ def build_provider(name: str, case: NormCase, device: torch.device) -> tuple[Cal
         norm = (lambda h: F.rms_norm(h, (N,), w, eps)) if rms else (lambda h: F.layer_norm(h, (N,), w, b, eps))
         return _with_residual(norm, case.residual), params
     if name.startswith("mmfast-"):
-        backend = name.removeprefix("mmfast-")
-        ctx = (lambda: _backend(backend))
+        ctx = (lambda: provider_backend(name))
         if rms:
             return _under(ctx, lambda x, r: mmfast.rms_norm(x, w, eps, residual=r)), params
         return _under(ctx, lambda x, r: mmfast.layer_norm(x, w, b, eps, residual=r)), params
     raise ValueError(f"unknown norm provider {name!r}")
 
 
-def _backend(name: str):
-    """Force mmfast's backend for the duration of a call (the provider names it explicitly)."""
-    from ..ops.backend import use_backend
+def provider_backend(provider: str):
+    """The context a provider's calls run under: ``mmfast-<backend>`` pins mmfast's backend (forward and,
+    when it runs inside, backward: the backend is resolved when a kernel runs); others need none."""
+    from ..ops.backend import BACKENDS, use_backend
 
-    return use_backend(name)
+    name = provider.removeprefix("mmfast-")
+    if provider.startswith("mmfast-") and name in BACKENDS:
+        return use_backend(name)
+    return contextlib.nullcontext()

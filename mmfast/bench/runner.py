@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from typing import Callable
 
@@ -40,17 +39,6 @@ def record(case, provider: str, direction: str, ms: float | None, copy: float | 
         **extra,
         "error": error,
     }
-
-
-def provider_backend(provider: str):
-    """The context a provider's calls run under: ``mmfast-<backend>`` pins mmfast's backend for the
-    forward and the backward alike (the backward resolves its backend when it runs)."""
-    from ..ops.backend import BACKENDS, use_backend
-
-    name = provider.removeprefix("mmfast-")
-    if provider.startswith("mmfast-") and name in BACKENDS:
-        return use_backend(name)
-    return contextlib.nullcontext()
 
 
 def _setup(case, provider: str, device: torch.device):
@@ -94,7 +82,7 @@ def timed_call(case, provider: str, device: torch.device, direction: str):
             outs = _outputs(fn, inputs)
 
             def call():
-                with provider_backend(provider):
+                with norm_bench.provider_backend(provider):
                     torch.autograd.backward(outs, seeds, retain_graph=True)
 
             call()
@@ -102,11 +90,11 @@ def timed_call(case, provider: str, device: torch.device, direction: str):
     fn, leaves, inputs, seeds = _setup(case, provider, device)
     if direction == "fwd":
         def call():
-            with provider_backend(provider):
+            with norm_bench.provider_backend(provider):
                 return _outputs(fn, inputs)
     elif direction == "fwd+bwd":
         def call():
-            with provider_backend(provider):
+            with norm_bench.provider_backend(provider):
                 torch.autograd.backward(_outputs(fn, inputs), seeds)
     else:
         raise ValueError(direction)
@@ -121,11 +109,11 @@ def time_case(case, provider: str, device: torch.device, copy: float | None, env
         fn, leaves, inputs, seeds = _setup(case, provider, device)
 
         def forward():
-            with provider_backend(provider):
+            with norm_bench.provider_backend(provider):
                 return _outputs(fn, inputs)
 
         def fwd_bwd():
-            with provider_backend(provider):
+            with norm_bench.provider_backend(provider):
                 torch.autograd.backward(_outputs(fn, inputs), seeds)
 
         fwd_bwd()  # warm-up: compilation, autotuning, allocator
