@@ -4,13 +4,16 @@
 # brings back 8).
 #
 #   bash scripts/gpu_check.sh [stage ...]      stages: cuda, tests, compile, overhead, bench-kernels,
-#                                              bench-model, all (default: all; each stage fits a 10-minute call)
+#                                              bench-model, tune-adapter, all (default: all but tune-adapter;
+#                                              each stage fits a 10-minute call)
 #
 # Time caps (seconds): MMFAST_TESTS_TIMEOUT (tests, default 420) and MMFAST_BENCH_BUDGET (a bench stage
 # stops starting runs after it, default 450, and writes what it measured). MMFAST_TESTS (default
 # "tests") and MMFAST_CUDA_TESTS (default "cuda") narrow the tests / cuda stages (a path list and a -k
 # expression); MMFAST_CUDA_COMPILE_CHECK=0 skips the nvcc compile report in the cuda stage.
 # overhead: host microseconds per norm call for every provider (benchmarks/host_overhead.py).
+# tune-adapter: GPU time of alternative tile shapes of the adapter kernels (benchmarks/tune_adapter.py,
+# --quick unless MMFAST_TUNE_FULL=1: about 3 / 6 minutes), results in $OUT/tune/.
 #
 # cuda: build the CUDA C++ extension (on first use, cached in .mmfast-cache/, which the device tool keeps
 # between calls), compile-check it, and run the norm test matrix on the cuda backend. bench-kernels also
@@ -70,6 +73,12 @@ for stage in "${stages[@]}"; do
     overhead)
       mkdir -p "$OUT/overhead"
       python3 benchmarks/host_overhead.py --out "$OUT/overhead" 2>&1 | tee "$OUT/overhead/overhead.log"
+      rc=${PIPESTATUS[0]} ;;
+    tune-adapter)
+      mkdir -p "$OUT/tune"
+      quick=$([ "${MMFAST_TUNE_FULL:-0}" = 1 ] || echo --quick)
+      # shellcheck disable=SC2086
+      python3 benchmarks/tune_adapter.py --out "$OUT/tune" $quick 2>&1 | tee "$OUT/tune/tune.log" | tail -n 12
       rc=${PIPESTATUS[0]} ;;
     bench-kernels|bench-model)
       suite=${stage#bench-}

@@ -98,6 +98,22 @@ def test_weights_in_activation_dtype(dtype, device, seed):
                                  scale=1.0, groups=2), seed)
 
 
+TILES = [(16, 64), (32, 128), (64, 64)]  # (rows per tile, column chunk): shapes the GPU tuner may choose
+
+
+@pytest.mark.parametrize("kernel", ["fwd", "rows", "cols"])
+@pytest.mark.parametrize("tile", TILES, ids=str)
+def test_tile_shapes(kernel, tile, device, seed, monkeypatch):
+    """Every tile shape benchmarks/tune_adapter.py can pick gives accurate results, with M and D not
+    multiples of the tile (dropout on: the mask must follow rows, not tiles)."""
+    from mmfast.kernels import adapter as K
+
+    dtype = torch.float16 if device == "cpu" else torch.bfloat16
+    for cls in ("16bit", "fp32"):
+        monkeypatch.setitem(K.TUNED, (cls, kernel), K.AdapterLaunch(*tile, 4, 2, 2))
+    check_adapter(lambda i: _dropout_draw(3, 23, 1100, 8, 2, 2, 0.2, dtype, device, seed + i), seed, draws=1)
+
+
 def _dropout_draw(B, S, D, R, G, E, p, dtype, device, seed):
     dseed = torch.tensor([seed], dtype=torch.int64, device=device)
     keep = dropout_keep_mask(dseed, B * S, R, p).view(B, S, R) / (1 - p)

@@ -7,19 +7,30 @@ For tokens x [M, D] (M = B * S, sample b = row // S), router weights mix [B, E] 
     y  = x + s * sum_e mix[b, e] * (zd ._G U_e^T + c_e)       U [E, D, R/G], c [E, D]
 
 ``._G`` is the grouped up-projection: output channel d (group g = d // (D/G)) reads hidden channels
-[g R/G, (g+1) R/G). The experts fold into one up-projection per column chunk: each expert's weights are
-loaded "expanded" to all R hidden channels (zero outside the column's group) and mixed by the router
-weight of each row.
+[g R/G, (g+1) R/G).
 
-Products run in x's dtype on the tensor cores (fp32 inputs: exact fp32), with fp32 accumulation;
-fp32 weights (master weights) are cast to x's dtype for the products, except in the backward's
-dy . U, where U is split into its x-dtype part and the remainder (two products) so that d(z) and
-the router-weight gradient keep fp32 weights' precision.
+The experts and their biases fold into one product per column chunk over an "extended hidden" axis
+k = e * RX + j (RX a power of two > R): slot j < R is hidden channel j of expert e, slot j = R is
+expert e's bias. On the row side, h[m, e * RX + j] = mix[b(m), e] * zd[m, j] with a 1 in place of
+zd at slot R; on the weight side, W[e * RX + j, d] = U_e[d, j - g(d) R/G] inside column d's group,
+c_e[d] at slot R, 0 elsewhere. Then
+
+    y      = x + s * h W                    (one [BLOCK_M, E RX] x [E RX, BLOCK_D] product per chunk)
+    T      = dy W^T                         [M, E RX]: dy ._G U_e at the hidden slots, dy . c_e at slot R
+    d zd   = s * sum_e mix_e T_e            d mix_e = s * sum_j h-row-of-e . T_e  (the bias slot included)
+    dW     = s * h^T dy                     (dU in the hidden slots, dc in the bias slot)
+
+so every chunk is one tensor-core product whose accumulator stays in the product's layout.
+
+Products run in x's dtype on the tensor cores (fp32 inputs: exact fp32), with fp32 accumulation.
+fp32 weights (master weights) with 16-bit x are split into their x-dtype part and the remainder
+(two products), so that U and c keep fp32 precision in y, d zd and d mix.
 
 Forward: one kernel; a tile of rows is read twice, chunk by chunk (for z, then for y); the tile is
-small enough (BLOCK_M rows) that the second read mostly hits L2. Backward: a row kernel reads dy once for d(zd) and the router-weight
-gradient per row; a column kernel reads x and dy once, writes dx and keeps dA, dU, dc partials in
-registers for its column chunk over its rows; one fixed-order reduction finishes them (deterministic).
+small enough (BLOCK_M rows) that the second read mostly hits L2. Backward: a row kernel reads dy once
+for d(z) and the router-weight gradient per row; a column kernel reads x and dy once, writes dx and
+keeps dA and dW partials in registers for its column chunk over its rows; one fixed-order reduction
+finishes them (deterministic).
 """
 
 from __future__ import annotations
@@ -42,20 +53,37 @@ class AdapterLaunch:
     block_m: int  # rows per tile (tl.dot needs at least 16)
     block_d: int  # column chunk
     num_warps: int
+    num_stages: int = 3  # software-pipelining depth of the chunk / row-tile loop
+    programs_per_sm: int = 4  # column kernel: persistent programs per SM (all column chunks together)
 
 
-def launch_config(dtype: torch.dtype) -> AdapterLaunch:
-    """Tile shape of all three kernels. Chosen so that none spills registers on sm_90 (see
-    ``python -m mmfast.kernels.compile_check``): 16-bit inputs use the tensor cores; fp32 inputs use
-    exact fp32 products, which take more registers, so a shorter tile."""
-    if dtype == torch.float32:
-        return AdapterLaunch(16, 64, 8)
-    return AdapterLaunch(32, 64, 8)
+KERNELS = ("fwd", "rows", "cols")
+
+# Tile shapes per kernel. None spills registers on sm_90 (``python -m mmfast.kernels.compile_check``;
+# the row kernel parks one value on the stack outside its loop). 16-bit inputs use the tensor cores;
+# fp32 inputs use exact fp32 products, which take more registers, so a shorter tile.
+# ``benchmarks/tune_adapter.py`` times alternatives on a GPU.
+_DEFAULT = {"16bit": AdapterLaunch(32, 64, 8), "fp32": AdapterLaunch(16, 64, 8)}
+# Per (dtype class, kernel) choices measured on a GPU; a missing entry takes the default.
+TUNED: dict[tuple[str, str], AdapterLaunch] = {}
+
+
+def launch_config(dtype: torch.dtype, kernel: str = "fwd") -> AdapterLaunch:
+    """Tile shape of ``kernel`` (one of :data:`KERNELS`) for activations of ``dtype``."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    cls = "fp32" if dtype == torch.float32 else "16bit"
+    return TUNED.get((cls, kernel), _DEFAULT[cls])
 
 
 def hidden_pad(R: int) -> int:
     """Hidden width padded for tl.dot (at least 16, a power of two)."""
     return max(16, triton.next_power_of_2(R))
+
+
+def slots(R: int) -> int:
+    """RX: slots per expert on the extended hidden axis (R hidden channels and the bias slot)."""
+    return max(16, triton.next_power_of_2(R + 1))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -75,150 +103,148 @@ def _keep_mask(SEED, rows, hid, R: tl.constexpr, p_drop):
 
 
 @triton.jit
-def _up_expanded(U, e, cols, cmask, hid, hmask, D, DG, RG: tl.constexpr):
-    """Expert e's up weights for a column chunk as [RP, BLOCK_D]: (j, d) = U[e, d, j - g(d) * RG] when
-    hidden channel j belongs to column d's group g(d) = d // DG, else 0."""
+def _up_tile(U, C, cols, cmask, D, DG, R: tl.constexpr, RG: tl.constexpr, E: tl.constexpr,
+             EP: tl.constexpr, RX: tl.constexpr):
+    """W for a column chunk, fp32 [EP * RX, BLOCK_D] (module docstring): U_e[d, j - g(d) RG] at hidden
+    slots j of column d's group g(d) = d // DG, c_e[d] at slot R, 0 elsewhere and for padded experts."""
+    k = tl.arange(0, EP * RX)
+    e = k // RX
+    j = k % RX
     g = cols // DG
-    jl = hid[:, None] - (g * RG)[None, :]
-    mask = hmask[:, None] & cmask[None, :] & (jl >= 0) & (jl < RG)
-    return tl.load(U + e * D * RG + cols[None, :].to(tl.int64) * RG + jl, mask=mask, other=0.0)
+    jl = j[:, None] - (g * RG)[None, :]
+    live = (e < E)[:, None] & cmask[None, :]
+    umask = live & (j < R)[:, None] & (jl >= 0) & (jl < RG)
+    u = tl.load(U + e[:, None] * (D * RG) + cols[None, :].to(tl.int64) * RG + jl, mask=umask, other=0.0)
+    c = tl.load(C + e[:, None] * D + cols[None, :], mask=live & (j == R)[:, None], other=0.0)
+    return u.to(tl.float32) + c.to(tl.float32)
 
 
 @triton.jit
-def _down_chunk(x, A, cols, cmask, hid, hmask, D, dt: tl.constexpr, PRECISION: tl.constexpr):
-    """x [BLOCK_M, BLOCK_D] times the matching columns of A, transposed: [BLOCK_M, RP]."""
-    at = tl.load(A + hid[None, :] * D + cols[:, None], mask=hmask[None, :] & cmask[:, None], other=0.0)
-    return tl.dot(x, at.to(dt), input_precision=PRECISION)
-
-
-@triton.jit
-def _up_chunk(x, zc, U, C, MIX, sample, rmask, cols, cmask, hid, hmask, D, DG, scale,
-              RG: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-              dt: tl.constexpr, PRECISION: tl.constexpr):
-    """y for a column chunk: x + s * sum_e mix_e * (zd ._G U_e^T + c_e), fp32."""
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for e in tl.static_range(E):
-        ue = _up_expanded(U, e, cols, cmask, hid, hmask, D, DG, RG)
-        ce = tl.load(C + e * D + cols, mask=cmask, other=0.0).to(tl.float32)
-        we = tl.load(MIX + sample * E + e, mask=rmask, other=0.0)
-        acc += we[:, None] * (tl.dot(zc, ue.to(dt), input_precision=PRECISION) + ce[None, :])
-    return x.to(tl.float32) + scale * acc
+def _mixed_rows(zd, MIX, sample, rmask, R: tl.constexpr, E: tl.constexpr, EP: tl.constexpr,
+                RX: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(h [BLOCK_M, EP * RX], ext [BLOCK_M, RX], mix [BLOCK_M, EP]): ext is zd [BLOCK_M, RX] with a 1
+    at the bias slot R; h[m, e * RX + j] = mix[b(m), e] * ext[m, j] (module docstring)."""
+    hid = tl.arange(0, RX)
+    eidx = tl.arange(0, EP)
+    ext = tl.where(hid[None, :] < R, zd, 0.0) + (hid == R).to(tl.float32)[None, :]
+    w = tl.load(MIX + sample[:, None] * E + eidx[None, :], mask=rmask[:, None] & (eidx < E)[None, :], other=0.0)
+    h = tl.reshape(w[:, :, None] * ext[:, None, :], (BLOCK_M, EP * RX))
+    return h, ext, w
 
 
 @triton.jit
 def _mma_fwd_kernel(
     X, stride_x, A, AB, U, C, MIX, SEED, Y, Z,
     M, S, D, DG, scale, p_drop, keep_scale,
-    R: tl.constexpr, RP: tl.constexpr, RG: tl.constexpr, E: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    R: tl.constexpr, RX: tl.constexpr, RG: tl.constexpr, E: tl.constexpr, EP: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, SPLIT_W: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SOFT_RNE: tl.constexpr,
 ):
     dt = X.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     rows64 = rows.to(tl.int64)
-    sample = rows // S
-    hid = tl.arange(0, RP)
+    hid = tl.arange(0, RX)
     hmask = hid < R
     offs = tl.arange(0, BLOCK_D)
     x_rows = X + rows64[:, None] * stride_x
     y_rows = Y + rows64[:, None] * D
 
     # z = x A^T + a
-    z = tl.zeros([BLOCK_M, RP], dtype=tl.float32)
+    z = tl.zeros([BLOCK_M, RX], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + offs
         cmask = cols < D
         x = tl.load(x_rows + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-        z += _down_chunk(x, A, cols, cmask, hid, hmask, D, dt, PRECISION)
+        at = tl.load(A + hid[None, :] * D + cols[:, None], mask=hmask[None, :] & cmask[:, None], other=0.0)
+        z = tl.dot(x, at.to(dt), z, input_precision=PRECISION)
     z += tl.load(AB + hid, mask=hmask, other=0.0).to(tl.float32)[None, :]
     tl.store(Z + rows64[:, None] * R + hid[None, :], z, mask=rmask[:, None] & hmask[None, :])
     if HAS_DROPOUT:
         z = tl.where(_keep_mask(SEED, rows, hid, R, p_drop), z * keep_scale, 0.0)
-    zc = z.to(dt)
+    h, _ext, _w = _mixed_rows(z, MIX, rows // S, rmask, R, E, EP, RX, BLOCK_M)
+    h = h.to(dt)
 
-    # y = x + s * sum_e mix_e * (zd ._G U_e^T + c_e); the tile of x was just read: mostly an L2 hit
+    # y = x + s * h W; the tile of x was just read: mostly an L2 hit
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + offs
         cmask = cols < D
         mask = rmask[:, None] & cmask[None, :]
+        w = _up_tile(U, C, cols, cmask, D, DG, R, RG, E, EP, RX)
+        hi = w.to(dt)
+        acc = tl.dot(h, hi, input_precision=PRECISION)
+        if SPLIT_W:  # fp32 weights, 16-bit activations: add the part of W the cast dropped
+            acc = tl.dot(h, (w - hi.to(tl.float32)).to(dt), acc, input_precision=PRECISION)
         x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0)
-        y = _up_chunk(x, zc, U, C, MIX, sample, rmask, cols, cmask, hid, hmask, D, DG, scale,
-                      RG, E, BLOCK_M, BLOCK_D, dt, PRECISION)
-        tl.store(y_rows + cols[None, :], round_to(y, dt, SOFT_RNE), mask=mask)
+        tl.store(y_rows + cols[None, :], round_to(x.to(tl.float32) + scale * acc, dt, SOFT_RNE), mask=mask)
 
 
 @triton.jit
 def _mma_bwd_rows_kernel(
     DY, stride_dy, Z, U, C, MIX, SEED, DZ, DMIX,
     M, S, D, DG, scale, p_drop, keep_scale,
-    R: tl.constexpr, RP: tl.constexpr, RG: tl.constexpr, E: tl.constexpr, EP: tl.constexpr,
+    R: tl.constexpr, RX: tl.constexpr, RG: tl.constexpr, E: tl.constexpr, EP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, SPLIT_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Per row: dz = dropout'(s * sum_e mix_e * dy ._G U_e) (before dropout: d of z = x A^T + a), and
-    dmix_e = s * sum_d dy_d * (zd ._G U_e^T + c_e)_d."""
+    """Per row: T = dy W^T over all columns (one product per chunk), then d z = dropout'(s * sum_e
+    mix_e T_e) (before dropout: d of z = x A^T + a) and d mix_e = s * sum_j ext_j T_e,j."""
     dt = DY.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     rows64 = rows.to(tl.int64)
-    sample = rows // S
-    hid = tl.arange(0, RP)
+    hid = tl.arange(0, RX)
     hmask = hid < R
     eidx = tl.arange(0, EP)
     offs = tl.arange(0, BLOCK_D)
+
+    t = tl.zeros([BLOCK_M, EP * RX], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + offs
+        cmask = cols < D
+        dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        w = _up_tile(U, C, cols, cmask, D, DG, R, RG, E, EP, RX)
+        hi = w.to(dt)
+        t = tl.dot(dy, tl.trans(hi), t, input_precision=PRECISION)
+        if SPLIT_W:  # fp32 weights, 16-bit activations: add the part of W the cast dropped
+            t = tl.dot(dy, tl.trans((w - hi.to(tl.float32)).to(dt)), t, input_precision=PRECISION)
+
+    # read after the loop: live across it, these would cost registers (occupancy)
     zmask = rmask[:, None] & hmask[None, :]
     zd = tl.load(Z + rows64[:, None] * R + hid[None, :], mask=zmask, other=0.0)
     if HAS_DROPOUT:
         keep = _keep_mask(SEED, rows, hid, R, p_drop)
         zd = tl.where(keep, zd * keep_scale, 0.0)
-
-    dzd = tl.zeros([BLOCK_M, RP], dtype=tl.float32)
-    dmix = tl.zeros([BLOCK_M, EP], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + offs
-        cmask = cols < D
-        dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-        for e in tl.static_range(E):
-            ue = _up_expanded(U, e, cols, cmask, hid, hmask, D, DG, RG)
-            hi = ue.to(dt)
-            te = tl.dot(dy, tl.trans(hi), input_precision=PRECISION)  # [BLOCK_M, RP]
-            if SPLIT_W:  # fp32 weights, 16-bit activations: add the part of U the cast dropped
-                lo = (ue.to(tl.float32) - hi.to(tl.float32)).to(dt)
-                te += tl.dot(dy, tl.trans(lo), input_precision=PRECISION)
-            we = tl.load(MIX + sample * E + e, mask=rmask, other=0.0)
-            dzd += we[:, None] * te
-            ce = tl.load(C + e * D + cols, mask=cmask, other=0.0).to(tl.float32)
-            part = tl.sum(zd * te, axis=1) + tl.sum(dy.to(tl.float32) * ce[None, :], axis=1)
-            dmix = tl.where(eidx[None, :] == e, dmix + part[:, None], dmix)
-    dz = dzd * scale
+    _h, ext, mix = _mixed_rows(zd, MIX, rows // S, rmask, R, E, EP, RX, BLOCK_M)
+    t3 = tl.reshape(t, (BLOCK_M, EP, RX))
+    dz = tl.sum(mix[:, :, None] * t3, axis=1) * scale  # [BLOCK_M, RX]
     if HAS_DROPOUT:
         dz = tl.where(keep, dz * keep_scale, 0.0)
+    dmix = tl.sum(t3 * ext[:, None, :], axis=2) * scale  # [BLOCK_M, EP]
     tl.store(DZ + rows64[:, None] * R + hid[None, :], dz, mask=zmask)
-    tl.store(DMIX + rows64[:, None] * E + eidx[None, :], dmix * scale, mask=rmask[:, None] & (eidx < E)[None, :])
+    tl.store(DMIX + rows64[:, None] * E + eidx[None, :], dmix, mask=rmask[:, None] & (eidx < E)[None, :])
 
 
 @triton.jit
 def _mma_bwd_cols_kernel(
     X, stride_x, DY, stride_dy, Z, DZ, A, MIX, SEED, DX, DA_PART, DU_PART, DC_PART,
     M, S, D, DG, scale, p_drop, keep_scale,
-    R: tl.constexpr, RP: tl.constexpr, RG: tl.constexpr, E: tl.constexpr, EP: tl.constexpr,
+    R: tl.constexpr, RX: tl.constexpr, RG: tl.constexpr, E: tl.constexpr, EP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SOFT_RNE: tl.constexpr,
 ):
     """Program (c, p): column chunk c over row tiles p, p + P, ...: dx = dy + dz A, and partial sums of
-    dA = dz^T x, dU_e = s (mix_e zd)^T dy (grouped), dc_e = s sum mix_e dy, kept in registers."""
+    dA = dz^T x and dW = h^T dy (dU in W's hidden slots, dc in its bias slot), kept in registers."""
     dt = X.dtype.element_ty
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cols < D
     p = tl.program_id(1)
     P = tl.num_programs(1)
-    hid = tl.arange(0, RP)
+    hid = tl.arange(0, RX)
     hmask = hid < R
-    eidx = tl.arange(0, EP)
     a = tl.load(A + hid[:, None] * D + cols[None, :], mask=hmask[:, None] & cmask[None, :], other=0.0).to(dt)
-    da = tl.zeros([RP, BLOCK_D], dtype=tl.float32)
-    du = tl.zeros([EP, RP, BLOCK_D], dtype=tl.float32)
-    dc = tl.zeros([EP, BLOCK_D], dtype=tl.float32)
+    da = tl.zeros([RX, BLOCK_D], dtype=tl.float32)
+    dw = tl.zeros([EP * RX, BLOCK_D], dtype=tl.float32)
     for tile in range(p, tl.cdiv(M, BLOCK_M), P):
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < M
@@ -232,27 +258,26 @@ def _mma_bwd_cols_kernel(
             tl.store(DX + rows64[:, None] * D + cols[None, :], round_to(dx, dt, SOFT_RNE), mask=mask)
         if NEED_DW:
             x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
-            da += tl.dot(tl.trans(dz), x, input_precision=PRECISION)
+            da = tl.dot(tl.trans(dz), x, da, input_precision=PRECISION)
             zd = tl.load(Z + rows64[:, None] * R + hid[None, :], mask=zmask, other=0.0)
             if HAS_DROPOUT:
                 zd = tl.where(_keep_mask(SEED, rows, hid, R, p_drop), zd * keep_scale, 0.0)
-            sample = rows // S
-            for e in tl.static_range(E):
-                we = tl.load(MIX + sample * E + e, mask=rmask, other=0.0)
-                t = tl.dot(tl.trans((zd * we[:, None]).to(dt)), dy, input_precision=PRECISION)  # [RP, BLOCK_D]
-                du = tl.where(eidx[:, None, None] == e, du + t[None, :, :], du)
-                dc = tl.where(eidx[:, None] == e, dc + tl.sum(we[:, None] * dy.to(tl.float32), axis=0)[None, :], dc)
+            h, _ext, _w = _mixed_rows(zd, MIX, rows // S, rmask, R, E, EP, RX, BLOCK_M)
+            dw = tl.dot(tl.trans(h.to(dt)), dy, dw, input_precision=PRECISION)
     if NEED_DW:
         p64 = p.to(tl.int64)
         tl.store(DA_PART + p64 * R * D + hid[:, None] * D + cols[None, :], da, mask=hmask[:, None] & cmask[None, :])
-        # dU[e, d, jl] from the expanded [RP, BLOCK_D] block: keep j in column d's group
+        # dW's hidden slots -> dU[e, d, jl] (j in column d's group), its bias slot -> dc[e, d]
+        k = tl.arange(0, EP * RX)
+        e = k // RX
+        j = k % RX
         g = cols // DG
-        jl = hid[:, None] - (g * RG)[None, :]
-        umask = hmask[:, None] & cmask[None, :] & (jl >= 0) & (jl < RG)
-        du_offs = p64 * E * D * RG + eidx[:, None, None] * D * RG + cols[None, None, :] * RG + jl[None, :, :]
-        tl.store(DU_PART + du_offs, du * scale, mask=(eidx < E)[:, None, None] & umask[None, :, :])
-        tl.store(DC_PART + p64 * E * D + eidx[:, None] * D + cols[None, :], dc * scale,
-                 mask=(eidx < E)[:, None] & cmask[None, :])
+        jl = j[:, None] - (g * RG)[None, :]
+        live = (e < E)[:, None] & cmask[None, :]
+        umask = live & (j < R)[:, None] & (jl >= 0) & (jl < RG)
+        du_offs = p64 * E * D * RG + e[:, None] * (D * RG) + cols[None, :] * RG + jl
+        tl.store(DU_PART + du_offs, dw * scale, mask=umask)
+        tl.store(DC_PART + p64 * E * D + e[:, None] * D + cols[None, :], dw * scale, mask=live & (j == R)[:, None])
 
 
 @triton.jit
@@ -285,6 +310,12 @@ def _dims(x2: torch.Tensor, down_w: torch.Tensor, up_w: torch.Tensor, groups: in
     return M, D, R, E, R // groups, D // groups
 
 
+def _split_weights(x2, up_w, up_b) -> bool:
+    """Whether the up-projection's products take two passes (x-dtype part and remainder) to keep fp32
+    weights' precision with 16-bit activations."""
+    return x2.dtype != torch.float32 and torch.float32 in (up_w.dtype, up_b.dtype)
+
+
 def adapter_fwd(x2, S, down_w, down_b, up_w, up_b, mix, scale, groups, p_drop, seed):
     """Forward over rows x2 [M, D] (unit column stride), M = B * S. Returns (y [M, D], z [M, R] fp32)."""
     M, D, R, E, RG, DG = _dims(x2, down_w, up_w, groups)
@@ -292,13 +323,13 @@ def adapter_fwd(x2, S, down_w, down_b, up_w, up_b, mix, scale, groups, p_drop, s
     z = torch.empty((M, R), dtype=torch.float32, device=x2.device)
     if M == 0:
         return y, z
-    cfg = launch_config(x2.dtype)
+    cfg = launch_config(x2.dtype, "fwd")
     _mma_fwd_kernel[(triton.cdiv(M, cfg.block_m),)](
         x2, x2.stride(0), down_w, down_b, up_w, up_b, mix, seed, y, z,
         M, S, D, DG, float(scale), float(p_drop), 1.0 / (1.0 - p_drop),
-        R=R, RP=hidden_pad(R), RG=RG, E=E, HAS_DROPOUT=p_drop > 0,
-        BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, PRECISION=_dot_precision(x2.dtype), SOFT_RNE=interpreting(),
-        num_warps=cfg.num_warps,
+        R=R, RX=slots(R), RG=RG, E=E, EP=triton.next_power_of_2(E), HAS_DROPOUT=p_drop > 0,
+        SPLIT_W=_split_weights(x2, up_w, up_b), BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,
+        PRECISION=_dot_precision(x2.dtype), SOFT_RNE=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y, z
 
@@ -317,30 +348,32 @@ def adapter_bwd(dy2, x2, z, S, down_w, up_w, up_b, mix, scale, groups, p_drop, s
             grads = [torch.zeros_like(t) for t in (down_w, down_w[:, 0], up_w, up_b)]
         return dx, *grads, (torch.zeros_like(mix) if need_dmix else None)
 
-    cfg = launch_config(x2.dtype)
-    common = dict(R=R, RP=hidden_pad(R), RG=RG, E=E, EP=triton.next_power_of_2(E), HAS_DROPOUT=p_drop > 0,
-                  PRECISION=_dot_precision(x2.dtype), BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,
-                  num_warps=cfg.num_warps)
+    common = dict(R=R, RX=slots(R), RG=RG, E=E, EP=triton.next_power_of_2(E), HAS_DROPOUT=p_drop > 0,
+                  PRECISION=_dot_precision(x2.dtype))
     dz = torch.empty((M, R), dtype=torch.float32, device=dev)
     dmix_rows = torch.empty((M, E), dtype=torch.float32, device=dev)
+    cfg = launch_config(x2.dtype, "rows")
     _mma_bwd_rows_kernel[(triton.cdiv(M, cfg.block_m),)](
         dy2, dy2.stride(0), z, up_w, up_b, mix, seed, dz, dmix_rows,
         M, S, D, DG, float(scale), float(p_drop), 1.0 / (1.0 - p_drop),
-        SPLIT_W=up_w.dtype == torch.float32 and x2.dtype != torch.float32, **common,
+        SPLIT_W=_split_weights(x2, up_w, up_b), BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )
     if need_dmix:
         dmix = dmix_rows.view(B, S, E).sum(1)
 
     if need_dx or need_dw:
+        cfg = launch_config(x2.dtype, "cols")
         chunks = triton.cdiv(D, cfg.block_d)
         tiles = triton.cdiv(M, cfg.block_m)
-        P = max(1, min(tiles, (4 * sm_count(dev)) // chunks or 1))
+        P = max(1, min(tiles, (cfg.programs_per_sm * sm_count(dev)) // chunks or 1))
         parts = [torch.empty((P, n), dtype=torch.float32, device=dev) for n in (R * D, E * D * RG, E * D)] \
             if need_dw else [None, None, None]
         _mma_bwd_cols_kernel[(chunks, P)](
             x2, x2.stride(0), dy2, dy2.stride(0), z, dz, down_w, mix, seed, dx, *parts,
             M, S, D, DG, float(scale), float(p_drop), 1.0 / (1.0 - p_drop),
-            NEED_DX=need_dx, NEED_DW=need_dw, SOFT_RNE=interpreting(), **common,
+            NEED_DX=need_dx, NEED_DW=need_dw, SOFT_RNE=interpreting(), BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
         )
         if need_dw:
             targets = (torch.empty_like(down_w), torch.empty_like(up_w), torch.empty_like(up_b))

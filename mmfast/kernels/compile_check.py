@@ -102,30 +102,39 @@ def _adapter_variants():
 
     f32, i64 = torch.float32, torch.int64
     R, E, G = 8, 2, 2
+
+    def opts(dt, kernel):
+        cfg = K.launch_config(dt, kernel)
+        tiles = dict(BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d)
+        return tiles, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
     for dt, wdt in ((torch.bfloat16, f32), (torch.bfloat16, torch.bfloat16), (f32, f32)):
-        cfg = K.launch_config(dt)
         for D in (1024, 4096):
             for drop in (False, True):
                 shared = dict(M=32768, S=512, D=D, DG=D // G, scale=1.0, p_drop=0.1, keep_scale=1.0 / 0.9,
-                              R=R, RP=K.hidden_pad(R), RG=R // G, E=E, HAS_DROPOUT=drop,
-                              PRECISION=K._dot_precision(dt), BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d)
+                              R=R, RX=K.slots(R), RG=R // G, E=E, EP=2, HAS_DROPOUT=drop,
+                              PRECISION=K._dot_precision(dt))
                 seed = Ptr(i64) if drop else None
+                split = wdt == f32 and dt != f32
+                tiles, o = opts(dt, "fwd")
                 yield K._mma_fwd_kernel, dict(
                     X=Ptr(dt), stride_x=D, A=Ptr(wdt), AB=Ptr(wdt), U=Ptr(wdt), C=Ptr(wdt), MIX=Ptr(f32),
-                    SEED=seed, Y=Ptr(dt), Z=Ptr(f32), SOFT_RNE=False, **shared), cfg.num_warps
+                    SEED=seed, Y=Ptr(dt), Z=Ptr(f32), SPLIT_W=split, SOFT_RNE=False, **shared, **tiles), o
+                tiles, o = opts(dt, "rows")
                 yield K._mma_bwd_rows_kernel, dict(
                     DY=Ptr(dt), stride_dy=D, Z=Ptr(f32), U=Ptr(wdt), C=Ptr(wdt), MIX=Ptr(f32), SEED=seed,
-                    DZ=Ptr(f32), DMIX=Ptr(f32), EP=2, SPLIT_W=wdt == f32 and dt != f32, **shared), cfg.num_warps
+                    DZ=Ptr(f32), DMIX=Ptr(f32), SPLIT_W=split, **shared, **tiles), o
+                tiles, o = opts(dt, "cols")
                 yield K._mma_bwd_cols_kernel, dict(
                     X=Ptr(dt), stride_x=D, DY=Ptr(dt), stride_dy=D, Z=Ptr(f32), DZ=Ptr(f32), A=Ptr(wdt),
                     MIX=Ptr(f32), SEED=seed, DX=Ptr(dt), DA_PART=Ptr(f32), DU_PART=Ptr(f32),
-                    DC_PART=Ptr(f32), EP=2, NEED_DX=True, NEED_DW=True, SOFT_RNE=False, **shared), cfg.num_warps
+                    DC_PART=Ptr(f32), NEED_DX=True, NEED_DW=True, SOFT_RNE=False, **shared, **tiles), o
     yield K._keep_mask_kernel, dict(SEED=Ptr(i64), OUT=Ptr(torch.int8), M=32768, p_drop=0.1, R=R,
                                     RP=K.hidden_pad(R), BLOCK_M=64), 4
 
 
 def variants():
-    """(kernel, args, num_warps) for every specialization checked."""
+    """(kernel, args, num_warps or compile options) for every specialization checked."""
     yield from _norm_variants()
     yield from _common_variants()
     yield from _adapter_variants()
@@ -167,12 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     target = GPUTarget("cuda", args.arch, 32)
     failures, spills, rows = [], [], []
     start = time.time()
-    for fn, kargs, warps in variants():
+    for fn, kargs, options in variants():
+        options = options if isinstance(options, dict) else {"num_warps": options}
+        warps = options["num_warps"]
         sig, consts = _signature(fn, kargs)
         label = fn.__name__ + "(" + ", ".join(f"{k}={v}" for k, v in consts.items() if v is not None) + f", warps={warps})"
         try:
             compiled = triton.compile(ASTSource(fn, sig, constexprs=consts), target=target,
-                                      options={"num_warps": warps})
+                                      options=options)
         except Exception as e:  # noqa: BLE001 - every failure is reported
             failures.append((label, f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:400]}"))
             continue
