@@ -9,7 +9,9 @@
 ``._G`` is the grouped up-projection (output channels of group g read hidden channels of group g).
 The router (``mix = softmax(router(route) / t)``) stays outside the op, in autograd, so d(route) and
 the router's gradients come from its ``d mix`` output. Ops: ``mmfast::mma_adapter_fwd`` and
-``mmfast::mma_adapter_bwd``.
+``mmfast::mma_adapter_bwd``. Plain eager calls take the same forward and backward through a
+``torch.autograd.Function`` instead (the eager fast path of :mod:`mmfast.ops.norm`, same rules and the
+same ``MMFAST_EAGER=ops`` switch).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .backend import resolve_backend
-from .norm import ACT_DTYPES
+from .norm import ACT_DTYPES, _plain_eager
 
 # ---------------------------------------------------------------------------------------------
 # input checks
@@ -167,10 +169,8 @@ def _rows(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-@torch.library.custom_op("mmfast::mma_adapter_fwd", mutates_args=())
-def mma_adapter_fwd(x: Tensor, down_w: Tensor, down_b: Tensor, up_w: Tensor, up_b: Tensor, mix: Tensor,
-                    scale: float, groups: int, p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """Returns ``(y [B, S, D], z [B * S, R] fp32)``; z (before dropout) is saved for backward."""
+def _fwd(x, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed):
+    """``(y [B, S, D], z [B * S, R] fp32)`` on the backend selected now."""
     B, S, D = x.shape
     if resolve_backend(x.device) == "triton":
         from ..kernels import adapter as kernels
@@ -179,6 +179,29 @@ def mma_adapter_fwd(x: Tensor, down_w: Tensor, down_b: Tensor, up_w: Tensor, up_
                                    scale, groups, p, seed)
         return y.view(B, S, D), z
     return _reference_fwd(x, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed)
+
+
+def _bwd(dy, x, z, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed, need_dx, need_dw, need_dmix):
+    """``(dx, d_down_w, d_down_b, d_up_w, d_up_b, d_mix)`` in the inputs' shapes and dtypes, None where
+    not requested."""
+    B, S, D = x.shape
+    if resolve_backend(x.device) == "triton":
+        from ..kernels import adapter as kernels
+
+        grads = kernels.adapter_bwd(_rows(dy), _rows(x), z, S, down_w, up_w, up_b, mix.float().contiguous(),
+                                    scale, groups, p, seed, need_dx, need_dw, need_dmix)
+    else:
+        grads = _reference_bwd(dy, x, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed)
+        grads = [g if want else None for g, want in zip(grads, (need_dx,) + (need_dw,) * 4 + (need_dmix,))]
+    targets = (x, down_w, down_b, up_w, up_b, mix)
+    return tuple(None if g is None else g.reshape(t.shape).to(t.dtype) for g, t in zip(grads, targets))
+
+
+@torch.library.custom_op("mmfast::mma_adapter_fwd", mutates_args=())
+def mma_adapter_fwd(x: Tensor, down_w: Tensor, down_b: Tensor, up_w: Tensor, up_b: Tensor, mix: Tensor,
+                    scale: float, groups: int, p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Returns ``(y [B, S, D], z [B * S, R] fp32)``; z (before dropout) is saved for backward."""
+    return _fwd(x, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed)
 
 
 @mma_adapter_fwd.register_fake
@@ -192,19 +215,8 @@ def mma_adapter_bwd(dy: Tensor, x: Tensor, z: Tensor, down_w: Tensor, down_b: Te
                     up_b: Tensor, mix: Tensor, scale: float, groups: int, p: float, seed: Optional[Tensor],
                     need_dx: bool, need_dw: bool, need_dmix: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(dx, d_down_w, d_down_b, d_up_w, d_up_b, d_mix)``; the ones not requested are empty."""
-    B, S, D = x.shape
-    if resolve_backend(x.device) == "triton":
-        from ..kernels import adapter as kernels
-
-        grads = kernels.adapter_bwd(_rows(dy), _rows(x), z, S, down_w, up_w, up_b, mix.float().contiguous(),
-                                    scale, groups, p, seed, need_dx, need_dw, need_dmix)
-    else:
-        grads = _reference_bwd(dy, x, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed)
-        grads = [g if want else None for g, want in zip(grads, (need_dx,) + (need_dw,) * 4 + (need_dmix,))]
-    dx, dA, da, dU, dc, dmix = grads
-    targets = (x, down_w, down_b, up_w, up_b, mix)
-    empty = dy.new_empty(0)
-    return tuple(empty if g is None else g.reshape(t.shape).to(t.dtype) for g, t in zip((dx, dA, da, dU, dc, dmix), targets))
+    grads = _bwd(dy, x, z, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed, need_dx, need_dw, need_dmix)
+    return tuple(dy.new_empty(0) if g is None else g for g in grads)
 
 
 @mma_adapter_bwd.register_fake
@@ -214,24 +226,45 @@ def _(dy, x, z, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed, need_dx
             like(up_b, need_dw), like(mix, need_dmix))
 
 
-def _setup_context(ctx, inputs, output):
+def _save(ctx, inputs, z):
     x, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed = inputs
-    ctx.save_for_backward(x, output[1], down_w, down_b, up_w, up_b, mix, seed)
+    ctx.save_for_backward(x, z, down_w, down_b, up_w, up_b, mix, seed)
     ctx.args = (scale, groups, p)
+
+
+def _setup_context(ctx, inputs, output):
+    _save(ctx, inputs, output[1])
     ctx.mark_non_differentiable(output[1])
 
 
-def _backward(ctx, dy, _dz):
+def _grads(ctx, dy, bwd):
+    """The gradients of the forward's inputs from ``bwd`` (the custom op or the eager call)."""
     x, z, down_w, down_b, up_w, up_b, mix, seed = ctx.saved_tensors
     need = ctx.needs_input_grad
-    need_dw = any(need[1:5])
-    dx, dA, da, dU, dc, dmix = torch.ops.mmfast.mma_adapter_bwd(
-        dy, x, z, down_w, down_b, up_w, up_b, mix, *ctx.args, seed, need[0], need_dw, need[5])
-    grads = (dx, dA, da, dU, dc, dmix)
+    grads = bwd(dy, x, z, down_w, down_b, up_w, up_b, mix, *ctx.args, seed, need[0], any(need[1:5]), need[5])
     return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None, None, None, None)
 
 
+def _backward(ctx, dy, _dz):
+    return _grads(ctx, dy, torch.ops.mmfast.mma_adapter_bwd)
+
+
 mma_adapter_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _MMAdapterFn(torch.autograd.Function):
+    """The eager fast path (see :mod:`mmfast.ops.norm`): the same forward and backward as the custom ops,
+    without the dispatcher's per-call cost."""
+
+    @staticmethod
+    def forward(ctx, x, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed):
+        y, z = _fwd(x, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed)
+        _save(ctx, (x, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed), z)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _grads(ctx, dy, _bwd)
 
 
 def mma_adapter(x: Tensor, down_w: Tensor, down_b: Tensor, up_w: Tensor, up_b: Tensor, mix: Tensor,
@@ -239,6 +272,8 @@ def mma_adapter(x: Tensor, down_w: Tensor, down_b: Tensor, up_w: Tensor, up_b: T
     """The fused MMA adapter (module docstring). ``seed`` (one-element int64 tensor on x's device) is
     needed when ``dropout > 0``; the same seed gives the same mask."""
     check_adapter_inputs(x, down_w, down_b, up_w, up_b, mix, scale, groups, dropout, seed)
-    y, _ = torch.ops.mmfast.mma_adapter_fwd(x, down_w, down_b, up_w, up_b, mix, float(scale), groups,
-                                            float(dropout), seed if dropout > 0 else None)
+    args = (x, down_w, down_b, up_w, up_b, mix, float(scale), groups, float(dropout), seed if dropout > 0 else None)
+    if _plain_eager(x, down_w, down_b, up_w, up_b, mix, args[-1]):
+        return _MMAdapterFn.apply(*args)
+    y, _ = torch.ops.mmfast.mma_adapter_fwd(*args)
     return y
