@@ -38,7 +38,7 @@ def test_bench_quick_run(tmp_path, capsys):
         assert r["gbps"] > 0 and r["frac_of_copy"] > 0
     assert {(r["tuning"], r["provider"]) for r in model} >= {(t, p) for t in ("layernorm", "layernorm-simp", "mma")
                                                              for p in ("hf-eager", "mmfast")}
-    assert all(r["tokens_per_s"] > 0 and r["trainable"] > 0 for r in model)
+    assert all(r["tokens_per_s"] > 0 and r["trainable"] > 0 and r["saved_bytes"] > 0 for r in model)
     csv_lines = (tmp_path / "results.csv").read_text().splitlines()
     assert len(csv_lines) == len(records) + 1 and "frac_of_copy" in csv_lines[0]
     summary = (tmp_path / "summary.md").read_text()
@@ -112,3 +112,46 @@ def test_profiler_events_have_what_gpu_time_reads():
     events = list(prof.events())
     assert events and all(e.device_type == DeviceType.CPU for e in events)
     assert all(e.time_range.end >= e.time_range.start for e in events)
+
+
+def test_saved_activation_bytes_counts_what_autograd_keeps():
+    """Exact on a toy model: each storage once, parameters left out, attributed to the saving module."""
+    from mmfast.bench.model import saved_activation_bytes
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 16)  # trainable: saves its input x (5 x 8 fp32)
+            self.norm = torch.nn.LayerNorm(16)  # saves its input (5 x 16), mean and rstd (5 each)
+
+        def forward(self, x):
+            h = self.norm(self.proj(x))
+            return h.sin().sum()  # sin saves h (5 x 16), attributed to "other"
+
+    x = torch.randn(5, 8)
+    toy = Toy()
+    saved = saved_activation_bytes(toy, lambda: toy(x))
+    assert saved["mlp"] == 0 and saved["attention"] == 0
+    assert saved["norms"] == 4 * (5 * 16 + 5 + 5), saved
+    assert saved["other"] == 4 * (5 * 8 + 5 * 16), saved
+    assert saved["total"] == saved["norms"] + saved["other"]
+    assert toy.proj.weight.grad is not None  # the backward ran (saved tensors released)
+
+
+def test_mmfast_norms_save_less_than_hf_eager():
+    """LayerNorm tuning on a tiny LLaVA: HF's eager RMSNorm keeps fp32 copies for backward, mmfast's keeps
+    the input and one fp32 statistic per row; nothing else in the step changes."""
+    from mmfast.bench import model as model_bench
+
+    case = model_bench.tiny("layernorm")
+    saved = {}
+    for prov in ("hf-eager", "mmfast"):
+        torch.manual_seed(0)
+        m = model_bench.build_model(case, torch.device("cpu"))
+        model_bench.prepare(m, prov, case.tuning)
+        batch = model_bench.make_batch(case, torch.device("cpu"))
+        saved[prov] = model_bench.saved_activation_bytes(m, lambda: m(**batch).loss)
+    hf, mm = saved["hf-eager"], saved["mmfast"]
+    assert mm["norms"] < hf["norms"], (mm, hf)
+    for part in ("attention", "mlp", "projector", "other"):
+        assert mm[part] == hf[part], (part, mm, hf)

@@ -141,9 +141,73 @@ def prepare(model: nn.Module, provider: str, tuning: str) -> None:
                 m.forward = functools.partial(_liger_ln, m)
 
 
+PARTS = ("norms", "adapter", "attention", "mlp", "projector", "other")
+
+
+def _part(name: str, module: nn.Module) -> str:
+    """Which part of the model a module belongs to, for the breakdown of saved activations."""
+    kind = type(module).__name__.lower()
+    leaf = name.rsplit(".", 1)[-1].lower()
+    if isinstance(module, MMAdapter) or "adapter" in leaf:
+        return "adapter"
+    if "norm" in kind or "norm" in leaf:
+        return "norms"
+    for part, keys in (("attention", ("self_attn", "attention")), ("mlp", ("mlp",)),
+                       ("projector", ("multi_modal_projector",))):
+        if any(k in name for k in keys):
+            return part
+    return "other"  # embeddings, patch embedding, LM head, loss
+
+
+def saved_activation_bytes(model: nn.Module, forward, part=None) -> dict[str, int]:
+    """Bytes autograd keeps for the backward of ``forward()`` (which returns the loss): every storage
+    once, parameters and buffers left out, attributed to the innermost module running when it was
+    saved (:data:`PARTS`, or ``part(name, module)`` when given; ``total`` too). Device independent: the
+    same on CPU and GPU but for the attention kernel's own choice of what to save."""
+    part = part or _part
+    names = {id(m): (n, m) for n, m in model.named_modules()}
+    owned = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    stack: list[str] = [part("", model)]  # work outside any submodule (the loss, say)
+    seen: dict[int, tuple[str, int]] = {}
+
+    def pre(module, args):
+        n, m = names.get(id(module), ("", module))
+        stack.append(part(n, m) if n else stack[-1])
+
+    def post(module, args, out):
+        stack.pop()
+
+    def pack(t):
+        try:
+            storage = t.untyped_storage()
+        except Exception:  # noqa: BLE001 - a tensor without storage (a subclass, say) owns no bytes here
+            return t
+        key = storage.data_ptr()
+        if key not in owned and key not in seen:
+            seen[key] = (stack[-1], storage.nbytes())
+        return t
+
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+    handles = [register_module_forward_pre_hook(pre), register_module_forward_hook(post)]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = forward()
+    finally:
+        for h in handles:
+            h.remove()
+    loss.backward()
+    out = dict.fromkeys(PARTS, 0)
+    for where, nbytes in seen.values():
+        out[where] = out.get(where, 0) + nbytes
+    out["total"] = sum(seen_bytes for _, seen_bytes in seen.values())
+    return out
+
+
 def time_train_step(case: ModelCase, provider: str, device: torch.device, steps: int = 10,
                     warmup: int = 3) -> dict:
-    """{ms per step (median), tokens_per_s, peak_mem_bytes, trainable}."""
+    """{ms per step (median), tokens_per_s, peak_mem_bytes, saved (bytes kept for backward, by part:
+    :func:`saved_activation_bytes`), trainable}."""
     torch.manual_seed(0)
     model = build_model(case, device)
     prepare(model, provider, case.tuning)
@@ -158,6 +222,9 @@ def time_train_step(case: ModelCase, provider: str, device: torch.device, steps:
 
     for _ in range(warmup):
         step()
+    opt.zero_grad(set_to_none=True)
+    saved = saved_activation_bytes(model, lambda: model(**batch).loss)
+    opt.zero_grad(set_to_none=True)
     times = []
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -178,7 +245,7 @@ def time_train_step(case: ModelCase, provider: str, device: torch.device, steps:
         peak = None
     times.sort()
     ms = times[len(times) // 2]
-    out = {"ms": ms, "tokens_per_s": case.M / (ms * 1e-3), "peak_mem_bytes": peak,
+    out = {"ms": ms, "tokens_per_s": case.M / (ms * 1e-3), "peak_mem_bytes": peak, "saved": saved,
            "trainable": sum(p.numel() for p in params)}
     del model, opt, batch
     if device.type == "cuda":

@@ -66,15 +66,27 @@ def model_rows(records: list[dict]) -> list[list[str]]:
     rows = []
     for r in records:
         if _is_model(r):
-            peak = r.get("peak_mem_bytes")
+            peak, saved = r.get("peak_mem_bytes"), r.get("saved_bytes")
+            parts = {k[len("saved_bytes_"):]: v for k, v in r.items() if k.startswith("saved_bytes_")}
             rows.append([r["op"], r["provider"], r["dtype"], str(r["M"]), _ms(r["ms"]),
                          "" if r.get("tokens_per_s") is None else f"{r['tokens_per_s']:.0f}",
-                         "" if peak is None else f"{peak / 2**30:.2f}", str(r.get("trainable", "")),
-                         r.get("error") or ""])
+                         "" if peak is None else f"{peak / 2**30:.2f}",
+                         "" if saved is None else _mib(saved),
+                         " ".join(f"{k} {_mib(v)}" for k, v in parts.items() if v),
+                         str(r.get("trainable", "")), r.get("error") or ""])
     return rows
 
 
-MODEL_HEAD = ["case", "provider", "dtype", "tokens/step", "ms/step", "tokens/s", "peak GiB", "trainable", "error"]
+MODEL_HEAD = ["case", "provider", "dtype", "tokens/step", "ms/step", "tokens/s", "peak GiB", "saved MiB",
+              "saved MiB by part", "trainable", "error"]
+MODEL_NOTE = ("saved MiB: bytes autograd keeps for backward in one step (activations; weights, gradients and "
+              "optimizer state excluded), by the part of the model that saved them; counted the same way on "
+              "CPU and GPU. peak GiB: CUDA's peak allocated over the timed steps (GPU only).")
+
+
+def _mib(nbytes: int) -> str:
+    mib = nbytes / 2**20
+    return f"{mib:.0f}" if mib >= 100 else f"{mib:.1f}" if mib >= 1 else f"{mib:.3f}"
 
 
 GPU_TIME_NOTE = ("ms: wall time per call, CUDA events with the L2 flushed (what eager code waits, host included); "
@@ -124,7 +136,7 @@ def write_summary_md(path: str, meta: dict, records: list[dict], plots: list[str
         lines += ["", f"## {op}, {dtype}, M={M}, N={N}{suffix}", ""] + _md_table(kernel_head(records), rows)
     mrows = model_rows(records)
     if mrows:
-        lines += ["", "## Model level: one training step", ""] + _md_table(MODEL_HEAD, mrows)
+        lines += ["", "## Model level: one training step", "", MODEL_NOTE, ""] + _md_table(MODEL_HEAD, mrows)
     if plots:
         lines += ["", "## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
     with open(path, "w") as f:
@@ -189,21 +201,22 @@ def write_plots(out_dir: str, meta: dict, records: list[dict]) -> list[str]:
         paths.append(path)
     model = [r for r in records if _is_model(r) and r.get("tokens_per_s")]
     if model:
-        with_mem = any(r.get("peak_mem_bytes") for r in model)  # not measured on CPU
-        fig, axes = plt.subplots(1, 2 if with_mem else 1, figsize=(12 if with_mem else 6.5, 4.2), squeeze=False)
+        panels = [("tokens / s", lambda r: r["tokens_per_s"])]
+        if any(r.get("peak_mem_bytes") for r in model):  # not measured on CPU
+            panels.append(("peak GiB", lambda r: (r.get("peak_mem_bytes") or 0) / 2**30))
+        if any(r.get("saved_bytes") for r in model):
+            panels.append(("saved for backward, GiB", lambda r: (r.get("saved_bytes") or 0) / 2**30))
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 1, 4.2), squeeze=False)
         axes = list(axes[0])
         cases = sorted({r["op"] for r in model})
         provs = sorted({r["provider"] for r in model})
         width = 0.8 / len(provs)
         for i, prov in enumerate(provs):
-            tps = [next((r["tokens_per_s"] for r in model if r["op"] == c and r["provider"] == prov), 0) for c in cases]
-            mem = [next(((r["peak_mem_bytes"] or 0) / 2**30 for r in model if r["op"] == c and r["provider"] == prov), 0)
-                   for c in cases]
             xs = [j + i * width for j in range(len(cases))]
-            axes[0].bar(xs, tps, width, label=prov)
-            if with_mem:
-                axes[1].bar(xs, mem, width, label=prov)
-        for ax, label in zip(axes, ("tokens / s", "peak GiB")):
+            for ax, (_, value) in zip(axes, panels):
+                ax.bar(xs, [next((value(r) for r in model if r["op"] == c and r["provider"] == prov), 0)
+                            for c in cases], width, label=prov)
+        for ax, (label, _) in zip(axes, panels):
             ax.set_xticks([j + width * (len(provs) - 1) / 2 for j in range(len(cases))])
             ax.set_xticklabels([c.split("[")[-1].rstrip("]") for c in cases])
             ax.set_ylabel(label)

@@ -1,0 +1,90 @@
+"""Activation memory of the LLaVA-shaped training step at LLaVA-1.5-7B widths, counted on CPU.
+
+    python benchmarks/activation_memory.py [--out DIR] [--tunings layernorm,mma]
+
+Bytes autograd keeps for backward (``mmfast.bench.model.saved_activation_bytes``) are a property of the
+model and its kernels, not of the device: this builds the model bench's case with one LLaMA layer and
+one CLIP layer at full widths, counts what each part saves per token under each provider, and scales
+that to the GPU model bench's step (llm_layers LLaMA layers, 24 CLIP layers, 4 x 1024 tokens). Byte
+counts only; no timing here says anything about a GPU. Writes activation_memory.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+
+import torch
+
+from mmfast.bench import model as mb
+from mmfast.bench.env import environment
+
+
+def _where(name: str, module) -> str:
+    """tower/part: 'llm/norms', 'vision/mlp', 'head/other', ..."""
+    tower = "vision" if "vision_tower" in name else "llm" if re.search(r"language_model\.layers\.", name) else "head"
+    return f"{tower}/{mb._part(name, module)}"
+
+
+def measure(tuning: str, provider: str, text_tokens: int) -> dict:
+    case = dataclasses.replace(mb.llava_7b_widths(tuning, 1, batch=1, text_tokens=text_tokens), vision_layers=1)
+    torch.manual_seed(0)
+    model = mb.build_model(case, torch.device("cpu"))
+    mb.prepare(model, provider, tuning)
+    batch = mb.make_batch(case, torch.device("cpu"))
+    saved = mb.saved_activation_bytes(model, lambda: model(**batch).loss, part=_where)
+    return dict(case=case, saved={k: v for k, v in saved.items() if v and "/" in k})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench-results")
+    p.add_argument("--tunings", default="layernorm,mma")
+    p.add_argument("--text-tokens", type=int, default=64, help="text tokens of the measured sample")
+    p.add_argument("--llm-layers", type=int, default=8, help="LLaMA layers of the step scaled to")
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    target = mb.llava_7b_widths("layernorm", args.llm_layers, batch=4, text_tokens=448)
+    rows, lines = [], []
+    for tuning in args.tunings.split(","):
+        per = {}
+        for prov in ("hf-eager", "mmfast"):
+            res = measure(tuning, prov, args.text_tokens)
+            case = res["case"]
+            per_token = {}
+            for key, nbytes in res["saved"].items():
+                tower = key.split("/")[0]
+                tokens = case.batch * (case.image_tokens + 1) if tower == "vision" else case.M
+                per_token[key] = nbytes / tokens
+            scale = {"llm": target.llm_layers * target.M, "vision": target.vision_layers * target.batch
+                     * (target.image_tokens + 1), "head": target.M}
+            step = sum(v * scale[k.split("/")[0]] for k, v in per_token.items())
+            per[prov] = dict(per_token=per_token, step_bytes=step)
+            rows.append(dict(tuning=tuning, provider=prov, per_token_bytes=per_token, step_bytes=step))
+            print(f"{tuning:10s} {prov:8s} step {step / 2**30:6.2f} GiB  " +
+                  "  ".join(f"{k} {v / 1024:.1f}" for k, v in sorted(per_token.items())) + "  (KiB/token)", flush=True)
+        keys = sorted(set(per["hf-eager"]["per_token"]) | set(per["mmfast"]["per_token"]))
+        lines += [f"## {tuning}", "", "| part | hf-eager KiB/token | mmfast KiB/token |", "|---|---|---|"]
+        lines += [f"| {k} | {per['hf-eager']['per_token'].get(k, 0) / 1024:.1f} | "
+                  f"{per['mmfast']['per_token'].get(k, 0) / 1024:.1f} |" for k in keys]
+        hf, mm = per["hf-eager"]["step_bytes"], per["mmfast"]["step_bytes"]
+        lines += ["", f"Scaled to the GPU model bench's step ({target.llm_layers} LLaMA layers, "
+                  f"{target.vision_layers} CLIP layers, {target.M} tokens): hf-eager {hf / 2**30:.2f} GiB, "
+                  f"mmfast {mm / 2**30:.2f} GiB saved for backward ({(hf - mm) / 2**30:.2f} GiB less).", ""]
+    env = environment(torch.device("cpu"))
+    with open(os.path.join(args.out, "activation_memory.json"), "w") as f:
+        json.dump(dict(env, target=dataclasses.asdict(target) | {"dtype": str(target.dtype)}, rows=rows), f,
+                  indent=1, default=str)
+    head = [f"# Activation memory at LLaVA-1.5-7B widths (bytes kept for backward; counted on CPU)", "",
+            f"- torch {env['torch']}, transformers {env.get('transformers')}, commit {env['commit']}",
+            "- llm/*: per LLaMA layer per token; vision/*: per CLIP layer per image token; head/*: once per token "
+            "(embeddings, projector, LM head, loss)", ""]
+    with open(os.path.join(args.out, "activation_memory.md"), "w") as f:
+        f.write("\n".join(head + lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
