@@ -14,6 +14,7 @@ import torch
 
 import mmfast
 from accuracy import assert_accurate
+from dispatch import dispatched_ops
 from mmfast.ops.adapter import dropout_keep_mask, mma_adapter, mma_adapter_lavin_style, mma_adapter_reference
 from mmfast.ops.backend import ENV_VAR
 
@@ -300,8 +301,6 @@ def test_compile_fullgraph(device):
 def test_eager_fast_path_equals_custom_op(dropout, monkeypatch, device):
     """The eager fast path (autograd.Function) and the custom ops run the same kernels: output and every
     gradient bitwise equal; tensor modes see the custom op."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from mmfast.ops import norm as ops_norm
 
     leaves = make_inputs(2, 9, 200, 8, 2, 2, torch.float32, device)
@@ -317,13 +316,5 @@ def test_eager_fast_path_equals_custom_op(dropout, monkeypatch, device):
         assert torch.equal(a, b)
 
     monkeypatch.setenv(ops_norm.EAGER_ENV, "")
-    seen = []
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    with Record():
-        mma_adapter(*leaves, groups=2)
+    seen = dispatched_ops(lambda: mma_adapter(*leaves, groups=2))
     assert any("mmfast.mma_adapter_fwd" in s for s in seen), seen
