@@ -20,7 +20,11 @@ c_e[d] at slot R, 0 elsewhere. Then
     d zd   = s * sum_e mix_e T_e            d mix_e = s * sum_j h-row-of-e . T_e  (the bias slot included)
     dW     = s * h^T dy                     (dU in the hidden slots, dc in the bias slot)
 
-so every chunk is one tensor-core product whose accumulator stays in the product's layout.
+so every chunk is one tensor-core product whose accumulator stays in the product's layout. W is
+packed densely once per call (``_pack_w_kernel``, [E RX, D] in x's dtype, a few hundred KB) so the
+hot loops load it like any other tile. The router weight enters h rounded to x's dtype; slot R + 1
+carries what that rounding dropped (W holds c there too), so the bias terms of y and dc keep its
+precision.
 
 Products run in x's dtype on the tensor cores (fp32 inputs: exact fp32), with fp32 accumulation.
 fp32 weights (master weights) with 16-bit x are split into their x-dtype part and the remainder
@@ -59,8 +63,9 @@ class AdapterLaunch:
 
 KERNELS = ("fwd", "rows", "cols")
 
-# Tile shapes per kernel. None spills registers on sm_90 (``python -m mmfast.kernels.compile_check``;
-# the row kernel parks one value on the stack outside its loop). 16-bit inputs use the tensor cores;
+# Tile shapes per kernel. None spills registers on sm_90 at the usual adapter sizes (hidden 8, two
+# experts; ``python -m mmfast.kernels.compile_check``); :func:`fit` shrinks them for wide hidden x many
+# experts so that they still launch. 16-bit inputs use the tensor cores;
 # fp32 inputs use exact fp32 products, which take more registers, so a shorter tile.
 # ``benchmarks/tune_adapter.py`` times alternatives on a GPU.
 _DEFAULT = {"16bit": AdapterLaunch(32, 64, 8), "fp32": AdapterLaunch(16, 64, 8)}
@@ -82,8 +87,24 @@ def hidden_pad(R: int) -> int:
 
 
 def slots(R: int) -> int:
-    """RX: slots per expert on the extended hidden axis (R hidden channels and the bias slot)."""
-    return max(16, triton.next_power_of_2(R + 1))
+    """RX: slots per expert on the extended hidden axis (R hidden channels, the bias slot R and slot
+    R + 1, which carries the router weight's remainder after rounding to x's dtype)."""
+    return max(16, triton.next_power_of_2(R + 2))
+
+
+SMEM_BUDGET = 160 * 1024  # bytes of shared memory the pipelined tiles may take (sm_90 has 227 KB)
+
+
+def fit(cfg: AdapterLaunch, EK: int, planes: int, elt: int) -> AdapterLaunch:
+    """``cfg`` with fewer pipeline stages, then narrower column chunks, until one stage's tiles (the
+    packed weights, ``planes`` of [EK, block_d], and a [block_m, block_d] activation tile) times the
+    stages fit :data:`SMEM_BUDGET` (wide hidden x many experts would otherwise not launch)."""
+    stage = lambda c: (planes * EK + c.block_m) * c.block_d * elt  # noqa: E731
+    while cfg.num_stages > 1 and stage(cfg) * cfg.num_stages > SMEM_BUDGET:
+        cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+    while cfg.block_d > 16 and stage(cfg) * cfg.num_stages > SMEM_BUDGET:
+        cfg = dataclasses.replace(cfg, block_d=cfg.block_d // 2)
+    return cfg
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -103,10 +124,15 @@ def _keep_mask(SEED, rows, hid, R: tl.constexpr, p_drop):
 
 
 @triton.jit
-def _up_tile(U, C, cols, cmask, D, DG, R: tl.constexpr, RG: tl.constexpr, E: tl.constexpr,
-             EP: tl.constexpr, RX: tl.constexpr):
-    """W for a column chunk, fp32 [EP * RX, BLOCK_D] (module docstring): U_e[d, j - g(d) RG] at hidden
-    slots j of column d's group g(d) = d // DG, c_e[d] at slot R, 0 elsewhere and for padded experts."""
+def _pack_w_kernel(U, C, WP, D, DG, R: tl.constexpr, RG: tl.constexpr, E: tl.constexpr, EP: tl.constexpr,
+                   RX: tl.constexpr, SPLIT_W: tl.constexpr, BLOCK_D: tl.constexpr):
+    """W (module docstring) packed densely once per call, WP [EP * RX, D] in x's dtype:
+    U_e[d, j - g(d) RG] at hidden slots j of column d's group g(d) = d // DG, c_e[d] at slots R and
+    R + 1, 0 elsewhere and for padded experts. With SPLIT_W (fp32 weights, 16-bit x) a second plane
+    WP[EP * RX:] holds what the cast to x's dtype dropped."""
+    dt = WP.dtype.element_ty
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < D
     k = tl.arange(0, EP * RX)
     e = k // RX
     j = k % RX
@@ -115,26 +141,40 @@ def _up_tile(U, C, cols, cmask, D, DG, R: tl.constexpr, RG: tl.constexpr, E: tl.
     live = (e < E)[:, None] & cmask[None, :]
     umask = live & (j < R)[:, None] & (jl >= 0) & (jl < RG)
     u = tl.load(U + e[:, None] * (D * RG) + cols[None, :].to(tl.int64) * RG + jl, mask=umask, other=0.0)
-    c = tl.load(C + e[:, None] * D + cols[None, :], mask=live & (j == R)[:, None], other=0.0)
-    return u.to(tl.float32) + c.to(tl.float32)
+    c = tl.load(C + tl.minimum(e, E - 1)[:, None] * D + cols[None, :], mask=cmask[None, :], other=0.0)
+    w = u.to(tl.float32) + tl.where(live & ((j == R) | (j == R + 1))[:, None], c.to(tl.float32), 0.0)
+    hi = w.to(dt)
+    out = WP + k[:, None] * D + cols[None, :]
+    tl.store(out, hi, mask=cmask[None, :])
+    if SPLIT_W:
+        tl.store(out + EP * RX * D, (w - hi.to(tl.float32)).to(dt), mask=cmask[None, :])
+
+
+@triton.jit
+def _w_tile(WP, plane: tl.constexpr, cols, cmask, D, EK: tl.constexpr):
+    """Plane ``plane`` of the packed W for a column chunk: [EK, BLOCK_D] in x's dtype."""
+    k = tl.arange(0, EK)
+    return tl.load(WP + plane * EK * D + k[:, None] * D + cols[None, :], mask=cmask[None, :], other=0.0)
 
 
 @triton.jit
 def _mixed_rows(zd, MIX, sample, rmask, R: tl.constexpr, E: tl.constexpr, EP: tl.constexpr,
-                RX: tl.constexpr, BLOCK_M: tl.constexpr):
-    """(h [BLOCK_M, EP * RX], ext [BLOCK_M, RX], mix [BLOCK_M, EP]): ext is zd [BLOCK_M, RX] with a 1
-    at the bias slot R; h[m, e * RX + j] = mix[b(m), e] * ext[m, j] (module docstring)."""
+                RX: tl.constexpr, BLOCK_M: tl.constexpr, dt: tl.constexpr):
+    """(h [BLOCK_M, EP * RX] in dt, ext [BLOCK_M, RX], mix [BLOCK_M, EP]): ext is zd [BLOCK_M, RX] with
+    a 1 at the bias slot R; h[m, e * RX + j] = mix[b(m), e] * ext[m, j] (module docstring), and at slot
+    R + 1 what rounding mix to dt dropped (W holds c there too: the bias term keeps mix's precision)."""
     hid = tl.arange(0, RX)
     eidx = tl.arange(0, EP)
     ext = tl.where(hid[None, :] < R, zd, 0.0) + (hid == R).to(tl.float32)[None, :]
     w = tl.load(MIX + sample[:, None] * E + eidx[None, :], mask=rmask[:, None] & (eidx < E)[None, :], other=0.0)
-    h = tl.reshape(w[:, :, None] * ext[:, None, :], (BLOCK_M, EP * RX))
-    return h, ext, w
+    w_lo = w - w.to(dt).to(tl.float32)
+    h = tl.where((hid == R + 1)[None, None, :], w_lo[:, :, None], w[:, :, None] * ext[:, None, :])
+    return tl.reshape(h, (BLOCK_M, EP * RX)).to(dt), ext, w
 
 
 @triton.jit
 def _mma_fwd_kernel(
-    X, stride_x, A, AB, U, C, MIX, SEED, Y, Z,
+    X, stride_x, A, AB, WP, MIX, SEED, Y, Z,
     M, S, D, DG, scale, p_drop, keep_scale,
     R: tl.constexpr, RX: tl.constexpr, RG: tl.constexpr, E: tl.constexpr, EP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, SPLIT_W: tl.constexpr,
@@ -162,26 +202,23 @@ def _mma_fwd_kernel(
     tl.store(Z + rows64[:, None] * R + hid[None, :], z, mask=rmask[:, None] & hmask[None, :])
     if HAS_DROPOUT:
         z = tl.where(_keep_mask(SEED, rows, hid, R, p_drop), z * keep_scale, 0.0)
-    h, _ext, _w = _mixed_rows(z, MIX, rows // S, rmask, R, E, EP, RX, BLOCK_M)
-    h = h.to(dt)
+    h, _ext, _w = _mixed_rows(z, MIX, rows // S, rmask, R, E, EP, RX, BLOCK_M, dt)
 
     # y = x + s * h W; the tile of x was just read: mostly an L2 hit
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + offs
         cmask = cols < D
         mask = rmask[:, None] & cmask[None, :]
-        w = _up_tile(U, C, cols, cmask, D, DG, R, RG, E, EP, RX)
-        hi = w.to(dt)
-        acc = tl.dot(h, hi, input_precision=PRECISION)
+        acc = tl.dot(h, _w_tile(WP, 0, cols, cmask, D, EP * RX), input_precision=PRECISION)
         if SPLIT_W:  # fp32 weights, 16-bit activations: add the part of W the cast dropped
-            acc = tl.dot(h, (w - hi.to(tl.float32)).to(dt), acc, input_precision=PRECISION)
+            acc = tl.dot(h, _w_tile(WP, 1, cols, cmask, D, EP * RX), acc, input_precision=PRECISION)
         x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0)
         tl.store(y_rows + cols[None, :], round_to(x.to(tl.float32) + scale * acc, dt, SOFT_RNE), mask=mask)
 
 
 @triton.jit
 def _mma_bwd_rows_kernel(
-    DY, stride_dy, Z, U, C, MIX, SEED, DZ, DMIX,
+    DY, stride_dy, Z, WP, MIX, SEED, DZ, DMIX,
     M, S, D, DG, scale, p_drop, keep_scale,
     R: tl.constexpr, RX: tl.constexpr, RG: tl.constexpr, E: tl.constexpr, EP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, SPLIT_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -203,11 +240,9 @@ def _mma_bwd_rows_kernel(
         cols = d0 + offs
         cmask = cols < D
         dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-        w = _up_tile(U, C, cols, cmask, D, DG, R, RG, E, EP, RX)
-        hi = w.to(dt)
-        t = tl.dot(dy, tl.trans(hi), t, input_precision=PRECISION)
+        t = tl.dot(dy, tl.trans(_w_tile(WP, 0, cols, cmask, D, EP * RX)), t, input_precision=PRECISION)
         if SPLIT_W:  # fp32 weights, 16-bit activations: add the part of W the cast dropped
-            t = tl.dot(dy, tl.trans((w - hi.to(tl.float32)).to(dt)), t, input_precision=PRECISION)
+            t = tl.dot(dy, tl.trans(_w_tile(WP, 1, cols, cmask, D, EP * RX)), t, input_precision=PRECISION)
 
     # read after the loop: live across it, these would cost registers (occupancy)
     zmask = rmask[:, None] & hmask[None, :]
@@ -215,7 +250,7 @@ def _mma_bwd_rows_kernel(
     if HAS_DROPOUT:
         keep = _keep_mask(SEED, rows, hid, R, p_drop)
         zd = tl.where(keep, zd * keep_scale, 0.0)
-    _h, ext, mix = _mixed_rows(zd, MIX, rows // S, rmask, R, E, EP, RX, BLOCK_M)
+    _h, ext, mix = _mixed_rows(zd, MIX, rows // S, rmask, R, E, EP, RX, BLOCK_M, dt)
     t3 = tl.reshape(t, (BLOCK_M, EP, RX))
     dz = tl.sum(mix[:, :, None] * t3, axis=1) * scale  # [BLOCK_M, RX]
     if HAS_DROPOUT:
@@ -262,8 +297,8 @@ def _mma_bwd_cols_kernel(
             zd = tl.load(Z + rows64[:, None] * R + hid[None, :], mask=zmask, other=0.0)
             if HAS_DROPOUT:
                 zd = tl.where(_keep_mask(SEED, rows, hid, R, p_drop), zd * keep_scale, 0.0)
-            h, _ext, _w = _mixed_rows(zd, MIX, rows // S, rmask, R, E, EP, RX, BLOCK_M)
-            dw = tl.dot(tl.trans(h.to(dt)), dy, dw, input_precision=PRECISION)
+            h, _ext, _w = _mixed_rows(zd, MIX, rows // S, rmask, R, E, EP, RX, BLOCK_M, dt)
+            dw = tl.dot(tl.trans(h), dy, dw, input_precision=PRECISION)
     if NEED_DW:
         p64 = p.to(tl.int64)
         tl.store(DA_PART + p64 * R * D + hid[:, None] * D + cols[None, :], da, mask=hmask[:, None] & cmask[None, :])
@@ -277,7 +312,11 @@ def _mma_bwd_cols_kernel(
         umask = live & (j < R)[:, None] & (jl >= 0) & (jl < RG)
         du_offs = p64 * E * D * RG + e[:, None] * (D * RG) + cols[None, :] * RG + jl
         tl.store(DU_PART + du_offs, dw * scale, mask=umask)
-        tl.store(DC_PART + p64 * E * D + e[:, None] * D + cols[None, :], dw * scale, mask=live & (j == R)[:, None])
+        # dc: the bias slot plus the router-weight remainder's slot
+        eidx = tl.arange(0, EP)
+        dc = tl.sum(tl.reshape(tl.where(((j == R) | (j == R + 1))[:, None], dw, 0.0), (EP, RX, BLOCK_D)), axis=1)
+        tl.store(DC_PART + p64 * E * D + eidx[:, None] * D + cols[None, :], dc * scale,
+                 mask=(eidx < E)[:, None] & cmask[None, :])
 
 
 @triton.jit
@@ -316,6 +355,24 @@ def _split_weights(x2, up_w, up_b) -> bool:
     return x2.dtype != torch.float32 and torch.float32 in (up_w.dtype, up_b.dtype)
 
 
+def pack_w(x2, up_w, up_b, groups) -> tuple[torch.Tensor, bool]:
+    """(WP, split): the up-projection and biases packed for the kernels (:func:`_pack_w_kernel`)."""
+    E, D, RG = up_w.shape
+    R = RG * groups
+    EK = triton.next_power_of_2(E) * slots(R)
+    split = _split_weights(x2, up_w, up_b)
+    wp = torch.empty(((2 if split else 1) * EK, D), dtype=x2.dtype, device=x2.device)
+    block_d = 64 if EK <= 64 else 16
+    _pack_w_kernel[(triton.cdiv(D, block_d),)](
+        up_w, up_b, wp, D, D // groups, R=R, RG=RG, E=E, EP=triton.next_power_of_2(E), RX=slots(R),
+        SPLIT_W=split, BLOCK_D=block_d, num_warps=4)
+    return wp, split
+
+
+def _launch(x2, kernel: str, EK: int, planes: int) -> AdapterLaunch:
+    return fit(launch_config(x2.dtype, kernel), EK, planes, x2.element_size())
+
+
 def adapter_fwd(x2, S, down_w, down_b, up_w, up_b, mix, scale, groups, p_drop, seed):
     """Forward over rows x2 [M, D] (unit column stride), M = B * S. Returns (y [M, D], z [M, R] fp32)."""
     M, D, R, E, RG, DG = _dims(x2, down_w, up_w, groups)
@@ -323,12 +380,14 @@ def adapter_fwd(x2, S, down_w, down_b, up_w, up_b, mix, scale, groups, p_drop, s
     z = torch.empty((M, R), dtype=torch.float32, device=x2.device)
     if M == 0:
         return y, z
-    cfg = launch_config(x2.dtype, "fwd")
+    wp, split = pack_w(x2, up_w, up_b, groups)
+    EP = triton.next_power_of_2(E)
+    cfg = _launch(x2, "fwd", EP * slots(R), 2 if split else 1)
     _mma_fwd_kernel[(triton.cdiv(M, cfg.block_m),)](
-        x2, x2.stride(0), down_w, down_b, up_w, up_b, mix, seed, y, z,
+        x2, x2.stride(0), down_w, down_b, wp, mix, seed, y, z,
         M, S, D, DG, float(scale), float(p_drop), 1.0 / (1.0 - p_drop),
-        R=R, RX=slots(R), RG=RG, E=E, EP=triton.next_power_of_2(E), HAS_DROPOUT=p_drop > 0,
-        SPLIT_W=_split_weights(x2, up_w, up_b), BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,
+        R=R, RX=slots(R), RG=RG, E=E, EP=EP, HAS_DROPOUT=p_drop > 0,
+        SPLIT_W=split, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,
         PRECISION=_dot_precision(x2.dtype), SOFT_RNE=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y, z
@@ -352,18 +411,20 @@ def adapter_bwd(dy2, x2, z, S, down_w, up_w, up_b, mix, scale, groups, p_drop, s
                   PRECISION=_dot_precision(x2.dtype))
     dz = torch.empty((M, R), dtype=torch.float32, device=dev)
     dmix_rows = torch.empty((M, E), dtype=torch.float32, device=dev)
-    cfg = launch_config(x2.dtype, "rows")
+    wp, split = pack_w(x2, up_w, up_b, groups)
+    EK = triton.next_power_of_2(E) * slots(R)
+    cfg = _launch(x2, "rows", EK, 2 if split else 1)
     _mma_bwd_rows_kernel[(triton.cdiv(M, cfg.block_m),)](
-        dy2, dy2.stride(0), z, up_w, up_b, mix, seed, dz, dmix_rows,
+        dy2, dy2.stride(0), z, wp, mix, seed, dz, dmix_rows,
         M, S, D, DG, float(scale), float(p_drop), 1.0 / (1.0 - p_drop),
-        SPLIT_W=_split_weights(x2, up_w, up_b), BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,
+        SPLIT_W=split, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )
     if need_dmix:
         dmix = dmix_rows.view(B, S, E).sum(1)
 
     if need_dx or need_dw:
-        cfg = launch_config(x2.dtype, "cols")
+        cfg = _launch(x2, "cols", EK, 1)  # dW [EK, block_d] accumulates in registers; x, dy tiles stream
         chunks = triton.cdiv(D, cfg.block_d)
         tiles = triton.cdiv(M, cfg.block_m)
         P = max(1, min(tiles, (cfg.programs_per_sm * sm_count(dev)) // chunks or 1))

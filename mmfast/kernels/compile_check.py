@@ -4,7 +4,8 @@ The Triton interpreter (how the CPU tests run the kernels) accepts code that the
 rejects (a tensor first defined inside a loop and used after it, say), and says nothing of register
 pressure. This compiles a representative set of specializations of each kernel, with the block
 sizes and warps the launchers choose, down to a cubin for ``--arch`` (default sm_90), and reports
-registers, stack and local memory per kernel from ``cuobjdump``. Any compile error fails (exit 1);
+registers, stack and local memory per kernel from ``cuobjdump`` and the shared memory the pipelined
+tiles take. Any compile error, or shared memory beyond what the target gives a block, fails (exit 1);
 spills are reported, and fail with ``--no-spills``.
 """
 
@@ -29,6 +30,10 @@ class Ptr:
 
 _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64", torch.int32: "i32",
           torch.int8: "i8"}
+
+
+#: Shared memory one block may use (bytes), per compute capability x 10.
+SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 
 
 def _signature(fn, args: dict) -> tuple[dict, dict]:
@@ -101,36 +106,45 @@ def _adapter_variants():
     from . import adapter as K
 
     f32, i64 = torch.float32, torch.int64
-    R, E, G = 8, 2, 2
 
-    def opts(dt, kernel):
-        cfg = K.launch_config(dt, kernel)
-        tiles = dict(BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d)
-        return tiles, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    for dt, wdt, R, E, D in ((torch.bfloat16, f32, 8, 2, 1024), (torch.bfloat16, f32, 8, 2, 4096),
+                             (torch.bfloat16, torch.bfloat16, 8, 2, 4096), (f32, f32, 8, 2, 4096),
+                             (torch.bfloat16, f32, 64, 4, 4096)):  # the last: wide hidden x many experts
+        G = 2
+        EP, RX = triton_next_pow2(E), K.slots(R)
+        split = wdt == f32 and dt != f32
+        planes = 2 if split else 1
+        yield K._pack_w_kernel, dict(U=Ptr(wdt), C=Ptr(wdt), WP=Ptr(dt), D=D, DG=D // G, R=R, RG=R // G, E=E,
+                                     EP=EP, RX=RX, SPLIT_W=split, BLOCK_D=64 if EP * RX <= 64 else 16), 4
 
-    for dt, wdt in ((torch.bfloat16, f32), (torch.bfloat16, torch.bfloat16), (f32, f32)):
-        for D in (1024, 4096):
-            for drop in (False, True):
-                shared = dict(M=32768, S=512, D=D, DG=D // G, scale=1.0, p_drop=0.1, keep_scale=1.0 / 0.9,
-                              R=R, RX=K.slots(R), RG=R // G, E=E, EP=2, HAS_DROPOUT=drop,
-                              PRECISION=K._dot_precision(dt))
-                seed = Ptr(i64) if drop else None
-                split = wdt == f32 and dt != f32
-                tiles, o = opts(dt, "fwd")
-                yield K._mma_fwd_kernel, dict(
-                    X=Ptr(dt), stride_x=D, A=Ptr(wdt), AB=Ptr(wdt), U=Ptr(wdt), C=Ptr(wdt), MIX=Ptr(f32),
-                    SEED=seed, Y=Ptr(dt), Z=Ptr(f32), SPLIT_W=split, SOFT_RNE=False, **shared, **tiles), o
-                tiles, o = opts(dt, "rows")
-                yield K._mma_bwd_rows_kernel, dict(
-                    DY=Ptr(dt), stride_dy=D, Z=Ptr(f32), U=Ptr(wdt), C=Ptr(wdt), MIX=Ptr(f32), SEED=seed,
-                    DZ=Ptr(f32), DMIX=Ptr(f32), SPLIT_W=split, **shared, **tiles), o
-                tiles, o = opts(dt, "cols")
-                yield K._mma_bwd_cols_kernel, dict(
-                    X=Ptr(dt), stride_x=D, DY=Ptr(dt), stride_dy=D, Z=Ptr(f32), DZ=Ptr(f32), A=Ptr(wdt),
-                    MIX=Ptr(f32), SEED=seed, DX=Ptr(dt), DA_PART=Ptr(f32), DU_PART=Ptr(f32),
-                    DC_PART=Ptr(f32), NEED_DX=True, NEED_DW=True, SOFT_RNE=False, **shared, **tiles), o
-    yield K._keep_mask_kernel, dict(SEED=Ptr(i64), OUT=Ptr(torch.int8), M=32768, p_drop=0.1, R=R,
-                                    RP=K.hidden_pad(R), BLOCK_M=64), 4
+        def opts(kernel, planes):
+            cfg = K.fit(K.launch_config(dt, kernel), EP * RX, planes, dt.itemsize)
+            return dict(BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d), {"num_warps": cfg.num_warps,
+                                                                     "num_stages": cfg.num_stages}
+
+        for drop in (False, True):
+            shared = dict(M=32768, S=512, D=D, DG=D // G, scale=1.0, p_drop=0.1, keep_scale=1.0 / 0.9,
+                          R=R, RX=RX, RG=R // G, E=E, EP=EP, HAS_DROPOUT=drop, PRECISION=K._dot_precision(dt))
+            seed = Ptr(i64) if drop else None
+            tiles, o = opts("fwd", planes)
+            yield K._mma_fwd_kernel, dict(
+                X=Ptr(dt), stride_x=D, A=Ptr(wdt), AB=Ptr(wdt), WP=Ptr(dt), MIX=Ptr(f32),
+                SEED=seed, Y=Ptr(dt), Z=Ptr(f32), SPLIT_W=split, SOFT_RNE=False, **shared, **tiles), o
+            tiles, o = opts("rows", planes)
+            yield K._mma_bwd_rows_kernel, dict(
+                DY=Ptr(dt), stride_dy=D, Z=Ptr(f32), WP=Ptr(dt), MIX=Ptr(f32), SEED=seed,
+                DZ=Ptr(f32), DMIX=Ptr(f32), SPLIT_W=split, **shared, **tiles), o
+            tiles, o = opts("cols", 1)
+            yield K._mma_bwd_cols_kernel, dict(
+                X=Ptr(dt), stride_x=D, DY=Ptr(dt), stride_dy=D, Z=Ptr(f32), DZ=Ptr(f32), A=Ptr(wdt),
+                MIX=Ptr(f32), SEED=seed, DX=Ptr(dt), DA_PART=Ptr(f32), DU_PART=Ptr(f32),
+                DC_PART=Ptr(f32), NEED_DX=True, NEED_DW=True, SOFT_RNE=False, **shared, **tiles), o
+    yield K._keep_mask_kernel, dict(SEED=Ptr(i64), OUT=Ptr(torch.int8), M=32768, p_drop=0.1, R=8,
+                                    RP=K.hidden_pad(8), BLOCK_M=64), 4
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
 def variants():
@@ -188,7 +202,11 @@ def main(argv: list[str] | None = None) -> int:
             failures.append((label, f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:400]}"))
             continue
         use = resource_usage(compiled.asm["cubin"])
+        use["SMEM"] = int(getattr(compiled.metadata, "shared", 0) or 0)  # dynamic: what pipelining takes
         rows.append((fn.__name__, warps, use))
+        if use["SMEM"] > SMEM_LIMIT.get(args.arch, SMEM_LIMIT[90]):
+            failures.append((label, f"needs {use['SMEM']} bytes of shared memory, more than sm_{args.arch} "
+                                    f"gives a block ({SMEM_LIMIT.get(args.arch, SMEM_LIMIT[90])})"))
         if use.get("LOCAL", 0) or use.get("STACK", 0):
             spills.append((label, use))
     worst: dict[str, tuple] = {}
@@ -199,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(triton {triton.__version__})")
     for name, (warps, use) in worst.items():
         print(f"  {name:<28} max regs {use.get('REG', '?'):>4} (warps {warps})  stack {use.get('STACK', '?')}  "
-              f"local {use.get('LOCAL', '?')}")
+              f"local {use.get('LOCAL', '?')}  shared {use.get('SMEM', '?')}")
     for label, use in spills:
         print(f"SPILLS: {label}: {use}")
     for label, err in failures:
