@@ -95,7 +95,8 @@ def _top_pre_hook(state: _State, image_token_id: Optional[int], module, args, kw
     if ref is None:
         raise ValueError("mmfast MMA: the model needs input_ids or inputs_embeds")
     B, device = ref.shape[0], ref.device
-    past = kwargs.get("past_key_values")
+    # the KV cache: ``cache`` from transformers 5.24 (``past_key_values`` before, still accepted)
+    past = next((kwargs[k] for k in ("cache", "past_key_values") if kwargs.get(k) is not None), None)
     decoding = past is not None and getattr(past, "get_seq_length", lambda: 0)() > 0
     if flags is not None:
         flags = torch.as_tensor(flags, device=device).bool().reshape(-1)
