@@ -26,7 +26,7 @@ from mmfast.bench.env import environment
 def _where(name: str, module) -> str:
     """tower/part: 'llm/norms', 'vision/mlp', 'head/other', ..."""
     tower = "vision" if "vision_tower" in name else "llm" if re.search(r"language_model\.layers\.", name) else "head"
-    return f"{tower}/{mb._part(name, module)}"
+    return f"{tower}/{mb.model_part(name, module)}"
 
 
 def measure(tuning: str, provider: str, text_tokens: int) -> dict:
@@ -36,7 +36,7 @@ def measure(tuning: str, provider: str, text_tokens: int) -> dict:
     mb.prepare(model, provider, tuning)
     batch = mb.make_batch(case, torch.device("cpu"))
     saved = mb.saved_activation_bytes(model, lambda: model(**batch).loss, part=_where)
-    return dict(case=case, saved={k: v for k, v in saved.items() if v and "/" in k})
+    return dict(case=case, saved={k: v for k, v in saved.items() if v and k != "total"})
 
 
 def main() -> None:
@@ -78,7 +78,7 @@ def main() -> None:
     with open(os.path.join(args.out, "activation_memory.json"), "w") as f:
         json.dump(dict(env, target=dataclasses.asdict(target) | {"dtype": str(target.dtype)}, rows=rows), f,
                   indent=1, default=str)
-    head = [f"# Activation memory at LLaVA-1.5-7B widths (bytes kept for backward; counted on CPU)", "",
+    head = ["# Activation memory at LLaVA-1.5-7B widths (bytes kept for backward; counted on CPU)", "",
             f"- torch {env['torch']}, transformers {env.get('transformers')}, commit {env['commit']}",
             "- llm/*: per LLaMA layer per token; vision/*: per CLIP layer per image token; head/*: once per token "
             "(embeddings, projector, LM head, loss)", ""]

@@ -22,7 +22,7 @@ import torch
 from mmfast.bench import norm as norm_bench
 from mmfast.bench.cases import NormCase
 from mmfast.bench.env import environment
-from mmfast.ops.norm import EAGER_ENV
+from mmfast.ops.backend import EAGER_ENV
 
 
 def host_us(fn, n: int = 2000) -> float:

@@ -301,20 +301,20 @@ def test_compile_fullgraph(device):
 def test_eager_fast_path_equals_custom_op(dropout, monkeypatch, device):
     """The eager fast path (autograd.Function) and the custom ops run the same kernels: output and every
     gradient bitwise equal; tensor modes see the custom op."""
-    from mmfast.ops import norm as ops_norm
+    from mmfast.ops.backend import EAGER_ENV
 
     leaves = make_inputs(2, 9, 200, 8, 2, 2, torch.float32, device)
     dseed = torch.tensor([77], dtype=torch.int64, device=device)
     dy = torch.randn_like(leaves[0])
     results = {}
     for path in ("fast", "ops"):
-        monkeypatch.setenv(ops_norm.EAGER_ENV, "ops" if path == "ops" else "")
+        monkeypatch.setenv(EAGER_ENV, "ops" if path == "ops" else "")
         y = mma_adapter(*leaves, scale=0.7, groups=2, dropout=dropout, seed=dseed)
         assert (y.grad_fn.name() == "_MMAdapterFnBackward") == (path == "fast"), y.grad_fn.name()
         results[path] = [y, *torch.autograd.grad(y, leaves, dy)]
     for a, b in zip(results["fast"], results["ops"]):
         assert torch.equal(a, b)
 
-    monkeypatch.setenv(ops_norm.EAGER_ENV, "")
+    monkeypatch.setenv(EAGER_ENV, "")
     seen = dispatched_ops(lambda: mma_adapter(*leaves, groups=2))
     assert any("mmfast.mma_adapter_fwd" in s for s in seen), seen

@@ -9,7 +9,7 @@ import torch
 
 import mmfast
 from mmfast.ops import norm as ops_norm
-from mmfast.ops.backend import ENV_VAR, resolve_backend
+from mmfast.ops.backend import EAGER_ENV, ENV_VAR, resolve_backend
 from dispatch import dispatched_ops
 from norm_cases import check_case, make_case
 
@@ -237,7 +237,7 @@ def _run_both_paths(kind, monkeypatch, device, residual, wdtype):
     leaves = [t for t in (x, r, w, b) if t is not None]
     results = {}
     for path in ("fast", "ops"):
-        monkeypatch.setenv(ops_norm.EAGER_ENV, "ops" if path == "ops" else "")
+        monkeypatch.setenv(EAGER_ENV, "ops" if path == "ops" else "")
         out = mmfast.rms_norm(x, w, residual=r) if kind == "rms" else mmfast.layer_norm(x, w, b, residual=r)
         y, h = out if residual else (out, None)
         assert (y.grad_fn.name() == ("_RMSNormFnBackward" if kind == "rms" else "_LayerNormFnBackward")) == (path == "fast")

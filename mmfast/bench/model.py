@@ -144,7 +144,7 @@ def prepare(model: nn.Module, provider: str, tuning: str) -> None:
 PARTS = ("norms", "adapter", "attention", "mlp", "projector", "other")
 
 
-def _part(name: str, module: nn.Module) -> str:
+def model_part(name: str, module: nn.Module) -> str:
     """Which part of the model a module belongs to, for the breakdown of saved activations."""
     kind = type(module).__name__.lower()
     leaf = name.rsplit(".", 1)[-1].lower()
@@ -164,7 +164,8 @@ def saved_activation_bytes(model: nn.Module, forward, part=None) -> dict[str, in
     once, parameters and buffers left out, attributed to the innermost module running when it was
     saved (:data:`PARTS`, or ``part(name, module)`` when given; ``total`` too). Device independent: the
     same on CPU and GPU but for the attention kernel's own choice of what to save."""
-    part = part or _part
+    keys = PARTS if part is None else ()
+    part = part or model_part
     names = {id(m): (n, m) for n, m in model.named_modules()}
     owned = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     stack: list[str] = [part("", model)]  # work outside any submodule (the loss, say)
@@ -197,7 +198,7 @@ def saved_activation_bytes(model: nn.Module, forward, part=None) -> dict[str, in
         for h in handles:
             h.remove()
     loss.backward()
-    out = dict.fromkeys(PARTS, 0)
+    out = dict.fromkeys(keys, 0)
     for where, nbytes in seen.values():
         out[where] = out.get(where, 0) + nbytes
     out["total"] = sum(seen_bytes for _, seen_bytes in seen.values())

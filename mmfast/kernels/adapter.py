@@ -40,6 +40,7 @@ finishes them (deterministic).
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import torch
 import triton
@@ -355,22 +356,35 @@ def _split_weights(x2, up_w, up_b) -> bool:
     return x2.dtype != torch.float32 and torch.float32 in (up_w.dtype, up_b.dtype)
 
 
-def pack_w(x2, up_w, up_b, groups) -> tuple[torch.Tensor, bool]:
-    """(WP, split): the up-projection and biases packed for the kernels (:func:`_pack_w_kernel`)."""
+class PackedW(NamedTuple):
+    """The up-projection and biases packed for the kernels (:func:`_pack_w_kernel`)."""
+
+    wp: torch.Tensor  # [planes * EP * RX, D] in x's dtype
+    EP: int  # experts, padded to a power of two
+    RX: int  # slots per expert (:func:`slots`)
+    split: bool  # a second plane holds the remainder of fp32 weights
+
+    @property
+    def EK(self) -> int:
+        return self.EP * self.RX
+
+    def launch(self, x2: torch.Tensor, kernel: str, planes: int | None = None) -> AdapterLaunch:
+        """``kernel``'s tile shape, fitted to shared memory with ``planes`` W-sized tiles per stage
+        (default: this packing's)."""
+        return fit(launch_config(x2.dtype, kernel), self.EK, (2 if self.split else 1) if planes is None else planes,
+                   x2.element_size())
+
+
+def pack_w(x2, up_w, up_b, groups) -> PackedW:
     E, D, RG = up_w.shape
     R = RG * groups
-    EK = triton.next_power_of_2(E) * slots(R)
-    split = _split_weights(x2, up_w, up_b)
-    wp = torch.empty(((2 if split else 1) * EK, D), dtype=x2.dtype, device=x2.device)
-    block_d = 64 if EK <= 64 else 16
+    pw = PackedW(None, triton.next_power_of_2(E), slots(R), _split_weights(x2, up_w, up_b))
+    wp = torch.empty(((2 if pw.split else 1) * pw.EK, D), dtype=x2.dtype, device=x2.device)
+    block_d = 64 if pw.EK <= 64 else 16
     _pack_w_kernel[(triton.cdiv(D, block_d),)](
-        up_w, up_b, wp, D, D // groups, R=R, RG=RG, E=E, EP=triton.next_power_of_2(E), RX=slots(R),
-        SPLIT_W=split, BLOCK_D=block_d, num_warps=4)
-    return wp, split
-
-
-def _launch(x2, kernel: str, EK: int, planes: int) -> AdapterLaunch:
-    return fit(launch_config(x2.dtype, kernel), EK, planes, x2.element_size())
+        up_w, up_b, wp, D, D // groups, R=R, RG=RG, E=E, EP=pw.EP, RX=pw.RX, SPLIT_W=pw.split, BLOCK_D=block_d,
+        num_warps=4)
+    return pw._replace(wp=wp)
 
 
 def adapter_fwd(x2, S, down_w, down_b, up_w, up_b, mix, scale, groups, p_drop, seed):
@@ -380,14 +394,13 @@ def adapter_fwd(x2, S, down_w, down_b, up_w, up_b, mix, scale, groups, p_drop, s
     z = torch.empty((M, R), dtype=torch.float32, device=x2.device)
     if M == 0:
         return y, z
-    wp, split = pack_w(x2, up_w, up_b, groups)
-    EP = triton.next_power_of_2(E)
-    cfg = _launch(x2, "fwd", EP * slots(R), 2 if split else 1)
+    pw = pack_w(x2, up_w, up_b, groups)
+    cfg = pw.launch(x2, "fwd")
     _mma_fwd_kernel[(triton.cdiv(M, cfg.block_m),)](
-        x2, x2.stride(0), down_w, down_b, wp, mix, seed, y, z,
+        x2, x2.stride(0), down_w, down_b, pw.wp, mix, seed, y, z,
         M, S, D, DG, float(scale), float(p_drop), 1.0 / (1.0 - p_drop),
-        R=R, RX=slots(R), RG=RG, E=E, EP=EP, HAS_DROPOUT=p_drop > 0,
-        SPLIT_W=split, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,
+        R=R, RX=pw.RX, RG=RG, E=E, EP=pw.EP, HAS_DROPOUT=p_drop > 0,
+        SPLIT_W=pw.split, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,
         PRECISION=_dot_precision(x2.dtype), SOFT_RNE=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y, z
@@ -407,24 +420,22 @@ def adapter_bwd(dy2, x2, z, S, down_w, up_w, up_b, mix, scale, groups, p_drop, s
             grads = [torch.zeros_like(t) for t in (down_w, down_w[:, 0], up_w, up_b)]
         return dx, *grads, (torch.zeros_like(mix) if need_dmix else None)
 
-    common = dict(R=R, RX=slots(R), RG=RG, E=E, EP=triton.next_power_of_2(E), HAS_DROPOUT=p_drop > 0,
-                  PRECISION=_dot_precision(x2.dtype))
+    pw = pack_w(x2, up_w, up_b, groups)
+    common = dict(R=R, RX=pw.RX, RG=RG, E=E, EP=pw.EP, HAS_DROPOUT=p_drop > 0, PRECISION=_dot_precision(x2.dtype))
     dz = torch.empty((M, R), dtype=torch.float32, device=dev)
     dmix_rows = torch.empty((M, E), dtype=torch.float32, device=dev)
-    wp, split = pack_w(x2, up_w, up_b, groups)
-    EK = triton.next_power_of_2(E) * slots(R)
-    cfg = _launch(x2, "rows", EK, 2 if split else 1)
+    cfg = pw.launch(x2, "rows")
     _mma_bwd_rows_kernel[(triton.cdiv(M, cfg.block_m),)](
-        dy2, dy2.stride(0), z, wp, mix, seed, dz, dmix_rows,
+        dy2, dy2.stride(0), z, pw.wp, mix, seed, dz, dmix_rows,
         M, S, D, DG, float(scale), float(p_drop), 1.0 / (1.0 - p_drop),
-        SPLIT_W=split, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,
+        SPLIT_W=pw.split, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )
     if need_dmix:
         dmix = dmix_rows.view(B, S, E).sum(1)
 
     if need_dx or need_dw:
-        cfg = _launch(x2, "cols", EK, 1)  # dW [EK, block_d] accumulates in registers; x, dy tiles stream
+        cfg = pw.launch(x2, "cols", planes=1)  # reads no W; h^T [EK, block_m] goes through shared memory
         chunks = triton.cdiv(D, cfg.block_d)
         tiles = triton.cdiv(M, cfg.block_m)
         P = max(1, min(tiles, (cfg.programs_per_sm * sm_count(dev)) // chunks or 1))
@@ -440,5 +451,5 @@ def adapter_bwd(dy2, x2, z, S, down_w, up_w, up_b, mix, scale, groups, p_drop, s
             targets = (torch.empty_like(down_w), torch.empty_like(up_w), torch.empty_like(up_b))
             for part, out in zip(parts, targets):
                 sum_partials(part, out.view(-1))
-            grads = [targets[0], dz.sum(0).to(down_w.dtype), targets[1], targets[2]]
+            grads = [targets[0], dz.sum(0), targets[1], targets[2]]  # d down_b: fp32, cast by the caller
     return dx, *grads, dmix

@@ -103,6 +103,8 @@ def _common_variants():
 
 
 def _adapter_variants():
+    import triton
+
     from . import adapter as K
 
     f32, i64 = torch.float32, torch.int64
@@ -111,7 +113,7 @@ def _adapter_variants():
                              (torch.bfloat16, torch.bfloat16, 8, 2, 4096), (f32, f32, 8, 2, 4096),
                              (torch.bfloat16, f32, 64, 4, 4096)):  # the last: wide hidden x many experts
         G = 2
-        EP, RX = triton_next_pow2(E), K.slots(R)
+        EP, RX = triton.next_power_of_2(E), K.slots(R)
         split = wdt == f32 and dt != f32
         planes = 2 if split else 1
         yield K._pack_w_kernel, dict(U=Ptr(wdt), C=Ptr(wdt), WP=Ptr(dt), D=D, DG=D // G, R=R, RG=R // G, E=E,
@@ -141,10 +143,6 @@ def _adapter_variants():
                 DC_PART=Ptr(f32), NEED_DX=True, NEED_DW=True, SOFT_RNE=False, **shared, **tiles), o
     yield K._keep_mask_kernel, dict(SEED=Ptr(i64), OUT=Ptr(torch.int8), M=32768, p_drop=0.1, R=8,
                                     RP=K.hidden_pad(8), BLOCK_M=64), 4
-
-
-def triton_next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 def variants():

@@ -21,8 +21,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backend import resolve_backend
-from .norm import ACT_DTYPES, _plain_eager
+from .backend import plain_eager, resolve_backend
+from .norm import ACT_DTYPES
 
 # ---------------------------------------------------------------------------------------------
 # input checks
@@ -273,7 +273,7 @@ def mma_adapter(x: Tensor, down_w: Tensor, down_b: Tensor, up_w: Tensor, up_b: T
     needed when ``dropout > 0``; the same seed gives the same mask."""
     check_adapter_inputs(x, down_w, down_b, up_w, up_b, mix, scale, groups, dropout, seed)
     args = (x, down_w, down_b, up_w, up_b, mix, float(scale), groups, float(dropout), seed if dropout > 0 else None)
-    if _plain_eager(x, down_w, down_b, up_w, up_b, mix, args[-1]):
+    if plain_eager(x, down_w, down_b, up_w, up_b, mix, args[-1]):
         return _MMAdapterFn.apply(*args)
     y, _ = torch.ops.mmfast.mma_adapter_fwd(*args)
     return y

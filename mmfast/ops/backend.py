@@ -15,6 +15,9 @@
 
 Nothing falls back silently: a fallback warns once with the reason, a forced Triton that cannot run raises.
 
+Plain eager calls of an op skip the custom-op dispatcher (:func:`plain_eager`); ``MMFAST_EAGER=ops``
+sends them through the custom ops too.
+
 ``with mmfast.use_backend("cuda"):`` does what ``MMFAST_BACKEND=cuda`` does, for the calls (forward and
 backward) made inside the block, and takes precedence over the variable.
 """
@@ -27,9 +30,10 @@ import importlib.util
 import os
 import threading
 import warnings
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, Optional
 
 import torch
+from torch import Tensor
 
 from ..kernels._device import interpreting
 
@@ -156,3 +160,20 @@ def resolve_backend(device: torch.device, key: KernelKey | None = None) -> str:
                 _warn_once(f"mmfast: the backend table prefers the CUDA C++ kernels on this GPU, but they cannot "
                            f"run: {reason}. Running the Triton kernels instead.")
     return _without_cuda(device, forced_triton=False)
+
+
+#: ``MMFAST_EAGER=ops`` routes eager calls through the custom ops (the path compile traces).
+EAGER_ENV = "MMFAST_EAGER"
+
+
+def plain_eager(*tensors: Optional[Tensor]) -> bool:
+    """Whether an op call with these tensors may take the eager fast path (a ``torch.autograd.Function``
+    running the same forward and backward) instead of the custom op: nothing would see the difference.
+    Not compiling or tracing, no torch_function / dispatch mode, no functorch transform, plain Tensors."""
+    if os.environ.get(EAGER_ENV) == "ops" or torch.compiler.is_compiling():
+        return False
+    if torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return all(t is None or type(t) is Tensor or type(t) is torch.nn.Parameter for t in tensors)

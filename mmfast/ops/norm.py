@@ -25,13 +25,12 @@ modules compute.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .backend import KernelKey, resolve_backend
+from .backend import KernelKey, plain_eager, resolve_backend
 
 #: Widest normalised dimension supported.
 MAX_N = 65536
@@ -362,22 +361,6 @@ layer_norm_fwd.register_autograd(_ln_backward, setup_context=_ln_setup_context)
 # eager fast path: the same forward/backward without the custom-op dispatcher
 # ---------------------------------------------------------------------------------------------
 
-#: ``MMFAST_EAGER=ops`` routes eager calls through the custom ops (the path compile traces).
-EAGER_ENV = "MMFAST_EAGER"
-
-
-def _plain_eager(*tensors: Optional[Tensor]) -> bool:
-    """True when nothing would see the difference between the custom op and a bare autograd.Function:
-    not compiling or tracing, no torch_function / dispatch mode, no functorch transform, plain Tensors."""
-    if os.environ.get(EAGER_ENV) == "ops" or torch.compiler.is_compiling():
-        return False
-    if torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack():
-        return False
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        return False
-    return all(t is None or type(t) is Tensor or type(t) is torch.nn.Parameter for t in tensors)
-
-
 class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, residual, eps):
@@ -425,7 +408,7 @@ def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float = 1e-6, residual: O
     With ``residual``, returns ``(y, residual_out)`` with ``residual_out = x + residual``, ``y = rms_norm(residual_out)``.
     """
     check_norm_inputs("rms_norm", x, weight, None, residual, eps)
-    if _plain_eager(x, weight, residual):
+    if plain_eager(x, weight, residual):
         y, h = _RMSNormFn.apply(x, weight, residual, float(eps))
     else:
         y, h, _ = torch.ops.mmfast.rms_norm_fwd(x, weight, residual, float(eps))
@@ -440,7 +423,7 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps:
     With ``residual``, returns ``(y, residual_out)`` with ``residual_out = x + residual``, ``y = layer_norm(residual_out)``.
     """
     check_norm_inputs("layer_norm", x, weight, bias, residual, eps)
-    if _plain_eager(x, weight, bias, residual):
+    if plain_eager(x, weight, bias, residual):
         y, h = _LayerNormFn.apply(x, weight, bias, residual, float(eps))
     else:
         y, h, _, _ = torch.ops.mmfast.layer_norm_fwd(x, weight, bias, residual, float(eps))
