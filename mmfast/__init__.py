@@ -6,6 +6,7 @@ from .api import patch, unpatch
 from .nn.adapter import MMAdapter
 from .ops.adapter import mma_adapter
 from .ops.backend import use_backend
+from .ops.loss import linear_cross_entropy
 from .ops.norm import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
 from .patching import PatchReport, disabled
 from .tuning import load_trainable, save_trainable
@@ -24,6 +25,7 @@ __all__ = [
     "use_backend",
     "layer_norm",
     "layer_norm_reference",
+    "linear_cross_entropy",
     "mma_adapter",
     "rms_norm",
     "rms_norm_reference",

@@ -11,6 +11,7 @@ from torch import nn
 
 from .ops.backend import requested_backend
 from .patching import PatchReport, patch_norms, unpatch_norms
+from .patching.loss import patch_loss, unpatch_loss
 from .tuning import LN_RECIPES, apply_ln_recipe, remove_tuning_hooks
 from .tuning.mma import MMAOptions, insert_mma, remove_mma
 
@@ -65,6 +66,7 @@ def patch(
     final_norm: bool = False,
     master_weights: bool = True,
     mma: Optional[MMAOptions] = None,
+    fused_loss: bool = True,
     verbose: bool = True,
 ) -> PatchReport:
     """Swap mmfast's fused kernels into ``model``'s norm modules and, with ``tuning``, apply a recipe.
@@ -73,7 +75,9 @@ def patch(
     wrapping. ``tuning``: None (kernels only), ``"layernorm"``, ``"layernorm-simp"`` or
     ``"layernorm+projector"`` (LayerNorm tuning), or ``"mma"`` (Mixture-of-Modality adapters, with
     ``mma`` options; METHODS.md). ``final_norm`` adds the LLM's final norm to a LayerNorm recipe;
-    ``master_weights`` keeps trainable norm weights in fp32. Returns a :class:`PatchReport`; with
+    ``master_weights`` keeps trainable norm weights in fp32. ``fused_loss`` computes a causal LM's
+    training loss without materialising the logits (LLaMA / LLaVA; :mod:`mmfast.patching.loss`): a
+    forward with ``labels`` under autograd then returns ``logits=None``. Returns a :class:`PatchReport`; with
     ``verbose`` its summary and trainable-parameter line are logged once, on rank 0.
     """
     if tuning not in TUNINGS:
@@ -85,6 +89,13 @@ def patch(
         insert_mma(model, mma)
     elif tuning is not None:
         apply_ln_recipe(model, tuning, final_norm=final_norm, master_weights=master_weights)
+    if not fused_loss:
+        unpatch_loss(model)
+    elif not isinstance(getattr(model, "lm_head", None), nn.Module):
+        report.fused_loss = "n/a (no lm_head)"
+    else:
+        reason = patch_loss(model)
+        report.fused_loss = "on" if reason is None else f"not installed: {reason}"
     report.trainable_params, report.all_params = count_parameters(model)
     if verbose and _is_rank0():
         logger.info("%s\n%s", report.summary(), report.trainable_line())
@@ -100,4 +111,4 @@ def unpatch(model: nn.Module) -> int:
     Other parameters keep their current values, dtypes and ``requires_grad``. Returns the number of
     modules restored or removed."""
     remove_tuning_hooks(model)
-    return remove_mma(model) + unpatch_norms(model)
+    return unpatch_loss(model) + remove_mma(model) + unpatch_norms(model)

@@ -5,7 +5,7 @@ import os
 import sys
 
 
-def run(rank: int, world: int, port: int, mode: str, out_path: str) -> None:
+def run(rank: int, world: int, port: int, mode: str, out_path: str, tuning: str = "layernorm-simp") -> None:
     import faulthandler
 
     faulthandler.dump_traceback_later(240, exit=True)  # a hung rank says where, then exits
@@ -19,7 +19,7 @@ def run(rank: int, world: int, port: int, mode: str, out_path: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
     try:
         model = build("llava", seed=0)
-        mmfast.patch(model, tuning="layernorm-simp", verbose=False)  # before wrapping, as documented
+        mmfast.patch(model, tuning=tuning, verbose=False)  # before wrapping, as documented
         if mode == "ddp":
             model = torch.nn.parallel.DistributedDataParallel(model)
         elif mode == "fsdp2":

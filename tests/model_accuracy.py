@@ -28,6 +28,13 @@ def run_model(model: nn.Module, inputs: dict):
     """(output, loss, {param name: grad}, the loss's natural scale) of one forward/backward."""
     model.zero_grad(set_to_none=True)
     out = model(**inputs)
+    if out.get("logits") is None and out.get("loss") is not None:
+        # the fused LM-head loss returns no logits in a training step: take them from a no-grad call
+        out["loss"].backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        with torch.no_grad():
+            y = first_output(model(**inputs))
+        return y, out["loss"].detach(), grads, None
     y = first_output(out)
     y.retain_grad()
     loss = out["loss"] if out.get("loss") is not None else y.float().square().mean()

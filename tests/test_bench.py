@@ -140,18 +140,22 @@ def test_saved_activation_bytes_counts_what_autograd_keeps():
 
 def test_mmfast_norms_save_less_than_hf_eager():
     """LayerNorm tuning on a tiny LLaVA: HF's eager RMSNorm keeps fp32 copies for backward, mmfast's keeps
-    the input and one fp32 statistic per row; nothing else in the step changes."""
+    the input and one fp32 statistic per row; the fused LM-head loss keeps the labelled rows' logit
+    gradient in bf16 instead of every row's fp32 log-softmax; nothing else in the step changes."""
     from mmfast.bench import model as model_bench
 
     case = model_bench.tiny("layernorm")
     saved = {}
-    for prov in ("hf-eager", "mmfast"):
+    for prov in ("hf-eager", "mmfast-noloss", "mmfast"):
         torch.manual_seed(0)
         m = model_bench.build_model(case, torch.device("cpu"))
         model_bench.prepare(m, prov, case.tuning)
         batch = model_bench.make_batch(case, torch.device("cpu"))
         saved[prov] = model_bench.saved_activation_bytes(m, lambda: m(**batch).loss)
-    hf, mm = saved["hf-eager"], saved["mmfast"]
+    hf, mm, full = saved["hf-eager"], saved["mmfast-noloss"], saved["mmfast"]
     assert mm["norms"] < hf["norms"], (mm, hf)
     for part in ("attention", "mlp", "projector", "other"):
         assert mm[part] == hf[part], (part, mm, hf)
+    assert full["other"] < mm["other"], (full, mm)  # the loss runs outside any part's module
+    for part in ("norms", "attention", "mlp", "projector"):
+        assert full[part] == mm[part], (part, full, mm)

@@ -6,9 +6,11 @@ Providers:
 * ``hf-eager``: transformers' own forwards. The same parameters train; LayerNorm-tuning norms stay in
   the model dtype (as PEFT's LN tuning keeps them: HF's RMSNorm cannot take fp32 weights in a bf16
   model), MMA adapters run as a LaVIN-style PyTorch composition;
-* ``mmfast``: ``mmfast.patch(model, tuning=...)`` (fused norms and adapter, fp32 master weights);
+* ``mmfast``: ``mmfast.patch(model, tuning=...)`` (fused norms and adapter, fp32 master weights, the
+  fused LM-head loss);
+* ``mmfast-noloss``: the same with ``fused_loss=False``, so the loss's share of the difference shows;
 * ``liger``: Liger-Kernel's norm kernels patched onto the same modules (GPU, when importable;
-  LayerNorm tuning only).
+  LayerNorm tuning only; its fused linear cross-entropy is not used).
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ def make_batch(case: ModelCase, device: torch.device) -> dict:
 
 
 def providers(device: torch.device) -> list[str]:
-    names = ["hf-eager", "mmfast"]
+    names = ["hf-eager", "mmfast-noloss", "mmfast"]
     if device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None:
         names.append("liger")
     return names
@@ -120,13 +122,13 @@ def _liger_ln(module, x):
 
 def prepare(model: nn.Module, provider: str, tuning: str) -> None:
     """Apply ``tuning`` the way ``provider`` runs it (see the module docstring)."""
-    if provider == "mmfast":
-        mmfast.patch(model, tuning=tuning, verbose=False)
+    if provider in ("mmfast", "mmfast-noloss"):
+        mmfast.patch(model, tuning=tuning, fused_loss=provider == "mmfast", verbose=False)
         return
     if provider == "liger" and tuning == "mma":
         raise ValueError("Liger has no MMA adapter")
     # hf-eager and liger: the recipe's parameter selection, then the original forwards back
-    mmfast.patch(model, tuning=tuning, master_weights=False, verbose=False)
+    mmfast.patch(model, tuning=tuning, master_weights=False, fused_loss=False, verbose=False)
     unpatch_norms(model)
     for m in model.modules():
         if isinstance(m, MMAdapter):

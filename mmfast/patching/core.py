@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import os
 import re
 from collections import Counter
@@ -25,10 +26,20 @@ from typing import Iterator, Optional
 
 from torch import Tensor, nn
 
-from .table import KERNEL_LIBRARIES, NormFamily, family_of, is_norm_candidate, unsupported_reason
+from .table import FAMILIES, KERNEL_LIBRARIES, NormFamily, family_of, is_norm_candidate, unsupported_reason
 
 _ATTR = "_mmfast_patch"
-_ABSENT = object()
+class _Absent:
+    """The "nothing was there" marker; one instance, kept through pickle and deepcopy."""
+
+    def __reduce__(self):
+        return "_ABSENT"
+
+    def __repr__(self) -> str:
+        return "<absent>"
+
+
+_ABSENT = _Absent()
 _DISABLE_DEPTH = 0
 
 
@@ -64,10 +75,21 @@ def _original_call(module: nn.Module, rec: _Patch):
     return functools.partial(type(module).forward, module)
 
 
+class _PatchedForward(functools.partial):
+    """``partial(patched_forward, module)`` that shows the original forward's signature, so callers that
+    inspect it (HF Trainer's column filter, ``generate``'s argument check) see the real parameters."""
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        module = self.args[0]
+        rec = module.__dict__.get(_ATTR)
+        return inspect.signature(_original_call(module, rec) if rec is not None else type(module).forward)
+
+
 def patched_forward(module: nn.Module, *args, **kwargs):
     """The forward installed on patched instances."""
     rec: _Patch = module.__dict__[_ATTR]
-    if is_disabled():
+    if is_disabled() and not rec.family.own_disable:
         out = _original_call(module, rec)(*args, **kwargs)
         x = args[0] if args else next(iter(kwargs.values()), None)
         # fp32 master weights make the original LlamaRMSNorm return fp32; keep the input dtype.
@@ -121,7 +143,7 @@ def _install(module: nn.Module, fam: NormFamily) -> None:
     rec = _Patch(fam, slot, d.get(slot, _ABSENT) if slot == "_old_forward" else _ABSENT,
                  d.get("extra_repr", _ABSENT))
     d[_ATTR] = rec
-    setattr(module, slot, functools.partial(patched_forward, module))
+    setattr(module, slot, _PatchedForward(patched_forward, module))
     module.extra_repr = functools.partial(_patched_extra_repr, module)
 
 
@@ -146,6 +168,8 @@ class PatchReport:
     tuning: Optional[str] = None
     trainable_params: int = 0
     all_params: int = 0
+    #: the fused LM-head loss: "on", "off" (not asked for), or why it could not be installed
+    fused_loss: str = "off"
 
     def trainable_line(self) -> str:
         """The trainable-parameter line, in PEFT's ``print_trainable_parameters`` format."""
@@ -156,7 +180,7 @@ class PatchReport:
     def summary(self) -> str:
         tuning = f", tuning {self.tuning}" if self.tuning else ""
         return (f"mmfast.patch: {len(self.patched)} norm modules patched, {len(self.skipped)} skipped "
-                f"(backend {self.backend}{tuning})")
+                f"(backend {self.backend}{tuning}); fused LM-head loss: {self.fused_loss}")
 
     def __str__(self) -> str:
         groups = Counter((re.sub(r"\.\d+\.", ".*.", p), self.kinds[p]) for p in self.patched)
@@ -176,6 +200,8 @@ def patch_norms(model: nn.Module, report: Optional[PatchReport] = None) -> Patch
     for path, module in model.named_modules(remove_duplicate=True):
         if is_patched(module):
             rec: _Patch = module.__dict__[_ATTR]
+            if rec.family not in FAMILIES:
+                continue  # not a norm (the fused loss's model and head)
             report.patched.append(path)
             report.kinds[path] = rec.family.kind
             continue
@@ -202,7 +228,7 @@ def unpatch_norms(model: nn.Module) -> int:
     """Restore the original forwards of every patched module; returns how many were restored."""
     n = 0
     for module in model.modules():
-        if is_patched(module):
+        if is_patched(module) and module.__dict__[_ATTR].family in FAMILIES:
             _uninstall(module)
             n += 1
     return n

@@ -1,0 +1,190 @@
+"""LM-head + cross-entropy without the full logits: ``linear_cross_entropy``.
+
+A causal LM's training loss computes ``logits = hidden @ W^T`` for every position, upcasts them to fp32
+and takes the cross-entropy. At LLaVA widths that is the step's largest single tensor family: fp32
+logits kept for backward, their gradient, and the low-precision logits in the output, all
+``tokens x vocab``. And LLaVA computes logits for every image position, which the labels ignore.
+
+``linear_cross_entropy`` computes the same loss over the rows whose target is not ``ignore_index``
+only, in row chunks whose logits live just long enough to give the chunk's loss and its gradients. It
+keeps for backward the gradient with respect to the kept rows of ``hidden`` (``rows x hidden`` in the
+activation dtype) and, when ``weight`` is trained, what its gradient needs: the logits' gradient in the
+activation dtype when that is the smaller (``rows x vocab``), else an fp32 accumulator (``vocab x
+hidden``). The matmuls are cuBLAS's, in the dtype ``F.linear`` would use; the softmax statistics are fp32.
+
+Rounding follows the unfused computation: logits rounded to the activation dtype, then fp32; the logits'
+gradient rounded to the activation dtype before the products, with the reduction's scale applied before
+that rounding (the backward's incoming gradient, 1 for ``loss.backward()``, multiplies afterwards).
+
+The kept rows are found with one ``nonzero`` (a host sync), so ``torch.compile`` breaks its graph here.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+#: Rows per chunk are chosen so that one chunk's fp32 logits take at most this many bytes.
+CHUNK_BYTES = 128 * 2**20
+_REDUCTIONS = ("mean", "sum")
+
+
+def _chunk_rows(vocab: int, rows: int, chunk_rows: Optional[int]) -> int:
+    if chunk_rows is not None:
+        if chunk_rows < 1:
+            raise ValueError(f"linear_cross_entropy: chunk_rows must be >= 1, got {chunk_rows}")
+        return chunk_rows
+    c = max(64, CHUNK_BYTES // (4 * vocab))
+    return max(1, min(rows, 1 << (c.bit_length() - 1)))
+
+
+def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"linear_cross_entropy: hidden is {hidden.dtype} but weight is {weight.dtype}; "
+                        "F.linear needs one dtype (or an autocast region)")
+    return hidden.dtype
+
+
+class _LinearCrossEntropyFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, ignore_index, scale, chunk_rows, grad_w_mode, dtype):
+        H, V = hidden.shape[-1], weight.shape[0]
+        h2 = hidden.reshape(-1, H)
+        t = target.reshape(-1)
+        rows = (t != ignore_index).nonzero().squeeze(1)
+        n = rows.numel()
+        hv = h2.index_select(0, rows).to(dtype)
+        tv = t.index_select(0, rows)
+        if n:
+            lo, hi = torch.aminmax(tv)
+            lo, hi = int(lo), int(hi)
+            if lo < 0 or hi >= V:
+                raise ValueError(f"linear_cross_entropy: target values must be in [0, {V}) or equal "
+                                 f"ignore_index={ignore_index}; got values in [{lo}, {hi}]")
+        w = weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        need_any = need_h or need_w or need_b
+        # the reduction's scale (None: the mean over the kept rows), applied to the logits' gradient before
+        # it is rounded, as autograd would
+        if scale is None:
+            scale = 1.0 / n if n else float("nan")
+        sc = scale.to(device=hidden.device, dtype=torch.float32) if isinstance(scale, Tensor) else \
+            torch.tensor(float(scale), device=hidden.device, dtype=torch.float32)
+        if need_w and grad_w_mode == "auto":
+            grad_w_mode = "logits" if n * V * hv.element_size() <= V * H * 4 else "accumulate"
+        g_h = hv.new_empty(n, H) if need_h else None
+        g_logits = hv.new_empty(n, V) if need_w and grad_w_mode == "logits" else None
+        g_w32 = torch.zeros(V, H, device=hidden.device, dtype=torch.float32) \
+            if need_w and grad_w_mode == "accumulate" else None
+        g_b = torch.zeros(V, device=hidden.device, dtype=torch.float32) if need_b else None
+        total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        step = _chunk_rows(V, n, chunk_rows)
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            hc, tc = hv[s:e], tv[s:e]
+            z = F.linear(hc, w, b).float()  # rounded to the activation dtype first, as F.linear returns
+            lse = torch.logsumexp(z, dim=-1)
+            total += (lse - z.gather(1, tc[:, None]).squeeze(1)).sum()
+            if not need_any:
+                continue
+            g = z.sub_(lse[:, None]).exp_()  # softmax, in place of the fp32 logits
+            g.scatter_add_(1, tc[:, None], g.new_full((e - s, 1), -1.0))
+            g.mul_(sc)
+            if need_b:
+                g_b += g.sum(0)
+            g = g.to(dtype)
+            if need_h:
+                torch.mm(g, w, out=g_h[s:e])
+            if g_logits is not None:
+                g_logits[s:e] = g
+            elif g_w32 is not None:
+                g_w32 += torch.mm(g.t(), hc).float()
+            del z, g
+        ctx.hidden_shape, ctx.hidden_dtype, ctx.n_rows = hidden.shape, hidden.dtype, h2.shape[0]
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(rows, g_h, g_logits, hv if g_logits is not None else None, g_w32, g_b)
+        return total * sc
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        rows, g_h, g_logits, hv, g_w32, g_b = ctx.saved_tensors
+        go = grad_out.float()
+        d_hidden = d_weight = d_bias = None
+        if g_h is not None:
+            d2 = torch.zeros(ctx.n_rows, ctx.hidden_shape[-1], device=g_h.device, dtype=ctx.hidden_dtype)
+            d2.index_copy_(0, rows, (g_h * go.to(g_h.dtype)).to(ctx.hidden_dtype))
+            d_hidden = d2.view(ctx.hidden_shape)
+        if g_logits is not None:
+            d_weight = (torch.mm(g_logits.t(), hv) * go.to(hv.dtype)).to(ctx.weight_dtype)
+        elif g_w32 is not None:
+            d_weight = (g_w32 * go).to(ctx.weight_dtype)
+        if g_b is not None:
+            d_bias = (g_b * go).to(ctx.bias_dtype)
+        return d_hidden, d_weight, d_bias, None, None, None, None, None, None
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None, *,
+                         ignore_index: int = -100, reduction: str = "mean",
+                         num_items_in_batch: Union[Tensor, int, None] = None,
+                         chunk_rows: Optional[int] = None) -> Tensor:
+    """``F.cross_entropy(F.linear(hidden, weight, bias).float().view(-1, V), target.view(-1), ...)``
+    without materialising the logits; fp32 scalar.
+
+    ``hidden`` [..., H], ``weight`` [V, H], ``bias`` [V] or None, ``target`` [...] (int64) with the leading
+    shape of ``hidden``. ``reduction``: ``"mean"`` over the rows whose target is not ``ignore_index``
+    (NaN when there are none, as PyTorch), or ``"sum"``. ``num_items_in_batch`` (HF's gradient-accumulation
+    normaliser) overrides it: sum / num_items_in_batch. ``chunk_rows`` bounds the rows of logits alive at
+    once (default: fp32 logits of at most :data:`CHUNK_BYTES`).
+    """
+    if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear_cross_entropy: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} "
+                         "must be [..., H] and [V, H]")
+    if target.shape != hidden.shape[:-1]:
+        raise ValueError(f"linear_cross_entropy: target shape {tuple(target.shape)} must equal hidden's leading "
+                         f"shape {tuple(hidden.shape[:-1])}")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"linear_cross_entropy: target must be an integer tensor, got {target.dtype}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"linear_cross_entropy: bias {tuple(bias.shape)} must be [{weight.shape[0]}]")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"linear_cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if not hidden.is_floating_point():
+        raise TypeError(f"linear_cross_entropy: hidden must be floating point, got {hidden.dtype}")
+    dtype = _compute_dtype(hidden, weight)
+    target = target.to(hidden.device, torch.int64)
+    if num_items_in_batch is not None:
+        scale = 1.0 / num_items_in_batch if not isinstance(num_items_in_batch, Tensor) else \
+            1.0 / num_items_in_batch.to(hidden.device, torch.float32)
+    else:
+        scale = 1.0 if reduction == "sum" else None
+    return _apply(hidden, weight, bias, target, ignore_index, scale, chunk_rows, "auto", dtype)
+
+
+def _apply(hidden, weight, bias, target, ignore_index, scale, chunk_rows, grad_w_mode, dtype):
+    """The autograd call (``grad_w_mode``: ``"auto"``, or ``"logits"`` / ``"accumulate"`` to pick how the
+    weight's gradient is kept, for the tests)."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _LinearCrossEntropyFn.apply(hidden, weight, bias, target, ignore_index, scale, chunk_rows,
+                                           grad_w_mode, dtype)
+
+
+def linear_cross_entropy_reference(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,
+                                   *, ignore_index: int = -100, reduction: str = "mean",
+                                   num_items_in_batch: Union[Tensor, int, None] = None) -> Tensor:
+    """The unfused computation (HF's causal-LM loss after the LM head): full logits, upcast, cross-entropy."""
+    logits = F.linear(hidden, weight, bias).float()
+    if num_items_in_batch is not None:
+        loss = F.cross_entropy(logits.view(-1, weight.shape[0]), target.reshape(-1), ignore_index=ignore_index,
+                               reduction="sum")
+        return loss / num_items_in_batch
+    return F.cross_entropy(logits.view(-1, weight.shape[0]), target.reshape(-1), ignore_index=ignore_index,
+                           reduction=reduction)

@@ -1,0 +1,182 @@
+"""The fused LM-head loss in HF causal LMs: training steps with ``labels`` never build the logits.
+
+Three instance-level swaps on a supported model (``LlamaForCausalLM``, ``LlavaForConditionalGeneration``
+and every class whose forward is the same code), no class is touched:
+
+* the model's ``forward``: when ``labels`` are given and autograd records, it arms the LM head for one
+  call, then runs the model's own forward unchanged;
+* the LM head's ``forward``: armed, it computes :func:`mmfast.ops.loss.linear_cross_entropy` of its input
+  (with the weight as the head sees it inside its own call, so wrappers that gather parameters around the
+  call keep working) and returns a zero-stride stand-in for the logits;
+* the model's ``loss_function`` (HF's own hook): given the stand-in, it returns the fused loss; anything
+  else goes to the model's loss function as before.
+
+The output then has ``loss`` and ``logits=None`` (the stand-in never leaves the forward). Without labels,
+under ``torch.no_grad()`` (evaluation, generation), with ``logits_to_keep``, or inside
+``mmfast.disabled()``, or while ``torch.compile`` traces it (the fused loss finds the labelled rows with a
+host sync, which would break the graph), the model runs exactly as unpatched and returns its logits.
+
+Labels follow HF's causal-LM loss: shifted by one (or ``shift_labels``), ``ignore_index`` (default -100),
+mean over the labelled positions or ``num_items_in_batch``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.loss import linear_cross_entropy
+from .core import _ATTR, _foreign_patch, _install, _original_call, _uninstall, is_disabled, is_patched
+from .table import NormFamily, _code_key
+
+_STATE = "_mmfast_loss_state"
+
+
+@dataclasses.dataclass
+class _LossState:
+    """One armed call: the loss arguments on the way in, the loss and the stand-in on the way out."""
+
+    armed: Optional[dict] = None
+    loss: Optional[Tensor] = None
+    stand_in: Optional[Tensor] = None
+
+
+@functools.lru_cache(maxsize=None)
+def _supported_keys() -> dict:
+    from transformers.models.llama.modeling_llama import LlamaForCausalLM
+    from transformers.models.llava.modeling_llava import LlavaForConditionalGeneration
+
+    return {_code_key(inspect.unwrap(c.forward)): c.__name__ for c in (LlamaForCausalLM, LlavaForConditionalGeneration)}
+
+
+@functools.lru_cache(maxsize=None)
+def _labels_index(cls: type) -> Optional[int]:
+    """Position of ``labels`` among the forward's positional parameters (after self), or None."""
+    params = list(inspect.signature(inspect.unwrap(cls.forward)).parameters)[1:]
+    return params.index("labels") if "labels" in params else None
+
+
+def unsupported_reason(model: nn.Module) -> Optional[str]:
+    """None when the fused loss can be installed on ``model``, else why not."""
+    cls = type(model)
+    if _code_key(inspect.unwrap(cls.forward)) not in _supported_keys():
+        return f"{cls.__name__}: forward is not one the fused loss knows (LLaMA / LLaVA causal LM)"
+    head = getattr(model, "lm_head", None)
+    if type(head) is not nn.Linear:
+        return f"lm_head is {type(head).__name__}, not torch.nn.Linear"
+    if "_loss_function" in model.__dict__:
+        return "a custom loss_function is set on the model; the fused loss would bypass it"
+    for m, where in ((model, "model forward"), (head, "lm_head forward")):
+        foreign = _foreign_patch(m)
+        if foreign is not None:
+            return f"{where} {foreign}"
+    return None
+
+
+def _head_forward(head: nn.Linear, x: Tensor) -> Tensor:
+    st: _LossState = head.__dict__[_STATE]
+    if st.armed is None:
+        return nn.Linear.forward(head, x)
+    args, st.armed = st.armed, None
+    target = args.pop("target")
+    if target.shape != x.shape[:-1]:
+        raise RuntimeError(f"mmfast fused loss: labels {tuple(target.shape)} do not match the LM head's input "
+                           f"{tuple(x.shape)}; run without the fused loss (mmfast.patch(..., fused_loss=False))")
+    st.loss = linear_cross_entropy(x, head.weight, target, head.bias, **args)
+    st.stand_in = x.new_zeros(()).expand(*x.shape[:-1], head.out_features)
+    return st.stand_in
+
+
+def _loss_function(model: nn.Module, default, logits=None, labels=None, vocab_size=None, **kwargs):
+    st: _LossState = model.lm_head.__dict__[_STATE]
+    if st.stand_in is not None and logits is st.stand_in:
+        return st.loss
+    return default(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
+
+
+def _arm(model: nn.Module, labels: Tensor, kwargs: dict) -> dict:
+    ignore_index = kwargs.get("ignore_index", -100)
+    target = kwargs.get("shift_labels")
+    if target is None:
+        target = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    return dict(target=target, ignore_index=ignore_index, num_items_in_batch=kwargs.get("num_items_in_batch"))
+
+
+def _model_forward(model: nn.Module, *args, **kwargs):
+    orig = _original_call(model, model.__dict__[_ATTR])
+    st: _LossState = model.lm_head.__dict__[_STATE]
+    labels = kwargs.get("labels")
+    if labels is None:
+        idx = _labels_index(type(model))
+        labels = args[idx] if idx is not None and len(args) > idx else None
+    keep = kwargs.get("logits_to_keep", 0)
+    # under torch.compile the unfused loss is traced: the fused one needs a host sync (its row selection)
+    if (labels is None or not torch.is_grad_enabled() or is_disabled() or torch.compiler.is_compiling()
+            or not (isinstance(keep, int) and keep == 0)):
+        return orig(*args, **kwargs)
+    st.armed, st.loss, st.stand_in = _arm(model, labels, kwargs), None, None
+    try:
+        out = orig(*args, **kwargs)
+        if st.loss is None:
+            raise RuntimeError("mmfast fused loss: the model's forward did not call its lm_head; run without the "
+                               "fused loss (mmfast.patch(..., fused_loss=False))")
+        return _drop_stand_in(out, st.stand_in)
+    finally:
+        st.armed, st.loss, st.stand_in = None, None, None
+
+
+def _drop_stand_in(out: Any, stand_in: Tensor) -> Any:
+    if isinstance(out, tuple):
+        return tuple(v for v in out if v is not stand_in)
+    fields = {k: v for k, v in out.items() if v is not stand_in}
+    return type(out)(**fields)
+
+
+def _never(m: nn.Module) -> bool:
+    return False  # installed by patch_loss on the model it is given, never matched by a module scan
+
+
+def _no_reason(m: nn.Module) -> Optional[str]:
+    return None
+
+
+_MODEL = NormFamily("fused_loss", "causal-LM forward, loss through the fused LM-head loss", _never,
+                    _model_forward, _no_reason, own_disable=True)
+_HEAD = NormFamily("fused_loss_head", "LM head computing the fused loss when armed", _never,
+                   _head_forward, _no_reason, own_disable=True)
+
+
+def patch_loss(model: nn.Module) -> Optional[str]:
+    """Install the fused LM-head loss on ``model`` (idempotent). Returns None, or why it was not installed."""
+    if is_patched(model) and model.__dict__[_ATTR].family == _MODEL:
+        return None
+    reason = unsupported_reason(model)
+    if reason is not None:
+        return reason
+    head = model.lm_head
+    _install(model, _MODEL)
+    _install(head, _HEAD)
+    head.__dict__[_STATE] = _LossState()
+    default = model.loss_function
+    model._loss_function = functools.partial(_loss_function, model, default)
+    return None
+
+
+def unpatch_loss(model: nn.Module) -> int:
+    """Remove the fused loss from ``model`` and its LM head; returns how many modules were restored."""
+    n = 0
+    for m in model.modules():
+        rec = m.__dict__.get(_ATTR)
+        if rec is None or rec.family not in (_MODEL, _HEAD):
+            continue
+        _uninstall(m)
+        m.__dict__.pop(_STATE, None)
+        if rec.family == _MODEL:
+            m.__dict__.pop("_loss_function", None)
+        n += 1
+    return n

@@ -1,0 +1,133 @@
+"""The fused LM-head loss as ``mmfast.patch`` installs it in HF causal LMs: when it runs, what the output
+holds, the HF loss arguments it honours, lifecycle. Numerics of the loss itself: test_loss.py; whole-model
+loss and gradients against float64: test_patch.py::test_patched_matches_unpatched."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+import mmfast
+from model_accuracy import assert_model_accurate, double_inputs, run_model
+from mmfast.ops import loss as loss_ops
+from mmfast.patching import core
+from tiny_models import batch, build
+
+KINDS = ["llama", "llava"]
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """The rows each fused-loss call computed (hidden rows, labelled rows)."""
+    seen = []
+    real = loss_ops._LinearCrossEntropyFn.forward
+
+    def spy(ctx, hidden, weight, bias, target, *rest):
+        seen.append((target.numel(), int((target != rest[0]).sum())))
+        return real(ctx, hidden, weight, bias, target, *rest)
+
+    monkeypatch.setattr(loss_ops._LinearCrossEntropyFn, "forward", staticmethod(spy))
+    return seen
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_step_uses_it_and_returns_no_logits(kind, calls):
+    model = build(kind)
+    report = mmfast.patch(model, tuning="layernorm", verbose=False)
+    assert report.fused_loss == "on" and "fused LM-head loss: on" in report.summary()
+    inputs = batch(kind)
+    out = model(**inputs)
+    assert out.logits is None and "logits" not in out and out.loss.requires_grad
+    out.loss.backward()
+    assert model.lm_head.weight.grad is not None
+    labelled = int((inputs["labels"][:, 1:] != -100).sum())
+    assert calls == [(inputs["labels"].numel(), labelled)]  # the shifted labels: the last position ignored
+    if kind == "llava":  # image positions carry -100: their logits are never computed
+        assert labelled < inputs["labels"].numel() * 0.7
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unfused_when_logits_are_wanted(kind, calls):
+    """Without labels, without grad (evaluation, generate) or disabled: the model runs as unpatched and
+    returns its logits."""
+    model = build(kind)
+    mmfast.patch(model, verbose=False)
+    inputs = batch(kind)
+    no_labels = {k: v for k, v in inputs.items() if k != "labels"}
+    assert model(**no_labels).logits is not None
+    with torch.no_grad():
+        assert model(**inputs).logits is not None and model(**inputs).loss is not None
+    with mmfast.disabled():
+        assert model(**inputs).logits is not None
+    assert calls == []
+
+
+def test_tuple_output_and_hf_loss_arguments():
+    model = build("llama")
+    mmfast.patch(model, verbose=False)
+    ref = copy.deepcopy(model)
+    mmfast.unpatch(ref)
+    inputs = batch("llama")
+    out = model(**inputs, return_dict=False)
+    assert out[0].dim() == 0 and all(x.dim() != 3 for x in out if torch.is_tensor(x))  # loss first, no logits
+    torch.testing.assert_close(out[0], ref(**inputs).loss)
+    n = torch.tensor(5)
+    torch.testing.assert_close(model(**inputs, num_items_in_batch=n).loss,
+                               ref(**inputs, num_items_in_batch=n).loss)
+    shift = torch.roll(inputs["labels"], -2, dims=1)
+    torch.testing.assert_close(model(**inputs, shift_labels=shift).loss, ref(**inputs, shift_labels=shift).loss)
+
+
+def test_matches_unfused_model_under_autocast(seed):
+    """An fp32 model under bf16 autocast (HF Trainer's bf16=True): loss and gradients held to the unfused
+    model's bf16 error against the float64 model (rule: model_accuracy.py)."""
+    model = build("llava", seed)
+    ref64 = copy.deepcopy(model).double()
+    plain = copy.deepcopy(model)
+    mmfast.patch(model, tuning="layernorm", master_weights=False, verbose=False)
+    for m in (plain, ref64):  # the recipe, then HF's own forwards (the oracle stays float64)
+        mmfast.patch(m, tuning="layernorm", master_weights=False, verbose=False)
+        mmfast.unpatch(m)
+    inputs = batch("llava", seed)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, lowp = run_model(model, inputs), run_model(plain, inputs)
+    ref = run_model(ref64, double_inputs(inputs))
+    assert_model_accurate(ours, lowp, ref, seed)
+
+
+def test_opt_out_unpatch_disable_and_pickle():
+    model = build("llava")
+    report = mmfast.patch(model, fused_loss=False, verbose=False)
+    assert report.fused_loss == "off" and "forward" not in model.__dict__
+    mmfast.patch(model, verbose=False)
+    assert core.is_patched(model) and core.is_patched(model.lm_head)
+    clone = pickle.loads(pickle.dumps(model))
+    inputs = batch("llava")
+    assert clone(**inputs).logits is None
+    torch.testing.assert_close(clone(**inputs).loss, model(**inputs).loss)
+    mmfast.patch(model, fused_loss=False, verbose=False)  # a later call without it takes it out
+    assert not core.is_patched(model) and "_loss_function" not in model.__dict__
+    mmfast.patch(model, verbose=False)
+    assert mmfast.unpatch(model) > 2
+    for m in (model, model.lm_head):
+        assert not core.is_patched(m) and "forward" not in m.__dict__
+    assert "_loss_function" not in model.__dict__ and model(**inputs).logits is not None
+
+
+def test_not_installed_with_reason():
+    model = build("llava")
+    model.loss_function = lambda **kw: torch.zeros(())  # a user's own loss hook
+    assert "custom loss_function" in mmfast.patch(model, verbose=False).fused_loss
+    vision = build("clip-vision")
+    assert mmfast.patch(vision, verbose=False).fused_loss == "n/a (no lm_head)"
+
+
+def test_hf_signature_kept():
+    """Trainer keeps the dataset columns the forward's signature names; generate checks kwargs by it."""
+    import inspect
+
+    model = build("llava")
+    before = inspect.signature(model.forward)
+    mmfast.patch(model, verbose=False)
+    assert inspect.signature(model.forward) == before and "labels" in before.parameters

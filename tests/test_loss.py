@@ -1,0 +1,194 @@
+"""The fused LM-head loss (``mmfast.ops.loss.linear_cross_entropy``) against the float64 reference of the
+unfused computation (accuracy rule: accuracy.py). PyTorch's own low-precision result is the unfused
+computation in the inputs' dtype: ``F.linear``, upcast to fp32, ``F.cross_entropy`` (HF's causal-LM loss).
+
+Natural scales come from the float64 logits' gradient G: the hidden gradient of a row is sum_v G W_v
+(scale max (|G| |W|)), the weight's is sum_t G h_t over the kept rows (scale max (|G|^T |h|), one term per
+row), the bias's sum_t G (scale max sum_t |G|).
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from accuracy import assert_accurate
+from mmfast.ops.loss import _apply, linear_cross_entropy, linear_cross_entropy_reference
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+IGNORE = -100
+
+
+def make(device, dtype, lead=(3, 37), H=48, V=301, bias=True, ignored=0.3, w_grad=True):
+    h = torch.randn(*lead, H, device=device).to(dtype).requires_grad_()
+    w = (torch.randn(V, H, device=device) / math.sqrt(H)).to(dtype).requires_grad_(w_grad)
+    b = (0.5 * torch.randn(V, device=device)).to(dtype).requires_grad_() if bias else None
+    t = torch.randint(0, V, lead, device=device)
+    t[torch.rand(lead, device=device) < ignored] = IGNORE
+    return h, w, b, t
+
+
+def grads(loss, leaves):
+    live = [x for x in leaves if x is not None and x.requires_grad]
+    gs = iter(torch.autograd.grad(loss, live))
+    return [next(gs) if x is not None and x.requires_grad else None for x in leaves]
+
+
+def check(name_fn, ours_fn, h, w, b, t, seed, **kw):
+    """Loss and every gradient of ``ours_fn`` against the float64 reference, PyTorch's error the baseline."""
+    leaves = (h, w, b)
+    loss = ours_fn(h, w, t, b, **kw)
+    g = grads(loss, leaves)
+    lowp = linear_cross_entropy_reference(h, w, t, b, **kw)
+    g_lp = grads(lowp, leaves)
+    l64 = [None if x is None else x.detach().double().requires_grad_(x.requires_grad) for x in leaves]
+    logits = F.linear(l64[0], l64[1], l64[2])
+    logits.retain_grad()
+    ref = _reference_from_logits(logits, t, **kw)
+    g_ref = grads(ref, l64) if math.isfinite(ref.item()) else [None] * 3
+    rows = int((t != IGNORE).sum())
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    if not math.isfinite(ref.item()):  # no labelled row and a mean: NaN, as PyTorch
+        assert math.isnan(loss.item()) and math.isnan(lowp.item())
+        return
+    assert_accurate(f"{name_fn} loss", loss, lowp, ref, abs(ref.item()) + 1.0, seed, terms=max(rows, 1))
+    G = torch.autograd.grad(_reference_from_logits(logits, t, **kw), logits)[0].abs().reshape(-1, w.shape[0])
+    habs, wabs = l64[0].detach().abs().reshape(-1, w.shape[1]), l64[1].detach().abs()
+    scales = {"hidden": (G @ wabs).max().item(), "weight": (G.t() @ habs).max().item(),
+              "bias": G.sum(0).max().item()}
+    for name, x, ours, lp, r in zip(scales, leaves, g, g_lp, g_ref):
+        if x is None or not x.requires_grad:
+            assert ours is None
+            continue
+        assert ours.dtype == x.dtype and ours.shape == x.shape, name
+        assert_accurate(f"{name_fn} d{name}", ours, lp, r, scales[name], seed,
+                        terms=1 if name == "hidden" else max(rows, 1))
+
+
+def _reference_from_logits(logits, t, ignore_index=IGNORE, reduction="mean", num_items_in_batch=None):
+    flat = logits.reshape(-1, logits.shape[-1])
+    if num_items_in_batch is not None:
+        return F.cross_entropy(flat, t.reshape(-1), ignore_index=ignore_index, reduction="sum") / num_items_in_batch
+    return F.cross_entropy(flat, t.reshape(-1), ignore_index=ignore_index, reduction=reduction)
+
+
+def forced(mode, chunk_rows):
+    def fn(h, w, t, b, **kw):
+        scale = 1.0 / kw["num_items_in_batch"] if "num_items_in_batch" in kw else None
+        return _apply(h, w, b, t, IGNORE, scale, chunk_rows, mode, h.dtype)
+    return fn
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["logits", "accumulate"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_matches_reference(device, seed, dtype, mode, bias):
+    """Several chunks with a remainder (chunk 7 over ~78 kept rows), odd vocabulary, both ways of
+    keeping the weight's gradient."""
+    h, w, b, t = make(device, dtype, bias=bias)
+    check(f"{mode}/{dtype}", forced(mode, 7), h, w, b, t, seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_public_entry_default_chunking(device, seed, dtype):
+    h, w, b, t = make(device, dtype, lead=(2, 50), H=64, V=1000)
+    check("default", linear_cross_entropy, h, w, b, t, seed)
+
+
+@pytest.mark.parametrize("kw", [dict(reduction="sum"), dict(num_items_in_batch=57),
+                                dict(num_items_in_batch="tensor")], ids=["sum", "items-int", "items-tensor"])
+def test_reductions(device, seed, kw):
+    if kw.get("num_items_in_batch") == "tensor":
+        kw = dict(num_items_in_batch=torch.tensor(57, device=device))
+    h, w, b, t = make(device, torch.bfloat16)
+    check(str(kw), linear_cross_entropy, h, w, b, t, seed, **kw)
+
+
+def test_frozen_weight_keeps_only_the_hidden_gradient(device, seed):
+    """LN tuning freezes the LM head in layernorm-simp / mma: only d hidden, nothing vocab-sized kept."""
+    h, w, b, t = make(device, torch.bfloat16, w_grad=False, bias=False, lead=(4, 64), H=32, V=512)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        linear_cross_entropy(h, w, t)
+    assert all(x.shape[-1] != w.shape[0] for x in saved), [tuple(x.shape) for x in saved]
+    check("frozen", linear_cross_entropy, h, w, None, t, seed)
+
+
+def test_keeps_less_than_the_unfused_logits(device):
+    """What autograd keeps for backward: under the unfused computation's fp32 logits of every row."""
+    h, w, b, t = make(device, torch.bfloat16, lead=(4, 128), H=64, V=2048, bias=False, ignored=0.5)
+
+    def saved_bytes(fn):
+        seen = {}
+
+        def pack(x):
+            seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            fn(h, w, t)
+        params = {w.untyped_storage().data_ptr(), h.untyped_storage().data_ptr()}
+        return sum(n for p, n in seen.items() if p not in params)
+
+    fused, unfused = saved_bytes(linear_cross_entropy), saved_bytes(linear_cross_entropy_reference)
+    assert unfused >= 4 * 512 * 2048  # fp32 logits (log-softmax output) of all 512 rows
+    assert fused <= 2 * (256 + 64) * 2048 * 0.6  # ~256 kept rows: their logits' gradient + hidden, bf16
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_no_labelled_rows(device, seed, reduction):
+    h, w, b, t = make(device, torch.float32, ignored=1.1)
+    check(f"empty/{reduction}", linear_cross_entropy, h, w, b, t, seed, reduction=reduction)
+    if reduction == "sum":
+        loss = linear_cross_entropy(h, w, t, b, reduction="sum")
+        gh, gw, gb = torch.autograd.grad(loss, (h, w, b))
+        assert loss.item() == 0 and not gh.any() and not gw.any() and not gb.any()
+
+
+def test_autocast(device, seed):
+    """fp32 model under bf16 autocast (HF Trainer's bf16=True): bf16 products, fp32 gradients."""
+    h, w, b, t = make(device, torch.float32)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, w, t, b)
+        lowp = linear_cross_entropy_reference(h, w, t, b)
+    g, g_lp = grads(loss, (h, w, b)), grads(lowp, (h, w, b))
+    hb, wb, bb = (x.detach().to(torch.bfloat16).double().requires_grad_() for x in (h, w, b))
+    ref = linear_cross_entropy_reference(hb, wb, t, bb)
+    g_ref = grads(ref, (hb, wb, bb))
+    assert_accurate("autocast loss", loss, lowp, ref, abs(ref.item()) + 1.0, seed, terms=t.numel())
+    for name, ours, lp, r in zip(("hidden", "weight", "bias"), g, g_lp, g_ref):
+        assert ours.dtype == torch.float32
+        # both round their products to bf16; compare with the bf16 unit at the gradient's scale
+        assert_accurate(f"autocast d{name}", ours.to(torch.bfloat16), lp.to(torch.bfloat16), r,
+                        r.abs().max().item(), seed, terms=t.numel())
+
+
+def test_non_contiguous_and_deterministic(device, seed):
+    h, w, b, t = make(device, torch.bfloat16, lead=(37, 3))
+    hv = h.detach().transpose(0, 1).requires_grad_()  # [3, 37, H] view, not contiguous
+    tv = t.t()
+    assert not hv.is_contiguous()
+    check("non-contiguous", linear_cross_entropy, hv, w, b, tv, seed)
+    runs = [grads(linear_cross_entropy(hv, w, tv, b), (hv, w, b)) for _ in range(2)]
+    assert all(torch.equal(a, c) for a, c in zip(*runs))
+
+
+def test_bad_input(device):
+    h, w, b, t = make(device, torch.float32)
+    bad = t.clone()
+    bad[0, 0] = w.shape[0]
+    with pytest.raises(ValueError, match="target values"):
+        linear_cross_entropy(h, w, bad, b)
+    with pytest.raises(ValueError, match="target shape"):
+        linear_cross_entropy(h, w, t[:, :-1], b)
+    with pytest.raises(ValueError, match=r"\[V, H\]"):
+        linear_cross_entropy(h, w[:, :-1], t, b)
+    with pytest.raises(TypeError, match="dtype"):
+        linear_cross_entropy(h, w.detach().double(), t, b)
+    with pytest.raises(TypeError, match="integer"):
+        linear_cross_entropy(h, w, t.float(), b)
+    with pytest.raises(ValueError, match="reduction"):
+        linear_cross_entropy(h, w, t, b, reduction="none")
+    with pytest.raises(ValueError, match="bias"):
+        linear_cross_entropy(h, w, t, b[:-1])
