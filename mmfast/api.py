@@ -89,12 +89,14 @@ def patch(
         insert_mma(model, mma)
     elif tuning is not None:
         apply_ln_recipe(model, tuning, final_norm=final_norm, master_weights=master_weights)
+    # a PEFT model calls its base model's forward: that is where the fused loss goes
+    hf = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
     if not fused_loss:
-        unpatch_loss(model)
-    elif not isinstance(getattr(model, "lm_head", None), nn.Module):
+        unpatch_loss(hf)
+    elif not isinstance(getattr(hf, "lm_head", None), nn.Module):
         report.fused_loss = "n/a (no lm_head)"
     else:
-        reason = patch_loss(model)
+        reason = patch_loss(hf)
         report.fused_loss = "on" if reason is None else f"not installed: {reason}"
     report.trainable_params, report.all_params = count_parameters(model)
     if verbose and _is_rank0():

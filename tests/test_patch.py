@@ -347,6 +347,7 @@ def test_peft_lora_model(seed):
     peft_model = copy.deepcopy(ref)
     report = mmfast.patch(peft_model, verbose=False)
     assert any(p.startswith("base_model.model.model.layers.0") for p in report.patched)
+    assert report.fused_loss == "on" and peft_model(**batch("llama", seed)).logits is None
     inputs = batch("llama", seed)
     lowp = run_model(ref, inputs)
     ref64 = run_model(copy.deepcopy(ref).double(), double_inputs(inputs))
