@@ -62,8 +62,9 @@ def check(name_fn, ours_fn, h, w, b, t, seed, **kw):
             assert ours is None
             continue
         assert ours.dtype == x.dtype and ours.shape == x.shape, name
+        # d hidden sums over the vocabulary, d weight and d bias over the kept rows
         assert_accurate(f"{name_fn} d{name}", ours, lp, r, scales[name], seed,
-                        terms=1 if name == "hidden" else max(rows, 1))
+                        terms=w.shape[0] if name == "hidden" else max(rows, 1))
 
 
 def _reference_from_logits(logits, t, ignore_index=IGNORE, reduction="mean", num_items_in_batch=None):
@@ -165,13 +166,18 @@ def test_autocast(device, seed):
 
 
 def test_non_contiguous_and_deterministic(device, seed):
+    """A non-contiguous hidden gives bitwise the contiguous copy's loss and gradients (PyTorch's own CPU
+    matmul does not: its strided bf16 path rounds differently), and those meet the accuracy rule."""
     h, w, b, t = make(device, torch.bfloat16, lead=(37, 3))
     hv = h.detach().transpose(0, 1).requires_grad_()  # [3, 37, H] view, not contiguous
     tv = t.t()
+    hc = hv.detach().contiguous().requires_grad_()
     assert not hv.is_contiguous()
-    check("non-contiguous", linear_cross_entropy, hv, w, b, tv, seed)
-    runs = [grads(linear_cross_entropy(hv, w, tv, b), (hv, w, b)) for _ in range(2)]
-    assert all(torch.equal(a, c) for a, c in zip(*runs))
+    check("contiguous copy", linear_cross_entropy, hc, w, b, tv, seed)
+    runs = [(linear_cross_entropy(x, w, tv, b), x) for x in (hv, hv, hc)]
+    results = [(loss, *grads(loss, (x, w, b))) for loss, x in runs]
+    for other in results[1:]:
+        assert all(torch.equal(a, c) for a, c in zip(results[0], other))
 
 
 def test_bad_input(device):

@@ -84,14 +84,16 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
         g_w32 = torch.zeros(V, H, device=hidden.device, dtype=torch.float32) \
             if need_w and grad_w_mode == "accumulate" else None
         g_b = torch.zeros(V, device=hidden.device, dtype=torch.float32) if need_b else None
-        total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        # per-row losses are fp32 (as PyTorch's); their sum and the scale are taken in fp64, so the scalar
+        # is rounded once
+        total = torch.zeros((), device=hidden.device, dtype=torch.float64)
         step = _chunk_rows(V, n, chunk_rows)
         for s in range(0, n, step):
             e = min(n, s + step)
             hc, tc = hv[s:e], tv[s:e]
             z = F.linear(hc, w, b).float()  # rounded to the activation dtype first, as F.linear returns
             lse = torch.logsumexp(z, dim=-1)
-            total += (lse - z.gather(1, tc[:, None]).squeeze(1)).sum()
+            total += (lse - z.gather(1, tc[:, None]).squeeze(1)).sum(dtype=torch.float64)
             if not need_any:
                 continue
             g = z.sub_(lse[:, None]).exp_()  # softmax, in place of the fp32 logits
@@ -111,7 +113,9 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(rows, g_h, g_logits, hv if g_logits is not None else None, g_w32, g_b)
-        return total * sc
+        sc64 = scale.to(device=hidden.device, dtype=torch.float64) if isinstance(scale, Tensor) else \
+            torch.tensor(float(scale), device=hidden.device, dtype=torch.float64)
+        return (total * sc64).float()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
