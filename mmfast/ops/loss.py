@@ -75,8 +75,9 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
         # it is rounded, as autograd would
         if scale is None:
             scale = 1.0 / n if n else float("nan")
-        sc = scale.to(device=hidden.device, dtype=torch.float32) if isinstance(scale, Tensor) else \
-            torch.tensor(float(scale), device=hidden.device, dtype=torch.float32)
+        sc64 = scale.to(device=hidden.device, dtype=torch.float64) if isinstance(scale, Tensor) else \
+            torch.tensor(float(scale), device=hidden.device, dtype=torch.float64)
+        sc = sc64.float()
         if need_w and grad_w_mode == "auto":
             grad_w_mode = "logits" if n * V * hv.element_size() <= V * H * 4 else "accumulate"
         g_h = hv.new_empty(n, H) if need_h else None
@@ -113,8 +114,6 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(rows, g_h, g_logits, hv if g_logits is not None else None, g_w32, g_b)
-        sc64 = scale.to(device=hidden.device, dtype=torch.float64) if isinstance(scale, Tensor) else \
-            torch.tensor(float(scale), device=hidden.device, dtype=torch.float64)
         return (total * sc64).float()
 
     @staticmethod
@@ -166,8 +165,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: O
     dtype = _compute_dtype(hidden, weight)
     target = target.to(hidden.device, torch.int64)
     if num_items_in_batch is not None:
-        scale = 1.0 / num_items_in_batch if not isinstance(num_items_in_batch, Tensor) else \
-            1.0 / num_items_in_batch.to(hidden.device, torch.float32)
+        scale = 1.0 / (num_items_in_batch.to(hidden.device, torch.float64)
+                       if isinstance(num_items_in_batch, Tensor) else num_items_in_batch)
     else:
         scale = 1.0 if reduction == "sum" else None
     return _apply(hidden, weight, bias, target, ignore_index, scale, chunk_rows, "auto", dtype)

@@ -22,11 +22,11 @@ import inspect
 import os
 import re
 from collections import Counter
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from torch import Tensor, nn
 
-from .table import FAMILIES, KERNEL_LIBRARIES, NormFamily, family_of, is_norm_candidate, unsupported_reason
+from .table import FAMILIES, KERNEL_LIBRARIES, family_of, is_norm_candidate, unsupported_reason
 
 _ATTR = "_mmfast_patch"
 class _Absent:
@@ -63,7 +63,7 @@ def disabled() -> Iterator[None]:
 class _Patch:
     """What mmfast changed on one module instance, and what to put back."""
 
-    family: NormFamily
+    family: Any  # a NormFamily, or one of the fused loss's parts: anything with a ``kind``
     slot: str  # "forward", or "_old_forward" under an Accelerate hook
     saved_slot: object  # the instance's own value of ``slot`` before patching, or _ABSENT
     saved_extra_repr: object
@@ -76,7 +76,7 @@ def _original_call(module: nn.Module, rec: _Patch):
 
 
 class _PatchedForward(functools.partial):
-    """``partial(patched_forward, module)`` that shows the original forward's signature, so callers that
+    """``partial(forward, module)`` that shows the original forward's signature, so callers that
     inspect it (HF Trainer's column filter, ``generate``'s argument check) see the real parameters."""
 
     @property
@@ -89,7 +89,7 @@ class _PatchedForward(functools.partial):
 def patched_forward(module: nn.Module, *args, **kwargs):
     """The forward installed on patched instances."""
     rec: _Patch = module.__dict__[_ATTR]
-    if is_disabled() and not rec.family.own_disable:
+    if is_disabled():
         out = _original_call(module, rec)(*args, **kwargs)
         x = args[0] if args else next(iter(kwargs.values()), None)
         # fp32 master weights make the original LlamaRMSNorm return fp32; keep the input dtype.
@@ -137,13 +137,15 @@ def _foreign_patch(module: nn.Module) -> Optional[str]:
     return None
 
 
-def _install(module: nn.Module, fam: NormFamily) -> None:
+def _install(module: nn.Module, fam, forward=patched_forward) -> None:
+    """Put ``forward(module, ...)`` in the module's forward slot, recording ``fam`` (anything with a
+    ``kind``: a :class:`NormFamily`, or the fused loss's parts) and what to put back."""
     d = module.__dict__
     slot = "_old_forward" if "_hf_hook" in d and "_old_forward" in d else "forward"
     rec = _Patch(fam, slot, d.get(slot, _ABSENT) if slot == "_old_forward" else _ABSENT,
                  d.get("extra_repr", _ABSENT))
     d[_ATTR] = rec
-    setattr(module, slot, _PatchedForward(patched_forward, module))
+    setattr(module, slot, _PatchedForward(forward, module))
     module.extra_repr = functools.partial(_patched_extra_repr, module)
 
 

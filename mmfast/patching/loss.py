@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ..ops.loss import linear_cross_entropy
 from .core import _ATTR, _foreign_patch, _install, _original_call, _uninstall, is_disabled, is_patched
-from .table import NormFamily, _code_key
+from .table import _code_key
 
 _STATE = "_mmfast_loss_state"
 
@@ -47,11 +47,11 @@ class _LossState:
 
 
 @functools.lru_cache(maxsize=None)
-def _supported_keys() -> dict:
+def _supported_keys() -> frozenset:
     from transformers.models.llama.modeling_llama import LlamaForCausalLM
     from transformers.models.llava.modeling_llava import LlavaForConditionalGeneration
 
-    return {_code_key(inspect.unwrap(c.forward)): c.__name__ for c in (LlamaForCausalLM, LlavaForConditionalGeneration)}
+    return frozenset(_code_key(inspect.unwrap(c.forward)) for c in (LlamaForCausalLM, LlavaForConditionalGeneration))
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,7 +81,7 @@ def unsupported_reason(model: nn.Module) -> Optional[str]:
 def _head_forward(head: nn.Linear, x: Tensor) -> Tensor:
     st: _LossState = head.__dict__[_STATE]
     if st.armed is None:
-        return nn.Linear.forward(head, x)
+        return _original_call(head, head.__dict__[_ATTR])(x)
     args, st.armed = st.armed, None
     target = args.pop("target")
     if target.shape != x.shape[:-1]:
@@ -99,7 +99,7 @@ def _loss_function(model: nn.Module, default, logits=None, labels=None, vocab_si
     return default(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
 
 
-def _arm(model: nn.Module, labels: Tensor, kwargs: dict) -> dict:
+def _arm(labels: Tensor, kwargs: dict) -> dict:
     ignore_index = kwargs.get("ignore_index", -100)
     target = kwargs.get("shift_labels")
     if target is None:
@@ -119,7 +119,7 @@ def _model_forward(model: nn.Module, *args, **kwargs):
     if (labels is None or not torch.is_grad_enabled() or is_disabled() or torch.compiler.is_compiling()
             or not (isinstance(keep, int) and keep == 0)):
         return orig(*args, **kwargs)
-    st.armed, st.loss, st.stand_in = _arm(model, labels, kwargs), None, None
+    st.armed, st.loss, st.stand_in = _arm(labels, kwargs), None, None
     try:
         out = orig(*args, **kwargs)
         if st.loss is None:
@@ -137,18 +137,16 @@ def _drop_stand_in(out: Any, stand_in: Tensor) -> Any:
     return type(out)(**fields)
 
 
-def _never(m: nn.Module) -> bool:
-    return False  # installed by patch_loss on the model it is given, never matched by a module scan
+@dataclasses.dataclass(frozen=True)
+class _LossPart:
+    """What the patch record says a module is (``print(model)`` shows ``mmfast=<kind>``). Their forwards
+    handle ``mmfast.disabled()`` themselves: the model's runs unfused, the head is never armed."""
+
+    kind: str
 
 
-def _no_reason(m: nn.Module) -> Optional[str]:
-    return None
-
-
-_MODEL = NormFamily("fused_loss", "causal-LM forward, loss through the fused LM-head loss", _never,
-                    _model_forward, _no_reason, own_disable=True)
-_HEAD = NormFamily("fused_loss_head", "LM head computing the fused loss when armed", _never,
-                   _head_forward, _no_reason, own_disable=True)
+_MODEL = _LossPart("fused_loss")
+_HEAD = _LossPart("fused_loss_head")
 
 
 def patch_loss(model: nn.Module) -> Optional[str]:
@@ -159,8 +157,8 @@ def patch_loss(model: nn.Module) -> Optional[str]:
     if reason is not None:
         return reason
     head = model.lm_head
-    _install(model, _MODEL)
-    _install(head, _HEAD)
+    _install(model, _MODEL, _model_forward)
+    _install(head, _HEAD, _head_forward)
     head.__dict__[_STATE] = _LossState()
     default = model.loss_function
     model._loss_function = functools.partial(_loss_function, model, default)

@@ -24,7 +24,6 @@ class NormFamily:
     matches: Callable[[nn.Module], bool]  # class-level: does this module compute our op exactly?
     forward: Callable  # fused forward: forward(module, input)
     check: Callable[[nn.Module], Optional[str]]  # instance-level: None, or why this instance can't be patched
-    own_disable: bool = False  # forward handles mmfast.disabled() itself (else the original forward runs)
 
 
 def _code_key(fn) -> tuple | None:
