@@ -1,6 +1,7 @@
 """The benchmark's CPU mode runs end to end on tiny sizes (so it cannot rot), writes every output, and
 its providers compute the same functions."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -159,3 +160,56 @@ def test_mmfast_norms_save_less_than_hf_eager():
     assert full["other"] < mm["other"], (full, mm)  # the loss runs outside any part's module
     for part in ("norms", "attention", "mlp", "projector"):
         assert full[part] == mm[part], (part, full, mm)
+
+
+def test_liger_case_leaves_transformers_as_it_found_it():
+    """Liger's model patch rebinds module globals (the RoPE function, the norm and MLP classes, model-class
+    forwards); the model bench runs cases one after another in one process, so a ``liger`` case must put
+    them back or every later hf-eager / mmfast case would run Liger's kernels."""
+    from transformers.models.llama import modeling_llama
+    from transformers.models.llava import modeling_llava
+
+    from mmfast.bench import model as model_bench
+
+    cls = modeling_llava.LlavaForConditionalGeneration
+    before = (modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaRMSNorm, cls.forward,
+              torch.nn.functional.cross_entropy)
+    with model_bench.restored_globals("liger"):  # what Liger's patch functions do
+        modeling_llama.apply_rotary_pos_emb = lambda *a, **k: None
+        modeling_llama.LlamaRMSNorm = torch.nn.LayerNorm
+        modeling_llama.added_by_patch = 1
+        cls.forward = lambda self, **kw: None
+        cls.added_by_patch = 1
+        torch.nn.functional.cross_entropy = lambda *a, **k: None
+    after = (modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaRMSNorm, cls.forward,
+             torch.nn.functional.cross_entropy)
+    assert after == before
+    assert not hasattr(modeling_llama, "added_by_patch") and "added_by_patch" not in vars(cls)
+
+    with model_bench.restored_globals("hf-eager"):  # other providers: untouched, nothing to restore
+        pass
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None,
+                    reason="liger-kernel is not installed (optional; the GPU runs carry it)")
+def test_liger_provider_is_liger_own_model_patch():
+    """The ``liger`` provider is Liger's own LLaVA patch (what its users run): Liger's RMSNorm and SwiGLU on
+    the LLaMA, the recipe's parameter selection kept; transformers is restored afterwards."""
+    from transformers.models.llama import modeling_llama
+
+    from mmfast.bench import model as model_bench
+
+    rope = modeling_llama.apply_rotary_pos_emb
+    case = model_bench.tiny("layernorm")
+    with model_bench.restored_globals("liger"):
+        m = model_bench.build_model(case, torch.device("cpu"))
+        model_bench.prepare(m, "liger", case.tuning)
+        layer = m.model.language_model.layers[0]
+        assert "liger_kernel" in layer.input_layernorm.forward.__func__.__module__
+        assert "liger_kernel" in layer.mlp.forward.__func__.__module__
+        assert modeling_llama.apply_rotary_pos_emb is not rope
+    assert modeling_llama.apply_rotary_pos_emb is rope
+    ref = model_bench.build_model(case, torch.device("cpu"))
+    model_bench.prepare(ref, "hf-eager", case.tuning)
+    assert [n for n, p in m.named_parameters() if p.requires_grad] == \
+        [n for n, p in ref.named_parameters() if p.requires_grad]

@@ -68,7 +68,7 @@ def _providers(case, device: torch.device) -> list[str]:
     if isinstance(case, AdapterCase):
         return adapter_bench.providers(device)
     names = model_bench.providers(device)
-    return [n for n in names if not (n == "liger" and case.tuning == "mma")]
+    return [n for n in names if not (n.startswith("liger") and case.tuning == "mma")]
 
 
 def _progress(total: int):

@@ -9,12 +9,18 @@ Providers:
 * ``mmfast``: ``mmfast.patch(model, tuning=...)`` (fused norms and adapter, fp32 master weights, the
   fused LM-head loss);
 * ``mmfast-noloss``: the same with ``fused_loss=False``, so the loss's share of the difference shows;
-* ``liger``: Liger-Kernel's norm kernels patched onto the same modules (GPU, when importable;
-  LayerNorm tuning only; its fused linear cross-entropy is not used).
+* ``liger``: what a Liger-Kernel user runs: ``apply_liger_kernel_to_llava(model=model)`` with its
+  defaults (on the LLaMA: RoPE, RMSNorm, SwiGLU MLP and the fused linear cross-entropy; Liger has no
+  CLIP kernels) after the recipe's parameter selection (GPU, when importable; LayerNorm tuning only).
+  Liger's patch also rebinds module globals of transformers (the RoPE function, the norm and MLP
+  classes); they are restored when the case ends, so later cases in the run are not affected;
+* ``liger-norms``: Liger's norm kernels alone, on the modules mmfast patches (LLaMA RMSNorms and CLIP
+  LayerNorms), which isolates the norm kernels' share.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.util
@@ -104,7 +110,7 @@ def make_batch(case: ModelCase, device: torch.device) -> dict:
 def providers(device: torch.device) -> list[str]:
     names = ["hf-eager", "mmfast-noloss", "mmfast"]
     if device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None:
-        names.append("liger")
+        names += ["liger-norms", "liger"]
     return names
 
 
@@ -125,15 +131,19 @@ def prepare(model: nn.Module, provider: str, tuning: str) -> None:
     if provider in ("mmfast", "mmfast-noloss"):
         mmfast.patch(model, tuning=tuning, fused_loss=provider == "mmfast", verbose=False)
         return
-    if provider == "liger" and tuning == "mma":
+    if provider.startswith("liger") and tuning == "mma":
         raise ValueError("Liger has no MMA adapter")
-    # hf-eager and liger: the recipe's parameter selection, then the original forwards back
+    # hf-eager and liger*: the recipe's parameter selection, then the original forwards back
     mmfast.patch(model, tuning=tuning, master_weights=False, fused_loss=False, verbose=False)
     unpatch_norms(model)
     for m in model.modules():
         if isinstance(m, MMAdapter):
             m.impl = "eager"
     if provider == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llava
+
+        apply_liger_kernel_to_llava(model=model)
+    elif provider == "liger-norms":
         from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
         for m in model.modules():
@@ -141,6 +151,40 @@ def prepare(model: nn.Module, provider: str, tuning: str) -> None:
                 m.forward = functools.partial(_liger_rms, m)
             elif isinstance(m, nn.LayerNorm):
                 m.forward = functools.partial(_liger_ln, m)
+
+
+#: Where Liger's patch functions rebind globals (module functions and classes, model-class forwards).
+_LIGER_GLOBALS = ("transformers.models.llama.modeling_llama", "transformers.models.llava.modeling_llava",
+                  "transformers.models.clip.modeling_clip", "transformers.loss.loss_utils")
+
+
+@contextlib.contextmanager
+def restored_globals(provider: str):
+    """For the ``liger`` provider: put back every module global and class attribute of the modules
+    Liger's patch touches when the block ends (a no-op for other providers)."""
+    if provider != "liger":
+        yield
+        return
+    import importlib
+
+    mods = [importlib.import_module(name) for name in _LIGER_GLOBALS]
+    classes = [v for m in mods for v in vars(m).values() if isinstance(v, type) and v.__module__ == m.__name__]
+    saved = [(m, dict(vars(m))) for m in mods] + [(c, dict(vars(c))) for c in classes]
+    fn = torch.nn.functional.cross_entropy
+    try:
+        yield
+    finally:
+        torch.nn.functional.cross_entropy = fn
+        for owner, before in saved:
+            now = vars(owner)
+            for key in [k for k in now if k not in before]:
+                delattr(owner, key)
+            for key, value in before.items():
+                if key not in ("__dict__", "__weakref__") and now.get(key, _MISSING) is not value:
+                    setattr(owner, key, value)
+
+
+_MISSING = object()
 
 
 PARTS = ("norms", "adapter", "attention", "mlp", "projector", "other")
@@ -211,6 +255,11 @@ def time_train_step(case: ModelCase, provider: str, device: torch.device, steps:
                     warmup: int = 3) -> dict:
     """{ms per step (median), tokens_per_s, peak_mem_bytes, saved (bytes kept for backward, by part:
     :func:`saved_activation_bytes`), trainable}."""
+    with restored_globals(provider):
+        return _time_train_step(case, provider, device, steps, warmup)
+
+
+def _time_train_step(case: ModelCase, provider: str, device: torch.device, steps: int, warmup: int) -> dict:
     torch.manual_seed(0)
     model = build_model(case, device)
     prepare(model, provider, case.tuning)
