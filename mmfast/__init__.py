@@ -8,6 +8,7 @@ from .ops.adapter import mma_adapter
 from .ops.backend import use_backend
 from .ops.loss import linear_cross_entropy
 from .ops.norm import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
+from .ops.swiglu import swiglu
 from .patching import PatchReport, disabled
 from .tuning import load_trainable, save_trainable
 from .tuning.mma import MMAOptions
@@ -29,4 +30,5 @@ __all__ = [
     "mma_adapter",
     "rms_norm",
     "rms_norm_reference",
+    "swiglu",
 ]

@@ -12,6 +12,7 @@ from torch import nn
 from .ops.backend import requested_backend
 from .patching import PatchReport, patch_norms, unpatch_norms
 from .patching.loss import patch_loss, unpatch_loss
+from .patching.mlp import patch_mlps, unpatch_mlps
 from .tuning import LN_RECIPES, apply_ln_recipe, remove_tuning_hooks
 from .tuning.mma import MMAOptions, insert_mma, remove_mma
 
@@ -67,6 +68,7 @@ def patch(
     master_weights: bool = True,
     mma: Optional[MMAOptions] = None,
     fused_loss: bool = True,
+    fused_mlp: bool = True,
     verbose: bool = True,
 ) -> PatchReport:
     """Swap mmfast's fused kernels into ``model``'s norm modules and, with ``tuning``, apply a recipe.
@@ -77,7 +79,9 @@ def patch(
     ``mma`` options; METHODS.md). ``final_norm`` adds the LLM's final norm to a LayerNorm recipe;
     ``master_weights`` keeps trainable norm weights in fp32. ``fused_loss`` computes a causal LM's
     training loss without materialising the logits (LLaMA / LLaVA; :mod:`mmfast.patching.loss`): a
-    forward with ``labels`` under autograd then returns ``logits=None``. Returns a :class:`PatchReport`; with
+    forward with ``labels`` under autograd then returns ``logits=None``. ``fused_mlp`` fuses the SwiGLU
+    gate of LLaMA-style MLPs (:func:`mmfast.swiglu`: it keeps two of the three gate activations the
+    unfused MLP keeps for backward). Returns a :class:`PatchReport`; with
     ``verbose`` its summary and trainable-parameter line are logged once, on rank 0.
     """
     if tuning not in TUNINGS:
@@ -85,6 +89,11 @@ def patch(
     if mma is not None and tuning != "mma":
         raise ValueError("mma options need tuning='mma'")
     report = patch_norms(model, PatchReport(backend=requested_backend(), tuning=tuning))
+    if fused_mlp:
+        report.mlps = []
+        patch_mlps(model, report)
+    else:
+        unpatch_mlps(model)
     if tuning == "mma":
         insert_mma(model, mma)
     elif tuning is not None:
@@ -113,4 +122,4 @@ def unpatch(model: nn.Module) -> int:
     Other parameters keep their current values, dtypes and ``requires_grad``. Returns the number of
     modules restored or removed."""
     remove_tuning_hooks(model)
-    return unpatch_loss(model) + remove_mma(model) + unpatch_norms(model)
+    return unpatch_loss(model) + remove_mma(model) + unpatch_mlps(model) + unpatch_norms(model)

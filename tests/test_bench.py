@@ -13,7 +13,8 @@ import torch
 from mmfast.bench import adapter as adapter_bench
 from mmfast.bench import norm as norm_bench
 from mmfast.bench.__main__ import main
-from mmfast.bench.cases import AdapterCase, NormCase
+from mmfast.bench import swiglu as swiglu_bench
+from mmfast.bench.cases import AdapterCase, NormCase, SwiGLUCase
 
 FIELDS = {"op", "provider", "direction", "dtype", "M", "N", "ms", "gbps", "frac_of_copy", "peak_mem_bytes",
           "device", "torch", "triton", "commit"}
@@ -28,7 +29,7 @@ def test_bench_quick_run(tmp_path, capsys):
     records = data["records"]
     kernel = [r for r in records if r["direction"] != "train-step"]
     model = [r for r in records if r["direction"] == "train-step"]
-    assert {r["op"] for r in kernel} == {"rms_norm", "rms_norm+residual", "layer_norm", "mma_adapter"}
+    assert {r["op"] for r in kernel} == {"rms_norm", "rms_norm+residual", "layer_norm", "mma_adapter", "swiglu"}
     assert {r["provider"] for r in kernel} >= {"hf-eager", "torch-native", "torch.compile", "lavin-eager"}
     assert any(r["provider"].startswith("mmfast-") for r in kernel)
     assert {r["direction"] for r in kernel} == {"fwd", "bwd", "fwd+bwd"}
@@ -57,22 +58,25 @@ def test_byte_model():
     assert r.bytes_moved("fwd+bwd") == r.bytes_moved("fwd") + 4 * 4 * 10 * 100
     a = AdapterCase(2, 5, 64, torch.bfloat16)
     assert a.bytes_moved("fwd") == 2 * 2 * 10 * 64 and a.bytes_moved("bwd") == 3 * 2 * 10 * 64
+    s = SwiGLUCase(10, 64, torch.bfloat16)
+    assert s.bytes_moved("fwd") == 3 * 2 * 10 * 64 and s.bytes_moved("bwd") == 5 * 2 * 10 * 64
 
 
 @pytest.mark.parametrize("case", [NormCase("rms_norm", 12, 96, torch.float32, residual=True),
                                   NormCase("layer_norm", 12, 96, torch.float32),
-                                  AdapterCase(2, 6, 96, torch.float32)], ids=lambda c: c.name)
+                                  AdapterCase(2, 6, 96, torch.float32), SwiGLUCase(12, 96, torch.float32)],
+                         ids=lambda c: c.name)
 def test_providers_compute_the_same_function(case, device):
     """Every provider times the same computation (same parameters, same inputs): in fp32 they differ
     only by summation order."""
-    bench = adapter_bench if isinstance(case, AdapterCase) else norm_bench
+    bench = {AdapterCase: adapter_bench, SwiGLUCase: swiglu_bench}.get(type(case), norm_bench)
     outs = {}
     for name in bench.providers(torch.device(device)):
         torch.manual_seed(0)
         fn, _ = bench.build_provider(name, case, torch.device(device))
         torch.manual_seed(1)
-        if isinstance(case, AdapterCase):
-            inputs = adapter_bench.make_inputs(case, torch.device(device))
+        if isinstance(case, (AdapterCase, SwiGLUCase)):
+            inputs = bench.make_inputs(case, torch.device(device))
         else:
             x = torch.randn(case.M, case.N, device=device)
             inputs = (x, torch.randn_like(x) if case.residual else None)
@@ -141,8 +145,10 @@ def test_saved_activation_bytes_counts_what_autograd_keeps():
 
 def test_mmfast_norms_save_less_than_hf_eager():
     """LayerNorm tuning on a tiny LLaVA: HF's eager RMSNorm keeps fp32 copies for backward, mmfast's keeps
-    the input and one fp32 statistic per row; the fused LM-head loss keeps the labelled rows' logit
-    gradient in bf16 instead of every row's fp32 log-softmax; nothing else in the step changes."""
+    the input and one fp32 statistic per row; the fused SwiGLU gate keeps gate and up, not silu(gate)
+    too (two thirds of the MLP's bytes: its projections are frozen and keep nothing); the fused LM-head
+    loss keeps the labelled rows' logit gradient in bf16 instead of every row's fp32 log-softmax;
+    nothing else in the step changes."""
     from mmfast.bench import model as model_bench
 
     case = model_bench.tiny("layernorm")
@@ -155,7 +161,8 @@ def test_mmfast_norms_save_less_than_hf_eager():
         saved[prov] = model_bench.saved_activation_bytes(m, lambda: m(**batch).loss)
     hf, mm, full = saved["hf-eager"], saved["mmfast-noloss"], saved["mmfast"]
     assert mm["norms"] < hf["norms"], (mm, hf)
-    for part in ("attention", "mlp", "projector", "other"):
+    assert 3 * mm["mlp"] == 2 * hf["mlp"] > 0, (mm, hf)
+    for part in ("attention", "projector", "other"):
         assert mm[part] == hf[part], (part, mm, hf)
     assert full["other"] < mm["other"], (full, mm)  # the loss runs outside any part's module
     for part in ("norms", "attention", "mlp", "projector"):

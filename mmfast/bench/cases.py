@@ -69,3 +69,26 @@ class AdapterCase:
         """fwd: read x, write y; bwd: read x and dy, write dx."""
         unit = self.M * self.D * _elem(self.dtype)
         return {"fwd": 2 * unit, "bwd": 3 * unit, "fwd+bwd": 5 * unit}[direction]
+
+
+@dataclasses.dataclass(frozen=True)
+class SwiGLUCase:
+    """The SwiGLU gate of a LLaMA MLP on gate and up [M, I] (M tokens, I = intermediate_size)."""
+
+    M: int
+    I: int  # noqa: E741 - the MLP's intermediate width, as in the papers
+    dtype: torch.dtype
+    op: str = "swiglu"
+
+    @property
+    def name(self) -> str:
+        return self.op
+
+    @property
+    def N(self) -> int:
+        return self.I
+
+    def bytes_moved(self, direction: str) -> int:
+        """fwd: read gate and up, write h; bwd: read dh, gate and up, write dgate and dup."""
+        unit = self.M * self.I * _elem(self.dtype)
+        return {"fwd": 3 * unit, "bwd": 5 * unit, "fwd+bwd": 8 * unit}[direction]

@@ -6,8 +6,8 @@ Providers:
 * ``hf-eager``: transformers' own forwards. The same parameters train; LayerNorm-tuning norms stay in
   the model dtype (as PEFT's LN tuning keeps them: HF's RMSNorm cannot take fp32 weights in a bf16
   model), MMA adapters run as a LaVIN-style PyTorch composition;
-* ``mmfast``: ``mmfast.patch(model, tuning=...)`` (fused norms and adapter, fp32 master weights, the
-  fused LM-head loss);
+* ``mmfast``: ``mmfast.patch(model, tuning=...)`` (fused norms, adapter and SwiGLU gate, fp32 master
+  weights, the fused LM-head loss);
 * ``mmfast-noloss``: the same with ``fused_loss=False``, so the loss's share of the difference shows;
 * ``liger``: what a Liger-Kernel user runs: ``apply_liger_kernel_to_llava(model=model)`` with its
   defaults (on the LLaMA: RoPE, RMSNorm, SwiGLU MLP and the fused linear cross-entropy; Liger has no
@@ -134,7 +134,7 @@ def prepare(model: nn.Module, provider: str, tuning: str) -> None:
     if provider.startswith("liger") and tuning == "mma":
         raise ValueError("Liger has no MMA adapter")
     # hf-eager and liger*: the recipe's parameter selection, then the original forwards back
-    mmfast.patch(model, tuning=tuning, master_weights=False, fused_loss=False, verbose=False)
+    mmfast.patch(model, tuning=tuning, master_weights=False, fused_loss=False, fused_mlp=False, verbose=False)
     unpatch_norms(model)
     for m in model.modules():
         if isinstance(m, MMAdapter):

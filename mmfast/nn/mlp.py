@@ -1,0 +1,16 @@
+"""Fused forwards for MLP modules, written against the module's own submodules.
+
+Bound onto instances by :mod:`mmfast.patching.mlp`; the projections stay the module's own (plain
+``nn.Linear``, PEFT's LoRA wrappers, quantised linears), only the gate between them is fused.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..ops.swiglu import swiglu
+
+
+def llama_mlp_forward(module: nn.Module, x: Tensor) -> Tensor:
+    """``LlamaMLP.forward`` with a SiLU ``act_fn``: ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
+    return module.down_proj(swiglu(module.gate_proj(x), module.up_proj(x)))

@@ -1,0 +1,107 @@
+"""The fused SwiGLU gate in patched models (mmfast.patching.mlp): which MLPs take it, accuracy at model
+level (rule: model_accuracy.py), LoRA on the projections, opt-out, unpatch, disable, foreign patches."""
+
+import copy
+import functools
+
+import pytest
+import torch
+
+import mmfast
+from model_accuracy import assert_model_accurate, double_inputs, run_model
+from tiny_models import batch, build, llama_config
+
+
+def _llama(seed, dtype=torch.float32, **cfg):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(llama_config(**cfg)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_llama_mlps_take_the_fused_gate(dtype, seed):
+    model = build("llama", seed, dtype=dtype)
+    ref64 = run_model(copy.deepcopy(model).double(), double_inputs(batch("llama", seed)))
+    inputs = batch("llama", seed)
+    lowp = run_model(model, inputs)
+    report = mmfast.patch(model, fused_loss=False, verbose=False)
+    assert report.mlps == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert "fused SwiGLU: 2 MLPs" in report.summary() and "layers.*.mlp" in str(report)
+    assert "mmfast=swiglu" in repr(model.model.layers[0].mlp)
+    assert not report.skipped
+    assert_model_accurate(run_model(model, inputs), lowp, ref64, seed)
+
+
+def test_llava_language_model_mlps(seed):
+    report = mmfast.patch(build("llava", seed), verbose=False)
+    assert report.mlps == [f"model.language_model.layers.{i}.mlp" for i in range(2)]  # CLIP's MLPs are not SwiGLU
+
+
+def test_lora_on_the_projections(seed):
+    """LoRA on gate / up / down: the patched MLP calls the module's own (wrapped) projections, so the
+    adapters train; gradients match the unpatched model by the accuracy rule."""
+    from peft import LoraConfig, get_peft_model
+
+    ref = get_peft_model(build("llama", seed), LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"],
+                                                          lora_dropout=0.0))
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    ours = copy.deepcopy(ref)
+    report = mmfast.patch(ours, fused_loss=False, verbose=False)
+    assert report.mlps == [f"base_model.model.model.layers.{i}.mlp" for i in range(2)]
+    inputs = batch("llama", seed)
+    lowp = run_model(ref, inputs)
+    ref64 = run_model(copy.deepcopy(ref).double(), double_inputs(inputs))
+    got = run_model(ours, inputs)
+    assert got[2].keys() == lowp[2].keys() and any("mlp.down_proj.lora_A" in n for n in got[2])
+    assert_model_accurate(got, lowp, ref64, seed)
+
+
+def test_other_activation_is_skipped_with_the_reason(seed):
+    model = _llama(seed, hidden_act="gelu")
+    report = mmfast.patch(model, verbose=False)
+    assert report.mlps == []
+    reasons = dict(report.skipped)
+    assert "not SiLU" in reasons["model.layers.0.mlp"] and "forward" not in vars(model.model.layers[0].mlp)
+
+
+def test_swish_config_is_silu(seed):
+    assert mmfast.patch(_llama(seed, hidden_act="swish"), verbose=False).mlps == ["model.layers.0.mlp",
+                                                                                   "model.layers.1.mlp"]
+
+
+def test_opt_out_unpatch_and_disable(seed):
+    model = build("llama", seed)
+    inputs = {"input_ids": batch("llama", seed)["input_ids"]}
+    with torch.no_grad():
+        want = model(**inputs).logits
+    mlp = model.model.layers[0].mlp
+
+    report = mmfast.patch(model, fused_mlp=False, verbose=False)
+    assert report.mlps is None and "fused SwiGLU: off" in report.summary() and "forward" not in vars(mlp)
+
+    assert mmfast.patch(model, verbose=False).mlps and "forward" in vars(mlp)
+    with mmfast.disabled(), torch.no_grad():
+        assert torch.equal(model(**inputs).logits, want)  # the original forwards, bit for bit
+    assert mmfast.patch(model, verbose=False).mlps == ["model.layers.0.mlp", "model.layers.1.mlp"]  # idempotent
+
+    mmfast.patch(model, fused_mlp=False, verbose=False)  # a later call without it takes it out
+    assert "forward" not in vars(mlp)
+    mmfast.patch(model, verbose=False)
+    mmfast.unpatch(model)
+    assert all("forward" not in vars(m) and "extra_repr" not in vars(m) for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, want)
+
+
+def test_foreign_forward_is_left_alone(seed):
+    model = build("llama", seed)
+    mlp = model.model.layers[1].mlp
+    mlp.forward = functools.partial(type(mlp).forward, mlp)
+    theirs = mlp.forward
+    report = mmfast.patch(model, verbose=False)
+    assert report.mlps == ["model.layers.0.mlp"]
+    assert "already replaced" in dict(report.skipped)["model.layers.1.mlp"] and mlp.forward is theirs

@@ -1,0 +1,166 @@
+"""The fused SwiGLU gate against the float64 reference (accuracy rule: accuracy.py).
+
+PyTorch's own low-precision implementation is what ``LlamaMLP`` computes: ``silu(gate) * up`` in the
+activation dtype (two roundings), differentiated by autograd. Natural scales: the largest magnitude of
+each output or gradient's terms (``|silu(g)| |u|`` for the output; the two terms of dg, and
+``|dh| |silu(g)|`` for du). Elementwise, so bf16 runs through the interpreter too.
+"""
+
+import pytest
+import torch
+
+import mmfast
+from accuracy import assert_accurate
+from dispatch import dispatched_ops
+from mmfast.ops.backend import EAGER_ENV, ENV_VAR
+from mmfast.ops.swiglu import swiglu, swiglu_reference, swiglu_unfused
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _grads(fn, g, u, dh):
+    g, u = g.detach().clone().requires_grad_(), u.detach().clone().requires_grad_()
+    h = fn(g, u)
+    return (h, *torch.autograd.grad(h, (g, u), dh.to(h.dtype)))
+
+
+def check_swiglu(g, u, seed, fn=swiglu):
+    """Output, dgate and dup of ``fn`` against the float64 reference, by the accuracy rule."""
+    dh = torch.randn_like(g)
+    ours = _grads(fn, g, u, dh)
+    lowp = _grads(swiglu_unfused, g, u, dh)
+    ref = _grads(swiglu_reference, g.double(), u.double(), dh.double())
+    g64, u64, dh64 = g.double(), u.double(), dh.double()
+    s = torch.sigmoid(g64)
+    mags = ((g64 * s).abs() * u64.abs(), (dh64 * u64 * s).abs() * (1 + (g64 * (1 - s)).abs()),
+            dh64.abs() * (g64 * s).abs())
+    scales = [m.max().item() if m.numel() else 0.0 for m in mags]
+    for name, a, b, r, sc, like in zip(("h", "dgate", "dup"), ours, lowp, ref, scales, (g, g, u)):
+        assert a.dtype == like.dtype and a.shape == like.shape, name
+        assert_accurate(name, a, b, r, sc, seed)
+
+
+SHAPES = [(3, 5, 200), (7, 2500), (4, 17), (1, 1), (2, 0, 64), (0, 8)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_matches_reference(shape, dtype, device, seed):
+    g = (2 * torch.randn(shape, device=device)).to(dtype)
+    u = torch.randn(shape, device=device).to(dtype)
+    check_swiglu(g, u, seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_large_gate_values(dtype, device, seed):
+    """Gates far into both tails (exp overflows in fp32 for the negative ones): finite and accurate."""
+    g = torch.linspace(-100, 100, 403, device=device).to(dtype).view(13, 31)
+    check_swiglu(g, torch.randn_like(g), seed)
+
+
+def test_row_strided_views_without_copy(device, seed):
+    """Gate and up sliced from one fused [M, 2I] projection (row stride 2I) run as they are; a transposed
+    (column-strided) input runs through a contiguous copy. Both accurate."""
+    gu = torch.randn(2, 9, 2 * 300, device=device).to(torch.bfloat16)
+    g, u = gu[..., :300], gu[..., 300:]
+    check_swiglu(g, u, seed)
+    gt = torch.randn(40, 6, device=device).to(torch.float16).t()
+    check_swiglu(gt, torch.randn(6, 40, device=device).to(torch.float16), seed)
+
+
+def test_reference_backend(monkeypatch, device, seed):
+    monkeypatch.setenv(ENV_VAR, "reference")
+    g = torch.randn(5, 130, device=device).to(torch.bfloat16)
+    check_swiglu(g, torch.randn_like(g), seed)
+
+
+def test_keeps_only_gate_and_up(device):
+    """Saved for backward: the two inputs themselves (no copies), where the unfused gate keeps a third
+    tensor (silu(gate)) of the same size."""
+    def saved(fn):
+        g = torch.randn(4, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+        u = torch.randn(4, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+        seen = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t) or t, lambda t: t):
+            fn(g, u)
+        return seen, (g, u)
+
+    kept, (g, u) = saved(swiglu)
+    assert len(kept) == 2 and {t.data_ptr() for t in kept} == {g.data_ptr(), u.data_ptr()}
+    unfused, _ = saved(swiglu_unfused)
+    assert sum(t.numel() for t in unfused) == 3 * g.numel()
+
+
+def test_inputs_unchanged_by_backward(device):
+    """A second backward through a retained graph gives the same gradients (the kernel never writes g, u)."""
+    g = torch.randn(6, 100, device=device, requires_grad=True)
+    u = torch.randn(6, 100, device=device, requires_grad=True)
+    h = swiglu(g, u)
+    dh = torch.randn_like(h)
+    first = torch.autograd.grad(h, (g, u), dh, retain_graph=True)
+    second = torch.autograd.grad(h, (g, u), dh)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_deterministic(device):
+    g = torch.randn(33, 700, device=device).to(torch.bfloat16)
+    u = torch.randn_like(g)
+    dh = torch.randn_like(g)
+    a, b = _grads(swiglu, g, u, dh), _grads(swiglu, g, u, dh)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+BAD = {
+    "int": (TypeError, "gate", lambda g, u: (g.long(), u)),
+    "dtype-mismatch": (TypeError, "up", lambda g, u: (g, u.double())),
+    "shape": (ValueError, "shape", lambda g, u: (g, u[:, :3])),
+    "device": (ValueError, "device|on", lambda g, u: (g, u.to("meta"))),
+    "not-tensor": (TypeError, "up", lambda g, u: (g, 1.0)),
+    "scalar": (ValueError, "dimension", lambda g, u: (g[0, 0], u[0, 0])),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input(case, device):
+    exc, word, make = BAD[case]
+    g, u = torch.randn(2, 8, device=device), torch.randn(2, 8, device=device)
+    with pytest.raises(exc, match=word):
+        swiglu(*make(g, u))
+
+
+def test_opcheck(device):
+    g = torch.randn(3, 4, 40, device=device, requires_grad=True)
+    u = torch.randn(3, 4, 40, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.mmfast.swiglu_fwd, (g, u))
+    torch.library.opcheck(torch.ops.mmfast.swiglu_bwd, (torch.randn_like(g), g.detach(), u.detach()))
+
+
+def test_compile_fullgraph(device):
+    torch._dynamo.reset()
+    g = torch.randn(5, 48, device=device, requires_grad=True)
+    u = torch.randn(5, 48, device=device, requires_grad=True)
+    h = torch.compile(mmfast.swiglu, backend="aot_eager", fullgraph=True)(g, u)
+    torch.testing.assert_close(h, swiglu(g, u))
+    got = torch.autograd.grad(h.sum(), (g, u))
+    want = torch.autograd.grad(swiglu(g, u).sum(), (g, u))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_eager_fast_path_equals_custom_op(monkeypatch, device):
+    g = torch.randn(4, 300, device=device).to(torch.bfloat16).requires_grad_()
+    u = torch.randn(4, 300, device=device).to(torch.bfloat16).requires_grad_()
+    dh = torch.randn_like(g)
+    results = {}
+    for path in ("fast", "ops"):
+        monkeypatch.setenv(EAGER_ENV, "ops" if path == "ops" else "")
+        h = swiglu(g, u)
+        assert (h.grad_fn.name() == "_SwiGLUFnBackward") == (path == "fast"), h.grad_fn.name()
+        results[path] = [h, *torch.autograd.grad(h, (g, u), dh)]
+    for a, b in zip(results["fast"], results["ops"]):
+        assert torch.equal(a, b)
+    monkeypatch.setenv(EAGER_ENV, "")
+    seen = dispatched_ops(lambda: swiglu(g, u))
+    assert any("mmfast.swiglu_fwd" in s for s in seen), seen
