@@ -195,7 +195,8 @@ def _model_record(case, provider: str, device: torch.device, env: dict, steps: i
         print(f"[mmfast.bench] {provider} failed on {case.name}: {msg}", file=sys.stderr)
         return record(case, provider, "train-step", None, None, None, env, error=msg, tuning=case.tuning)
     return record(case, provider, "train-step", res["ms"], None, res["peak_mem_bytes"], env,
-                  tokens_per_s=res["tokens_per_s"], trainable=res["trainable"], tuning=case.tuning,
+                  host_ms=res["host_ms"], tokens_per_s=res["tokens_per_s"], trainable=res["trainable"],
+                  tuning=case.tuning,
                   llm_layers=case.llm_layers, saved_bytes=res["saved"]["total"],
                   **{f"saved_bytes_{k}": v for k, v in res["saved"].items() if k != "total"})
 

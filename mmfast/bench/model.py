@@ -253,8 +253,8 @@ def saved_activation_bytes(model: nn.Module, forward, part=None) -> dict[str, in
 
 def time_train_step(case: ModelCase, provider: str, device: torch.device, steps: int = 10,
                     warmup: int = 3) -> dict:
-    """{ms per step (median), tokens_per_s, peak_mem_bytes, saved (bytes kept for backward, by part:
-    :func:`saved_activation_bytes`), trainable}."""
+    """{ms per step (median), host_ms (GPU: median time to issue a step), tokens_per_s, peak_mem_bytes,
+    saved (bytes kept for backward, by part: :func:`saved_activation_bytes`), trainable}."""
     with restored_globals(provider):
         return _time_train_step(case, provider, device, steps, warmup)
 
@@ -281,23 +281,28 @@ def _time_train_step(case: ModelCase, provider: str, device: torch.device, steps
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+        host = []
         for _ in range(steps):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0 = time.perf_counter()
             start.record()
             step()
             end.record()
+            host.append((time.perf_counter() - t0) * 1e3)
             end.synchronize()
             times.append(start.elapsed_time(end))
         peak = int(torch.cuda.max_memory_allocated(device))
+        host_ms = sorted(host)[len(host) // 2]
     else:
         for _ in range(steps):
             t0 = time.perf_counter()
             step()
             times.append((time.perf_counter() - t0) * 1e3)
-        peak = None
+        peak = host_ms = None
     times.sort()
     ms = times[len(times) // 2]
-    out = {"ms": ms, "tokens_per_s": case.M / (ms * 1e-3), "peak_mem_bytes": peak, "saved": saved,
+    out = {"ms": ms, "host_ms": host_ms, "tokens_per_s": case.M / (ms * 1e-3), "peak_mem_bytes": peak,
+           "saved": saved,
            "trainable": sum(p.numel() for p in params)}
     del model, opt, batch
     if device.type == "cuda":

@@ -68,7 +68,9 @@ def model_rows(records: list[dict]) -> list[list[str]]:
         if _is_model(r):
             peak, saved = r.get("peak_mem_bytes"), r.get("saved_bytes")
             parts = {k[len("saved_bytes_"):]: v for k, v in r.items() if k.startswith("saved_bytes_")}
+            host = r.get("host_ms")
             rows.append([r["op"], r["provider"], r["dtype"], str(r["M"]), _ms(r["ms"]),
+                         "" if host is None else _ms(host),
                          "" if r.get("tokens_per_s") is None else f"{r['tokens_per_s']:.0f}",
                          "" if peak is None else f"{peak / 2**30:.2f}",
                          "" if saved is None else _mib(saved),
@@ -77,11 +79,13 @@ def model_rows(records: list[dict]) -> list[list[str]]:
     return rows
 
 
-MODEL_HEAD = ["case", "provider", "dtype", "tokens/step", "ms/step", "tokens/s", "peak GiB", "saved MiB",
+MODEL_HEAD = ["case", "provider", "dtype", "tokens/step", "ms/step", "host ms", "tokens/s", "peak GiB", "saved MiB",
               "saved MiB by part", "trainable", "error"]
 MODEL_NOTE = ("saved MiB: bytes autograd keeps for backward in one step (activations; weights, gradients and "
               "optimizer state excluded), by the part of the model that saved them; counted the same way on "
-              "CPU and GPU. peak GiB: CUDA's peak allocated over the timed steps (GPU only).")
+              "CPU and GPU. peak GiB: CUDA's peak allocated over the timed steps (GPU only). host ms: how long the "
+              "Python side took to issue the step (GPU only): close to ms/step, the step waited on the host "
+              "(Python and launch overhead, or a host sync) rather than on the GPU.")
 
 
 def _mib(nbytes: int) -> str:

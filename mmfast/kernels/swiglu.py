@@ -26,9 +26,9 @@ from ._device import interpreting
 MAX_BLOCK = 2048
 
 
-def launch(I: int) -> tuple[int, int]:
-    """(column block, warps) of both kernels for rows of ``I`` elements."""
-    block = min(MAX_BLOCK, max(16, triton.next_power_of_2(I)))
+def launch(n: int) -> tuple[int, int]:
+    """(column block, warps) of both kernels for rows of ``n`` elements."""
+    block = min(MAX_BLOCK, max(16, triton.next_power_of_2(n)))
     return block, (8 if block >= 2048 else 4)
 
 
@@ -40,10 +40,10 @@ def _sigmoid(g):
 
 
 @triton.jit
-def _swiglu_fwd_kernel(G, U, H, I, stride_g, stride_u, stride_h, BLOCK: tl.constexpr, SOFT_RNE: tl.constexpr):
+def _swiglu_fwd_kernel(G, U, H, n, stride_g, stride_u, stride_h, BLOCK: tl.constexpr, SOFT_RNE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < I
+    mask = cols < n
     g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
     h = g * _sigmoid(g) * u
@@ -51,11 +51,11 @@ def _swiglu_fwd_kernel(G, U, H, I, stride_g, stride_u, stride_h, BLOCK: tl.const
 
 
 @triton.jit
-def _swiglu_bwd_kernel(DH, G, U, DG, DU, I, stride_dh, stride_g, stride_u, stride_dg, stride_du,
+def _swiglu_bwd_kernel(DH, G, U, DG, DU, n, stride_dh, stride_g, stride_u, stride_dg, stride_du,
                        BLOCK: tl.constexpr, SOFT_RNE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < I
+    mask = cols < n
     dh = tl.load(DH + row * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
@@ -66,29 +66,29 @@ def _swiglu_bwd_kernel(DH, G, U, DG, DU, I, stride_dh, stride_g, stride_u, strid
     tl.store(DU + row * stride_du + cols, _round(du, DU.dtype.element_ty, SOFT_RNE), mask=mask)
 
 
-def _grid(M: int, I: int, block: int) -> tuple[int, int]:
-    return (M, triton.cdiv(I, block))
+def _grid(M: int, n: int, block: int) -> tuple[int, int]:
+    return (M, triton.cdiv(n, block))
 
 
 def swiglu_fwd(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """``silu(g) * u`` of two ``[M, I]`` row views (last dimension contiguous), as a new contiguous tensor."""
-    M, I = g.shape
-    h = torch.empty((M, I), dtype=g.dtype, device=g.device)
-    if M and I:
-        block, warps = launch(I)
-        _swiglu_fwd_kernel[_grid(M, I, block)](g, u, h, I, g.stride(0), u.stride(0), h.stride(0),
+    """``silu(g) * u`` of two ``[M, n]`` row views (last dimension contiguous), as a new contiguous tensor."""
+    M, n = g.shape
+    h = torch.empty((M, n), dtype=g.dtype, device=g.device)
+    if M and n:
+        block, warps = launch(n)
+        _swiglu_fwd_kernel[_grid(M, n, block)](g, u, h, n, g.stride(0), u.stride(0), h.stride(0),
                                                BLOCK=block, SOFT_RNE=interpreting(), num_warps=warps)
     return h
 
 
 def swiglu_bwd(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dg, du)`` as new contiguous ``[M, I]`` tensors in g's dtype."""
-    M, I = g.shape
-    dg = torch.empty((M, I), dtype=g.dtype, device=g.device)
-    du = torch.empty((M, I), dtype=u.dtype, device=u.device)
-    if M and I:
-        block, warps = launch(I)
-        _swiglu_bwd_kernel[_grid(M, I, block)](dh, g, u, dg, du, I, dh.stride(0), g.stride(0), u.stride(0),
+    """``(dg, du)`` as new contiguous ``[M, n]`` tensors in g's dtype."""
+    M, n = g.shape
+    dg = torch.empty((M, n), dtype=g.dtype, device=g.device)
+    du = torch.empty((M, n), dtype=u.dtype, device=u.device)
+    if M and n:
+        block, warps = launch(n)
+        _swiglu_bwd_kernel[_grid(M, n, block)](dh, g, u, dg, du, n, dh.stride(0), g.stride(0), u.stride(0),
                                                dg.stride(0), du.stride(0), BLOCK=block, SOFT_RNE=interpreting(),
                                                num_warps=warps)
     return dg, du
