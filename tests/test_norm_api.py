@@ -257,6 +257,29 @@ def test_eager_fast_path_equals_custom_ops(kind, residual, monkeypatch, device):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("kind", ["rms", "ln", "swiglu"])
+def test_no_autograd_node_when_nothing_records(kind, monkeypatch, device):
+    """Under no_grad, or with no input requiring grad (a frozen tower), the eager path runs the forward
+    kernel alone: the same output, no autograd node, nothing saved."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 300, device=device, dtype=torch.bfloat16)
+    w = torch.randn(300, device=device)
+    b = torch.randn(300, device=device)
+    r = torch.randn_like(x)
+    calls = {"rms": lambda x: mmfast.rms_norm(x, w, residual=r), "ln": lambda x: mmfast.layer_norm(x, w, b, residual=r),
+             "swiglu": lambda x: (mmfast.swiglu(x, r), x)}
+    want = calls[kind](x.detach().requires_grad_())  # the recorded path
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        frozen = calls[kind](x)
+        with torch.no_grad():
+            nograd = calls[kind](x.detach().requires_grad_())
+    assert not saved
+    for got in (frozen, nograd):
+        for a, e in zip(got, want):
+            assert a.grad_fn is None and torch.equal(a, e.detach())
+
+
 def test_fast_path_only_in_plain_eager(device):
     """Modes, subclasses and tracing see the custom op (so they can intercept it)."""
     x = torch.randn(4, 64, device=device, requires_grad=True)

@@ -40,13 +40,20 @@ def _sigmoid(g):
 
 
 @triton.jit
+def _silu(g):
+    """g * sigmoid(g) with one division (g / (1 + exp(-g)) for g >= 0, as PyTorch computes it)."""
+    e = tl.exp(-tl.abs(g))
+    return tl.where(g >= 0, g, g * e) / (1.0 + e)
+
+
+@triton.jit
 def _swiglu_fwd_kernel(G, U, H, n, stride_g, stride_u, stride_h, BLOCK: tl.constexpr, SOFT_RNE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n
     g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
-    h = g * _sigmoid(g) * u
+    h = _silu(g) * u
     tl.store(H + row * stride_h + cols, _round(h, H.dtype.element_ty, SOFT_RNE), mask=mask)
 
 

@@ -177,3 +177,9 @@ def plain_eager(*tensors: Optional[Tensor]) -> bool:
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return False
     return all(t is None or type(t) is Tensor or type(t) is torch.nn.Parameter for t in tensors)
+
+
+def records_grad(*tensors: Optional[Tensor]) -> bool:
+    """Whether autograd would record a call with these tensors (grad mode on and one of them requires
+    grad). When it would not, the eager fast path runs the forward alone: no autograd node, nothing saved."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

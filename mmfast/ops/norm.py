@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backend import KernelKey, plain_eager, resolve_backend
+from .backend import KernelKey, plain_eager, records_grad, resolve_backend
 
 #: Widest normalised dimension supported.
 MAX_N = 65536
@@ -409,7 +409,10 @@ def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float = 1e-6, residual: O
     """
     check_norm_inputs("rms_norm", x, weight, None, residual, eps)
     if plain_eager(x, weight, residual):
-        y, h = _RMSNormFn.apply(x, weight, residual, float(eps))
+        if records_grad(x, weight, residual):
+            y, h = _RMSNormFn.apply(x, weight, residual, float(eps))
+        else:  # a frozen tower, evaluation: the forward kernel alone
+            y, h, _, _ = _fwd_eager(x, weight, None, residual, float(eps), rms=True)
     else:
         y, h, _ = torch.ops.mmfast.rms_norm_fwd(x, weight, residual, float(eps))
     return y if residual is None else (y, h)
@@ -424,7 +427,10 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps:
     """
     check_norm_inputs("layer_norm", x, weight, bias, residual, eps)
     if plain_eager(x, weight, bias, residual):
-        y, h = _LayerNormFn.apply(x, weight, bias, residual, float(eps))
+        if records_grad(x, weight, bias, residual):
+            y, h = _LayerNormFn.apply(x, weight, bias, residual, float(eps))
+        else:  # a frozen tower, evaluation: the forward kernel alone
+            y, h, _, _ = _fwd_eager(x, weight, bias, residual, float(eps), rms=False)
     else:
         y, h, _, _ = torch.ops.mmfast.layer_norm_fwd(x, weight, bias, residual, float(eps))
     return y if residual is None else (y, h)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import plain_eager, resolve_backend
+from .backend import plain_eager, records_grad, resolve_backend
 from .norm import ACT_DTYPES
 
 # ---------------------------------------------------------------------------------------------
@@ -159,5 +159,5 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """``silu(gate) * up`` in one pass, keeping only ``gate`` and ``up`` for backward (module docstring)."""
     check_swiglu_inputs(gate, up)
     if plain_eager(gate, up):
-        return _SwiGLUFn.apply(gate, up)
+        return _SwiGLUFn.apply(gate, up) if records_grad(gate, up) else _fwd(gate, up)
     return torch.ops.mmfast.swiglu_fwd(gate, up)
