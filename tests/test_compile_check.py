@@ -15,5 +15,6 @@ def test_triton_kernels_compile_for_sm90():
     assert out.returncode == 0, out.stdout + out.stderr
     assert "FAILED" not in out.stdout
     for kernel in ("_norm_fwd_kernel", "_norm_bwd_kernel", "_norm_fwd_wide_kernel", "_norm_bwd_wide_kernel",
-                   "_mma_fwd_kernel", "_mma_bwd_rows_kernel", "_mma_bwd_cols_kernel"):
+                   "_mma_fwd_kernel", "_mma_bwd_rows_kernel", "_mma_bwd_cols_kernel", "_swiglu_fwd_kernel",
+                   "_swiglu_bwd_kernel"):
         assert kernel in out.stdout

@@ -105,3 +105,23 @@ def test_foreign_forward_is_left_alone(seed):
     report = mmfast.patch(model, verbose=False)
     assert report.mlps == ["model.layers.0.mlp"]
     assert "already replaced" in dict(report.skipped)["model.layers.1.mlp"] and mlp.forward is theirs
+
+
+def test_projections_in_different_dtypes_meet_in_the_promoted_one(seed):
+    """A gate projection in fp32 beside a bf16 up projection: the product is taken in fp32, as the unfused
+    ``act_fn(gate) * up`` would promote it (not a dtype error)."""
+    from torch import nn
+
+    from mmfast.nn.mlp import llama_mlp_forward
+
+    class Bf16Out(nn.Linear):
+        def forward(self, x):
+            return super().forward(x).bfloat16()
+
+    mlp = nn.Module()
+    mlp.gate_proj, mlp.up_proj, mlp.down_proj = nn.Linear(8, 16), Bf16Out(8, 16), nn.Identity()
+    x = torch.randn(3, 8)
+    got = llama_mlp_forward(mlp, x)
+    g, u = mlp.gate_proj(x), mlp.up_proj(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, torch.nn.functional.silu(g) * u.float())

@@ -145,11 +145,25 @@ def _adapter_variants():
                                     RP=K.hidden_pad(8), BLOCK_M=64), 4
 
 
+def _swiglu_variants():
+    from . import swiglu as K
+
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        for n in (11008, 1000):
+            block, warps = K.launch(n)
+            yield K._swiglu_fwd_kernel, dict(G=Ptr(dt), U=Ptr(dt), H=Ptr(dt), n=n, stride_g=2 * n, stride_u=2 * n,
+                                             stride_h=n, BLOCK=block, SOFT_RNE=False), warps
+            yield K._swiglu_bwd_kernel, dict(DH=Ptr(dt), G=Ptr(dt), U=Ptr(dt), DG=Ptr(dt), DU=Ptr(dt), n=n,
+                                             stride_dh=n, stride_g=2 * n, stride_u=2 * n, stride_dg=n, stride_du=n,
+                                             BLOCK=block, SOFT_RNE=False), warps
+
+
 def variants():
     """(kernel, args, num_warps or compile options) for every specialization checked."""
     yield from _norm_variants()
     yield from _common_variants()
     yield from _adapter_variants()
+    yield from _swiglu_variants()
 
 
 def _cuobjdump() -> str | None:

@@ -6,11 +6,17 @@ Bound onto instances by :mod:`mmfast.patching.mlp`; the projections stay the mod
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from ..ops.swiglu import swiglu
 
 
 def llama_mlp_forward(module: nn.Module, x: Tensor) -> Tensor:
-    """``LlamaMLP.forward`` with a SiLU ``act_fn``: ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
-    return module.down_proj(swiglu(module.gate_proj(x), module.up_proj(x)))
+    """``LlamaMLP.forward`` with a SiLU ``act_fn``: ``down_proj(silu(gate_proj(x)) * up_proj(x))``.
+    Projections that return different dtypes meet in the promoted one, as the unfused product would."""
+    gate, up = module.gate_proj(x), module.up_proj(x)
+    if gate.dtype != up.dtype:
+        dt = torch.promote_types(gate.dtype, up.dtype)
+        gate, up = gate.to(dt), up.to(dt)
+    return module.down_proj(swiglu(gate, up))
