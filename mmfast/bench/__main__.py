@@ -156,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     print(table(records))
     if device.type != "cuda":
         print("\n" + CPU_BANNER)
+    else:
+        from .goals import goal_rows
+
+        print("\ngoals (mmfast/bench/goals.py):")
+        for goal, measured, status in goal_rows(records):
+            print(f"  [{status}] {goal}: {measured}")
     write_json(os.path.join(args.out, "results.json"), meta, records)
     write_csv(os.path.join(args.out, "results.csv"), records)
     plots = write_plots(args.out, meta, records)
