@@ -46,7 +46,8 @@ def _norm_goals(records: list[dict]) -> list[dict]:
             continue
         parts, ok = [], True
         for n in cases:
-            best = max((r for r in rows if r["direction"] == direction and r["N"] == n), key=lambda r: r["frac_of_copy"])
+            best = max((r for r in rows if r["direction"] == direction and r["N"] == n),
+                       key=lambda r: r["frac_of_copy"])
             parts.append(f"N={n}: {best['frac_of_copy']:.0%} ({best['provider'].removeprefix('mmfast-')})")
             ok &= best["frac_of_copy"] >= target
         out.append(_goal(label, ", ".join(parts), ok))
