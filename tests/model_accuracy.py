@@ -50,16 +50,32 @@ def double_inputs(inputs: dict) -> dict:
 
 def assert_model_accurate(ours, lowp, ref, seed: int) -> None:
     """``ours``/``lowp``/``ref``: results of :func:`run_model`."""
-    y1, l1, g1, _ = ours
-    y0, l0, g0, _ = lowp
-    yr, lr, gr, loss_scale = ref
-    assert_accurate("output", y1, y0, yr, yr.abs().max().item(), seed)
-    assert_accurate("loss", l1, l0, lr, loss_scale, seed)
-    assert g1.keys() == g0.keys() == gr.keys(), set(g1) ^ set(gr)
-    for n, g in g1.items():
-        assert g.shape == gr[n].shape and g.dtype == g0[n].dtype and torch.isfinite(g).all(), n
-    flat = lambda gs: torch.cat([gs[n].double().flatten() for n in sorted(gs)])  # noqa: E731
-    f1, f0, fr = flat(g1), flat(g0), flat(gr)
+    assert_model_accurate_over_draws([(ours, lowp, ref)], seed)
+
+
+def assert_model_accurate_over_draws(draws: list, seed: int) -> None:
+    """The rule over several independent draws ``[(ours, lowp, ref)]`` pooled per quantity: the output
+    element-wise, the losses as one vector, the gradients norm-wise over all draws.
+
+    Pool when ours rounds differently from PyTorch (a fused kernel rounding once where PyTorch rounds
+    twice): the loss is one scalar per draw, and in low precision its error is the sum of rounding noise
+    from every layer, so one draw's error is one sample of a wide distribution for either
+    implementation (PyTorch's can be 100x below its typical size by luck). Kernels that round exactly
+    as PyTorch does give identical errors, and one draw is enough for them."""
+    for ours, lowp, ref in draws:
+        g1, g0, gr = ours[2], lowp[2], ref[2]
+        assert g1.keys() == g0.keys() == gr.keys(), set(g1) ^ set(gr)
+        for n, g in g1.items():
+            assert g.shape == gr[n].shape and g.dtype == g0[n].dtype and torch.isfinite(g).all(), n
+    cat = lambda k, which: torch.cat([d[which][k].flatten() for d in draws])  # noqa: E731
+    yr = cat(0, 2)
+    assert_accurate("output", cat(0, 0), cat(0, 1), yr, yr.abs().max().item(), seed)
+    loss_scale = max(d[2][3] for d in draws)
+    assert_accurate("loss", cat(1, 0), cat(1, 1), cat(1, 2), loss_scale, seed)
+    flat = lambda which: torch.cat([d[which][2][n].double().flatten() for d in draws  # noqa: E731
+                                    for n in sorted(d[which][2])])
+    g1 = draws[0][0][2]
+    f1, f0, fr = flat(0), flat(1), flat(2)
     err, err_lowp = (f1 - fr).norm().item(), (f0 - fr).norm().item()
     bound = 2 * err_lowp + torch.finfo(next(iter(g1.values())).dtype).eps * fr.norm().item()
     assert err <= bound, f"gradients: ||error|| {err:.3e} > 2 x PyTorch's {err_lowp:.3e} + eps ||ref|| (seed {seed})"
