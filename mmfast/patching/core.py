@@ -230,11 +230,17 @@ def patch_norms(model: nn.Module, report: Optional[PatchReport] = None) -> Patch
     return report
 
 
-def unpatch_norms(model: nn.Module) -> int:
-    """Restore the original forwards of every patched module; returns how many were restored."""
+def unpatch_where(model: nn.Module, wanted) -> int:
+    """Restore the original forward of every patched module whose record's family satisfies ``wanted``;
+    returns how many were restored."""
     n = 0
     for module in model.modules():
-        if is_patched(module) and module.__dict__[_ATTR].family in FAMILIES:
+        if is_patched(module) and wanted(module.__dict__[_ATTR].family):
             _uninstall(module)
             n += 1
     return n
+
+
+def unpatch_norms(model: nn.Module) -> int:
+    """Restore the original forwards of every patched norm; returns how many were restored."""
+    return unpatch_where(model, lambda fam: fam in FAMILIES)

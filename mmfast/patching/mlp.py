@@ -18,7 +18,7 @@ from typing import Callable, Optional
 from torch import nn
 
 from ..nn.mlp import llama_mlp_forward
-from .core import _ATTR, PatchReport, _foreign_patch, _install, _uninstall, is_patched
+from .core import _ATTR, PatchReport, _foreign_patch, _install, is_patched, unpatch_where
 from .table import _code_key
 
 
@@ -85,9 +85,4 @@ def patch_mlps(model: nn.Module, report: PatchReport) -> PatchReport:
 
 def unpatch_mlps(model: nn.Module) -> int:
     """Restore the original forward of every MLP with the fused gate; returns how many."""
-    n = 0
-    for module in model.modules():
-        if is_patched(module) and module.__dict__[_ATTR].family is SWIGLU:
-            _uninstall(module)
-            n += 1
-    return n
+    return unpatch_where(model, lambda fam: fam is SWIGLU)
