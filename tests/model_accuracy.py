@@ -27,7 +27,17 @@ from tiny_models import first_output
 def run_model(model: nn.Module, inputs: dict):
     """(output, loss, {param name: grad}, the loss's natural scale) of one forward/backward."""
     model.zero_grad(set_to_none=True)
-    out = model(**inputs)
+    if next(model.parameters()).dtype == torch.float64 and "labels" in inputs:
+        # the oracle: HF's causal-LM loss upcasts the logits with .float(), which would round a float64
+        # model's loss (and the logits' gradient) to fp32; take the same loss in float64 instead
+        labels = inputs["labels"]
+        out = model(**{k: v for k, v in inputs.items() if k != "labels"})
+        shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+        logits = out["logits"]
+        out["loss"] = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1),
+                                                        ignore_index=-100)
+    else:
+        out = model(**inputs)
     if out.get("logits") is None and out.get("loss") is not None:
         # the fused LM-head loss returns no logits in a training step: take them from a no-grad call
         out["loss"].backward()
@@ -37,7 +47,8 @@ def run_model(model: nn.Module, inputs: dict):
         return y, out["loss"].detach(), grads, None
     y = first_output(out)
     y.retain_grad()
-    loss = out["loss"] if out.get("loss") is not None else y.float().square().mean()
+    wide = torch.promote_types(y.dtype, torch.float32)  # .float() would round a float64 oracle
+    loss = out["loss"] if out.get("loss") is not None else y.to(wide).square().mean()
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     loss_scale = abs(loss.item()) + (y.grad.abs() * y.detach().abs()).sum().item()

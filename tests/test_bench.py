@@ -181,17 +181,24 @@ def test_liger_case_leaves_transformers_as_it_found_it():
     cls = modeling_llava.LlavaForConditionalGeneration
     before = (modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaRMSNorm, cls.forward,
               torch.nn.functional.cross_entropy)
+    def liger_fn(*a, **k):  # stands for one of Liger's functions
+        return None
+
+    liger_fn.__module__ = "liger_kernel.transformers.fake"
     with model_bench.restored_globals("liger"):  # what Liger's patch functions do
-        modeling_llama.apply_rotary_pos_emb = lambda *a, **k: None
-        modeling_llama.LlamaRMSNorm = torch.nn.LayerNorm
-        modeling_llama.added_by_patch = 1
-        cls.forward = lambda self, **kw: None
-        cls.added_by_patch = 1
-        torch.nn.functional.cross_entropy = lambda *a, **k: None
+        modeling_llama.apply_rotary_pos_emb = liger_fn
+        modeling_llama.LlamaRMSNorm.__name__ = "LigerRMSNorm"
+        modeling_llama.added_by_patch = liger_fn
+        cls.forward = liger_fn
+        cls.added_by_patch = liger_fn
+        torch.nn.functional.cross_entropy = liger_fn
+        cls.some_cache = 1  # not Liger's: left as it is
     after = (modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaRMSNorm, cls.forward,
              torch.nn.functional.cross_entropy)
-    assert after == before
+    assert after == before and modeling_llama.LlamaRMSNorm.__name__ == "LlamaRMSNorm"
     assert not hasattr(modeling_llama, "added_by_patch") and "added_by_patch" not in vars(cls)
+    assert vars(cls)["some_cache"] == 1
+    del cls.some_cache
 
     with model_bench.restored_globals("hf-eager"):  # other providers: untouched, nothing to restore
         pass

@@ -183,3 +183,23 @@ def test_eager_fast_path_equals_custom_op(monkeypatch, device):
     monkeypatch.setenv(EAGER_ENV, "")
     seen = dispatched_ops(lambda: swiglu(g, u))
     assert any("mmfast.swiglu_fwd" in s for s in seen), seen
+
+
+def test_opcheck_reference_backend_strided(monkeypatch, device):
+    """The reference backend returns the contiguous layout the fake impls promise, also for a transposed
+    input (an elementwise op would otherwise copy the input's strides)."""
+    monkeypatch.setenv(ENV_VAR, "reference")
+    g = torch.randn(40, 7, device=device).t().requires_grad_()
+    u = torch.randn(7, 40, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.mmfast.swiglu_fwd, (g, u))
+    torch.library.opcheck(torch.ops.mmfast.swiglu_bwd, (torch.randn(7, 40, device=device), g.detach(), u.detach()))
+
+
+def test_forward_mode_ad_is_refused_not_dropped(device):
+    """No jvp is implemented: under forward-mode AD the op must raise, never return a tensor without a
+    tangent (the no-grad shortcut must not hide that)."""
+    import torch.autograd.forward_ad as fwAD
+
+    g, u = torch.randn(3, 8, device=device), torch.randn(3, 8, device=device)
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="jvp"):
+        swiglu(fwAD.make_dual(g, torch.ones_like(g)), u)

@@ -160,8 +160,10 @@ _LIGER_GLOBALS = ("transformers.models.llama.modeling_llama", "transformers.mode
 
 @contextlib.contextmanager
 def restored_globals(provider: str):
-    """For the ``liger`` provider: put back every module global and class attribute of the modules
-    Liger's patch touches when the block ends (a no-op for other providers)."""
+    """For the ``liger`` provider: when the block ends, undo what Liger's patch did to the modules it
+    touches: module globals and class attributes it set to its own objects (added ones removed,
+    replaced ones put back), class names it rewrote, ``F.cross_entropy``. Other changes in the block
+    (transformers' own caches) are left alone. A no-op for other providers."""
     if provider != "liger":
         yield
         return
@@ -170,18 +172,27 @@ def restored_globals(provider: str):
     mods = [importlib.import_module(name) for name in _LIGER_GLOBALS]
     classes = [v for m in mods for v in vars(m).values() if isinstance(v, type) and v.__module__ == m.__name__]
     saved = [(m, dict(vars(m))) for m in mods] + [(c, dict(vars(c))) for c in classes]
+    names = [(c, c.__name__, c.__qualname__) for c in classes]
     fn = torch.nn.functional.cross_entropy
     try:
         yield
     finally:
         torch.nn.functional.cross_entropy = fn
+        for c, name, qualname in names:
+            c.__name__, c.__qualname__ = name, qualname
         for owner, before in saved:
-            now = vars(owner)
-            for key in [k for k in now if k not in before]:
-                delattr(owner, key)
-            for key, value in before.items():
-                if key not in ("__dict__", "__weakref__") and now.get(key, _MISSING) is not value:
-                    setattr(owner, key, value)
+            for key, value in list(vars(owner).items()):
+                if before.get(key, _MISSING) is value or not _from_liger(value):
+                    continue
+                if key in before:
+                    setattr(owner, key, before[key])
+                else:
+                    delattr(owner, key)
+
+
+def _from_liger(value) -> bool:
+    inner = getattr(value, "__func__", value)
+    return (getattr(inner, "__module__", None) or "").startswith("liger_kernel")
 
 
 _MISSING = object()

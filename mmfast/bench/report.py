@@ -84,8 +84,9 @@ MODEL_HEAD = ["case", "provider", "dtype", "tokens/step", "ms/step", "host ms", 
 MODEL_NOTE = ("saved MiB: bytes autograd keeps for backward in one step (activations; weights, gradients and "
               "optimizer state excluded), by the part of the model that saved them; counted the same way on "
               "CPU and GPU. peak GiB: CUDA's peak allocated over the timed steps (GPU only). host ms: how long the "
-              "Python side took to issue the step (GPU only): close to ms/step, the step waited on the host "
-              "(Python and launch overhead, or a host sync) rather than on the GPU.")
+              "Python side took to issue the step (GPU only). Far below ms/step: the GPU was the bottleneck. "
+              "Close to it: either the host was (Python and launch overhead) or the step syncs with the GPU "
+              "(mmfast's fused loss does, once, to find the labelled rows); a profile tells which.")
 
 
 def _mib(nbytes: int) -> str:

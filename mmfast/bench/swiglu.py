@@ -3,7 +3,9 @@
 * ``hf-eager``: what ``LlamaMLP`` runs between its projections, ``act_fn(gate) * up`` (two kernels each
   way, keeps silu(gate) for backward);
 * ``torch.compile``: ``torch.compile`` of ``hf-eager``;
-* ``liger``: Liger-Kernel's ``LigerSiLUMulFunction`` (GPU, when importable);
+* ``liger``: Liger-Kernel's ``LigerSiLUMulFunction`` (GPU, when importable). Its backward writes the
+  gradients into its saved inputs, so repeated timed calls after the first compute on those values:
+  the times are right, the outputs of later repetitions are not (nothing here reads them);
 * ``mmfast-triton`` (on CPU: the backend the device selects): :func:`mmfast.swiglu`.
 """
 

@@ -180,6 +180,11 @@ def plain_eager(*tensors: Optional[Tensor]) -> bool:
 
 
 def records_grad(*tensors: Optional[Tensor]) -> bool:
-    """Whether autograd would record a call with these tensors (grad mode on and one of them requires
-    grad). When it would not, the eager fast path runs the forward alone: no autograd node, nothing saved."""
+    """Whether autograd might record a call with these tensors (grad mode on and one of them requires
+    grad, or a forward-mode AD level is open, where the op's missing jvp must raise, not vanish). When it
+    would not, the eager fast path runs the forward alone: no autograd node, nothing saved."""
+    from torch.autograd import forward_ad
+
+    if getattr(forward_ad, "_current_level", -1) >= 0:
+        return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

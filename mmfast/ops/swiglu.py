@@ -86,7 +86,7 @@ def _fwd(gate: Tensor, up: Tensor) -> Tensor:
         from ..kernels import swiglu as kernels
 
         return kernels.swiglu_fwd(_rows(gate), _rows(up)).view(gate.shape)
-    return swiglu_reference(gate, up)
+    return swiglu_reference(gate, up).contiguous()  # the layout the fake impl promises
 
 
 def _bwd(dh: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
@@ -95,7 +95,7 @@ def _bwd(dh: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
 
         dg, du = kernels.swiglu_bwd(_rows(dh), _rows(gate), _rows(up))
         return dg.view(gate.shape), du.view(up.shape)
-    return _reference_bwd(dh, gate, up)
+    return tuple(t.contiguous() for t in _reference_bwd(dh, gate, up))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -92,8 +92,9 @@ def patched_forward(module: nn.Module, *args, **kwargs):
     if is_disabled():
         out = _original_call(module, rec)(*args, **kwargs)
         x = args[0] if args else next(iter(kwargs.values()), None)
-        # fp32 master weights make the original LlamaRMSNorm return fp32; keep the input dtype.
-        if isinstance(out, Tensor) and isinstance(x, Tensor) and out.dtype != x.dtype:
+        # fp32 master weights make the original LlamaRMSNorm return fp32; keep the input dtype (norms
+        # only: an MLP under autocast returns the autocast dtype, as it would unpatched)
+        if rec.family in FAMILIES and isinstance(out, Tensor) and isinstance(x, Tensor) and out.dtype != x.dtype:
             out = out.to(x.dtype)
         return out
     return rec.family.forward(module, *args, **kwargs)
