@@ -90,7 +90,6 @@ def patch(
         raise ValueError("mma options need tuning='mma'")
     report = patch_norms(model, PatchReport(backend=requested_backend(), tuning=tuning))
     if fused_mlp:
-        report.mlps = []
         patch_mlps(model, report)
     else:
         unpatch_mlps(model)

@@ -9,7 +9,7 @@ import torch
 
 import mmfast
 from model_accuracy import assert_model_accurate, assert_model_accurate_over_draws, double_inputs, run_model
-from tiny_models import batch, build, llama_config
+from tiny_models import batch, build, llama_config, lora_llama
 
 
 def _llama(seed, dtype=torch.float32, **cfg):
@@ -50,14 +50,7 @@ def test_llava_language_model_mlps(seed):
 def test_lora_on_the_projections(seed):
     """LoRA on gate / up / down: the patched MLP calls the module's own (wrapped) projections, so the
     adapters train; gradients match the unpatched model by the accuracy rule."""
-    from peft import LoraConfig, get_peft_model
-
-    ref = get_peft_model(build("llama", seed), LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"],
-                                                          lora_dropout=0.0))
-    with torch.no_grad():
-        for n, p in ref.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
+    ref = lora_llama(seed, ["gate_proj", "up_proj", "down_proj"])
     ours = copy.deepcopy(ref)
     report = mmfast.patch(ours, fused_loss=False, verbose=False)
     assert report.mlps == [f"base_model.model.model.layers.{i}.mlp" for i in range(2)]

@@ -11,7 +11,7 @@ from torch import nn
 import mmfast
 from model_accuracy import assert_model_accurate, assert_model_accurate_over_draws, double_inputs, run_model
 from mmfast.patching import core
-from tiny_models import batch, build, first_output
+from tiny_models import batch, build, first_output, lora_llama
 
 KINDS = ["llama", "clip-vision", "clip-text", "siglip-vision", "llava"]
 EXPECTED_PATCHED = {  # module kinds every tiny model must have patched
@@ -338,13 +338,7 @@ def test_compile_fullgraph_patched_llama():
 
 
 def test_peft_lora_model(seed):
-    from peft import LoraConfig, get_peft_model
-
-    ref = get_peft_model(build("llama", seed), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
-    with torch.no_grad():  # LoRA B starts at zero; give it values so its gradient path is non-trivial
-        for n, p in ref.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
+    ref = lora_llama(seed, ["q_proj", "v_proj"])
     peft_model = copy.deepcopy(ref)
     report = mmfast.patch(peft_model, verbose=False)
     assert any(p.startswith("base_model.model.model.layers.0") for p in report.patched)

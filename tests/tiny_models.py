@@ -85,6 +85,19 @@ def batch(kind: str, seed: int = 1, B: int = 2, S: int = 12, dtype=torch.float32
     return out
 
 
+def lora_llama(seed: int, targets: list[str]):
+    """The tiny LLaMA under PEFT LoRA on ``targets``, its B matrices non-zero (they start at zero) so the
+    adapters' gradient paths are non-trivial."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(build("llama", seed), LoraConfig(r=4, target_modules=targets, lora_dropout=0.0))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    return model
+
+
 def first_output(out) -> torch.Tensor:
     """The main output tensor of a model call (logits, or the last hidden state)."""
     for key in ("logits", "last_hidden_state"):

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backend import plain_eager, resolve_backend
+from .backend import as_rows, plain_eager, resolve_backend
 from .norm import ACT_DTYPES
 
 # ---------------------------------------------------------------------------------------------
@@ -163,19 +163,13 @@ def _reference_bwd(dy, x, down_w, down_b, up_w, up_b, mix, scale, groups, p, see
 # ---------------------------------------------------------------------------------------------
 
 
-def _rows(x: Tensor) -> Tensor:
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    return x.reshape(-1, x.shape[-1])
-
-
 def _fwd(x, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed):
     """``(y [B, S, D], z [B * S, R] fp32)`` on the backend selected now."""
     B, S, D = x.shape
     if resolve_backend(x.device) == "triton":
         from ..kernels import adapter as kernels
 
-        y, z = kernels.adapter_fwd(_rows(x), S, down_w, down_b, up_w, up_b, mix.float().contiguous(),
+        y, z = kernels.adapter_fwd(as_rows(x), S, down_w, down_b, up_w, up_b, mix.float().contiguous(),
                                    scale, groups, p, seed)
         return y.view(B, S, D), z
     return _reference_fwd(x, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed)
@@ -188,7 +182,7 @@ def _bwd(dy, x, z, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed, need
     if resolve_backend(x.device) == "triton":
         from ..kernels import adapter as kernels
 
-        grads = kernels.adapter_bwd(_rows(dy), _rows(x), z, S, down_w, up_w, up_b, mix.float().contiguous(),
+        grads = kernels.adapter_bwd(as_rows(dy), as_rows(x), z, S, down_w, up_w, up_b, mix.float().contiguous(),
                                     scale, groups, p, seed, need_dx, need_dw, need_dmix)
     else:
         grads = _reference_bwd(dy, x, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed)

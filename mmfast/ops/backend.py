@@ -162,6 +162,14 @@ def resolve_backend(device: torch.device, key: KernelKey | None = None) -> str:
     return _without_cuda(device, forced_triton=False)
 
 
+def as_rows(t: Tensor) -> Tensor:
+    """``t`` as [rows, last dim] with a unit column stride, the layout every kernel launcher takes: a view
+    where one exists (row strides allowed), else a contiguous copy."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
 #: ``MMFAST_EAGER=ops`` routes eager calls through the custom ops (the path compile traces).
 EAGER_ENV = "MMFAST_EAGER"
 

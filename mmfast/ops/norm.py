@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backend import KernelKey, plain_eager, records_grad, resolve_backend
+from .backend import KernelKey, as_rows, plain_eager, records_grad, resolve_backend
 
 #: Widest normalised dimension supported.
 MAX_N = 65536
@@ -160,13 +160,6 @@ def layer_norm_reference(x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
 # ---------------------------------------------------------------------------------------------
 
 
-def _rows(t: Tensor) -> Tensor:
-    """``t`` as [M, N] with a unit column stride: a view where one exists, else a contiguous copy."""
-    if t.stride(-1) != 1:
-        t = t.contiguous()
-    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
-
-
 def _flat(t: Optional[Tensor]) -> Optional[Tensor]:
     return t if t is None or t.dim() == 1 else t.reshape(-1)
 
@@ -188,7 +181,7 @@ def _fwd_eager(x, weight, bias, residual, eps, rms):
     """``(y, residual_out | None, mean | None, rstd)``, y and residual_out shaped like x, the statistics
     like ``x.shape[:-1]``."""
     fwd, _ = _impl(x, rms, "fwd")
-    y, h, mean, rstd = fwd(_rows(x), weight, bias, None if residual is None else _rows(residual), eps, rms)
+    y, h, mean, rstd = fwd(as_rows(x), weight, bias, None if residual is None else as_rows(residual), eps, rms)
     if x.dim() != 2:
         lead = x.shape[:-1]
         y = y.reshape(x.shape)
@@ -202,7 +195,7 @@ def _bwd_eager(dy, x, weight, mean, rstd, dres, rms, need_dx, need_dw, need_db, 
     """``(dx | None, dweight | None, dbias | None)``."""
     _, bwd = _impl(x, rms, "bwd")
     dx, dw, db = bwd(
-        _rows(dy), _rows(x), weight, _flat(mean), _flat(rstd), None if dres is None else _rows(dres),
+        as_rows(dy), as_rows(x), weight, _flat(mean), _flat(rstd), None if dres is None else as_rows(dres),
         rms, need_dx, need_dw, need_db,
         dw_dtype=None if weight is None else weight.dtype, db_dtype=db_dtype,
     )

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import plain_eager, records_grad, resolve_backend
+from .backend import as_rows, plain_eager, records_grad, resolve_backend
 from .norm import ACT_DTYPES
 
 # ---------------------------------------------------------------------------------------------
@@ -74,18 +74,11 @@ def _reference_bwd(dh: Tensor, g: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _rows(t: Tensor) -> Tensor:
-    """``t`` as [M, I] with a unit column stride: a view where one exists, else a contiguous copy."""
-    if t.stride(-1) != 1:
-        t = t.contiguous()
-    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
-
-
 def _fwd(gate: Tensor, up: Tensor) -> Tensor:
     if gate.numel() and resolve_backend(gate.device) == "triton":
         from ..kernels import swiglu as kernels
 
-        return kernels.swiglu_fwd(_rows(gate), _rows(up)).view(gate.shape)
+        return kernels.swiglu_fwd(as_rows(gate), as_rows(up)).view(gate.shape)
     return swiglu_reference(gate, up).contiguous()  # the layout the fake impl promises
 
 
@@ -93,7 +86,7 @@ def _bwd(dh: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     if gate.numel() and resolve_backend(gate.device) == "triton":
         from ..kernels import swiglu as kernels
 
-        dg, du = kernels.swiglu_bwd(_rows(dh), _rows(gate), _rows(up))
+        dg, du = kernels.swiglu_bwd(as_rows(dh), as_rows(gate), as_rows(up))
         return dg.view(gate.shape), du.view(up.shape)
     return tuple(t.contiguous() for t in _reference_bwd(dh, gate, up))
 

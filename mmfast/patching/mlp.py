@@ -67,6 +67,7 @@ def unsupported_reason(m: nn.Module) -> Optional[str]:
 def patch_mlps(model: nn.Module, report: PatchReport) -> PatchReport:
     """Fuse the gate of every supported MLP in ``model`` (idempotent); paths go to ``report.mlps``,
     candidates that cannot take it to ``report.skipped``."""
+    report.mlps = []
     for path, module in model.named_modules(remove_duplicate=True):
         if is_patched(module):
             if module.__dict__[_ATTR].family is SWIGLU:
