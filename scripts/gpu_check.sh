@@ -4,8 +4,8 @@
 # brings back 8).
 #
 #   bash scripts/gpu_check.sh [stage ...]      stages: cuda, tests, compile, overhead, bench-kernels,
-#                                              bench-model, tune-adapter, all (default: all but tune-adapter;
-#                                              each stage fits a 10-minute call)
+#                                              bench-model, tune-adapter, tune-norm, all (default: all but
+#                                              the tune stages; each stage fits a 10-minute call)
 #
 # Time caps (seconds): MMFAST_TESTS_TIMEOUT (tests, default 420) and MMFAST_BENCH_BUDGET (a bench stage
 # stops starting runs after it, default 450, and writes what it measured). MMFAST_TESTS (default
@@ -14,6 +14,8 @@
 # overhead: host microseconds per norm call for every provider (benchmarks/host_overhead.py).
 # tune-adapter: GPU time of alternative tile shapes of the adapter kernels (benchmarks/tune_adapter.py,
 # --quick unless MMFAST_TUNE_FULL=1: about 3 / 6 minutes), results in $OUT/tune/.
+# tune-norm: GPU time of alternative launches of the Triton norm kernels (benchmarks/tune_norm.py; --quick,
+# the goal widths only, unless MMFAST_TUNE_FULL=1), results in $OUT/tune-norm/.
 #
 # cuda: build the CUDA C++ extension (on first use, cached in .mmfast-cache/, which the device tool keeps
 # between calls), compile-check it, and run the norm test matrix on the cuda backend. bench-kernels also
@@ -79,6 +81,12 @@ for stage in "${stages[@]}"; do
       quick=$([ "${MMFAST_TUNE_FULL:-0}" = 1 ] || echo --quick)
       # shellcheck disable=SC2086
       python3 benchmarks/tune_adapter.py --out "$OUT/tune" $quick 2>&1 | tee "$OUT/tune/tune.log" | tail -n 12
+      rc=${PIPESTATUS[0]} ;;
+    tune-norm)
+      mkdir -p "$OUT/tune-norm"
+      quick=$([ "${MMFAST_TUNE_FULL:-0}" = 1 ] || echo --quick)
+      # shellcheck disable=SC2086
+      python3 benchmarks/tune_norm.py --out "$OUT/tune-norm" $quick 2>&1 | tee "$OUT/tune-norm/tune.log" | tail -n 16
       rc=${PIPESTATUS[0]} ;;
     bench-kernels|bench-model)
       suite=${stage#bench-}

@@ -98,6 +98,27 @@ def test_pytest_benchmark_cases_run():
     assert " passed" in out.stdout
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, scripts/gpu_check.sh tune-norm runs the real tuner")
+def test_norm_tuner_smoke(tmp_path, capsys):
+    """benchmarks/tune_norm.py runs end to end (interpreter, tiny shapes): every candidate it times
+    matches the current launch's outputs, it leaves TUNED as it found it, and writes its JSON."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("tune_norm", os.path.join(root, "benchmarks", "tune_norm.py"))
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    from mmfast.kernels import norm as K
+
+    before = dict(K.TUNED)
+    tune.main(["--smoke", "--directions", "bwd", "--out", str(tmp_path)])
+    assert K.TUNED == before
+    data = json.loads((tmp_path / "tune_norm.json").read_text())
+    assert data["smoke"] and len(data["records"]) == 2 * 3
+    assert all(r.get("ok") for r in data["records"]), [r for r in data["records"] if not r.get("ok")]
+    assert {r["kind"] for r in data["records"]} == {"rms", "ln"}
+    for N in (768, 1024):
+        for c in tune.candidates("bwd", N) + tune.candidates("fwd", N):
+            assert 4 <= tune._per_thread(c.block_m, N, c.num_warps) <= 64
+
 def test_busy_time_counts_overlaps_once():
     from mmfast.bench.timing import busy_us
 

@@ -62,6 +62,29 @@ def test_persistent_rows(kind, M, N, device, seed):
     check_case(make_case(kind, (M,), N, "bf16-fp32w", residual=False, device=device), seed)
 
 
+#: Register-path launches benchmarks/tune_norm.py can pick: (rows per tile, warps, programs per SM,
+#: prefetch, weight kept in registers). Warps do not change results, so few are tried here.
+TUNES = [(1, 4, 1, True, True), (1, 4, 2, True, False), (2, 4, 1, False, False), (4, 8, 3, True, True)]
+
+
+@pytest.mark.parametrize("tune", TUNES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_tuned_launches(kind, tune, device, seed, monkeypatch):
+    """Every launch choice the GPU tuner can enter in ``TUNED`` is accurate, forward and backward, with M
+    not a multiple of the tile or the grid, so the prefetch of a missing tile is masked off (and a
+    program whose first tile is missing, with per SM > 1, writes zero partials)."""
+    from mmfast.kernels import norm as K
+
+    N, M = 768, 37
+    for cls in ("16bit", "fp32"):
+        monkeypatch.setitem(K.TUNED, ("bwd", kind, N, cls), K.NormTune(*tune))
+        monkeypatch.setitem(K.TUNED, ("fwd", kind, N, cls), K.NormTune(tune[0], tune[1]))
+    cfg = K.bwd_launch(M, N, torch.device(device), kind == "rms", torch.bfloat16)
+    assert (cfg.block_m, cfg.num_warps, cfg.prefetch, cfg.keep_w) == (tune[0], tune[1], tune[3], tune[4])
+    for dtypes in ("bf16-fp32w", "fp32"):
+        check_case(make_case(kind, (M,), N, dtypes, residual=True, device=device), seed)
+
+
 LAYOUTS = {
     "transposed": lambda t: t.transpose(0, 1).contiguous().transpose(0, 1),  # rows not viewable as [M, N]
     "row-slice": lambda t: torch.cat([t, t[..., :3]], dim=-1)[..., : t.shape[-1]],  # row stride > N

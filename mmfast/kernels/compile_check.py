@@ -91,7 +91,12 @@ def _norm_variants():
                             HAS_W=True, BLOCK_N=cfg.block_n), cfg.num_warps
                         yield K._norm_bwd_wide_kernel, {**args, "C": Ptr(f32)}, cfg.num_warps
                     else:
-                        yield K._norm_bwd_kernel, {**args, "BLOCK_M": cfg.block_m}, cfg.num_warps
+                        args = {**args, "BLOCK_M": cfg.block_m, "PREFETCH": cfg.prefetch, "KEEP_W": cfg.keep_w}
+                        yield K._norm_bwd_kernel, args, cfg.num_warps
+                        if (dt, wdt) == (bf16, f32) and need_dx and not dres:
+                            # the other loop shapes benchmarks/tune_norm.py can enter in K.TUNED
+                            for prefetch, keep_w in ((True, True), (True, False), (False, False)):
+                                yield K._norm_bwd_kernel, {**args, "PREFETCH": prefetch, "KEEP_W": keep_w}, cfg.num_warps
 
 
 def _common_variants():

@@ -56,6 +56,32 @@ class NormLaunch:
     num_warps: int
     wide: bool  # row does not fit: loop over column blocks
     programs: int  # grid size
+    prefetch: bool = False  # backward: the next tile's x and dy are loaded before this tile's reductions
+    keep_w: bool = True  # backward: the weight row stays in registers across tiles (else re-read, from L1)
+
+
+@dataclasses.dataclass(frozen=True)
+class NormTune:
+    """A register-path launch choice for one width, measured on a GPU by benchmarks/tune_norm.py."""
+
+    block_m: int
+    num_warps: int
+    per_sm: int = 0  # backward: persistent programs per SM (0: the heuristic's)
+    prefetch: bool = False
+    keep_w: bool = True
+
+
+#: Measured choices that replace the heuristics below, keyed by
+#: ``(direction, "rms" | "ln", N, "16bit" | "fp32")``. An entry enters only from a committed GPU run of
+#: benchmarks/tune_norm.py (its results directory is named beside the entry).
+TUNED: dict[tuple[str, str, int, str], NormTune] = {}
+
+
+def _tuned(direction: str, rms: bool, N: int, dtype: torch.dtype | None) -> NormTune | None:
+    if not TUNED or dtype is None:
+        return None
+    cls = "fp32" if dtype == torch.float32 else "16bit"
+    return TUNED.get((direction, "rms" if rms else "ln", N, cls))
 
 
 def _num_warps(tile_elems: int) -> int:
@@ -74,20 +100,29 @@ def _tile(N: int, max_fused: int) -> tuple[int, int, bool]:
     return block_m, block_n, False
 
 
-def fwd_launch(M: int, N: int) -> NormLaunch:
+def fwd_launch(M: int, N: int, rms: bool = True, dtype: torch.dtype | None = None) -> NormLaunch:
     block_m, block_n, wide = _tile(N, MAX_FUSED_N_FWD)
+    num_warps = _num_warps(block_m * block_n)
+    tune = None if wide else _tuned("fwd", rms, N, dtype)
+    if tune is not None:
+        block_m, num_warps = tune.block_m, tune.num_warps
     programs = M if wide else triton.cdiv(M, block_m)
-    return NormLaunch(block_m, block_n, _num_warps(block_m * block_n), wide, programs)
+    return NormLaunch(block_m, block_n, num_warps, wide, programs)
 
 
-def bwd_launch(M: int, N: int, device: torch.device) -> NormLaunch:
+def bwd_launch(M: int, N: int, device: torch.device, rms: bool = True, dtype: torch.dtype | None = None) -> NormLaunch:
     """Persistent grid: at most a few programs per SM, never more than there are row tiles."""
     block_m, block_n, wide = _tile(N, MAX_FUSED_N_BWD)
     num_warps = _num_warps(block_m * block_n)
     per_sm = max(1, 32 // num_warps)
+    prefetch, keep_w = False, True
+    tune = None if wide else _tuned("bwd", rms, N, dtype)
+    if tune is not None:
+        block_m, num_warps, prefetch, keep_w = tune.block_m, tune.num_warps, tune.prefetch, tune.keep_w
+        per_sm = tune.per_sm or max(1, 32 // num_warps)
     tiles = triton.cdiv(M, block_m)
     programs = max(1, min(tiles, sm_count(device) * per_sm))
-    return NormLaunch(block_m, block_n, num_warps, wide, programs)
+    return NormLaunch(block_m, block_n, num_warps, wide, programs, prefetch, keep_w)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,13 +254,20 @@ def _norm_bwd_kernel(
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_DRES: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFT_RNE: tl.constexpr,
+    PREFETCH: tl.constexpr = False, KEEP_W: tl.constexpr = True,
 ):
     """Persistent: program p handles row tiles p, p + P, p + 2P, ... and keeps its dweight/dbias
-    partial sums in registers until the end, then writes one row of partials."""
+    partial sums in registers until the end, then writes one row of partials.
+
+    ``PREFETCH``: the next tile's x and dy are loaded (in their storage dtype) before this tile's row
+    reductions, so a program has two tiles of loads in flight instead of waiting at each tile start.
+    ``KEEP_W``: the weight row is read once and kept in registers; otherwise each tile re-reads it
+    (an L1 hit), which frees registers for more resident programs."""
     pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < N
-    if HAS_W:
+    if HAS_W and KEEP_W:
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
     if NEED_DW:
         dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -233,13 +275,26 @@ def _norm_bwd_kernel(
         db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
 
     num_tiles = tl.cdiv(M, BLOCK_M)
-    for tile in range(pid, num_tiles, tl.num_programs(0)):
+    if PREFETCH:
+        rows_next = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        mask_next = (rows_next < M)[:, None] & col_mask[None, :]
+        x_next = tl.load(X + rows_next[:, None] * stride_x + cols[None, :], mask=mask_next, other=0.0)
+        dy_next = tl.load(DY + rows_next[:, None] * stride_dy + cols[None, :], mask=mask_next, other=0.0)
+    for tile in range(pid, num_tiles, nprog):
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < M
         mask = row_mask[:, None] & col_mask[None, :]
         rows = rows.to(tl.int64)
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if PREFETCH:
+            x = x_next.to(tl.float32)
+            dy = dy_next.to(tl.float32)
+            rows_next = rows + nprog * BLOCK_M  # past the last tile the mask is empty: nothing is read
+            mask_next = (rows_next < M)[:, None] & col_mask[None, :]
+            x_next = tl.load(X + rows_next[:, None] * stride_x + cols[None, :], mask=mask_next, other=0.0)
+            dy_next = tl.load(DY + rows_next[:, None] * stride_dy + cols[None, :], mask=mask_next, other=0.0)
+        else:
+            x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
         if IS_RMS:
             xhat = x * rstd[:, None]
@@ -252,7 +307,10 @@ def _norm_bwd_kernel(
             db_acc += dy
         if NEED_DX:
             if HAS_W:
-                wdy = dy * w[None, :]
+                if KEEP_W:
+                    wdy = dy * w[None, :]
+                else:
+                    wdy = dy * tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
             else:
                 wdy = dy
             c1 = tl.sum(xhat * wdy, axis=1) / N
@@ -381,7 +439,7 @@ def norm_fwd(
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     if M == 0:
         return y, res_out, mean, rstd
-    cfg = fwd_launch(M, N)
+    cfg = fwd_launch(M, N, rms, x.dtype)
     args = (
         x, x.stride(0), residual, _row_stride(residual), weight, bias, y, res_out, mean, rstd,
         M, N, float(eps),
@@ -429,7 +487,7 @@ def norm_bwd(
                 t.zero_()
         return dx, dw, db
 
-    cfg = bwd_launch(M, N, dev)
+    cfg = bwd_launch(M, N, dev, rms, x.dtype)
     P = cfg.programs
     dw_part = torch.empty((P, N), dtype=torch.float32, device=dev) if need_dw else None
     db_part = torch.empty((P, N), dtype=torch.float32, device=dev) if need_db else None
@@ -455,7 +513,7 @@ def norm_bwd(
     else:
         _norm_bwd_kernel[(P,)](
             dy, dy.stride(0), x, x.stride(0), weight, mean, rstd, dres, _row_stride(dres),
-            dx, dw_part, db_part, M, N, BLOCK_M=cfg.block_m, **flags,
+            dx, dw_part, db_part, M, N, BLOCK_M=cfg.block_m, PREFETCH=cfg.prefetch, KEEP_W=cfg.keep_w, **flags,
         )
     if need_dw:
         _sum_partials(dw_part, dw)

@@ -1,0 +1,182 @@
+"""Time alternative launches of the Triton norm kernels on a GPU.
+
+    python benchmarks/tune_norm.py [--out DIR] [--quick] [--directions bwd,fwd]
+    TRITON_INTERPRET=1 python benchmarks/tune_norm.py --smoke   # CPU: checks the script, times nothing real
+
+For each benchmarked width (RMSNorm at M = 32768, LayerNorm at CLIP widths, M = 64 * 577; bf16
+activations and weights, as in the kernel suite) and each candidate ``NormTune`` of the register path
+(rows per tile, warps; for the backward also persistent programs per SM, prefetch of the next tile,
+and whether the weight row stays in registers): the GPU busy time of the op's forward or backward
+(profiler kernel intervals, so host speed does not enter; the backward includes the dweight/dbias
+finalize), its GB/s from the kernel suite's byte model and the fraction of a device-to-device copy
+measured in the same run. Every candidate's outputs are compared with the current choice's.
+
+Why these candidates: the backward keeps x, dy, the weight row and the dweight (and dbias) partial
+sums of its tile in registers. At N >= 4096 that allows one or two resident programs per SM (the
+sm_90 compile check reports 64-128 registers a thread), so each SM has one or two rows of loads in
+flight, short of what HBM needs at full speed. Prefetching the next tile, re-reading the weight row
+from L1, more warps per row (fewer registers per thread) and more rows per tile each change that
+balance; which wins is measured here, not guessed.
+
+Writes tune_norm.json (device, versions, commit, every timing, the best per direction, norm and
+width) and prints the table and the ``TUNED`` entries the best choices would make; an entry enters
+``TUNED`` in mmfast/kernels/norm.py only from a committed run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+
+import torch
+import triton
+
+from mmfast.bench.cases import NormCase
+from mmfast.bench.env import environment
+from mmfast.bench.timing import copy_gbps, gpu_busy_ms, median_ms
+from mmfast.kernels import _device
+from mmfast.kernels import norm as K
+
+CLIP_M = 64 * 577
+SHAPES = {  # (kind, M, N): the kernel suite's norm cases; the first four carry issue 5's goals
+    "goals": [("rms", 32768, 4096), ("rms", 32768, 5120), ("rms", 32768, 8192), ("ln", CLIP_M, 1024)],
+    "rest": [("rms", 32768, 1024), ("ln", CLIP_M, 768), ("ln", CLIP_M, 1280)],
+    "smoke": [("rms", 37, 1024), ("ln", 37, 768)],
+}
+
+
+def _per_thread(block_m: int, N: int, warps: int) -> int:
+    return block_m * triton.next_power_of_2(N) // (32 * warps)
+
+
+def candidates(direction: str, N: int, quick: bool = False) -> list[K.NormTune]:
+    """Register-path launches tried at width N: at least 4 elements a thread (8-byte accesses or wider)
+    and at most 64 (beyond that the tile alone needs more registers than a thread has)."""
+    out = []
+    rows = (1, 2) if quick else (1, 2, 4)
+    for bm, w in itertools.product(rows, (4, 8, 16, 32)):
+        if bm * triton.next_power_of_2(N) > (K.MAX_FUSED_N_BWD if direction == "bwd" else K.MAX_FUSED_N_FWD):
+            continue
+        if not 4 <= _per_thread(bm, N, w) <= 64:
+            continue
+        if direction == "fwd":
+            out.append(K.NormTune(bm, w))
+            continue
+        for per_sm, prefetch, keep_w in itertools.product((1, 2) if quick else (1, 2, 4), (False, True), (True, False)):
+            out.append(K.NormTune(bm, w, per_sm, prefetch, keep_w))
+    return out
+
+
+def _inputs(kind: str, M: int, N: int, device):
+    g = torch.Generator(device=device).manual_seed(0)
+    bf16 = torch.bfloat16
+    x = torch.randn(M, N, device=device, generator=g).to(bf16)
+    w = (1 + 0.1 * torch.randn(N, device=device, generator=g)).to(bf16)
+    b = (0.1 * torch.randn(N, device=device, generator=g)).to(bf16) if kind == "ln" else None
+    dy = torch.randn(M, N, device=device, generator=g).to(bf16)
+    return x, w, b, dy
+
+
+def _call(direction: str, kind: str, ins):
+    x, w, b, dy = ins
+    rms = kind == "rms"
+    if direction == "fwd":
+        return lambda: K.norm_fwd(x, w, b, None, 1e-6, rms)[:1]
+    _, _, mean, rstd = K.norm_fwd(x, w, b, None, 1e-6, rms)
+    return lambda: K.norm_bwd(dy, x, w, mean, rstd, None, rms, True, True, not rms)
+
+
+def _close(a, b) -> bool:
+    for u, v in zip(a, b):
+        if u is None:
+            continue
+        u, v = u.float(), v.float()
+        if not torch.allclose(u, v, rtol=2e-2, atol=2e-2 * v.abs().max().item() + 1e-6):
+            return False
+    return True
+
+
+def _current(direction: str, kind: str, M: int, N: int, dev) -> K.NormTune:
+    if direction == "fwd":
+        c = K.fwd_launch(M, N, kind == "rms", torch.bfloat16)
+        return K.NormTune(c.block_m, c.num_warps)
+    c = K.bwd_launch(M, N, dev, kind == "rms", torch.bfloat16)
+    per_sm = triton.cdiv(c.programs, _device.sm_count(dev))
+    return K.NormTune(c.block_m, c.num_warps, per_sm, c.prefetch, c.keep_w)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench-results")
+    p.add_argument("--quick", action="store_true", help="fewer candidates, the goal widths only")
+    p.add_argument("--directions", default="bwd,fwd")
+    p.add_argument("--smoke", action="store_true",
+                   help="CPU, through the Triton interpreter: tiny shapes, a few candidates, wall time; checks "
+                        "that the script runs, says nothing of GPU performance")
+    args = p.parse_args(argv)
+    if args.smoke:
+        if not _device.interpreting():
+            raise SystemExit("--smoke runs the kernels through the Triton interpreter: set TRITON_INTERPRET=1")
+        dev, shapes = torch.device("cpu"), SHAPES["smoke"]
+        copy = copy_gbps(dev, 1 << 22)
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("tune_norm.py times GPU kernels; no GPU is visible (--smoke checks the script on CPU)")
+        dev = torch.device("cuda")
+        copy = copy_gbps(dev, 1 << 30)
+        shapes = SHAPES["goals"] + ([] if args.quick else SHAPES["rest"])
+    os.makedirs(args.out, exist_ok=True)
+    records, best = [], {}
+    for direction in args.directions.split(","):
+        for kind, M, N in shapes:
+            key = (direction, kind, N, "16bit")
+            case = NormCase("rms_norm" if kind == "rms" else "layer_norm", M, N, torch.bfloat16)
+            nbytes = case.bytes_moved(direction)
+            ins = _inputs(kind, M, N, dev)
+            current = _current(direction, kind, M, N, dev)
+            ref = _call(direction, kind, ins)()
+            tried = [c for c in candidates(direction, N, args.quick or args.smoke) if c != current]
+            for cfg in [current] + (tried[:2] if args.smoke else tried):
+                K.TUNED[key] = cfg
+                rec = dict(direction=direction, kind=kind, M=M, N=N, config=dataclasses.asdict(cfg), current=cfg == current)
+                try:
+                    fn = _call(direction, kind, ins)
+                    rec["ok"] = _close(fn(), ref)
+                    rec["gpu_ms"] = median_ms(fn, dev, rep_ms=1) if args.smoke else gpu_busy_ms(fn, dev, iters=20)
+                    rec["gbps"] = nbytes / (rec["gpu_ms"] * 1e-3) / 1e9
+                    rec["frac_of_copy"] = rec["gbps"] / copy
+                except Exception as e:  # noqa: BLE001 - an unlaunchable choice is a result too
+                    rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                records.append(rec)
+                print(f"{direction} {kind} N={N:5d} {rec['config']} " +
+                      (f"{rec['gpu_ms']:.4f} ms {rec['frac_of_copy']:.0%} of copy{'' if rec['ok'] else '  MISMATCH'}"
+                       if "gpu_ms" in rec else rec["error"]), flush=True)
+            K.TUNED.pop(key, None)
+            good = [r for r in records if r["direction"] == direction and r["kind"] == kind and r["N"] == N and r.get("ok")]
+            if good:
+                top = min(good, key=lambda r: r["gpu_ms"])
+                cur = next((r for r in good if r["current"]), None)
+                best[f"{direction}/{kind}/N={N}"] = dict(
+                    key=list(key), config=top["config"], gpu_ms=top["gpu_ms"], frac_of_copy=top["frac_of_copy"],
+                    current_ms=cur["gpu_ms"] if cur else None, current_frac=cur["frac_of_copy"] if cur else None)
+    out = dict(environment(dev), smoke=args.smoke, copy_gbps=copy, shapes=shapes, records=records, best=best)
+    with open(os.path.join(args.out, "tune_norm.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"\ndevice-to-device copy: {copy:.0f} GB/s")
+    print("best per direction, norm and width (GPU busy ms, fraction of copy; current choice in brackets):")
+    for name, b in best.items():
+        cur = "?" if b["current_ms"] is None else f"{b['current_ms']:.4f} ms {b['current_frac']:.0%}"
+        print(f"  {name:18s} {b['gpu_ms']:.4f} ms {b['frac_of_copy']:.0%}  [{cur}]  {b['config']}")
+    print("\nTUNED entries (mmfast/kernels/norm.py) for choices at least 3% faster than the current one:")
+    for b in best.values():
+        if b["current_ms"] is not None and b["gpu_ms"] < 0.97 * b["current_ms"]:
+            c = b["config"]
+            print(f"    {tuple(b['key'])!r}: NormTune({c['block_m']}, {c['num_warps']}, {c['per_sm']}, "
+                  f"{c['prefetch']}, {c['keep_w']}),")
+
+
+if __name__ == "__main__":
+    main()
