@@ -5,7 +5,7 @@
 Bytes autograd keeps for backward (``mmfast.bench.model.saved_activation_bytes``) are a property of the
 model and its kernels, not of the device: this builds the model bench's case with one LLaMA layer and
 one CLIP layer at full widths, counts what each part saves per token under each provider, and scales
-that to the GPU model bench's step (llm_layers LLaMA layers, 24 CLIP layers, 4 x 1024 tokens). Byte
+that to the GPU model bench's step (llm_layers LLaMA layers, 24 CLIP layers, batch x 1024 tokens). Byte
 counts only; no timing here says anything about a GPU. Writes activation_memory.json and .md.
 """
 
@@ -45,9 +45,10 @@ def main() -> None:
     p.add_argument("--tunings", default="layernorm,mma")
     p.add_argument("--text-tokens", type=int, default=64, help="text tokens of the measured sample")
     p.add_argument("--llm-layers", type=int, default=8, help="LLaMA layers of the step scaled to")
+    p.add_argument("--batch", type=int, default=mb.LLAVA_BATCH, help="samples of the step scaled to")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    target = mb.llava_7b_widths("layernorm", args.llm_layers, batch=4, text_tokens=448)
+    target = mb.llava_7b_widths("layernorm", args.llm_layers, batch=args.batch, text_tokens=448)
     rows, lines = [], []
     for tuning in args.tunings.split(","):
         per = {}

@@ -4,8 +4,9 @@ Kernel suite: RMSNorm and LayerNorm (with and without the residual), the MMA ada
 gate, forward, backward and forward+backward, against HF eager, PyTorch native, torch.compile, Liger
 (when importable) and mmfast. Sizes above the L2: RMSNorm at M = 32768, N in {1024, 4096, 5120, 8192};
 LayerNorm at CLIP widths with M = 64*577; the adapter at D = 4096; the gate at LLaMA-7B's I = 11008;
-small shapes timed as CUDA-graph replays. Model suite: a LLaVA-shaped training step (CLIP ViT-L/14 tower, projector, LLaMA layers at
-7B widths) under each tuning recipe: tokens/s and peak memory, HF eager vs mmfast (vs Liger).
+small shapes timed as CUDA-graph replays. Model suite: a LLaVA-shaped training step (CLIP ViT-L/14
+tower, projector, LLaMA layers at 7B widths; LLaVA-1.5's per-device batch of 16 samples of 1024 tokens)
+under each tuning recipe: tokens/s and peak memory, HF eager vs mmfast (vs Liger).
 
 Without a GPU: small CPU sizes and a tiny model, labelled as what they are (CPU timings, not GPU
 performance). Writes results.json, results.csv, summary.md and PNG plots under --out.
@@ -58,10 +59,10 @@ def kernel_cases(device: torch.device, quick: bool) -> list:
     return cases
 
 
-def model_cases(device: torch.device, quick: bool, llm_layers: int) -> list:
+def model_cases(device: torch.device, quick: bool, llm_layers: int, batch: int = model_bench.LLAVA_BATCH) -> list:
     if quick or device.type != "cuda":
         return [model_bench.tiny(t) for t in model_bench.TUNINGS]
-    return [model_bench.llava_7b_widths(t, llm_layers, batch=4, text_tokens=448) for t in model_bench.TUNINGS]
+    return [model_bench.llava_7b_widths(t, llm_layers, batch=batch, text_tokens=448) for t in model_bench.TUNINGS]
 
 
 def _providers(case, device: torch.device) -> list[str]:
@@ -93,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run (seconds)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--llm-layers", type=int, default=8, help="LLaMA layers in the model-level step (GPU)")
+    p.add_argument("--batch", type=int, default=model_bench.LLAVA_BATCH,
+                   help=f"samples per model-level step (GPU; default {model_bench.LLAVA_BATCH}, LLaVA-1.5's per-device batch; "
+                        "each is 576 image + 448 text tokens)")
     p.add_argument("--steps", type=int, default=10, help="timed training steps per model-level run")
     p.add_argument("--sizes", choices=("all", "large", "small"), default="all",
                    help="kernel cases to run: large (above the L2, timed directly), small (GPU: CUDA-graph "
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = [c for c in kernel_cases(device, args.quick) if c.op in ops
              and (args.sizes == "all" or getattr(c, "graphs", False) == (args.sizes == "small"))]
     if "model" in ops:
-        cases += model_cases(device, args.quick, args.llm_layers)
+        cases += model_cases(device, args.quick, args.llm_layers, args.batch)
     wanted = set(args.providers.split(",")) if args.providers else None
     plan = [(c, prov) for c in cases for prov in _providers(c, device) if wanted is None or prov in wanted]
     if not plan:

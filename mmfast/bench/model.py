@@ -34,6 +34,9 @@ from ..nn.adapter import MMAdapter
 from ..patching import unpatch_norms
 
 TUNINGS = ("layernorm", "layernorm-simp", "mma")
+#: Samples per GPU model step: LLaVA-1.5's per-device batch in its visual instruction tuning (16 a GPU,
+#: 128 over 8 GPUs), the recipe LayerNorm tuning finetunes with.
+LLAVA_BATCH = 16
 
 
 @dataclasses.dataclass(frozen=True)
