@@ -291,3 +291,25 @@ def test_goals_met_and_missing():
     records[-1] = step("mmfast", 110.0, 7.5 * 2**30)  # 1.10x: short of 1.15x
     records[3] = rec("mmfast-cuda", "bwd", 4096, 0.84, gpu_ms=1.0)  # the faster backend at 84%
     assert [g["met"] for g in evaluate(records)][1:5] == [False, True, True, False]
+
+
+def test_graph_cases_run_per_provider_in_their_own_process():
+    """On a GPU each provider's CUDA-graph cases form one run in a fresh process (a failed capture
+    leaves the CUDA generator unusable for the rest of its process); other runs stay one per pair."""
+    from mmfast.bench.__main__ import _groups
+    from mmfast.bench.runner import time_case, time_cases_isolated
+
+    small = [NormCase("rms_norm", 512, 4096, torch.bfloat16, graphs=True), NormCase("layer_norm", 577, 1024,
+                                                                                    torch.bfloat16, graphs=True)]
+    large = NormCase("rms_norm", 32768, 4096, torch.bfloat16)
+    plan = [(large, "a"), (large, "b")] + [(c, p) for c in small for p in ("a", "b")]
+    groups = _groups(plan, torch.device("cuda"))
+    assert groups == [[(large, "a")], [(large, "b")], [(small[0], "a"), (small[1], "a")],
+                      [(small[0], "b"), (small[1], "b")]]
+    assert _groups(plan, torch.device("cpu")) == [[pair] for pair in plan]
+
+    case, env = NormCase("rms_norm", 16, 64, torch.float32), {"device": "cpu", "cuda": None}
+    child = time_cases_isolated([case], "mmfast-triton", torch.device("cpu"), None, env)
+    here = time_case(case, "mmfast-triton", torch.device("cpu"), None, env)
+    assert [r["error"] for r in child] == [None] * 3
+    assert [(r["direction"], r["bytes"]) for r in child] == [(r["direction"], r["bytes"]) for r in here]

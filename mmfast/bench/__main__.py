@@ -28,7 +28,7 @@ from . import swiglu as swiglu_bench
 from .cases import AdapterCase, NormCase, SwiGLUCase
 from .env import environment
 from .report import table, write_csv, write_json, write_plots, write_summary_md
-from .runner import record, time_case
+from .runner import record, time_case, time_cases_isolated
 from .timing import copy_gbps
 
 CPU_BANNER = (
@@ -132,18 +132,22 @@ def main(argv: list[str] | None = None) -> int:
     not_run: list[str] = []
     started = time.monotonic()
     bar = _progress(len(plan))
-    for case, prov in plan:
+    for group in _groups(plan, device):
         if args.time_budget is not None and time.monotonic() - started > args.time_budget:
-            not_run.append(f"{case.name} M={case.M} N={getattr(case, 'N', '-')} {prov}")
+            not_run += [f"{case.name} M={case.M} N={getattr(case, 'N', '-')} {prov}" for case, prov in group]
             continue
+        case, prov = group[0]
         if bar is not None:
-            bar.set_postfix_str(f"{case.name} N={case.N} {prov}")
+            own = getattr(case, "graphs", False) and device.type == "cuda"
+            bar.set_postfix_str(f"{case.name} N={case.N} {prov}" + (" (CUDA graphs, own process)" if own else ""))
         if isinstance(case, model_bench.ModelCase):
             records.append(_model_record(case, prov, device, env, args.steps))
+        elif getattr(case, "graphs", False) and device.type == "cuda":
+            records += time_cases_isolated([c for c, _ in group], prov, device, copy, env)
         else:
             records += time_case(case, prov, device, copy, env)
         if bar is not None:
-            bar.update()
+            bar.update(len(group))
     if bar is not None:
         bar.close()
 
@@ -174,6 +178,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.backend_table:
         _write_backend_table(args.backend_table, device, env, records, args.out)
     return 1 if any(r["error"] for r in records) or not_run else 0
+
+
+def _groups(plan: list, device: torch.device) -> list[list]:
+    """The plan in run order, one run a group, except on a GPU, where each provider's CUDA-graph cases
+    form one group that runs in a fresh process (after a failed capture, PyTorch's CUDA generator stays
+    in capture mode, and every later random tensor in that process fails)."""
+    groups, graph_groups = [], {}
+    for case, prov in plan:
+        if getattr(case, "graphs", False) and device.type == "cuda":
+            if prov not in graph_groups:
+                graph_groups[prov] = []
+                groups.append(graph_groups[prov])
+            graph_groups[prov].append((case, prov))
+        else:
+            groups.append([(case, prov)])
+    return groups
 
 
 def _write_backend_table(path: str, device: torch.device, env: dict, records: list[dict], out: str) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import sys
+import traceback
+from concurrent.futures import ProcessPoolExecutor
 from typing import Callable
 
 import torch
@@ -151,7 +154,24 @@ def time_case(case, provider: str, device: torch.device, copy: float | None, env
     except Exception as e:  # noqa: BLE001 - reported in the results, never hidden
         msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
         print(f"[mmfast.bench] {provider} failed on {case.name} M={case.M} N={case.N}: {msg}", file=sys.stderr)
+        traceback.print_exc(file=sys.stderr)  # the whole story, for the log
         return [record(case, provider, d, None, copy, None, env, error=msg) for d in directions]
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _time_cases(cases: list, provider: str, device: str, copy: float | None, env: dict) -> list[dict]:
+    return [r for case in cases for r in time_case(case, provider, torch.device(device), copy, env)]
+
+
+def time_cases_isolated(cases: list, provider: str, device: torch.device, copy: float | None, env: dict) -> list[dict]:
+    """:func:`time_case` of ``provider`` on each of ``cases``, in a fresh (spawned) process: whatever a
+    failed CUDA-graph capture leaves behind stays there. A process that dies gives error records."""
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(_time_cases, cases, provider, str(device), copy, env).result()
+    except Exception as e:  # noqa: BLE001 - reported in the results, never hidden
+        msg = f"the benchmark process died: {type(e).__name__}: {e}".splitlines()[0][:300]
+        print(f"[mmfast.bench] {provider}: {msg}", file=sys.stderr)
+        return [record(c, provider, d, None, copy, None, env, error=msg) for c in cases for d in DIRECTIONS]
