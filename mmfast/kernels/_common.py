@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import interpreting
+from ._device import cdiv, interpreting, next_pow2
 
 
 @triton.jit
@@ -41,7 +41,7 @@ def _sum_partials_kernel(PART, OUT, P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.con
 def sum_partials(part: torch.Tensor, out: torch.Tensor) -> None:
     """out = part.sum(0) over a [P, N] fp32 buffer, in a fixed order (deterministic), rounded to out's dtype."""
     P, N = part.shape
-    block_n = min(256, max(16, triton.next_power_of_2(N)))
-    _sum_partials_kernel[(triton.cdiv(N, block_n),)](
+    block_n = min(256, max(16, next_pow2(N)))
+    _sum_partials_kernel[(cdiv(N, block_n),)](
         part, out, P, N, BLOCK_P=32, BLOCK_N=block_n, SOFT_RNE=interpreting(), num_warps=4
     )

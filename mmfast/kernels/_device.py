@@ -17,9 +17,25 @@ import torch
 INTERPRETER_SM_COUNT = 2
 
 
+@functools.lru_cache(maxsize=None)
 def interpreting() -> bool:
-    """True when Triton kernels run through the interpreter (``TRITON_INTERPRET=1``)."""
+    """True when Triton kernels run through the interpreter (``TRITON_INTERPRET=1``).
+
+    Read once per process: Triton makes the same choice once, when it decorates each kernel at import
+    (a later change of the variable does not turn compiled kernels into interpreted ones), and the host
+    code asks on every launch."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off")
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launch arithmetic on the host (``triton.cdiv`` is a constexpr function wrapper
+    that costs microseconds a call there)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (n >= 1), on the host (see :func:`cdiv`)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
 @functools.lru_cache(maxsize=None)

@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from ._common import round_to, sum_partials
-from ._device import interpreting, sm_count
+from ._device import cdiv, interpreting, next_pow2, sm_count
 
 # ---------------------------------------------------------------------------------------------
 # launch configuration
@@ -84,13 +84,13 @@ def launch_config(dtype: torch.dtype, kernel: str = "fwd") -> AdapterLaunch:
 
 def hidden_pad(R: int) -> int:
     """Hidden width padded for tl.dot (at least 16, a power of two)."""
-    return max(16, triton.next_power_of_2(R))
+    return max(16, next_pow2(R))
 
 
 def slots(R: int) -> int:
     """RX: slots per expert on the extended hidden axis (R hidden channels, the bias slot R and slot
     R + 1, which carries the router weight's remainder after rounding to x's dtype)."""
-    return max(16, triton.next_power_of_2(R + 2))
+    return max(16, next_pow2(R + 2))
 
 
 SMEM_BUDGET = 160 * 1024  # bytes of shared memory the pipelined tiles may take (sm_90 has 227 KB)
@@ -339,7 +339,7 @@ def keep_mask(seed: torch.Tensor, M: int, R: int, p_drop: float) -> torch.Tensor
     """Boolean [M, R]: which hidden activations the adapter kernels keep for ``seed``."""
     out = torch.empty((M, R), dtype=torch.int8, device=seed.device)
     if M:
-        _keep_mask_kernel[(triton.cdiv(M, 64),)](seed, out, M, float(p_drop), R=R, RP=hidden_pad(R), BLOCK_M=64)
+        _keep_mask_kernel[(cdiv(M, 64),)](seed, out, M, float(p_drop), R=R, RP=hidden_pad(R), BLOCK_M=64)
     return out.bool()
 
 
@@ -378,10 +378,10 @@ class PackedW(NamedTuple):
 def pack_w(x2, up_w, up_b, groups) -> PackedW:
     E, D, RG = up_w.shape
     R = RG * groups
-    pw = PackedW(None, triton.next_power_of_2(E), slots(R), _split_weights(x2, up_w, up_b))
+    pw = PackedW(None, next_pow2(E), slots(R), _split_weights(x2, up_w, up_b))
     wp = torch.empty(((2 if pw.split else 1) * pw.EK, D), dtype=x2.dtype, device=x2.device)
     block_d = 64 if pw.EK <= 64 else 16
-    _pack_w_kernel[(triton.cdiv(D, block_d),)](
+    _pack_w_kernel[(cdiv(D, block_d),)](
         up_w, up_b, wp, D, D // groups, R=R, RG=RG, E=E, EP=pw.EP, RX=pw.RX, SPLIT_W=pw.split, BLOCK_D=block_d,
         num_warps=4)
     return pw._replace(wp=wp)
@@ -396,7 +396,7 @@ def adapter_fwd(x2, S, down_w, down_b, up_w, up_b, mix, scale, groups, p_drop, s
         return y, z
     pw = pack_w(x2, up_w, up_b, groups)
     cfg = pw.launch(x2, "fwd")
-    _mma_fwd_kernel[(triton.cdiv(M, cfg.block_m),)](
+    _mma_fwd_kernel[(cdiv(M, cfg.block_m),)](
         x2, x2.stride(0), down_w, down_b, pw.wp, mix, seed, y, z,
         M, S, D, DG, float(scale), float(p_drop), 1.0 / (1.0 - p_drop),
         R=R, RX=pw.RX, RG=RG, E=E, EP=pw.EP, HAS_DROPOUT=p_drop > 0,
@@ -425,7 +425,7 @@ def adapter_bwd(dy2, x2, z, S, down_w, up_w, up_b, mix, scale, groups, p_drop, s
     dz = torch.empty((M, R), dtype=torch.float32, device=dev)
     dmix_rows = torch.empty((M, E), dtype=torch.float32, device=dev)
     cfg = pw.launch(x2, "rows")
-    _mma_bwd_rows_kernel[(triton.cdiv(M, cfg.block_m),)](
+    _mma_bwd_rows_kernel[(cdiv(M, cfg.block_m),)](
         dy2, dy2.stride(0), z, pw.wp, mix, seed, dz, dmix_rows,
         M, S, D, DG, float(scale), float(p_drop), 1.0 / (1.0 - p_drop),
         SPLIT_W=pw.split, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,
@@ -436,8 +436,8 @@ def adapter_bwd(dy2, x2, z, S, down_w, up_w, up_b, mix, scale, groups, p_drop, s
 
     if need_dx or need_dw:
         cfg = pw.launch(x2, "cols", planes=1)  # reads no W; h^T [EK, block_m] goes through shared memory
-        chunks = triton.cdiv(D, cfg.block_d)
-        tiles = triton.cdiv(M, cfg.block_m)
+        chunks = cdiv(D, cfg.block_d)
+        tiles = cdiv(M, cfg.block_m)
         P = max(1, min(tiles, (cfg.programs_per_sm * sm_count(dev)) // chunks or 1))
         parts = [torch.empty((P, n), dtype=torch.float32, device=dev) for n in (R * D, E * D * RG, E * D)] \
             if need_dw else [None, None, None]

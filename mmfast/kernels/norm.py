@@ -29,7 +29,7 @@ import triton.language as tl
 
 from ._common import round_to as _round
 from ._common import sum_partials as _sum_partials
-from ._device import interpreting, sm_count
+from ._device import cdiv, interpreting, next_pow2, sm_count
 
 # ---------------------------------------------------------------------------------------------
 # launch configuration (the one place for block sizes, warps and grid sizes)
@@ -95,7 +95,7 @@ def _num_warps(tile_elems: int) -> int:
 def _tile(N: int, max_fused: int) -> tuple[int, int, bool]:
     if N > max_fused:
         return 1, WIDE_BLOCK_N, True
-    block_n = max(16, triton.next_power_of_2(N))
+    block_n = max(16, next_pow2(N))
     block_m = max(1, min(MAX_BLOCK_M, TILE_ELEMS // block_n))
     return block_m, block_n, False
 
@@ -106,7 +106,7 @@ def fwd_launch(M: int, N: int, rms: bool = True, dtype: torch.dtype | None = Non
     tune = None if wide else _tuned("fwd", rms, N, dtype)
     if tune is not None:
         block_m, num_warps = tune.block_m, tune.num_warps
-    programs = M if wide else triton.cdiv(M, block_m)
+    programs = M if wide else cdiv(M, block_m)
     return NormLaunch(block_m, block_n, num_warps, wide, programs)
 
 
@@ -120,7 +120,7 @@ def bwd_launch(M: int, N: int, device: torch.device, rms: bool = True, dtype: to
     if tune is not None:
         block_m, num_warps, prefetch, keep_w = tune.block_m, tune.num_warps, tune.prefetch, tune.keep_w
         per_sm = tune.per_sm or max(1, 32 // num_warps)
-    tiles = triton.cdiv(M, block_m)
+    tiles = cdiv(M, block_m)
     programs = max(1, min(tiles, sm_count(device) * per_sm))
     return NormLaunch(block_m, block_n, num_warps, wide, programs, prefetch, keep_w)
 

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._common import round_to as _round
-from ._device import interpreting
+from ._device import cdiv, interpreting, next_pow2
 
 #: Largest column block one program covers.
 MAX_BLOCK = 2048
@@ -28,7 +28,7 @@ MAX_BLOCK = 2048
 
 def launch(n: int) -> tuple[int, int]:
     """(column block, warps) of both kernels for rows of ``n`` elements."""
-    block = min(MAX_BLOCK, max(16, triton.next_power_of_2(n)))
+    block = min(MAX_BLOCK, max(16, next_pow2(n)))
     return block, (8 if block >= 2048 else 4)
 
 
@@ -74,7 +74,7 @@ def _swiglu_bwd_kernel(DH, G, U, DG, DU, n, stride_dh, stride_g, stride_u, strid
 
 
 def _grid(M: int, n: int, block: int) -> tuple[int, int]:
-    return (M, triton.cdiv(n, block))
+    return (M, cdiv(n, block))
 
 
 def swiglu_fwd(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
