@@ -24,6 +24,7 @@ import torch
 
 from mmfast.bench.env import environment
 from mmfast.bench.timing import gpu_busy_ms
+from mmfast.bench.tuning import outputs_close
 from mmfast.kernels import adapter as K
 
 SHAPES = {"llama": (64, 512, 4096), "clip": (64, 577, 1024)}  # (B, S, D): the kernel suite's adapter cases
@@ -64,16 +65,6 @@ def _call(kernel, S, G, ins):
     return lambda: K.adapter_bwd(dy, x, z, S, down_w, up_w, up_b, mix, 1.0, G, 0.1, seed, True, True, True)
 
 
-def _close(a, b) -> bool:
-    for u, v in zip(a, b):
-        if u is None:
-            continue
-        u, v = u.float(), v.float()
-        if not torch.allclose(u, v, rtol=2e-2, atol=2e-2 * v.abs().max().item() + 1e-6):
-            return False
-    return True
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench-results")
@@ -95,7 +86,7 @@ def main() -> None:
             rec = dict(kernel=kernel, B=B, S=S, D=D, config=dataclasses.asdict(cfg), current=cfg == current)
             try:
                 fn = _call(kernel, S, 2, ins)
-                rec["ok"] = _close(fn(), ref)
+                rec["ok"] = outputs_close(fn(), ref)
                 rec["gpu_ms"] = gpu_busy_ms(fn, dev, iters=20)
             except Exception as e:  # noqa: BLE001 - an unlaunchable shape is a result too
                 rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"

@@ -32,11 +32,11 @@ import json
 import os
 
 import torch
-import triton
 
 from mmfast.bench.cases import NormCase
 from mmfast.bench.env import environment
 from mmfast.bench.timing import copy_gbps, gpu_busy_ms, median_ms
+from mmfast.bench.tuning import outputs_close
 from mmfast.kernels import _device
 from mmfast.kernels import norm as K
 
@@ -49,7 +49,7 @@ SHAPES = {  # (kind, M, N): the kernel suite's norm cases; the first four carry 
 
 
 def _per_thread(block_m: int, N: int, warps: int) -> int:
-    return block_m * triton.next_power_of_2(N) // (32 * warps)
+    return block_m * _device.next_pow2(N) // (32 * warps)
 
 
 def candidates(direction: str, N: int, quick: bool = False) -> list[K.NormTune]:
@@ -58,7 +58,7 @@ def candidates(direction: str, N: int, quick: bool = False) -> list[K.NormTune]:
     out = []
     rows = (1, 2) if quick else (1, 2, 4)
     for bm, w in itertools.product(rows, (4, 8, 16, 32)):
-        if bm * triton.next_power_of_2(N) > (K.MAX_FUSED_N_BWD if direction == "bwd" else K.MAX_FUSED_N_FWD):
+        if bm * _device.next_pow2(N) > (K.MAX_FUSED_N_BWD if direction == "bwd" else K.MAX_FUSED_N_FWD):
             continue
         if not 4 <= _per_thread(bm, N, w) <= 64:
             continue
@@ -89,22 +89,12 @@ def _call(direction: str, kind: str, ins):
     return lambda: K.norm_bwd(dy, x, w, mean, rstd, None, rms, True, True, not rms)
 
 
-def _close(a, b) -> bool:
-    for u, v in zip(a, b):
-        if u is None:
-            continue
-        u, v = u.float(), v.float()
-        if not torch.allclose(u, v, rtol=2e-2, atol=2e-2 * v.abs().max().item() + 1e-6):
-            return False
-    return True
-
-
 def _current(direction: str, kind: str, M: int, N: int, dev) -> K.NormTune:
     if direction == "fwd":
         c = K.fwd_launch(M, N, kind == "rms", torch.bfloat16)
         return K.NormTune(c.block_m, c.num_warps)
     c = K.bwd_launch(M, N, dev, kind == "rms", torch.bfloat16)
-    per_sm = triton.cdiv(c.programs, _device.sm_count(dev))
+    per_sm = _device.cdiv(c.programs, _device.sm_count(dev))
     return K.NormTune(c.block_m, c.num_warps, per_sm, c.prefetch, c.keep_w)
 
 
@@ -144,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
                 rec = dict(direction=direction, kind=kind, M=M, N=N, config=dataclasses.asdict(cfg), current=cfg == current)
                 try:
                     fn = _call(direction, kind, ins)
-                    rec["ok"] = _close(fn(), ref)
+                    rec["ok"] = outputs_close(fn(), ref)
                     rec["gpu_ms"] = median_ms(fn, dev, rep_ms=1) if args.smoke else gpu_busy_ms(fn, dev, iters=20)
                     rec["gbps"] = nbytes / (rec["gpu_ms"] * 1e-3) / 1e9
                     rec["frac_of_copy"] = rec["gbps"] / copy
