@@ -59,6 +59,12 @@ def double_inputs(inputs: dict) -> dict:
     return {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
 
 
+def draw(ours: nn.Module, plain: nn.Module, ref64: nn.Module, inputs: dict) -> tuple:
+    """One input draw of what the rule compares: the patched model, the unpatched one in the same
+    precision and the float64 oracle, each a :func:`run_model` result."""
+    return run_model(ours, inputs), run_model(plain, inputs), run_model(ref64, double_inputs(inputs))
+
+
 def assert_model_accurate(ours, lowp, ref, seed: int) -> None:
     """``ours``/``lowp``/``ref``: results of :func:`run_model`."""
     assert_model_accurate_over_draws([(ours, lowp, ref)], seed)

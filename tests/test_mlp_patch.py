@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mmfast
-from model_accuracy import assert_model_accurate, assert_model_accurate_over_draws, double_inputs, run_model
+from model_accuracy import assert_model_accurate, assert_model_accurate_over_draws, draw
 from tiny_models import batch, build, llama_config, lora_llama
 
 
@@ -37,8 +37,7 @@ def test_llama_mlps_take_the_fused_gate(dtype, seed):
     draws = []
     for i in range(DRAWS):
         inputs = batch("llama", seed + i)
-        draws.append((run_model(model, inputs), run_model(plain, inputs),
-                      run_model(ref_model, double_inputs(inputs))))
+        draws.append(draw(model, plain, ref_model, inputs))
     assert_model_accurate_over_draws(draws, seed)
 
 
@@ -54,10 +53,7 @@ def test_lora_on_the_projections(seed):
     ours = copy.deepcopy(ref)
     report = mmfast.patch(ours, fused_loss=False, verbose=False)
     assert report.mlps == [f"base_model.model.model.layers.{i}.mlp" for i in range(2)]
-    inputs = batch("llama", seed)
-    lowp = run_model(ref, inputs)
-    ref64 = run_model(copy.deepcopy(ref).double(), double_inputs(inputs))
-    got = run_model(ours, inputs)
+    got, lowp, ref64 = draw(ours, ref, copy.deepcopy(ref).double(), batch("llama", seed))
     assert got[2].keys() == lowp[2].keys() and any("mlp.down_proj.lora_A" in n for n in got[2])
     assert_model_accurate(got, lowp, ref64, seed)
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import mmfast
-from model_accuracy import assert_model_accurate, assert_model_accurate_over_draws, double_inputs, run_model
+from model_accuracy import assert_model_accurate, assert_model_accurate_over_draws, double_inputs, draw
 from mmfast.patching import core
 from tiny_models import batch, build, first_output, lora_llama
 
@@ -36,7 +36,7 @@ def test_patched_matches_unpatched(kind, seed):
     draws = []  # pooled: a tiny model's gradients are a few hundred numbers, one draw is a noisy sample
     for i in range(4):
         inputs = batch(kind, seed + i)
-        draws.append((run_model(model, inputs), run_model(plain, inputs), run_model(ref_model, double_inputs(inputs))))
+        draws.append(draw(model, plain, ref_model, inputs))
     assert_model_accurate_over_draws(draws, seed)
 
 
@@ -343,9 +343,6 @@ def test_peft_lora_model(seed):
     report = mmfast.patch(peft_model, verbose=False)
     assert any(p.startswith("base_model.model.model.layers.0") for p in report.patched)
     assert report.fused_loss == "on" and peft_model(**batch("llama", seed)).logits is None
-    inputs = batch("llama", seed)
-    lowp = run_model(ref, inputs)
-    ref64 = run_model(copy.deepcopy(ref).double(), double_inputs(inputs))
-    ours = run_model(peft_model, inputs)
+    ours, lowp, ref64 = draw(peft_model, ref, copy.deepcopy(ref).double(), batch("llama", seed))
     assert ours[2].keys() == lowp[2].keys() and all("lora_" in n for n in ours[2])
     assert_model_accurate(ours, lowp, ref64, seed)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .backend import as_rows, plain_eager, resolve_backend
-from .norm import ACT_DTYPES
+from .checks import check_activation, check_device, check_tensor
 
 # ---------------------------------------------------------------------------------------------
 # input checks
@@ -33,18 +33,15 @@ def check_adapter_inputs(x, down_w, down_b, up_w, up_b, mix, scale, groups, drop
     fn = "mma_adapter"
     named = dict(x=x, down_w=down_w, down_b=down_b, up_w=up_w, up_b=up_b, mix=mix)
     for name, t in named.items():
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if x.dtype not in ACT_DTYPES:
-        raise TypeError(f"{fn}: x must be float32, float16 or bfloat16, got {x.dtype}")
+        check_tensor(fn, name, t)
+    check_activation(fn, "x", x)
     for name in ("down_w", "down_b", "up_w", "up_b"):
         if named[name].dtype not in (x.dtype, torch.float32):
             raise TypeError(f"{fn}: {name} must be in x's dtype ({x.dtype}) or float32, got {named[name].dtype}")
     if not mix.dtype.is_floating_point:
         raise TypeError(f"{fn}: mix must be floating point, got {mix.dtype}")
     for name, t in named.items():
-        if t.device != x.device:
-            raise ValueError(f"{fn}: {name} is on {t.device} but x is on {x.device}")
+        check_device(fn, name, t, "x", x)
     if x.dim() != 3:
         raise ValueError(f"{fn}: x must be [batch, seq, dim], got shape {tuple(x.shape)}")
     B, S, D = x.shape

@@ -31,21 +31,14 @@ import torch
 from torch import Tensor
 
 from .backend import KernelKey, as_rows, plain_eager, records_grad, resolve_backend
+from .checks import check_activation, check_device, check_like, check_tensor
 
 #: Widest normalised dimension supported.
 MAX_N = 65536
-#: Activation dtypes the ops accept.
-ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # ---------------------------------------------------------------------------------------------
 # input checks (before anything launches)
 # ---------------------------------------------------------------------------------------------
-
-
-def _check_tensor(fn: str, name: str, t: object) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    return t
 
 
 def check_norm_inputs(
@@ -57,9 +50,7 @@ def check_norm_inputs(
     eps: float,
 ) -> None:
     """Raise TypeError/ValueError naming the offending argument; return None when all is well."""
-    _check_tensor(fn, "x", x)
-    if x.dtype not in ACT_DTYPES:
-        raise TypeError(f"{fn}: x must be float32, float16 or bfloat16, got {x.dtype}")
+    check_activation(fn, "x", x)
     if x.dim() == 0:
         raise ValueError(f"{fn}: x must have at least one dimension (the normalised one)")
     N = x.shape[-1]
@@ -70,21 +61,14 @@ def check_norm_inputs(
     for name, p in (("weight", weight), ("bias", bias)):
         if p is None:
             continue
-        _check_tensor(fn, name, p)
+        check_tensor(fn, name, p)
         if p.dtype not in (x.dtype, torch.float32):
             raise TypeError(f"{fn}: {name} must be in x's dtype ({x.dtype}) or float32, got {p.dtype}")
         if p.shape != (N,):
             raise ValueError(f"{fn}: {name} must have shape ({N},) to match x's last dimension, got {tuple(p.shape)}")
-        if p.device != x.device:
-            raise ValueError(f"{fn}: {name} is on {p.device} but x is on {x.device}")
+        check_device(fn, name, p, "x", x)
     if residual is not None:
-        _check_tensor(fn, "residual", residual)
-        if residual.dtype != x.dtype:
-            raise TypeError(f"{fn}: residual must have x's dtype ({x.dtype}), got {residual.dtype}")
-        if residual.shape != x.shape:
-            raise ValueError(f"{fn}: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-        if residual.device != x.device:
-            raise ValueError(f"{fn}: residual is on {residual.device} but x is on {x.device}")
+        check_like(fn, "residual", residual, "x", x)
     if isinstance(eps, bool) or not isinstance(eps, (float, int)):
         raise TypeError(f"{fn}: eps must be a Python float, got {type(eps).__name__}")
     if not (0 <= eps < float("inf")):  # also rejects NaN; plain comparisons trace under torch.compile

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .backend import as_rows, plain_eager, records_grad, resolve_backend
-from .norm import ACT_DTYPES
+from .checks import check_activation, check_like
 
 # ---------------------------------------------------------------------------------------------
 # input checks and reference
@@ -31,20 +31,10 @@ from .norm import ACT_DTYPES
 
 
 def check_swiglu_inputs(gate: object, up: object) -> None:
-    fn = "swiglu"
-    for name, t in (("gate", gate), ("up", up)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in ACT_DTYPES:
-            raise TypeError(f"{fn}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if up.dtype != gate.dtype:
-        raise TypeError(f"{fn}: up ({up.dtype}) must have gate's dtype ({gate.dtype})")
-    if up.device != gate.device:
-        raise ValueError(f"{fn}: up is on {up.device} but gate is on {gate.device}")
-    if up.shape != gate.shape:
-        raise ValueError(f"{fn}: up has shape {tuple(up.shape)}, gate {tuple(gate.shape)}; they must match")
+    check_activation("swiglu", "gate", gate)
+    check_like("swiglu", "up", up, "gate", gate)
     if gate.dim() == 0:
-        raise ValueError(f"{fn}: gate and up must have at least one dimension")
+        raise ValueError("swiglu: gate and up must have at least one dimension")
 
 
 def swiglu_reference(gate: Tensor, up: Tensor) -> Tensor:

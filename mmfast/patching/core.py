@@ -231,13 +231,17 @@ def patch_norms(model: nn.Module, report: Optional[PatchReport] = None) -> Patch
     return report
 
 
-def unpatch_where(model: nn.Module, wanted) -> int:
-    """Restore the original forward of every patched module whose record's family satisfies ``wanted``;
-    returns how many were restored."""
+def unpatch_where(model: nn.Module, wanted, on_restore=None) -> int:
+    """Restore the original forward of every patched module whose record's family satisfies ``wanted``
+    (then call ``on_restore(module, family)``, for state the patch kept besides the forward); returns how
+    many were restored."""
     n = 0
     for module in model.modules():
         if is_patched(module) and wanted(module.__dict__[_ATTR].family):
+            family = module.__dict__[_ATTR].family
             _uninstall(module)
+            if on_restore is not None:
+                on_restore(module, family)
             n += 1
     return n
 

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.loss import linear_cross_entropy
-from .core import _ATTR, _foreign_patch, _install, _original_call, _uninstall, is_disabled, is_patched
+from .core import _ATTR, _foreign_patch, _install, _original_call, is_disabled, is_patched, unpatch_where
 from .table import _code_key
 
 _STATE = "_mmfast_loss_state"
@@ -165,16 +165,12 @@ def patch_loss(model: nn.Module) -> Optional[str]:
     return None
 
 
+def _drop_loss_state(m: nn.Module, family: _LossPart) -> None:
+    m.__dict__.pop(_STATE, None)
+    if family == _MODEL:
+        m.__dict__.pop("_loss_function", None)
+
+
 def unpatch_loss(model: nn.Module) -> int:
     """Remove the fused loss from ``model`` and its LM head; returns how many modules were restored."""
-    n = 0
-    for m in model.modules():
-        rec = m.__dict__.get(_ATTR)
-        if rec is None or rec.family not in (_MODEL, _HEAD):
-            continue
-        _uninstall(m)
-        m.__dict__.pop(_STATE, None)
-        if rec.family == _MODEL:
-            m.__dict__.pop("_loss_function", None)
-        n += 1
-    return n
+    return unpatch_where(model, lambda fam: fam in (_MODEL, _HEAD), _drop_loss_state)
