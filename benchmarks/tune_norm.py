@@ -1,6 +1,7 @@
-"""Time alternative launches of the Triton norm kernels on a GPU.
+"""Time alternative launches of the Triton norm kernels (and the CUDA C++ backward's staging) on a GPU.
 
     python benchmarks/tune_norm.py [--out DIR] [--quick] [--directions bwd,fwd]
+    python benchmarks/tune_norm.py --backend cuda [--out DIR] [--quick]
     TRITON_INTERPRET=1 python benchmarks/tune_norm.py --smoke   # CPU: checks the script, times nothing real
 
 For each benchmarked width (RMSNorm at M = 32768, LayerNorm at CLIP widths, M = 64 * 577; bf16
@@ -18,9 +19,14 @@ flight, short of what HBM needs at full speed. Prefetching the next tile, re-rea
 from L1, more warps per row (fewer registers per thread) and more rows per tile each change that
 balance; which wins is measured here, not guessed.
 
-Writes tune_norm.json (device, versions, commit, every timing, the best per direction, norm and
-width) and prints the table and the ``TUNED`` entries the best choices would make; an entry enters
-``TUNED`` in mmfast/kernels/norm.py only from a committed run.
+``--backend cuda`` times the CUDA C++ backward with 0 (rows loaded straight into registers) and 2-4 rows
+of shared-memory staging per row slot (csrc/norm_bwd.cu, ``norm_bwd_staged_kernel``): the same question
+for the hand-written kernel, whose register kernel holds x and dy from load to store.
+
+Writes tune_norm.json (tune_norm_cuda.json; device, versions, commit, every timing, the best per
+direction, norm and width) and prints the table and the ``TUNED`` (``BWD_STAGES``) entries the best
+choices would make; an entry enters ``TUNED`` in mmfast/kernels/norm.py (``BWD_STAGES`` in
+mmfast/kernels/cuda_ext.py) only from a committed run.
 """
 
 from __future__ import annotations
@@ -98,15 +104,84 @@ def _current(direction: str, kind: str, M: int, N: int, dev) -> K.NormTune:
     return K.NormTune(c.block_m, c.num_warps, per_sm, c.prefetch, c.keep_w)
 
 
+class TritonLaunches:
+    """Candidates: NormTune launches of the Triton register path; applied through K.TUNED."""
+
+    name = "triton"
+
+    def candidates(self, direction, N, quick):
+        return candidates(direction, N, quick)
+
+    def current(self, direction, kind, M, N, dev):
+        return _current(direction, kind, M, N, dev)
+
+    def run(self, direction, kind, ins, key, cfg):
+        K.TUNED[key] = cfg
+        return _call(direction, kind, ins)
+
+    def reset(self, key):
+        K.TUNED.pop(key, None)
+
+    def describe(self, cfg):
+        return dataclasses.asdict(cfg)
+
+    def entry(self, key, c):
+        return f"    {tuple(key)!r}: NormTune({c['block_m']}, {c['num_warps']}, {c['per_sm']}, {c['prefetch']}, {c['keep_w']}),"
+
+
+class CudaStages:
+    """Candidates: shared-memory stages of the CUDA C++ backward (0: the register kernel), passed per call."""
+
+    name = "cuda"
+
+    def candidates(self, direction, N, quick):
+        return [0, 2, 3, 4]
+
+    def current(self, direction, kind, M, N, dev):
+        from mmfast.kernels import cuda_ext
+
+        return cuda_ext.bwd_stages(kind == "rms", N, torch.bfloat16)
+
+    def run(self, direction, kind, ins, key, stages):
+        from mmfast.kernels import cuda_ext
+
+        x, w, b, dy = ins
+        rms = kind == "rms"
+        _, _, mean, rstd = cuda_ext.norm_fwd(x, w, b, None, 1e-6, rms)
+        return lambda: cuda_ext.norm_bwd(dy, x, w, mean, rstd, None, rms, True, True, not rms, stages=stages)
+
+    def reset(self, key):
+        pass
+
+    def describe(self, stages):
+        return {"stages": stages}
+
+    def entry(self, key, c):
+        return f"    {(key[1], key[2], key[3])!r}: {c['stages']},"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench-results")
     p.add_argument("--quick", action="store_true", help="fewer candidates, the goal widths only")
-    p.add_argument("--directions", default="bwd,fwd")
+    p.add_argument("--directions", default="bwd,fwd", help="Triton: bwd and/or fwd; the CUDA C++ knob is bwd only")
+    p.add_argument("--backend", choices=["triton", "cuda"], default="triton",
+                   help="triton: NormTune launches (TUNED in mmfast/kernels/norm.py); cuda: the CUDA C++ backward's "
+                        "shared-memory stages (BWD_STAGES in mmfast/kernels/cuda_ext.py)")
     p.add_argument("--smoke", action="store_true",
                    help="CPU, through the Triton interpreter: tiny shapes, a few candidates, wall time; checks "
                         "that the script runs, says nothing of GPU performance")
     args = p.parse_args(argv)
+    tuner = TritonLaunches() if args.backend == "triton" else CudaStages()
+    directions = args.directions.split(",")
+    if args.backend == "cuda":
+        from mmfast.kernels import cuda_ext
+
+        if args.smoke or not torch.cuda.is_available():
+            raise SystemExit("--backend cuda times the CUDA C++ kernels: it needs a GPU (no --smoke)")
+        if not cuda_ext.load():
+            raise SystemExit(f"--backend cuda: the CUDA C++ kernels are unavailable: {cuda_ext.unavailable_reason()}")
+        directions = ["bwd"]
     if args.smoke:
         if not _device.interpreting():
             raise SystemExit("--smoke runs the kernels through the Triton interpreter: set TRITON_INTERPRET=1")
@@ -120,20 +195,20 @@ def main(argv: list[str] | None = None) -> None:
         shapes = SHAPES["goals"] + ([] if args.quick else SHAPES["rest"])
     os.makedirs(args.out, exist_ok=True)
     records, best = [], {}
-    for direction in args.directions.split(","):
+    for direction in directions:
         for kind, M, N in shapes:
             key = (direction, kind, N, "16bit")
             case = NormCase("rms_norm" if kind == "rms" else "layer_norm", M, N, torch.bfloat16)
             nbytes = case.bytes_moved(direction)
             ins = _inputs(kind, M, N, dev)
-            current = _current(direction, kind, M, N, dev)
-            ref = _call(direction, kind, ins)()
-            tried = [c for c in candidates(direction, N, args.quick or args.smoke) if c != current]
+            current = tuner.current(direction, kind, M, N, dev)
+            ref = tuner.run(direction, kind, ins, key, current)()
+            tried = [c for c in tuner.candidates(direction, N, args.quick or args.smoke) if c != current]
             for cfg in [current] + (tried[:2] if args.smoke else tried):
-                K.TUNED[key] = cfg
-                rec = dict(direction=direction, kind=kind, M=M, N=N, config=dataclasses.asdict(cfg), current=cfg == current)
+                rec = dict(direction=direction, kind=kind, M=M, N=N, backend=tuner.name, config=tuner.describe(cfg),
+                           current=cfg == current)
                 try:
-                    fn = _call(direction, kind, ins)
+                    fn = tuner.run(direction, kind, ins, key, cfg)
                     rec["ok"] = outputs_close(fn(), ref)
                     rec["gpu_ms"] = median_ms(fn, dev, rep_ms=1) if args.smoke else gpu_busy_ms(fn, dev, iters=20)
                     rec["gbps"] = nbytes / (rec["gpu_ms"] * 1e-3) / 1e9
@@ -144,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{direction} {kind} N={N:5d} {rec['config']} " +
                       (f"{rec['gpu_ms']:.4f} ms {rec['frac_of_copy']:.0%} of copy{'' if rec['ok'] else '  MISMATCH'}"
                        if "gpu_ms" in rec else rec["error"]), flush=True)
-            K.TUNED.pop(key, None)
+            tuner.reset(key)
             good = [r for r in records if r["direction"] == direction and r["kind"] == kind and r["N"] == N and r.get("ok")]
             if good:
                 top = min(good, key=lambda r: r["gpu_ms"])
@@ -152,20 +227,20 @@ def main(argv: list[str] | None = None) -> None:
                 best[f"{direction}/{kind}/N={N}"] = dict(
                     key=list(key), config=top["config"], gpu_ms=top["gpu_ms"], frac_of_copy=top["frac_of_copy"],
                     current_ms=cur["gpu_ms"] if cur else None, current_frac=cur["frac_of_copy"] if cur else None)
-    out = dict(environment(dev), smoke=args.smoke, copy_gbps=copy, shapes=shapes, records=records, best=best)
-    with open(os.path.join(args.out, "tune_norm.json"), "w") as f:
+    out = dict(environment(dev), smoke=args.smoke, backend=tuner.name, copy_gbps=copy, shapes=shapes, records=records,
+               best=best)
+    with open(os.path.join(args.out, f"tune_norm{'' if tuner.name == 'triton' else '_cuda'}.json"), "w") as f:
         json.dump(out, f, indent=1)
     print(f"\ndevice-to-device copy: {copy:.0f} GB/s")
     print("best per direction, norm and width (GPU busy ms, fraction of copy; current choice in brackets):")
     for name, b in best.items():
         cur = "?" if b["current_ms"] is None else f"{b['current_ms']:.4f} ms {b['current_frac']:.0%}"
         print(f"  {name:18s} {b['gpu_ms']:.4f} ms {b['frac_of_copy']:.0%}  [{cur}]  {b['config']}")
-    print("\nTUNED entries (mmfast/kernels/norm.py) for choices at least 3% faster than the current one:")
+    where = "TUNED (mmfast/kernels/norm.py)" if tuner.name == "triton" else "BWD_STAGES (mmfast/kernels/cuda_ext.py)"
+    print(f"\n{where} entries for choices at least 3% faster than the current one:")
     for b in best.values():
         if b["current_ms"] is not None and b["gpu_ms"] < 0.97 * b["current_ms"]:
-            c = b["config"]
-            print(f"    {tuple(b['key'])!r}: NormTune({c['block_m']}, {c['num_warps']}, {c['per_sm']}, "
-                  f"{c['prefetch']}, {c['keep_w']}),")
+            print(tuner.entry(b["key"], b["config"]))
 
 
 if __name__ == "__main__":

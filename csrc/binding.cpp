@@ -6,8 +6,11 @@
 //
 //   mmfast_cuda::norm_fwd(x, weight, bias, residual, eps, rms) -> (y, residual_out, mean, rstd)
 //   mmfast_cuda::norm_bwd(dy, x, weight, mean, rstd, dresidual_out, rms, need_dx, need_dw, need_db,
-//                         dw_dtype, db_dtype) -> (dx, dweight, dbias)
-//   mmfast_cuda::norm_path(x, weight, bias, residual, rms, backward) -> str   (which kernel runs)
+//                         dw_dtype, db_dtype, stages=0) -> (dx, dweight, dbias)
+//   mmfast_cuda::norm_path(x, weight, bias, residual, rms, backward, stages=0) -> str   (which kernel runs)
+//
+// stages (0, or 2..kMaxBwdStages): how many rows deep the backward stages its inputs through shared
+// memory where it has a staged kernel (NormBwdParams::stages); 0 loads rows straight into registers.
 //
 // x, residual, dy and dresidual_out are [M, N] row views with a unit column stride (rows may be
 // strided); tensors that are not returned are empty. Arguments are validated in Python before any call;
@@ -150,7 +153,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd(const Tensor& dy, const Tensor& x, c
                                             const std::optional<Tensor>& mean, const Tensor& rstd,
                                             const std::optional<Tensor>& dresidual_out, bool rms, bool need_dx,
                                             bool need_dw, bool need_db, std::optional<at::ScalarType> dw_dtype,
-                                            std::optional<at::ScalarType> db_dtype) {
+                                            std::optional<at::ScalarType> db_dtype, int64_t stages) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2, "mmfast_cuda::norm_bwd: x must be a 2-D CUDA tensor");
   TORCH_CHECK(x.stride(1) == 1 || x.size(1) == 1, "mmfast_cuda::norm_bwd: x needs a unit column stride");
   check_rows(dy, x, "dy");
@@ -161,6 +164,8 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd(const Tensor& dy, const Tensor& x, c
   TORCH_CHECK(rms || (mean && mean->numel() == x.size(0)), "mmfast_cuda::norm_bwd: LayerNorm needs mean");
   TORCH_CHECK(rstd.scalar_type() == at::kFloat && rstd.numel() == x.size(0) && rstd.is_contiguous(),
               "mmfast_cuda::norm_bwd: rstd must be float32 [M]");
+  TORCH_CHECK(stages == 0 || (stages >= 2 && stages <= mmfast::kMaxBwdStages),
+              "mmfast_cuda::norm_bwd: stages must be 0 or 2..", mmfast::kMaxBwdStages, ", got ", stages);
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
 
@@ -175,6 +180,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd(const Tensor& dy, const Tensor& x, c
 
   mmfast::NormBwdParams p = bwd_params(dy, x, weight, mean, rstd, need_dx ? dresidual_out : std::nullopt, rms,
                                        need_dx, need_dw, need_db);
+  p.stages = static_cast<int>(stages);
   const int64_t P = mmfast::norm_bwd_num_partials(p);
   TORCH_CHECK(P >= 0, "mmfast_cuda::norm_bwd: unsupported dtypes");
   Tensor dw_part = need_dw ? at::empty({P, N}, fopts) : at::empty({0}, fopts);
@@ -195,7 +201,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd(const Tensor& dy, const Tensor& x, c
 }
 
 std::string norm_path(const Tensor& x, const std::optional<Tensor>& weight_in, const std::optional<Tensor>& bias_in,
-                      const std::optional<Tensor>& residual, bool rms, bool backward) {
+                      const std::optional<Tensor>& residual, bool rms, bool backward, int64_t stages) {
   TORCH_CHECK(x.dim() == 2, "mmfast_cuda::norm_path: x must be 2-D");
   std::optional<Tensor> weight = weight_in, bias = bias_in;
   const at::ScalarType wdt = affine_dtype(weight, bias, x);
@@ -214,6 +220,11 @@ std::string norm_path(const Tensor& x, const std::optional<Tensor>& weight_in, c
     p.rms = rms;
     p.need_dw = weight.has_value();
     p.need_db = !rms && bias.has_value();
+    p.dres = residual ? residual->data_ptr() : nullptr;  // a residual forward has a residual gradient
+    p.stride_dres = residual ? row_stride(*residual) : 0;
+    TORCH_CHECK(stages == 0 || (stages >= 2 && stages <= mmfast::kMaxBwdStages),
+                "mmfast_cuda::norm_path: stages must be 0 or 2..", mmfast::kMaxBwdStages, ", got ", stages);
+    p.stages = static_cast<int>(stages);
     return mmfast::norm_bwd_path(p);
   }
   mmfast::NormFwdParams p = fwd_params(x, weight, bias, residual, wdt, 1e-6, rms);
@@ -228,9 +239,11 @@ TORCH_LIBRARY(mmfast_cuda, m) {
   m.def("norm_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps, bool rms) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor? mean, Tensor rstd, Tensor? dresidual_out, "
-        "bool rms, bool need_dx, bool need_dw, bool need_db, ScalarType? dw_dtype, ScalarType? db_dtype) "
+        "bool rms, bool need_dx, bool need_dw, bool need_db, ScalarType? dw_dtype, ScalarType? db_dtype, "
+        "int stages=0) "
         "-> (Tensor, Tensor, Tensor)");
-  m.def("norm_path(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, bool rms, bool backward) -> str");
+  m.def("norm_path(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, bool rms, bool backward, "
+        "int stages=0) -> str");
 }
 
 TORCH_LIBRARY_IMPL(mmfast_cuda, CUDA, m) {

@@ -49,7 +49,15 @@ struct NormBwdParams {
   DType wdt = DType::kFloat32;
   bool rms = true;
   bool need_dx = true, need_dw = false, need_db = false;
+  // 0: the rows of a register-path backward are loaded straight into registers. 2..kMaxBwdStages: the
+  // 16-byte-vector register paths (the special widths) stage x, dy (and dres) through shared memory
+  // with asynchronous copies, `stages` rows deep per row slot, so the loads of later rows are in
+  // flight while a row is computed; paths without a staged kernel, or a device whose shared memory
+  // cannot hold the stages, run the register kernel (norm_bwd_path says which ran).
+  int stages = 0;
 };
+
+constexpr int kMaxBwdStages = 4;
 
 // Forward: y (and residual_out = x + residual), mean (LayerNorm) and rstd. M == 0 launches nothing.
 cudaError_t norm_fwd(const NormFwdParams& p, cudaStream_t stream);

@@ -141,6 +141,197 @@ __global__ void __launch_bounds__(block_threads(TPR)) norm_bwd_reg_kernel(const 
   }
 }
 
+// ------------------------------------------------------------------------------------------------
+// The staged backward: the register kernel's arithmetic, with x, dy (and dres) of the next rows
+// copied into shared memory asynchronously while this row is computed. The register kernel holds a
+// row in registers from its load to its dx store, so its loads in flight per SM are bounded by how
+// many blocks fit in the register file (one or two rows at N >= 4096); here the registers hold only
+// the dweight/dbias partials and a row's loads are issued `stages - 1` rows ahead.
+//
+// Each thread copies, and later reads, only its own 16-byte vectors, so no block barrier guards the
+// staging buffers: cp.async.wait_group makes a thread's completed copies visible to that thread, and a
+// stage is overwritten only after the same thread has read it (program order; the asm statements are
+// compiler barriers). Before sm_80 the copies are plain synchronous loads and stores.
+// ------------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ void copy16_async(uint4* smem, const void* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+#else
+  *smem = *static_cast<const uint4*>(gmem);
+#endif
+}
+
+__device__ __forceinline__ void copy_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Wait until at most `pending` (0..kMaxBwdStages-1) of this thread's copy groups are still in flight.
+__device__ __forceinline__ void copy_async_wait(int pending) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  switch (pending) {
+    case 0: asm volatile("cp.async.wait_group 0;\n" ::: "memory"); break;
+    case 1: asm volatile("cp.async.wait_group 1;\n" ::: "memory"); break;
+    case 2: asm volatile("cp.async.wait_group 2;\n" ::: "memory"); break;
+    default: asm volatile("cp.async.wait_group 3;\n" ::: "memory"); break;
+  }
+  static_assert(kMaxBwdStages - 1 <= 3, "one wait_group immediate per possible depth");
+#endif
+}
+
+// Bytes of dynamic shared memory a staged backward uses: stages x buffers x items x threads x 16.
+__host__ __device__ constexpr int64_t staged_bytes(int stages, int bufs, int items, int threads) {
+  return static_cast<int64_t>(stages) * bufs * items * threads * 16;
+}
+
+template <typename T, typename W, bool RMS, int VEC, int TPR, int ITEMS, int N_CT>
+__global__ void __launch_bounds__(block_threads(TPR)) norm_bwd_staged_kernel(const NormBwdParams p) {
+  static_assert(VEC * sizeof(T) == 16, "staged rows move 16-byte vectors");
+  constexpr int kThreads = block_threads(TPR);
+  constexpr int kRows = rows_per_block(TPR);
+  constexpr int K = RMS ? 1 : 2;
+  __shared__ float red[kRows * (TPR / 32) * K];
+  extern __shared__ uint4 staged[];  // [stages][bufs][ITEMS][kThreads]
+
+  const RowGeometry<VEC, TPR, ITEMS, N_CT> geo(p.N);
+  const int row_in_block = geo.row_in_block;
+  const int64_t N = geo.N;
+  const float inv_n = geo.inv_n;
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const T* __restrict__ dy = static_cast<const T*>(p.dy);
+  const T* __restrict__ dres = static_cast<const T*>(p.dres);
+  const W* __restrict__ weight = static_cast<const W*>(p.weight);
+  T* __restrict__ dx = static_cast<T*>(p.dx);
+  const int stages = p.stages;
+  const bool with_dres = p.need_dx && dres != nullptr;
+  const int bufs = with_dres ? 3 : 2;
+  auto slot = [&](int s, int b, int i) -> uint4* {
+    return staged + ((s * bufs + b) * ITEMS + i) * kThreads + threadIdx.x;
+  };
+
+  // Every thread of the block walks the same number of row groups (uniform control for the reductions).
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kRows;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kRows;
+  const int64_t iters = first < p.M ? (p.M - first + step - 1) / step : 0;
+
+  // Copy the rows of iteration `it` into stage s; always commit a group (an empty one past the end),
+  // so that "this row's group is done" is always "at most stages - 1 groups pending".
+  auto issue = [&](int64_t it, int s) {
+    const int64_t row = first + it * step + row_in_block;
+    if (it < iters && row < p.M) {
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i) {
+        const int64_t u = geo.unit(i);
+        if (!geo.inside(u)) continue;
+        copy16_async(slot(s, 0, i), x + row * p.stride_x + u * VEC);
+        copy16_async(slot(s, 1, i), dy + row * p.stride_dy + u * VEC);
+        if (with_dres) copy16_async(slot(s, 2, i), dres + row * p.stride_dres + u * VEC);
+      }
+    }
+    copy_async_commit();
+  };
+
+  float dw_acc[ITEMS][VEC];
+  float db_acc[RMS ? 1 : ITEMS][VEC];
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i)
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      dw_acc[i][k] = 0.f;
+      if constexpr (!RMS) db_acc[i][k] = 0.f;
+    }
+
+  for (int s = 0; s < stages - 1; ++s) issue(s, s);
+  int s_use = 0, s_next = stages - 1;
+  int64_t row = first + row_in_block;
+  // the row statistics are loaded one row ahead, into registers
+  float rstd_next = (iters > 0 && row < p.M) ? p.rstd[row] : 0.f;
+  float mean_next = (!RMS && iters > 0 && row < p.M) ? p.mean[row] : 0.f;
+
+  for (int64_t it = 0; it < iters; ++it, row += step) {
+    issue(it + stages - 1, s_next);
+    s_next = s_next + 1 == stages ? 0 : s_next + 1;
+    const bool valid = row < p.M;
+    const float rstd = rstd_next, mean = mean_next;
+    if (row + step < p.M) {
+      rstd_next = p.rstd[row + step];
+      if constexpr (!RMS) mean_next = p.mean[row + step];
+    }
+    copy_async_wait(stages - 1);
+
+    if (p.need_dx) {  // uniform across the block
+      float c[K];
+#pragma unroll
+      for (int j = 0; j < K; ++j) c[j] = 0.f;
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i) {
+        const int64_t u = geo.unit(i);
+        if (!valid || !geo.inside(u)) continue;
+        float xv[VEC], g[VEC], w[VEC];
+        load_vec_f32<T, VEC>(reinterpret_cast<const T*>(slot(s_use, 0, i)), xv);
+        load_vec_f32<T, VEC>(reinterpret_cast<const T*>(slot(s_use, 1, i)), g);
+        load_affine<W, VEC>(weight, u * VEC, 1.f, w);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const float wdy = g[k] * w[k];
+          c[0] = fmaf((xv[k] - mean) * rstd, wdy, c[0]);
+          if constexpr (!RMS) c[1] += wdy;
+        }
+      }
+      row_allreduce<TPR, K>(c, red, row_in_block, geo.lane);
+      const float c1 = c[0] * inv_n;
+      const float c2 = RMS ? 0.f : c[K - 1] * inv_n;
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i) {
+        const int64_t u = geo.unit(i);
+        if (!valid || !geo.inside(u)) continue;
+        float xh[VEC], g[VEC];
+        load_vec_f32<T, VEC>(reinterpret_cast<const T*>(slot(s_use, 0, i)), xh);
+        load_vec_f32<T, VEC>(reinterpret_cast<const T*>(slot(s_use, 1, i)), g);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) xh[k] = (xh[k] - mean) * rstd;
+        const T* r = with_dres ? reinterpret_cast<const T*>(slot(s_use, 2, i)) : nullptr;
+        store_dx<T, W, VEC>(dx + row * N + u * VEC, xh, g, weight, u * VEC, r, r, c1, c2, rstd);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          dw_acc[i][k] = fmaf(g[k], xh[k], dw_acc[i][k]);
+          if constexpr (!RMS) db_acc[i][k] += g[k];
+        }
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i) {
+        const int64_t u = geo.unit(i);
+        if (!valid || !geo.inside(u)) continue;
+        float xh[VEC], g[VEC];
+        load_vec_f32<T, VEC>(reinterpret_cast<const T*>(slot(s_use, 0, i)), xh);
+        load_vec_f32<T, VEC>(reinterpret_cast<const T*>(slot(s_use, 1, i)), g);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          dw_acc[i][k] = fmaf(g[k], (xh[k] - mean) * rstd, dw_acc[i][k]);
+          if constexpr (!RMS) db_acc[i][k] += g[k];
+        }
+      }
+    }
+    s_use = s_use + 1 == stages ? 0 : s_use + 1;
+  }
+  copy_async_wait(0);  // only empty groups can be left; nothing may be in flight when the block exits
+
+  const int64_t prow = static_cast<int64_t>(blockIdx.x) * kRows + row_in_block;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int64_t u = geo.unit(i);
+    if (!geo.inside(u)) continue;
+    if (p.need_dw) store_vec<float, VEC>(p.dw_partial + prow * N + u * VEC, dw_acc[i]);
+    if constexpr (!RMS) {
+      if (p.need_db) store_vec<float, VEC>(p.db_partial + prow * N + u * VEC, db_acc[i]);
+    }
+  }
+}
+
 template <typename T, typename W, bool RMS, int VEC>
 __global__ void __launch_bounds__(kWideThreads) norm_bwd_wide_kernel(const NormBwdParams p) {
   constexpr int K = RMS ? 1 : 2;
@@ -315,8 +506,70 @@ cudaError_t launch_bwd_wide(const NormBwdParams& p, cudaStream_t stream, bool la
   return cudaGetLastError();
 }
 
-#define MMFAST_BWD_SPECIAL(WIDTH) \
-  case WIDTH:                     \
+// Largest dynamic shared memory a block may opt into on the current device (cached per device).
+int64_t current_smem_optin() {
+  static int cache[kMaxDevices] = {0};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) return 0;
+  int n = 0;
+  if (dev < kMaxDevices && cache[dev] != 0) return cache[dev];
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) n = 0;
+  if (dev < kMaxDevices) cache[dev] = n;
+  return n;
+}
+
+// Shared-memory buffers per stage of a staged backward: x and dy, and the residual gradient when dx is wanted.
+inline int staged_bufs(const NormBwdParams& p) { return p.need_dx && p.dres != nullptr ? 3 : 2; }
+
+// Whether a backward with this configuration runs the staged kernel: stages asked for, a special width
+// with 16-byte vectors, and shared memory for the stages (1 KiB left for the static reduction buffer).
+bool staged_applies(const NormBwdParams& p, const Config& c) {
+  if (p.stages < 2 || c.path != Path::kSpecial || c.vec * dtype_size(p.act) != 16) return false;
+  const int64_t bytes = staged_bytes(p.stages, staged_bufs(p), c.items, block_threads(c.tpr));
+  return bytes + 1024 <= current_smem_optin();
+}
+
+// Run (or only size) the staged backward; the caller has checked staged_applies.
+template <typename T, typename W, bool RMS, int VEC, int TPR, int ITEMS, int N_CT>
+cudaError_t launch_bwd_staged(const NormBwdParams& p, cudaStream_t stream, bool launch, int64_t* partials) {
+  constexpr int kRows = rows_per_block(TPR);
+  constexpr int kThreads = block_threads(TPR);
+  constexpr int kShapes = (kMaxBwdStages - 1) * 2;  // (stages, bufs) pairs
+  static int occ_cache[kMaxDevices][kShapes] = {};
+  static int64_t smem_set[kMaxDevices] = {};
+  auto kernel = norm_bwd_staged_kernel<T, W, RMS, VEC, TPR, ITEMS, N_CT>;
+  const int bufs = staged_bufs(p);
+  const int64_t bytes = staged_bytes(p.stages, bufs, ITEMS, kThreads);
+  int dev = 0;
+  cudaGetDevice(&dev);
+  const int slot = (dev >= 0 && dev < kMaxDevices) ? dev : 0;
+  if (smem_set[slot] < bytes) {  // opt in to more than the default 48 KiB of dynamic shared memory
+    const cudaError_t e =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+    if (e != cudaSuccess) return e;
+    smem_set[slot] = bytes;
+  }
+  int& occ = occ_cache[slot][(p.stages - 2) * 2 + (bufs - 2)];
+  if (occ == 0) {
+    int n = 1;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, static_cast<size_t>(bytes)) !=
+            cudaSuccess ||
+        n < 1)
+      n = 1;
+    occ = n;
+  }
+  const int64_t blocks = persistent_blocks((p.M + kRows - 1) / kRows, occ);
+  *partials = blocks * kRows;
+  if (!launch) return cudaSuccess;
+  kernel<<<static_cast<unsigned>(blocks), kThreads, static_cast<size_t>(bytes), stream>>>(p);
+  return cudaGetLastError();
+}
+
+#define MMFAST_BWD_SPECIAL(WIDTH)                                                                                   \
+  case WIDTH:                                                                                                       \
+    if (staged_applies(p, c))                                                                                      \
+      return launch_bwd_staged<T, W, RMS, V, spec_tpr(WIDTH / V), spec_items(WIDTH / V), WIDTH>(p, s, launch,       \
+                                                                                               partials);         \
     return launch_bwd_reg<T, W, RMS, V, spec_tpr(WIDTH / V), spec_items(WIDTH / V), WIDTH>(p, s, launch, partials);
 
 template <typename T, typename W, bool RMS>
@@ -397,6 +650,7 @@ const char* config_name(const Config& c) {
 }  // namespace detail
 
 int64_t norm_bwd_num_partials(const NormBwdParams& p) {
+  if (p.stages != 0 && (p.stages < 2 || p.stages > kMaxBwdStages)) return -1;
   int64_t partials = 0;
   if (detail::bwd_run(p, nullptr, false, &partials) != cudaSuccess) return -1;
   return partials;
@@ -404,6 +658,7 @@ int64_t norm_bwd_num_partials(const NormBwdParams& p) {
 
 cudaError_t norm_bwd(const NormBwdParams& p, cudaStream_t stream) {
   if (p.M < 0 || p.N < 1) return cudaErrorInvalidValue;
+  if (p.stages != 0 && (p.stages < 2 || p.stages > kMaxBwdStages)) return cudaErrorInvalidValue;
   if (p.M == 0) return cudaSuccess;  // before the pointer checks: empty tensors have null data pointers
   if (p.x == nullptr || p.dy == nullptr || p.rstd == nullptr) return cudaErrorInvalidValue;
   if (!p.rms && p.mean == nullptr) return cudaErrorInvalidValue;
@@ -439,7 +694,12 @@ cudaError_t norm_sum_partials(const float* partial, int64_t P, int64_t N, void* 
 }
 
 const char* norm_bwd_path(const NormBwdParams& p) {
-  return detail::config_name(detail::choose_config(p.N, p.act, detail::bwd_vec_ok(p), /*backward=*/true));
+  const detail::Config c = detail::choose_config(p.N, p.act, detail::bwd_vec_ok(p), /*backward=*/true);
+  const char* name = detail::config_name(c);
+  if (!detail::staged_applies(p, c)) return name;
+  static thread_local char buf[64];  // valid until this thread's next call
+  snprintf(buf, sizeof(buf), "%s-staged%d", name, p.stages);
+  return buf;
 }
 
 }  // namespace mmfast

@@ -4,7 +4,7 @@
 # brings back 8).
 #
 #   bash scripts/gpu_check.sh [stage ...]      stages: cuda, tests, compile, overhead, bench-kernels,
-#                                              bench-model, tune-adapter, tune-norm, all (default: all but
+#                                              bench-model, tune-adapter, tune-norm, tune-cuda, all (default: all but
 #                                              the tune stages; each stage fits a 10-minute call)
 #
 # Time caps (seconds): MMFAST_TESTS_TIMEOUT (tests, default 420) and MMFAST_BENCH_BUDGET (a bench stage
@@ -15,7 +15,8 @@
 # tune-adapter: GPU time of alternative tile shapes of the adapter kernels (benchmarks/tune_adapter.py,
 # --quick unless MMFAST_TUNE_FULL=1: about 3 / 6 minutes), results in $OUT/tune/.
 # tune-norm: GPU time of alternative launches of the Triton norm kernels (benchmarks/tune_norm.py; --quick,
-# the goal widths only, unless MMFAST_TUNE_FULL=1), results in $OUT/tune-norm/.
+# the goal widths only, unless MMFAST_TUNE_FULL=1), results in $OUT/tune-norm/. tune-cuda: the same for
+# the CUDA C++ backward's shared-memory stages (0, 2, 3, 4), all widths, into $OUT/tune-norm/ too.
 #
 # cuda: build the CUDA C++ extension (on first use, cached in .mmfast-cache/, which the device tool keeps
 # between calls), compile-check it, and run the norm test matrix on the cuda backend. bench-kernels also
@@ -58,7 +59,7 @@ for stage in "${stages[@]}"; do
         rc=$?
         echo "build/load: $(( $(date +%s) - start )) s"
         [ "${MMFAST_CUDA_COMPILE_CHECK:-1}" = 0 ] || python3 -m mmfast.kernels.cuda_compile_check | tail -n 25
-        [ $rc -eq 0 ] && python3 -m pytest tests/test_norm.py tests/test_cuda_backend.py -q -p no:cacheprovider \
+        [ $rc -eq 0 ] && python3 -m pytest tests/test_norm.py tests/test_cuda_backend.py tests/test_cuda_staged.py -q -p no:cacheprovider \
           -k "${MMFAST_CUDA_TESTS:-cuda}" --durations=10 2>&1 | tail -n 30
         rc=$(( rc | ${PIPESTATUS[0]:-0} ))
       } > "$OUT/cuda.log" 2>&1
@@ -87,6 +88,11 @@ for stage in "${stages[@]}"; do
       quick=$([ "${MMFAST_TUNE_FULL:-0}" = 1 ] || echo --quick)
       # shellcheck disable=SC2086
       python3 benchmarks/tune_norm.py --out "$OUT/tune-norm" $quick 2>&1 | tee "$OUT/tune-norm/tune.log" | tail -n 16
+      rc=${PIPESTATUS[0]} ;;
+    tune-cuda)
+      # builds the CUDA C++ extension first if .mmfast-cache/ has no build for these sources (about a minute)
+      mkdir -p "$OUT/tune-norm"
+      python3 benchmarks/tune_norm.py --backend cuda --out "$OUT/tune-norm" 2>&1 | tee "$OUT/tune-norm/tune-cuda.log" | tail -n 16
       rc=${PIPESTATUS[0]} ;;
     bench-kernels|bench-model)
       suite=${stage#bench-}

@@ -118,6 +118,13 @@ def test_norm_tuner_smoke(tmp_path, capsys):
     for N in (768, 1024):
         for c in tune.candidates("bwd", N) + tune.candidates("fwd", N):
             assert 4 <= tune._per_thread(c.block_m, N, c.num_warps) <= 64
+    # the CUDA C++ mode needs a GPU and says so; its entries have BWD_STAGES' key and value
+    with pytest.raises(SystemExit, match="needs a GPU"):
+        tune.main(["--backend", "cuda", "--out", str(tmp_path)])
+    cuda = tune.CudaStages()
+    assert cuda.candidates("bwd", 4096, True) == [0, 2, 3, 4]
+    line = cuda.entry(["bwd", "rms", 4096, "16bit"], cuda.describe(3))
+    assert eval("{" + line.strip().rstrip(",") + "}") == {("rms", 4096, "16bit"): 3}
 
 def test_busy_time_counts_overlaps_once():
     from mmfast.bench.timing import busy_us

@@ -63,7 +63,8 @@ def test_cuda_sources_compile_for_sm90a():
     assert out.returncode == 0, out.stdout + out.stderr
     for f in ("norm_fwd.cu: ok", "norm_bwd.cu: ok", "binding.cpp: ok"):
         assert f in out.stdout
-    for family in ("norm_fwd_reg_kernel", "norm_fwd_wide_kernel", "norm_bwd_reg_kernel", "norm_bwd_wide_kernel",
+    for family in ("norm_fwd_reg_kernel", "norm_fwd_wide_kernel", "norm_bwd_reg_kernel", "norm_bwd_staged_kernel",
+                   "norm_bwd_wide_kernel",
                    "sum_partials_kernel"):
         assert family in out.stdout
 

@@ -23,6 +23,7 @@ The backend layer (:mod:`mmfast.ops.backend`) turns that into one warning and th
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import os
@@ -59,6 +60,14 @@ _state_lock = threading.Lock()
 _loaded: bool | None = None  # None: not tried yet
 _reason: str | None = None
 _origin: str | None = None  # "aot" or the build directory
+
+#: How many rows deep the CUDA C++ backward stages x and dy through shared memory (``stages`` of
+#: ``NormBwdParams`` in csrc/norm.h), per (norm, N, "16bit" | "fp32"): entries come only from a committed
+#: GPU run of ``benchmarks/tune_norm.py --backend cuda``; absent means 0, the register kernel.
+BWD_STAGES: dict[tuple[str, int, str], int] = {}
+#: Overrides BWD_STAGES for every shape (the tuner and the tests set it): 0, or 2..MAX_BWD_STAGES.
+STAGES_ENV = "MMFAST_CUDA_BWD_STAGES"
+MAX_BWD_STAGES = 4  # kMaxBwdStages in csrc/norm.h
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,8 +319,33 @@ def norm_fwd(x, weight, bias, residual, eps, rms):
     return y, _none_if_empty(h, residual is not None), _none_if_empty(mean, not rms), rstd
 
 
-def norm_bwd(dy, x, weight, mean, rstd, dresidual_out, rms, need_dx, need_dw, need_db, dw_dtype=None, db_dtype=None):
-    """See :func:`mmfast.kernels.norm.norm_bwd`."""
+def _check_stages(stages, source: str) -> int:
+    if isinstance(stages, bool) or not isinstance(stages, int) or not (stages == 0 or 2 <= stages <= MAX_BWD_STAGES):
+        raise ValueError(f"{source}: backward stages must be 0 or 2..{MAX_BWD_STAGES}, got {stages!r}")
+    return stages
+
+
+@functools.lru_cache(maxsize=8)
+def _env_stages(value: str) -> int:
+    try:
+        stages = int(value)
+    except ValueError:
+        stages = value
+    return _check_stages(stages, STAGES_ENV)
+
+
+def bwd_stages(rms: bool, N: int, dtype: torch.dtype) -> int:
+    """Shared-memory stages of the CUDA C++ backward for this shape: $MMFAST_CUDA_BWD_STAGES, else BWD_STAGES, else 0."""
+    env = os.environ.get(STAGES_ENV)
+    if env:
+        return _env_stages(env)
+    return BWD_STAGES.get(("rms" if rms else "ln", N, "fp32" if dtype == torch.float32 else "16bit"), 0)
+
+
+def norm_bwd(dy, x, weight, mean, rstd, dresidual_out, rms, need_dx, need_dw, need_db, dw_dtype=None, db_dtype=None,
+             stages=None):
+    """See :func:`mmfast.kernels.norm.norm_bwd`; ``stages``: see :func:`bwd_stages` (None: that choice)."""
+    stages = bwd_stages(rms, x.shape[-1], x.dtype) if stages is None else _check_stages(stages, "stages")
     if need_dw and weight is None:
         raise ValueError("need_dw requires a weight")
     if need_dw and dw_dtype is None:
@@ -320,11 +354,14 @@ def norm_bwd(dy, x, weight, mean, rstd, dresidual_out, rms, need_dx, need_dw, ne
         db_dtype = dw_dtype or x.dtype
     weight = None if weight is None else weight.contiguous()
     dx, dw, db = torch.ops.mmfast_cuda.norm_bwd(
-        dy, x, weight, None if rms else mean, rstd, dresidual_out, rms, need_dx, need_dw, need_db, dw_dtype, db_dtype
+        dy, x, weight, None if rms else mean, rstd, dresidual_out, rms, need_dx, need_dw, need_db, dw_dtype, db_dtype,
+        stages
     )
     return _none_if_empty(dx, need_dx), _none_if_empty(dw, need_dw), _none_if_empty(db, need_db)
 
 
-def norm_path(x, weight, bias, residual, rms, backward=False) -> str:
-    """Which CUDA kernel runs these inputs (``special-4096``, ``register-v8-t128``, ``wide-v1``, ...)."""
-    return torch.ops.mmfast_cuda.norm_path(x, weight, bias, residual, rms, backward)
+def norm_path(x, weight, bias, residual, rms, backward=False, stages=None) -> str:
+    """Which CUDA kernel runs these inputs (``special-4096``, ``special-4096-staged3``, ``register-v8-t128``,
+    ``wide-v1``, ...); ``stages`` as for :func:`norm_bwd`."""
+    stages = bwd_stages(rms, x.shape[-1], x.dtype) if stages is None else _check_stages(stages, "stages")
+    return torch.ops.mmfast_cuda.norm_path(x, weight, bias, residual, rms, backward, stages)

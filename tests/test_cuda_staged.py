@@ -1,0 +1,118 @@
+"""The CUDA C++ backward's shared-memory staging (``stages`` in csrc/norm.h, ``MMFAST_CUDA_BWD_STAGES``).
+
+On CPU: how the number of stages is chosen and validated. On a GPU: every special width, dtype pair,
+residual and stage count against the float64 reference (accuracy.py) with enough rows that each block
+walks more rows than it has stages, the path name saying that the staged kernel ran, and dx bit-identical
+to the register kernel's (the per-row arithmetic is the same; dweight's partial rows may be grouped
+differently, so it is held to the float64 reference instead).
+"""
+
+import pytest
+import torch
+
+from mmfast.kernels import _device, cuda_ext
+from norm_cases import DTYPES, check_case, make_case
+
+GPU = torch.cuda.is_available()
+needs_gpu = pytest.mark.skipif(not GPU, reason="the CUDA C++ kernels run on a GPU only")
+SPECIAL = [768, 1024, 1280, 4096, 5120, 8192]
+
+
+def on_gpu(values: list) -> list:
+    """The full parameter list on a GPU; on CPU one value, so that a GPU-only test shows as one skip."""
+    return values if GPU else values[:1]
+
+
+def test_stage_choice_env_then_table_then_zero(monkeypatch):
+    monkeypatch.delenv(cuda_ext.STAGES_ENV, raising=False)
+    monkeypatch.setattr(cuda_ext, "BWD_STAGES", {("rms", 4096, "16bit"): 3})
+    assert cuda_ext.bwd_stages(True, 4096, torch.bfloat16) == 3
+    assert cuda_ext.bwd_stages(True, 4096, torch.float16) == 3
+    assert cuda_ext.bwd_stages(True, 4096, torch.float32) == 0
+    assert cuda_ext.bwd_stages(False, 4096, torch.bfloat16) == 0
+    monkeypatch.setenv(cuda_ext.STAGES_ENV, "2")
+    assert cuda_ext.bwd_stages(True, 4096, torch.bfloat16) == 2
+    assert cuda_ext.bwd_stages(False, 77, torch.float32) == 2
+
+
+@pytest.mark.parametrize("bad", ["1", "5", "-2", "two", "2.5"])
+def test_bad_stage_counts_are_errors(monkeypatch, bad):
+    monkeypatch.setenv(cuda_ext.STAGES_ENV, bad)
+    with pytest.raises(ValueError, match=cuda_ext.STAGES_ENV):
+        cuda_ext.bwd_stages(True, 4096, torch.bfloat16)
+    monkeypatch.delenv(cuda_ext.STAGES_ENV)
+    with pytest.raises(ValueError, match="stages"):
+        cuda_ext._check_stages(True, "stages")
+
+
+def _fits(N: int, dtype: torch.dtype, stages: int, bufs: int) -> bool:
+    """Whether the staged kernel's shared memory fits (the same geometry as csrc/norm_common.cuh)."""
+    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    units = N // vec
+    items = 5 if units % 5 == 0 else (3 if units % 3 == 0 else 4)
+    threads = max(units // items, 128)
+    optin = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+    return stages * bufs * items * threads * 16 + 1024 <= optin
+
+
+def _rows(N: int, dtype: torch.dtype) -> int:
+    """Enough rows that every block of the persistent grid walks at least six of its row groups."""
+    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    units = N // vec
+    items = 5 if units % 5 == 0 else (3 if units % 3 == 0 else 4)
+    rows_per_block = max(128 // (units // items), 1)
+    return 6 * _device.sm_count(torch.device("cuda")) * 4 * rows_per_block + 5
+
+
+@pytest.fixture
+def cuda_backend(monkeypatch):
+    assert cuda_ext.load(), f"the CUDA C++ backend did not load: {cuda_ext.unavailable_reason()}"
+    monkeypatch.setenv("MMFAST_BACKEND", "cuda")
+
+
+@needs_gpu
+@pytest.mark.parametrize("stages", on_gpu([2, 3, 4]))
+@pytest.mark.parametrize("residual", on_gpu([False, True]), ids=["plain", "residual"][: 2 if GPU else 1])
+@pytest.mark.parametrize("N", on_gpu(SPECIAL))
+@pytest.mark.parametrize("dtypes", on_gpu(list(DTYPES)))
+@pytest.mark.parametrize("kind", on_gpu(["rms", "ln"]))
+def test_staged_backward(kind, dtypes, N, residual, stages, cuda_backend, monkeypatch, seed):
+    monkeypatch.setenv(cuda_ext.STAGES_ENV, str(stages))
+    dtype = DTYPES[dtypes][0]
+    case = make_case(kind, (_rows(N, dtype),), N, dtypes, residual=residual, device="cuda")
+    path = cuda_ext.norm_path(case.x.detach(), case.weight, case.bias, case.residual, kind == "rms", backward=True)
+    if _fits(N, dtype, stages, 3 if residual else 2):
+        assert path == f"special-{N}-staged{stages}"
+    else:
+        assert path == f"special-{N}", "a staging that does not fit in shared memory runs the register kernel"
+    check_case(case, seed)
+
+
+@needs_gpu
+@pytest.mark.parametrize("M", on_gpu([0, 1, 3, 1000]))
+@pytest.mark.parametrize("kind", on_gpu(["rms", "ln"]))
+def test_staged_backward_few_rows_and_parameter_grads_only(kind, M, cuda_backend, monkeypatch, seed):
+    """Fewer rows than stages (empty copy groups), and a backward that wants dweight/dbias but no dx."""
+    monkeypatch.setenv(cuda_ext.STAGES_ENV, "4")
+    check_case(make_case(kind, (M,), 4096, "bf16-fp32w", residual=True, device="cuda"), seed)
+    case = make_case(kind, (M,), 4096, "bf16-fp32w", device="cuda")
+    case.x = case.x.detach()
+    check_case(case, seed)
+
+
+@needs_gpu
+@pytest.mark.parametrize("N", on_gpu(SPECIAL))
+@pytest.mark.parametrize("kind", on_gpu(["rms", "ln"]))
+def test_staged_dx_is_bit_identical_to_the_register_kernel(kind, N, cuda_backend):
+    M = _rows(N, torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(N)
+    x = torch.randn(M, N, device="cuda", generator=g).bfloat16()
+    dy = torch.randn(M, N, device="cuda", generator=g).bfloat16()
+    dres = torch.randn(M, N, device="cuda", generator=g).bfloat16()
+    w = 1 + 0.1 * torch.randn(N, device="cuda", generator=g)
+    b = None if kind == "rms" else 0.1 * torch.randn(N, device="cuda", generator=g)
+    rms = kind == "rms"
+    _, _, mean, rstd = cuda_ext.norm_fwd(x, w, b, None, 1e-6, rms)
+    outs = {s: cuda_ext.norm_bwd(dy, x, w, mean, rstd, dres, rms, True, True, not rms, stages=s) for s in (0, 2, 3)}
+    for s in (2, 3):
+        assert torch.equal(outs[s][0], outs[0][0]), f"dx of {s} stages differs from the register kernel's"
