@@ -8,6 +8,7 @@ from .ops.adapter import mma_adapter
 from .ops.backend import use_backend
 from .ops.loss import linear_cross_entropy
 from .ops.norm import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
+from .ops.quick_gelu import quick_gelu
 from .ops.swiglu import swiglu
 from .patching import PatchReport, disabled
 from .tuning import load_trainable, save_trainable
@@ -28,6 +29,7 @@ __all__ = [
     "layer_norm_reference",
     "linear_cross_entropy",
     "mma_adapter",
+    "quick_gelu",
     "rms_norm",
     "rms_norm_reference",
     "swiglu",

@@ -1,5 +1,6 @@
-"""The fused SwiGLU gate in patched models (mmfast.patching.mlp): which MLPs take it, accuracy at model
-level (rule: model_accuracy.py), LoRA on the projections, opt-out, unpatch, disable, foreign patches."""
+"""Fused MLP activations in patched models (mmfast.patching.mlp): the SwiGLU gate of LLaMA MLPs and
+CLIP's QuickGELU; which MLPs take them, accuracy at model level (rule: model_accuracy.py), LoRA on the
+projections, opt-out, unpatch, disable, foreign patches."""
 
 import copy
 import functools
@@ -31,7 +32,7 @@ def test_llama_mlps_take_the_fused_gate(dtype, seed):
     plain = copy.deepcopy(model)
     report = mmfast.patch(model, fused_loss=False, verbose=False)
     assert report.mlps == ["model.layers.0.mlp", "model.layers.1.mlp"]
-    assert "fused SwiGLU: 2 MLPs" in report.summary() and "layers.*.mlp" in str(report)
+    assert "fused MLP activations: 2 MLPs, 2 swiglu" in report.summary() and "layers.*.mlp" in str(report)
     assert "mmfast=swiglu" in repr(model.model.layers[0].mlp)
     assert not report.skipped
     draws = []
@@ -41,9 +42,39 @@ def test_llama_mlps_take_the_fused_gate(dtype, seed):
     assert_model_accurate_over_draws(draws, seed)
 
 
-def test_llava_language_model_mlps(seed):
-    report = mmfast.patch(build("llava", seed), verbose=False)
-    assert report.mlps == [f"model.language_model.layers.{i}.mlp" for i in range(2)]  # CLIP's MLPs are not SwiGLU
+def test_llava_mlps_of_both_towers(seed):
+    model = build("llava", seed)
+    report = mmfast.patch(model, verbose=False)
+    clip = [f"model.vision_tower.encoder.layers.{i}.mlp" for i in range(2)]
+    llama = [f"model.language_model.layers.{i}.mlp" for i in range(2)]
+    assert sorted(report.mlps) == sorted(clip + llama)
+    assert {report.kinds[p] for p in clip} == {"quick_gelu"} and {report.kinds[p] for p in llama} == {"swiglu"}
+    assert "4 MLPs, 2 quick_gelu, 2 swiglu" in report.summary()
+    assert "mmfast=quick_gelu" in repr(model.model.vision_tower.encoder.layers[0].mlp)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_clip_mlps_take_the_fused_quick_gelu(dtype, seed):
+    model = build("clip-vision", seed, dtype=dtype)
+    ref_model = copy.deepcopy(model).double()
+    plain = copy.deepcopy(model)
+    report = mmfast.patch(model, verbose=False)
+    assert report.mlps == [f"encoder.layers.{i}.mlp" for i in range(2)]
+    assert {report.kinds[p] for p in report.mlps} == {"quick_gelu"} and not report.skipped
+    draws = [draw(model, plain, ref_model, batch("clip-vision", seed + i)) for i in range(DRAWS)]
+    assert_model_accurate_over_draws(draws, seed)
+
+
+def test_clip_with_another_activation_is_skipped_with_the_reason(seed):
+    from transformers import CLIPVisionModel
+
+    from tiny_models import clip_vision_config
+
+    torch.manual_seed(seed)
+    model = CLIPVisionModel(clip_vision_config(hidden_act="gelu"))
+    report = mmfast.patch(model, verbose=False)
+    assert report.mlps == []
+    assert "not QuickGELU" in dict(report.skipped)["encoder.layers.0.mlp"]
 
 
 def test_lora_on_the_projections(seed):
@@ -79,7 +110,7 @@ def test_opt_out_unpatch_and_disable(seed):
     mlp = model.model.layers[0].mlp
 
     report = mmfast.patch(model, fused_mlp=False, verbose=False)
-    assert report.mlps is None and "fused SwiGLU: off" in report.summary() and "forward" not in vars(mlp)
+    assert report.mlps is None and "fused MLP activations: off" in report.summary() and "forward" not in vars(mlp)
 
     assert mmfast.patch(model, verbose=False).mlps and "forward" in vars(mlp)
     with mmfast.disabled(), torch.no_grad():

@@ -32,7 +32,10 @@ def test_patched_matches_unpatched(kind, seed):
     plain = copy.deepcopy(model)
     report = mmfast.patch(model, verbose=False)
     assert {report.kinds[p] for p in report.patched} == EXPECTED_PATCHED[kind]
-    assert not report.skipped
+    if kind == "siglip-vision":  # SigLIP's MLPs have CLIP's forward with a tanh GELU: named, left alone
+        assert report.skipped and all("not QuickGELU" in reason for _, reason in report.skipped)
+    else:
+        assert not report.skipped
     draws = []  # pooled: a tiny model's gradients are a few hundred numbers, one draw is a noisy sample
     for i in range(4):
         inputs = batch(kind, seed + i)

@@ -1,7 +1,7 @@
 """Fused forwards for MLP modules, written against the module's own submodules.
 
 Bound onto instances by :mod:`mmfast.patching.mlp`; the projections stay the module's own (plain
-``nn.Linear``, PEFT's LoRA wrappers, quantised linears), only the gate between them is fused.
+``nn.Linear``, PEFT's LoRA wrappers, quantised linears), only the activation between them is fused.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..ops.quick_gelu import quick_gelu
 from ..ops.swiglu import swiglu
 
 
@@ -20,3 +21,8 @@ def llama_mlp_forward(module: nn.Module, x: Tensor) -> Tensor:
         dt = torch.promote_types(gate.dtype, up.dtype)
         gate, up = gate.to(dt), up.to(dt)
     return module.down_proj(swiglu(gate, up))
+
+
+def clip_mlp_forward(module: nn.Module, x: Tensor) -> Tensor:
+    """``CLIPMLP.forward`` with a QuickGELU ``activation_fn``: ``fc2(quick_gelu(fc1(x)))``."""
+    return module.fc2(quick_gelu(module.fc1(x)))

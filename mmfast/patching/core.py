@@ -173,7 +173,8 @@ class PatchReport:
     all_params: int = 0
     #: the fused LM-head loss: "on", "off" (not asked for), or why it could not be installed
     fused_loss: str = "off"
-    #: MLP module paths whose SwiGLU gate is fused (:mod:`mmfast.patching.mlp`); None: not asked for
+    #: MLP module paths whose activation is fused (:mod:`mmfast.patching.mlp`; the family, "swiglu" or
+    #: "quick_gelu", in ``kinds``); None: not asked for
     mlps: Optional[list[str]] = None
 
     def trainable_line(self) -> str:
@@ -184,13 +185,17 @@ class PatchReport:
 
     def summary(self) -> str:
         tuning = f", tuning {self.tuning}" if self.tuning else ""
-        mlp = "off" if self.mlps is None else f"{len(self.mlps)} MLPs"
+        if self.mlps is None:
+            mlp = "off"
+        else:
+            per_kind = Counter(self.kinds.get(p, "?") for p in self.mlps)
+            mlp = f"{len(self.mlps)} MLPs" + "".join(f", {n} {k}" for k, n in sorted(per_kind.items()))
         return (f"mmfast.patch: {len(self.patched)} norm modules patched, {len(self.skipped)} skipped "
-                f"(backend {self.backend}{tuning}); fused SwiGLU: {mlp}; fused LM-head loss: {self.fused_loss}")
+                f"(backend {self.backend}{tuning}); fused MLP activations: {mlp}; fused LM-head loss: {self.fused_loss}")
 
     def __str__(self) -> str:
         groups = Counter((re.sub(r"\.\d+\.", ".*.", p), self.kinds[p]) for p in self.patched)
-        groups.update((re.sub(r"\.\d+\.", ".*.", p), "swiglu") for p in self.mlps or ())
+        groups.update((re.sub(r"\.\d+\.", ".*.", p), self.kinds.get(p, "?")) for p in self.mlps or ())
         rows = [(pattern, kind, str(n)) for (pattern, kind), n in groups.items()]
         rows += [(path, "skipped", reason) for path, reason in self.skipped]
         w0 = max([len("module")] + [len(r[0]) for r in rows])

@@ -1,12 +1,19 @@
-"""The fused SwiGLU gate in LLaMA-style MLPs (:func:`mmfast.ops.swiglu`): an instance-level forward swap.
+"""Fused MLP activations (:func:`mmfast.ops.swiglu`, :func:`mmfast.ops.quick_gelu`): instance-level forward swaps.
 
-A module is a candidate when its class's forward is ``LlamaMLP.forward``'s code (LLaMA, Mistral,
-Qwen2/3, LLaVA's language model and the other classes copied from it). It is patched when its
-``act_fn`` is SiLU (``hidden_act`` "silu" / "swish"); a candidate with another activation (GELU, say)
-is reported as skipped with the reason. The projections are left alone: the patched forward calls the
-module's own ``gate_proj``, ``up_proj`` and ``down_proj``, so LoRA or other wrappers on them keep
-working. Same rules as the norms (:mod:`mmfast.patching.core`): the instance's ``forward`` only, no
-stacking on another library's patch, ``mmfast.disabled()`` runs the original, ``unpatch`` restores it.
+Two families, each a class-forward code and the activation it needs:
+
+* ``swiglu``: classes whose forward is ``LlamaMLP.forward``'s code (LLaMA, Mistral, Qwen2/3, LLaVA's
+  language model and the other classes copied from it), patched when ``act_fn`` is SiLU (``hidden_act``
+  "silu" / "swish");
+* ``quick_gelu``: classes whose forward is ``CLIPMLP.forward``'s code (CLIP's and LLaVA's vision tower,
+  and the many vision MLPs copied from it), patched when ``activation_fn`` is QuickGELU (``hidden_act``
+  "quick_gelu").
+
+A candidate with another activation (Gemma's GELU, SigLIP's tanh GELU) is reported as skipped with the
+reason. The projections are left alone: the patched forward calls the module's own projections, so LoRA
+or other wrappers on them keep working. Same rules as the norms (:mod:`mmfast.patching.core`): the
+instance's ``forward`` only, no stacking on another library's patch, ``mmfast.disabled()`` runs the
+original, ``unpatch`` restores it.
 """
 
 from __future__ import annotations
@@ -17,18 +24,26 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from ..nn.mlp import llama_mlp_forward
+from ..nn.mlp import clip_mlp_forward, llama_mlp_forward
 from .core import _ATTR, PatchReport, _foreign_patch, _install, is_patched, unpatch_where
 from .table import _code_key
 
 
-@dataclasses.dataclass(frozen=True)
-class MlpFamily:
-    kind: str
-    forward: Callable
+def _plain_instance_of(act: object, cls: type) -> bool:
+    """``act`` is exactly ``cls`` with the library's own forward (no subclass, no instance or hub override)."""
+    return type(act) is cls and "forward" not in vars(act) and type(act).forward.__module__ == cls.__module__
 
 
-SWIGLU = MlpFamily("swiglu", llama_mlp_forward)
+def _is_silu(act: object) -> bool:
+    from transformers.activations import SiLUActivation
+
+    return type(act) is nn.SiLU or _plain_instance_of(act, SiLUActivation)
+
+
+def _is_quick_gelu(act: object) -> bool:
+    from transformers.activations import QuickGELUActivation
+
+    return _plain_instance_of(act, QuickGELUActivation)
 
 
 @functools.lru_cache(maxsize=None)
@@ -38,52 +53,75 @@ def _llama_mlp_key() -> tuple:
     return _code_key(LlamaMLP.forward)
 
 
-def is_candidate(m: nn.Module) -> bool:
-    """Whether ``m``'s class forward is LlamaMLP's: ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``."""
-    fwd = getattr(type(m), "forward", None)
-    return fwd is not None and _code_key(fwd) == _llama_mlp_key()
+@functools.lru_cache(maxsize=None)
+def _clip_mlp_key() -> tuple:
+    from transformers.models.clip.modeling_clip import CLIPMLP
+
+    return _code_key(CLIPMLP.forward)
 
 
-def _is_silu(act: object) -> bool:
-    if type(act) is nn.SiLU:
-        return True
-    from transformers.activations import SiLUActivation
+@dataclasses.dataclass(frozen=True)
+class MlpFamily:
+    kind: str
+    forward: Callable
+    code_key: Callable[[], tuple]  # the class forward's code this family replaces
+    act_attr: str
+    act_ok: Callable[[object], bool]
+    act_name: str
+    projections: tuple[str, ...]
 
-    return type(act) is SiLUActivation and "forward" not in vars(act) \
-        and type(act).forward.__module__ == SiLUActivation.__module__
+    def matches(self, m: nn.Module) -> bool:
+        fwd = getattr(type(m), "forward", None)
+        return fwd is not None and _code_key(fwd) == self.code_key()
 
 
-def unsupported_reason(m: nn.Module) -> Optional[str]:
-    """None when the candidate ``m`` can take the fused gate, else why not."""
-    act = getattr(m, "act_fn", None)
-    if not _is_silu(act):
-        return f"act_fn is {type(act).__name__}, not SiLU: the fused gate is silu(gate) * up"
-    for name in ("gate_proj", "up_proj", "down_proj"):
+SWIGLU = MlpFamily("swiglu", llama_mlp_forward, _llama_mlp_key, "act_fn", _is_silu, "SiLU",
+                   ("gate_proj", "up_proj", "down_proj"))
+QUICK_GELU = MlpFamily("quick_gelu", clip_mlp_forward, _clip_mlp_key, "activation_fn", _is_quick_gelu, "QuickGELU",
+                       ("fc1", "fc2"))
+FAMILIES = (SWIGLU, QUICK_GELU)
+
+
+def family_of(m: nn.Module) -> Optional[MlpFamily]:
+    """The family whose class forward ``m`` has (whatever its activation), or None."""
+    return next((f for f in FAMILIES if f.matches(m)), None)
+
+
+def unsupported_reason(m: nn.Module, fam: MlpFamily) -> Optional[str]:
+    """None when the candidate ``m`` of ``fam`` can take the fused activation, else why not."""
+    act = getattr(m, fam.act_attr, None)
+    if not fam.act_ok(act):
+        return f"{fam.act_attr} is {type(act).__name__}, not {fam.act_name}: the fused {fam.kind} needs {fam.act_name}"
+    for name in fam.projections:
         if not isinstance(getattr(m, name, None), nn.Module):
             return f"{name} is not a module"
     return _foreign_patch(m)
 
 
 def patch_mlps(model: nn.Module, report: PatchReport) -> PatchReport:
-    """Fuse the gate of every supported MLP in ``model`` (idempotent); paths go to ``report.mlps``,
-    candidates that cannot take it to ``report.skipped``."""
+    """Fuse the activation of every supported MLP in ``model`` (idempotent); paths go to ``report.mlps``
+    (their family in ``report.kinds``), candidates that cannot take it to ``report.skipped``."""
     report.mlps = []
     for path, module in model.named_modules(remove_duplicate=True):
         if is_patched(module):
-            if module.__dict__[_ATTR].family is SWIGLU:
+            fam = module.__dict__[_ATTR].family
+            if fam in FAMILIES:
                 report.mlps.append(path)
+                report.kinds[path] = fam.kind
             continue
-        if not is_candidate(module):
+        fam = family_of(module)
+        if fam is None:
             continue
-        reason = unsupported_reason(module)
+        reason = unsupported_reason(module, fam)
         if reason is not None:
             report.skipped.append((path, reason))
             continue
-        _install(module, SWIGLU)
+        _install(module, fam)
         report.mlps.append(path)
+        report.kinds[path] = fam.kind
     return report
 
 
 def unpatch_mlps(model: nn.Module) -> int:
-    """Restore the original forward of every MLP with the fused gate; returns how many."""
-    return unpatch_where(model, lambda fam: fam is SWIGLU)
+    """Restore the original forward of every MLP with a fused activation; returns how many."""
+    return unpatch_where(model, lambda fam: fam in FAMILIES)
