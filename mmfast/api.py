@@ -81,7 +81,8 @@ def patch(
     training loss without materialising the logits (LLaMA / LLaVA; :mod:`mmfast.patching.loss`): a
     forward with ``labels`` under autograd then returns ``logits=None``. ``fused_mlp`` fuses the SwiGLU
     gate of LLaMA-style MLPs (:func:`mmfast.swiglu`: it keeps two of the three gate activations the
-    unfused MLP keeps for backward). Returns a :class:`PatchReport`; with
+    unfused MLP keeps for backward) and CLIP's QuickGELU (:func:`mmfast.quick_gelu`: it keeps one of
+    two). Returns a :class:`PatchReport`; with
     ``verbose`` its summary and trainable-parameter line are logged once, on rank 0.
     """
     if tuning not in TUNINGS:
