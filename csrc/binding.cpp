@@ -182,7 +182,8 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd(const Tensor& dy, const Tensor& x, c
                                        need_dx, need_dw, need_db);
   p.stages = static_cast<int>(stages);
   const int64_t P = mmfast::norm_bwd_num_partials(p);
-  TORCH_CHECK(P >= 0, "mmfast_cuda::norm_bwd: unsupported dtypes");
+  TORCH_CHECK(P >= 0, "mmfast_cuda::norm_bwd: unsupported dtypes, or the kernel's launch setup failed (",
+              cudaGetErrorString(cudaGetLastError()), ")");
   Tensor dw_part = need_dw ? at::empty({P, N}, fopts) : at::empty({0}, fopts);
   Tensor db_part = need_db ? at::empty({P, N}, fopts) : at::empty({0}, fopts);
   p.dx = need_dx ? dx.data_ptr() : nullptr;

@@ -157,7 +157,8 @@ __global__ void __launch_bounds__(block_threads(TPR)) norm_bwd_reg_kernel(const 
 __device__ __forceinline__ void copy16_async(uint4* smem, const void* gmem) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+  const size_t g = __cvta_generic_to_global(gmem);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(g) : "memory");
 #else
   *smem = *static_cast<const uint4*>(gmem);
 #endif
@@ -536,27 +537,28 @@ cudaError_t launch_bwd_staged(const NormBwdParams& p, cudaStream_t stream, bool 
   constexpr int kThreads = block_threads(TPR);
   constexpr int kShapes = (kMaxBwdStages - 1) * 2;  // (stages, bufs) pairs
   static int occ_cache[kMaxDevices][kShapes] = {};
-  static int64_t smem_set[kMaxDevices] = {};
+  static bool opted_in[kMaxDevices] = {};
   auto kernel = norm_bwd_staged_kernel<T, W, RMS, VEC, TPR, ITEMS, N_CT>;
   const int bufs = staged_bufs(p);
   const int64_t bytes = staged_bytes(p.stages, bufs, ITEMS, kThreads);
   int dev = 0;
   cudaGetDevice(&dev);
-  const int slot = (dev >= 0 && dev < kMaxDevices) ? dev : 0;
-  if (smem_set[slot] < bytes) {  // opt in to more than the default 48 KiB of dynamic shared memory
-    const cudaError_t e =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  const bool cached = dev >= 0 && dev < kMaxDevices;  // devices past the caches query every time
+  if (!cached || !opted_in[dev]) {
+    // Opt in to the most dynamic shared memory staged_applies ever accepts on this device: one value
+    // for every caller, so concurrent first launches cannot leave a smaller limit behind.
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(current_smem_optin() - 1024));
     if (e != cudaSuccess) return e;
-    smem_set[slot] = bytes;
+    if (cached) opted_in[dev] = true;
   }
-  int& occ = occ_cache[slot][(p.stages - 2) * 2 + (bufs - 2)];
+  int occ = cached ? occ_cache[dev][(p.stages - 2) * 2 + (bufs - 2)] : 0;
   if (occ == 0) {
-    int n = 1;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, static_cast<size_t>(bytes)) !=
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, kThreads, static_cast<size_t>(bytes)) !=
             cudaSuccess ||
-        n < 1)
-      n = 1;
-    occ = n;
+        occ < 1)
+      occ = 1;
+    if (cached) occ_cache[dev][(p.stages - 2) * 2 + (bufs - 2)] = occ;
   }
   const int64_t blocks = persistent_blocks((p.M + kRows - 1) / kRows, occ);
   *partials = blocks * kRows;
@@ -694,6 +696,7 @@ cudaError_t norm_sum_partials(const float* partial, int64_t P, int64_t N, void* 
 }
 
 const char* norm_bwd_path(const NormBwdParams& p) {
+  if (p.stages != 0 && (p.stages < 2 || p.stages > kMaxBwdStages)) return "invalid-stages";
   const detail::Config c = detail::choose_config(p.N, p.act, detail::bwd_vec_ok(p), /*backward=*/true);
   const char* name = detail::config_name(c);
   if (!detail::staged_applies(p, c)) return name;
