@@ -96,7 +96,7 @@ for stage in "${stages[@]}"; do
       rc=${PIPESTATUS[0]} ;;
     bench-kernels|bench-model)
       suite=${stage#bench-}
-      ops=$([ "$suite" = model ] && echo model || echo rms_norm,layer_norm,mma_adapter)
+      ops=$([ "$suite" = model ] && echo model || echo rms_norm,layer_norm,mma_adapter,swiglu,quick_gelu)
       dir="$OUT/bench-$suite"
       extra=$([ "$suite" = kernels ] && echo "--backend-table $dir/backend_table.json")
       mkdir -p "$dir"

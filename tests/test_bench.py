@@ -14,7 +14,7 @@ from mmfast.bench import adapter as adapter_bench
 from mmfast.bench import norm as norm_bench
 from mmfast.bench.__main__ import main
 from mmfast.bench import swiglu as swiglu_bench
-from mmfast.bench.cases import AdapterCase, NormCase, SwiGLUCase
+from mmfast.bench.cases import AdapterCase, NormCase, QuickGELUCase, SwiGLUCase
 
 FIELDS = {"op", "provider", "direction", "dtype", "M", "N", "ms", "gbps", "frac_of_copy", "peak_mem_bytes",
           "device", "torch", "triton", "commit"}
@@ -29,7 +29,8 @@ def test_bench_quick_run(tmp_path, capsys):
     records = data["records"]
     kernel = [r for r in records if r["direction"] != "train-step"]
     model = [r for r in records if r["direction"] == "train-step"]
-    assert {r["op"] for r in kernel} == {"rms_norm", "rms_norm+residual", "layer_norm", "mma_adapter", "swiglu"}
+    assert {r["op"] for r in kernel} == {"rms_norm", "rms_norm+residual", "layer_norm", "mma_adapter", "swiglu",
+                                         "quick_gelu"}
     assert {r["provider"] for r in kernel} >= {"hf-eager", "torch-native", "torch.compile", "lavin-eager"}
     assert any(r["provider"].startswith("mmfast-") for r in kernel)
     assert {r["direction"] for r in kernel} == {"fwd", "bwd", "fwd+bwd"}
@@ -60,22 +61,27 @@ def test_byte_model():
     assert a.bytes_moved("fwd") == 2 * 2 * 10 * 64 and a.bytes_moved("bwd") == 3 * 2 * 10 * 64
     s = SwiGLUCase(10, 64, torch.bfloat16)
     assert s.bytes_moved("fwd") == 3 * 2 * 10 * 64 and s.bytes_moved("bwd") == 5 * 2 * 10 * 64
+    q = QuickGELUCase(10, 64, torch.bfloat16)
+    assert q.bytes_moved("fwd") == 2 * 2 * 10 * 64 and q.bytes_moved("bwd") == 3 * 2 * 10 * 64
 
 
 @pytest.mark.parametrize("case", [NormCase("rms_norm", 12, 96, torch.float32, residual=True),
                                   NormCase("layer_norm", 12, 96, torch.float32),
-                                  AdapterCase(2, 6, 96, torch.float32), SwiGLUCase(12, 96, torch.float32)],
+                                  AdapterCase(2, 6, 96, torch.float32), SwiGLUCase(12, 96, torch.float32),
+                                  QuickGELUCase(12, 96, torch.float32)],
                          ids=lambda c: c.name)
 def test_providers_compute_the_same_function(case, device):
     """Every provider times the same computation (same parameters, same inputs): in fp32 they differ
     only by summation order."""
-    bench = {AdapterCase: adapter_bench, SwiGLUCase: swiglu_bench}.get(type(case), norm_bench)
+    bench = {AdapterCase: adapter_bench, SwiGLUCase: swiglu_bench, QuickGELUCase: swiglu_bench}.get(type(case),
+                                                                                                 norm_bench)
     outs = {}
-    for name in bench.providers(torch.device(device)):
+    names = bench.providers(torch.device(device), case) if bench is swiglu_bench else bench.providers(torch.device(device))
+    for name in names:
         torch.manual_seed(0)
         fn, _ = bench.build_provider(name, case, torch.device(device))
         torch.manual_seed(1)
-        if isinstance(case, (AdapterCase, SwiGLUCase)):
+        if isinstance(case, (AdapterCase, SwiGLUCase, QuickGELUCase)):
             inputs = bench.make_inputs(case, torch.device(device))
         else:
             x = torch.randn(case.M, case.N, device=device)

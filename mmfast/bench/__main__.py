@@ -1,9 +1,10 @@
 """``python -m mmfast.bench``: mmfast beside the alternatives a user would pick.
 
-Kernel suite: RMSNorm and LayerNorm (with and without the residual), the MMA adapter and the SwiGLU
-gate, forward, backward and forward+backward, against HF eager, PyTorch native, torch.compile, Liger
-(when importable) and mmfast. Sizes above the L2: RMSNorm at M = 32768, N in {1024, 4096, 5120, 8192};
-LayerNorm at CLIP widths with M = 64*577; the adapter at D = 4096; the gate at LLaMA-7B's I = 11008;
+Kernel suite: RMSNorm and LayerNorm (with and without the residual), the MMA adapter, the SwiGLU
+gate and CLIP's QuickGELU, forward, backward and forward+backward, against HF eager, PyTorch native,
+torch.compile, Liger (when importable) and mmfast. Sizes above the L2: RMSNorm at M = 32768, N in
+{1024, 4096, 5120, 8192}; LayerNorm at CLIP widths with M = 64*577; the adapter at D = 4096; the gate at
+LLaMA-7B's I = 11008; QuickGELU at CLIP-L's I = 4096 with M = 64*577;
 small shapes timed as CUDA-graph replays. Model suite: a LLaVA-shaped training step (CLIP ViT-L/14
 tower, projector, LLaMA layers at 7B widths; LLaVA-1.5's per-device batch of 16 samples of 1024 tokens)
 under each tuning recipe: tokens/s and peak memory, HF eager vs mmfast (vs Liger).
@@ -25,7 +26,7 @@ from . import adapter as adapter_bench
 from . import model as model_bench
 from . import norm as norm_bench
 from . import swiglu as swiglu_bench
-from .cases import AdapterCase, NormCase, SwiGLUCase
+from .cases import AdapterCase, NormCase, QuickGELUCase, SwiGLUCase
 from .env import environment
 from .report import table, write_csv, write_json, write_plots, write_summary_md
 from .runner import record, time_case, time_cases_isolated
@@ -35,7 +36,7 @@ CPU_BANNER = (
     "NO GPU: these are CPU timings of small sizes (mmfast runs its pure-PyTorch reference or the Triton "
     "interpreter here). They are NOT GPU performance; run on a CUDA machine for real numbers."
 )
-OPS = ("rms_norm", "layer_norm", "mma_adapter", "swiglu", "model")
+OPS = ("rms_norm", "layer_norm", "mma_adapter", "swiglu", "quick_gelu", "model")
 
 
 def kernel_cases(device: torch.device, quick: bool) -> list:
@@ -43,17 +44,19 @@ def kernel_cases(device: torch.device, quick: bool) -> list:
     if quick:
         f32 = torch.float32
         return [NormCase("rms_norm", 64, 256, f32), NormCase("rms_norm", 64, 256, f32, residual=True),
-                NormCase("layer_norm", 64, 256, f32), AdapterCase(2, 16, 128, f32), SwiGLUCase(64, 256, f32)]
+                NormCase("layer_norm", 64, 256, f32), AdapterCase(2, 16, 128, f32), SwiGLUCase(64, 256, f32),
+                QuickGELUCase(64, 256, f32)]
     if device.type != "cuda":
         f32 = torch.float32
         return [NormCase("rms_norm", 2048, n, f32, residual=r) for n in (1024, 4096) for r in (False, True)] + \
                [NormCase("layer_norm", 2048, 768, f32, residual=r) for r in (False, True)] + \
-               [AdapterCase(4, 256, 1024, f32), SwiGLUCase(2048, 2752, f32)]
+               [AdapterCase(4, 256, 1024, f32), SwiGLUCase(2048, 2752, f32), QuickGELUCase(2048, 1024, f32)]
     clip_m = 64 * 577
     cases = [NormCase("rms_norm", 32768, n, bf16, residual=r) for r in (False, True) for n in (1024, 4096, 5120, 8192)]
     cases += [NormCase("layer_norm", clip_m, n, bf16, residual=r) for r in (False, True) for n in (768, 1024, 1280)]
     cases += [AdapterCase(64, 512, 4096, bf16), AdapterCase(64, 577, 1024, bf16)]
     cases += [SwiGLUCase(16384, 11008, bf16)]  # LLaMA-7B's MLP width
+    cases += [QuickGELUCase(clip_m, 4096, bf16)]  # CLIP-L's MLP width, 64 images
     cases += [NormCase("rms_norm", 512, 4096, bf16, graphs=True), NormCase("rms_norm", 512, 4096, bf16, True, True),
               NormCase("layer_norm", 577, 1024, bf16, graphs=True), AdapterCase(1, 512, 4096, bf16, graphs=True)]
     return cases
@@ -70,8 +73,8 @@ def _providers(case, device: torch.device) -> list[str]:
         return norm_bench.providers(device)
     if isinstance(case, AdapterCase):
         return adapter_bench.providers(device)
-    if isinstance(case, SwiGLUCase):
-        return swiglu_bench.providers(device)
+    if isinstance(case, (SwiGLUCase, QuickGELUCase)):
+        return swiglu_bench.providers(device, case)
     names = model_bench.providers(device)
     return [n for n in names if not (n.startswith("liger") and case.tuning == "mma")]
 

@@ -92,3 +92,26 @@ class SwiGLUCase:
         """fwd: read gate and up, write h; bwd: read dh, gate and up, write dgate and dup."""
         unit = self.M * self.I * _elem(self.dtype)
         return {"fwd": 3 * unit, "bwd": 5 * unit, "fwd+bwd": 8 * unit}[direction]
+
+
+@dataclasses.dataclass(frozen=True)
+class QuickGELUCase:
+    """CLIP's MLP activation ``x * sigmoid(1.702 x)`` on x [M, I] (M tokens, I = intermediate_size)."""
+
+    M: int
+    I: int  # noqa: E741 - the MLP's intermediate width
+    dtype: torch.dtype
+    op: str = "quick_gelu"
+
+    @property
+    def name(self) -> str:
+        return self.op
+
+    @property
+    def N(self) -> int:
+        return self.I
+
+    def bytes_moved(self, direction: str) -> int:
+        """fwd: read x, write y; bwd: read dy and x, write dx."""
+        unit = self.M * self.I * _elem(self.dtype)
+        return {"fwd": 2 * unit, "bwd": 3 * unit, "fwd+bwd": 5 * unit}[direction]

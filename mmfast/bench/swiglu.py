@@ -1,4 +1,6 @@
-"""SwiGLU-gate providers timed side by side, each ``fn(gate, up) -> silu(gate) * up``:
+"""MLP-activation providers timed side by side.
+
+SwiGLU gate (:class:`SwiGLUCase`), each ``fn(gate, up) -> silu(gate) * up``:
 
 * ``hf-eager``: what ``LlamaMLP`` runs between its projections, ``act_fn(gate) * up`` (two kernels each
   way, keeps silu(gate) for backward);
@@ -7,6 +9,10 @@
   gradients into its saved inputs, so repeated timed calls after the first compute on those values:
   the times are right, the outputs of later repetitions are not (nothing here reads them);
 * ``mmfast-triton`` (on CPU: the backend the device selects): :func:`mmfast.swiglu`.
+
+QuickGELU (:class:`QuickGELUCase`), each ``fn(x) -> x * sigmoid(1.702 x)``: ``hf-eager`` (transformers'
+``QuickGELUActivation``: three kernels forward, keeps x and the sigmoid), ``torch.compile`` of it, and
+``mmfast-triton`` (:func:`mmfast.quick_gelu`); Liger has no QuickGELU.
 """
 
 from __future__ import annotations
@@ -18,13 +24,15 @@ import torch
 import torch.nn.functional as F
 
 import mmfast
-from .cases import SwiGLUCase
+from ..ops.quick_gelu import quick_gelu_unfused
+from .cases import QuickGELUCase, SwiGLUCase
 from .norm import _under, mmfast_provider_name, provider_backend
 
 
-def providers(device: torch.device) -> list[str]:
+def providers(device: torch.device, case: SwiGLUCase | QuickGELUCase | None = None) -> list[str]:
     names = ["hf-eager", "torch.compile"]
-    if device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None:
+    liger = device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+    if liger and not isinstance(case, QuickGELUCase):
         names.append("liger")
     return names + [mmfast_provider_name(device)]
 
@@ -33,22 +41,25 @@ def _eager(gate, up):
     return F.silu(gate) * up
 
 
-def build_provider(name: str, case: SwiGLUCase, device: torch.device) -> tuple[Callable, list[torch.Tensor]]:
-    """``(fn, params)``: the gate has no parameters of its own."""
+def build_provider(name: str, case: SwiGLUCase | QuickGELUCase,
+                   device: torch.device) -> tuple[Callable, list[torch.Tensor]]:
+    """``(fn, params)``: the activations have no parameters of their own."""
+    quick = isinstance(case, QuickGELUCase)
+    eager = quick_gelu_unfused if quick else _eager
     if name == "hf-eager":
-        return _eager, []
+        return eager, []
     if name == "torch.compile":
-        return torch.compile(_eager), []
-    if name == "liger":
+        return torch.compile(eager), []
+    if name == "liger" and not quick:
         from liger_kernel.ops.swiglu import LigerSiLUMulFunction
 
         return LigerSiLUMulFunction.apply, []
     if name.startswith("mmfast-"):
-        return _under(lambda: provider_backend(name), mmfast.swiglu), []
-    raise ValueError(f"unknown swiglu provider {name!r}")
+        return _under(lambda: provider_backend(name), mmfast.quick_gelu if quick else mmfast.swiglu), []
+    raise ValueError(f"unknown {case.op} provider {name!r}")
 
 
-def make_inputs(case: SwiGLUCase, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    gate = torch.randn(case.M, case.I, device=device, dtype=case.dtype, requires_grad=True)
-    up = torch.randn(case.M, case.I, device=device, dtype=case.dtype, requires_grad=True)
-    return gate, up
+def make_inputs(case: SwiGLUCase | QuickGELUCase, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(gate, up), or (x,) for QuickGELU."""
+    count = 1 if isinstance(case, QuickGELUCase) else 2
+    return tuple(torch.randn(case.M, case.I, device=device, dtype=case.dtype, requires_grad=True) for _ in range(count))
