@@ -35,6 +35,58 @@ __device__ __forceinline__ void store_dx(T* dx, const float (&xh)[VEC], const fl
   store_vec<T, VEC>(dx, out);
 }
 
+// One vector's terms of the backward's row dot products: c[0] += xhat * w * dy and, for LayerNorm,
+// c[1] += w * dy (x, dy and w widened to fp32).
+template <bool RMS, int VEC, int K>
+__device__ __forceinline__ void add_row_dots(float (&c)[K], const float (&xv)[VEC], const float (&g)[VEC],
+                                             const float (&w)[VEC], float mean, float rstd) {
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    const float wdy = g[k] * w[k];
+    c[0] = fmaf((xv[k] - mean) * rstd, wdy, c[0]);
+    if constexpr (!RMS) c[1] += wdy;
+  }
+}
+
+// The dweight (and dbias) partial sums of one row slot of a register kernel: ITEMS vectors in fp32
+// registers across all the slot's rows, written once at the end as the slot's workspace row.
+template <bool RMS, int ITEMS, int VEC>
+struct AffinePartials {
+  float dw[ITEMS][VEC];
+  float db[RMS ? 1 : ITEMS][VEC];
+
+  __device__ __forceinline__ AffinePartials() {
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i)
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        dw[i][k] = 0.f;
+        if constexpr (!RMS) db[i][k] = 0.f;
+      }
+  }
+
+  __device__ __forceinline__ void add(int i, const float (&g)[VEC], const float (&xh)[VEC]) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      dw[i][k] = fmaf(g[k], xh[k], dw[i][k]);
+      if constexpr (!RMS) db[i][k] += g[k];
+    }
+  }
+
+  template <class Geo>
+  __device__ __forceinline__ void store(const NormBwdParams& p, int64_t prow, const Geo& geo) const {
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int64_t u = geo.unit(i);
+      if (!geo.inside(u)) continue;
+      if (p.need_dw) store_vec<float, VEC>(p.dw_partial + prow * geo.N + u * VEC, dw[i]);
+      if constexpr (!RMS) {
+        if (p.need_db) store_vec<float, VEC>(p.db_partial + prow * geo.N + u * VEC, db[i]);
+      }
+    }
+  }
+};
+
 template <typename T, typename W, bool RMS, int VEC, int TPR, int ITEMS, int N_CT>
 __global__ void __launch_bounds__(block_threads(TPR)) norm_bwd_reg_kernel(const NormBwdParams p) {
   constexpr int kRows = rows_per_block(TPR);
@@ -50,16 +102,7 @@ __global__ void __launch_bounds__(block_threads(TPR)) norm_bwd_reg_kernel(const 
   const T* __restrict__ dres = static_cast<const T*>(p.dres);
   const W* __restrict__ weight = static_cast<const W*>(p.weight);
   T* __restrict__ dx = static_cast<T*>(p.dx);
-
-  float dw_acc[ITEMS][VEC];
-  float db_acc[RMS ? 1 : ITEMS][VEC];
-#pragma unroll
-  for (int i = 0; i < ITEMS; ++i)
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      dw_acc[i][k] = 0.f;
-      if constexpr (!RMS) db_acc[i][k] = 0.f;
-    }
+  AffinePartials<RMS, ITEMS, VEC> part;
 
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * kRows; base < p.M;
        base += static_cast<int64_t>(gridDim.x) * kRows) {
@@ -92,14 +135,14 @@ __global__ void __launch_bounds__(block_threads(TPR)) norm_bwd_reg_kernel(const 
 #pragma unroll
       for (int i = 0; i < ITEMS; ++i) {
         if (!ok[i]) continue;
-        float w[VEC];
-        load_affine<W, VEC>(weight, geo.unit(i) * VEC, 1.f, w);
+        float xv[VEC], g[VEC], w[VEC];
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          const float wdy = to_f32(gr[i][k]) * w[k];
-          c[0] = fmaf((to_f32(xr[i][k]) - mean) * rstd, wdy, c[0]);
-          if constexpr (!RMS) c[1] += wdy;
+          xv[k] = to_f32(xr[i][k]);
+          g[k] = to_f32(gr[i][k]);
         }
+        load_affine<W, VEC>(weight, geo.unit(i) * VEC, 1.f, w);
+        add_row_dots<RMS, VEC, K>(c, xv, g, w, mean, rstd);
       }
       row_allreduce<TPR, K>(c, red, row_in_block, lane);
       const float c1 = c[0] * inv_n;
@@ -119,26 +162,17 @@ __global__ void __launch_bounds__(block_threads(TPR)) norm_bwd_reg_kernel(const 
       }
     }
 #pragma unroll
-    for (int i = 0; i < ITEMS; ++i)
+    for (int i = 0; i < ITEMS; ++i) {
+      float xh[VEC], g[VEC];
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        const float g = to_f32(gr[i][k]);
-        dw_acc[i][k] = fmaf(g, (to_f32(xr[i][k]) - mean) * rstd, dw_acc[i][k]);
-        if constexpr (!RMS) db_acc[i][k] += g;
+        xh[k] = (to_f32(xr[i][k]) - mean) * rstd;
+        g[k] = to_f32(gr[i][k]);
       }
-  }
-
-  // one workspace row per row slot of the block
-  const int64_t prow = static_cast<int64_t>(blockIdx.x) * kRows + row_in_block;
-#pragma unroll
-  for (int i = 0; i < ITEMS; ++i) {
-    const int64_t u = geo.unit(i);
-    if (!geo.inside(u)) continue;
-    if (p.need_dw) store_vec<float, VEC>(p.dw_partial + prow * N + u * VEC, dw_acc[i]);
-    if constexpr (!RMS) {
-      if (p.need_db) store_vec<float, VEC>(p.db_partial + prow * N + u * VEC, db_acc[i]);
+      part.add(i, g, xh);
     }
   }
+  part.store(p, static_cast<int64_t>(blockIdx.x) * kRows + row_in_block, geo);  // one workspace row per row slot
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -235,16 +269,7 @@ __global__ void __launch_bounds__(block_threads(TPR)) norm_bwd_staged_kernel(con
     copy_async_commit();
   };
 
-  float dw_acc[ITEMS][VEC];
-  float db_acc[RMS ? 1 : ITEMS][VEC];
-#pragma unroll
-  for (int i = 0; i < ITEMS; ++i)
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      dw_acc[i][k] = 0.f;
-      if constexpr (!RMS) db_acc[i][k] = 0.f;
-    }
-
+  AffinePartials<RMS, ITEMS, VEC> part;
   for (int s = 0; s < stages - 1; ++s) issue(s, s);
   int s_use = 0, s_next = stages - 1;
   int64_t row = first + row_in_block;
@@ -263,6 +288,7 @@ __global__ void __launch_bounds__(block_threads(TPR)) norm_bwd_staged_kernel(con
     }
     copy_async_wait(stages - 1);
 
+    float c1 = 0.f, c2 = 0.f;
     if (p.need_dx) {  // uniform across the block
       float c[K];
 #pragma unroll
@@ -275,62 +301,31 @@ __global__ void __launch_bounds__(block_threads(TPR)) norm_bwd_staged_kernel(con
         load_vec_f32<T, VEC>(reinterpret_cast<const T*>(slot(s_use, 0, i)), xv);
         load_vec_f32<T, VEC>(reinterpret_cast<const T*>(slot(s_use, 1, i)), g);
         load_affine<W, VEC>(weight, u * VEC, 1.f, w);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          const float wdy = g[k] * w[k];
-          c[0] = fmaf((xv[k] - mean) * rstd, wdy, c[0]);
-          if constexpr (!RMS) c[1] += wdy;
-        }
+        add_row_dots<RMS, VEC, K>(c, xv, g, w, mean, rstd);
       }
       row_allreduce<TPR, K>(c, red, row_in_block, geo.lane);
-      const float c1 = c[0] * inv_n;
-      const float c2 = RMS ? 0.f : c[K - 1] * inv_n;
+      c1 = c[0] * inv_n;
+      c2 = RMS ? 0.f : c[K - 1] * inv_n;
+    }
 #pragma unroll
-      for (int i = 0; i < ITEMS; ++i) {
-        const int64_t u = geo.unit(i);
-        if (!valid || !geo.inside(u)) continue;
-        float xh[VEC], g[VEC];
-        load_vec_f32<T, VEC>(reinterpret_cast<const T*>(slot(s_use, 0, i)), xh);
-        load_vec_f32<T, VEC>(reinterpret_cast<const T*>(slot(s_use, 1, i)), g);
+    for (int i = 0; i < ITEMS; ++i) {
+      const int64_t u = geo.unit(i);
+      if (!valid || !geo.inside(u)) continue;
+      float xh[VEC], g[VEC];
+      load_vec_f32<T, VEC>(reinterpret_cast<const T*>(slot(s_use, 0, i)), xh);
+      load_vec_f32<T, VEC>(reinterpret_cast<const T*>(slot(s_use, 1, i)), g);
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) xh[k] = (xh[k] - mean) * rstd;
+      for (int k = 0; k < VEC; ++k) xh[k] = (xh[k] - mean) * rstd;
+      if (p.need_dx) {
         const T* r = with_dres ? reinterpret_cast<const T*>(slot(s_use, 2, i)) : nullptr;
         store_dx<T, W, VEC>(dx + row * N + u * VEC, xh, g, weight, u * VEC, r, r, c1, c2, rstd);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          dw_acc[i][k] = fmaf(g[k], xh[k], dw_acc[i][k]);
-          if constexpr (!RMS) db_acc[i][k] += g[k];
-        }
       }
-    } else {
-#pragma unroll
-      for (int i = 0; i < ITEMS; ++i) {
-        const int64_t u = geo.unit(i);
-        if (!valid || !geo.inside(u)) continue;
-        float xh[VEC], g[VEC];
-        load_vec_f32<T, VEC>(reinterpret_cast<const T*>(slot(s_use, 0, i)), xh);
-        load_vec_f32<T, VEC>(reinterpret_cast<const T*>(slot(s_use, 1, i)), g);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          dw_acc[i][k] = fmaf(g[k], (xh[k] - mean) * rstd, dw_acc[i][k]);
-          if constexpr (!RMS) db_acc[i][k] += g[k];
-        }
-      }
+      part.add(i, g, xh);
     }
     s_use = s_use + 1 == stages ? 0 : s_use + 1;
   }
   copy_async_wait(0);  // only empty groups can be left; nothing may be in flight when the block exits
-
-  const int64_t prow = static_cast<int64_t>(blockIdx.x) * kRows + row_in_block;
-#pragma unroll
-  for (int i = 0; i < ITEMS; ++i) {
-    const int64_t u = geo.unit(i);
-    if (!geo.inside(u)) continue;
-    if (p.need_dw) store_vec<float, VEC>(p.dw_partial + prow * N + u * VEC, dw_acc[i]);
-    if constexpr (!RMS) {
-      if (p.need_db) store_vec<float, VEC>(p.db_partial + prow * N + u * VEC, db_acc[i]);
-    }
-  }
+  part.store(p, static_cast<int64_t>(blockIdx.x) * kRows + row_in_block, geo);
 }
 
 template <typename T, typename W, bool RMS, int VEC>

@@ -71,47 +71,43 @@ class AdapterCase:
         return {"fwd": 2 * unit, "bwd": 3 * unit, "fwd+bwd": 5 * unit}[direction]
 
 
+class _MlpActivationCase:
+    """An elementwise MLP activation on [M, I] tensors (M tokens, I = intermediate_size); subclasses give
+    ``op`` and ``UNITS``, the [M, I] tensors each direction reads and writes."""
+
+    UNITS: dict[str, int] = {}
+
+    @property
+    def name(self) -> str:
+        return self.op
+
+    @property
+    def N(self) -> int:
+        return self.I
+
+    def bytes_moved(self, direction: str) -> int:
+        return self.UNITS[direction] * self.M * self.I * _elem(self.dtype)
+
+
 @dataclasses.dataclass(frozen=True)
-class SwiGLUCase:
-    """The SwiGLU gate of a LLaMA MLP on gate and up [M, I] (M tokens, I = intermediate_size)."""
+class SwiGLUCase(_MlpActivationCase):
+    """The SwiGLU gate of a LLaMA MLP on gate and up [M, I]: fwd reads gate and up, writes h; bwd reads
+    dh, gate and up, writes dgate and dup."""
 
     M: int
     I: int  # noqa: E741 - the MLP's intermediate width, as in the papers
     dtype: torch.dtype
     op: str = "swiglu"
-
-    @property
-    def name(self) -> str:
-        return self.op
-
-    @property
-    def N(self) -> int:
-        return self.I
-
-    def bytes_moved(self, direction: str) -> int:
-        """fwd: read gate and up, write h; bwd: read dh, gate and up, write dgate and dup."""
-        unit = self.M * self.I * _elem(self.dtype)
-        return {"fwd": 3 * unit, "bwd": 5 * unit, "fwd+bwd": 8 * unit}[direction]
+    UNITS = {"fwd": 3, "bwd": 5, "fwd+bwd": 8}
 
 
 @dataclasses.dataclass(frozen=True)
-class QuickGELUCase:
-    """CLIP's MLP activation ``x * sigmoid(1.702 x)`` on x [M, I] (M tokens, I = intermediate_size)."""
+class QuickGELUCase(_MlpActivationCase):
+    """CLIP's MLP activation ``x * sigmoid(1.702 x)`` on x [M, I]: fwd reads x, writes y; bwd reads dy and
+    x, writes dx."""
 
     M: int
     I: int  # noqa: E741 - the MLP's intermediate width
     dtype: torch.dtype
     op: str = "quick_gelu"
-
-    @property
-    def name(self) -> str:
-        return self.op
-
-    @property
-    def N(self) -> int:
-        return self.I
-
-    def bytes_moved(self, direction: str) -> int:
-        """fwd: read x, write y; bwd: read dy and x, write dx."""
-        unit = self.M * self.I * _elem(self.dtype)
-        return {"fwd": 2 * unit, "bwd": 3 * unit, "fwd+bwd": 5 * unit}[direction]
+    UNITS = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}
