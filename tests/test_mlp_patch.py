@@ -61,7 +61,9 @@ def test_clip_mlps_take_the_fused_quick_gelu(dtype, seed):
     report = mmfast.patch(model, verbose=False)
     assert report.mlps == [f"encoder.layers.{i}.mlp" for i in range(2)]
     assert {report.kinds[p] for p in report.mlps} == {"quick_gelu"} and not report.skipped
-    draws = [draw(model, plain, ref_model, batch("clip-vision", seed + i)) for i in range(DRAWS)]
+    # a loss is one number per draw: the tiny CLIP's bf16 losses need more draws than the LLaMA's before
+    # the max-error comparison stops being a coin toss (8 draws failed 1 seed in 12; 24 failed none)
+    draws = [draw(model, plain, ref_model, batch("clip-vision", seed + i)) for i in range(3 * DRAWS)]
     assert_model_accurate_over_draws(draws, seed)
 
 
