@@ -514,6 +514,9 @@ int64_t current_smem_optin() {
   return n;
 }
 
+// NormBwdParams::stages: 0 (register kernel) or 2..kMaxBwdStages.
+constexpr bool stages_valid(int stages) { return stages == 0 || (stages >= 2 && stages <= kMaxBwdStages); }
+
 // Shared-memory buffers per stage of a staged backward: x and dy, and the residual gradient when dx is wanted.
 inline int staged_bufs(const NormBwdParams& p) { return p.need_dx && p.dres != nullptr ? 3 : 2; }
 
@@ -547,13 +550,14 @@ cudaError_t launch_bwd_staged(const NormBwdParams& p, cudaStream_t stream, bool 
     if (e != cudaSuccess) return e;
     if (cached) opted_in[dev] = true;
   }
-  int occ = cached ? occ_cache[dev][(p.stages - 2) * 2 + (bufs - 2)] : 0;
+  const int shape = (p.stages - 2) * 2 + (bufs - 2);
+  int occ = cached ? occ_cache[dev][shape] : 0;
   if (occ == 0) {
     if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, kThreads, static_cast<size_t>(bytes)) !=
             cudaSuccess ||
         occ < 1)
       occ = 1;
-    if (cached) occ_cache[dev][(p.stages - 2) * 2 + (bufs - 2)] = occ;
+    if (cached) occ_cache[dev][shape] = occ;
   }
   const int64_t blocks = persistent_blocks((p.M + kRows - 1) / kRows, occ);
   *partials = blocks * kRows;
@@ -647,7 +651,7 @@ const char* config_name(const Config& c) {
 }  // namespace detail
 
 int64_t norm_bwd_num_partials(const NormBwdParams& p) {
-  if (p.stages != 0 && (p.stages < 2 || p.stages > kMaxBwdStages)) return -1;
+  if (!detail::stages_valid(p.stages)) return -1;
   int64_t partials = 0;
   if (detail::bwd_run(p, nullptr, false, &partials) != cudaSuccess) return -1;
   return partials;
@@ -655,7 +659,7 @@ int64_t norm_bwd_num_partials(const NormBwdParams& p) {
 
 cudaError_t norm_bwd(const NormBwdParams& p, cudaStream_t stream) {
   if (p.M < 0 || p.N < 1) return cudaErrorInvalidValue;
-  if (p.stages != 0 && (p.stages < 2 || p.stages > kMaxBwdStages)) return cudaErrorInvalidValue;
+  if (!detail::stages_valid(p.stages)) return cudaErrorInvalidValue;
   if (p.M == 0) return cudaSuccess;  // before the pointer checks: empty tensors have null data pointers
   if (p.x == nullptr || p.dy == nullptr || p.rstd == nullptr) return cudaErrorInvalidValue;
   if (!p.rms && p.mean == nullptr) return cudaErrorInvalidValue;
@@ -691,7 +695,7 @@ cudaError_t norm_sum_partials(const float* partial, int64_t P, int64_t N, void* 
 }
 
 const char* norm_bwd_path(const NormBwdParams& p) {
-  if (p.stages != 0 && (p.stages < 2 || p.stages > kMaxBwdStages)) return "invalid-stages";
+  if (!detail::stages_valid(p.stages)) return "invalid-stages";
   const detail::Config c = detail::choose_config(p.N, p.act, detail::bwd_vec_ok(p), /*backward=*/true);
   const char* name = detail::config_name(c);
   if (!detail::staged_applies(p, c)) return name;

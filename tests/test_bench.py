@@ -10,10 +10,11 @@ import sys
 import pytest
 import torch
 
+from mmfast.bench import __main__ as bench_main
+from mmfast.bench import activation as activation_bench
 from mmfast.bench import adapter as adapter_bench
 from mmfast.bench import norm as norm_bench
 from mmfast.bench.__main__ import main
-from mmfast.bench import swiglu as swiglu_bench
 from mmfast.bench.cases import AdapterCase, NormCase, QuickGELUCase, SwiGLUCase
 
 FIELDS = {"op", "provider", "direction", "dtype", "M", "N", "ms", "gbps", "frac_of_copy", "peak_mem_bytes",
@@ -73,11 +74,10 @@ def test_byte_model():
 def test_providers_compute_the_same_function(case, device):
     """Every provider times the same computation (same parameters, same inputs): in fp32 they differ
     only by summation order."""
-    bench = {AdapterCase: adapter_bench, SwiGLUCase: swiglu_bench, QuickGELUCase: swiglu_bench}.get(type(case),
-                                                                                                 norm_bench)
+    bench = {AdapterCase: adapter_bench, SwiGLUCase: activation_bench, QuickGELUCase: activation_bench}.get(
+        type(case), norm_bench)
     outs = {}
-    names = bench.providers(torch.device(device), case) if bench is swiglu_bench else bench.providers(torch.device(device))
-    for name in names:
+    for name in bench_main._providers(case, torch.device(device)):
         torch.manual_seed(0)
         fn, _ = bench.build_provider(name, case, torch.device(device))
         torch.manual_seed(1)

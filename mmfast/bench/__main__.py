@@ -25,7 +25,7 @@ import torch
 from . import adapter as adapter_bench
 from . import model as model_bench
 from . import norm as norm_bench
-from . import swiglu as swiglu_bench
+from . import activation as activation_bench
 from .cases import AdapterCase, NormCase, QuickGELUCase, SwiGLUCase
 from .env import environment
 from .report import table, write_csv, write_json, write_plots, write_summary_md
@@ -74,7 +74,7 @@ def _providers(case, device: torch.device) -> list[str]:
     if isinstance(case, AdapterCase):
         return adapter_bench.providers(device)
     if isinstance(case, (SwiGLUCase, QuickGELUCase)):
-        return swiglu_bench.providers(device, case)
+        return activation_bench.providers(device, case)
     names = model_bench.providers(device)
     return [n for n in names if not (n.startswith("liger") and case.tuning == "mma")]
 

@@ -12,7 +12,7 @@ import torch
 
 from . import adapter as adapter_bench
 from . import norm as norm_bench
-from . import swiglu as swiglu_bench
+from . import activation as activation_bench
 from .cases import DIRECTIONS, AdapterCase, NormCase, QuickGELUCase, SwiGLUCase
 from .timing import gpu_busy_ms, median_ms, median_ms_graph, peak_memory_bytes
 
@@ -58,8 +58,8 @@ def _setup(case, provider: str, device: torch.device):
         x, route = adapter_bench.make_inputs(case, device)
         return fn, [x] + params, (x, route), [torch.randn_like(x)]
     if isinstance(case, (SwiGLUCase, QuickGELUCase)):
-        fn, params = swiglu_bench.build_provider(provider, case, device)
-        inputs = swiglu_bench.make_inputs(case, device)
+        fn, params = activation_bench.build_provider(provider, case, device)
+        inputs = activation_bench.make_inputs(case, device)
         return fn, list(inputs) + params, inputs, [torch.randn_like(inputs[0])]
     raise TypeError(type(case).__name__)
 

@@ -161,6 +161,15 @@ def _swiglu_variants():
             yield K._swiglu_bwd_kernel, dict(DH=Ptr(dt), G=Ptr(dt), U=Ptr(dt), DG=Ptr(dt), DU=Ptr(dt), n=n,
                                              stride_dh=n, stride_g=2 * n, stride_u=2 * n, stride_dg=n, stride_du=n,
                                              BLOCK=block, SOFT_RNE=False), warps
+    from . import quick_gelu as Q
+
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        for n in (4096, 1000):
+            block, warps = K.launch(n)
+            yield Q._quick_gelu_fwd_kernel, dict(X=Ptr(dt), Y=Ptr(dt), n=n, stride_x=n, stride_y=n, ALPHA_=Q.ALPHA,
+                                                 BLOCK=block, SOFT_RNE=False), warps
+            yield Q._quick_gelu_bwd_kernel, dict(DY=Ptr(dt), X=Ptr(dt), DX=Ptr(dt), n=n, stride_dy=n, stride_x=n,
+                                                 stride_dx=n, ALPHA_=Q.ALPHA, BLOCK=block, SOFT_RNE=False), warps
 
 
 def variants():
