@@ -63,6 +63,36 @@ def test_unfused_when_logits_are_wanted(kind, calls):
     assert calls == []
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_compiled_training_step_keeps_it(kind):
+    """torch.compile(fullgraph=True) of a patched model traces the fused loss (one custom op, the row
+    selection inside it): no logits, and the eager fused loss's value and gradients. Unlike the eager path
+    the op keeps the hidden gradient at the hidden's full shape (module docstring of mmfast.ops.loss)."""
+    torch._dynamo.reset()
+    model = build(kind)
+    mmfast.patch(model, tuning="layernorm", verbose=False)
+    inputs = batch(kind)
+    eager = model(**inputs)
+    eager.loss.backward()
+    eager_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])
+        return gm.forward
+
+    out = torch.compile(model, backend=backend, fullgraph=True)(**inputs)
+    assert len(graphs) == 1 and sum("mmfast.linear_cross_entropy_fwd" in op for op in graphs[0]) == 1
+    assert out.logits is None and "logits" not in out
+    torch.testing.assert_close(out.loss, eager.loss)
+    out.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == eager_grads.keys() and "lm_head.weight" in grads
+    for n in grads:
+        torch.testing.assert_close(grads[n], eager_grads[n])
+
+
 def test_tuple_output_and_hf_loss_arguments():
     model = build("llama")
     mmfast.patch(model, verbose=False)

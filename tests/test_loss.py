@@ -12,6 +12,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
 
 from accuracy import assert_accurate
 from mmfast.ops.loss import _apply, linear_cross_entropy, linear_cross_entropy_reference
@@ -197,3 +199,81 @@ def test_bad_input(device):
         linear_cross_entropy(h, w, t, b, reduction="none")
     with pytest.raises(ValueError, match="bias"):
         linear_cross_entropy(h, w, t, b[:-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# the custom op: torch.compile, modes, subclasses
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_custom_op_matches_reference(device, seed, dtype, bias, monkeypatch):
+    """The op path (what compile traces): hidden gradient at full shape, weight's through the fp32
+    accumulator, several chunks."""
+    monkeypatch.setenv("MMFAST_EAGER", "ops")
+    h, w, b, t = make(device, dtype, bias=bias)
+    check(f"op/{dtype}", forced("auto", 7), h, w, b, t, seed)
+    check(f"op/{dtype}/items", linear_cross_entropy, h, w, b, t, seed, num_items_in_batch=torch.tensor(41))
+
+
+@pytest.mark.parametrize("args", ["all", "frozen-weight", "bf16-hidden-only"])
+def test_custom_op_opcheck(device, args):
+    h, w, b, t = make(device, torch.float32, lead=(3, 9), H=16, V=50)
+    scale = torch.tensor(0.1, device=device, dtype=torch.float64)
+    a = {"all": (h, w, b, t, IGNORE, None, 0, True, True, True, torch.float32),
+         "frozen-weight": (h, w.detach(), None, t, IGNORE, scale, 4, True, False, False, torch.float32),
+         "bf16-hidden-only": (h.detach().bfloat16().requires_grad_(), w.detach().bfloat16(), None, t, IGNORE,
+                              None, 0, True, False, False, torch.bfloat16)}[args]
+    torch.library.opcheck(torch.ops.mmfast.linear_cross_entropy_fwd.default, a)
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_compile_fullgraph(device, seed, dynamic):
+    """torch.compile traces the loss without a graph break (the row selection is inside the op); loss and
+    gradients are the op path's bits, and the op path meets the accuracy rule above."""
+    torch._dynamo.reset()
+    h, w, b, t = make(device, torch.bfloat16)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])
+        return aot_autograd(fw_compiler=lambda g, _: make_boxed_func(g.forward))(gm, example_inputs)
+
+    fn = torch.compile(lambda h, w, t, b: linear_cross_entropy(h, w, t, b, num_items_in_batch=torch.tensor(50)),
+                       backend=backend, fullgraph=True, dynamic=dynamic)
+    loss = fn(h, w, t, b)
+    assert len(graphs) == 1 and sum("linear_cross_entropy_fwd" in op for op in graphs[0]) == 1
+    g = grads(loss, (h, w, b))
+    scale = torch.tensor(1 / 50, dtype=torch.float64)
+    ref = torch.ops.mmfast.linear_cross_entropy_fwd(h, w, b, t, IGNORE, scale, 0, True, True, True, h.dtype)[0]
+    assert torch.equal(loss, ref)
+    assert all(torch.equal(x, y) for x, y in zip(g, grads(ref, (h, w, b))))
+
+
+def test_compile_under_autocast(device, seed):
+    """An fp32 model under bf16 autocast, compiled: the same bits as the op path in eager under autocast."""
+    torch._dynamo.reset()
+    h, w, b, t = make(device, torch.float32)
+    kind = torch.device(device).type
+    fn = torch.compile(linear_cross_entropy, backend="aot_eager", fullgraph=True)
+    with torch.autocast(kind, dtype=torch.bfloat16):
+        loss = fn(h, w, t, b)
+    with torch.autocast(kind, dtype=torch.bfloat16):
+        ref = torch.ops.mmfast.linear_cross_entropy_fwd(h, w, b, t, IGNORE, None, 0, True, True, True,
+                                                        torch.bfloat16)[0]
+    assert loss.dtype == torch.float32 and torch.equal(loss, ref)
+    g, g_ref = grads(loss, (h, w, b)), grads(ref, (h, w, b))
+    assert all(x.dtype == torch.float32 and torch.equal(x, y) for x, y in zip(g, g_ref))
+
+
+def test_custom_op_is_tagged_cudagraph_unsafe():
+    """Its row selection syncs with the host, which a CUDA-graph capture forbids; Inductor's cudagraph
+    trees read the tag and keep the graph holding it out of a capture."""
+    from torch._inductor.utils import get_first_incompatible_cudagraph_node
+
+    h, w, b, t = make("cpu", torch.float32, lead=(2, 5), H=8, V=11)
+    gm = torch.fx.symbolic_trace(lambda h, w, t: torch.ops.mmfast.linear_cross_entropy_fwd.default(
+        h, w, None, t, IGNORE, None, 0, True, False, False, torch.float32)[0])
+    node = get_first_incompatible_cudagraph_node(gm)
+    assert node is not None and "linear_cross_entropy_fwd" in str(node.target)

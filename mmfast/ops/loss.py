@@ -16,16 +16,23 @@ Rounding follows the unfused computation: logits rounded to the activation dtype
 gradient rounded to the activation dtype before the products, with the reduction's scale applied before
 that rounding (the backward's incoming gradient, 1 for ``loss.backward()``, multiplies afterwards).
 
-The kept rows are found with one ``nonzero`` (a host sync), so ``torch.compile`` breaks its graph here.
+The kept rows are found with one ``nonzero`` (a host sync). Plain eager calls run it in a
+``torch.autograd.Function`` that keeps only the kept rows' gradients; ``torch.compile``, modes and tensor
+subclasses see the custom op ``mmfast::linear_cross_entropy_fwd``, which does the same inside one opaque
+call with fixed-shape outputs (the hidden gradient at the hidden's shape, a trained weight's as an fp32
+``vocab x hidden`` accumulator), so a compiled graph holds it without a break.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .backend import plain_eager
 
 #: Rows per chunk are chosen so that one chunk's fp32 logits take at most this many bytes.
 CHUNK_BYTES = 128 * 2**20
@@ -51,70 +58,103 @@ def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
     return hidden.dtype
 
 
+@dataclasses.dataclass
+class _Grads:
+    """What :func:`_loss_and_grads` returns: the scalar loss and what the gradients need (None where not
+    asked for). ``g_h``: the kept rows' hidden gradient [n, H] in the compute dtype; the weight's gradient
+    either as ``g_logits`` [n, V] (with ``hv``, the kept rows of hidden) or as ``g_w32`` [V, H] fp32;
+    ``g_b`` [V] fp32. All carry the reduction's scale, not the backward's incoming gradient."""
+
+    loss: Tensor
+    rows: Tensor
+    g_h: Optional[Tensor]
+    g_logits: Optional[Tensor]
+    hv: Optional[Tensor]
+    g_w32: Optional[Tensor]
+    g_b: Optional[Tensor]
+
+
+def _loss_and_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
+                    scale, chunk_rows: Optional[int], need_h: bool, need_w: bool, need_b: bool,
+                    grad_w_mode: str, dtype: torch.dtype) -> _Grads:
+    """The chunked loss with its gradients taken on the way (module docstring); autocast off."""
+    H, V = hidden.shape[-1], weight.shape[0]
+    h2 = hidden.reshape(-1, H)
+    t = target.reshape(-1)
+    rows = (t != ignore_index).nonzero().squeeze(1)
+    n = rows.numel()
+    hv = h2.index_select(0, rows).to(dtype)
+    tv = t.index_select(0, rows)
+    if n:
+        lo, hi = torch.aminmax(tv)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= V:
+            raise ValueError(f"linear_cross_entropy: target values must be in [0, {V}) or equal "
+                             f"ignore_index={ignore_index}; got values in [{lo}, {hi}]")
+    w = weight.to(dtype)
+    b = None if bias is None else bias.to(dtype)
+    need_any = need_h or need_w or need_b
+    # the reduction's scale (None: the mean over the kept rows), applied to the logits' gradient before
+    # it is rounded, as autograd would
+    if scale is None:
+        scale = 1.0 / n if n else float("nan")
+    sc64 = scale.to(device=hidden.device, dtype=torch.float64) if isinstance(scale, Tensor) else \
+        torch.tensor(float(scale), device=hidden.device, dtype=torch.float64)
+    sc = sc64.float()
+    if need_w and grad_w_mode == "auto":
+        grad_w_mode = "logits" if n * V * hv.element_size() <= V * H * 4 else "accumulate"
+    g_h = hv.new_empty(n, H) if need_h else None
+    g_logits = hv.new_empty(n, V) if need_w and grad_w_mode == "logits" else None
+    g_w32 = torch.zeros(V, H, device=hidden.device, dtype=torch.float32) \
+        if need_w and grad_w_mode == "accumulate" else None
+    g_b = torch.zeros(V, device=hidden.device, dtype=torch.float32) if need_b else None
+    # per-row losses are fp32 (as PyTorch's); their sum and the scale are taken in fp64, so the scalar
+    # is rounded once
+    total = torch.zeros((), device=hidden.device, dtype=torch.float64)
+    step = _chunk_rows(V, n, chunk_rows)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        hc, tc = hv[s:e], tv[s:e]
+        z = F.linear(hc, w, b).float()  # rounded to the activation dtype first, as F.linear returns
+        lse = torch.logsumexp(z, dim=-1)
+        total += (lse - z.gather(1, tc[:, None]).squeeze(1)).sum(dtype=torch.float64)
+        if not need_any:
+            continue
+        g = z.sub_(lse[:, None]).exp_()  # softmax, in place of the fp32 logits
+        g.scatter_add_(1, tc[:, None], g.new_full((e - s, 1), -1.0))
+        g.mul_(sc)
+        if need_b:
+            g_b += g.sum(0)
+        g = g.to(dtype)
+        if need_h:
+            torch.mm(g, w, out=g_h[s:e])
+        if g_logits is not None:
+            g_logits[s:e] = g
+        elif g_w32 is not None:
+            g_w32 += torch.mm(g.t(), hc).float()
+        del z, g
+    return _Grads((total * sc64).float(), rows, g_h, g_logits, hv if g_logits is not None else None, g_w32, g_b)
+
+
+def _scaled(g: Tensor, go: Tensor, dtype: torch.dtype) -> Tensor:
+    """A kept gradient times the backward's incoming gradient, in the parameter's dtype."""
+    return (g * go.to(g.dtype)).to(dtype)
+
+
 class _LinearCrossEntropyFn(torch.autograd.Function):
+    """The eager path: keeps the kept rows' gradients only ([n, H], and [n, V] logits' gradient or an
+    fp32 [V, H] accumulator for a trained weight)."""
+
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, ignore_index, scale, chunk_rows, grad_w_mode, dtype):
-        H, V = hidden.shape[-1], weight.shape[0]
-        h2 = hidden.reshape(-1, H)
-        t = target.reshape(-1)
-        rows = (t != ignore_index).nonzero().squeeze(1)
-        n = rows.numel()
-        hv = h2.index_select(0, rows).to(dtype)
-        tv = t.index_select(0, rows)
-        if n:
-            lo, hi = torch.aminmax(tv)
-            lo, hi = int(lo), int(hi)
-            if lo < 0 or hi >= V:
-                raise ValueError(f"linear_cross_entropy: target values must be in [0, {V}) or equal "
-                                 f"ignore_index={ignore_index}; got values in [{lo}, {hi}]")
-        w = weight.to(dtype)
-        b = None if bias is None else bias.to(dtype)
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        need_any = need_h or need_w or need_b
-        # the reduction's scale (None: the mean over the kept rows), applied to the logits' gradient before
-        # it is rounded, as autograd would
-        if scale is None:
-            scale = 1.0 / n if n else float("nan")
-        sc64 = scale.to(device=hidden.device, dtype=torch.float64) if isinstance(scale, Tensor) else \
-            torch.tensor(float(scale), device=hidden.device, dtype=torch.float64)
-        sc = sc64.float()
-        if need_w and grad_w_mode == "auto":
-            grad_w_mode = "logits" if n * V * hv.element_size() <= V * H * 4 else "accumulate"
-        g_h = hv.new_empty(n, H) if need_h else None
-        g_logits = hv.new_empty(n, V) if need_w and grad_w_mode == "logits" else None
-        g_w32 = torch.zeros(V, H, device=hidden.device, dtype=torch.float32) \
-            if need_w and grad_w_mode == "accumulate" else None
-        g_b = torch.zeros(V, device=hidden.device, dtype=torch.float32) if need_b else None
-        # per-row losses are fp32 (as PyTorch's); their sum and the scale are taken in fp64, so the scalar
-        # is rounded once
-        total = torch.zeros((), device=hidden.device, dtype=torch.float64)
-        step = _chunk_rows(V, n, chunk_rows)
-        for s in range(0, n, step):
-            e = min(n, s + step)
-            hc, tc = hv[s:e], tv[s:e]
-            z = F.linear(hc, w, b).float()  # rounded to the activation dtype first, as F.linear returns
-            lse = torch.logsumexp(z, dim=-1)
-            total += (lse - z.gather(1, tc[:, None]).squeeze(1)).sum(dtype=torch.float64)
-            if not need_any:
-                continue
-            g = z.sub_(lse[:, None]).exp_()  # softmax, in place of the fp32 logits
-            g.scatter_add_(1, tc[:, None], g.new_full((e - s, 1), -1.0))
-            g.mul_(sc)
-            if need_b:
-                g_b += g.sum(0)
-            g = g.to(dtype)
-            if need_h:
-                torch.mm(g, w, out=g_h[s:e])
-            if g_logits is not None:
-                g_logits[s:e] = g
-            elif g_w32 is not None:
-                g_w32 += torch.mm(g.t(), hc).float()
-            del z, g
-        ctx.hidden_shape, ctx.hidden_dtype, ctx.n_rows = hidden.shape, hidden.dtype, h2.shape[0]
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        r = _loss_and_grads(hidden, weight, bias, target, ignore_index, scale, chunk_rows, need_h, need_w,
+                            need_b, grad_w_mode, dtype)
+        ctx.hidden_shape, ctx.hidden_dtype = hidden.shape, hidden.dtype
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(rows, g_h, g_logits, hv if g_logits is not None else None, g_w32, g_b)
-        return (total * sc64).float()
+        ctx.save_for_backward(r.rows, r.g_h, r.g_logits, r.hv, r.g_w32, r.g_b)
+        return r.loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -123,16 +163,79 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
         go = grad_out.float()
         d_hidden = d_weight = d_bias = None
         if g_h is not None:
-            d2 = torch.zeros(ctx.n_rows, ctx.hidden_shape[-1], device=g_h.device, dtype=ctx.hidden_dtype)
-            d2.index_copy_(0, rows, (g_h * go.to(g_h.dtype)).to(ctx.hidden_dtype))
+            H = ctx.hidden_shape[-1]
+            d2 = torch.zeros(ctx.hidden_shape.numel() // H, H, device=g_h.device, dtype=ctx.hidden_dtype)
+            d2.index_copy_(0, rows, _scaled(g_h, go, ctx.hidden_dtype))
             d_hidden = d2.view(ctx.hidden_shape)
         if g_logits is not None:
-            d_weight = (torch.mm(g_logits.t(), hv) * go.to(hv.dtype)).to(ctx.weight_dtype)
+            d_weight = _scaled(torch.mm(g_logits.t(), hv), go, ctx.weight_dtype)
         elif g_w32 is not None:
-            d_weight = (g_w32 * go).to(ctx.weight_dtype)
+            d_weight = _scaled(g_w32, go, ctx.weight_dtype)
         if g_b is not None:
-            d_bias = (g_b * go).to(ctx.bias_dtype)
+            d_bias = _scaled(g_b, go, ctx.bias_dtype)
         return d_hidden, d_weight, d_bias, None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# the custom op: what torch.compile, modes and subclasses see
+# ---------------------------------------------------------------------------------------------
+#
+# The row selection (a nonzero and a range check) happens inside the op, so a compiled graph holds it as
+# one opaque call with fixed-shape outputs: the loss, the hidden gradient at the hidden's full shape (zero
+# on the ignored rows), the weight's gradient as an fp32 [V, H] accumulator, the bias's as fp32 [V]. An
+# output that is not asked for is an empty tensor. The host sync makes it unsafe to capture in a CUDA graph:
+# the ``cudagraph_unsafe`` tag tells Inductor (``mode="reduce-overhead"``) to leave the graph that holds it
+# uncaptured, or with ``graph_partition`` to capture around it, instead of failing in the capture.
+
+_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+
+
+@torch.library.custom_op("mmfast::linear_cross_entropy_fwd", mutates_args=(), tags=_TAGS)
+def linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                             ignore_index: int, scale: Optional[Tensor], chunk_rows: int, need_hidden: bool,
+                             need_weight: bool, need_bias: bool, dtype: torch.dtype
+                             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(loss, g_hidden, g_weight, g_bias)``; ``scale`` None: the mean over the kept rows;
+    ``chunk_rows`` 0: the default."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        r = _loss_and_grads(hidden, weight, bias, target, ignore_index, scale, chunk_rows or None, need_hidden,
+                            need_weight, need_bias, "accumulate", dtype)
+    def empty():
+        return hidden.new_empty(0, dtype=torch.float32)
+
+    g_h = empty()
+    if r.g_h is not None:
+        H = hidden.shape[-1]
+        g_h = hidden.new_zeros(hidden.shape.numel() // H, H, dtype=dtype)
+        g_h.index_copy_(0, r.rows, r.g_h)
+        g_h = g_h.view(hidden.shape)
+    return (r.loss, g_h, empty() if r.g_w32 is None else r.g_w32, empty() if r.g_b is None else r.g_b)
+
+
+@linear_cross_entropy_fwd.register_fake
+def _(hidden, weight, bias, target, ignore_index, scale, chunk_rows, need_hidden, need_weight, need_bias, dtype):
+    f32 = dict(dtype=torch.float32)
+    return (hidden.new_empty((), **f32),
+            hidden.new_empty(hidden.shape, dtype=dtype) if need_hidden else hidden.new_empty(0, **f32),
+            hidden.new_empty(weight.shape, **f32) if need_weight else hidden.new_empty(0, **f32),
+            hidden.new_empty(weight.shape[:1], **f32) if need_bias else hidden.new_empty(0, **f32))
+
+
+def _op_setup_context(ctx, inputs, output):
+    hidden, weight, bias = inputs[:3]
+    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    ctx.needs = inputs[7:10]
+    ctx.save_for_backward(*output[1:])
+
+
+def _op_backward(ctx, grad_loss, *_):
+    go = grad_loss.float()
+    grads = [_scaled(g, go, dt) if need else None
+             for g, dt, need in zip(ctx.saved_tensors, ctx.dtypes, ctx.needs)]
+    return (*grads, None, None, None, None, None, None, None, None)
+
+
+linear_cross_entropy_fwd.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None, *,
@@ -173,11 +276,18 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: O
 
 
 def _apply(hidden, weight, bias, target, ignore_index, scale, chunk_rows, grad_w_mode, dtype):
-    """The autograd call (``grad_w_mode``: ``"auto"``, or ``"logits"`` / ``"accumulate"`` to pick how the
-    weight's gradient is kept, for the tests)."""
-    with torch.autocast(hidden.device.type, enabled=False):
-        return _LinearCrossEntropyFn.apply(hidden, weight, bias, target, ignore_index, scale, chunk_rows,
-                                           grad_w_mode, dtype)
+    """Plain eager calls run :class:`_LinearCrossEntropyFn`, the rest the custom op (``grad_w_mode``:
+    ``"auto"``, or ``"logits"`` / ``"accumulate"`` to pick how the eager path keeps the weight's gradient,
+    for the tests)."""
+    if plain_eager(hidden, weight, bias, target, scale if isinstance(scale, Tensor) else None):
+        with torch.autocast(hidden.device.type, enabled=False):
+            return _LinearCrossEntropyFn.apply(hidden, weight, bias, target, ignore_index, scale, chunk_rows,
+                                               grad_w_mode, dtype)
+    need = [x is not None and torch.is_grad_enabled() and x.requires_grad for x in (hidden, weight, bias)]
+    if scale is not None and not isinstance(scale, Tensor):
+        scale = torch.tensor(float(scale), device=hidden.device, dtype=torch.float64)
+    return torch.ops.mmfast.linear_cross_entropy_fwd(hidden, weight, bias, target, ignore_index, scale,
+                                                     chunk_rows or 0, *need, dtype)[0]
 
 
 def linear_cross_entropy_reference(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,

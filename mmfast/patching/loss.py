@@ -13,8 +13,8 @@ and every class whose forward is the same code), no class is touched:
 
 The output then has ``loss`` and ``logits=None`` (the stand-in never leaves the forward). Without labels,
 under ``torch.no_grad()`` (evaluation, generation), with ``logits_to_keep``, or inside
-``mmfast.disabled()``, or while ``torch.compile`` traces it (the fused loss finds the labelled rows with a
-host sync, which would break the graph), the model runs exactly as unpatched and returns its logits.
+``mmfast.disabled()``, the model runs exactly as unpatched and returns its logits. ``torch.compile``
+traces all of it without a graph break: the loss is one custom op (:mod:`mmfast.ops.loss`).
 
 Labels follow HF's causal-LM loss: shifted by one (or ``shift_labels``), ``ignore_index`` (default -100),
 mean over the labelled positions or ``num_items_in_batch``.
@@ -115,8 +115,7 @@ def _model_forward(model: nn.Module, *args, **kwargs):
         idx = _labels_index(type(model))
         labels = args[idx] if idx is not None and len(args) > idx else None
     keep = kwargs.get("logits_to_keep", 0)
-    # under torch.compile the unfused loss is traced: the fused one needs a host sync (its row selection)
-    if (labels is None or not torch.is_grad_enabled() or is_disabled() or torch.compiler.is_compiling()
+    if (labels is None or not torch.is_grad_enabled() or is_disabled()
             or not (isinstance(keep, int) and keep == 0)):
         return orig(*args, **kwargs)
     st.armed, st.loss, st.stand_in = _arm(labels, kwargs), None, None
