@@ -141,24 +141,36 @@ def _checkpointing_args(on: bool, reentrant: bool) -> dict:
     return {name: on, f"{name}_kwargs": {"use_reentrant": reentrant}}
 
 
-@pytest.mark.parametrize("checkpointing", ["off", "reentrant", "non-reentrant"])
-def test_hf_trainer(checkpointing, tmp_path):
+@pytest.mark.parametrize("checkpointing", ["off", "reentrant", "non-reentrant", "compiled"])
+def test_hf_trainer(checkpointing, tmp_path, monkeypatch):
+    """HF Trainer steps a patched model (with activation checkpointing, or ``torch_compile=True``); the
+    fused LM-head loss runs in every step, compiled or not."""
     from transformers import Trainer, TrainingArguments
 
+    from mmfast.ops import loss as loss_ops
+
+    fused_calls = []
+    real = loss_ops._loss_and_grads
+    monkeypatch.setattr(loss_ops, "_loss_and_grads", lambda *a, **k: fused_calls.append(1) or real(*a, **k))
+    torch._dynamo.reset()
     model = build("llava")
     mmfast.patch(model, tuning="layernorm-simp", verbose=False)
     trainable = _trainable(model)
     before = {n: p.detach().clone() for n, p in trainable.items()}
+    compiled = dict(torch_compile=True, torch_compile_backend="aot_eager") if checkpointing == "compiled" else {}
     args = TrainingArguments(
         output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-3,
         report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True,
-        **_checkpointing_args(checkpointing != "off", checkpointing == "reentrant"),
+        **_checkpointing_args(checkpointing in ("reentrant", "non-reentrant"), checkpointing == "reentrant"),
+        **compiled,
     )
     trainer = Trainer(model=model, args=args, train_dataset=_Dataset())
     result = trainer.train()
     assert result.global_step == 3 and torch.isfinite(torch.tensor(result.training_loss))
+    assert len(fused_calls) == 3
     layers = model.model.language_model.layers
-    assert bool(getattr(layers[0], "gradient_checkpointing", False)) == (checkpointing != "off")
+    assert bool(getattr(layers[0], "gradient_checkpointing", False)) == (checkpointing in ("reentrant",
+                                                                                           "non-reentrant"))
     for n, p in trainable.items():
         assert not torch.equal(p, before[n]), f"{n} did not move"
 

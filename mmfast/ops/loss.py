@@ -81,16 +81,16 @@ def _loss_and_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targ
     H, V = hidden.shape[-1], weight.shape[0]
     h2 = hidden.reshape(-1, H)
     t = target.reshape(-1)
-    rows = (t != ignore_index).nonzero().squeeze(1)
+    kept = t != ignore_index
+    bad = (kept & ((t < 0) | (t >= V))).any()  # queued before the nonzero's sync, read after it for free
+    rows = kept.nonzero().squeeze(1)
+    if bad.item():
+        lo, hi = torch.aminmax(t[kept])
+        raise ValueError(f"linear_cross_entropy: target values must be in [0, {V}) or equal "
+                         f"ignore_index={ignore_index}; got values in [{int(lo)}, {int(hi)}]")
     n = rows.numel()
     hv = h2.index_select(0, rows).to(dtype)
     tv = t.index_select(0, rows)
-    if n:
-        lo, hi = torch.aminmax(tv)
-        lo, hi = int(lo), int(hi)
-        if lo < 0 or hi >= V:
-            raise ValueError(f"linear_cross_entropy: target values must be in [0, {V}) or equal "
-                             f"ignore_index={ignore_index}; got values in [{lo}, {hi}]")
     w = weight.to(dtype)
     b = None if bias is None else bias.to(dtype)
     need_any = need_h or need_w or need_b
