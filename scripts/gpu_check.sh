@@ -4,8 +4,9 @@
 # brings back 8).
 #
 #   bash scripts/gpu_check.sh [stage ...]      stages: cuda, tests, compile, overhead, bench-kernels,
-#                                              bench-model, tune-adapter, tune-norm, tune-cuda, all (default: all but
-#                                              the tune stages; each stage fits a 10-minute call)
+#                                              bench-model, bench-model-compile, tune-adapter, tune-norm,
+#                                              tune-cuda, all (default: all but bench-model-compile and the
+#                                              tune stages; each stage fits a 10-minute call)
 #
 # Time caps (seconds): MMFAST_TESTS_TIMEOUT (tests, default 420) and MMFAST_BENCH_BUDGET (a bench stage
 # stops starting runs after it, default 450, and writes what it measured). MMFAST_TESTS (default
@@ -17,6 +18,8 @@
 # tune-norm: GPU time of alternative launches of the Triton norm kernels (benchmarks/tune_norm.py; --quick,
 # the goal widths only, unless MMFAST_TUNE_FULL=1), results in $OUT/tune-norm/. tune-cuda: the same for
 # the CUDA C++ backward's shared-memory stages (0, 2, 3, 4), all widths, into $OUT/tune-norm/ too.
+# bench-model-compile: the model suite with HF's and mmfast's models also under torch.compile (Inductor
+# compiles each model once per tuning before its timed steps).
 #
 # cuda: build the CUDA C++ extension (on first use, cached in .mmfast-cache/, which the device tool keeps
 # between calls), compile-check it, and run the norm test matrix on the cuda backend. bench-kernels also
@@ -94,11 +97,12 @@ for stage in "${stages[@]}"; do
       mkdir -p "$OUT/tune-norm"
       python3 benchmarks/tune_norm.py --backend cuda --out "$OUT/tune-norm" 2>&1 | tee "$OUT/tune-norm/tune-cuda.log" | tail -n 16
       rc=${PIPESTATUS[0]} ;;
-    bench-kernels|bench-model)
+    bench-kernels|bench-model|bench-model-compile)
       suite=${stage#bench-}
-      ops=$([ "$suite" = model ] && echo model || echo rms_norm,layer_norm,mma_adapter,swiglu,quick_gelu)
+      ops=$([ "$suite" = kernels ] && echo rms_norm,layer_norm,mma_adapter,swiglu,quick_gelu || echo model)
       dir="$OUT/bench-$suite"
       extra=$([ "$suite" = kernels ] && echo "--backend-table $dir/backend_table.json")
+      [ "$suite" = model-compile ] && extra="--providers hf-eager,mmfast,hf-compile,mmfast-compile"
       mkdir -p "$dir"
       sizes=$([ "$suite" = kernels ] && echo "--sizes large")
       # shellcheck disable=SC2086

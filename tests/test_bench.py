@@ -326,3 +326,35 @@ def test_graph_cases_run_per_provider_in_their_own_process():
     here = time_case(case, "mmfast-triton", torch.device("cpu"), None, env)
     assert [r["error"] for r in child] == [None] * 3
     assert [(r["direction"], r["bytes"]) for r in child] == [(r["direction"], r["bytes"]) for r in here]
+
+
+def test_compile_model_providers_run_only_when_named(monkeypatch):
+    """hf-compile and mmfast-compile are opt-in (each compiles the whole model); named, they compile the
+    provider's model and time it, and mmfast's compiled step runs the fused loss inside the graph."""
+    from mmfast.bench import model as model_bench
+    from mmfast.ops import loss as loss_ops
+
+    cpu = torch.device("cpu")
+    case = model_bench.tiny("layernorm-simp")
+    assert not set(model_bench.OPT_IN) & set(bench_main._providers(case, cpu))
+    assert bench_main._providers(case, cpu, {"mmfast-compile"})[-1:] == ["mmfast-compile"]
+    graphs, fused = [], []
+    real_compile, real_loss = torch.compile, loss_ops._loss_and_grads
+
+    def compile_spy(model, backend):
+        assert backend == model_bench.COMPILE_BACKEND == "inductor"
+
+        def counting(gm, example_inputs):
+            graphs.append(sum("linear_cross_entropy_fwd" in str(n.target) for n in gm.graph.nodes))
+            return gm.forward
+
+        return real_compile(model, backend=counting)  # the CPU test skips Inductor's code generation
+
+    monkeypatch.setattr(torch, "compile", compile_spy)
+    monkeypatch.setattr(loss_ops, "_loss_and_grads", lambda *a, **k: fused.append(1) or real_loss(*a, **k))
+    for prov, loss_ops_in_graph in (("hf-compile", 0), ("mmfast-compile", 1)):
+        graphs.clear(), fused.clear()
+        res = model_bench.time_train_step(case, prov, cpu, steps=2, warmup=1)
+        assert res["ms"] > 0 and res["saved"] is None and res["trainable"] > 0
+        # HF's LLaVA forward breaks the graph at its .item() calls; the loss is in one of the graphs
+        assert len(graphs) >= 1 and sum(graphs) == loss_ops_in_graph and len(fused) == 3 * loss_ops_in_graph

@@ -19,6 +19,7 @@ import argparse
 import os
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -68,14 +69,16 @@ def model_cases(device: torch.device, quick: bool, llm_layers: int, batch: int =
     return [model_bench.llava_7b_widths(t, llm_layers, batch=batch, text_tokens=448) for t in model_bench.TUNINGS]
 
 
-def _providers(case, device: torch.device) -> list[str]:
+def _providers(case, device: torch.device, wanted: Optional[set] = None) -> list[str]:
+    """The providers of ``case`` on ``device``: those run by default, plus the model suite's opt-in ones
+    (:data:`mmfast.bench.model.OPT_IN`) named in ``wanted``."""
     if isinstance(case, NormCase):
         return norm_bench.providers(device)
     if isinstance(case, AdapterCase):
         return adapter_bench.providers(device)
     if isinstance(case, (SwiGLUCase, QuickGELUCase)):
         return activation_bench.providers(device, case)
-    names = model_bench.providers(device)
+    names = model_bench.providers(device, tuple(wanted or ()))
     return [n for n in names if not (n.startswith("liger") and case.tuning == "mma")]
 
 
@@ -93,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench-results", help="output directory (default: %(default)s)")
     p.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of %(default)s")
-    p.add_argument("--providers", default=None, help="comma-separated providers (default: all available)")
+    p.add_argument("--providers", default=None,
+                   help="comma-separated providers (default: all available but the model suite's hf-compile and "
+                        "mmfast-compile, which run only when named)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run (seconds)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--llm-layers", type=int, default=8, help="LLaMA layers in the model-level step (GPU)")
@@ -123,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     if "model" in ops:
         cases += model_cases(device, args.quick, args.llm_layers, args.batch)
     wanted = set(args.providers.split(",")) if args.providers else None
-    plan = [(c, prov) for c in cases for prov in _providers(c, device) if wanted is None or prov in wanted]
+    plan = [(c, prov) for c in cases for prov in _providers(c, device, wanted) if wanted is None or prov in wanted]
     if not plan:
         p.error("nothing to run: no case has any of the requested providers")
     if device.type != "cuda":
@@ -230,8 +235,8 @@ def _model_record(case, provider: str, device: torch.device, env: dict, steps: i
     return record(case, provider, "train-step", res["ms"], None, res["peak_mem_bytes"], env,
                   host_ms=res["host_ms"], tokens_per_s=res["tokens_per_s"], trainable=res["trainable"],
                   tuning=case.tuning,
-                  llm_layers=case.llm_layers, saved_bytes=res["saved"]["total"],
-                  **{f"saved_bytes_{k}": v for k, v in res["saved"].items() if k != "total"})
+                  llm_layers=case.llm_layers, saved_bytes=(res["saved"] or {}).get("total"),
+                  **{f"saved_bytes_{k}": v for k, v in (res["saved"] or {}).items() if k != "total"})
 
 
 if __name__ == "__main__":

@@ -16,6 +16,15 @@ Providers:
   classes); they are restored when the case ends, so later cases in the run are not affected;
 * ``liger-norms``: Liger's norm kernels alone, on the modules mmfast patches (LLaMA RMSNorms and CLIP
   LayerNorms), which isolates the norm kernels' share.
+
+Run only when named (``--providers``), since each compiles the whole model first (minutes on a GPU):
+
+* ``hf-compile``: ``hf-eager``'s model under ``torch.compile`` (Inductor, default mode), what HF
+  Trainer's ``torch_compile=True`` runs;
+* ``mmfast-compile``: ``mmfast``'s patched model under ``torch.compile``; the compiled graph holds
+  mmfast's custom ops (norms, adapter, MLP gates, the fused loss).
+
+Under compile the bytes kept for backward are not counted (the counting hooks would be traced too).
 """
 
 from __future__ import annotations
@@ -110,11 +119,18 @@ def make_batch(case: ModelCase, device: torch.device) -> dict:
     return {"input_ids": ids, "labels": labels, "pixel_values": pix}
 
 
-def providers(device: torch.device) -> list[str]:
+#: Providers that run only when asked for by name (module docstring).
+OPT_IN = ("hf-compile", "mmfast-compile")
+#: The ``torch.compile`` backend of the ``*-compile`` providers.
+COMPILE_BACKEND = "inductor"
+
+
+def providers(device: torch.device, opt_in: tuple[str, ...] = ()) -> list[str]:
+    """The providers run by default on ``device``, then those of :data:`OPT_IN` named in ``opt_in``."""
     names = ["hf-eager", "mmfast-noloss", "mmfast"]
     if device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None:
         names += ["liger-norms", "liger"]
-    return names
+    return names + [n for n in OPT_IN if n in opt_in]
 
 
 def _liger_rms(module, x):
@@ -130,7 +146,9 @@ def _liger_ln(module, x):
 
 
 def prepare(model: nn.Module, provider: str, tuning: str) -> None:
-    """Apply ``tuning`` the way ``provider`` runs it (see the module docstring)."""
+    """Apply ``tuning`` the way ``provider`` runs it (see the module docstring; the ``*-compile`` providers
+    are compiled by the caller)."""
+    provider = {"hf-compile": "hf-eager", "mmfast-compile": "mmfast"}.get(provider, provider)
     if provider in ("mmfast", "mmfast-noloss"):
         mmfast.patch(model, tuning=tuning, fused_loss=provider == "mmfast", verbose=False)
         return
@@ -268,7 +286,8 @@ def saved_activation_bytes(model: nn.Module, forward, part=None) -> dict[str, in
 def time_train_step(case: ModelCase, provider: str, device: torch.device, steps: int = 10,
                     warmup: int = 3) -> dict:
     """{ms per step (median), host_ms (GPU: median time to issue a step), tokens_per_s, peak_mem_bytes,
-    saved (bytes kept for backward, by part: :func:`saved_activation_bytes`), trainable}."""
+    saved (bytes kept for backward, by part: :func:`saved_activation_bytes`; None under compile),
+    trainable}."""
     with restored_globals(provider):
         return _time_train_step(case, provider, device, steps, warmup)
 
@@ -280,16 +299,20 @@ def _time_train_step(case: ModelCase, provider: str, device: torch.device, steps
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     batch = make_batch(case, device)
+    compiled = provider.endswith("-compile")
+    if compiled:
+        torch._dynamo.reset()  # each case compiles afresh, with no earlier case's graphs or recompile counts
+    run = torch.compile(model, backend=COMPILE_BACKEND) if compiled else model
 
     def step():
         opt.zero_grad(set_to_none=True)
-        model(**batch).loss.backward()
+        run(**batch).loss.backward()
         opt.step()
 
-    for _ in range(warmup):
+    for _ in range(warmup):  # the first one compiles
         step()
     opt.zero_grad(set_to_none=True)
-    saved = saved_activation_bytes(model, lambda: model(**batch).loss)
+    saved = None if compiled else saved_activation_bytes(model, lambda: model(**batch).loss)
     opt.zero_grad(set_to_none=True)
     times = []
     if device.type == "cuda":

@@ -83,7 +83,7 @@ MODEL_HEAD = ["case", "provider", "dtype", "tokens/step", "ms/step", "host ms", 
               "saved MiB by part", "trainable", "error"]
 MODEL_NOTE = ("saved MiB: bytes autograd keeps for backward in one step (activations; weights, gradients and "
               "optimizer state excluded), by the part of the model that saved them; counted the same way on "
-              "CPU and GPU. peak GiB: CUDA's peak allocated over the timed steps (GPU only). host ms: how long the "
+              "CPU and GPU; not counted under torch.compile (the *-compile providers). peak GiB: CUDA's peak allocated over the timed steps (GPU only). host ms: how long the "
               "Python side took to issue the step (GPU only). Far below ms/step: the GPU was the bottleneck. "
               "Close to it: either the host was (Python and launch overhead) or the step syncs with the GPU "
               "(mmfast's fused loss does, once, to find the labelled rows); a profile tells which.")
