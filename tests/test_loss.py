@@ -181,6 +181,22 @@ def test_non_contiguous_and_deterministic(device, seed):
         assert all(torch.equal(a, c) for a, c in zip(results[0], other))
 
 
+@pytest.mark.parametrize("path", ["eager", "ops"])
+@pytest.mark.parametrize("mode", ["logits", "accumulate"])
+def test_backward_scales_by_the_incoming_gradient(device, seed, path, mode, monkeypatch):
+    """The gradients of 4 * loss are 4 times those of loss, bit for bit (a power of two: every rounding
+    commutes with it), on the eager path and the custom op's, and a second derivative raises on both."""
+    monkeypatch.setenv("MMFAST_EAGER", path)
+    h, w, b, t = make(device, torch.bfloat16)
+    fn = forced(mode, 7)
+    once = grads(fn(h, w, t, b), (h, w, b))
+    scaled = grads(4 * fn(h, w, t, b), (h, w, b))
+    assert all(torch.equal(4 * x, y) and x.abs().max() > 0 for x, y in zip(once, scaled))
+    gh = torch.autograd.grad(fn(h, w, t, b), h, create_graph=True)[0]
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(gh.float().square().sum(), w)
+
+
 def test_bad_input(device):
     h, w, b, t = make(device, torch.float32)
     bad = t.clone()
@@ -199,6 +215,11 @@ def test_bad_input(device):
         linear_cross_entropy(h, w, t, b, reduction="none")
     with pytest.raises(ValueError, match="bias"):
         linear_cross_entropy(h, w, t, b[:-1])
+    for path in ("eager", "ops"):  # both paths refuse it the same way
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MMFAST_EAGER", path)
+            with pytest.raises(ValueError, match="chunk_rows"):
+                linear_cross_entropy(h, w, t, b, chunk_rows=0)
 
 
 # ---------------------------------------------------------------------------------------------

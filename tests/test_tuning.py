@@ -149,9 +149,11 @@ def test_hf_trainer(checkpointing, tmp_path, monkeypatch):
 
     from mmfast.ops import loss as loss_ops
 
-    fused_calls = []
-    real = loss_ops._loss_and_grads
+    fused_calls, eager_calls = [], []
+    real, real_eager = loss_ops._loss_and_grads, loss_ops._LinearCrossEntropyFn.forward
     monkeypatch.setattr(loss_ops, "_loss_and_grads", lambda *a, **k: fused_calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(loss_ops._LinearCrossEntropyFn, "forward",
+                        staticmethod(lambda *a: eager_calls.append(1) or real_eager(*a)))
     torch._dynamo.reset()
     model = build("llava")
     mmfast.patch(model, tuning="layernorm-simp", verbose=False)
@@ -167,7 +169,8 @@ def test_hf_trainer(checkpointing, tmp_path, monkeypatch):
     trainer = Trainer(model=model, args=args, train_dataset=_Dataset())
     result = trainer.train()
     assert result.global_step == 3 and torch.isfinite(torch.tensor(result.training_loss))
-    assert len(fused_calls) == 3
+    # every step ran the fused loss: compiled, through the custom op (the eager path's Function never ran)
+    assert len(fused_calls) == 3 and len(eager_calls) == (0 if checkpointing == "compiled" else 3)
     layers = model.model.language_model.layers
     assert bool(getattr(layers[0], "gradient_checkpointing", False)) == (checkpointing in ("reentrant",
                                                                                            "non-reentrant"))

@@ -226,8 +226,10 @@ def _op_setup_context(ctx, inputs, output):
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
     ctx.needs = inputs[7:10]
     ctx.save_for_backward(*output[1:])
+    ctx.mark_non_differentiable(*output[1:])  # what the backward needs, not results to differentiate
 
 
+@torch.autograd.function.once_differentiable  # a second derivative raises, as the eager path's
 def _op_backward(ctx, grad_loss, *_):
     go = grad_loss.float()
     grads = [_scaled(g, go, dt) if need else None
@@ -261,6 +263,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: O
         raise TypeError(f"linear_cross_entropy: target must be an integer tensor, got {target.dtype}")
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"linear_cross_entropy: bias {tuple(bias.shape)} must be [{weight.shape[0]}]")
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"linear_cross_entropy: chunk_rows must be >= 1, got {chunk_rows}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"linear_cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if not hidden.is_floating_point():
