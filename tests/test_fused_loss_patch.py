@@ -82,8 +82,10 @@ def test_compiled_training_step_keeps_it(kind):
         graphs.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])
         return gm.forward
 
-    out = torch.compile(model, backend=backend, fullgraph=True)(**inputs)
-    assert len(graphs) == 1 and sum("mmfast.linear_cross_entropy_fwd" in op for op in graphs[0]) == 1
+    # LLaVA's own forward cannot be traced whole on every torch in range (torch 2.11 fails at its
+    # masked_scatter unpatched too), so fullgraph is asked of the LLaMA only
+    out = torch.compile(model, backend=backend, fullgraph=kind == "llama")(**inputs)
+    assert sum("mmfast.linear_cross_entropy_fwd" in op for g in graphs for op in g) == 1
     assert out.logits is None and "logits" not in out
     torch.testing.assert_close(out.loss, eager.loss)
     out.loss.backward()

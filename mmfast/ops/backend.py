@@ -28,6 +28,7 @@ import contextlib
 import functools
 import importlib.util
 import os
+import re
 import threading
 import warnings
 from typing import Iterator, NamedTuple, Optional
@@ -84,6 +85,29 @@ def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = (re.match(r"\d+", part) for part in version.split(".")[:2])
+    return int(major.group()), int(minor.group())
+
+
+def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
+    """A known breakage of the Triton interpreter with these versions, or None. Triton 3.6's interpreter
+    converts a one-element numpy array with ``int()``, which numpy 2.4 refuses (3.7 and later squeeze
+    it first): every kernel that indexes with a loaded value fails."""
+    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter fails under numpy {numpy_version} (it needs numpy < 2.4, "
+                "or Triton >= 3.7)")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _installed_interpreter_problem() -> str | None:
+    import numpy
+    import triton
+
+    return interpreter_problem(triton.__version__, numpy.__version__)
+
+
 def _triton_can_run(device: torch.device) -> str | None:
     """None when the Triton kernels can run on ``device``, else the reason they cannot."""
     if not _triton_available():
@@ -91,7 +115,9 @@ def _triton_can_run(device: torch.device) -> str | None:
     if device.type == "cuda":
         return None
     if interpreting():
-        return None if device.type == "cpu" else f"the Triton interpreter runs CPU tensors, not {device.type}"
+        if device.type != "cpu":
+            return f"the Triton interpreter runs CPU tensors, not {device.type}"
+        return _installed_interpreter_problem()
     return (
         f"Triton kernels need CUDA tensors (got a {device.type} tensor); "
         "set TRITON_INTERPRET=1 to run them on CPU through the interpreter"
@@ -131,6 +157,10 @@ def _without_cuda(device: torch.device, forced_triton: bool) -> str:
             raise RuntimeError(f"no GPU backend for CUDA tensors: {reason} (or set {ENV_VAR}=reference)")
         return "triton"
     if device.type == "cpu" and interpreting() and _triton_available():
+        problem = _installed_interpreter_problem()
+        if problem is not None:  # TRITON_INTERPRET=1 asks for the kernels: say why they cannot run
+            raise RuntimeError(f"TRITON_INTERPRET=1 runs the Triton kernels on CPU, but {problem}; or unset "
+                               f"TRITON_INTERPRET (or set {ENV_VAR}=reference) for the PyTorch reference")
         return "triton"
     return "reference"
 
