@@ -171,8 +171,10 @@ def _llm_pre_hook(state: _State, module, args, kwargs):
     state.recording = True
     try:
         for layer in module.layers:
+            # no cache argument: its default is None under both of its names (``past_key_values`` before
+            # transformers 5.24, ``cache`` after), and naming the old one warns from 5.24 on
             h = _without_checkpointing(layer, h, attention_mask=None, position_ids=position_ids,
-                                       past_key_values=None, use_cache=False, position_embeddings=pos_emb)
+                                       use_cache=False, position_embeddings=pos_emb)
     finally:
         state.recording = False
     routes = [state.routes[i] for i in sorted(state.routes)]
