@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from collections import defaultdict
 
@@ -211,11 +212,14 @@ def write_plots(out_dir: str, meta: dict, records: list[dict]) -> list[str]:
         paths.append(path)
     model = [r for r in records if _is_model(r) and r.get("tokens_per_s")]
     if model:
+        def gib(key):  # NaN, so no bar, where a record has no value (peak on CPU, saved under compile)
+            return lambda r: r[key] / 2**30 if r.get(key) is not None else math.nan
+
         panels = [("tokens / s", lambda r: r["tokens_per_s"])]
         if any(r.get("peak_mem_bytes") for r in model):  # not measured on CPU
-            panels.append(("peak GiB", lambda r: (r.get("peak_mem_bytes") or 0) / 2**30))
+            panels.append(("peak GiB", gib("peak_mem_bytes")))
         if any(r.get("saved_bytes") for r in model):
-            panels.append(("saved for backward, GiB", lambda r: (r.get("saved_bytes") or 0) / 2**30))
+            panels.append(("saved for backward, GiB", gib("saved_bytes")))
         fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 1, 4.2), squeeze=False)
         axes = list(axes[0])
         cases = sorted({r["op"] for r in model})
@@ -224,7 +228,7 @@ def write_plots(out_dir: str, meta: dict, records: list[dict]) -> list[str]:
         for i, prov in enumerate(provs):
             xs = [j + i * width for j in range(len(cases))]
             for ax, (_, value) in zip(axes, panels):
-                ax.bar(xs, [next((value(r) for r in model if r["op"] == c and r["provider"] == prov), 0)
+                ax.bar(xs, [next((value(r) for r in model if r["op"] == c and r["provider"] == prov), math.nan)
                             for c in cases], width, label=prov)
         for ax, (label, _) in zip(axes, panels):
             ax.set_xticks([j + width * (len(provs) - 1) / 2 for j in range(len(cases))])
