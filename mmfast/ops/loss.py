@@ -200,6 +200,7 @@ def linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tens
     with torch.autocast(hidden.device.type, enabled=False):
         r = _loss_and_grads(hidden, weight, bias, target, ignore_index, scale, chunk_rows or None, need_hidden,
                             need_weight, need_bias, "accumulate", dtype)
+
     def empty():
         return hidden.new_empty(0, dtype=torch.float32)
 
