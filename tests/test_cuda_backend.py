@@ -51,8 +51,8 @@ def clean_tables(monkeypatch):
 
 
 def test_cuda_sources_compile_for_sm90a():
-    """Every .cu compiles with the machine's nvcc for sm_90a; binding.cpp passes a syntax check against
-    torch's headers. Spills are reported in the output, not failed."""
+    """Every .cu compiles with the machine's nvcc for sm_90a; binding.cpp compiles against torch's headers,
+    and every mmfast:: symbol the objects need is defined. Spills are reported in the output, not failed."""
     from mmfast.kernels.cuda_compile_check import find_nvcc
 
     if find_nvcc() is None:
@@ -61,7 +61,7 @@ def test_cuda_sources_compile_for_sm90a():
                          capture_output=True, text=True, timeout=1200)
     print(out.stdout)
     assert out.returncode == 0, out.stdout + out.stderr
-    for f in ("norm_fwd.cu: ok", "norm_bwd.cu: ok", "binding.cpp: ok"):
+    for f in ("norm_fwd.cu: ok", "norm_bwd.cu: ok", "binding.cpp: ok", "symbols: ok"):
         assert f in out.stdout
     for family in ("norm_fwd_reg_kernel", "norm_fwd_wide_kernel", "norm_bwd_reg_kernel", "norm_bwd_staged_kernel",
                    "norm_bwd_wide_kernel",
@@ -79,6 +79,29 @@ def test_compile_check_fails_on_a_compile_error(tmp_path, monkeypatch):
     bad.write_text("__global__ void k(float* p) { p[0] = not_declared; }\n")
     rc, log, _ = cc.compile_cu(nvcc, bad, "sm_90a", tmp_path)
     assert rc != 0 and "not_declared" in log
+
+
+def test_symbol_check_finds_a_drifted_signature(tmp_path):
+    """A declaration the binding calls and a definition with another signature compile apart, and only the
+    link would fail: the symbol check names it."""
+    import shutil
+
+    from mmfast.kernels.cuda_compile_check import unresolved_symbols
+
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None or shutil.which("nm") is None:
+        pytest.skip("needs a host C++ compiler and nm")
+    (tmp_path / "caller.cpp").write_text("namespace mmfast { int f(int); int g(); }\n"
+                                         "int call() { return mmfast::f(1) + mmfast::g(); }\n")
+    (tmp_path / "callee.cpp").write_text("namespace mmfast { int f(long x) { return int(x); } int g() { return 0; } }\n")
+    objs = []
+    for name in ("caller", "callee"):
+        subprocess.run([cxx, "-c", str(tmp_path / f"{name}.cpp"), "-o", str(tmp_path / f"{name}.o")], check=True)
+        objs.append(tmp_path / f"{name}.o")
+    assert unresolved_symbols(objs) == ["mmfast::f(int)"]
+    (tmp_path / "callee.cpp").write_text("namespace mmfast { int f(int x) { return x; } int g() { return 0; } }\n")
+    subprocess.run([cxx, "-c", str(tmp_path / "callee.cpp"), "-o", str(tmp_path / "callee.o")], check=True)
+    assert unresolved_symbols(objs) == []
 
 
 def test_ptxas_report_is_parsed():

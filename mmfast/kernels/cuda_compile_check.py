@@ -4,8 +4,10 @@ Every ``.cu`` in the CUDA sources compiles on its own with the machine's nvcc fo
 (default ``sm_90a``, i.e. ``-gencode=arch=compute_90a,code=sm_90a``), with the flags torch's extension
 builds add (no implicit half/bfloat16 conversions, ...) and ``-Xptxas -v``; registers,
 stack and spills are reported per kernel family (worst instance) and every instance that spills is
-listed. The torch binding (``binding.cpp``) is syntax-checked with the host compiler against the
-installed torch's headers (a CPU-only torch lacks one generated CUDA header; an empty stand-in is used).
+listed. The torch binding (``binding.cpp``) is compiled (-O0) with the host compiler against the
+installed torch's headers (a CPU-only torch lacks one generated CUDA header; an empty stand-in is used),
+and every ``mmfast::`` symbol an object file needs must be defined in one of them (``nm``): a signature
+that drifted between ``norm.h``, the kernels and the binding fails here, not at the GPU's link.
 
 Exit status 1 on any compile error (or on spills with ``--no-spills``), 2 when nvcc is missing.
 """
@@ -103,8 +105,8 @@ def compile_cu(nvcc: str, path: Path, arch: str, out_dir: Path) -> tuple[int, st
     return proc.returncode, proc.stdout + proc.stderr, time.time() - start
 
 
-def check_binding(path: Path) -> tuple[int, str]:
-    """Syntax-check the torch binding against the installed torch's headers."""
+def check_binding(path: Path, out_dir: Path) -> tuple[int, str]:
+    """Compile the torch binding against the installed torch's headers into ``out_dir``/binding.o."""
     import torch
     from torch.utils import cpp_extension
 
@@ -122,11 +124,28 @@ def check_binding(path: Path) -> tuple[int, str]:
         if cuda_include is not None:
             includes.append(str(cuda_include))
         includes += [sysconfig.get_paths()["include"], str(path.parent)]
-        cmd = [cxx, "-std=c++20", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=mmfast_cuda_ext", str(path)]
+        cmd = [cxx, "-std=c++20", "-O0", "-c", "-DTORCH_EXTENSION_NAME=mmfast_cuda_ext", str(path),
+               "-o", str(out_dir / (path.stem + ".o"))]
         cmd += [f"-I{p}" for p in includes]
         proc = subprocess.run(cmd, capture_output=True, text=True)
     errors = "\n".join(line for line in (proc.stdout + proc.stderr).splitlines() if "error" in line)
     return proc.returncode, errors
+
+
+def _nm(nm: str, obj: Path, which: str) -> set[str]:
+    out = subprocess.run([nm, "-C", f"--{which}-only", str(obj)], capture_output=True, text=True, check=True).stdout
+    # "<address> T name(args)" for defined, "U name(args)" for undefined symbols
+    return {line.split(maxsplit=2 if which == "defined" else 1)[-1] for line in out.splitlines() if line.strip()}
+
+
+def unresolved_symbols(objects: list[Path]) -> list[str] | None:
+    """The ``mmfast::`` symbols some object needs and none defines; None when ``nm`` is missing."""
+    nm = shutil.which("nm")
+    if nm is None:
+        return None
+    defined = set().union(*(_nm(nm, o, "defined") for o in objects))
+    needed = set().union(*(_nm(nm, o, "undefined") for o in objects))
+    return sorted(n for n in needed - defined if n.startswith("mmfast::"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,20 +165,32 @@ def main(argv: list[str] | None = None) -> int:
     failures: list[str] = []
     uses: list[KernelUse] = []
     start = time.time()
-    with tempfile.TemporaryDirectory() as out_dir, ThreadPoolExecutor(args.jobs or len(cu_files)) as pool:
-        results = list(pool.map(lambda f: (f, *compile_cu(nvcc, f, args.arch, Path(out_dir))), cu_files))
-    for f, rc, log, secs in results:
-        kernels = parse_ptxas(log)
-        uses += kernels
-        print(f"{f.name}: {'ok' if rc == 0 else 'FAILED'} in {secs:.0f} s, {len(kernels)} kernels for {args.arch}")
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = Path(tmp)
+        with ThreadPoolExecutor(args.jobs or len(cu_files)) as pool:
+            results = list(pool.map(lambda f: (f, *compile_cu(nvcc, f, args.arch, out_dir)), cu_files))
+        for f, rc, log, secs in results:
+            kernels = parse_ptxas(log)
+            uses += kernels
+            print(f"{f.name}: {'ok' if rc == 0 else 'FAILED'} in {secs:.0f} s, {len(kernels)} kernels for {args.arch}")
+            if rc != 0:
+                failures.append(f.name)
+                print("\n".join(line for line in log.splitlines() if "error" in line.lower()) or log[-4000:])
+        rc, errors = check_binding(src / "binding.cpp", out_dir)
+        print(f"binding.cpp: {'ok' if rc == 0 else 'FAILED'} (compiled against torch's headers)")
         if rc != 0:
-            failures.append(f.name)
-            print("\n".join(line for line in log.splitlines() if "error" in line.lower()) or log[-4000:])
-    rc, errors = check_binding(src / "binding.cpp")
-    print(f"binding.cpp: {'ok' if rc == 0 else 'FAILED'} (syntax check against torch's headers)")
-    if rc != 0:
-        failures.append("binding.cpp")
-        print(errors)
+            failures.append("binding.cpp")
+            print(errors)
+        objects = sorted(out_dir.glob("*.o"))
+        if not failures and len(objects) == len(cu_files) + 1:
+            missing = unresolved_symbols(objects)
+            if missing is None:
+                print("symbols: not checked (no nm)")
+            elif missing:
+                failures.append("symbols")
+                print("symbols: FAILED, needed but defined nowhere:\n  " + "\n  ".join(missing))
+            else:
+                print("symbols: ok (every mmfast:: symbol an object needs is defined)")
     worst: dict[str, KernelUse] = {}
     for u in uses:
         if u.family not in worst or u.regs > worst[u.family].regs:
