@@ -47,7 +47,7 @@ JIT_NAME = "mmfast_cuda_ext"
 SOURCES = ("binding.cpp", "norm_fwd.cu", "norm_bwd.cu")
 HEADERS = ("norm.h", "norm_common.cuh")
 #: Extra nvcc flags (no fast-math: the kernels round like PyTorch).
-NVCC_FLAGS = ("-O3", "-lineinfo")
+NVCC_FLAGS = ("-O3", "-lineinfo", "--split-compile=0")
 CXX_FLAGS = ("-O3",)
 
 CACHE_ENV = "MMFAST_CACHE_DIR"
