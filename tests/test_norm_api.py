@@ -134,15 +134,15 @@ def test_cpu_without_interpreter_uses_reference():
 def test_interpreter_version_problem_is_an_error(monkeypatch):
     """Triton 3.6's interpreter with numpy >= 2.4 fails inside every indexing kernel; mmfast says so
     before launching (auto and forced triton alike), not with the interpreter's TypeError."""
-    from mmfast.ops import backend
+    from mmfast.kernels import _device
 
-    assert backend.interpreter_problem("3.6.0", "2.4.6") is not None
-    assert backend.interpreter_problem("3.6.0+git1a2b", "2.4.0rc1") is not None
+    assert _device.version_problem("3.6.0", "2.4.6") is not None
+    assert _device.version_problem("3.6.0+git1a2b", "2.4.0rc1") is not None
     for ok in (("3.6.0", "2.3.5"), ("3.7.0", "2.4.6"), ("3.9.0", "2.4.6"), ("4.0.0", "3.0.0")):
-        assert backend.interpreter_problem(*ok) is None, ok
+        assert _device.version_problem(*ok) is None, ok
     if torch.cuda.is_available():
         return
-    monkeypatch.setattr(backend, "_installed_interpreter_problem", lambda: "Triton 3.6.0's interpreter fails")
+    monkeypatch.setattr(_device, "interpreter_problem", lambda: "Triton 3.6.0's interpreter fails")
     x = torch.randn(2, 8)
     for forced in ("auto", "triton"):
         monkeypatch.setenv(ENV_VAR, forced)

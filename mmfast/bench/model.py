@@ -119,8 +119,10 @@ def make_batch(case: ModelCase, device: torch.device) -> dict:
     return {"input_ids": ids, "labels": labels, "pixel_values": pix}
 
 
-#: Providers that run only when asked for by name (module docstring).
-OPT_IN = ("hf-compile", "mmfast-compile")
+#: The compiled providers and the provider whose model each compiles (module docstring).
+COMPILED = {"hf-compile": "hf-eager", "mmfast-compile": "mmfast"}
+#: Providers that run only when asked for by name: the compiled ones.
+OPT_IN = tuple(COMPILED)
 #: The ``torch.compile`` backend of the ``*-compile`` providers.
 COMPILE_BACKEND = "inductor"
 
@@ -148,7 +150,7 @@ def _liger_ln(module, x):
 def prepare(model: nn.Module, provider: str, tuning: str) -> None:
     """Apply ``tuning`` the way ``provider`` runs it (see the module docstring; the ``*-compile`` providers
     are compiled by the caller)."""
-    provider = {"hf-compile": "hf-eager", "mmfast-compile": "mmfast"}.get(provider, provider)
+    provider = COMPILED.get(provider, provider)
     if provider in ("mmfast", "mmfast-noloss"):
         mmfast.patch(model, tuning=tuning, fused_loss=provider == "mmfast", verbose=False)
         return
@@ -299,7 +301,7 @@ def _time_train_step(case: ModelCase, provider: str, device: torch.device, steps
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     batch = make_batch(case, device)
-    compiled = provider.endswith("-compile")
+    compiled = provider in COMPILED
     if compiled:
         torch._dynamo.reset()  # each case compiles afresh, with no earlier case's graphs or recompile counts
     run = torch.compile(model, backend=COMPILE_BACKEND) if compiled else model

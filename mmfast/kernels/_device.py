@@ -27,6 +27,27 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off")
 
 
+
+def version_problem(triton_version: str, numpy_version: str) -> str | None:
+    """A known breakage of the Triton interpreter with these versions, or None. Triton 3.6's interpreter
+    converts a one-element numpy array with ``int()``, which numpy 2.4 refuses (3.7 and later squeeze
+    it first): every kernel that indexes with a loaded value fails."""
+    from packaging.version import Version
+
+    if Version(triton_version).release[:2] < (3, 7) and Version(numpy_version).release[:2] >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter fails under numpy {numpy_version} (it needs numpy < 2.4, "
+                "or Triton >= 3.7)")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_problem() -> str | None:
+    """:func:`version_problem` of the installed Triton and numpy."""
+    import numpy
+    import triton
+
+    return version_problem(triton.__version__, numpy.__version__)
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for launch arithmetic on the host (``triton.cdiv`` is a constexpr function wrapper
     that costs microseconds a call there)."""

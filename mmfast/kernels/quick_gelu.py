@@ -18,8 +18,7 @@ import triton
 import triton.language as tl
 
 from ._common import round_to as _round
-from ._device import interpreting
-from .swiglu import _grid, _sigmoid, launch
+from .swiglu import _sigmoid, run_rows
 
 #: The constant of CLIP's QuickGELU.
 ALPHA = 1.702
@@ -51,22 +50,9 @@ def _quick_gelu_bwd_kernel(DY, X, DX, n, stride_dy, stride_x, stride_dx, ALPHA_:
 
 def quick_gelu_fwd(x: torch.Tensor) -> torch.Tensor:
     """``x * sigmoid(1.702 x)`` of an ``[M, n]`` row view (last dimension contiguous), as a new contiguous tensor."""
-    M, n = x.shape
-    y = torch.empty((M, n), dtype=x.dtype, device=x.device)
-    if M and n:
-        block, warps = launch(n)
-        _quick_gelu_fwd_kernel[_grid(M, n, block)](x, y, n, x.stride(0), y.stride(0), ALPHA_=ALPHA, BLOCK=block,
-                                                   SOFT_RNE=interpreting(), num_warps=warps)
-    return y
+    return run_rows(_quick_gelu_fwd_kernel, (x,), (x.dtype,), ALPHA_=ALPHA)[0]
 
 
 def quick_gelu_bwd(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``dx`` as a new contiguous ``[M, n]`` tensor in x's dtype."""
-    M, n = x.shape
-    dx = torch.empty((M, n), dtype=x.dtype, device=x.device)
-    if M and n:
-        block, warps = launch(n)
-        _quick_gelu_bwd_kernel[_grid(M, n, block)](dy, x, dx, n, dy.stride(0), x.stride(0), dx.stride(0),
-                                                   ALPHA_=ALPHA, BLOCK=block, SOFT_RNE=interpreting(),
-                                                   num_warps=warps)
-    return dx
+    return run_rows(_quick_gelu_bwd_kernel, (dy, x), (x.dtype,), ALPHA_=ALPHA)[0]

@@ -73,29 +73,27 @@ def _swiglu_bwd_kernel(DH, G, U, DG, DU, n, stride_dh, stride_g, stride_u, strid
     tl.store(DU + row * stride_du + cols, _round(du, DU.dtype.element_ty, SOFT_RNE), mask=mask)
 
 
-def _grid(M: int, n: int, block: int) -> tuple[int, int]:
-    return (M, cdiv(n, block))
+def run_rows(kernel, inputs: tuple[torch.Tensor, ...], out_dtypes: tuple[torch.dtype, ...], **constexprs
+             ) -> list[torch.Tensor]:
+    """Launch an element-wise row kernel over ``[M, n]`` row views (last dimension contiguous) and return
+    its new contiguous outputs. The kernel's parameters are ``(*inputs, *outputs, n, *row strides of the
+    inputs then the outputs, BLOCK, SOFT_RNE, **constexprs)``; one program per (row, column block)."""
+    M, n = inputs[0].shape
+    outs = [torch.empty((M, n), dtype=dt, device=inputs[0].device) for dt in out_dtypes]
+    if M and n:
+        block, warps = launch(n)
+        tensors = (*inputs, *outs)
+        kernel[(M, cdiv(n, block))](*tensors, n, *(t.stride(0) for t in tensors), BLOCK=block,
+                                    SOFT_RNE=interpreting(), num_warps=warps, **constexprs)
+    return outs
 
 
 def swiglu_fwd(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """``silu(g) * u`` of two ``[M, n]`` row views (last dimension contiguous), as a new contiguous tensor."""
-    M, n = g.shape
-    h = torch.empty((M, n), dtype=g.dtype, device=g.device)
-    if M and n:
-        block, warps = launch(n)
-        _swiglu_fwd_kernel[_grid(M, n, block)](g, u, h, n, g.stride(0), u.stride(0), h.stride(0),
-                                               BLOCK=block, SOFT_RNE=interpreting(), num_warps=warps)
-    return h
+    return run_rows(_swiglu_fwd_kernel, (g, u), (g.dtype,))[0]
 
 
 def swiglu_bwd(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dg, du)`` as new contiguous ``[M, n]`` tensors in g's dtype."""
-    M, n = g.shape
-    dg = torch.empty((M, n), dtype=g.dtype, device=g.device)
-    du = torch.empty((M, n), dtype=u.dtype, device=u.device)
-    if M and n:
-        block, warps = launch(n)
-        _swiglu_bwd_kernel[_grid(M, n, block)](dh, g, u, dg, du, n, dh.stride(0), g.stride(0), u.stride(0),
-                                               dg.stride(0), du.stride(0), BLOCK=block, SOFT_RNE=interpreting(),
-                                               num_warps=warps)
+    """``(dg, du)`` as new contiguous ``[M, n]`` tensors in g's and u's dtypes."""
+    dg, du = run_rows(_swiglu_bwd_kernel, (dh, g, u), (g.dtype, u.dtype))
     return dg, du

@@ -28,7 +28,6 @@ import contextlib
 import functools
 import importlib.util
 import os
-import re
 import threading
 import warnings
 from typing import Iterator, NamedTuple, Optional
@@ -36,7 +35,7 @@ from typing import Iterator, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ..kernels._device import interpreting
+from ..kernels import _device
 
 ENV_VAR = "MMFAST_BACKEND"
 BACKENDS = ("auto", "cuda", "triton", "reference")
@@ -85,39 +84,16 @@ def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _major_minor(version: str) -> tuple[int, int]:
-    major, minor = (re.match(r"\d+", part) for part in version.split(".")[:2])
-    return int(major.group()), int(minor.group())
-
-
-def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
-    """A known breakage of the Triton interpreter with these versions, or None. Triton 3.6's interpreter
-    converts a one-element numpy array with ``int()``, which numpy 2.4 refuses (3.7 and later squeeze
-    it first): every kernel that indexes with a loaded value fails."""
-    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
-        return (f"Triton {triton_version}'s interpreter fails under numpy {numpy_version} (it needs numpy < 2.4, "
-                "or Triton >= 3.7)")
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def _installed_interpreter_problem() -> str | None:
-    import numpy
-    import triton
-
-    return interpreter_problem(triton.__version__, numpy.__version__)
-
-
 def _triton_can_run(device: torch.device) -> str | None:
     """None when the Triton kernels can run on ``device``, else the reason they cannot."""
     if not _triton_available():
         return "Triton is not installed (pip install triton)"
     if device.type == "cuda":
         return None
-    if interpreting():
+    if _device.interpreting():
         if device.type != "cpu":
             return f"the Triton interpreter runs CPU tensors, not {device.type}"
-        return _installed_interpreter_problem()
+        return _device.interpreter_problem()
     return (
         f"Triton kernels need CUDA tensors (got a {device.type} tensor); "
         "set TRITON_INTERPRET=1 to run them on CPU through the interpreter"
@@ -156,8 +132,8 @@ def _without_cuda(device: torch.device, forced_triton: bool) -> str:
         if reason is not None:
             raise RuntimeError(f"no GPU backend for CUDA tensors: {reason} (or set {ENV_VAR}=reference)")
         return "triton"
-    if device.type == "cpu" and interpreting() and _triton_available():
-        problem = _installed_interpreter_problem()
+    if device.type == "cpu" and _device.interpreting() and _triton_available():
+        problem = _device.interpreter_problem()
         if problem is not None:  # TRITON_INTERPRET=1 asks for the kernels: say why they cannot run
             raise RuntimeError(f"TRITON_INTERPRET=1 runs the Triton kernels on CPU, but {problem}; or unset "
                                f"TRITON_INTERPRET (or set {ENV_VAR}=reference) for the PyTorch reference")
