@@ -185,11 +185,14 @@ __global__ void __launch_bounds__(block_threads(TPR)) norm_bwd_reg_kernel(const 
 // Each thread copies, and later reads, only its own 16-byte vectors, so no block barrier guards the
 // staging buffers: cp.async.wait_group makes a thread's completed copies visible to that thread, and a
 // stage is overwritten only after the same thread has read it (program order; the asm statements are
-// compiler barriers). Before sm_80 the copies are plain synchronous loads and stores.
+// compiler barriers). Before sm_80 the copies are plain synchronous loads and stores; the tests' CPU
+// emulator performs each copy at the wait that retires its group, so a stage read too early reads stale data.
 // ------------------------------------------------------------------------------------------------
 
 __device__ __forceinline__ void copy16_async(uint4* smem, const void* gmem) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(MMFAST_CUDA_EMULATION)
+  ::mmfast_emu::cp_async16(smem, gmem);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   const size_t g = __cvta_generic_to_global(gmem);
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(g) : "memory");
@@ -199,14 +202,18 @@ __device__ __forceinline__ void copy16_async(uint4* smem, const void* gmem) {
 }
 
 __device__ __forceinline__ void copy_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(MMFAST_CUDA_EMULATION)
+  ::mmfast_emu::cp_async_commit();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
 
 // Wait until at most `pending` (0..kMaxBwdStages-1) of this thread's copy groups are still in flight.
 __device__ __forceinline__ void copy_async_wait(int pending) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(MMFAST_CUDA_EMULATION)
+  ::mmfast_emu::cp_async_wait(pending);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   switch (pending) {
     case 0: asm volatile("cp.async.wait_group 0;\n" ::: "memory"); break;
     case 1: asm volatile("cp.async.wait_group 1;\n" ::: "memory"); break;
@@ -229,7 +236,7 @@ __global__ void __launch_bounds__(block_threads(TPR)) norm_bwd_staged_kernel(con
   constexpr int kRows = rows_per_block(TPR);
   constexpr int K = RMS ? 1 : 2;
   __shared__ float red[kRows * (TPR / 32) * K];
-  extern __shared__ uint4 staged[];  // [stages][bufs][ITEMS][kThreads]
+  MMFAST_DYNAMIC_SHARED(uint4, staged);  // [stages][bufs][ITEMS][kThreads]
 
   const RowGeometry<VEC, TPR, ITEMS, N_CT> geo(p.N);
   const int row_in_block = geo.row_in_block;
@@ -434,6 +441,14 @@ __global__ void __launch_bounds__(256) sum_partials_kernel(const float* __restri
 // host side: grids, launchers, dispatch
 // ------------------------------------------------------------------------------------------------
 
+template <typename O>
+cudaError_t launch_sum_partials(const float* partial, int64_t P, int64_t N, void* out, cudaStream_t stream) {
+  auto kernel = sum_partials_kernel<O>;
+  MMFAST_LAUNCH(kernel, static_cast<unsigned>((N + 31) / 32), dim3(32, 8), 0, stream)(partial, P, N,
+                                                                                      static_cast<O*>(out));
+  return cudaGetLastError();
+}
+
 constexpr int kMaxDevices = 64;
 
 int current_sm_count() {
@@ -487,7 +502,7 @@ cudaError_t launch_bwd_reg(const NormBwdParams& p, cudaStream_t stream, bool lau
       persistent_blocks((p.M + kRows - 1) / kRows, blocks_per_sm(kernel, block_threads(TPR), occ_cache));
   *partials = blocks * kRows;
   if (!launch) return cudaSuccess;
-  kernel<<<static_cast<unsigned>(blocks), block_threads(TPR), 0, stream>>>(p);
+  MMFAST_LAUNCH(kernel, static_cast<unsigned>(blocks), block_threads(TPR), 0, stream)(p);
   return cudaGetLastError();
 }
 
@@ -498,7 +513,7 @@ cudaError_t launch_bwd_wide(const NormBwdParams& p, cudaStream_t stream, bool la
   const int64_t blocks = persistent_blocks(p.M, blocks_per_sm(kernel, kWideThreads, occ_cache));
   *partials = blocks;
   if (!launch) return cudaSuccess;
-  kernel<<<static_cast<unsigned>(blocks), kWideThreads, 0, stream>>>(p);
+  MMFAST_LAUNCH(kernel, static_cast<unsigned>(blocks), kWideThreads, 0, stream)(p);
   return cudaGetLastError();
 }
 
@@ -562,7 +577,7 @@ cudaError_t launch_bwd_staged(const NormBwdParams& p, cudaStream_t stream, bool 
   const int64_t blocks = persistent_blocks((p.M + kRows - 1) / kRows, occ);
   *partials = blocks * kRows;
   if (!launch) return cudaSuccess;
-  kernel<<<static_cast<unsigned>(blocks), kThreads, static_cast<size_t>(bytes), stream>>>(p);
+  MMFAST_LAUNCH(kernel, static_cast<unsigned>(blocks), kThreads, static_cast<size_t>(bytes), stream)(p);
   return cudaGetLastError();
 }
 
@@ -675,23 +690,12 @@ cudaError_t norm_bwd(const NormBwdParams& p, cudaStream_t stream) {
 cudaError_t norm_sum_partials(const float* partial, int64_t P, int64_t N, void* out, DType out_dt,
                               cudaStream_t stream) {
   if (N < 1 || out == nullptr || (P > 0 && partial == nullptr)) return cudaErrorInvalidValue;
-  const dim3 block(32, 8);
-  const unsigned grid = static_cast<unsigned>((N + 31) / 32);
   switch (out_dt) {
-    case DType::kFloat32:
-      detail::sum_partials_kernel<float><<<grid, block, 0, stream>>>(partial, P, N, static_cast<float*>(out));
-      break;
-    case DType::kFloat16:
-      detail::sum_partials_kernel<__half><<<grid, block, 0, stream>>>(partial, P, N, static_cast<__half*>(out));
-      break;
-    case DType::kBFloat16:
-      detail::sum_partials_kernel<__nv_bfloat16>
-          <<<grid, block, 0, stream>>>(partial, P, N, static_cast<__nv_bfloat16*>(out));
-      break;
-    default:
-      return cudaErrorInvalidValue;
+    case DType::kFloat32: return detail::launch_sum_partials<float>(partial, P, N, out, stream);
+    case DType::kFloat16: return detail::launch_sum_partials<__half>(partial, P, N, out, stream);
+    case DType::kBFloat16: return detail::launch_sum_partials<__nv_bfloat16>(partial, P, N, out, stream);
+    default: return cudaErrorInvalidValue;
   }
-  return cudaGetLastError();
 }
 
 const char* norm_bwd_path(const NormBwdParams& p) {

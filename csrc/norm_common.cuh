@@ -11,6 +11,15 @@
 
 #include "norm.h"
 
+// Kernel launches and dynamic shared memory go through these two macros so that the tests' CPU emulator
+// (tests/cuda_emu, which defines them first) can run the same sources; for nvcc they are the plain syntax.
+#ifndef MMFAST_LAUNCH
+#define MMFAST_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#endif
+#ifndef MMFAST_DYNAMIC_SHARED
+#define MMFAST_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
+
 namespace mmfast {
 namespace detail {
 

@@ -197,15 +197,15 @@ template <typename T, typename W, bool RMS, int VEC, int TPR, int ITEMS, int N_C
 cudaError_t launch_fwd_reg(const NormFwdParams& p, cudaStream_t stream) {
   constexpr int kRows = rows_per_block(TPR);
   const int64_t blocks = (p.M + kRows - 1) / kRows;
-  norm_fwd_reg_kernel<T, W, RMS, VEC, TPR, ITEMS, N_CT>
-      <<<static_cast<unsigned>(blocks < kMaxGrid ? blocks : kMaxGrid), block_threads(TPR), 0, stream>>>(p);
+  auto kernel = norm_fwd_reg_kernel<T, W, RMS, VEC, TPR, ITEMS, N_CT>;
+  MMFAST_LAUNCH(kernel, static_cast<unsigned>(blocks < kMaxGrid ? blocks : kMaxGrid), block_threads(TPR), 0, stream)(p);
   return cudaGetLastError();
 }
 
 template <typename T, typename W, bool RMS, int VEC>
 cudaError_t launch_fwd_wide(const NormFwdParams& p, cudaStream_t stream) {
-  norm_fwd_wide_kernel<T, W, RMS, VEC>
-      <<<static_cast<unsigned>(p.M < kMaxGrid ? p.M : kMaxGrid), kWideThreads, 0, stream>>>(p);
+  auto kernel = norm_fwd_wide_kernel<T, W, RMS, VEC>;
+  MMFAST_LAUNCH(kernel, static_cast<unsigned>(p.M < kMaxGrid ? p.M : kMaxGrid), kWideThreads, 0, stream)(p);
   return cudaGetLastError();
 }
 

@@ -2,7 +2,8 @@
 
 For each case three computations run on the same inputs:
 
-* ``ours``: ``mmfast.rms_norm`` / ``mmfast.layer_norm`` (the backend the environment selects);
+* ``ours``: ``mmfast.rms_norm`` / ``mmfast.layer_norm`` (the backend the environment selects), or
+  another computation of the same outputs and gradients (``check_case``'s ``run``);
 * ``lowp``: PyTorch's own implementation in the same low precision: HF ``LlamaRMSNorm`` math
   (== ``rms_norm_reference``, checked bitwise in test_norm.py) and native ``F.layer_norm``, with the
   residual added in x's dtype first;
@@ -133,10 +134,13 @@ def _stats64(case: Case, h64):
     return xc * rstd, rstd
 
 
-def check_case(case: Case, seed: int) -> None:
-    """Run the three computations and apply the accuracy rule to every output and gradient."""
+def check_case(case: Case, seed: int, run=None) -> None:
+    """Run the three computations and apply the accuracy rule to every output and gradient.
+
+    ``run(case) -> (y, residual_out, grads)`` is the computation under test (default ``run_ours``); grads
+    are those of ``case.leaves()``, in that order."""
     gy_before = case.gy.clone()
-    y, h, grads = run_ours(case)
+    y, h, grads = (run or run_ours)(case)
     assert torch.equal(case.gy, gy_before), "backward wrote into dy"
     y_lp, h_lp, grads_lp = run_lowp(case)
     y_ref, h_ref, grads_ref = run_ref(case)

@@ -1,0 +1,409 @@
+// The CPU emulator's runtime: fibers, barriers, shuffles, cp.async groups and the few CUDA runtime calls
+// the kernels' host code makes. See cuda_emu.h.
+#include "cuda_emu.h"
+
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#include <cstdio>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace mmfast_emu {
+namespace {
+
+constexpr size_t kStackBytes = 256 * 1024;
+constexpr size_t kGuardBytes = 4096;
+constexpr int kWarp = 32;
+
+const DeviceProps kDevices[] = {
+    {3, 232448, 233472},  // a small H100: the H100's shared memory, 3 SMs (grids stay small at test sizes)
+    {2, 65536, 102400},   // little shared memory: the staged backward does not fit at the wide widths
+    {132, 232448, 233472},  // an H100's SM count
+};
+constexpr int kNumDevices = static_cast<int>(sizeof(kDevices) / sizeof(kDevices[0]));
+
+enum class State { kRunnable, kAtWarp, kAtBlock, kDone };
+
+struct Copy {
+  void* dst;
+  const void* src;
+};
+
+struct Fiber {
+  ucontext_t ctx;
+  char* stack = nullptr;  // mmap'd, guard page at the low end
+  uint3 tid;
+  int linear = 0;
+  State state = State::kRunnable;
+  int parity = 0;          // which exchange buffer this lane's next shuffle uses
+  int shfl_lane_mask = 0;  // the shuffle it waits at (checked across the warp)
+  int shfl_width = 0;
+  std::vector<Copy> open;                 // cp.async copies not yet committed
+  std::vector<std::vector<Copy>> groups;  // committed, oldest first
+};
+
+struct Grid {
+  dim3 grid, block;
+  uint3 bidx;
+  const std::function<void()>* body = nullptr;
+  std::vector<Fiber> fibers;
+  std::vector<uint64_t> exchange[2];  // [warps * 32] per parity
+  std::vector<unsigned char> smem;
+  ucontext_t scheduler;
+  Fiber* current = nullptr;
+  bool faulted = false;
+};
+
+Grid* g_grid = nullptr;  // the running launch
+int g_device = 0;
+cudaError_t g_last_error = cudaSuccess;
+std::string g_fault;
+int64_t g_launches = 0, g_switches = 0;
+std::map<const void*, int> g_max_dynamic_smem;  // cudaFuncSetAttribute, per kernel
+std::vector<char*> g_stack_pool;
+
+void fault(const std::string& what) {
+  if (g_fault.empty()) g_fault = what;
+  if (g_grid) g_grid->faulted = true;
+}
+
+std::string where(const Fiber& f) {
+  char buf[96];
+  snprintf(buf, sizeof(buf), "block (%u,%u,%u) thread (%u,%u,%u)", g_grid->bidx.x, g_grid->bidx.y, g_grid->bidx.z,
+           f.tid.x, f.tid.y, f.tid.z);
+  return buf;
+}
+
+char* take_stack() {
+  if (!g_stack_pool.empty()) {
+    char* s = g_stack_pool.back();
+    g_stack_pool.pop_back();
+    return s;
+  }
+  void* p = mmap(nullptr, kStackBytes + kGuardBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return nullptr;
+  mprotect(p, kGuardBytes, PROT_NONE);  // an overflowing fiber stack faults instead of corrupting memory
+  return static_cast<char*>(p);
+}
+
+Fiber& running() {
+  if (g_grid == nullptr || g_grid->current == nullptr) {
+    fprintf(stderr, "mmfast_emu: a device function was called outside a kernel launch\n");
+    abort();
+  }
+  return *g_grid->current;
+}
+
+// Back to the scheduler; returns when the scheduler resumes this fiber.
+void yield_to_scheduler(Fiber& f) {
+  ++g_switches;
+  swapcontext(&f.ctx, &g_grid->scheduler);
+}
+
+void fiber_entry() {
+  Grid* g = g_grid;
+  (*g->body)();
+  Fiber& f = *g->current;
+  if (!f.open.empty() || !f.groups.empty())
+    fault("cp.async copies still in flight when " + where(f) + " returned");
+  f.state = State::kDone;
+  // returning resumes uc_link (the scheduler)
+}
+
+const char* state_name(State s) {
+  switch (s) {
+    case State::kRunnable: return "running";
+    case State::kAtWarp: return "at a warp shuffle";
+    case State::kAtBlock: return "at __syncthreads";
+    case State::kDone: return "returned";
+  }
+  return "?";
+}
+
+// Runs one block to completion (or to a fault). Returns false on a fault.
+bool run_block(Grid& g) {
+  const int n = static_cast<int>(g.block.x * g.block.y * g.block.z);
+  const int warps = (n + kWarp - 1) / kWarp;
+  g.fibers.assign(n, Fiber{});
+  for (int p = 0; p < 2; ++p) g.exchange[p].assign(static_cast<size_t>(warps) * kWarp, 0);
+  for (int i = 0; i < n; ++i) {
+    Fiber& f = g.fibers[i];
+    f.linear = i;
+    f.tid = uint3{static_cast<unsigned>(i % g.block.x), static_cast<unsigned>((i / g.block.x) % g.block.y),
+                  static_cast<unsigned>(i / (g.block.x * g.block.y))};
+    f.stack = take_stack();
+    if (f.stack == nullptr) {
+      fault("out of memory for fiber stacks");
+      return false;
+    }
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack + kGuardBytes;
+    f.ctx.uc_stack.ss_size = kStackBytes;
+    f.ctx.uc_link = &g.scheduler;
+    makecontext(&f.ctx, fiber_entry, 0);
+  }
+  bool ok = true;
+  while (ok) {
+    bool progressed = false;
+    for (Fiber& f : g.fibers) {
+      if (f.state != State::kRunnable) continue;
+      g.current = &f;
+      ++g_switches;
+      swapcontext(&g.scheduler, &f.ctx);
+      g.current = nullptr;
+      progressed = true;
+      if (g.faulted) {
+        ok = false;
+        break;
+      }
+    }
+    if (!ok) break;
+    // warps whose lanes all wait at a shuffle go on
+    for (int w = 0; w < warps && ok; ++w) {
+      const int lo = w * kWarp, hi = lo + kWarp < n ? lo + kWarp : n;
+      int at = 0, done = 0;
+      for (int i = lo; i < hi; ++i) {
+        at += g.fibers[i].state == State::kAtWarp;
+        done += g.fibers[i].state == State::kDone;
+      }
+      if (at == 0) continue;
+      if (at + done == hi - lo && done > 0) {
+        fault("a warp shuffle in " + where(g.fibers[lo]) + "'s warp while some lanes have returned");
+        ok = false;
+      } else if (at == hi - lo) {
+        for (int i = lo; i < hi; ++i) {
+          const Fiber& f = g.fibers[i];
+          if (f.shfl_lane_mask != g.fibers[lo].shfl_lane_mask || f.shfl_width != g.fibers[lo].shfl_width ||
+              f.parity != g.fibers[lo].parity) {
+            fault("the lanes of " + where(g.fibers[lo]) + "'s warp met at different shuffles");
+            ok = false;
+            break;
+          }
+        }
+        for (int i = lo; i < hi; ++i) g.fibers[i].state = State::kRunnable;
+        progressed = true;
+      }
+    }
+    if (!ok) break;
+    int at_block = 0, done = 0;
+    for (const Fiber& f : g.fibers) {
+      at_block += f.state == State::kAtBlock;
+      done += f.state == State::kDone;
+    }
+    if (done == n) break;
+    if (at_block > 0 && at_block + done == n) {
+      if (done > 0) {
+        fault("__syncthreads in block (" + std::to_string(g.bidx.x) + "," + std::to_string(g.bidx.y) +
+              ") after " + std::to_string(done) + " of its threads returned (the barrier is not uniform)");
+        ok = false;
+        break;
+      }
+      for (Fiber& f : g.fibers) f.state = State::kRunnable;
+      progressed = true;
+    }
+    if (!progressed) {
+      std::string states;
+      for (const Fiber& f : g.fibers) {
+        if (f.linear % kWarp == 0) states += "\n  warp " + std::to_string(f.linear / kWarp) + ": lane 0 " + state_name(f.state);
+      }
+      fault("deadlock in block (" + std::to_string(g.bidx.x) + "," + std::to_string(g.bidx.y) +
+            "): threads wait at different barriers" + states);
+      ok = false;
+    }
+  }
+  for (Fiber& f : g.fibers) g_stack_pool.push_back(f.stack);
+  g.fibers.clear();
+  return ok;
+}
+
+}  // namespace
+
+const uint3& thread_idx() { return running().tid; }
+const uint3& block_idx() {
+  running();
+  return g_grid->bidx;
+}
+const dim3& block_dim() {
+  running();
+  return g_grid->block;
+}
+const dim3& grid_dim() {
+  running();
+  return g_grid->grid;
+}
+
+void sync_block() {
+  Fiber& f = running();
+  f.state = State::kAtBlock;
+  yield_to_scheduler(f);
+}
+
+uint64_t shuffle_xor_bits(unsigned mask, uint64_t bits, int lane_mask, int width) {
+  Fiber& f = running();
+  const int n = static_cast<int>(g_grid->block.x * g_grid->block.y * g_grid->block.z);
+  const int warp = f.linear / kWarp, lane = f.linear % kWarp;
+  if (mask != 0xffffffffu || width != kWarp || (warp + 1) * kWarp > n || lane_mask < 0 || lane_mask >= kWarp) {
+    fault("unsupported shuffle in " + where(f) + " (the emulator takes full masks over full warps)");
+    yield_to_scheduler(f);  // the scheduler abandons the faulted launch
+  }
+  std::vector<uint64_t>& buf = g_grid->exchange[f.parity];
+  buf[warp * kWarp + lane] = bits;
+  f.shfl_lane_mask = lane_mask;
+  f.shfl_width = width;
+  f.state = State::kAtWarp;
+  yield_to_scheduler(f);
+  const uint64_t out = buf[warp * kWarp + (lane ^ lane_mask)];
+  f.parity ^= 1;  // the next shuffle writes the other buffer while slower lanes may still read this one
+  return out;
+}
+
+void* dynamic_shared() {
+  running();
+  return g_grid->smem.empty() ? nullptr : g_grid->smem.data();
+}
+
+void cp_async16(void* smem, const void* gmem) {
+  Fiber& f = running();
+  const auto s = reinterpret_cast<uintptr_t>(smem), gm = reinterpret_cast<uintptr_t>(gmem);
+  const auto lo = reinterpret_cast<uintptr_t>(g_grid->smem.data());
+  if ((s & 15u) || (gm & 15u) || s < lo || s + 16 > lo + g_grid->smem.size()) {
+    fault("cp.async of 16 bytes outside the dynamic shared memory or misaligned, in " + where(f));
+    yield_to_scheduler(f);
+  }
+  f.open.push_back(Copy{smem, gmem});
+}
+
+void cp_async_commit() {
+  Fiber& f = running();
+  f.groups.push_back(std::move(f.open));
+  f.open.clear();
+}
+
+void cp_async_wait(int pending) {
+  Fiber& f = running();
+  while (static_cast<int>(f.groups.size()) > pending) {
+    for (const Copy& c : f.groups.front()) std::memcpy(c.dst, c.src, 16);
+    f.groups.erase(f.groups.begin());
+  }
+}
+
+cudaError_t run_grid(dim3 grid, dim3 block, size_t smem, const void* kernel_id, const std::function<void()>& body) {
+  ++g_launches;
+  const long long threads = static_cast<long long>(block.x) * block.y * block.z;
+  const long long blocks = static_cast<long long>(grid.x) * grid.y * grid.z;
+  cudaError_t err = cudaSuccess;
+  if (threads < 1 || threads > 1024 || blocks < 1) err = cudaErrorInvalidConfiguration;
+  const auto limit = g_max_dynamic_smem.find(kernel_id);
+  const size_t allowed = limit == g_max_dynamic_smem.end() ? 48 * 1024 : static_cast<size_t>(limit->second);
+  if (smem > allowed) err = cudaErrorInvalidValue;
+  if (err != cudaSuccess) {
+    if (g_last_error == cudaSuccess) g_last_error = err;
+    return err;
+  }
+  Grid g;
+  g.grid = grid;
+  g.block = block;
+  g.body = &body;
+  g.smem.assign(smem, 0xFF);
+  g_grid = &g;
+  bool ok = true;
+  for (unsigned z = 0; z < grid.z && ok; ++z)
+    for (unsigned y = 0; y < grid.y && ok; ++y)
+      for (unsigned x = 0; x < grid.x && ok; ++x) {
+        g.bidx = uint3{x, y, z};
+        ok = run_block(g);
+      }
+  g_grid = nullptr;
+  if (!ok) {
+    if (g_last_error == cudaSuccess) g_last_error = cudaErrorLaunchFailure;
+    return cudaErrorLaunchFailure;
+  }
+  return cudaSuccess;
+}
+
+bool select_device(int dev) {
+  if (dev < 0 || dev >= kNumDevices) return false;
+  g_device = dev;
+  return true;
+}
+
+int device_count() { return kNumDevices; }
+
+const char* take_fault() {
+  static std::string out;
+  out = g_fault;
+  g_fault.clear();
+  return out.c_str();
+}
+
+void counters(int64_t* launches, int64_t* switches) {
+  *launches = g_launches;
+  *switches = g_switches;
+  g_launches = g_switches = 0;
+}
+
+}  // namespace mmfast_emu
+
+// ---- the CUDA runtime calls the kernels' host code makes -------------------------------------------------
+
+extern "C" {
+
+cudaError_t cudaGetLastError() {
+  const cudaError_t e = mmfast_emu::g_last_error;
+  mmfast_emu::g_last_error = cudaSuccess;
+  return e;
+}
+
+cudaError_t cudaGetDevice(int* dev) {
+  *dev = mmfast_emu::g_device;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int dev) {
+  if (dev < 0 || dev >= mmfast_emu::kNumDevices) return cudaErrorInvalidDevice;
+  const mmfast_emu::DeviceProps& d = mmfast_emu::kDevices[dev];
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount: *value = d.sm_count; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = d.smem_optin; return cudaSuccess;
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
+  if (value < 0 || value > mmfast_emu::kDevices[mmfast_emu::g_device].smem_optin) return cudaErrorInvalidValue;
+  mmfast_emu::g_max_dynamic_smem[func] = value;
+  return cudaSuccess;
+}
+
+// Threads per SM bound the estimate (2048, as on sm_80/sm_90), and so does dynamic shared memory; static
+// shared memory and registers are not modelled.
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, const void*, int block_size,
+                                                           size_t dynamic_smem) {
+  if (block_size < 1 || block_size > 1024) return cudaErrorInvalidValue;
+  const mmfast_emu::DeviceProps& d = mmfast_emu::kDevices[mmfast_emu::g_device];
+  int n = 2048 / block_size;
+  if (n > 32) n = 32;
+  if (dynamic_smem > 0) {
+    const int by_smem = static_cast<int>(d.smem_per_sm / static_cast<int64_t>(dynamic_smem));
+    if (by_smem < n) n = by_smem;
+  }
+  *blocks = n;
+  return cudaSuccess;
+}
+
+const char* cudaGetErrorString(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorMisalignedAddress: return "misaligned address";
+    case cudaErrorLaunchFailure: return "unspecified launch failure (emulator fault)";
+    case cudaErrorInvalidDevice: return "invalid device ordinal";
+    default: return "error";
+  }
+}
+
+}  // extern "C"

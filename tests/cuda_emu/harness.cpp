@@ -1,0 +1,109 @@
+// A C interface to the norm kernels of csrc/ built for the CPU emulator, for ctypes (tests/cuda_emulator.py).
+// Flat arguments instead of the parameter structs, so that Python needs no copy of their layout.
+#include <cstdint>
+
+#include "cuda_emu.h"
+#include "norm.h"
+
+extern "C" {
+
+static mmfast::NormFwdParams fwd_params(const void* x, const void* residual, const void* weight, const void* bias,
+                                        void* y, void* residual_out, float* mean, float* rstd, int64_t M, int64_t N,
+                                        int64_t stride_x, int64_t stride_res, int act, int wdt, float eps, int rms) {
+  mmfast::NormFwdParams p;
+  p.x = x;
+  p.residual = residual;
+  p.weight = weight;
+  p.bias = bias;
+  p.y = y;
+  p.residual_out = residual_out;
+  p.mean = mean;
+  p.rstd = rstd;
+  p.M = M;
+  p.N = N;
+  p.stride_x = stride_x;
+  p.stride_res = stride_res;
+  p.act = static_cast<mmfast::DType>(act);
+  p.wdt = static_cast<mmfast::DType>(wdt);
+  p.eps = eps;
+  p.rms = rms != 0;
+  return p;
+}
+
+int emu_norm_fwd(const void* x, const void* residual, const void* weight, const void* bias, void* y,
+                 void* residual_out, float* mean, float* rstd, int64_t M, int64_t N, int64_t stride_x,
+                 int64_t stride_res, int act, int wdt, float eps, int rms) {
+  const auto p = fwd_params(x, residual, weight, bias, y, residual_out, mean, rstd, M, N, stride_x, stride_res, act,
+                            wdt, eps, rms);
+  const cudaError_t e = mmfast::norm_fwd(p, nullptr);
+  return e != cudaSuccess ? e : cudaGetLastError();
+}
+
+const char* emu_norm_fwd_path(const void* x, const void* residual, const void* weight, const void* bias, void* y,
+                              void* residual_out, int64_t M, int64_t N, int64_t stride_x, int64_t stride_res, int act,
+                              int wdt, int rms) {
+  return mmfast::norm_fwd_path(fwd_params(x, residual, weight, bias, y, residual_out, nullptr, nullptr, M, N,
+                                          stride_x, stride_res, act, wdt, 0.f, rms));
+}
+
+static mmfast::NormBwdParams bwd_params(const void* dy, const void* x, const void* weight, const float* mean,
+                                        const float* rstd, const void* dres, void* dx, float* dw_partial,
+                                        float* db_partial, int64_t M, int64_t N, int64_t stride_dy, int64_t stride_x,
+                                        int64_t stride_dres, int act, int wdt, int rms, int need_dx, int need_dw,
+                                        int need_db, int stages) {
+  mmfast::NormBwdParams p;
+  p.dy = dy;
+  p.x = x;
+  p.weight = weight;
+  p.mean = mean;
+  p.rstd = rstd;
+  p.dres = dres;
+  p.dx = dx;
+  p.dw_partial = dw_partial;
+  p.db_partial = db_partial;
+  p.M = M;
+  p.N = N;
+  p.stride_dy = stride_dy;
+  p.stride_x = stride_x;
+  p.stride_dres = stride_dres;
+  p.act = static_cast<mmfast::DType>(act);
+  p.wdt = static_cast<mmfast::DType>(wdt);
+  p.rms = rms != 0;
+  p.need_dx = need_dx != 0;
+  p.need_dw = need_dw != 0;
+  p.need_db = need_db != 0;
+  p.stages = stages;
+  return p;
+}
+
+#define MMFAST_BWD_ARGS                                                                                           \
+  const void *dy, const void *x, const void *weight, const float *mean, const float *rstd, const void *dres,     \
+      void *dx, float *dw_partial, float *db_partial, int64_t M, int64_t N, int64_t stride_dy, int64_t stride_x, \
+      int64_t stride_dres, int act, int wdt, int rms, int need_dx, int need_dw, int need_db, int stages
+#define MMFAST_BWD_PASS                                                                                       \
+  dy, x, weight, mean, rstd, dres, dx, dw_partial, db_partial, M, N, stride_dy, stride_x, stride_dres, act, wdt, \
+      rms, need_dx, need_dw, need_db, stages
+
+int64_t emu_norm_bwd_num_partials(MMFAST_BWD_ARGS) {
+  return mmfast::norm_bwd_num_partials(bwd_params(MMFAST_BWD_PASS));
+}
+
+int emu_norm_bwd(MMFAST_BWD_ARGS) {
+  const cudaError_t e = mmfast::norm_bwd(bwd_params(MMFAST_BWD_PASS), nullptr);
+  return e != cudaSuccess ? e : cudaGetLastError();
+}
+
+const char* emu_norm_bwd_path(MMFAST_BWD_ARGS) { return mmfast::norm_bwd_path(bwd_params(MMFAST_BWD_PASS)); }
+
+int emu_norm_sum_partials(const float* partial, int64_t P, int64_t N, void* out, int out_dt) {
+  const cudaError_t e = mmfast::norm_sum_partials(partial, P, N, out, static_cast<mmfast::DType>(out_dt), nullptr);
+  return e != cudaSuccess ? e : cudaGetLastError();
+}
+
+int emu_select_device(int dev) { return mmfast_emu::select_device(dev) ? 1 : 0; }
+int emu_device_count() { return mmfast_emu::device_count(); }
+const char* emu_take_fault() { return mmfast_emu::take_fault(); }
+const char* emu_error_string(int e) { return cudaGetErrorString(static_cast<cudaError_t>(e)); }
+void emu_counters(int64_t* launches, int64_t* switches) { mmfast_emu::counters(launches, switches); }
+
+}  // extern "C"

@@ -1,0 +1,291 @@
+"""The CUDA C++ norm kernels of ``csrc/`` run on the CPU through the emulator in ``cuda_emu/``.
+
+``build()`` compiles ``norm_fwd.cu`` and ``norm_bwd.cu`` with the host compiler against the CUDA
+toolkit's headers (nothing of CUDA runs or links), plus the emulator and a C harness, into a shared
+library cached by the hash of every source. The functions below do what ``csrc/binding.cpp`` does for
+the GPU (allocate outputs and the fp32 partial-sum workspaces, map dtypes, sum the partials) on CPU
+tensors, and check around every call what a GPU run cannot show cheaply:
+
+* every output and workspace lies between guard bytes that must come back untouched (no write outside
+  it) and starts as NaN (an element the kernel never wrote fails the finite check);
+* every input sits between NaN margins, with NaN in the padding of strided rows, so a read outside the
+  rows reaches the outputs as NaN; inputs must come back bit-identical;
+* an emulator fault (a barrier not reached by every thread, a deadlock, cp.async copies in flight at
+  exit, ...) raises ``EmulatorFault`` with the emulator's message.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from mmfast.kernels.cuda_compile_check import toolkit_include
+from mmfast.kernels.cuda_ext import source_dir
+
+HERE = Path(__file__).resolve().parent / "cuda_emu"
+KERNELS = ("norm_fwd.cu", "norm_bwd.cu")
+CXX_FLAGS = ("-std=c++17", "-O1", "-fPIC", "-w")
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+GUARD = 64  # bytes of guard before and after every buffer (a multiple of 16: alignment is kept)
+FILL = 0xFF  # NaN in float32, float16 and bfloat16 alike
+
+
+class EmulatorFault(RuntimeError):
+    """The emulator found a fault in a kernel (or a launch failed)."""
+
+
+def unavailable_reason() -> str | None:
+    if shutil.which("g++") is None:
+        return "no g++ to compile the emulated kernels"
+    if toolkit_include() is None:
+        return "no CUDA toolkit headers (cuda_runtime.h) to compile the kernels against"
+    return None
+
+
+def _key() -> str:
+    h = hashlib.sha256()
+    src = source_dir()
+    files = [src / f for f in sorted(os.listdir(src)) if f.endswith((".cu", ".cuh", ".h"))]
+    files += [HERE / f for f in sorted(os.listdir(HERE)) if f.endswith((".cpp", ".h"))]
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    h.update(" ".join(CXX_FLAGS).encode())
+    h.update(str(toolkit_include()).encode())
+    return h.hexdigest()[:16]
+
+
+def build() -> Path:
+    """The emulated kernels' shared library (built once per source hash)."""
+    out_dir = Path(tempfile.gettempdir()) / f"mmfast-cuda-emu-{_key()}"
+    lib = out_dir / "libmmfast_emu.so"
+    if lib.exists():
+        return lib
+    work = Path(tempfile.mkdtemp(prefix="mmfast-cuda-emu-build-"))
+    inc = ["-I", str(HERE), "-I", str(source_dir()), "-I", str(toolkit_include())]
+    forced = ["-include", str(HERE / "cuda_emu.h")]
+    jobs = [[*CXX_FLAGS, "-x", "c++", *forced, *inc, "-c", str(source_dir() / k), "-o", str(work / (k + ".o"))]
+            for k in KERNELS]
+    jobs += [[*CXX_FLAGS, *inc, "-c", str(HERE / "cuda_emu.cpp"), "-o", str(work / "cuda_emu.o")],
+             *([*CXX_FLAGS, *forced, *inc, "-c", str(HERE / f), "-o", str(work / (f + ".o"))]
+               for f in ("harness.cpp", "selftest.cpp"))]
+
+    def compile_one(args):
+        r = subprocess.run(["g++", *args], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"compiling {args[-3]} for the emulator failed:\n{r.stderr[-4000:]}")
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        list(pool.map(compile_one, jobs))
+    tmp = work / "libmmfast_emu.so"
+    subprocess.run(["g++", "-shared", "-o", str(tmp), *map(str, sorted(work.glob("*.o")))], check=True,
+                   capture_output=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, lib)  # atomic: a concurrent build leaves one complete library
+    shutil.rmtree(work, ignore_errors=True)
+    return lib
+
+
+_LIB: ctypes.CDLL | None = None
+P, I64, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+_BWD = [P, P, P, P, P, P, P, P, P, I64, I64, I64, I64, I64, I, I, I, I, I, I, I]
+
+
+def lib() -> ctypes.CDLL:
+    global _LIB
+    if _LIB is None:
+        L = ctypes.CDLL(str(build()))
+        L.emu_norm_fwd.argtypes = [P] * 8 + [I64] * 4 + [I, I, F, I]
+        L.emu_norm_fwd_path.argtypes = [P] * 6 + [I64] * 4 + [I, I, I]
+        L.emu_norm_fwd_path.restype = ctypes.c_char_p
+        L.emu_norm_bwd.argtypes = _BWD
+        L.emu_norm_bwd_num_partials.argtypes = _BWD
+        L.emu_norm_bwd_num_partials.restype = I64
+        L.emu_norm_bwd_path.argtypes = _BWD
+        L.emu_norm_bwd_path.restype = ctypes.c_char_p
+        L.emu_norm_sum_partials.argtypes = [P, I64, I64, P, I]
+        L.emu_take_fault.restype = ctypes.c_char_p
+        L.emu_error_string.restype = ctypes.c_char_p
+        L.emu_counters.argtypes = [ctypes.POINTER(I64), ctypes.POINTER(I64)]
+        L.emu_selftest.argtypes = [I, P, P]
+        _LIB = L
+    return _LIB
+
+
+def select_device(dev: int) -> None:
+    """0: 3 SMs with an H100's shared memory; 1: 2 SMs with 64 KiB to opt into; 2: 132 SMs."""
+    if not lib().emu_select_device(dev):
+        raise ValueError(f"no emulated device {dev}")
+
+
+def selftest(which: int, out: torch.Tensor, src: torch.Tensor | None = None) -> str:
+    """Run self-test kernel ``which`` (tests/cuda_emu/selftest.cpp); returns the fault ("" when none)."""
+    err = lib().emu_selftest(which, out.data_ptr(), src.data_ptr() if src is not None else None)
+    fault = lib().emu_take_fault().decode()
+    return fault or ("" if err == 0 else lib().emu_error_string(err).decode())
+
+
+def counters() -> tuple[int, int]:
+    """(launches, fiber switches) since the last call."""
+    a, b = I64(), I64()
+    lib().emu_counters(ctypes.byref(a), ctypes.byref(b))
+    return a.value, b.value
+
+
+def _check(err: int, what: str) -> None:
+    fault = lib().emu_take_fault().decode()
+    if err != 0 or fault:
+        raise EmulatorFault(f"{what}: {lib().emu_error_string(err).decode()} {fault}".strip())
+
+
+# ---- guarded buffers ----------------------------------------------------------------------------------
+
+class Guarded:
+    """``view`` lies inside ``buf`` between GUARD bytes of FILL; ``intact()`` says whether those are still FILL."""
+
+    def __init__(self, numel_or_shape, dtype: torch.dtype, row_stride: int | None = None):
+        shape = tuple(numel_or_shape) if isinstance(numel_or_shape, (tuple, list, torch.Size)) else (numel_or_shape,)
+        esize = torch.empty((), dtype=dtype).element_size()
+        if len(shape) == 2 and row_stride is not None:
+            span = (shape[0] - 1) * row_stride + shape[1] if shape[0] > 0 else 0
+            strides = (row_stride, 1)
+        else:
+            span = 1
+            for s in shape:
+                span *= s
+            strides = None
+        self.pad = GUARD // esize
+        self.buf = torch.full((span + 2 * self.pad,), 0, dtype=torch.uint8 if esize == 1 else dtype)
+        self.buf.view(torch.uint8).fill_(FILL)
+        flat = self.buf[self.pad:self.pad + span]
+        self.view = flat.view(shape) if strides is None else flat.as_strided(shape, strides)
+        self._span = span
+
+    def intact(self) -> bool:
+        b = self.buf.view(torch.uint8)
+        esize = self.buf.element_size()
+        head, tail = b[: self.pad * esize], b[(self.pad + self._span) * esize:]
+        return bool((head == FILL).all() and (tail == FILL).all())
+
+    def ptr(self) -> int:
+        return self.view.data_ptr()
+
+
+def _input(t: torch.Tensor | None, row_stride: int | None = None) -> Guarded | None:
+    """A guarded copy of t (rows ``row_stride`` apart when given, the padding NaN)."""
+    if t is None:
+        return None
+    g = Guarded(t.shape, t.dtype, row_stride=row_stride if t.dim() == 2 else None)
+    g.view.copy_(t)
+    return g
+
+
+def _outputs_ok(what: str, outs: dict[str, Guarded]) -> None:
+    bad = [name for name, g in outs.items() if g is not None and not g.intact()]
+    if bad:
+        raise EmulatorFault(f"{what} wrote outside {', '.join(bad)}")
+
+
+def _row_stride(t: Guarded | None) -> int:
+    if t is None:
+        return 0
+    v = t.view
+    return v.stride(0) if v.size(0) > 1 else v.size(1)
+
+
+def _p(g: Guarded | None) -> int | None:
+    return None if g is None else g.ptr()
+
+
+# ---- the ops (what csrc/binding.cpp does on a GPU) -----------------------------------------------------
+
+def _affine(weight, bias, x):
+    if weight is not None and bias is not None and weight.dtype != bias.dtype:
+        weight, bias = weight.float(), bias.float()
+    wdt = weight.dtype if weight is not None else (bias.dtype if bias is not None else x.dtype)
+    return weight, bias, wdt
+
+
+def norm_fwd(x, weight, bias, residual, eps: float, rms: bool, pad: int = 0):
+    """(y, residual_out or None, mean or None, rstd) of 2-D ``x``; input rows are ``N + pad`` apart."""
+    M, N = x.shape
+    weight, bias, wdt = _affine(weight, bias, x)
+    xs, rs = _input(x, N + pad), _input(residual, N + pad)
+    ws, bs = _input(weight), _input(bias)
+    y = Guarded((M, N), x.dtype)
+    h = Guarded((M, N), x.dtype) if residual is not None else None
+    mean = Guarded(M, torch.float32) if not rms else None
+    rstd = Guarded(M, torch.float32)
+    before = [g.buf.clone() for g in (xs, rs, ws, bs) if g is not None]
+    err = lib().emu_norm_fwd(_p(xs), _p(rs), _p(ws), _p(bs), y.ptr(), _p(h), _p(mean), rstd.ptr(), M, N,
+                             _row_stride(xs), _row_stride(rs), DTYPE_CODE[x.dtype], DTYPE_CODE[wdt], eps, int(rms))
+    _check(err, "norm_fwd")
+    _outputs_ok("norm_fwd", {"y": y, "residual_out": h, "mean": mean, "rstd": rstd})
+    after = [g.buf for g in (xs, rs, ws, bs) if g is not None]
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(before, after)), \
+        "norm_fwd changed an input"
+    return (y.view.clone(), h.view.clone() if h is not None else None, mean.view.clone() if mean is not None else None,
+            rstd.view.clone())
+
+
+def fwd_path(x, weight, bias, residual, rms: bool, pad: int = 0) -> str:
+    M, N = x.shape
+    weight, bias, wdt = _affine(weight, bias, x)
+    g = [_input(t, N + pad) for t in (x, residual)] + [_input(weight), _input(bias)]
+    out = Guarded((M, N), x.dtype)
+    return lib().emu_norm_fwd_path(_p(g[0]), _p(g[1]), _p(g[2]), _p(g[3]), out.ptr(), out.ptr() if residual is not None
+                                   else None, M, N, _row_stride(g[0]), _row_stride(g[1]), DTYPE_CODE[x.dtype],
+                                   DTYPE_CODE[wdt], int(rms)).decode()
+
+
+def _bwd_args(dy, x, w, mean, rstd, dres, dx, dwp, dbp, M, N, act, wdt, rms, need, stages):
+    return (_p(dy), _p(x), _p(w), _p(mean), _p(rstd), _p(dres), _p(dx), _p(dwp), _p(dbp), M, N, _row_stride(dy),
+            _row_stride(x), _row_stride(dres), DTYPE_CODE[act], DTYPE_CODE[wdt], int(rms), int(need[0]), int(need[1]),
+            int(need[2]), stages)
+
+
+def norm_bwd(dy, x, weight, mean, rstd, dres, rms: bool, need_dx=True, need_dw=True, need_db=False, stages: int = 0,
+             dw_dtype=None, db_dtype=None, pad: int = 0):
+    """(dx, dweight, dbias, path) like mmfast_cuda::norm_bwd; input rows are ``N + pad`` apart."""
+    M, N = x.shape
+    need_dw = need_dw and weight is not None
+    wdt = weight.dtype if weight is not None else x.dtype
+    g_dy, g_x, g_dres = _input(dy, N + pad), _input(x, N + pad), _input(dres if need_dx else None, N + pad)
+    g_w, g_mean, g_rstd = _input(weight), _input(mean), _input(rstd)
+    need = (need_dx, need_dw, need_db)
+    dx = Guarded((M, N), x.dtype) if need_dx else None
+    probe = _bwd_args(g_dy, g_x, g_w, g_mean, g_rstd, g_dres, dx, None, None, M, N, x.dtype, wdt, rms, need, stages)
+    path = lib().emu_norm_bwd_path(*probe).decode()
+    P_ = lib().emu_norm_bwd_num_partials(*probe)
+    if P_ < 0:
+        raise EmulatorFault("norm_bwd_num_partials refused the parameters")
+    dwp = Guarded((P_, N), torch.float32) if need_dw else None
+    dbp = Guarded((P_, N), torch.float32) if need_db else None
+    before = [g.buf.clone() for g in (g_dy, g_x, g_dres, g_w, g_mean, g_rstd) if g is not None]
+    if M > 0:
+        err = lib().emu_norm_bwd(*_bwd_args(g_dy, g_x, g_w, g_mean, g_rstd, g_dres, dx, dwp, dbp, M, N, x.dtype, wdt,
+                                            rms, need, stages))
+        _check(err, f"norm_bwd ({path})")
+    _outputs_ok("norm_bwd", {"dx": dx, "dw_partial": dwp, "db_partial": dbp})
+    after = [g.buf for g in (g_dy, g_x, g_dres, g_w, g_mean, g_rstd) if g is not None]
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(before, after)), \
+        "norm_bwd changed an input"
+
+    def total(part, dtype):
+        out = Guarded(N, dtype)
+        _check(lib().emu_norm_sum_partials(_p(part), P_, N, out.ptr(), DTYPE_CODE[dtype]), "norm_sum_partials")
+        _outputs_ok("norm_sum_partials", {"out": out})
+        return out.view.clone()
+
+    dw_dtype = dw_dtype or wdt  # the defaults of mmfast.kernels.cuda_ext.norm_bwd
+    dw = total(dwp, dw_dtype) if need_dw else None
+    db = total(dbp, db_dtype or (dw_dtype if need_dw else x.dtype)) if need_db else None
+    return (dx.view.clone() if dx is not None else None), dw, db, path

@@ -1,0 +1,294 @@
+"""The CUDA C++ norm kernels (csrc/) run on the CPU through the emulator (cuda_emulator.py, cuda_emu/).
+
+Every kernel path the GPU can take is run here against the float64 reference by the accuracy rule:
+the special widths, the generic register kernels (16-byte vectors and scalar, every threads-per-row
+instance), the wide kernels, the staged backward at every stage count, residuals, fp32 master weights,
+strided and misaligned rows, M = 0, and the need_dx / need_dw / need_db combinations. The emulated
+device has 3 SMs, so the persistent backward's blocks walk several row groups, as at full size on a GPU.
+Each call is also checked for writes outside its outputs, reads outside its inputs (NaN margins) and
+the emulator's faults (cuda_emulator.py). What this cannot show: speed, races between blocks, and the
+GPU's own instruction results (rsqrtf here is 1/sqrtf): the GPU matrix (test_cuda_backend.py,
+test_cuda_staged.py) stays the word on those.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cuda_emulator as E
+from norm_cases import DTYPES, check_case, make_case
+
+_reason = E.unavailable_reason()
+pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
+
+SPECIAL = [768, 1024, 1280, 4096, 5120, 8192]
+
+
+@pytest.fixture(autouse=True)
+def emulated_device():
+    E.select_device(0)
+    yield
+    E.select_device(0)
+
+
+def _detach(t):
+    return None if t is None else t.detach()
+
+
+def emulated(stages: int = 0, pad: int = 0, paths: list | None = None):
+    """A ``run`` for check_case: forward and backward through the emulated kernels (rows ``N + pad`` apart);
+    the (forward, backward) kernel names are appended to ``paths``."""
+
+    def run(case):
+        N = case.x.shape[-1]
+        shape = case.x.shape
+        rows = lambda t: None if t is None else t.detach().reshape(-1, N)  # noqa: E731
+        rms = case.kind == "rms"
+        w, b = _detach(case.weight), _detach(case.bias)
+        y, h, mean, rstd = E.norm_fwd(rows(case.x), w, b, rows(case.residual), case.eps, rms, pad=pad)
+        need_dw = case.weight is not None and case.weight.requires_grad
+        need_db = case.bias is not None and case.bias.requires_grad
+        xin = h if h is not None else rows(case.x)
+        dx, dw, db, bwd_path = E.norm_bwd(rows(case.gy), xin, w, mean, rstd, rows(case.gh), rms, True, need_dw, need_db,
+                                          stages=stages, pad=pad, dw_dtype=None if w is None else w.dtype,
+                                          db_dtype=None if b is None else b.dtype)
+        if paths is not None:
+            paths.append((E.fwd_path(rows(case.x), w, b, rows(case.residual), rms, pad=pad), bwd_path))
+        by_name = {"x": dx.view(shape), "weight": dw, "bias": db, "residual": dx.view(shape)}
+        grads = [by_name[n] for n in ("x", "weight", "bias", "residual")
+                 if getattr(case, n) is not None and getattr(case, n).requires_grad]
+        return y.view(shape), (h.view(shape) if h is not None else None), grads
+
+    return run
+
+
+def _check(kind, M, N, dtypes, residual, seed, stages=0, pad=0, **kw):
+    torch.manual_seed(seed)
+    paths = []
+    check_case(make_case(kind, (M,), N, dtypes, residual=residual, **kw), seed, run=emulated(stages, pad, paths))
+    return paths[0]
+
+
+# ---- the special widths: every dtype pair, both norms, with and without the residual -----------------------
+
+@pytest.mark.parametrize("N", SPECIAL)
+@pytest.mark.parametrize("dtypes", list(DTYPES))
+@pytest.mark.parametrize("kind", ["rms", "ln"])
+def test_special_widths(kind, dtypes, N):
+    for residual in (False, True):
+        fwd, bwd = _check(kind, 37, N, dtypes, residual, seed=N + residual)
+        assert fwd == bwd == f"special-{N}"
+
+
+# ---- the generic register kernels and the wide kernels ----------------------------------------------------
+
+GENERIC = [  # (dtypes, N, pad, forward kernel, backward kernel)
+    ("bf16", 256, 0, "register-v8-t32", "register-v8-t32"),
+    ("bf16", 2048, 8, "register-v8-t64", "register-v8-t64"),
+    ("bf16", 3000, 0, "register-v8-t128", "register-v8-t128"),
+    ("bf16-fp32w", 6000, 0, "register-v8-t256", "register-v8-t256"),
+    ("bf16", 12288, 0, "register-v8-t512", "wide-v8"),
+    ("fp16", 20000, 8, "wide-v8", "wide-v8"),
+    ("fp32", 300, 4, "register-v4-t32", "register-v4-t32"),
+    ("fp32", 9000, 0, "wide-v4", "wide-v4"),
+    ("fp32", 1, 0, "register-v1-t32", "register-v1-t32"),
+    ("fp16", 77, 0, "register-v1-t32", "register-v1-t32"),
+    ("fp32", 301, 0, "register-v1-t128", "register-v1-t128"),
+    ("bf16", 1001, 0, "register-v1-t512", "register-v1-t256"),
+    ("bf16", 3001, 0, "wide-v1", "wide-v1"),
+    ("bf16", 4096, 1, "wide-v1", "wide-v1"),  # a special width whose rows are not 16-byte aligned
+    ("bf16", 768, 3, "register-v1-t512", "register-v1-t256"),
+]
+
+
+@pytest.mark.parametrize("dtypes,N,pad,fwd,bwd", GENERIC, ids=[f"{d}-{n}-pad{p}" for d, n, p, *_ in GENERIC])
+@pytest.mark.parametrize("kind", ["rms", "ln"])
+def test_generic_paths(kind, dtypes, N, pad, fwd, bwd):
+    for residual in (False, True):
+        M = 23 if N >= 9000 else 37
+        assert _check(kind, M, N, dtypes, residual, seed=N + pad + residual, pad=pad) == (fwd, bwd)
+
+
+# ---- the staged backward ------------------------------------------------------------------------------
+
+def _staged_rows(N: int, dtype: torch.dtype) -> int:
+    """Rows for which every block of the 3-SM device's persistent grid walks at least six row groups (more
+    than the deepest stage count, so the ring of stages wraps), the last group part-filled."""
+    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    units = N // vec
+    items = 5 if units % 5 == 0 else (3 if units % 3 == 0 else 4)
+    rows_per_block = max(128 // (units // items), 1)
+    return 6 * 3 * 4 * rows_per_block - 1
+
+
+def _staged_fits(N: int, dtype: torch.dtype, stages: int, bufs: int, optin: int = 232448) -> bool:
+    """Whether the staged kernel's shared memory fits the emulated device's opt-in limit (an H100's)."""
+    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    units = N // vec
+    items = 5 if units % 5 == 0 else (3 if units % 3 == 0 else 4)
+    return stages * bufs * items * max(units // items, 128) * 16 + 1024 <= optin
+
+
+STAGED = [(N, d, s) for N in SPECIAL for d, s in (("bf16", 2), ("fp32", 3), ("fp16", 4), ("bf16-fp32w", 3))]
+
+
+@pytest.mark.parametrize("N,dtypes,stages", STAGED, ids=[f"{n}-{d}-s{s}" for n, d, s in STAGED])
+@pytest.mark.parametrize("kind", ["rms", "ln"])
+def test_staged_backward(kind, N, dtypes, stages):
+    dtype = DTYPES[dtypes][0]
+    residual = (N // 256 + stages) % 2 == 1  # half the cases with the residual gradient's third buffer
+    _, bwd = _check(kind, _staged_rows(N, dtype), N, dtypes, residual, seed=N + stages, stages=stages)
+    fits = _staged_fits(N, dtype, stages, 3 if residual else 2)
+    assert bwd == (f"special-{N}-staged{stages}" if fits else f"special-{N}")
+
+
+def test_staged_cases_mostly_stage():
+    """The matrix above exercises the staged kernel, not only its fallback."""
+    staged = sum(_staged_fits(N, DTYPES[d][0], s, 3 if (N // 256 + s) % 2 else 2) for N, d, s in STAGED)
+    assert staged >= len(STAGED) - 2
+
+
+@pytest.mark.parametrize("stages", [2, 3, 4])
+def test_staged_dx_matches_register_kernel_bitwise(stages):
+    """Same per-row arithmetic: dx bit-identical to the register kernel's, dweight to the float64 reference."""
+    torch.manual_seed(stages)
+    N, M = 4096, _staged_rows(4096, torch.bfloat16)
+    case = make_case("ln", (M,), N, "bf16", residual=True)
+    rows = lambda t: t.detach().reshape(M, N)  # noqa: E731
+    y, h, mean, rstd = E.norm_fwd(rows(case.x), case.weight.detach(), case.bias.detach(), rows(case.residual), 1e-5,
+                                  False)
+    args = (rows(case.gy), h, case.weight.detach(), mean, rstd, rows(case.gh), False, True, True, True)
+    dx0, *_, p0 = E.norm_bwd(*args, stages=0)
+    dxs, *_, ps = E.norm_bwd(*args, stages=stages)
+    assert (p0, ps) == ("special-4096", f"special-4096-staged{stages}")
+    assert torch.equal(dx0.view(torch.int16), dxs.view(torch.int16))
+
+
+def test_staged_falls_back_where_shared_memory_is_short():
+    """A device with 64 KiB to opt into: fp32 8192 at 4 stages (4 x 3 x 4 x 512 x 16 bytes) does not fit, so
+    the register kernel runs, and says so."""
+    E.select_device(1)
+    M = _staged_rows(8192, torch.float32)
+    _, bwd = _check("rms", M, 8192, "fp32", True, seed=3, stages=4)
+    assert bwd == "special-8192"
+    _, bwd = _check("rms", 63, 768, "bf16", True, seed=4, stages=2)  # 2 x 3 x 3 x 128 x 16 bytes fits
+    assert bwd == "special-768-staged2"
+
+
+# ---- rows, flags and shapes -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("N", [768, 4096, 300, 20000])
+def test_many_sms_few_rows(N):
+    """132 SMs and 5 rows: most blocks of a small-M grid get no rows, and their partial rows must be zeros."""
+    E.select_device(2)
+    for kind in ("rms", "ln"):
+        _check(kind, 5, N, "bf16", True, seed=N)
+
+
+@pytest.mark.parametrize("N", [768, 300, 20000])
+def test_no_rows(N):
+    x = torch.empty(0, N, dtype=torch.bfloat16)
+    w = torch.ones(N, dtype=torch.bfloat16)
+    for rms in (True, False):
+        y, h, mean, rstd = E.norm_fwd(x, w, None if rms else w, x, 1e-6, rms)
+        assert y.shape == (0, N) and h.shape == (0, N) and rstd.shape == (0,)
+        dx, dw, db, _ = E.norm_bwd(x, x, w, mean, rstd, x, rms, True, True, not rms)
+        assert dx.shape == (0, N)
+        assert torch.equal(dw, torch.zeros(N, dtype=torch.bfloat16))
+        assert db is None if rms else torch.equal(db, torch.zeros(N, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("N", [4096, 1001, 20000])
+@pytest.mark.parametrize("need", [(True, False, False), (False, True, False), (False, True, True), (False, False, True)])
+def test_gradient_subsets(N, need):
+    """Only the asked-for gradients, each equal to the full backward's (same kernels, same order)."""
+    torch.manual_seed(N)
+    M = 37
+    x = torch.randn(M, N).bfloat16()
+    w = (1 + 0.1 * torch.randn(N)).bfloat16()
+    b = (0.1 * torch.randn(N)).bfloat16()
+    dy = torch.randn(M, N).bfloat16()
+    _, _, mean, rstd = E.norm_fwd(x, w, b, None, 1e-5, False)
+    full = E.norm_bwd(dy, x, w, mean, rstd, None, False, True, True, True)
+    part = E.norm_bwd(dy, x, w, mean, rstd, None, False, *need)
+    for want, a, f in zip(need, part[:3], full[:3]):
+        assert (a is not None) == want or (a is not None and a.numel() == 0) == (not want)
+        if want:
+            assert torch.equal(a, f)
+
+
+@pytest.mark.parametrize("kind", ["rms", "ln"])
+def test_no_weight(kind):
+    for N in (4096, 77, 20000):
+        torch.manual_seed(N)
+        check_case(make_case(kind, (37,), N, "bf16", residual=True, weight=False, bias=False), N, run=emulated())
+
+
+def test_fp32_gradient_of_16bit_weight():
+    """dweight summed into an fp32 output (the op layer's choice for fp32 master weights) from the same
+    partials: the bf16 result is the fp32 one rounded."""
+    torch.manual_seed(0)
+    M, N = 37, 4096
+    x, dy = torch.randn(M, N).bfloat16(), torch.randn(M, N).bfloat16()
+    w = (1 + 0.1 * torch.randn(N)).bfloat16()
+    _, _, _, rstd = E.norm_fwd(x, w, None, None, 1e-6, True)
+    _, dw16, _, _ = E.norm_bwd(dy, x, w, None, rstd, None, True, False, True, False)
+    _, dw32, _, _ = E.norm_bwd(dy, x, w, None, rstd, None, True, False, True, False, dw_dtype=torch.float32)
+    assert dw32.dtype == torch.float32
+    assert torch.equal(dw32.bfloat16(), dw16)
+
+
+def test_bad_parameters_are_refused():
+    x = torch.randn(4, 64)
+    w = torch.ones(64)
+    with pytest.raises(E.EmulatorFault, match="refused"):
+        E.norm_bwd(x, x, w, None, torch.ones(4), None, True, True, True, False, stages=1)
+    lib = E.lib()
+    assert lib.emu_norm_fwd(x.data_ptr(), None, None, None, x.data_ptr(), None, None, None, 4, 64, 64, 0, 0, 0,
+                            1e-6, 1) != 0  # no rstd
+    assert lib.emu_norm_fwd(x.data_ptr(), None, None, None, x.data_ptr(), None, None, x.data_ptr(), 4, 0, 64, 0, 0, 0,
+                            1e-6, 1) != 0  # N == 0
+    assert E.lib().emu_take_fault() == b""
+
+
+# ---- the emulator's own checks ---------------------------------------------------------------------------
+
+def test_emulator_runs_barriers_shuffles_and_copies():
+    out = torch.full((128,), float("nan"))
+    assert E.selftest(0, out) == ""
+    t = torch.arange(64).float()
+    warp_sums = torch.tensor([sum(range(0, 32)), sum(range(32, 64))]).float().repeat_interleave(32)
+    expected = ((t + 1) % 64 + warp_sums).repeat(2)
+    assert torch.equal(out, expected)
+
+    src = torch.arange(128).float()
+    out = torch.zeros(64)
+    assert E.selftest(4, out, src) == ""
+    assert torch.isnan(out[0::2]).all(), "a stage read before its wait must see the poisoned shared memory"
+    assert torch.equal(out[1::2], src[0::4])
+
+
+@pytest.mark.parametrize("which,message", [
+    (1, "not uniform"),
+    (2, "deadlock"),
+    (3, "full masks over full warps"),
+    (5, "in flight"),
+])
+def test_emulator_reports_faults(which, message):
+    out = torch.zeros(64)
+    src = torch.zeros(128)
+    fault = E.selftest(which, out, src)
+    assert message in fault, fault
+    assert E.lib().emu_take_fault() == b"", "a fault is reported once"
+
+
+def test_guards_catch_stray_writes():
+    g = E.Guarded((3, 5), torch.bfloat16)
+    assert g.intact()
+    g.buf[g.pad - 1] = 0
+    assert not g.intact()
+    g = E.Guarded((3, 5), torch.float32, row_stride=7)
+    assert g.view.stride() == (7, 1) and torch.isnan(g.view).all()
+    g.buf[g.pad + 3 * 7 - 2] = 0  # one past the last row's end
+    assert not g.intact()
