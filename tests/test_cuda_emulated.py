@@ -176,6 +176,18 @@ def test_staged_falls_back_where_shared_memory_is_short():
     assert bwd == "special-768-staged2"
 
 
+def test_shared_memory_opt_in_is_per_device():
+    """The staged launcher opts in to dynamic shared memory once per device (a device's own limit): a
+    small-memory device's opt-in must not cap a large one's launches of the same kernel."""
+    for dev in (0, 1):
+        E.select_device(dev)
+        _, bwd = _check("rms", 63, 4096, "bf16", False, seed=5, stages=2)  # 2 x 2 x 4 x 128 x 16 B fits 64 KiB
+        assert bwd == "special-4096-staged2"
+    E.select_device(0)
+    _, bwd = _check("rms", 63, 4096, "bf16", True, seed=6, stages=4)  # 4 x 3 x 4 x 128 x 16 B does not
+    assert bwd == "special-4096-staged4"
+
+
 # ---- rows, flags and shapes -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("N", [768, 4096, 300, 20000])

@@ -61,7 +61,7 @@ int g_device = 0;
 cudaError_t g_last_error = cudaSuccess;
 std::string g_fault;
 int64_t g_launches = 0, g_switches = 0;
-std::map<const void*, int> g_max_dynamic_smem;  // cudaFuncSetAttribute, per kernel
+std::map<std::pair<int, const void*>, int> g_max_dynamic_smem;  // cudaFuncSetAttribute, per device and kernel
 std::vector<char*> g_stack_pool;
 
 void fault(const std::string& what) {
@@ -295,7 +295,7 @@ cudaError_t run_grid(dim3 grid, dim3 block, size_t smem, const void* kernel_id, 
   const long long blocks = static_cast<long long>(grid.x) * grid.y * grid.z;
   cudaError_t err = cudaSuccess;
   if (threads < 1 || threads > 1024 || blocks < 1) err = cudaErrorInvalidConfiguration;
-  const auto limit = g_max_dynamic_smem.find(kernel_id);
+  const auto limit = g_max_dynamic_smem.find({g_device, kernel_id});
   const size_t allowed = limit == g_max_dynamic_smem.end() ? 48 * 1024 : static_cast<size_t>(limit->second);
   if (smem > allowed) err = cudaErrorInvalidValue;
   if (err != cudaSuccess) {
@@ -374,7 +374,7 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int dev) {
 cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
   if (value < 0 || value > mmfast_emu::kDevices[mmfast_emu::g_device].smem_optin) return cudaErrorInvalidValue;
-  mmfast_emu::g_max_dynamic_smem[func] = value;
+  mmfast_emu::g_max_dynamic_smem[{mmfast_emu::g_device, func}] = value;
   return cudaSuccess;
 }
 
