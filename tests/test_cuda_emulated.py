@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import cuda_emulator as E
 from norm_cases import DTYPES, check_case, make_case
@@ -262,6 +264,27 @@ def test_bad_parameters_are_refused():
     assert lib.emu_norm_fwd(x.data_ptr(), None, None, None, x.data_ptr(), None, None, x.data_ptr(), 4, 0, 64, 0, 0, 0,
                             1e-6, 1) != 0  # N == 0
     assert E.lib().emu_take_fault() == b""
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    kind=st.sampled_from(["rms", "ln"]),
+    M=st.one_of(st.integers(0, 4), st.integers(5, 90)),
+    N=st.one_of(st.integers(1, 300), st.integers(301, 6000), st.integers(6001, 26000), st.sampled_from(SPECIAL)),
+    dtypes=st.sampled_from(list(DTYPES)),
+    residual=st.booleans(),
+    weight=st.booleans(),
+    pad=st.sampled_from([0, 1, 8, 13]),
+    stages=st.sampled_from([0, 2, 3, 4]),
+    device=st.sampled_from([0, 1, 2]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_fuzz(kind, M, N, dtypes, residual, weight, pad, stages, device, seed):
+    E.select_device(device)
+    M = min(M, max(1, 250_000 // N)) if M else 0  # emulation time grows with M x N
+    torch.manual_seed(seed)
+    case = make_case(kind, (M,), N, dtypes, residual=residual, weight=weight, bias=weight)
+    check_case(case, seed, run=emulated(stages, pad))
 
 
 # ---- the emulator's own checks ---------------------------------------------------------------------------
