@@ -6,10 +6,11 @@ library cached by the hash of every source. The functions below do what ``csrc/b
 the GPU (allocate outputs and the fp32 partial-sum workspaces, map dtypes, sum the partials) on CPU
 tensors, and check around every call what a GPU run cannot show cheaply:
 
-* every output and workspace lies between guard bytes that must come back untouched (no write outside
-  it) and starts as NaN (an element the kernel never wrote fails the finite check);
-* every input sits between NaN margins, with NaN in the padding of strided rows, so a read outside the
-  rows reaches the outputs as NaN; inputs must come back bit-identical;
+* every buffer (input, output, workspace) ends at a page the emulator guards: a read or write past its
+  end faults at once; before it lie at least 64 bytes of NaN, and strided rows have NaN padding, so a read
+  there reaches the outputs as NaN, and a write there changes bytes that must come back untouched;
+* outputs start as NaN (an element the kernel never wrote fails the finite check); inputs must come back
+  bit-identical;
 * an emulator fault (a barrier not reached by every thread, a deadlock, cp.async copies in flight at
   exit, ...) raises ``EmulatorFault`` with the emulator's message.
 """
@@ -22,6 +23,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,7 +36,7 @@ HERE = Path(__file__).resolve().parent / "cuda_emu"
 KERNELS = ("norm_fwd.cu", "norm_bwd.cu")
 CXX_FLAGS = ("-std=c++17", "-O1", "-fPIC", "-w")
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-GUARD = 64  # bytes of guard before and after every buffer (a multiple of 16: alignment is kept)
+GUARD = 64  # bytes of margin at least before every buffer (the emulator's alloc_fenced)
 FILL = 0xFF  # NaN in float32, float16 and bfloat16 alike
 
 
@@ -116,8 +118,19 @@ def lib() -> ctypes.CDLL:
         L.emu_error_string.restype = ctypes.c_char_p
         L.emu_counters.argtypes = [ctypes.POINTER(I64), ctypes.POINTER(I64)]
         L.emu_selftest.argtypes = [I, P, P]
+        L.emu_alloc_fenced.argtypes = [I64, I]
+        L.emu_alloc_fenced.restype = P
+        L.emu_fenced_offset.argtypes = [P]
+        L.emu_fenced_offset.restype = I64
+        L.emu_free_fenced.argtypes = [P]
+        L.emu_set_copy_mode.argtypes = [I]
         _LIB = L
     return _LIB
+
+
+def set_copy_mode(eager: bool) -> None:
+    """cp.async copies land at the wait that retires them (False) or at issue (True)."""
+    lib().emu_set_copy_mode(int(eager))
 
 
 def select_device(dev: int) -> None:
@@ -149,9 +162,14 @@ def _check(err: int, what: str) -> None:
 # ---- guarded buffers ----------------------------------------------------------------------------------
 
 class Guarded:
-    """``view`` lies inside ``buf`` between GUARD bytes of FILL; ``intact()`` says whether those are still FILL."""
+    """``view`` lies in memory that ends less than ``align`` bytes before a page the emulator guards (an
+    access to it during a launch is an ``EmulatorFault``), after at least GUARD bytes of margin; all of it
+    starts as FILL. ``intact()`` says whether everything around ``view`` is still FILL. ``offset``
+    (elements) moves the view's start off ``align``. Vector-loaded buffers need ``align=16``; the
+    per-row statistics are read one float at a time, so theirs end right at the page."""
 
-    def __init__(self, numel_or_shape, dtype: torch.dtype, row_stride: int | None = None):
+    def __init__(self, numel_or_shape, dtype: torch.dtype, row_stride: int | None = None, offset: int = 0,
+                 align: int = 16):
         shape = tuple(numel_or_shape) if isinstance(numel_or_shape, (tuple, list, torch.Size)) else (numel_or_shape,)
         esize = torch.empty((), dtype=dtype).element_size()
         if len(shape) == 2 and row_stride is not None:
@@ -162,28 +180,36 @@ class Guarded:
             for s in shape:
                 span *= s
             strides = None
-        self.pad = GUARD // esize
-        self.buf = torch.full((span + 2 * self.pad,), 0, dtype=torch.uint8 if esize == 1 else dtype)
-        self.buf.view(torch.uint8).fill_(FILL)
+        body = (offset + span) * esize
+        self._data = lib().emu_alloc_fenced(body, align)
+        if not self._data:
+            raise MemoryError("emulator: no memory for a fenced buffer")
+        head = lib().emu_fenced_offset(self._data)
+        assert head >= GUARD
+        total = head + (body + align - 1) // align * align
+        raw = (ctypes.c_uint8 * total).from_address(self._data - head)
+        self._bytes = torch.frombuffer(raw, dtype=torch.uint8)
+        weakref.finalize(self, lib().emu_free_fenced, self._data)
+        self.buf = self._bytes.view(dtype) if total % esize == 0 else self._bytes[: total // esize * esize].view(dtype)
+        self.pad = head // esize + offset
         flat = self.buf[self.pad:self.pad + span]
         self.view = flat.view(shape) if strides is None else flat.as_strided(shape, strides)
-        self._span = span
+        self._lo, self._hi = self.pad * esize, (self.pad + span) * esize
 
     def intact(self) -> bool:
-        b = self.buf.view(torch.uint8)
-        esize = self.buf.element_size()
-        head, tail = b[: self.pad * esize], b[(self.pad + self._span) * esize:]
-        return bool((head == FILL).all() and (tail == FILL).all())
+        b = self._bytes
+        return bool((b[: self._lo] == FILL).all() and (b[self._hi:] == FILL).all())
 
     def ptr(self) -> int:
         return self.view.data_ptr()
 
 
-def _input(t: torch.Tensor | None, row_stride: int | None = None) -> Guarded | None:
-    """A guarded copy of t (rows ``row_stride`` apart when given, the padding NaN)."""
+def _input(t: torch.Tensor | None, row_stride: int | None = None, offset: int = 0, align: int = 16) -> Guarded | None:
+    """A guarded copy of t (rows ``row_stride`` apart when given, the padding NaN; ``offset`` elements past
+    16-byte alignment)."""
     if t is None:
         return None
-    g = Guarded(t.shape, t.dtype, row_stride=row_stride if t.dim() == 2 else None)
+    g = Guarded(t.shape, t.dtype, row_stride=row_stride if t.dim() == 2 else None, offset=offset, align=align)
     g.view.copy_(t)
     return g
 
@@ -214,16 +240,17 @@ def _affine(weight, bias, x):
     return weight, bias, wdt
 
 
-def norm_fwd(x, weight, bias, residual, eps: float, rms: bool, pad: int = 0):
-    """(y, residual_out or None, mean or None, rstd) of 2-D ``x``; input rows are ``N + pad`` apart."""
+def norm_fwd(x, weight, bias, residual, eps: float, rms: bool, pad: int = 0, offset: int = 0):
+    """(y, residual_out or None, mean or None, rstd) of 2-D ``x``; input rows are ``N + pad`` apart, and x
+    starts ``offset`` elements past 16-byte alignment (a view such as ``big[:, 1:]``)."""
     M, N = x.shape
     weight, bias, wdt = _affine(weight, bias, x)
-    xs, rs = _input(x, N + pad), _input(residual, N + pad)
+    xs, rs = _input(x, N + pad, offset), _input(residual, N + pad)
     ws, bs = _input(weight), _input(bias)
     y = Guarded((M, N), x.dtype)
     h = Guarded((M, N), x.dtype) if residual is not None else None
-    mean = Guarded(M, torch.float32) if not rms else None
-    rstd = Guarded(M, torch.float32)
+    mean = Guarded(M, torch.float32, align=4) if not rms else None
+    rstd = Guarded(M, torch.float32, align=4)
     before = [g.buf.clone() for g in (xs, rs, ws, bs) if g is not None]
     err = lib().emu_norm_fwd(_p(xs), _p(rs), _p(ws), _p(bs), y.ptr(), _p(h), _p(mean), rstd.ptr(), M, N,
                              _row_stride(xs), _row_stride(rs), DTYPE_CODE[x.dtype], DTYPE_CODE[wdt], eps, int(rms))
@@ -236,10 +263,10 @@ def norm_fwd(x, weight, bias, residual, eps: float, rms: bool, pad: int = 0):
             rstd.view.clone())
 
 
-def fwd_path(x, weight, bias, residual, rms: bool, pad: int = 0) -> str:
+def fwd_path(x, weight, bias, residual, rms: bool, pad: int = 0, offset: int = 0) -> str:
     M, N = x.shape
     weight, bias, wdt = _affine(weight, bias, x)
-    g = [_input(t, N + pad) for t in (x, residual)] + [_input(weight), _input(bias)]
+    g = [_input(x, N + pad, offset), _input(residual, N + pad), _input(weight), _input(bias)]
     out = Guarded((M, N), x.dtype)
     return lib().emu_norm_fwd_path(_p(g[0]), _p(g[1]), _p(g[2]), _p(g[3]), out.ptr(), out.ptr() if residual is not None
                                    else None, M, N, _row_stride(g[0]), _row_stride(g[1]), DTYPE_CODE[x.dtype],
@@ -253,13 +280,15 @@ def _bwd_args(dy, x, w, mean, rstd, dres, dx, dwp, dbp, M, N, act, wdt, rms, nee
 
 
 def norm_bwd(dy, x, weight, mean, rstd, dres, rms: bool, need_dx=True, need_dw=True, need_db=False, stages: int = 0,
-             dw_dtype=None, db_dtype=None, pad: int = 0):
-    """(dx, dweight, dbias, path) like mmfast_cuda::norm_bwd; input rows are ``N + pad`` apart."""
+             dw_dtype=None, db_dtype=None, pad: int = 0, offset: int = 0):
+    """(dx, dweight, dbias, path) like mmfast_cuda::norm_bwd; input rows are ``N + pad`` apart, and x
+    starts ``offset`` elements past 16-byte alignment."""
     M, N = x.shape
     need_dw = need_dw and weight is not None
     wdt = weight.dtype if weight is not None else x.dtype
-    g_dy, g_x, g_dres = _input(dy, N + pad), _input(x, N + pad), _input(dres if need_dx else None, N + pad)
-    g_w, g_mean, g_rstd = _input(weight), _input(mean), _input(rstd)
+    g_dy, g_x = _input(dy, N + pad), _input(x, N + pad, offset)
+    g_dres = _input(dres if need_dx else None, N + pad)
+    g_w, g_mean, g_rstd = _input(weight), _input(mean, align=4), _input(rstd, align=4)
     need = (need_dx, need_dw, need_db)
     dx = Guarded((M, N), x.dtype) if need_dx else None
     probe = _bwd_args(g_dy, g_x, g_w, g_mean, g_rstd, g_dres, dx, None, None, M, N, x.dtype, wdt, rms, need, stages)

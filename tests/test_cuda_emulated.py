@@ -5,8 +5,11 @@ the special widths, the generic register kernels (16-byte vectors and scalar, ev
 instance), the wide kernels, the staged backward at every stage count, residuals, fp32 master weights,
 strided and misaligned rows, M = 0, and the need_dx / need_dw / need_db combinations. The emulated
 device has 3 SMs, so the persistent backward's blocks walk several row groups, as at full size on a GPU.
-Each call is also checked for writes outside its outputs, reads outside its inputs (NaN margins) and
-the emulator's faults (cuda_emulator.py). What this cannot show: speed, races between blocks, and the
+Each call is also checked for accesses past the end of any buffer (a guarded page), writes before an
+output or into row padding (bytes that must stay untouched), reads before an input or of row padding
+(NaN that reaches the outputs), and the emulator's faults (cuda_emulator.py); warps run one after
+another, so a shared-memory overwrite race shows as a wrong result, and the staged tests run with
+copies landing both late and early. What this cannot show: speed, races between blocks, and the
 GPU's own instruction results (rsqrtf here is 1/sqrtf): the GPU matrix (test_cuda_backend.py,
 test_cuda_staged.py) stays the word on those.
 """
@@ -30,17 +33,19 @@ SPECIAL = [768, 1024, 1280, 4096, 5120, 8192]
 @pytest.fixture(autouse=True)
 def emulated_device():
     E.select_device(0)
+    E.set_copy_mode(eager=False)
     yield
     E.select_device(0)
+    E.set_copy_mode(eager=False)
 
 
 def _detach(t):
     return None if t is None else t.detach()
 
 
-def emulated(stages: int = 0, pad: int = 0, paths: list | None = None):
-    """A ``run`` for check_case: forward and backward through the emulated kernels (rows ``N + pad`` apart);
-    the (forward, backward) kernel names are appended to ``paths``."""
+def emulated(stages: int = 0, pad: int = 0, paths: list | None = None, offset: int = 0):
+    """A ``run`` for check_case: forward and backward through the emulated kernels (rows ``N + pad`` apart,
+    x ``offset`` elements off 16-byte alignment); the (forward, backward) kernel names go to ``paths``."""
 
     def run(case):
         N = case.x.shape[-1]
@@ -48,15 +53,16 @@ def emulated(stages: int = 0, pad: int = 0, paths: list | None = None):
         rows = lambda t: None if t is None else t.detach().reshape(-1, N)  # noqa: E731
         rms = case.kind == "rms"
         w, b = _detach(case.weight), _detach(case.bias)
-        y, h, mean, rstd = E.norm_fwd(rows(case.x), w, b, rows(case.residual), case.eps, rms, pad=pad)
+        y, h, mean, rstd = E.norm_fwd(rows(case.x), w, b, rows(case.residual), case.eps, rms, pad=pad, offset=offset)
         need_dw = case.weight is not None and case.weight.requires_grad
         need_db = case.bias is not None and case.bias.requires_grad
         xin = h if h is not None else rows(case.x)
         dx, dw, db, bwd_path = E.norm_bwd(rows(case.gy), xin, w, mean, rstd, rows(case.gh), rms, True, need_dw, need_db,
-                                          stages=stages, pad=pad, dw_dtype=None if w is None else w.dtype,
+                                          stages=stages, pad=pad, offset=0 if h is not None else offset,
+                                          dw_dtype=None if w is None else w.dtype,
                                           db_dtype=None if b is None else b.dtype)
         if paths is not None:
-            paths.append((E.fwd_path(rows(case.x), w, b, rows(case.residual), rms, pad=pad), bwd_path))
+            paths.append((E.fwd_path(rows(case.x), w, b, rows(case.residual), rms, pad=pad, offset=offset), bwd_path))
         by_name = {"x": dx.view(shape), "weight": dw, "bias": db, "residual": dx.view(shape)}
         grads = [by_name[n] for n in ("x", "weight", "bias", "residual")
                  if getattr(case, n) is not None and getattr(case, n).requires_grad]
@@ -65,10 +71,11 @@ def emulated(stages: int = 0, pad: int = 0, paths: list | None = None):
     return run
 
 
-def _check(kind, M, N, dtypes, residual, seed, stages=0, pad=0, **kw):
+def _check(kind, M, N, dtypes, residual, seed, stages=0, pad=0, offset=0, **kw):
     torch.manual_seed(seed)
     paths = []
-    check_case(make_case(kind, (M,), N, dtypes, residual=residual, **kw), seed, run=emulated(stages, pad, paths))
+    check_case(make_case(kind, (M,), N, dtypes, residual=residual, **kw), seed,
+               run=emulated(stages, pad, paths, offset))
     return paths[0]
 
 
@@ -112,6 +119,13 @@ def test_generic_paths(kind, dtypes, N, pad, fwd, bwd):
         assert _check(kind, M, N, dtypes, residual, seed=N + pad + residual, pad=pad) == (fwd, bwd)
 
 
+@pytest.mark.parametrize("N,fwd,bwd", [(4096, "wide-v1", "wide-v1"), (768, "register-v1-t512", "register-v1-t256")])
+def test_misaligned_rows(N, fwd, bwd):
+    """x starting 2 bytes past 16-byte alignment (a view like ``big[:, 1:]``) takes the scalar kernels."""
+    for kind in ("rms", "ln"):
+        assert _check(kind, 37, N, "bf16", False, seed=N, offset=1) == (fwd, bwd)
+
+
 # ---- the staged backward ------------------------------------------------------------------------------
 
 def _staged_rows(N: int, dtype: torch.dtype) -> int:
@@ -137,7 +151,11 @@ STAGED = [(N, d, s) for N in SPECIAL for d, s in (("bf16", 2), ("fp32", 3), ("fp
 
 @pytest.mark.parametrize("N,dtypes,stages", STAGED, ids=[f"{n}-{d}-s{s}" for n, d, s in STAGED])
 @pytest.mark.parametrize("kind", ["rms", "ln"])
-def test_staged_backward(kind, N, dtypes, stages):
+@pytest.mark.parametrize("copies", ["late", "eager"])
+def test_staged_backward(copies, kind, N, dtypes, stages):
+    """Copies landing as late as the waits allow catch a stage read before its copy; landing at issue, a
+    copy into a stage still being read."""
+    E.set_copy_mode(eager=copies == "eager")
     dtype = DTYPES[dtypes][0]
     residual = (N // 256 + stages) % 2 == 1  # half the cases with the residual gradient's third buffer
     _, bwd = _check(kind, _staged_rows(N, dtype), N, dtypes, residual, seed=N + stages, stages=stages)
@@ -153,7 +171,8 @@ def test_staged_cases_mostly_stage():
 
 @pytest.mark.parametrize("stages", [2, 3, 4])
 def test_staged_dx_matches_register_kernel_bitwise(stages):
-    """Same per-row arithmetic: dx bit-identical to the register kernel's, dweight to the float64 reference."""
+    """Same per-row arithmetic: dx bit-identical to the register kernel's (test_staged_backward holds the
+    staged dweight to the float64 reference)."""
     torch.manual_seed(stages)
     N, M = 4096, _staged_rows(4096, torch.bfloat16)
     case = make_case("ln", (M,), N, "bf16", residual=True)
@@ -192,12 +211,14 @@ def test_shared_memory_opt_in_is_per_device():
 
 # ---- rows, flags and shapes -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("N", [768, 4096, 300, 20000])
-def test_many_sms_few_rows(N):
-    """132 SMs and 5 rows: most blocks of a small-M grid get no rows, and their partial rows must be zeros."""
+@pytest.mark.parametrize("N,dtypes", [(768, "bf16"), (300, "fp32"), (77, "fp16"), (256, "bf16")])
+def test_fewer_rows_than_row_slots(N, dtypes):
+    """1-3 rows for kernels with 4 row slots per block: the empty slots' partial rows must be zeros (the
+    workspace starts as NaN). On 132 SMs, as on a GPU."""
     E.select_device(2)
-    for kind in ("rms", "ln"):
-        _check(kind, 5, N, "bf16", True, seed=N)
+    for M in (1, 2, 3):
+        for kind in ("rms", "ln"):
+            _check(kind, M, N, dtypes, True, seed=N + M)
 
 
 @pytest.mark.parametrize("N", [768, 300, 20000])
@@ -213,10 +234,12 @@ def test_no_rows(N):
         assert db is None if rms else torch.equal(db, torch.zeros(N, dtype=torch.bfloat16))
 
 
-@pytest.mark.parametrize("N", [4096, 1001, 20000])
+@pytest.mark.parametrize("N,stages", [(4096, 0), (4096, 3), (1001, 0), (20000, 0)])
 @pytest.mark.parametrize("need", [(True, False, False), (False, True, False), (False, True, True), (False, False, True)])
-def test_gradient_subsets(N, need):
-    """Only the asked-for gradients, each equal to the full backward's (same kernels, same order)."""
+def test_gradient_subsets(N, stages, need):
+    """Only the asked-for gradients, each equal to the full backward's (same kernels, same order; the
+    staged kernel's grid is sized by its buffers, which need_dx changes, so its sums may be grouped
+    differently and are held to the float64 reference by test_staged_backward instead)."""
     torch.manual_seed(N)
     M = 37
     x = torch.randn(M, N).bfloat16()
@@ -224,19 +247,27 @@ def test_gradient_subsets(N, need):
     b = (0.1 * torch.randn(N)).bfloat16()
     dy = torch.randn(M, N).bfloat16()
     _, _, mean, rstd = E.norm_fwd(x, w, b, None, 1e-5, False)
-    full = E.norm_bwd(dy, x, w, mean, rstd, None, False, True, True, True)
-    part = E.norm_bwd(dy, x, w, mean, rstd, None, False, *need)
-    for want, a, f in zip(need, part[:3], full[:3]):
-        assert (a is not None) == want or (a is not None and a.numel() == 0) == (not want)
+    full = E.norm_bwd(dy, x, w, mean, rstd, None, False, True, True, True, stages=stages)
+    part = E.norm_bwd(dy, x, w, mean, rstd, None, False, *need, stages=stages)
+    assert part[3] == (f"special-{N}-staged{stages}" if stages else full[3])
+    for name, want, a, f in zip(("dx", "dweight", "dbias"), need, part[:3], full[:3]):
+        assert (a is not None) == want, f"{name}: asked {want}, got {a is not None}"
         if want:
-            assert torch.equal(a, f)
+            assert torch.isfinite(a).all()
+            if stages == 0 or name == "dx":
+                assert torch.equal(a, f)
+            else:
+                assert torch.allclose(a.float(), f.float(), rtol=2 ** -7, atol=0)
 
 
 @pytest.mark.parametrize("kind", ["rms", "ln"])
 def test_no_weight(kind):
-    for N in (4096, 77, 20000):
+    for N, stages in ((4096, 0), (4096, 3), (77, 0), (20000, 0)):
         torch.manual_seed(N)
-        check_case(make_case(kind, (37,), N, "bf16", residual=True, weight=False, bias=False), N, run=emulated())
+        paths = []
+        check_case(make_case(kind, (37,), N, "bf16", residual=True, weight=False, bias=False), N,
+                   run=emulated(stages, paths=paths))
+        assert paths[0][1].endswith(f"-staged{stages}") == (stages > 0)
 
 
 def test_fp32_gradient_of_16bit_weight():
@@ -304,6 +335,29 @@ def test_emulator_runs_barriers_shuffles_and_copies():
     assert torch.equal(out[1::2], src[0::4])
 
 
+def test_emulator_exposes_shared_memory_reuse_races():
+    """A second reduction that overwrites the shared array before every warp has read the first: on a GPU
+    a race that usually goes unseen; the emulator's warp-by-warp schedule makes the wrong sum certain."""
+    out = torch.zeros(128)
+    assert E.selftest(6, out) == ""
+    right = torch.cat([torch.full((64,), 64.0), torch.full((64,), 6400.0)])
+    assert not torch.equal(out, right)
+    assert (out[:64] != 64.0).any(), "the slower warp read the faster warp's second partial sum"
+
+
+def test_emulator_faults_on_access_past_a_buffer():
+    """Rows past the end of x: the page after the buffer is guarded, so the read faults at once."""
+    x = E.Guarded((2, 64), torch.float32)
+    x.view.normal_()
+    y, rstd = E.Guarded((3, 64), torch.float32), E.Guarded(3, torch.float32)
+    err = E.lib().emu_norm_fwd(x.ptr(), None, None, None, y.ptr(), None, None, rstd.ptr(), 3, 64, 64, 0, 0, 0, 1e-6, 1)
+    with pytest.raises(E.EmulatorFault, match="past the end of a buffer"):
+        E._check(err, "norm_fwd")
+    E.select_device(0)  # the emulator still runs launches after the fault
+    y2 = E.norm_fwd(x.view.clone(), None, None, None, 1e-6, True)[0]
+    assert torch.isfinite(y2).all()
+
+
 @pytest.mark.parametrize("which,message", [
     (1, "not uniform"),
     (2, "deadlock"),
@@ -320,10 +374,11 @@ def test_emulator_reports_faults(which, message):
 
 def test_guards_catch_stray_writes():
     g = E.Guarded((3, 5), torch.bfloat16)
-    assert g.intact()
+    assert g.intact() and g.ptr() % 16 == 0
     g.buf[g.pad - 1] = 0
     assert not g.intact()
-    g = E.Guarded((3, 5), torch.float32, row_stride=7)
+    g = E.Guarded((3, 5), torch.float32, row_stride=7)  # 19 elements: 4 bytes before the guarded page
     assert g.view.stride() == (7, 1) and torch.isnan(g.view).all()
-    g.buf[g.pad + 3 * 7 - 2] = 0  # one past the last row's end
+    g.buf[g.pad + 2 * 7 + 5] = 0  # one past the last row's end
     assert not g.intact()
+    assert E.Guarded((4,), torch.bfloat16, offset=1).ptr() % 16 == 2

@@ -2,9 +2,13 @@
 // the kernels' host code makes. See cuda_emu.h.
 #include "cuda_emu.h"
 
+#include <setjmp.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <map>
 #include <string>
@@ -29,6 +33,7 @@ enum class State { kRunnable, kAtWarp, kAtBlock, kDone };
 struct Copy {
   void* dst;
   const void* src;
+  bool done;  // performed at issue (eager mode)
 };
 
 struct Fiber {
@@ -64,9 +69,68 @@ int64_t g_launches = 0, g_switches = 0;
 std::map<std::pair<int, const void*>, int> g_max_dynamic_smem;  // cudaFuncSetAttribute, per device and kernel
 std::vector<char*> g_stack_pool;
 
+// cp.async: copies land at the wait that retires their group (kLate: a stage read too early holds stale
+// bytes) or at issue (kEager: a copy into a stage that is still being read overwrites it at once).
+int g_copy_mode = 0;  // 0 late, 1 eager
+
+// Buffers that end at a PROT_NONE page (alloc_fenced): an access past one ends the launch with a fault.
+struct Fence {
+  uintptr_t map, data, guard;  // mapping start, data start, guard page start
+  size_t map_len;
+};
+std::map<uintptr_t, Fence> g_fences;  // by data start
+size_t g_page = 0;
+
+// SIGSEGV inside a fiber jumps back to the scheduler, which reports it as a fault.
+sigjmp_buf g_segv_jump;
+volatile sig_atomic_t g_in_fiber = 0;
+void* volatile g_segv_addr = nullptr;
+struct sigaction g_old_segv;
+std::vector<char> g_alt_stack;
+
+void on_segv(int, siginfo_t* info, void*) {
+  if (g_in_fiber) {
+    g_segv_addr = info->si_addr;
+    siglongjmp(g_segv_jump, 1);
+  }
+  sigaction(SIGSEGV, &g_old_segv, nullptr);  // not from a kernel: the previous handler gets the re-fault
+}
+
+void install_segv_handler() {
+  if (g_alt_stack.empty()) {
+    g_alt_stack.resize(1 << 16);
+    stack_t ss{};
+    ss.ss_sp = g_alt_stack.data();
+    ss.ss_size = g_alt_stack.size();
+    sigaltstack(&ss, nullptr);  // a fiber whose stack overflowed cannot run the handler on it
+  }
+  struct sigaction sa{};
+  sa.sa_sigaction = on_segv;
+  sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;  // NODEFER: no mask to restore after the jump
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGSEGV, &sa, &g_old_segv);
+}
+
 void fault(const std::string& what) {
   if (g_fault.empty()) g_fault = what;
   if (g_grid) g_grid->faulted = true;
+}
+
+std::string where(const Fiber& f);
+
+std::string segv_message(const Fiber& f) {
+  const auto a = reinterpret_cast<uintptr_t>(g_segv_addr);
+  char buf[64];
+  snprintf(buf, sizeof(buf), "0x%llx", static_cast<unsigned long long>(a));
+  for (const auto& kv : g_fences) {
+    const Fence& fe = kv.second;
+    if (a >= fe.guard && a < fe.guard + g_page)
+      return "access past the end of a buffer (" + std::to_string(a - kv.first) + " bytes from its start, address " +
+             buf + ") by " + where(f);
+  }
+  const auto st = reinterpret_cast<uintptr_t>(f.stack);
+  if (a >= st && a < st + kGuardBytes) return "fiber stack overflow in " + where(f);
+  return std::string("invalid address ") + buf + " in " + where(f);
 }
 
 std::string where(const Fiber& f) {
@@ -127,6 +191,7 @@ bool run_block(Grid& g) {
   const int n = static_cast<int>(g.block.x * g.block.y * g.block.z);
   const int warps = (n + kWarp - 1) / kWarp;
   g.fibers.assign(n, Fiber{});
+  std::fill(g.smem.begin(), g.smem.end(), static_cast<unsigned char>(0xFF));  // NaN for every block
   for (int p = 0; p < 2; ++p) g.exchange[p].assign(static_cast<size_t>(warps) * kWarp, 0);
   for (int i = 0; i < n; ++i) {
     Fiber& f = g.fibers[i];
@@ -144,47 +209,63 @@ bool run_block(Grid& g) {
     f.ctx.uc_link = &g.scheduler;
     makecontext(&f.ctx, fiber_entry, 0);
   }
+  // Warps run greedily, one after another (ascending in even blocks, descending in odd ones): each runs
+  // through its own shuffles to the next __syncthreads before the next warp starts. A warp that writes
+  // shared memory for its next step before a slower warp has read the last one is thereby always ahead.
+  std::vector<int> order(warps);
+  for (int w = 0; w < warps; ++w) order[w] = w;
+  const unsigned linear_block = g.bidx.x + g.grid.x * (g.bidx.y + g.grid.y * g.bidx.z);
+  if (linear_block % 2 == 1) std::reverse(order.begin(), order.end());
   bool ok = true;
   while (ok) {
     bool progressed = false;
-    for (Fiber& f : g.fibers) {
-      if (f.state != State::kRunnable) continue;
-      g.current = &f;
-      ++g_switches;
-      swapcontext(&g.scheduler, &f.ctx);
-      g.current = nullptr;
-      progressed = true;
-      if (g.faulted) {
-        ok = false;
-        break;
-      }
-    }
-    if (!ok) break;
-    // warps whose lanes all wait at a shuffle go on
-    for (int w = 0; w < warps && ok; ++w) {
+    for (int w : order) {
       const int lo = w * kWarp, hi = lo + kWarp < n ? lo + kWarp : n;
-      int at = 0, done = 0;
-      for (int i = lo; i < hi; ++i) {
-        at += g.fibers[i].state == State::kAtWarp;
-        done += g.fibers[i].state == State::kDone;
-      }
-      if (at == 0) continue;
-      if (at + done == hi - lo && done > 0) {
-        fault("a warp shuffle in " + where(g.fibers[lo]) + "'s warp while some lanes have returned");
-        ok = false;
-      } else if (at == hi - lo) {
-        for (int i = lo; i < hi; ++i) {
-          const Fiber& f = g.fibers[i];
-          if (f.shfl_lane_mask != g.fibers[lo].shfl_lane_mask || f.shfl_width != g.fibers[lo].shfl_width ||
-              f.parity != g.fibers[lo].parity) {
-            fault("the lanes of " + where(g.fibers[lo]) + "'s warp met at different shuffles");
-            ok = false;
-            break;
+      for (bool warp_moved = true; warp_moved && ok;) {
+        warp_moved = false;
+        for (int i = lo; i < hi && ok; ++i) {
+          Fiber& f = g.fibers[i];
+          if (f.state != State::kRunnable) continue;
+          g.current = &f;
+          ++g_switches;
+          if (sigsetjmp(g_segv_jump, 0) == 0) {
+            g_in_fiber = 1;
+            swapcontext(&g.scheduler, &f.ctx);
+            g_in_fiber = 0;
+          } else {
+            g_in_fiber = 0;
+            fault(segv_message(f));
           }
+          g.current = nullptr;
+          progressed = warp_moved = true;
+          if (g.faulted) ok = false;
         }
-        for (int i = lo; i < hi; ++i) g.fibers[i].state = State::kRunnable;
-        progressed = true;
+        if (!ok) break;
+        // the warp's lanes all at a shuffle: they exchange and go on
+        int at = 0, done = 0;
+        for (int i = lo; i < hi; ++i) {
+          at += g.fibers[i].state == State::kAtWarp;
+          done += g.fibers[i].state == State::kDone;
+        }
+        if (at == 0) continue;
+        if (at + done == hi - lo && done > 0) {
+          fault("a warp shuffle in " + where(g.fibers[lo]) + "'s warp while some lanes have returned");
+          ok = false;
+        } else if (at == hi - lo) {
+          for (int i = lo; i < hi; ++i) {
+            const Fiber& f = g.fibers[i];
+            if (f.shfl_lane_mask != g.fibers[lo].shfl_lane_mask || f.shfl_width != g.fibers[lo].shfl_width ||
+                f.parity != g.fibers[lo].parity) {
+              fault("the lanes of " + where(g.fibers[lo]) + "'s warp met at different shuffles");
+              ok = false;
+              break;
+            }
+          }
+          for (int i = lo; i < hi; ++i) g.fibers[i].state = State::kRunnable;
+          warp_moved = true;
+        }
       }
+      if (!ok) break;
     }
     if (!ok) break;
     int at_block = 0, done = 0;
@@ -272,7 +353,9 @@ void cp_async16(void* smem, const void* gmem) {
     fault("cp.async of 16 bytes outside the dynamic shared memory or misaligned, in " + where(f));
     yield_to_scheduler(f);
   }
-  f.open.push_back(Copy{smem, gmem});
+  const bool eager = g_copy_mode == 1;
+  if (eager) std::memcpy(smem, gmem, 16);
+  f.open.push_back(Copy{smem, gmem, eager});
 }
 
 void cp_async_commit() {
@@ -284,7 +367,8 @@ void cp_async_commit() {
 void cp_async_wait(int pending) {
   Fiber& f = running();
   while (static_cast<int>(f.groups.size()) > pending) {
-    for (const Copy& c : f.groups.front()) std::memcpy(c.dst, c.src, 16);
+    for (const Copy& c : f.groups.front())
+      if (!c.done) std::memcpy(c.dst, c.src, 16);
     f.groups.erase(f.groups.begin());
   }
 }
@@ -308,6 +392,7 @@ cudaError_t run_grid(dim3 grid, dim3 block, size_t smem, const void* kernel_id, 
   g.body = &body;
   g.smem.assign(smem, 0xFF);
   g_grid = &g;
+  install_segv_handler();
   bool ok = true;
   for (unsigned z = 0; z < grid.z && ok; ++z)
     for (unsigned y = 0; y < grid.y && ok; ++y)
@@ -315,12 +400,44 @@ cudaError_t run_grid(dim3 grid, dim3 block, size_t smem, const void* kernel_id, 
         g.bidx = uint3{x, y, z};
         ok = run_block(g);
       }
+  sigaction(SIGSEGV, &g_old_segv, nullptr);
   g_grid = nullptr;
   if (!ok) {
     if (g_last_error == cudaSuccess) g_last_error = cudaErrorLaunchFailure;
     return cudaErrorLaunchFailure;
   }
   return cudaSuccess;
+}
+
+void set_copy_mode(int eager) { g_copy_mode = eager ? 1 : 0; }
+
+void* alloc_fenced(size_t bytes, size_t align) {
+  if (g_page == 0) g_page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  if (align == 0 || align > 16 || (align & (align - 1)) != 0) return nullptr;
+  const size_t body = (bytes + align - 1) / align * align;
+  const size_t data_pages = (body + 64 + g_page - 1) / g_page;  // >= 64 bytes of margin before the data
+  const size_t len = (data_pages + 1) * g_page;
+  void* m = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (m == MAP_FAILED) return nullptr;
+  const auto map = reinterpret_cast<uintptr_t>(m);
+  const uintptr_t guard = map + data_pages * g_page;
+  std::memset(m, 0xFF, data_pages * g_page);
+  mprotect(reinterpret_cast<void*>(guard), g_page, PROT_NONE);
+  const uintptr_t data = guard - body;
+  g_fences[data] = Fence{map, data, guard, len};
+  return reinterpret_cast<void*>(data);
+}
+
+size_t fenced_offset(const void* data) {
+  const auto it = g_fences.find(reinterpret_cast<uintptr_t>(data));
+  return it == g_fences.end() ? 0 : it->second.data - it->second.map;
+}
+
+void free_fenced(void* data) {
+  const auto it = g_fences.find(reinterpret_cast<uintptr_t>(data));
+  if (it == g_fences.end()) return;
+  munmap(reinterpret_cast<void*>(it->second.map), it->second.map_len);
+  g_fences.erase(it);
 }
 
 bool select_device(int dev) {

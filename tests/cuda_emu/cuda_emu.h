@@ -11,14 +11,22 @@
 //   * cp.async (the seam in norm_bwd.cu): a copy is performed as late as the program allows, at the
 //                        cp.async.wait_group that retires its group, so a stage read before its wait sees
 //                        stale bytes; copies still in flight when a thread returns are reported;
-//   * __shared__ arrays are function statics (blocks never overlap); dynamic shared memory is filled with
-//                        0xFF bytes (NaN in every float format) at each launch.
+//   * warps run one after another, each through its own shuffles up to the next __syncthreads (ascending
+//                        in even blocks, descending in odd ones), so a warp that overwrites shared memory
+//                        before a slower warp has read it always does so (a race on a GPU);
+//   * __shared__ arrays are function statics (blocks never overlap; they keep their last values, so a read
+//                        before a write is not caught); dynamic shared memory is filled with 0xFF bytes
+//                        (NaN in every float format) before each block;
+//   * alloc_fenced gives buffers that end at a PROT_NONE page: an access past the end faults (SIGSEGV is
+//                        caught during launches and reported).
 //
 // The device is described by a small table (SM count, shared memory) selected with
 // mmfast_emu::select_device, so that persistent grids walk several row groups per block at test sizes.
-// Arithmetic is the host's: fmaf is exact like the GPU's, rsqrtf is 1/sqrtf (the GPU's is within 2 ulp),
-// so results match the GPU's to rounding, not bitwise. What is not emulated: timing, concurrency between
-// blocks, the memory model beyond program order, partial-warp masks, and anything a kernel does not use.
+// Arithmetic is the host's: fmaf is a fused multiply-add like the GPU's, but nvcc also contracts plain
+// a * b + c into FMAs where g++ here does not, and rsqrtf is 1/sqrtf (the GPU's is within 2 ulp), so
+// results match the GPU's to rounding, not bitwise. What is not emulated: timing, concurrency between
+// blocks, the memory model beyond program order, partial-warp masks, accesses before a buffer's start
+// (caught only when the 64 bytes of NaN there reach an output), and anything a kernel does not use.
 #pragma once
 
 #define MMFAST_CUDA_EMULATION 1
@@ -94,6 +102,14 @@ struct DeviceProps {
   int smem_optin;   // most dynamic shared memory a block may opt into
   int smem_per_sm;  // for the occupancy estimate
 };
+// cp.async copies land at the wait that retires their group (0) or at issue (1).
+void set_copy_mode(int eager);
+// `bytes` of memory (aligned to `align`, a power of two <= 16) that end less than `align` bytes before a
+// PROT_NONE page and start at least 64 bytes into a mapping filled with 0xFF; an access to the page
+// during a launch is a fault.
+void* alloc_fenced(size_t bytes, size_t align);
+size_t fenced_offset(const void* data);  // bytes from the mapping's start to data
+void free_fenced(void* data);
 // Select device `dev` of the table (0 .. device_count()-1); returns false for a bad index.
 bool select_device(int dev);
 int device_count();

@@ -53,10 +53,28 @@ __global__ void copies_in_flight_kernel(float*, const float* src) {
   ::mmfast_emu::cp_async_commit();
 }
 
+// Two block sums through one shared array, with the barrier after the reads missing: out[t] and
+// out[n + t] should be 32 and 3200 per warp; a warp that runs ahead overwrites red before a slower warp
+// has read the first sum (a race on a GPU, which the emulator's warp-by-warp schedule makes certain).
+__global__ void reuse_race_kernel(float* out) {
+  __shared__ float red[32];
+  const int t = threadIdx.x, n = blockDim.x, warps = n / 32;
+  for (int round = 0; round < 2; ++round) {
+    float v = round == 0 ? 1.f : 100.f;
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    if ((t & 31) == 0) red[t / 32] = v;
+    __syncthreads();
+    float sum = 0.f;
+    for (int j = 0; j < warps; ++j) sum += red[j];
+    out[round * n + t] = sum;
+  }
+}
+
 }  // namespace
 
 // which: 0 good (2 blocks x 64 threads), 1 divergent barrier, 2 split warp (deadlock), 3 partial-warp
-// shuffle, 4 cp.async (32 threads), 5 copies in flight at exit. Returns the launch's CUDA error.
+// shuffle, 4 cp.async (32 threads), 5 copies in flight at exit, 6 the shared-memory reuse race (1 block x
+// 64 threads). Returns the launch's CUDA error.
 extern "C" int emu_selftest(int which, float* out, const float* src) {
   cudaGetLastError();
   switch (which) {
@@ -66,6 +84,7 @@ extern "C" int emu_selftest(int which, float* out, const float* src) {
     case 3: { auto k = partial_warp_shuffle_kernel; MMFAST_LAUNCH(k, 1, 48, 0, nullptr)(out); break; }
     case 4: { auto k = cp_async_kernel; MMFAST_LAUNCH(k, 1, 32, 32 * 16, nullptr)(out, src); break; }
     case 5: { auto k = copies_in_flight_kernel; MMFAST_LAUNCH(k, 1, 32, 32 * 16, nullptr)(out, src); break; }
+    case 6: { auto k = reuse_race_kernel; MMFAST_LAUNCH(k, 1, 64, 0, nullptr)(out); break; }
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
