@@ -172,3 +172,27 @@ def check_case(case: Case, seed: int, run=None) -> None:
         assert g.dtype == param.dtype, f"d{name} dtype {g.dtype} != {param.dtype}"
         reduced_rows = gy.numel() // N if name in ("weight", "bias") else 1
         assert_accurate(f"d{name}", g, g_lp, g_ref, scales[name], seed, terms=reduced_rows)
+
+
+def special_geometry(N: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(vectors per thread, threads per block, rows per block) of the CUDA C++ kernels at a special width:
+    the geometry of csrc/norm_common.cuh (spec_items, spec_tpr, block_threads, rows_per_block)."""
+    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    units = N // vec
+    items = 5 if units % 5 == 0 else (3 if units % 3 == 0 else 4)
+    tpr = units // items
+    return items, max(tpr, 128), max(128 // tpr, 1)
+
+
+def staged_fits(N: int, dtype: torch.dtype, stages: int, bufs: int, smem_optin: int) -> bool:
+    """Whether the staged backward's shared memory (stages x bufs x items x threads x 16 bytes, plus 1 KiB
+    for the reduction) fits a device that lets a block opt into ``smem_optin`` bytes."""
+    items, threads, _ = special_geometry(N, dtype)
+    return stages * bufs * items * threads * 16 + 1024 <= smem_optin
+
+
+def staged_rows(N: int, dtype: torch.dtype, sms: int) -> int:
+    """Rows for which every block of a persistent grid on ``sms`` SMs (4 blocks each) walks at least six row
+    groups, more than the deepest stage count, so the ring of stages wraps; the last group part-filled
+    where a block holds several rows."""
+    return 6 * sms * 4 * special_geometry(N, dtype)[2] + 5

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cuda_emulator as E
-from norm_cases import DTYPES, check_case, make_case
+from norm_cases import DTYPES, check_case, make_case, staged_fits, staged_rows
 
 _reason = E.unavailable_reason()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
@@ -129,21 +129,11 @@ def test_misaligned_rows(N, fwd, bwd):
 # ---- the staged backward ------------------------------------------------------------------------------
 
 def _staged_rows(N: int, dtype: torch.dtype) -> int:
-    """Rows for which every block of the 3-SM device's persistent grid walks at least six row groups (more
-    than the deepest stage count, so the ring of stages wraps), the last group part-filled."""
-    vec = 16 // torch.empty((), dtype=dtype).element_size()
-    units = N // vec
-    items = 5 if units % 5 == 0 else (3 if units % 3 == 0 else 4)
-    rows_per_block = max(128 // (units // items), 1)
-    return 6 * 3 * 4 * rows_per_block - 1
+    return staged_rows(N, dtype, sms=3)  # emulated device 0
 
 
-def _staged_fits(N: int, dtype: torch.dtype, stages: int, bufs: int, optin: int = 232448) -> bool:
-    """Whether the staged kernel's shared memory fits the emulated device's opt-in limit (an H100's)."""
-    vec = 16 // torch.empty((), dtype=dtype).element_size()
-    units = N // vec
-    items = 5 if units % 5 == 0 else (3 if units % 3 == 0 else 4)
-    return stages * bufs * items * max(units // items, 128) * 16 + 1024 <= optin
+def _staged_fits(N: int, dtype: torch.dtype, stages: int, bufs: int) -> bool:
+    return staged_fits(N, dtype, stages, bufs, smem_optin=232448)  # emulated device 0: an H100's
 
 
 STAGED = [(N, d, s) for N in SPECIAL for d, s in (("bf16", 2), ("fp32", 3), ("fp16", 4), ("bf16-fp32w", 3))]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mmfast.kernels import _device, cuda_ext
-from norm_cases import DTYPES, check_case, make_case
+from norm_cases import DTYPES, check_case, make_case, staged_fits, staged_rows
 
 GPU = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not GPU, reason="the CUDA C++ kernels run on a GPU only")
@@ -46,22 +46,11 @@ def test_bad_stage_counts_are_errors(monkeypatch, bad):
 
 
 def _fits(N: int, dtype: torch.dtype, stages: int, bufs: int) -> bool:
-    """Whether the staged kernel's shared memory fits (the same geometry as csrc/norm_common.cuh)."""
-    vec = 16 // torch.empty((), dtype=dtype).element_size()
-    units = N // vec
-    items = 5 if units % 5 == 0 else (3 if units % 3 == 0 else 4)
-    threads = max(units // items, 128)
-    optin = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
-    return stages * bufs * items * threads * 16 + 1024 <= optin
+    return staged_fits(N, dtype, stages, bufs, torch.cuda.get_device_properties(0).shared_memory_per_block_optin)
 
 
 def _rows(N: int, dtype: torch.dtype) -> int:
-    """Enough rows that every block of the persistent grid walks at least six of its row groups."""
-    vec = 16 // torch.empty((), dtype=dtype).element_size()
-    units = N // vec
-    items = 5 if units % 5 == 0 else (3 if units % 3 == 0 else 4)
-    rows_per_block = max(128 // (units // items), 1)
-    return 6 * _device.sm_count(torch.device("cuda")) * 4 * rows_per_block + 5
+    return staged_rows(N, dtype, _device.sm_count(torch.device("cuda")))
 
 
 @pytest.fixture
