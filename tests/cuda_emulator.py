@@ -35,6 +35,9 @@ from mmfast.kernels.cuda_ext import source_dir
 HERE = Path(__file__).resolve().parent / "cuda_emu"
 KERNELS = ("norm_fwd.cu", "norm_bwd.cu")
 CXX_FLAGS = ("-std=c++17", "-O1", "-fPIC", "-w")
+# -Bsymbolic: the kernels' calls to cudaGetLastError & co. bind to the emulator's definitions even in a
+# process where a CUDA build of torch has loaded the real CUDA runtime first (a GPU machine).
+LINK_FLAGS = ("-shared", "-Wl,-Bsymbolic")
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 GUARD = 64  # bytes of margin at least before every buffer (the emulator's alloc_fenced)
 FILL = 0xFF  # NaN in float32, float16 and bfloat16 alike
@@ -60,7 +63,7 @@ def _key() -> str:
     for f in files:
         h.update(f.name.encode())
         h.update(f.read_bytes())
-    h.update(" ".join(CXX_FLAGS).encode())
+    h.update(" ".join(CXX_FLAGS + LINK_FLAGS).encode())
     h.update(str(toolkit_include()).encode())
     return h.hexdigest()[:16]
 
@@ -88,7 +91,7 @@ def build() -> Path:
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         list(pool.map(compile_one, jobs))
     tmp = work / "libmmfast_emu.so"
-    subprocess.run(["g++", "-shared", "-o", str(tmp), *map(str, sorted(work.glob("*.o")))], check=True,
+    subprocess.run(["g++", *LINK_FLAGS, "-o", str(tmp), *map(str, sorted(work.glob("*.o")))], check=True,
                    capture_output=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, lib)  # atomic: a concurrent build leaves one complete library

@@ -348,6 +348,30 @@ def test_emulator_faults_on_access_past_a_buffer():
     assert torch.isfinite(y2).all()
 
 
+def test_real_cuda_runtime_in_the_process_does_not_capture_the_emulator(tmp_path):
+    """A CUDA build of torch loads the real CUDA runtime before the emulator; the kernels' runtime calls
+    must still reach the emulator's definitions (the library links with -Bsymbolic)."""
+    import glob
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mmfast.kernels.cuda_compile_check import toolkit_include
+
+    runtimes = sorted(glob.glob(str(toolkit_include().parent / "lib*" / "libcudart.so*")))
+    assert runtimes, f"no libcudart.so next to {toolkit_include()}"
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import ctypes, sys, torch\n"
+        f"ctypes.CDLL({runtimes[0]!r}, mode=ctypes.RTLD_GLOBAL)\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "import cuda_emulator as E\n"
+        "y = E.norm_fwd(torch.randn(5, 64), None, None, None, 1e-6, True)[0]\n"
+        "print('finite', bool(torch.isfinite(y).all()))\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "finite True" in out.stdout, out.stdout + out.stderr
+
+
 @pytest.mark.parametrize("which,message", [
     (1, "not uniform"),
     (2, "deadlock"),
