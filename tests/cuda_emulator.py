@@ -192,7 +192,8 @@ class Guarded:
         total = head + (body + align - 1) // align * align
         raw = (ctypes.c_uint8 * total).from_address(self._data - head)
         self._bytes = torch.frombuffer(raw, dtype=torch.uint8)
-        weakref.finalize(self, lib().emu_free_fenced, self._data)
+        # tensors over the mapping keep `raw` alive (not this object): it is unmapped after the last of them
+        weakref.finalize(raw, lib().emu_free_fenced, self._data)
         self.buf = self._bytes.view(dtype) if total % esize == 0 else self._bytes[: total // esize * esize].view(dtype)
         self.pad = head // esize + offset
         flat = self.buf[self.pad:self.pad + span]

@@ -298,10 +298,12 @@ def test_bad_parameters_are_refused():
     pad=st.sampled_from([0, 1, 8, 13]),
     stages=st.sampled_from([0, 2, 3, 4]),
     device=st.sampled_from([0, 1, 2]),
+    eager_copies=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_fuzz(kind, M, N, dtypes, residual, weight, pad, stages, device, seed):
+def test_fuzz(kind, M, N, dtypes, residual, weight, pad, stages, device, eager_copies, seed):
     E.select_device(device)
+    E.set_copy_mode(eager=eager_copies)
     M = min(M, max(1, 250_000 // N)) if M else 0  # emulation time grows with M x N
     torch.manual_seed(seed)
     case = make_case(kind, (M,), N, dtypes, residual=residual, weight=weight, bias=weight)
@@ -359,7 +361,8 @@ def test_real_cuda_runtime_in_the_process_does_not_capture_the_emulator(tmp_path
     from mmfast.kernels.cuda_compile_check import toolkit_include
 
     runtimes = sorted(glob.glob(str(toolkit_include().parent / "lib*" / "libcudart.so*")))
-    assert runtimes, f"no libcudart.so next to {toolkit_include()}"
+    if not runtimes:
+        pytest.skip(f"no CUDA runtime library next to {toolkit_include()} to load")
     script = tmp_path / "probe.py"
     script.write_text(
         "import ctypes, sys, torch\n"
@@ -396,3 +399,14 @@ def test_guards_catch_stray_writes():
     g.buf[g.pad + 2 * 7 + 5] = 0  # one past the last row's end
     assert not g.intact()
     assert E.Guarded((4,), torch.bfloat16, offset=1).ptr() % 16 == 2
+
+
+def test_guarded_memory_lives_as_long_as_its_tensors():
+    """A view kept after its Guarded is gone still owns its mapping: a new buffer does not alias it."""
+    import gc
+
+    v = E.Guarded(1000, torch.float32).view
+    gc.collect()
+    w = E.Guarded(1000, torch.float32)
+    w.view.fill_(7.0)
+    assert v.data_ptr() != w.ptr() and torch.isnan(v).all()

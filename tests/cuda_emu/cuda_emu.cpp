@@ -86,7 +86,8 @@ sigjmp_buf g_segv_jump;
 volatile sig_atomic_t g_in_fiber = 0;
 void* volatile g_segv_addr = nullptr;
 struct sigaction g_old_segv;
-std::vector<char> g_alt_stack;
+stack_t g_old_alt_stack;
+char g_alt_stack[1 << 16];
 
 void on_segv(int, siginfo_t* info, void*) {
   if (g_in_fiber) {
@@ -96,19 +97,22 @@ void on_segv(int, siginfo_t* info, void*) {
   sigaction(SIGSEGV, &g_old_segv, nullptr);  // not from a kernel: the previous handler gets the re-fault
 }
 
+// For the duration of a launch (uninstall_segv_handler puts the previous handler and stack back).
 void install_segv_handler() {
-  if (g_alt_stack.empty()) {
-    g_alt_stack.resize(1 << 16);
-    stack_t ss{};
-    ss.ss_sp = g_alt_stack.data();
-    ss.ss_size = g_alt_stack.size();
-    sigaltstack(&ss, nullptr);  // a fiber whose stack overflowed cannot run the handler on it
-  }
+  stack_t ss{};
+  ss.ss_sp = g_alt_stack;
+  ss.ss_size = sizeof(g_alt_stack);
+  sigaltstack(&ss, &g_old_alt_stack);  // a fiber whose stack overflowed cannot run the handler on it
   struct sigaction sa{};
   sa.sa_sigaction = on_segv;
   sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;  // NODEFER: no mask to restore after the jump
   sigemptyset(&sa.sa_mask);
   sigaction(SIGSEGV, &sa, &g_old_segv);
+}
+
+void uninstall_segv_handler() {
+  sigaction(SIGSEGV, &g_old_segv, nullptr);
+  sigaltstack(&g_old_alt_stack, nullptr);
 }
 
 void fault(const std::string& what) {
@@ -215,7 +219,7 @@ bool run_block(Grid& g) {
   std::vector<int> order(warps);
   for (int w = 0; w < warps; ++w) order[w] = w;
   const unsigned linear_block = g.bidx.x + g.grid.x * (g.bidx.y + g.grid.y * g.bidx.z);
-  if (linear_block % 2 == 1) std::reverse(order.begin(), order.end());
+  if ((linear_block + g_launches) % 2 == 1) std::reverse(order.begin(), order.end());  // 1-block grids too
   bool ok = true;
   while (ok) {
     bool progressed = false;
@@ -400,7 +404,7 @@ cudaError_t run_grid(dim3 grid, dim3 block, size_t smem, const void* kernel_id, 
         g.bidx = uint3{x, y, z};
         ok = run_block(g);
       }
-  sigaction(SIGSEGV, &g_old_segv, nullptr);
+  uninstall_segv_handler();
   g_grid = nullptr;
   if (!ok) {
     if (g_last_error == cudaSuccess) g_last_error = cudaErrorLaunchFailure;

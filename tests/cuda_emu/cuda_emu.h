@@ -12,7 +12,7 @@
 //                        cp.async.wait_group that retires its group, so a stage read before its wait sees
 //                        stale bytes; copies still in flight when a thread returns are reported;
 //   * warps run one after another, each through its own shuffles up to the next __syncthreads (ascending
-//                        in even blocks, descending in odd ones), so a warp that overwrites shared memory
+//                        or descending, alternating by block and launch), so a warp that overwrites shared memory
 //                        before a slower warp has read it always does so (a race on a GPU);
 //   * __shared__ arrays are function statics (blocks never overlap; they keep their last values, so a read
 //                        before a write is not caught); dynamic shared memory is filled with 0xFF bytes
