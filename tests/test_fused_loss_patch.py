@@ -113,7 +113,10 @@ def test_tuple_output_and_hf_loss_arguments():
 
 def test_matches_unfused_model_under_autocast(seed):
     """An fp32 model under bf16 autocast (HF Trainer's bf16=True): loss and gradients held to the unfused
-    model's bf16 error against the float64 model, over 8 draws (rule: model_accuracy.py)."""
+    model's bf16 error against the float64 model, over 24 draws (rule: model_accuracy.py). A loss is one
+    number per draw: at 8 draws, seed 1922764172 failed at 2.7x PyTorch's max error while 48 draws gave
+    mean errors of 1.0e-4 (fused) and 1.2e-4 (PyTorch), one distribution; the max of 8 against the max of
+    8 is too noisy (the same count test_mlp_patch.py's CLIP check needed)."""
     model = build("llava", seed)
     ref64 = copy.deepcopy(model).double()
     plain = copy.deepcopy(model)
@@ -122,7 +125,7 @@ def test_matches_unfused_model_under_autocast(seed):
         mmfast.patch(m, tuning="layernorm", master_weights=False, verbose=False)
         mmfast.unpatch(m)
     draws = []  # pooled: the fused SwiGLU gate rounds once where the unfused MLP rounds twice
-    for i in range(8):
+    for i in range(24):
         inputs = batch("llava", seed + i)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             ours, lowp = run_model(model, inputs), run_model(plain, inputs)
