@@ -119,7 +119,7 @@ def lib() -> ctypes.CDLL:
         L.emu_norm_sum_partials.argtypes = [P, I64, I64, P, I]
         L.emu_take_fault.restype = ctypes.c_char_p
         L.emu_error_string.restype = ctypes.c_char_p
-        L.emu_counters.argtypes = [ctypes.POINTER(I64), ctypes.POINTER(I64)]
+        L.emu_device_props.argtypes = [I, ctypes.POINTER(I), ctypes.POINTER(I)]
         L.emu_selftest.argtypes = [I, P, P]
         L.emu_alloc_fenced.argtypes = [I64, I]
         L.emu_alloc_fenced.restype = P
@@ -142,18 +142,21 @@ def select_device(dev: int) -> None:
         raise ValueError(f"no emulated device {dev}")
 
 
+def device_props(dev: int) -> tuple[int, int]:
+    """(SM count, dynamic shared memory a block may opt into) of emulated device ``dev``."""
+    sms, optin = I(), I()
+    if not lib().emu_device_props(dev, ctypes.byref(sms), ctypes.byref(optin)):
+        raise ValueError(f"no emulated device {dev}")
+    return sms.value, optin.value
+
+
 def selftest(which: int, out: torch.Tensor, src: torch.Tensor | None = None) -> str:
     """Run self-test kernel ``which`` (tests/cuda_emu/selftest.cpp); returns the fault ("" when none)."""
-    err = lib().emu_selftest(which, out.data_ptr(), src.data_ptr() if src is not None else None)
-    fault = lib().emu_take_fault().decode()
-    return fault or ("" if err == 0 else lib().emu_error_string(err).decode())
-
-
-def counters() -> tuple[int, int]:
-    """(launches, fiber switches) since the last call."""
-    a, b = I64(), I64()
-    lib().emu_counters(ctypes.byref(a), ctypes.byref(b))
-    return a.value, b.value
+    try:
+        _check(lib().emu_selftest(which, out.data_ptr(), src.data_ptr() if src is not None else None), "selftest")
+    except EmulatorFault as e:
+        return str(e)
+    return ""
 
 
 def _check(err: int, what: str) -> None:
@@ -218,6 +221,15 @@ def _input(t: torch.Tensor | None, row_stride: int | None = None, offset: int = 
     return g
 
 
+def _snapshot(inputs) -> list:
+    return [(g, g.buf.clone()) for g in inputs if g is not None]
+
+
+def _inputs_unchanged(what: str, snapshot: list) -> None:
+    assert all(torch.equal(g.buf.view(torch.uint8), before.view(torch.uint8)) for g, before in snapshot), \
+        f"{what} changed an input"
+
+
 def _outputs_ok(what: str, outs: dict[str, Guarded]) -> None:
     bad = [name for name, g in outs.items() if g is not None and not g.intact()]
     if bad:
@@ -255,14 +267,12 @@ def norm_fwd(x, weight, bias, residual, eps: float, rms: bool, pad: int = 0, off
     h = Guarded((M, N), x.dtype) if residual is not None else None
     mean = Guarded(M, torch.float32, align=4) if not rms else None
     rstd = Guarded(M, torch.float32, align=4)
-    before = [g.buf.clone() for g in (xs, rs, ws, bs) if g is not None]
+    before = _snapshot((xs, rs, ws, bs))
     err = lib().emu_norm_fwd(_p(xs), _p(rs), _p(ws), _p(bs), y.ptr(), _p(h), _p(mean), rstd.ptr(), M, N,
                              _row_stride(xs), _row_stride(rs), DTYPE_CODE[x.dtype], DTYPE_CODE[wdt], eps, int(rms))
     _check(err, "norm_fwd")
     _outputs_ok("norm_fwd", {"y": y, "residual_out": h, "mean": mean, "rstd": rstd})
-    after = [g.buf for g in (xs, rs, ws, bs) if g is not None]
-    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(before, after)), \
-        "norm_fwd changed an input"
+    _inputs_unchanged("norm_fwd", before)
     return (y.view.clone(), h.view.clone() if h is not None else None, mean.view.clone() if mean is not None else None,
             rstd.view.clone())
 
@@ -302,15 +312,13 @@ def norm_bwd(dy, x, weight, mean, rstd, dres, rms: bool, need_dx=True, need_dw=T
         raise EmulatorFault("norm_bwd_num_partials refused the parameters")
     dwp = Guarded((P_, N), torch.float32) if need_dw else None
     dbp = Guarded((P_, N), torch.float32) if need_db else None
-    before = [g.buf.clone() for g in (g_dy, g_x, g_dres, g_w, g_mean, g_rstd) if g is not None]
+    before = _snapshot((g_dy, g_x, g_dres, g_w, g_mean, g_rstd))
     if M > 0:
         err = lib().emu_norm_bwd(*_bwd_args(g_dy, g_x, g_w, g_mean, g_rstd, g_dres, dx, dwp, dbp, M, N, x.dtype, wdt,
                                             rms, need, stages))
         _check(err, f"norm_bwd ({path})")
     _outputs_ok("norm_bwd", {"dx": dx, "dw_partial": dwp, "db_partial": dbp})
-    after = [g.buf for g in (g_dy, g_x, g_dres, g_w, g_mean, g_rstd) if g is not None]
-    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(before, after)), \
-        "norm_bwd changed an input"
+    _inputs_unchanged("norm_bwd", before)
 
     def total(part, dtype):
         out = Guarded(N, dtype)

@@ -129,14 +129,19 @@ def test_misaligned_rows(N, fwd, bwd):
 # ---- the staged backward ------------------------------------------------------------------------------
 
 def _staged_rows(N: int, dtype: torch.dtype) -> int:
-    return staged_rows(N, dtype, sms=3)  # emulated device 0
+    return staged_rows(N, dtype, sms=E.device_props(0)[0])
 
 
-def _staged_fits(N: int, dtype: torch.dtype, stages: int, bufs: int) -> bool:
-    return staged_fits(N, dtype, stages, bufs, smem_optin=232448)  # emulated device 0: an H100's
+def _staged_fits(N: int, dtype: torch.dtype, stages: int, residual: bool) -> bool:
+    return staged_fits(N, dtype, stages, 3 if residual else 2, smem_optin=E.device_props(0)[1])
 
 
 STAGED = [(N, d, s) for N in SPECIAL for d, s in (("bf16", 2), ("fp32", 3), ("fp16", 4), ("bf16-fp32w", 3))]
+
+
+def _staged_residual(N: int, stages: int) -> bool:
+    """Half the STAGED cases have the residual gradient (the staged kernel's third buffer)."""
+    return (N // 256 + stages) % 2 == 1
 
 
 @pytest.mark.parametrize("N,dtypes,stages", STAGED, ids=[f"{n}-{d}-s{s}" for n, d, s in STAGED])
@@ -147,15 +152,15 @@ def test_staged_backward(copies, kind, N, dtypes, stages):
     copy into a stage still being read."""
     E.set_copy_mode(eager=copies == "eager")
     dtype = DTYPES[dtypes][0]
-    residual = (N // 256 + stages) % 2 == 1  # half the cases with the residual gradient's third buffer
+    residual = _staged_residual(N, stages)
     _, bwd = _check(kind, _staged_rows(N, dtype), N, dtypes, residual, seed=N + stages, stages=stages)
-    fits = _staged_fits(N, dtype, stages, 3 if residual else 2)
+    fits = _staged_fits(N, dtype, stages, residual)
     assert bwd == (f"special-{N}-staged{stages}" if fits else f"special-{N}")
 
 
 def test_staged_cases_mostly_stage():
     """The matrix above exercises the staged kernel, not only its fallback."""
-    staged = sum(_staged_fits(N, DTYPES[d][0], s, 3 if (N // 256 + s) % 2 else 2) for N, d, s in STAGED)
+    staged = sum(_staged_fits(N, DTYPES[d][0], s, _staged_residual(N, s)) for N, d, s in STAGED)
     assert staged >= len(STAGED) - 2
 
 

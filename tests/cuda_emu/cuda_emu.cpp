@@ -65,17 +65,17 @@ Grid* g_grid = nullptr;  // the running launch
 int g_device = 0;
 cudaError_t g_last_error = cudaSuccess;
 std::string g_fault;
-int64_t g_launches = 0, g_switches = 0;
+int64_t g_launches = 0;  // alternates the warp order of one-block grids
 std::map<std::pair<int, const void*>, int> g_max_dynamic_smem;  // cudaFuncSetAttribute, per device and kernel
 std::vector<char*> g_stack_pool;
 
-// cp.async: copies land at the wait that retires their group (kLate: a stage read too early holds stale
-// bytes) or at issue (kEager: a copy into a stage that is still being read overwrites it at once).
-int g_copy_mode = 0;  // 0 late, 1 eager
+// cp.async: copies land at the wait that retires their group (a stage read too early holds stale bytes)
+// or, when eager, at issue (a copy into a stage that is still being read overwrites it at once).
+bool g_eager_copies = false;
 
 // Buffers that end at a PROT_NONE page (alloc_fenced): an access past one ends the launch with a fault.
 struct Fence {
-  uintptr_t map, data, guard;  // mapping start, data start, guard page start
+  uintptr_t map, guard;  // mapping start, guard page start
   size_t map_len;
 };
 std::map<uintptr_t, Fence> g_fences;  // by data start
@@ -120,7 +120,12 @@ void fault(const std::string& what) {
   if (g_grid) g_grid->faulted = true;
 }
 
-std::string where(const Fiber& f);
+std::string where(const Fiber& f) {
+  char buf[96];
+  snprintf(buf, sizeof(buf), "block (%u,%u,%u) thread (%u,%u,%u)", g_grid->bidx.x, g_grid->bidx.y, g_grid->bidx.z,
+           f.tid.x, f.tid.y, f.tid.z);
+  return buf;
+}
 
 std::string segv_message(const Fiber& f) {
   const auto a = reinterpret_cast<uintptr_t>(g_segv_addr);
@@ -135,13 +140,6 @@ std::string segv_message(const Fiber& f) {
   const auto st = reinterpret_cast<uintptr_t>(f.stack);
   if (a >= st && a < st + kGuardBytes) return "fiber stack overflow in " + where(f);
   return std::string("invalid address ") + buf + " in " + where(f);
-}
-
-std::string where(const Fiber& f) {
-  char buf[96];
-  snprintf(buf, sizeof(buf), "block (%u,%u,%u) thread (%u,%u,%u)", g_grid->bidx.x, g_grid->bidx.y, g_grid->bidx.z,
-           f.tid.x, f.tid.y, f.tid.z);
-  return buf;
 }
 
 char* take_stack() {
@@ -166,7 +164,6 @@ Fiber& running() {
 
 // Back to the scheduler; returns when the scheduler resumes this fiber.
 void yield_to_scheduler(Fiber& f) {
-  ++g_switches;
   swapcontext(&f.ctx, &g_grid->scheduler);
 }
 
@@ -231,7 +228,6 @@ bool run_block(Grid& g) {
           Fiber& f = g.fibers[i];
           if (f.state != State::kRunnable) continue;
           g.current = &f;
-          ++g_switches;
           if (sigsetjmp(g_segv_jump, 0) == 0) {
             g_in_fiber = 1;
             swapcontext(&g.scheduler, &f.ctx);
@@ -357,9 +353,8 @@ void cp_async16(void* smem, const void* gmem) {
     fault("cp.async of 16 bytes outside the dynamic shared memory or misaligned, in " + where(f));
     yield_to_scheduler(f);
   }
-  const bool eager = g_copy_mode == 1;
-  if (eager) std::memcpy(smem, gmem, 16);
-  f.open.push_back(Copy{smem, gmem, eager});
+  if (g_eager_copies) std::memcpy(smem, gmem, 16);
+  f.open.push_back(Copy{smem, gmem, g_eager_copies});
 }
 
 void cp_async_commit() {
@@ -413,7 +408,7 @@ cudaError_t run_grid(dim3 grid, dim3 block, size_t smem, const void* kernel_id, 
   return cudaSuccess;
 }
 
-void set_copy_mode(int eager) { g_copy_mode = eager ? 1 : 0; }
+void set_copy_mode(bool eager) { g_eager_copies = eager; }
 
 void* alloc_fenced(size_t bytes, size_t align) {
   if (g_page == 0) g_page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
@@ -428,13 +423,13 @@ void* alloc_fenced(size_t bytes, size_t align) {
   std::memset(m, 0xFF, data_pages * g_page);
   mprotect(reinterpret_cast<void*>(guard), g_page, PROT_NONE);
   const uintptr_t data = guard - body;
-  g_fences[data] = Fence{map, data, guard, len};
+  g_fences[data] = Fence{map, guard, len};
   return reinterpret_cast<void*>(data);
 }
 
 size_t fenced_offset(const void* data) {
   const auto it = g_fences.find(reinterpret_cast<uintptr_t>(data));
-  return it == g_fences.end() ? 0 : it->second.data - it->second.map;
+  return it == g_fences.end() ? 0 : it->first - it->second.map;
 }
 
 void free_fenced(void* data) {
@@ -450,19 +445,17 @@ bool select_device(int dev) {
   return true;
 }
 
-int device_count() { return kNumDevices; }
+bool device_props(int dev, DeviceProps* out) {
+  if (dev < 0 || dev >= kNumDevices) return false;
+  *out = kDevices[dev];
+  return true;
+}
 
 const char* take_fault() {
   static std::string out;
   out = g_fault;
   g_fault.clear();
   return out.c_str();
-}
-
-void counters(int64_t* launches, int64_t* switches) {
-  *launches = g_launches;
-  *switches = g_switches;
-  g_launches = g_switches = 0;
 }
 
 }  // namespace mmfast_emu

@@ -102,21 +102,20 @@ struct DeviceProps {
   int smem_optin;   // most dynamic shared memory a block may opt into
   int smem_per_sm;  // for the occupancy estimate
 };
-// cp.async copies land at the wait that retires their group (0) or at issue (1).
-void set_copy_mode(int eager);
+// cp.async copies land at the wait that retires their group, or (eager) at issue.
+void set_copy_mode(bool eager);
 // `bytes` of memory (aligned to `align`, a power of two <= 16) that end less than `align` bytes before a
 // PROT_NONE page and start at least 64 bytes into a mapping filled with 0xFF; an access to the page
 // during a launch is a fault.
 void* alloc_fenced(size_t bytes, size_t align);
 size_t fenced_offset(const void* data);  // bytes from the mapping's start to data
 void free_fenced(void* data);
-// Select device `dev` of the table (0 .. device_count()-1); returns false for a bad index.
+// Select device `dev` of the table; returns false for a bad index.
 bool select_device(int dev);
-int device_count();
+// Device `dev`'s row of the table; returns false for a bad index.
+bool device_props(int dev, DeviceProps* out);
 // The first fault since the last call ("" when none), and clears it.
 const char* take_fault();
-// Launches and fiber switches since the last reset (for the tests' cost report).
-void counters(int64_t* launches, int64_t* switches);
 
 }  // namespace mmfast_emu
 

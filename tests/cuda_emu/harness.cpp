@@ -100,16 +100,21 @@ int emu_norm_sum_partials(const float* partial, int64_t P, int64_t N, void* out,
   return e != cudaSuccess ? e : cudaGetLastError();
 }
 
-void emu_set_copy_mode(int eager) { mmfast_emu::set_copy_mode(eager); }
+void emu_set_copy_mode(int eager) { mmfast_emu::set_copy_mode(eager != 0); }
 void* emu_alloc_fenced(int64_t bytes, int align) {
   return mmfast_emu::alloc_fenced(static_cast<size_t>(bytes), static_cast<size_t>(align));
 }
 int64_t emu_fenced_offset(const void* data) { return static_cast<int64_t>(mmfast_emu::fenced_offset(data)); }
 void emu_free_fenced(void* data) { mmfast_emu::free_fenced(data); }
 int emu_select_device(int dev) { return mmfast_emu::select_device(dev) ? 1 : 0; }
-int emu_device_count() { return mmfast_emu::device_count(); }
+int emu_device_props(int dev, int* sm_count, int* smem_optin) {
+  mmfast_emu::DeviceProps d;
+  if (!mmfast_emu::device_props(dev, &d)) return 0;
+  *sm_count = d.sm_count;
+  *smem_optin = d.smem_optin;
+  return 1;
+}
 const char* emu_take_fault() { return mmfast_emu::take_fault(); }
 const char* emu_error_string(int e) { return cudaGetErrorString(static_cast<cudaError_t>(e)); }
-void emu_counters(int64_t* launches, int64_t* switches) { mmfast_emu::counters(launches, switches); }
 
 }  // extern "C"
