@@ -27,7 +27,6 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off")
 
 
-
 def version_problem(triton_version: str, numpy_version: str) -> str | None:
     """A known breakage of the Triton interpreter with these versions, or None. Triton 3.6's interpreter
     converts a one-element numpy array with ``int()``, which numpy 2.4 refuses (3.7 and later squeeze
@@ -47,6 +46,7 @@ def interpreter_problem() -> str | None:
     import triton
 
     return version_problem(triton.__version__, numpy.__version__)
+
 
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for launch arithmetic on the host (``triton.cdiv`` is a constexpr function wrapper
