@@ -1,4 +1,4 @@
-"""The CUDA C++ norm kernels of ``csrc/`` run on the CPU through the emulator in ``cuda_emu/``.
+"""The CUDA C++ kernels of ``csrc/`` (the norms and the adapter) run on the CPU through the emulator in ``cuda_emu/``.
 
 ``build()`` compiles ``norm_fwd.cu`` and ``norm_bwd.cu`` with the host compiler against the CUDA
 toolkit's headers (nothing of CUDA runs or links), plus the emulator and a C harness, into a shared
@@ -33,7 +33,7 @@ from mmfast.kernels.cuda_compile_check import toolkit_include
 from mmfast.kernels.cuda_ext import source_dir
 
 HERE = Path(__file__).resolve().parent / "cuda_emu"
-KERNELS = ("norm_fwd.cu", "norm_bwd.cu")
+KERNELS = ("norm_fwd.cu", "norm_bwd.cu", "adapter.cu")
 CXX_FLAGS = ("-std=c++17", "-O1", "-fPIC", "-w")
 # -Bsymbolic: the kernels' calls to cudaGetLastError & co. bind to the emulator's definitions even in a
 # process where a CUDA build of torch has loaded the real CUDA runtime first (a GPU machine).
@@ -102,6 +102,9 @@ def build() -> Path:
 _LIB: ctypes.CDLL | None = None
 P, I64, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _BWD = [P, P, P, P, P, P, P, P, P, I64, I64, I64, I64, I64, I, I, I, I, I, I, I]
+_ADAPTER_SHAPE = [I64, I64, I64, I, I, I, F, F, I]  # M, S, D, R, E, G, scale, p_drop, act
+_ADAPTER_FWD = [P, I64, P, P, P, P, P, P, P, P] + _ADAPTER_SHAPE
+_ADAPTER_BWD = [P, I64, P, I64] + [P] * 13 + _ADAPTER_SHAPE + [I, I]
 
 
 def lib() -> ctypes.CDLL:
@@ -127,6 +130,15 @@ def lib() -> ctypes.CDLL:
         L.emu_fenced_offset.restype = I64
         L.emu_free_fenced.argtypes = [P]
         L.emu_set_copy_mode.argtypes = [I]
+        L.emu_adapter_fwd.argtypes = _ADAPTER_FWD
+        L.emu_adapter_fwd_path.argtypes = _ADAPTER_FWD
+        L.emu_adapter_fwd_path.restype = ctypes.c_char_p
+        for name in ("emu_adapter_bwd", "emu_adapter_bwd_num_partials", "emu_adapter_bwd_path"):
+            getattr(L, name).argtypes = _ADAPTER_BWD
+        L.emu_adapter_bwd_num_partials.restype = I64
+        L.emu_adapter_bwd_path.restype = ctypes.c_char_p
+        L.emu_adapter_keep_mask.argtypes = [P, I64, I, F, P]
+        L.emu_adapter_limits.argtypes = [ctypes.POINTER(I), ctypes.POINTER(I)]
         _LIB = L
     return _LIB
 
@@ -330,3 +342,103 @@ def norm_bwd(dy, x, weight, mean, rstd, dres, rms: bool, need_dx=True, need_dw=T
     dw = total(dwp, dw_dtype) if need_dw else None
     db = total(dbp, db_dtype or (dw_dtype if need_dw else x.dtype)) if need_db else None
     return (dx.view.clone() if dx is not None else None), dw, db, path
+
+
+# ---- the adapter (what csrc/binding.cpp does on a GPU) ---------------------------------------------------
+
+def adapter_limits() -> tuple[int, int]:
+    """(most hidden channels, most experts) the CUDA C++ adapter kernels take (csrc/adapter.h)."""
+    hidden, experts = I(), I()
+    lib().emu_adapter_limits(ctypes.byref(hidden), ctypes.byref(experts))
+    return hidden.value, experts.value
+
+
+def _fp32(t: torch.Tensor | None) -> Guarded | None:
+    """A guarded fp32 copy, read one element at a time: it ends right at the guard page."""
+    return None if t is None else _input(t.float().contiguous(), align=4)
+
+
+def _seed(seed: torch.Tensor | None, p_drop: float) -> Guarded | None:
+    return _input(seed.reshape(1), align=8) if p_drop > 0 else None
+
+
+def _shape(M, S, D, R, E, groups, scale, p_drop, dtype):
+    return (M, S, D, R, E, groups, float(scale), float(p_drop), DTYPE_CODE[dtype])
+
+
+def adapter_fwd(x, S, down_w, down_b, up_w, up_b, mix, scale, groups, p_drop, seed, pad: int = 0, offset: int = 0):
+    """(y, z, path) of rows x [M, D] like mmfast_cuda::adapter_fwd; input rows are ``D + pad`` apart, and x
+    starts ``offset`` elements past 16-byte alignment."""
+    M, D = x.shape
+    R, E = down_w.shape[0], up_w.shape[0]
+    g_x = _input(x, D + pad, offset)
+    g_w = [_fp32(t) for t in (down_w, down_b, up_w, up_b, mix)]
+    g_seed = _seed(seed, p_drop)
+    y = Guarded((M, D), x.dtype)
+    z = Guarded((M, R), torch.float32, align=4)
+    args = (_p(g_x), _row_stride(g_x), *(_p(g) for g in g_w), _p(g_seed), y.ptr(), z.ptr(),
+            *_shape(M, S, D, R, E, groups, scale, p_drop, x.dtype))
+    path = lib().emu_adapter_fwd_path(*args).decode()
+    before = _snapshot((g_x, *g_w, g_seed))
+    _check(lib().emu_adapter_fwd(*args), f"adapter_fwd ({path})")
+    _outputs_ok("adapter_fwd", {"y": y, "z": z})
+    _inputs_unchanged("adapter_fwd", before)
+    return y.view.clone(), z.view.clone(), path
+
+
+def adapter_bwd(dy, x, z, S, down_w, up_w, up_b, mix, scale, groups, p_drop, seed, need_dx=True, need_dw=True,
+                pad: int = 0, offset: int = 0):
+    """(dx, d_down_w, d_down_b, d_up_w, d_up_b, d_mix, path) like mmfast_cuda::adapter_bwd (fp32 weight
+    gradients, None where not requested); input rows are ``D + pad`` apart, x starts ``offset`` elements
+    past 16-byte alignment."""
+    M, D = x.shape
+    R, E, RG = down_w.shape[0], up_w.shape[0], up_w.shape[2]
+    B = mix.shape[0]
+    g_dy, g_x = _input(dy, D + pad), _input(x, D + pad, offset)
+    g_z = _fp32(z)
+    g_w = [_fp32(t) for t in (down_w, up_w, up_b, mix)]
+    g_seed = _seed(seed, p_drop)
+    f32 = lambda *shape: Guarded(shape, torch.float32, align=4)  # noqa: E731
+    dx = Guarded((M, D), x.dtype) if need_dx else None
+    dz, dmix_rows = f32(M, R), f32(M, E)
+    zd = f32(M, R) if need_dw and p_drop > 0 else None
+    shape = _shape(M, S, D, R, E, groups, scale, p_drop, x.dtype)
+
+    def args(parts):
+        return (_p(g_dy), _row_stride(g_dy), _p(g_x), _row_stride(g_x), _p(g_z), *(_p(g) for g in g_w), _p(g_seed),
+                _p(dx), dz.ptr(), _p(zd), dmix_rows.ptr(), *(_p(t) for t in parts), *shape, int(need_dx),
+                int(need_dw))
+
+    probe = args((None, None, None))
+    path = lib().emu_adapter_bwd_path(*probe).decode()
+    P_ = lib().emu_adapter_bwd_num_partials(*probe)
+    if P_ < 0:
+        raise EmulatorFault("adapter_bwd_num_partials refused the parameters")
+    parts = [f32(P_, n) for n in (R * D, E * D * RG, E * D)] if need_dw else [None, None, None]
+    before = _snapshot((g_dy, g_x, g_z, *g_w, g_seed))
+    _check(lib().emu_adapter_bwd(*args(parts)), f"adapter_bwd ({path})")
+    _outputs_ok("adapter_bwd", {"dx": dx, "dz": dz, "zd": zd, "dmix_rows": dmix_rows,
+                                **{f"partial{i}": t for i, t in enumerate(parts)}})
+    _inputs_unchanged("adapter_bwd", before)
+
+    def total(part, shape):
+        n = part.view.shape[1]
+        out = Guarded(n, torch.float32, align=4)
+        _check(lib().emu_norm_sum_partials(part.ptr(), P_, n, out.ptr(), DTYPE_CODE[torch.float32]), "sum_partials")
+        _outputs_ok("sum_partials", {"out": out})
+        return out.view.clone().view(shape)
+
+    grads = [None] * 4
+    if need_dw:
+        grads = [total(parts[0], (R, D)), dz.view.sum(0), total(parts[1], (E, D, RG)), total(parts[2], (E, D))]
+    dmix = dmix_rows.view.view(B, S, E).sum(1)
+    return (dx.view.clone() if dx is not None else None), *grads, dmix, path
+
+
+def adapter_keep_mask(seed: torch.Tensor, M: int, R: int, p_drop: float) -> torch.Tensor:
+    """The boolean [M, R] dropout keep mask the CUDA C++ adapter kernels draw for ``seed``."""
+    g_seed = _input(seed.reshape(1), align=8)
+    out = Guarded((M, R), torch.int8, align=1)
+    _check(lib().emu_adapter_keep_mask(g_seed.ptr(), M, R, float(p_drop), out.ptr()), "adapter_keep_mask")
+    _outputs_ok("adapter_keep_mask", {"mask": out})
+    return out.view.clone().bool()

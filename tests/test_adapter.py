@@ -43,11 +43,15 @@ def _run(fn, leaves, dy, **kw):
 DRAWS = 3
 
 
-def _results(leaves, scale, groups, keep=None, dropout=0.0, dseed=None):
-    """Per quantity: (fused, LaVIN-style low precision, float64 reference, natural scale)."""
+def _results(leaves, scale, groups, keep=None, dropout=0.0, dseed=None, fused=None):
+    """Per quantity: (fused, LaVIN-style low precision, float64 reference, natural scale). ``fused(leaves,
+    dy, scale, groups, dropout, dseed) -> (y, grads)`` replaces the op (the emulated CUDA C++ kernels)."""
     dy = torch.randn_like(leaves[0])
     keep_lp = None if keep is None else keep.to(leaves[0].dtype)
-    y, g = _run(mma_adapter, leaves, dy, scale=scale, groups=groups, dropout=dropout, seed=dseed)
+    if fused is None:
+        y, g = _run(mma_adapter, leaves, dy, scale=scale, groups=groups, dropout=dropout, seed=dseed)
+    else:
+        y, g = fused(leaves, dy.to(leaves[0].dtype), scale, groups, dropout, dseed)
     y_lp, g_lp = _run(mma_adapter_lavin_style, leaves, dy, scale=scale, groups=groups, keep=keep_lp)
     l64 = [t.detach().double() for t in leaves]
     keep64 = None if keep is None else keep.double()

@@ -44,8 +44,8 @@ AOT_MODULE = "mmfast._cuda_ext"
 #: Module name of the build on first use.
 JIT_NAME = "mmfast_cuda_ext"
 #: Translation units, compiled in this order; headers are hashed too.
-SOURCES = ("binding.cpp", "norm_fwd.cu", "norm_bwd.cu")
-HEADERS = ("norm.h", "norm_common.cuh")
+SOURCES = ("binding.cpp", "norm_fwd.cu", "norm_bwd.cu", "adapter.cu")
+HEADERS = ("norm.h", "norm_common.cuh", "adapter.h")
 #: Extra nvcc flags (no fast-math: the kernels round like PyTorch).
 NVCC_FLAGS = ("-O3", "-lineinfo", "--split-compile=0")
 CXX_FLAGS = ("-O3",)
@@ -68,6 +68,10 @@ BWD_STAGES: dict[tuple[str, int, str], int] = {}
 #: Overrides BWD_STAGES for every shape (the tuner and the tests set it): 0, or 2..MAX_BWD_STAGES.
 STAGES_ENV = "MMFAST_CUDA_BWD_STAGES"
 MAX_BWD_STAGES = 4  # kMaxBwdStages in csrc/norm.h
+#: The CUDA C++ adapter kernels keep a row tile's hidden activations per expert in registers: at most this
+#: many hidden channels and experts (kAdapterMaxHidden / kAdapterMaxExperts in csrc/adapter.h).
+ADAPTER_MAX_HIDDEN = 8
+ADAPTER_MAX_EXPERTS = 2
 
 
 # ---------------------------------------------------------------------------------------------

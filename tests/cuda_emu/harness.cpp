@@ -1,8 +1,9 @@
-// A C interface to the norm kernels of csrc/ built for the CPU emulator, for ctypes (tests/cuda_emulator.py).
+// A C interface to the norm and adapter kernels of csrc/ built for the CPU emulator, for ctypes (tests/cuda_emulator.py).
 // Flat arguments instead of the parameter structs, so that Python needs no copy of their layout.
 #include <cstdint>
 
 #include "cuda_emu.h"
+#include "adapter.h"
 #include "norm.h"
 
 extern "C" {
@@ -99,6 +100,115 @@ int emu_norm_sum_partials(const float* partial, int64_t P, int64_t N, void* out,
   const cudaError_t e = mmfast::norm_sum_partials(partial, P, N, out, static_cast<mmfast::DType>(out_dt), nullptr);
   return e != cudaSuccess ? e : cudaGetLastError();
 }
+
+// ---- the adapter -------------------------------------------------------------------------------------
+
+static mmfast::AdapterShape adapter_shape(int64_t M, int64_t S, int64_t D, int R, int E, int G, float scale,
+                                          float p_drop) {
+  mmfast::AdapterShape s;
+  s.M = M;
+  s.S = S;
+  s.D = D;
+  s.R = R;
+  s.E = E;
+  s.G = G;
+  s.scale = scale;
+  s.p_drop = p_drop;
+  return s;
+}
+
+#define MMFAST_ADAPTER_FWD_ARGS                                                                                 \
+  const void *x, int64_t stride_x, const float *A, const float *a, const float *U, const float *c,              \
+      const float *mix, const int64_t *seed, void *y, float *z, int64_t M, int64_t S, int64_t D, int R, int E, \
+      int G, float scale, float p_drop, int act
+
+static mmfast::AdapterFwdParams adapter_fwd_params(MMFAST_ADAPTER_FWD_ARGS) {
+  mmfast::AdapterFwdParams p;
+  p.shape = adapter_shape(M, S, D, R, E, G, scale, p_drop);
+  p.x = x;
+  p.stride_x = stride_x;
+  p.down_w = A;
+  p.down_b = a;
+  p.up_w = U;
+  p.up_b = c;
+  p.mix = mix;
+  p.seed = seed;
+  p.y = y;
+  p.z = z;
+  p.act = static_cast<mmfast::DType>(act);
+  return p;
+}
+
+#define MMFAST_ADAPTER_FWD_PASS x, stride_x, A, a, U, c, mix, seed, y, z, M, S, D, R, E, G, scale, p_drop, act
+
+int emu_adapter_fwd(MMFAST_ADAPTER_FWD_ARGS) {
+  const cudaError_t e = mmfast::adapter_fwd(adapter_fwd_params(MMFAST_ADAPTER_FWD_PASS), nullptr);
+  return e != cudaSuccess ? e : cudaGetLastError();
+}
+
+const char* emu_adapter_fwd_path(MMFAST_ADAPTER_FWD_ARGS) {
+  return mmfast::adapter_fwd_path(adapter_fwd_params(MMFAST_ADAPTER_FWD_PASS));
+}
+
+#define MMFAST_ADAPTER_BWD_ARGS                                                                                     \
+  const void *dy, int64_t stride_dy, const void *x, int64_t stride_x, const float *z, const float *A,              \
+      const float *U, const float *c, const float *mix, const int64_t *seed, void *dx, float *dz, float *zd,       \
+      float *dmix_rows, float *da_part, float *du_part, float *dc_part, int64_t M, int64_t S, int64_t D, int R, \
+      int E, int G, float scale, float p_drop, int act, int need_dx, int need_dw
+#define MMFAST_ADAPTER_BWD_PASS                                                                                  \
+  dy, stride_dy, x, stride_x, z, A, U, c, mix, seed, dx, dz, zd, dmix_rows, da_part, du_part, dc_part, M, S, D, R, \
+      E, G, scale, p_drop, act, need_dx, need_dw
+
+static mmfast::AdapterBwdParams adapter_bwd_params(MMFAST_ADAPTER_BWD_ARGS) {
+  mmfast::AdapterBwdParams p;
+  p.shape = adapter_shape(M, S, D, R, E, G, scale, p_drop);
+  p.dy = dy;
+  p.stride_dy = stride_dy;
+  p.x = x;
+  p.stride_x = stride_x;
+  p.z = z;
+  p.down_w = A;
+  p.up_w = U;
+  p.up_b = c;
+  p.mix = mix;
+  p.seed = seed;
+  p.dx = dx;
+  p.dz = dz;
+  p.zd = zd;
+  p.dmix_rows = dmix_rows;
+  p.da_partial = da_part;
+  p.du_partial = du_part;
+  p.dc_partial = dc_part;
+  p.act = static_cast<mmfast::DType>(act);
+  p.need_dx = need_dx != 0;
+  p.need_dw = need_dw != 0;
+  return p;
+}
+
+int64_t emu_adapter_bwd_num_partials(MMFAST_ADAPTER_BWD_ARGS) {
+  return mmfast::adapter_bwd_num_partials(adapter_bwd_params(MMFAST_ADAPTER_BWD_PASS));
+}
+
+int emu_adapter_bwd(MMFAST_ADAPTER_BWD_ARGS) {
+  const cudaError_t e = mmfast::adapter_bwd(adapter_bwd_params(MMFAST_ADAPTER_BWD_PASS), nullptr);
+  return e != cudaSuccess ? e : cudaGetLastError();
+}
+
+const char* emu_adapter_bwd_path(MMFAST_ADAPTER_BWD_ARGS) {
+  return mmfast::adapter_bwd_path(adapter_bwd_params(MMFAST_ADAPTER_BWD_PASS));
+}
+
+int emu_adapter_keep_mask(const int64_t* seed, int64_t M, int R, float p_drop, int8_t* out) {
+  const cudaError_t e = mmfast::adapter_keep_mask(seed, M, R, p_drop, out, nullptr);
+  return e != cudaSuccess ? e : cudaGetLastError();
+}
+
+void emu_adapter_limits(int* hidden, int* experts) {
+  *hidden = mmfast::kAdapterMaxHidden;
+  *experts = mmfast::kAdapterMaxExperts;
+}
+
+// ---- emulator control ----------------------------------------------------------------------------------
 
 void emu_set_copy_mode(int eager) { mmfast_emu::set_copy_mode(eager != 0); }
 void* emu_alloc_fenced(int64_t bytes, int align) {
