@@ -1,13 +1,23 @@
-// Registers the CUDA norm kernels as torch ops in the `mmfast_cuda` namespace.
+// Registers the CUDA C++ kernels (the norms and the MMA adapter) as torch ops in the `mmfast_cuda` namespace.
 //
-// The kernels (norm_fwd.cu, norm_bwd.cu) know nothing of torch; this file allocates outputs and
+// The kernels (norm_fwd.cu, norm_bwd.cu, adapter.cu) know nothing of torch; this file allocates outputs and
 // workspaces with the caching allocator, picks the current stream and device, and maps dtypes. The
-// autograd and the public functions stay in mmfast.ops.norm, which calls these ops for its `cuda` backend.
+// autograd and the public functions stay in mmfast.ops.norm and mmfast.ops.adapter, which call these ops
+// for their `cuda` backend.
 //
 //   mmfast_cuda::norm_fwd(x, weight, bias, residual, eps, rms) -> (y, residual_out, mean, rstd)
 //   mmfast_cuda::norm_bwd(dy, x, weight, mean, rstd, dresidual_out, rms, need_dx, need_dw, need_db,
 //                         dw_dtype, db_dtype, stages=0) -> (dx, dweight, dbias)
 //   mmfast_cuda::norm_path(x, weight, bias, residual, rms, backward, stages=0) -> str   (which kernel runs)
+//
+//   mmfast_cuda::adapter_fwd(x, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed, S) -> (y, z)
+//   mmfast_cuda::adapter_bwd(dy, x, z, down_w, up_w, up_b, mix, scale, groups, p, seed, S, need_dx, need_dw)
+//                            -> (dx, d_down_w, d_down_b, d_up_w, d_up_b, d_mix)   (weight gradients in fp32)
+//   mmfast_cuda::adapter_keep_mask(seed, M, R, p) -> bool [M, R]
+//   mmfast_cuda::adapter_path(x, down_w, up_w, groups, backward) -> str
+//
+// The adapter's x and dy are [B * S, D] row views (S tokens per sample, mix [B, E]); its weights, biases and
+// mix are widened to contiguous fp32 here (exact; a no-op for the fp32 adapters of the tuning recipe).
 //
 // stages (0, or 2..kMaxBwdStages): how many rows deep the backward stages its inputs through shared
 // memory where it has a staged kernel (NormBwdParams::stages); 0 loads rows straight into registers.
@@ -20,12 +30,14 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "adapter.h"
 #include "norm.h"
 
 namespace {
@@ -234,6 +246,170 @@ std::string norm_path(const Tensor& x, const std::optional<Tensor>& weight_in, c
   return mmfast::norm_fwd_path(p);
 }
 
+// ------------------------------------------------------------------------------------------------
+// the MMA adapter
+// ------------------------------------------------------------------------------------------------
+
+Tensor fp32(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+mmfast::AdapterShape adapter_shape(const Tensor& x, int64_t S, const Tensor& down_w, const Tensor& up_w,
+                                   const Tensor& mix, int64_t groups, double scale, double p) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2, "mmfast_cuda::adapter: x must be a 2-D CUDA tensor [B * S, D]");
+  TORCH_CHECK(x.stride(1) == 1 || x.size(1) == 1, "mmfast_cuda::adapter: x needs a unit column stride");
+  TORCH_CHECK(S >= 1 && x.size(0) % S == 0 && mix.dim() == 2 && mix.size(0) * S == x.size(0),
+              "mmfast_cuda::adapter: x must hold mix.size(0) samples of S tokens");
+  TORCH_CHECK(down_w.dim() == 2 && down_w.size(1) == x.size(1) && up_w.dim() == 3 && up_w.size(1) == x.size(1) &&
+                  mix.size(1) == up_w.size(0),
+              "mmfast_cuda::adapter: down_w [R, D], up_w [E, D, R/G] and mix [B, E] must agree with x");
+  for (const Tensor* t : {&down_w, &up_w, &mix}) {
+    TORCH_CHECK(t->device() == x.device(), "mmfast_cuda::adapter: every tensor must be on x's device");
+  }
+  mmfast::AdapterShape s;
+  s.M = x.size(0);
+  s.S = S;
+  s.D = x.size(1);
+  s.R = static_cast<int>(down_w.size(0));
+  s.E = static_cast<int>(up_w.size(0));
+  s.G = static_cast<int>(groups);
+  s.scale = static_cast<float>(scale);
+  s.p_drop = static_cast<float>(p);
+  TORCH_CHECK(groups >= 1 && up_w.size(2) * groups == down_w.size(0), "mmfast_cuda::adapter: up_w must be [E, D, R/G]");
+  TORCH_CHECK(mmfast::adapter_supported(s), "mmfast_cuda::adapter: unsupported shape (hidden ", s.R, " <= ",
+              mmfast::kAdapterMaxHidden, ", experts ", s.E, " <= ", mmfast::kAdapterMaxExperts,
+              ", groups dividing hidden and width, dropout in [0, 1))");
+  return s;
+}
+
+const int64_t* seed_ptr(const std::optional<Tensor>& seed, const Tensor& x, double p) {
+  if (p <= 0) return nullptr;
+  TORCH_CHECK(seed && seed->numel() == 1 && seed->scalar_type() == at::kLong && seed->device() == x.device(),
+              "mmfast_cuda::adapter: dropout needs seed, a one-element int64 tensor on x's device");
+  return seed->data_ptr<int64_t>();
+}
+
+std::tuple<Tensor, Tensor> adapter_fwd(const Tensor& x, const Tensor& down_w, const Tensor& down_b, const Tensor& up_w,
+                                       const Tensor& up_b, const Tensor& mix, double scale, int64_t groups, double p,
+                                       const std::optional<Tensor>& seed, int64_t S) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  mmfast::AdapterFwdParams prm;
+  prm.shape = adapter_shape(x, S, down_w, up_w, mix, groups, scale, p);
+  const Tensor A = fp32(down_w), a = fp32(down_b), U = fp32(up_w), c = fp32(up_b), w = fp32(mix);
+  TORCH_CHECK(a.numel() == prm.shape.R && c.numel() == prm.shape.E * prm.shape.D,
+              "mmfast_cuda::adapter_fwd: down_b must be [R] and up_b [E, D]");
+  Tensor y = at::empty({prm.shape.M, prm.shape.D}, x.options());
+  Tensor z = at::empty({prm.shape.M, prm.shape.R}, x.options().dtype(at::kFloat));
+  prm.x = x.data_ptr();
+  prm.stride_x = row_stride(x);
+  prm.down_w = A.data_ptr<float>();
+  prm.down_b = a.data_ptr<float>();
+  prm.up_w = U.data_ptr<float>();
+  prm.up_b = c.data_ptr<float>();
+  prm.mix = w.data_ptr<float>();
+  prm.seed = seed_ptr(seed, x, p);
+  prm.y = y.data_ptr();
+  prm.z = z.data_ptr<float>();
+  prm.act = to_dtype(x.scalar_type(), "x");
+  check_cuda(mmfast::adapter_fwd(prm, c10::cuda::getCurrentCUDAStream(x.device().index()).stream()), "adapter_fwd");
+  return {y, z};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> adapter_bwd(
+    const Tensor& dy, const Tensor& x, const Tensor& z, const Tensor& down_w, const Tensor& up_w, const Tensor& up_b,
+    const Tensor& mix, double scale, int64_t groups, double p, const std::optional<Tensor>& seed, int64_t S,
+    bool need_dx, bool need_dw) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  mmfast::AdapterBwdParams prm;
+  prm.shape = adapter_shape(x, S, down_w, up_w, mix, groups, scale, p);
+  check_rows(dy, x, "dy");
+  const mmfast::AdapterShape& s = prm.shape;
+  TORCH_CHECK(z.scalar_type() == at::kFloat && z.is_contiguous() && z.numel() == s.M * s.R,
+              "mmfast_cuda::adapter_bwd: z must be the forward's float32 [M, R]");
+  const Tensor A = fp32(down_w), U = fp32(up_w), c = fp32(up_b), w = fp32(mix);
+  TORCH_CHECK(c.numel() == s.E * s.D, "mmfast_cuda::adapter_bwd: up_b must be [E, D]");
+  const auto fopts = x.options().dtype(at::kFloat);
+  const int64_t RG = s.R / s.G;
+  Tensor dx = need_dx ? at::empty({s.M, s.D}, x.options()) : at::empty({0}, x.options());
+  Tensor dz = at::empty({s.M, s.R}, fopts);
+  Tensor zd = need_dw && p > 0 ? at::empty({s.M, s.R}, fopts) : at::empty({0}, fopts);
+  Tensor dmix_rows = at::empty({s.M, s.E}, fopts);
+  prm.dy = dy.data_ptr();
+  prm.stride_dy = row_stride(dy);
+  prm.x = x.data_ptr();
+  prm.stride_x = row_stride(x);
+  prm.z = z.data_ptr<float>();
+  prm.down_w = A.data_ptr<float>();
+  prm.up_w = U.data_ptr<float>();
+  prm.up_b = c.data_ptr<float>();
+  prm.mix = w.data_ptr<float>();
+  prm.seed = seed_ptr(seed, x, p);
+  prm.dx = need_dx ? dx.data_ptr() : nullptr;
+  prm.dz = dz.data_ptr<float>();
+  prm.zd = need_dw && p > 0 ? zd.data_ptr<float>() : nullptr;
+  prm.dmix_rows = dmix_rows.data_ptr<float>();
+  prm.act = to_dtype(x.scalar_type(), "x");
+  prm.need_dx = need_dx;
+  prm.need_dw = need_dw;
+  const int64_t P = mmfast::adapter_bwd_num_partials(prm);
+  Tensor parts[3];
+  const int64_t widths[3] = {s.R * s.D, s.E * s.D * RG, s.E * s.D};
+  for (int i = 0; i < 3; ++i) parts[i] = need_dw ? at::empty({P, widths[i]}, fopts) : at::empty({0}, fopts);
+  prm.da_partial = need_dw ? parts[0].data_ptr<float>() : nullptr;
+  prm.du_partial = need_dw ? parts[1].data_ptr<float>() : nullptr;
+  prm.dc_partial = need_dw ? parts[2].data_ptr<float>() : nullptr;
+  check_cuda(mmfast::adapter_bwd(prm, stream), "adapter_bwd");
+
+  Tensor grads[4] = {at::empty({0}, fopts), at::empty({0}, fopts), at::empty({0}, fopts), at::empty({0}, fopts)};
+  if (need_dw) {
+    const std::vector<int64_t> shapes[3] = {{s.R, s.D}, {s.E, s.D, RG}, {s.E, s.D}};
+    Tensor sums[3];
+    for (int i = 0; i < 3; ++i) {
+      sums[i] = at::empty(shapes[i], fopts);
+      check_cuda(mmfast::norm_sum_partials(parts[i].data_ptr<float>(), P, widths[i], sums[i].data_ptr(),
+                                           mmfast::DType::kFloat32, stream),
+                 "adapter_bwd (weight gradients)");
+    }
+    grads[0] = sums[0];
+    grads[1] = dz.sum(0);
+    grads[2] = sums[1];
+    grads[3] = sums[2];
+  }
+  Tensor dmix = dmix_rows.view({s.M / S, S, s.E}).sum(1);
+  return {dx, grads[0], grads[1], grads[2], grads[3], dmix};
+}
+
+Tensor adapter_keep_mask(const Tensor& seed, int64_t M, int64_t R, double p) {
+  TORCH_CHECK(seed.is_cuda() && seed.numel() == 1 && seed.scalar_type() == at::kLong,
+              "mmfast_cuda::adapter_keep_mask: seed must be a one-element int64 CUDA tensor");
+  const c10::cuda::CUDAGuard guard(seed.device());
+  Tensor out = at::empty({M, R}, seed.options().dtype(at::kChar));
+  check_cuda(mmfast::adapter_keep_mask(seed.data_ptr<int64_t>(), M, static_cast<int>(R), static_cast<float>(p),
+                                       out.data_ptr<int8_t>(), c10::cuda::getCurrentCUDAStream(seed.device().index()).stream()),
+             "adapter_keep_mask");
+  return out.to(at::kBool);
+}
+
+std::string adapter_path(const Tensor& x, const Tensor& down_w, const Tensor& up_w, int64_t groups, bool backward) {
+  // x stands in for every activation tensor (dy, y and dx are fresh contiguous tensors, like x's rows).
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1, "mmfast_cuda::adapter_path: x must be 2-D with rows");
+  const Tensor mix = at::empty({1, up_w.size(0)}, x.options().dtype(at::kFloat));
+  const mmfast::AdapterShape s = adapter_shape(x, x.size(0), down_w, up_w, mix, groups, 1.0, 0.0);
+  if (backward) {
+    mmfast::AdapterBwdParams p;
+    p.shape = s;
+    p.dy = p.x = p.dx = x.data_ptr();
+    p.stride_dy = p.stride_x = row_stride(x);
+    p.act = to_dtype(x.scalar_type(), "x");
+    return mmfast::adapter_bwd_path(p);
+  }
+  mmfast::AdapterFwdParams p;
+  p.shape = s;
+  p.x = p.y = x.data_ptr();
+  p.stride_x = row_stride(x);
+  p.act = to_dtype(x.scalar_type(), "x");
+  return mmfast::adapter_fwd_path(p);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mmfast_cuda, m) {
@@ -245,12 +421,23 @@ TORCH_LIBRARY(mmfast_cuda, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("norm_path(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, bool rms, bool backward, "
         "int stages=0) -> str");
+  m.def("adapter_fwd(Tensor x, Tensor down_w, Tensor down_b, Tensor up_w, Tensor up_b, Tensor mix, float scale, "
+        "int groups, float p, Tensor? seed, int S) -> (Tensor, Tensor)");
+  m.def("adapter_bwd(Tensor dy, Tensor x, Tensor z, Tensor down_w, Tensor up_w, Tensor up_b, Tensor mix, "
+        "float scale, int groups, float p, Tensor? seed, int S, bool need_dx, bool need_dw) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("adapter_keep_mask(Tensor seed, int M, int R, float p) -> Tensor");
+  m.def("adapter_path(Tensor x, Tensor down_w, Tensor up_w, int groups, bool backward) -> str");
 }
 
 TORCH_LIBRARY_IMPL(mmfast_cuda, CUDA, m) {
   m.impl("norm_fwd", &norm_fwd);
   m.impl("norm_bwd", &norm_bwd);
   m.impl("norm_path", &norm_path);
+  m.impl("adapter_fwd", &adapter_fwd);
+  m.impl("adapter_bwd", &adapter_bwd);
+  m.impl("adapter_keep_mask", &adapter_keep_mask);
+  m.impl("adapter_path", &adapter_path);
 }
 
 // A Python module to import (the ops above register when the library loads).

@@ -6,7 +6,9 @@ every input and of dy: the adapter is multilinear with a positive scale, so that
 of the magnitudes of every term of each output and gradient.
 
 CPU runs the kernels through the interpreter in fp32 and fp16 (its bf16 tl.dot is broken); a GPU
-runs bf16 too.
+runs bf16 too, once per backend: ``auto`` (Triton) and ``cuda`` (the CUDA C++ kernels, for the adapters
+within their limits; larger ones run Triton there, with a warning). The CUDA C++ kernels also run on the
+CPU through the emulator (test_cuda_adapter_emulated.py).
 """
 
 import pytest
@@ -20,6 +22,19 @@ from mmfast.ops.backend import ENV_VAR
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
 NAMES = ["x", "down_w", "down_b", "up_w", "up_b", "mix"]
+BACKENDS = ["auto", "cuda"] if torch.cuda.is_available() else ["auto"]
+
+
+@pytest.fixture(autouse=True, params=BACKENDS)
+def adapter_backend(request, monkeypatch):
+    """Every test of this module once per backend (the CUDA C++ one only where there is a GPU; a GPU
+    machine where it does not build fails here rather than skipping)."""
+    if request.param == "cuda":
+        from mmfast.kernels import cuda_ext
+
+        assert cuda_ext.load(), f"the CUDA C++ backend did not load: {cuda_ext.unavailable_reason()}"
+        monkeypatch.setenv(ENV_VAR, "cuda")
+    return request.param
 
 
 def make_inputs(B, S, D, R, G, E, dtype, device, weight_dtype=torch.float32, trained=True):
@@ -322,3 +337,32 @@ def test_eager_fast_path_equals_custom_op(dropout, monkeypatch, device):
     monkeypatch.setenv(EAGER_ENV, "")
     seen = dispatched_ops(lambda: mma_adapter(*leaves, groups=2))
     assert any("mmfast.mma_adapter_fwd" in s for s in seen), seen
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA C++ kernels run on a GPU")
+def test_cuda_backend_runs_its_own_kernels(monkeypatch, seed):
+    """Under MMFAST_BACKEND=cuda an adapter within the kernels' limits never reaches the Triton launchers,
+    its kernels draw the Triton kernels' dropout mask, and a larger adapter runs Triton, with one warning
+    naming the limit."""
+    from mmfast.kernels import adapter as triton_kernels
+    from mmfast.kernels import cuda_ext
+    from mmfast.ops import backend
+
+    monkeypatch.setenv(ENV_VAR, "cuda")
+    leaves = make_inputs(2, 7, 512, 8, 2, 2, torch.bfloat16, "cuda")
+    dseed = torch.tensor([seed], dtype=torch.int64, device="cuda")
+    assert torch.equal(cuda_ext.adapter_keep_mask(dseed, 14, 8, 0.25), triton_kernels.keep_mask(dseed, 14, 8, 0.25))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the Triton adapter kernels ran under MMFAST_BACKEND=cuda")
+
+    with monkeypatch.context() as m:
+        for name in ("adapter_fwd", "adapter_bwd"):
+            m.setattr(triton_kernels, name, refuse)
+        y = mma_adapter(*leaves, dropout=0.25, seed=dseed)
+        y.float().sum().backward()
+    assert all(t.grad is not None for t in leaves)
+    backend._warned.clear()
+    big = make_inputs(2, 7, 512, 16, 2, 2, torch.bfloat16, "cuda")
+    with pytest.warns(RuntimeWarning, match="at most 8 hidden channels"):
+        mma_adapter(*big)

@@ -5,6 +5,7 @@ The kernels' numerics are tested by the whole norm matrix in test_norm.py, which
 (``cuda`` included) natively on a GPU machine.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -210,12 +211,53 @@ def test_forced_cuda_on_cpu_tensors_warns_once_and_still_computes(fresh_loader, 
 
 
 def test_ops_without_cuda_kernels_ignore_forced_cuda(monkeypatch, fresh_loader):
-    """The adapter has no CUDA C++ implementation: MMFAST_BACKEND=cuda runs it as auto would, no warning."""
+    """Ops with no CUDA C++ implementation (the activations, the loss) resolve without a key: under
+    MMFAST_BACKEND=cuda they run as auto would, no warning."""
     monkeypatch.setenv("MMFAST_BACKEND", "cuda")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert resolve_backend(torch.device("cpu")) in ("reference", "triton")
         assert resolve_backend(torch.device("cuda")) == "triton"
+
+
+def test_adapter_too_large_for_cuda_runs_triton_with_one_warning(monkeypatch, fresh_loader):
+    """The CUDA C++ adapter kernels take up to ADAPTER_MAX_HIDDEN hidden channels and ADAPTER_MAX_EXPERTS
+    experts; where the CUDA C++ backend is chosen for a larger adapter, Triton runs it and says so once."""
+    from mmfast.kernels import cuda_ext
+    from mmfast.ops.adapter import _backend
+
+    monkeypatch.setenv("MMFAST_BACKEND", "cuda")
+    monkeypatch.setattr(backend, "cuda_can_run", lambda device: None)
+    x = torch.empty(2, 3, 64, device="meta", dtype=torch.bfloat16)
+    w = lambda R, E: (torch.empty(R, 64, device="meta"), torch.empty(E, 64, R // 2, device="meta"))  # noqa: E731
+    H, Ex = cuda_ext.ADAPTER_MAX_HIDDEN, cuda_ext.ADAPTER_MAX_EXPERTS
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _backend(x, *w(H, Ex), "fwd") == "cuda"
+        assert _backend(x, *w(2, 1), "bwd") == "cuda"
+    for R, E in ((2 * H, Ex), (H, Ex + 1)):
+        with pytest.warns(RuntimeWarning, match="CUDA C\\+\\+ adapter kernels take at most"):
+            assert _backend(x, *w(R, E), "fwd") == "triton"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert _backend(x, *w(R, E), "bwd") == "triton"  # said once
+
+
+def test_adapter_entries_in_the_backend_table(monkeypatch, tmp_path, fresh_loader, clean_tables):
+    """Benchmark records of the adapter make table entries, and auto follows them per direction."""
+    recs = [{"op": "mma_adapter", "provider": p, "direction": d, "dtype": "bfloat16", "M": 8192, "N": 4096,
+             "gpu_ms": ms, "ms": ms}
+            for p, d, ms in (("mmfast-cuda", "fwd", 0.5), ("mmfast-triton", "fwd", 1.0),
+                             ("mmfast-cuda", "bwd", 1.0), ("mmfast-triton", "bwd", 0.5))]
+    table = backend_table.build_table(recs, "Test GPU")
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setenv(backend_table.TABLE_ENV, str(path))
+    monkeypatch.setattr(backend_table, "_device_name", lambda index: "Test GPU")
+    monkeypatch.setattr(backend, "cuda_can_run", lambda device: None)
+    cuda = torch.device("cuda", 0)
+    assert resolve_backend(cuda, KernelKey("mma_adapter", "fwd", torch.bfloat16, 4096)) == "cuda"
+    assert resolve_backend(cuda, KernelKey("mma_adapter", "bwd", torch.bfloat16, 4096)) == "triton"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ parameters (the tuning recipe keeps adapters in fp32) and bf16 activations, rout
   x whose inner dimension holds every expert's router-weighted hidden activations and the router
   weights themselves (for the biases), against a block-diagonal up-projection;
 * ``torch.compile``: ``torch.compile`` of ``lavin-eager``;
-* ``mmfast-<backend>``: the fused op (``MMAdapter``).
+* ``mmfast-<backend>``: the fused op (``MMAdapter``); on a GPU both ``mmfast-triton`` and ``mmfast-cuda``
+  (the CUDA C++ kernels) where the extension loads.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ import torch.nn.functional as F
 from ..nn.adapter import MMAdapter
 from ..ops.adapter import mma_adapter_lavin_style
 from .cases import AdapterCase
-from .norm import _under, mmfast_provider_name, provider_backend
+from .norm import _under, mmfast_providers, provider_backend
 
 
 def providers(device: torch.device) -> list[str]:
-    return ["lavin-eager", "torch-native", "torch.compile", mmfast_provider_name(device)]
+    return ["lavin-eager", "torch-native", "torch.compile", *mmfast_providers(device)]
 
 
 def _composed(adapter: MMAdapter) -> Callable:
@@ -70,6 +71,12 @@ def build_provider(name: str, case: AdapterCase, device: torch.device) -> tuple[
         return _composed(adapter), params
     if name == "torch.compile":
         return torch.compile(_lavin(adapter)), params
+    if name == "mmfast-cuda":
+        from ..kernels import cuda_ext
+
+        reason = cuda_ext.adapter_unsupported(case.R, case.E)
+        if reason is not None:  # it would run Triton under this name
+            raise ValueError(reason)
     if name.startswith("mmfast-"):
         return _under(lambda: provider_backend(name), adapter), params
     raise ValueError(f"unknown adapter provider {name!r}")

@@ -17,7 +17,8 @@ Nothing here raises: :func:`load` returns whether the extension is usable and :f
 says why not (no CUDA device, a CPU-only torch, no nvcc, no ninja, a compile error, a lock timeout).
 The backend layer (:mod:`mmfast.ops.backend`) turns that into one warning and the Triton kernels.
 
-:func:`norm_fwd` / :func:`norm_bwd` have the signatures of :mod:`mmfast.kernels.norm`'s launchers.
+:func:`norm_fwd` / :func:`norm_bwd` have the signatures of :mod:`mmfast.kernels.norm`'s launchers, and
+:func:`adapter_fwd` / :func:`adapter_bwd` those of :mod:`mmfast.kernels.adapter`'s.
 """
 
 from __future__ import annotations
@@ -369,3 +370,42 @@ def norm_path(x, weight, bias, residual, rms, backward=False, stages=None) -> st
     ``wide-v1``, ...); ``stages`` as for :func:`norm_bwd`."""
     stages = bwd_stages(rms, x.shape[-1], x.dtype) if stages is None else _check_stages(stages, "stages")
     return torch.ops.mmfast_cuda.norm_path(x, weight, bias, residual, rms, backward, stages)
+
+
+# ---------------------------------------------------------------------------------------------
+# the MMA adapter, with the signatures of mmfast.kernels.adapter
+# ---------------------------------------------------------------------------------------------
+
+
+def adapter_unsupported(R: int, E: int) -> str | None:
+    """Why the CUDA C++ adapter kernels do not take ``R`` hidden channels and ``E`` experts, else None."""
+    if R > ADAPTER_MAX_HIDDEN or E > ADAPTER_MAX_EXPERTS:
+        return (f"the CUDA C++ adapter kernels take at most {ADAPTER_MAX_HIDDEN} hidden channels and "
+                f"{ADAPTER_MAX_EXPERTS} experts (got {R} and {E})")
+    return None
+
+
+def adapter_fwd(x2, S, down_w, down_b, up_w, up_b, mix, scale, groups, p_drop, seed):
+    """See :func:`mmfast.kernels.adapter.adapter_fwd`."""
+    return torch.ops.mmfast_cuda.adapter_fwd(x2, down_w, down_b, up_w, up_b, mix, float(scale), groups,
+                                             float(p_drop), seed if p_drop > 0 else None, S)
+
+
+def adapter_bwd(dy2, x2, z, S, down_w, up_w, up_b, mix, scale, groups, p_drop, seed, need_dx, need_dw, need_dmix):
+    """See :func:`mmfast.kernels.adapter.adapter_bwd` (weight gradients in fp32; d mix always computed)."""
+    dx, dA, da, dU, dc, dmix = torch.ops.mmfast_cuda.adapter_bwd(
+        dy2, x2, z, down_w, up_w, up_b, mix, float(scale), groups, float(p_drop), seed if p_drop > 0 else None, S,
+        need_dx, need_dw)
+    grads = (dA, da, dU, dc) if need_dw else (None,) * 4
+    return _none_if_empty(dx, need_dx), *grads, _none_if_empty(dmix, need_dmix)
+
+
+def adapter_keep_mask(seed: torch.Tensor, M: int, R: int, p_drop: float) -> torch.Tensor:
+    """The boolean [M, R] keep mask the CUDA C++ adapter kernels draw for ``seed`` (the Triton kernels' mask)."""
+    return torch.ops.mmfast_cuda.adapter_keep_mask(seed, M, R, float(p_drop))
+
+
+def adapter_path(x2, down_w, up_w, groups, backward=False) -> str:
+    """Vector widths the adapter kernels use on rows like ``x2`` (``v8``; backward ``v8+v2``: rows kernel +
+    column kernel)."""
+    return torch.ops.mmfast_cuda.adapter_path(x2, down_w, up_w, groups, backward)

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backend import as_rows, plain_eager, resolve_backend
+from .backend import KernelKey, as_rows, plain_eager, resolve_backend, warn_once
 from .checks import check_activation, check_device, check_tensor
 
 # ---------------------------------------------------------------------------------------------
@@ -115,8 +115,8 @@ def reference_keep_mask(seed: Tensor, M: int, R: int, p: float, device) -> Tenso
 
 def dropout_keep_mask(seed: Tensor, M: int, R: int, p: float) -> Tensor:
     """The keep mask [M, R] the backend selected for ``seed``'s device draws for ``seed`` (rows are
-    tokens, b * S + s; columns hidden channels)."""
-    if resolve_backend(seed.device) == "triton":
+    tokens, b * S + s; columns hidden channels). The Triton and CUDA C++ kernels draw the same mask."""
+    if resolve_backend(seed.device) in ("triton", "cuda"):
         from ..kernels import adapter as kernels
 
         return kernels.keep_mask(seed, M, R, p)
@@ -160,10 +160,30 @@ def _reference_bwd(dy, x, down_w, down_b, up_w, up_b, mix, scale, groups, p, see
 # ---------------------------------------------------------------------------------------------
 
 
+def _backend(x: Tensor, down_w: Tensor, up_w: Tensor, direction: str) -> str:
+    """The backend that runs this call's ``direction``: :func:`resolve_backend`, except that an adapter
+    too large for the CUDA C++ kernels runs Triton (with one warning) where CUDA C++ was chosen."""
+    backend = resolve_backend(x.device, KernelKey("mma_adapter", direction, x.dtype, x.shape[-1]))
+    if backend == "cuda":
+        from ..kernels import cuda_ext
+
+        reason = cuda_ext.adapter_unsupported(down_w.shape[0], up_w.shape[0])
+        if reason is not None:
+            warn_once(f"mmfast: {reason}; this adapter runs the Triton kernels")
+            return "triton"
+    return backend
+
+
 def _fwd(x, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed):
     """``(y [B, S, D], z [B * S, R] fp32)`` on the backend selected now."""
     B, S, D = x.shape
-    if resolve_backend(x.device) == "triton":
+    backend = _backend(x, down_w, up_w, "fwd")
+    if backend == "cuda":
+        from ..kernels import cuda_ext
+
+        y, z = cuda_ext.adapter_fwd(as_rows(x), S, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed)
+        return y.view(B, S, D), z
+    if backend == "triton":
         from ..kernels import adapter as kernels
 
         y, z = kernels.adapter_fwd(as_rows(x), S, down_w, down_b, up_w, up_b, mix.float().contiguous(),
@@ -176,7 +196,13 @@ def _bwd(dy, x, z, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed, need
     """``(dx, d_down_w, d_down_b, d_up_w, d_up_b, d_mix)`` in the inputs' shapes and dtypes, None where
     not requested."""
     B, S, D = x.shape
-    if resolve_backend(x.device) == "triton":
+    backend = _backend(x, down_w, up_w, "bwd")
+    if backend == "cuda":
+        from ..kernels import cuda_ext
+
+        grads = cuda_ext.adapter_bwd(as_rows(dy), as_rows(x), z, S, down_w, up_w, up_b, mix, scale, groups, p, seed,
+                                     need_dx, need_dw, need_dmix)
+    elif backend == "triton":
         from ..kernels import adapter as kernels
 
         grads = kernels.adapter_bwd(as_rows(dy), as_rows(x), z, S, down_w, up_w, up_b, mix.float().contiguous(),

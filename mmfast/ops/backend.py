@@ -7,7 +7,8 @@
   the device (written by the benchmark, see :mod:`mmfast.ops.backend_table`) measured them faster for
   that op, direction, dtype and width; no table, no CUDA C++. CPU tensors run the reference, or the
   Triton kernels through the interpreter when ``TRITON_INTERPRET=1``;
-* ``cuda``: the CUDA C++ kernels for the ops that have them (the norms; other ops run Triton). When
+* ``cuda``: the CUDA C++ kernels for the ops that have them (the norms and the MMA adapter; other ops
+  run Triton). When
   the extension cannot be built or loaded, or the tensors are not on a GPU, one warning says why and
   the op runs as ``auto`` would without it;
 * ``triton``: always the Triton kernels; an error (not a fallback) where they cannot run;
@@ -44,7 +45,7 @@ BACKENDS = ("auto", "cuda", "triton", "reference")
 class KernelKey(NamedTuple):
     """What the backend table is keyed by: an op with a CUDA C++ implementation, one direction."""
 
-    op: str  # "rms_norm" | "layer_norm"
+    op: str  # "rms_norm" | "layer_norm" | "mma_adapter"
     direction: str  # "fwd" | "bwd"
     dtype: torch.dtype
     N: int
@@ -113,7 +114,8 @@ _warned: set[str] = set()
 _warn_lock = threading.Lock()
 
 
-def _warn_once(message: str) -> None:
+def warn_once(message: str) -> None:
+    """Warn ``message`` (a RuntimeWarning) once per process."""
     with _warn_lock:
         if message in _warned:
             return
@@ -154,7 +156,7 @@ def resolve_backend(device: torch.device, key: KernelKey | None = None) -> str:
             reason = cuda_can_run(device)
             if reason is None:
                 return "cuda"
-            _warn_once(f"mmfast: {ENV_VAR}=cuda, but the CUDA C++ kernels cannot run: {reason}. "
+            warn_once(f"mmfast: {ENV_VAR}=cuda, but the CUDA C++ kernels cannot run: {reason}. "
                        "Running the Triton kernels (or the reference on CPU) instead.")
         elif device.type == "cuda":
             from .backend_table import table_winner
@@ -163,7 +165,7 @@ def resolve_backend(device: torch.device, key: KernelKey | None = None) -> str:
                 reason = cuda_can_run(device)
                 if reason is None:
                     return "cuda"
-                _warn_once(f"mmfast: the backend table prefers the CUDA C++ kernels on this GPU, but they cannot "
+                warn_once(f"mmfast: the backend table prefers the CUDA C++ kernels on this GPU, but they cannot "
                            f"run: {reason}. Running the Triton kernels instead.")
     return _without_cuda(device, forced_triton=False)
 

@@ -2,7 +2,7 @@
 
 ``MMFAST_BACKEND=auto`` runs the CUDA C++ kernels only where a table says they were faster on this GPU
 model; without a table it runs Triton. Nothing is guessed: a table is written from one benchmark run
-by ``python -m mmfast.bench --ops rms_norm,layer_norm --backend-table FILE`` (both backends timed side by side,
+by ``python -m mmfast.bench --ops rms_norm,layer_norm,mma_adapter --backend-table FILE`` (both backends timed side by side,
 each row naming device, versions and commit), and tables shipped with mmfast live in
 ``mmfast/ops/backend_tables/``. ``$MMFAST_BACKEND_TABLE`` names a table file that replaces them.
 
@@ -13,7 +13,8 @@ Format (JSON)::
      "entries": [{"op": "rms_norm", "direction": "fwd", "dtype": "bfloat16", "M": 32768, "N": 4096,
                   "cuda_ms": 0.17, "triton_ms": 0.19, "winner": "cuda"}, ...]}
 
-A shape class is (op, direction, dtype) and the nearest benchmarked N (in log scale).
+A shape class is (op, direction, dtype) and the nearest benchmarked N (in log scale; the adapter's N is its
+width D).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 FORMAT = 1
 TABLE_ENV = "MMFAST_BACKEND_TABLE"
 TABLE_DIR = Path(__file__).resolve().parent / "backend_tables"
-OPS = ("rms_norm", "layer_norm")
+OPS = ("rms_norm", "layer_norm", "mma_adapter")
 DIRECTIONS = ("fwd", "bwd")
 WINNERS = ("cuda", "triton")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
