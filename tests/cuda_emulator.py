@@ -1,6 +1,6 @@
 """The CUDA C++ kernels of ``csrc/`` (the norms and the adapter) run on the CPU through the emulator in ``cuda_emu/``.
 
-``build()`` compiles ``norm_fwd.cu`` and ``norm_bwd.cu`` with the host compiler against the CUDA
+``build()`` compiles the kernels' ``.cu`` files (``KERNELS``) with the host compiler against the CUDA
 toolkit's headers (nothing of CUDA runs or links), plus the emulator and a C harness, into a shared
 library cached by the hash of every source. The functions below do what ``csrc/binding.cpp`` does for
 the GPU (allocate outputs and the fp32 partial-sum workspaces, map dtypes, sum the partials) on CPU

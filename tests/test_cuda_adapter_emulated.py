@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import cuda_emulator as E
 from mmfast.kernels import cuda_ext
@@ -196,3 +198,23 @@ def test_unsupported_shapes_are_refused(shape):
 def test_limits_match_the_ops_layer():
     """The ops layer decides which shapes go to these kernels from constants that must match adapter.h."""
     assert E.adapter_limits() == (cuda_ext.ADAPTER_MAX_HIDDEN, cuda_ext.ADAPTER_MAX_EXPERTS)
+
+
+@st.composite
+def _fuzz_case(draw):
+    R = draw(st.integers(1, cuda_ext.ADAPTER_MAX_HIDDEN))
+    G = draw(st.sampled_from([g for g in range(1, R + 1) if R % g == 0]))
+    D = G * draw(st.integers(1, 96))
+    shape = (draw(st.integers(1, 3)), draw(st.integers(1, 9)), D, R, G, draw(st.integers(1, cuda_ext.ADAPTER_MAX_EXPERTS)))
+    return dict(shape=shape, dtype=draw(st.sampled_from(DTYPES)), dropout=draw(st.sampled_from([0.0, 0.3])),
+                pad=draw(st.sampled_from([0, 1, 8])), offset=draw(st.sampled_from([0, 1, 4])),
+                device_index=draw(st.sampled_from([0, 2])))
+
+
+@given(case=_fuzz_case(), seed=st.integers(1, 2**31 - 1))
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_fuzz(case, seed):
+    """Random shapes within the kernels' limits, layouts, dtypes and dropout: accurate, in bounds."""
+    E.select_device(case.pop("device_index"))
+    torch.manual_seed(seed)
+    check(case.pop("shape"), case.pop("dtype"), seed, draws=1, **case)
