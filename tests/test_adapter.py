@@ -112,6 +112,17 @@ def test_fused_matches_reference(shape, dtype, device, seed):
     check_adapter(lambda i: dict(leaves=make_inputs(B, S, D, R, G, E, dtype, device), scale=0.8, groups=G), seed)
 
 
+@pytest.mark.parametrize("B, S", [(2, 0), (0, 3)], ids=["no-tokens", "no-samples"])
+def test_no_tokens(B, S, device):
+    """M = 0: an empty output, zero weight and router gradients, nothing launched that could fail."""
+    leaves = make_inputs(B, S, 64, 8, 2, 2, torch.float16, device)
+    y = mma_adapter(*leaves, dropout=0.1, seed=torch.tensor([3], dtype=torch.int64, device=device))
+    assert y.shape == (B, S, 64) and y.dtype == torch.float16
+    y.float().sum().backward()
+    for t in leaves:
+        assert t.grad is not None and t.grad.shape == t.shape and not t.grad.any()
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_weights_in_activation_dtype(dtype, device, seed):
     check_adapter(lambda i: dict(leaves=make_inputs(2, 6, 200, 8, 2, 2, dtype, device, weight_dtype=dtype),

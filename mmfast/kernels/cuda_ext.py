@@ -387,12 +387,18 @@ def adapter_unsupported(R: int, E: int) -> str | None:
 
 def adapter_fwd(x2, S, down_w, down_b, up_w, up_b, mix, scale, groups, p_drop, seed):
     """See :func:`mmfast.kernels.adapter.adapter_fwd`."""
+    if x2.shape[0] == 0:  # no tokens (S may be 0): nothing to launch
+        return torch.empty_like(x2), x2.new_empty((0, down_w.shape[0]), dtype=torch.float32)
     return torch.ops.mmfast_cuda.adapter_fwd(x2, down_w, down_b, up_w, up_b, mix, float(scale), groups,
                                              float(p_drop), seed if p_drop > 0 else None, S)
 
 
 def adapter_bwd(dy2, x2, z, S, down_w, up_w, up_b, mix, scale, groups, p_drop, seed, need_dx, need_dw, need_dmix):
     """See :func:`mmfast.kernels.adapter.adapter_bwd` (weight gradients in fp32; d mix always computed)."""
+    if x2.shape[0] == 0:  # no tokens (S may be 0): zero gradients, nothing to launch
+        grads = [torch.zeros_like(t, dtype=torch.float32) for t in (down_w, down_w[:, 0], up_w, up_b)]
+        return (torch.empty_like(x2) if need_dx else None, *(grads if need_dw else [None] * 4),
+                torch.zeros_like(mix) if need_dmix else None)
     dx, dA, da, dU, dc, dmix = torch.ops.mmfast_cuda.adapter_bwd(
         dy2, x2, z, down_w, up_w, up_b, mix, float(scale), groups, float(p_drop), seed if p_drop > 0 else None, S,
         need_dx, need_dw)
