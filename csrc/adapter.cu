@@ -31,6 +31,8 @@ constexpr int kProgramsPerSm = 8;      // column kernel: resident programs per S
 constexpr int kMinRowsPerColProgram = 4;
 constexpr int RM = kAdapterMaxHidden;
 constexpr int EM = kAdapterMaxExperts;
+// One thread per (row, hidden channel) and per (row, expert) of a tile: a warp's worth at most.
+static_assert(kTileRows * RM <= 32 && kTileRows * EM <= 32, "a row tile's hidden values must fit one warp");
 
 struct Dims {
   int64_t M, S, D, DG;
@@ -39,8 +41,7 @@ struct Dims {
 };
 
 inline Dims dims(const AdapterShape& s) {
-  return {s.M, s.S, s.D, s.D / s.G, s.R, s.E, s.G, s.R / s.G, s.scale, s.p_drop,
-          s.p_drop > 0.f ? 1.f / (1.f - s.p_drop) : 1.f};
+  return {s.M, s.S, s.D, s.D / s.G, s.R, s.E, s.G, s.R / s.G, s.scale, s.p_drop, s.p_drop > 0.f ? s.keep_scale : 1.f};
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -128,21 +129,23 @@ __global__ void __launch_bounds__(kRowThreadsMax)
   }
   __syncthreads();
   const int t = threadIdx.x;
-  if (t < rows * s.R) {  // one thread per (row, hidden): z out, the mask, mix * zd
+  if (t < kTileRows * s.R) {  // one thread per (row, hidden): z out, the mask, mix * zd (0 past the last row)
     const int r = t / s.R, j = t % s.R;
     const int64_t m = m0 + r;
-    float zv = zt[r][j];
-    z[m * s.R + j] = zv;
-    if (s.p_drop > 0.f) {
-      zv = keep_hidden(static_cast<uint64_t>(*seed), static_cast<uint32_t>(m * s.R + j), s.p_drop) ? zv * s.keep_scale
-                                                                                                   : 0.f;
+    float zv = 0.f;
+    if (r < rows) {
+      zv = zt[r][j];
+      z[m * s.R + j] = zv;
+      if (s.p_drop > 0.f) {
+        zv = keep_hidden(static_cast<uint64_t>(*seed), static_cast<uint32_t>(m * s.R + j), s.p_drop) ? zv * s.keep_scale
+                                                                                                     : 0.f;
+      }
     }
-    const int64_t b = m / s.S;
-    for (int e = 0; e < s.E; ++e) h[r][e][j] = mix[b * s.E + e] * zv;
+    for (int e = 0; e < s.E; ++e) h[r][e][j] = r < rows ? mix[(m / s.S) * s.E + e] * zv : 0.f;
   }
-  if (t < rows * s.E) {
+  if (t < kTileRows * s.E) {
     const int r = t / s.E, e = t % s.E;
-    w[r][e] = mix[((m0 + r) / s.S) * s.E + e];
+    w[r][e] = r < rows ? mix[((m0 + r) / s.S) * s.E + e] : 0.f;
   }
   __syncthreads();
 
@@ -220,20 +223,23 @@ __global__ void __launch_bounds__(kRowThreadsMax)
   const int t = threadIdx.x;
 
   bool keep = true;
-  if (t < rows * s.R) {
+  if (t < kTileRows * s.R) {  // zd of the tile (0 past the last row)
     const int r = t / s.R, j = t % s.R;
     const int64_t m = m0 + r;
-    float zv = z[m * s.R + j];
-    if (s.p_drop > 0.f) {
-      keep = keep_hidden(static_cast<uint64_t>(*seed), static_cast<uint32_t>(m * s.R + j), s.p_drop);
-      zv = keep ? zv * s.keep_scale : 0.f;
-      if (zd_out != nullptr) zd_out[m * s.R + j] = zv;
+    float zv = 0.f;
+    if (r < rows) {
+      zv = z[m * s.R + j];
+      if (s.p_drop > 0.f) {
+        keep = keep_hidden(static_cast<uint64_t>(*seed), static_cast<uint32_t>(m * s.R + j), s.p_drop);
+        zv = keep ? zv * s.keep_scale : 0.f;
+        if (zd_out != nullptr) zd_out[m * s.R + j] = zv;
+      }
     }
     zt[r][j] = zv;
   }
-  if (t < rows * s.E) {
+  if (t < kTileRows * s.E) {
     const int r = t / s.E, e = t % s.E;
-    w[r][e] = mix[((m0 + r) / s.S) * s.E + e];
+    w[r][e] = r < rows ? mix[((m0 + r) / s.S) * s.E + e] : 0.f;
   }
 
   float tb[kTileRows * EM];
@@ -470,9 +476,9 @@ int rows_vec(const AdapterBwdParams& p) {
   return pick_vec(16 / elt, p.shape, elt, {{p.dy, p.stride_dy}});
 }
 
-int cols_vec(const AdapterBwdParams& p) {
+int cols_vec(const AdapterBwdParams& p) {  // x is read only for the weight gradients
   return pick_vec(kColVec, p.shape, dtype_size(p.act),
-                  {{p.dy, p.stride_dy}, {p.x, p.stride_x}, {p.need_dx ? p.dx : nullptr, p.shape.D}});
+                  {{p.dy, p.stride_dy}, {p.need_dw ? p.x : nullptr, p.stride_x}, {p.need_dx ? p.dx : nullptr, p.shape.D}});
 }
 
 template <typename F>
@@ -501,7 +507,8 @@ int64_t num_programs(int64_t M, int64_t chunks) {
 
 bool adapter_supported(const AdapterShape& s) {
   return s.R >= 1 && s.R <= kAdapterMaxHidden && s.E >= 1 && s.E <= kAdapterMaxExperts && s.G >= 1 &&
-         s.R % s.G == 0 && s.D >= 1 && s.D % s.G == 0 && s.S >= 1 && s.M >= 0 && s.p_drop >= 0.f && s.p_drop < 1.f;
+         s.R % s.G == 0 && s.D >= 1 && s.D % s.G == 0 && s.S >= 1 && s.M >= 0 && s.M * s.R < (int64_t{1} << 31) &&
+         s.p_drop >= 0.f && s.p_drop < 1.f && (s.p_drop == 0.f || s.keep_scale >= 1.f);
 }
 
 cudaError_t adapter_fwd(const AdapterFwdParams& p, cudaStream_t stream) {

@@ -38,7 +38,8 @@ struct AdapterShape {
   int E = 0;      // experts
   int G = 1;      // groups of the up-projection (divides R and D)
   float scale = 1.f;
-  float p_drop = 0.f;  // dropout probability in [0, 1)
+  float p_drop = 0.f;      // dropout probability in [0, 1)
+  float keep_scale = 1.f;  // 1 / (1 - p), rounded to fp32 once from the double (as the Triton launchers pass it)
 };
 
 struct AdapterFwdParams {
@@ -79,7 +80,7 @@ struct AdapterBwdParams {
 };
 
 // Whether these kernels take the shape (hidden and expert counts within their limits, groups dividing
-// R and D, a dropout probability in [0, 1)).
+// R and D, M * R below 2^31 (the dropout counter), a dropout probability in [0, 1)).
 bool adapter_supported(const AdapterShape& s);
 
 // Forward: y and z. M == 0 launches nothing.

@@ -252,31 +252,38 @@ std::string norm_path(const Tensor& x, const std::optional<Tensor>& weight_in, c
 
 Tensor fp32(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
-mmfast::AdapterShape adapter_shape(const Tensor& x, int64_t S, const Tensor& down_w, const Tensor& up_w,
-                                   const Tensor& mix, int64_t groups, double scale, double p) {
+// The adapter's shape from its tensors, every one checked (device, dims) before any pointer is taken.
+mmfast::AdapterShape adapter_shape(const Tensor& x, int64_t S, const Tensor& down_w, const Tensor& down_b,
+                                   const Tensor& up_w, const Tensor& up_b, const Tensor& mix, int64_t groups,
+                                   double scale, double p) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2, "mmfast_cuda::adapter: x must be a 2-D CUDA tensor [B * S, D]");
   TORCH_CHECK(x.stride(1) == 1 || x.size(1) == 1, "mmfast_cuda::adapter: x needs a unit column stride");
-  TORCH_CHECK(S >= 1 && x.size(0) % S == 0 && mix.dim() == 2 && mix.size(0) * S == x.size(0),
-              "mmfast_cuda::adapter: x must hold mix.size(0) samples of S tokens");
-  TORCH_CHECK(down_w.dim() == 2 && down_w.size(1) == x.size(1) && up_w.dim() == 3 && up_w.size(1) == x.size(1) &&
-                  mix.size(1) == up_w.size(0),
-              "mmfast_cuda::adapter: down_w [R, D], up_w [E, D, R/G] and mix [B, E] must agree with x");
-  for (const Tensor* t : {&down_w, &up_w, &mix}) {
+  for (const Tensor* t : {&down_w, &down_b, &up_w, &up_b, &mix}) {
     TORCH_CHECK(t->device() == x.device(), "mmfast_cuda::adapter: every tensor must be on x's device");
   }
+  const int64_t D = x.size(1);
+  TORCH_CHECK(down_w.dim() == 2 && down_w.size(1) == D, "mmfast_cuda::adapter: down_w must be [R, D]");
+  const int64_t R = down_w.size(0);
+  TORCH_CHECK(down_b.dim() == 1 && down_b.size(0) == R, "mmfast_cuda::adapter: down_b must be [R]");
+  TORCH_CHECK(up_w.dim() == 3 && up_w.size(1) == D && groups >= 1 && up_w.size(2) * groups == R,
+              "mmfast_cuda::adapter: up_w must be [E, D, R / groups]");
+  const int64_t E = up_w.size(0);
+  TORCH_CHECK(up_b.dim() == 2 && up_b.size(0) == E && up_b.size(1) == D, "mmfast_cuda::adapter: up_b must be [E, D]");
+  TORCH_CHECK(mix.dim() == 2 && mix.size(1) == E, "mmfast_cuda::adapter: mix must be [B, E]");
+  TORCH_CHECK(S >= 1 && mix.size(0) * S == x.size(0), "mmfast_cuda::adapter: x must hold mix.size(0) samples of S tokens");
   mmfast::AdapterShape s;
   s.M = x.size(0);
   s.S = S;
-  s.D = x.size(1);
-  s.R = static_cast<int>(down_w.size(0));
-  s.E = static_cast<int>(up_w.size(0));
+  s.D = D;
+  s.R = static_cast<int>(R);
+  s.E = static_cast<int>(E);
   s.G = static_cast<int>(groups);
   s.scale = static_cast<float>(scale);
   s.p_drop = static_cast<float>(p);
-  TORCH_CHECK(groups >= 1 && up_w.size(2) * groups == down_w.size(0), "mmfast_cuda::adapter: up_w must be [E, D, R/G]");
+  s.keep_scale = p > 0 ? static_cast<float>(1.0 / (1.0 - p)) : 1.f;
   TORCH_CHECK(mmfast::adapter_supported(s), "mmfast_cuda::adapter: unsupported shape (hidden ", s.R, " <= ",
               mmfast::kAdapterMaxHidden, ", experts ", s.E, " <= ", mmfast::kAdapterMaxExperts,
-              ", groups dividing hidden and width, dropout in [0, 1))");
+              ", groups dividing hidden and width, tokens * hidden < 2^31, dropout in [0, 1))");
   return s;
 }
 
@@ -292,10 +299,8 @@ std::tuple<Tensor, Tensor> adapter_fwd(const Tensor& x, const Tensor& down_w, co
                                        const std::optional<Tensor>& seed, int64_t S) {
   const c10::cuda::CUDAGuard guard(x.device());
   mmfast::AdapterFwdParams prm;
-  prm.shape = adapter_shape(x, S, down_w, up_w, mix, groups, scale, p);
+  prm.shape = adapter_shape(x, S, down_w, down_b, up_w, up_b, mix, groups, scale, p);
   const Tensor A = fp32(down_w), a = fp32(down_b), U = fp32(up_w), c = fp32(up_b), w = fp32(mix);
-  TORCH_CHECK(a.numel() == prm.shape.R && c.numel() == prm.shape.E * prm.shape.D,
-              "mmfast_cuda::adapter_fwd: down_b must be [R] and up_b [E, D]");
   Tensor y = at::empty({prm.shape.M, prm.shape.D}, x.options());
   Tensor z = at::empty({prm.shape.M, prm.shape.R}, x.options().dtype(at::kFloat));
   prm.x = x.data_ptr();
@@ -320,18 +325,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> adapter_bwd(
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   mmfast::AdapterBwdParams prm;
-  prm.shape = adapter_shape(x, S, down_w, up_w, mix, groups, scale, p);
+  // the gradient of down_b is dz's column sum: a vector of the right shape stands in for it here
+  prm.shape = adapter_shape(x, S, down_w, down_w.select(1, 0), up_w, up_b, mix, groups, scale, p);
   check_rows(dy, x, "dy");
   const mmfast::AdapterShape& s = prm.shape;
-  TORCH_CHECK(z.scalar_type() == at::kFloat && z.is_contiguous() && z.numel() == s.M * s.R,
-              "mmfast_cuda::adapter_bwd: z must be the forward's float32 [M, R]");
+  TORCH_CHECK(z.device() == x.device() && z.scalar_type() == at::kFloat && z.is_contiguous() && z.dim() == 2 &&
+                  z.size(0) == s.M && z.size(1) == s.R,
+              "mmfast_cuda::adapter_bwd: z must be the forward's float32 [M, R] on x's device");
   const Tensor A = fp32(down_w), U = fp32(up_w), c = fp32(up_b), w = fp32(mix);
-  TORCH_CHECK(c.numel() == s.E * s.D, "mmfast_cuda::adapter_bwd: up_b must be [E, D]");
   const auto fopts = x.options().dtype(at::kFloat);
   const int64_t RG = s.R / s.G;
   Tensor dx = need_dx ? at::empty({s.M, s.D}, x.options()) : at::empty({0}, x.options());
   Tensor dz = at::empty({s.M, s.R}, fopts);
-  Tensor zd = need_dw && p > 0 ? at::empty({s.M, s.R}, fopts) : at::empty({0}, fopts);
+  const bool dropout = s.p_drop > 0.f;
+  Tensor zd = need_dw && dropout ? at::empty({s.M, s.R}, fopts) : at::empty({0}, fopts);
   Tensor dmix_rows = at::empty({s.M, s.E}, fopts);
   prm.dy = dy.data_ptr();
   prm.stride_dy = row_stride(dy);
@@ -345,7 +352,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> adapter_bwd(
   prm.seed = seed_ptr(seed, x, p);
   prm.dx = need_dx ? dx.data_ptr() : nullptr;
   prm.dz = dz.data_ptr<float>();
-  prm.zd = need_dw && p > 0 ? zd.data_ptr<float>() : nullptr;
+  prm.zd = need_dw && dropout ? zd.data_ptr<float>() : nullptr;
   prm.dmix_rows = dmix_rows.data_ptr<float>();
   prm.act = to_dtype(x.scalar_type(), "x");
   prm.need_dx = need_dx;
@@ -393,13 +400,15 @@ std::string adapter_path(const Tensor& x, const Tensor& down_w, const Tensor& up
   // x stands in for every activation tensor (dy, y and dx are fresh contiguous tensors, like x's rows).
   TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1, "mmfast_cuda::adapter_path: x must be 2-D with rows");
   const Tensor mix = at::empty({1, up_w.size(0)}, x.options().dtype(at::kFloat));
-  const mmfast::AdapterShape s = adapter_shape(x, x.size(0), down_w, up_w, mix, groups, 1.0, 0.0);
+  const Tensor up_b = at::empty({up_w.size(0), x.size(1)}, x.options().dtype(at::kFloat));
+  const mmfast::AdapterShape s = adapter_shape(x, x.size(0), down_w, down_w.select(1, 0), up_w, up_b, mix, groups, 1.0, 0.0);
   if (backward) {
     mmfast::AdapterBwdParams p;
     p.shape = s;
     p.dy = p.x = p.dx = x.data_ptr();
     p.stride_dy = p.stride_x = row_stride(x);
     p.act = to_dtype(x.scalar_type(), "x");
+    p.need_dx = p.need_dw = true;
     return mmfast::adapter_bwd_path(p);
   }
   mmfast::AdapterFwdParams p;

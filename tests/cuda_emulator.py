@@ -102,7 +102,7 @@ def build() -> Path:
 _LIB: ctypes.CDLL | None = None
 P, I64, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _BWD = [P, P, P, P, P, P, P, P, P, I64, I64, I64, I64, I64, I, I, I, I, I, I, I]
-_ADAPTER_SHAPE = [I64, I64, I64, I, I, I, F, F, I]  # M, S, D, R, E, G, scale, p_drop, act
+_ADAPTER_SHAPE = [I64, I64, I64, I, I, I, F, F, F, I]  # M, S, D, R, E, G, scale, p_drop, keep_scale, act
 _ADAPTER_FWD = [P, I64, P, P, P, P, P, P, P, P] + _ADAPTER_SHAPE
 _ADAPTER_BWD = [P, I64, P, I64] + [P] * 13 + _ADAPTER_SHAPE + [I, I]
 
@@ -363,7 +363,8 @@ def _seed(seed: torch.Tensor | None, p_drop: float) -> Guarded | None:
 
 
 def _shape(M, S, D, R, E, groups, scale, p_drop, dtype):
-    return (M, S, D, R, E, groups, float(scale), float(p_drop), DTYPE_CODE[dtype])
+    keep_scale = 1.0 / (1.0 - p_drop) if p_drop > 0 else 1.0  # in double, rounded once (as the binding does)
+    return (M, S, D, R, E, groups, float(scale), float(p_drop), keep_scale, DTYPE_CODE[dtype])
 
 
 def adapter_fwd(x, S, down_w, down_b, up_w, up_b, mix, scale, groups, p_drop, seed, pad: int = 0, offset: int = 0):

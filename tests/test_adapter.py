@@ -362,7 +362,12 @@ def test_cuda_backend_runs_its_own_kernels(monkeypatch, seed):
     monkeypatch.setenv(ENV_VAR, "cuda")
     leaves = make_inputs(2, 7, 512, 8, 2, 2, torch.bfloat16, "cuda")
     dseed = torch.tensor([seed], dtype=torch.int64, device="cuda")
-    assert torch.equal(cuda_ext.adapter_keep_mask(dseed, 14, 8, 0.25), triton_kernels.keep_mask(dseed, 14, 8, 0.25))
+    assert torch.equal(cuda_ext.adapter_keep_mask(dseed, 2**16, 8, 0.25), triton_kernels.keep_mask(dseed, 2**16, 8, 0.25))
+    x2 = leaves[0].detach().reshape(14, 512)
+    assert cuda_ext.adapter_path(x2, leaves[1], leaves[3], 2) == "v8"  # 16-byte rows
+    assert cuda_ext.adapter_path(x2, leaves[1], leaves[3], 2, backward=True) == "v8+v2"
+    odd = (x2[:, 2:], leaves[1][:, 2:], leaves[3][:, 2:], 2)  # group width 255, rows off 16-byte alignment
+    assert (cuda_ext.adapter_path(*odd), cuda_ext.adapter_path(*odd, backward=True)) == ("v1", "v1+v1")
 
     def refuse(*args, **kwargs):
         raise AssertionError("the Triton adapter kernels ran under MMFAST_BACKEND=cuda")

@@ -126,7 +126,7 @@ def test_keep_mask_matches_triton(seed_value, p):
     from mmfast.kernels import adapter as K
 
     seed = torch.tensor([seed_value], dtype=torch.int64)
-    M, R = 300, 8
+    M, R = 4096, 8
     mask = E.adapter_keep_mask(seed, M, R, p)
     assert torch.equal(mask, K.keep_mask(seed, M, R, p))
     rate = mask.float().mean().item()
@@ -214,7 +214,79 @@ def _fuzz_case(draw):
 @given(case=_fuzz_case(), seed=st.integers(1, 2**31 - 1))
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_fuzz(case, seed):
-    """Random shapes within the kernels' limits, layouts, dtypes and dropout: accurate, in bounds."""
+    """Random shapes within the kernels' limits, layouts, dtypes and dropout: accurate, in bounds, on the
+    paths the layout allows."""
     E.select_device(case.pop("device_index"))
     torch.manual_seed(seed)
-    check(case.pop("shape"), case.pop("dtype"), seed, draws=1, **case)
+    shape, dtype, paths = case.pop("shape"), case.pop("dtype"), []
+    check(shape, dtype, seed, draws=1, paths=paths, **case)
+    assert paths == [_expected(shape[2], shape[4], dtype, case["pad"], case["offset"])]
+
+
+def _triton():
+    pytest.importorskip("triton")
+    from mmfast.kernels import _device
+
+    if not _device.interpreting():
+        pytest.skip("Triton runs on the CPU only through the interpreter (TRITON_INTERPRET=1)")
+    from mmfast.kernels import adapter as K
+
+    return K
+
+
+@pytest.mark.parametrize("p", [0.15, 0.6, 0.9])
+def test_dropout_scale_is_the_triton_kernels(p):
+    """Kept activations are scaled by 1 / (1 - p) rounded to fp32 once from the double, as the Triton
+    launchers pass it, so the two backends' outputs agree bit for bit where the products are exact
+    (here z = 1, U = 1: y is the scale itself)."""
+    K = _triton()
+    M, D = 64, 8
+    x = torch.zeros(M, D)
+    A, a = torch.zeros(1, D), torch.ones(1)
+    U, c, mix = torch.ones(1, D, 1), torch.zeros(1, D), torch.ones(M, 1)
+    seed = torch.tensor([11], dtype=torch.int64)
+    y, _z, _ = E.adapter_fwd(x, 1, A, a, U, c, mix, 1.0, 1, p, seed)
+    y_triton, _ = K.adapter_fwd(x, 1, A, a, U, c, mix, 1.0, 1, p, seed)
+    kept = y[:, 0] != 0
+    assert 0 < kept.sum() < M
+    assert (y[kept] == torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)).all()
+    assert torch.equal(y, y_triton)
+
+
+def mixed(forward: str):
+    """A ``fused`` whose forward runs one backend and backward the other (``forward``: "triton" or
+    "cuda"): the z one saves is the z the other reads, and both draw one dropout mask."""
+    K = _triton()
+
+    def fused(leaves, dy, scale, groups, dropout, dseed):
+        x, A, a, U, c, mix = (t.detach() for t in leaves)
+        B, S, D = x.shape
+        rows = lambda t: t.reshape(B * S, D)  # noqa: E731
+        if forward == "triton":
+            y, z = K.adapter_fwd(rows(x), S, A, a, U, c, mix.float().contiguous(), scale, groups, dropout, dseed)
+            grads = E.adapter_bwd(rows(dy), rows(x), z, S, A, U, c, mix, scale, groups, dropout, dseed)[:6]
+        else:
+            y, z, _ = E.adapter_fwd(rows(x), S, A, a, U, c, mix, scale, groups, dropout, dseed)
+            grads = K.adapter_bwd(rows(dy), rows(x), z, S, A, U, c, mix.float().contiguous(), scale, groups, dropout,
+                                  dseed, True, True, True)
+        dx, dA, da, dU, dc, dmix = grads
+        return y.view(B, S, D), [dx.view(B, S, D), dA.to(A.dtype), da.to(a.dtype), dU.to(U.dtype), dc.to(c.dtype),
+                                 dmix.to(mix.dtype)]
+
+    return fused
+
+
+@pytest.mark.parametrize("forward", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_either_backward_follows_either_forward(forward, dtype, seed):
+    """auto chooses per direction, so a Triton forward may meet a CUDA C++ backward and the reverse
+    (the interpreter's bf16 products are unusable: fp32 and fp16 here)."""
+    B, S, D, R, G, Ex = 2, 9, 256, 8, 2, 2
+
+    def draw(i):
+        dseed = torch.tensor([seed + i], dtype=torch.int64)
+        keep = E.adapter_keep_mask(dseed, B * S, R, 0.3).view(B, S, R) / 0.7
+        return dict(leaves=make_inputs(B, S, D, R, G, Ex, dtype, "cpu"), scale=0.8, groups=G, keep=keep,
+                    dropout=0.3, dseed=dseed, fused=mixed(forward))
+
+    check_adapter(draw, seed)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 import warnings
 import zipfile
 from pathlib import Path
@@ -233,14 +234,22 @@ def test_adapter_too_large_for_cuda_runs_triton_with_one_warning(monkeypatch, fr
     H, Ex = cuda_ext.ADAPTER_MAX_HIDDEN, cuda_ext.ADAPTER_MAX_EXPERTS
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert _backend(x, *w(H, Ex), "fwd") == "cuda"
-        assert _backend(x, *w(2, 1), "bwd") == "cuda"
-    for R, E in ((2 * H, Ex), (H, Ex + 1)):
-        with pytest.warns(RuntimeWarning, match="CUDA C\\+\\+ adapter kernels take at most"):
-            assert _backend(x, *w(R, E), "fwd") == "triton"
+        assert _backend(x, *w(H, Ex), 0.1, "fwd") == "cuda"
+        assert _backend(x, *w(2, 1), 0.0, "bwd") == "cuda"
+    for R, E, p in ((2 * H, Ex, 0.0), (H, Ex + 1, 0.0), (0, Ex, 0.0), (H, Ex, 1 - 2**-30)):
+        with pytest.warns(RuntimeWarning, match="MMFAST_BACKEND=cuda, but the CUDA C\\+\\+ adapter kernels take"):
+            assert _backend(x, *w(R, E), p, "fwd") == "triton"
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            assert _backend(x, *w(R, E), "bwd") == "triton"  # said once
+            assert _backend(x, *w(R, E), p, "bwd") == "triton"  # said once
+    # chosen by a backend table (auto), not asked for: Triton without a word
+    monkeypatch.setenv("MMFAST_BACKEND", "auto")
+    monkeypatch.setattr(backend_table, "table_winner", lambda device, key: "cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        on_gpu = types.SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16, shape=(2, 3, 64))
+        assert _backend(on_gpu, *w(H, Ex), 0.0, "fwd") == "cuda"
+        assert _backend(on_gpu, *w(2 * H, Ex), 0.0, "fwd") == "triton"
 
 
 def test_adapter_entries_in_the_backend_table(monkeypatch, tmp_path, fresh_loader, clean_tables):

@@ -377,11 +377,15 @@ def norm_path(x, weight, bias, residual, rms, backward=False, stages=None) -> st
 # ---------------------------------------------------------------------------------------------
 
 
-def adapter_unsupported(R: int, E: int) -> str | None:
-    """Why the CUDA C++ adapter kernels do not take ``R`` hidden channels and ``E`` experts, else None."""
-    if R > ADAPTER_MAX_HIDDEN or E > ADAPTER_MAX_EXPERTS:
-        return (f"the CUDA C++ adapter kernels take at most {ADAPTER_MAX_HIDDEN} hidden channels and "
+def adapter_unsupported(R: int, E: int, p_drop: float = 0.0) -> str | None:
+    """Why the CUDA C++ adapter kernels do not take ``R`` hidden channels, ``E`` experts and dropout
+    ``p_drop``, else None (the rest of ``adapter_supported`` in csrc/adapter.cu, groups and token
+    counts, is what every backend requires and the op checks first)."""
+    if not (1 <= R <= ADAPTER_MAX_HIDDEN and 1 <= E <= ADAPTER_MAX_EXPERTS):
+        return (f"the CUDA C++ adapter kernels take 1 to {ADAPTER_MAX_HIDDEN} hidden channels and 1 to "
                 f"{ADAPTER_MAX_EXPERTS} experts (got {R} and {E})")
+    if torch.tensor(p_drop, dtype=torch.float32).item() >= 1.0:
+        return f"the CUDA C++ adapter kernels take dropout below 1 in float32 (got {p_drop!r})"
     return None
 
 

@@ -104,7 +104,7 @@ int emu_norm_sum_partials(const float* partial, int64_t P, int64_t N, void* out,
 // ---- the adapter -------------------------------------------------------------------------------------
 
 static mmfast::AdapterShape adapter_shape(int64_t M, int64_t S, int64_t D, int R, int E, int G, float scale,
-                                          float p_drop) {
+                                          float p_drop, float keep_scale) {
   mmfast::AdapterShape s;
   s.M = M;
   s.S = S;
@@ -114,17 +114,18 @@ static mmfast::AdapterShape adapter_shape(int64_t M, int64_t S, int64_t D, int R
   s.G = G;
   s.scale = scale;
   s.p_drop = p_drop;
+  s.keep_scale = keep_scale;
   return s;
 }
 
 #define MMFAST_ADAPTER_FWD_ARGS                                                                                 \
   const void *x, int64_t stride_x, const float *A, const float *a, const float *U, const float *c,              \
       const float *mix, const int64_t *seed, void *y, float *z, int64_t M, int64_t S, int64_t D, int R, int E, \
-      int G, float scale, float p_drop, int act
+      int G, float scale, float p_drop, float keep_scale, int act
 
 static mmfast::AdapterFwdParams adapter_fwd_params(MMFAST_ADAPTER_FWD_ARGS) {
   mmfast::AdapterFwdParams p;
-  p.shape = adapter_shape(M, S, D, R, E, G, scale, p_drop);
+  p.shape = adapter_shape(M, S, D, R, E, G, scale, p_drop, keep_scale);
   p.x = x;
   p.stride_x = stride_x;
   p.down_w = A;
@@ -139,7 +140,7 @@ static mmfast::AdapterFwdParams adapter_fwd_params(MMFAST_ADAPTER_FWD_ARGS) {
   return p;
 }
 
-#define MMFAST_ADAPTER_FWD_PASS x, stride_x, A, a, U, c, mix, seed, y, z, M, S, D, R, E, G, scale, p_drop, act
+#define MMFAST_ADAPTER_FWD_PASS x, stride_x, A, a, U, c, mix, seed, y, z, M, S, D, R, E, G, scale, p_drop, keep_scale, act
 
 int emu_adapter_fwd(MMFAST_ADAPTER_FWD_ARGS) {
   const cudaError_t e = mmfast::adapter_fwd(adapter_fwd_params(MMFAST_ADAPTER_FWD_PASS), nullptr);
@@ -154,14 +155,14 @@ const char* emu_adapter_fwd_path(MMFAST_ADAPTER_FWD_ARGS) {
   const void *dy, int64_t stride_dy, const void *x, int64_t stride_x, const float *z, const float *A,              \
       const float *U, const float *c, const float *mix, const int64_t *seed, void *dx, float *dz, float *zd,       \
       float *dmix_rows, float *da_part, float *du_part, float *dc_part, int64_t M, int64_t S, int64_t D, int R, \
-      int E, int G, float scale, float p_drop, int act, int need_dx, int need_dw
+      int E, int G, float scale, float p_drop, float keep_scale, int act, int need_dx, int need_dw
 #define MMFAST_ADAPTER_BWD_PASS                                                                                  \
   dy, stride_dy, x, stride_x, z, A, U, c, mix, seed, dx, dz, zd, dmix_rows, da_part, du_part, dc_part, M, S, D, R, \
-      E, G, scale, p_drop, act, need_dx, need_dw
+      E, G, scale, p_drop, keep_scale, act, need_dx, need_dw
 
 static mmfast::AdapterBwdParams adapter_bwd_params(MMFAST_ADAPTER_BWD_ARGS) {
   mmfast::AdapterBwdParams p;
-  p.shape = adapter_shape(M, S, D, R, E, G, scale, p_drop);
+  p.shape = adapter_shape(M, S, D, R, E, G, scale, p_drop, keep_scale);
   p.dy = dy;
   p.stride_dy = stride_dy;
   p.x = x;
