@@ -72,6 +72,51 @@ __device__ __forceinline__ bool keep_hidden(uint64_t seed, uint32_t offset, floa
 }
 
 // ------------------------------------------------------------------------------------------------
+// shared pieces of the row-tile kernels
+// ------------------------------------------------------------------------------------------------
+
+// The tile's rows of a [M, D] activation at column vector d, in fp32 (0 past the last row).
+template <typename T, int VEC>
+__device__ __forceinline__ void load_tile(const T* __restrict__ p, int64_t stride, int64_t m0, int rows, int64_t d,
+                                          float (&out)[kTileRows][VEC]) {
+#pragma unroll
+  for (int r = 0; r < kTileRows; ++r) {
+    if (r < rows) {
+      load_vec_f32<T, VEC>(p + (m0 + r) * stride + d, out[r]);
+    } else {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) out[r][v] = 0.f;
+    }
+  }
+}
+
+// The experts' up-projection at column vector d (inside one group): on_u(e, jl, u) with u = U_e[d.., jl]
+// for every expert e and hidden channel jl of the group, then on_c(e, c) with c = c_e[d..]. e and jl are
+// compile-time after unrolling, so the callbacks index register arrays statically.
+template <int VEC, typename OnU, typename OnC>
+__device__ __forceinline__ void for_up_weights(const float* __restrict__ U, const float* __restrict__ c, const Dims& s,
+                                               int64_t d, OnU&& on_u, OnC&& on_c) {
+#pragma unroll
+  for (int e = 0; e < EM; ++e) {
+    if (e < s.E) {
+#pragma unroll
+      for (int jl = 0; jl < RM; ++jl) {
+        if (jl < s.RG) {
+          float u[VEC];
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) u[v] = U[(e * s.D + d + v) * s.RG + jl];
+          on_u(e, jl, u);
+        }
+      }
+      float cv[VEC];
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) cv[v] = c[e * s.D + d + v];
+      on_c(e, cv);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
 // forward
 // ------------------------------------------------------------------------------------------------
 
@@ -96,15 +141,7 @@ __global__ void __launch_bounds__(kRowThreadsMax)
   for (int64_t u = threadIdx.x; u < units; u += blockDim.x) {
     const int64_t d = u * VEC;
     float xv[kTileRows][VEC];
-#pragma unroll
-    for (int r = 0; r < kTileRows; ++r) {
-      if (r < rows) {
-        load_vec_f32<T, VEC>(x + (m0 + r) * stride_x + d, xv[r]);
-      } else {
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) xv[r][v] = 0.f;
-      }
-    }
+    load_tile<T, VEC>(x, stride_x, m0, rows, d, xv);
 #pragma unroll
     for (int j = 0; j < RM; ++j) {
       if (j < s.R) {
@@ -160,34 +197,24 @@ __global__ void __launch_bounds__(kRowThreadsMax)
 #pragma unroll
         for (int v = 0; v < VEC; ++v) out[r][v] = 0.f;
       }
+      for_up_weights<VEC>(
+          U, c, s, d,
+          [&](int e, int jl, const float (&uv)[VEC]) {
 #pragma unroll
-      for (int e = 0; e < EM; ++e) {
-        if (e < s.E) {
+            for (int r = 0; r < kTileRows; ++r) {
+              const float hv = h[r][e][g * s.RG + jl];
 #pragma unroll
-          for (int jl = 0; jl < RM; ++jl) {
-            if (jl < s.RG) {
-              float uv[VEC];
-#pragma unroll
-              for (int v = 0; v < VEC; ++v) uv[v] = U[(e * s.D + d + v) * s.RG + jl];
-#pragma unroll
-              for (int r = 0; r < kTileRows; ++r) {
-                const float hv = h[r][e][g * s.RG + jl];
-#pragma unroll
-                for (int v = 0; v < VEC; ++v) out[r][v] = fmaf(hv, uv[v], out[r][v]);
-              }
+              for (int v = 0; v < VEC; ++v) out[r][v] = fmaf(hv, uv[v], out[r][v]);
             }
-          }
-          float cv[VEC];
+          },
+          [&](int e, const float (&cv)[VEC]) {
 #pragma unroll
-          for (int v = 0; v < VEC; ++v) cv[v] = c[e * s.D + d + v];
+            for (int r = 0; r < kTileRows; ++r) {
+              const float wv = w[r][e];
 #pragma unroll
-          for (int r = 0; r < kTileRows; ++r) {
-            const float wv = w[r][e];
-#pragma unroll
-            for (int v = 0; v < VEC; ++v) out[r][v] = fmaf(wv, cv[v], out[r][v]);
-          }
-        }
-      }
+              for (int v = 0; v < VEC; ++v) out[r][v] = fmaf(wv, cv[v], out[r][v]);
+            }
+          });
 #pragma unroll
       for (int r = 0; r < kTileRows; ++r) {
         if (r < rows) {
@@ -253,42 +280,24 @@ __global__ void __launch_bounds__(kRowThreadsMax)
     for (int64_t u = threadIdx.x; u < group_units; u += blockDim.x) {
       const int64_t d = g * s.DG + u * VEC;
       float dv[kTileRows][VEC];
+      load_tile<T, VEC>(dy, stride_dy, m0, rows, d, dv);
+      for_up_weights<VEC>(
+          U, c, s, d,
+          [&](int e, int jl, const float (&uv)[VEC]) {
 #pragma unroll
-      for (int r = 0; r < kTileRows; ++r) {
-        if (r < rows) {
-          load_vec_f32<T, VEC>(dy + (m0 + r) * stride_dy + d, dv[r]);
-        } else {
+            for (int r = 0; r < kTileRows; ++r) {
+              float& a = acc[(r * EM + e) * RM + jl];
 #pragma unroll
-          for (int v = 0; v < VEC; ++v) dv[r][v] = 0.f;
-        }
-      }
-#pragma unroll
-      for (int e = 0; e < EM; ++e) {
-        if (e < s.E) {
-#pragma unroll
-          for (int jl = 0; jl < RM; ++jl) {
-            if (jl < s.RG) {
-              float uv[VEC];
-#pragma unroll
-              for (int v = 0; v < VEC; ++v) uv[v] = U[(e * s.D + d + v) * s.RG + jl];
-#pragma unroll
-              for (int r = 0; r < kTileRows; ++r) {
-                float& a = acc[(r * EM + e) * RM + jl];
-#pragma unroll
-                for (int v = 0; v < VEC; ++v) a = fmaf(dv[r][v], uv[v], a);
-              }
+              for (int v = 0; v < VEC; ++v) a = fmaf(dv[r][v], uv[v], a);
             }
-          }
-          float cv[VEC];
+          },
+          [&](int e, const float (&cv)[VEC]) {
 #pragma unroll
-          for (int v = 0; v < VEC; ++v) cv[v] = c[e * s.D + d + v];
+            for (int r = 0; r < kTileRows; ++r) {
 #pragma unroll
-          for (int r = 0; r < kTileRows; ++r) {
-#pragma unroll
-            for (int v = 0; v < VEC; ++v) tb[r * EM + e] = fmaf(dv[r][v], cv[v], tb[r * EM + e]);
-          }
-        }
-      }
+              for (int v = 0; v < VEC; ++v) tb[r * EM + e] = fmaf(dv[r][v], cv[v], tb[r * EM + e]);
+            }
+          });
     }
     block_allreduce<K>(acc, red);
     if (t == 0) {
