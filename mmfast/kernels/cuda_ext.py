@@ -28,6 +28,7 @@ import functools
 import hashlib
 import importlib
 import os
+import struct
 import sys
 import threading
 import time
@@ -384,7 +385,7 @@ def adapter_unsupported(R: int, E: int, p_drop: float = 0.0) -> str | None:
     if not (1 <= R <= ADAPTER_MAX_HIDDEN and 1 <= E <= ADAPTER_MAX_EXPERTS):
         return (f"the CUDA C++ adapter kernels take 1 to {ADAPTER_MAX_HIDDEN} hidden channels and 1 to "
                 f"{ADAPTER_MAX_EXPERTS} experts (got {R} and {E})")
-    if torch.tensor(p_drop, dtype=torch.float32).item() >= 1.0:
+    if struct.unpack("f", struct.pack("f", p_drop))[0] >= 1.0:  # p as the kernels see it (fp32)
         return f"the CUDA C++ adapter kernels take dropout below 1 in float32 (got {p_drop!r})"
     return None
 
