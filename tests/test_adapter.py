@@ -363,10 +363,10 @@ def test_cuda_backend_runs_its_own_kernels(monkeypatch, seed):
     leaves = make_inputs(2, 7, 512, 8, 2, 2, torch.bfloat16, "cuda")
     dseed = torch.tensor([seed], dtype=torch.int64, device="cuda")
     assert torch.equal(cuda_ext.adapter_keep_mask(dseed, 2**16, 8, 0.25), triton_kernels.keep_mask(dseed, 2**16, 8, 0.25))
-    x2 = leaves[0].detach().reshape(14, 512)
-    assert cuda_ext.adapter_path(x2, leaves[1], leaves[3], 2) == "v8"  # 16-byte rows
-    assert cuda_ext.adapter_path(x2, leaves[1], leaves[3], 2, backward=True) == "v8+v2"
-    odd = (x2[:, 2:], leaves[1][:, 2:], leaves[3][:, 2:], 2)  # group width 255, rows off 16-byte alignment
+    x2, down_w, up_w = leaves[0].detach().reshape(14, 512), leaves[1].detach(), leaves[3].detach()
+    assert cuda_ext.adapter_path(x2, down_w, up_w, 2) == "v8"  # 16-byte rows
+    assert cuda_ext.adapter_path(x2, down_w, up_w, 2, backward=True) == "v8+v2"
+    odd = (x2[:, 2:], down_w[:, 2:], up_w[:, 2:], 2)  # group width 255, rows off 16-byte alignment
     assert (cuda_ext.adapter_path(*odd), cuda_ext.adapter_path(*odd, backward=True)) == ("v1", "v1+v1")
 
     def refuse(*args, **kwargs):
@@ -380,5 +380,5 @@ def test_cuda_backend_runs_its_own_kernels(monkeypatch, seed):
     assert all(t.grad is not None for t in leaves)
     backend._warned.clear()
     big = make_inputs(2, 7, 512, 16, 2, 2, torch.bfloat16, "cuda")
-    with pytest.warns(RuntimeWarning, match="at most 8 hidden channels"):
+    with pytest.warns(RuntimeWarning, match="MMFAST_BACKEND=cuda, but the CUDA C\\+\\+ adapter kernels take 1 to 8 hidden"):
         mma_adapter(*big)
