@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -443,3 +444,63 @@ def adapter_keep_mask(seed: torch.Tensor, M: int, R: int, p_drop: float) -> torc
     _check(lib().emu_adapter_keep_mask(g_seed.ptr(), M, R, float(p_drop), out.ptr()), "adapter_keep_mask")
     _outputs_ok("adapter_keep_mask", {"mask": out})
     return out.view.clone().bool()
+
+
+# ---- the binding's ops on CPU tensors ----------------------------------------------------------------------
+
+def binding_schemas() -> dict[str, str]:
+    """The schemas ``csrc/binding.cpp`` defines in ``TORCH_LIBRARY(mmfast_cuda, m)``, by op name."""
+    text = (source_dir() / "binding.cpp").read_text()
+    out = {}
+    for call in re.finditer(r'm\.def\(((?:\s*"[^"]*")+)\s*\);', text):
+        schema = "".join(re.findall(r'"([^"]*)"', call.group(1)))
+        out[schema.split("(", 1)[0]] = schema
+    return out
+
+
+def _op_adapter_fwd(x, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed, S):
+    y, z, _ = adapter_fwd(x, S, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed)
+    return y, z
+
+
+def _op_adapter_bwd(dy, x, z, down_w, up_w, up_b, mix, scale, groups, p, seed, S, need_dx, need_dw):
+    grads = adapter_bwd(dy, x, z, S, down_w, up_w, up_b, mix, scale, groups, p, seed, need_dx, need_dw)[:6]
+    return tuple(x.new_empty(0) if g is None else g for g in grads)
+
+
+def _op_adapter_keep_mask(seed, M, R, p):
+    return adapter_keep_mask(seed, M, R, p)
+
+
+def _op_adapter_path(x, down_w, up_w, groups, backward):
+    """Path names from the tensors' real pointers and strides (nothing is launched)."""
+    M, D = x.shape
+    shape = _shape(M, M, D, down_w.shape[0], up_w.shape[0], groups, 1.0, 0.0, x.dtype)
+    stride = x.stride(0) if M > 1 else D
+    if backward:
+        args = (x.data_ptr(), stride, x.data_ptr(), stride) + (None,) * 6 + (x.data_ptr(),) + (None,) * 6
+        return lib().emu_adapter_bwd_path(*args, *shape, 1, 1).decode()
+    return lib().emu_adapter_fwd_path(x.data_ptr(), stride, *(None,) * 6, x.data_ptr(), None, *shape).decode()
+
+
+_CPU_OPS: dict[str, object] = {"adapter_fwd": _op_adapter_fwd, "adapter_bwd": _op_adapter_bwd,
+                               "adapter_keep_mask": _op_adapter_keep_mask, "adapter_path": _op_adapter_path}
+_LIBRARY: torch.library.Library | None = None
+
+
+def register_cpu_ops() -> None:
+    """Define the binding's adapter ops (``torch.ops.mmfast_cuda.adapter_*``, schemas read from
+    ``csrc/binding.cpp``) for CPU tensors, running the emulated kernels: the ``cuda`` backend's whole Python
+    path (ops layer, launchers, op schemas) then runs on a machine without a GPU. Only where the real
+    extension has not defined the namespace (a CPU build of torch never loads it)."""
+    global _LIBRARY
+    if _LIBRARY is not None:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("the emulated mmfast_cuda ops are for machines without a GPU")
+    schemas = binding_schemas()
+    library = torch.library.Library("mmfast_cuda", "DEF")
+    for name, fn in _CPU_OPS.items():
+        library.define(schemas[name])
+        library.impl(name, fn, "CPU")
+    _LIBRARY = library

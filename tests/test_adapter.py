@@ -6,9 +6,10 @@ every input and of dy: the adapter is multilinear with a positive scale, so that
 of the magnitudes of every term of each output and gradient.
 
 CPU runs the kernels through the interpreter in fp32 and fp16 (its bf16 tl.dot is broken); a GPU
-runs bf16 too, once per backend: ``auto`` (Triton) and ``cuda`` (the CUDA C++ kernels, for the adapters
-within their limits; larger ones run Triton there, with a warning). The CUDA C++ kernels also run on the
-CPU through the emulator (test_cuda_adapter_emulated.py).
+runs bf16 too. Every test runs once per backend: ``auto`` (Triton) and ``cuda`` (the CUDA C++ kernels,
+for the adapters within their limits; larger ones run Triton there, with a warning): natively on a GPU,
+on CPU through the emulator behind the binding's op schemas (``emulated-cuda``; the kernels' own tests
+are in test_cuda_adapter_emulated.py).
 """
 
 import pytest
@@ -22,18 +23,34 @@ from mmfast.ops.backend import ENV_VAR
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
 NAMES = ["x", "down_w", "down_b", "up_w", "up_b", "mix"]
-BACKENDS = ["auto", "cuda"] if torch.cuda.is_available() else ["auto"]
 
 
-@pytest.fixture(autouse=True, params=BACKENDS)
+def _backends() -> list[str]:
+    if torch.cuda.is_available():
+        return ["auto", "cuda"]
+    from cuda_emulator import unavailable_reason
+
+    return ["auto"] if unavailable_reason() else ["auto", "emulated-cuda"]
+
+
+@pytest.fixture(autouse=True, params=_backends())
 def adapter_backend(request, monkeypatch):
-    """Every test of this module once per backend (the CUDA C++ one only where there is a GPU; a GPU
-    machine where it does not build fails here rather than skipping)."""
+    """Every test of this module once per backend. ``cuda``: the CUDA C++ kernels on a GPU (a GPU machine
+    where they do not build fails here rather than skipping). ``emulated-cuda`` (no GPU): the ``cuda``
+    backend's whole Python path, with the binding's ops defined for CPU tensors over the emulated kernels
+    (cuda_emulator.register_cpu_ops)."""
     if request.param == "cuda":
         from mmfast.kernels import cuda_ext
 
         assert cuda_ext.load(), f"the CUDA C++ backend did not load: {cuda_ext.unavailable_reason()}"
         monkeypatch.setenv(ENV_VAR, "cuda")
+    elif request.param == "emulated-cuda":
+        import cuda_emulator
+        from mmfast.ops import backend
+
+        cuda_emulator.register_cpu_ops()
+        monkeypatch.setenv(ENV_VAR, "cuda")
+        monkeypatch.setattr(backend, "cuda_can_run", lambda device: None)
     return request.param
 
 
@@ -350,19 +367,21 @@ def test_eager_fast_path_equals_custom_op(dropout, monkeypatch, device):
     assert any("mmfast.mma_adapter_fwd" in s for s in seen), seen
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA C++ kernels run on a GPU")
-def test_cuda_backend_runs_its_own_kernels(monkeypatch, seed):
+def test_cuda_backend_runs_its_own_kernels(adapter_backend, device, monkeypatch, seed):
     """Under MMFAST_BACKEND=cuda an adapter within the kernels' limits never reaches the Triton launchers,
     its kernels draw the Triton kernels' dropout mask, and a larger adapter runs Triton, with one warning
     naming the limit."""
+    if adapter_backend == "auto":
+        pytest.skip("a test of the cuda backend (its parametrisation runs it)")
     from mmfast.kernels import adapter as triton_kernels
     from mmfast.kernels import cuda_ext
     from mmfast.ops import backend
 
-    monkeypatch.setenv(ENV_VAR, "cuda")
-    leaves = make_inputs(2, 7, 512, 8, 2, 2, torch.bfloat16, "cuda")
-    dseed = torch.tensor([seed], dtype=torch.int64, device="cuda")
-    assert torch.equal(cuda_ext.adapter_keep_mask(dseed, 2**16, 8, 0.25), triton_kernels.keep_mask(dseed, 2**16, 8, 0.25))
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16  # the interpreter's bf16 products are unusable
+    leaves = make_inputs(2, 7, 512, 8, 2, 2, dtype, device)
+    dseed = torch.tensor([seed], dtype=torch.int64, device=device)
+    M = 2**16 if device == "cuda" else 2**10
+    assert torch.equal(cuda_ext.adapter_keep_mask(dseed, M, 8, 0.25), triton_kernels.keep_mask(dseed, M, 8, 0.25))
     x2, down_w, up_w = leaves[0].detach().reshape(14, 512), leaves[1].detach(), leaves[3].detach()
     assert cuda_ext.adapter_path(x2, down_w, up_w, 2) == "v8"  # 16-byte rows
     assert cuda_ext.adapter_path(x2, down_w, up_w, 2, backward=True) == "v8+v2"
@@ -379,6 +398,6 @@ def test_cuda_backend_runs_its_own_kernels(monkeypatch, seed):
         y.float().sum().backward()
     assert all(t.grad is not None for t in leaves)
     backend._warned.clear()
-    big = make_inputs(2, 7, 512, 16, 2, 2, torch.bfloat16, "cuda")
+    big = make_inputs(2, 7, 512, 16, 2, 2, dtype, device)
     with pytest.warns(RuntimeWarning, match="MMFAST_BACKEND=cuda, but the CUDA C\\+\\+ adapter kernels take 1 to 8 hidden"):
         mma_adapter(*big)
