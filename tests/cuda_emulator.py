@@ -483,14 +483,44 @@ def _op_adapter_path(x, down_w, up_w, groups, backward):
     return lib().emu_adapter_fwd_path(x.data_ptr(), stride, *(None,) * 6, x.data_ptr(), None, *shape).decode()
 
 
-_CPU_OPS: dict[str, object] = {"adapter_fwd": _op_adapter_fwd, "adapter_bwd": _op_adapter_bwd,
+def _op_norm_fwd(x, weight, bias, residual, eps, rms):
+    y, h, mean, rstd = norm_fwd(x, weight, bias, residual, eps, rms)
+    return y, (x.new_empty(0) if h is None else h), (rstd.new_empty(0) if mean is None else mean), rstd
+
+
+def _op_norm_bwd(dy, x, weight, mean, rstd, dres, rms, need_dx, need_dw, need_db, dw_dtype, db_dtype, stages=0):
+    dx, dw, db, _ = norm_bwd(dy, x, weight, mean, rstd, dres, rms, need_dx, need_dw, need_db, stages=stages,
+                             dw_dtype=dw_dtype, db_dtype=db_dtype or x.dtype)
+    return tuple(x.new_empty(0) if g is None else g for g in (dx, dw, db))
+
+
+def _op_norm_path(x, weight, bias, residual, rms, backward, stages=0):
+    """Path names from the tensors' real pointers and strides, as the binding's norm_path (nothing launched)."""
+    M, N = x.shape
+    weight, bias, wdt = _affine(weight, bias, x)
+    stride = x.stride(0) if M > 1 else N
+    p = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    if not backward:
+        return lib().emu_norm_fwd_path(x.data_ptr(), p(residual), p(weight), p(bias), x.data_ptr(),
+                                       x.data_ptr() if residual is not None else None, M, N, stride,
+                                       (residual.stride(0) if M > 1 else N) if residual is not None else 0,
+                                       DTYPE_CODE[x.dtype], DTYPE_CODE[wdt], int(rms)).decode()
+    res_stride = (residual.stride(0) if M > 1 else N) if residual is not None else 0
+    return lib().emu_norm_bwd_path(x.data_ptr(), x.data_ptr(), p(weight), None, None, p(residual), x.data_ptr(), None,
+                                   None, M, N, stride, stride, res_stride, DTYPE_CODE[x.dtype], DTYPE_CODE[wdt],
+                                   int(rms), 1, int(weight is not None), int(not rms and bias is not None),
+                                   stages).decode()
+
+
+_CPU_OPS: dict[str, object] = {"norm_fwd": _op_norm_fwd, "norm_bwd": _op_norm_bwd, "norm_path": _op_norm_path,
+                               "adapter_fwd": _op_adapter_fwd, "adapter_bwd": _op_adapter_bwd,
                                "adapter_keep_mask": _op_adapter_keep_mask, "adapter_path": _op_adapter_path}
 _LIBRARY: torch.library.Library | None = None
 
 
 def register_cpu_ops() -> None:
-    """Define the binding's adapter ops (``torch.ops.mmfast_cuda.adapter_*``, schemas read from
-    ``csrc/binding.cpp``) for CPU tensors, running the emulated kernels: the ``cuda`` backend's whole Python
+    """Define the binding's ops (``torch.ops.mmfast_cuda.*``, schemas read from ``csrc/binding.cpp``) for CPU
+    tensors, running the emulated kernels: the ``cuda`` backend's whole Python
     path (ops layer, launchers, op schemas) then runs on a machine without a GPU. Only where the real
     extension has not defined the namespace (a CPU build of torch never loads it)."""
     global _LIBRARY
@@ -499,6 +529,7 @@ def register_cpu_ops() -> None:
     if torch.cuda.is_available():
         raise RuntimeError("the emulated mmfast_cuda ops are for machines without a GPU")
     schemas = binding_schemas()
+    assert set(schemas) == set(_CPU_OPS), f"binding.cpp defines {sorted(schemas)}, the emulated ops {sorted(_CPU_OPS)}"
     library = torch.library.Library("mmfast_cuda", "DEF")
     for name, fn in _CPU_OPS.items():
         library.define(schemas[name])
