@@ -3,7 +3,8 @@
 On a machine without CUDA these run the Triton kernels through the interpreter (conftest.py); on a
 GPU the same tests run natively, once per backend: ``auto`` (Triton, no backend table is consulted
 without one) and ``cuda`` (the CUDA C++ kernels, built on first use; a GPU machine where they do not
-build fails here rather than skipping).
+build fails here rather than skipping). Without a GPU, ``emulated-cuda`` runs the ``cuda`` backend's
+Python path over the binding's op schemas with the emulated kernels (cuda_emulator.register_cpu_ops).
 """
 
 import math
