@@ -1,6 +1,8 @@
 """The CUDA C++ backward's shared-memory staging (``stages`` in csrc/norm.h, ``MMFAST_CUDA_BWD_STAGES``).
 
-On CPU: how the number of stages is chosen and validated. On a GPU: every special width, dtype pair,
+On CPU: how the number of stages is chosen and validated, and the staged dx bit-identical to the register
+kernel's through cuda_ext and the binding's op schema over the emulated kernels (their whole staged matrix
+is in test_cuda_emulated.py). On a GPU: every special width, dtype pair,
 residual and stage count against the float64 reference (accuracy.py) with enough rows that each block
 walks more rows than it has stages, the path name saying that the staged kernel ran, and dx bit-identical
 to the register kernel's (the per-row arithmetic is the same; dweight's partial rows may be grouped
@@ -89,19 +91,40 @@ def test_staged_backward_few_rows_and_parameter_grads_only(kind, M, cuda_backend
     check_case(case, seed)
 
 
-@needs_gpu
-@pytest.mark.parametrize("N", on_gpu(SPECIAL))
-@pytest.mark.parametrize("kind", on_gpu(["rms", "ln"]))
-def test_staged_dx_is_bit_identical_to_the_register_kernel(kind, N, cuda_backend):
-    M = _rows(N, torch.bfloat16)
-    g = torch.Generator(device="cuda").manual_seed(N)
-    x = torch.randn(M, N, device="cuda", generator=g).bfloat16()
-    dy = torch.randn(M, N, device="cuda", generator=g).bfloat16()
-    dres = torch.randn(M, N, device="cuda", generator=g).bfloat16()
-    w = 1 + 0.1 * torch.randn(N, device="cuda", generator=g)
-    b = None if kind == "rms" else 0.1 * torch.randn(N, device="cuda", generator=g)
+@pytest.fixture
+def staged_device():
+    """(device, SM count, shared memory a block may opt into) for the staged kernels: the GPU, with the CUDA
+    C++ backend loaded; without one the CPU, with the binding's ops defined over the emulated kernels on the
+    emulated 3-SM device."""
+    if GPU:
+        assert cuda_ext.load(), f"the CUDA C++ backend did not load: {cuda_ext.unavailable_reason()}"
+        optin = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+        return "cuda", _device.sm_count(torch.device("cuda")), optin
+    import cuda_emulator
+
+    if cuda_emulator.unavailable_reason():
+        pytest.skip(cuda_emulator.unavailable_reason())
+    cuda_emulator.register_cpu_ops()
+    cuda_emulator.select_device(0)
+    return "cpu", *cuda_emulator.device_props(0)
+
+
+@pytest.mark.parametrize("N", SPECIAL if GPU else [1024, 4096])
+@pytest.mark.parametrize("kind", ["rms", "ln"])
+def test_staged_dx_is_bit_identical_to_the_register_kernel(kind, N, staged_device):
+    """Through cuda_ext and the binding's op (its ``stages`` argument), on a GPU or the emulator."""
+    device, sms, optin = staged_device
+    M = staged_rows(N, torch.bfloat16, sms)
+    g = torch.Generator(device=device).manual_seed(N)
+    x = torch.randn(M, N, device=device, generator=g).bfloat16()
+    dy = torch.randn(M, N, device=device, generator=g).bfloat16()
+    dres = torch.randn(M, N, device=device, generator=g).bfloat16()
+    w = 1 + 0.1 * torch.randn(N, device=device, generator=g)
+    b = None if kind == "rms" else 0.1 * torch.randn(N, device=device, generator=g)
     rms = kind == "rms"
     _, _, mean, rstd = cuda_ext.norm_fwd(x, w, b, None, 1e-6, rms)
     outs = {s: cuda_ext.norm_bwd(dy, x, w, mean, rstd, dres, rms, True, True, not rms, stages=s) for s in (0, 2, 3)}
     for s in (2, 3):
+        staged = staged_fits(N, torch.bfloat16, s, 3, optin)
+        assert cuda_ext.norm_path(x, w, b, dres, rms, backward=True, stages=s) == f"special-{N}" + f"-staged{s}" * staged
         assert torch.equal(outs[s][0], outs[0][0]), f"dx of {s} stages differs from the register kernel's"
