@@ -15,6 +15,7 @@ are in test_cuda_adapter_emulated.py).
 import pytest
 import torch
 
+import backend_params
 import mmfast
 from accuracy import assert_accurate
 from dispatch import dispatched_ops
@@ -25,33 +26,10 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_ava
 NAMES = ["x", "down_w", "down_b", "up_w", "up_b", "mix"]
 
 
-def _backends() -> list[str]:
-    if torch.cuda.is_available():
-        return ["auto", "cuda"]
-    from cuda_emulator import unavailable_reason
-
-    return ["auto"] if unavailable_reason() else ["auto", "emulated-cuda"]
-
-
-@pytest.fixture(autouse=True, params=_backends())
+@pytest.fixture(autouse=True, params=backend_params.BACKENDS)
 def adapter_backend(request, monkeypatch):
-    """Every test of this module once per backend. ``cuda``: the CUDA C++ kernels on a GPU (a GPU machine
-    where they do not build fails here rather than skipping). ``emulated-cuda`` (no GPU): the ``cuda``
-    backend's whole Python path, with the binding's ops defined for CPU tensors over the emulated kernels
-    (cuda_emulator.register_cpu_ops)."""
-    if request.param == "cuda":
-        from mmfast.kernels import cuda_ext
-
-        assert cuda_ext.load(), f"the CUDA C++ backend did not load: {cuda_ext.unavailable_reason()}"
-        monkeypatch.setenv(ENV_VAR, "cuda")
-    elif request.param == "emulated-cuda":
-        import cuda_emulator
-        from mmfast.ops import backend
-
-        cuda_emulator.register_cpu_ops()
-        monkeypatch.setenv(ENV_VAR, "cuda")
-        monkeypatch.setattr(backend, "cuda_can_run", lambda device: None)
-    return request.param
+    """Every test of this module once per backend (backend_params.py)."""
+    return backend_params.select(request.param, monkeypatch)
 
 
 def make_inputs(B, S, D, R, G, E, dtype, device, weight_dtype=torch.float32, trained=True):

@@ -14,6 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import backend_params
 import mmfast
 from mmfast.kernels import _device
 from norm_cases import DTYPES, check_case, make_case, run_ours
@@ -22,32 +23,10 @@ KINDS = ["rms", "ln"]
 NS = [1, 7, 129, 768, 1000, 4096, 5120]
 
 
-def _backends() -> list[str]:
-    if torch.cuda.is_available():
-        return ["auto", "cuda"]
-    from cuda_emulator import unavailable_reason
-
-    return ["auto"] if unavailable_reason() else ["auto", "emulated-cuda"]
-
-
-@pytest.fixture(autouse=True, params=_backends())
+@pytest.fixture(autouse=True, params=backend_params.BACKENDS)
 def norm_backend(request, monkeypatch):
-    """Every test of this module once per backend: ``cuda`` on a GPU; without one ``emulated-cuda``, the
-    ``cuda`` backend's whole Python path with the binding's ops defined for CPU tensors over the emulated
-    kernels (cuda_emulator.register_cpu_ops)."""
-    if request.param == "cuda":
-        from mmfast.kernels import cuda_ext
-
-        assert cuda_ext.load(), f"the CUDA C++ backend did not load: {cuda_ext.unavailable_reason()}"
-        monkeypatch.setenv("MMFAST_BACKEND", "cuda")
-    elif request.param == "emulated-cuda":
-        import cuda_emulator
-        from mmfast.ops import backend
-
-        cuda_emulator.register_cpu_ops()
-        monkeypatch.setenv("MMFAST_BACKEND", "cuda")
-        monkeypatch.setattr(backend, "cuda_can_run", lambda device: None)
-    return request.param
+    """Every test of this module once per backend (backend_params.py)."""
+    return backend_params.select(request.param, monkeypatch)
 
 
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
