@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import inspect
 import os
 import re
 import shutil
@@ -234,6 +235,17 @@ def _input(t: torch.Tensor | None, row_stride: int | None = None, offset: int = 
     return g
 
 
+def _rows(t: torch.Tensor | None, width: int, pad: int | None, offset: int = 0) -> Guarded | None:
+    """A guarded copy of the rows t: ``width + pad`` elements apart and ``offset`` elements past 16-byte
+    alignment; with ``pad=None``, t's own row stride and alignment (what the kernels see of t on a GPU)."""
+    if t is None:
+        return None
+    if pad is None:
+        stride = t.stride(0) if t.dim() == 2 and t.size(0) > 1 else width
+        return _input(t, stride, (t.data_ptr() % 16) // t.element_size())
+    return _input(t, width + pad, offset)
+
+
 def _snapshot(inputs) -> list:
     return [(g, g.buf.clone()) for g in inputs if g is not None]
 
@@ -271,10 +283,11 @@ def _affine(weight, bias, x):
 
 def norm_fwd(x, weight, bias, residual, eps: float, rms: bool, pad: int = 0, offset: int = 0):
     """(y, residual_out or None, mean or None, rstd) of 2-D ``x``; input rows are ``N + pad`` apart, and x
-    starts ``offset`` elements past 16-byte alignment (a view such as ``big[:, 1:]``)."""
+    starts ``offset`` elements past 16-byte alignment (a view such as ``big[:, 1:]``); ``pad=None``: every
+    input keeps its own row stride and alignment."""
     M, N = x.shape
     weight, bias, wdt = _affine(weight, bias, x)
-    xs, rs = _input(x, N + pad, offset), _input(residual, N + pad)
+    xs, rs = _rows(x, N, pad, offset), _rows(residual, N, pad)
     ws, bs = _input(weight), _input(bias)
     y = Guarded((M, N), x.dtype)
     h = Guarded((M, N), x.dtype) if residual is not None else None
@@ -313,8 +326,8 @@ def norm_bwd(dy, x, weight, mean, rstd, dres, rms: bool, need_dx=True, need_dw=T
     M, N = x.shape
     need_dw = need_dw and weight is not None
     wdt = weight.dtype if weight is not None else x.dtype
-    g_dy, g_x = _input(dy, N + pad), _input(x, N + pad, offset)
-    g_dres = _input(dres if need_dx else None, N + pad)
+    g_dy, g_x = _rows(dy, N, pad), _rows(x, N, pad, offset)
+    g_dres = _rows(dres if need_dx else None, N, pad)
     g_w, g_mean, g_rstd = _input(weight), _input(mean, align=4), _input(rstd, align=4)
     need = (need_dx, need_dw, need_db)
     dx = Guarded((M, N), x.dtype) if need_dx else None
@@ -373,7 +386,7 @@ def adapter_fwd(x, S, down_w, down_b, up_w, up_b, mix, scale, groups, p_drop, se
     starts ``offset`` elements past 16-byte alignment."""
     M, D = x.shape
     R, E = down_w.shape[0], up_w.shape[0]
-    g_x = _input(x, D + pad, offset)
+    g_x = _rows(x, D, pad, offset)
     g_w = [_fp32(t) for t in (down_w, down_b, up_w, up_b, mix)]
     g_seed = _seed(seed, p_drop)
     y = Guarded((M, D), x.dtype)
@@ -396,7 +409,7 @@ def adapter_bwd(dy, x, z, S, down_w, up_w, up_b, mix, scale, groups, p_drop, see
     M, D = x.shape
     R, E, RG = down_w.shape[0], up_w.shape[0], up_w.shape[2]
     B = mix.shape[0]
-    g_dy, g_x = _input(dy, D + pad), _input(x, D + pad, offset)
+    g_dy, g_x = _rows(dy, D, pad), _rows(x, D, pad, offset)
     g_z = _fp32(z)
     g_w = [_fp32(t) for t in (down_w, up_w, up_b, mix)]
     g_seed = _seed(seed, p_drop)
@@ -450,7 +463,7 @@ def adapter_keep_mask(seed: torch.Tensor, M: int, R: int, p_drop: float) -> torc
 
 def binding_schemas() -> dict[str, str]:
     """The schemas ``csrc/binding.cpp`` defines in ``TORCH_LIBRARY(mmfast_cuda, m)``, by op name."""
-    text = (source_dir() / "binding.cpp").read_text()
+    text = re.sub(r"//[^\n]*", "", (source_dir() / "binding.cpp").read_text())
     out = {}
     for call in re.finditer(r'm\.def\(((?:\s*"[^"]*")+)\s*\);', text):
         schema = "".join(re.findall(r'"([^"]*)"', call.group(1)))
@@ -458,13 +471,20 @@ def binding_schemas() -> dict[str, str]:
     return out
 
 
+#: The kernel paths the ops below ran, newest last ("norm_bwd:special-4096-staged3", "adapter_bwd:v8+v2").
+ran_paths: list[str] = []
+
+
 def _op_adapter_fwd(x, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed, S):
-    y, z, _ = adapter_fwd(x, S, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed)
+    y, z, path = adapter_fwd(x, S, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed, pad=None)
+    ran_paths.append(f"adapter_fwd:{path}")
     return y, z
 
 
 def _op_adapter_bwd(dy, x, z, down_w, up_w, up_b, mix, scale, groups, p, seed, S, need_dx, need_dw):
-    grads = adapter_bwd(dy, x, z, S, down_w, up_w, up_b, mix, scale, groups, p, seed, need_dx, need_dw)[:6]
+    *grads, path = adapter_bwd(dy, x, z, S, down_w, up_w, up_b, mix, scale, groups, p, seed, need_dx, need_dw,
+                               pad=None)
+    ran_paths.append(f"adapter_bwd:{path}")
     return tuple(x.new_empty(0) if g is None else g for g in grads)
 
 
@@ -484,13 +504,15 @@ def _op_adapter_path(x, down_w, up_w, groups, backward):
 
 
 def _op_norm_fwd(x, weight, bias, residual, eps, rms):
-    y, h, mean, rstd = norm_fwd(x, weight, bias, residual, eps, rms)
+    y, h, mean, rstd = norm_fwd(x, weight, bias, residual, eps, rms, pad=None)
     return y, (x.new_empty(0) if h is None else h), (rstd.new_empty(0) if mean is None else mean), rstd
 
 
-def _op_norm_bwd(dy, x, weight, mean, rstd, dres, rms, need_dx, need_dw, need_db, dw_dtype, db_dtype, stages=0):
-    dx, dw, db, _ = norm_bwd(dy, x, weight, mean, rstd, dres, rms, need_dx, need_dw, need_db, stages=stages,
-                             dw_dtype=dw_dtype, db_dtype=db_dtype or x.dtype)
+def _op_norm_bwd(dy, x, weight, mean, rstd, dresidual_out, rms, need_dx, need_dw, need_db, dw_dtype, db_dtype,
+                 stages=0):
+    dx, dw, db, path = norm_bwd(dy, x, weight, mean, rstd, dresidual_out, rms, need_dx, need_dw, need_db,
+                                stages=stages, dw_dtype=dw_dtype, db_dtype=db_dtype or x.dtype, pad=None)
+    ran_paths.append(f"norm_bwd:{path}")
     return tuple(x.new_empty(0) if g is None else g for g in (dx, dw, db))
 
 
@@ -528,8 +550,18 @@ def register_cpu_ops() -> None:
         return
     if torch.cuda.is_available():
         raise RuntimeError("the emulated mmfast_cuda ops are for machines without a GPU")
+    try:
+        torch.ops.mmfast_cuda.norm_fwd
+    except (AttributeError, RuntimeError):
+        pass
+    else:
+        raise RuntimeError("the real mmfast_cuda extension is loaded: its ops cannot be emulated in this process")
     schemas = binding_schemas()
     assert set(schemas) == set(_CPU_OPS), f"binding.cpp defines {sorted(schemas)}, the emulated ops {sorted(_CPU_OPS)}"
+    for name, schema in schemas.items():  # the ops take their arguments by position: same names, same order
+        args = schema[schema.index("(") + 1:schema.index(") ->")]
+        names = [a.split("=")[0].split()[-1] for a in args.split(",")]
+        assert names == list(inspect.signature(_CPU_OPS[name]).parameters), f"{name}: {names}"
     library = torch.library.Library("mmfast_cuda", "DEF")
     for name, fn in _CPU_OPS.items():
         library.define(schemas[name])

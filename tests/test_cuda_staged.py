@@ -123,8 +123,15 @@ def test_staged_dx_is_bit_identical_to_the_register_kernel(kind, N, staged_devic
     b = None if kind == "rms" else 0.1 * torch.randn(N, device=device, generator=g)
     rms = kind == "rms"
     _, _, mean, rstd = cuda_ext.norm_fwd(x, w, b, None, 1e-6, rms)
+    expect = {s: f"special-{N}" + (f"-staged{s}" if s and staged_fits(N, torch.bfloat16, s, 3, optin) else "")
+              for s in (0, 2, 3)}
+    if device == "cpu":
+        import cuda_emulator
+
+        cuda_emulator.ran_paths.clear()
     outs = {s: cuda_ext.norm_bwd(dy, x, w, mean, rstd, dres, rms, True, True, not rms, stages=s) for s in (0, 2, 3)}
+    if device == "cpu":  # the kernels that ran (on a GPU, the path the binding reports for these tensors)
+        assert cuda_emulator.ran_paths == [f"norm_bwd:{expect[s]}" for s in (0, 2, 3)]
     for s in (2, 3):
-        staged = staged_fits(N, torch.bfloat16, s, 3, optin)
-        assert cuda_ext.norm_path(x, w, b, dres, rms, backward=True, stages=s) == f"special-{N}" + f"-staged{s}" * staged
+        assert cuda_ext.norm_path(x, w, b, dres, rms, backward=True, stages=s) == expect[s]
         assert torch.equal(outs[s][0], outs[0][0]), f"dx of {s} stages differs from the register kernel's"
