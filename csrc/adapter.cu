@@ -28,7 +28,6 @@ constexpr int kRowThreadsMax = 128;    // threads of those blocks, at most (bloc
 constexpr int kColThreads = 128;       // threads of the column kernel's blocks
 constexpr int kColVec = 2;             // columns per thread of the column kernel (registers: dA, dU, dc)
 constexpr int kProgramsPerSm = 8;      // column kernel: resident programs per SM it aims for
-constexpr int kMinRowsPerColProgram = 4;
 constexpr int RM = kAdapterMaxHidden;
 constexpr int EM = kAdapterMaxExperts;
 // One thread per (row, hidden channel) and per (row, expert) of a tile: a warp's worth at most.
@@ -454,10 +453,6 @@ __global__ void __launch_bounds__(256) adapter_keep_mask_kernel(const int64_t* _
 // host side
 // ------------------------------------------------------------------------------------------------
 
-inline bool aligned_to(const void* ptr, int bytes) {
-  return ptr == nullptr || (reinterpret_cast<uintptr_t>(ptr) % static_cast<uintptr_t>(bytes)) == 0;
-}
-
 // Columns per access: vec when every row of every activation tensor starts on a vec-element boundary
 // and no access straddles a group; else 1.
 inline int pick_vec(int vec, const AdapterShape& s, int elt, std::initializer_list<std::pair<const void*, int64_t>> rows) {
@@ -490,6 +485,15 @@ int cols_vec(const AdapterBwdParams& p) {  // x is read only for the weight grad
                   {{p.dy, p.stride_dy}, {p.need_dw ? p.x : nullptr, p.stride_x}, {p.need_dx ? p.dx : nullptr, p.shape.D}});
 }
 
+// Launches a row-tile kernel (the forward or the backward's rows kernel; `kernel` is its instance for
+// vector width vec): one block per kTileRows rows, row_threads threads.
+template <typename... P, typename... A>
+cudaError_t launch_row_tiles(void (*kernel)(P...), int vec, const Dims& s, cudaStream_t stream, A&&... args) {
+  const unsigned blocks = static_cast<unsigned>((s.M + kTileRows - 1) / kTileRows);
+  MMFAST_LAUNCH(kernel, blocks, row_threads(s.DG / vec), 0, stream)(std::forward<A>(args)...);
+  return cudaGetLastError();
+}
+
 template <typename F>
 cudaError_t dispatch_act(DType act, F&& f) {
   switch (act) {
@@ -508,7 +512,7 @@ int64_t col_chunks(int64_t D, int vec) {
 int64_t num_programs(int64_t M, int64_t chunks) {
   if (M == 0) return 0;
   const int64_t target = (static_cast<int64_t>(kProgramsPerSm) * current_sm_count() + chunks - 1) / chunks;
-  const int64_t most = (M + kMinRowsPerColProgram - 1) / kMinRowsPerColProgram;
+  const int64_t most = (M + kMinRowsPerProgram - 1) / kMinRowsPerProgram;
   return target < 1 ? 1 : (target < most ? target : most);
 }
 
@@ -529,18 +533,9 @@ cudaError_t adapter_fwd(const AdapterFwdParams& p, cudaStream_t stream) {
     using T = typename decltype(tag)::type;
     constexpr int kVec = 16 / sizeof(T);
     const int vec = fwd_vec(p);
-    const unsigned blocks = static_cast<unsigned>((s.M + kTileRows - 1) / kTileRows);
-    const int threads = row_threads(s.DG / vec);
-    auto run = [&](auto kernel) {
-      MMFAST_LAUNCH(kernel, blocks, threads, 0, stream)(static_cast<const T*>(p.x), p.stride_x, p.down_w, p.down_b,
-                                                        p.up_w, p.up_b, p.mix, p.seed, static_cast<T*>(p.y), p.z, s);
-    };
-    if (vec == kVec) {
-      run(adapter_fwd_kernel<T, kVec>);
-    } else {
-      run(adapter_fwd_kernel<T, 1>);
-    }
-    return cudaGetLastError();
+    return launch_row_tiles(vec == kVec ? adapter_fwd_kernel<T, kVec> : adapter_fwd_kernel<T, 1>, vec, s, stream,
+                            static_cast<const T*>(p.x), p.stride_x, p.down_w, p.down_b, p.up_w, p.up_b, p.mix, p.seed,
+                            static_cast<T*>(p.y), p.z, s);
   });
 }
 
@@ -560,19 +555,10 @@ cudaError_t adapter_bwd(const AdapterBwdParams& p, cudaStream_t stream) {
     using T = typename decltype(tag)::type;
     constexpr int kVec = 16 / sizeof(T);
     const int vec = rows_vec(p);
-    const unsigned blocks = static_cast<unsigned>((s.M + kTileRows - 1) / kTileRows);
-    const int threads = row_threads(s.DG / vec);
     float* zd_out = p.need_dw && s.p_drop > 0.f ? p.zd : nullptr;
-    auto rows = [&](auto kernel) {
-      MMFAST_LAUNCH(kernel, blocks, threads, 0, stream)(static_cast<const T*>(p.dy), p.stride_dy, p.z, p.up_w, p.up_b,
-                                                        p.mix, p.seed, p.dz, zd_out, p.dmix_rows, s);
-    };
-    if (vec == kVec) {
-      rows(adapter_bwd_rows_kernel<T, kVec>);
-    } else {
-      rows(adapter_bwd_rows_kernel<T, 1>);
-    }
-    cudaError_t err = cudaGetLastError();
+    const cudaError_t err = launch_row_tiles(
+        vec == kVec ? adapter_bwd_rows_kernel<T, kVec> : adapter_bwd_rows_kernel<T, 1>, vec, s, stream,
+        static_cast<const T*>(p.dy), p.stride_dy, p.z, p.up_w, p.up_b, p.mix, p.seed, p.dz, zd_out, p.dmix_rows, s);
     if (err != cudaSuccess || !(p.need_dx || p.need_dw)) return err;
 
     const int cvec = cols_vec(p);

@@ -257,7 +257,11 @@ __host__ __device__ constexpr int spec_tpr(int units) { return units / spec_item
 
 inline int dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 
-inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+// Whether p (nullptr counts as aligned) is a multiple of `bytes` (a power of two).
+inline bool aligned_to(const void* p, int bytes) {
+  return (reinterpret_cast<uintptr_t>(p) & static_cast<uintptr_t>(bytes - 1)) == 0;
+}
+inline bool aligned16(const void* p) { return aligned_to(p, 16); }
 
 // The widths with their own compile-time instances.
 constexpr int kSpecialWidths[] = {768, 1024, 1280, 4096, 5120, 8192};

@@ -241,8 +241,7 @@ def _rows(t: torch.Tensor | None, width: int, pad: int | None, offset: int = 0) 
     if t is None:
         return None
     if pad is None:
-        stride = t.stride(0) if t.dim() == 2 and t.size(0) > 1 else width
-        return _input(t, stride, (t.data_ptr() % 16) // t.element_size())
+        return _input(t, _stride(t) if t.dim() == 2 else width, (t.data_ptr() % 16) // t.element_size())
     return _input(t, width + pad, offset)
 
 
@@ -261,11 +260,16 @@ def _outputs_ok(what: str, outs: dict[str, Guarded]) -> None:
         raise EmulatorFault(f"{what} wrote outside {', '.join(bad)}")
 
 
-def _row_stride(t: Guarded | None) -> int:
+def _stride(t: torch.Tensor | None) -> int:
+    """The row stride the kernels are given for rows t (csrc/binding.cpp's row_stride): one row's is its
+    width; 0 for no tensor."""
     if t is None:
         return 0
-    v = t.view
-    return v.stride(0) if v.size(0) > 1 else v.size(1)
+    return t.stride(0) if t.size(0) > 1 else t.size(1)
+
+
+def _row_stride(t: Guarded | None) -> int:
+    return _stride(None if t is None else t.view)
 
 
 def _p(g: Guarded | None) -> int | None:
@@ -496,7 +500,7 @@ def _op_adapter_path(x, down_w, up_w, groups, backward):
     """Path names from the tensors' real pointers and strides (nothing is launched)."""
     M, D = x.shape
     shape = _shape(M, M, D, down_w.shape[0], up_w.shape[0], groups, 1.0, 0.0, x.dtype)
-    stride = x.stride(0) if M > 1 else D
+    stride = _stride(x)
     if backward:
         args = (x.data_ptr(), stride, x.data_ptr(), stride) + (None,) * 6 + (x.data_ptr(),) + (None,) * 6
         return lib().emu_adapter_bwd_path(*args, *shape, 1, 1).decode()
@@ -520,16 +524,15 @@ def _op_norm_path(x, weight, bias, residual, rms, backward, stages=0):
     """Path names from the tensors' real pointers and strides, as the binding's norm_path (nothing launched)."""
     M, N = x.shape
     weight, bias, wdt = _affine(weight, bias, x)
-    stride = x.stride(0) if M > 1 else N
+    stride = _stride(x)
     p = lambda t: None if t is None else t.data_ptr()  # noqa: E731
     if not backward:
         return lib().emu_norm_fwd_path(x.data_ptr(), p(residual), p(weight), p(bias), x.data_ptr(),
                                        x.data_ptr() if residual is not None else None, M, N, stride,
-                                       (residual.stride(0) if M > 1 else N) if residual is not None else 0,
+                                       _stride(residual),
                                        DTYPE_CODE[x.dtype], DTYPE_CODE[wdt], int(rms)).decode()
-    res_stride = (residual.stride(0) if M > 1 else N) if residual is not None else 0
     return lib().emu_norm_bwd_path(x.data_ptr(), x.data_ptr(), p(weight), None, None, p(residual), x.data_ptr(), None,
-                                   None, M, N, stride, stride, res_stride, DTYPE_CODE[x.dtype], DTYPE_CODE[wdt],
+                                   None, M, N, stride, stride, _stride(residual), DTYPE_CODE[x.dtype], DTYPE_CODE[wdt],
                                    int(rms), 1, int(weight is not None), int(not rms and bias is not None),
                                    stages).decode()
 

@@ -377,5 +377,5 @@ def test_cuda_backend_runs_its_own_kernels(adapter_backend, device, monkeypatch,
     assert all(t.grad is not None for t in leaves)
     backend._warned.clear()
     big = make_inputs(2, 7, 512, 16, 2, 2, dtype, device)
-    with pytest.warns(RuntimeWarning, match="MMFAST_BACKEND=cuda, but the CUDA C\\+\\+ adapter kernels take 1 to 8 hidden"):
+    with pytest.warns(RuntimeWarning, match="MMFAST_BACKEND=cuda, but the CUDA C\\+\\+ kernels cannot run: the CUDA C\\+\\+ adapter kernels take 1 to 8 hidden"):
         mma_adapter(*big)

@@ -120,13 +120,7 @@ def test_dropout_uses_the_triton_mask(dtype, seed):
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_keep_mask_matches_triton(seed_value, p):
     """The CUDA C++ kernels draw the Triton kernels' dropout mask for every seed (both halves of the key)."""
-    pytest.importorskip("triton")
-    from mmfast.kernels import _device
-
-    if not _device.interpreting():
-        pytest.skip("Triton runs on the CPU only through the interpreter (TRITON_INTERPRET=1)")
-    from mmfast.kernels import adapter as K
-
+    K = _triton()
     seed = torch.tensor([seed_value], dtype=torch.int64)
     M, R = 4096, 8
     mask = E.adapter_keep_mask(seed, M, R, p)

@@ -229,7 +229,8 @@ def test_adapter_too_large_for_cuda_runs_triton_with_one_warning(monkeypatch, fr
 
     monkeypatch.setenv("MMFAST_BACKEND", "cuda")
     monkeypatch.setattr(backend, "cuda_can_run", lambda device: None)
-    x = torch.empty(2, 3, 64, device="meta", dtype=torch.bfloat16)
+    # a GPU tensor as _backend sees it (device, dtype, shape): this machine may have none
+    x = types.SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16, shape=(2, 3, 64))
     w = lambda R, E: (torch.empty(R, 64, device="meta"), torch.empty(E, 64, R // 2, device="meta"))  # noqa: E731
     H, Ex = cuda_ext.ADAPTER_MAX_HIDDEN, cuda_ext.ADAPTER_MAX_EXPERTS
     with warnings.catch_warnings():
@@ -237,7 +238,7 @@ def test_adapter_too_large_for_cuda_runs_triton_with_one_warning(monkeypatch, fr
         assert _backend(x, *w(H, Ex), 0.1, "fwd") == "cuda"
         assert _backend(x, *w(2, 1), 0.0, "bwd") == "cuda"
     for R, E, p in ((2 * H, Ex, 0.0), (H, Ex + 1, 0.0), (0, Ex, 0.0), (H, Ex, 1 - 2**-30)):
-        with pytest.warns(RuntimeWarning, match="MMFAST_BACKEND=cuda, but the CUDA C\\+\\+ adapter kernels take"):
+        with pytest.warns(RuntimeWarning, match="MMFAST_BACKEND=cuda, but the CUDA C\\+\\+ kernels cannot run: the CUDA C\\+\\+ adapter kernels take"):
             assert _backend(x, *w(R, E), p, "fwd") == "triton"
         with warnings.catch_warnings():
             warnings.simplefilter("error")
@@ -247,9 +248,8 @@ def test_adapter_too_large_for_cuda_runs_triton_with_one_warning(monkeypatch, fr
     monkeypatch.setattr(backend_table, "table_winner", lambda device, key: "cuda")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        on_gpu = types.SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16, shape=(2, 3, 64))
-        assert _backend(on_gpu, *w(H, Ex), 0.0, "fwd") == "cuda"
-        assert _backend(on_gpu, *w(2 * H, Ex), 0.0, "fwd") == "triton"
+        assert _backend(x, *w(H, Ex), 0.0, "fwd") == "cuda"
+        assert _backend(x, *w(2 * H, Ex), 0.0, "fwd") == "triton"
 
 
 def test_adapter_entries_in_the_backend_table(monkeypatch, tmp_path, fresh_loader, clean_tables):

@@ -12,6 +12,7 @@ differently, so it is held to the float64 reference instead).
 import pytest
 import torch
 
+import backend_params
 from mmfast.kernels import _device, cuda_ext
 from norm_cases import DTYPES, check_case, make_case, staged_fits, staged_rows
 
@@ -57,8 +58,7 @@ def _rows(N: int, dtype: torch.dtype) -> int:
 
 @pytest.fixture
 def cuda_backend(monkeypatch):
-    assert cuda_ext.load(), f"the CUDA C++ backend did not load: {cuda_ext.unavailable_reason()}"
-    monkeypatch.setenv("MMFAST_BACKEND", "cuda")
+    backend_params.select("cuda", monkeypatch)
 
 
 @needs_gpu
@@ -92,19 +92,16 @@ def test_staged_backward_few_rows_and_parameter_grads_only(kind, M, cuda_backend
 
 
 @pytest.fixture
-def staged_device():
-    """(device, SM count, shared memory a block may opt into) for the staged kernels: the GPU, with the CUDA
-    C++ backend loaded; without one the CPU, with the binding's ops defined over the emulated kernels on the
-    emulated 3-SM device."""
+def staged_device(monkeypatch):
+    """(device, SM count, shared memory a block may opt into) for the staged kernels: the GPU on the cuda
+    backend, or without one the CPU on emulated-cuda (backend_params.py), the emulated 3-SM device."""
     if GPU:
-        assert cuda_ext.load(), f"the CUDA C++ backend did not load: {cuda_ext.unavailable_reason()}"
+        backend_params.select("cuda", monkeypatch)
         optin = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
         return "cuda", _device.sm_count(torch.device("cuda")), optin
     import cuda_emulator
 
-    if cuda_emulator.unavailable_reason():
-        pytest.skip(cuda_emulator.unavailable_reason())
-    cuda_emulator.register_cpu_ops()
+    backend_params.select("emulated-cuda", monkeypatch)
     cuda_emulator.select_device(0)
     return "cpu", *cuda_emulator.device_props(0)
 

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backend import KernelKey, as_rows, plain_eager, requested_backend, resolve_backend, warn_once
+from .backend import KernelKey, as_rows, plain_eager, resolve_backend
 from .checks import check_activation, check_device, check_tensor
 
 # ---------------------------------------------------------------------------------------------
@@ -116,7 +116,7 @@ def reference_keep_mask(seed: Tensor, M: int, R: int, p: float, device) -> Tenso
 def dropout_keep_mask(seed: Tensor, M: int, R: int, p: float) -> Tensor:
     """The keep mask [M, R] the backend selected for ``seed``'s device draws for ``seed`` (rows are
     tokens, b * S + s; columns hidden channels). The Triton and CUDA C++ kernels draw the same mask."""
-    if resolve_backend(seed.device) in ("triton", "cuda"):
+    if resolve_backend(seed.device) == "triton":
         from ..kernels import adapter as kernels
 
         return kernels.keep_mask(seed, M, R, p)
@@ -161,58 +161,48 @@ def _reference_bwd(dy, x, down_w, down_b, up_w, up_b, mix, scale, groups, p, see
 
 
 def _backend(x: Tensor, down_w: Tensor, up_w: Tensor, p: float, direction: str) -> str:
-    """The backend that runs this call's ``direction``: :func:`resolve_backend`, except that an adapter
-    the CUDA C++ kernels do not take runs Triton where CUDA C++ was chosen: with one warning when
-    ``MMFAST_BACKEND=cuda`` asked for it, silently where the backend table chose (the table's adapter
-    entries are timed at LaVIN's shape, hidden 8, two experts, two groups)."""
-    backend = resolve_backend(x.device, KernelKey("mma_adapter", direction, x.dtype, x.shape[-1]))
+    """The backend that runs this call's ``direction`` (an adapter beyond the CUDA C++ kernels' limits is
+    one they do not take: :func:`resolve_backend`)."""
+    from ..kernels import cuda_ext
+
+    return resolve_backend(x.device, KernelKey("mma_adapter", direction, x.dtype, x.shape[-1]),
+                           cuda_unsupported=cuda_ext.adapter_unsupported(down_w.shape[0], up_w.shape[0], p))
+
+
+def _launchers(backend: str):
+    """The module whose ``adapter_fwd`` / ``adapter_bwd`` run ``backend`` ("cuda" or "triton"): the same
+    signatures in both."""
     if backend == "cuda":
         from ..kernels import cuda_ext
 
-        reason = cuda_ext.adapter_unsupported(down_w.shape[0], up_w.shape[0], p)
-        if reason is not None:
-            if requested_backend() == "cuda":
-                warn_once(f"mmfast: MMFAST_BACKEND=cuda, but {reason}; this adapter runs the Triton kernels")
-            return "triton"
-    return backend
+        return cuda_ext
+    from ..kernels import adapter
+
+    return adapter
 
 
 def _fwd(x, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed):
     """``(y [B, S, D], z [B * S, R] fp32)`` on the backend selected now."""
     B, S, D = x.shape
     backend = _backend(x, down_w, up_w, p, "fwd")
-    if backend == "cuda":
-        from ..kernels import cuda_ext
-
-        y, z = cuda_ext.adapter_fwd(as_rows(x), S, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed)
-        return y.view(B, S, D), z
-    if backend == "triton":
-        from ..kernels import adapter as kernels
-
-        y, z = kernels.adapter_fwd(as_rows(x), S, down_w, down_b, up_w, up_b, mix.float().contiguous(),
-                                   scale, groups, p, seed)
-        return y.view(B, S, D), z
-    return _reference_fwd(x, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed)
+    if backend == "reference":
+        return _reference_fwd(x, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed)
+    y, z = _launchers(backend).adapter_fwd(as_rows(x), S, down_w, down_b, up_w, up_b, mix.float().contiguous(),
+                                           scale, groups, p, seed)
+    return y.view(B, S, D), z
 
 
 def _bwd(dy, x, z, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed, need_dx, need_dw, need_dmix):
     """``(dx, d_down_w, d_down_b, d_up_w, d_up_b, d_mix)`` in the inputs' shapes and dtypes, None where
     not requested."""
-    B, S, D = x.shape
     backend = _backend(x, down_w, up_w, p, "bwd")
-    if backend == "cuda":
-        from ..kernels import cuda_ext
-
-        grads = cuda_ext.adapter_bwd(as_rows(dy), as_rows(x), z, S, down_w, up_w, up_b, mix, scale, groups, p, seed,
-                                     need_dx, need_dw, need_dmix)
-    elif backend == "triton":
-        from ..kernels import adapter as kernels
-
-        grads = kernels.adapter_bwd(as_rows(dy), as_rows(x), z, S, down_w, up_w, up_b, mix.float().contiguous(),
-                                    scale, groups, p, seed, need_dx, need_dw, need_dmix)
-    else:
+    if backend == "reference":
         grads = _reference_bwd(dy, x, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed)
         grads = [g if want else None for g, want in zip(grads, (need_dx,) + (need_dw,) * 4 + (need_dmix,))]
+    else:
+        grads = _launchers(backend).adapter_bwd(as_rows(dy), as_rows(x), z, x.shape[1], down_w, up_w, up_b,
+                                                mix.float().contiguous(), scale, groups, p, seed, need_dx, need_dw,
+                                                need_dmix)
     targets = (x, down_w, down_b, up_w, up_b, mix)
     return tuple(None if g is None else g.reshape(t.shape).to(t.dtype) for g, t in zip(grads, targets))
 

@@ -143,9 +143,12 @@ def _without_cuda(device: torch.device, forced_triton: bool) -> str:
     return "reference"
 
 
-def resolve_backend(device: torch.device, key: KernelKey | None = None) -> str:
+def resolve_backend(device: torch.device, key: KernelKey | None = None, cuda_unsupported: str | None = None) -> str:
     """The backend that runs an op on ``device`` now. ``key`` describes an op that has a CUDA C++
-    implementation (None for ops that do not)."""
+    implementation (None for ops that do not); ``cuda_unsupported`` says why that implementation does not
+    take this call's shape (None: it does). Such a call runs as if the CUDA C++ kernels could not run:
+    with one warning where ``MMFAST_BACKEND=cuda`` asked for them, silently where only the backend table
+    would have chosen them (its entries are timed at shapes they take)."""
     wanted = requested_backend()
     if wanted == "reference":
         return "reference"
@@ -153,12 +156,12 @@ def resolve_backend(device: torch.device, key: KernelKey | None = None) -> str:
         return _without_cuda(device, forced_triton=True)
     if key is not None:
         if wanted == "cuda":
-            reason = cuda_can_run(device)
+            reason = cuda_unsupported or cuda_can_run(device)
             if reason is None:
                 return "cuda"
             warn_once(f"mmfast: {ENV_VAR}=cuda, but the CUDA C++ kernels cannot run: {reason}. "
                        "Running the Triton kernels (or the reference on CPU) instead.")
-        elif device.type == "cuda":
+        elif device.type == "cuda" and cuda_unsupported is None:
             from .backend_table import table_winner
 
             if table_winner(device, key) == "cuda":
