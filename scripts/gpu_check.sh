@@ -62,7 +62,7 @@ for stage in "${stages[@]}"; do
         rc=$?
         echo "build/load: $(( $(date +%s) - start )) s"
         [ "${MMFAST_CUDA_COMPILE_CHECK:-1}" = 0 ] || python3 -m mmfast.kernels.cuda_compile_check | tail -n 25
-        [ $rc -eq 0 ] && python3 -m pytest tests/test_norm.py tests/test_adapter.py tests/test_cuda_backend.py tests/test_cuda_staged.py -q -p no:cacheprovider \
+        [ $rc -eq 0 ] && python3 -m pytest tests/test_norm.py tests/test_adapter.py tests/test_cuda_backend.py tests/test_cuda_staged.py tests/test_cuda_binding.py -q -p no:cacheprovider \
           -k "${MMFAST_CUDA_TESTS:-cuda}" --durations=10 2>&1 | tail -n 30
         rc=$(( rc | ${PIPESTATUS[0]:-0} ))
       } > "$OUT/cuda.log" 2>&1

@@ -4,9 +4,9 @@
   without one;
 * ``cuda`` (GPU): the CUDA C++ kernels, built on first use; a GPU machine where they do not build fails
   rather than skipping;
-* ``emulated-cuda`` (no GPU): the ``cuda`` backend's whole Python path (ops layer, ``cuda_ext`` launchers,
-  the binding's op schemas) with the binding's ops defined for CPU tensors over the emulated kernels
-  (cuda_emulator.register_cpu_ops). The binding's own C++ runs only on a GPU.
+* ``emulated-cuda`` (no GPU): the ``cuda`` backend's whole path (ops layer, ``cuda_ext`` launchers, and
+  ``csrc/binding.cpp`` itself, built for CPU tensors) over the emulated kernels
+  (cuda_emulator.register_cpu_ops).
 """
 
 from __future__ import annotations

@@ -13,15 +13,18 @@ tensors, and check around every call what a GPU run cannot show cheaply:
   bit-identical;
 * an emulator fault (a barrier not reached by every thread, a deadlock, cp.async copies in flight at
   exit, ...) raises ``EmulatorFault`` with the emulator's message.
+
+``register_cpu_ops()`` goes one layer up: it builds ``csrc/binding.cpp`` itself for CPU tensors
+(``build_binding``, ``cuda_emu/binding_emu.cpp``) and loads it, so the ops layer's ``cuda`` backend runs
+the binding's own C++ over the emulated kernels. Those ops allocate with torch (no guard pages); the guarded
+checks above are the kernel tests' (``test_cuda_emulated.py``, ``test_cuda_adapter_emulated.py``).
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
-import inspect
 import os
-import re
 import shutil
 import subprocess
 import tempfile
@@ -235,13 +238,11 @@ def _input(t: torch.Tensor | None, row_stride: int | None = None, offset: int = 
     return g
 
 
-def _rows(t: torch.Tensor | None, width: int, pad: int | None, offset: int = 0) -> Guarded | None:
+def _rows(t: torch.Tensor | None, width: int, pad: int, offset: int = 0) -> Guarded | None:
     """A guarded copy of the rows t: ``width + pad`` elements apart and ``offset`` elements past 16-byte
-    alignment; with ``pad=None``, t's own row stride and alignment (what the kernels see of t on a GPU)."""
+    alignment."""
     if t is None:
         return None
-    if pad is None:
-        return _input(t, _stride(t) if t.dim() == 2 else width, (t.data_ptr() % 16) // t.element_size())
     return _input(t, width + pad, offset)
 
 
@@ -287,8 +288,7 @@ def _affine(weight, bias, x):
 
 def norm_fwd(x, weight, bias, residual, eps: float, rms: bool, pad: int = 0, offset: int = 0):
     """(y, residual_out or None, mean or None, rstd) of 2-D ``x``; input rows are ``N + pad`` apart, and x
-    starts ``offset`` elements past 16-byte alignment (a view such as ``big[:, 1:]``); ``pad=None``: every
-    input keeps its own row stride and alignment."""
+    starts ``offset`` elements past 16-byte alignment (a view such as ``big[:, 1:]``)."""
     M, N = x.shape
     weight, bias, wdt = _affine(weight, bias, x)
     xs, rs = _rows(x, N, pad, offset), _rows(residual, N, pad)
@@ -465,91 +465,63 @@ def adapter_keep_mask(seed: torch.Tensor, M: int, R: int, p_drop: float) -> torc
 
 # ---- the binding's ops on CPU tensors ----------------------------------------------------------------------
 
-def binding_schemas() -> dict[str, str]:
-    """The schemas ``csrc/binding.cpp`` defines in ``TORCH_LIBRARY(mmfast_cuda, m)``, by op name."""
-    text = re.sub(r"//[^\n]*", "", (source_dir() / "binding.cpp").read_text())
-    out = {}
-    for call in re.finditer(r'm\.def\(((?:\s*"[^"]*")+)\s*\);', text):
-        schema = "".join(re.findall(r'"([^"]*)"', call.group(1)))
-        out[schema.split("(", 1)[0]] = schema
+BINDING_FLAGS = ("-std=c++20", "-O0", "-fPIC", "-w")
+
+
+def _torch_build_flags() -> tuple[list[str], list[str]]:
+    """Compile and link flags for a library against the running torch (headers, ABI, libraries)."""
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    inc = [f"-I{p}" for p in (*cpp_extension.include_paths(), sysconfig.get_paths()["include"])]
+    libs = cpp_extension.library_paths()
+    link = [f"-L{libs[0]}", "-lc10", "-ltorch_cpu", "-ltorch", f"-Wl,-rpath,{libs[0]}"]
+    return [f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *inc], link
+
+
+def build_binding() -> Path:
+    """``csrc/binding.cpp`` built for CPU tensors over the emulated kernels (``cuda_emu/binding_emu.cpp``),
+    linked to ``build()``'s library so that both share one emulator (device choice, faults)."""
+    emu = build()
+    compile_flags, link_flags = _torch_build_flags()
+    h = hashlib.sha256(emu.parent.name.encode())
+    for f in (source_dir() / "binding.cpp", HERE / "binding_emu.cpp", *sorted((HERE / "torch_shim").rglob("*.h"))):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    h.update(" ".join((*BINDING_FLAGS, *compile_flags, *link_flags, torch.__version__)).encode())
+    out_dir = Path(tempfile.gettempdir()) / f"mmfast-cuda-emu-binding-{h.hexdigest()[:16]}"
+    out = out_dir / "libmmfast_binding_emu.so"
+    if out.exists():
+        return out
+    work = Path(tempfile.mkdtemp(prefix="mmfast-cuda-emu-binding-build-"))
+    # the shim directory first: its c10/cuda headers stand in for torch's
+    inc = ["-I", str(HERE / "torch_shim"), "-I", str(source_dir()), "-I", str(toolkit_include())]
+    obj, tmp = work / "binding_emu.o", work / out.name
+    for args in ([*BINDING_FLAGS, *inc, *compile_flags, "-DTORCH_EXTENSION_NAME=mmfast_cuda_emu", "-c",
+                  str(HERE / "binding_emu.cpp"), "-o", str(obj)],
+                 ["-shared", "-o", str(tmp), str(obj), f"-L{emu.parent}", f"-l:{emu.name}",
+                  f"-Wl,-rpath,{emu.parent}", *link_flags]):
+        r = subprocess.run(["g++", *args], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"building csrc/binding.cpp for the emulator failed:\n{r.stderr[-4000:]}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)  # atomic, as in build()
+    shutil.rmtree(work, ignore_errors=True)
     return out
 
 
-#: The kernel paths the ops below ran, newest last ("norm_bwd:special-4096-staged3", "adapter_bwd:v8+v2").
-ran_paths: list[str] = []
-
-
-def _op_adapter_fwd(x, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed, S):
-    y, z, path = adapter_fwd(x, S, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed, pad=None)
-    ran_paths.append(f"adapter_fwd:{path}")
-    return y, z
-
-
-def _op_adapter_bwd(dy, x, z, down_w, up_w, up_b, mix, scale, groups, p, seed, S, need_dx, need_dw):
-    *grads, path = adapter_bwd(dy, x, z, S, down_w, up_w, up_b, mix, scale, groups, p, seed, need_dx, need_dw,
-                               pad=None)
-    ran_paths.append(f"adapter_bwd:{path}")
-    return tuple(x.new_empty(0) if g is None else g for g in grads)
-
-
-def _op_adapter_keep_mask(seed, M, R, p):
-    return adapter_keep_mask(seed, M, R, p)
-
-
-def _op_adapter_path(x, down_w, up_w, groups, backward):
-    """Path names from the tensors' real pointers and strides (nothing is launched)."""
-    M, D = x.shape
-    shape = _shape(M, M, D, down_w.shape[0], up_w.shape[0], groups, 1.0, 0.0, x.dtype)
-    stride = _stride(x)
-    if backward:
-        args = (x.data_ptr(), stride, x.data_ptr(), stride) + (None,) * 6 + (x.data_ptr(),) + (None,) * 6
-        return lib().emu_adapter_bwd_path(*args, *shape, 1, 1).decode()
-    return lib().emu_adapter_fwd_path(x.data_ptr(), stride, *(None,) * 6, x.data_ptr(), None, *shape).decode()
-
-
-def _op_norm_fwd(x, weight, bias, residual, eps, rms):
-    y, h, mean, rstd = norm_fwd(x, weight, bias, residual, eps, rms, pad=None)
-    return y, (x.new_empty(0) if h is None else h), (rstd.new_empty(0) if mean is None else mean), rstd
-
-
-def _op_norm_bwd(dy, x, weight, mean, rstd, dresidual_out, rms, need_dx, need_dw, need_db, dw_dtype, db_dtype,
-                 stages=0):
-    dx, dw, db, path = norm_bwd(dy, x, weight, mean, rstd, dresidual_out, rms, need_dx, need_dw, need_db,
-                                stages=stages, dw_dtype=dw_dtype, db_dtype=db_dtype or x.dtype, pad=None)
-    ran_paths.append(f"norm_bwd:{path}")
-    return tuple(x.new_empty(0) if g is None else g for g in (dx, dw, db))
-
-
-def _op_norm_path(x, weight, bias, residual, rms, backward, stages=0):
-    """Path names from the tensors' real pointers and strides, as the binding's norm_path (nothing launched)."""
-    M, N = x.shape
-    weight, bias, wdt = _affine(weight, bias, x)
-    stride = _stride(x)
-    p = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-    if not backward:
-        return lib().emu_norm_fwd_path(x.data_ptr(), p(residual), p(weight), p(bias), x.data_ptr(),
-                                       x.data_ptr() if residual is not None else None, M, N, stride,
-                                       _stride(residual),
-                                       DTYPE_CODE[x.dtype], DTYPE_CODE[wdt], int(rms)).decode()
-    return lib().emu_norm_bwd_path(x.data_ptr(), x.data_ptr(), p(weight), None, None, p(residual), x.data_ptr(), None,
-                                   None, M, N, stride, stride, _stride(residual), DTYPE_CODE[x.dtype], DTYPE_CODE[wdt],
-                                   int(rms), 1, int(weight is not None), int(not rms and bias is not None),
-                                   stages).decode()
-
-
-_CPU_OPS: dict[str, object] = {"norm_fwd": _op_norm_fwd, "norm_bwd": _op_norm_bwd, "norm_path": _op_norm_path,
-                               "adapter_fwd": _op_adapter_fwd, "adapter_bwd": _op_adapter_bwd,
-                               "adapter_keep_mask": _op_adapter_keep_mask, "adapter_path": _op_adapter_path}
-_LIBRARY: torch.library.Library | None = None
+_BINDING: ctypes.CDLL | None = None
 
 
 def register_cpu_ops() -> None:
-    """Define the binding's ops (``torch.ops.mmfast_cuda.*``, schemas read from ``csrc/binding.cpp``) for CPU
-    tensors, running the emulated kernels: the ``cuda`` backend's whole Python
-    path (ops layer, launchers, op schemas) then runs on a machine without a GPU. Only where the real
-    extension has not defined the namespace (a CPU build of torch never loads it)."""
-    global _LIBRARY
-    if _LIBRARY is not None:
+    """Load ``csrc/binding.cpp`` built for CPU tensors (``build_binding``): its ops (``torch.ops.mmfast_cuda.*``,
+    the binding's own schemas, argument checks, allocations and partial sums) then run the emulated kernels,
+    and the ``cuda`` backend's whole path from the ops layer down runs on a machine without a GPU. Only where
+    the real extension has not defined the namespace (a CPU build of torch never loads it)."""
+    global _BINDING
+    if _BINDING is not None:
         return
     if torch.cuda.is_available():
         raise RuntimeError("the emulated mmfast_cuda ops are for machines without a GPU")
@@ -559,14 +531,17 @@ def register_cpu_ops() -> None:
         pass
     else:
         raise RuntimeError("the real mmfast_cuda extension is loaded: its ops cannot be emulated in this process")
-    schemas = binding_schemas()
-    assert set(schemas) == set(_CPU_OPS), f"binding.cpp defines {sorted(schemas)}, the emulated ops {sorted(_CPU_OPS)}"
-    for name, schema in schemas.items():  # the ops take their arguments by position: same names, same order
-        args = schema[schema.index("(") + 1:schema.index(") ->")]
-        names = [a.split("=")[0].split()[-1] for a in args.split(",")]
-        assert names == list(inspect.signature(_CPU_OPS[name]).parameters), f"{name}: {names}"
-    library = torch.library.Library("mmfast_cuda", "DEF")
-    for name, fn in _CPU_OPS.items():
-        library.define(schemas[name])
-        library.impl(name, fn, "CPU")
-    _LIBRARY = library
+    lib()  # the emulator the binding links to, loaded first from the same file
+    path = build_binding()
+    torch.ops.load_library(str(path))
+    binding = ctypes.CDLL(str(path))
+    binding.emu_take_ran_paths.restype = ctypes.c_char_p
+    _BINDING = binding
+
+
+def take_ran_paths() -> list[str]:
+    """The kernel paths the binding's ops launched since the last call, oldest first
+    (``"norm_bwd:special-4096-staged3"``, ``"adapter_bwd:v8+v2"``)."""
+    if _BINDING is None:
+        return []
+    return [line for line in _BINDING.emu_take_ran_paths().decode().split("\n") if line]

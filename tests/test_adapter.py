@@ -8,8 +8,8 @@ of the magnitudes of every term of each output and gradient.
 CPU runs the kernels through the interpreter in fp32 and fp16 (its bf16 tl.dot is broken); a GPU
 runs bf16 too. Every test runs once per backend: ``auto`` (Triton) and ``cuda`` (the CUDA C++ kernels,
 for the adapters within their limits; larger ones run Triton there, with a warning): natively on a GPU,
-on CPU through the emulator behind the binding's op schemas (``emulated-cuda``; the kernels' own tests
-are in test_cuda_adapter_emulated.py).
+on CPU through ``csrc/binding.cpp`` built for CPU over the emulated kernels (``emulated-cuda``; the
+kernels' own tests are in test_cuda_adapter_emulated.py).
 """
 
 import pytest

@@ -1,7 +1,7 @@
 """The CUDA C++ backward's shared-memory staging (``stages`` in csrc/norm.h, ``MMFAST_CUDA_BWD_STAGES``).
 
 On CPU: how the number of stages is chosen and validated, and the staged dx bit-identical to the register
-kernel's through cuda_ext and the binding's op schema over the emulated kernels (their whole staged matrix
+kernel's through cuda_ext and the binding's op (csrc/binding.cpp built for CPU) over the emulated kernels (their whole staged matrix
 is in test_cuda_emulated.py). On a GPU: every special width, dtype pair,
 residual and stage count against the float64 reference (accuracy.py) with enough rows that each block
 walks more rows than it has stages, the path name saying that the staged kernel ran, and dx bit-identical
@@ -125,10 +125,10 @@ def test_staged_dx_is_bit_identical_to_the_register_kernel(kind, N, staged_devic
     if device == "cpu":
         import cuda_emulator
 
-        cuda_emulator.ran_paths.clear()
+        cuda_emulator.take_ran_paths()
     outs = {s: cuda_ext.norm_bwd(dy, x, w, mean, rstd, dres, rms, True, True, not rms, stages=s) for s in (0, 2, 3)}
     if device == "cpu":  # the kernels that ran (on a GPU, the path the binding reports for these tensors)
-        assert cuda_emulator.ran_paths == [f"norm_bwd:{expect[s]}" for s in (0, 2, 3)]
+        assert cuda_emulator.take_ran_paths() == [f"norm_bwd:{expect[s]}" for s in (0, 2, 3)]
     for s in (2, 3):
         assert cuda_ext.norm_path(x, w, b, dres, rms, backward=True, stages=s) == expect[s]
         assert torch.equal(outs[s][0], outs[0][0]), f"dx of {s} stages differs from the register kernel's"

@@ -4,7 +4,8 @@ On a machine without CUDA these run the Triton kernels through the interpreter (
 GPU the same tests run natively, once per backend: ``auto`` (Triton, no backend table is consulted
 without one) and ``cuda`` (the CUDA C++ kernels, built on first use; a GPU machine where they do not
 build fails here rather than skipping). Without a GPU, ``emulated-cuda`` runs the ``cuda`` backend's
-Python path over the binding's op schemas with the emulated kernels (cuda_emulator.register_cpu_ops).
+whole path, ``csrc/binding.cpp`` built for CPU included, over the emulated kernels
+(cuda_emulator.register_cpu_ops).
 """
 
 import math

@@ -227,5 +227,6 @@ int emu_device_props(int dev, int* sm_count, int* smem_optin) {
 }
 const char* emu_take_fault() { return mmfast_emu::take_fault(); }
 const char* emu_error_string(int e) { return cudaGetErrorString(static_cast<cudaError_t>(e)); }
+int emu_last_error() { return cudaGetLastError(); }
 
 }  // extern "C"
