@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .backend import KernelKey, as_rows, plain_eager, resolve_backend
-from .checks import check_activation, check_device, check_tensor
+from .checks import check_activation, check_device, check_like, check_tensor
 
 # ---------------------------------------------------------------------------------------------
 # input checks
@@ -68,6 +68,18 @@ def check_adapter_inputs(x, down_w, down_b, up_w, up_b, mix, scale, groups, drop
             raise ValueError(f"{fn}: dropout > 0 needs seed, a one-element int64 tensor on {x.device}")
     if B * S * R >= 2**31:
         raise ValueError(f"{fn}: batch * seq * hidden = {B * S * R} must stay below 2**31 (dropout offsets)")
+
+
+def check_adapter_bwd_inputs(dy, x, z, down_w, down_b, up_w, up_b, mix, scale, groups, dropout, seed) -> None:
+    """The backward op's arguments: the forward's, dy like x, z the forward's float32 [B * S, hidden]."""
+    check_adapter_inputs(x, down_w, down_b, up_w, up_b, mix, scale, groups, dropout, seed)
+    fn = "mma_adapter"
+    check_like(fn, "dy", dy, "x", x)
+    check_tensor(fn, "z", z)
+    rows = (x.shape[0] * x.shape[1], down_w.shape[0])
+    if z.dtype != torch.float32 or z.shape != rows:
+        raise ValueError(f"{fn}: z must be the forward's float32 {rows}, got {z.dtype} {tuple(z.shape)}")
+    check_device(fn, "z", z, "x", x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,11 +223,13 @@ def _bwd(dy, x, z, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed, need
 def mma_adapter_fwd(x: Tensor, down_w: Tensor, down_b: Tensor, up_w: Tensor, up_b: Tensor, mix: Tensor,
                     scale: float, groups: int, p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """Returns ``(y [B, S, D], z [B * S, R] fp32)``; z (before dropout) is saved for backward."""
+    check_adapter_inputs(x, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed)
     return _fwd(x, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed)
 
 
 @mma_adapter_fwd.register_fake
 def _(x, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed):
+    check_adapter_inputs(x, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed)
     B, S, D = x.shape
     return x.new_empty((B, S, D)), x.new_empty((B * S, down_w.shape[0]), dtype=torch.float32)
 
@@ -225,12 +239,14 @@ def mma_adapter_bwd(dy: Tensor, x: Tensor, z: Tensor, down_w: Tensor, down_b: Te
                     up_b: Tensor, mix: Tensor, scale: float, groups: int, p: float, seed: Optional[Tensor],
                     need_dx: bool, need_dw: bool, need_dmix: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(dx, d_down_w, d_down_b, d_up_w, d_up_b, d_mix)``; the ones not requested are empty."""
+    check_adapter_bwd_inputs(dy, x, z, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed)
     grads = _bwd(dy, x, z, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed, need_dx, need_dw, need_dmix)
     return tuple(dy.new_empty(0) if g is None else g for g in grads)
 
 
 @mma_adapter_bwd.register_fake
 def _(dy, x, z, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed, need_dx, need_dw, need_dmix):
+    check_adapter_bwd_inputs(dy, x, z, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed)
     like = lambda t, want: t.new_empty(t.shape) if want else dy.new_empty(0)  # noqa: E731
     return (like(x, need_dx), like(down_w, need_dw), like(down_b, need_dw), like(up_w, need_dw),
             like(up_b, need_dw), like(mix, need_dmix))

@@ -75,6 +75,29 @@ def check_norm_inputs(
         raise ValueError(f"{fn}: eps must be finite and >= 0, got {eps}")
 
 
+def check_norm_bwd_inputs(fn: str, dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                          mean: Optional[Tensor], rstd: Tensor, dresidual_out: Optional[Tensor], need_dw: bool,
+                          need_db: bool) -> None:
+    """The backward ops' arguments (``mean`` None for RMSNorm): x, weight and bias as for the forward; dy
+    and dresidual_out like x; the statistics float32, one per row of x, on x's device; a weight (bias) for
+    its gradient."""
+    check_norm_inputs(fn, x, weight, bias, None, 0.0)
+    for name, need, p in (("weight", need_dw, weight), ("bias", need_db, bias)):
+        if need and p is None:
+            raise ValueError(f"{fn}: the {name} gradient was asked for without a {name}")
+    check_like(fn, "dy", dy, "x", x)
+    if dresidual_out is not None:
+        check_like(fn, "dresidual_out", dresidual_out, "x", x)
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        if t is None:
+            continue
+        check_tensor(fn, name, t)
+        if t.dtype != torch.float32 or t.shape != x.shape[:-1]:
+            raise ValueError(f"{fn}: {name} must be float32 of shape {tuple(x.shape[:-1])} (one per row of x), "
+                             f"got {t.dtype} {tuple(t.shape)}")
+        check_device(fn, name, t, "x", x)
+
+
 # ---------------------------------------------------------------------------------------------
 # reference (pure PyTorch). Differentiable; computes in fp32 (float64 for float64 input).
 # ---------------------------------------------------------------------------------------------
@@ -212,12 +235,14 @@ def _bwd(dy, x, weight, mean, rstd, dres, rms, need_dx, need_dw, need_db, db_dty
 @torch.library.custom_op("mmfast::rms_norm_fwd", mutates_args=())
 def rms_norm_fwd(x: Tensor, weight: Optional[Tensor], residual: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """Returns ``(y, residual_out, rstd)``; ``residual_out`` is empty without a residual."""
+    check_norm_inputs("mmfast::rms_norm_fwd", x, weight, None, residual, eps)
     y, h, _, rstd = _fwd(x, weight, None, residual, eps, rms=True)
     return y, h, rstd
 
 
 @rms_norm_fwd.register_fake
 def _(x, weight, residual, eps):
+    check_norm_inputs("mmfast::rms_norm_fwd", x, weight, None, residual, eps)
     h = x.new_empty(x.shape) if residual is not None else x.new_empty(0)
     return x.new_empty(x.shape), h, x.new_empty(x.shape[:-1], dtype=torch.float32)
 
@@ -226,12 +251,14 @@ def _(x, weight, residual, eps):
 def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor, dresidual_out: Optional[Tensor],
                  need_dx: bool, need_dw: bool) -> tuple[Tensor, Tensor]:
     """Returns ``(dx, dweight)``; each is empty when not requested. ``x`` is the normalised input."""
+    check_norm_bwd_inputs("mmfast::rms_norm_bwd", dy, x, weight, None, None, rstd, dresidual_out, need_dw, False)
     dx, dw, _ = _bwd(dy, x, weight, None, rstd, dresidual_out, True, need_dx, need_dw, False, None)
     return dx, dw
 
 
 @rms_norm_bwd.register_fake
 def _(dy, x, weight, rstd, dresidual_out, need_dx, need_dw):
+    check_norm_bwd_inputs("mmfast::rms_norm_bwd", dy, x, weight, None, None, rstd, dresidual_out, need_dw, False)
     dx = dy.new_empty(x.shape, dtype=x.dtype) if need_dx else dy.new_empty(0)
     dw = weight.new_empty(weight.shape) if need_dw else dy.new_empty(0)
     return dx, dw
@@ -278,11 +305,13 @@ rms_norm_fwd.register_autograd(_rms_backward, setup_context=_rms_setup_context)
 def layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
                    eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(y, residual_out, mean, rstd)``; ``residual_out`` is empty without a residual."""
+    check_norm_inputs("mmfast::layer_norm_fwd", x, weight, bias, residual, eps)
     return _fwd(x, weight, bias, residual, eps, rms=False)
 
 
 @layer_norm_fwd.register_fake
 def _(x, weight, bias, residual, eps):
+    check_norm_inputs("mmfast::layer_norm_fwd", x, weight, bias, residual, eps)
     h = x.new_empty(x.shape) if residual is not None else x.new_empty(0)
     stat = x.new_empty(x.shape[:-1], dtype=torch.float32)
     return x.new_empty(x.shape), h, stat, stat.new_empty(stat.shape)
@@ -293,12 +322,16 @@ def layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Option
                    rstd: Tensor, dresidual_out: Optional[Tensor], need_dx: bool, need_dw: bool,
                    need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Returns ``(dx, dweight, dbias)``; each is empty when not requested. ``bias`` gives dbias's dtype."""
+    check_norm_bwd_inputs("mmfast::layer_norm_bwd", dy, x, weight, bias, mean, rstd, dresidual_out, need_dw,
+                          need_db)
     return _bwd(dy, x, weight, mean, rstd, dresidual_out, False, need_dx, need_dw, need_db,
                 None if bias is None else bias.dtype)
 
 
 @layer_norm_bwd.register_fake
 def _(dy, x, weight, bias, mean, rstd, dresidual_out, need_dx, need_dw, need_db):
+    check_norm_bwd_inputs("mmfast::layer_norm_bwd", dy, x, weight, bias, mean, rstd, dresidual_out, need_dw,
+                          need_db)
     dx = dy.new_empty(x.shape, dtype=x.dtype) if need_dx else dy.new_empty(0)
     dw = weight.new_empty(weight.shape) if need_dw else dy.new_empty(0)
     db = bias.new_empty(bias.shape) if need_db else dy.new_empty(0)

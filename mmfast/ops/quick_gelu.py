@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .backend import as_rows, plain_eager, records_grad, resolve_backend
-from .checks import check_activation
+from .checks import check_activation, check_like
 
 ALPHA = 1.702
 
@@ -68,22 +68,28 @@ def _bwd(dy: Tensor, x: Tensor) -> Tensor:
 
 @torch.library.custom_op("mmfast::quick_gelu_fwd", mutates_args=())
 def quick_gelu_fwd(x: Tensor) -> Tensor:
+    check_quick_gelu_input(x)
     return _fwd(x)
 
 
 @quick_gelu_fwd.register_fake
 def _(x):
+    check_quick_gelu_input(x)
     return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("mmfast::quick_gelu_bwd", mutates_args=())
 def quick_gelu_bwd(dy: Tensor, x: Tensor) -> Tensor:
     """Returns ``dx``."""
+    check_quick_gelu_input(x)
+    check_like("quick_gelu", "dy", dy, "x", x)
     return _bwd(dy, x)
 
 
 @quick_gelu_bwd.register_fake
 def _(dy, x):
+    check_quick_gelu_input(x)
+    check_like("quick_gelu", "dy", dy, "x", x)
     return x.new_empty(x.shape)
 
 

@@ -88,22 +88,28 @@ def _bwd(dh: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
 
 @torch.library.custom_op("mmfast::swiglu_fwd", mutates_args=())
 def swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
+    check_swiglu_inputs(gate, up)
     return _fwd(gate, up)
 
 
 @swiglu_fwd.register_fake
 def _(gate, up):
+    check_swiglu_inputs(gate, up)
     return gate.new_empty(gate.shape)
 
 
 @torch.library.custom_op("mmfast::swiglu_bwd", mutates_args=())
 def swiglu_bwd(dh: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     """Returns ``(dgate, dup)``."""
+    check_swiglu_inputs(gate, up)
+    check_like("swiglu", "dh", dh, "gate", gate)
     return _bwd(dh, gate, up)
 
 
 @swiglu_bwd.register_fake
 def _(dh, gate, up):
+    check_swiglu_inputs(gate, up)
+    check_like("swiglu", "dh", dh, "gate", gate)
     return gate.new_empty(gate.shape), up.new_empty(up.shape)
 
 
