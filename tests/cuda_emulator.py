@@ -16,19 +16,24 @@ tensors, and check around every call what a GPU run cannot show cheaply:
 
 ``register_cpu_ops()`` goes one layer up: it builds ``csrc/binding.cpp`` itself for CPU tensors
 (``build_binding``, ``cuda_emu/binding_emu.cpp``) and loads it, so the ops layer's ``cuda`` backend runs
-the binding's own C++ over the emulated kernels. Those ops allocate with torch (no guard pages); the guarded
-checks above are the kernel tests' (``test_cuda_emulated.py``, ``test_cuda_adapter_emulated.py``).
+the binding's own C++ over the emulated kernels. What those ops allocate (outputs, workspaces) comes from
+guarded NaN-filled buffers too; their inputs are the caller's tensors, unguarded, and nothing checks that
+inputs come back unchanged (the kernel tests, ``test_cuda_emulated.py`` and ``test_cuda_adapter_emulated.py``,
+check all of the above).
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import inspect
 import os
+import re
 import shutil
 import subprocess
 import tempfile
 import weakref
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -96,8 +101,10 @@ def build() -> Path:
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         list(pool.map(compile_one, jobs))
     tmp = work / "libmmfast_emu.so"
-    subprocess.run(["g++", *LINK_FLAGS, "-o", str(tmp), *map(str, sorted(work.glob("*.o")))], check=True,
-                   capture_output=True)
+    # a SONAME of its own: the binding's library (build_binding) needs exactly this emulator, and the
+    # loader then reuses the copy already loaded even if a concurrent build has replaced the file since
+    subprocess.run(["g++", *LINK_FLAGS, f"-Wl,-soname,libmmfast_emu-{_key()}.so", "-o", str(tmp),
+                    *map(str, sorted(work.glob("*.o")))], check=True, capture_output=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, lib)  # atomic: a concurrent build leaves one complete library
     shutil.rmtree(work, ignore_errors=True)
@@ -465,7 +472,7 @@ def adapter_keep_mask(seed: torch.Tensor, M: int, R: int, p_drop: float) -> torc
 
 # ---- the binding's ops on CPU tensors ----------------------------------------------------------------------
 
-BINDING_FLAGS = ("-std=c++20", "-O0", "-fPIC", "-w")
+BINDING_FLAGS = ("-O0", "-fPIC", "-w")
 
 
 def _torch_build_flags() -> tuple[list[str], list[str]]:
@@ -478,7 +485,11 @@ def _torch_build_flags() -> tuple[list[str], list[str]]:
     inc = [f"-I{p}" for p in (*cpp_extension.include_paths(), sysconfig.get_paths()["include"])]
     libs = cpp_extension.library_paths()
     link = [f"-L{libs[0]}", "-lc10", "-ltorch_cpu", "-ltorch", f"-Wl,-rpath,{libs[0]}"]
-    return [f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *inc], link
+    # the C++ standard torch's own extension builds use (the GPU's JIT build of the binding): torch 2.11
+    # builds with C++17, later ones need C++20
+    stds = Counter(re.findall(r"-std=c\+\+\d+", inspect.getsource(cpp_extension)))
+    std = stds.most_common(1)[0][0] if stds else "-std=c++17"
+    return [std, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *inc], link
 
 
 def build_binding() -> Path:
@@ -491,6 +502,7 @@ def build_binding() -> Path:
         h.update(f.name.encode())
         h.update(f.read_bytes())
     h.update(" ".join((*BINDING_FLAGS, *compile_flags, *link_flags, torch.__version__)).encode())
+    h.update(subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout.encode())
     out_dir = Path(tempfile.gettempdir()) / f"mmfast-cuda-emu-binding-{h.hexdigest()[:16]}"
     out = out_dir / "libmmfast_binding_emu.so"
     if out.exists():
@@ -506,6 +518,12 @@ def build_binding() -> Path:
         r = subprocess.run(["g++", *args], capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"building csrc/binding.cpp for the emulator failed:\n{r.stderr[-4000:]}")
+    # a CUDA runtime call the binding makes that binding_emu.cpp does not send to the emulator would bind
+    # to the real runtime where a CUDA build of torch has loaded it
+    nm = subprocess.run(["nm", "-D", "--undefined-only", str(tmp)], capture_output=True, text=True, check=True)
+    cuda = sorted({line.split()[-1] for line in nm.stdout.splitlines() if line.split()[-1].startswith("cuda")})
+    if cuda:
+        raise RuntimeError(f"csrc/binding.cpp calls CUDA runtime functions binding_emu.cpp does not redirect: {cuda}")
     out_dir.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out)  # atomic, as in build()
     shutil.rmtree(work, ignore_errors=True)
@@ -513,6 +531,7 @@ def build_binding() -> Path:
 
 
 _BINDING: ctypes.CDLL | None = None
+_BINDING_ERROR: Exception | None = None  # a failed build fails every later call at once, not after a rebuild
 
 
 def register_cpu_ops() -> None:
@@ -520,9 +539,11 @@ def register_cpu_ops() -> None:
     the binding's own schemas, argument checks, allocations and partial sums) then run the emulated kernels,
     and the ``cuda`` backend's whole path from the ops layer down runs on a machine without a GPU. Only where
     the real extension has not defined the namespace (a CPU build of torch never loads it)."""
-    global _BINDING
+    global _BINDING, _BINDING_ERROR
     if _BINDING is not None:
         return
+    if _BINDING_ERROR is not None:
+        raise RuntimeError(f"the emulated binding failed to build earlier: {_BINDING_ERROR}")
     if torch.cuda.is_available():
         raise RuntimeError("the emulated mmfast_cuda ops are for machines without a GPU")
     try:
@@ -532,7 +553,11 @@ def register_cpu_ops() -> None:
     else:
         raise RuntimeError("the real mmfast_cuda extension is loaded: its ops cannot be emulated in this process")
     lib()  # the emulator the binding links to, loaded first from the same file
-    path = build_binding()
+    try:
+        path = build_binding()
+    except Exception as e:
+        _BINDING_ERROR = e
+        raise
     torch.ops.load_library(str(path))
     binding = ctypes.CDLL(str(path))
     binding.emu_take_ran_paths.restype = ctypes.c_char_p

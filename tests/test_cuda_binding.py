@@ -51,6 +51,10 @@ def _adapter(R=R, E=E, groups=2, D=D, S=S, B=B, mix_e=None, p=0.0, seed=None, dt
                 mix=t(B, mix_e or E, dtype=torch.float32).softmax(-1), scale=1.0, groups=groups, p=p, seed=seed, S=S)
 
 
+def _replace(args, **kw):
+    return tuple({**args, **kw}.values())
+
+
 def _adapter_fwd(ops, **kw):
     return ops.adapter_fwd(*_adapter(**kw).values())
 
@@ -93,6 +97,19 @@ BAD = {
     "norm_bwd: rstd length": (lambda o: _norm_bwd(o, rstd=t(M + 1, dtype=torch.float32)), r"rstd must be float32 \[M\]"),
     "norm_bwd: 1 stage": (lambda o: _norm_bwd(o, stages=1), "stages must be 0 or 2..4, got 1"),
     "norm_bwd: 5 stages": (lambda o: _norm_bwd(o, stages=cuda_ext.MAX_BWD_STAGES + 1), "stages must be 0 or 2..4"),
+    "norm_fwd: residual column stride": (lambda o: o.norm_fwd(t(M, N), None, None, t(N, M).t(), 1e-6, True),
+                                         "residual needs a unit column stride"),
+    "norm_fwd: bias length": (lambda o: o.norm_fwd(t(M, N), t(N), t(N - 1), None, 1e-6, False),
+                              "bias must be a contiguous vector of length N"),
+    "norm_bwd: x column stride": (lambda o: _norm_bwd(o, x=t(N, M).t(), dy=t(N, M).t()), "x needs a unit column stride"),
+    "norm_bwd: residual gradient shape": (lambda o: _norm_bwd(o, dresidual_out=t(M, N - 1)),
+                                          r"dresidual_out must be \[M, N\] like x"),
+    "norm_bwd: weight length": (lambda o: _norm_bwd(o, weight=t(N + 1)), "weight must be a contiguous vector"),
+    "norm_bwd: mean length": (lambda o: _norm_bwd(o, mean=t(M - 1, dtype=torch.float32)), "LayerNorm needs mean"),
+    "norm_bwd: strided rstd": (lambda o: _norm_bwd(o, rstd=t(2 * M, dtype=torch.float32)[::2]),
+                               r"rstd must be float32 \[M\]"),
+    "norm_bwd: integer dweight": (lambda o: _norm_bwd(o, dw_dtype=torch.int32), "dweight must be float32"),
+    "norm_path: 1-D x": (lambda o: o.norm_path(t(N), None, None, None, True, False, 0), "x must be 2-D"),
     "norm_path: 1 stage": (lambda o: o.norm_path(t(M, N), t(N), None, None, True, True, 1), "stages must be 0 or 2..4"),
     # the adapter
     "adapter_fwd: 1-D x": (lambda o: o.adapter_fwd(t(D), *list(_adapter().values())[1:]), "x must be a 2-D"),
@@ -106,6 +123,18 @@ BAD = {
     "adapter_fwd: dropout without a seed": (lambda o: _adapter_fwd(o, p=0.1), "dropout needs seed"),
     "adapter_fwd: int32 seed": (lambda o: _adapter_fwd(o, p=0.1, seed=SEED(torch.int32)), "dropout needs seed"),
     "adapter_fwd: dropout of 1": (lambda o: _adapter_fwd(o, p=1.0, seed=SEED()), "unsupported shape"),
+    "adapter_fwd: x column stride": (lambda o: o.adapter_fwd(t(D, B * S).t(), *list(_adapter().values())[1:]),
+                                     "x needs a unit column stride"),
+    "adapter_fwd: down_b length": (lambda o: o.adapter_fwd(*_replace(_adapter(), down_b=t(R + 1, dtype=torch.float32))),
+                                   r"down_b must be \[R\]"),
+    "adapter_fwd: up_b shape": (lambda o: o.adapter_fwd(*_replace(_adapter(), up_b=t(E, D + 1, dtype=torch.float32))),
+                                r"up_b must be \[E, D\]"),
+    "adapter_fwd: two seeds": (lambda o: _adapter_fwd(o, p=0.1, seed=torch.tensor([7, 8], device=DEV)),
+                               "dropout needs seed"),
+    "adapter_bwd: strided z": (lambda o: _adapter_bwd(o, z=torch.zeros(B * S, 2 * R, device=DEV)[:, ::2]),
+                               "z must be the forward's float32"),
+    "adapter_keep_mask: two seeds": (lambda o: o.adapter_keep_mask(torch.tensor([7, 8], device=DEV), 4, 8, 0.1),
+                                     "seed must be a one-element int64"),
     "adapter_bwd: z dtype": (lambda o: _adapter_bwd(o, z=torch.zeros(B * S, R, device=DEV, dtype=torch.bfloat16)),
                              "z must be the forward's float32"),
     "adapter_bwd: z shape": (lambda o: _adapter_bwd(o, z=torch.zeros(B * S, R + 1, device=DEV)),
@@ -157,33 +186,83 @@ def _same(a, b, what):
     assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), what
 
 
-@needs_emulator
-@pytest.mark.parametrize("rms", [True, False])
-@pytest.mark.parametrize("residual", [False, True])
-@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
-                                    (torch.float32, torch.float32)])
-def test_norm_binding_equals_the_drivers(ops, rms, residual, dtypes):
+@pytest.fixture
+def emulated_device():
+    """Select an emulated device (0: 3 SMs with an H100's shared memory, 1: 2 SMs with 64 KiB); back to 0 after."""
     import cuda_emulator
 
-    act, wdt = dtypes
-    g = torch.Generator().manual_seed(3)
-    Mx, Nx = 37, 1024 + 8 * residual  # a special width and a generic one
-    x = torch.randn(Mx, Nx, generator=g).to(act)
-    res = torch.randn(Mx, Nx, generator=g).to(act) if residual else None
+    yield cuda_emulator.select_device
+    cuda_emulator.select_device(0)
+
+
+NORM_CASES = {  # rms, residual, activation dtype, weight dtype, width
+    "rms bf16": (True, False, torch.bfloat16, torch.bfloat16, 4096),
+    "rms+residual fp16, fp32 weight": (True, True, torch.float16, torch.float32, 1024),
+    "ln bf16, fp32 weight": (False, False, torch.bfloat16, torch.float32, 4096),
+    "ln+residual fp32, generic width": (False, True, torch.float32, torch.float32, 1000),
+}
+
+
+@needs_emulator
+@pytest.mark.parametrize("dev", [0, 1])
+@pytest.mark.parametrize("stages", [0, 2, 3])
+@pytest.mark.parametrize("need", ["dx dw db", "dx", "dw db", "dw"])
+@pytest.mark.parametrize("case", sorted(NORM_CASES))
+def test_norm_binding_equals_the_drivers(ops, emulated_device, case, need, stages, dev):
+    """Outputs, gradients and statistics bit for bit, for strided x / dy rows, on two emulated devices
+    (so the partial-sum workspace has two sizes) and with the staged backward asked for."""
+    import cuda_emulator
+
+    rms, residual, act, wdt, Nx = NORM_CASES[case]
+    emulated_device(dev)
+    g = torch.Generator().manual_seed(Nx + stages)
+    Mx = 37
+
+    def rows(pad):
+        return torch.randn(Mx, Nx + pad, generator=g).to(act)[:, :Nx]  # rows Nx + pad apart
+
+    x, dy = rows(8), rows(16)
+    res = rows(0) if residual else None
     w = (1 + 0.1 * torch.randn(Nx, generator=g)).to(wdt)
     b = None if rms else (0.1 * torch.randn(Nx, generator=g)).to(wdt)
     got = ops.norm_fwd(x, w, b, res, 1e-5, rms)
     want = cuda_emulator.norm_fwd(x, w, b, res, 1e-5, rms)
     for name, a, e in zip(("y", "residual_out", "mean", "rstd"), got, want):
         _same(a, e, f"forward {name}")
-    dy = torch.randn(Mx, Nx, generator=g).to(act)
-    dres = torch.randn(Mx, Nx, generator=g).to(act) if residual else None
+    need_dx, need_dw, need_db = "dx" in need, "dw" in need, "db" in need and not rms
+    dres = rows(0) if residual and need_dx else None
     mean, rstd = got[2] if not rms else None, got[3]
-    got_b = ops.norm_bwd(dy, x, w, mean, rstd, dres, rms, True, True, not rms, torch.float32, None, 0)
-    want_b = cuda_emulator.norm_bwd(dy, x, w, mean, rstd, dres, rms, True, True, not rms, dw_dtype=torch.float32,
-                                    db_dtype=act)[:3]
-    for name, a, e in zip(("dx", "dweight", "dbias"), got_b, want_b):
+    got_b = ops.norm_bwd(dy, x, w, mean, rstd, dres, rms, need_dx, need_dw, need_db, torch.float32, None, stages)
+    want_b = cuda_emulator.norm_bwd(dy, x, w, mean, rstd, dres, rms, need_dx, need_dw, need_db, stages=stages,
+                                    dw_dtype=torch.float32, db_dtype=act)
+    for name, a, e in zip(("dx", "dweight", "dbias"), got_b, want_b[:3]):
         _same(a, e, f"backward {name}")
+    assert cuda_emulator.take_ran_paths()[-1] == f"norm_bwd:{want_b[3]}"
+
+
+@needs_emulator
+def test_no_rows(ops):
+    """M = 0: empty outputs and zero weight gradients; the backward launches nothing but the partial sums."""
+    import cuda_emulator
+
+    x = t(0, N)
+    cuda_emulator.take_ran_paths()
+    y, h, mean, rstd = ops.norm_fwd(x, t(N), t(N), None, 1e-5, False)
+    assert y.shape == (0, N) and mean.shape == (0,) and rstd.shape == (0,)
+    dx, dw, db = ops.norm_bwd(t(0, N), x, t(N), mean, rstd, None, False, True, True, True, None, None, 0)
+    assert dx.shape == (0, N) and torch.equal(dw, torch.zeros_like(dw)) and torch.equal(db, torch.zeros_like(db))
+    assert cuda_emulator.take_ran_paths() == ["norm_fwd:" + ops.norm_path(x, t(N), t(N), None, False, False, 0)]
+
+
+@needs_emulator
+def test_binding_outputs_come_from_guarded_buffers(ops):
+    """Inside the ops, allocations are the emulator's fenced buffers (NaN-filled, ending at a guarded
+    page): an output element the kernels never write stays NaN, an access past a workspace faults."""
+    import cuda_emulator
+
+    y, _, _, rstd = ops.norm_fwd(t(M, N), t(N), None, None, 1e-6, True)
+    assert all(cuda_emulator.lib().emu_fenced_offset(o.data_ptr()) > 0 for o in (y, rstd))
+    assert cuda_emulator.lib().emu_fenced_offset(t(M, N).data_ptr()) == 0  # outside the ops: torch's own
 
 
 @needs_emulator

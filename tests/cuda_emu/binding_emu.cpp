@@ -3,20 +3,28 @@
 // allocations, workspaces, partial sums, dtype mapping) on a machine without a GPU.
 //
 // What differs from the GPU build, all of it here and in torch_shim/ (nothing in csrc/ knows):
-//   * is_cuda() reads is_cpu() and the ops register for the CPU dispatch key;
-//   * c10::cuda's guard and stream are empty stand-ins (torch_shim/; a CPU torch has no c10_cuda);
+//   * is_cuda() reads is_cpu(), and the ops register for the CPU dispatch key;
+//   * c10::cuda's guard and stream are stand-ins (torch_shim/; a CPU torch has no c10_cuda): the guard
+//     takes CPU devices only, the stream is ignored (emulated launches run at once);
 //   * the CUDA runtime calls the binding makes go to the emulator by name (a CUDA build of torch on a
-//     machine without a GPU has loaded the real runtime, whose symbols would otherwise win);
-//   * every kernel launch records the path it runs (emu_take_ran_paths) and turns an emulator fault
-//     into an error that names it.
+//     machine without a GPU has loaded the real runtime, whose symbols would otherwise win; the build
+//     fails if the library still needs any cuda* symbol);
+//   * while an op runs, CPU allocations (outputs, workspaces, widened weights) come from the emulator's
+//     fenced buffers: filled with NaN bytes and ending at a guarded page, so an element never written
+//     reaches the outputs as NaN and an access past a buffer's end during a launch is a fault. Inputs
+//     are the caller's tensors, unguarded;
+//   * every kernel launch records the path it ran (emu_take_ran_paths) and turns an emulator fault into
+//     an error that names it.
 #include <Python.h>
 
+#include <cstring>
 #include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <c10/core/Allocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -24,10 +32,12 @@
 #include "adapter.h"
 #include "norm.h"
 
-extern "C" {
-const char* emu_error_string(int e);  // harness.cpp
+extern "C" {  // harness.cpp
+const char* emu_error_string(int e);
 int emu_last_error();
 const char* emu_take_fault();
+void* emu_alloc_fenced(int64_t bytes, int align);
+void emu_free_fenced(void* data);
 }
 
 namespace {
@@ -37,21 +47,81 @@ std::vector<std::string>& ran_paths() {
   return paths;
 }
 
-// After a launch: records "op:path" (when there is a path) and raises the emulator's fault, if any.
+// After a launch: raises the emulator's fault, if any, and records "op:path" (when there is a path).
 cudaError_t recorded(const char* op, const std::string& path, cudaError_t err) {
-  if (!path.empty()) ran_paths().push_back(std::string(op) + ":" + path);
   const std::string fault = emu_take_fault();
   TORCH_CHECK(fault.empty(), "mmfast_cuda: ", op, " ", path, ": emulator fault: ", fault);
+  if (err == cudaSuccess && !path.empty()) ran_paths().push_back(std::string(op) + ":" + path);
   return err;
 }
 
+void free_fenced(void* data) {
+  if (data != nullptr) emu_free_fenced(data);
+}
+
+struct FencedAllocator final : c10::Allocator {
+  c10::DataPtr allocate(size_t n) override {
+    void* p = n == 0 ? nullptr : emu_alloc_fenced(static_cast<int64_t>(n), 16);
+    TORCH_CHECK(n == 0 || p != nullptr, "mmfast_cuda (emulated): fenced allocation of ", n, " bytes failed");
+    return {p, p, &free_fenced, c10::Device(c10::DeviceType::CPU)};
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return &free_fenced; }
+  void copy_data(void* dest, const void* src, std::size_t count) const override { std::memcpy(dest, src, count); }
+};
+
+// The CPU allocator is the fenced one for the scope's lifetime (set and restored at the top priority,
+// which torch's own registration never uses).
+struct FencedScope {
+  static constexpr uint8_t kPriority = 255;
+  c10::Allocator* const previous = c10::GetAllocator(c10::DeviceType::CPU);
+  FencedScope() {
+    static FencedAllocator fenced;
+    c10::SetAllocator(c10::DeviceType::CPU, &fenced, kPriority);
+  }
+  ~FencedScope() { c10::SetAllocator(c10::DeviceType::CPU, previous, kPriority); }
+  FencedScope(const FencedScope&) = delete;
+  FencedScope& operator=(const FencedScope&) = delete;
+};
+
+// Takes the place of the torch::Library in binding.cpp's TORCH_LIBRARY_IMPL block: each op it registers
+// runs inside a FencedScope.
+struct FencedImpls {
+  torch::Library& lib;
+  template <typename R, typename... A>
+  FencedImpls& impl(const char* name, R (*fn)(A...)) {
+    lib.impl(name, [fn](A... args) -> R {
+      FencedScope scope;
+      return fn(args...);
+    });
+    return *this;
+  }
+};
+
 }  // namespace
 
-// The kernels' interface as binding.cpp sees it (mmfast:: is renamed to this below): the launches record
-// their paths; everything else is csrc's.
+// The kernels' interface as binding.cpp sees it (mmfast:: is renamed to this below). Names are brought
+// in one by one, so a launch the binding starts calling that is not wrapped here fails to compile
+// instead of running unrecorded.
 namespace mmfast_recorded {
-using namespace mmfast;
+using mmfast::AdapterBwdParams;
+using mmfast::AdapterFwdParams;
+using mmfast::AdapterShape;
+using mmfast::DType;
+using mmfast::kAdapterMaxExperts;
+using mmfast::kAdapterMaxHidden;
+using mmfast::kMaxBwdStages;
+using mmfast::NormBwdParams;
+using mmfast::NormFwdParams;
+// queries (nothing launched)
+using mmfast::adapter_bwd_num_partials;
+using mmfast::adapter_bwd_path;
+using mmfast::adapter_fwd_path;
+using mmfast::adapter_supported;
+using mmfast::norm_bwd_num_partials;
+using mmfast::norm_bwd_path;
+using mmfast::norm_fwd_path;
 
+// launches
 inline cudaError_t norm_fwd(const NormFwdParams& p, cudaStream_t s) {
   const std::string path = norm_fwd_path(p);
   return recorded("norm_fwd", path, mmfast::norm_fwd(p, s));
@@ -77,17 +147,25 @@ inline cudaError_t adapter_keep_mask(const int64_t* seed, int64_t M, int R, floa
 
 }  // namespace mmfast_recorded
 
+#pragma push_macro("TORCH_LIBRARY_IMPL")
+#undef TORCH_LIBRARY_IMPL
+#define TORCH_LIBRARY_IMPL(ns, key, m) static void binding_impls(FencedImpls& m)
 #define mmfast mmfast_recorded
 #define is_cuda is_cpu
-#define CUDA CPU
 #define cudaGetErrorString(e) emu_error_string(e)
 #define cudaGetLastError() static_cast<cudaError_t>(emu_last_error())
 #include "binding.cpp"
 #undef mmfast
 #undef is_cuda
-#undef CUDA
 #undef cudaGetErrorString
 #undef cudaGetLastError
+#undef TORCH_LIBRARY_IMPL
+#pragma pop_macro("TORCH_LIBRARY_IMPL")
+
+TORCH_LIBRARY_IMPL(mmfast_cuda, CPU, m) {
+  FencedImpls impls{m};
+  binding_impls(impls);
+}
 
 // The paths launched since the last call, one per line, oldest first; clears them.
 extern "C" const char* emu_take_ran_paths() {
