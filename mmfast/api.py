@@ -14,7 +14,7 @@ from .patching import PatchReport, patch_norms, unpatch_norms
 from .patching.loss import patch_loss, unpatch_loss
 from .patching.mlp import patch_mlps, unpatch_mlps
 from .tuning import LN_RECIPES, apply_ln_recipe, remove_tuning_hooks
-from .tuning.mma import MMAOptions, insert_mma, remove_mma
+from .tuning.mma import MMAOptions, added_modules, insert_mma, remove_mma
 
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time of the message (not at import)."""
@@ -95,7 +95,8 @@ def patch(
     else:
         unpatch_mlps(model)
     if tuning == "mma":
-        insert_mma(model, mma)
+        report.skipped.extend(insert_mma(model, mma))
+        report.adapters = added_modules(model)
     elif tuning is not None:
         apply_ln_recipe(model, tuning, final_norm=final_norm, master_weights=master_weights)
     # a PEFT model calls its base model's forward: that is where the fused loss goes

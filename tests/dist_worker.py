@@ -1,5 +1,6 @@
-"""Worker for the distributed tests: one rank of a DDP or FSDP2 run on CPU (gloo), saving the
-gradients of the trainable parameters (gathered to full tensors) from rank 0."""
+"""Worker for the distributed tests: one rank of a DDP or FSDP2 run on CPU (gloo), two training steps'
+backward passes, saving the second one's gradients of the trainable parameters (gathered to full
+tensors) from rank 0. ``tuning="mma"`` runs without dropout, so that runs compare."""
 
 import os
 import sys
@@ -19,9 +20,14 @@ def run(rank: int, world: int, port: int, mode: str, out_path: str, tuning: str 
     dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
     try:
         model = build("llava", seed=0)
-        mmfast.patch(model, tuning=tuning, verbose=False)  # before wrapping, as documented
+        opts = dict(mma=mmfast.MMAOptions(dropout=0.0)) if tuning == "mma" else {}
+        mmfast.patch(model, tuning=tuning, verbose=False, **opts)  # before wrapping, as documented
         if mode == "ddp":
             model = torch.nn.parallel.DistributedDataParallel(model)
+        elif mode == "ddp-reentrant":  # the README's recipe for reentrant checkpointing
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            model.train()
+            model = torch.nn.parallel.DistributedDataParallel(model, static_graph=True)
         elif mode == "fsdp2":
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
@@ -37,7 +43,9 @@ def run(rank: int, world: int, port: int, mode: str, out_path: str, tuning: str 
         full = batch("llava", seed=7, B=2 * world)
         per = full["input_ids"].shape[0] // world
         mine = {k: v[rank * per:(rank + 1) * per] for k, v in full.items()}
-        model(**mine).loss.backward()
+        for _ in range(2):  # DDP finds a parameter that got no gradient only at the second step
+            model.zero_grad(set_to_none=True)
+            model(**mine).loss.backward()
         grads = {}
         for name, p in model.named_parameters():
             if p.requires_grad:

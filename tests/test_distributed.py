@@ -29,10 +29,11 @@ def _single_process_grads(model, inputs):
 
 
 @pytest.mark.parametrize("mode,tuning", [("ddp", "layernorm-simp"), ("fsdp2", "layernorm-simp"),
-                                         ("fsdp2", "layernorm")])
+                                         ("fsdp2", "layernorm"), ("ddp", "mma"), ("ddp-reentrant", "mma")])
 def test_distributed_gradients_match_single_process(mode, tuning, tmp_path):
     """``layernorm`` trains the LM head too: its gradient comes from the fused LM-head loss, computed
-    inside the sharded root's forward."""
+    inside the sharded root's forward. ``mma`` under DDP: every parameter it trains gets a gradient in
+    every step (DDP stops at the second step otherwise); its float64 oracle runs the eager adapters."""
     import dist_worker
 
     out = tmp_path / "grads.pt"
@@ -47,16 +48,28 @@ def test_distributed_gradients_match_single_process(mode, tuning, tmp_path):
     dist_grads = torch.load(out)
 
     model = build("llava", seed=0)
-    ref_model = copy.deepcopy(model).double()
-    mmfast.patch(model, tuning=tuning, verbose=False)
-    mmfast.patch(ref_model, tuning=tuning, master_weights=False, verbose=False)
+    if tuning == "mma":
+        mmfast.patch(model, tuning=tuning, mma=mmfast.MMAOptions(dropout=0.0), verbose=False)
+        ref_model = copy.deepcopy(model).double()
+        for m in ref_model.modules():
+            if isinstance(m, mmfast.MMAdapter):
+                m.impl = "eager"
+    else:
+        ref_model = copy.deepcopy(model).double()
+        mmfast.patch(model, tuning=tuning, verbose=False)
+        mmfast.patch(ref_model, tuning=tuning, master_weights=False, verbose=False)
     inputs = batch("llava", seed=7, B=2 * WORLD)
     single = _single_process_grads(model, inputs)
     with mmfast.disabled():  # the float64 oracle runs the original HF forwards
         ref = _single_process_grads(ref_model, {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()})
 
     assert dist_grads.keys() == single.keys() == ref.keys()
-    assert len(single) == 2 * 2 if tuning == "layernorm-simp" else any("lm_head" in n for n in single)
+    if tuning == "layernorm-simp":
+        assert len(single) == 2 * 2
+    elif tuning == "layernorm":
+        assert any("lm_head" in n for n in single)
+    else:
+        assert {n for n in single if "mma" in n} == {n for n, _ in model.named_parameters() if "mma" in n}
     for name in single:
         # the one-process run is the low-precision baseline the distributed run is held to
         assert_accurate(f"{mode} grad {name}", dist_grads[name], single[name], ref[name],

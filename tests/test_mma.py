@@ -20,14 +20,19 @@ def _perturb_adapters(model, seed=0):
                 p.copy_(0.3 * torch.randn(p.shape, generator=g))
 
 
-def _mma(kind="llava", seed=0, dropout=0.0):
-    """A tiny model with MMA inserted; dropout off by default so that runs can be compared."""
+def _mma(kind="llava", seed=0, dropout=0.0, feature_layer=None):
+    """A tiny model with MMA inserted; dropout off by default so that runs can be compared. The tiny
+    LLaVA reads its 2-layer tower's hidden state -2 (layer 0's output) unless ``feature_layer`` says."""
     model = build(kind, seed)
+    if feature_layer is not None:
+        model.config.vision_feature_layer = feature_layer
     mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(dropout=dropout), verbose=False)
     return model
 
 
 def test_mma_parameter_count_7b():
+    """METHODS.md's counts, less the adapter of the last CLIP layer: LLaVA-1.5 reads the tower's
+    second-to-last hidden state (vision_feature_layer=-2), so that layer's output is never used."""
     from transformers import LlavaForConditionalGeneration
 
     with torch.device("meta"):
@@ -36,11 +41,14 @@ def test_mma_parameter_count_7b():
     report = mmfast.patch(model, tuning="mma", verbose=False)
     added = {n: p for n, p in model.named_parameters() if n not in before}
     assert all("mma" in n for n in added)
-    assert sum(p.numel() for p in added.values()) == 32 * 81_930 + 24 * 20_490 + 2 * 4_096 == 3_121_712
-    assert sum(p.numel() for n, p in added.items() if "vision_tower" in n) == 24 * 20_490
+    assert sum(p.numel() for p in added.values()) == 32 * 81_930 + 23 * 20_490 + 2 * 4_096 == 3_101_222
+    assert sum(p.numel() for n, p in added.items() if "vision_tower" in n) == 23 * 20_490
+    assert not any("encoder.layers.23." in n for n in added)
+    assert [p for p, _ in report.skipped] == ["model.vision_tower.encoder.layers.23"]
+    assert len(report.adapters) == 32 + 23 + 1
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == set(added) | {n for n in before if "multi_modal_projector" in n}
-    assert report.trainable_params == 3_121_712 + 20_979_712
+    assert report.trainable_params == 3_101_222 + 20_979_712
     assert all(p.dtype == torch.float32 for p in added.values())
 
 
@@ -119,7 +127,7 @@ def test_llm_sample_independent_of_batch():
 
 
 def test_clip_routes_each_sample_from_its_own_cls():
-    model = _mma()
+    model = _mma(feature_layer=-1)  # the last layer read too: layer 1 has an adapter
     _perturb_adapters(model)
     tower = model.model.vision_tower
     pix = batch("clip-vision", seed=8, B=3)["pixel_values"]
@@ -133,6 +141,37 @@ def test_clip_routes_each_sample_from_its_own_cls():
     with torch.no_grad():
         tower(pixel_values=pix)
     assert not torch.allclose(seen[-1][0], seen[-1][1])
+
+
+@pytest.mark.parametrize("select,read", [(-2, 23), (-1, 24), (0, 0), (1, 1), (24, 24), (-25, 0), ([-2, -5], 23),
+                                         ([3, -1], 24), ([0, 4], 4)])
+def test_the_vision_layers_a_llava_model_reads(select, read):
+    """Hidden state [0] is the embeddings, [i] layer i-1's output; a list reads several."""
+    from types import SimpleNamespace
+
+    from mmfast.tuning.mma import _read_vision_layers
+
+    layers = list(range(24))
+    cfg = SimpleNamespace(vision_feature_layer=select, vision_config=SimpleNamespace(num_hidden_layers=24))
+    assert _read_vision_layers(SimpleNamespace(config=cfg), layers) == layers[:read]
+    # not a LLaVA-style config, or another count of layers: every layer
+    assert _read_vision_layers(SimpleNamespace(config=SimpleNamespace()), layers) == layers
+    assert _read_vision_layers(SimpleNamespace(config=cfg), layers[:12]) == layers[:12]
+
+
+@pytest.mark.parametrize("feature_layer,adapted", [(-2, 1), (-1, 2), (1, 1), (2, 2)])
+def test_vision_adapters_only_where_the_model_reads(feature_layer, adapted):
+    """A LLaVA-style model reads hidden state ``vision_feature_layer`` of the tower ([0]: the embeddings,
+    [i]: layer i-1's output): layers after the last one read get no adapter, which could never train."""
+    model = _mma(feature_layer=feature_layer)
+    have = [n for n, _ in model.named_modules() if n.endswith(ADAPTER_NAME) and "vision_tower" in n]
+    assert have == [f"model.vision_tower.encoder.layers.{i}.{ADAPTER_NAME}" for i in range(adapted)]
+    model.train()
+    _perturb_adapters(model)
+    inputs = batch("llava", images=[True, True])
+    model(**inputs).loss.backward()
+    got_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert {n for n, p in model.named_parameters() if p.requires_grad and "vision_tower" in n} <= got_grad
 
 
 def test_clip_only_model():
@@ -194,7 +233,7 @@ def test_unpatch_removes_mma():
     pristine = copy.deepcopy(model)
     mmfast.patch(model, tuning="mma", verbose=False)
     mmfast.patch(model, tuning="mma", verbose=False)  # idempotent: no second set of adapters
-    assert sum(n.endswith(ADAPTER_NAME) for n, _ in model.named_modules()) == 2 + 2
+    assert sum(n.endswith(ADAPTER_NAME) for n, _ in model.named_modules()) == 2 + 1  # tower layer 1 is not read
     assert sum(n.endswith(EMBEDDING_NAME) for n, _ in model.named_modules()) == 1
     mmfast.unpatch(model)
     assert not any("mma" in n for n, _ in model.named_parameters())

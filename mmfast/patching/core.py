@@ -176,6 +176,8 @@ class PatchReport:
     #: MLP module paths whose activation is fused (:mod:`mmfast.patching.mlp`; the family, "swiglu" or
     #: "quick_gelu", in ``kinds``); None: not asked for
     mlps: Optional[list[str]] = None
+    #: module paths of what ``tuning="mma"`` inserted (the adapters and the modality embedding)
+    adapters: list[str] = dataclasses.field(default_factory=list)
 
     def trainable_line(self) -> str:
         """The trainable-parameter line, in PEFT's ``print_trainable_parameters`` format."""
@@ -190,12 +192,15 @@ class PatchReport:
         else:
             per_kind = Counter(self.kinds.get(p, "?") for p in self.mlps)
             mlp = f"{len(self.mlps)} MLPs" + "".join(f", {n} {k}" for k, n in sorted(per_kind.items()))
+        adapters = f"; MMA modules inserted: {len(self.adapters)}" if self.adapters else ""
         return (f"mmfast.patch: {len(self.patched)} norm modules patched, {len(self.skipped)} skipped "
-                f"(backend {self.backend}{tuning}); fused MLP activations: {mlp}; fused LM-head loss: {self.fused_loss}")
+                f"(backend {self.backend}{tuning}); fused MLP activations: {mlp}; fused LM-head loss: "
+                f"{self.fused_loss}{adapters}")
 
     def __str__(self) -> str:
         groups = Counter((re.sub(r"\.\d+\.", ".*.", p), self.kinds[p]) for p in self.patched)
         groups.update((re.sub(r"\.\d+\.", ".*.", p), self.kinds.get(p, "?")) for p in self.mlps or ())
+        groups.update((re.sub(r"\.\d+\.", ".*.", p), "mma (inserted)") for p in self.adapters)
         rows = [(pattern, kind, str(n)) for (pattern, kind), n in groups.items()]
         rows += [(path, "skipped", reason) for path, reason in self.skipped]
         w0 = max([len("module")] + [len(r[0]) for r in rows])

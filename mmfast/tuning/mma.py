@@ -2,7 +2,10 @@
 
 * Every LLaMA-style decoder layer gets ``mma_adapter`` (an :class:`~mmfast.nn.adapter.MMAdapter`)
   applied to the output of ``input_layernorm``, before attention: ``h = x + Attn(adapter(norm(x)))``.
-* Every CLIP/SigLIP encoder layer gets one applied to the output of ``layer_norm1``.
+* Every CLIP/SigLIP encoder layer gets one applied to the output of ``layer_norm1``, except, in a
+  LLaVA-style model, the layers after the one it reads features from (``config.vision_feature_layer``;
+  -2 in LLaVA-1.5, so the last layer runs but its output is dropped): an adapter there could never get
+  a gradient, and DDP stops on a parameter that never gets one.
 * Routing is per sample. In the vision tower each sample routes from its own CLS token (position 0 of
   that layer's normed input). In the LLM a learned ``mma_modality_embedding`` (``Embedding(2, D)``:
   "has image" or not) plays LaVIN's modality token: before the main pass it runs through every
@@ -209,25 +212,50 @@ def _vision_layers(hf: nn.Module) -> list[nn.Module]:
             and isinstance(getattr(m, "layer_norm1"), nn.Module)]
 
 
+def _read_vision_layers(hf: nn.Module, vision: list[nn.Module]) -> list[nn.Module]:
+    """The leading vision layers whose output reaches the model. A LLaVA-style model reads the tower's
+    hidden states at ``config.vision_feature_layer`` (an index or a list of them into the tower's
+    hidden states: [0] is the embeddings, [i] layer i-1's output); the layers after the last one read
+    run, but nothing uses what they compute."""
+    cfg = getattr(hf, "config", None)
+    select = getattr(cfg, "vision_feature_layer", None)
+    n = getattr(getattr(cfg, "vision_config", None), "num_hidden_layers", None)
+    if select is None or n is None or len(vision) != n:
+        return vision
+    picks = select if isinstance(select, (list, tuple)) else [select]
+    last_state = max(int(s) if s >= 0 else n + 1 + int(s) for s in picks)
+    return vision[:max(last_state, 0)]
+
+
 def _adapter_like(module: nn.Module, dim: int, opts: MMAOptions) -> MMAdapter:
     p = next(module.parameters())
     return MMAdapter(dim, hidden_dim=opts.hidden_dim, groups=opts.groups, experts=opts.experts, scale=opts.scale,
                      temperature=opts.temperature, dropout=opts.dropout, device=p.device, dtype=torch.float32)
 
 
-def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[str]:
+def added_modules(model: nn.Module) -> list[str]:
+    """Paths of the adapters and the modality embedding ``insert_mma`` added to ``model``."""
+    return [n for n, _ in model.named_modules() if n.split(".")[-1] in (ADAPTER_NAME, EMBEDDING_NAME)]
+
+
+def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tuple[str, str]]:
     """Add MMA adapters, the modality embedding and their hooks to ``model`` (idempotent); make the
-    MMA parameters and the multimodal projector trainable and freeze the rest. Returns the names of
-    the added parameters."""
+    MMA parameters and the multimodal projector trainable and freeze the rest. Returns the vision
+    layers left without an adapter, as (path, reason) pairs."""
     opts = opts or MMAOptions()
     hf = _hf_model(model)
-    if any(n.split(".")[-1] in (ADAPTER_NAME, EMBEDDING_NAME) for n, _ in hf.named_modules()):
-        return sorted(n for n, _ in hf.named_parameters() if "mma" in n)
+    vision = _vision_layers(hf)
+    read = _read_vision_layers(hf, vision)
+    paths = {id(m): n for n, m in model.named_modules()}
+    unread = [(paths.get(id(m), "?"), f"no MMA adapter: the model reads the vision tower's hidden states at "
+               f"vision_feature_layer={hf.config.vision_feature_layer}, and this layer's output is not used")
+              for m in vision[len(read):]]
+    if added_modules(hf):
+        return unread
     try:
         parts = find_parts(model)
     except ValueError:
         parts = None  # no LLaMA-style language model: vision adapters only (a CLIP/SigLIP tower)
-    vision = _vision_layers(hf)
     if parts is None and not vision:
         raise ValueError(f"tuning='mma' found neither a LLaMA-style language model nor CLIP/SigLIP encoder layers "
                          f"in {type(hf).__name__}")
@@ -247,7 +275,7 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[str]
             image_token_id = getattr(hf.config, "image_token_index", None)
         hf.register_forward_pre_hook(functools.partial(_top_pre_hook, state, image_token_id), with_kwargs=True)
 
-    for layer in vision:
+    for layer in read:
         vdim = layer.layer_norm1.normalized_shape[0]
         adapter = _adapter_like(layer, vdim, opts)
         layer.add_module(ADAPTER_NAME, adapter)
@@ -255,13 +283,13 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[str]
 
     for p in model.parameters():
         p.requires_grad_(False)
-    train = [m for n, m in hf.named_modules() if n.split(".")[-1] in (ADAPTER_NAME, EMBEDDING_NAME)]
+    train = [hf.get_submodule(n) for n in added_modules(hf)]
     if parts is not None and parts.projector is not None:
         train.append(parts.projector)
     for m in train:
         for p in m.parameters():
             p.requires_grad_(True)
-    return sorted(n for n, _ in hf.named_parameters() if "mma" in n)
+    return unread
 
 
 def remove_mma(model: nn.Module) -> int:
