@@ -13,7 +13,7 @@ from .ops.backend import requested_backend
 from .patching import PatchReport, patch_norms, unpatch_norms
 from .patching.loss import patch_loss, unpatch_loss
 from .patching.mlp import patch_mlps, unpatch_mlps
-from .tuning import LN_RECIPES, apply_ln_recipe, remove_tuning_hooks
+from .tuning import LN_RECIPES, apply_ln_recipe, remove_tuning_hooks, restore_master_weights
 from .tuning.mma import MMAOptions, added_modules, insert_mma, remove_mma
 
 class _StderrHandler(logging.StreamHandler):
@@ -120,7 +120,9 @@ def unpatch(model: nn.Module) -> int:
     """Restore the original forwards of every patched module, remove mmfast's hooks and the MMA
     adapters and modality embedding ``tuning="mma"`` added.
 
-    Other parameters keep their current values, dtypes and ``requires_grad``. Returns the number of
-    modules restored or removed."""
+    Norm weights that ``master_weights`` kept in fp32 go back to their original dtype (rounded; save
+    them with :func:`save_trainable` first to keep the fp32 values); other parameters keep their current
+    values, dtypes and ``requires_grad``. Returns the number of modules restored or removed."""
     remove_tuning_hooks(model)
+    restore_master_weights(model)
     return unpatch_loss(model) + remove_mma(model) + unpatch_mlps(model) + unpatch_norms(model)

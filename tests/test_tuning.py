@@ -215,6 +215,27 @@ def test_unpatch_removes_hooks():
     assert not emb._forward_hooks
 
 
+@pytest.mark.parametrize("tuning", ["layernorm-simp", "layernorm"])
+def test_unpatch_gives_back_a_bf16_model_that_runs(tuning):
+    """Master weights go back to bf16 (rounded), so the restored HF forwards see the dtypes they were
+    written for: an fp32 RMSNorm weight would send fp32 into the bf16 projections."""
+    model = build("llava", dtype=torch.bfloat16)
+    pristine = {n: p.dtype for n, p in model.named_parameters()}
+    mmfast.patch(model, tuning=tuning, final_norm=True, verbose=False)
+    assert any(p.dtype == torch.float32 for p in model.parameters())
+    with torch.no_grad():
+        model.model.language_model.norm.weight.add_(1e-3)  # a trained value, rounded on the way back
+    trained = model.model.language_model.norm.weight.detach().clone()
+    mmfast.unpatch(model)
+    assert {n: p.dtype for n, p in model.named_parameters()} == pristine
+    assert torch.equal(model.model.language_model.norm.weight, trained.bfloat16())
+    with torch.no_grad():
+        out = model(**batch("llava", dtype=torch.bfloat16))
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
+    mmfast.patch(model, tuning=tuning, verbose=False)  # and it patches again
+    assert model.model.language_model.layers[0].input_layernorm.weight.dtype == torch.float32
+
+
 # ---------------------------------------------------------------------------------------------
 # trainable state
 # ---------------------------------------------------------------------------------------------

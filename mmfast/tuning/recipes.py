@@ -95,6 +95,24 @@ def _input_grads_hook(parts: ModelParts) -> None:
     hf.__dict__[_HOOK_ATTR] = [emb.register_forward_hook(hook)]
 
 
+#: on a norm module whose weights ``master_weights`` widened: {parameter name: its dtype before}
+_MASTER_ATTR = "_mmfast_master_dtypes"
+
+
+def restore_master_weights(model: nn.Module) -> int:
+    """Round fp32 master weights back to the dtype they had before ``master_weights`` widened them (the
+    module's own forward, once unpatched, expects it: HF's RMSNorm would return fp32 into bf16
+    projections); returns how many parameters were restored."""
+    restored = 0
+    for m in model.modules():
+        for name, dtype in m.__dict__.pop(_MASTER_ATTR, {}).items():
+            p = getattr(m, name, None)
+            if isinstance(p, nn.Parameter) and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+                restored += 1
+    return restored
+
+
 def remove_tuning_hooks(model: nn.Module) -> None:
     for m in model.modules():
         for h in m.__dict__.pop(_HOOK_ATTR, []):
@@ -126,8 +144,9 @@ def apply_ln_recipe(model: nn.Module, recipe: str, *, final_norm: bool = False, 
             p.requires_grad_(True)
     if master_weights:
         for norm in norms:
-            for p in norm.parameters(recurse=False):
+            for name, p in norm.named_parameters(recurse=False):
                 if p.dtype != torch.float32:
+                    norm.__dict__.setdefault(_MASTER_ATTR, {}).setdefault(name, p.dtype)
                     p.data = p.data.to(torch.float32)
     if recipe != "layernorm":
         _input_grads_hook(parts)
