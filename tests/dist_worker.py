@@ -6,7 +6,8 @@ import os
 import sys
 
 
-def run(rank: int, world: int, port: int, mode: str, out_path: str, tuning: str = "layernorm-simp") -> None:
+def run(rank: int, world: int, port: int, mode: str, out_path: str, tuning: str = "layernorm-simp",
+        dtype: str = "float32") -> None:
     import faulthandler
 
     faulthandler.dump_traceback_later(240, exit=True)  # a hung rank says where, then exits
@@ -19,8 +20,8 @@ def run(rank: int, world: int, port: int, mode: str, out_path: str, tuning: str 
 
     dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
     try:
-        model = build("llava", seed=0)
-        opts = dict(mma=mmfast.MMAOptions(dropout=0.0)) if tuning == "mma" else {}
+        model = build("llava", seed=0, dtype=getattr(torch, dtype))
+        opts = dict(mma=mmfast.MMAOptions(dropout=0.0)) if tuning == "mma" else dict(final_norm=tuning == "layernorm")
         mmfast.patch(model, tuning=tuning, verbose=False, **opts)  # before wrapping, as documented
         if mode == "ddp":
             model = torch.nn.parallel.DistributedDataParallel(model)
@@ -35,12 +36,18 @@ def run(rank: int, world: int, port: int, mode: str, out_path: str, tuning: str 
             # the model is on CPU: without an explicit CPU mesh, fully_shard meshes over CUDA whenever a
             # GPU is visible, and a CPU model on a CUDA mesh crashes the rank
             mesh = init_device_mesh("cpu", (world,))
-            for layer in model.model.language_model.layers:
+            lm = model.model.language_model
+            # the README's recipe: the blocks, then the fp32 trainables outside the LLM blocks in groups
+            # of their own (FSDP2 wants one dtype among a group's trainable parameters), then the root
+            for layer in [*lm.layers, *model.model.vision_tower.encoder.layers]:
                 fully_shard(layer, mesh=mesh)
+            for m in [getattr(lm, "mma_modality_embedding", None), lm.norm if tuning == "layernorm" else None]:
+                if m is not None:
+                    fully_shard(m, mesh=mesh)
             fully_shard(model, mesh=mesh)
         else:
             raise ValueError(mode)
-        full = batch("llava", seed=7, B=2 * world)
+        full = batch("llava", seed=7, B=2 * world, dtype=getattr(torch, dtype))
         per = full["input_ids"].shape[0] // world
         mine = {k: v[rank * per:(rank + 1) * per] for k, v in full.items()}
         for _ in range(2):  # DDP finds a parameter that got no gradient only at the second step
