@@ -178,6 +178,42 @@ def test_hf_trainer(checkpointing, tmp_path, monkeypatch):
         assert not torch.equal(p, before[n]), f"{n} did not move"
 
 
+def test_trl_sft_trainer(tmp_path, monkeypatch):
+    """TRL's SFTTrainer trains a patched LLaMA. TRL (1.x) adds its own fused LM head around the model's
+    forward and asks for it in training, so its loss, entropy and token accuracy come from there; the
+    fused norms run underneath, and mmfast's fused loss stays out of its way."""
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from trl import SFTConfig, SFTTrainer
+
+    from mmfast.ops import norm as norm_ops
+    from tiny_models import VOCAB
+
+    norm_calls = []
+    real = norm_ops._RMSNormFn.forward
+    monkeypatch.setattr(norm_ops._RMSNormFn, "forward", staticmethod(lambda *a: norm_calls.append(1) or real(*a)))
+    model = build("llama")
+    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    trainable = _trainable(model)
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", eos_token="t1")
+    g = torch.Generator().manual_seed(0)
+    data = Dataset.from_list([{"input_ids": torch.randint(3, VOCAB, (12,), generator=g).tolist()} for _ in range(8)])
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
+                     report_to=[], use_cpu=True, logging_steps=1, save_strategy="no", disable_tqdm=True)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    result = trainer.train()
+    assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
+    logged = trainer.state.log_history[0]
+    assert all(torch.isfinite(torch.tensor(logged[k])) for k in ("loss", "entropy", "mean_token_accuracy"))
+    assert norm_calls, "the fused norms did not run"
+    for n, p in trainable.items():
+        assert not torch.equal(p, before[n]), f"{n} did not move"
+
+
 def test_reentrant_checkpoint_wrapper_needs_the_input_grad_hook():
     """Reentrant activation checkpointing applied from outside HF (FSDP's checkpoint_wrapper): with
     frozen embeddings no block input requires grad, and without mmfast's hook the checkpointed blocks'
