@@ -89,6 +89,10 @@ def patch(
         raise ValueError(f"tuning={tuning!r} is not one of {TUNINGS}")
     if mma is not None and tuning != "mma":
         raise ValueError("mma options need tuning='mma'")
+    if tuning in LN_RECIPES and added_modules(model):
+        raise ValueError(f"tuning={tuning!r}: the model has MMA adapters from tuning='mma', which would keep running "
+                         f"(frozen) under a LayerNorm recipe; save them if needed (mmfast.save_trainable), then "
+                         f"mmfast.unpatch(model) before patching with another recipe")
     report = patch_norms(model, PatchReport(backend=requested_backend(), tuning=tuning))
     if fused_mlp:
         patch_mlps(model, report)

@@ -2,6 +2,7 @@
 its providers compute the same functions."""
 
 import importlib.util
+import csv
 import json
 import os
 import subprocess
@@ -45,6 +46,8 @@ def test_bench_quick_run(tmp_path, capsys):
     assert all(r["tokens_per_s"] > 0 and r["trainable"] > 0 and r["saved_bytes"] > 0 for r in model)
     csv_lines = (tmp_path / "results.csv").read_text().splitlines()
     assert len(csv_lines) == len(records) + 1 and "frac_of_copy" in csv_lines[0]
+    rows = list(csv.DictReader(csv_lines))
+    assert all(row["note"] == "CPU timing, not GPU performance" for row in rows)
     summary = (tmp_path / "summary.md").read_text()
     assert "## rms_norm, float32" in summary and "Model level" in summary and data["meta"]["commit"] in summary
     plots = [f for f in os.listdir(tmp_path) if f.endswith(".png")]

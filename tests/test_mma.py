@@ -228,6 +228,16 @@ def test_save_load_trainable_mma(tmp_path):
         assert torch.equal(model(**inputs).logits, fresh(**inputs).logits)
 
 
+def test_a_layernorm_recipe_over_mma_is_refused():
+    model = _mma()
+    with pytest.raises(ValueError, match="MMA adapters"):
+        mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    assert any(p.requires_grad for n, p in model.named_parameters() if "mma" in n)  # nothing changed
+    mmfast.unpatch(model)
+    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    assert not any("mma" in n for n, _ in model.named_parameters())
+
+
 def test_unpatch_removes_mma():
     model = build("llava")
     pristine = copy.deepcopy(model)

@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         for goal, measured, status in goal_rows(records):
             print(f"  [{status}] {goal}: {measured}")
     write_json(os.path.join(args.out, "results.json"), meta, records)
-    write_csv(os.path.join(args.out, "results.csv"), records)
+    write_csv(os.path.join(args.out, "results.csv"), records,
+              note="" if device.type == "cuda" else "CPU timing, not GPU performance")
     plots = write_plots(args.out, meta, records)
     write_summary_md(os.path.join(args.out, "summary.md"), meta, records, plots)
     print(f"\nwrote {args.out}/results.json, results.csv, summary.md" + (f" and {len(plots)} plots" if plots else ""))

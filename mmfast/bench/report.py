@@ -159,7 +159,11 @@ def write_json(path: str, meta: dict, records: list[dict]) -> None:
         json.dump({"meta": meta, "records": records}, f, indent=1)
 
 
-def write_csv(path: str, records: list[dict]) -> None:
+def write_csv(path: str, records: list[dict], note: str = "") -> None:
+    """One row per record; ``note`` (a CPU run's label) goes into a ``note`` column of every row, so that
+    a row copied out of the file still says what it is."""
+    if note:
+        records = [{**r, "note": note} for r in records]
     keys: list[str] = []
     for r in records:
         keys += [k for k in r if k not in keys]
