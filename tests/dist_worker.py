@@ -60,6 +60,17 @@ def run(rank: int, world: int, port: int, mode: str, out_path: str, tuning: str 
                 grads[name.removeprefix("module.")] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
         if rank == 0:
             torch.save(grads, out_path)
+        # save_trainable on every rank, as documented: it gathers, and rank 0 alone writes
+        from safetensors import torch as st
+
+        writes, real_save = [], st.save_file
+        st.save_file = lambda *a, **k: writes.append(1) or real_save(*a, **k)
+        try:
+            mmfast.save_trainable(model, out_path + ".safetensors")
+        finally:
+            st.save_file = real_save
+        with open(f"{out_path}.rank{rank}.writes", "w") as f:
+            f.write(str(len(writes)))
         # release the DDP reducer / FSDP state while the group is alive, then leave together
         del model, grads
         import gc

@@ -71,6 +71,13 @@ def test_distributed_gradients_match_single_process(mode, tuning, dtype, tmp_pat
         ref = _single_process_grads(ref_model, {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()})
 
     assert dist_grads.keys() == single.keys() == ref.keys()
+    # save_trainable, called on every rank: rank 0 wrote the whole (gathered) trainable state
+    from safetensors.torch import load_file
+
+    assert [(tmp_path / f"grads.pt.rank{r}.writes").read_text() for r in range(WORLD)] == ["1"] + ["0"] * (WORLD - 1)
+    saved, params = load_file(str(out) + ".safetensors"), dict(model.named_parameters())
+    assert saved.keys() == single.keys()
+    assert all(torch.equal(saved[n], params[n].detach()) for n in saved)
     if tuning == "layernorm-simp":
         assert len(single) == 2 * 2
     elif tuning == "layernorm":

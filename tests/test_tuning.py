@@ -277,6 +277,59 @@ def test_unpatch_gives_back_a_bf16_model_that_runs(tuning):
 # ---------------------------------------------------------------------------------------------
 
 
+def test_save_trainable_unwraps_deepspeed_and_gathers_zero3(tmp_path, monkeypatch):
+    """Against stand-ins of DeepSpeed's API (deepspeed is not installed here): the engine's ``.module`` is
+    unwrapped (names without ``module.``), and a ZeRO-3 parameter (``ds_id``, empty ``.data`` outside
+    ``deepspeed.zero.GatheredParameters``) is saved gathered, not as the empty partition."""
+    import contextlib
+    import sys
+    import types
+
+    from safetensors.torch import load_file
+
+    model = build("llava")
+    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    full = {n: p.detach().clone() for n, p in _trainable(model).items()}
+    for p in _trainable(model).values():  # partitioned: nothing local until gathered
+        p.ds_id, p.ds_full = id(p), p.data
+        p.data = torch.empty(0, dtype=p.dtype)
+
+    @contextlib.contextmanager
+    def gathered(params, modifier_rank=None):
+        for p in params:
+            p.data = p.ds_full
+        yield
+        for p in params:
+            p.data = torch.empty(0, dtype=p.dtype)
+
+    fake = types.ModuleType("deepspeed")
+    fake.zero = types.SimpleNamespace(GatheredParameters=gathered)
+    monkeypatch.setitem(sys.modules, "deepspeed", fake)
+    engine = type("DeepSpeedEngine", (torch.nn.Module,), {})()
+    engine.module = model
+    names = mmfast.save_trainable(engine, tmp_path / "t.safetensors")
+    saved = load_file(str(tmp_path / "t.safetensors"))
+    assert names == sorted(full) and saved.keys() == full.keys()
+    assert all(torch.equal(saved[n], full[n]) for n in full)
+    monkeypatch.delitem(sys.modules, "deepspeed")
+    monkeypatch.setattr("builtins.__import__", _refusing("deepspeed"))
+    with pytest.raises(RuntimeError, match="ZeRO-3"):
+        mmfast.save_trainable(engine, tmp_path / "u.safetensors")
+
+
+def _refusing(name):
+    import builtins
+
+    real = builtins.__import__
+
+    def imp(mod, *a, **k):
+        if mod == name:
+            raise ImportError(f"no {name}")
+        return real(mod, *a, **k)
+
+    return imp
+
+
 def test_save_load_trainable(tmp_path):
     model = build("llava")
     mmfast.patch(model, tuning="layernorm+projector", verbose=False)

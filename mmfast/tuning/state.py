@@ -11,33 +11,53 @@ FORMAT = "mmfast-trainable"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DDP / FSDP1 (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    """The model inside DDP / FSDP1 / DeepSpeed (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
     while True:
         inner = getattr(model, "_orig_mod", None)
         if inner is None and isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             inner = model.module
-        if inner is None and type(model).__name__ == "FullyShardedDataParallel":
+        if inner is None and type(model).__name__ in ("FullyShardedDataParallel", "DeepSpeedEngine"):
             inner = model.module
         if inner is None:
             return model
         model = inner
 
 
+def _zero3_full(p: nn.Parameter) -> torch.Tensor:
+    """A DeepSpeed ZeRO-3 parameter (``ds_id``: partitioned, its ``.data`` empty on every rank) gathered
+    to its full value; every rank must call this."""
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise RuntimeError("save_trainable: a ZeRO-3 partitioned parameter, but deepspeed cannot be imported "
+                           "to gather it") from e
+    with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+        return p.detach().clone()
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Name -> full tensor of every parameter that requires grad (sharded DTensors are gathered)."""
+    """Name -> full tensor of every parameter that requires grad (FSDP2's DTensor shards and DeepSpeed
+    ZeRO-3 partitions are gathered: in a distributed run every rank must call this)."""
     out = {}
     for name, p in unwrap(model).named_parameters():
         if not p.requires_grad:
             continue
-        t = p.detach()
-        if hasattr(t, "full_tensor"):  # FSDP2 / DTensor shard: every rank must call this
-            t = t.full_tensor()
+        if hasattr(p, "ds_id"):
+            t = _zero3_full(p)
+        else:
+            t = p.detach()
+            if hasattr(t, "full_tensor"):  # FSDP2 / DTensor shard
+                t = t.full_tensor()
         out[name] = t.cpu().contiguous()
     return out
 
 
 def save_trainable(model: nn.Module, path: str | os.PathLike) -> list[str]:
-    """Write the trainable parameters of ``model`` to ``path`` (safetensors); returns their names."""
+    """Write the trainable parameters of ``model`` to ``path`` (safetensors); returns their names.
+
+    In a distributed run (``torch.distributed`` initialised) call it on every rank: sharded parameters
+    are gathered collectively, rank 0 writes the file, and every rank returns once it is written."""
+    import torch.distributed as dist
     from safetensors.torch import save_file
 
     from .. import __version__
@@ -45,9 +65,13 @@ def save_trainable(model: nn.Module, path: str | os.PathLike) -> list[str]:
     tensors = trainable_state(model)
     if not tensors:
         raise ValueError("save_trainable: the model has no trainable parameters (apply a tuning recipe first)")
-    meta = {"format": FORMAT, "mmfast": __version__, "model_class": type(unwrap(model)).__name__}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file(tensors, str(path), metadata=meta)
+    distributed = dist.is_available() and dist.is_initialized()
+    if not distributed or dist.get_rank() == 0:
+        meta = {"format": FORMAT, "mmfast": __version__, "model_class": type(unwrap(model)).__name__}
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        save_file(tensors, str(path), metadata=meta)
+    if distributed:
+        dist.barrier()
     return sorted(tensors)
 
 
