@@ -122,21 +122,23 @@ using mmfast::norm_bwd_path;
 using mmfast::norm_fwd_path;
 
 // launches
+template <typename P>
+cudaError_t launched(const char* op, const P& p, const char* (*path)(const P&),
+                     cudaError_t (*launch)(const P&, cudaStream_t), cudaStream_t s) {
+  const std::string name = path(p);  // before the launch: the path the parameters select
+  return recorded(op, name, launch(p, s));
+}
 inline cudaError_t norm_fwd(const NormFwdParams& p, cudaStream_t s) {
-  const std::string path = norm_fwd_path(p);
-  return recorded("norm_fwd", path, mmfast::norm_fwd(p, s));
+  return launched("norm_fwd", p, &mmfast::norm_fwd_path, &mmfast::norm_fwd, s);
 }
 inline cudaError_t norm_bwd(const NormBwdParams& p, cudaStream_t s) {
-  const std::string path = norm_bwd_path(p);
-  return recorded("norm_bwd", path, mmfast::norm_bwd(p, s));
+  return launched("norm_bwd", p, &mmfast::norm_bwd_path, &mmfast::norm_bwd, s);
 }
 inline cudaError_t adapter_fwd(const AdapterFwdParams& p, cudaStream_t s) {
-  const std::string path = adapter_fwd_path(p);
-  return recorded("adapter_fwd", path, mmfast::adapter_fwd(p, s));
+  return launched("adapter_fwd", p, &mmfast::adapter_fwd_path, &mmfast::adapter_fwd, s);
 }
 inline cudaError_t adapter_bwd(const AdapterBwdParams& p, cudaStream_t s) {
-  const std::string path = adapter_bwd_path(p);
-  return recorded("adapter_bwd", path, mmfast::adapter_bwd(p, s));
+  return launched("adapter_bwd", p, &mmfast::adapter_bwd_path, &mmfast::adapter_bwd, s);
 }
 inline cudaError_t norm_sum_partials(const float* part, int64_t P, int64_t N, void* out, DType dt, cudaStream_t s) {
   return recorded("sum_partials", "", mmfast::norm_sum_partials(part, P, N, out, dt, s));
