@@ -26,20 +26,17 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import inspect
 import os
-import re
 import shutil
 import subprocess
 import tempfile
 import weakref
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from mmfast.kernels.cuda_compile_check import toolkit_include
+from mmfast.kernels.cuda_compile_check import toolkit_include, torch_cxx_flags
 from mmfast.kernels.cuda_ext import source_dir
 
 HERE = Path(__file__).resolve().parent / "cuda_emu"
@@ -475,28 +472,18 @@ def adapter_keep_mask(seed: torch.Tensor, M: int, R: int, p_drop: float) -> torc
 BINDING_FLAGS = ("-O0", "-fPIC", "-w")
 
 
-def _torch_build_flags() -> tuple[list[str], list[str]]:
-    """Compile and link flags for a library against the running torch (headers, ABI, libraries)."""
-    import sysconfig
-
+def _torch_link_flags() -> list[str]:
     from torch.utils import cpp_extension
 
-    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    inc = [f"-I{p}" for p in (*cpp_extension.include_paths(), sysconfig.get_paths()["include"])]
-    libs = cpp_extension.library_paths()
-    link = [f"-L{libs[0]}", "-lc10", "-ltorch_cpu", "-ltorch", f"-Wl,-rpath,{libs[0]}"]
-    # the C++ standard torch's own extension builds use (the GPU's JIT build of the binding): torch 2.11
-    # builds with C++17, later ones need C++20
-    stds = Counter(re.findall(r"-std=c\+\+\d+", inspect.getsource(cpp_extension)))
-    std = stds.most_common(1)[0][0] if stds else "-std=c++17"
-    return [std, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *inc], link
+    lib_dir = cpp_extension.library_paths()[0]
+    return [f"-L{lib_dir}", "-lc10", "-ltorch_cpu", "-ltorch", f"-Wl,-rpath,{lib_dir}"]
 
 
 def build_binding() -> Path:
     """``csrc/binding.cpp`` built for CPU tensors over the emulated kernels (``cuda_emu/binding_emu.cpp``),
     linked to ``build()``'s library so that both share one emulator (device choice, faults)."""
     emu = build()
-    compile_flags, link_flags = _torch_build_flags()
+    compile_flags, link_flags = torch_cxx_flags(), _torch_link_flags()
     h = hashlib.sha256(emu.parent.name.encode())
     for f in (source_dir() / "binding.cpp", HERE / "binding_emu.cpp", *sorted((HERE / "torch_shim").rglob("*.h"))):
         h.update(f.name.encode())

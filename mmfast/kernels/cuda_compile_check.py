@@ -15,6 +15,7 @@ Exit status 1 on any compile error (or on spills with ``--no-spills``), 2 when n
 from __future__ import annotations
 
 import argparse
+import inspect
 import re
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,15 +107,27 @@ def compile_cu(nvcc: str, path: Path, arch: str, out_dir: Path) -> tuple[int, st
     return proc.returncode, proc.stdout + proc.stderr, time.time() - start
 
 
+def torch_cxx_flags() -> list[str]:
+    """Host C++ flags of code built against the installed torch, as its own extension builds (the GPU's
+    JIT build of the binding) use them: their C++ standard (C++17 on torch 2.11, C++20 from 2.13 on), its
+    C++ ABI, and torch's and Python's headers."""
+    import torch
+    from torch.utils import cpp_extension
+
+    stds = Counter(re.findall(r"-std=c\+\+\d+", inspect.getsource(cpp_extension)))
+    std = stds.most_common(1)[0][0] if stds else "-std=c++17"
+    includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
+    return [std, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", *(f"-I{p}" for p in includes)]
+
+
 def check_binding(path: Path, out_dir: Path) -> tuple[int, str]:
     """Compile the torch binding against the installed torch's headers into ``out_dir``/binding.o."""
     import torch
-    from torch.utils import cpp_extension
 
     cxx = shutil.which("c++") or shutil.which("g++")
     if cxx is None:
         return 0, "no host C++ compiler: binding not checked"
-    includes = list(cpp_extension.include_paths())
+    includes = []
     with tempfile.TemporaryDirectory() as stub:
         generated = Path(torch.__file__).parent / "include" / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
         if not generated.exists():  # CPU-only torch
@@ -123,8 +137,8 @@ def check_binding(path: Path, out_dir: Path) -> tuple[int, str]:
         cuda_include = toolkit_include()
         if cuda_include is not None:
             includes.append(str(cuda_include))
-        includes += [sysconfig.get_paths()["include"], str(path.parent)]
-        cmd = [cxx, "-std=c++20", "-O0", "-c", "-DTORCH_EXTENSION_NAME=mmfast_cuda_ext", str(path),
+        includes.append(str(path.parent))
+        cmd = [cxx, *torch_cxx_flags(), "-O0", "-c", "-DTORCH_EXTENSION_NAME=mmfast_cuda_ext", str(path),
                "-o", str(out_dir / (path.stem + ".o"))]
         cmd += [f"-I{p}" for p in includes]
         proc = subprocess.run(cmd, capture_output=True, text=True)
