@@ -6,6 +6,18 @@ import os
 import sys
 
 
+def _live(t):
+    """Unpack hook: a tensor saved for backward must still own its storage when the backward reads it.
+    FSDP2 frees a block's gathered parameters between its forward and its backward (and again after
+    its backward); a backward that runs outside the block's own backward hooks reads freed memory,
+    which gives wrong gradients only now and then. This makes it fail every time."""
+    need = (t.storage_offset() + max(((s - 1) * st for s, st in zip(t.shape, t.stride())), default=0) + 1) * t.element_size()
+    if t.numel() and t.untyped_storage().nbytes() < need:
+        raise RuntimeError(f"backward read a saved tensor {tuple(t.shape)} {t.dtype} whose storage was freed "
+                           f"({t.untyped_storage().nbytes()} of {need} bytes)")
+    return t
+
+
 def run(rank: int, world: int, port: int, mode: str, out_path: str, tuning: str = "layernorm-simp",
         dtype: str = "float32") -> None:
     import faulthandler
@@ -52,7 +64,9 @@ def run(rank: int, world: int, port: int, mode: str, out_path: str, tuning: str 
         mine = {k: v[rank * per:(rank + 1) * per] for k, v in full.items()}
         for _ in range(2):  # DDP finds a parameter that got no gradient only at the second step
             model.zero_grad(set_to_none=True)
-            model(**mine).loss.backward()
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: t, _live):
+                loss = model(**mine).loss
+            loss.backward()
         grads = {}
         for name, p in model.named_parameters():
             if p.requires_grad:

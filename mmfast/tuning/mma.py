@@ -144,16 +144,24 @@ class _RouteGradBridge(torch.autograd.Function):
     the modality pass's shared graph, once per layer) just accumulates ``.grad`` on the leaf. This
     node sits upstream of every layer, so its backward runs after all of them: it hands the leaves'
     gradients to the routes, and the modality pass is traversed once.
+
+    It also gives the modality pass's last output (``last``, which nothing else reads) a zero gradient.
+    Otherwise the last layer's route, read inside the layer, would be the only gradient into that
+    layer's modality pass: its norm's backward would run without the layer's output ever getting a
+    gradient, so a sharding wrapper's pre-backward hook on that output (FSDP2's all-gather of the
+    layer's parameters, which it freed after the main pass's backward of the layer) would not run
+    first, and the norm's backward would read freed parameter memory.
     """
 
     @staticmethod
-    def forward(ctx, embeds, leaves, *routes):
-        ctx.leaves = leaves
+    def forward(ctx, embeds, leaves, last, *routes):
+        ctx.leaves, ctx.last = leaves, (last.shape, last.dtype, last.device)
         return embeds.view_as(embeds)
 
     @staticmethod
     def backward(ctx, grad):
-        return (grad, None, *[leaf.grad for leaf in ctx.leaves])
+        shape, dtype, device = ctx.last
+        return (grad, None, torch.zeros(shape, dtype=dtype, device=device), *[leaf.grad for leaf in ctx.leaves])
 
 
 def _llm_pre_hook(state: _State, module, args, kwargs):
@@ -189,7 +197,7 @@ def _llm_pre_hook(state: _State, module, args, kwargs):
             if ids is None:
                 ids, args = args[0], (None, *args[1:])
             embeds = module.get_input_embeddings()(ids)
-        kwargs["inputs_embeds"] = _RouteGradBridge.apply(embeds, leaves, *routes)
+        kwargs["inputs_embeds"] = _RouteGradBridge.apply(embeds, leaves, h, *routes)
         state.routes = dict(zip(sorted(state.routes), leaves))
     return args, kwargs
 
