@@ -41,7 +41,10 @@ def run(rank: int, world: int, port: int, mode: str, out_path: str, tuning: str 
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
             model.train()
             model = torch.nn.parallel.DistributedDataParallel(model, static_graph=True)
-        elif mode == "fsdp2":
+        elif mode in ("fsdp2", "fsdp2-ckpt"):
+            if mode == "fsdp2-ckpt":  # HF's activation checkpointing (non-reentrant by default)
+                model.gradient_checkpointing_enable()
+                model.train()
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
