@@ -30,6 +30,9 @@ def run(rank: int, world: int, port: int, mode: str, out_path: str, tuning: str 
     import mmfast
     from tiny_models import batch, build
 
+    if mode == "zero3":  # DeepSpeed reads the launcher's variables and picks its CPU accelerator
+        os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
     try:
         model = build("llava", seed=0, dtype=getattr(torch, dtype))
@@ -60,20 +63,35 @@ def run(rank: int, world: int, port: int, mode: str, out_path: str, tuning: str 
                 if m is not None:
                     fully_shard(m, mesh=mesh)
             fully_shard(model, mesh=mesh)
+        elif mode == "zero3":  # DeepSpeed ZeRO-3 (its CPU accelerator, over the gloo group above)
+            import deepspeed
+
+            config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3},
+                      "optimizer": {"type": "SGD", "params": {"lr": 0.0}}, "zero_allow_untested_optimizer": True}
+            model, *_ = deepspeed.initialize(model=model, config=config,
+                                             model_parameters=[p for p in model.parameters() if p.requires_grad])
         else:
             raise ValueError(mode)
         full = batch("llava", seed=7, B=2 * world, dtype=getattr(torch, dtype))
         per = full["input_ids"].shape[0] // world
         mine = {k: v[rank * per:(rank + 1) * per] for k, v in full.items()}
-        for _ in range(2):  # DDP finds a parameter that got no gradient only at the second step
-            model.zero_grad(set_to_none=True)
+        grads = {}
+        # DDP finds a parameter that got no gradient only at the second step; a DeepSpeed engine's
+        # gradients are read after one (its next backward would start a new accumulation)
+        for _ in range(1 if mode == "zero3" else 2):
+            if mode != "zero3":
+                model.zero_grad(set_to_none=True)
             with torch.autograd.graph.saved_tensors_hooks(lambda t: t, _live):
                 loss = model(**mine).loss
-            loss.backward()
-        grads = {}
+            model.backward(loss) if mode == "zero3" else loss.backward()
         for name, p in model.named_parameters():
             if p.requires_grad:
-                g = p.grad
+                if mode == "zero3":
+                    from deepspeed.utils import safe_get_full_grad
+
+                    g = safe_get_full_grad(p)
+                else:
+                    g = p.grad
                 grads[name.removeprefix("module.")] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
         if rank == 0:
             torch.save(grads, out_path)

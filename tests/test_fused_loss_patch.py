@@ -168,3 +168,54 @@ def test_hf_signature_kept():
     before = inspect.signature(model.forward)
     mmfast.patch(model, verbose=False)
     assert inspect.signature(model.forward) == before and "labels" in before.parameters
+
+
+def test_head_output_passed_on_by_a_wrapper():
+    """A hook that hands the head's output on as a new tensor over the same memory (DeepSpeed ZeRO-3 does
+    this, through an autograd function whose backward gathers the head's weight again): the loss equals
+    the unpatched one, and its backward runs through the hook's backward before the fused loss's."""
+    model = build("llama")
+    mmfast.patch(model, tuning="layernorm", verbose=False)
+    ref = copy.deepcopy(model)
+    mmfast.unpatch(ref)
+    order = []
+
+    class PassOn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.detach()
+
+        @staticmethod
+        def backward(ctx, g):
+            order.append("hook")
+            return g
+
+    real_bwd = loss_ops._LinearCrossEntropyFn.backward
+
+    def spy(ctx, *grads):
+        order.append("loss")
+        return real_bwd(ctx, *grads)
+
+    loss_ops._LinearCrossEntropyFn.backward = staticmethod(spy)
+    try:
+        model.lm_head.register_forward_hook(lambda m, args, out: PassOn.apply(out))
+        inputs = batch("llama")
+        out = model(**inputs)
+        assert out.logits is None
+        torch.testing.assert_close(out.loss, ref(**inputs).loss)
+        out.loss.backward()
+    finally:
+        loss_ops._LinearCrossEntropyFn.backward = real_bwd
+    assert order == ["hook", "loss"]
+    ref(**inputs).loss.backward()
+    torch.testing.assert_close(model.lm_head.weight.grad, ref.lm_head.weight.grad)
+
+
+def test_head_output_replaced_raises():
+    """A hook that replaces the head's output (a copy, another tensor) would have HF's loss computed from
+    the stand-in's values: it raises and says what to do."""
+    model = build("llama")
+    mmfast.patch(model, verbose=False)
+    model.lm_head.register_forward_hook(lambda m, args, out: out.clone())
+    with pytest.raises(RuntimeError, match="fused_loss=False"):
+        model(**batch("llama"))

@@ -7,9 +7,17 @@ and every class whose forward is the same code), no class is touched:
   call, then runs the model's own forward unchanged;
 * the LM head's ``forward``: armed, it computes :func:`mmfast.ops.loss.linear_cross_entropy` of its input
   (with the weight as the head sees it inside its own call, so wrappers that gather parameters around the
-  call keep working) and returns a zero-stride stand-in for the logits;
+  call keep working) and returns a stand-in for the logits: the loss, broadcast to the logits' shape with
+  zero strides (no memory);
 * the model's ``loss_function`` (HF's own hook): given the stand-in, it returns the fused loss; anything
   else goes to the model's loss function as before.
+
+A wrapper may hand on the head's output as a new tensor over the same memory (DeepSpeed ZeRO-3 passes
+every module output through an autograd function whose backward gathers the module's parameters again
+before the module's own backward). The loss is then read back out of that tensor, so its gradient goes
+through the wrapper's backward, which gathers the head's weight before the fused loss's backward reads
+it. A head output that is neither the stand-in nor such an alias of it raises instead of computing a
+loss from the stand-in's values.
 
 The output then has ``loss`` and ``logits=None`` (the stand-in never leaves the forward). Without labels,
 under ``torch.no_grad()`` (evaluation, generation), with ``logits_to_keep``, or inside
@@ -78,6 +86,38 @@ def unsupported_reason(model: nn.Module) -> Optional[str]:
     return None
 
 
+class _StandIn(torch.autograd.Function):
+    """The loss as a zero-stride tensor of the logits' shape; its gradient is element 0's."""
+
+    @staticmethod
+    def forward(ctx, loss: Tensor, shape: tuple) -> Tensor:
+        ctx.dims = len(shape)
+        return loss.detach().clone().expand(shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad[(0,) * ctx.dims], None
+
+
+class _ReadLoss(torch.autograd.Function):
+    """The loss read back from an alias of the stand-in; the gradient goes back with zero strides."""
+
+    @staticmethod
+    def forward(ctx, stand_in: Tensor) -> Tensor:
+        ctx.shape = stand_in.shape
+        return stand_in[(0,) * stand_in.dim()].clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad.expand(ctx.shape)
+
+
+def _aliases(t: Any, stand_in: Tensor) -> bool:
+    """``t`` is the stand-in, or a new tensor over its memory with its shape and strides."""
+    return t is stand_in or (isinstance(t, Tensor) and t.shape == stand_in.shape and t.stride() == stand_in.stride()
+                             and t.dtype == stand_in.dtype and t.data_ptr() == stand_in.data_ptr())
+
+
 def _head_forward(head: nn.Linear, x: Tensor) -> Tensor:
     st: _LossState = head.__dict__[_STATE]
     if st.armed is None:
@@ -88,15 +128,22 @@ def _head_forward(head: nn.Linear, x: Tensor) -> Tensor:
         raise RuntimeError(f"mmfast fused loss: labels {tuple(target.shape)} do not match the LM head's input "
                            f"{tuple(x.shape)}; run without the fused loss (mmfast.patch(..., fused_loss=False))")
     st.loss = linear_cross_entropy(x, head.weight, target, head.bias, **args)
-    st.stand_in = x.new_zeros(()).expand(*x.shape[:-1], head.out_features)
+    st.stand_in = _StandIn.apply(st.loss, (*x.shape[:-1], head.out_features))
     return st.stand_in
 
 
 def _loss_function(model: nn.Module, default, logits=None, labels=None, vocab_size=None, **kwargs):
     st: _LossState = model.lm_head.__dict__[_STATE]
-    if st.stand_in is not None and logits is st.stand_in:
+    if st.stand_in is None:
+        return default(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
+    if logits is st.stand_in:
         return st.loss
-    return default(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
+    if _aliases(logits, st.stand_in):  # a wrapper's new tensor over the head's output: through its backward
+        return _ReadLoss.apply(logits)
+    raise RuntimeError(f"mmfast fused loss: the model's loss function got logits {type(logits).__name__} "
+                       f"{tuple(getattr(logits, 'shape', ()))} that are not what its patched lm_head returned (a hook "
+                       "or wrapper around the head replaced its output); run without the fused loss "
+                       "(mmfast.patch(..., fused_loss=False))")
 
 
 def _arm(labels: Tensor, kwargs: dict) -> dict:
@@ -131,8 +178,8 @@ def _model_forward(model: nn.Module, *args, **kwargs):
 
 def _drop_stand_in(out: Any, stand_in: Tensor) -> Any:
     if isinstance(out, tuple):
-        return tuple(v for v in out if v is not stand_in)
-    fields = {k: v for k, v in out.items() if v is not stand_in}
+        return tuple(v for v in out if not _aliases(v, stand_in))
+    fields = {k: v for k, v in out.items() if not _aliases(v, stand_in)}
     return type(out)(**fields)
 
 
