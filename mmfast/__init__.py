@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 from .api import patch, unpatch
 from .nn.adapter import MMAdapter
 from .ops.adapter import mma_adapter
-from .ops.backend import use_backend
+from .ops.backend import backends_used, use_backend
 from .ops.loss import linear_cross_entropy
 from .ops.norm import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
 from .ops.quick_gelu import quick_gelu
@@ -24,6 +24,7 @@ __all__ = [
     "patch",
     "save_trainable",
     "unpatch",
+    "backends_used",
     "use_backend",
     "layer_norm",
     "layer_norm_reference",

@@ -109,6 +109,32 @@ def test_use_backend_block(monkeypatch, device):
     assert seen == [("fwd", "reference"), ("bwd", "reference")]
 
 
+def test_backends_used_counts_what_ran(monkeypatch, device):
+    """``backends_used`` counts each op call, forward and backward (the backward runs on autograd's
+    thread), by the backend that ran it; blocks nest; a block that is closed counts nothing more."""
+    from mmfast.ops.backend import BackendUse
+    from tiny_models import batch, build
+
+    model = build("llama").to(device)
+    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    layers = len(model.model.layers)
+    inputs = {k: v.to(device) for k, v in batch("llama").items()}
+    dt, n_embd = torch.float32, model.config.hidden_size
+    n_ffn = model.config.intermediate_size
+    monkeypatch.setenv(ENV_VAR, "auto")
+    with mmfast.backends_used() as outer:
+        with mmfast.backends_used() as inner:
+            model(**inputs).loss.backward()
+        with mmfast.use_backend("reference"):
+            model(**inputs).loss.backward()
+    model(**inputs).loss.backward()
+    # per step: two norms per layer plus the final norm, one SwiGLU per layer, each forward and backward
+    step = {("rms_norm", n_embd, 2 * layers + 1), ("swiglu", n_ffn, layers)}
+    expected = {BackendUse(op, d, "triton", dt, n): k for op, n, k in step for d in ("fwd", "bwd")}
+    assert dict(inner) == expected
+    assert dict(outer) == {**expected, **{u._replace(backend="reference"): k for u, k in expected.items()}}
+
+
 def test_cpu_without_interpreter_uses_reference():
     """A fresh process with the interpreter off: CPU tensors take the reference, and forcing Triton
     is an error that says why (Triton fixes interpreter mode when it is imported, hence a subprocess)."""

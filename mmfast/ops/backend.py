@@ -21,10 +21,14 @@ sends them through the custom ops too.
 
 ``with mmfast.use_backend("cuda"):`` does what ``MMFAST_BACKEND=cuda`` does, for the calls (forward and
 backward) made inside the block, and takes precedence over the variable.
+
+``with mmfast.backends_used() as used:`` counts what actually ran: one entry per op, direction,
+backend, dtype and width (``auto`` decides per call, so only a run can say).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import importlib.util
@@ -43,12 +47,57 @@ BACKENDS = ("auto", "cuda", "triton", "reference")
 
 
 class KernelKey(NamedTuple):
-    """What the backend table is keyed by: an op with a CUDA C++ implementation, one direction."""
+    """One op call's kind: op, direction, activation dtype, width. The backend table is keyed by it for
+    the ops with a CUDA C++ implementation."""
 
-    op: str  # "rms_norm" | "layer_norm" | "mma_adapter"
+    op: str  # "rms_norm" | "layer_norm" | "mma_adapter" (CUDA C++ too) | "swiglu" | "quick_gelu"
     direction: str  # "fwd" | "bwd"
     dtype: torch.dtype
     N: int
+
+
+class BackendUse(NamedTuple):
+    """A key of :func:`backends_used`'s counts."""
+
+    op: str
+    direction: str
+    backend: str  # "cuda" | "triton" | "reference"
+    dtype: torch.dtype
+    N: int
+
+
+#: The open :func:`backends_used` blocks' counters (process-wide: backward runs on autograd's threads).
+_recorders: list[collections.Counter] = []
+_recorders_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def backends_used() -> Iterator[collections.Counter]:
+    """Count the mmfast op calls made while the block runs, forward and backward, by what ran them:
+    ``{BackendUse(op, direction, backend, dtype, N): calls}``. ``MMFAST_BACKEND=auto`` chooses per call
+    (device, shape, the backend table), so this is where to see it::
+
+        with mmfast.backends_used() as used:
+            model(**batch).loss.backward()
+        for use, calls in sorted(used.items()):
+            print(use, calls)
+
+    Blocks nest; each counts every call made while it is open."""
+    counts: collections.Counter = collections.Counter()
+    with _recorders_lock:
+        _recorders.append(counts)
+    try:
+        yield counts
+    finally:
+        with _recorders_lock:  # by identity: two blocks' counts can be equal
+            del _recorders[next(i for i, c in enumerate(_recorders) if c is counts)]
+
+
+def _record(use: KernelKey, backend: str) -> str:
+    with _recorders_lock:
+        for counts in _recorders:
+            counts[BackendUse(use.op, use.direction, backend, use.dtype, use.N)] += 1
+    return backend
 
 
 #: Set by :func:`use_backend`; process-wide, because backward runs on autograd's own threads.
@@ -143,12 +192,20 @@ def _without_cuda(device: torch.device, forced_triton: bool) -> str:
     return "reference"
 
 
-def resolve_backend(device: torch.device, key: KernelKey | None = None, cuda_unsupported: str | None = None) -> str:
-    """The backend that runs an op on ``device`` now. ``key`` describes an op that has a CUDA C++
-    implementation (None for ops that do not); ``cuda_unsupported`` says why that implementation does not
-    take this call's shape (None: it does). Such a call runs as if the CUDA C++ kernels could not run:
-    with one warning where ``MMFAST_BACKEND=cuda`` asked for them, silently where only the backend table
-    would have chosen them (its entries are timed at shapes they take)."""
+def resolve_backend(device: torch.device, key: KernelKey | None = None, cuda_unsupported: str | None = None, *,
+                    has_cuda: bool = True) -> str:
+    """The backend that runs an op call of kind ``key`` on ``device`` now (counted for
+    :func:`backends_used`; no ``key``: not an op call, as for an op without a CUDA C++ implementation,
+    and not counted). ``has_cuda``: the op has a CUDA C++ implementation; ``cuda_unsupported`` says
+    why that implementation does not take this call's shape (None: it does). Such a call runs as if the
+    CUDA C++ kernels could not run: with one warning where ``MMFAST_BACKEND=cuda`` asked for them,
+    silently where only the backend table would have chosen them (its entries are timed at shapes they
+    take)."""
+    backend = _resolve(device, key if has_cuda else None, cuda_unsupported)
+    return _record(key, backend) if _recorders and key is not None else backend
+
+
+def _resolve(device: torch.device, key: KernelKey | None, cuda_unsupported: str | None) -> str:
     wanted = requested_backend()
     if wanted == "reference":
         return "reference"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import as_rows, plain_eager, records_grad, resolve_backend
+from .backend import KernelKey, as_rows, plain_eager, records_grad, resolve_backend
 from .checks import check_activation, check_like
 
 ALPHA = 1.702
@@ -51,7 +51,8 @@ def _reference_bwd(dy: Tensor, x: Tensor) -> Tensor:
 
 
 def _fwd(x: Tensor) -> Tensor:
-    if x.numel() and resolve_backend(x.device) == "triton":
+    if x.numel() and resolve_backend(x.device, KernelKey("quick_gelu", "fwd", x.dtype, x.shape[-1]),
+                                     has_cuda=False) == "triton":
         from ..kernels import quick_gelu as kernels
 
         return kernels.quick_gelu_fwd(as_rows(x)).view(x.shape)
@@ -59,7 +60,8 @@ def _fwd(x: Tensor) -> Tensor:
 
 
 def _bwd(dy: Tensor, x: Tensor) -> Tensor:
-    if x.numel() and resolve_backend(x.device) == "triton":
+    if x.numel() and resolve_backend(x.device, KernelKey("quick_gelu", "bwd", x.dtype, x.shape[-1]),
+                                     has_cuda=False) == "triton":
         from ..kernels import quick_gelu as kernels
 
         return kernels.quick_gelu_bwd(as_rows(dy), as_rows(x)).view(x.shape)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import as_rows, plain_eager, records_grad, resolve_backend
+from .backend import KernelKey, as_rows, plain_eager, records_grad, resolve_backend
 from .checks import check_activation, check_like
 
 # ---------------------------------------------------------------------------------------------
@@ -65,7 +65,8 @@ def _reference_bwd(dh: Tensor, g: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _fwd(gate: Tensor, up: Tensor) -> Tensor:
-    if gate.numel() and resolve_backend(gate.device) == "triton":
+    if gate.numel() and resolve_backend(gate.device, KernelKey("swiglu", "fwd", gate.dtype, gate.shape[-1]),
+                                        has_cuda=False) == "triton":
         from ..kernels import swiglu as kernels
 
         return kernels.swiglu_fwd(as_rows(gate), as_rows(up)).view(gate.shape)
@@ -73,7 +74,8 @@ def _fwd(gate: Tensor, up: Tensor) -> Tensor:
 
 
 def _bwd(dh: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
-    if gate.numel() and resolve_backend(gate.device) == "triton":
+    if gate.numel() and resolve_backend(gate.device, KernelKey("swiglu", "bwd", gate.dtype, gate.shape[-1]),
+                                        has_cuda=False) == "triton":
         from ..kernels import swiglu as kernels
 
         dg, du = kernels.swiglu_bwd(as_rows(dh), as_rows(gate), as_rows(up))

@@ -167,6 +167,8 @@ class PatchReport:
     patched: list[str] = dataclasses.field(default_factory=list)
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     kinds: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: the backend asked for at patch time (``MMFAST_BACKEND`` / ``use_backend``). ``auto`` chooses per call
+    #: from the device, the shape and the backend table: ``mmfast.backends_used()`` counts what ran
     backend: str = "auto"
     tuning: Optional[str] = None
     trainable_params: int = 0
@@ -207,6 +209,9 @@ class PatchReport:
         w1 = max([len("kind")] + [len(r[1]) for r in rows])
         lines = [self.summary(), f"  {'module':<{w0}}  {'kind':<{w1}}  count / reason"]
         lines += [f"  {a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
+        if self.backend == "auto":
+            lines.append("backend auto: chosen per call (device, shape, this GPU's backend table); "
+                         "`with mmfast.backends_used() as used:` counts what ran")
         lines.append(self.trainable_line())
         return "\n".join(lines)
 
