@@ -44,6 +44,12 @@ def test_bench_quick_run(tmp_path, capsys):
     assert {(r["tuning"], r["provider"]) for r in model} >= {(t, p) for t in ("layernorm", "layernorm-simp", "mma")
                                                              for p in ("hf-eager", "mmfast")}
     assert all(r["tokens_per_s"] > 0 and r["trainable"] > 0 and r["saved_bytes"] > 0 for r in model)
+    for r in model:  # which backend ran each mmfast op (the interpreter: Triton); HF eager runs none
+        if r["provider"] == "mmfast":
+            assert "rms_norm triton" in r["backends"] and "layer_norm triton" in r["backends"], r["backends"]
+            assert ("mma_adapter triton" in r["backends"]) == (r["tuning"] == "mma"), r["backends"]
+        elif r["provider"] == "hf-eager":
+            assert r["backends"] == ""
     csv_lines = (tmp_path / "results.csv").read_text().splitlines()
     assert len(csv_lines) == len(records) + 1 and "frac_of_copy" in csv_lines[0]
     rows = list(csv.DictReader(csv_lines))

@@ -235,7 +235,7 @@ def _model_record(case, provider: str, device: torch.device, env: dict, steps: i
         return record(case, provider, "train-step", None, None, None, env, error=msg, tuning=case.tuning)
     return record(case, provider, "train-step", res["ms"], None, res["peak_mem_bytes"], env,
                   host_ms=res["host_ms"], tokens_per_s=res["tokens_per_s"], trainable=res["trainable"],
-                  tuning=case.tuning,
+                  tuning=case.tuning, backends=res["backends"],
                   llm_layers=case.llm_layers, saved_bytes=(res["saved"] or {}).get("total"),
                   **{f"saved_bytes_{k}": v for k, v in (res["saved"] or {}).items() if k != "total"})
 

@@ -40,6 +40,7 @@ from torch import nn
 
 import mmfast
 from ..nn.adapter import MMAdapter
+from ..ops.backend import backends_used
 from ..patching import unpatch_norms
 
 TUNINGS = ("layernorm", "layernorm-simp", "mma")
@@ -285,11 +286,20 @@ def saved_activation_bytes(model: nn.Module, forward, part=None) -> dict[str, in
     return out
 
 
+def backends_summary(used: dict) -> str:
+    """``"layer_norm triton, rms_norm cuda+triton, ..."``: which backends ran each mmfast op in a step
+    (from :func:`mmfast.backends_used`); empty where none ran."""
+    per_op: dict[str, set] = {}
+    for use in used:
+        per_op.setdefault(use.op, set()).add(use.backend)
+    return ", ".join(f"{op} {'+'.join(sorted(b))}" for op, b in sorted(per_op.items()))
+
+
 def time_train_step(case: ModelCase, provider: str, device: torch.device, steps: int = 10,
                     warmup: int = 3) -> dict:
     """{ms per step (median), host_ms (GPU: median time to issue a step), tokens_per_s, peak_mem_bytes,
     saved (bytes kept for backward, by part: :func:`saved_activation_bytes`; None under compile),
-    trainable}."""
+    backends (:func:`backends_summary` of a warm-up step), trainable}."""
     with restored_globals(provider):
         return _time_train_step(case, provider, device, steps, warmup)
 
@@ -311,8 +321,9 @@ def _time_train_step(case: ModelCase, provider: str, device: torch.device, steps
         run(**batch).loss.backward()
         opt.step()
 
-    for _ in range(warmup):  # the first one compiles
-        step()
+    for i in range(warmup):  # the first one compiles; the last one counts which backend ran each op
+        with backends_used() if i == warmup - 1 else contextlib.nullcontext() as used:
+            step()
     opt.zero_grad(set_to_none=True)
     saved = None if compiled else saved_activation_bytes(model, lambda: model(**batch).loss)
     opt.zero_grad(set_to_none=True)
@@ -341,7 +352,7 @@ def _time_train_step(case: ModelCase, provider: str, device: torch.device, steps
     times.sort()
     ms = times[len(times) // 2]
     out = {"ms": ms, "host_ms": host_ms, "tokens_per_s": case.M / (ms * 1e-3), "peak_mem_bytes": peak,
-           "saved": saved,
+           "saved": saved, "backends": backends_summary(used or {}),
            "trainable": sum(p.numel() for p in params)}
     del model, opt, batch
     if device.type == "cuda":

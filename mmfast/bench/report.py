@@ -76,13 +76,14 @@ def model_rows(records: list[dict]) -> list[list[str]]:
                          "" if peak is None else f"{peak / 2**30:.2f}",
                          "" if saved is None else _mib(saved),
                          " ".join(f"{k} {_mib(v)}" for k, v in parts.items() if v),
-                         str(r.get("trainable", "")), r.get("error") or ""])
+                         str(r.get("trainable", "")), r.get("backends") or "", r.get("error") or ""])
     return rows
 
 
 MODEL_HEAD = ["case", "provider", "dtype", "tokens/step", "ms/step", "host ms", "tokens/s", "peak GiB", "saved MiB",
-              "saved MiB by part", "trainable", "error"]
-MODEL_NOTE = ("saved MiB: bytes autograd keeps for backward in one step (activations; weights, gradients and "
+              "saved MiB by part", "trainable", "mmfast backends", "error"]
+MODEL_NOTE = ("mmfast backends: what ran each mmfast op in a warm-up step (mmfast.backends_used). "
+              "saved MiB: bytes autograd keeps for backward in one step (activations; weights, gradients and "
               "optimizer state excluded), by the part of the model that saved them; counted the same way on "
               "CPU and GPU; not counted under torch.compile (the *-compile providers). peak GiB: CUDA's peak allocated over the timed steps (GPU only). host ms: how long the "
               "Python side took to issue the step (GPU only). Far below ms/step: the GPU was the bottleneck. "
