@@ -315,6 +315,45 @@ def test_goals_met_and_missing():
     assert [g["met"] for g in evaluate(records)][1:5] == [False, True, True, False]
 
 
+def test_goals_over_several_runs(tmp_path, capsys):
+    """``python -m mmfast.bench.goals`` reads the records of a kernel run and a model run together (the GPU
+    lease writes them from two processes); a CPU run is refused; the exit status says whether every goal
+    with records was met."""
+    from mmfast.bench.goals import main as goals_main
+
+    def write(name, records, gpu=True):
+        path = tmp_path / name
+        path.write_text(json.dumps({"meta": {"gpu": gpu}, "records": records}))
+        return str(path)
+
+    norm = [{"op": "rms_norm", "provider": p, "direction": d, "dtype": "bfloat16", "M": 32768, "N": 8192,
+             "ms": 1.0, "gpu_ms": t, "frac_of_copy": f, "timing": "direct", "error": None}
+            for p, d, t, f in (("mmfast-triton", "fwd", 1.0, 0.95), ("mmfast-triton", "bwd", 1.0, 0.90),
+                               ("mmfast-cuda", "bwd", 0.9, 0.91))]
+    step = [{"op": "llava-train-step[layernorm]", "provider": p, "direction": "train-step", "tuning": "layernorm",
+             "tokens_per_s": tps, "peak_mem_bytes": peak, "error": None}
+            for p, tps, peak in (("hf-eager", 100.0, 10 * 2**30), ("mmfast", 120.0, 7 * 2**30))]
+    kernels, model = write("kernels.json", norm), write("model.json", step)
+    assert goals_main([kernels, model]) == 0
+    out = capsys.readouterr().out
+    assert "N=8192: 95% (triton)" in out and "1.20x tokens/s" in out and "[NOT met]" not in out
+    assert out.count("[   -   ]") == 2  # small shapes and Liger: no records in either file
+    step[1]["tokens_per_s"] = 110.0  # 1.10x: short of the goal
+    assert goals_main([kernels, write("model.json", step)]) == 1
+    assert "[NOT met] layernorm step" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        goals_main([write("cpu.json", norm, gpu=False)])
+    assert "not a GPU run" in capsys.readouterr().err
+
+
+def test_tunings_option_selects_model_cases(capsys):
+    cases = bench_main.model_cases(torch.device("cpu"), True, 2, tunings=("layernorm",))
+    assert [c.tuning for c in cases] == ["layernorm"]
+    with pytest.raises(SystemExit):
+        main(["--quick", "--ops", "model", "--tunings", "layernorm,lora"])
+    assert "unknown tunings ['lora']" in capsys.readouterr().err
+
+
 def test_graph_cases_run_per_provider_in_their_own_process():
     """On a GPU each provider's CUDA-graph cases form one run in a fresh process (a failed capture
     leaves the CUDA generator unusable for the rest of its process); other runs stay one per pair."""

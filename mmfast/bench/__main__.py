@@ -63,10 +63,11 @@ def kernel_cases(device: torch.device, quick: bool) -> list:
     return cases
 
 
-def model_cases(device: torch.device, quick: bool, llm_layers: int, batch: int = model_bench.LLAVA_BATCH) -> list:
+def model_cases(device: torch.device, quick: bool, llm_layers: int, batch: int = model_bench.LLAVA_BATCH,
+                tunings: tuple[str, ...] = model_bench.TUNINGS) -> list:
     if quick or device.type != "cuda":
-        return [model_bench.tiny(t) for t in model_bench.TUNINGS]
-    return [model_bench.llava_7b_widths(t, llm_layers, batch=batch, text_tokens=448) for t in model_bench.TUNINGS]
+        return [model_bench.tiny(t) for t in tunings]
+    return [model_bench.llava_7b_widths(t, llm_layers, batch=batch, text_tokens=448) for t in tunings]
 
 
 def _providers(case, device: torch.device, wanted: Optional[set] = None) -> list[str]:
@@ -106,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"samples per model-level step (GPU; default {model_bench.LLAVA_BATCH}, LLaVA-1.5's per-device batch; "
                         "each is 576 image + 448 text tokens)")
     p.add_argument("--steps", type=int, default=10, help="timed training steps per model-level run")
+    p.add_argument("--tunings", default=",".join(model_bench.TUNINGS),
+                   help="model suite: comma-separated tuning recipes to run (default: %(default)s)")
     p.add_argument("--sizes", choices=("all", "large", "small"), default="all",
                    help="kernel cases to run: large (above the L2, timed directly), small (GPU: CUDA-graph "
                         "replays), or all (default). Separate processes keep a failed capture from "
@@ -125,8 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown ops {sorted(unknown_ops)}; choose from {OPS}")
     cases = [c for c in kernel_cases(device, args.quick) if c.op in ops
              and (args.sizes == "all" or getattr(c, "graphs", False) == (args.sizes == "small"))]
+    tunings = tuple(args.tunings.split(","))
+    unknown_tunings = set(tunings) - set(model_bench.TUNINGS)
+    if unknown_tunings:
+        p.error(f"unknown tunings {sorted(unknown_tunings)}; choose from {model_bench.TUNINGS}")
     if "model" in ops:
-        cases += model_cases(device, args.quick, args.llm_layers, args.batch)
+        cases += model_cases(device, args.quick, args.llm_layers, args.batch, tunings)
     wanted = set(args.providers.split(",")) if args.providers else None
     plan = [(c, prov) for c in cases for prov in _providers(c, device, wanted) if wanted is None or prov in wanted]
     if not plan:

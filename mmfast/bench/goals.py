@@ -117,3 +117,29 @@ def goal_rows(records: list[dict]) -> list[list[str]]:
 
 
 GOAL_HEAD = ["goal", "measured", "status"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mmfast.bench.goals RESULTS.json [...]``: the goals table over the records of one or
+    more runs together (a kernel run and a model run made as separate processes, say). Exit status 0
+    when every goal with records is met, 1 otherwise."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m mmfast.bench.goals", description=main.__doc__)
+    p.add_argument("results", nargs="+", help="results.json files written by python -m mmfast.bench")
+    args = p.parse_args(argv)
+    records: list[dict] = []
+    for path in args.results:
+        with open(path) as f:
+            data = json.load(f)
+        if not data.get("meta", {}).get("gpu"):
+            p.error(f"{path}: not a GPU run; the goals are GPU goals")
+        records += data["records"]
+    for goal, measured, status in goal_rows(records):
+        print(f"[{status:^7}] {goal}: {measured}")
+    return 1 if any(g["met"] is False for g in evaluate(records)) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
