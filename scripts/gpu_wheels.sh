@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Run HERE (a machine with PyPI), before a GPU call: download the wheels the GPU machine lacks into .whl/
+# (ignored by git), for its Python 3.12 on x86-64. scripts/gpu_check.sh installs them there; name .whl in
+# the device call's carry. Only Liger-Kernel is missing there (its providers in the kernel and model
+# suites); it needs nothing the machine does not already have (torch, triton).
+#
+#   bash scripts/gpu_wheels.sh            # liger-kernel==0.8.5, the version of the committed H100 runs
+#   LIGER_VERSION=0.9.0 bash scripts/gpu_wheels.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .whl
+python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  --platform any -d .whl "liger-kernel==${LIGER_VERSION:-0.8.5}"
+ls -l .whl
