@@ -13,9 +13,9 @@
 # step capped by what is left, the most wanted first: the CUDA C++ build in the background while the
 # native tests of everything else run (pytest-xdist where installed), the cuda-backend tests, the kernel
 # suite's large sizes with the backend table, the CUDA C++ backward's stage tuning, the model suite
-# (layernorm first), the CUDA-graph cases. The goals table over all of it ends
-# $OUT/lease.log and the output. Files: install.log, lease.log, tests.log, cuda.log, bench-kernels.tar.gz
-# (graphs/ inside), bench-model.tar.gz, tune-cuda.tar.gz. Wheels for Liger: scripts/gpu_wheels.sh, here.
+# (layernorm first), the CUDA-graph cases, and with what is left the Triton backward's launches. The goals
+# table over all of it ends $OUT/lease.log and the output. Files: install.log, lease.log, tests.log,
+# cuda.log, bench-kernels.tar.gz (graphs/ inside), bench-model.tar.gz, tune.tar.gz. Wheels for Liger: scripts/gpu_wheels.sh, here.
 #
 # Time caps (seconds): MMFAST_TESTS_TIMEOUT (tests, default 420) and MMFAST_BENCH_BUDGET (a bench stage
 # stops starting runs after it, default 450, and writes what it measured). MMFAST_TESTS (default
@@ -115,17 +115,22 @@ tests/test_cuda_staged.py tests/test_cuda_binding.py -k "cuda and not emulated" 
           --backend-table "$OUT/bench-kernels/backend_table.json"
         done_at $? kernels
         # 5. the CUDA C++ backward's shared-memory stages (BWD_STAGES), about half a minute
-        mkdir -p "$OUT/tune-cuda"
+        mkdir -p "$OUT/tune"
         t=$(lease_left 160); [ "$t" -gt 60 ] && t=60
-        capped "$t" python3 benchmarks/tune_norm.py --backend cuda --out "$OUT/tune-cuda" > "$OUT/tune-cuda/tune-cuda.log" 2>&1
-        done_at $? tune-cuda; tail -n 12 "$OUT/tune-cuda/tune-cuda.log"
+        capped "$t" python3 benchmarks/tune_norm.py --backend cuda --out "$OUT/tune" > "$OUT/tune/tune-cuda.log" 2>&1
+        done_at $? tune-cuda; tail -n 12 "$OUT/tune/tune-cuda.log"
         # 6. the model step, LayerNorm tuning first; 7. the small shapes under CUDA graphs, each provider a process
         lease_bench model 60 150 --ops model
         done_at $? model
         lease_bench kernels/graphs 10 90 --ops rms_norm,layer_norm,mma_adapter --sizes small \
           --providers mmfast-triton,mmfast-cuda,torch-native,torch.compile,liger
         done_at $? graphs
-        echo "== goals (python -m mmfast.bench.goals over the kernel, graph and model runs) =="
+        # 8. the rest of the time: the Triton backward's launches at the goal widths (a line per candidate, so a
+        # cut run still tells; the JSON only when it finishes)
+        capped "$(lease_left 10)" python3 benchmarks/tune_norm.py --quick --directions bwd --out "$OUT/tune" \
+          > "$OUT/tune/tune-triton.log" 2>&1
+        echo "tune-triton rc=$? (cut by the lease: expected) at $(( $(date +%s) - lease_start )) s"
+        tail -n 12 "$OUT/tune/tune-triton.log"        echo "== goals (python -m mmfast.bench.goals over the kernel, graph and model runs) =="
         # shellcheck disable=SC2046
         python3 -m mmfast.bench.goals $(ls "$OUT"/bench-kernels/results.json "$OUT"/bench-kernels/graphs/results.json \
           "$OUT"/bench-model/results.json 2>/dev/null)
@@ -133,7 +138,7 @@ tests/test_cuda_staged.py tests/test_cuda_binding.py -k "cuda and not emulated" 
         exit $lease_rc
       } 2>&1 | tee "$OUT/lease.log"
       rc=${PIPESTATUS[0]}
-      for d in bench-kernels bench-model tune-cuda; do
+      for d in bench-kernels bench-model tune; do
         [ -d "$OUT/$d" ] && tar -czf "$OUT/$d.tar.gz" -C "$OUT/$d" . && rm -rf "${OUT:?}/$d"
       done ;;
     cuda)
