@@ -15,7 +15,8 @@
 # suite's large sizes with the backend table, the CUDA C++ backward's stage tuning, the model suite
 # (layernorm first), the CUDA-graph cases, and with what is left the Triton backward's launches. The goals
 # table over all of it ends $OUT/lease.log and the output. Files: install.log, lease.log, tests.log,
-# cuda.log, bench-kernels.tar.gz (graphs/ inside), bench-model.tar.gz, tune.tar.gz. Wheels for Liger: scripts/gpu_wheels.sh, here.
+# cuda.log, bench-kernels.tar.gz (graphs/ inside), bench-model.tar.gz, tune.tar.gz. Liger's wheel:
+# scripts/gpu_wheels.sh, run here first.
 #
 # Time caps (seconds): MMFAST_TESTS_TIMEOUT (tests, default 420) and MMFAST_BENCH_BUDGET (a bench stage
 # stops starting runs after it, default 450, and writes what it measured). MMFAST_TESTS (default
