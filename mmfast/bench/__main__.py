@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=model_bench.LLAVA_BATCH,
                    help=f"samples per model-level step (GPU; default {model_bench.LLAVA_BATCH}, LLaVA-1.5's per-device batch; "
                         "each is 576 image + 448 text tokens)")
-    p.add_argument("--steps", type=int, default=10, help="timed training steps per model-level run")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed training steps per model-level run (default 10; 2 with --quick, a smoke run)")
     p.add_argument("--tunings", default=",".join(model_bench.TUNINGS),
                    help="model suite: comma-separated tuning recipes to run (default: %(default)s)")
     p.add_argument("--sizes", choices=("all", "large", "small"), default="all",
@@ -156,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             own = getattr(case, "graphs", False) and device.type == "cuda"
             bar.set_postfix_str(f"{case.name} N={case.N} {prov}" + (" (CUDA graphs, own process)" if own else ""))
         if isinstance(case, model_bench.ModelCase):
-            records.append(_model_record(case, prov, device, env, args.steps))
+            steps = args.steps if args.steps is not None else (2 if args.quick else 10)
+            records.append(_model_record(case, prov, device, env, steps))
         elif getattr(case, "graphs", False) and device.type == "cuda":
             records += time_cases_isolated([c for c, _ in group], prov, device, copy, env)
         else:
