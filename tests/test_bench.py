@@ -105,9 +105,10 @@ def test_providers_compute_the_same_function(case, device):
 def test_pytest_benchmark_cases_run():
     """``pytest benchmarks/ --benchmark-only`` works (tiny CPU sizes here)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # a worker of a parallel (pytest-xdist) run: its variables would make pytest-benchmark disable itself
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("PYTEST_XDIST")}
     out = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "--benchmark-only", "-q", "-p",
-                          "no:cacheprovider", "--benchmark-disable-gc"], cwd=root, env=env,
+                          "no:cacheprovider", "-p", "no:xdist", "--benchmark-disable-gc"], cwd=root, env=env,
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert " passed" in out.stdout
