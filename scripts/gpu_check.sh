@@ -62,6 +62,13 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.lo
   git rev-parse HEAD 2>/dev/null || echo "commit: unknown"
 } >> "$OUT/install.log" 2>&1
 
+# the CUDA C++ extension: build (first use) or load it, say which; exit 1 where it is unavailable
+CUDA_LOAD="from mmfast.kernels import cuda_ext as c; ok = c.load(); \
+print('cuda extension:', 'loaded from ' + str(c.origin()) if ok else 'UNAVAILABLE: ' + str(c.unavailable_reason())); \
+raise SystemExit(0 if ok else 1)"
+# the tests that run the cuda backend (with -k cuda)
+CUDA_TESTS="tests/test_norm.py tests/test_adapter.py tests/test_cuda_backend.py tests/test_cuda_staged.py tests/test_cuda_binding.py"
+
 # lease helpers: seconds left of the lease (less a reserve), and a capped run of one step
 lease_left() { echo $(( ${MMFAST_LEASE_BUDGET:-540} - ($(date +%s) - lease_start) - ${1:-0} )); }
 capped() {  # capped SECONDS CMD...: SIGINT at SECONDS (pytest and the bench then still write what they have)
@@ -91,9 +98,7 @@ for stage in "${stages[@]}"; do
         lease_rc=0
         done_at() { local rc=$1; echo "$2 rc=$rc at $(( $(date +%s) - lease_start )) s"; [ "$rc" -eq 0 ] || lease_rc=1; }
         # 1. the CUDA C++ build (a minute or so of nvcc) in the background, niced, beside the tests
-        ( nice -n 5 timeout 300 python3 -c "from mmfast.kernels import cuda_ext as c; ok = c.load(); \
-print('cuda extension:', 'loaded from ' + str(c.origin()) if ok else 'UNAVAILABLE: ' + str(c.unavailable_reason())); \
-raise SystemExit(0 if ok else 1)" > "$OUT/cuda.log" 2>&1; r=$?; echo "build/load rc=$r at $(( $(date +%s) - lease_start )) s" >> "$OUT/cuda.log"; exit $r ) &
+        ( nice -n 5 timeout 300 python3 -c "$CUDA_LOAD" > "$OUT/cuda.log" 2>&1; r=$?; echo "build/load rc=$r at $(( $(date +%s) - lease_start )) s" >> "$OUT/cuda.log"; exit $r ) &
         build=$!
         # 2. native tests of everything but the cuda backend
         echo "== tests (not cuda) =="
@@ -108,9 +113,8 @@ tests/test_patch.py tests/test_mlp_patch.py tests/test_fused_loss_patch.py tests
         echo "== tests (cuda backend) =="
         [ "$build_rc" -eq 0 ] || echo "skipped: the CUDA C++ kernels did not build or load (cuda.log)"
         # shellcheck disable=SC2086
-        [ "$build_rc" -eq 0 ] && capped "$(lease_left 360)" python3 -m pytest tests/test_norm.py tests/test_adapter.py tests/test_cuda_backend.py \
-tests/test_cuda_staged.py tests/test_cuda_binding.py -k "cuda and not emulated" -q -p no:cacheprovider $xdist \
-          --durations=10 >> "$OUT/cuda.log" 2>&1
+        [ "$build_rc" -eq 0 ] && capped "$(lease_left 360)" python3 -m pytest $CUDA_TESTS -k "cuda and not emulated" \
+          -q -p no:cacheprovider $xdist --durations=10 >> "$OUT/cuda.log" 2>&1
         done_at $? "cuda tests"; tail -n 3 "$OUT/cuda.log"
         # 4. kernels above the L2, both backends, and the backend table
         lease_bench kernels 200 170 --ops rms_norm,layer_norm,mma_adapter,swiglu,quick_gelu --sizes large \
@@ -147,11 +151,12 @@ tests/test_cuda_staged.py tests/test_cuda_binding.py -k "cuda and not emulated" 
     cuda)
       {
         start=$(date +%s)
-        python3 -c "from mmfast.kernels import cuda_ext as c; ok = c.load(); print('cuda extension:', 'loaded from ' + str(c.origin()) if ok else 'UNAVAILABLE: ' + str(c.unavailable_reason())); raise SystemExit(0 if ok else 1)"
+        python3 -c "$CUDA_LOAD"
         rc=$?
         echo "build/load: $(( $(date +%s) - start )) s"
         [ "${MMFAST_CUDA_COMPILE_CHECK:-1}" = 0 ] || python3 -m mmfast.kernels.cuda_compile_check | tail -n 25
-        [ $rc -eq 0 ] && python3 -m pytest tests/test_norm.py tests/test_adapter.py tests/test_cuda_backend.py tests/test_cuda_staged.py tests/test_cuda_binding.py -q -p no:cacheprovider \
+        # shellcheck disable=SC2086
+        [ $rc -eq 0 ] && python3 -m pytest $CUDA_TESTS -q -p no:cacheprovider \
           -k "${MMFAST_CUDA_TESTS:-cuda}" --durations=10 2>&1 | tail -n 30
         rc=$(( rc | ${PIPESTATUS[0]:-0} ))
       } > "$OUT/cuda.log" 2>&1

@@ -27,3 +27,19 @@ def seed():
     s = int(os.environ.get("MMFAST_TEST_SEED", 0)) or torch.seed() % (2**31)
     torch.manual_seed(s)
     return s
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps its state in process-wide singletons, and every trainer (HF Trainer, TRL) sets
+    them: after TRL's SFTConfig (bf16 by default) a later ``Accelerator(cpu=True)`` in the same process
+    ran the model under bf16 autocast. Each test starts from fresh state (only where a test has imported
+    accelerate)."""
+    import sys
+
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    yield

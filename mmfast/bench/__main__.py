@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also write the table MMFAST_BACKEND=auto uses to choose between the CUDA C++ and Triton "
                         "kernels on this GPU model, from this run's mmfast-cuda and mmfast-triton timings")
     args = p.parse_args(argv)
+    if args.steps is None:
+        args.steps = 2 if args.quick else 10
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ops = set(args.ops.split(","))
@@ -157,8 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             own = getattr(case, "graphs", False) and device.type == "cuda"
             bar.set_postfix_str(f"{case.name} N={case.N} {prov}" + (" (CUDA graphs, own process)" if own else ""))
         if isinstance(case, model_bench.ModelCase):
-            steps = args.steps if args.steps is not None else (2 if args.quick else 10)
-            records.append(_model_record(case, prov, device, env, steps))
+            records.append(_model_record(case, prov, device, env, args.steps))
         elif getattr(case, "graphs", False) and device.type == "cuda":
             records += time_cases_isolated([c for c, _ in group], prov, device, copy, env)
         else:
@@ -182,11 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     if device.type != "cuda":
         print("\n" + CPU_BANNER)
     else:
-        from .goals import goal_rows
+        from .goals import goal_lines
 
         print("\ngoals (mmfast/bench/goals.py):")
-        for goal, measured, status in goal_rows(records):
-            print(f"  [{status}] {goal}: {measured}")
+        print("\n".join("  " + line for line in goal_lines(records)))
     write_json(os.path.join(args.out, "results.json"), meta, records)
     write_csv(os.path.join(args.out, "results.csv"), records,
               note="" if device.type == "cuda" else "CPU timing, not GPU performance")

@@ -119,6 +119,11 @@ def goal_rows(records: list[dict]) -> list[list[str]]:
 GOAL_HEAD = ["goal", "measured", "status"]
 
 
+def goal_lines(records: list[dict]) -> list[str]:
+    """The goals as text lines, ``[status] goal: measured`` (the bench's output and this module's CLI)."""
+    return [f"[{status:^7}] {goal}: {measured}" for goal, measured, status in goal_rows(records)]
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m mmfast.bench.goals RESULTS.json [...]``: the goals table over the records of one or
     more runs together (a kernel run and a model run made as separate processes, say). Exit status 0
@@ -136,8 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         if not data.get("meta", {}).get("gpu"):
             p.error(f"{path}: not a GPU run; the goals are GPU goals")
         records += data["records"]
-    for goal, measured, status in goal_rows(records):
-        print(f"[{status:^7}] {goal}: {measured}")
+    print("\n".join(goal_lines(records)))
     return 1 if any(g["met"] is False for g in evaluate(records)) else 0
 
 
