@@ -52,6 +52,78 @@ def test_mma_parameter_count_7b():
     assert all(p.dtype == torch.float32 for p in added.values())
 
 
+@pytest.mark.parametrize("size,feature_layer,total", [
+    ("7b", -1, 3_781_296), ("13b", -1, 5_390_080),  # every CLIP layer read: METHODS.md's totals exactly
+    ("7b", -2, 3_781_296 - 20_490), ("13b", -2, 5_390_080 - 20_490),  # LLaVA-1.5 reads hidden state -2
+])
+def test_mma_parameter_count_with_the_visual_neck(size, feature_layer, total):
+    """MMAOptions(neck=True): LaVIN's visual neck (Linear 1024->128, SiLU, Linear 128->D) replaces the
+    projector; METHODS.md's trainable totals ("3.8M" at 7B, "5.4M" at 13B) come out."""
+    from transformers import LlavaForConditionalGeneration
+
+    cfg = llava_7b_config()
+    if size == "13b":
+        cfg.text_config.update(dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                                    num_attention_heads=40, num_key_value_heads=40))
+    cfg.vision_feature_layer = feature_layer
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(cfg)
+    report = mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(neck=True), verbose=False)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert report.trainable_params == sum(p.numel() for p in trainable.values()) == total
+    assert all("mma" in n for n in trainable) and all(p.dtype == torch.float32 for p in trainable.values())
+    D = cfg.text_config.hidden_size
+    neck = {n: tuple(p.shape) for n, p in trainable.items() if "multi_modal_projector" in n}
+    assert neck == {"model.multi_modal_projector.mma_neck.0.weight": (128, 1024),
+                    "model.multi_modal_projector.mma_neck.0.bias": (128,),
+                    "model.multi_modal_projector.mma_neck.2.weight": (D, 128),
+                    "model.multi_modal_projector.mma_neck.2.bias": (D,)}
+    assert "model.multi_modal_projector.mma_neck" in report.adapters
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_visual_neck_trains_and_unpatches(tmp_path, dtype):
+    """The neck computes in fp32 inside a model of any dtype and hands the language model features in
+    the model's dtype (fp16 for the low precision: the CPU tests run the adapters' kernels through
+    Triton's interpreter, whose bf16 products are unusable); it learns, saves and loads with the rest, and unpatch puts the very projector
+    it replaced back."""
+    model = build("llava", dtype=dtype)
+    pristine = copy.deepcopy(model)
+    projector = model.model.multi_modal_projector
+    mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(neck=True, dropout=0.0), verbose=False)
+    neck = model.model.multi_modal_projector
+    assert neck is not projector and all(p.dtype == torch.float32 and p.requires_grad for p in neck.parameters())
+    assert not any(p.requires_grad for p in projector.parameters())
+    feats = torch.randn(3, 5, model.config.vision_config.hidden_size, dtype=dtype)
+    assert neck(feats).dtype == dtype and neck(feats).shape == (3, 5, model.config.text_config.hidden_size)
+    inputs = batch("llava", images=[True, False], dtype=dtype)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    before = [p.detach().clone() for p in neck.parameters()]
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        model(**inputs).loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in neck.parameters())
+        opt.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, neck.parameters()))
+
+    path = tmp_path / "neck.safetensors"
+    names = mmfast.save_trainable(model, path)
+    assert sum("mma_neck" in n for n in names) == 4
+    fresh = build("llava", dtype=dtype)
+    mmfast.patch(fresh, tuning="mma", mma=mmfast.MMAOptions(neck=True, dropout=0.0), verbose=False)
+    mmfast.load_trainable(fresh, path)
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, fresh(**inputs).logits)
+
+    mmfast.unpatch(model)
+    assert model.model.multi_modal_projector is projector
+    assert repr(model) == repr(pristine)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, pristine.eval()(**inputs).logits)
+
+
 def test_new_adapters_leave_the_model_unchanged():
     """At init every adapter is the identity: logits equal those of the model with fused norms only."""
     base = build("llava")
@@ -261,6 +333,10 @@ def test_mma_errors():
         mmfast.patch(GPT2Model(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=32)), tuning="mma", verbose=False)
     with pytest.raises(ValueError, match="tuning='mma'"):
         mmfast.patch(build("llama"), tuning="layernorm-simp", mma=mmfast.MMAOptions(), verbose=False)
+    with pytest.raises(ValueError, match="has none"):  # a neck replaces a projector
+        mmfast.patch(build("llama"), tuning="mma", mma=mmfast.MMAOptions(neck=True), verbose=False)
+    with pytest.raises(ValueError, match="neck_dim"):
+        mmfast.patch(build("llava"), tuning="mma", mma=mmfast.MMAOptions(neck=True, neck_dim=0), verbose=False)
     model = _mma()
     with pytest.raises(ValueError, match="mma_has_image"):
         model(**batch("llava", B=2), mma_has_image=torch.tensor([True]))

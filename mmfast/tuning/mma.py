@@ -34,6 +34,7 @@ from .recipes import _hf_model, find_parts
 
 ADAPTER_NAME = "mma_adapter"
 EMBEDDING_NAME = "mma_modality_embedding"
+NECK_NAME = "mma_neck"
 HAS_IMAGE_KWARG = "mma_has_image"
 _STATE = "_mmfast_mma_state"
 
@@ -48,6 +49,12 @@ class MMAOptions:
     scale: float = 1.0
     temperature: float = 10.0
     dropout: float = 0.1
+    #: Replace the multimodal projector with LaVIN's visual neck: ``Linear(in -> neck_dim)``, SiLU,
+    #: ``Linear(neck_dim -> D)``, freshly initialised, fp32, trainable (METHODS.md's parameter counts).
+    #: Off by default: a pretrained LLaVA's projector is the alignment it was trained with, and it is
+    #: trained in place instead. ``unpatch`` puts the original projector back.
+    neck: bool = False
+    neck_dim: int = 128
 
 
 @dataclasses.dataclass
@@ -235,6 +242,37 @@ def _read_vision_layers(hf: nn.Module, vision: list[nn.Module]) -> list[nn.Modul
     return vision[:max(last_state, 0)]
 
 
+class VisualNeck(nn.Module):
+    """LaVIN's visual neck in the projector's place: ``Linear(in_dim -> hidden)``, SiLU,
+    ``Linear(hidden -> out_dim)``, xavier-uniform weights and zero biases as LaVIN initialises it. It computes in its own (fp32) dtype and returns the features in the
+    dtype they came in, as the projector it replaces did. The replaced projector is kept, outside the
+    module tree (no parameters, no state dict), for ``unpatch``."""
+
+    def __init__(self, replaced: nn.Module, in_dim: int, out_dim: int, hidden: int, device=None):
+        super().__init__()
+        self.__dict__["replaced"] = replaced
+        lin = functools.partial(nn.Linear, device=device, dtype=torch.float32)
+        self.add_module(NECK_NAME, nn.Sequential(lin(in_dim, hidden), nn.SiLU(), lin(hidden, out_dim)))
+        for layer in (self.mma_neck[0], self.mma_neck[2]):  # LaVIN's init: xavier-uniform weights, zero biases
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, features: Tensor, *args, **kwargs) -> Tensor:
+        neck = getattr(self, NECK_NAME)
+        return neck(features.to(neck[0].weight.dtype)).to(features.dtype)
+
+
+def _neck_for(projector: nn.Module, out_dim: int, opts: MMAOptions) -> VisualNeck:
+    """A visual neck that reads what ``projector`` reads (its first Linear's input width)."""
+    first = next((m for m in projector.modules() if isinstance(m, nn.Linear)), None)
+    if first is None:
+        raise ValueError(f"MMAOptions(neck=True): the projector {type(projector).__name__} has no Linear layer to "
+                         f"take the vision feature width from")
+    if opts.neck_dim < 1:
+        raise ValueError(f"MMAOptions(neck_dim={opts.neck_dim}) must be positive")
+    return VisualNeck(projector, first.in_features, out_dim, opts.neck_dim, device=first.weight.device)
+
+
 def _adapter_like(module: nn.Module, dim: int, opts: MMAOptions) -> MMAdapter:
     p = next(module.parameters())
     return MMAdapter(dim, hidden_dim=opts.hidden_dim, groups=opts.groups, experts=opts.experts, scale=opts.scale,
@@ -243,13 +281,14 @@ def _adapter_like(module: nn.Module, dim: int, opts: MMAOptions) -> MMAdapter:
 
 def added_modules(model: nn.Module) -> list[str]:
     """Paths of the adapters and the modality embedding ``insert_mma`` added to ``model``."""
-    return [n for n, _ in model.named_modules() if n.split(".")[-1] in (ADAPTER_NAME, EMBEDDING_NAME)]
+    return [n for n, _ in model.named_modules() if n.split(".")[-1] in (ADAPTER_NAME, EMBEDDING_NAME, NECK_NAME)]
 
 
 def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tuple[str, str]]:
-    """Add MMA adapters, the modality embedding and their hooks to ``model`` (idempotent); make the
-    MMA parameters and the multimodal projector trainable and freeze the rest. Returns the vision
-    layers left without an adapter, as (path, reason) pairs."""
+    """Add MMA adapters, the modality embedding and their hooks to ``model`` (idempotent); with
+    ``opts.neck`` replace the multimodal projector with a visual neck; make the MMA parameters and the
+    projector (or neck) trainable and freeze the rest. Returns the vision layers left without an
+    adapter, as (path, reason) pairs."""
     opts = opts or MMAOptions()
     hf = _hf_model(model)
     vision = _vision_layers(hf)
@@ -267,6 +306,8 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
     if parts is None and not vision:
         raise ValueError(f"tuning='mma' found neither a LLaMA-style language model nor CLIP/SigLIP encoder layers "
                          f"in {type(hf).__name__}")
+    if opts.neck and (parts is None or parts.projector is None):
+        raise ValueError(f"MMAOptions(neck=True) replaces the multimodal projector, and {type(hf).__name__} has none")
 
     if parts is not None:
         state = _state(hf)
@@ -282,6 +323,12 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
         if image_token_id is None:
             image_token_id = getattr(hf.config, "image_token_index", None)
         hf.register_forward_pre_hook(functools.partial(_top_pre_hook, state, image_token_id), with_kwargs=True)
+        if opts.neck:
+            neck = _neck_for(parts.projector, dim, opts)
+            owner, _, name = next(n for n, m in hf.named_modules() if m is parts.projector).rpartition(".")
+            setattr(hf.get_submodule(owner), name, neck)
+            parts.projector.requires_grad_(False)  # out of the model now, frozen with the rest
+            parts.projector = neck
 
     for layer in read:
         vdim = layer.layer_norm1.normalized_shape[0]
@@ -301,9 +348,14 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
 
 
 def remove_mma(model: nn.Module) -> int:
-    """Remove every MMA adapter, the modality embedding and their hooks; returns how many modules went."""
+    """Remove every MMA adapter, the modality embedding and their hooks, and put back a projector a
+    visual neck replaced; returns how many modules went."""
     removed = 0
-    for m in model.modules():
+    for m in list(model.modules()):
+        for name, child in list(m._modules.items()):
+            if isinstance(child, VisualNeck):
+                m._modules[name] = child.replaced
+                removed += 1
         for hooks in (m._forward_hooks, m._forward_pre_hooks):
             for key in [k for k, h in hooks.items() if _ours(h)]:
                 del hooks[key]
