@@ -7,6 +7,8 @@ the emulated kernels (cuda_emulator.register_cpu_ops). The ops layer validates a
 these ops, so only direct calls reach the checks; each case here breaks one assumption of one op.
 """
 
+import ctypes
+
 import pytest
 import torch
 
@@ -263,6 +265,36 @@ def test_binding_outputs_come_from_guarded_buffers(ops):
     y, _, _, rstd = ops.norm_fwd(t(M, N), t(N), None, None, 1e-6, True)
     assert all(cuda_emulator.lib().emu_fenced_offset(o.data_ptr()) > 0 for o in (y, rstd))
     assert cuda_emulator.lib().emu_fenced_offset(t(M, N).data_ptr()) == 0  # outside the ops: torch's own
+
+
+@needs_emulator
+@pytest.mark.parametrize("case", ["contiguous", "padded rows", "offset by one element", "odd bytes", "column"])
+def test_binding_inputs_are_copied_into_guarded_buffers(case):
+    """Every tensor input an op gets is first copied into a fenced buffer (binding_emu.cpp), and every
+    launch checks that all its pointers lie in one: same values, sizes and strides, the same address
+    modulo 16 (the kernels' vector paths depend on it), NaN in the gaps between strided rows, and the
+    guard page under 16 bytes past the last element, so a kernel reading past an input faults."""
+    import cuda_emulator
+
+    cuda_emulator.register_cpu_ops()
+    L = cuda_emulator.lib()
+    L.emu_in_fence.argtypes, L.emu_in_fence.restype = [ctypes.c_void_p], ctypes.c_int
+    base = torch.randn(7, 40)
+    x = {"contiguous": base, "padded rows": base[:, :33], "offset by one element": base.view(-1)[1:1 + 9 * 22].view(9, 22),
+         "odd bytes": base.to(torch.bfloat16)[:, :13], "column": base[:, 5]}[case]
+    c = torch.ops.mmfast_cuda_emu.fenced_input(x)
+    assert torch.equal(c, x) and c.stride() == x.stride() and c.dtype == x.dtype
+    assert c.data_ptr() % 16 == x.data_ptr() % 16
+    assert L.emu_in_fence(c.data_ptr()) and not L.emu_in_fence(x.data_ptr())
+    span = ((torch.tensor(c.shape) - 1) * torch.tensor(c.stride())).sum().item() + 1  # elements first to last
+    end = c.data_ptr() + span * c.element_size()
+    assert L.emu_in_fence(end - 1) and not L.emu_in_fence(end + 15)  # the guard, under 16 bytes past the end
+    whole = c.as_strided((span,), (1,))  # the elements and the gaps between them
+    covered = torch.zeros(span, dtype=torch.bool)
+    covered.as_strided(c.shape, c.stride()).fill_(True)
+    gaps = whole[~covered]
+    assert gaps.numel() == 0 if case in ("contiguous", "offset by one element") else gaps.numel() > 0
+    assert gaps.float().isnan().all()
 
 
 @needs_emulator

@@ -11,19 +11,26 @@
 //     fails if the library still needs any cuda* symbol);
 //   * while an op runs, CPU allocations (outputs, workspaces, widened weights) come from the emulator's
 //     fenced buffers: filled with NaN bytes and ending at a guarded page, so an element never written
-//     reaches the outputs as NaN and an access past a buffer's end during a launch is a fault. Inputs
-//     are the caller's tensors, unguarded;
-//   * every kernel launch records the path it ran (emu_take_ran_paths) and turns an emulator fault into
-//     an error that names it.
+//     reaches the outputs as NaN and an access past a buffer's end during a launch is a fault;
+//   * the op's tensor inputs are copied into fenced buffers too before the binding sees them: same sizes
+//     and strides, the same address modulo 16 (the kernels' vector paths depend on it), NaN bytes in
+//     the gaps between strided rows and fewer than 16 bytes from the last element to the guard page, so a
+//     kernel reading past an input's rows faults, and one reading the padding between them gets NaN;
+//   * every kernel launch checks that each pointer it gets lies in a fenced buffer (a pointer that
+//     escaped both is an error), records the path it ran (emu_take_ran_paths) and turns an emulator
+//     fault into an error that names it.
 #include <Python.h>
 
+#include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -38,6 +45,7 @@ int emu_last_error();
 const char* emu_take_fault();
 void* emu_alloc_fenced(int64_t bytes, int align);
 void emu_free_fenced(void* data);
+int emu_in_fence(const void* p);
 }
 
 namespace {
@@ -83,19 +91,69 @@ struct FencedScope {
   FencedScope& operator=(const FencedScope&) = delete;
 };
 
+// A copy of an input tensor in a fenced buffer (see the header). The buffer is allocated byte-exact
+// (alignment 1) and its size chosen so that the copy's first element sits at the caller's address
+// modulo 16; that leaves fewer than 16 bytes, NaN-filled, between the last element and the guard.
+at::Tensor fenced_input(const at::Tensor& t) {
+  if (!t.defined() || !t.is_cpu() || t.numel() == 0) return t;
+  const int64_t extent = static_cast<int64_t>(
+      at::detail::computeStorageNbytes(t.sizes(), t.strides(), static_cast<size_t>(t.element_size())));
+  const int64_t residue = static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16);
+  // the data starts at guard - bytes, and the guard is page-aligned: bytes = -residue (mod 16)
+  const int64_t bytes = extent + (((16 - residue) % 16 - extent % 16) + 16) % 16;
+  void* data = emu_alloc_fenced(bytes, 1);
+  TORCH_CHECK(data != nullptr, "mmfast_cuda (emulated): fenced allocation of ", bytes, " bytes failed");
+  at::Tensor copy = at::from_blob(data, t.sizes(), t.strides(), &free_fenced, t.options());
+  copy.copy_(t);
+  return copy;
+}
+std::optional<at::Tensor> fenced_input(const std::optional<at::Tensor>& t) {
+  if (!t.has_value()) return t;
+  return fenced_input(*t);
+}
+template <typename T>
+const T& fenced_input(const T& v) {  // scalars, dtypes, strings
+  return v;
+}
+
 // Takes the place of the torch::Library in binding.cpp's TORCH_LIBRARY_IMPL block: each op it registers
-// runs inside a FencedScope.
+// runs inside a FencedScope, on fenced copies of its tensor inputs (no op mutates or returns an input:
+// the schemas say so).
 struct FencedImpls {
   torch::Library& lib;
   template <typename R, typename... A>
   FencedImpls& impl(const char* name, R (*fn)(A...)) {
     lib.impl(name, [fn](A... args) -> R {
       FencedScope scope;
-      return fn(args...);
+      return fn(fenced_input(args)...);
     });
     return *this;
   }
 };
+
+// Every pointer a launch gets (nullptr: not given) must lie in a fenced buffer: an input the guard
+// above missed, or memory from outside the op, would otherwise be read unguarded.
+void check_fenced(const char* op, std::initializer_list<const void*> pointers) {
+  int i = 0;
+  for (const void* q : pointers) {
+    TORCH_CHECK(q == nullptr || emu_in_fence(q), "mmfast_cuda (emulated): ", op, ": pointer argument ", i,
+                " lies outside every fenced buffer");
+    ++i;
+  }
+}
+void check_fenced(const mmfast::NormFwdParams& p) {
+  check_fenced("norm_fwd", {p.x, p.residual, p.weight, p.bias, p.y, p.residual_out, p.mean, p.rstd});
+}
+void check_fenced(const mmfast::NormBwdParams& p) {
+  check_fenced("norm_bwd", {p.dy, p.x, p.weight, p.mean, p.rstd, p.dres, p.dx, p.dw_partial, p.db_partial});
+}
+void check_fenced(const mmfast::AdapterFwdParams& p) {
+  check_fenced("adapter_fwd", {p.x, p.down_w, p.down_b, p.up_w, p.up_b, p.mix, p.seed, p.y, p.z});
+}
+void check_fenced(const mmfast::AdapterBwdParams& p) {
+  check_fenced("adapter_bwd", {p.dy, p.x, p.z, p.down_w, p.up_w, p.up_b, p.mix, p.seed, p.dx, p.dz, p.zd,
+                               p.dmix_rows, p.da_partial, p.du_partial, p.dc_partial});
+}
 
 }  // namespace
 
@@ -126,6 +184,7 @@ template <typename P>
 cudaError_t launched(const char* op, const P& p, const char* (*path)(const P&),
                      cudaError_t (*launch)(const P&, cudaStream_t), cudaStream_t s) {
   const std::string name = path(p);  // before the launch: the path the parameters select
+  check_fenced(p);
   return recorded(op, name, launch(p, s));
 }
 inline cudaError_t norm_fwd(const NormFwdParams& p, cudaStream_t s) {
@@ -141,9 +200,11 @@ inline cudaError_t adapter_bwd(const AdapterBwdParams& p, cudaStream_t s) {
   return launched("adapter_bwd", p, &mmfast::adapter_bwd_path, &mmfast::adapter_bwd, s);
 }
 inline cudaError_t norm_sum_partials(const float* part, int64_t P, int64_t N, void* out, DType dt, cudaStream_t s) {
+  check_fenced("sum_partials", {part, out});
   return recorded("sum_partials", "", mmfast::norm_sum_partials(part, P, N, out, dt, s));
 }
 inline cudaError_t adapter_keep_mask(const int64_t* seed, int64_t M, int R, float p, int8_t* out, cudaStream_t s) {
+  check_fenced("adapter_keep_mask", {seed, out});
   return recorded("adapter_keep_mask", "", mmfast::adapter_keep_mask(seed, M, R, p, out, s));
 }
 
@@ -176,4 +237,10 @@ extern "C" const char* emu_take_ran_paths() {
   for (const std::string& p : ran_paths()) out += p + "\n";
   ran_paths().clear();
   return out.c_str();
+}
+
+// For the tests of the input guard itself: the fenced copy an op's tensor input becomes.
+TORCH_LIBRARY(mmfast_cuda_emu, m) {
+  m.def("fenced_input(Tensor x) -> Tensor");
+  m.impl("fenced_input", c10::DispatchKey::CPU, [](const at::Tensor& x) { return fenced_input(x); });
 }

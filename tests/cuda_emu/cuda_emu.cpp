@@ -432,6 +432,14 @@ size_t fenced_offset(const void* data) {
   return it == g_fences.end() ? 0 : it->first - it->second.map;
 }
 
+bool in_fence(const void* p) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  auto it = g_fences.upper_bound(a);  // the first buffer starting after p; p can only be in the one before
+  if (it == g_fences.begin()) return false;
+  --it;
+  return a >= it->first && a < it->second.guard;
+}
+
 void free_fenced(void* data) {
   const auto it = g_fences.find(reinterpret_cast<uintptr_t>(data));
   if (it == g_fences.end()) return;

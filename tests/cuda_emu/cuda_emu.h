@@ -109,6 +109,7 @@ void set_copy_mode(bool eager);
 // during a launch is a fault.
 void* alloc_fenced(size_t bytes, size_t align);
 size_t fenced_offset(const void* data);  // bytes from the mapping's start to data
+bool in_fence(const void* p);             // p lies in a fenced buffer, between its data start and its guard
 void free_fenced(void* data);
 // Select device `dev` of the table; returns false for a bad index.
 bool select_device(int dev);

@@ -216,6 +216,7 @@ void* emu_alloc_fenced(int64_t bytes, int align) {
   return mmfast_emu::alloc_fenced(static_cast<size_t>(bytes), static_cast<size_t>(align));
 }
 int64_t emu_fenced_offset(const void* data) { return static_cast<int64_t>(mmfast_emu::fenced_offset(data)); }
+int emu_in_fence(const void* p) { return mmfast_emu::in_fence(p) ? 1 : 0; }
 void emu_free_fenced(void* data) { mmfast_emu::free_fenced(data); }
 int emu_select_device(int dev) { return mmfast_emu::select_device(dev) ? 1 : 0; }
 int emu_device_props(int dev, int* sm_count, int* smem_optin) {
