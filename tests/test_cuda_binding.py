@@ -268,7 +268,8 @@ def test_binding_outputs_come_from_guarded_buffers(ops):
 
 
 @needs_emulator
-@pytest.mark.parametrize("case", ["contiguous", "padded rows", "offset by one element", "odd bytes", "column"])
+@pytest.mark.parametrize("case", ["contiguous", "padded rows", "offset by one element", "odd bytes", "column",
+                                  "broadcast rows"])
 def test_binding_inputs_are_copied_into_guarded_buffers(case):
     """Every tensor input an op gets is first copied into a fenced buffer (binding_emu.cpp), and every
     launch checks that all its pointers lie in one: same values, sizes and strides, the same address
@@ -281,7 +282,7 @@ def test_binding_inputs_are_copied_into_guarded_buffers(case):
     L.emu_in_fence.argtypes, L.emu_in_fence.restype = [ctypes.c_void_p], ctypes.c_int
     base = torch.randn(7, 40)
     x = {"contiguous": base, "padded rows": base[:, :33], "offset by one element": base.view(-1)[1:1 + 9 * 22].view(9, 22),
-         "odd bytes": base.to(torch.bfloat16)[:, :13], "column": base[:, 5]}[case]
+         "odd bytes": base.to(torch.bfloat16)[:, :13], "column": base[:, 5], "broadcast rows": base[0].expand(7, 40)}[case]
     c = torch.ops.mmfast_cuda_emu.fenced_input(x)
     assert torch.equal(c, x) and c.stride() == x.stride() and c.dtype == x.dtype
     assert c.data_ptr() % 16 == x.data_ptr() % 16
@@ -293,8 +294,20 @@ def test_binding_inputs_are_copied_into_guarded_buffers(case):
     covered = torch.zeros(span, dtype=torch.bool)
     covered.as_strided(c.shape, c.stride()).fill_(True)
     gaps = whole[~covered]
-    assert gaps.numel() == 0 if case in ("contiguous", "offset by one element") else gaps.numel() > 0
+    assert gaps.numel() == 0 if case in ("contiguous", "offset by one element", "broadcast rows") else gaps.numel() > 0
     assert gaps.float().isnan().all()
+
+
+@needs_emulator
+def test_binding_takes_broadcast_rows(ops):
+    """Rows that share memory (stride 0: autograd's gradient of a sum over rows, an expanded input) are
+    valid inputs: the same outputs as from their contiguous copy."""
+    v, w = t(N), t(N)
+    for args in ((v.expand(M, N), w, None, None), (t(M, N), w, None, v.expand(M, N))):
+        got = ops.norm_fwd(*args, 1e-6, True)
+        want = ops.norm_fwd(*[a.contiguous() if a is not None else None for a in args], 1e-6, True)
+        for a, e in zip(got, want):
+            assert (a is None and e is None) or torch.equal(a, e)
 
 
 @needs_emulator

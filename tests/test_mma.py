@@ -124,6 +124,73 @@ def test_visual_neck_trains_and_unpatches(tmp_path, dtype):
         assert torch.equal(model(**inputs).logits, pristine.eval()(**inputs).logits)
 
 
+def test_visual_neck_moves_with_the_model_and_initialises_after_meta():
+    """The replaced projector, kept outside the module tree for unpatch, follows the model's casts and
+    moves; a neck built on the meta device gets LaVIN's init from reset_parameters after to_empty."""
+    model = build("llava")
+    mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(neck=True), verbose=False)
+    model.to(torch.float64)
+    neck = model.model.multi_modal_projector
+    assert all(p.dtype == torch.float64 for p in neck.replaced.parameters())
+    mmfast.unpatch(model)
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+
+    from transformers import LlavaForConditionalGeneration
+
+    from tiny_models import llava_config
+
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(llava_config())
+    mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(neck=True), verbose=False)
+    model.to_empty(device="cpu")
+    neck = model.model.multi_modal_projector.mma_neck
+    for layer in (neck[0], neck[2]):
+        layer.reset_parameters()
+        bound = (6 / (layer.in_features + layer.out_features)) ** 0.5  # xavier-uniform
+        assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+        assert layer.weight.abs().max() <= bound and layer.weight.std() > bound / 4
+    assert not any(p.is_meta for p in model.model.multi_modal_projector.replaced.parameters())
+
+
+def test_visual_neck_replaces_only_a_per_token_projector():
+    """A projector that merges tokens (a pixel shuffle) or needs more than the features cannot be
+    replaced by the neck: patching says so instead of failing at the first forward."""
+    from torch import nn
+
+    class Merger(nn.Module):  # 2x2 tokens -> 1, as a pixel shuffle does
+        def __init__(self, width, out):
+            super().__init__()
+            self.linear = nn.Linear(4 * width, out)
+
+        def forward(self, x):
+            return self.linear(x.reshape(x.shape[0], x.shape[1] // 4, -1))
+
+    class Sized(nn.Module):  # needs the image sizes too
+        def __init__(self, width, out):
+            super().__init__()
+            self.linear = nn.Linear(width, out)
+
+        def forward(self, x, image_sizes):
+            return self.linear(x)
+
+    for kind, match in ((Merger, r"maps \[1, 4, 24\] features to \(1, 1, 40\)"), (Sized, "image_sizes")):
+        model = build("llava")
+        model.model.multi_modal_projector = kind(24, 40)
+        with pytest.raises(ValueError, match=match):
+            mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(neck=True), verbose=False)
+
+
+def test_patching_again_with_another_neck_choice_is_refused():
+    model = _mma()
+    with pytest.raises(ValueError, match="without the visual neck"):
+        mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(neck=True), verbose=False)
+    mmfast.unpatch(model)
+    mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(neck=True), verbose=False)
+    with pytest.raises(ValueError, match="with the visual neck"):
+        mmfast.patch(model, tuning="mma", verbose=False)
+    mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(neck=True), verbose=False)  # the same choice: a no-op
+
+
 def test_new_adapters_leave_the_model_unchanged():
     """At init every adapter is the identity: logits equal those of the model with fused norms only."""
     base = build("llava")

@@ -242,35 +242,72 @@ def _read_vision_layers(hf: nn.Module, vision: list[nn.Module]) -> list[nn.Modul
     return vision[:max(last_state, 0)]
 
 
+class _NeckLinear(nn.Linear):
+    """A Linear with LaVIN's neck init: xavier-uniform weight, zero bias. ``reset_parameters`` is what
+    ``to_empty`` + re-initialisation flows call after building on the meta device."""
+
+    def reset_parameters(self) -> None:
+        if self.weight.is_meta:
+            return
+        nn.init.xavier_uniform_(self.weight)
+        nn.init.zeros_(self.bias)
+
+
 class VisualNeck(nn.Module):
     """LaVIN's visual neck in the projector's place: ``Linear(in_dim -> hidden)``, SiLU,
-    ``Linear(hidden -> out_dim)``, xavier-uniform weights and zero biases as LaVIN initialises it. It computes in its own (fp32) dtype and returns the features in the
-    dtype they came in, as the projector it replaces did. The replaced projector is kept, outside the
-    module tree (no parameters, no state dict), for ``unpatch``."""
+    ``Linear(hidden -> out_dim)``, xavier-uniform weights and zero biases as LaVIN initialises it. It
+    computes in its own (fp32) dtype and returns the features in the dtype they came in, as the
+    projector it replaces did. The replaced projector is kept outside the module tree (no parameters,
+    no state dict) for ``unpatch``; moves and casts of the model (``to``, ``cuda``, ``half``, ...) apply
+    to it too."""
 
     def __init__(self, replaced: nn.Module, in_dim: int, out_dim: int, hidden: int, device=None):
         super().__init__()
         self.__dict__["replaced"] = replaced
-        lin = functools.partial(nn.Linear, device=device, dtype=torch.float32)
+        lin = functools.partial(_NeckLinear, device=device, dtype=torch.float32)
         self.add_module(NECK_NAME, nn.Sequential(lin(in_dim, hidden), nn.SiLU(), lin(hidden, out_dim)))
-        for layer in (self.mma_neck[0], self.mma_neck[2]):  # LaVIN's init: xavier-uniform weights, zero biases
-            nn.init.xavier_uniform_(layer.weight)
-            nn.init.zeros_(layer.bias)
+
+    def _apply(self, fn, recurse=True):
+        self.replaced._apply(fn, recurse)
+        return super()._apply(fn, recurse)
 
     def forward(self, features: Tensor, *args, **kwargs) -> Tensor:
         neck = getattr(self, NECK_NAME)
         return neck(features.to(neck[0].weight.dtype)).to(features.dtype)
 
 
-def _neck_for(projector: nn.Module, out_dim: int, opts: MMAOptions) -> VisualNeck:
-    """A visual neck that reads what ``projector`` reads (its first Linear's input width)."""
-    first = next((m for m in projector.modules() if isinstance(m, nn.Linear)), None)
-    if first is None:
-        raise ValueError(f"MMAOptions(neck=True): the projector {type(projector).__name__} has no Linear layer to "
-                         f"take the vision feature width from")
+def _neck_for(hf: nn.Module, projector: nn.Module, out_dim: int, opts: MMAOptions) -> VisualNeck:
+    """A visual neck that reads what ``projector`` reads: the vision features, ``vision_config.hidden_size``
+    per selected layer (or the projector's first Linear's input width). Only a per-token projector can
+    be replaced: one that maps [1, 4, width] features to [1, 4, D] (not a patch merger or pixel
+    shuffle, which change the number of tokens, nor one that needs more arguments)."""
     if opts.neck_dim < 1:
         raise ValueError(f"MMAOptions(neck_dim={opts.neck_dim}) must be positive")
-    return VisualNeck(projector, first.in_features, out_dim, opts.neck_dim, device=first.weight.device)
+    cfg = getattr(hf, "config", None)
+    vision_width = getattr(getattr(cfg, "vision_config", None), "hidden_size", None)
+    select = getattr(cfg, "vision_feature_layer", None)
+    first = next((m for m in projector.modules() if isinstance(m, nn.Linear)), None)
+    if vision_width is not None:
+        in_dim = vision_width * (len(select) if isinstance(select, (list, tuple)) else 1)
+    elif first is not None:
+        in_dim = first.in_features
+    else:
+        raise ValueError(f"MMAOptions(neck=True): cannot tell the width of the vision features {type(projector).__name__} "
+                         f"reads (no vision_config.hidden_size, no Linear layer)")
+    p = next(projector.parameters(), None)
+    device = p.device if p is not None else None
+    probe = torch.zeros(1, 4, in_dim, device=device, dtype=p.dtype if p is not None else torch.float32)
+    try:
+        with torch.no_grad():
+            out = projector(probe)
+        ok = torch.is_tensor(out) and tuple(out.shape) == (1, 4, out_dim)
+        why = "" if ok else f"it maps [1, 4, {in_dim}] features to {tuple(out.shape) if torch.is_tensor(out) else type(out).__name__}"
+    except Exception as e:  # noqa: BLE001 - any failure means it is not a plain per-token projector
+        ok, why = False, f"it does not take [1, 4, {in_dim}] features alone ({type(e).__name__}: {e})"
+    if not ok:
+        raise ValueError(f"MMAOptions(neck=True) replaces a per-token projector (vision features [B, T, {in_dim}] -> "
+                         f"[B, T, {out_dim}]); {type(projector).__name__} is not one: {why}")
+    return VisualNeck(projector, in_dim, out_dim, opts.neck_dim, device=device)
 
 
 def _adapter_like(module: nn.Module, dim: int, opts: MMAOptions) -> MMAdapter:
@@ -298,6 +335,10 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
                f"vision_feature_layer={hf.config.vision_feature_layer}, and this layer's output is not used")
               for m in vision[len(read):]]
     if added_modules(hf):
+        has_neck = any(isinstance(m, VisualNeck) for m in hf.modules())
+        if has_neck != opts.neck:
+            raise ValueError(f"tuning='mma' is already applied {'with' if has_neck else 'without'} the visual neck; "
+                             f"mmfast.unpatch(model) first to patch with MMAOptions(neck={opts.neck})")
         return unread
     try:
         parts = find_parts(model)
@@ -324,7 +365,7 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
             image_token_id = getattr(hf.config, "image_token_index", None)
         hf.register_forward_pre_hook(functools.partial(_top_pre_hook, state, image_token_id), with_kwargs=True)
         if opts.neck:
-            neck = _neck_for(parts.projector, dim, opts)
+            neck = _neck_for(hf, parts.projector, dim, opts)
             owner, _, name = next(n for n, m in hf.named_modules() if m is parts.projector).rpartition(".")
             setattr(hf.get_submodule(owner), name, neck)
             parts.projector.requires_grad_(False)  # out of the model now, frozen with the rest

@@ -31,6 +31,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/core/Allocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -91,7 +92,8 @@ struct FencedScope {
   FencedScope& operator=(const FencedScope&) = delete;
 };
 
-// A copy of an input tensor in a fenced buffer (see the header). The buffer is allocated byte-exact
+// A copy of an input tensor in a fenced buffer (see the header); one whose rows share memory (stride 0,
+// as autograd's gradient of a sum over rows) is copied byte for byte, overlap included. The buffer is allocated byte-exact
 // (alignment 1) and its size chosen so that the copy's first element sits at the caller's address
 // modulo 16; that leaves fewer than 16 bytes, NaN-filled, between the last element and the guard.
 at::Tensor fenced_input(const at::Tensor& t) {
@@ -104,7 +106,10 @@ at::Tensor fenced_input(const at::Tensor& t) {
   void* data = emu_alloc_fenced(bytes, 1);
   TORCH_CHECK(data != nullptr, "mmfast_cuda (emulated): fenced allocation of ", bytes, " bytes failed");
   at::Tensor copy = at::from_blob(data, t.sizes(), t.strides(), &free_fenced, t.options());
-  copy.copy_(t);
+  if (at::has_internal_overlap(t) == at::MemOverlap::Yes)  // broadcast rows (stride 0): copy_ refuses them
+    std::memcpy(data, t.data_ptr(), static_cast<size_t>(extent));
+  else
+    copy.copy_(t);
   return copy;
 }
 std::optional<at::Tensor> fenced_input(const std::optional<at::Tensor>& t) {
