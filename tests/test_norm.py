@@ -237,3 +237,30 @@ def test_interpreter_sm_count_is_fixed():
         assert _device.sm_count(torch.device("cpu")) == _device.INTERPRETER_SM_COUNT
     else:
         assert _device.sm_count(torch.device("cuda")) == torch.cuda.get_device_properties(0).multi_processor_count
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_broadcast_rows(kind, device, seed):
+    """Inputs whose rows share memory (stride 0): an expanded x or residual, and the output gradient of
+    a sum over rows, which autograd hands over expanded. The kernels read them in place and give what
+    they give for contiguous copies, bit for bit."""
+    M, N = 6, 129
+    v = torch.randn(N, device=device).bfloat16()
+    w = torch.randn(N, device=device, requires_grad=True)
+    b = torch.randn(N, device=device, requires_grad=True) if kind == "ln" else None
+    res = torch.randn(N, device=device).bfloat16()
+
+    def run(expand):
+        x = (v.expand(M, N) if expand else v.expand(M, N).contiguous()).requires_grad_(True)
+        r = res.expand(M, N) if expand else res.expand(M, N).contiguous()
+        w.grad = None
+        if b is not None:
+            b.grad = None
+        y, h = (mmfast.rms_norm(x, w, 1e-6, residual=r) if kind == "rms"
+                else mmfast.layer_norm(x, w, b, 1e-6, residual=r))
+        gy = torch.randn(N, device=device, generator=torch.Generator(device).manual_seed(3)).bfloat16()
+        y.backward(gy.expand(M, N) if expand else gy.expand(M, N).contiguous())
+        return [t.detach().clone() for t in (y, h, x.grad, w.grad) + ((b.grad,) if b is not None else ())]
+
+    for got, want in zip(run(True), run(False)):
+        assert torch.equal(got, want)
