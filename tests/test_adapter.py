@@ -388,3 +388,23 @@ def test_cuda_backend_runs_its_own_kernels(adapter_backend, device, monkeypatch,
     big = make_inputs(2, 7, 512, 16, 2, 2, dtype, device)
     with pytest.warns(RuntimeWarning, match="MMFAST_BACKEND=cuda, but the CUDA C\\+\\+ kernels cannot run: the CUDA C\\+\\+ adapter kernels take 1 to 8 hidden"):
         mma_adapter(*big)
+
+
+def test_broadcast_rows(device, seed):
+    """x and the output gradient with rows that share memory (stride 0: an expanded input, autograd's
+    gradient of a sum over tokens) give what contiguous copies give, bit for bit."""
+    B, S, D, R, G, E = 2, 5, 64, 8, 2, 2
+    x, *params = make_inputs(B, S, D, R, G, E, torch.float32, device)
+    row = x.detach()[:, :1]  # one token per sample, repeated over S
+    dy_row = torch.randn(B, 1, D, device=device)
+
+    def run(expand):
+        xi = (row.expand(B, S, D) if expand else row.expand(B, S, D).contiguous()).requires_grad_(True)
+        ps = [p.detach().clone().requires_grad_() for p in params]
+        y = mmfast.mma_adapter(xi, *ps, scale=1.0, groups=G)
+        dy = dy_row.expand(B, S, D) if expand else dy_row.expand(B, S, D).contiguous()
+        grads = torch.autograd.grad(y, [xi, *ps], dy)
+        return [y.detach(), *grads]
+
+    for got, want in zip(run(True), run(False)):
+        assert torch.equal(got, want)
