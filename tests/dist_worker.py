@@ -1,6 +1,6 @@
 """Worker for the distributed tests: one rank of a DDP or FSDP2 run on CPU (gloo), two training steps'
 backward passes, saving the second one's gradients of the trainable parameters (gathered to full
-tensors) from rank 0. ``tuning="mma"`` runs without dropout, so that runs compare."""
+tensors) from rank 0. ``tuning="mma"`` (and ``"mma-neck"``, with the visual neck) runs without dropout, so that runs compare."""
 
 import os
 import sys
@@ -36,8 +36,11 @@ def run(rank: int, world: int, port: int, mode: str, out_path: str, tuning: str 
     dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
     try:
         model = build("llava", seed=0, dtype=getattr(torch, dtype))
-        opts = dict(mma=mmfast.MMAOptions(dropout=0.0)) if tuning == "mma" else dict(final_norm=tuning == "layernorm")
-        mmfast.patch(model, tuning=tuning, verbose=False, **opts)  # before wrapping, as documented
+        if tuning.startswith("mma"):  # "mma-neck": with the visual neck in the projector's place
+            opts = dict(mma=mmfast.MMAOptions(dropout=0.0, neck=tuning == "mma-neck"))
+        else:
+            opts = dict(final_norm=tuning == "layernorm")
+        mmfast.patch(model, tuning=tuning.removesuffix("-neck"), verbose=False, **opts)  # before wrapping, as documented
         if mode == "ddp":
             model = torch.nn.parallel.DistributedDataParallel(model)
         elif mode == "ddp-reentrant":  # the README's recipe for reentrant checkpointing
@@ -59,7 +62,8 @@ def run(rank: int, world: int, port: int, mode: str, out_path: str, tuning: str 
             # of their own (FSDP2 wants one dtype among a group's trainable parameters), then the root
             for layer in [*lm.layers, *model.model.vision_tower.encoder.layers]:
                 fully_shard(layer, mesh=mesh)
-            for m in [getattr(lm, "mma_modality_embedding", None), lm.norm if tuning == "layernorm" else None]:
+            for m in [getattr(lm, "mma_modality_embedding", None), lm.norm if tuning == "layernorm" else None,
+                      model.model.multi_modal_projector if tuning == "mma-neck" else None]:
                 if m is not None:
                     fully_shard(m, mesh=mesh)
             fully_shard(model, mesh=mesh)

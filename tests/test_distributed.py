@@ -32,7 +32,8 @@ def _single_process_grads(model, inputs):
                                                ("fsdp2", "layernorm", "float32"), ("fsdp2", "layernorm", "bfloat16"),
                                                ("ddp", "mma", "float32"), ("ddp-reentrant", "mma", "float32"),
                                                ("fsdp2", "mma", "float32"), ("fsdp2", "mma", "bfloat16"),
-                                               ("fsdp2-ckpt", "mma", "bfloat16"), ("zero3", "layernorm", "float32"),
+                                               ("fsdp2-ckpt", "mma", "bfloat16"), ("fsdp2", "mma-neck", "bfloat16"),
+                                               ("zero3", "layernorm", "float32"),
                                                ("zero3", "mma", "float32")])
 def test_distributed_gradients_match_single_process(mode, tuning, dtype, tmp_path):
     """``layernorm`` trains the LM head too: its gradient comes from the fused LM-head loss, computed
@@ -62,8 +63,8 @@ def test_distributed_gradients_match_single_process(mode, tuning, dtype, tmp_pat
 
     model = build("llava", seed=0, dtype=getattr(torch, dtype))
     opts = dict(final_norm=tuning == "layernorm")
-    if tuning == "mma":
-        mmfast.patch(model, tuning=tuning, mma=mmfast.MMAOptions(dropout=0.0), verbose=False)
+    if tuning.startswith("mma"):
+        mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(dropout=0.0, neck=tuning == "mma-neck"), verbose=False)
         ref_model = copy.deepcopy(model).double()
         for m in ref_model.modules():
             if isinstance(m, mmfast.MMAdapter):
@@ -91,6 +92,7 @@ def test_distributed_gradients_match_single_process(mode, tuning, dtype, tmp_pat
         assert any("lm_head" in n for n in single)
     else:
         assert {n for n in single if "mma" in n} == {n for n, _ in model.named_parameters() if "mma" in n}
+        assert any("mma_neck" in n for n in single) == (tuning == "mma-neck")
     for name in single:
         # the one-process run is the low-precision baseline the distributed run is held to
         assert_accurate(f"{mode} grad {name}", dist_grads[name], single[name], ref[name],
