@@ -9,6 +9,7 @@ from typing import Optional
 
 from torch import nn
 
+from ._zero import full_numel
 from .ops.backend import requested_backend
 from .patching import PatchReport, patch_norms, unpatch_norms
 from .patching.loss import patch_loss, unpatch_loss
@@ -54,7 +55,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, all) parameter counts; shared parameters are counted once."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel()
+        n = full_numel(p)
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total

@@ -30,17 +30,38 @@ def run(rank: int, world: int, port: int, mode: str, out_path: str, tuning: str 
     import mmfast
     from tiny_models import batch, build
 
-    if mode == "zero3":  # DeepSpeed reads the launcher's variables and picks its CPU accelerator
+    if mode.startswith("zero3"):  # DeepSpeed reads the launcher's variables and picks its CPU accelerator
         os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
     try:
-        model = build("llava", seed=0, dtype=getattr(torch, dtype))
+        config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3},
+                  "optimizer": {"type": "SGD", "params": {"lr": 0.0}}, "zero_allow_untested_optimizer": True,
+                  "bf16": {"enabled": dtype == "bfloat16"}}
+        if mode == "zero3-init":  # built partitioned, as from_pretrained does under a ZeRO-3 config
+            import deepspeed
+
+            from transformers import LlavaForConditionalGeneration
+
+            from tiny_models import llava_config
+
+            # the partitions' dtype comes from the config's bf16 switch (an explicit dtype= is not honoured
+            # on DeepSpeed's CPU accelerator: it takes bf16 whatever is asked)
+            with deepspeed.zero.Init(config_dict_or_path=config):
+                model = LlavaForConditionalGeneration(llava_config())
+            state = build("llava", seed=0, dtype=getattr(torch, dtype)).state_dict()  # the other runs' weights
+            with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0), torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.copy_(state[name])
+        else:
+            model = build("llava", seed=0, dtype=getattr(torch, dtype))
         if tuning.startswith("mma"):  # "mma-neck": with the visual neck in the projector's place
             opts = dict(mma=mmfast.MMAOptions(dropout=0.0, neck=tuning == "mma-neck"))
         else:
             opts = dict(final_norm=tuning == "layernorm")
         mmfast.patch(model, tuning=tuning.removesuffix("-neck"), verbose=False, **opts)  # before wrapping, as documented
+        if mode == "zero3-init":  # partitioned parameters keep their dtype: ZeRO-3 holds them (ds_tensor)
+            assert all(p.dtype == p.ds_tensor.dtype for p in model.parameters() if hasattr(p, "ds_tensor"))
         if mode == "ddp":
             model = torch.nn.parallel.DistributedDataParallel(model)
         elif mode == "ddp-reentrant":  # the README's recipe for reentrant checkpointing
@@ -67,11 +88,9 @@ def run(rank: int, world: int, port: int, mode: str, out_path: str, tuning: str 
                 if m is not None:
                     fully_shard(m, mesh=mesh)
             fully_shard(model, mesh=mesh)
-        elif mode == "zero3":  # DeepSpeed ZeRO-3 (its CPU accelerator, over the gloo group above)
+        elif mode.startswith("zero3"):  # DeepSpeed ZeRO-3 (its CPU accelerator, over the gloo group above)
             import deepspeed
 
-            config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3},
-                      "optimizer": {"type": "SGD", "params": {"lr": 0.0}}, "zero_allow_untested_optimizer": True}
             model, *_ = deepspeed.initialize(model=model, config=config,
                                              model_parameters=[p for p in model.parameters() if p.requires_grad])
         else:
@@ -82,15 +101,16 @@ def run(rank: int, world: int, port: int, mode: str, out_path: str, tuning: str 
         grads = {}
         # DDP finds a parameter that got no gradient only at the second step; a DeepSpeed engine's
         # gradients are read after one (its next backward would start a new accumulation)
-        for _ in range(1 if mode == "zero3" else 2):
-            if mode != "zero3":
+        zero3 = mode.startswith("zero3")
+        for _ in range(1 if zero3 else 2):
+            if not zero3:
                 model.zero_grad(set_to_none=True)
             with torch.autograd.graph.saved_tensors_hooks(lambda t: t, _live):
                 loss = model(**mine).loss
-            model.backward(loss) if mode == "zero3" else loss.backward()
+            model.backward(loss) if zero3 else loss.backward()
         for name, p in model.named_parameters():
             if p.requires_grad:
-                if mode == "zero3":
+                if zero3:
                     from deepspeed.utils import safe_get_full_grad
 
                     g = safe_get_full_grad(p)

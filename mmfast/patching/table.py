@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
+from .._zero import full_shape
 from ..nn.norm import layer_norm_forward, llama_rms_norm_forward
 from ..ops.norm import MAX_N
 
@@ -48,8 +49,8 @@ def _check_rms(m: nn.Module) -> Optional[str]:
     w = getattr(m, "weight", None)
     if not isinstance(w, nn.Parameter) or w.dim() != 1:
         return "weight is not a 1-D parameter"
-    if w.shape[0] > MAX_N:
-        return f"width {w.shape[0]} above the supported {MAX_N}"
+    if full_shape(w)[0] > MAX_N:
+        return f"width {full_shape(w)[0]} above the supported {MAX_N}"
     return None
 
 

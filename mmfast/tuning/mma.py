@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .._zero import full_shape, gathered
 from ..nn.adapter import MMAdapter
 from .recipes import _hf_model, find_parts
 
@@ -298,7 +299,7 @@ def _neck_for(hf: nn.Module, projector: nn.Module, out_dim: int, opts: MMAOption
     device = p.device if p is not None else None
     probe = torch.zeros(1, 4, in_dim, device=device, dtype=p.dtype if p is not None else torch.float32)
     try:
-        with torch.no_grad():
+        with gathered(projector.parameters()), torch.no_grad():
             out = projector(probe)
         ok = torch.is_tensor(out) and tuple(out.shape) == (1, 4, out_dim)
         why = "" if ok else f"it maps [1, 4, {in_dim}] features to {tuple(out.shape) if torch.is_tensor(out) else type(out).__name__}"
@@ -352,7 +353,7 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
 
     if parts is not None:
         state = _state(hf)
-        dim = parts.decoder.layers[0].input_layernorm.weight.shape[0]
+        dim = full_shape(parts.decoder.layers[0].input_layernorm.weight)[0]
         for i, layer in enumerate(parts.decoder.layers):
             adapter = _adapter_like(layer, dim, opts)
             layer.add_module(ADAPTER_NAME, adapter)

@@ -15,10 +15,13 @@ reach blocks under (reentrant) activation checkpointing.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Optional
 
 import torch
 from torch import nn
+
+from .._zero import partitioned
 
 LN_RECIPES = ("layernorm", "layernorm-simp", "layernorm+projector")
 #: Submodule names that hold a vision-language projector, in the order they are looked for.
@@ -143,10 +146,17 @@ def apply_ln_recipe(model: nn.Module, recipe: str, *, final_norm: bool = False, 
         for p in m.parameters():
             p.requires_grad_(True)
     if master_weights:
+        left = 0
         for norm in norms:
             for name, p in norm.named_parameters(recurse=False):
-                if p.dtype != torch.float32:
+                if partitioned(p):  # ZeRO-3 holds the partition (ds_tensor); its optimizer keeps fp32 masters
+                    left += p.ds_tensor.dtype != torch.float32
+                elif p.dtype != torch.float32:
                     norm.__dict__.setdefault(_MASTER_ATTR, {}).setdefault(name, p.dtype)
                     p.data = p.data.to(torch.float32)
+        if left:
+            logging.getLogger("mmfast").info(
+                "master_weights: %d norm weights are partitioned by DeepSpeed ZeRO-3 and keep their dtype; "
+                "DeepSpeed's bf16/fp16 optimizer keeps their fp32 master copies", left)
     if recipe != "layernorm":
         _input_grads_hook(parts)
