@@ -29,6 +29,10 @@ def gathered(params: Iterable[nn.Parameter], modifier_rank=None):
     parts = [p for p in params if partitioned(p)]
     if not parts:
         return contextlib.nullcontext()
-    import deepspeed
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise RuntimeError("mmfast: ZeRO-3 partitioned parameters, but deepspeed cannot be imported to gather "
+                           "them") from e
 
     return deepspeed.zero.GatheredParameters(parts, modifier_rank=modifier_rank)

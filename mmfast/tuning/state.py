@@ -7,6 +7,8 @@ import os
 import torch
 from torch import nn
 
+from .._zero import gathered, partitioned
+
 FORMAT = "mmfast-trainable"
 
 
@@ -23,18 +25,6 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def _zero3_full(p: nn.Parameter) -> torch.Tensor:
-    """A DeepSpeed ZeRO-3 parameter (``ds_id``: partitioned, its ``.data`` empty on every rank) gathered
-    to its full value; every rank must call this."""
-    try:
-        import deepspeed
-    except ImportError as e:
-        raise RuntimeError("save_trainable: a ZeRO-3 partitioned parameter, but deepspeed cannot be imported "
-                           "to gather it") from e
-    with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-        return p.detach().clone()
-
-
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Name -> full tensor of every parameter that requires grad (FSDP2's DTensor shards and DeepSpeed
     ZeRO-3 partitions are gathered: in a distributed run every rank must call this)."""
@@ -42,8 +32,9 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, p in unwrap(model).named_parameters():
         if not p.requires_grad:
             continue
-        if hasattr(p, "ds_id"):
-            t = _zero3_full(p)
+        if partitioned(p):  # every rank gathers it
+            with gathered([p]):
+                t = p.detach().clone()
         else:
             t = p.detach()
             if hasattr(t, "full_tensor"):  # FSDP2 / DTensor shard
