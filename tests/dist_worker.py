@@ -2,6 +2,7 @@
 backward passes, saving the second one's gradients of the trainable parameters (gathered to full
 tensors) from rank 0. ``tuning="mma"`` (and ``"mma-neck"``, with the visual neck) runs without dropout, so that runs compare."""
 
+import importlib
 import os
 import sys
 
@@ -33,6 +34,11 @@ def run(rank: int, world: int, port: int, mode: str, out_path: str, tuning: str 
     if mode.startswith("zero3"):  # DeepSpeed reads the launcher's variables and picks its CPU accelerator
         os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        # DeepSpeed's CPU communication speed-up (a shared-memory allreduce) is a C++ op it compiles on first
+        # use: about a minute of CI per run for no part of what is tested here. Its collectives then go
+        # through the gloo group below (on a GPU, NCCL carries them, and this op is never built).
+        # (import_module: "import deepspeed.comm.torch as m" binds the torch package deepspeed.comm imported)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
     try:
         config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3},
