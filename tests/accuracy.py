@@ -4,7 +4,7 @@ The fused result is compared with a float64 reference computed from the same inp
 absolute error must be at most twice the error PyTorch's own low-precision implementation makes on
 the same inputs, plus a small absolute term: one unit of the result dtype's precision at the
 quantity's natural scale (``scale``, e.g. max|y| for an output, sum over rows of |dy * xhat| for a
-weight gradient). NaN or inf never passes.
+weight gradient, the sum of the magnitudes of the terms it subtracts for an input gradient). NaN or inf never passes.
 
 For a sum over ``terms`` rows (the weight and bias gradients) the absolute term is the error bound of a
 pairwise (tree) summation, the order PyTorch's own reductions use: ceil(log2(terms)) units at that
