@@ -44,10 +44,11 @@ def test_distributed_gradients_match_single_process(mode, tuning, dtype, tmp_pat
     two dtypes (bf16: fp32 norms beside the bf16 projector, embeddings and LM head); ``fsdp2-ckpt`` adds
     HF's activation checkpointing, which recomputes the blocks inside backward. DeepSpeed ZeRO-3 (its CPU
     accelerator) partitions every module's parameters and gathers them in hooks around each module's
-    forward and backward: the fused loss and the modality pass must go through those; ``zero3-init`` builds the
-model already partitioned (``zero.Init``, as ``from_pretrained`` under a ZeRO-3 config) before patching. Every rank checks
-    that no backward reads a saved tensor whose storage FSDP2 has freed (``dist_worker._live``): ``mma``
-    once read the last layer's freed norm weight, which gave wrong gradients only in some runs."""
+    forward and backward: the fused loss and the modality pass must go through those; ``zero3-init`` builds
+    the model already partitioned (``zero.Init``, as ``from_pretrained`` under a ZeRO-3 config) before
+    patching. Every rank checks that no backward reads a saved tensor whose storage FSDP2 has freed
+    (``dist_worker._live``): ``mma`` once read the last layer's freed norm weight, which gave wrong
+    gradients only in some runs."""
     if mode.startswith("zero3"):
         pytest.importorskip("deepspeed", reason="deepspeed is not installed (a dev extra; CI installs it)")
     import dist_worker

@@ -49,8 +49,9 @@ def _check_rms(m: nn.Module) -> Optional[str]:
     w = getattr(m, "weight", None)
     if not isinstance(w, nn.Parameter) or w.dim() != 1:
         return "weight is not a 1-D parameter"
-    if full_shape(w)[0] > MAX_N:
-        return f"width {full_shape(w)[0]} above the supported {MAX_N}"
+    width = full_shape(w)[0]  # a ZeRO-3 partition's own shape is empty
+    if width > MAX_N:
+        return f"width {width} above the supported {MAX_N}"
     return None
 
 
