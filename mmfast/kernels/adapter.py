@@ -394,6 +394,7 @@ def adapter_fwd(x2, S, down_w, down_b, up_w, up_b, mix, scale, groups, p_drop, s
     z = torch.empty((M, R), dtype=torch.float32, device=x2.device)
     if M == 0:
         return y, z
+    down_w, down_b, up_w, up_b = (t.contiguous() for t in (down_w, down_b, up_w, up_b))  # read densely
     pw = pack_w(x2, up_w, up_b, groups)
     cfg = pw.launch(x2, "fwd")
     _mma_fwd_kernel[(cdiv(M, cfg.block_m),)](
@@ -420,6 +421,7 @@ def adapter_bwd(dy2, x2, z, S, down_w, up_w, up_b, mix, scale, groups, p_drop, s
             grads = [torch.zeros_like(t) for t in (down_w, down_w[:, 0], up_w, up_b)]
         return dx, *grads, (torch.zeros_like(mix) if need_dmix else None)
 
+    z, down_w, up_w, up_b = (t.contiguous() for t in (z, down_w, up_w, up_b))  # read densely
     pw = pack_w(x2, up_w, up_b, groups)
     common = dict(R=R, RX=pw.RX, RG=RG, E=E, EP=pw.EP, HAS_DROPOUT=p_drop > 0, PRECISION=_dot_precision(x2.dtype))
     dz = torch.empty((M, R), dtype=torch.float32, device=dev)

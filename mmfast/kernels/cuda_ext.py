@@ -358,9 +358,10 @@ def norm_bwd(dy, x, weight, mean, rstd, dresidual_out, rms, need_dx, need_dw, ne
         dw_dtype = weight.dtype
     if need_db and db_dtype is None:
         db_dtype = dw_dtype or x.dtype
-    weight = None if weight is None else weight.contiguous()
+    weight = None if weight is None else weight.contiguous()  # and the statistics, one float per row
+    mean = None if rms or mean is None else mean.contiguous()
     dx, dw, db = torch.ops.mmfast_cuda.norm_bwd(
-        dy, x, weight, None if rms else mean, rstd, dresidual_out, rms, need_dx, need_dw, need_db, dw_dtype, db_dtype,
+        dy, x, weight, mean, rstd.contiguous(), dresidual_out, rms, need_dx, need_dw, need_db, dw_dtype, db_dtype,
         stages
     )
     return _none_if_empty(dx, need_dx), _none_if_empty(dw, need_dw), _none_if_empty(db, need_db)
@@ -405,8 +406,8 @@ def adapter_bwd(dy2, x2, z, S, down_w, up_w, up_b, mix, scale, groups, p_drop, s
         return (torch.empty_like(x2) if need_dx else None, *(grads if need_dw else [None] * 4),
                 torch.zeros_like(mix) if need_dmix else None)
     dx, dA, da, dU, dc, dmix = torch.ops.mmfast_cuda.adapter_bwd(
-        dy2, x2, z, down_w, up_w, up_b, mix, float(scale), groups, float(p_drop), seed if p_drop > 0 else None, S,
-        need_dx, need_dw)
+        dy2, x2, z.contiguous(), down_w, up_w, up_b, mix, float(scale), groups, float(p_drop),
+        seed if p_drop > 0 else None, S, need_dx, need_dw)
     grads = (dA, da, dU, dc) if need_dw else (None,) * 4
     return _none_if_empty(dx, need_dx), *grads, _none_if_empty(dmix, need_dmix)
 

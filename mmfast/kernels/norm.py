@@ -5,7 +5,9 @@ pre-norm residual add and with or without affine parameters.
 
 Contracts (see ``mmfast.ops.norm`` for the public functions):
 
-* inputs are 2-D ``[M, N]`` views whose last dimension is contiguous; rows may be strided;
+* inputs are 2-D ``[M, N]`` views whose last dimension is contiguous; rows may be strided; the affine
+  vectors and the statistics may have any strides (the launchers hand the kernels dense copies where
+  they are not contiguous, as ``.contiguous()`` does);
 * forward reads x (and the residual) once, writes y (and ``residual_out = x + residual``) once, and
   saves fp32 per-row statistics (``rstd``; ``mean`` for LayerNorm);
 * RMSNorm rounds like HF ``LlamaRMSNorm`` (normalise in fp32, round to x's dtype, multiply by the
@@ -439,6 +441,8 @@ def norm_fwd(
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     if M == 0:
         return y, res_out, mean, rstd
+    weight = None if weight is None else weight.contiguous()  # the kernels read affine vectors densely
+    bias = None if bias is None else bias.contiguous()
     cfg = fwd_launch(M, N, rms, x.dtype)
     args = (
         x, x.stride(0), residual, _row_stride(residual), weight, bias, y, res_out, mean, rstd,
@@ -487,6 +491,9 @@ def norm_bwd(
                 t.zero_()
         return dx, dw, db
 
+    weight = None if weight is None else weight.contiguous()  # and the statistics, one float per row
+    mean = None if mean is None else mean.contiguous()
+    rstd = rstd.contiguous()
     cfg = bwd_launch(M, N, dev, rms, x.dtype)
     P = cfg.programs
     dw_part = torch.empty((P, N), dtype=torch.float32, device=dev) if need_dw else None
