@@ -144,7 +144,7 @@ mmfast::NormBwdParams bwd_params(const Tensor& dy, const Tensor& x, const std::o
   p.dy = dy.data_ptr();
   p.x = x.data_ptr();
   p.weight = weight ? weight->data_ptr() : nullptr;
-  p.mean = mean ? mean->data_ptr<float>() : nullptr;
+  p.mean = mean && !rms ? mean->data_ptr<float>() : nullptr;  // RMSNorm has no mean: one given is ignored
   p.rstd = rstd.data_ptr<float>();
   p.dres = dres ? dres->data_ptr() : nullptr;
   p.M = x.size(0);
@@ -173,9 +173,13 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd(const Tensor& dy, const Tensor& x, c
   if (weight) check_vector(*weight, x, "weight");
   TORCH_CHECK(!need_dw || weight, "mmfast_cuda::norm_bwd: need_dw requires a weight");
   TORCH_CHECK(!(rms && need_db), "mmfast_cuda::norm_bwd: RMSNorm has no bias");
-  TORCH_CHECK(rms || (mean && mean->numel() == x.size(0)), "mmfast_cuda::norm_bwd: LayerNorm needs mean");
-  TORCH_CHECK(rstd.scalar_type() == at::kFloat && rstd.numel() == x.size(0) && rstd.is_contiguous(),
-              "mmfast_cuda::norm_bwd: rstd must be float32 [M]");
+  // the statistics are read as raw float pointers: dtype, length, layout and device all checked here
+  const auto is_stat = [&x](const Tensor& t) {
+    return t.scalar_type() == at::kFloat && t.numel() == x.size(0) && t.is_contiguous() && t.device() == x.device();
+  };
+  TORCH_CHECK(rms || (mean && is_stat(*mean)),
+              "mmfast_cuda::norm_bwd: LayerNorm needs mean: float32 [M], contiguous, on x's device");
+  TORCH_CHECK(is_stat(rstd), "mmfast_cuda::norm_bwd: rstd must be float32 [M], contiguous, on x's device");
   TORCH_CHECK(stages == 0 || (stages >= 2 && stages <= mmfast::kMaxBwdStages),
               "mmfast_cuda::norm_bwd: stages must be 0 or 2..", mmfast::kMaxBwdStages, ", got ", stages);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -216,6 +220,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd(const Tensor& dy, const Tensor& x, c
 std::string norm_path(const Tensor& x, const std::optional<Tensor>& weight_in, const std::optional<Tensor>& bias_in,
                       const std::optional<Tensor>& residual, bool rms, bool backward, int64_t stages) {
   TORCH_CHECK(x.dim() == 2, "mmfast_cuda::norm_path: x must be 2-D");
+  const c10::cuda::CUDAGuard guard(x.device());  // the path depends on x's device (SMs, shared memory)
   std::optional<Tensor> weight = weight_in, bias = bias_in;
   const at::ScalarType wdt = affine_dtype(weight, bias, x);
   if (backward) {
@@ -399,6 +404,7 @@ Tensor adapter_keep_mask(const Tensor& seed, int64_t M, int64_t R, double p) {
 std::string adapter_path(const Tensor& x, const Tensor& down_w, const Tensor& up_w, int64_t groups, bool backward) {
   // x stands in for every activation tensor (dy, y and dx are fresh contiguous tensors, like x's rows).
   TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1, "mmfast_cuda::adapter_path: x must be 2-D with rows");
+  const c10::cuda::CUDAGuard guard(x.device());  // the path depends on x's device (SMs, shared memory)
   const Tensor mix = at::empty({1, up_w.size(0)}, x.options().dtype(at::kFloat));
   const Tensor up_b = at::empty({up_w.size(0), x.size(1)}, x.options().dtype(at::kFloat));
   const mmfast::AdapterShape s = adapter_shape(x, x.size(0), down_w, down_w.select(1, 0), up_w, up_b, mix, groups, 1.0, 0.0);

@@ -108,6 +108,9 @@ BAD = {
                                           r"dresidual_out must be \[M, N\] like x"),
     "norm_bwd: weight length": (lambda o: _norm_bwd(o, weight=t(N + 1)), "weight must be a contiguous vector"),
     "norm_bwd: mean length": (lambda o: _norm_bwd(o, mean=t(M - 1, dtype=torch.float32)), "LayerNorm needs mean"),
+    "norm_bwd: bf16 mean": (lambda o: _norm_bwd(o, mean=t(M)), r"LayerNorm needs mean: float32 \[M\]"),
+    "norm_bwd: strided mean": (lambda o: _norm_bwd(o, mean=t(2 * M, dtype=torch.float32)[::2]),
+                               r"LayerNorm needs mean: float32 \[M\], contiguous"),
     "norm_bwd: strided rstd": (lambda o: _norm_bwd(o, rstd=t(2 * M, dtype=torch.float32)[::2]),
                                r"rstd must be float32 \[M\]"),
     "norm_bwd: integer dweight": (lambda o: _norm_bwd(o, dw_dtype=torch.int32), "dweight must be float32"),
@@ -153,6 +156,8 @@ if GPU:  # one device on CPU: these break the device assumption
         "norm_fwd: CPU weight": (lambda o: o.norm_fwd(t(M, N), torch.ones(N), None, None, 1e-6, True),
                                  "weight must be on x's device"),
         "norm_bwd: CPU dy": (lambda o: _norm_bwd(o, dy=torch.randn(M, N).bfloat16()), "dy must be a CUDA tensor"),
+        "norm_bwd: CPU mean": (lambda o: _norm_bwd(o, mean=torch.randn(M)), r"mean: .* on x's device"),
+        "norm_bwd: CPU rstd": (lambda o: _norm_bwd(o, rstd=torch.rand(M) + 1), "rstd must be .* on x's device"),
         "adapter_fwd: CPU mix": (lambda o: o.adapter_fwd(*list(_adapter().values())[:5], torch.ones(B, E) / E,
                                                          *list(_adapter().values())[6:]), "on x's device"),
     }
