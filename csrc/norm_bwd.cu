@@ -9,6 +9,7 @@
 //
 // The wide kernel (rows too long for registers) keeps its partials in its own workspace row instead,
 // read-modified-written by the thread that owns those columns, and takes two passes over each row.
+#include <atomic>
 #include <cstdio>
 
 #include "norm_common.cuh"
@@ -451,35 +452,36 @@ cudaError_t launch_sum_partials(const float* partial, int64_t P, int64_t N, void
 
 constexpr int kMaxDevices = 64;
 
+// The per-device caches below are atomics (zero in static storage, relaxed order): host threads, one per
+// device under autograd, may make their first calls at once; every writer stores the same value.
+using DeviceCache = std::atomic<int>[kMaxDevices];
+
 int current_sm_count() {
-  static int cache[kMaxDevices] = {0};
+  static DeviceCache cache;
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) return 1;
-  if (dev >= kMaxDevices) {
-    int n = 1;
+  int n = dev < kMaxDevices ? cache[dev].load(std::memory_order_relaxed) : 0;
+  if (n == 0) {
+    n = 1;
     cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-    return n > 0 ? n : 1;
+    if (n < 1) n = 1;
+    if (dev < kMaxDevices) cache[dev].store(n, std::memory_order_relaxed);
   }
-  if (cache[dev] == 0) {
-    int n = 1;
-    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-    cache[dev] = n > 0 ? n : 1;
-  }
-  return cache[dev];
+  return n;
 }
 
 // Resident blocks per SM of `kernel` (cached per instance and device).
 template <typename Kernel>
-int blocks_per_sm(Kernel kernel, int threads, int* cache) {
+int blocks_per_sm(Kernel kernel, int threads, DeviceCache& cache) {
   int dev = 0;
   cudaGetDevice(&dev);
   const int slot = (dev >= 0 && dev < kMaxDevices) ? dev : 0;
-  if (cache[slot] == 0) {
-    int n = 1;
+  int n = cache[slot].load(std::memory_order_relaxed);
+  if (n == 0) {
     if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, 0) != cudaSuccess || n < 1) n = 1;
-    cache[slot] = n;
+    cache[slot].store(n, std::memory_order_relaxed);
   }
-  return cache[slot];
+  return n;
 }
 
 // Blocks of a persistent backward: up to kMaxBlocksPerSm per SM (fewer when occupancy allows fewer),
@@ -495,7 +497,7 @@ inline int64_t persistent_blocks(int64_t row_groups, int per_sm) {
 // Run (or, with launch == false, only size) one backward configuration; *partials = workspace rows.
 template <typename T, typename W, bool RMS, int VEC, int TPR, int ITEMS, int N_CT>
 cudaError_t launch_bwd_reg(const NormBwdParams& p, cudaStream_t stream, bool launch, int64_t* partials) {
-  static int occ_cache[kMaxDevices] = {0};
+  static DeviceCache occ_cache;
   constexpr int kRows = rows_per_block(TPR);
   auto kernel = norm_bwd_reg_kernel<T, W, RMS, VEC, TPR, ITEMS, N_CT>;
   const int64_t blocks =
@@ -508,7 +510,7 @@ cudaError_t launch_bwd_reg(const NormBwdParams& p, cudaStream_t stream, bool lau
 
 template <typename T, typename W, bool RMS, int VEC>
 cudaError_t launch_bwd_wide(const NormBwdParams& p, cudaStream_t stream, bool launch, int64_t* partials) {
-  static int occ_cache[kMaxDevices] = {0};
+  static DeviceCache occ_cache;
   auto kernel = norm_bwd_wide_kernel<T, W, RMS, VEC>;
   const int64_t blocks = persistent_blocks(p.M, blocks_per_sm(kernel, kWideThreads, occ_cache));
   *partials = blocks;
@@ -519,13 +521,13 @@ cudaError_t launch_bwd_wide(const NormBwdParams& p, cudaStream_t stream, bool la
 
 // Largest dynamic shared memory a block may opt into on the current device (cached per device).
 int64_t current_smem_optin() {
-  static int cache[kMaxDevices] = {0};
+  static DeviceCache cache;
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) return 0;
-  int n = 0;
-  if (dev < kMaxDevices && cache[dev] != 0) return cache[dev];
+  int n = dev < kMaxDevices ? cache[dev].load(std::memory_order_relaxed) : 0;
+  if (n != 0) return n;
   if (cudaDeviceGetAttribute(&n, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) n = 0;
-  if (dev < kMaxDevices) cache[dev] = n;
+  if (dev < kMaxDevices) cache[dev].store(n, std::memory_order_relaxed);
   return n;
 }
 
@@ -549,30 +551,30 @@ cudaError_t launch_bwd_staged(const NormBwdParams& p, cudaStream_t stream, bool 
   constexpr int kRows = rows_per_block(TPR);
   constexpr int kThreads = block_threads(TPR);
   constexpr int kShapes = (kMaxBwdStages - 1) * 2;  // (stages, bufs) pairs
-  static int occ_cache[kMaxDevices][kShapes] = {};
-  static bool opted_in[kMaxDevices] = {};
+  static std::atomic<int> occ_cache[kMaxDevices][kShapes];
+  static std::atomic<bool> opted_in[kMaxDevices];
   auto kernel = norm_bwd_staged_kernel<T, W, RMS, VEC, TPR, ITEMS, N_CT>;
   const int bufs = staged_bufs(p);
   const int64_t bytes = staged_bytes(p.stages, bufs, ITEMS, kThreads);
   int dev = 0;
   cudaGetDevice(&dev);
   const bool cached = dev >= 0 && dev < kMaxDevices;  // devices past the caches query every time
-  if (!cached || !opted_in[dev]) {
+  if (!cached || !opted_in[dev].load(std::memory_order_relaxed)) {
     // Opt in to the most dynamic shared memory staged_applies ever accepts on this device: one value
     // for every caller, so concurrent first launches cannot leave a smaller limit behind.
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                static_cast<int>(current_smem_optin() - 1024));
     if (e != cudaSuccess) return e;
-    if (cached) opted_in[dev] = true;
+    if (cached) opted_in[dev].store(true, std::memory_order_relaxed);
   }
   const int shape = (p.stages - 2) * 2 + (bufs - 2);
-  int occ = cached ? occ_cache[dev][shape] : 0;
+  int occ = cached ? occ_cache[dev][shape].load(std::memory_order_relaxed) : 0;
   if (occ == 0) {
     if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, kThreads, static_cast<size_t>(bytes)) !=
             cudaSuccess ||
         occ < 1)
       occ = 1;
-    if (cached) occ_cache[dev][shape] = occ;
+    if (cached) occ_cache[dev][shape].store(occ, std::memory_order_relaxed);
   }
   const int64_t blocks = persistent_blocks((p.M + kRows - 1) / kRows, occ);
   *partials = blocks * kRows;
