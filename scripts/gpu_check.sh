@@ -67,7 +67,8 @@ CUDA_LOAD="from mmfast.kernels import cuda_ext as c; ok = c.load(); \
 print('cuda extension:', 'loaded from ' + str(c.origin()) if ok else 'UNAVAILABLE: ' + str(c.unavailable_reason())); \
 raise SystemExit(0 if ok else 1)"
 # the tests that run the cuda backend (with -k cuda)
-CUDA_TESTS="tests/test_norm.py tests/test_adapter.py tests/test_cuda_backend.py tests/test_cuda_staged.py tests/test_cuda_binding.py"
+CUDA_TESTS="tests/test_norm.py tests/test_adapter.py tests/test_cuda_backend.py tests/test_cuda_staged.py tests/test_cuda_binding.py \
+tests/test_op_layouts.py"
 
 # lease helpers: seconds left of the lease (less a reserve), and a capped run of one step
 lease_left() { echo $(( ${MMFAST_LEASE_BUDGET:-540} - ($(date +%s) - lease_start) - ${1:-0} )); }
@@ -104,7 +105,7 @@ for stage in "${stages[@]}"; do
         echo "== tests (not cuda) =="
         # shellcheck disable=SC2086
         capped "$(lease_left 420)" python3 -m pytest ${MMFAST_LEASE_TESTS:-tests/test_norm.py tests/test_norm_api.py \
-tests/test_adapter.py tests/test_swiglu.py tests/test_quick_gelu.py tests/test_loss.py tests/test_op_checks.py \
+tests/test_adapter.py tests/test_swiglu.py tests/test_quick_gelu.py tests/test_loss.py tests/test_op_checks.py tests/test_op_layouts.py \
 tests/test_patch.py tests/test_mlp_patch.py tests/test_fused_loss_patch.py tests/test_mma.py tests/test_tuning.py} \
           -k "not cuda" -q -p no:cacheprovider $xdist --durations=10 > "$OUT/tests.log" 2>&1
         done_at $? tests; tail -n 3 "$OUT/tests.log"
