@@ -289,6 +289,7 @@ class _MMAdapterFn(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative raises, as the custom op's
     def backward(ctx, dy):
         return _grads(ctx, dy, _bwd)
 

@@ -381,6 +381,7 @@ class _RMSNormFn(torch.autograd.Function):
         return y, h
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative raises, as the custom op's
     def backward(ctx, dy, dh):
         def bwd(dy, h, weight, rstd, dres, need_dx, need_dw):
             return _bwd_eager(dy, h, weight, None, rstd, dres, True, need_dx, need_dw, False, None)[:2]
@@ -398,6 +399,7 @@ class _LayerNormFn(torch.autograd.Function):
         return y, h
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative raises, as the custom op's
     def backward(ctx, dy, dh):
         def bwd(dy, h, weight, bias, mean, rstd, dres, need_dx, need_dw, need_db):
             return _bwd_eager(dy, h, weight, mean, rstd, dres, False, need_dx, need_dw, need_db,

@@ -115,6 +115,7 @@ class _QuickGELUFn(torch.autograd.Function):
         return _fwd(x)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative raises, as the custom op's
     def backward(ctx, dy):
         return _bwd(dy, ctx.saved_tensors[0])
 

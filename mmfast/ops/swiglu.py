@@ -142,6 +142,7 @@ class _SwiGLUFn(torch.autograd.Function):
         return _fwd(gate, up)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative raises, as the custom op's
     def backward(ctx, dh):
         return _grads(ctx, dh, _bwd)
 

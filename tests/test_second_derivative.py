@@ -1,0 +1,62 @@
+"""A second derivative through a fused op raises, on the eager fast path and on the custom ops alike.
+
+The kernels' backward is not itself differentiable. A double backward (a gradient penalty: ``grad(...,
+create_graph=True)`` then ``backward``) must say so instead of silently dropping the terms that would
+flow through the op's backward, which the eager path's ``autograd.Function`` did before it was marked
+once-differentiable (the custom ops always raised: their backward op has no autograd formula).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mmfast
+
+N = 16
+
+
+def _adapter(x):
+    B, S, D = x.shape
+    g = torch.Generator().manual_seed(0)
+    w = [(torch.randn(*s, generator=g) * 0.3).to(x.device) for s in ((4, D), (4,), (2, D, 2), (2, D))]
+    return mmfast.mma_adapter(x, *w, torch.full((B, 2), 0.5, device=x.device), scale=1.0, groups=2)
+
+
+OPS = {
+    "rms_norm": lambda t: mmfast.rms_norm(t, None, 1e-6),
+    "layer_norm": lambda t: mmfast.layer_norm(t, None, None, 1e-5),
+    "swiglu": lambda t: mmfast.swiglu(t[..., : N // 2], t[..., N // 2:]),
+    "quick_gelu": mmfast.quick_gelu,
+    "mma_adapter": _adapter,
+}
+
+
+@pytest.mark.parametrize("path", ["eager", "ops"])
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_second_derivative_raises(name, path, device, monkeypatch):
+    if path == "ops":
+        monkeypatch.setenv("MMFAST_EAGER", "ops")
+    lin = torch.nn.Linear(N, N, device=device)
+    x = torch.randn(2, 3, N, device=device, requires_grad=True)
+    out = OPS[name](lin(x))
+    (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)  # first derivative: fine
+    assert torch.isfinite(g).all()
+    with pytest.raises(RuntimeError):
+        g.square().sum().backward()  # through the op's backward
+
+
+@pytest.mark.parametrize("path", ["eager", "ops"])
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_create_graph_without_a_derivative_of_the_ops_backward(name, path, device, monkeypatch):
+    """``create_graph=True`` alone does not raise, only differentiating the op's backward does: a penalty
+    on the gradient of a layer after the op (that gradient is the op's output) backpropagates through the
+    op's backward once, as a first derivative."""
+    if path == "ops":
+        monkeypatch.setenv("MMFAST_EAGER", "ops")
+    lin1, lin2 = torch.nn.Linear(N, N, device=device), torch.nn.Linear(N // 2 if name == "swiglu" else N, 1,
+                                                                          device=device)
+    x = torch.randn(2, 3, N, device=device)
+    (gw,) = torch.autograd.grad(lin2(OPS[name](lin1(x))).sum(), lin2.weight, create_graph=True)
+    gw.square().sum().backward()
+    assert lin1.weight.grad is not None and torch.isfinite(lin1.weight.grad).all() and lin1.weight.grad.abs().sum() > 0
