@@ -342,6 +342,64 @@ def test_activation_checkpointing_gives_the_same_gradients(reentrant):
         torch.testing.assert_close(grads[n], ref[n], rtol=1e-6, atol=1e-7, msg=n)
 
 
+def _trainable_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def test_every_backward_brings_its_own_route_gradients():
+    """A second backward through a retained graph adds exactly one backward's gradients again, and two
+    losses of one forward, backpropagated one after the other, give what two fresh forwards give. (The
+    routes' gradients were read from leaves whose ``.grad`` kept accumulating across backward calls: the
+    modality embedding got 3x one backward's gradient from two.)"""
+    model = _mma()
+    _perturb_adapters(model)
+    model.train()
+    inputs = batch("llava", images=[True, False])
+    model(**inputs).loss.backward()
+    once = _trainable_grads(model)
+    assert EMBEDDING_NAME in " ".join(once) and all(g.abs().sum() > 0 for g in once.values())
+    model.zero_grad(set_to_none=True)
+    loss = model(**inputs).loss
+    loss.backward(retain_graph=True)
+    loss.backward()
+    twice = _trainable_grads(model)
+    assert twice.keys() == once.keys()
+    for n in once:
+        assert torch.equal(twice[n], 2 * once[n]), n
+
+    def second(out):  # a training step with labels builds no logits (the fused loss): another loss
+        return out.loss.square()
+
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs)
+    out.loss.backward(retain_graph=True)
+    second(out).backward()
+    one_forward = _trainable_grads(model)
+    model.zero_grad(set_to_none=True)
+    model(**inputs).loss.backward()
+    second(model(**inputs)).backward()
+    two_forwards = _trainable_grads(model)
+    for n in two_forwards:
+        assert torch.equal(one_forward[n], two_forwards[n]), n
+
+
+@pytest.mark.parametrize("how", ["autograd.grad", "backward(inputs=...)"])
+def test_a_backward_that_skips_the_routes_raises(how):
+    """torch.autograd.grad and backward(inputs=...) compute only what leads to their inputs, which leaves
+    the routes' part out of every adapter and router gradient (autograd.grad gave the modality embedding
+    a zero gradient): a clear error instead."""
+    model = _mma()
+    _perturb_adapters(model)
+    model.train()
+    loss = model(**batch("llava", images=[True, False])).loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    with pytest.raises(RuntimeError, match=r"loss\.backward\(\)"):
+        if how == "autograd.grad":
+            torch.autograd.grad(loss, params, allow_unused=True)
+        else:
+            loss.backward(inputs=params)
+
+
 def test_generation_keeps_prefill_routing():
     model = _mma()
     _perturb_adapters(model)

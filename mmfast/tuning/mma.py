@@ -169,7 +169,28 @@ class _RouteGradBridge(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         shape, dtype, device = ctx.last
-        return (grad, None, torch.zeros(shape, dtype=dtype, device=device), *[leaf.grad for leaf in ctx.leaves])
+        wanting = [leaf for leaf in ctx.leaves if leaf.requires_grad]
+        if wanting and all(leaf.grad is None for leaf in wanting) and not any(
+                torch._C._will_engine_execute_node(_grad_accumulator(leaf)) for leaf in wanting):
+            # torch.autograd.grad(loss, inputs) and backward(inputs=...) compute only what leads to their
+            # inputs: the leaves' .grad stays empty and the routes' part would be lost. (Under reentrant
+            # checkpointing the leaves are not in this graph either, but nested backward calls fill .grad.)
+            raise RuntimeError(
+                "tuning='mma': the modality routes' gradients flow through loss.backward() only; "
+                "torch.autograd.grad and backward(inputs=...) would leave them out of every adapter and "
+                "router gradient. Call loss.backward() and read the parameters' .grad.")
+        route_grads = []
+        for leaf in ctx.leaves:
+            route_grads.append(leaf.grad)
+            leaf.grad = None  # taken: a second backward through a retained graph brings its own
+        return (grad, None, torch.zeros(shape, dtype=dtype, device=device), *route_grads)
+
+
+def _grad_accumulator(leaf: Tensor):
+    """The autograd node that accumulates ``leaf.grad`` (found as torch.autograd.graph's multi-grad hook
+    finds it; backward runs without grad mode, where a view would record no node)."""
+    with torch.enable_grad():
+        return leaf.view_as(leaf).grad_fn.next_functions[0][0]
 
 
 def _llm_pre_hook(state: _State, module, args, kwargs):
