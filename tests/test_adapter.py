@@ -12,6 +12,8 @@ on CPU through ``csrc/binding.cpp`` built for CPU over the emulated kernels (``e
 kernels' own tests are in test_cuda_adapter_emulated.py).
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -162,6 +164,32 @@ def test_dropout_matches_reference_with_its_mask(dtype, device, seed):
     """The backward regenerates exactly the forward's mask: fused output and every gradient match the
     reference computed with that mask."""
     check_adapter(lambda i: _dropout_draw(3, 11, 200, 8, 2, 2, 0.3, dtype, device, seed + i), seed)
+
+
+@pytest.mark.parametrize("path", ["eager", "ops"])
+@pytest.mark.parametrize("forward_on", ["reference", "kernels"])
+def test_dropout_backward_on_another_mask_stream_raises(forward_on, path, device, monkeypatch):
+    """With dropout the backward redraws the forward's mask from the seed. The kernels (Triton, CUDA C++)
+    draw one stream of masks and the reference another, so a backward that would run on the other side
+    (the backend is chosen when a call runs) raises instead of returning another mask's gradients, which
+    it did; under the forward's backend it runs."""
+    if path == "ops":
+        monkeypatch.setenv("MMFAST_EAGER", "ops")
+    leaves = make_inputs(2, 3, 32, 8, 2, 2, torch.float32, device)
+    seed = torch.tensor([5], dtype=torch.int64, device=device)
+
+    def under(backend):
+        return mmfast.use_backend(backend) if backend else contextlib.nullcontext()
+
+    fwd_on, other = ("reference", None) if forward_on == "reference" else (None, "reference")  # None: the fixture's
+    with under(fwd_on):
+        y = mma_adapter(*leaves, dropout=0.2, seed=seed)
+    with under(other), pytest.raises(RuntimeError, match="draws a different dropout mask"):
+        y.float().square().sum().backward()
+    with under(fwd_on):
+        y = mma_adapter(*leaves, dropout=0.2, seed=seed)
+        y.float().square().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
 
 
 def test_dropout_same_seed_same_mask_and_keep_rate(device):

@@ -252,10 +252,31 @@ def _(dy, x, z, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed, need_dx
             like(up_b, need_dw), like(mix, need_dmix))
 
 
+def _mask_stream(backend: str) -> str:
+    """Which dropout masks a backend draws for a seed: the kernels (Triton and CUDA C++) draw the same
+    Philox masks, the reference its own (torch's generator)."""
+    return "reference" if backend == "reference" else "philox"
+
+
 def _save(ctx, inputs, z):
     x, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed = inputs
     ctx.save_for_backward(x, z, down_w, down_b, up_w, up_b, mix, seed)
     ctx.args = (scale, groups, p)
+    # with dropout the backward must redraw the forward's mask: note whose it was (the backend of a call
+    # is chosen when it runs, and the forward has just run under the choice made now)
+    ctx.fwd_backend = _backend(x, down_w, up_w, p, "fwd") if p > 0 else None
+
+
+def _check_mask_stream(ctx, x, down_w, up_w) -> None:
+    if ctx.fwd_backend is None:
+        return
+    bwd_backend = _backend(x, down_w, up_w, ctx.args[2], "bwd")
+    if _mask_stream(bwd_backend) != _mask_stream(ctx.fwd_backend):
+        raise RuntimeError(
+            f"mma_adapter: the forward ran on the {ctx.fwd_backend} backend and the backward would run on "
+            f"{bwd_backend}, which draws a different dropout mask for the same seed, so its gradients would not "
+            f"be the forward's. Run the backward under the forward's backend (put loss.backward() inside the "
+            f"same mmfast.use_backend block, or keep MMFAST_BACKEND unchanged between them).")
 
 
 def _setup_context(ctx, inputs, output):
@@ -266,6 +287,7 @@ def _setup_context(ctx, inputs, output):
 def _grads(ctx, dy, bwd):
     """The gradients of the forward's inputs from ``bwd`` (the custom op or the eager call)."""
     x, z, down_w, down_b, up_w, up_b, mix, seed = ctx.saved_tensors
+    _check_mask_stream(ctx, x, down_w, up_w)
     need = ctx.needs_input_grad
     grads = bwd(dy, x, z, down_w, down_b, up_w, up_b, mix, *ctx.args, seed, need[0], any(need[1:5]), need[5])
     return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None, None, None, None)
