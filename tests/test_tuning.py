@@ -340,6 +340,25 @@ def test_unpatch_gives_back_a_bf16_model_that_runs(tuning):
     assert model.model.language_model.layers[0].input_layernorm.weight.dtype == torch.float32
 
 
+@pytest.mark.parametrize("cast", [torch.float16, torch.float32])
+def test_unpatch_after_casting_the_model_follows_the_cast(cast):
+    """A model cast after patching (``model.half()``, ``model.float()``) keeps the cast's dtype on unpatch:
+    the master weights are not rounded back to the dtype recorded at patch time (a half() model got bf16
+    norm weights back, and its restored forward failed on mixed dtypes; a float() one was rounded to bf16)."""
+    model = build("llava", dtype=torch.bfloat16)
+    mmfast.patch(model, tuning="layernorm", final_norm=True, verbose=False)
+    with torch.no_grad():
+        model.model.language_model.norm.weight.add_(1e-3)  # a trained value: kept at the cast's precision
+    model.to(cast)
+    trained = model.model.language_model.norm.weight.detach().clone()
+    mmfast.unpatch(model)
+    assert {p.dtype for p in model.parameters()} == {cast}
+    assert torch.equal(model.model.language_model.norm.weight, trained)
+    with torch.no_grad():
+        out = model(**batch("llava", dtype=cast))
+    assert out.logits.dtype == cast and torch.isfinite(out.logits).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # trainable state
 # ---------------------------------------------------------------------------------------------

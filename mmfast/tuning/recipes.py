@@ -98,20 +98,44 @@ def _input_grads_hook(parts: ModelParts) -> None:
     hf.__dict__[_HOOK_ATTR] = [emb.register_forward_hook(hook)]
 
 
-#: on a norm module whose weights ``master_weights`` widened: {parameter name: its dtype before}
+#: on a norm module whose weights ``master_weights`` widened: {parameter name: (its dtype before, the
+#: dtype of the parameters around the norm then)}
 _MASTER_ATTR = "_mmfast_master_dtypes"
+
+
+def _surrounding_dtype(model: nn.Module, path: str, skip: set[int]) -> Optional[torch.dtype]:
+    """The dtype (most elements) of the floating parameters around the module at ``path``: those of its
+    nearest ancestor that has any besides the ``skip`` ones (a decoder layer's projections, say)."""
+    parts = path.split(".") if path else []
+    for depth in range(len(parts) - 1, -1, -1):
+        counts: dict[torch.dtype, int] = {}
+        for p in model.get_submodule(".".join(parts[:depth])).parameters():
+            if p.is_floating_point() and id(p) not in skip:
+                counts[p.dtype] = counts.get(p.dtype, 0) + max(p.numel(), 1)  # a ZeRO-3 partition: numel 0
+        if counts:
+            return max(counts, key=counts.get)
+    return None
 
 
 def restore_master_weights(model: nn.Module) -> int:
     """Round fp32 master weights back to the dtype they had before ``master_weights`` widened them (the
     module's own forward, once unpatched, expects it: HF's RMSNorm would return fp32 into bf16
-    projections); returns how many parameters were restored."""
+    projections); returns how many parameters were restored.
+
+    A model cast since patching (``model.half()``, ``.float()``) is what the weights follow instead: they
+    take the dtype the parameters around them have now (left as the cast made them)."""
+    masters = {id(p) for m in model.modules() if _MASTER_ATTR in m.__dict__ for p in m.parameters(recurse=False)}
     restored = 0
-    for m in model.modules():
-        for name, dtype in m.__dict__.pop(_MASTER_ATTR, {}).items():
+    for path, m in list(model.named_modules()):
+        for name, (before, around) in m.__dict__.pop(_MASTER_ATTR, {}).items():
             p = getattr(m, name, None)
-            if isinstance(p, nn.Parameter) and p.dtype != dtype:
-                p.data = p.data.to(dtype)
+            if not isinstance(p, nn.Parameter):
+                continue
+            now = _surrounding_dtype(model, path, masters)
+            cast_since = p.dtype != torch.float32 or (now is not None and now != around)
+            target = (now or p.dtype) if cast_since else before
+            if p.dtype != target:
+                p.data = p.data.to(target)
                 restored += 1
     return restored
 
@@ -147,12 +171,16 @@ def apply_ln_recipe(model: nn.Module, recipe: str, *, final_norm: bool = False, 
             p.requires_grad_(True)
     if master_weights:
         left = 0
+        paths = {id(m): path for path, m in model.named_modules()}
+        skip = {id(p) for norm in norms for p in norm.parameters(recurse=False)  # the weights it widens
+                if not partitioned(p) and p.dtype != torch.float32}
         for norm in norms:
             for name, p in norm.named_parameters(recurse=False):
                 if partitioned(p):  # ZeRO-3 holds the partition (ds_tensor); its optimizer keeps fp32 masters
                     left += p.ds_tensor.dtype != torch.float32
                 elif p.dtype != torch.float32:
-                    norm.__dict__.setdefault(_MASTER_ATTR, {}).setdefault(name, p.dtype)
+                    around = _surrounding_dtype(model, paths[id(norm)], skip)
+                    norm.__dict__.setdefault(_MASTER_ATTR, {}).setdefault(name, (p.dtype, around))
                     p.data = p.data.to(torch.float32)
         if left:
             logging.getLogger("mmfast").info(
