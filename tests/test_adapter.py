@@ -327,6 +327,14 @@ def test_bad_arguments(device):
         mma_adapter(*args, dropout=1.0)
     with pytest.raises(ValueError, match="seed"):
         mma_adapter(*args, dropout=0.1)
+    # a tensor scale's gradient would be lost (the op takes a number); a number scale is fine
+    with pytest.raises(TypeError, match="scale must be a Python float"):
+        mma_adapter(*args, scale=torch.tensor(0.5, device=device, requires_grad=True))
+    with pytest.raises(ValueError, match="scale must be finite"):
+        mma_adapter(*args, scale=float("nan"))
+    with pytest.raises(TypeError, match="dropout must be a Python float"):
+        mma_adapter(*args, dropout=torch.tensor(0.1))
+    assert torch.isfinite(mma_adapter(*args, scale=2)).all()
     with pytest.raises(ValueError, match="groups"):
         mmfast.MMAdapter(100, hidden_dim=8, groups=3)
     adapter = mmfast.MMAdapter(64).to(device)

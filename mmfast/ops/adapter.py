@@ -61,6 +61,11 @@ def check_adapter_inputs(x, down_w, down_b, up_w, up_b, mix, scale, groups, drop
         raise ValueError(f"{fn}: up_b must have shape ({E}, {D}), got {tuple(up_b.shape)}")
     if mix.shape != (B, E):
         raise ValueError(f"{fn}: mix must have shape ({B}, {E}) (batch, experts), got {tuple(mix.shape)}")
+    for name, v in (("scale", scale), ("dropout", dropout)):
+        if isinstance(v, bool) or not isinstance(v, (float, int)):  # a tensor's autograd would be lost
+            raise TypeError(f"{fn}: {name} must be a Python float, got {type(v).__name__}")
+    if not abs(scale) < float("inf"):
+        raise ValueError(f"{fn}: scale must be finite, got {scale}")
     if not 0 <= dropout < 1:
         raise ValueError(f"{fn}: dropout must be in [0, 1), got {dropout}")
     if dropout > 0:
