@@ -198,7 +198,8 @@ def test_head_output_passed_on_by_a_wrapper():
 
     loss_ops._LinearCrossEntropyFn.backward = staticmethod(spy)
     try:
-        model.lm_head.register_forward_hook(lambda m, args, out: PassOn.apply(out))
+        model.lm_head.register_forward_hook(_as_from("deepspeed.runtime.zero.parameter_offload",
+                                                     lambda m, args, out: PassOn.apply(out)))
         inputs = batch("llama")
         out = model(**inputs)
         assert out.logits is None
@@ -211,11 +212,85 @@ def test_head_output_passed_on_by_a_wrapper():
     torch.testing.assert_close(model.lm_head.weight.grad, ref.lm_head.weight.grad)
 
 
-def test_head_output_replaced_raises():
-    """A hook that replaces the head's output (a copy, another tensor) would have HF's loss computed from
-    the stand-in's values: it raises and says what to do."""
+def _as_from(package: str, hook):
+    """``hook`` as a sharding or offloading wrapper registers it (its function defined in ``package``)."""
+    hook.__module__ = package
+    return hook
+
+
+def test_head_output_replaced_by_a_wrapper_raises():
+    """A wrapper's hook that replaces the head's output (a copy, another tensor) would have HF's loss
+    computed from the stand-in's values: it raises and says what to do."""
     model = build("llama")
     mmfast.patch(model, verbose=False)
-    model.lm_head.register_forward_hook(lambda m, args, out: out.clone())
+    model.lm_head.register_forward_hook(_as_from("accelerate.hooks", lambda m, args, out: out.clone()))
     with pytest.raises(RuntimeError, match="fused_loss=False"):
         model(**batch("llama"))
+
+
+def _unpatched_twin(model):
+    ref = copy.deepcopy(model)
+    mmfast.unpatch(ref)
+    return ref
+
+
+def _same_step(model, ref, kind="llama"):
+    """One training step of both: the same loss, and the same gradients of what trains."""
+    inputs = batch(kind)
+    out, expected = model(**inputs), ref(**inputs)
+    torch.testing.assert_close(out.loss, expected.loss)
+    out.loss.backward()
+    expected.loss.backward()
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, msg=n)
+    return out
+
+
+def test_a_users_head_hook_sees_the_logits(calls):
+    """A forward hook of the user's on the LM head (a z-loss, logging, distillation) added after patching
+    would have seen the stand-in (the loss broadcast): the step runs unfused instead, with one warning."""
+    model = build("llama")
+    mmfast.patch(model, tuning="layernorm", verbose=False)
+    ref = _unpatched_twin(model)
+    seen = []
+    model.lm_head.register_forward_hook(lambda mod, args, out: seen.append(out.detach()))
+    with pytest.warns(RuntimeWarning, match="forward hook on lm_head .* stand-in"):
+        out = _same_step(model, ref)
+    assert out.logits is not None and calls == []
+    assert 0 not in seen[0].stride() and torch.equal(seen[0], out.logits.detach())  # logits, not a stand-in
+
+
+def test_a_loss_function_set_after_patching_is_used(calls):
+    """HF's ``model.loss_function = ...`` after patching: the fused loss would bypass it (and handed it
+    the stand-in): the step runs unfused with the user's function, with one warning."""
+    model = build("llama")
+    mmfast.patch(model, tuning="layernorm", verbose=False)
+    ref = _unpatched_twin(model)
+
+    def z_loss(logits, labels, vocab_size, **kw):
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                               ignore_index=-100)
+        return ce + 1e-3 * torch.logsumexp(logits.float(), -1).square().mean()
+
+    model.loss_function = ref.loss_function = z_loss
+    with pytest.warns(RuntimeWarning, match="loss_function was set"):
+        _same_step(model, ref)
+    assert calls == []
+
+
+def test_a_replaced_lm_head_runs_unfused_until_patched_again(calls):
+    """``resize_token_embeddings`` (a new LM head) after patching: every forward still runs (they failed),
+    training unfused with one warning; ``mmfast.patch`` again fuses the new head."""
+    model = build("llama")
+    mmfast.patch(model, tuning="layernorm", verbose=False)
+    model.resize_token_embeddings(model.config.vocab_size + 8)
+    ref = _unpatched_twin(model)
+    with pytest.warns(RuntimeWarning, match="lm_head was replaced"):
+        _same_step(model, ref)
+    assert calls == []
+    with torch.no_grad():
+        assert model(**batch("llama")).logits.shape[-1] == model.config.vocab_size
+    assert mmfast.patch(model, tuning="layernorm", verbose=False).fused_loss == "on"
+    out = model(**batch("llama"))
+    assert out.logits is None and len(calls) == 1

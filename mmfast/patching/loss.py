@@ -19,6 +19,10 @@ through the wrapper's backward, which gathers the head's weight before the fused
 it. A head output that is neither the stand-in nor such an alias of it raises instead of computing a
 loss from the stand-in's values.
 
+Each training call first checks that nothing replaced the fused path since patching (a ``loss_function``
+set, a new LM head, a forward hook on the head from outside the sharding and offloading wrappers, which
+would see the stand-in); then it runs unfused, as unpatched, warning once per reason.
+
 The output then has ``loss`` and ``logits=None`` (the stand-in never leaves the forward). Without labels,
 under ``torch.no_grad()`` (evaluation, generation), with ``logits_to_keep``, or inside
 ``mmfast.disabled()``, the model runs exactly as unpatched and returns its logits. ``torch.compile``
@@ -33,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -43,6 +48,7 @@ from .core import _ATTR, _foreign_patch, _install, _original_call, is_disabled, 
 from .table import _code_key
 
 _STATE = "_mmfast_loss_state"
+_SAID = "_mmfast_loss_off_said"  # the reasons already warned of, on the model
 
 
 @dataclasses.dataclass
@@ -133,8 +139,8 @@ def _head_forward(head: nn.Linear, x: Tensor) -> Tensor:
 
 
 def _loss_function(model: nn.Module, default, logits=None, labels=None, vocab_size=None, **kwargs):
-    st: _LossState = model.lm_head.__dict__[_STATE]
-    if st.stand_in is None:
+    st: Optional[_LossState] = model.lm_head.__dict__.get(_STATE)
+    if st is None or st.stand_in is None:
         return default(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
     if logits is st.stand_in:
         return st.loss
@@ -154,9 +160,37 @@ def _arm(labels: Tensor, kwargs: dict) -> dict:
     return dict(target=target, ignore_index=ignore_index, num_items_in_batch=kwargs.get("num_items_in_batch"))
 
 
+#: Where the hooks come from that may sit on the LM head around the fused loss: sharding and offloading
+#: wrappers, which gather or move the head's parameters and hand its output on (the stand-in included).
+_WRAPPER_PACKAGES = ("torch.distributed", "deepspeed", "accelerate", "mmfast")
+
+
+def _hook_package(hook) -> str:
+    fn = inspect.unwrap(getattr(hook, "func", None) or getattr(hook, "__func__", None) or hook)
+    return getattr(fn, "__module__", None) or type(fn).__module__ or "?"
+
+
+def _unfused_reason(model: nn.Module) -> Optional[str]:
+    """Why this training call cannot take the fused loss any more, or None: the model was changed after
+    ``patch`` in a way the fused loss would get wrong."""
+    head = model.lm_head
+    if _STATE not in head.__dict__:
+        return ("the model's lm_head was replaced after patching (resize_token_embeddings, a PEFT "
+                "modules_to_save wrapper, ...); mmfast.patch(model) again fuses a new nn.Linear head")
+    fn = model.__dict__.get("_loss_function")
+    if not (isinstance(fn, functools.partial) and fn.func is _loss_function):
+        return "a loss_function was set on the model after patching; the fused loss would bypass it"
+    for kind, hooks in (("forward hook", head._forward_hooks), ("forward pre-hook", head._forward_pre_hooks)):
+        for hook in hooks.values():
+            package = _hook_package(hook)
+            if not package.startswith(_WRAPPER_PACKAGES):
+                return (f"a {kind} on lm_head (from {package}) would see a stand-in instead of the logits; "
+                        "pass fused_loss=False to mmfast.patch to keep this hook without the warning")
+    return None
+
+
 def _model_forward(model: nn.Module, *args, **kwargs):
     orig = _original_call(model, model.__dict__[_ATTR])
-    st: _LossState = model.lm_head.__dict__[_STATE]
     labels = kwargs.get("labels")
     if labels is None:
         idx = _labels_index(type(model))
@@ -165,6 +199,14 @@ def _model_forward(model: nn.Module, *args, **kwargs):
     if (labels is None or not torch.is_grad_enabled() or is_disabled()
             or not (isinstance(keep, int) and keep == 0)):
         return orig(*args, **kwargs)
+    reason = _unfused_reason(model)
+    if reason is not None:  # the model's own head and loss, as unpatched; said once per model and reason
+        said = model.__dict__.setdefault(_SAID, set())
+        if reason not in said:
+            said.add(reason)
+            warnings.warn(f"mmfast: the fused LM-head loss is off for this model: {reason}", RuntimeWarning)
+        return orig(*args, **kwargs)
+    st: _LossState = model.lm_head.__dict__[_STATE]
     st.armed, st.loss, st.stand_in = _arm(labels, kwargs), None, None
     try:
         out = orig(*args, **kwargs)
@@ -196,8 +238,18 @@ _HEAD = _LossPart("fused_loss_head")
 
 
 def patch_loss(model: nn.Module) -> Optional[str]:
-    """Install the fused LM-head loss on ``model`` (idempotent). Returns None, or why it was not installed."""
+    """Install the fused LM-head loss on ``model`` (idempotent; again after the LM head was replaced, it
+    installs on the new head). Returns None, or why it was not installed."""
     if is_patched(model) and model.__dict__[_ATTR].family == _MODEL:
+        head = model.lm_head
+        if _STATE in head.__dict__:
+            return None
+        if type(head) is not nn.Linear or _foreign_patch(head) is not None:
+            return (f"lm_head is now {type(head).__name__}" if type(head) is not nn.Linear
+                    else f"lm_head forward {_foreign_patch(head)}") + "; the fused loss stays off for it"
+        _install(head, _HEAD, _head_forward)
+        head.__dict__[_STATE] = _LossState()
+        model.__dict__.pop(_SAID, None)
         return None
     reason = unsupported_reason(model)
     if reason is not None:
@@ -215,6 +267,7 @@ def _drop_loss_state(m: nn.Module, family: _LossPart) -> None:
     m.__dict__.pop(_STATE, None)
     if family == _MODEL:
         m.__dict__.pop("_loss_function", None)
+        m.__dict__.pop(_SAID, None)
 
 
 def unpatch_loss(model: nn.Module) -> int:
