@@ -460,6 +460,19 @@ def test_load_trainable_mismatch(tmp_path):
         mmfast.load_trainable(more, path)
     mmfast.load_trainable(more, path, strict=False)
 
+    # a checkpoint of a wider recipe into a narrower one: it would write parameters frozen there
+    mmfast.save_trainable(more, tmp_path / "wide.safetensors")
+    fewer = build("llava")
+    mmfast.patch(fewer, tuning="layernorm-simp", verbose=False)
+    snapshot = copy.deepcopy(fewer.state_dict())
+    with pytest.raises(ValueError, match="frozen in the model"):
+        mmfast.load_trainable(fewer, tmp_path / "wide.safetensors")
+    assert all(torch.equal(v, fewer.state_dict()[k]) for k, v in snapshot.items())  # nothing changed
+    loaded = mmfast.load_trainable(fewer, tmp_path / "wide.safetensors", strict=False)  # for inference, say
+    assert any("multi_modal_projector" in n for n in loaded)
+    proj = "model.multi_modal_projector.linear_1.weight"
+    assert torch.equal(fewer.get_parameter(proj), more.get_parameter(proj))
+
     other = tmp_path / "other.safetensors"
     from safetensors.torch import save_file
 

@@ -69,9 +69,11 @@ def save_trainable(model: nn.Module, path: str | os.PathLike) -> list[str]:
 def load_trainable(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> list[str]:
     """Copy the tensors saved by :func:`save_trainable` into ``model``'s parameters.
 
-    Every saved tensor must name a parameter of the same shape; with ``strict`` every trainable
-    parameter of ``model`` must be in the file too. Anything else raises a ValueError that lists
-    the mismatches, before any parameter is changed. Values are cast to each parameter's dtype.
+    Every saved tensor must name a parameter of the same shape; with ``strict`` the file must hold
+    exactly the trainable parameters of ``model`` (none missing, none frozen in the model: a checkpoint
+    of another recipe). Anything else raises a ValueError that lists the mismatches, before any
+    parameter is changed. ``strict=False`` loads into frozen parameters too (a trained state into a
+    model for inference). Values are cast to each parameter's dtype.
     """
     from safetensors import safe_open
 
@@ -94,6 +96,8 @@ def load_trainable(model: nn.Module, path: str | os.PathLike, *, strict: bool = 
     if strict:
         problems += [f"{n}: trainable in the model but not in the file" for n, p in params.items()
                      if p.requires_grad and n not in saved]
+        problems += [f"{n}: in the file but frozen in the model (a checkpoint of another recipe? "
+                     "strict=False loads it anyway)" for n in saved if n in params and not params[n].requires_grad]
     if problems:
         saved_from = meta.get("model_class", "?")
         raise ValueError(
