@@ -355,6 +355,29 @@ def test_tunings_option_selects_model_cases(capsys):
     assert "unknown tunings ['lora']" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--batch", "-1"], "--batch must be at least 1"),
+    (["--time-budget", "-5"], "--time-budget must be a positive"),
+    (["--device", "foo"], "--device"),
+    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "mps"], "--device"),
+    (["--out", "{file}"], "exists and is not a directory"),
+    (["--out", "{file}/below"], "cannot create it"),
+    (["--backend-table", "{tmp}/no-such-dir/table.json"], "--backend-table"),
+])
+def test_bad_arguments_fail_before_anything_runs(args, message, tmp_path, capsys, monkeypatch):
+    """Arguments that would fail the run, or fail only once it had run (an --out that cannot be written lost
+    every result at the end), are refused at the start, with argparse's usage error."""
+    monkeypatch.setattr(bench_main, "environment", lambda device: pytest.fail("the run started"))
+    (tmp_path / "file").write_text("")
+    args = [a.format(file=tmp_path / "file", tmp=tmp_path) for a in args]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quick", *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_graph_cases_run_per_provider_in_their_own_process():
     """On a GPU each provider's CUDA-graph cases form one run in a fresh process (a failed capture
     leaves the CUDA generator unusable for the rest of its process); other runs stay one per pair."""

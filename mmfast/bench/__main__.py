@@ -123,8 +123,21 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.steps is None:
         args.steps = 2 if args.quick else 10
+    for flag, value in (("--steps", args.steps), ("--batch", args.batch), ("--llm-layers", args.llm_layers)):
+        if value < 1:
+            p.error(f"{flag} must be at least 1, got {value}")
+    if args.time_budget is not None and not args.time_budget > 0:
+        p.error(f"--time-budget must be a positive number of seconds, got {args.time_budget:g}")
+    _check_out(p, args.out, args.backend_table)
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        p.error(f"--device: {e}")
+    if device.type not in ("cuda", "cpu"):
+        p.error(f"--device must be cuda or cpu, got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: this PyTorch sees no CUDA GPU")
     ops = set(args.ops.split(","))
     unknown_ops = ops - set(OPS)
     if unknown_ops:
@@ -196,6 +209,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.backend_table:
         _write_backend_table(args.backend_table, device, env, records, args.out)
     return 1 if any(r["error"] for r in records) or not_run else 0
+
+
+def _check_out(p: argparse.ArgumentParser, out: str, backend_table: Optional[str]) -> None:
+    """Fail before the run, not after it, where the results could not be written."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        p.error(f"--out {out}: exists and is not a directory")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        p.error(f"--out {out}: cannot create it ({e.strerror})")
+    if not os.access(out, os.W_OK):
+        p.error(f"--out {out}: not writable")
+    if backend_table:
+        parent = os.path.dirname(os.path.abspath(backend_table))
+        if os.path.isdir(backend_table) or not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            p.error(f"--backend-table {backend_table}: cannot write a file there")
 
 
 def _groups(plan: list, device: torch.device) -> list[list]:
