@@ -99,10 +99,27 @@ def test_unpatch_is_exact(kind):
     n = mmfast.unpatch(model)
     assert n > 0
     for m in model.modules():
-        assert not {"forward", "extra_repr", "_mmfast_patch"} & set(m.__dict__)
+        assert not {"forward", "extra_repr", "_mmfast_patch", "_replicate_for_data_parallel"} & set(m.__dict__)
     assert repr(model) == repr(pristine)
     with torch.no_grad():
         assert torch.equal(first_output(model(**inputs)), first_output(pristine(**inputs)))
+
+
+def test_data_parallel_replication_is_refused():
+    """torch.nn.DataParallel's replicate() copies each module's instance attributes into its replicas, so a
+    patched forward would run the original module (the first GPU's weights) in every replica: refused with
+    what to use instead; after unpatch a module replicates again. (replicate() itself needs GPUs; this is
+    the call it makes on every module.)"""
+    model = build("llama")
+    mmfast.patch(model, tuning="layernorm", verbose=False)
+    norm = model.model.layers[0].input_layernorm
+    with pytest.raises(RuntimeError, match="DistributedDataParallel"):
+        norm._replicate_for_data_parallel()
+    with pytest.raises(RuntimeError, match="DataParallel"):
+        model._replicate_for_data_parallel()  # the fused loss's model forward
+    mmfast.unpatch(model)
+    replica = norm._replicate_for_data_parallel()
+    assert type(replica) is type(norm) and "forward" not in replica.__dict__
 
 
 def test_patch_twice_is_patch_once():

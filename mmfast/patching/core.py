@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from .table import FAMILIES, KERNEL_LIBRARIES, family_of, is_norm_candidate, unsupported_reason
 
 _ATTR = "_mmfast_patch"
+_REPLICATE = "_replicate_for_data_parallel"  # what torch.nn.DataParallel's replicate() calls on each module
 class _Absent:
     """The "nothing was there" marker; one instance, kept through pickle and deepcopy."""
 
@@ -148,10 +149,22 @@ def _install(module: nn.Module, fam, forward=patched_forward) -> None:
     d[_ATTR] = rec
     setattr(module, slot, _PatchedForward(forward, module))
     module.extra_repr = functools.partial(_patched_extra_repr, module)
+    d[_REPLICATE] = functools.partial(_refuse_replication, module)
+
+
+def _refuse_replication(module: nn.Module):
+    """``torch.nn.DataParallel`` copies modules within one process and keeps their instance attributes: a
+    replica's patched forward would still run the original module on the first GPU's weights."""
+    raise RuntimeError(
+        f"mmfast: torch.nn.DataParallel cannot replicate a patched module ({type(module).__name__}): its "
+        "replicas would run the original's forward and weights. Use DistributedDataParallel instead (one "
+        "process per GPU: torchrun, accelerate launch; HF Trainer uses it when launched so), or "
+        "mmfast.unpatch(model) first.")
 
 
 def _uninstall(module: nn.Module) -> None:
     d = module.__dict__
+    d.pop(_REPLICATE, None)
     rec: _Patch = d.pop(_ATTR)
     for name, saved in ((rec.slot, rec.saved_slot), ("extra_repr", rec.saved_extra_repr)):
         if saved is _ABSENT:
