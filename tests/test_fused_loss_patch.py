@@ -294,3 +294,29 @@ def test_a_replaced_lm_head_runs_unfused_until_patched_again(calls):
     assert mmfast.patch(model, tuning="layernorm", verbose=False).fused_loss == "on"
     out = model(**batch("llama"))
     assert out.logits is None and len(calls) == 1
+
+
+def test_a_model_whose_loss_is_not_the_causal_lm_loss():
+    """The fused loss computes HF's causal-LM loss: a subclass with a loss_function of its own is left
+    unfused at patch time, and a loss_type set to another loss after patching trains unfused with a warning
+    (both got the stand-in, or the shifted causal loss, silently)."""
+    from transformers import LlamaForCausalLM
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    class WithZLoss(LlamaForCausalLM):
+        def loss_function(self, logits, labels, vocab_size, **kw):
+            z = logits.float().logsumexp(-1).square().mean()
+            return ForCausalLMLoss(logits, labels, vocab_size, **kw) + 1e-2 * z
+
+    own = build("llama")
+    own.__class__ = WithZLoss
+    ref = _unpatched_twin(own)
+    assert "defines its own loss_function" in mmfast.patch(own, tuning="layernorm", verbose=False).fused_loss
+    _same_step(own, ref)
+
+    model = build("llama")
+    mmfast.patch(model, tuning="layernorm", verbose=False)
+    ref = _unpatched_twin(model)
+    model.loss_type = ref.loss_type = "ForMaskedLM"
+    with pytest.warns(RuntimeWarning, match="loss_type='ForMaskedLM'"):
+        _same_step(model, ref)

@@ -122,6 +122,30 @@ def test_data_parallel_replication_is_refused():
     assert type(replica) is type(norm) and "forward" not in replica.__dict__
 
 
+def test_fp32_activations_into_a_bf16_rms_norm():
+    """fp32 activations (an fp32 projector's or soft prompt's output) into a bf16 LlamaRMSNorm: HF promotes
+    the product with the weight to fp32; the patched norm does the same (it raised a dtype error)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(64).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.normal_()
+    ref = copy.deepcopy(norm)
+    mmfast.patch(norm, verbose=False)
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    y, y_ref = norm(x), ref(x)
+    assert y.dtype == y_ref.dtype == torch.float32
+    torch.testing.assert_close(y, y_ref)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    gx, gw = x.grad, norm.weight.grad
+    x.grad = None
+    y_ref.backward(gy)
+    torch.testing.assert_close(gx, x.grad)
+    assert gw.dtype == torch.bfloat16
+    torch.testing.assert_close(gw, ref.weight.grad)  # fp32 sums rounded once to bf16 (bf16's tolerance)
+
+
 def test_patch_twice_is_patch_once():
     model = build("llava")
     first = mmfast.patch(model, verbose=False)

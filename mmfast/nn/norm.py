@@ -6,6 +6,7 @@ parameters and epsilon the module already owns, so nothing is copied and ``state
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from ..ops.norm import layer_norm, rms_norm
@@ -13,7 +14,12 @@ from ..ops.norm import layer_norm, rms_norm
 
 def llama_rms_norm_forward(module: nn.Module, hidden_states: Tensor) -> Tensor:
     """``LlamaRMSNorm.forward`` semantics (weight, variance_epsilon); output in the input's dtype."""
-    return rms_norm(hidden_states, module.weight, module.variance_epsilon)
+    w = module.weight
+    if hidden_states.dtype == torch.float32 and w.dtype in (torch.float16, torch.bfloat16):
+        # fp32 activations into a 16-bit model (an fp32 projector's or soft prompt's output): HF promotes
+        # the weight's product with them to fp32, which is the fused op with the weight in fp32, exactly
+        w = w.float()
+    return rms_norm(hidden_states, w, module.variance_epsilon)
 
 
 def layer_norm_forward(module: nn.LayerNorm, input: Tensor) -> Tensor:

@@ -75,11 +75,28 @@ def _labels_index(cls: type) -> Optional[int]:
     return params.index("labels") if "labels" in params else None
 
 
+def _loss_not_causal(model: nn.Module) -> Optional[str]:
+    """Why the loss ``model``'s forward computes is not HF's causal-LM loss (what the fused loss computes), or
+    None: a class of its own ``loss_function``, or a ``loss_type`` mapped to another loss."""
+    from transformers import PreTrainedModel
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    cls = type(model)
+    if inspect.getattr_static(cls, "loss_function", None) is not PreTrainedModel.__dict__.get("loss_function"):
+        return f"{cls.__name__} defines its own loss_function; the fused loss would bypass it"
+    if _hf_loss(model) is not ForCausalLMLoss:
+        return f"loss_type={getattr(model, 'loss_type', None)!r} is not the causal-LM loss the fused loss computes"
+    return None
+
+
 def unsupported_reason(model: nn.Module) -> Optional[str]:
     """None when the fused loss can be installed on ``model``, else why not."""
     cls = type(model)
     if _code_key(inspect.unwrap(cls.forward)) not in _supported_keys():
         return f"{cls.__name__}: forward is not one the fused loss knows (LLaMA / LLaVA causal LM)"
+    not_causal = _loss_not_causal(model)
+    if not_causal is not None:
+        return not_causal
     head = getattr(model, "lm_head", None)
     if type(head) is not nn.Linear:
         return f"lm_head is {type(head).__name__}, not torch.nn.Linear"
@@ -138,10 +155,18 @@ def _head_forward(head: nn.Linear, x: Tensor) -> Tensor:
     return st.stand_in
 
 
-def _loss_function(model: nn.Module, default, logits=None, labels=None, vocab_size=None, **kwargs):
+def _hf_loss(model: nn.Module):
+    """The loss HF's ``loss_function`` gives ``model`` now, without mmfast's (its ``loss_type`` may have
+    changed since patching): the mapped loss, or the causal-LM loss for a type HF does not know."""
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+
+    return LOSS_MAPPING.get(getattr(model, "loss_type", None), ForCausalLMLoss)
+
+
+def _loss_function(model: nn.Module, logits=None, labels=None, vocab_size=None, **kwargs):
     st: Optional[_LossState] = model.lm_head.__dict__.get(_STATE)
-    if st is None or st.stand_in is None:
-        return default(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
+    if st is None or st.stand_in is None:  # unfused: what HF's own loss_function would call
+        return _hf_loss(model)(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
     if logits is st.stand_in:
         return st.loss
     if _aliases(logits, st.stand_in):  # a wrapper's new tensor over the head's output: through its backward
@@ -180,6 +205,9 @@ def _unfused_reason(model: nn.Module) -> Optional[str]:
     fn = model.__dict__.get("_loss_function")
     if not (isinstance(fn, functools.partial) and fn.func is _loss_function):
         return "a loss_function was set on the model after patching; the fused loss would bypass it"
+    not_causal = _loss_not_causal(model)
+    if not_causal is not None:
+        return not_causal
     for kind, hooks in (("forward hook", head._forward_hooks), ("forward pre-hook", head._forward_pre_hooks)):
         for hook in hooks.values():
             package = _hook_package(hook)
@@ -258,8 +286,7 @@ def patch_loss(model: nn.Module) -> Optional[str]:
     _install(model, _MODEL, _model_forward)
     _install(head, _HEAD, _head_forward)
     head.__dict__[_STATE] = _LossState()
-    default = model.loss_function
-    model._loss_function = functools.partial(_loss_function, model, default)
+    model._loss_function = functools.partial(_loss_function, model)
     return None
 
 
