@@ -111,11 +111,21 @@ def is_patched(module: nn.Module) -> bool:
     return _ATTR in module.__dict__
 
 
+def _inner(fn):
+    """The function behind a partial or a bound method."""
+    return getattr(fn, "func", None) or getattr(fn, "__func__", None) or fn
+
+
+def defining_module(fn) -> str:
+    """The module that defines ``fn`` (a function, partial or bound method), or "?"."""
+    inner = _inner(fn)
+    return getattr(inner, "__module__", None) or type(inner).__module__ or "?"
+
+
 def _describe(fn) -> str:
-    inner = getattr(fn, "func", None) or getattr(fn, "__func__", None) or fn
-    mod = getattr(inner, "__module__", None) or "?"
+    inner = _inner(fn)
     name = getattr(inner, "__qualname__", None) or type(inner).__name__
-    return f"{mod}.{name}"
+    return f"{defining_module(fn)}.{name}"
 
 
 def _foreign_patch(module: nn.Module) -> Optional[str]:

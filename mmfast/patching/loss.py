@@ -44,7 +44,8 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.loss import linear_cross_entropy
-from .core import _ATTR, _foreign_patch, _install, _original_call, is_disabled, is_patched, unpatch_where
+from .core import (_ATTR, _foreign_patch, _install, _original_call, defining_module, is_disabled, is_patched,
+                   unpatch_where)
 from .table import _code_key
 
 _STATE = "_mmfast_loss_state"
@@ -97,16 +98,26 @@ def unsupported_reason(model: nn.Module) -> Optional[str]:
     not_causal = _loss_not_causal(model)
     if not_causal is not None:
         return not_causal
-    head = getattr(model, "lm_head", None)
-    if type(head) is not nn.Linear:
-        return f"lm_head is {type(head).__name__}, not torch.nn.Linear"
+    head_reason = _head_reason(getattr(model, "lm_head", None))
+    if head_reason is not None:
+        return head_reason
     if "_loss_function" in model.__dict__:
         return "a custom loss_function is set on the model; the fused loss would bypass it"
-    for m, where in ((model, "model forward"), (head, "lm_head forward")):
-        foreign = _foreign_patch(m)
-        if foreign is not None:
-            return f"{where} {foreign}"
-    return None
+    foreign = _foreign_patch(model)
+    return None if foreign is None else f"model forward {foreign}"
+
+
+def _head_reason(head) -> Optional[str]:
+    """Why the fused loss cannot go on ``head``, or None."""
+    if type(head) is not nn.Linear:
+        return f"lm_head is {type(head).__name__}, not torch.nn.Linear"
+    foreign = _foreign_patch(head)
+    return None if foreign is None else f"lm_head forward {foreign}"
+
+
+def _install_head(head: nn.Linear) -> None:
+    _install(head, _HEAD, _head_forward)
+    head.__dict__[_STATE] = _LossState()
 
 
 class _StandIn(torch.autograd.Function):
@@ -190,11 +201,6 @@ def _arm(labels: Tensor, kwargs: dict) -> dict:
 _WRAPPER_PACKAGES = ("torch.distributed", "deepspeed", "accelerate", "mmfast")
 
 
-def _hook_package(hook) -> str:
-    fn = inspect.unwrap(getattr(hook, "func", None) or getattr(hook, "__func__", None) or hook)
-    return getattr(fn, "__module__", None) or type(fn).__module__ or "?"
-
-
 def _unfused_reason(model: nn.Module) -> Optional[str]:
     """Why this training call cannot take the fused loss any more, or None: the model was changed after
     ``patch`` in a way the fused loss would get wrong."""
@@ -210,7 +216,7 @@ def _unfused_reason(model: nn.Module) -> Optional[str]:
         return not_causal
     for kind, hooks in (("forward hook", head._forward_hooks), ("forward pre-hook", head._forward_pre_hooks)):
         for hook in hooks.values():
-            package = _hook_package(hook)
+            package = defining_module(hook)
             if not package.startswith(_WRAPPER_PACKAGES):
                 return (f"a {kind} on lm_head (from {package}) would see a stand-in instead of the logits; "
                         "pass fused_loss=False to mmfast.patch to keep this hook without the warning")
@@ -272,20 +278,17 @@ def patch_loss(model: nn.Module) -> Optional[str]:
         head = model.lm_head
         if _STATE in head.__dict__:
             return None
-        if type(head) is not nn.Linear or _foreign_patch(head) is not None:
-            return (f"lm_head is now {type(head).__name__}" if type(head) is not nn.Linear
-                    else f"lm_head forward {_foreign_patch(head)}") + "; the fused loss stays off for it"
-        _install(head, _HEAD, _head_forward)
-        head.__dict__[_STATE] = _LossState()
+        reason = _head_reason(head)  # a head replaced since: fuse the new one where it can be
+        if reason is not None:
+            return f"{reason}; the fused loss stays off for it"
+        _install_head(head)
         model.__dict__.pop(_SAID, None)
         return None
     reason = unsupported_reason(model)
     if reason is not None:
         return reason
-    head = model.lm_head
     _install(model, _MODEL, _model_forward)
-    _install(head, _HEAD, _head_forward)
-    head.__dict__[_STATE] = _LossState()
+    _install_head(model.lm_head)
     model._loss_function = functools.partial(_loss_function, model)
     return None
 

@@ -124,7 +124,7 @@ def restore_master_weights(model: nn.Module) -> int:
 
     A model cast since patching (``model.half()``, ``.float()``) is what the weights follow instead: they
     take the dtype the parameters around them have now (left as the cast made them)."""
-    masters = {id(p) for m in model.modules() if _MASTER_ATTR in m.__dict__ for p in m.parameters(recurse=False)}
+    masters = {id(getattr(m, name)) for m in model.modules() for name in m.__dict__.get(_MASTER_ATTR, ())}
     restored = 0
     for path, m in list(model.named_modules()):
         for name, (before, around) in m.__dict__.pop(_MASTER_ATTR, {}).items():
