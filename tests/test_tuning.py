@@ -61,6 +61,49 @@ def test_recipe_counts_7b(llava_7b_meta, tuning, final_norm, expected):
     assert not any("vision_tower" in n for n in trainable)
 
 
+def _vlm_meta(family):
+    """Tiny vision-language models whose projector has another name than LLaVA's (meta device)."""
+    import transformers as T
+
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=4, vocab_size=128)
+    if family == "idefics3":  # also SmolVLM: model.connector
+        cfg = T.Idefics3Config(text_config=dict(model_type="llama", **text), scale_factor=2, vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8))
+        cls, projector = T.Idefics3ForConditionalGeneration, ["model.connector"]
+    elif family == "qwen2_vl":  # the vision tower's patch merger
+        cfg = T.Qwen2VLConfig(text_config=dict(rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, **text),
+                              vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2,
+                                                 patch_size=4, spatial_merge_size=2, temporal_patch_size=1))
+        cls, projector = T.Qwen2VLForConditionalGeneration, ["model.visual.merger"]
+    else:  # qwen3_vl: the merger and the mergers of the features added to early LLM layers
+        cfg = T.Qwen3VLConfig(
+            text_config=dict(head_dim=8, rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2]}, **text),
+            vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32, patch_size=4,
+                               spatial_merge_size=2, temporal_patch_size=1, deepstack_visual_indexes=[0, 1]))
+        cls, projector = T.Qwen3VLForConditionalGeneration, ["model.visual.merger", "model.visual.deepstack_merger_list"]
+    with torch.device("meta"):
+        return cls(cfg), projector
+
+
+@pytest.mark.parametrize("family", ["idefics3", "qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("tuning", ["layernorm", "layernorm+projector", "mma"])
+def test_recipes_find_other_projectors(family, tuning):
+    """The projector of VLM families that do not call it multi_modal_projector trains with the recipes
+    that train it (it was left frozen, and layernorm+projector refused these models)."""
+    model, projector = _vlm_meta(family)
+    mmfast.patch(model, tuning=tuning, verbose=False)
+    trainable = _trainable(model)
+    for path in projector:
+        params = {f"{path}.{n}" for n, _ in model.get_submodule(path).named_parameters()}
+        assert params and params <= set(trainable), path
+    outside = {n for n in trainable if not any(n.startswith(p + ".") for p in projector)}
+    if tuning == "layernorm+projector":
+        assert outside and all(n.endswith(("input_layernorm.weight", "post_attention_layernorm.weight")) for n in outside)
+    vision = [n for n in outside if n.startswith(("model.visual.blocks", "model.vision_model"))]
+    assert all(".mma_adapter." in n for n in vision) and (tuning == "mma" or not vision)  # the tower stays frozen
+
+
 def test_recipe_errors():
     with pytest.raises(ValueError, match="tuning="):
         mmfast.patch(build("llama"), tuning="lora", verbose=False)

@@ -402,8 +402,8 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
     for p in model.parameters():
         p.requires_grad_(False)
     train = [hf.get_submodule(n) for n in added_modules(hf)]
-    if parts is not None and parts.projector is not None:
-        train.append(parts.projector)
+    if parts is not None:
+        train.extend(parts.projector_modules())
     for m in train:
         for p in m.parameters():
             p.requires_grad_(True)

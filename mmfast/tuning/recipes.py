@@ -24,8 +24,14 @@ from torch import nn
 from .._zero import partitioned
 
 LN_RECIPES = ("layernorm", "layernorm-simp", "layernorm+projector")
-#: Submodule names that hold a vision-language projector, in the order they are looked for.
-PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector")
+#: Submodule names that hold a vision-language projector (the module that maps vision features into the
+#: LLM's embedding space), in the order they are looked for: LLaVA and most HF VLMs, LLaVA's original
+#: code, Idefics2/3 and SmolVLM, the Qwen-VL and GLM-4V families (the vision tower's patch merger),
+#: DeepSeek-VL and Janus.
+PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "connector", "merger", "aligner")
+#: Siblings that project vision features into the LLM too and train with the projector (Qwen3-VL's
+#: mergers for the features it adds to early LLM layers).
+PROJECTOR_SIBLINGS = {"merger": ("deepstack_merger_list",)}
 _HOOK_ATTR = "_mmfast_tuning_hooks"
 
 
@@ -38,6 +44,10 @@ class ModelParts:
     projector: Optional[nn.Module]
     input_embeddings: Optional[nn.Module]
     output_embeddings: Optional[nn.Module]
+    projector_siblings: tuple[nn.Module, ...] = ()  # trained with the projector (PROJECTOR_SIBLINGS)
+
+    def projector_modules(self) -> list[nn.Module]:
+        return [] if self.projector is None else [self.projector, *self.projector_siblings]
 
 
 def _hf_model(model: nn.Module) -> nn.Module:
@@ -60,12 +70,16 @@ def find_parts(model: nn.Module) -> ModelParts:
             f"LayerNorm tuning needs a LLaMA-style language model (get_decoder().layers with input_layernorm and "
             f"post_attention_layernorm); {type(hf).__name__} has none"
         )
-    projector = None
-    for name, m in hf.named_modules():
-        if name.split(".")[-1] in PROJECTOR_NAMES:
-            projector = m
-            break
-    return ModelParts(hf, decoder, projector, hf.get_input_embeddings(), hf.get_output_embeddings())
+    modules = dict(hf.named_modules())
+    found = next(((path, key) for key in PROJECTOR_NAMES for path in modules if path.split(".")[-1] == key), None)
+    projector, siblings = None, ()
+    if found is not None:
+        path, key = found
+        projector = modules[path]
+        owner = path.rpartition(".")[0]
+        siblings = tuple(modules[f"{owner}.{s}" if owner else s] for s in PROJECTOR_SIBLINGS.get(key, ())
+                         if (f"{owner}.{s}" if owner else s) in modules)
+    return ModelParts(hf, decoder, projector, hf.get_input_embeddings(), hf.get_output_embeddings(), siblings)
 
 
 def block_norms(parts: ModelParts, final_norm: bool) -> list[nn.Module]:
@@ -156,8 +170,7 @@ def apply_ln_recipe(model: nn.Module, recipe: str, *, final_norm: bool = False, 
     if recipe in ("layernorm", "layernorm+projector"):
         if parts.projector is None and recipe == "layernorm+projector":
             raise ValueError(f"tuning={recipe!r} needs a multimodal projector; {type(parts.hf_model).__name__} has none")
-        if parts.projector is not None:
-            train.append(parts.projector)
+        train.extend(parts.projector_modules())
     if recipe == "layernorm":
         for emb, what in ((parts.input_embeddings, "input embeddings"), (parts.output_embeddings, "LM head")):
             if emb is None:
