@@ -304,16 +304,35 @@ def test_goals_met_and_missing():
         return {"op": "llava-train-step[layernorm]", "provider": provider, "direction": "train-step",
                 "tuning": "layernorm", "tokens_per_s": tps, "peak_mem_bytes": peak, "error": None}
 
-    records = [rec("mmfast-triton", "fwd", 4096, 0.95), rec("mmfast-cuda", "fwd", 4096, 0.80),
-               rec("mmfast-triton", "bwd", 4096, 0.80, gpu_ms=1.1), rec("mmfast-cuda", "bwd", 4096, 0.88, gpu_ms=1.0),
-               rec("hf-eager", "bwd", 4096, 0.99),  # not mmfast: never counts
-               {**rec("mmfast-cuda", "fwd+bwd", 4096, None), "M": 512, "timing": "cuda-graph", "ms": 0.020},
+    def norms(N):
+        return [rec("mmfast-triton", "fwd", N, 0.95), rec("mmfast-cuda", "fwd", N, 0.80),
+                rec("mmfast-triton", "bwd", N, 0.80, gpu_ms=1.1), rec("mmfast-cuda", "bwd", N, 0.88, gpu_ms=1.0),
+                rec("hf-eager", "bwd", N, 0.99)]  # not mmfast: never counts
+
+    graph = dict(M=512, timing="cuda-graph")
+    records = [*norms(4096), *norms(5120), *norms(8192),
+               rec("mmfast-cuda", "fwd+bwd", 4096, None, **graph, ms=0.020),
+               {**rec("mmfast-cuda", "fwd+bwd", 1024, None, **graph, ms=0.040), "op": "layer_norm"},  # not the goal's case
                step("hf-eager", 100.0, 10 * 2**30), step("mmfast", 120.0, 7.5 * 2**30)]
     goals = evaluate(records)
     assert [g["met"] for g in goals] == [True, True, True, True, True, None]  # no liger record
+    assert "20.0 us (cuda)" in goals[3]["measured"] and "40" not in goals[3]["measured"]
     records[-1] = step("mmfast", 110.0, 7.5 * 2**30)  # 1.10x: short of 1.15x
     records[3] = rec("mmfast-cuda", "bwd", 4096, 0.84, gpu_ms=1.0)  # the faster backend at 84%
     assert [g["met"] for g in evaluate(records)][1:5] == [False, True, True, False]
+    # a width missing from the run (a budget cut, a failed case): not judged, and said, unless a measured
+    # width misses the goal
+    records[3] = rec("mmfast-cuda", "bwd", 4096, 0.88, gpu_ms=1.0)
+    cut = [r for r in records if r.get("N") != 8192 or r.get("timing") == "cuda-graph"]
+    goals = evaluate(cut)
+    assert [g["met"] for g in goals][:3] == [None, None, None]
+    assert all("N=8192 not in this run" in g["measured"] for g in goals[:3])
+    cut[3] = rec("mmfast-cuda", "bwd", 4096, 0.84, gpu_ms=1.0)
+    assert [g["met"] for g in evaluate(cut)][:3] == [None, False, None]
+    no_cuda = [r for r in records if not (r["provider"] == "mmfast-cuda" and r.get("N") == 5120)]
+    assert evaluate(no_cuda)[2]["met"] is None and "N=5120 not in this run" in evaluate(no_cuda)[2]["measured"]
+    # the small-shape goal is RMSNorm [512, 4096]'s alone
+    assert evaluate([r for r in records if r["op"] != "rms_norm" or r.get("M") != 512])[3]["met"] is None
 
 
 def test_goals_over_several_runs(tmp_path, capsys):
@@ -322,13 +341,14 @@ def test_goals_over_several_runs(tmp_path, capsys):
     with records was met."""
     from mmfast.bench.goals import main as goals_main
 
-    def write(name, records, gpu=True):
+    def write(name, records, gpu="NVIDIA H100 80GB HBM3"):
         path = tmp_path / name
         path.write_text(json.dumps({"meta": {"gpu": gpu}, "records": records}))
         return str(path)
 
-    norm = [{"op": "rms_norm", "provider": p, "direction": d, "dtype": "bfloat16", "M": 32768, "N": 8192,
+    norm = [{"op": "rms_norm", "provider": p, "direction": d, "dtype": "bfloat16", "M": 32768, "N": n,
              "ms": 1.0, "gpu_ms": t, "frac_of_copy": f, "timing": "direct", "error": None}
+            for n in (4096, 5120, 8192)
             for p, d, t, f in (("mmfast-triton", "fwd", 1.0, 0.95), ("mmfast-triton", "bwd", 1.0, 0.90),
                                ("mmfast-cuda", "bwd", 0.9, 0.91))]
     step = [{"op": "llava-train-step[layernorm]", "provider": p, "direction": "train-step", "tuning": "layernorm",
@@ -345,6 +365,9 @@ def test_goals_over_several_runs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         goals_main([write("cpu.json", norm, gpu=False)])
     assert "not a GPU run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one device's records per goal
+        goals_main([kernels, write("other.json", step, gpu="NVIDIA H200")])
+    assert "different GPUs" in capsys.readouterr().err
 
 
 def test_tunings_option_selects_model_cases(capsys):
