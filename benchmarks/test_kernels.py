@@ -31,6 +31,9 @@ def _synced(call):
 @pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("pair", KERNEL_PAIRS, ids=_id)
 def test_kernel(benchmark, pair, direction, device, env, copy):
+    """``extra_info`` holds the suite's record (CUDA-event median, GPU busy time, GB/s, fraction of copy;
+    CUDA-graph replays for the small shapes). pytest-benchmark's own statistics are host wall time of one
+    synchronized eager call (no graph replay): for comparing runs of this file, not for quoting."""
     case, provider = pair
     (rec,) = time_case(case, provider, device, copy, env, directions=(direction,))
     benchmark.extra_info.update({k: v for k, v in rec.items() if v is not None})

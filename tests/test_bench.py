@@ -453,3 +453,41 @@ def test_compile_model_providers_run_only_when_named(monkeypatch):
         assert res["ms"] > 0 and res["saved"] is None and res["trainable"] > 0
         # HF's LLaVA forward breaks the graph at its .item() calls; the loss is in one of the graphs
         assert len(graphs) >= 1 and sum(graphs) == loss_ops_in_graph and len(fused) == 3 * loss_ops_in_graph
+
+
+def test_compile_nomix_turns_the_switch_off_for_the_backward_too(monkeypatch):
+    """torch.compile-nomix passes the switch as a compile option, which Inductor applies to the backward
+    AOTAutograd compiles at the first backward call too; a config patch around the forward call did not
+    reach it (and Dynamo reused torch.compile's artifact), so the column measured the default."""
+    from mmfast.bench import norm as norm_bench
+    from mmfast.bench.cases import NormCase
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    case = NormCase("rms_norm", 8, 32, torch.float32)
+    fn, _ = norm_bench.build_provider("torch.compile-nomix", case, torch.device("cpu"))
+    assert seen == [{"options": {"triton.mix_order_reduction": False}}]
+    norm_bench.build_provider("torch.compile", case, torch.device("cpu"))
+    assert seen[-1] == {}
+
+
+@pytest.mark.parametrize("direction", ["bwd", "fwd+bwd"])
+def test_timed_backward_moves_only_the_ops_bytes(direction):
+    """The residual norm's backward hands one gradient tensor to x and to the residual; accumulating it
+    into both leaves' .grad copied it for the second, a full [M, N] read and write outside every
+    provider's kernels and outside the byte model. The timed backward returns the gradients instead:
+    mmfast's timed call runs its kernels and nothing else on [M, N] tensors."""
+    from mmfast.bench import norm as norm_bench
+    from mmfast.bench import runner
+    from mmfast.bench.cases import NormCase
+
+    cpu = torch.device("cpu")
+    case = NormCase("rms_norm", 16, 64, torch.float32, residual=True)
+    call, leaves = runner.timed_call(case, norm_bench.mmfast_provider_name(cpu), cpu, direction)
+    for t in leaves:  # as the timers do before each call
+        t.grad = None
+    with torch.profiler.profile(record_shapes=True) as prof:
+        call()
+    extra = [e.name for e in prof.events() if e.name.startswith("aten::") and "[16, 64]" in str(e.input_shapes)
+             and e.name in ("aten::copy_", "aten::clone", "aten::add_", "aten::empty_strided", "aten::new_empty_strided")]
+    assert extra == []

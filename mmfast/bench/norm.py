@@ -127,10 +127,11 @@ def build_provider(name: str, case: NormCase, device: torch.device) -> tuple[Cal
     if name == "torch.compile":
         return torch.compile(_with_residual(module, case.residual)), params
     if name == "torch.compile-nomix":
-        import torch._inductor.config as cfg
-
-        compiled = torch.compile(_with_residual(module, case.residual))
-        return _under(lambda: cfg.patch({"triton.mix_order_reduction": False}), compiled), params
+        # As a compile option, not a config patch around the call: AOTAutograd compiles the backward at
+        # the first backward call, outside any context the forward ran in, and Dynamo would reuse
+        # torch.compile's artifact (options make another backend, so another cache entry).
+        return torch.compile(_with_residual(module, case.residual),
+                             options={"triton.mix_order_reduction": False}), params
     if name == "torch-native":
         norm = (lambda h: F.rms_norm(h, (N,), w, eps)) if rms else (lambda h: F.layer_norm(h, (N,), w, b, eps))
         return _with_residual(norm, case.residual), params
