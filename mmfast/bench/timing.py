@@ -109,8 +109,13 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | N
 
 
 def copy_gbps(device: torch.device, nbytes: int) -> float:
-    """Bandwidth of a device-to-device copy of ``nbytes`` (bytes read + bytes written per second / 1e9)."""
+    """Bandwidth of a device-to-device copy of ``nbytes`` (bytes read + bytes written per second / 1e9).
+
+    Timed the way the records' GB/s are: on a GPU from the copy kernel's busy time (:func:`gpu_busy_ms`,
+    as every record with a ``gpu_ms``), elsewhere from the median wall time. A fraction of copy divides
+    two figures taken by one method, or the per-call gap an event timing adds to the copy alone would
+    push every fraction up."""
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), device)
+    ms = gpu_busy_ms(lambda: dst.copy_(src), device) if device.type == "cuda" else median_ms(lambda: dst.copy_(src), device)
     return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
