@@ -297,7 +297,8 @@ def backends_summary(used: dict) -> str:
 
 def time_train_step(case: ModelCase, provider: str, device: torch.device, steps: int = 10,
                     warmup: int = 3) -> dict:
-    """{ms per step (median), host_ms (GPU: median time to issue a step), tokens_per_s, peak_mem_bytes,
+    """{ms per step (median), host_ms (GPU: median time to issue a step), tokens_per_s, peak_mem_bytes
+    (the step's peak, weights and optimizer state included, above what was allocated before the model),
     saved (bytes kept for backward, by part: :func:`saved_activation_bytes`; None under compile),
     backends (:func:`backends_summary` of a warm-up step), trainable}."""
     with restored_globals(provider):
@@ -306,6 +307,9 @@ def time_train_step(case: ModelCase, provider: str, device: torch.device, steps:
 
 def _time_train_step(case: ModelCase, provider: str, device: torch.device, steps: int, warmup: int) -> dict:
     torch.manual_seed(0)
+    if device.type == "cuda":  # the providers share a process: what an earlier one left is not this one's
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
     model = build_model(case, device)
     prepare(model, provider, case.tuning)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -341,7 +345,7 @@ def _time_train_step(case: ModelCase, provider: str, device: torch.device, steps
             host.append((time.perf_counter() - t0) * 1e3)
             end.synchronize()
             times.append(start.elapsed_time(end))
-        peak = int(torch.cuda.max_memory_allocated(device))
+        peak = int(torch.cuda.max_memory_allocated(device)) - base
         host_ms = sorted(host)[len(host) // 2]
     else:
         for _ in range(steps):
