@@ -60,3 +60,54 @@ def test_create_graph_without_a_derivative_of_the_ops_backward(name, path, devic
     (gw,) = torch.autograd.grad(lin2(OPS[name](lin1(x))).sum(), lin2.weight, create_graph=True)
     gw.square().sum().backward()
     assert lin1.weight.grad is not None and torch.isfinite(lin1.weight.grad).all() and lin1.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# functorch and forward-mode AD: refused with a clear error, never a silently wrong derivative
+# ---------------------------------------------------------------------------------------------
+
+def _loss(t):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(8, N, generator=g).to(t.device)
+    target = torch.randint(0, 8, (t.shape[:-1].numel(),), generator=g).to(t.device)
+    return mmfast.linear_cross_entropy(t.reshape(-1, N), w, target)
+
+
+ALL_OPS = {**OPS, "linear_cross_entropy": _loss}
+
+
+@pytest.mark.parametrize("how", ["func.jvp", "jacfwd", "forward_ad"])
+@pytest.mark.parametrize("name", sorted(ALL_OPS))
+def test_forward_mode_is_refused_on_the_custom_op_path(name, how, device, monkeypatch):
+    """Under a functorch transform (and any torch_function mode, or MMFAST_EAGER=ops) a call takes the
+    custom op, which PyTorch runs without its autograd when no input requires grad: jvp and jacfwd got an
+    all-zero tangent and forward_ad a None one, silently. They raise now, as the eager path does."""
+    monkeypatch.setenv("MMFAST_EAGER", "ops")
+    fn = ALL_OPS[name]
+    x, t = torch.randn(2, 3, N, device=device), torch.randn(2, 3, N, device=device)
+    with pytest.raises(NotImplementedError, match=f"mmfast.{name} does not support forward-mode AD"):
+        if how == "func.jvp":
+            torch.func.jvp(fn, (x,), (t,))
+        elif how == "jacfwd":
+            torch.func.jacfwd(fn, randomness="same")(x[:1, :2])
+        else:
+            from torch.autograd import forward_ad
+
+            with forward_ad.dual_level():
+                fn(forward_ad.make_dual(x, t))
+
+
+@pytest.mark.parametrize("name", sorted(ALL_OPS))
+def test_func_grad_is_refused_with_the_reason(name, device):
+    """torch.func.grad / jacrev cannot run PyTorch's custom ops; the error names the op and the way out
+    (it was PyTorch's internal message about autograd.Function's setup_context)."""
+    x = torch.randn(2, 3, N, device=device)
+    with pytest.raises(NotImplementedError, match=f"mmfast.{name} does not support torch.func.grad"):
+        torch.func.grad(lambda v: ALL_OPS[name](v).sum())(x)
+
+
+def test_vmap_runs_the_kernel_per_slice(device):
+    """vmap is supported: it runs the op once per slice, bitwise the direct calls."""
+    x, w = torch.randn(3, 4, N, device=device), torch.randn(3, N, device=device)
+    out = torch.vmap(lambda a, b: mmfast.rms_norm(a, b, 1e-6))(x, w)
+    torch.testing.assert_close(out, torch.stack([mmfast.rms_norm(x[i], w[i], 1e-6) for i in range(3)]), rtol=0, atol=0)

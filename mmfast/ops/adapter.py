@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backend import KernelKey, as_rows, plain_eager, resolve_backend
+from .backend import KernelKey, as_rows, plain_eager, refuse_functorch_ad, resolve_backend
 from .checks import check_activation, check_device, check_like, check_tensor
 
 # ---------------------------------------------------------------------------------------------
@@ -329,5 +329,6 @@ def mma_adapter(x: Tensor, down_w: Tensor, down_b: Tensor, up_w: Tensor, up_b: T
     args = (x, down_w, down_b, up_w, up_b, mix, float(scale), groups, float(dropout), seed if dropout > 0 else None)
     if plain_eager(x, down_w, down_b, up_w, up_b, mix, args[-1]):
         return _MMAdapterFn.apply(*args)
+    refuse_functorch_ad("mma_adapter", x, down_w, down_b, up_w, up_b, mix)
     y, _ = torch.ops.mmfast.mma_adapter_fwd(*args)
     return y

@@ -264,3 +264,35 @@ def records_grad(*tensors: Optional[Tensor]) -> bool:
     if getattr(forward_ad, "_current_level", -1) >= 0:
         return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def refuse_functorch_ad(op: str, *tensors: Optional[Tensor]) -> None:
+    """Raise where an op call on the custom-op path would be differentiated in a way the ops do not
+    support, instead of a wrong answer or PyTorch's internal message.
+
+    * forward mode (``torch.func.jvp`` / ``jacfwd``, ``torch.autograd.forward_ad`` with dual inputs): the
+      ops have no jvp, and PyTorch runs a custom op whose inputs do not require grad without its autograd,
+      so the tangent would come out zero (or None), silently;
+    * ``torch.func.grad`` / ``vjp`` / ``jacrev``: custom ops with registered autograd do not run under
+      functorch's reverse-mode transforms.
+
+    ``torch.vmap`` is fine, and so is reverse mode through ``backward`` / ``torch.autograd.grad``."""
+    if torch.compiler.is_compiling():
+        return
+    from torch.autograd import forward_ad
+
+    keys = {ci.key() for ci in (torch._C._functorch.get_interpreter_stack() or ())}
+    TT = torch._C._functorch.TransformType
+    if TT.Jvp in keys or (getattr(forward_ad, "_current_level", -1) >= 0 and any(
+            t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)):
+        how = ("forward-mode AD (torch.func.jvp / jacfwd)" if TT.Jvp in keys else
+               "forward-mode AD (torch.autograd.forward_ad)")
+        why = "it has a backward and no forward-mode derivative, and its tangent would come out zero"
+    elif TT.Grad in keys:
+        how, why = "torch.func.grad / vjp / jacrev", "PyTorch's custom ops do not run under those transforms"
+    else:
+        return
+    raise NotImplementedError(
+        f"mmfast.{op} does not support {how}: {why}. Differentiate with .backward() or torch.autograd.grad, "
+        f"or run a patched model under mmfast.disabled() (its original modules) for these transforms.")
+

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import plain_eager
+from .backend import plain_eager, refuse_functorch_ad
 
 #: Rows per chunk are chosen so that one chunk's fp32 logits take at most this many bytes.
 CHUNK_BYTES = 128 * 2**20
@@ -288,6 +288,7 @@ def _apply(hidden, weight, bias, target, ignore_index, scale, chunk_rows, grad_w
         with torch.autocast(hidden.device.type, enabled=False):
             return _LinearCrossEntropyFn.apply(hidden, weight, bias, target, ignore_index, scale, chunk_rows,
                                                grad_w_mode, dtype)
+    refuse_functorch_ad("linear_cross_entropy", hidden, weight, bias)
     need = [x is not None and torch.is_grad_enabled() and x.requires_grad for x in (hidden, weight, bias)]
     if scale is not None and not isinstance(scale, Tensor):
         scale = torch.tensor(float(scale), device=hidden.device, dtype=torch.float64)

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backend import KernelKey, as_rows, plain_eager, records_grad, resolve_backend
+from .backend import KernelKey, as_rows, plain_eager, records_grad, refuse_functorch_ad, resolve_backend
 from .checks import check_activation, check_device, check_like, check_tensor
 
 #: Widest normalised dimension supported.
@@ -426,6 +426,7 @@ def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float = 1e-6, residual: O
         else:  # a frozen tower, evaluation: the forward kernel alone
             y, h, _, _ = _fwd_eager(x, weight, None, residual, float(eps), rms=True)
     else:
+        refuse_functorch_ad("rms_norm", x, weight, residual)
         y, h, _ = torch.ops.mmfast.rms_norm_fwd(x, weight, residual, float(eps))
     return y if residual is None else (y, h)
 
@@ -444,5 +445,6 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps:
         else:  # a frozen tower, evaluation: the forward kernel alone
             y, h, _, _ = _fwd_eager(x, weight, bias, residual, float(eps), rms=False)
     else:
+        refuse_functorch_ad("layer_norm", x, weight, bias, residual)
         y, h, _, _ = torch.ops.mmfast.layer_norm_fwd(x, weight, bias, residual, float(eps))
     return y if residual is None else (y, h)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import KernelKey, as_rows, plain_eager, records_grad, resolve_backend
+from .backend import KernelKey, as_rows, plain_eager, records_grad, refuse_functorch_ad, resolve_backend
 from .checks import check_activation, check_like
 
 ALPHA = 1.702
@@ -125,4 +125,5 @@ def quick_gelu(x: Tensor) -> Tensor:
     check_quick_gelu_input(x)
     if plain_eager(x):
         return _QuickGELUFn.apply(x) if records_grad(x) else _fwd(x)
+    refuse_functorch_ad("quick_gelu", x)
     return torch.ops.mmfast.quick_gelu_fwd(x)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import KernelKey, as_rows, plain_eager, records_grad, resolve_backend
+from .backend import KernelKey, as_rows, plain_eager, records_grad, refuse_functorch_ad, resolve_backend
 from .checks import check_activation, check_like
 
 # ---------------------------------------------------------------------------------------------
@@ -152,4 +152,5 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     check_swiglu_inputs(gate, up)
     if plain_eager(gate, up):
         return _SwiGLUFn.apply(gate, up) if records_grad(gate, up) else _fwd(gate, up)
+    refuse_functorch_ad("swiglu", gate, up)
     return torch.ops.mmfast.swiglu_fwd(gate, up)
