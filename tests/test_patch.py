@@ -220,12 +220,15 @@ def test_report_table_and_log(capfd, monkeypatch):
     assert "mmfast.patch" not in capfd.readouterr().err  # logs on rank 0 only
 
 
-def test_pickle_and_deepcopy_keep_patch():
+@pytest.mark.parametrize("tuning", [None, "layernorm-simp", "mma"])
+def test_pickle_and_deepcopy_keep_patch(tuning):
+    """Whole-model pickling works with every recipe (the frozen-embedding hook of layernorm-simp was a
+    local closure that could not be pickled); the copies keep the patch and the recipe's hooks."""
     import io
     import pickle
 
     model = build("llama")
-    mmfast.patch(model, verbose=False)
+    mmfast.patch(model, tuning=tuning, verbose=False)
     inputs = batch("llama")
     with torch.no_grad():
         ref = first_output(model(**inputs))
@@ -233,6 +236,8 @@ def test_pickle_and_deepcopy_keep_patch():
         assert core.is_patched(clone.model.norm) and clone.model.norm.forward.args[0] is clone.model.norm
         with torch.no_grad():
             assert torch.equal(first_output(clone(**inputs)), ref)
+        if tuning == "layernorm-simp":  # the copy's frozen embeddings still hand on a graph
+            assert clone.model.embed_tokens(inputs["input_ids"]).requires_grad
     buf = io.BytesIO()
     torch.save(model, buf)
     buf.seek(0)

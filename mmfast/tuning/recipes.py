@@ -102,14 +102,15 @@ def _input_grads_hook(parts: ModelParts) -> None:
     emb, hf = parts.input_embeddings, parts.hf_model
     if emb is None or getattr(hf, _HOOK_ATTR, None):
         return
+    hf.__dict__[_HOOK_ATTR] = [emb.register_forward_hook(_output_requires_grad)]
 
-    def hook(module, args, output):
-        # Not inside torch.compile: it cannot return such a tensor, and compiled code checkpoints with
-        # the non-reentrant implementation, which does not need it.
-        if torch.is_grad_enabled() and not output.requires_grad and not torch.compiler.is_compiling():
-            output.requires_grad_(True)
 
-    hf.__dict__[_HOOK_ATTR] = [emb.register_forward_hook(hook)]
+def _output_requires_grad(module, args, output):
+    """The frozen input embeddings' forward hook (module level, so a patched model pickles)."""
+    # Not inside torch.compile: it cannot return such a tensor, and compiled code checkpoints with the
+    # non-reentrant implementation, which does not need it.
+    if torch.is_grad_enabled() and not output.requires_grad and not torch.compiler.is_compiling():
+        output.requires_grad_(True)
 
 
 #: on a norm module whose weights ``master_weights`` widened: {parameter name: (its dtype before, the
