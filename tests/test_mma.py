@@ -191,6 +191,22 @@ def test_patching_again_with_another_neck_choice_is_refused():
     mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(neck=True), verbose=False)  # the same choice: a no-op
 
 
+def test_patching_again_with_other_options_is_refused():
+    """Other adapter options on an MMA-patched model raise, naming them (the call returned as if it had
+    applied them, and the adapters kept temperature 10 where 5 was asked); the same options are a no-op,
+    and after unpatch the new ones apply."""
+    model = _mma()
+    adapters = [m for m in model.modules() if isinstance(m, mmfast.MMAdapter)]
+    new = mmfast.MMAOptions(temperature=5.0, dropout=0.1)
+    with pytest.raises(ValueError, match=r"temperature=10.0 \(asked 5.0\), dropout=0.0 \(asked 0.1\)"):
+        mmfast.patch(model, tuning="mma", mma=new, verbose=False)
+    mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(dropout=0.0), verbose=False)
+    assert [m for m in model.modules() if isinstance(m, mmfast.MMAdapter)] == adapters
+    mmfast.unpatch(model)
+    mmfast.patch(model, tuning="mma", mma=new, verbose=False)
+    assert all(m.temperature == 5.0 and m.dropout == 0.1 for m in model.modules() if isinstance(m, mmfast.MMAdapter))
+
+
 def test_new_adapters_leave_the_model_unchanged():
     """At init every adapter is the identity: logits equal those of the model with fused norms only."""
     base = build("llava")

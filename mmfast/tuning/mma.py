@@ -34,6 +34,7 @@ from ..nn.adapter import MMAdapter
 from .recipes import _hf_model, find_parts
 
 ADAPTER_NAME = "mma_adapter"
+_OPTIONS = "_mmfast_mma_options"  # on the HF model: the MMAOptions its adapters were made with
 EMBEDDING_NAME = "mma_modality_embedding"
 NECK_NAME = "mma_neck"
 HAS_IMAGE_KWARG = "mma_has_image"
@@ -361,7 +362,15 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
         if has_neck != opts.neck:
             raise ValueError(f"tuning='mma' is already applied {'with' if has_neck else 'without'} the visual neck; "
                              f"mmfast.unpatch(model) first to patch with MMAOptions(neck={opts.neck})")
+        applied = hf.__dict__.get(_OPTIONS)
+        if applied is not None and opts != applied:
+            diff = ", ".join(f"{f.name}={getattr(applied, f.name)!r} (asked {getattr(opts, f.name)!r})"
+                             for f in dataclasses.fields(MMAOptions)
+                             if getattr(applied, f.name) != getattr(opts, f.name))
+            raise ValueError(f"tuning='mma' is already applied with other options: {diff}; the adapters in the "
+                             f"model keep theirs. mmfast.unpatch(model) first to patch with the new ones")
         return unread
+    hf.__dict__[_OPTIONS] = dataclasses.replace(opts)  # a copy: the caller may change theirs
     try:
         parts = find_parts(model)
     except ValueError:
@@ -429,4 +438,5 @@ def remove_mma(model: nn.Module) -> int:
                 del m._modules[name]
                 removed += 1
         m.__dict__.pop(_STATE, None)
+        m.__dict__.pop(_OPTIONS, None)
     return removed
