@@ -388,6 +388,35 @@ def test_compile_fullgraph_patched_llama():
         torch.testing.assert_close(grads[n], eager_grads[n])
 
 
+def test_disabled_switches_compiled_model_at_run_time(monkeypatch):
+    """``mmfast.disabled()`` is read through a module global, which Dynamo guards: a compiled patched
+    model recompiles to the original forwards inside the block and back to the fused ops after it."""
+    torch._dynamo.reset()
+    model = build("llama")
+    inputs = batch("llama")
+    with torch.no_grad():
+        expected = first_output(model(**inputs))
+    mmfast.patch(model, fused_loss=False, verbose=False)
+    calls = []
+    real = mmfast.rms_norm
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr("mmfast.nn.norm.rms_norm", counting)
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        compiled(**inputs)
+        assert calls, "the compiled patched model did not trace the fused op"
+        calls.clear()
+        with mmfast.disabled():
+            out = first_output(compiled(**inputs))
+        assert not calls and torch.equal(out, expected)
+        compiled(**inputs)
+        assert calls, "leaving disabled() did not bring the fused op back"
+
+
 def test_peft_lora_model(seed):
     ref = lora_llama(seed, ["q_proj", "v_proj"])
     peft_model = copy.deepcopy(ref)
