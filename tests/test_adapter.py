@@ -342,6 +342,24 @@ def test_bad_arguments(device):
         adapter(torch.randn(2, 3, 64, device=device), torch.randn(3, 64, device=device))
 
 
+def test_module_in_float64_and_disabled(device):
+    """The fused kernel refuses float64 with a message that says what runs it; ``impl="eager"`` and
+    ``mmfast.disabled()`` both run the eager composition (identical results, float64 included)."""
+    adapter = mmfast.MMAdapter(64, dropout=0.0).to(device).double()
+    with torch.no_grad():
+        adapter.up_weight.normal_()
+    x, route = torch.randn(2, 3, 64, device=device, dtype=torch.float64), torch.randn(2, 64, device=device)
+    with pytest.raises(TypeError, match=r"float64; impl='eager' or `with mmfast.disabled\(\):`"):
+        adapter(x, route)
+    with mmfast.disabled():
+        y = adapter(x, route)
+    adapter.impl = "eager"
+    assert y.dtype == torch.float64 and torch.equal(y, adapter(x, route))
+    adapter.impl = "bogus"
+    with pytest.raises(ValueError, match="impl must be one of"), mmfast.disabled():
+        adapter(x, route)
+
+
 def test_opcheck(device):
     x, A, a, U, c, mix = make_inputs(2, 3, 64, 8, 2, 2, torch.float32, device)
     seed = torch.tensor([5], dtype=torch.int64, device=device)

@@ -186,6 +186,20 @@ def test_disable_env_and_context(monkeypatch):
         assert calls
 
 
+def test_float64_patched_model_says_what_runs_it():
+    """The kernels take fp32/fp16/bf16: a patched model cast to float64 (a test oracle, say) raises naming
+    the patched module and the two ways to run it, and runs inside ``mmfast.disabled()``."""
+    model = build("llama")
+    inputs = batch("llama")
+    with torch.no_grad():
+        expected = first_output(model.double()(**inputs))
+    mmfast.patch(model, verbose=False)
+    with pytest.raises(TypeError, match=r"LlamaRMSNorm was patched .*got float64.*mmfast\.disabled\(\).*unpatch"):
+        model(**inputs)
+    with mmfast.disabled(), torch.no_grad():
+        assert torch.equal(first_output(model(**inputs)), expected)
+
+
 def test_disabled_keeps_dtype_with_fp32_master_weights():
     """With fp32 norm weights in a bf16 model, the original LlamaRMSNorm returns fp32; disabled mode keeps
     the activations in bf16 so the rest of the model still runs."""

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.adapter import mma_adapter, mma_adapter_lavin_style
+from ..patching.core import is_disabled
 
 IMPLS = ("fused", "eager")
 
@@ -23,7 +24,8 @@ class MMAdapter(nn.Module):
     modality token's state). Dropout applies to the hidden activations in training mode only.
 
     ``impl``: ``"fused"`` (the Triton op, default) or ``"eager"`` (a LaVIN-style PyTorch composition in
-    x's dtype, one expert at a time; for comparisons).
+    x's dtype, one expert at a time; for comparisons). Inside ``mmfast.disabled()`` the adapter runs the
+    eager composition whatever ``impl`` says, as patched modules run their original forwards there.
     """
 
     def __init__(self, dim: int, hidden_dim: int = 8, groups: int = 2, experts: int = 2, scale: float = 1.0,
@@ -67,15 +69,18 @@ class MMAdapter(nn.Module):
         if not isinstance(route, Tensor) or route.shape != (x.shape[0], self.dim):
             raise ValueError(f"MMAdapter: route must be [{x.shape[0]}, {self.dim}] (one per sample), "
                              f"got {getattr(route, 'shape', type(route))}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"MMAdapter: impl must be one of {IMPLS}, got {self.impl!r}")
         p = self.dropout if self.training else 0.0
-        if self.impl == "eager":
+        if self.impl == "eager" or is_disabled():
             keep = None
             if p > 0:
                 keep = (torch.rand(*x.shape[:-1], self.hidden_dim, device=x.device) >= p).to(x.dtype) / (1 - p)
             return mma_adapter_lavin_style(x, self.down.weight, self.down.bias, self.up_weight, self.up_bias,
                                            self.mix(route), self.scale, self.groups, keep)
-        if self.impl != "fused":
-            raise ValueError(f"MMAdapter: impl must be one of {IMPLS}, got {self.impl!r}")
+        if x.dtype == torch.float64:
+            raise TypeError("MMAdapter: the fused kernel takes float32, float16 or bfloat16, got float64; "
+                            "impl='eager' or `with mmfast.disabled():` runs it in float64")
         seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64) if p > 0 else None
         return mma_adapter(x, self.down.weight, self.down.bias, self.up_weight, self.up_bias, self.mix(route),
                            self.scale, self.groups, p, seed)

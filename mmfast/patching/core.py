@@ -24,6 +24,7 @@ import re
 from collections import Counter
 from typing import Any, Iterator, Optional
 
+import torch
 from torch import Tensor, nn
 
 from .table import FAMILIES, KERNEL_LIBRARIES, family_of, is_norm_candidate, unsupported_reason
@@ -98,6 +99,12 @@ def patched_forward(module: nn.Module, *args, **kwargs):
         if rec.family in FAMILIES and isinstance(out, Tensor) and isinstance(x, Tensor) and out.dtype != x.dtype:
             out = out.to(x.dtype)
         return out
+    x = args[0] if args else next(iter(kwargs.values()), None)
+    if isinstance(x, Tensor) and x.dtype == torch.float64:
+        raise TypeError(
+            f"mmfast: this {type(module).__name__} was patched by mmfast.patch ({rec.family.kind}), whose kernels "
+            "take float32, float16 or bfloat16, and got float64; run a float64 model inside "
+            "`with mmfast.disabled():` or after mmfast.unpatch(model)")
     return rec.family.forward(module, *args, **kwargs)
 
 
