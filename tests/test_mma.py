@@ -428,6 +428,42 @@ def test_generation_keeps_prefill_routing():
     assert state.has_image.tolist() == [True, False]
 
 
+def test_image_after_a_cached_text_prefix_routes_as_image(monkeypatch):
+    """A forward on a KV cache whose prefix had no image, bringing image tokens: those samples route as
+    image samples from then on (as if ``mma_has_image`` said so), with a warning that the cached prefix
+    keeps its text routing. Before, the decode path kept the prefix's flags and routed the image as text."""
+    import inspect
+    import warnings
+
+    from transformers import DynamicCache
+
+    monkeypatch.setattr("mmfast.ops.backend._warned", set())  # the warning is once per process
+    model = _mma()
+    _perturb_adapters(model)
+    model.eval()
+    inputs = batch("llava", B=2, images=[True, False])
+    ids, pix = inputs["input_ids"], inputs["pixel_values"]
+    cache_kw = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    state = model.__dict__["_mmfast_mma_state"]
+
+    def rest(**flags):
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            prefix = model(input_ids=ids[:, :1], use_cache=True, **{cache_kw: DynamicCache()})
+            assert state.has_image.tolist() == [False, False]
+            out = model(input_ids=ids[:, 1:], pixel_values=pix, use_cache=True,
+                        **{cache_kw: prefix.past_key_values}, **flags)
+        return out.logits, state.has_image.tolist(), [str(w.message) for w in caught if "mmfast MMA" in str(w.message)]
+
+    implicit, flags, warned = rest()
+    assert flags == [True, False]
+    assert len(warned) == 1 and "cached text prefix" in warned[0]
+    explicit, _, _ = rest(mma_has_image=torch.tensor([True, False]))
+    as_text, _, _ = rest(mma_has_image=torch.tensor([False, False]))
+    assert torch.equal(implicit, explicit)
+    assert not torch.equal(implicit[0], as_text[0]) and torch.equal(implicit[1], as_text[1])
+
+
 def test_save_load_trainable_mma(tmp_path):
     model = _mma()
     _perturb_adapters(model)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from .._zero import full_shape, gathered
 from ..nn.adapter import MMAdapter
+from ..ops.backend import warn_once
 from .recipes import _hf_model, find_parts
 
 ADAPTER_NAME = "mma_adapter"
@@ -116,6 +117,14 @@ def _top_pre_hook(state: _State, image_token_id: Optional[int], module, args, kw
             raise ValueError(f"mmfast MMA: {HAS_IMAGE_KWARG} has {flags.shape[0]} entries for a batch of {B}")
     elif decoding and state.has_image is not None and state.has_image.shape[0] == B:
         flags = state.has_image  # generation: keep the prefill's flags
+        if ids is not None and image_token_id is not None:
+            # a chunk after a cached prefix may bring a sample's image: route it (and what follows) as one
+            new = (ids == image_token_id).any(-1) & ~flags
+            if not torch.compiler.is_compiling() and bool(new.any()):
+                warn_once("mmfast MMA: image tokens arrived after a cached text prefix; the new tokens route "
+                          "as image samples, but the cached prefix keeps the text routing it was computed "
+                          "with (a single pass over the whole sequence would route all of it as image)")
+            flags = flags | new
     elif ids is not None and image_token_id is not None:
         flags = (ids == image_token_id).any(-1)
     elif kwargs.get("pixel_values") is not None:
