@@ -16,7 +16,7 @@ from tiny_models import batch, build, llava_7b_config
 
 BLOCK_NORMS_7B = 2 * 32 * 4096
 PROJECTOR_7B = (1024 * 4096 + 4096) + (4096 * 4096 + 4096)
-EMBED_HEAD_7B = 2 * 32000 * 4096
+EMBED_HEAD_7B = 2 * 32064 * 4096
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def _trainable(model):
 )
 def test_recipe_counts_7b(llava_7b_meta, tuning, final_norm, expected):
     model = llava_7b_meta
-    assert BLOCK_NORMS_7B == 262_144 and PROJECTOR_7B == 20_979_712 and EMBED_HEAD_7B == 262_144_000
+    assert BLOCK_NORMS_7B == 262_144 and PROJECTOR_7B == 20_979_712 and EMBED_HEAD_7B == 262_668_288
     report = mmfast.patch(model, tuning=tuning, final_norm=final_norm, verbose=False)
     trainable = _trainable(model)
     assert report.trainable_params == sum(p.numel() for p in trainable.values()) == expected

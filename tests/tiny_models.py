@@ -107,10 +107,11 @@ def first_output(out) -> torch.Tensor:
 
 
 def llava_7b_config() -> LlavaConfig:
-    """LLaVA-1.5-7B's shapes: CLIP ViT-L/14 at 336 px, 2-layer MLP projector, LLaMA-7B, vocab 32000."""
+    """LLaVA-1.5-7B's shapes (llava-hf/llava-1.5-7b-hf): CLIP ViT-L/14 at 336 px, 2-layer MLP projector,
+    LLaMA-7B, vocab 32064 (LLaMA's 32000, the image and pad tokens, padded to a multiple of 64)."""
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                               num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
     text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False)
+                       num_key_value_heads=32, vocab_size=32064, tie_word_embeddings=False)
     return LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000, vision_feature_layer=-2,
                        projector_hidden_act="gelu")

@@ -87,7 +87,7 @@ class ModelCase:
 
 def llava_7b_widths(tuning: str, llm_layers: int, batch: int, text_tokens: int) -> ModelCase:
     """CLIP ViT-L/14 at 336 px (576 image tokens), 2-layer projector, LLaMA-7B widths."""
-    return ModelCase(tuning, llm_layers, 24, 4096, 11008, 32, 1024, 4096, 16, 336, 14, 32000, batch, text_tokens)
+    return ModelCase(tuning, llm_layers, 24, 4096, 11008, 32, 1024, 4096, 16, 336, 14, 32064, batch, text_tokens)
 
 
 def tiny(tuning: str) -> ModelCase:
