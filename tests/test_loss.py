@@ -197,6 +197,26 @@ def test_backward_scales_by_the_incoming_gradient(device, seed, path, mode, monk
         torch.autograd.grad(gh.float().square().sum(), w)
 
 
+@pytest.mark.parametrize("path", ["eager", "ops"])
+@pytest.mark.parametrize("mode", ["logits", "accumulate"])
+def test_incoming_gradient_multiplies_in_fp32(device, seed, path, mode, monkeypatch):
+    """GradScaler's first loss scale, 2**16, is inf in fp16: every gradient times it must stay finite (the
+    hidden's, kept in fp16, 2**16 times the loss's own bit for bit), and a factor like 1/3 multiplies
+    unrounded (in bf16 it would be 0.33398): the kept hidden gradient times the fp32 factor, rounded once."""
+    monkeypatch.setenv("MMFAST_EAGER", path)
+    fn = forced(mode, 7)
+    h, w, b, t = make(device, torch.float16)
+    once = grads(fn(h, w, t, b), (h, w, b))
+    scaled = grads(2.0**16 * fn(h, w, t, b), (h, w, b))
+    assert all(torch.isfinite(y).all() for y in scaled)
+    assert torch.equal((once[0].float() * 2.0**16).half(), scaled[0])
+    h, w, b, t = make(device, torch.bfloat16)
+    once = grads(fn(h, w, t, b), (h, w, b))
+    third = grads(fn(h, w, t, b) / 3, (h, w, b))
+    go = (torch.ones((), device=device) / 3).item()  # the fp32 incoming gradient
+    assert torch.equal((once[0].float() * go).bfloat16(), third[0])
+
+
 def test_bad_input(device):
     h, w, b, t = make(device, torch.float32)
     bad = t.clone()
