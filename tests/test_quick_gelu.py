@@ -64,6 +64,19 @@ def test_large_values(dtype, device, seed):
     check_quick_gelu(lambda i: x, seed)
 
 
+@pytest.mark.parametrize("backend", ["default", "reference"])
+def test_backward_at_the_edge_of_the_range(backend, device, monkeypatch):
+    """|x| near fp32's and bf16's largest values: 1.702 x overflows, but the gradient is 1 (x > 0) or 0 (x < 0)
+    as PyTorch's own autograd of x * sigmoid(1.702 x) gives; it was inf * 0 = NaN."""
+    if backend == "reference":
+        monkeypatch.setenv(ENV_VAR, "reference")
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.tensor([[3e38, -3e38, 2.5e38, -2.5e38, 1e30, -1e30]], device=device).to(dtype).requires_grad_()
+        (dx,) = torch.autograd.grad(mmfast.quick_gelu(x).sum(), x)
+        expected = torch.tensor([[1.0, 0.0, 1.0, 0.0, 1.0, 0.0]], device=device).to(dtype)
+        assert torch.equal(dx, expected), (dtype, dx)
+
+
 def test_row_strided_and_transposed_inputs(device, seed):
     """A row-strided slice runs as it is; a transposed (column-strided) input through a contiguous copy."""
     wide = torch.randn(2, 9, 2 * 300, device=device).to(torch.bfloat16)

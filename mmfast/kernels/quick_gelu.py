@@ -44,7 +44,7 @@ def _quick_gelu_bwd_kernel(DY, X, DX, n, stride_dy, stride_x, stride_dx, ALPHA_:
     dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     s = _sigmoid(ALPHA_ * x)
-    dx = dy * (s + ALPHA_ * x * s * (1.0 - s))
+    dx = dy * (s + x * (ALPHA_ * s * (1.0 - s)))  # the vanishing factor first: ALPHA * x overflows near 2e38
     tl.store(DX + row * stride_dx + cols, _round(dx, DX.dtype.element_ty, SOFT_RNE), mask=mask)
 
 
