@@ -301,8 +301,9 @@ def test_goals_met_and_missing():
                 "error": None, **kw}
 
     def step(provider, tps, peak):
-        return {"op": "llava-train-step[layernorm]", "provider": provider, "direction": "train-step",
-                "tuning": "layernorm", "tokens_per_s": tps, "peak_mem_bytes": peak, "error": None}
+        return {"op": "llava-train-step[layernorm]", "provider": provider, "direction": "train-step", "M": 16384,
+                "N": 4096, "llm_layers": 8, "tuning": "layernorm", "tokens_per_s": tps, "peak_mem_bytes": peak,
+                "error": None}
 
     def norms(N):
         return [rec("mmfast-triton", "fwd", N, 0.95), rec("mmfast-cuda", "fwd", N, 0.80),
@@ -342,8 +343,8 @@ def test_goals_over_several_runs(tmp_path, capsys):
     from mmfast.bench.goals import main as goals_main
 
     def write(name, records, gpu="NVIDIA H100 80GB HBM3"):
-        path = tmp_path / name
-        path.write_text(json.dumps({"meta": {"gpu": gpu}, "records": records}))
+        path = tmp_path / name  # meta as the bench writes it: gpu a flag, the device's name under device
+        path.write_text(json.dumps({"meta": {"gpu": bool(gpu), "device": gpu or "cpu"}, "records": records}))
         return str(path)
 
     norm = [{"op": "rms_norm", "provider": p, "direction": d, "dtype": "bfloat16", "M": 32768, "N": n,
@@ -351,8 +352,8 @@ def test_goals_over_several_runs(tmp_path, capsys):
             for n in (4096, 5120, 8192)
             for p, d, t, f in (("mmfast-triton", "fwd", 1.0, 0.95), ("mmfast-triton", "bwd", 1.0, 0.90),
                                ("mmfast-cuda", "bwd", 0.9, 0.91))]
-    step = [{"op": "llava-train-step[layernorm]", "provider": p, "direction": "train-step", "tuning": "layernorm",
-             "tokens_per_s": tps, "peak_mem_bytes": peak, "error": None}
+    step = [{"op": "llava-train-step[layernorm]", "provider": p, "direction": "train-step", "M": 16384, "N": 4096,
+             "llm_layers": 8, "tuning": "layernorm", "tokens_per_s": tps, "peak_mem_bytes": peak, "error": None}
             for p, tps, peak in (("hf-eager", 100.0, 10 * 2**30), ("mmfast", 120.0, 7 * 2**30))]
     kernels, model = write("kernels.json", norm), write("model.json", step)
     assert goals_main([kernels, model]) == 0
@@ -362,6 +363,10 @@ def test_goals_over_several_runs(tmp_path, capsys):
     step[1]["tokens_per_s"] = 110.0  # 1.10x: short of the goal
     assert goals_main([kernels, write("model.json", step)]) == 1
     assert "[NOT met] layernorm step" in capsys.readouterr().out
+    # a faster mmfast step at another batch size, from another run, does not stand in for the paired one
+    small = [{**step[1], "M": 4096, "tokens_per_s": 500.0, "peak_mem_bytes": 2**30}]
+    assert goals_main([kernels, write("model.json", step), write("small.json", small)]) == 1
+    assert "1.10x tokens/s" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         goals_main([write("cpu.json", norm, gpu=False)])
     assert "not a GPU run" in capsys.readouterr().err
