@@ -392,18 +392,89 @@ def test_tunings_option_selects_model_cases(capsys):
     (["--out", "{file}"], "exists and is not a directory"),
     (["--out", "{file}/below"], "cannot create it"),
     (["--backend-table", "{tmp}/no-such-dir/table.json"], "--backend-table"),
-])
+    (["--providers", "hf-eager,mmfast-trition"], "unknown providers ['mmfast-trition']"),
+    (["--out", "{tmp}/previous"], "holds a previous run (NVIDIA H100, commit abc); pass --overwrite"),
+] + ([(["--sizes", "small", "--ops", "rms_norm"], "the small shapes are CUDA-graph cases, GPU only")]
+     if not torch.cuda.is_available() else []))
 def test_bad_arguments_fail_before_anything_runs(args, message, tmp_path, capsys, monkeypatch):
     """Arguments that would fail the run, or fail only once it had run (an --out that cannot be written lost
-    every result at the end), are refused at the start, with argparse's usage error."""
+    every result at the end), or replace a previous run's results, are refused at the start, with
+    argparse's usage error and nothing created."""
     monkeypatch.setattr(bench_main, "environment", lambda device: pytest.fail("the run started"))
     (tmp_path / "file").write_text("")
+    (tmp_path / "previous").mkdir()
+    (tmp_path / "previous" / "results.json").write_text(json.dumps({"meta": {"device": "NVIDIA H100", "commit": "abc"}}))
     args = [a.format(file=tmp_path / "file", tmp=tmp_path) for a in args]
     if "--out" not in args:
         args += ["--out", str(tmp_path / "out")]
     with pytest.raises(SystemExit) as exit_info:
         main(["--quick", *args])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert json.loads((tmp_path / "previous" / "results.json").read_text())["meta"]["commit"] == "abc"
+
+
+@pytest.mark.parametrize("how", ["Ctrl-C", "SIGTERM", "budget"])
+def test_a_stopped_run_writes_what_it_measured(how, tmp_path, capsys, monkeypatch):
+    """Ctrl-C or SIGTERM in the middle of a run (or the time budget) keeps the measured records: results.json,
+    the CSV and summary.md are written, the runs left out listed in results.json and summary.md, and the
+    exit status says so (130 when interrupted). Before, an interrupt lost every record."""
+    import signal
+
+    from mmfast.bench import runner
+
+    real, calls = runner.time_case, []
+
+    def timed(case, prov, *a, **k):
+        calls.append(prov)
+        if len(calls) == 2:
+            if how == "budget":
+                monkeypatch.setattr(bench_main.time, "monotonic", lambda: float("inf"))
+            elif how == "SIGTERM":
+                os.kill(os.getpid(), signal.SIGTERM)
+            else:
+                raise KeyboardInterrupt  # what Python's SIGINT handler raises
+        return real(case, prov, *a, **k)
+
+    monkeypatch.setattr(bench_main, "time_case", timed)
+    out = tmp_path / "out"
+    rc = main(["--quick", "--ops", "rms_norm", "--providers", "hf-eager,torch-native," + norm_bench.mmfast_provider_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+               "--out", str(out), *(["--time-budget", "1e9"] if how == "budget" else [])])
+    data = json.loads((out / "results.json").read_text())
+    summary = (out / "summary.md").read_text()
+    measured = {r["provider"] for r in data["records"]}
+    if how == "budget":
+        assert rc == 1 and measured == {"hf-eager", "torch-native"} and "interrupted" not in data["meta"]
+        assert "Not run (--time-budget" in summary
+    else:
+        # the second run was interrupted inside: only the first one's records are kept
+        assert rc == 130 and measured == {"hf-eager"} and data["meta"]["interrupted"] == how
+        assert "Interrupted" in summary and "Not run (interrupted" in summary
+    assert len(data["meta"]["not_run"]) == 2 * 3 - len(measured)
+    assert all(p.split()[-1] in summary for p in data["meta"]["not_run"])
+    assert (out / "results.csv").read_text().count("hf-eager") == 3
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_overwrite_replaces_the_previous_run_and_its_plots(tmp_path, capsys):
+    """--overwrite clears the previous run's results and plots, so no stale plot sits beside new results."""
+    (tmp_path / "results.json").write_text(json.dumps({"meta": {"device": "cpu", "commit": "old"}, "records": []}))
+    (tmp_path / "stale_plot.png").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("mine")
+    rc = main(["--quick", "--ops", "swiglu", "--providers", "hf-eager", "--out", str(tmp_path), "--overwrite"])
+    assert rc == 0 and not (tmp_path / "stale_plot.png").exists() and (tmp_path / "notes.txt").exists()
+    assert json.loads((tmp_path / "results.json").read_text())["meta"]["commit"] != "old"
+
+
+def test_known_providers_cover_every_suite():
+    """--providers refuses names no suite knows; every name a suite offers is known."""
+    from mmfast.bench import model as model_bench
+
+    cpu = torch.device("cpu")
+    offered = set(norm_bench.providers(cpu)) | set(adapter_bench.providers(cpu)) | set(model_bench.OPT_IN)
+    offered |= set(bench_main._providers(model_bench.tiny("layernorm"), cpu, set(model_bench.OPT_IN)))
+    offered |= {"liger", "liger-norms", "mmfast-triton", "mmfast-cuda", "torch.compile-nomix"}  # GPU-only names
+    assert offered <= bench_main.known_providers()
 
 
 def test_graph_cases_run_per_provider_in_their_own_process():
@@ -496,3 +567,26 @@ def test_timed_backward_moves_only_the_ops_bytes(direction):
     extra = [e.name for e in prof.events() if e.name.startswith("aten::") and "[16, 64]" in str(e.input_shapes)
              and e.name in ("aten::copy_", "aten::clone", "aten::add_", "aten::empty_strided", "aten::new_empty_strided")]
     assert extra == []
+
+
+def test_commit_names_mmfast_checkout_only(tmp_path):
+    """Records name mmfast's commit: from its own checkout the HEAD it runs from; from a copy inside another
+    project's repository (an install in that project's .venv, say) not that project's HEAD but the version."""
+    import shutil
+
+    from mmfast.bench.env import commit
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(bench_main.__file__)))
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True)
+    if head.returncode == 0 and os.path.isdir(os.path.join(root, "..", ".git")):
+        assert commit().removesuffix("-dirty") == head.stdout.strip()
+    project = tmp_path / "project"
+    shutil.copytree(os.path.join(root), project / "vendor" / "mmfast",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    git = ["git", "-c", "user.email=a@b", "-c", "user.name=a"]
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "other project"]):
+        subprocess.run(git + cmd, cwd=project, check=True, capture_output=True)
+    env = {k: v for k, v in os.environ.items() if k != "MMFAST_COMMIT"}
+    out = subprocess.run([sys.executable, "-c", "from mmfast.bench.env import commit; print(commit())"],
+                         cwd=project / "vendor", env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().startswith("unknown (mmfast "), out.stdout

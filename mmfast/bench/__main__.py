@@ -16,8 +16,12 @@ performance). Writes results.json, results.csv, summary.md and PNG plots under -
 from __future__ import annotations
 
 import argparse
+import glob
+import json
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Optional
 
@@ -83,6 +87,18 @@ def _providers(case, device: torch.device, wanted: Optional[set] = None) -> list
     return [n for n in names if not (n.startswith("liger") and case.tuning == "mma")]
 
 
+def known_providers() -> set[str]:
+    """Every provider name a suite can run, on any device (``--providers`` refuses other names)."""
+    from ..ops.backend import BACKENDS
+
+    return {"hf-eager", "torch-native", "torch.compile", "torch.compile-nomix", "liger", "lavin-eager",
+            "mmfast", "mmfast-noloss", "liger-norms", *model_bench.OPT_IN, *(f"mmfast-{b}" for b in BACKENDS)}
+
+
+#: The files a run writes into --out (plots: every PNG there), replaced by --overwrite.
+OUTPUTS = ("results.json", "results.csv", "summary.md")
+
+
 def _progress(total: int):
     try:
         from tqdm import tqdm
@@ -96,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mmfast.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench-results", help="output directory (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous run's results in --out (its results.*, summary.md and PNG plots); "
+                        "without it a directory holding a results.json is refused before anything runs")
     p.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of %(default)s")
     p.add_argument("--providers", default=None,
                    help="comma-separated providers (default: all available but the model suite's hf-compile and "
@@ -128,7 +147,6 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{flag} must be at least 1, got {value}")
     if args.time_budget is not None and not args.time_budget > 0:
         p.error(f"--time-budget must be a positive number of seconds, got {args.time_budget:g}")
-    _check_out(p, args.out, args.backend_table)
 
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -138,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--device must be cuda or cpu, got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: this PyTorch sees no CUDA GPU")
+    if device.type == "cuda":
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            p.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA GPUs")
+        # the timers (CUDA events, Triton's do_bench, the L2 flush) work on the current device
+        torch.cuda.set_device(device)
+        device = torch.device("cuda", torch.cuda.current_device())
     ops = set(args.ops.split(","))
     unknown_ops = ops - set(OPS)
     if unknown_ops:
@@ -151,9 +175,20 @@ def main(argv: list[str] | None = None) -> int:
     if "model" in ops:
         cases += model_cases(device, args.quick, args.llm_layers, args.batch, tunings)
     wanted = set(args.providers.split(",")) if args.providers else None
+    if wanted is not None and wanted - known_providers():
+        p.error(f"unknown providers {sorted(wanted - known_providers())}; known: {sorted(known_providers())}")
+    if not cases:
+        p.error(f"nothing to run: --sizes {args.sizes} has no case of {sorted(ops)} on {device.type}"
+                + (" (the small shapes are CUDA-graph cases, GPU only)" if args.sizes == "small" else ""))
     plan = [(c, prov) for c in cases for prov in _providers(c, device, wanted) if wanted is None or prov in wanted]
     if not plan:
         p.error("nothing to run: no case has any of the requested providers")
+    if wanted is not None:
+        absent = sorted(wanted - {prov for _, prov in plan})
+        if absent:
+            print(f"[mmfast.bench] not run here (not available on {device.type}, or no selected case has them): "
+                  f"{', '.join(absent)}", file=sys.stderr)
+    _check_out(p, args.out, args.backend_table, args.overwrite)
     if device.type != "cuda":
         print(CPU_BANNER, file=sys.stderr)
 
@@ -161,32 +196,52 @@ def main(argv: list[str] | None = None) -> int:
     copy = copy_gbps(device, (1 << 30) if device.type == "cuda" else (1 << 26))
     records: list[dict] = []
     not_run: list[str] = []
+    interrupted = None
     started = time.monotonic()
     bar = _progress(len(plan))
-    for group in _groups(plan, device):
-        if args.time_budget is not None and time.monotonic() - started > args.time_budget:
-            not_run += [f"{case.name} M={case.M} N={getattr(case, 'N', '-')} {prov}" for case, prov in group]
-            continue
-        case, prov = group[0]
-        if bar is not None:
-            own = getattr(case, "graphs", False) and device.type == "cuda"
-            bar.set_postfix_str(f"{case.name} N={case.N} {prov}" + (" (CUDA graphs, own process)" if own else ""))
-        if isinstance(case, model_bench.ModelCase):
-            records.append(_model_record(case, prov, device, env, args.steps))
-        elif getattr(case, "graphs", False) and device.type == "cuda":
-            records += time_cases_isolated([c for c, _ in group], prov, device, copy, env)
-        else:
-            records += time_case(case, prov, device, copy, env)
-        if bar is not None:
-            bar.update(len(group))
-    if bar is not None:
-        bar.close()
+    groups = _groups(plan, device)
+    done = 0
+
+    def label(group):
+        return [f"{case.name} M={case.M} N={getattr(case, 'N', '-')} {prov}" for case, prov in group]
+
+    with _sigterm_as_interrupt():
+        try:
+            for done, group in enumerate(groups):
+                if args.time_budget is not None and time.monotonic() - started > args.time_budget:
+                    not_run += label(group)
+                    if bar is not None:
+                        bar.update(len(group))
+                    continue
+                case, prov = group[0]
+                if bar is not None:
+                    own = getattr(case, "graphs", False) and device.type == "cuda"
+                    bar.set_postfix_str(f"{case.name} N={case.N} {prov}" + (" (CUDA graphs, own process)" if own else ""))
+                if isinstance(case, model_bench.ModelCase):
+                    records.append(_model_record(case, prov, device, env, args.steps))
+                elif getattr(case, "graphs", False) and device.type == "cuda":
+                    records += time_cases_isolated([c for c, _ in group], prov, device, copy, env)
+                else:
+                    records += time_case(case, prov, device, copy, env)
+                if bar is not None:
+                    bar.update(len(group))
+            done = len(groups)
+        except KeyboardInterrupt as e:
+            interrupted = str(e) or "Ctrl-C"
+            for group in groups[done:]:
+                not_run += label(group)
+        finally:
+            if bar is not None:
+                bar.close()
 
     meta = {**env, "copy_gbps": copy, "gpu": device.type == "cuda", "quick": args.quick}
     if not_run:
         meta["not_run"] = not_run
-        print(f"--time-budget {args.time_budget:g} s reached: {len(not_run)} of {len(plan)} runs not started "
-              "(listed in results.json under not_run)", file=sys.stderr)
+        meta["not_run_reason"] = f"interrupted ({interrupted})" if interrupted else f"--time-budget {args.time_budget:g} s"
+        print(f"{meta['not_run_reason']}: {len(not_run)} of {len(plan)} runs not measured "
+              "(listed in results.json under not_run and in summary.md)", file=sys.stderr)
+    if interrupted:
+        meta["interrupted"] = interrupted
     if device.type != "cuda":
         meta["note"] = CPU_BANNER
     os.makedirs(args.out, exist_ok=True)
@@ -206,25 +261,70 @@ def main(argv: list[str] | None = None) -> int:
     plots = write_plots(args.out, meta, records)
     write_summary_md(os.path.join(args.out, "summary.md"), meta, records, plots)
     print(f"\nwrote {args.out}/results.json, results.csv, summary.md" + (f" and {len(plots)} plots" if plots else ""))
-    if args.backend_table:
+    if args.backend_table and not interrupted:
         _write_backend_table(args.backend_table, device, env, records, args.out)
+    if interrupted:
+        return 130
     return 1 if any(r["error"] for r in records) or not_run else 0
 
 
-def _check_out(p: argparse.ArgumentParser, out: str, backend_table: Optional[str]) -> None:
-    """Fail before the run, not after it, where the results could not be written."""
+class _sigterm_as_interrupt:
+    """SIGTERM (a job scheduler's stop, ``timeout``) raises KeyboardInterrupt in the main thread, so a
+    stopped run still writes what it measured."""
+
+    def __enter__(self):
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            def stop(signum, frame):
+                raise KeyboardInterrupt("SIGTERM")
+
+            self.old = signal.signal(signal.SIGTERM, stop)
+        return self
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            signal.signal(signal.SIGTERM, self.old)
+        return False
+
+
+def _previous_run(out: str) -> Optional[str]:
+    """What the results.json in ``out`` says about its run, or None when there is none."""
+    path = os.path.join(out, "results.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            meta = json.load(f).get("meta", {})
+        return f"{meta.get('device', '?')}, commit {meta.get('commit', '?')}"
+    except (OSError, ValueError, AttributeError):
+        return "unreadable"
+
+
+def _check_out(p: argparse.ArgumentParser, out: str, backend_table: Optional[str], overwrite: bool = False) -> None:
+    """Fail before the run, not after it, where the results could not be written or would replace a
+    previous run's without being asked to; with ``overwrite``, clear the previous run's files."""
     if os.path.exists(out) and not os.path.isdir(out):
         p.error(f"--out {out}: exists and is not a directory")
+    if backend_table:
+        parent = os.path.dirname(os.path.abspath(backend_table))
+        if os.path.isdir(backend_table) or not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            p.error(f"--backend-table {backend_table}: cannot write a file there")
+    previous = _previous_run(out) if os.path.isdir(out) else None
+    if previous is not None:
+        if not overwrite:
+            p.error(f"--out {out}: holds a previous run ({previous}); pass --overwrite to replace it, or "
+                    "--out another directory")
+        plots = [os.path.basename(f) for f in glob.glob(os.path.join(glob.escape(out), "*.png"))]
+        for name in [*OUTPUTS, *plots]:
+            path = os.path.join(out, name)
+            if os.path.exists(path):
+                os.remove(path)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         p.error(f"--out {out}: cannot create it ({e.strerror})")
     if not os.access(out, os.W_OK):
         p.error(f"--out {out}: not writable")
-    if backend_table:
-        parent = os.path.dirname(os.path.abspath(backend_table))
-        if os.path.isdir(backend_table) or not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-            p.error(f"--backend-table {backend_table}: cannot write a file there")
 
 
 def _groups(plan: list, device: torch.device) -> list[list]:

@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import functools
 import importlib.util
+import statistics
 import time
 
 import torch
@@ -346,15 +347,14 @@ def _time_train_step(case: ModelCase, provider: str, device: torch.device, steps
             end.synchronize()
             times.append(start.elapsed_time(end))
         peak = int(torch.cuda.max_memory_allocated(device)) - base
-        host_ms = sorted(host)[len(host) // 2]
+        host_ms = statistics.median(host)
     else:
         for _ in range(steps):
             t0 = time.perf_counter()
             step()
             times.append((time.perf_counter() - t0) * 1e3)
         peak = host_ms = None
-    times.sort()
-    ms = times[len(times) // 2]
+    ms = statistics.median(times)  # with an even count, the mean of the middle two (not the slower one)
     out = {"ms": ms, "host_ms": host_ms, "tokens_per_s": case.M / (ms * 1e-3), "peak_mem_bytes": peak,
            "saved": saved, "backends": backends_summary(used or {}),
            "trainable": sum(p.numel() for p in params)}

@@ -136,6 +136,11 @@ def write_summary_md(path: str, meta: dict, records: list[dict], plots: list[str
                      "%copy = achieved GB/s from each op's byte model / that")
     if meta.get("note"):
         lines += ["", f"**{meta['note']}**"]
+    if meta.get("interrupted"):
+        lines += ["", f"**Interrupted ({meta['interrupted']}): the records below are those measured before it.**"]
+    if meta.get("not_run"):
+        lines += ["", f"**Not run ({meta.get('not_run_reason', 'not started')}): {len(meta['not_run'])} runs**, "
+                  "absent from every table below: " + "; ".join(meta["not_run"])]
     if _has_gpu_time(records):
         lines += ["", GPU_TIME_NOTE + "."]
     for (op, dtype, M, N, timing), rows in kernel_rows(records):
