@@ -522,8 +522,10 @@ def test_mma_errors():
 # the interpreter's bf16 tensor-core products are unusable (the adapter kernel's tests take fp16 there)
 LOW = torch.bfloat16 if torch.cuda.is_available() else torch.float16
 #: Independent input draws pooled (model_accuracy.assert_model_accurate_over_draws): the fused kernels round
-#: differently from PyTorch, so one draw's loss error is one sample of a wide distribution for each
-DRAWS = 8
+#: differently from PyTorch, so one draw's loss error is one sample of a wide distribution for each. Over 30
+#: fp16 draws the two mean errors agree (1.56e-5 vs 1.31e-5), but the max of 8 fell past 2x PyTorch's in
+#: 1 run of 10; fp32's 8 draws failed none of 18
+DRAWS = {torch.float32: 8, LOW: 24}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, LOW], ids=str)
@@ -549,7 +551,7 @@ def test_mma_model_accurate_against_float64(seed, dtype, device, monkeypatch):
 
     monkeypatch.setattr(adapter_module, "mma_adapter", counting)
     draws = []
-    for i in range(DRAWS):
+    for i in range(DRAWS[dtype]):
         inputs = {k: v.to(device) for k, v in batch("llava", seed + i, images=[True, False], dtype=dtype).items()}
         ours = run_model(model, inputs)
         assert calls, "the patched model did not run the fused adapter"
