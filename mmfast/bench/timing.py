@@ -71,26 +71,46 @@ def busy_us(intervals: Sequence[tuple[float, float]]) -> float:
     return total
 
 
+#: What the L2 flush's kernel name contains: ``bitwise_not_`` of a uint8 buffer, an op no timed case runs,
+#: so the flush's own interval can be told apart and left out of the busy time.
+FLUSH_KERNEL = "bitwise_not"
+
+
+def _flush_buffer(device: torch.device) -> torch.Tensor:
+    """Twice the device's L2 (at least 128 MiB): writing it evicts everything a timed call left there."""
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (64 << 20)
+    return torch.empty(max(2 * l2, 128 << 20), dtype=torch.uint8, device=device)
+
+
 def gpu_busy_ms(fn: Callable[[], object], device: torch.device, *, grad_to_none: Sequence[torch.Tensor] = (),
-                iters: int = 10) -> float | None:
+                iters: int = 10, flush_l2: bool = True) -> float | None:
     """GPU time of one call of ``fn``: the profiler's kernel (and memset / memcpy) intervals over ``iters``
     calls, their union divided by ``iters``. Unlike :func:`median_ms` this leaves out the gaps the host
-    leaves between kernels, so it measures the kernels whatever the host's speed. None off a GPU."""
+    leaves between kernels, so it measures the kernels whatever the host's speed. With ``flush_l2`` the
+    L2 is flushed before each call, as ``do_bench`` does for the event timings (a working set near the L2's
+    size would otherwise be partly served from it), and the flush's kernel is left out. None off a GPU."""
     if device.type != "cuda":
         return None
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
+    flush = _flush_buffer(device) if flush_l2 else None
     fn()
     torch.cuda.synchronize(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
             for t in grad_to_none:
                 t.grad = None
+            if flush is not None:
+                flush.bitwise_not_()
             fn()
         torch.cuda.synchronize(device)
-    intervals = [(e.time_range.start, e.time_range.end) for e in prof.events()
-                 if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+    gpu = [e for e in prof.events() if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+    flushes = [e for e in gpu if FLUSH_KERNEL in e.name]
+    if flush is not None and len(flushes) != iters:
+        raise RuntimeError(f"could not tell the L2 flush kernels apart in the profile ({len(flushes)} named "
+                           f"'{FLUSH_KERNEL}', expected {iters})")
+    intervals = [(e.time_range.start, e.time_range.end) for e in gpu if flush is None or FLUSH_KERNEL not in e.name]
     if not intervals:
         raise RuntimeError("the profiler recorded no GPU activity")
     return busy_us(intervals) / iters / 1e3
@@ -117,5 +137,7 @@ def copy_gbps(device: torch.device, nbytes: int) -> float:
     push every fraction up."""
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
-    ms = gpu_busy_ms(lambda: dst.copy_(src), device) if device.type == "cuda" else median_ms(lambda: dst.copy_(src), device)
+    # (no L2 flush: the copy's gigabyte is far above any L2, and the flush would only add time)
+    ms = (gpu_busy_ms(lambda: dst.copy_(src), device, flush_l2=False) if device.type == "cuda"
+          else median_ms(lambda: dst.copy_(src), device))
     return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
