@@ -13,6 +13,9 @@
 namespace mmfast {
 namespace detail {
 
+// fp32's largest finite value: a LayerNorm variance above it has overflowed (the row is NaN, as PyTorch's)
+constexpr float kFp32Max = 3.40282346638528859811704183484516925440e+38f;
+
 // One vector of the normalised input: x, or residual_out = round(x + residual), which is also stored.
 // (`res` is the residual's base pointer, only tested for null; r and h point at this vector.)
 template <typename T, int VEC>
@@ -88,7 +91,8 @@ __global__ void __launch_bounds__(block_threads(TPR)) norm_fwd_reg_kernel(const 
       }
     }
     row_allreduce<TPR, 1>(ss, red, row_in_block, lane);
-    const float rstd = rsqrtf(ss[0] * inv_n + p.eps);
+    // a LayerNorm variance past fp32's range would make every y the bias
+    const float rstd = (!RMS && ss[0] * inv_n > kFp32Max) ? nanf("") : rsqrtf(ss[0] * inv_n + p.eps);
     if (valid && lane == 0) {
       p.rstd[row] = rstd;
       if constexpr (!RMS) p.mean[row] = mean;
@@ -161,7 +165,8 @@ __global__ void __launch_bounds__(kWideThreads) norm_fwd_wide_kernel(const NormF
       mean = m.mean;
       var = m.m2 * inv_n;
     }
-    const float rstd = rsqrtf(var + p.eps);
+    // a LayerNorm variance past fp32's range would make every y the bias
+    const float rstd = (!RMS && var > kFp32Max) ? nanf("") : rsqrtf(var + p.eps);
     if (threadIdx.x == 0) {
       p.rstd[row] = rstd;
       if constexpr (!RMS) p.mean[row] = mean;

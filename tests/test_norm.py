@@ -276,3 +276,34 @@ def test_broadcast_rows(kind, device, seed):
 
     for got, want in zip(run(True), run(False)):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("N", [64, 16400], ids=["registers", "two-pass"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_variance_past_fp32_range(kind, N, device):
+    """A row at +-3e19, whose LayerNorm variance overflows fp32: its output and the gradients it reaches are
+    NaN where PyTorch's are (they were the bias and zeros: a finite answer that hid the overflow from loss
+    and gradient checks); RMSNorm's row is 0, as PyTorch's. Other rows are unaffected."""
+    import torch.nn.functional as F
+
+    x = torch.randn(3, N, device=device)
+    x[1, ::2], x[1, 1::2] = 3e19, -3e19
+    w = torch.randn(N, device=device)
+    b = torch.randn(N, device=device) if kind == "ln" else None
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (x, w) + ((b,) if b is not None else ())]
+        y = fn(*leaves)
+        y.backward(torch.ones_like(y))
+        return [y.detach()] + [t.grad for t in leaves]
+
+    if kind == "ln":
+        ours, torch_ = run(lambda x, w, b: mmfast.layer_norm(x, w, b, 1e-5)), run(lambda x, w, b: F.layer_norm(x, (N,), w, b, 1e-5))
+        assert torch.isnan(ours[0][1]).all() and torch.isnan(ours[1][1]).all()
+    else:
+        ours, torch_ = run(lambda x, w: mmfast.rms_norm(x, w, 1e-5)), run(lambda x, w: F.rms_norm(x, (N,), w, 1e-5))
+        assert (ours[0][1] == 0).all()
+    for got, want in zip(ours, torch_):
+        assert torch.equal(got.isnan(), want.isnan())
+    for got, want in zip(ours[:2], torch_[:2]):  # the other rows of y and dx
+        torch.testing.assert_close(got[[0, 2]], want[[0, 2]], rtol=1e-4, atol=1e-4)

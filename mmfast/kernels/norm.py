@@ -39,6 +39,8 @@ from ._device import cdiv, interpreting, next_pow2, sm_count
 
 #: Widest row the forward keeps entirely in registers (wider rows take the two-pass path).
 MAX_FUSED_N_FWD = 16384
+#: fp32's largest finite value (a variance above it has overflowed)
+FP32_MAX = tl.constexpr(3.4028234663852886e38)
 #: Widest row the backward keeps entirely in registers.
 MAX_FUSED_N_BWD = 8192
 #: Column block of the two-pass (wide-row) kernels.
@@ -172,7 +174,10 @@ def _norm_fwd_kernel(
         mean = tl.sum(x, axis=1) / N
         tl.store(MEAN + rows, mean, mask=row_mask)
         xc = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / N + eps)
+    var = tl.sum(xc * xc, axis=1) / N
+    rstd = tl.rsqrt(var + eps)
+    if not IS_RMS:  # a variance past fp32's range would make every y the bias: NaN, as PyTorch's
+        rstd = tl.where(var > FP32_MAX, float("nan"), rstd)
     tl.store(RSTD + rows, rstd, mask=row_mask)
 
     y = xc * rstd[:, None]
@@ -233,6 +238,8 @@ def _norm_fwd_wide_kernel(
         var = m2 / N
         tl.store(MEAN + row, mean)
     rstd = tl.rsqrt(var + eps)
+    if not IS_RMS:  # a variance past fp32's range would make every y the bias: NaN, as PyTorch's
+        rstd = tl.where(var > FP32_MAX, float("nan"), rstd)
     tl.store(RSTD + row, rstd)
 
     for start in range(0, N, BLOCK_N):

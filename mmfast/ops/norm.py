@@ -115,7 +115,10 @@ def _norm_fwd_reference(x, weight, bias, residual, eps, rms):
     else:
         mean = hf.mean(-1)
         xc = hf - mean.unsqueeze(-1)
-    rstd = torch.rsqrt(xc.square().mean(-1) + eps)
+    var = xc.square().mean(-1)
+    rstd = torch.rsqrt(var + eps)
+    if not rms:  # a variance past the compute dtype's range would make every y the bias: NaN, as PyTorch's
+        rstd = rstd.masked_fill(var.isinf(), float("nan"))
     y = xc * rstd.unsqueeze(-1)
     if rms:
         y = y.to(dtype).to(cdt)  # HF LlamaRMSNorm: round to the input dtype before the weight
