@@ -36,7 +36,8 @@ def test_llama_mlps_take_the_fused_gate(dtype, seed):
     assert "mmfast=swiglu" in repr(model.model.layers[0].mlp)
     assert not report.skipped
     draws = []
-    for i in range(DRAWS):
+    # bf16: 8 draws failed 1 seed in 18 (a max of 8 losses against a max of 8); 24, as CLIP's below
+    for i in range(DRAWS if dtype == torch.float32 else 3 * DRAWS):
         inputs = batch("llama", seed + i)
         draws.append(draw(model, plain, ref_model, inputs))
     assert_model_accurate_over_draws(draws, seed)
