@@ -467,9 +467,13 @@ def test_a_stopped_run_writes_what_it_measured(how, tmp_path, capsys, monkeypatc
     the CSV and summary.md are written, the runs left out listed in results.json and summary.md, and the
     exit status says so (130 when interrupted). Before, an interrupt lost every record."""
     import signal
+    import threading
 
     from mmfast.bench import runner
 
+    if how == "SIGTERM" and threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers can only be installed from the main thread (the bench then leaves SIGTERM alone)")
+    before = signal.getsignal(signal.SIGTERM)
     real, calls = runner.time_case, []
 
     def timed(case, prov, *a, **k):
@@ -500,16 +504,20 @@ def test_a_stopped_run_writes_what_it_measured(how, tmp_path, capsys, monkeypatc
     assert len(data["meta"]["not_run"]) == 2 * 3 - len(measured)
     assert all(p.split()[-1] in summary for p in data["meta"]["not_run"])
     assert (out / "results.csv").read_text().count("hf-eager") == 3
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_overwrite_replaces_the_previous_run_and_its_plots(tmp_path, capsys):
-    """--overwrite clears the previous run's results and plots, so no stale plot sits beside new results."""
+    """--overwrite clears the previous run's results and plots, so no stale plot sits beside new results;
+    files the bench does not write (another PNG included) stay."""
     (tmp_path / "results.json").write_text(json.dumps({"meta": {"device": "cpu", "commit": "old"}, "records": []}))
-    (tmp_path / "stale_plot.png").write_bytes(b"")
+    (tmp_path / "layer_norm_residual_bfloat16.png").write_bytes(b"")
+    (tmp_path / "model_train_step.png").write_bytes(b"")
+    (tmp_path / "diagram.png").write_bytes(b"")
     (tmp_path / "notes.txt").write_text("mine")
     rc = main(["--quick", "--ops", "swiglu", "--providers", "hf-eager", "--out", str(tmp_path), "--overwrite"])
-    assert rc == 0 and not (tmp_path / "stale_plot.png").exists() and (tmp_path / "notes.txt").exists()
+    assert rc == 0 and (tmp_path / "notes.txt").exists() and (tmp_path / "diagram.png").exists()
+    assert not (tmp_path / "layer_norm_residual_bfloat16.png").exists() and not (tmp_path / "model_train_step.png").exists()
     assert json.loads((tmp_path / "results.json").read_text())["meta"]["commit"] != "old"
 
 
@@ -625,7 +633,8 @@ def test_commit_names_mmfast_checkout_only(tmp_path):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(bench_main.__file__)))
     head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True)
-    if head.returncode == 0 and os.path.isdir(os.path.join(root, "..", ".git")):
+    top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True)
+    if head.returncode == 0 and os.path.samefile(top.stdout.strip(), os.path.dirname(root)):  # a checkout (or worktree)
         assert commit().removesuffix("-dirty") == head.stdout.strip()
     project = tmp_path / "project"
     shutil.copytree(os.path.join(root), project / "vendor" / "mmfast",
@@ -637,3 +646,28 @@ def test_commit_names_mmfast_checkout_only(tmp_path):
     out = subprocess.run([sys.executable, "-c", "from mmfast.bench.env import commit; print(commit())"],
                          cwd=project / "vendor", env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip().startswith("unknown (mmfast "), out.stdout
+
+
+@pytest.mark.parametrize("arg,index", [(None, None), ("cuda", None), ("cuda:1", 1)])
+def test_device_index_becomes_the_current_device(arg, index, monkeypatch, capsys):
+    """--device cuda:N makes N the current device (the timers use it); no index leaves the current one as
+    it is (torch.cuda.set_device refuses an index-less device). CUDA stood in for: no GPU here."""
+    calls = []
+
+    class Started(Exception):
+        pass
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(d))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: calls[-1] if calls else 0)
+    monkeypatch.setattr(bench_main, "kernel_cases", lambda device, quick: [NormCase("rms_norm", 8, 8, torch.float32)])
+    monkeypatch.setattr(bench_main, "_check_out", lambda *a: None)
+
+    def started(device):
+        raise Started(str(device))
+
+    monkeypatch.setattr(bench_main, "environment", started)
+    with pytest.raises(Started) as info:
+        main(["--ops", "rms_norm", "--providers", "hf-eager", *(["--device", arg] if arg else [])])
+    assert calls == ([] if index is None else [index]) and str(info.value) == f"cuda:{index or 0}"

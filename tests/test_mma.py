@@ -462,6 +462,13 @@ def test_image_after_a_cached_text_prefix_routes_as_image(monkeypatch):
     as_text, _, _ = rest(mma_has_image=torch.tensor([False, False]))
     assert torch.equal(implicit, explicit)
     assert not torch.equal(implicit[0], as_text[0]) and torch.equal(implicit[1], as_text[1])
+    # a decode step whose sampled token happens to be the image token id merges no image: routing stays
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prefix = model(input_ids=ids[1:, :1].expand(2, 1), use_cache=True, **{cache_kw: DynamicCache()})
+        step = torch.full((2, 1), model.config.image_token_id)
+        model(input_ids=step, use_cache=True, **{cache_kw: prefix.past_key_values})
+    assert state.has_image.tolist() == [False, False] and not [w for w in caught if "mmfast MMA" in str(w.message)]
 
 
 def test_save_load_trainable_mma(tmp_path):

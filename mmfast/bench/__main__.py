@@ -19,6 +19,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -95,8 +96,10 @@ def known_providers() -> set[str]:
             "mmfast", "mmfast-noloss", "liger-norms", *model_bench.OPT_IN, *(f"mmfast-{b}" for b in BACKENDS)}
 
 
-#: The files a run writes into --out (plots: every PNG there), replaced by --overwrite.
+#: The files a run writes into --out, replaced by --overwrite: these, and the plots (report.write_plots'
+#: names: ``<op>_<dtype>.png``, ``model_train_step.png``); other files there are left alone.
 OUTPUTS = ("results.json", "results.csv", "summary.md")
+PLOT_NAME = re.compile(r"model_train_step\.png|[a-z_]+_(float32|float16|bfloat16)\.png")
 
 
 def _progress(total: int):
@@ -160,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         if device.index is not None and device.index >= torch.cuda.device_count():
             p.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA GPUs")
         # the timers (CUDA events, Triton's do_bench, the L2 flush) work on the current device
-        torch.cuda.set_device(device)
+        if device.index is not None:
+            torch.cuda.set_device(device.index)
         device = torch.device("cuda", torch.cuda.current_device())
     ops = set(args.ops.split(","))
     unknown_ops = ops - set(OPS)
@@ -273,8 +277,8 @@ class _sigterm_as_interrupt:
     stopped run still writes what it measured."""
 
     def __enter__(self):
-        self.old = None
-        if threading.current_thread() is threading.main_thread():
+        self.installed = threading.current_thread() is threading.main_thread()
+        if self.installed:
             def stop(signum, frame):
                 raise KeyboardInterrupt("SIGTERM")
 
@@ -282,8 +286,8 @@ class _sigterm_as_interrupt:
         return self
 
     def __exit__(self, *exc):
-        if self.old is not None:
-            signal.signal(signal.SIGTERM, self.old)
+        if self.installed:  # a handler installed from C reads back as None: the default is what stands for it
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self.old is None else self.old)
         return False
 
 
@@ -315,7 +319,7 @@ def _check_out(p: argparse.ArgumentParser, out: str, backend_table: Optional[str
             p.error(f"--out {out}: holds a previous run ({previous}); pass --overwrite to replace it, or "
                     "--out another directory")
         plots = [os.path.basename(f) for f in glob.glob(os.path.join(glob.escape(out), "*.png"))]
-        for name in [*OUTPUTS, *plots]:
+        for name in [*OUTPUTS, *(f for f in plots if PLOT_NAME.fullmatch(f))]:
             path = os.path.join(out, name)
             if os.path.exists(path):
                 os.remove(path)

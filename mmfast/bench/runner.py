@@ -170,15 +170,27 @@ def time_case(case, provider: str, device: torch.device, copy: float | None, env
 
 
 def _time_cases(cases: list, provider: str, device: str, copy: float | None, env: dict) -> list[dict]:
-    return [r for case in cases for r in time_case(case, provider, torch.device(device), copy, env)]
+    dev = torch.device(device)
+    if dev.type == "cuda":  # a spawned process starts on cuda:0; the timers use the current device
+        torch.cuda.set_device(dev)
+    return [r for case in cases for r in time_case(case, provider, dev, copy, env)]
 
 
 def time_cases_isolated(cases: list, provider: str, device: torch.device, copy: float | None, env: dict) -> list[dict]:
     """:func:`time_case` of ``provider`` on each of ``cases``, in a fresh (spawned) process: whatever a
     failed CUDA-graph capture leaves behind stays there. A process that dies gives error records."""
     try:
-        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        try:
             return pool.submit(_time_cases, cases, provider, str(device), copy, env).result()
+        except BaseException:
+            # Ctrl-C / SIGTERM: stop the child now (leaving the pool's block would wait for it to finish,
+            # and a scheduler's kill could come before the parent wrote what it had)
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                proc.terminate()
+            raise
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
     except Exception as e:  # noqa: BLE001 - reported in the results, never hidden
         msg = f"the benchmark process died: {type(e).__name__}: {e}".splitlines()[0][:300]
         print(f"[mmfast.bench] {provider}: {msg}", file=sys.stderr)

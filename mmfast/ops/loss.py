@@ -137,12 +137,12 @@ def _loss_and_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targ
 
 
 def _scaled(g: Tensor, go: Tensor, dtype: torch.dtype) -> Tensor:
-    """A kept gradient times the backward's incoming gradient (fp32, 0-dim), in the parameter's dtype.
+    """A kept gradient times the backward's incoming gradient (0-dim), in the parameter's dtype.
 
-    The product is taken in fp32 arithmetic and rounded once: a 0-dim fp32 factor does not promote
-    ``g``'s dtype and is not rounded to it first (a loss scale of 2**16 is inf in fp16, and 1/3 in bf16
-    is 0.33398)."""
-    return torch.mul(g, go.float().reshape(())).to(dtype)
+    The product is taken in fp32 and rounded once. Multiplying a 16-bit ``g`` by the factor directly
+    would round the factor to ``g``'s dtype first wherever it is a device tensor (a loss scale of 2**16
+    is inf in fp16; 1/3 in bf16 is 0.33398). The fp32 copy of ``g`` lives only for this product."""
+    return (g.float() * go.float()).to(dtype)
 
 
 class _LinearCrossEntropyFn(torch.autograd.Function):

@@ -117,8 +117,10 @@ def _top_pre_hook(state: _State, image_token_id: Optional[int], module, args, kw
             raise ValueError(f"mmfast MMA: {HAS_IMAGE_KWARG} has {flags.shape[0]} entries for a batch of {B}")
     elif decoding and state.has_image is not None and state.has_image.shape[0] == B:
         flags = state.has_image  # generation: keep the prefill's flags
-        if ids is not None and image_token_id is not None:
+        images = any(v is not None for k, v in kwargs.items() if k.startswith("pixel_values"))
+        if images and ids is not None and image_token_id is not None:
             # a chunk after a cached prefix may bring a sample's image: route it (and what follows) as one
+            # (only a chunk with images: a decode step that samples the image token id merges no image)
             new = (ids == image_token_id).any(-1) & ~flags
             if not torch.compiler.is_compiling() and bool(new.any()):
                 warn_once("mmfast MMA: image tokens arrived after a cached text prefix; the new tokens route "
