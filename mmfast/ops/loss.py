@@ -8,13 +8,15 @@ logits kept for backward, their gradient, and the low-precision logits in the ou
 ``linear_cross_entropy`` computes the same loss over the rows whose target is not ``ignore_index``
 only, in row chunks whose logits live just long enough to give the chunk's loss and its gradients. It
 keeps for backward the gradient with respect to the kept rows of ``hidden`` (``rows x hidden`` in the
-activation dtype) and, when ``weight`` is trained, what its gradient needs: the logits' gradient in the
+activation dtype; fp32 for fp16) and, when ``weight`` is trained, what its gradient needs: the logits' gradient in the
 activation dtype when that is the smaller (``rows x vocab``), else an fp32 accumulator (``vocab x
 hidden``). The matmuls are cuBLAS's, in the dtype ``F.linear`` would use; the softmax statistics are fp32.
 
 Rounding follows the unfused computation: logits rounded to the activation dtype, then fp32; the logits'
 gradient rounded to the activation dtype before the products, with the reduction's scale applied before
-that rounding (the backward's incoming gradient, 1 for ``loss.backward()``, multiplies afterwards).
+that rounding (the backward's incoming gradient, 1 for ``loss.backward()``, multiplies afterwards, in
+fp32). For fp16 the hidden gradient's product takes the logits' gradient at a power-of-two lift and is
+kept in fp32 (:func:`_kept_hidden_dtype`): unfused, a loss scaler keeps that gradient in fp16's range.
 
 The kept rows are found with one ``nonzero`` (a host sync). Plain eager calls run it in a
 ``torch.autograd.Function`` that keeps only the kept rows' gradients; ``torch.compile``, modes and tensor
@@ -61,7 +63,8 @@ def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
 @dataclasses.dataclass
 class _Grads:
     """What :func:`_loss_and_grads` returns: the scalar loss and what the gradients need (None where not
-    asked for). ``g_h``: the kept rows' hidden gradient [n, H] in the compute dtype; the weight's gradient
+    asked for). ``g_h``: the kept rows' hidden gradient [n, H] in the compute dtype (fp32 for fp16: see
+    :func:`_kept_hidden_dtype`); the weight's gradient
     either as ``g_logits`` [n, V] (with ``hv``, the kept rows of hidden) or as ``g_w32`` [V, H] fp32;
     ``g_b`` [V] fp32. All carry the reduction's scale, not the backward's incoming gradient."""
 
@@ -72,6 +75,17 @@ class _Grads:
     hv: Optional[Tensor]
     g_w32: Optional[Tensor]
     g_b: Optional[Tensor]
+
+
+def _kept_hidden_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the hidden gradient is kept in until the backward multiplies it by the incoming gradient.
+
+    fp16 keeps it in fp32: the logits' gradient carries the reduction's scale (1/n for a mean over n
+    rows), which puts it below fp16's normal range at training batch sizes, and the backward's loss scale
+    (GradScaler's, which would lift it there unfused) only arrives later. So for fp16 the logits' gradient
+    is rounded at a power-of-two multiple that cancels the reduction's scale, the product with the weight
+    taken in fp16 as unfused, and the result scaled back exactly in fp32. bf16 has fp32's range."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def _loss_and_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
@@ -103,7 +117,11 @@ def _loss_and_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targ
     sc = sc64.float()
     if need_w and grad_w_mode == "auto":
         grad_w_mode = "logits" if n * V * hv.element_size() <= V * H * 4 else "accumulate"
-    g_h = hv.new_empty(n, H) if need_h else None
+    g_h = hv.new_empty(n, H, dtype=_kept_hidden_dtype(dtype)) if need_h else None
+    # fp16 (see _kept_hidden_dtype): 2**k near 1 / |scale|, and its inverse, both exact powers of two
+    lift = torch.exp2(-torch.round(torch.log2(sc.abs()))) if g_h is not None and g_h.dtype != dtype else None
+    if lift is not None:
+        lift = torch.where(torch.isfinite(lift) & (lift > 0), lift, torch.ones_like(lift))
     g_logits = hv.new_empty(n, V) if need_w and grad_w_mode == "logits" else None
     g_w32 = torch.zeros(V, H, device=hidden.device, dtype=torch.float32) \
         if need_w and grad_w_mode == "accumulate" else None
@@ -125,8 +143,10 @@ def _loss_and_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targ
         g.mul_(sc)
         if need_b:
             g_b += g.sum(0)
+        if lift is not None:
+            torch.mul(torch.mm((g * lift).to(dtype), w).float(), 1.0 / lift, out=g_h[s:e])
         g = g.to(dtype)
-        if need_h:
+        if need_h and lift is None:
             torch.mm(g, w, out=g_h[s:e])
         if g_logits is not None:
             g_logits[s:e] = g
@@ -211,7 +231,7 @@ def linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tens
     g_h = empty()
     if r.g_h is not None:
         H = hidden.shape[-1]
-        g_h = hidden.new_zeros(hidden.shape.numel() // H, H, dtype=dtype)
+        g_h = hidden.new_zeros(hidden.shape.numel() // H, H, dtype=_kept_hidden_dtype(dtype))
         g_h.index_copy_(0, r.rows, r.g_h)
         g_h = g_h.view(hidden.shape)
     return (r.loss, g_h, empty() if r.g_w32 is None else r.g_w32, empty() if r.g_b is None else r.g_b)
@@ -221,7 +241,7 @@ def linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tens
 def _(hidden, weight, bias, target, ignore_index, scale, chunk_rows, need_hidden, need_weight, need_bias, dtype):
     f32 = dict(dtype=torch.float32)
     return (hidden.new_empty((), **f32),
-            hidden.new_empty(hidden.shape, dtype=dtype) if need_hidden else hidden.new_empty(0, **f32),
+            hidden.new_empty(hidden.shape, dtype=_kept_hidden_dtype(dtype)) if need_hidden else hidden.new_empty(0, **f32),
             hidden.new_empty(weight.shape, **f32) if need_weight else hidden.new_empty(0, **f32),
             hidden.new_empty(weight.shape[:1], **f32) if need_bias else hidden.new_empty(0, **f32))
 
