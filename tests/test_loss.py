@@ -218,6 +218,20 @@ def test_incoming_gradient_multiplies_in_fp32(device, seed, path, mode, monkeypa
     assert torch.equal((once[0].float() * go).bfloat16(), third[0])
 
 
+@pytest.mark.parametrize("shape", [(0, 8), (5, 7), (3, 4, 6)], ids=str)
+def test_incoming_gradient_in_blocks(shape, device, monkeypatch):
+    """A 16-bit kept gradient is widened a block at a time (not two fp32 copies of a whole LM head's
+    gradient at once): blocks that split rows give the one-shot fp32 product's bits, empty ones included."""
+    from mmfast.ops import loss as loss_ops
+
+    go = torch.ones((), device=device) / 3
+    for block in (5, loss_ops._SCALE_BLOCK):
+        monkeypatch.setattr(loss_ops, "_SCALE_BLOCK", block)
+        for dtype in DTYPES:
+            g = torch.randn(shape, device=device).to(dtype)
+            assert torch.equal(loss_ops._scaled(g, go, dtype), (g.float() * go).to(dtype))
+
+
 @pytest.mark.parametrize("path", ["eager", "ops"])
 def test_fp16_hidden_gradient_keeps_its_precision_under_a_mean(device, seed, path, monkeypatch):
     """fp16 over many rows: the mean's 1/n puts the logits' gradient below fp16's normal range, where

@@ -143,8 +143,13 @@ def _loss_and_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targ
         g.mul_(sc)
         if need_b:
             g_b += g.sum(0)
-        if lift is not None:
-            torch.mul(torch.mm((g * lift).to(dtype), w).float(), 1.0 / lift, out=g_h[s:e])
+        if lift is not None:  # the lifted gradient rounded straight into fp16 (no fp32 temporary)
+            lifted = torch.mul(g, lift, out=hv.new_empty(e - s, V))
+            torch.mul(torch.mm(lifted, w).float(), 1.0 / lift, out=g_h[s:e])
+            del lifted
+            if g_logits is None and g_w32 is None:
+                del z, g
+                continue
         g = g.to(dtype)
         if need_h and lift is None:
             torch.mm(g, w, out=g_h[s:e])
@@ -161,8 +166,21 @@ def _scaled(g: Tensor, go: Tensor, dtype: torch.dtype) -> Tensor:
 
     The product is taken in fp32 and rounded once. Multiplying a 16-bit ``g`` by the factor directly
     would round the factor to ``g``'s dtype first wherever it is a device tensor (a loss scale of 2**16
-    is inf in fp16; 1/3 in bf16 is 0.33398). The fp32 copy of ``g`` lives only for this product."""
-    return (g.float() * go.float()).to(dtype)
+    is inf in fp16; 1/3 in bf16 is 0.33398). A 16-bit ``g`` is widened a block at a time (at most
+    ``_SCALE_BLOCK`` elements), so the backward's first step needs the output and one block, not two fp32
+    copies of a gradient that can be a whole LM head's."""
+    go = go.float()
+    if g.dtype == torch.float32:
+        return (g * go).to(dtype)
+    out = torch.empty(g.shape, dtype=dtype, device=g.device)
+    flat, out_flat = g.reshape(-1), out.view(-1)
+    for i in range(0, flat.numel(), _SCALE_BLOCK):
+        torch.mul(flat[i:i + _SCALE_BLOCK].float(), go, out=out_flat[i:i + _SCALE_BLOCK])
+    return out
+
+
+#: Elements :func:`_scaled` widens to fp32 at a time (64 MiB).
+_SCALE_BLOCK = 16 * 2**20
 
 
 class _LinearCrossEntropyFn(torch.autograd.Function):
