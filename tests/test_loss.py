@@ -146,6 +146,13 @@ def test_no_labelled_rows(device, seed, reduction):
         loss = linear_cross_entropy(h, w, t, b, reduction="sum")
         gh, gw, gb = torch.autograd.grad(loss, (h, w, b))
         assert loss.item() == 0 and not gh.any() and not gw.any() and not gb.any()
+    # HF's normaliser counted 0 items (every label of the accumulated batch ignored), as a number or a
+    # tensor: sum / 0 as PyTorch's (NaN here, inf with a labelled row), not Python's ZeroDivisionError
+    for count in (0, torch.tensor(0, device=device)):
+        for tt in (t, torch.where(torch.arange(t.numel(), device=device).view(t.shape) == 0, 1, t)):
+            ours = linear_cross_entropy(h, w, tt, b, num_items_in_batch=count)
+            want = linear_cross_entropy_reference(h, w, tt, b, num_items_in_batch=count)
+            assert torch.equal(ours.isnan(), want.isnan()) and (ours.isnan() or ours == want)
 
 
 def test_autocast(device, seed):

@@ -315,8 +315,9 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: O
     dtype = _compute_dtype(hidden, weight)
     target = target.to(hidden.device, torch.int64)
     if num_items_in_batch is not None:
-        scale = 1.0 / (num_items_in_batch.to(hidden.device, torch.float64)
-                       if isinstance(num_items_in_batch, Tensor) else num_items_in_batch)
+        # a number as a float64 tensor too: a count of 0 (a batch with every label ignored) gives inf and a
+        # NaN loss, as PyTorch's sum / 0 does, rather than Python's ZeroDivisionError
+        scale = 1.0 / torch.as_tensor(num_items_in_batch, dtype=torch.float64).to(hidden.device)
     else:
         scale = 1.0 if reduction == "sum" else None
     return _apply(hidden, weight, bias, target, ignore_index, scale, chunk_rows, "auto", dtype)
