@@ -54,9 +54,11 @@ def kernel_cases(device: torch.device, quick: bool) -> list:
                 QuickGELUCase(64, 256, f32)]
     if device.type != "cuda":
         f32 = torch.float32
-        return [NormCase("rms_norm", 2048, n, f32, residual=r) for n in (1024, 4096) for r in (False, True)] + \
-               [NormCase("layer_norm", 2048, 768, f32, residual=r) for r in (False, True)] + \
-               [AdapterCase(4, 256, 1024, f32), SwiGLUCase(2048, 2752, f32), QuickGELUCase(2048, 1024, f32)]
+        # small enough that the Triton interpreter's runs keep the default CPU run to a few minutes on two
+        # cores (at M = 2048 it took 12): CPU timings say nothing about GPU performance either way
+        return [NormCase("rms_norm", 256, n, f32, residual=r) for n in (1024, 4096) for r in (False, True)] + \
+               [NormCase("layer_norm", 256, 768, f32, residual=r) for r in (False, True)] + \
+               [AdapterCase(2, 128, 1024, f32), SwiGLUCase(256, 2752, f32), QuickGELUCase(256, 1024, f32)]
     clip_m = 64 * 577
     cases = [NormCase("rms_norm", 32768, n, bf16, residual=r) for r in (False, True) for n in (1024, 4096, 5120, 8192)]
     cases += [NormCase("layer_norm", clip_m, n, bf16, residual=r) for r in (False, True) for n in (768, 1024, 1280)]
