@@ -542,6 +542,7 @@ def test_mma_model_accurate_against_float64(seed, dtype, device, monkeypatch):
     there take the LaVIN-style eager composition, so the float64 oracle can run at all."""
     import mmfast.nn.adapter as adapter_module
     from model_accuracy import assert_model_accurate_over_draws, double_inputs, run_model
+    from spy import count_calls
 
     model = build("llava", seed, dtype=dtype).to(device)
     mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(dropout=0.0), verbose=False)
@@ -549,14 +550,7 @@ def test_mma_model_accurate_against_float64(seed, dtype, device, monkeypatch):
     ref64 = copy.deepcopy(model).double()
     with pytest.raises(TypeError, match=r"mmfast\.disabled\(\)"):
         ref64(**double_inputs(batch("llava", seed, images=[True, False], dtype=dtype)))
-    calls = []
-    real = adapter_module.mma_adapter
-
-    def counting(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(adapter_module, "mma_adapter", counting)
+    calls = count_calls(monkeypatch, adapter_module, "mma_adapter")
     draws = []
     for i in range(DRAWS[dtype]):
         inputs = {k: v.to(device) for k, v in batch("llava", seed + i, images=[True, False], dtype=dtype).items()}

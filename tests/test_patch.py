@@ -10,7 +10,9 @@ from torch import nn
 
 import mmfast
 from model_accuracy import assert_model_accurate, assert_model_accurate_over_draws, double_inputs, draw
+from mmfast.nn import norm as nn_norm
 from mmfast.patching import core
+from spy import count_calls
 from tiny_models import batch, build, first_output, lora_llama
 
 KINDS = ["llama", "clip-vision", "clip-text", "siglip-vision", "llava"]
@@ -163,14 +165,7 @@ def test_disable_env_and_context(monkeypatch):
     with torch.no_grad():
         expected = first_output(model(**inputs))
     mmfast.patch(model, verbose=False)
-    calls = []
-    real = mmfast.rms_norm
-
-    def counting(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr("mmfast.nn.norm.rms_norm", counting)
+    calls = count_calls(monkeypatch, nn_norm, "rms_norm")
     with torch.no_grad():
         model(**inputs)
         assert calls, "the patched model did not call the fused op"
@@ -411,14 +406,7 @@ def test_disabled_switches_compiled_model_at_run_time(monkeypatch):
     with torch.no_grad():
         expected = first_output(model(**inputs))
     mmfast.patch(model, fused_loss=False, verbose=False)
-    calls = []
-    real = mmfast.rms_norm
-
-    def counting(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr("mmfast.nn.norm.rms_norm", counting)
+    calls = count_calls(monkeypatch, nn_norm, "rms_norm")
     compiled = torch.compile(model, backend="eager")
     with torch.no_grad():
         compiled(**inputs)

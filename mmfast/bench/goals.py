@@ -98,39 +98,36 @@ def _model_goals(records: list[dict]) -> list[dict]:
         if r.get("direction") == "train-step" and r.get("tuning") == MODEL_TUNING and not r.get("error"):
             key = (r.get("_run"), r["M"], r["N"], r.get("llm_layers"))
             configs.setdefault(key, {})[r["provider"]] = r
-    out = []
-    label = f"{MODEL_TUNING} step: >= {SPEEDUP}x HF eager's tokens/s, >= {PEAK_CUT:.0%} lower peak memory"
-    paired = [c for c in configs.values() if c.get("mmfast", {}).get("peak_mem_bytes")
-              and c.get("hf-eager", {}).get("peak_mem_bytes")]
-    if not paired:
-        out.append(_goal(label, "not in this run", None))
-    else:
-        parts, met = [], True
-        for c in paired:
-            ours, hf = c["mmfast"], c["hf-eager"]
-            speed = ours["tokens_per_s"] / hf["tokens_per_s"]
-            cut = 1 - ours["peak_mem_bytes"] / hf["peak_mem_bytes"]
-            where = f" (M={ours['M']})" if len(paired) > 1 else ""
-            parts.append(f"{speed:.2f}x tokens/s, peak {ours['peak_mem_bytes'] / 2**30:.2f} vs "
-                         f"{hf['peak_mem_bytes'] / 2**30:.2f} GiB ({-cut:+.0%}){where}")
-            met &= speed >= SPEEDUP and cut >= PEAK_CUT
-        out.append(_goal(label, "; ".join(parts), met))
-    label = f"{MODEL_TUNING} step: ahead of Liger (tokens/s and peak memory)"
-    paired = [c for c in configs.values() if c.get("mmfast", {}).get("peak_mem_bytes")
-              and c.get("liger", {}).get("peak_mem_bytes")]
-    if not paired:
-        out.append(_goal(label, "not in this run (Liger not importable or not run)", None))
-    else:
-        parts, met = [], True
-        for c in paired:
-            ours, liger = c["mmfast"], c["liger"]
-            speed = ours["tokens_per_s"] / liger["tokens_per_s"]
-            where = f" (M={ours['M']})" if len(paired) > 1 else ""
-            parts.append(f"{speed:.2f}x Liger's tokens/s, peak {ours['peak_mem_bytes'] / 2**30:.2f} vs "
-                         f"{liger['peak_mem_bytes'] / 2**30:.2f} GiB{where}")
-            met &= speed > 1 and ours["peak_mem_bytes"] < liger["peak_mem_bytes"]
-        out.append(_goal(label, "; ".join(parts), met))
-    return out
+
+    def compared(other: str, label: str, absent: str, measure) -> dict:
+        """The goal over every configuration with both mmfast's step and ``other``'s; ``measure(ours, theirs)``
+        gives (text, met)."""
+        paired = [c for c in configs.values() if c.get("mmfast", {}).get("peak_mem_bytes")
+                  and c.get(other, {}).get("peak_mem_bytes")]
+        if not paired:
+            return _goal(label, absent, None)
+        results = [measure(c["mmfast"], c[other]) for c in paired]
+        where = [f" (M={c['mmfast']['M']})" if len(paired) > 1 else "" for c in paired]
+        return _goal(label, "; ".join(text + w for (text, _), w in zip(results, where)), all(m for _, m in results))
+
+    def gib(r: dict) -> str:
+        return f"{r['peak_mem_bytes'] / 2**30:.2f}"
+
+    def against_hf(ours: dict, hf: dict) -> tuple[str, bool]:
+        speed = ours["tokens_per_s"] / hf["tokens_per_s"]
+        cut = 1 - ours["peak_mem_bytes"] / hf["peak_mem_bytes"]
+        return (f"{speed:.2f}x tokens/s, peak {gib(ours)} vs {gib(hf)} GiB ({-cut:+.0%})",
+                speed >= SPEEDUP and cut >= PEAK_CUT)
+
+    def against_liger(ours: dict, liger: dict) -> tuple[str, bool]:
+        speed = ours["tokens_per_s"] / liger["tokens_per_s"]
+        return (f"{speed:.2f}x Liger's tokens/s, peak {gib(ours)} vs {gib(liger)} GiB",
+                speed > 1 and ours["peak_mem_bytes"] < liger["peak_mem_bytes"])
+
+    return [compared("hf-eager", f"{MODEL_TUNING} step: >= {SPEEDUP}x HF eager's tokens/s, >= {PEAK_CUT:.0%} "
+                     "lower peak memory", "not in this run", against_hf),
+            compared("liger", f"{MODEL_TUNING} step: ahead of Liger (tokens/s and peak memory)",
+                     "not in this run (Liger not importable or not run)", against_liger)]
 
 
 def evaluate(records: list[dict]) -> list[dict]:

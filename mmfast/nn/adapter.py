@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.adapter import mma_adapter, mma_adapter_lavin_style
-from ..patching.core import is_disabled
+from .disable import is_disabled
 
 IMPLS = ("fused", "eager")
 

@@ -15,18 +15,17 @@ No tensor data is touched, so models on the meta device patch the same way.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import inspect
-import os
 import re
 from collections import Counter
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
+from ..nn.disable import disabled, is_disabled  # noqa: F401 - the switch, re-exported here
 from .table import FAMILIES, KERNEL_LIBRARIES, family_of, is_norm_candidate, unsupported_reason
 
 _ATTR = "_mmfast_patch"
@@ -42,23 +41,6 @@ class _Absent:
 
 
 _ABSENT = _Absent()
-_DISABLE_DEPTH = 0
-
-
-def is_disabled() -> bool:
-    """True inside ``mmfast.disabled()`` or when ``MMFAST_DISABLE`` is set to a true value."""
-    return _DISABLE_DEPTH > 0 or os.environ.get("MMFAST_DISABLE", "0").strip().lower() not in ("", "0", "false", "off")
-
-
-@contextlib.contextmanager
-def disabled() -> Iterator[None]:
-    """Patched modules run their original forwards inside this block."""
-    global _DISABLE_DEPTH
-    _DISABLE_DEPTH += 1
-    try:
-        yield
-    finally:
-        _DISABLE_DEPTH -= 1
 
 
 @dataclasses.dataclass
@@ -91,15 +73,14 @@ class _PatchedForward(functools.partial):
 def patched_forward(module: nn.Module, *args, **kwargs):
     """The forward installed on patched instances."""
     rec: _Patch = module.__dict__[_ATTR]
+    x = args[0] if args else next(iter(kwargs.values()), None)
     if is_disabled():
         out = _original_call(module, rec)(*args, **kwargs)
-        x = args[0] if args else next(iter(kwargs.values()), None)
         # fp32 master weights make the original LlamaRMSNorm return fp32; keep the input dtype (norms
         # only: an MLP under autocast returns the autocast dtype, as it would unpatched)
         if rec.family in FAMILIES and isinstance(out, Tensor) and isinstance(x, Tensor) and out.dtype != x.dtype:
             out = out.to(x.dtype)
         return out
-    x = args[0] if args else next(iter(kwargs.values()), None)
     if isinstance(x, Tensor) and x.dtype == torch.float64:
         raise TypeError(
             f"mmfast: this {type(module).__name__} was patched by mmfast.patch ({rec.family.kind}), whose kernels "

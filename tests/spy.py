@@ -1,0 +1,15 @@
+"""Counting stand-ins for functions a test needs to see called (or not)."""
+
+
+def count_calls(monkeypatch, owner, name: str) -> list:
+    """Replace ``owner.name`` (a module or class attribute) with a wrapper that appends to the returned list
+    on every call and then calls the original; undone with ``monkeypatch``."""
+    calls: list = []
+    real = getattr(owner, name)
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls
