@@ -109,6 +109,40 @@ def test_use_backend_block(monkeypatch, device):
     assert seen == [("fwd", "reference"), ("bwd", "reference")]
 
 
+def test_use_backend_blocks_overlapping_on_threads(monkeypatch):
+    """Blocks entered and left out of order on two threads: each block's own choice holds while it is
+    open, and when both have closed the variable rules again (a saved-and-restored global left the
+    first thread's choice on for the rest of the process)."""
+    import threading
+
+    from mmfast.ops.backend import requested_backend
+
+    monkeypatch.setenv(ENV_VAR, "auto")
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def thread_a():
+        with mmfast.use_backend("reference"):
+            a_in.set()
+            b_in.wait()
+        a_out.set()
+
+    def thread_b():
+        a_in.wait()
+        with mmfast.use_backend("triton"):
+            b_in.set()
+            a_out.wait()
+            seen["b after a left"] = requested_backend()
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert seen == {"b after a left": "triton"}
+    assert requested_backend() == "auto"
+
+
 def test_backends_used_counts_what_ran(monkeypatch, device):
     """``backends_used`` counts each op call, forward and backward (the backward runs on autograd's
     thread), by the backend that ran it; blocks nest; a block that is closed counts nothing more."""

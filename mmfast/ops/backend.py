@@ -100,29 +100,38 @@ def _record(use: KernelKey, backend: str) -> str:
     return backend
 
 
-#: Set by :func:`use_backend`; process-wide, because backward runs on autograd's own threads.
-_override: str | None = None
+#: The open :func:`use_backend` blocks, oldest first, as ``(token, backend)``: process-wide, because
+#: backward runs on autograd's own threads. Each block removes its own entry on exit, so blocks that
+#: overlap on different threads and exit out of order leave the others' choices as they were.
+_overrides: list[tuple[object, str]] = []
+_overrides_lock = threading.Lock()
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Run the mmfast ops called inside the block (and their backward, when it runs inside the block)
-    on backend ``name``, as if ``MMFAST_BACKEND=name``. Blocks nest; the innermost wins."""
-    global _override
+    on backend ``name``, as if ``MMFAST_BACKEND=name``. Blocks nest; the innermost (the most recently
+    entered one still open) wins."""
     value = name.strip().lower()
     if value not in BACKENDS:
         raise ValueError(f"use_backend: {name!r} is not one of {', '.join(BACKENDS)}")
-    previous, _override = _override, value
+    token = object()
+    with _overrides_lock:
+        _overrides.append((token, value))
     try:
         yield
     finally:
-        _override = previous
+        with _overrides_lock:  # by identity: exits need not come in the order of entries
+            del _overrides[next(i for i, (t, _) in enumerate(_overrides) if t is token)]
 
 
 def requested_backend() -> str:
     """The backend asked for: :func:`use_backend`, else ``MMFAST_BACKEND`` (``auto`` when unset)."""
-    if _override is not None:
-        return _override
+    if _overrides:
+        try:
+            return _overrides[-1][1]
+        except IndexError:  # the last block closed on another thread since the check
+            pass
     value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if value not in BACKENDS:
         raise ValueError(f"{ENV_VAR}={value!r} is not one of {', '.join(BACKENDS)}")
