@@ -157,3 +157,73 @@ def test_projections_in_different_dtypes_meet_in_the_promoted_one(seed):
     g, u = mlp.gate_proj(x), mlp.up_proj(x)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, torch.nn.functional.silu(g) * u.float())
+
+
+def test_clip_mlp_called_with_its_keyword(seed):
+    """The patched CLIP MLP takes its input by the class forward's parameter name, as its advertised
+    signature says (it raised TypeError: the fused forward named it differently)."""
+    model = build("clip-vision", seed)
+    mlp = model.encoder.layers[0].mlp
+    x = torch.randn(2, 5, model.config.hidden_size)
+    with mmfast.disabled():
+        want = mlp(hidden_states=x)
+    mmfast.patch(model, verbose=False)
+    assert mmfast.patching.core.is_patched(mlp)
+    torch.testing.assert_close(mlp(hidden_states=x), want)
+
+
+@pytest.mark.parametrize("kind", ["forward", "forward_pre", "full_backward"])
+def test_hooks_on_the_activation_run(kind, seed, recwarn):
+    """A hook on the activation module of a patched MLP runs, and what it returns counts: registered
+    after patching, the MLP runs its original forward with one warning; registered before, the MLP is
+    not patched and the report says why (the fused kernel never called the module: hooks were skipped)."""
+    def make():
+        m = _llama(seed)
+        return m, m.model.layers[0].mlp
+
+    calls = []
+
+    def register(mlp):
+        if kind == "forward":
+            return mlp.act_fn.register_forward_hook(lambda mod, inp, out: calls.append(1) or out * 2)
+        if kind == "forward_pre":
+            return mlp.act_fn.register_forward_pre_hook(lambda mod, inp: calls.append(1) or (inp[0] * 2,))
+        return mlp.act_fn.register_full_backward_hook(lambda mod, gi, go: calls.append(1))
+
+    ids = torch.randint(0, 64, (2, 6))
+    plain, pmlp = make()
+    register(pmlp)
+    want = plain(input_ids=ids).logits
+    want.sum().backward()
+    n_plain = len(calls)
+    assert n_plain == 1
+
+    after, amlp = make()
+    mmfast.patch(after, fused_loss=False, verbose=False)
+    calls.clear()
+    register(amlp)
+    with pytest.warns(RuntimeWarning, match="runs its original forward: a .*hook on act_fn"):
+        got = after(input_ids=ids).logits
+    got.sum().backward()
+    assert len(calls) == n_plain
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(amlp.gate_proj.weight.grad, pmlp.gate_proj.weight.grad)
+
+    before, bmlp = make()
+    register(bmlp)
+    report = mmfast.patch(before, fused_loss=False, verbose=False)
+    assert "model.layers.0.mlp" not in report.mlps and "model.layers.1.mlp" in report.mlps
+    assert any(p == "model.layers.0.mlp" and "hook on act_fn" in why for p, why in report.skipped)
+
+
+def test_activation_replaced_after_patching(seed):
+    """An activation swapped after patching computes (the fused SiLU kept running before)."""
+    plain = _llama(seed)
+    model = copy.deepcopy(plain)
+    mmfast.patch(model, fused_loss=False, verbose=False)
+    for m in (plain, model):
+        m.model.layers[0].mlp.act_fn = torch.nn.ReLU()
+    ids = torch.randint(0, 64, (2, 6))
+    with pytest.warns(RuntimeWarning, match="act_fn is ReLU, not SiLU"):
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, plain(input_ids=ids).logits)

@@ -110,6 +110,34 @@ def defining_module(fn) -> str:
     return getattr(inner, "__module__", None) or type(inner).__module__ or "?"
 
 
+#: Packages whose hooks wrap a module without looking at what it computes (parameter gathering,
+#: device placement, mmfast's own): a fused path may bypass them.
+WRAPPER_PACKAGES = ("torch.distributed", "deepspeed", "accelerate", "mmfast")
+
+_HOOK_KINDS = (("forward hook", "_forward_hooks"), ("forward pre-hook", "_forward_pre_hooks"),
+               ("backward hook", "_backward_hooks"), ("backward pre-hook", "_backward_pre_hooks"))
+
+
+def foreign_hook(module: nn.Module, where: str, kinds: tuple[str, ...] = ("forward hook", "forward pre-hook"),
+                 global_hooks: bool = False) -> Optional[str]:
+    """``"a <kind> <where> (from <package>)"`` for the first hook of ``kinds`` on ``module`` (and, with
+    ``global_hooks``, registered for every module) that is not a wrapper package's, else None."""
+    from torch.nn.modules import module as torch_module
+
+    for kind, attr in _HOOK_KINDS:
+        if kind not in kinds:
+            continue
+        tables = [getattr(module, attr, None) or {}]
+        if global_hooks:
+            tables.append(getattr(torch_module, "_global" + attr, None) or {})
+        for hooks in tables:
+            for hook in hooks.values():
+                package = defining_module(hook)
+                if not package.startswith(WRAPPER_PACKAGES):
+                    return f"a {kind} {where} (from {package})"
+    return None
+
+
 def _describe(fn) -> str:
     inner = _inner(fn)
     name = getattr(inner, "__qualname__", None) or type(inner).__name__

@@ -9,8 +9,10 @@ Two families, each a class-forward code and the activation it needs:
   and the many vision MLPs copied from it), patched when ``activation_fn`` is QuickGELU (``hidden_act``
   "quick_gelu").
 
-A candidate with another activation (Gemma's GELU, SigLIP's tanh GELU) is reported as skipped with the
-reason. The projections are left alone: the patched forward calls the module's own projections, so LoRA
+A candidate with another activation (Gemma's GELU, SigLIP's tanh GELU), or whose activation module
+carries hooks (the fused kernel never calls that module, so they would not run), is reported as skipped
+with the reason. A patched MLP whose activation gets hooks, or is replaced, after patching runs its
+original forward, with one warning. The projections are left alone: the patched forward calls the module's own projections, so LoRA
 or other wrappers on them keep working. Same rules as the norms (:mod:`mmfast.patching.core`): the
 instance's ``forward`` only, no stacking on another library's patch, ``mmfast.disabled()`` runs the
 original, ``unpatch`` restores it.
@@ -25,7 +27,8 @@ from typing import Callable, Optional
 from torch import nn
 
 from ..nn.mlp import clip_mlp_forward, llama_mlp_forward
-from .core import _ATTR, PatchReport, _foreign_patch, _install, is_patched, unpatch_where
+from ..ops.backend import warn_once
+from .core import _ATTR, PatchReport, _foreign_patch, _install, _original_call, foreign_hook, is_patched, unpatch_where
 from .table import _code_key
 
 
@@ -75,9 +78,42 @@ class MlpFamily:
         return fwd is not None and _code_key(fwd) == self.code_key()
 
 
-SWIGLU = MlpFamily("swiglu", llama_mlp_forward, _llama_mlp_key, "act_fn", _is_silu, "SiLU",
+def _activation_bypassed(m: nn.Module, fam: MlpFamily) -> Optional[str]:
+    """Why the fused forward would not compute what ``m``'s activation module does now, or None: it is no
+    longer the activation the family fuses, or it has hooks (of any kind, on it or on every module) that
+    the fused kernel, which never calls it, would skip."""
+    act = getattr(m, fam.act_attr, None)
+    if not fam.act_ok(act):
+        return f"{fam.act_attr} is {type(act).__name__}, not {fam.act_name}: the fused {fam.kind} needs {fam.act_name}"
+    hook = foreign_hook(act, f"on {fam.act_attr}", kinds=("forward hook", "forward pre-hook", "backward hook",
+                                                            "backward pre-hook"), global_hooks=True)
+    if hook is not None:
+        return f"{hook} would not run: the fused {fam.kind} does not call {fam.act_attr}"
+    return None
+
+
+def _checked_forward(fused: Callable, module: nn.Module, args: tuple, kwargs: dict):
+    rec = module.__dict__[_ATTR]
+    reason = _activation_bypassed(module, rec.family)
+    if reason is not None:
+        warn_once(f"mmfast: a patched {type(module).__name__} runs its original forward: {reason}")
+        return _original_call(module, rec)(*args, **kwargs)
+    return fused(module, *args, **kwargs)
+
+
+def _swiglu_mlp_forward(module: nn.Module, *args, **kwargs):
+    """:func:`mmfast.nn.mlp.llama_mlp_forward`, unless the activation changed after patching."""
+    return _checked_forward(llama_mlp_forward, module, args, kwargs)
+
+
+def _quick_gelu_mlp_forward(module: nn.Module, *args, **kwargs):
+    """:func:`mmfast.nn.mlp.clip_mlp_forward`, unless the activation changed after patching."""
+    return _checked_forward(clip_mlp_forward, module, args, kwargs)
+
+
+SWIGLU = MlpFamily("swiglu", _swiglu_mlp_forward, _llama_mlp_key, "act_fn", _is_silu, "SiLU",
                    ("gate_proj", "up_proj", "down_proj"))
-QUICK_GELU = MlpFamily("quick_gelu", clip_mlp_forward, _clip_mlp_key, "activation_fn", _is_quick_gelu, "QuickGELU",
+QUICK_GELU = MlpFamily("quick_gelu", _quick_gelu_mlp_forward, _clip_mlp_key, "activation_fn", _is_quick_gelu, "QuickGELU",
                        ("fc1", "fc2"))
 FAMILIES = (SWIGLU, QUICK_GELU)
 
@@ -89,9 +125,9 @@ def family_of(m: nn.Module) -> Optional[MlpFamily]:
 
 def unsupported_reason(m: nn.Module, fam: MlpFamily) -> Optional[str]:
     """None when the candidate ``m`` of ``fam`` can take the fused activation, else why not."""
-    act = getattr(m, fam.act_attr, None)
-    if not fam.act_ok(act):
-        return f"{fam.act_attr} is {type(act).__name__}, not {fam.act_name}: the fused {fam.kind} needs {fam.act_name}"
+    reason = _activation_bypassed(m, fam)
+    if reason is not None:
+        return reason
     for name in fam.projections:
         if not isinstance(getattr(m, name, None), nn.Module):
             return f"{name} is not a module"
