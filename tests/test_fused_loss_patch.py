@@ -63,6 +63,25 @@ def test_unfused_when_logits_are_wanted(kind, calls):
     assert calls == []
 
 
+def test_logits_to_keep_by_position(calls):
+    """``logits_to_keep`` passed by position, as by keyword, runs the model as unpatched and returns its
+    logits (it was seen by keyword only: the fused loss ran and the logits came back None)."""
+    import inspect
+
+    model = build("llama")
+    plain = copy.deepcopy(model)
+    mmfast.patch(model, verbose=False)
+    inputs = batch("llama")
+    names = list(inspect.signature(type(model).forward).parameters)[1:]
+    args = [None] * (names.index("logits_to_keep") + 1)
+    args[names.index("input_ids")], args[names.index("labels")], args[-1] = inputs["input_ids"], inputs["labels"], 1
+    shift = inputs["labels"][:, -1:].clone()
+    out, want = model(*args, shift_labels=shift), plain(*args, shift_labels=shift)
+    assert out.logits is not None and out.logits.shape == want.logits.shape
+    torch.testing.assert_close(out.loss, want.loss)
+    assert calls == []
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_compiled_training_step_keeps_it(kind):
     """torch.compile(fullgraph=True) of a patched model traces the fused loss (one custom op, the row

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.loss import linear_cross_entropy
-from .core import (_ATTR, _foreign_patch, _install, _original_call, defining_module, is_disabled, is_patched,
+from .core import (_ATTR, _foreign_patch, _install, _original_call, foreign_hook, is_disabled, is_patched,
                    unpatch_where)
 from .table import _code_key
 
@@ -70,10 +70,19 @@ def _supported_keys() -> frozenset:
 
 
 @functools.lru_cache(maxsize=None)
-def _labels_index(cls: type) -> Optional[int]:
-    """Position of ``labels`` among the forward's positional parameters (after self), or None."""
-    params = list(inspect.signature(inspect.unwrap(cls.forward)).parameters)[1:]
-    return params.index("labels") if "labels" in params else None
+def _param_index(cls: type, name: str) -> Optional[int]:
+    """Position of ``name`` among the forward's positional parameters (after self), or None."""
+    params = [p.name for p in inspect.signature(inspect.unwrap(cls.forward)).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
+    return params.index(name) if name in params else None
+
+
+def _argument(cls: type, args: tuple, kwargs: dict, name: str, default: Any = None) -> Any:
+    """The forward's argument ``name`` in a call ``(*args, **kwargs)``, by keyword or by position."""
+    if name in kwargs:
+        return kwargs[name]
+    idx = _param_index(cls, name)
+    return args[idx] if idx is not None and len(args) > idx else default
 
 
 def _loss_not_causal(model: nn.Module) -> Optional[str]:
@@ -196,11 +205,6 @@ def _arm(labels: Tensor, kwargs: dict) -> dict:
     return dict(target=target, ignore_index=ignore_index, num_items_in_batch=kwargs.get("num_items_in_batch"))
 
 
-#: Where the hooks come from that may sit on the LM head around the fused loss: sharding and offloading
-#: wrappers, which gather or move the head's parameters and hand its output on (the stand-in included).
-_WRAPPER_PACKAGES = ("torch.distributed", "deepspeed", "accelerate", "mmfast")
-
-
 def _unfused_reason(model: nn.Module) -> Optional[str]:
     """Why this training call cannot take the fused loss any more, or None: the model was changed after
     ``patch`` in a way the fused loss would get wrong."""
@@ -214,22 +218,17 @@ def _unfused_reason(model: nn.Module) -> Optional[str]:
     not_causal = _loss_not_causal(model)
     if not_causal is not None:
         return not_causal
-    for kind, hooks in (("forward hook", head._forward_hooks), ("forward pre-hook", head._forward_pre_hooks)):
-        for hook in hooks.values():
-            package = defining_module(hook)
-            if not package.startswith(_WRAPPER_PACKAGES):
-                return (f"a {kind} on lm_head (from {package}) would see a stand-in instead of the logits; "
-                        "pass fused_loss=False to mmfast.patch to keep this hook without the warning")
+    hook = foreign_hook(head, "on lm_head")  # a sharding or offloading wrapper's hands the stand-in on
+    if hook is not None:
+        return (f"{hook} would see a stand-in instead of the logits; "
+                "pass fused_loss=False to mmfast.patch to keep this hook without the warning")
     return None
 
 
 def _model_forward(model: nn.Module, *args, **kwargs):
     orig = _original_call(model, model.__dict__[_ATTR])
-    labels = kwargs.get("labels")
-    if labels is None:
-        idx = _labels_index(type(model))
-        labels = args[idx] if idx is not None and len(args) > idx else None
-    keep = kwargs.get("logits_to_keep", 0)
+    labels = _argument(type(model), args, kwargs, "labels")
+    keep = _argument(type(model), args, kwargs, "logits_to_keep", 0)
     if (labels is None or not torch.is_grad_enabled() or is_disabled()
             or not (isinstance(keep, int) and keep == 0)):
         return orig(*args, **kwargs)
