@@ -87,6 +87,32 @@ def test_row_strided_views_without_copy(device, seed):
     check_swiglu(lambda i: (gt, torch.randn(7, 40, device=device).to(torch.float16)), seed)
 
 
+def test_rows_wider_than_one_grid(monkeypatch, device, seed):
+    """A row of more column blocks than a grid's y dimension takes (CUDA: 65,535; a flattened 1-D tensor is
+    one row) runs in several launches, none over the limit, and is as accurate (limit lowered to 2 blocks
+    here; one launch asked for 3)."""
+    from mmfast.kernels import swiglu as kernels
+
+    grids = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(kernels, "MAX_GRID_Y", 2)
+    for name in ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel"):
+        monkeypatch.setattr(kernels, name, Spy(getattr(kernels, name)))
+    gu = torch.randn(3, 2 * 5000, device=device).to(torch.bfloat16)
+    check_swiglu(lambda i: (gu[:, :5000], gu[:, 5000:]), seed)  # row-strided views: spans keep the strides
+    flat = torch.randn(5000, device=device)
+    check_swiglu(lambda i: (flat, torch.randn_like(flat)), seed)
+    assert grids and max(g[1] for g in grids) <= 2 and sum(g[1] for g in grids[:2]) == 3
+
+
 def test_reference_backend(monkeypatch, device, seed):
     monkeypatch.setenv(ENV_VAR, "reference")
     g = torch.randn(5, 130, device=device).to(torch.bfloat16)

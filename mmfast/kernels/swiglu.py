@@ -24,6 +24,8 @@ from ._device import cdiv, interpreting, next_pow2
 
 #: Largest column block one program covers.
 MAX_BLOCK = 2048
+#: CUDA's limit on a grid's y dimension (the column blocks of one launch); wider rows take more launches.
+MAX_GRID_Y = 65535
 
 
 def launch(n: int) -> tuple[int, int]:
@@ -77,14 +79,22 @@ def run_rows(kernel, inputs: tuple[torch.Tensor, ...], out_dtypes: tuple[torch.d
              ) -> list[torch.Tensor]:
     """Launch an element-wise row kernel over ``[M, n]`` row views (last dimension contiguous) and return
     its new contiguous outputs. The kernel's parameters are ``(*inputs, *outputs, n, *row strides of the
-    inputs then the outputs, BLOCK, SOFT_RNE, **constexprs)``; one program per (row, column block)."""
+    inputs then the outputs, BLOCK, SOFT_RNE, **constexprs)``; one program per (row, column block).
+
+    Rows of more than ``MAX_GRID_Y`` blocks (a flattened tensor is one row: 134M elements at the largest
+    block) go in column spans of at most that many blocks, one launch each, so that no grid exceeds CUDA's
+    y limit."""
     M, n = inputs[0].shape
     outs = [torch.empty((M, n), dtype=dt, device=inputs[0].device) for dt in out_dtypes]
     if M and n:
         block, warps = launch(n)
         tensors = (*inputs, *outs)
-        kernel[(M, cdiv(n, block))](*tensors, n, *(t.stride(0) for t in tensors), BLOCK=block,
-                                    SOFT_RNE=interpreting(), num_warps=warps, **constexprs)
+        span = MAX_GRID_Y * block
+        for c0 in range(0, n, span):
+            width = min(span, n - c0)
+            views = tensors if width == n else tuple(t[:, c0:c0 + width] for t in tensors)
+            kernel[(M, cdiv(width, block))](*views, width, *(t.stride(0) for t in views), BLOCK=block,
+                                            SOFT_RNE=interpreting(), num_warps=warps, **constexprs)
     return outs
 
 
