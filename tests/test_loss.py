@@ -173,6 +173,24 @@ def test_autocast(device, seed):
                         r.abs().max().item(), seed, terms=t.numel())
 
 
+def test_float64_under_autocast_stays_float64(device, seed):
+    """Autocast leaves float64 operands alone, so the fused loss of float64 inputs inside an autocast
+    region is the float64 loss (it ran in the autocast dtype: a bf16-sized error)."""
+    h, w, b, t = make(device, torch.float32)
+    h, w, b = (x.detach().double().requires_grad_() for x in (h, w, b))
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, w, t, b)
+        want = linear_cross_entropy_reference(h, w, t, b)
+    # both take the softmax in fp32 (the upcast of the logits); a few fp32 units at the gradient's scale
+    # apart, where the autocast dtype's rounding is thousands of them
+    unit = 64 * torch.finfo(torch.float32).eps
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, want.float(), rtol=unit, atol=0)
+    for ours, ref in zip(grads(loss, (h, w, b)), grads(want, (h, w, b))):
+        assert ours.dtype == torch.float64
+        torch.testing.assert_close(ours, ref, rtol=0, atol=unit * ref.abs().max().item())
+
+
 def test_non_contiguous_and_deterministic(device, seed):
     """A non-contiguous hidden gives bitwise the contiguous copy's loss and gradients (PyTorch's own CPU
     matmul does not: its strided bf16 path rounds differently), and those meet the accuracy rule."""

@@ -52,7 +52,8 @@ def _chunk_rows(vocab: int, rows: int, chunk_rows: Optional[int]) -> int:
 
 def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
     dev = hidden.device.type
-    if torch.is_autocast_enabled(dev):
+    # autocast casts fp32 / fp16 / bf16 operands only, never float64 ones
+    if torch.is_autocast_enabled(dev) and torch.float64 not in (hidden.dtype, weight.dtype):
         return torch.get_autocast_dtype(dev)
     if weight.dtype != hidden.dtype:
         raise TypeError(f"linear_cross_entropy: hidden is {hidden.dtype} but weight is {weight.dtype}; "
