@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gc
 import importlib.util
 import statistics
 import time
@@ -309,6 +310,9 @@ def time_train_step(case: ModelCase, provider: str, device: torch.device, steps:
 def _time_train_step(case: ModelCase, provider: str, device: torch.device, steps: int, warmup: int) -> dict:
     torch.manual_seed(0)
     if device.type == "cuda":  # the providers share a process: what an earlier one left is not this one's
+        # (a patched model holds reference cycles: without a collection an earlier provider's model could
+        # still be allocated here, and be freed by a collection in the middle of this one's steps)
+        gc.collect()
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
     model = build_model(case, device)
@@ -358,7 +362,8 @@ def _time_train_step(case: ModelCase, provider: str, device: torch.device, steps
     out = {"ms": ms, "host_ms": host_ms, "tokens_per_s": case.M / (ms * 1e-3), "peak_mem_bytes": peak,
            "saved": saved, "backends": backends_summary(used or {}),
            "trainable": sum(p.numel() for p in params)}
-    del model, opt, batch
+    del model, opt, batch, run, step, params
+    gc.collect()  # the patched model's reference cycles: free it now, not during the next provider's steps
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
