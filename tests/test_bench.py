@@ -16,7 +16,7 @@ from mmfast.bench import activation as activation_bench
 from mmfast.bench import adapter as adapter_bench
 from mmfast.bench import norm as norm_bench
 from mmfast.bench.__main__ import main
-from mmfast.bench.cases import AdapterCase, NormCase, QuickGELUCase, SwiGLUCase
+from mmfast.bench.cases import DIRECTIONS, AdapterCase, NormCase, QuickGELUCase, SwiGLUCase
 
 FIELDS = {"op", "provider", "direction", "dtype", "M", "N", "ms", "gbps", "frac_of_copy", "peak_mem_bytes",
           "device", "torch", "triton", "commit"}
@@ -699,3 +699,51 @@ def test_model_step_frees_its_model(monkeypatch, provider):
         assert len(built) == 1 and built[0]() is None
     finally:
         gc.enable()
+
+
+def test_a_failed_direction_keeps_the_others(monkeypatch):
+    """A direction whose timing fails gets its own error record; the case's other directions keep their
+    timings (one try around all three threw away the forward's with the backward's failure)."""
+    from mmfast.bench import runner
+
+    cpu = torch.device("cpu")
+    real = runner.median_ms
+
+    def timer(fn, device, **kw):
+        if getattr(fn, "__name__", "") == "call":  # the backward alone (runner.timed_call's closure)
+            raise RuntimeError("capture invalidated")
+        return real(fn, device, **kw)
+
+    monkeypatch.setattr(runner, "median_ms", timer)
+    case = NormCase("rms_norm", 8, 32, torch.float32)
+    recs = runner.time_case(case, "torch-native", cpu, None, {})
+    by = {r["direction"]: r for r in recs}
+    assert [r["direction"] for r in recs] == list(runner.DIRECTIONS)
+    assert "capture invalidated" in by["bwd"]["error"] and by["bwd"]["ms"] is None
+    assert by["fwd"]["error"] is None and by["fwd"]["ms"] > 0
+    assert by["fwd+bwd"]["error"] is None and by["fwd+bwd"]["ms"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("provider", ["torch-native", "mmfast-triton"])
+def test_graph_case_times_every_direction_on_gpu(provider):
+    """A CUDA-graph case times forward, forward+backward and the backward alone. The backward's capture
+    failed when its forward had run on the default stream (autograd runs each backward node on its
+    forward's stream, outside the capture), taking the case's other directions with it."""
+    from mmfast.bench.runner import time_cases_isolated
+
+    case = NormCase("rms_norm", 512, 4096, torch.bfloat16, graphs=True)
+    env = {"device": torch.cuda.get_device_name(), "cuda": torch.version.cuda}
+    recs = time_cases_isolated([case, case], provider, torch.device("cuda"), None, env)
+    assert [(r["direction"], r["error"]) for r in recs] == [(d, None) for d in DIRECTIONS] * 2
+    assert all(r["timing"] == "cuda-graph" and r["ms"] > 0 for r in recs)
+
+
+def test_providers_run_in_the_order_named(monkeypatch, tmp_path):
+    """--providers sets the run order within each case (and so the CUDA-graph processes' order): a run cut
+    by --time-budget measures the first named ones. Before, the suite's own order ran, and a lease's
+    graph step started mmfast's processes last."""
+    calls = []
+    monkeypatch.setattr(bench_main, "time_case", lambda case, prov, *a, **k: calls.append(prov) or [])
+    main(["--quick", "--ops", "rms_norm", "--providers", "torch-native,hf-eager", "--out", str(tmp_path)])
+    assert calls and calls[:2] == ["torch-native", "hf-eager"] and calls == calls[:2] * (len(calls) // 2)

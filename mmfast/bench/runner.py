@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import sys
 import traceback
@@ -83,12 +84,18 @@ def _timer(case, device: torch.device) -> Callable:
     return median_ms
 
 
-def timed_call(case, provider: str, device: torch.device, direction: str):
+def timed_call(case, provider: str, device: torch.device, direction: str, stream=None):
     """``(call, leaves)``: one warmed-up call of ``direction`` for ``provider`` on ``case``.
 
     Backward alone is one forward, then repeated ``backward(retain_graph=True)``; a compiled backward
     refuses to run twice while it donates buffers, so that direction is built (and compiled afresh)
-    with donated buffers off."""
+    with donated buffers off. ``stream``: the CUDA stream the inputs and that forward are made on (the
+    stream a CUDA-graph capture of the backward must use)."""
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        return _timed_call(case, provider, device, direction)
+
+
+def _timed_call(case, provider: str, device: torch.device, direction: str):
     if direction == "bwd":
         # Compiled code is cached per function, not per module instance: without a reset this instance
         # would reuse the artifact another instance compiled with donated buffers.
@@ -118,10 +125,27 @@ def timed_call(case, provider: str, device: torch.device, direction: str):
     return call, leaves
 
 
+#: The order a CUDA-graph case times its directions in: the backward alone, whose capture is the most
+#: delicate, last (a failed capture can leave the process's CUDA state broken for what follows).
+GRAPH_ORDER = ("fwd", "fwd+bwd", "bwd")
+
+
+def _failure(e: BaseException, provider: str, case, direction: str | None = None) -> str:
+    msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+    what = f"{case.name} M={case.M} N={case.N}" + (f" {direction}" if direction else "")
+    print(f"[mmfast.bench] {provider} failed on {what}: {msg}", file=sys.stderr)
+    traceback.print_exc(file=sys.stderr)  # the whole story, for the log
+    return msg
+
+
 def time_case(case, provider: str, device: torch.device, copy: float | None, env: dict,
               directions=DIRECTIONS) -> list[dict]:
-    """Records for ``provider`` on ``case``; a provider that fails gets records carrying the error."""
+    """Records for ``provider`` on ``case``; a provider that fails gets records carrying the error (a
+    direction that fails, that direction's record alone)."""
+    graphs = getattr(case, "graphs", False) and device.type == "cuda"
     try:
+        # one stream for the case's inputs, warm-ups and captures (see timed_call)
+        stream = torch.cuda.Stream(device) if graphs else None
         fn, leaves, inputs, seeds = _setup(case, provider, device)
 
         def forward():
@@ -136,17 +160,29 @@ def time_case(case, provider: str, device: torch.device, copy: float | None, env
         for t in leaves:
             t.grad = None
         peak = peak_memory_bytes(fwd_bwd, device)
-        timer = _timer(case, device)
-        out: list[dict] = []
-        graphs = getattr(case, "graphs", False)
-        for direction in directions:
-            if direction == "fwd":
-                call, grads = forward, ()
-            elif direction == "fwd+bwd":
-                call, grads = fwd_bwd, leaves
-            else:  # a separate instance (see timed_call)
-                call, grads = timed_call(case, provider, device, "bwd")
-            ms = timer(call, device, grad_to_none=grads)
+    except Exception as e:  # noqa: BLE001 - reported in the results, never hidden
+        msg = _failure(e, provider, case)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return [record(case, provider, d, None, copy, None, env, error=msg) for d in directions]
+    timer = _timer(case, device)
+    out: dict[str, dict] = {}
+    order = [d for d in GRAPH_ORDER if d in directions] + [d for d in directions if d not in GRAPH_ORDER] \
+        if graphs else list(directions)
+    try:
+        for direction in order:
+            try:
+                if direction == "fwd":
+                    call, grads = forward, ()
+                elif direction == "fwd+bwd":
+                    call, grads = fwd_bwd, leaves
+                else:  # a separate instance (see timed_call)
+                    call, grads = timed_call(case, provider, device, "bwd", stream=stream)
+                ms = timer(call, device, grad_to_none=grads, **({"stream": stream} if graphs else {}))
+            except Exception as e:  # noqa: BLE001 - this direction's record carries it
+                msg = _failure(e, provider, case, direction)
+                out[direction] = record(case, provider, direction, None, copy, peak, env, error=msg)
+                continue
             # a CUDA-graph replay has no host gaps: its wall time is already the GPU time
             gpu_ms, gpu_error = None, None
             if not graphs:
@@ -157,13 +193,8 @@ def time_case(case, provider: str, device: torch.device, copy: float | None, env
                     print(f"[mmfast.bench] no GPU time for {provider} on {case.name} {direction}: {gpu_error}",
                           file=sys.stderr)
             extra = {"gpu_error": gpu_error} if gpu_error else {}
-            out.append(record(case, provider, direction, ms, copy, peak, env, gpu_ms=gpu_ms, **extra))
-        return out
-    except Exception as e:  # noqa: BLE001 - reported in the results, never hidden
-        msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-        print(f"[mmfast.bench] {provider} failed on {case.name} M={case.M} N={case.N}: {msg}", file=sys.stderr)
-        traceback.print_exc(file=sys.stderr)  # the whole story, for the log
-        return [record(case, provider, d, None, copy, None, env, error=msg) for d in directions]
+            out[direction] = record(case, provider, direction, ms, copy, peak, env, gpu_ms=gpu_ms, **extra)
+        return [out[d] for d in directions]
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -38,13 +38,17 @@ def median_ms(
 
 
 def median_ms_graph(fn: Callable[[], object], device: torch.device, *, grad_to_none: Sequence[torch.Tensor] = (),
-                    warmup_ms: float = 25, rep_ms: float = 100) -> float:
+                    warmup_ms: float = 25, rep_ms: float = 100, stream: torch.cuda.Stream | None = None) -> float:
     """Median milliseconds of one replay of ``fn`` captured in a CUDA graph: launch overhead is gone,
     what remains is the kernels' own time. Gradients are cleared once before capture (replays then
-    write into the same buffers)."""
+    write into the same buffers).
+
+    ``fn`` is warmed up and captured on ``stream`` (default: a new side stream). A backward alone must be
+    captured on the stream its forward ran on: autograd runs each backward node on its forward's stream,
+    and a node of a stream outside the capture invalidates it."""
     for t in grad_to_none:
         t.grad = None
-    side = torch.cuda.Stream(device)
+    side = stream if stream is not None else torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):  # capture needs the work (and its allocations) warmed up off-stream
         for _ in range(3):
@@ -55,7 +59,7 @@ def median_ms_graph(fn: Callable[[], object], device: torch.device, *, grad_to_n
     graph = torch.cuda.CUDAGraph()
     # thread_local: only this thread's calls can invalidate the capture (the default, global, is also
     # broken by any other thread's unsafe CUDA call, e.g. a compile worker's)
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+    with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
         fn()
     return median_ms(graph.replay, device, warmup_ms=warmup_ms, rep_ms=rep_ms)
 
@@ -128,6 +132,10 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | N
     return int(torch.cuda.max_memory_allocated(device) - base)
 
 
+#: Copies whose busy time gives the copy bandwidth (after the warm-up).
+COPY_ITERS = 30
+
+
 def copy_gbps(device: torch.device, nbytes: int) -> float:
     """Bandwidth of a device-to-device copy of ``nbytes`` (bytes read + bytes written per second / 1e9).
 
@@ -137,7 +145,12 @@ def copy_gbps(device: torch.device, nbytes: int) -> float:
     push every fraction up."""
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
-    # (no L2 flush: the copy's gigabyte is far above any L2, and the flush would only add time)
-    ms = (gpu_busy_ms(lambda: dst.copy_(src), device, flush_l2=False) if device.type == "cuda"
-          else median_ms(lambda: dst.copy_(src), device))
+    if device.type == "cuda":
+        # the run's first GPU work: copy for a while first, so the clocks are the steady ones the timed
+        # cases see (a low copy figure would inflate every fraction of it)
+        median_ms(lambda: dst.copy_(src), device, warmup_ms=200, rep_ms=100)
+        # (no L2 flush: the copy's gigabyte is far above any L2, and the flush would only add time)
+        ms = gpu_busy_ms(lambda: dst.copy_(src), device, iters=COPY_ITERS, flush_l2=False)
+    else:
+        ms = median_ms(lambda: dst.copy_(src), device)
     return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
