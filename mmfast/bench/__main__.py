@@ -122,8 +122,10 @@ def main(argv: list[str] | None = None) -> int:
                         "without it a directory holding a results.json is refused before anything runs")
     p.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of %(default)s")
     p.add_argument("--providers", default=None,
-                   help="comma-separated providers (default: all available but the model suite's hf-compile and "
-                        "mmfast-compile, which run only when named)")
+                   help="comma-separated providers, run in the order given within each case (and, on a GPU, "
+                        "the CUDA-graph cases' per-provider processes in that order, so that the first named "
+                        "ones run first under --time-budget; default: all available but the model suite's "
+                        "hf-compile and mmfast-compile, which run only when named)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run (seconds)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--llm-layers", type=int, default=8, help="LLaMA layers in the model-level step (GPU)")
@@ -186,7 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     if not cases:
         p.error(f"nothing to run: --sizes {args.sizes} has no case of {sorted(ops)} on {device.type}"
                 + (" (the small shapes are CUDA-graph cases, GPU only)" if args.sizes == "small" else ""))
-    plan = [(c, prov) for c in cases for prov in _providers(c, device, wanted) if wanted is None or prov in wanted]
+    named = args.providers.split(",") if args.providers else []
+    plan = [(c, prov) for c in cases
+            for prov in sorted(_providers(c, device, wanted), key=lambda q: named.index(q) if q in named else -1)
+            if wanted is None or prov in wanted]
     if not plan:
         p.error("nothing to run: no case has any of the requested providers")
     if wanted is not None:
