@@ -7,7 +7,9 @@ mmfast can build it). Nothing here needs nvcc unless asked:
     MMFAST_CUDA=1 pip install --no-build-isolation -e .
 
 builds the extension ahead of time as ``mmfast._cuda_ext`` (with the torch already installed, hence
-no build isolation), with the same sources and flags as the build on first use.
+no build isolation), with the same sources and flags as the build on first use, and stores beside it
+the key of the sources it was built from (``mmfast/_cuda_ext.key``): after the sources change, mmfast
+passes over the stale build with a warning instead of running it.
 """
 
 import importlib.util
@@ -27,8 +29,8 @@ class BuildPyWithCudaSources(build_py):
 
     def run(self):
         super().run()
-        if not CSRC.is_dir():
-            return
+        if not CSRC.is_dir():  # an sdist without csrc/ (MANIFEST.in grafts it) would give a wheel that cannot build it
+            raise RuntimeError(f"{CSRC} is missing: the CUDA sources must ship with mmfast (MANIFEST.in: graft csrc)")
         dst = Path(self.build_lib) / "mmfast" / "_csrc"
         dst.mkdir(parents=True, exist_ok=True)
         for f in sorted(CSRC.iterdir()):
@@ -44,12 +46,26 @@ def _loader():
     return module
 
 
+#: MMFAST_CUDA values that leave the extension out (as mmfast reads its other switches).
+OFF = ("", "0", "false", "off", "no")
+
 cmdclass = {"build_py": BuildPyWithCudaSources}
 ext_modules = []
-if os.environ.get("MMFAST_CUDA", "0").strip() not in ("", "0"):
+if os.environ.get("MMFAST_CUDA", "0").strip().lower() not in OFF:
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     loader = _loader()
+
+    class BuildExtWithKey(BuildExtension):
+        """Builds the extension and writes the key of its sources beside it (see the module docstring)."""
+
+        def run(self):
+            super().run()
+            for ext in self.extensions:
+                key_file = Path(self.get_ext_fullpath(ext.name)).with_name(loader.AOT_KEY_FILE)
+                key_file.parent.mkdir(parents=True, exist_ok=True)
+                key_file.write_text(loader.aot_key() + "\n")
+
     ext_modules.append(
         CUDAExtension(
             loader.AOT_MODULE,
@@ -58,6 +74,6 @@ if os.environ.get("MMFAST_CUDA", "0").strip() not in ("", "0"):
             extra_compile_args={"cxx": list(loader.CXX_FLAGS), "nvcc": list(loader.NVCC_FLAGS)},
         )
     )
-    cmdclass["build_ext"] = BuildExtension
+    cmdclass["build_ext"] = BuildExtWithKey
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -304,27 +304,192 @@ def test_lock_waits_times_out_and_survives_a_killed_holder(tmp_path):
     assert not cuda_ext.lock_is_held(tmp_path)
 
 
-def test_build_clears_a_stale_torch_baton_and_marks_success(fresh_loader, monkeypatch, tmp_path):
+def _fake_build(calls, directory, fail=None):
+    """A stand-in for cpp_extension.load: checks the lock is held and writes a library into its directory."""
+    def fake_load(**kwargs):
+        assert cuda_ext.lock_is_held(directory)
+        calls.append(kwargs)
+        if fail:
+            raise RuntimeError(fail)
+        Path(kwargs["build_directory"], cuda_ext.LIBRARY).write_text("library")
+        return object()
+
+    return fake_load
+
+
+def test_build_runs_apart_and_moves_a_complete_library_in(fresh_loader, monkeypatch, tmp_path):
+    """The build runs in a directory of its own process (compilers a killed build left running write only
+    into theirs), and its library is moved into place once complete; then success is marked."""
     from torch.utils import cpp_extension
 
     directory = tmp_path / "build"
     directory.mkdir()
-    (directory / "lock").write_text("")  # torch's baton from a killed build: its load() would wait forever
     calls = []
-
-    def fake_load(**kwargs):
-        assert not (directory / "lock").exists()
-        assert cuda_ext.lock_is_held(directory)
-        calls.append(kwargs)
-        return object()
-
-    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(cpp_extension, "load", _fake_build(calls, directory))
     cuda_ext._build(directory)
     assert (directory / "built.ok").read_text().strip() == cuda_ext.build_key()
+    assert (directory / cuda_ext.LIBRARY).read_text() == "library"
     (kw,) = calls
-    assert kw["build_directory"] == str(directory) and kw["name"] == cuda_ext.JIT_NAME
+    work = Path(kw["build_directory"])
+    assert work.parent == directory and work.name.startswith(f"tmp-{os.getpid()}-") and not work.exists()
+    assert kw["name"] == cuda_ext.JIT_NAME
     assert [Path(s).name for s in kw["sources"]] == list(cuda_ext.SOURCES)
     assert "--use_fast_math" not in kw["extra_cuda_cflags"]
+
+
+def test_a_finished_build_is_imported_without_lock_or_writes(fresh_loader, monkeypatch, tmp_path):
+    """A cache holding a finished build of this key (a read-only one, another user's) is imported as it
+    is: no lock file opened, nothing compiled or written (the lock's O_RDWR open failed on such caches,
+    and the reason said the build failed)."""
+    from torch.utils import cpp_extension
+
+    directory = tmp_path / "build"
+    directory.mkdir()
+    (directory / cuda_ext.LIBRARY).write_text("library")
+    (directory / "built.ok").write_text(cuda_ext.build_key() + "\n")
+    imported = []
+    monkeypatch.setattr(cuda_ext, "_import_built", lambda d: imported.append(d) or "module")
+    monkeypatch.setattr(cuda_ext, "build_lock", lambda *a: pytest.fail("took the lock"))
+    monkeypatch.setattr(cpp_extension, "load", lambda **k: pytest.fail("compiled"))
+    assert cuda_ext._build(directory) == "module" and imported == [directory]
+    assert sorted(p.name for p in directory.iterdir()) == ["built.ok", cuda_ext.LIBRARY]
+    # another key's build there is not taken
+    (directory / "built.ok").write_text("0123456789abcdef\n")
+    assert not cuda_ext._built(directory)
+
+
+def test_a_lock_file_without_write_access_still_locks(monkeypatch, tmp_path):
+    """Another user's lock file (0644, not writable here) is opened for reading, which flock takes."""
+    real_open = os.open
+
+    def no_write(path, flags, *a):
+        if str(path).endswith("build.lock") and flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *a)
+
+    (tmp_path / "build.lock").write_text("")
+    monkeypatch.setattr(os, "open", no_write)
+    with cuda_ext.build_lock(tmp_path, timeout=1) as lock:
+        assert lock.os_lock and cuda_ext.lock_is_held(tmp_path)
+
+
+def test_no_flock_on_the_filesystem_builds_unserialised(monkeypatch, tmp_path):
+    """A mount without flock (ENOSYS / ENOLCK / EOPNOTSUPP) is not a failed build: the block runs without
+    the OS lock (each build has its own directory, the library moves in atomically)."""
+    import errno
+
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with cuda_ext.build_lock(tmp_path, timeout=1) as lock:
+        assert lock.os_lock is False
+    assert not cuda_ext.lock_is_held(tmp_path)
+
+
+def test_a_failed_build_is_not_repeated_by_the_other_ranks(fresh_loader, monkeypatch, tmp_path):
+    """The ranks of a job that fail to build must not compile again one after another: a failure recorded
+    after this process started is taken with its reason; one from before (an earlier run, since fixed) is
+    built again."""
+    from torch.utils import cpp_extension
+
+    directory = tmp_path / "build"
+    calls = []
+    monkeypatch.setattr(cpp_extension, "load", _fake_build(calls, directory, fail="error: undefined_name"))
+    with pytest.raises(RuntimeError, match="undefined_name"):
+        cuda_ext._build(directory)
+    assert len(calls) == 1 and not list(directory.glob("tmp-*"))
+    with pytest.raises(cuda_ext.BuildFailedElsewhere, match="undefined_name"):
+        cuda_ext._build(directory)  # another rank of the same run
+    assert len(calls) == 1
+    monkeypatch.setattr(cuda_ext, "_PROCESS_START", time.time() + 1)  # a process started after the failure
+    monkeypatch.setattr(cpp_extension, "load", _fake_build(calls, directory))
+    cuda_ext._build(directory)
+    assert len(calls) == 2 and cuda_ext._built(directory) and not (directory / "build.failed").exists()
+
+
+def test_a_dead_builds_directory_is_removed(fresh_loader, monkeypatch, tmp_path):
+    from torch.utils import cpp_extension
+
+    directory = tmp_path / "build"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (directory / f"tmp-{dead.pid}-1").mkdir(parents=True)
+    (directory / f"tmp-{os.getppid()}-1").mkdir()  # a live process's build: left alone
+    monkeypatch.setattr(cpp_extension, "load", _fake_build([], directory))
+    cuda_ext._build(directory)
+    assert sorted(p.name for p in directory.glob("tmp-*")) == [f"tmp-{os.getppid()}-1"]
+
+
+def test_load_says_why_when_the_cache_cannot_be_named(fresh_loader, monkeypatch):
+    """A failure naming the build directory (no sources in an installed package, no home directory) is a
+    reason and the Triton fallback, not an exception from every op call."""
+    monkeypatch.setattr(fresh_loader, "prerequisites", lambda: None)
+
+    def no_sources():
+        raise FileNotFoundError("the CUDA sources are neither in A nor in B")
+
+    monkeypatch.setattr(fresh_loader, "source_dir", no_sources)
+    assert fresh_loader.load() is False
+    assert "neither in A nor in B" in fresh_loader.unavailable_reason()
+
+
+def test_build_key_follows_the_visible_gpus(monkeypatch):
+    """Without TORCH_CUDA_ARCH_LIST a build targets the visible GPUs' architectures: processes that see
+    different GPU models build apart instead of recompiling each other's build."""
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (9, 0))
+    hopper = cuda_ext.build_key()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (8, 0))
+    assert cuda_ext.build_key() != hopper
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    listed = cuda_ext.build_key()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (9, 0))
+    assert cuda_ext.build_key() == listed  # the list, when set, is what is built
+
+
+@pytest.fixture
+def fake_aot(monkeypatch, tmp_path):
+    """A stand-in ahead-of-time module (a Python file) with an optional key file beside it."""
+    (tmp_path / "fake_aot_ext.py").write_text("import os\nif os.environ.get('FAKE_AOT_BROKEN'):\n"
+                                               "    raise ImportError('undefined symbol: _ZN3c10')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cuda_ext, "AOT_MODULE", "fake_aot_ext")
+    sys.modules.pop("fake_aot_ext", None)
+    yield tmp_path / cuda_ext.AOT_KEY_FILE
+    sys.modules.pop("fake_aot_ext", None)
+
+
+def test_an_aot_build_of_the_current_sources_is_loaded(fresh_loader, fake_aot):
+    fake_aot.write_text(cuda_ext.aot_key() + "\n")
+    assert fresh_loader.load() is True and fresh_loader.origin() == "aot"
+
+
+@pytest.mark.parametrize("key", [None, "0123456789abcdef"])
+def test_a_stale_aot_build_is_passed_over_with_a_warning(fresh_loader, fake_aot, monkeypatch, key):
+    """An ahead-of-time build left from other sources (an editable install after csrc/ changed) is not
+    run: a warning says so and the build on first use is tried (it was imported without a check)."""
+    if key:
+        fake_aot.write_text(key + "\n")
+    tried = []
+    monkeypatch.setattr(fresh_loader, "prerequisites", lambda: tried.append(1) or "no CUDA device is visible")
+    with pytest.warns(RuntimeWarning, match="built from other CUDA sources"):
+        assert fresh_loader.load() is False
+    assert tried and "fake_aot_ext" not in sys.modules
+
+
+def test_an_aot_build_that_fails_to_import_says_why(fresh_loader, fake_aot, monkeypatch):
+    """An ImportError from inside the extension (an undefined symbol: built against another torch) is a
+    reason, not taken for "no ahead-of-time build"."""
+    fake_aot.write_text(cuda_ext.aot_key() + "\n")
+    monkeypatch.setenv("FAKE_AOT_BROKEN", "1")
+    assert fresh_loader.load() is False
+    assert "failed to load" in fresh_loader.unavailable_reason() and "undefined symbol" in fresh_loader.unavailable_reason()
 
 
 def test_other_local_ranks_give_rank0_a_head_start(monkeypatch, tmp_path):
@@ -398,14 +563,55 @@ def test_aot_build_is_opt_in():
         exec(compile(open("setup.py").read(), "setup.py", "exec"), {"__name__": "__main__", "__file__": os.path.abspath("setup.py")})
         print([(e.name, e.sources) for e in seen["ext_modules"]], sorted(seen["cmdclass"]))
         """)
-    plain = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True,
-                           env={**os.environ, "MMFAST_CUDA": "0"})
-    assert plain.returncode == 0, plain.stderr
-    assert plain.stdout.strip() == "[] ['build_py']"
+    for off in ("0", "false", "OFF", "no", ""):  # as mmfast reads its other switches ("false" built it)
+        plain = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True,
+                               env={**os.environ, "MMFAST_CUDA": off})
+        assert plain.returncode == 0, plain.stderr
+        assert plain.stdout.strip() == "[] ['build_py']", off
     aot = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "MMFAST_CUDA": "1"})
     assert aot.returncode == 0, aot.stderr
     assert "mmfast._cuda_ext" in aot.stdout and "csrc/norm_bwd.cu" in aot.stdout and "build_ext" in aot.stdout
+
+
+def test_aot_build_stores_the_key_of_its_sources(tmp_path):
+    """setup.py's build_ext writes aot_key() beside the extension it built (compiling stubbed out here),
+    which the loader compares with the sources before it imports the build."""
+    probe = textwrap.dedent(f"""\
+        import os, sys, setuptools
+        import torch.utils.cpp_extension as ce
+        ce.CUDA_HOME = ce.CUDA_HOME or "/usr/local/cuda"
+        seen = {{}}
+        setuptools.setup = lambda **kw: seen.update(kw)
+        sys.argv = ["setup.py"]
+        exec(compile(open("setup.py").read(), "setup.py", "exec"), {{"__name__": "__main__", "__file__": os.path.abspath("setup.py")}})
+        ce.BuildExtension.run = lambda self: None  # no compiling
+        from setuptools import Distribution
+        cmd = seen["cmdclass"]["build_ext"](Distribution({{"ext_modules": seen["ext_modules"]}}))
+        cmd.initialize_options(); cmd.build_lib = {str(tmp_path)!r}; cmd.finalize_options(); cmd.run()
+        """)
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "MMFAST_CUDA": "1"})
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "mmfast" / cuda_ext.AOT_KEY_FILE).read_text().strip() == cuda_ext.aot_key()
+
+
+def test_sdist_carries_the_cuda_sources(tmp_path):
+    """A wheel built from the sdist must be able to build on first use: the sdist holds csrc/ (it had
+    none, and the wheel made from it silently had no mmfast/_csrc)."""
+    import shutil
+    import tarfile
+
+    src = tmp_path / "src"  # a copy: the sdist writes its egg-info beside setup.py (the wheel test builds in ROOT)
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", ".venv*", "tests",
+                                                             "benchmarks", ".mmfast-cache", ".whl", "__pycache__"))
+    out = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp_path)], cwd=src,
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "MMFAST_CUDA": "0"})
+    assert out.returncode == 0, out.stderr
+    (sdist,) = tmp_path.glob("mmfast-*.tar.gz")
+    names = {n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n}
+    for f in cuda_ext.SOURCES + cuda_ext.HEADERS:
+        assert f"csrc/{f}" in names
 
 
 # ---------------------------------------------------------------------------------------------

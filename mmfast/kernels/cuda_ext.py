@@ -2,16 +2,24 @@
 
 Where the extension comes from, in order:
 
-1. ``mmfast._cuda_ext``, built ahead of time by ``MMFAST_CUDA=1 pip install --no-build-isolation -e .``;
+1. ``mmfast._cuda_ext``, built ahead of time by ``MMFAST_CUDA=1 pip install --no-build-isolation -e .``,
+   when it was built from the sources mmfast holds now (``setup.py`` stores :func:`aot_key` beside it; a
+   stale build is passed over with a warning);
 2. a build on first use with ``torch.utils.cpp_extension`` and ninja into a cache directory
    (``$MMFAST_CACHE_DIR``, default ``~/.cache/mmfast``), one subdirectory per combination of source
-   hash, torch, CUDA and Python versions, reused by every later process.
+   hash, torch, CUDA and Python versions and target GPU architectures, reused by every later process.
+   A finished build (``built.ok`` naming its key) is imported without the lock and without writing, so a
+   read-only or another user's cache works.
 
 Builds are serialised by an OS file lock on the cache directory, so concurrent processes (the ranks
 of a DDP job) build once and the others load the result; the lock dies with its holder, so a killed
-build never blocks a later import (a stale lock file left by torch's own build helper is removed
-while the lock is held). A process waits at most ``$MMFAST_CUDA_BUILD_TIMEOUT`` seconds (default
-1800) for another's build. Local ranks other than 0 give rank 0 a head start before they try.
+build never blocks a later import. Each build runs in a directory of its own process and its library
+is moved into place when it is complete, so compilers left running by a killed build cannot touch the
+next one's files. A failed build is recorded, and processes that started before it failed (the other
+ranks of the job) take its reason instead of compiling again. A process waits at most
+``$MMFAST_CUDA_BUILD_TIMEOUT`` seconds (default 1800) for another's build. Local ranks other than 0 give
+rank 0 a head start before they try. Where the filesystem has no ``flock`` (some network mounts),
+builds go on unserialised: each in its own directory, the last one's library moved into place.
 
 Nothing here raises: :func:`load` returns whether the extension is usable and :func:`unavailable_reason`
 says why not (no CUDA device, a CPU-only torch, no nvcc, no ninja, a compile error, a lock timeout).
@@ -24,15 +32,21 @@ The backend layer (:mod:`mmfast.ops.backend`) turns that into one warning and th
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import importlib
+import importlib.util
+import json
 import os
+import shutil
 import struct
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -43,8 +57,11 @@ except ImportError:  # pragma: no cover - Windows
 
 #: Module name of the ahead-of-time build (setup.py with MMFAST_CUDA=1).
 AOT_MODULE = "mmfast._cuda_ext"
-#: Module name of the build on first use.
+#: File beside the ahead-of-time build holding the :func:`aot_key` it was built from (written by setup.py).
+AOT_KEY_FILE = "_cuda_ext.key"
+#: Module name of the build on first use, and its library's file name in the build directory.
 JIT_NAME = "mmfast_cuda_ext"
+LIBRARY = f"{JIT_NAME}.so"
 #: Translation units, compiled in this order; headers are hashed too.
 SOURCES = ("binding.cpp", "norm_fwd.cu", "norm_bwd.cu", "adapter.cu")
 HEADERS = ("norm.h", "norm_common.cuh", "adapter.h")
@@ -57,6 +74,9 @@ TIMEOUT_ENV = "MMFAST_CUDA_BUILD_TIMEOUT"
 DEFAULT_TIMEOUT_S = 1800.0
 #: Seconds a local rank other than 0 waits for rank 0 to start (or finish) the build.
 RANK0_HEAD_START_S = 30.0
+
+#: When this process loaded this module: a recorded build failure after it belongs to this job's run.
+_PROCESS_START = time.time()
 
 _state_lock = threading.Lock()
 _loaded: bool | None = None  # None: not tried yet
@@ -99,11 +119,31 @@ def source_hash() -> str:
     return h.hexdigest()
 
 
+def aot_key() -> str:
+    """What the ahead-of-time build must have been built from: the sources and the compiler flags."""
+    h = hashlib.sha256()
+    for part in (source_hash(), " ".join(NVCC_FLAGS + CXX_FLAGS)):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _target_archs() -> str:
+    """The GPU architectures a build targets: ``$TORCH_CUDA_ARCH_LIST``, else (as torch's build helper
+    does) those of the visible devices."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    if archs or torch.version.cuda is None or not torch.cuda.is_available():
+        return archs
+    return "visible:" + ";".join(sorted({"%d.%d" % torch.cuda.get_device_capability(i)
+                                         for i in range(torch.cuda.device_count())}))
+
+
 def build_key() -> str:
-    """Names the build directory: sources, compiler flags, torch, CUDA and Python versions."""
+    """Names the build directory: sources, compiler flags, torch, CUDA and Python versions, target GPU
+    architectures (processes that see different GPU models build apart instead of rebuilding each other's)."""
     h = hashlib.sha256()
     for part in (source_hash(), " ".join(NVCC_FLAGS + CXX_FLAGS), torch.__version__, str(torch.version.cuda),
-                 sys.implementation.cache_tag, os.environ.get("TORCH_CUDA_ARCH_LIST", "")):
+                 sys.implementation.cache_tag, _target_archs()):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()[:16]
@@ -135,18 +175,31 @@ class LockTimeout(TimeoutError):
     pass
 
 
+#: flock errors that mean "this filesystem has no such locks", not "someone holds it".
+_NO_FLOCK = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL}
+
+
+def _open_lock_file(path: Path) -> int:
+    try:
+        return os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
+    except PermissionError:  # another user's cache: flock works on a descriptor opened for reading
+        return os.open(path, os.O_RDONLY)
+
+
 @contextlib.contextmanager
 def build_lock(directory: Path, timeout: float):
-    """Exclusive OS lock on ``directory/build.lock``, waited for at most ``timeout`` seconds.
+    """Exclusive OS lock on ``directory/build.lock``, waited for at most ``timeout`` seconds. Yields
+    ``SimpleNamespace(os_lock=...)``: False where the filesystem has no ``flock`` (the block then runs
+    unserialised).
 
     ``flock`` locks belong to the open file: the kernel drops them when the holder exits, however it
     exits, so a lock file left behind by a killed build is free for the next process.
     """
     directory.mkdir(parents=True, exist_ok=True)
     if fcntl is None:  # pragma: no cover - Windows
-        yield
+        yield SimpleNamespace(os_lock=False)
         return
-    fd = os.open(directory / "build.lock", os.O_CREAT | os.O_RDWR, 0o644)
+    fd = _open_lock_file(directory / "build.lock")
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -160,8 +213,13 @@ def build_lock(directory: Path, timeout: float):
                         f"(raise {TIMEOUT_ENV} if its build is just slow)"
                     ) from None
                 time.sleep(0.2)
+            except OSError as exc:
+                if exc.errno not in _NO_FLOCK:
+                    raise
+                yield SimpleNamespace(os_lock=False)
+                return
         try:
-            yield
+            yield SimpleNamespace(os_lock=True)
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
@@ -172,11 +230,13 @@ def lock_is_held(directory: Path) -> bool:
     """Whether some process holds ``directory``'s build lock right now."""
     if fcntl is None or not (directory / "build.lock").exists():  # pragma: no cover - Windows
         return False
-    fd = os.open(directory / "build.lock", os.O_RDWR)
+    fd = _open_lock_file(directory / "build.lock")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
+    except OSError:  # no flock on this filesystem: nobody can hold it
+        return False
     else:
         fcntl.flock(fd, fcntl.LOCK_UN)
         return False
@@ -224,29 +284,113 @@ def prerequisites() -> str | None:
     return None
 
 
+def _built(directory: Path) -> bool:
+    """Whether ``directory`` holds a finished build of the current :func:`build_key`."""
+    try:
+        return (directory / "built.ok").read_text().strip() == build_key() and (directory / LIBRARY).is_file()
+    except OSError:
+        return False
+
+
+def _import_built(directory: Path):
+    """Import the finished build in ``directory`` (reads only)."""
+    spec = importlib.util.spec_from_file_location(JIT_NAME, directory / LIBRARY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class BuildFailedElsewhere(RuntimeError):
+    """Another process of this run (a rank beside this one) failed to build these sources moments ago."""
+
+
+def _recorded_failure(directory: Path) -> str | None:
+    """The reason a build of the current key failed, when that happened after this process started."""
+    try:
+        rec = json.loads((directory / "build.failed").read_text())
+    except (OSError, ValueError):
+        return None
+    if rec.get("key") == build_key() and float(rec.get("time", 0)) >= _PROCESS_START:
+        return str(rec.get("reason"))
+    return None
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_dead_builds(directory: Path) -> None:
+    """Build directories of processes that are gone (a killed build's; compilers it left running only
+    ever write there)."""
+    for d in directory.glob("tmp-*"):
+        try:
+            pid = int(d.name.split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def _build(directory: Path):
     from torch.utils import cpp_extension
 
+    if _built(directory):  # finished: no lock, nothing written
+        return _import_built(directory)
     src = source_dir()
     timeout = build_timeout()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except PermissionError as exc:
+        raise PermissionError(f"cannot create the build cache {directory} ({exc.strerror}); set {CACHE_ENV} to a "
+                              "writable directory") from None
     wait_for_rank0(directory)
-    with build_lock(directory, timeout):
-        stale = directory / "lock"  # torch's own build baton, left behind if a build was killed
-        if stale.exists():
-            stale.unlink()
-        if not (directory / "built.ok").exists():
-            print(f"mmfast: building the CUDA C++ kernels in {directory} (first use; a minute or two)", file=sys.stderr)
-        module = cpp_extension.load(
-            name=JIT_NAME,
-            sources=[str(src / f) for f in SOURCES],
-            extra_cflags=list(CXX_FLAGS),
-            extra_cuda_cflags=list(NVCC_FLAGS),
-            extra_include_paths=[str(src)],
-            build_directory=str(directory),
-            verbose=os.environ.get("MMFAST_CUDA_VERBOSE", "0") not in ("", "0"),
-            is_python_module=True,
-        )
-        (directory / "built.ok").write_text(build_key() + "\n")
+    with build_lock(directory, timeout) as lock:
+        if _built(directory):  # built by the process this one waited for
+            return _import_built(directory)
+        failed = _recorded_failure(directory)
+        if failed is not None:
+            raise BuildFailedElsewhere(f"another process's build of these sources failed moments ago: {failed}")
+        if lock.os_lock:
+            _remove_dead_builds(directory)
+        work = directory / f"tmp-{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            work.mkdir()
+        except PermissionError as exc:
+            raise PermissionError(f"cannot write the build cache {directory} ({exc.strerror}); set {CACHE_ENV} to a "
+                                  "writable directory") from None
+        print(f"mmfast: building the CUDA C++ kernels in {directory} (first use; a minute or two)", file=sys.stderr)
+        try:
+            module = cpp_extension.load(
+                name=JIT_NAME,
+                sources=[str(src / f) for f in SOURCES],
+                extra_cflags=list(CXX_FLAGS),
+                extra_cuda_cflags=list(NVCC_FLAGS),
+                extra_include_paths=[str(src)],
+                build_directory=str(work),
+                verbose=os.environ.get("MMFAST_CUDA_VERBOSE", "0") not in ("", "0"),
+                is_python_module=True,
+            )
+        except Exception as exc:
+            _write_atomically(directory / "build.failed",
+                              json.dumps({"key": build_key(), "time": time.time(), "reason": _short(exc)}))
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        os.replace(work / LIBRARY, directory / LIBRARY)  # complete, in one step (this process keeps its mapping)
+        _write_atomically(directory / "built.ok", build_key() + "\n")
+        (directory / "build.failed").unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
     return module
 
 
@@ -269,27 +413,56 @@ def load() -> bool:
     with _state_lock:
         if _loaded is not None:
             return _loaded
-        try:
-            importlib.import_module(AOT_MODULE)
-            _loaded, _origin = True, "aot"
-            return True
-        except ImportError:
-            pass
-        except Exception as exc:  # an AOT build that does not load (ABI mismatch, ...)
-            _loaded, _reason = False, f"the ahead-of-time build {AOT_MODULE} failed to load ({_short(exc)})"
-            return False
+        aot = _aot_problem()
+        if aot == "":
+            try:
+                importlib.import_module(AOT_MODULE)
+                _loaded, _origin = True, "aot"
+                return True
+            except Exception as exc:  # an AOT build that does not load (ABI mismatch, undefined symbol, ...)
+                _loaded, _reason = False, f"the ahead-of-time build {AOT_MODULE} failed to load ({_short(exc)})"
+                return False
+        if aot is not None:
+            warnings.warn(f"mmfast: {aot}; building the CUDA C++ kernels on first use instead", RuntimeWarning)
         why = prerequisites()
         if why is not None:
             _loaded, _reason = False, why
             return False
-        directory = build_dir()
+        directory = None
         try:
+            directory = build_dir()
             _build(directory)
         except Exception as exc:
-            _loaded, _reason = False, f"the build in {directory} failed ({_short(exc)})"
+            where = f"the build in {directory}" if directory is not None else "the build on first use"
+            _loaded, _reason = False, f"{where} failed ({_short(exc)})"
             return False
         _loaded, _origin = True, str(directory)
         return True
+
+
+def _aot_problem() -> str | None:
+    """``""`` when the ahead-of-time build is there and matches the sources, None when there is none, else
+    why it is passed over."""
+    try:
+        spec = importlib.util.find_spec(AOT_MODULE)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or spec.origin is None:
+        return None
+    key_file = Path(spec.origin).with_name(AOT_KEY_FILE)
+    try:
+        built_from = key_file.read_text().strip()
+    except OSError:
+        built_from = None
+    try:
+        current = aot_key()
+    except OSError as exc:  # no sources to compare with (a wheel without them): trust the build
+        return "" if built_from else f"the ahead-of-time build {spec.origin} has no {AOT_KEY_FILE} ({exc})"
+    if built_from != current:
+        return (f"the ahead-of-time build {spec.origin} was built from other CUDA sources than mmfast holds now "
+                f"({'no ' + AOT_KEY_FILE if built_from is None else 'key ' + built_from + ', sources ' + current}; "
+                "MMFAST_CUDA=1 pip install --no-build-isolation -e . rebuilds it)")
+    return ""
 
 
 def unavailable_reason() -> str | None:
