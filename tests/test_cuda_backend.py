@@ -237,12 +237,17 @@ def test_adapter_too_large_for_cuda_runs_triton_with_one_warning(monkeypatch, fr
         warnings.simplefilter("error")
         assert _backend(x, *w(H, Ex), 0.1, "fwd") == "cuda"
         assert _backend(x, *w(2, 1), 0.0, "bwd") == "cuda"
-    for R, E, p in ((2 * H, Ex, 0.0), (H, Ex + 1, 0.0), (0, Ex, 0.0), (H, Ex, 1 - 2**-30)):
-        with pytest.warns(RuntimeWarning, match="MMFAST_BACKEND=cuda, but the CUDA C\\+\\+ kernels cannot run: the CUDA C\\+\\+ adapter kernels take"):
+    # one warning per kind of reason: adapters of other sizes do not warn again (one did per size)
+    for R, E, p, warns in ((2 * H, Ex, 0.0, True), (H, Ex + 1, 0.0, False), (0, Ex, 0.0, False),
+                           (H, Ex, 1 - 2**-30, True)):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
             assert _backend(x, *w(R, E), p, "fwd") == "triton"
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            assert _backend(x, *w(R, E), p, "bwd") == "triton"  # said once
+            assert _backend(x, *w(R, E), p, "bwd") == "triton"
+        msgs = [str(m.message) for m in seen]
+        assert len(msgs) == warns, (R, E, p, msgs)
+        assert all("MMFAST_BACKEND=cuda, but the CUDA C++ kernels cannot run: the CUDA C++ adapter kernels take" in m
+                   for m in msgs)
     # chosen by a backend table (auto), not asked for: Triton without a word
     monkeypatch.setenv("MMFAST_BACKEND", "auto")
     monkeypatch.setattr(backend_table, "table_winner", lambda device, key: "cuda")
@@ -627,14 +632,22 @@ def _entry(op, direction, dtype, N, winner):
     return {"op": op, "direction": direction, "dtype": dtype, "N": N, "winner": winner}
 
 
-def test_table_lookup_uses_the_nearest_benchmarked_width():
+def test_table_lookup_uses_the_nearest_benchmarked_width_within_its_range():
+    """Inside the range of widths a class was timed at, the nearest one (log scale) decides; outside it,
+    or for a class the table never timed (the residual variant, another dtype), Triton: the table says
+    nothing there (it extrapolated from the nearest end before)."""
     t = _table([_entry("rms_norm", "bwd", "bfloat16", 1024, "triton"), _entry("rms_norm", "bwd", "bfloat16", 8192, "cuda")])
-    win = lambda N, op="rms_norm", d="bwd", dt=torch.bfloat16: backend_table.winner_from(t, KernelKey(op, d, dt, N))  # noqa: E731
-    assert win(1024) == "triton" and win(700) == "triton" and win(2000) == "triton"
-    assert win(4096) == "cuda" and win(65536) == "cuda" and win(8192) == "cuda"
+    win = lambda N, op="rms_norm", d="bwd", dt=torch.bfloat16, res=False: backend_table.winner_from(  # noqa: E731
+        t, KernelKey(op, d, dt, N, res))
+    assert win(1024) == "triton" and win(2000) == "triton"
+    assert win(4096) == "cuda" and win(8192) == "cuda"
+    assert win(700) == "triton" and win(65536) == "triton" and win(8193) == "triton"  # outside: no guess
     assert win(4096, d="fwd") == "triton"  # no entry for the class: Triton
     assert win(4096, op="layer_norm") == "triton"
     assert win(4096, dt=torch.float16) == "triton"
+    assert win(8192, res=True) == "triton"  # only the plain variant was timed
+    t["entries"].append({**_entry("rms_norm", "bwd", "bfloat16", 8192, "cuda"), "residual": True})
+    assert win(8192, res=True) == "cuda"
     assert backend_table.winner_from(None, KernelKey("rms_norm", "bwd", torch.bfloat16, 4096)) == "triton"
 
 
@@ -664,8 +677,10 @@ def test_table_from_benchmark_records():
                  "provider": "mmfast-cuda", "ms": 1.0})
     t = backend_table.build_table(recs, "Test GPU", {"commit": "abc"})
     assert t["commit"] == "abc" and t["device"] == "Test GPU"
-    (e,) = t["entries"]
-    assert (e["direction"], e["M"], e["N"], e["winner"], e["cuda_ms"], e["triton_ms"]) == ("bwd", 32768, 4096, "cuda", 1.0, 2.0)
+    plain, res = t["entries"]  # the residual variant is a class of its own
+    assert (plain["direction"], plain["M"], plain["N"], plain["residual"], plain["winner"], plain["cuda_ms"],
+            plain["triton_ms"]) == ("bwd", 32768, 4096, False, "cuda", 1.0, 2.0)
+    assert (res["residual"], res["winner"], res["cuda_ms"], res["triton_ms"]) == (True, "triton", 8.0, 7.0)
 
 
 def test_table_uses_gpu_time_and_a_margin():
@@ -699,7 +714,7 @@ def test_auto_consults_the_table_for_the_device(monkeypatch, tmp_path, fresh_loa
     assert resolve_backend(cuda, KernelKey("layer_norm", "bwd", torch.float16, 1024)) == "triton"
     assert tried == []
     with pytest.warns(RuntimeWarning, match="backend table prefers the CUDA C\\+\\+ kernels.*it is a test"):
-        assert resolve_backend(cuda, KernelKey("layer_norm", "fwd", torch.float16, 1280)) == "triton"
+        assert resolve_backend(cuda, KernelKey("layer_norm", "fwd", torch.float16, 1024)) == "triton"
     assert len(tried) == 1
     monkeypatch.setattr(backend, "cuda_can_run", lambda device: None)
     assert resolve_backend(cuda, KernelKey("layer_norm", "fwd", torch.float16, 1024)) == "cuda"

@@ -109,6 +109,20 @@ def test_use_backend_block(monkeypatch, device):
     assert seen == [("fwd", "reference"), ("bwd", "reference")]
 
 
+def test_residual_calls_are_their_own_kernel_class(monkeypatch, device):
+    """The backend choice sees the residual variant (forward: a residual; backward: its gradient), so a
+    backend table entry timed without a residual does not decide for it."""
+    seen = []
+    real = ops_norm.resolve_backend
+    monkeypatch.setattr(ops_norm, "resolve_backend", lambda d, key=None: seen.append(key) or real(d, key))
+    x = torch.randn(4, 64, device=device, requires_grad=True)
+    r = torch.randn(4, 64, device=device, requires_grad=True)
+    y, h = mmfast.rms_norm(x, torch.ones(64, device=device), residual=r)
+    torch.autograd.grad((y, h), (x, r), (torch.randn_like(y), torch.randn_like(h)))
+    mmfast.rms_norm(x, torch.ones(64, device=device)).sum().backward()
+    assert [(k.direction, k.residual) for k in seen] == [("fwd", True), ("bwd", True), ("fwd", False), ("bwd", False)]
+
+
 def test_use_backend_blocks_overlapping_on_threads(monkeypatch):
     """Blocks entered and left out of order on two threads: each block's own choice holds while it is
     open, and when both have closed the variable rules again (a saved-and-restored global left the

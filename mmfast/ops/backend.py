@@ -33,6 +33,7 @@ import contextlib
 import functools
 import importlib.util
 import os
+import re
 import threading
 import warnings
 from typing import Iterator, NamedTuple, Optional
@@ -54,6 +55,7 @@ class KernelKey(NamedTuple):
     direction: str  # "fwd" | "bwd"
     dtype: torch.dtype
     N: int
+    residual: bool = False  # the norms' residual variant (forward: a residual; backward: its gradient)
 
 
 class BackendUse(NamedTuple):
@@ -172,12 +174,13 @@ _warned: set[str] = set()
 _warn_lock = threading.Lock()
 
 
-def warn_once(message: str) -> None:
-    """Warn ``message`` (a RuntimeWarning) once per process."""
+def warn_once(message: str, key: str | None = None) -> None:
+    """Warn ``message`` (a RuntimeWarning) once per process, or once per ``key`` where given (a message
+    that names sizes, say, whose other sizes should not warn again)."""
     with _warn_lock:
-        if message in _warned:
+        if (key or message) in _warned:
             return
-        _warned.add(message)
+        _warned.add(key or message)
     warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
@@ -225,8 +228,11 @@ def _resolve(device: torch.device, key: KernelKey | None, cuda_unsupported: str 
             reason = cuda_unsupported or cuda_can_run(device)
             if reason is None:
                 return "cuda"
+            # once per kind of reason: an op that meets many shapes it cannot take (adapters of several
+            # sizes) says so once, not once per size
             warn_once(f"mmfast: {ENV_VAR}=cuda, but the CUDA C++ kernels cannot run: {reason}. "
-                       "Running the Triton kernels (or the reference on CPU) instead.")
+                      "Running the Triton kernels (or the reference on CPU) instead.",
+                      key=f"{ENV_VAR}=cuda/{key.op}/" + re.sub(r"\d+(\.\d+)?", "#", reason))
         elif device.type == "cuda" and cuda_unsupported is None:
             from .backend_table import table_winner
 

@@ -11,10 +11,12 @@ Format (JSON)::
     {"format": 1, "device": "NVIDIA H100 80GB HBM3", "torch": "...", "triton": "...", "commit": "...",
      "source": "benchmarks/results/<run>/results.json",
      "entries": [{"op": "rms_norm", "direction": "fwd", "dtype": "bfloat16", "M": 32768, "N": 4096,
-                  "cuda_ms": 0.17, "triton_ms": 0.19, "winner": "cuda"}, ...]}
+                  "residual": false, "cuda_ms": 0.17, "triton_ms": 0.19, "winner": "cuda"}, ...]}
 
-A shape class is (op, direction, dtype) and the nearest benchmarked N (in log scale; the adapter's N is its
-width D).
+A shape class is (op, direction, dtype, residual) and the nearest benchmarked N (in log scale; the adapter's N
+is its width D) within the range of N the table measured for that class. A width outside that range, or a
+class the table has no entry for (the residual variant where only the plain one was timed), runs Triton:
+the table says nothing about it.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ def validate(table: object, where: str = "table") -> dict:
             raise ValueError(f"{where}: entries[{i}]['N'] must be a positive integer")
         if e.get("winner") not in WINNERS:
             raise ValueError(f"{where}: entries[{i}]['winner'] must be one of {WINNERS}")
+        if not isinstance(e.get("residual", False), bool):
+            raise ValueError(f"{where}: entries[{i}]['residual'] must be true or false")
     return table
 
 
@@ -87,9 +91,11 @@ def winner_from(table: dict | None, key) -> str:
     if table is None:
         return "triton"
     dtype = next((name for name, dt in DTYPES.items() if dt == key.dtype), None)
-    rows = [e for e in table["entries"] if e["op"] == key.op and e["direction"] == key.direction and e["dtype"] == dtype]
-    if not rows:
-        return "triton"
+    residual = bool(getattr(key, "residual", False))
+    rows = [e for e in table["entries"] if e["op"] == key.op and e["direction"] == key.direction
+            and e["dtype"] == dtype and e.get("residual", False) == residual]
+    if not rows or not min(e["N"] for e in rows) <= key.N <= max(e["N"] for e in rows):
+        return "triton"  # nothing measured for this class or this far out: no guess
     best = min(rows, key=lambda e: (abs(math.log2(e["N"]) - math.log2(max(key.N, 1))), e["N"]))
     return best["winner"]
 
@@ -121,31 +127,31 @@ CUDA_MARGIN = 0.02
 
 
 def build_table(records: Iterable[dict], device: str, meta: dict | None = None) -> dict:
-    """A table from benchmark records (``mmfast.bench`` rows): for each (op, direction, dtype, N) timed by
-    both ``mmfast-cuda`` and ``mmfast-triton`` without a residual, the faster one at the largest M.
+    """A table from benchmark records (``mmfast.bench`` rows): for each (op, direction, dtype, residual, N)
+    timed by both ``mmfast-cuda`` and ``mmfast-triton``, the faster one at the largest M.
 
     Times are the GPU's busy time (``gpu_ms``) where the records have it, so that a slow host does not
     pick the winner; CUDA C++ wins only when it is more than ``CUDA_MARGIN`` faster (else the portable
     Triton kernels stay)."""
     best: dict[tuple, dict] = {}
     for r in records:
-        if r.get("op") not in OPS or r.get("direction") not in DIRECTIONS or r.get("residual"):
+        if r.get("op") not in OPS or r.get("direction") not in DIRECTIONS:
             continue
         t = r.get("gpu_ms") if r.get("gpu_ms") is not None else r.get("ms")
         if r.get("provider") not in ("mmfast-cuda", "mmfast-triton") or t is None:
             continue
-        k = (r["op"], r["direction"], r["dtype"], int(r["N"]), int(r["M"]))
+        k = (r["op"], r["direction"], r["dtype"], bool(r.get("residual")), int(r["N"]), int(r["M"]))
         best.setdefault(k, {})[r["provider"]] = float(t)
     largest_m: dict[tuple, int] = {}
-    for (op, direction, dtype, n, m), times in best.items():
+    for (*cls, m), times in best.items():
         if len(times) == 2:
-            largest_m[(op, direction, dtype, n)] = max(m, largest_m.get((op, direction, dtype, n), 0))
+            largest_m[tuple(cls)] = max(m, largest_m.get(tuple(cls), 0))
     entries = []
-    for (op, direction, dtype, n), m in sorted(largest_m.items()):
-        times = best[(op, direction, dtype, n, m)]
+    for (op, direction, dtype, residual, n), m in sorted(largest_m.items()):
+        times = best[(op, direction, dtype, residual, n, m)]
         cuda_ms, triton_ms = times["mmfast-cuda"], times["mmfast-triton"]
-        entries.append({"op": op, "direction": direction, "dtype": dtype, "M": m, "N": n, "cuda_ms": cuda_ms,
-                        "triton_ms": triton_ms,
+        entries.append({"op": op, "direction": direction, "dtype": dtype, "M": m, "N": n, "residual": residual,
+                        "cuda_ms": cuda_ms, "triton_ms": triton_ms,
                         "winner": "cuda" if cuda_ms < triton_ms * (1 - CUDA_MARGIN) else "triton"})
     table = {"format": FORMAT, "device": device, **(meta or {}), "entries": entries}
     return validate(table)

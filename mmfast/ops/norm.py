@@ -174,8 +174,9 @@ def _flat(t: Optional[Tensor]) -> Optional[Tensor]:
     return t if t is None or t.dim() == 1 else t.reshape(-1)
 
 
-def _impl(x: Tensor, rms: bool, direction: str):
-    backend = resolve_backend(x.device, KernelKey("rms_norm" if rms else "layer_norm", direction, x.dtype, x.shape[-1]))
+def _impl(x: Tensor, rms: bool, direction: str, residual: bool):
+    backend = resolve_backend(x.device, KernelKey("rms_norm" if rms else "layer_norm", direction, x.dtype, x.shape[-1],
+                                                  residual))
     if backend == "cuda":
         from ..kernels import cuda_ext as kernels
 
@@ -190,7 +191,7 @@ def _impl(x: Tensor, rms: bool, direction: str):
 def _fwd_eager(x, weight, bias, residual, eps, rms):
     """``(y, residual_out | None, mean | None, rstd)``, y and residual_out shaped like x, the statistics
     like ``x.shape[:-1]``."""
-    fwd, _ = _impl(x, rms, "fwd")
+    fwd, _ = _impl(x, rms, "fwd", residual is not None)
     y, h, mean, rstd = fwd(as_rows(x), weight, bias, None if residual is None else as_rows(residual), eps, rms)
     if x.dim() != 2:
         lead = x.shape[:-1]
@@ -203,7 +204,7 @@ def _fwd_eager(x, weight, bias, residual, eps, rms):
 
 def _bwd_eager(dy, x, weight, mean, rstd, dres, rms, need_dx, need_dw, need_db, db_dtype):
     """``(dx | None, dweight | None, dbias | None)``."""
-    _, bwd = _impl(x, rms, "bwd")
+    _, bwd = _impl(x, rms, "bwd", dres is not None)
     dx, dw, db = bwd(
         as_rows(dy), as_rows(x), weight, _flat(mean), _flat(rstd), None if dres is None else as_rows(dres),
         rms, need_dx, need_dw, need_db,
