@@ -358,6 +358,32 @@ def test_activation_checkpointing_gives_the_same_gradients(reentrant):
         torch.testing.assert_close(grads[n], ref[n], rtol=1e-6, atol=1e-7, msg=n)
 
 
+@pytest.mark.parametrize("checkpointing", [None, True, False], ids=["off", "reentrant", "non-reentrant"])
+def test_two_forwards_then_one_backward(checkpointing):
+    """Two forwards with different routing, then one backward of the summed losses (contrastive or summed
+    losses, a forward between another's forward and backward): the gradients of two forward/backward
+    pairs. Under activation checkpointing a layer recomputed in backward read the latest forward's routes
+    (non-reentrant: silently wrong gradients; reentrant: a misleading error)."""
+    def make():
+        model = _mma()
+        _perturb_adapters(model)
+        model.train()
+        if checkpointing is not None:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
+        return model
+
+    a, b = batch("llava", seed=1, images=[True, False]), batch("llava", seed=2, images=[False, False])
+    ref, model = make(), make()
+    model.load_state_dict(ref.state_dict())
+    ref(**a).loss.backward()
+    ref(**b).loss.backward()
+    (model(**a).loss + model(**b).loss).backward()
+    want, got = _trainable_grads(ref), _trainable_grads(model)
+    assert got.keys() == want.keys()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
 def _trainable_grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
@@ -564,3 +590,24 @@ def test_mma_model_accurate_against_float64(seed, dtype, device, monkeypatch):
         draws.append((ours, lowp, ref))
     assert any("mma_adapter" in n for n in draws[0][0][2])
     assert_model_accurate_over_draws(draws, seed)
+
+
+def test_trainer_keeps_the_has_image_column(tmp_path):
+    """HF Trainer drops batch keys its model's forward signature does not name (remove_unused_columns, on
+    by default): mma_has_image, taken by a hook, was dropped and routing fell back to the image tokens.
+    The patched forward's signature names it now; unpatch takes it away again."""
+    import inspect
+
+    from transformers import Trainer, TrainingArguments
+
+    model = _mma()
+    assert "mma_has_image" in inspect.signature(model.forward).parameters
+    b = batch("llava", images=[True, False])
+    flags = torch.tensor([False, False])  # said explicitly: no sample routes as image
+    rows = [{**{k: v[i] for k, v in b.items() if k != "pixel_values"}, "mma_has_image": flags[i]} for i in range(2)]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, report_to=[], use_cpu=True)
+    trainer = Trainer(model=model, args=args, train_dataset=rows)
+    got = next(iter(trainer.get_train_dataloader()))
+    assert "mma_has_image" in got and got["mma_has_image"].tolist() == [False, False]
+    mmfast.unpatch(model)
+    assert "mma_has_image" not in inspect.signature(model.forward).parameters

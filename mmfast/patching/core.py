@@ -59,15 +59,28 @@ def _original_call(module: nn.Module, rec: _Patch):
     return functools.partial(type(module).forward, module)
 
 
+#: On a module: names of keyword arguments its forward takes through mmfast's hooks (``mma_has_image``),
+#: shown in the patched forward's signature.
+EXTRA_KWARGS_ATTR = "_mmfast_extra_kwargs"
+
+
 class _PatchedForward(functools.partial):
     """``partial(forward, module)`` that shows the original forward's signature, so callers that
-    inspect it (HF Trainer's column filter, ``generate``'s argument check) see the real parameters."""
+    inspect it (HF Trainer's column filter, ``generate``'s argument check) see the real parameters, and
+    the keyword arguments mmfast's hooks take (:data:`EXTRA_KWARGS_ATTR`), so Trainer keeps those columns."""
 
     @property
     def __signature__(self) -> inspect.Signature:
         module = self.args[0]
         rec = module.__dict__.get(_ATTR)
-        return inspect.signature(_original_call(module, rec) if rec is not None else type(module).forward)
+        sig = inspect.signature(_original_call(module, rec) if rec is not None else type(module).forward)
+        extra = [n for n in module.__dict__.get(EXTRA_KWARGS_ATTR, ()) if n not in sig.parameters]
+        if not extra:
+            return sig
+        params = list(sig.parameters.values())
+        at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+        added = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in extra]
+        return sig.replace(parameters=params[:at] + added + params[at:])
 
 
 def patched_forward(module: nn.Module, *args, **kwargs):

@@ -16,14 +16,17 @@
   steps of generation keep the prefill's flags.
 
 Every added parameter has ``mma`` in its name; adapters are fp32. Routes are computed once per forward
-and read by the layers (also when activation checkpointing recomputes a layer during backward, which
-therefore must come before the model's next forward, as in every usual training loop).
+and read by the layers. When activation checkpointing recomputes a layer during backward, the layer
+reads the routes of the forward that made its input, also after later forwards (two forwards, then one
+backward of their summed losses): each layer keeps which routes went with which input.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
+import weakref
 from typing import Optional
 
 import torch
@@ -31,6 +34,7 @@ from torch import Tensor, nn
 
 from .._zero import full_shape, gathered
 from ..nn.adapter import MMAdapter
+from ..patching.core import EXTRA_KWARGS_ATTR
 from ..ops.backend import warn_once
 from .recipes import _hf_model, find_parts
 
@@ -62,11 +66,53 @@ class MMAOptions:
 
 @dataclasses.dataclass
 class _State:
-    """Per-forward routing of one model: flags per sample and the LLM routes per layer."""
+    """Per-forward routing of one model: flags per sample and the LLM routes per layer (the latest
+    forward's), and per layer the routes each live layer input was given (``seen``)."""
 
     has_image: Optional[Tensor] = None
     routes: dict = dataclasses.field(default_factory=dict)
     recording: bool = False  # True while the modality token runs through the layers
+    #: layer -> {storage key of the layer's input: (weak reference to that input, route)}
+    seen: dict = dataclasses.field(default_factory=dict)
+
+    def __getstate__(self):  # weak references do not pickle; what they map is one forward's
+        return {**self.__dict__, "seen": {}}
+
+    def __deepcopy__(self, memo):
+        return _State(copy.deepcopy(self.has_image, memo), copy.deepcopy(self.routes, memo), self.recording, {})
+
+    def prune(self) -> None:
+        """Forget the inputs that are gone (their forward's graph was freed)."""
+        for layer, entries in self.seen.items():
+            for key in [k for k, (ref, _) in entries.items() if ref() is None]:
+                del entries[key]
+
+
+def _storage_key(x: Tensor) -> tuple:
+    return (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), tuple(x.stride()))
+
+
+def _route_for_input(state: _State, layer: int, x: Tensor, latest: Optional[Tensor]) -> Optional[Tensor]:
+    """The route of the forward that made ``x``, layer ``layer``'s input.
+
+    A layer's first run in a forward takes that forward's route (``latest``) and records it against ``x``.
+    A run on an input already recorded is activation checkpointing recomputing the layer in backward,
+    possibly after later forwards replaced ``latest``: it takes the recorded route. Non-reentrant
+    checkpointing recomputes on the very input object; reentrant on a detached alias of its storage (in
+    backward, which tells it apart from a new forward that shares storage with an older input)."""
+    if torch.compiler.is_compiling():
+        return latest
+    entries = state.seen.setdefault(layer, {})
+    key = _storage_key(x)
+    entry = entries.get(key)
+    if entry is not None:
+        ref, route = entry
+        held = ref()
+        if held is x or (held is not None and torch._C._current_graph_task_id() != -1):
+            return route
+    if latest is not None:
+        entries[key] = (weakref.ref(x), latest)
+    return latest
 
 
 def _state(hf: nn.Module) -> _State:
@@ -92,7 +138,7 @@ def _llm_norm_hook(state: _State, layer: int, adapter: MMAdapter, module, args, 
         route = output[:, 0]
         state.routes[layer] = route
     else:
-        route = state.routes.get(layer)
+        route = _route_for_input(state, layer, args[0], state.routes.get(layer)) if args else state.routes.get(layer)
         if route is None or route.shape[0] != output.shape[0]:
             raise RuntimeError("mmfast MMA: no modality route for this forward; call the model (or its language "
                                "model) as a whole, not a decoder layer alone")
@@ -219,6 +265,7 @@ def _llm_pre_hook(state: _State, module, args, kwargs):
     h = emb(flags.long()).to(dtype)[:, None, :]
     position_ids = torch.zeros(B, 1, dtype=torch.long, device=h.device)
     pos_emb = module.rotary_emb(h, position_ids=position_ids)
+    state.prune()
     state.routes = {}
     state.recording = True
     try:
@@ -406,6 +453,8 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
         if image_token_id is None:
             image_token_id = getattr(hf.config, "image_token_index", None)
         hf.register_forward_pre_hook(functools.partial(_top_pre_hook, state, image_token_id), with_kwargs=True)
+        # shown in the signature of a patched forward (the fused loss's), so that HF Trainer keeps the column
+        hf.__dict__[EXTRA_KWARGS_ATTR] = (HAS_IMAGE_KWARG,)
         if opts.neck:
             neck = _neck_for(hf, parts.projector, dim, opts)
             owner, _, name = next(n for n, m in hf.named_modules() if m is parts.projector).rpartition(".")
@@ -450,4 +499,5 @@ def remove_mma(model: nn.Module) -> int:
                 removed += 1
         m.__dict__.pop(_STATE, None)
         m.__dict__.pop(_OPTIONS, None)
+        m.__dict__.pop(EXTRA_KWARGS_ATTR, None)
     return removed
