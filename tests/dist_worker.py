@@ -144,3 +144,37 @@ def run(rank: int, world: int, port: int, mode: str, out_path: str, tuning: str 
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def save_fsdp1(rank: int, world: int, port: int, out_path: str) -> None:
+    """One rank of an FSDP1 (``FullyShardedDataParallel``, decoder layers auto-wrapped, activation
+    checkpointing wrappers inside, as Accelerate's FSDP plugin sets it up) run of a LayerNorm-tuned LLaVA:
+    one backward, then ``save_trainable`` on every rank."""
+    import functools
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import torch
+    import torch.distributed as dist
+
+    import mmfast
+    from tiny_models import batch, build
+
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (apply_activation_checkpointing,
+                                                                                   checkpoint_wrapper)
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+        model = build("llava", seed=0)
+        mmfast.patch(model, tuning="layernorm", verbose=False)
+        model = FSDP(model, use_orig_params=True, device_id=torch.device("cpu"),
+                     auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}))
+        apply_activation_checkpointing(model, checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper),
+                                       check_fn=lambda m: isinstance(m, LlamaDecoderLayer))
+        model(**batch("llava", seed=rank)).loss.backward()
+        mmfast.save_trainable(model, out_path)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

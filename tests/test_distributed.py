@@ -101,3 +101,33 @@ def test_distributed_gradients_match_single_process(mode, tuning, dtype, tmp_pat
         # the one-process run is the low-precision baseline the distributed run is held to
         assert_accurate(f"{mode} grad {name}", dist_grads[name], single[name], ref[name],
                         ref[name].abs().max().item(), seed=0)
+
+
+def test_save_trainable_gathers_fsdp1_shards(tmp_path):
+    """FSDP1 (Accelerate's default FSDP) keeps each rank's slice of flat parameters under wrapper names:
+    save_trainable wrote those slices (some of shape (0,)) named ``..._fsdp_wrapped_module...``. It now
+    gathers them and names them as the unwrapped model does, so the file loads into it."""
+    import dist_worker
+
+    out = tmp_path / "fsdp1.safetensors"
+    ctx = mp.start_processes(dist_worker.save_fsdp1, args=(WORLD, _free_port(), str(out)), nprocs=WORLD,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + 300
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("fsdp1 run did not finish in 300 s")
+    from safetensors.torch import load_file
+
+    model = build("llava", seed=0)
+    mmfast.patch(model, tuning="layernorm", verbose=False)
+    want = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    saved = load_file(str(out))
+    assert saved.keys() == want.keys()
+    for n in want:
+        assert torch.equal(saved[n], want[n]), n
+    fresh = build("llava", seed=1)
+    mmfast.patch(fresh, tuning="layernorm", verbose=False)
+    mmfast.load_trainable(fresh, out)
+    assert all(torch.equal(p.detach(), want[n]) for n, p in fresh.named_parameters() if p.requires_grad)

@@ -146,6 +146,32 @@ def test_bf16_layernorm_simp_trains_with_master_weights():
     assert losses[-1] < losses[0], losses
 
 
+def test_a_cast_after_patching_that_drops_the_master_weights_warns(recwarn):
+    """A cast of the patched model (Lightning's precision="bf16-true" casts the module) makes the fp32
+    master weights bf16 again, and they stop learning: one warning says so when training runs (before,
+    nothing did). Evaluation, or a model whose masters stay fp32, says nothing; unpatch removes the check."""
+    from mmfast.ops import backend
+
+    backend._warned.discard("master_weights_cast")
+    model = build("llava", dtype=torch.bfloat16)
+    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    _train_steps(model, steps=1)
+    model.eval()
+    model.to(torch.bfloat16)
+    with torch.no_grad():
+        model(**batch("llava", seed=3, dtype=torch.bfloat16))
+    assert not [w for w in recwarn if "master_weights" in str(w.message)]
+    model.train()
+    _train_steps(model, steps=2)
+    said = [str(w.message) for w in recwarn if "master_weights" in str(w.message)]
+    assert len(said) == 1 and "bfloat16 now" in said[0] and "bf16-true" in said[0]
+    backend._warned.discard("master_weights_cast")
+    mmfast.unpatch(model)
+    _train_steps(model, steps=1)
+    assert len([w for w in recwarn if "master_weights" in str(w.message)]) == 1
+    backend._warned.discard("master_weights_cast")
+
+
 def test_bf16_norm_weights_would_not_move():
     """Without master weights, AdamW's 1e-4 updates to bf16 weights near 1.0 round away entirely."""
     model = build("llava", dtype=torch.bfloat16)
@@ -479,6 +505,37 @@ def test_save_load_trainable(tmp_path):
     inputs = batch("llava")
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, fresh(**inputs).logits)
+
+
+def test_save_load_trainable_through_checkpoint_wrappers(tmp_path):
+    """A model whose blocks are wrapped for activation checkpointing (torch's checkpoint_wrapper: FSDP's
+    recipe, Accelerate's) saves its trainables under the unwrapped model's names (they kept
+    ``_checkpoint_wrapped_module.``, and the file did not load into the unwrapped model), and loads a file
+    saved unwrapped."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (apply_activation_checkpointing,
+                                                                               checkpoint_wrapper)
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    model = build("llava")
+    mmfast.patch(model, tuning="layernorm", verbose=False)
+    want = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    apply_activation_checkpointing(model, checkpoint_wrapper_fn=checkpoint_wrapper,
+                                   check_fn=lambda m: isinstance(m, LlamaDecoderLayer))
+    assert any("_checkpoint_wrapped_module" in n for n, _ in model.named_parameters())
+    path = tmp_path / "wrapped.safetensors"
+    assert mmfast.save_trainable(model, path) == sorted(want)
+    fresh = build("llava", seed=1)
+    mmfast.patch(fresh, tuning="layernorm", verbose=False)
+    mmfast.load_trainable(fresh, path)
+    assert all(torch.equal(p.detach(), want[n]) for n, p in fresh.named_parameters() if p.requires_grad)
+    mmfast.save_trainable(fresh, tmp_path / "plain.safetensors")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.zero_()
+    mmfast.load_trainable(model, tmp_path / "plain.safetensors")
+    assert {n: p.detach() for n, p in mmfast.tuning.state._named_trainables(model)}.keys() == want.keys()
+    assert all(torch.equal(p.detach(), want[n]) for n, p in mmfast.tuning.state._named_trainables(model))
 
 
 def test_load_trainable_mismatch(tmp_path):

@@ -118,6 +118,26 @@ def _output_requires_grad(module, args, output):
 _MASTER_ATTR = "_mmfast_master_dtypes"
 
 
+def _master_weights_kept(module: nn.Module, args) -> None:
+    """Forward pre-hook of a norm whose weights ``master_weights`` widened: warn (once) when a cast since
+    patching (Lightning's ``precision="bf16-true"``, ``model.to(torch.bfloat16)``, HF Trainer's
+    ``bf16_full_eval``) took them out of fp32 while they train: small updates then round away and the norm
+    stops learning, with nothing else to show it."""
+    if not (module.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+        return
+    for name in module.__dict__.get(_MASTER_ATTR, ()):
+        p = getattr(module, name, None)
+        if isinstance(p, nn.Parameter) and p.requires_grad and p.dtype != torch.float32:
+            from ..ops.backend import warn_once
+
+            warn_once(f"mmfast: the trainable norm weights mmfast.patch kept in float32 (master_weights=True) are "
+                      f"{str(p.dtype).removeprefix('torch.')} now: the model was cast after patching (Lightning's "
+                      "precision='bf16-true', model.to(dtype), Trainer's bf16_full_eval). Small updates round away "
+                      "in that dtype and the norms stop learning. Cast before mmfast.patch, and train with mixed "
+                      "precision (Lightning 'bf16-mixed', Trainer bf16=True) instead.", key="master_weights_cast")
+            return
+
+
 def _surrounding_dtype(model: nn.Module, path: str, skip: set[int]) -> Optional[torch.dtype]:
     """The dtype (most elements) of the floating parameters around the module at ``path``: those of its
     nearest ancestor that has any besides the ``skip`` ones (a decoder layer's projections, say)."""
@@ -194,6 +214,9 @@ def apply_ln_recipe(model: nn.Module, recipe: str, *, final_norm: bool = False, 
                     left += p.ds_tensor.dtype != torch.float32
                 elif p.dtype != torch.float32:
                     around = _surrounding_dtype(model, paths[id(norm)], skip)
+                    if _MASTER_ATTR not in norm.__dict__:
+                        norm.__dict__[_HOOK_ATTR] = norm.__dict__.get(_HOOK_ATTR, []) + [
+                            norm.register_forward_pre_hook(_master_weights_kept)]
                     norm.__dict__.setdefault(_MASTER_ATTR, {}).setdefault(name, (p.dtype, around))
                     p.data = p.data.to(torch.float32)
         if left:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 
 import torch
 from torch import nn
@@ -25,21 +27,45 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
+#: Path components that wrappers insert into parameter names and ``state_dict`` leaves out: activation
+#: checkpointing's ``checkpoint_wrapper``, FSDP1's wrapped modules, ``torch.compile``'s module.
+_WRAPPER_COMPONENTS = re.compile(r"(?:^|(?<=\.))(?:_checkpoint_wrapped_module|_fsdp_wrapped_module|_orig_mod)\.")
+
+
+def clean_name(name: str) -> str:
+    """A parameter's name as the unwrapped model (and ``state_dict``) names it."""
+    return _WRAPPER_COMPONENTS.sub("", name)
+
+
+def _fsdp1_root(model: nn.Module):
+    """The outermost FSDP1 (``FullyShardedDataParallel``) module in ``model``, or None."""
+    return next((m for m in model.modules() if type(m).__name__ == "FullyShardedDataParallel"), None)
+
+
+def _named_trainables(model: nn.Module):
+    return ((clean_name(n), p) for n, p in unwrap(model).named_parameters() if p.requires_grad)
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Name -> full tensor of every parameter that requires grad (FSDP2's DTensor shards and DeepSpeed
-    ZeRO-3 partitions are gathered: in a distributed run every rank must call this)."""
+    """Name -> full tensor of every parameter that requires grad, named as in the unwrapped model's
+    ``state_dict`` (FSDP1's flat-parameter shards, FSDP2's DTensor shards and DeepSpeed ZeRO-3 partitions
+    are gathered: in a distributed run every rank must call this)."""
     out = {}
-    for name, p in unwrap(model).named_parameters():
-        if not p.requires_grad:
-            continue
-        if partitioned(p):  # every rank gathers it
-            with gathered([p]):
-                t = p.detach().clone()
-        else:
-            t = p.detach()
-            if hasattr(t, "full_tensor"):  # FSDP2 / DTensor shard
-                t = t.full_tensor()
-        out[name] = t.cpu().contiguous()
+    root = _fsdp1_root(model)
+    if root is not None:  # FSDP1 keeps each rank's slice of flat parameters: gather them all at once
+        summon = type(root).summon_full_params(root, writeback=False)
+    else:
+        summon = contextlib.nullcontext()
+    with summon:
+        for name, p in _named_trainables(model):
+            if partitioned(p):  # every rank gathers it
+                with gathered([p]):
+                    t = p.detach().clone()
+            else:
+                t = p.detach()
+                if hasattr(t, "full_tensor"):  # FSDP2 / DTensor shard
+                    t = t.full_tensor()
+            out[name] = t.cpu().contiguous().clone() if root is not None else t.cpu().contiguous()
     return out
 
 
@@ -83,7 +109,10 @@ def load_trainable(model: nn.Module, path: str | os.PathLike, *, strict: bool = 
             raise ValueError(f"load_trainable: {path} was not written by mmfast.save_trainable")
         saved = {k: f.get_tensor(k) for k in f.keys()}
     inner = unwrap(model)
-    params = dict(inner.named_parameters())
+    params = {clean_name(n): p for n, p in inner.named_parameters()}
+    if _fsdp1_root(model) is not None:
+        raise ValueError("load_trainable: the model is wrapped in FSDP (FullyShardedDataParallel), whose parameters are "
+                         "each rank's flat shards; load before wrapping it")
     problems = []
     for name, t in saved.items():
         p = params.get(name)
