@@ -747,3 +747,17 @@ def test_providers_run_in_the_order_named(monkeypatch, tmp_path):
     monkeypatch.setattr(bench_main, "time_case", lambda case, prov, *a, **k: calls.append(prov) or [])
     main(["--quick", "--ops", "rms_norm", "--providers", "torch-native,hf-eager", "--out", str(tmp_path)])
     assert calls and calls[:2] == ["torch-native", "hf-eager"] and calls == calls[:2] * (len(calls) // 2)
+
+
+def test_graph_records_have_no_fraction_of_copy():
+    """A CUDA-graph record's GB/s is from replays whose small working set stays in the L2; the copy it
+    would be divided by is timed above the L2: no fraction of copy is given for it (the two mixed)."""
+    from mmfast.bench.runner import record
+
+    small = NormCase("rms_norm", 512, 4096, torch.bfloat16, graphs=True)
+    large = NormCase("rms_norm", 32768, 4096, torch.bfloat16)
+    env = {"cuda": "13.0"}
+    g = record(small, "mmfast-triton", "fwd", 0.01, 3000.0, None, env)
+    d = record(large, "mmfast-triton", "fwd", 0.2, 3000.0, None, env, gpu_ms=0.19)
+    assert g["timing"] == "cuda-graph" and g["gbps"] > 0 and g["frac_of_copy"] is None
+    assert d["timing"] == "direct" and d["frac_of_copy"] == pytest.approx(d["gbps"] / 3000.0)
