@@ -611,3 +611,59 @@ def test_trainer_keeps_the_has_image_column(tmp_path):
     assert "mma_has_image" in got and got["mma_has_image"].tolist() == [False, False]
     mmfast.unpatch(model)
     assert "mma_has_image" not in inspect.signature(model.forward).parameters
+
+
+@pytest.mark.parametrize("key", ["mm_encoder_outputs", "image_embeds"])
+def test_images_encoded_ahead_after_a_cached_prefix_route_as_image(monkeypatch, key):
+    """Chunked prefill hands the later chunks the image encoder's outputs, not pixel_values: a chunk that
+    brings them with image tokens routes those samples as image samples (it took only pixel_values* as
+    images, and routed them as text without a word)."""
+    import types
+
+    from mmfast.tuning import mma
+
+    monkeypatch.setattr("mmfast.ops.backend._warned", set())
+    image = 7
+    state = mma._State(has_image=torch.tensor([False, False]))
+    cache = types.SimpleNamespace(get_seq_length=lambda: 4)
+    ids = torch.tensor([[1, image, image], [1, 2, 3]])
+    with pytest.warns(RuntimeWarning, match="cached text prefix"):
+        mma._top_pre_hook(state, image, None, (), {"input_ids": ids, "cache": cache, key: object()})
+    assert state.has_image.tolist() == [True, False]
+    state.has_image = torch.tensor([False, False])  # without images: a sampled image-token id merges nothing
+    mma._top_pre_hook(state, image, None, (), {"input_ids": ids, "cache": cache, key: None})
+    assert state.has_image.tolist() == [False, False]
+
+
+def test_a_reused_input_object_is_a_new_forward():
+    """Forwards without grad on the same inputs_embeds object, with other routing: each routes as asked
+    (the second took the first's route at layer 0, the same object being taken for a checkpoint recompute)."""
+    model = _mma("llama")
+    _perturb_adapters(model)
+    model.eval()
+    embeds = model.get_input_embeddings()(batch("llama")["input_ids"])
+    with torch.no_grad():
+        model(inputs_embeds=embeds, mma_has_image=torch.tensor([True, True]))
+        again = model(inputs_embeds=embeds, mma_has_image=torch.tensor([False, False])).logits
+        fresh = model(inputs_embeds=embeds.clone(), mma_has_image=torch.tensor([False, False])).logits
+    assert torch.equal(again, fresh)
+
+
+def test_gemma3_rotary_embedding_per_layer_type():
+    """Gemma 3's rotary embedding takes the layer's attention type: the modality pass gives each layer the
+    one of its type (every forward raised a TypeError after patching), and the adapters run."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=8, vocab_size=64, max_position_embeddings=64,
+                           sliding_window=4, layer_types=["sliding_attention", "full_attention"])
+    model = Gemma3ForCausalLM(cfg)
+    mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(dropout=0.0), verbose=False)
+    _perturb_adapters(model)
+    ids = torch.randint(0, 64, (2, 10))
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "mma" in n)
+    with mmfast.disabled(), torch.no_grad():  # the adapters' eager composition
+        torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, out.loss.detach())

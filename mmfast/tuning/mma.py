@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import inspect
 import weakref
 from typing import Optional
 
@@ -95,20 +96,19 @@ def _storage_key(x: Tensor) -> tuple:
 def _route_for_input(state: _State, layer: int, x: Tensor, latest: Optional[Tensor]) -> Optional[Tensor]:
     """The route of the forward that made ``x``, layer ``layer``'s input.
 
-    A layer's first run in a forward takes that forward's route (``latest``) and records it against ``x``.
-    A run on an input already recorded is activation checkpointing recomputing the layer in backward,
-    possibly after later forwards replaced ``latest``: it takes the recorded route. Non-reentrant
-    checkpointing recomputes on the very input object; reentrant on a detached alias of its storage (in
-    backward, which tells it apart from a new forward that shares storage with an older input)."""
+    A layer's run outside backward is a forward: it takes that forward's route (``latest``) and records it
+    against ``x``. A run inside backward on an input already recorded is activation checkpointing
+    recomputing the layer, possibly after later forwards replaced ``latest``: it takes the recorded route.
+    (Non-reentrant checkpointing recomputes on the very input object, reentrant on a detached alias of its
+    storage; a forward given an input object it was given before is a new forward all the same.)"""
     if torch.compiler.is_compiling():
         return latest
     entries = state.seen.setdefault(layer, {})
     key = _storage_key(x)
     entry = entries.get(key)
-    if entry is not None:
+    if entry is not None and torch._C._current_graph_task_id() != -1:
         ref, route = entry
-        held = ref()
-        if held is x or (held is not None and torch._C._current_graph_task_id() != -1):
+        if ref() is not None:
             return route
     if latest is not None:
         entries[key] = (weakref.ref(x), latest)
@@ -145,6 +145,11 @@ def _llm_norm_hook(state: _State, layer: int, adapter: MMAdapter, module, args, 
     return adapter(output, route)
 
 
+#: Keyword arguments besides ``pixel_values*`` that bring images into a forward (encoded ahead of it:
+#: chunked prefill hands later chunks the encoder's outputs).
+_IMAGE_INPUTS = ("mm_encoder_outputs", "image_embeds", "image_features")
+
+
 def _top_pre_hook(state: _State, image_token_id: Optional[int], module, args, kwargs):
     """Decide which samples have images, from ``mma_has_image`` or the image tokens in ``input_ids``."""
     flags = kwargs.pop(HAS_IMAGE_KWARG, None)
@@ -163,7 +168,7 @@ def _top_pre_hook(state: _State, image_token_id: Optional[int], module, args, kw
             raise ValueError(f"mmfast MMA: {HAS_IMAGE_KWARG} has {flags.shape[0]} entries for a batch of {B}")
     elif decoding and state.has_image is not None and state.has_image.shape[0] == B:
         flags = state.has_image  # generation: keep the prefill's flags
-        images = any(v is not None for k, v in kwargs.items() if k.startswith("pixel_values"))
+        images = any(v is not None for k, v in kwargs.items() if k.startswith("pixel_values") or k in _IMAGE_INPUTS)
         if images and ids is not None and image_token_id is not None:
             # a chunk after a cached prefix may bring a sample's image: route it (and what follows) as one
             # (only a chunk with images: a decode step that samples the image token id merges no image)
@@ -251,6 +256,20 @@ def _grad_accumulator(leaf: Tensor):
         return leaf.view_as(leaf).grad_fn.next_functions[0][0]
 
 
+def _position_embeddings(module: nn.Module, h: Tensor, position_ids: Tensor) -> list:
+    """Each decoder layer's rotary embeddings for the modality token: one for all, or, where the rotary
+    embedding depends on the layer's attention type (Gemma 3's sliding and full layers), one per type."""
+    rotary = module.rotary_emb
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        types = list(getattr(module.config, "layer_types", None) or [])
+        if len(types) < len(module.layers):
+            raise ValueError(f"mmfast MMA: {type(module).__name__}'s rotary embedding takes a layer type, and its "
+                             f"config has no layer_types for its {len(module.layers)} layers")
+        by_type = {t: rotary(h, position_ids, t) for t in dict.fromkeys(types)}
+        return [by_type[t] for t in types[:len(module.layers)]]
+    return [rotary(h, position_ids=position_ids)] * len(module.layers)
+
+
 def _llm_pre_hook(state: _State, module, args, kwargs):
     """Run the modality token through every decoder layer (one-token sequence) and record routes."""
     ref = kwargs.get("inputs_embeds")
@@ -264,12 +283,12 @@ def _llm_pre_hook(state: _State, module, args, kwargs):
     dtype = module.get_input_embeddings().weight.dtype
     h = emb(flags.long()).to(dtype)[:, None, :]
     position_ids = torch.zeros(B, 1, dtype=torch.long, device=h.device)
-    pos_emb = module.rotary_emb(h, position_ids=position_ids)
+    pos_embs = _position_embeddings(module, h, position_ids)
     state.prune()
     state.routes = {}
     state.recording = True
     try:
-        for layer in module.layers:
+        for layer, pos_emb in zip(module.layers, pos_embs):
             # no cache argument: its default is None under both of its names (``past_key_values`` before
             # transformers 5.24, ``cache`` after), and naming the old one warns from 5.24 on
             h = _without_checkpointing(layer, h, attention_mask=None, position_ids=position_ids,
