@@ -12,10 +12,12 @@ from torch import nn
 from ._zero import full_numel
 from .ops.backend import requested_backend
 from .patching import PatchReport, patch_norms, unpatch_norms
+from .patching.core import hide_extra_kwargs, show_extra_kwargs
 from .patching.loss import patch_loss, unpatch_loss
 from .patching.mlp import patch_mlps, unpatch_mlps
 from .tuning import LN_RECIPES, apply_ln_recipe, remove_tuning_hooks, restore_master_weights
 from .tuning.mma import MMAOptions, added_modules, insert_mma, remove_mma
+from .tuning.recipes import _hf_model
 
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time of the message (not at import)."""
@@ -106,6 +108,7 @@ def patch(
         apply_ln_recipe(model, tuning, final_norm=final_norm, master_weights=master_weights)
     # a PEFT model calls its base model's forward: that is where the fused loss goes
     hf = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    hide_extra_kwargs(hf)  # a pass-through forward of an earlier patch would keep the fused loss off
     if not fused_loss:
         unpatch_loss(hf)
     elif not isinstance(getattr(hf, "lm_head", None), nn.Module):
@@ -113,6 +116,8 @@ def patch(
     else:
         reason = patch_loss(hf)
         report.fused_loss = "on" if reason is None else f"not installed: {reason}"
+    if tuning == "mma":  # the forward's signature names mma_has_image (Trainer's column filter, generate)
+        show_extra_kwargs(_hf_model(model))
     report.trainable_params, report.all_params = count_parameters(model)
     if verbose and _is_rank0():
         logger.info("%s\n%s", report.summary(), report.trainable_line())
@@ -130,4 +135,5 @@ def unpatch(model: nn.Module) -> int:
     values, dtypes and ``requires_grad``. Returns the number of modules restored or removed."""
     remove_tuning_hooks(model)
     restore_master_weights(model)
-    return unpatch_loss(model) + remove_mma(model) + unpatch_mlps(model) + unpatch_norms(model)
+    return (unpatch_loss(model) + hide_extra_kwargs(model) + remove_mma(model) + unpatch_mlps(model)
+            + unpatch_norms(model))

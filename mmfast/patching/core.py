@@ -102,6 +102,40 @@ def patched_forward(module: nn.Module, *args, **kwargs):
     return rec.family.forward(module, *args, **kwargs)
 
 
+@dataclasses.dataclass(frozen=True)
+class _SignaturePart:
+    """The family of a forward installed only to show :data:`EXTRA_KWARGS_ATTR` in its signature."""
+
+    kind: str
+
+
+SIGNATURE = _SignaturePart("signature")
+
+
+def _signature_forward(module: nn.Module, *args, **kwargs):
+    return _original_call(module, module.__dict__[_ATTR])(*args, **kwargs)
+
+
+def show_extra_kwargs(module: nn.Module) -> bool:
+    """Make ``module``'s forward signature name its :data:`EXTRA_KWARGS_ATTR` (HF Trainer keeps only the
+    columns the forward names; ``generate`` refuses keyword arguments it does not name): where mmfast has
+    not patched its forward already, a pass-through forward that shows them is installed (``unpatch``
+    removes it). Returns whether the signature names them now."""
+    if not module.__dict__.get(EXTRA_KWARGS_ATTR):
+        return False
+    if is_patched(module):
+        return True
+    if _foreign_patch(module) is not None:
+        return False
+    _install(module, SIGNATURE, _signature_forward)
+    return True
+
+
+def hide_extra_kwargs(model: nn.Module) -> int:
+    """Remove the pass-through forwards :func:`show_extra_kwargs` installed."""
+    return unpatch_where(model, lambda fam: fam == SIGNATURE)
+
+
 def _patched_extra_repr(module: nn.Module) -> str:
     rec: _Patch = module.__dict__[_ATTR]
     base = type(module).extra_repr(module) if rec.saved_extra_repr is _ABSENT else rec.saved_extra_repr()
