@@ -375,13 +375,23 @@ def test_two_forwards_then_one_backward(checkpointing):
     a, b = batch("llava", seed=1, images=[True, False]), batch("llava", seed=2, images=[False, False])
     ref, model = make(), make()
     model.load_state_dict(ref.state_dict())
-    ref(**a).loss.backward()
-    ref(**b).loss.backward()
-    (model(**a).loss + model(**b).loss).backward()
-    want, got = _trainable_grads(ref), _trainable_grads(model)
-    assert got.keys() == want.keys()
-    for n in want:
-        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7, msg=n)
+    # the second pair: one embeddings tensor passed to both forwards, routed two ways (the layers' inputs
+    # then share storage between the two live forwards)
+    ids = a["input_ids"]
+    same = ref.get_input_embeddings()(ids).detach()
+    pairs = [(a, b), *[({"inputs_embeds": same, "labels": ids, "mma_has_image": torch.tensor(f)},) for f in
+                       ([True, True], [False, False])]]
+    pairs = [pairs[0], (pairs[1][0], pairs[2][0])]
+    for x, y in pairs:
+        ref.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
+        ref(**x).loss.backward()
+        ref(**y).loss.backward()
+        (model(**x).loss + model(**y).loss).backward()
+        want, got = _trainable_grads(ref), _trainable_grads(model)
+        assert got.keys() == want.keys()
+        for n in want:
+            torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7, msg=n)
 
 
 def _trainable_grads(model):
@@ -667,3 +677,41 @@ def test_gemma3_rotary_embedding_per_layer_type():
     assert all(p.grad is not None for n, p in model.named_parameters() if "mma" in n)
     with mmfast.disabled(), torch.no_grad():  # the adapters' eager composition
         torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, out.loss.detach())
+
+
+@pytest.mark.parametrize("kind,fused_loss", [("llava", False), ("qwen2", True)])
+def test_has_image_is_named_where_the_fused_loss_is_off(kind, fused_loss, tmp_path):
+    """Without the fused loss's forward (fused_loss=False, or a family it does not know) the signature
+    named no mma_has_image: HF Trainer dropped the column (routing then silently followed the image tokens,
+    or said text only) and generate refused the keyword. A pass-through forward names it now; a later
+    patch with the fused loss replaces it, and unpatch removes it."""
+    import inspect
+
+    if kind == "qwen2":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+    else:
+        model = build(kind)
+    before = inspect.signature(model.forward)
+    report = mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(dropout=0.0), fused_loss=fused_loss,
+                          verbose=False)
+    assert report.fused_loss != "on"
+    sig = inspect.signature(model.forward)
+    assert "mma_has_image" in sig.parameters and set(before.parameters) < set(sig.parameters)
+    _perturb_adapters(model)
+    model.eval()
+    ids = torch.randint(1, 30, (2, 6))
+    with torch.no_grad():
+        as_image = model(input_ids=ids, mma_has_image=torch.tensor([True, True])).logits
+        out = model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, mma_has_image=torch.tensor([True, True]))
+    assert out.shape == (2, 8)
+    with torch.no_grad():
+        assert not torch.equal(as_image, model(input_ids=ids).logits)  # the flag reached the routing
+    if kind == "llava":
+        mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(dropout=0.0), verbose=False)  # fused loss on now
+        assert "mma_has_image" in inspect.signature(model.forward).parameters
+    mmfast.unpatch(model)
+    assert inspect.signature(model.forward) == before and "forward" not in model.__dict__

@@ -82,6 +82,13 @@ class _State:
     def __deepcopy__(self, memo):
         return _State(copy.deepcopy(self.has_image, memo), copy.deepcopy(self.routes, memo), self.recording, {})
 
+    def live_input(self, layer: int, x: Tensor) -> bool:
+        """Whether ``x``'s storage is that of a live input recorded at ``layer``."""
+        if torch.compiler.is_compiling():
+            return False
+        entry = self.seen.get(layer, {}).get(_storage_key(x))
+        return entry is not None and entry[0]() is not None
+
     def prune(self) -> None:
         """Forget the inputs that are gone (their forward's graph was freed)."""
         for layer, entries in self.seen.items():
@@ -296,6 +303,12 @@ def _llm_pre_hook(state: _State, module, args, kwargs):
     finally:
         state.recording = False
     routes = [state.routes[i] for i in sorted(state.routes)]
+    given = kwargs.get("inputs_embeds")
+    if given is not None and torch.is_grad_enabled() and state.live_input(0, given):
+        # the same embeddings as a forward whose backward has not run (one tensor passed twice): a copy, so
+        # that a layer recomputed for either one's backward tells them apart (by storage, see
+        # _route_for_input). Only layer 0 can meet this: every later layer's input is new.
+        kwargs["inputs_embeds"] = given.clone()
     if torch.is_grad_enabled() and any(r.requires_grad for r in routes):
         leaves = [r.detach().requires_grad_(r.requires_grad) for r in routes]
         embeds = kwargs.get("inputs_embeds")
