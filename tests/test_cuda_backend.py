@@ -683,6 +683,26 @@ def test_table_from_benchmark_records():
     assert (res["residual"], res["winner"], res["cuda_ms"], res["triton_ms"]) == (True, "triton", 8.0, 7.0)
 
 
+def test_table_from_the_bench_own_records():
+    """The records the bench writes (mmfast.bench.runner.record): the residual variant is the op
+    "rms_norm+residual", which the table takes as rms_norm's residual class (it dropped those records, so
+    the residual variant had no entry)."""
+    from mmfast.bench.cases import NormCase
+    from mmfast.bench.runner import record
+
+    recs = []
+    for residual in (False, True):
+        case = NormCase("rms_norm", 32768, 4096, torch.bfloat16, residual=residual)
+        for provider, gpu_ms in (("mmfast-cuda", 1.0), ("mmfast-triton", 2.0 if residual else 0.5)):
+            recs.append(record(case, provider, "bwd", gpu_ms + 0.1, 3000.0, None, {"cuda": "13.0"}, gpu_ms=gpu_ms))
+    entries = backend_table.build_table(recs, "Test GPU")["entries"]
+    assert [(e["op"], e["residual"], e["winner"]) for e in entries] == [("rms_norm", False, "triton"),
+                                                                         ("rms_norm", True, "cuda")]
+    t = _table(entries)
+    assert backend_table.winner_from(t, KernelKey("rms_norm", "bwd", torch.bfloat16, 4096, True)) == "cuda"
+    assert backend_table.winner_from(t, KernelKey("rms_norm", "bwd", torch.bfloat16, 4096, False)) == "triton"
+
+
 def test_table_uses_gpu_time_and_a_margin():
     """GPU busy time decides where recorded (the wall time of a host-bound call says nothing of the
     kernels); CUDA C++ must beat Triton by more than the margin."""

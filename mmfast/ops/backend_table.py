@@ -135,12 +135,15 @@ def build_table(records: Iterable[dict], device: str, meta: dict | None = None) 
     Triton kernels stay)."""
     best: dict[tuple, dict] = {}
     for r in records:
-        if r.get("op") not in OPS or r.get("direction") not in DIRECTIONS:
+        # the bench names the residual variant "<op>+residual" (a record may also say residual=True)
+        op, plus, variant = str(r.get("op")).partition("+")
+        if op not in OPS or (plus and variant != "residual") or r.get("direction") not in DIRECTIONS:
             continue
+        residual = bool(plus) or bool(r.get("residual"))
         t = r.get("gpu_ms") if r.get("gpu_ms") is not None else r.get("ms")
         if r.get("provider") not in ("mmfast-cuda", "mmfast-triton") or t is None:
             continue
-        k = (r["op"], r["direction"], r["dtype"], bool(r.get("residual")), int(r["N"]), int(r["M"]))
+        k = (op, r["direction"], r["dtype"], residual, int(r["N"]), int(r["M"]))
         best.setdefault(k, {})[r["provider"]] = float(t)
     largest_m: dict[tuple, int] = {}
     for (*cls, m), times in best.items():
