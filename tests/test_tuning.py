@@ -149,7 +149,9 @@ def test_bf16_layernorm_simp_trains_with_master_weights():
 def test_a_cast_after_patching_that_drops_the_master_weights_warns(recwarn):
     """A cast of the patched model (Lightning's precision="bf16-true" casts the module) makes the fp32
     master weights bf16 again, and they stop learning: one warning says so when training runs (before,
-    nothing did). Evaluation, or a model whose masters stay fp32, says nothing; unpatch removes the check."""
+    nothing did). Evaluation, a model whose masters stay fp32, or a distributed run (FSDP2's mixed precision
+    and DeepSpeed's bf16 engines run 16-bit weights over fp32 masters of their own) say nothing; unpatch
+    removes the check."""
     from mmfast.ops import backend
 
     backend._warned.discard("master_weights_cast")
@@ -162,6 +164,10 @@ def test_a_cast_after_patching_that_drops_the_master_weights_warns(recwarn):
         model(**batch("llava", seed=3, dtype=torch.bfloat16))
     assert not [w for w in recwarn if "master_weights" in str(w.message)]
     model.train()
+    with pytest.MonkeyPatch.context() as mp:  # distributed runs: FSDP2 / DeepSpeed keep fp32 masters of their own
+        mp.setattr(torch.distributed, "is_initialized", lambda: True)
+        _train_steps(model, steps=1)
+    assert not [w for w in recwarn if "master_weights" in str(w.message)]
     _train_steps(model, steps=2)
     said = [str(w.message) for w in recwarn if "master_weights" in str(w.message)]
     assert len(said) == 1 and "bfloat16 now" in said[0] and "bf16-true" in said[0]

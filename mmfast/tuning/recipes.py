@@ -125,6 +125,11 @@ def _master_weights_kept(module: nn.Module, args) -> None:
     stops learning, with nothing else to show it."""
     if not (module.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
         return
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # FSDP2's mixed precision runs the forward on 16-bit copies of fp32 shards, and DeepSpeed's bf16
+        # engines cast the model while their optimizers keep fp32 masters: there a 16-bit weight in the
+        # forward says nothing, and this check cannot tell those runs from a cast that lost the masters
+        return
     for name in module.__dict__.get(_MASTER_ATTR, ()):
         p = getattr(module, name, None)
         if isinstance(p, nn.Parameter) and p.requires_grad and p.dtype != torch.float32:
