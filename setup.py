@@ -57,7 +57,14 @@ if os.environ.get("MMFAST_CUDA", "0").strip().lower() not in OFF:
     loader = _loader()
 
     class BuildExtWithKey(BuildExtension):
-        """Builds the extension and writes the key of its sources beside it (see the module docstring)."""
+        """Builds the extension and writes the key of its sources beside it (see the module docstring).
+
+        Always rebuilds: setuptools skips an extension whose sources are older than its library, which
+        misses changed flags (and the key written after it would then vouch for a stale build)."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            self.force = True
 
         def run(self):
             super().run()
@@ -71,6 +78,7 @@ if os.environ.get("MMFAST_CUDA", "0").strip().lower() not in OFF:
             loader.AOT_MODULE,
             sources=[os.path.relpath(CSRC / f, ROOT) for f in loader.SOURCES],
             include_dirs=[str(CSRC)],
+            depends=[os.path.relpath(CSRC / f, ROOT) for f in loader.HEADERS],
             extra_compile_args={"cxx": list(loader.CXX_FLAGS), "nvcc": list(loader.NVCC_FLAGS)},
         )
     )

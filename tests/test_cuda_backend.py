@@ -594,11 +594,14 @@ def test_aot_build_stores_the_key_of_its_sources(tmp_path):
         from setuptools import Distribution
         cmd = seen["cmdclass"]["build_ext"](Distribution({{"ext_modules": seen["ext_modules"]}}))
         cmd.initialize_options(); cmd.build_lib = {str(tmp_path)!r}; cmd.finalize_options(); cmd.run()
+        print("force", cmd.force, "depends", sorted(os.path.basename(d) for d in seen["ext_modules"][0].depends))
         """)
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "MMFAST_CUDA": "1"})
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "mmfast" / cuda_ext.AOT_KEY_FILE).read_text().strip() == cuda_ext.aot_key()
+    # never skipped as up to date (changed flags or headers would leave a stale library under a new key)
+    assert f"force True depends {sorted(cuda_ext.HEADERS)}" in out.stdout
 
 
 def test_sdist_carries_the_cuda_sources(tmp_path):
