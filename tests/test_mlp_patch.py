@@ -227,3 +227,18 @@ def test_activation_replaced_after_patching(seed):
     with pytest.warns(RuntimeWarning, match="act_fn is ReLU, not SiLU"):
         got = model(input_ids=ids).logits
     torch.testing.assert_close(got, plain(input_ids=ids).logits)
+
+
+def test_flop_counting_keeps_the_fused_activations(seed, recwarn):
+    """PyTorch's FlopCounterMode (Lightning's measure_flops) registers a hook for every module through its
+    module tracker, only to attribute work: the MLPs stay fused under it (they fell back to their original
+    forward, with a warning, so the count described the unpatched model)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = _llama(seed)
+    mmfast.patch(model, fused_loss=False, verbose=False)
+    ids = torch.randint(0, 64, (2, 6))
+    with FlopCounterMode(display=False), mmfast.backends_used() as used:
+        model(input_ids=ids).logits.sum().backward()
+    assert sum(k for u, k in used.items() if u.op == "swiglu") == 2 * 2  # each layer's, forward and backward
+    assert not [w for w in recwarn if "original forward" in str(w.message)]

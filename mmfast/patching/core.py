@@ -158,8 +158,9 @@ def defining_module(fn) -> str:
 
 
 #: Packages whose hooks wrap a module without looking at what it computes (parameter gathering,
-#: device placement, mmfast's own): a fused path may bypass them.
-WRAPPER_PACKAGES = ("torch.distributed", "deepspeed", "accelerate", "mmfast")
+#: device placement, mmfast's own; PyTorch's module tracker, which FlopCounterMode and Lightning's
+#: measure_flops register for every module to attribute work): a fused path may bypass them.
+WRAPPER_PACKAGES = ("torch.distributed", "deepspeed", "accelerate", "mmfast", "torch.utils.module_tracker")
 
 _HOOK_KINDS = (("forward hook", "_forward_hooks"), ("forward pre-hook", "_forward_pre_hooks"),
                ("backward hook", "_backward_hooks"), ("backward pre-hook", "_backward_pre_hooks"))

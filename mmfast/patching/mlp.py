@@ -24,6 +24,7 @@ import dataclasses
 import functools
 from typing import Callable, Optional
 
+import torch
 from torch import nn
 
 from ..nn.mlp import clip_mlp_forward, llama_mlp_forward
@@ -92,13 +93,38 @@ def _activation_bypassed(m: nn.Module, fam: MlpFamily) -> Optional[str]:
     return None
 
 
+#: Activation types whose plain instances each family fuses (learnt from the first check of each type).
+_FUSABLE: dict[str, set] = {}
+
+
+def _unchanged(act, fam: MlpFamily) -> bool:
+    """The cheap per-call check: ``act`` is a plain instance of a type this family fused before, with no
+    hook of its own and none registered for every module (then the full check has nothing to say)."""
+    from torch.nn.modules import module as torch_module
+
+    return (type(act) in _FUSABLE.get(fam.kind, ()) and "forward" not in vars(act)
+            and not (act._forward_hooks or act._forward_pre_hooks or act._backward_hooks or act._backward_pre_hooks)
+            and not (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+                     or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks))
+
+
 def _checked_forward(fused: Callable, module: nn.Module, args: tuple, kwargs: dict):
     rec = module.__dict__[_ATTR]
+    act = module._modules.get(rec.family.act_attr)
+    if _unchanged(act, rec.family):
+        return fused(module, *args, **kwargs)
     reason = _activation_bypassed(module, rec.family)
+    if reason is None and not torch.compiler.is_compiling() and _plain(act, rec.family):
+        _FUSABLE.setdefault(rec.family.kind, set()).add(type(act))
     if reason is not None:
         warn_once(f"mmfast: a patched {type(module).__name__} runs its original forward: {reason}")
         return _original_call(module, rec)(*args, **kwargs)
     return fused(module, *args, **kwargs)
+
+
+def _plain(act, fam: MlpFamily) -> bool:
+    """``act`` is what ``fam`` fuses, with nothing of its own: its type may take the cheap check."""
+    return fam.act_ok(act) and "forward" not in vars(act)
 
 
 def _swiglu_mlp_forward(module: nn.Module, *args, **kwargs):
