@@ -373,6 +373,9 @@ def test_accelerate_hook_kept():
 # ---------------------------------------------------------------------------------------------
 
 
+# the patched forwards keep Python work Dynamo would have to trace out of the compiled path (a signature
+# lookup through an lru_cache'd helper warned on every compile)
+@pytest.mark.filterwarnings("error:Dynamo detected a call to a .functools.lru_cache")
 def test_compile_fullgraph_patched_llama():
     torch._dynamo.reset()
     model = build("llama")

@@ -81,6 +81,8 @@ def _argument(cls: type, args: tuple, kwargs: dict, name: str, default: Any = No
     """The forward's argument ``name`` in a call ``(*args, **kwargs)``, by keyword or by position."""
     if name in kwargs:
         return kwargs[name]
+    if not args:  # (no signature lookup: compiled code would trace it, with Dynamo's lru_cache warning)
+        return default
     idx = _param_index(cls, name)
     return args[idx] if idx is not None and len(args) > idx else default
 
