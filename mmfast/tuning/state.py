@@ -46,27 +46,53 @@ def _named_trainables(model: nn.Module):
     return ((clean_name(n), p) for n, p in unwrap(model).named_parameters() if p.requires_grad)
 
 
+def _gathered_tensor(p: torch.Tensor) -> torch.Tensor:
+    if partitioned(p):  # every rank gathers it
+        with gathered([p]):
+            return p.detach().clone().cpu().contiguous()
+    t = p.detach()
+    if hasattr(t, "full_tensor"):  # FSDP2 / DTensor shard
+        t = t.full_tensor()
+    return t.cpu().contiguous()
+
+
+def _fsdp1_units(root: nn.Module, inner: nn.Module):
+    """``(prefix, unit, own parameters)`` for each FSDP1 unit under ``root``: the parameters a unit's own
+    flat parameter holds (not its nested units'), with their names under ``inner``."""
+    paths = {id(m): n for n, m in inner.named_modules()}
+
+    def own(module: nn.Module, prefix: str):
+        for name, p in module.named_parameters(recurse=False):
+            yield f"{prefix}{name}", p
+        for name, child in module.named_children():
+            if type(child).__name__ != "FullyShardedDataParallel":
+                yield from own(child, f"{prefix}{name}.")
+
+    for unit in root.modules():
+        if type(unit).__name__ == "FullyShardedDataParallel":
+            path = paths.get(id(unit), "")
+            yield (f"{path}." if path else ""), unit, lambda unit=unit, path=path: own(unit, f"{path}." if path else "")
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Name -> full tensor of every parameter that requires grad, named as in the unwrapped model's
     ``state_dict`` (FSDP1's flat-parameter shards, FSDP2's DTensor shards and DeepSpeed ZeRO-3 partitions
-    are gathered: in a distributed run every rank must call this)."""
-    out = {}
+    are gathered: in a distributed run every rank must call this).
+
+    FSDP1 units are gathered one at a time, and only those that hold a trainable parameter, so that saving
+    never needs more memory than the largest unit (a whole unsharded model could not fit)."""
     root = _fsdp1_root(model)
-    if root is not None:  # FSDP1 keeps each rank's slice of flat parameters: gather them all at once
-        summon = type(root).summon_full_params(root, writeback=False)
-    else:
-        summon = contextlib.nullcontext()
-    with summon:
-        for name, p in _named_trainables(model):
-            if partitioned(p):  # every rank gathers it
-                with gathered([p]):
-                    t = p.detach().clone()
-            else:
-                t = p.detach()
-                if hasattr(t, "full_tensor"):  # FSDP2 / DTensor shard
-                    t = t.full_tensor()
-            out[name] = t.cpu().contiguous().clone() if root is not None else t.cpu().contiguous()
-    return out
+    if root is None:
+        return {name: _gathered_tensor(p) for name, p in _named_trainables(model)}
+    out = {}
+    for _, unit, own in _fsdp1_units(root, unwrap(model)):
+        if not any(p.requires_grad for _, p in own()):  # the same on every rank: all skip it together
+            continue
+        with type(unit).summon_full_params(unit, recurse=False, writeback=False):
+            for name, p in own():
+                if p.requires_grad:
+                    out[clean_name(name)] = p.detach().cpu().contiguous().clone()
+    return dict(sorted(out.items()))
 
 
 def save_trainable(model: nn.Module, path: str | os.PathLike) -> list[str]:
