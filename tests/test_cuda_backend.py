@@ -178,6 +178,7 @@ def test_failed_build_is_reported_and_falls_back_to_triton(fresh_loader, monkeyp
     monkeypatch.setattr(fresh_loader, "HEADERS", ("broken.h",))
     monkeypatch.setattr(fresh_loader, "source_dir", lambda: src)
     monkeypatch.setattr(fresh_loader, "prerequisites", lambda: None)
+    monkeypatch.setattr(fresh_loader, "runtime_missing", lambda: None)
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(Path(nvcc).resolve().parent.parent))
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
 
@@ -363,6 +364,21 @@ def test_a_finished_build_is_imported_without_lock_or_writes(fresh_loader, monke
     assert not cuda_ext._built(directory)
 
 
+def test_a_finished_build_needs_no_compiler(fresh_loader, monkeypatch, tmp_path):
+    """A machine that can run the kernels but has no nvcc (a shared cache built elsewhere) loads a finished
+    build; without one, the missing compiler is the reason."""
+    monkeypatch.setattr(fresh_loader, "runtime_missing", lambda: None)
+    monkeypatch.setattr(fresh_loader, "prerequisites", lambda: "nvcc was not found")
+    monkeypatch.setattr(fresh_loader, "_import_built", lambda d: "module")
+    assert fresh_loader.load() is False and "nvcc" in fresh_loader.unavailable_reason()
+    fresh_loader._reset_for_tests()
+    directory = fresh_loader.build_dir()
+    directory.mkdir(parents=True)
+    (directory / fresh_loader.LIBRARY).write_text("library")
+    (directory / "built.ok").write_text(fresh_loader.build_key() + "\n")
+    assert fresh_loader.load() is True and fresh_loader.origin() == str(directory)
+
+
 def test_a_lock_file_without_write_access_still_locks(monkeypatch, tmp_path):
     """Another user's lock file (0644, not writable here) is opened for reading, which flock takes."""
     real_open = os.open
@@ -432,6 +448,7 @@ def test_load_says_why_when_the_cache_cannot_be_named(fresh_loader, monkeypatch)
     """A failure naming the build directory (no sources in an installed package, no home directory) is a
     reason and the Triton fallback, not an exception from every op call."""
     monkeypatch.setattr(fresh_loader, "prerequisites", lambda: None)
+    monkeypatch.setattr(fresh_loader, "runtime_missing", lambda: None)
 
     def no_sources():
         raise FileNotFoundError("the CUDA sources are neither in A nor in B")
@@ -482,7 +499,7 @@ def test_a_stale_aot_build_is_passed_over_with_a_warning(fresh_loader, fake_aot,
     if key:
         fake_aot.write_text(key + "\n")
     tried = []
-    monkeypatch.setattr(fresh_loader, "prerequisites", lambda: tried.append(1) or "no CUDA device is visible")
+    monkeypatch.setattr(fresh_loader, "runtime_missing", lambda: tried.append(1) or "no CUDA device is visible")
     with pytest.warns(RuntimeWarning, match="built from other CUDA sources"):
         assert fresh_loader.load() is False
     assert tried and "fake_aot_ext" not in sys.modules

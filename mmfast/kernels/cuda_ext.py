@@ -200,6 +200,7 @@ def build_lock(directory: Path, timeout: float):
         yield SimpleNamespace(os_lock=False)
         return
     fd = _open_lock_file(directory / "build.lock")
+    no_flock = False
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -216,8 +217,11 @@ def build_lock(directory: Path, timeout: float):
             except OSError as exc:
                 if exc.errno not in _NO_FLOCK:
                     raise
-                yield SimpleNamespace(os_lock=False)
-                return
+                no_flock = True
+                break
+        if no_flock:  # (outside the handler: the block's own errors are not chained to the flock error)
+            yield SimpleNamespace(os_lock=False)
+            return
         try:
             yield SimpleNamespace(os_lock=True)
         finally:
@@ -267,12 +271,20 @@ def wait_for_rank0(directory: Path, head_start: float = RANK0_HEAD_START_S) -> N
 # ---------------------------------------------------------------------------------------------
 
 
-def prerequisites() -> str | None:
-    """None when a build can be attempted here, else why not."""
+def runtime_missing() -> str | None:
+    """None when CUDA C++ kernels could run here (a CUDA torch, a visible device), else why not."""
     if torch.version.cuda is None:
         return f"this torch ({torch.__version__}) is a CPU-only build"
     if not torch.cuda.is_available():
         return "no CUDA device is visible"
+    return None
+
+
+def prerequisites() -> str | None:
+    """None when a build can be attempted here, else why not."""
+    why = runtime_missing()
+    if why is not None:
+        return why
     from torch.utils import cpp_extension
 
     home = cpp_extension.CUDA_HOME
@@ -424,13 +436,18 @@ def load() -> bool:
                 return False
         if aot is not None:
             warnings.warn(f"mmfast: {aot}; building the CUDA C++ kernels on first use instead", RuntimeWarning)
-        why = prerequisites()
+        why = runtime_missing()
         if why is not None:
             _loaded, _reason = False, why
             return False
         directory = None
         try:
             directory = build_dir()
+            if not _built(directory):  # a finished build needs no compiler (a shared cache, a machine without nvcc)
+                why = prerequisites()
+                if why is not None:
+                    _loaded, _reason = False, why
+                    return False
             _build(directory)
         except Exception as exc:
             where = f"the build in {directory}" if directory is not None else "the build on first use"

@@ -86,7 +86,10 @@ class _State:
         """Whether ``x``'s storage is that of a live input recorded at ``layer``."""
         if torch.compiler.is_compiling():
             return False
-        entry = self.seen.get(layer, {}).get(_storage_key(x))
+        try:
+            entry = self.seen.get(layer, {}).get(_storage_key(x))
+        except (RuntimeError, NotImplementedError):
+            return False
         return entry is not None and entry[0]() is not None
 
     def prune(self) -> None:
@@ -110,8 +113,11 @@ def _route_for_input(state: _State, layer: int, x: Tensor, latest: Optional[Tens
     storage; a forward given an input object it was given before is a new forward all the same.)"""
     if torch.compiler.is_compiling():
         return latest
+    try:
+        key = _storage_key(x)
+    except (RuntimeError, NotImplementedError):  # no storage to tell inputs by (a functorch or fake tensor)
+        return latest
     entries = state.seen.setdefault(layer, {})
-    key = _storage_key(x)
     entry = entries.get(key)
     if entry is not None and torch._C._current_graph_task_id() != -1:
         ref, route = entry
