@@ -12,12 +12,11 @@ from torch import nn
 from ._zero import full_numel
 from .ops.backend import requested_backend
 from .patching import PatchReport, patch_norms, unpatch_norms
-from .patching.core import hide_extra_kwargs, show_extra_kwargs
+from .patching.core import EXTRA_KWARGS_ATTR, hide_extra_kwargs, show_extra_kwargs
 from .patching.loss import patch_loss, unpatch_loss
 from .patching.mlp import patch_mlps, unpatch_mlps
 from .tuning import LN_RECIPES, apply_ln_recipe, remove_tuning_hooks, restore_master_weights
 from .tuning.mma import MMAOptions, added_modules, insert_mma, remove_mma
-from .tuning.recipes import _hf_model
 
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time of the message (not at import)."""
@@ -108,7 +107,8 @@ def patch(
         apply_ln_recipe(model, tuning, final_norm=final_norm, master_weights=master_weights)
     # a PEFT model calls its base model's forward: that is where the fused loss goes
     hf = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
-    hide_extra_kwargs(hf)  # a pass-through forward of an earlier patch would keep the fused loss off
+    if fused_loss:  # a pass-through forward of an earlier patch would keep the fused loss off
+        hide_extra_kwargs(hf)
     if not fused_loss:
         unpatch_loss(hf)
     elif not isinstance(getattr(hf, "lm_head", None), nn.Module):
@@ -116,8 +116,9 @@ def patch(
     else:
         reason = patch_loss(hf)
         report.fused_loss = "on" if reason is None else f"not installed: {reason}"
-    if tuning == "mma":  # the forward's signature names mma_has_image (Trainer's column filter, generate)
-        show_extra_kwargs(_hf_model(model))
+    for m in model.modules():  # signatures name mma_has_image (Trainer's column filter, generate)
+        if EXTRA_KWARGS_ATTR in m.__dict__:
+            show_extra_kwargs(m)
     report.trainable_params, report.all_params = count_parameters(model)
     if verbose and _is_rank0():
         logger.info("%s\n%s", report.summary(), report.trainable_line())

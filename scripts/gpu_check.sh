@@ -148,7 +148,7 @@ tests/test_bench.py::test_graph_case_times_every_direction_on_gpu} \
         # 8. the rest of the time: the Triton backward's launches at the goal widths (a line per candidate, so a
         # cut run still tells; the JSON only when it finishes)
         # (outside $OUT, then into the tune tarball with the CUDA C++ tuning's files: a call cut here leaves
-        # $OUT as it was, within the device tool's 8 files)
+        # $OUT as it was, within the device tool's 8 files, but for the moment the new tarball is written)
         work=/tmp/mmfast-lease-tune; rm -rf "$work"; mkdir -p "$work"; tar -xzf "$OUT/tune.tar.gz" -C "$work" 2>/dev/null
         capped "$(lease_left 10)" python3 benchmarks/tune_norm.py --quick --directions bwd --out "$work" \
           > "$work/tune-triton.log" 2>&1

@@ -146,10 +146,12 @@ def run(rank: int, world: int, port: int, mode: str, out_path: str, tuning: str 
         dist.destroy_process_group()
 
 
-def save_fsdp1(rank: int, world: int, port: int, out_path: str) -> None:
-    """One rank of an FSDP1 (``FullyShardedDataParallel``, decoder layers auto-wrapped, activation
-    checkpointing wrappers inside, as Accelerate's FSDP plugin sets it up) run of a LayerNorm-tuned LLaVA:
-    one backward, then ``save_trainable`` on every rank."""
+def save_fsdp1(rank: int, world: int, port: int, out_path: str, case: str = "wrapped") -> None:
+    """One rank of an FSDP1 (``FullyShardedDataParallel``, decoder layers auto-wrapped) run of a tuned
+    LLaVA, then ``save_trainable`` on every rank. ``case``: "wrapped" (activation checkpointing wrappers
+    inside, as Accelerate's FSDP plugin sets it up; ``layernorm``), "tied" (tied embeddings, trained:
+    ``layernorm``), "before-forward" (``layernorm-simp``, nothing trainable in the root unit, saved before
+    the first forward, which must run after it)."""
     import functools
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -157,7 +159,7 @@ def save_fsdp1(rank: int, world: int, port: int, out_path: str) -> None:
     import torch.distributed as dist
 
     import mmfast
-    from tiny_models import batch, build
+    from tiny_models import FSDP1_CASES, batch, build_fsdp1_case
 
     dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
     try:
@@ -167,14 +169,18 @@ def save_fsdp1(rank: int, world: int, port: int, out_path: str) -> None:
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-        model = build("llava", seed=0)
-        mmfast.patch(model, tuning="layernorm", verbose=False)
+        assert case in FSDP1_CASES
+        model = build_fsdp1_case(case)
         model = FSDP(model, use_orig_params=True, device_id=torch.device("cpu"),
                      auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}))
-        apply_activation_checkpointing(model, checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper),
-                                       check_fn=lambda m: isinstance(m, LlamaDecoderLayer))
-        model(**batch("llava", seed=rank)).loss.backward()
+        if case == "wrapped":
+            apply_activation_checkpointing(model, checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper),
+                                           check_fn=lambda m: isinstance(m, LlamaDecoderLayer))
+        if case != "before-forward":
+            model(**batch("llava", seed=rank)).loss.backward()
         mmfast.save_trainable(model, out_path)
+        if case == "before-forward":
+            model(**batch("llava", seed=rank)).loss.backward()
         dist.barrier()
     finally:
         dist.destroy_process_group()

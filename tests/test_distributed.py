@@ -103,14 +103,17 @@ def test_distributed_gradients_match_single_process(mode, tuning, dtype, tmp_pat
                         ref[name].abs().max().item(), seed=0)
 
 
-def test_save_trainable_gathers_fsdp1_shards(tmp_path):
+@pytest.mark.parametrize("case", ["wrapped", "tied", "before-forward"])
+def test_save_trainable_gathers_fsdp1_shards(tmp_path, case):
     """FSDP1 (Accelerate's default FSDP) keeps each rank's slice of flat parameters under wrapper names:
-    save_trainable wrote those slices (some of shape (0,)) named ``..._fsdp_wrapped_module...``. It now
-    gathers them and names them as the unwrapped model does, so the file loads into it."""
+    save_trainable wrote those slices (some of shape (0,)) named ``..._fsdp_wrapped_module...``. It gathers
+    them now, one unit at a time, names them as the unwrapped model does (so the file loads into it), saves
+    a tied parameter once, and leaves a model saved before its first forward able to run it."""
     import dist_worker
+    from tiny_models import build_fsdp1_case
 
     out = tmp_path / "fsdp1.safetensors"
-    ctx = mp.start_processes(dist_worker.save_fsdp1, args=(WORLD, _free_port(), str(out)), nprocs=WORLD,
+    ctx = mp.start_processes(dist_worker.save_fsdp1, args=(WORLD, _free_port(), str(out), case), nprocs=WORLD,
                              join=False, start_method="spawn")
     deadline = time.monotonic() + 300
     while not ctx.join(timeout=5):
@@ -120,14 +123,16 @@ def test_save_trainable_gathers_fsdp1_shards(tmp_path):
             pytest.fail("fsdp1 run did not finish in 300 s")
     from safetensors.torch import load_file
 
-    model = build("llava", seed=0)
-    mmfast.patch(model, tuning="layernorm", verbose=False)
+    model = build_fsdp1_case(case)
     want = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     saved = load_file(str(out))
     assert saved.keys() == want.keys()
     for n in want:
         assert torch.equal(saved[n], want[n]), n
-    fresh = build("llava", seed=1)
-    mmfast.patch(fresh, tuning="layernorm", verbose=False)
+    fresh = build_fsdp1_case(case)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            if p.requires_grad:
+                p.zero_()
     mmfast.load_trainable(fresh, out)
     assert all(torch.equal(p.detach(), want[n]) for n, p in fresh.named_parameters() if p.requires_grad)

@@ -242,3 +242,18 @@ def test_flop_counting_keeps_the_fused_activations(seed, recwarn):
         model(input_ids=ids).logits.sum().backward()
     assert sum(k for u, k in used.items() if u.op == "swiglu") == 2 * 2  # each layer's, forward and backward
     assert not [w for w in recwarn if "original forward" in str(w.message)]
+
+
+def test_a_class_level_activation_override_after_fusing_runs(seed, monkeypatch):
+    """A global override of the activation class's forward made after the MLPs ran fused (the per-call
+    check remembers fused types) still takes the MLPs back to their original forward."""
+    plain = _llama(seed)
+    model = copy.deepcopy(plain)
+    mmfast.patch(model, fused_loss=False, verbose=False)
+    ids = torch.randint(0, 64, (2, 6))
+    model(input_ids=ids)  # fused: the type is remembered
+    act_type = type(model.model.layers[0].mlp.act_fn)  # SiLUActivation, or nn.SiLU in older transformers
+    monkeypatch.setattr(act_type, "forward", lambda self, x: torch.relu(x))
+    with pytest.warns(RuntimeWarning, match="runs its original forward"):
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, plain(input_ids=ids).logits)

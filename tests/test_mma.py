@@ -374,6 +374,20 @@ def test_two_forwards_then_one_backward(checkpointing):
 
     a, b = batch("llava", seed=1, images=[True, False]), batch("llava", seed=2, images=[False, False])
     ref, model = make(), make()
+    # a forward without grad on the same embeddings, between a training forward and its backward (an
+    # evaluation pass) takes no part in the recompute's routing
+    same0 = ref.get_input_embeddings()(a["input_ids"]).detach()
+    kw = dict(inputs_embeds=same0, labels=a["input_ids"], mma_has_image=torch.tensor([True, False]))
+    ref(**kw).loss.backward()
+    want0 = _trainable_grads(ref)
+    model.load_state_dict(ref.state_dict())
+    loss = model(**kw).loss
+    with torch.no_grad():
+        model(inputs_embeds=same0, mma_has_image=torch.tensor([False, True]))
+    loss.backward()
+    got0 = _trainable_grads(model)
+    for n in want0:
+        torch.testing.assert_close(got0[n], want0[n], rtol=1e-5, atol=1e-7, msg=n)
     model.load_state_dict(ref.state_dict())
     # the second pair: one embeddings tensor passed to both forwards, routed two ways (the layers' inputs
     # then share storage between the two live forwards)
@@ -640,9 +654,10 @@ def test_images_encoded_ahead_after_a_cached_prefix_route_as_image(monkeypatch, 
     with pytest.warns(RuntimeWarning, match="cached text prefix"):
         mma._top_pre_hook(state, image, None, (), {"input_ids": ids, "cache": cache, key: object()})
     assert state.has_image.tolist() == [True, False]
-    state.has_image = torch.tensor([False, False])  # without images: a sampled image-token id merges nothing
-    mma._top_pre_hook(state, image, None, (), {"input_ids": ids, "cache": cache, key: None})
-    assert state.has_image.tolist() == [False, False]
+    for empty in (None, {}):  # without images (generate passes {}): a sampled image-token id merges nothing
+        state.has_image = torch.tensor([False, False])
+        mma._top_pre_hook(state, image, None, (), {"input_ids": ids, "cache": cache, key: empty})
+        assert state.has_image.tolist() == [False, False]
 
 
 def test_a_reused_input_object_is_a_new_forward():
@@ -710,6 +725,18 @@ def test_has_image_is_named_where_the_fused_loss_is_off(kind, fused_loss, tmp_pa
     assert out.shape == (2, 8)
     with torch.no_grad():
         assert not torch.equal(as_image, model(input_ids=ids).logits)  # the flag reached the routing
+    # patched again without a tuning (the adapters stay): still named (a re-patch dropped it)
+    mmfast.patch(model, fused_loss=fused_loss, verbose=False)
+    assert "mma_has_image" in inspect.signature(model.forward).parameters
+    # a wrapper put around the forward since is kept by a re-patch (the pass-through was re-installed under it)
+    calls = []
+    inner = model.forward
+    model.forward = lambda *a, **k: calls.append(1) or inner(*a, **k)
+    mmfast.patch(model, fused_loss=fused_loss, verbose=False)
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert calls == [1]
+    del model.forward
     if kind == "llava":
         mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(dropout=0.0), verbose=False)  # fused loss on now
         assert "mma_has_image" in inspect.signature(model.forward).parameters

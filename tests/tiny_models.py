@@ -115,3 +115,21 @@ def llava_7b_config() -> LlavaConfig:
                        num_key_value_heads=32, vocab_size=32064, tie_word_embeddings=False)
     return LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000, vision_feature_layer=-2,
                        projector_hidden_act="gelu")
+
+
+#: The FSDP1 save cases of tests/test_distributed.py (see dist_worker.save_fsdp1).
+FSDP1_CASES = ("wrapped", "tied", "before-forward")
+
+
+def build_fsdp1_case(case: str):
+    """The patched and tuned model of an FSDP1 save case (the same in every rank and in the test)."""
+    import mmfast
+    from transformers import LlavaForConditionalGeneration
+
+    if case == "tied":
+        torch.manual_seed(0)
+        model = LlavaForConditionalGeneration(llava_config(text=llama_config(tie_word_embeddings=True)))
+    else:
+        model = build("llava", seed=0)
+    mmfast.patch(model, tuning="layernorm-simp" if case == "before-forward" else "layernorm", verbose=False)
+    return model

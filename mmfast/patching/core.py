@@ -132,8 +132,21 @@ def show_extra_kwargs(module: nn.Module) -> bool:
 
 
 def hide_extra_kwargs(model: nn.Module) -> int:
-    """Remove the pass-through forwards :func:`show_extra_kwargs` installed."""
-    return unpatch_where(model, lambda fam: fam == SIGNATURE)
+    """Remove the pass-through forwards :func:`show_extra_kwargs` installed, where each is still the
+    module's forward (one that something wrapped since, Accelerate's ``prepare`` say, stays: removing it
+    would drop the wrapper)."""
+    n = 0
+    for m in model.modules():
+        rec = m.__dict__.get(_ATTR)
+        if rec is not None and rec.family == SIGNATURE and _is_our_forward(m, rec):
+            _uninstall(m)
+            n += 1
+    return n
+
+
+def _is_our_forward(module: nn.Module, rec) -> bool:
+    fwd = module.__dict__.get(rec.slot)
+    return isinstance(fwd, _PatchedForward) and fwd.func is _signature_forward and fwd.args[:1] == (module,)
 
 
 def _patched_extra_repr(module: nn.Module) -> str:

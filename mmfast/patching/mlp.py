@@ -38,10 +38,16 @@ def _plain_instance_of(act: object, cls: type) -> bool:
     return type(act) is cls and "forward" not in vars(act) and type(act).forward.__module__ == cls.__module__
 
 
+#: nn.SiLU's own forward (a global override replaces the class attribute, not this reference).
+_TORCH_SILU_FORWARD = nn.SiLU.forward
+
+
 def _is_silu(act: object) -> bool:
     from transformers.activations import SiLUActivation
 
-    return type(act) is nn.SiLU or _plain_instance_of(act, SiLUActivation)
+    if type(act) is nn.SiLU:
+        return nn.SiLU.forward is _TORCH_SILU_FORWARD and "forward" not in vars(act)
+    return _plain_instance_of(act, SiLUActivation)
 
 
 def _is_quick_gelu(act: object) -> bool:
@@ -93,8 +99,9 @@ def _activation_bypassed(m: nn.Module, fam: MlpFamily) -> Optional[str]:
     return None
 
 
-#: Activation types whose plain instances each family fuses (learnt from the first check of each type).
-_FUSABLE: dict[str, set] = {}
+#: Per family, the activation types whose plain instances it fuses, with their forward as it was checked
+#: (a class-level override since then takes the full check again). Learnt from the first check of a type.
+_FUSABLE: dict[str, dict] = {}
 
 
 def _unchanged(act, fam: MlpFamily) -> bool:
@@ -102,7 +109,8 @@ def _unchanged(act, fam: MlpFamily) -> bool:
     hook of its own and none registered for every module (then the full check has nothing to say)."""
     from torch.nn.modules import module as torch_module
 
-    return (type(act) in _FUSABLE.get(fam.kind, ()) and "forward" not in vars(act)
+    fused = _FUSABLE.get(fam.kind, {})
+    return (fused.get(type(act)) is getattr(type(act), "forward", None) and "forward" not in vars(act)
             and not (act._forward_hooks or act._forward_pre_hooks or act._backward_hooks or act._backward_pre_hooks)
             and not (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
                      or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks))
@@ -115,7 +123,7 @@ def _checked_forward(fused: Callable, module: nn.Module, args: tuple, kwargs: di
         return fused(module, *args, **kwargs)
     reason = _activation_bypassed(module, rec.family)
     if reason is None and not torch.compiler.is_compiling() and _plain(act, rec.family):
-        _FUSABLE.setdefault(rec.family.kind, set()).add(type(act))
+        _FUSABLE.setdefault(rec.family.kind, {})[type(act)] = type(act).forward
     if reason is not None:
         warn_once(f"mmfast: a patched {type(module).__name__} runs its original forward: {reason}")
         return _original_call(module, rec)(*args, **kwargs)

@@ -181,7 +181,8 @@ def _top_pre_hook(state: _State, image_token_id: Optional[int], module, args, kw
             raise ValueError(f"mmfast MMA: {HAS_IMAGE_KWARG} has {flags.shape[0]} entries for a batch of {B}")
     elif decoding and state.has_image is not None and state.has_image.shape[0] == B:
         flags = state.has_image  # generation: keep the prefill's flags
-        images = any(v is not None for k, v in kwargs.items() if k.startswith("pixel_values") or k in _IMAGE_INPUTS)
+        images = any(v is not None and not (isinstance(v, (dict, list, tuple)) and not v)  # generate passes {}
+                     for k, v in kwargs.items() if k.startswith("pixel_values") or k in _IMAGE_INPUTS)
         if images and ids is not None and image_token_id is not None:
             # a chunk after a cached prefix may bring a sample's image: route it (and what follows) as one
             # (only a chunk with images: a decode step that samples the image token id merges no image)
@@ -310,7 +311,7 @@ def _llm_pre_hook(state: _State, module, args, kwargs):
         state.recording = False
     routes = [state.routes[i] for i in sorted(state.routes)]
     given = kwargs.get("inputs_embeds")
-    if given is not None and torch.is_grad_enabled() and state.live_input(0, given):
+    if given is not None and state.live_input(0, given):
         # the same embeddings as a forward whose backward has not run (one tensor passed twice): a copy, so
         # that a layer recomputed for either one's backward tells them apart (by storage, see
         # _route_for_input). Only layer 0 can meet this: every later layer's input is new.

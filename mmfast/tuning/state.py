@@ -84,13 +84,16 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     root = _fsdp1_root(model)
     if root is None:
         return {name: _gathered_tensor(p) for name, p in _named_trainables(model)}
-    out = {}
+    out, seen = {}, set()
     for _, unit, own in _fsdp1_units(root, unwrap(model)):
-        if not any(p.requires_grad for _, p in own()):  # the same on every rank: all skip it together
-            continue
+        # (the root always: its summon is what initialises FSDP from the root; a nested unit summoned first
+        # would take the root's part, and the model's next forward would fail)
+        if unit is not root and not any(p.requires_grad and id(p) not in seen for _, p in own()):
+            continue  # the same on every rank: all skip it together
         with type(unit).summon_full_params(unit, recurse=False, writeback=False):
             for name, p in own():
-                if p.requires_grad:
+                if p.requires_grad and id(p) not in seen:  # a tied parameter once, under its first name
+                    seen.add(id(p))
                     out[clean_name(name)] = p.detach().cpu().contiguous().clone()
     return dict(sorted(out.items()))
 
