@@ -742,3 +742,22 @@ def test_has_image_is_named_where_the_fused_loss_is_off(kind, fused_loss, tmp_pa
         assert "mma_has_image" in inspect.signature(model.forward).parameters
     mmfast.unpatch(model)
     assert inspect.signature(model.forward) == before and "forward" not in model.__dict__
+
+
+def test_has_image_is_named_behind_an_accelerate_hook():
+    """A model behind an Accelerate hook (device_map loading): signature lookups follow the hook's
+    ``__wrapped__``, which kept pointing at the class's forward, so mma_has_image was not named (Trainer
+    dropped it). It points at the patched forward while patched; unpatch puts it back."""
+    import inspect
+
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    model = build("llava")
+    add_hook_to_module(model, ModelHook())
+    before = inspect.signature(model.forward)
+    mmfast.patch(model, tuning="mma", verbose=False)
+    assert "mma_has_image" in inspect.signature(model.forward).parameters
+    out = model(**batch("llava", images=[True, False]), mma_has_image=torch.tensor([False, False]))
+    assert out.loss is not None
+    mmfast.unpatch(model)
+    assert inspect.signature(model.forward) == before

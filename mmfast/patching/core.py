@@ -51,6 +51,9 @@ class _Patch:
     slot: str  # "forward", or "_old_forward" under an Accelerate hook
     saved_slot: object  # the instance's own value of ``slot`` before patching, or _ABSENT
     saved_extra_repr: object
+    #: under an Accelerate hook: its forward's ``__wrapped__`` before patching (what signature lookups
+    #: follow; pointed at the patched forward while patched), or _ABSENT
+    saved_wrapped: object = _ABSENT
 
 
 def _original_call(module: nn.Module, rec: _Patch):
@@ -234,7 +237,14 @@ def _install(module: nn.Module, fam, forward=patched_forward) -> None:
     rec = _Patch(fam, slot, d.get(slot, _ABSENT) if slot == "_old_forward" else _ABSENT,
                  d.get("extra_repr", _ABSENT))
     d[_ATTR] = rec
-    setattr(module, slot, _PatchedForward(forward, module))
+    patched = _PatchedForward(forward, module)
+    setattr(module, slot, patched)
+    hooked = d.get("forward") if slot == "_old_forward" else None
+    if hooked is not None and "__wrapped__" in getattr(hooked, "__dict__", {}):
+        # inspect.signature(module.forward) follows the hook's __wrapped__: to the patched forward, whose
+        # signature is the original's plus mmfast's keyword arguments (EXTRA_KWARGS_ATTR)
+        rec.saved_wrapped = hooked.__wrapped__
+        hooked.__wrapped__ = patched
     module.extra_repr = functools.partial(_patched_extra_repr, module)
     d[_REPLICATE] = functools.partial(_refuse_replication, module)
 
@@ -253,6 +263,10 @@ def _uninstall(module: nn.Module) -> None:
     d = module.__dict__
     d.pop(_REPLICATE, None)
     rec: _Patch = d.pop(_ATTR)
+    hooked = d.get("forward") if rec.slot == "_old_forward" else None
+    if rec.saved_wrapped is not _ABSENT and hooked is not None and isinstance(getattr(hooked, "__wrapped__", None),
+                                                                            _PatchedForward):
+        hooked.__wrapped__ = rec.saved_wrapped
     for name, saved in ((rec.slot, rec.saved_slot), ("extra_repr", rec.saved_extra_repr)):
         if saved is _ABSENT:
             d.pop(name, None)
