@@ -314,7 +314,9 @@ def _llm_pre_hook(state: _State, module, args, kwargs):
     if given is not None and state.live_input(0, given):
         # the same embeddings as a forward whose backward has not run (one tensor passed twice): a copy, so
         # that a layer recomputed for either one's backward tells them apart (by storage, see
-        # _route_for_input). Only layer 0 can meet this: every later layer's input is new.
+        # _route_for_input). Only layer 0 can meet this: every later layer's input is new. Without grad too:
+        # reentrant checkpointing runs its forward without grad, so forwards without grad record their
+        # inputs as well, and an evaluation pass between a forward and its backward must not overwrite it.
         kwargs["inputs_embeds"] = given.clone()
     if torch.is_grad_enabled() and any(r.requires_grad for r in routes):
         leaves = [r.detach().requires_grad_(r.requires_grad) for r in routes]
