@@ -521,6 +521,37 @@ def test_image_after_a_cached_text_prefix_routes_as_image(monkeypatch):
     assert state.has_image.tolist() == [False, False] and not [w for w in caught if "mmfast MMA" in str(w.message)]
 
 
+def test_interleaved_generations_keep_their_own_routing():
+    """Two generations of one model stepped in turn (a serving loop, an evaluation harness): each decode
+    step routes by the flags of the prefill that filled its cache. Before, the latest prefill's flags went
+    to every cache of the same batch size, so the first generation's image sample decoded as text."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    model = _mma()
+    _perturb_adapters(model)
+    model.eval()
+    a, b = batch("llava", B=2, images=[True, False]), batch("llava", B=2, images=[False, True])
+    cache_kw = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    step = torch.randint(0, 8, (2, 1))
+
+    def prefill(inputs):
+        return model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], use_cache=True,
+                     **{cache_kw: DynamicCache()}).past_key_values
+
+    with torch.no_grad():
+        alone = model(input_ids=step, use_cache=True, **{cache_kw: prefill(a)}).logits
+        cache_a = prefill(a)
+        prefill(b)
+        interleaved = model(input_ids=step, use_cache=True, **{cache_kw: cache_a}).logits
+        explicit = model(input_ids=step, use_cache=True, mma_has_image=torch.tensor([True, False]),
+                         **{cache_kw: prefill(a)}).logits
+    state = model.__dict__["_mmfast_mma_state"]
+    assert torch.equal(interleaved, alone) and torch.equal(alone, explicit)
+    assert state.has_image.tolist() == [True, False]
+
+
 def test_save_load_trainable_mma(tmp_path):
     model = _mma()
     _perturb_adapters(model)

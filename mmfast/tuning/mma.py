@@ -75,12 +75,28 @@ class _State:
     recording: bool = False  # True while the modality token runs through the layers
     #: layer -> {storage key of the layer's input: (weak reference to that input, route)}
     seen: dict = dataclasses.field(default_factory=dict)
+    #: id of a KV cache -> (weak reference to it, the flags of the samples it caches): each generation's
+    #: decode steps keep their own prefill's flags, also when generations of one model interleave
+    cached: dict = dataclasses.field(default_factory=dict)
 
     def __getstate__(self):  # weak references do not pickle; what they map is one forward's
-        return {**self.__dict__, "seen": {}}
+        return {**self.__dict__, "seen": {}, "cached": {}}
 
     def __deepcopy__(self, memo):
-        return _State(copy.deepcopy(self.has_image, memo), copy.deepcopy(self.routes, memo), self.recording, {})
+        return _State(copy.deepcopy(self.has_image, memo), copy.deepcopy(self.routes, memo), self.recording, {}, {})
+
+    def cache_flags(self, cache) -> Optional[Tensor]:
+        """The flags recorded for ``cache`` (None if it was not seen, or cannot be referenced weakly)."""
+        entry = self.cached.get(id(cache))
+        return entry[1] if entry is not None and entry[0]() is cache else None
+
+    def record_cache(self, cache, flags: Tensor) -> None:
+        for key in [k for k, (ref, _) in self.cached.items() if ref() is None]:
+            del self.cached[key]
+        try:
+            self.cached[id(cache)] = (weakref.ref(cache), flags)
+        except TypeError:  # a cache object without weak references: decode steps take the latest flags
+            pass
 
     def live_input(self, layer: int, x: Tensor) -> bool:
         """Whether ``x``'s storage is that of a live input recorded at ``layer``."""
@@ -179,8 +195,8 @@ def _top_pre_hook(state: _State, image_token_id: Optional[int], module, args, kw
         flags = torch.as_tensor(flags, device=device).bool().reshape(-1)
         if flags.shape[0] != B:
             raise ValueError(f"mmfast MMA: {HAS_IMAGE_KWARG} has {flags.shape[0]} entries for a batch of {B}")
-    elif decoding and state.has_image is not None and state.has_image.shape[0] == B:
-        flags = state.has_image  # generation: keep the prefill's flags
+    elif decoding and _decode_flags(state, past, B) is not None:
+        flags = _decode_flags(state, past, B)  # generation: keep the prefill's flags
         images = any(v is not None and not (isinstance(v, (dict, list, tuple)) and not v)  # generate passes {}
                      for k, v in kwargs.items() if k.startswith("pixel_values") or k in _IMAGE_INPUTS)
         if images and ids is not None and image_token_id is not None:
@@ -199,7 +215,18 @@ def _top_pre_hook(state: _State, image_token_id: Optional[int], module, args, kw
     else:
         flags = torch.zeros(B, dtype=torch.bool, device=device)
     state.has_image = flags
+    if past is not None and not torch.compiler.is_compiling():
+        state.record_cache(past, flags)
     return args, kwargs
+
+
+def _decode_flags(state: _State, past, batch: int) -> Optional[Tensor]:
+    """The flags a decode step on ``past`` keeps: those of the forwards that filled that cache, or (a cache
+    this model has not seen filled, or one without weak references) the latest forward's."""
+    flags = None if torch.compiler.is_compiling() else state.cache_flags(past)
+    if flags is None:
+        flags = state.has_image
+    return flags if flags is not None and flags.shape[0] == batch else None
 
 
 def _without_checkpointing(layer: nn.Module, h: Tensor, **kwargs) -> Tensor:
