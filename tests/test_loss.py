@@ -276,6 +276,18 @@ def test_fp16_hidden_gradient_keeps_its_precision_under_a_mean(device, seed, pat
     assert err <= bound, f"||error|| {err:.3e} > 2 x PyTorch's {err_lowp:.3e} + eps ||ref|| (seed {seed})"
 
 
+def test_target_dtypes_give_the_same_loss(device):
+    """int32 and uint8 targets (F.cross_entropy takes uint8) give an int64 target's loss and gradients."""
+    h, w, b, t = make(device, torch.float32)
+    t = t.clamp(0, min(255, w.shape[0] - 1))  # uint8 cannot hold ignore_index -100
+    h = h.detach().requires_grad_()
+    loss = linear_cross_entropy(h, w, t, b)
+    (grad,) = torch.autograd.grad(loss, h)
+    for dtype in (torch.int32, torch.uint8):
+        other = linear_cross_entropy(h, w, t.to(dtype), b)
+        assert torch.equal(other, loss) and torch.equal(torch.autograd.grad(other, h)[0], grad), dtype
+
+
 def test_bad_input(device):
     h, w, b, t = make(device, torch.float32)
     bad = t.clone()
@@ -288,8 +300,9 @@ def test_bad_input(device):
         linear_cross_entropy(h, w[:, :-1], t, b)
     with pytest.raises(TypeError, match="dtype"):
         linear_cross_entropy(h, w.detach().double(), t, b)
-    with pytest.raises(TypeError, match="integer"):
-        linear_cross_entropy(h, w, t.float(), b)
+    for dtype in (torch.float32, torch.int8, torch.int16):  # the message names what is taken
+        with pytest.raises(TypeError, match="int64, int32 or uint8"):
+            linear_cross_entropy(h, w, t.to(dtype), b)
     with pytest.raises(ValueError, match="reduction"):
         linear_cross_entropy(h, w, t, b, reduction="none")
     with pytest.raises(ValueError, match="bias"):

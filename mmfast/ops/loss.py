@@ -284,6 +284,10 @@ def _op_backward(ctx, grad_loss, *_):
 linear_cross_entropy_fwd.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
+#: target dtypes taken: F.cross_entropy's (int64, uint8) and int32
+_TARGET_DTYPES = (torch.int64, torch.int32, torch.uint8)
+
+
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None, *,
                          ignore_index: int = -100, reduction: str = "mean",
                          num_items_in_batch: Union[Tensor, int, None] = None,
@@ -291,7 +295,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: O
     """``F.cross_entropy(F.linear(hidden, weight, bias).float().view(-1, V), target.view(-1), ...)``
     without materialising the logits; fp32 scalar.
 
-    ``hidden`` [..., H], ``weight`` [V, H], ``bias`` [V] or None, ``target`` [...] (int64) with the leading
+    ``hidden`` [..., H], ``weight`` [V, H], ``bias`` [V] or None, ``target`` [...] (int64, int32 or uint8) with the leading
     shape of ``hidden``. ``reduction``: ``"mean"`` over the rows whose target is not ``ignore_index``
     (NaN when there are none, as PyTorch), or ``"sum"``. ``num_items_in_batch`` (HF's gradient-accumulation
     normaliser) overrides it: sum / num_items_in_batch. ``chunk_rows`` bounds the rows of logits alive at
@@ -303,8 +307,9 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: O
     if target.shape != hidden.shape[:-1]:
         raise ValueError(f"linear_cross_entropy: target shape {tuple(target.shape)} must equal hidden's leading "
                          f"shape {tuple(hidden.shape[:-1])}")
-    if target.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"linear_cross_entropy: target must be an integer tensor, got {target.dtype}")
+    if target.dtype not in _TARGET_DTYPES:
+        raise TypeError(f"linear_cross_entropy: target must be int64, int32 or uint8 (F.cross_entropy takes int64 "
+                        f"and uint8), got {target.dtype}")
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"linear_cross_entropy: bias {tuple(bias.shape)} must be [{weight.shape[0]}]")
     if chunk_rows is not None and chunk_rows < 1:
