@@ -183,6 +183,36 @@ def test_backends_used_counts_what_ran(monkeypatch, device):
     assert dict(outer) == {**expected, **{u._replace(backend="reference"): k for u, k in expected.items()}}
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_backends_used_counts_an_adapter_call_once(dropout, device):
+    """One adapter forward and its backward count one each, with dropout too (the dropout bookkeeping, which
+    asks again which backend ran the forward, counted it a second time in each direction)."""
+    from mmfast.nn.adapter import MMAdapter
+    from mmfast.ops.backend import BackendUse
+
+    adapter = MMAdapter(32, dropout=dropout).to(device).train()
+    x, route = torch.randn(2, 5, 32, device=device), torch.randn(2, 32, device=device)
+    with mmfast.backends_used() as used:
+        adapter(x, route).sum().backward()
+    backend = "triton" if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else "reference"
+    assert dict(used) == {BackendUse("mma_adapter", d, backend, torch.float32, 32): 1 for d in ("fwd", "bwd")}
+
+
+def test_interpreter_without_triton_is_an_error(monkeypatch):
+    """TRITON_INTERPRET=1 asks for the Triton kernels on CPU: without Triton installed that is an error that
+    says so (the reference ran silently, so a broken install looked like a tested kernel)."""
+    from mmfast.kernels import _device
+    from mmfast.ops import backend
+
+    monkeypatch.setattr(_device, "interpreting", lambda: True)
+    monkeypatch.setattr(backend, "_triton_available", lambda: False)
+    monkeypatch.setenv(ENV_VAR, "auto")
+    with pytest.raises(RuntimeError, match="Triton is not installed"):
+        backend.resolve_backend(torch.device("cpu"))
+    monkeypatch.setenv(ENV_VAR, "reference")
+    assert backend.resolve_backend(torch.device("cpu")) == "reference"
+
+
 def test_cpu_without_interpreter_uses_reference():
     """A fresh process with the interpreter off: CPU tensors take the reference, and forcing Triton
     is an error that says why (Triton fixes interpreter mode when it is imported, hence a subprocess)."""

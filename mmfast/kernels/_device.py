@@ -41,9 +41,13 @@ def version_problem(triton_version: str, numpy_version: str) -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def interpreter_problem() -> str | None:
-    """:func:`version_problem` of the installed Triton and numpy."""
-    import numpy
+    """:func:`version_problem` of the installed Triton and numpy (the interpreter runs on numpy)."""
     import triton
+
+    try:
+        import numpy
+    except ImportError:
+        return "numpy is not installed (the Triton interpreter runs on it; pip install numpy)"
 
     return version_problem(triton.__version__, numpy.__version__)
 

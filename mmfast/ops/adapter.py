@@ -177,13 +177,15 @@ def _reference_bwd(dy, x, down_w, down_b, up_w, up_b, mix, scale, groups, p, see
 # ---------------------------------------------------------------------------------------------
 
 
-def _backend(x: Tensor, down_w: Tensor, up_w: Tensor, p: float, direction: str) -> str:
+def _backend(x: Tensor, down_w: Tensor, up_w: Tensor, p: float, direction: str, count: bool = True) -> str:
     """The backend that runs this call's ``direction`` (an adapter beyond the CUDA C++ kernels' limits is
-    one they do not take: :func:`resolve_backend`)."""
+    one they do not take: :func:`resolve_backend`); ``count=False`` for the dropout-mask bookkeeping,
+    which asks again about a call already counted."""
     from ..kernels import cuda_ext
 
     return resolve_backend(x.device, KernelKey("mma_adapter", direction, x.dtype, x.shape[-1]),
-                           cuda_unsupported=cuda_ext.adapter_unsupported(down_w.shape[0], up_w.shape[0], p))
+                           cuda_unsupported=cuda_ext.adapter_unsupported(down_w.shape[0], up_w.shape[0], p),
+                           count=count)
 
 
 def _launchers(backend: str):
@@ -269,13 +271,13 @@ def _save(ctx, inputs, z):
     ctx.args = (scale, groups, p)
     # with dropout the backward must redraw the forward's mask: note whose it was (the backend of a call
     # is chosen when it runs, and the forward has just run under the choice made now)
-    ctx.fwd_backend = _backend(x, down_w, up_w, p, "fwd") if p > 0 else None
+    ctx.fwd_backend = _backend(x, down_w, up_w, p, "fwd", count=False) if p > 0 else None
 
 
 def _check_mask_stream(ctx, x, down_w, up_w) -> None:
     if ctx.fwd_backend is None:
         return
-    bwd_backend = _backend(x, down_w, up_w, ctx.args[2], "bwd")
+    bwd_backend = _backend(x, down_w, up_w, ctx.args[2], "bwd", count=False)
     if _mask_stream(bwd_backend) != _mask_stream(ctx.fwd_backend):
         raise RuntimeError(
             f"mma_adapter: the forward ran on the {ctx.fwd_backend} backend and the backward would run on "

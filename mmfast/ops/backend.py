@@ -195,8 +195,8 @@ def _without_cuda(device: torch.device, forced_triton: bool) -> str:
         if reason is not None:
             raise RuntimeError(f"no GPU backend for CUDA tensors: {reason} (or set {ENV_VAR}=reference)")
         return "triton"
-    if device.type == "cpu" and _device.interpreting() and _triton_available():
-        problem = _device.interpreter_problem()
+    if device.type == "cpu" and _device.interpreting():
+        problem = _device.interpreter_problem() if _triton_available() else "Triton is not installed (pip install triton)"
         if problem is not None:  # TRITON_INTERPRET=1 asks for the kernels: say why they cannot run
             raise RuntimeError(f"TRITON_INTERPRET=1 runs the Triton kernels on CPU, but {problem}; or unset "
                                f"TRITON_INTERPRET (or set {ENV_VAR}=reference) for the PyTorch reference")
@@ -205,16 +205,17 @@ def _without_cuda(device: torch.device, forced_triton: bool) -> str:
 
 
 def resolve_backend(device: torch.device, key: KernelKey | None = None, cuda_unsupported: str | None = None, *,
-                    has_cuda: bool = True) -> str:
+                    has_cuda: bool = True, count: bool = True) -> str:
     """The backend that runs an op call of kind ``key`` on ``device`` now (counted for
     :func:`backends_used`; no ``key``: not an op call, as for an op without a CUDA C++ implementation,
     and not counted). ``has_cuda``: the op has a CUDA C++ implementation; ``cuda_unsupported`` says
     why that implementation does not take this call's shape (None: it does). Such a call runs as if the
     CUDA C++ kernels could not run: with one warning where ``MMFAST_BACKEND=cuda`` asked for them,
     silently where only the backend table would have chosen them (its entries are timed at shapes they
-    take)."""
+    take). ``count=False``: a question about a call counted elsewhere (which backend ran a forward
+    whose backward is about to run), not counted again."""
     backend = _resolve(device, key if has_cuda else None, cuda_unsupported)
-    return _record(key, backend) if _recorders and key is not None else backend
+    return _record(key, backend) if count and _recorders and key is not None else backend
 
 
 def _resolve(device: torch.device, key: KernelKey | None, cuda_unsupported: str | None) -> str:
