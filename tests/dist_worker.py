@@ -151,7 +151,8 @@ def save_fsdp1(rank: int, world: int, port: int, out_path: str, case: str = "wra
     LLaVA, then ``save_trainable`` on every rank. ``case``: "wrapped" (activation checkpointing wrappers
     inside, as Accelerate's FSDP plugin sets it up; ``layernorm``), "tied" (tied embeddings, trained:
     ``layernorm``), "before-forward" (``layernorm-simp``, nothing trainable in the root unit, saved before
-    the first forward, which must run after it)."""
+    the first forward, which must run after it), "flat-params" (``use_orig_params=False``, every norm a unit:
+    each summon makes new parameter objects, which may take the ids of an earlier unit's freed ones)."""
     import functools
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -171,8 +172,18 @@ def save_fsdp1(rank: int, world: int, port: int, out_path: str, case: str = "wra
 
         assert case in FSDP1_CASES
         model = build_fsdp1_case(case)
-        model = FSDP(model, use_orig_params=True, device_id=torch.device("cpu"),
-                     auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}))
+        policy = ModuleWrapPolicy({LlamaDecoderLayer})
+        if case == "flat-params":
+            # a flat parameter without use_orig_params must be all trainable or all frozen: every module with
+            # trainable parameters of its own is a unit (PEFT's FSDP policy does the same for adapters), so
+            # there are many summons, each making new parameter objects
+            def unit(module, recurse, nonwrapped_numel):
+                own = list(module.parameters(recurse=False))
+                return recurse or isinstance(module, LlamaDecoderLayer) or bool(own) and all(p.requires_grad for p in own)
+
+            policy = unit
+        model = FSDP(model, use_orig_params=case != "flat-params", device_id=torch.device("cpu"),
+                     auto_wrap_policy=policy)
         if case == "wrapped":
             apply_activation_checkpointing(model, checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper),
                                            check_fn=lambda m: isinstance(m, LlamaDecoderLayer))

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 import mmfast
 from accuracy import assert_accurate
-from tiny_models import batch, build
+from tiny_models import FSDP1_CASES, batch, build
 
 WORLD = 2
 
@@ -103,7 +103,7 @@ def test_distributed_gradients_match_single_process(mode, tuning, dtype, tmp_pat
                         ref[name].abs().max().item(), seed=0)
 
 
-@pytest.mark.parametrize("case", ["wrapped", "tied", "before-forward"])
+@pytest.mark.parametrize("case", FSDP1_CASES)
 def test_save_trainable_gathers_fsdp1_shards(tmp_path, case):
     """FSDP1 (Accelerate's default FSDP) keeps each rank's slice of flat parameters under wrapper names:
     save_trainable wrote those slices (some of shape (0,)) named ``..._fsdp_wrapped_module...``. It gathers

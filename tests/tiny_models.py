@@ -118,7 +118,7 @@ def llava_7b_config() -> LlavaConfig:
 
 
 #: The FSDP1 save cases of tests/test_distributed.py (see dist_worker.save_fsdp1).
-FSDP1_CASES = ("wrapped", "tied", "before-forward")
+FSDP1_CASES = ("wrapped", "tied", "before-forward", "flat-params")
 
 
 def build_fsdp1_case(case: str):
@@ -129,6 +129,9 @@ def build_fsdp1_case(case: str):
     if case == "tied":
         torch.manual_seed(0)
         model = LlavaForConditionalGeneration(llava_config(text=llama_config(tie_word_embeddings=True)))
+    elif case == "flat-params":  # many trainable units (two norms a layer): many summons
+        torch.manual_seed(0)
+        model = LlavaForConditionalGeneration(llava_config(text=llama_config(num_hidden_layers=16)))
     else:
         model = build("llava", seed=0)
     mmfast.patch(model, tuning="layernorm-simp" if case == "before-forward" else "layernorm", verbose=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import weakref
 
 import torch
 from torch import nn
@@ -84,16 +85,23 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     root = _fsdp1_root(model)
     if root is None:
         return {name: _gathered_tensor(p) for name, p in _named_trainables(model)}
-    out, seen = {}, set()
+    # parameters saved so far, by id, with a weak reference that tells a live object from one that took a
+    # freed one's id (without use_orig_params every summon makes new parameter objects and frees them after)
+    out, seen = {}, {}
+
+    def saved(p: torch.Tensor) -> bool:
+        ref = seen.get(id(p))
+        return ref is not None and ref() is p
+
     for _, unit, own in _fsdp1_units(root, unwrap(model)):
         # (the root always: its summon is what initialises FSDP from the root; a nested unit summoned first
         # would take the root's part, and the model's next forward would fail)
-        if unit is not root and not any(p.requires_grad and id(p) not in seen for _, p in own()):
+        if unit is not root and not any(p.requires_grad and not saved(p) for _, p in own()):
             continue  # the same on every rank: all skip it together
         with type(unit).summon_full_params(unit, recurse=False, writeback=False):
             for name, p in own():
-                if p.requires_grad and id(p) not in seen:  # a tied parameter once, under its first name
-                    seen.add(id(p))
+                if p.requires_grad and not saved(p):  # a tied parameter once, under its first name
+                    seen[id(p)] = weakref.ref(p)
                     out[clean_name(name)] = p.detach().cpu().contiguous().clone()
     return dict(sorted(out.items()))
 
