@@ -216,15 +216,22 @@ def test_hooks_on_the_activation_run(kind, seed, recwarn):
     assert any(p == "model.layers.0.mlp" and "hook on act_fn" in why for p, why in report.skipped)
 
 
-def test_activation_replaced_after_patching(seed):
-    """An activation swapped after patching computes (the fused SiLU kept running before)."""
+@pytest.mark.parametrize("other", ["module", "function"])
+def test_activation_replaced_after_patching(other, seed, monkeypatch):
+    """An activation swapped after patching computes (the fused SiLU kept running before), a module or a
+    plain function put in its place (the fast check raised TypeError on a function)."""
+    import torch.nn.functional as F
+
+    monkeypatch.setattr("mmfast.ops.backend._warned", set())  # the warning is once per process
     plain = _llama(seed)
     model = copy.deepcopy(plain)
     mmfast.patch(model, fused_loss=False, verbose=False)
-    for m in (plain, model):
-        m.model.layers[0].mlp.act_fn = torch.nn.ReLU()
     ids = torch.randint(0, 64, (2, 6))
-    with pytest.warns(RuntimeWarning, match="act_fn is ReLU, not SiLU"):
+    model(input_ids=ids)  # the fast check has seen SiLU fused
+    for m in (plain, model):
+        del m.model.layers[0].mlp.act_fn
+        m.model.layers[0].mlp.act_fn = torch.nn.ReLU() if other == "module" else F.relu
+    with pytest.warns(RuntimeWarning, match=f"act_fn is {'ReLU' if other == 'module' else 'function'}, not SiLU"):
         got = model(input_ids=ids).logits
     torch.testing.assert_close(got, plain(input_ids=ids).logits)
 
@@ -257,3 +264,24 @@ def test_a_class_level_activation_override_after_fusing_runs(seed, monkeypatch):
     with pytest.warns(RuntimeWarning, match="runs its original forward"):
         got = model(input_ids=ids).logits
     torch.testing.assert_close(got, plain(input_ids=ids).logits)
+
+
+def test_only_wrapper_packages_hooks_are_let_through():
+    """A hook from a wrapper package (or a module inside one) may be bypassed by a fused path; one from a
+    package that only starts with the same letters is the user's and must run (it was let through)."""
+    from mmfast.patching.core import foreign_hook
+
+    for package, foreign in (("deepspeed", False), ("deepspeed.runtime.zero", False), ("accelerate.hooks", False),
+                             ("deepspeed_probe", True), ("accelerate_utils", True), ("mmfast_ext", True),
+                             ("torch.distributed_extras", True)):
+        act = torch.nn.SiLU()
+
+        def hook(module, args, out):
+            return out
+
+        hook.__module__ = package
+        act.register_forward_hook(hook)
+        found = foreign_hook(act, "on act_fn")
+        assert (found is not None) == foreign, (package, found)
+        if foreign:
+            assert package in found

@@ -197,9 +197,15 @@ def foreign_hook(module: nn.Module, where: str, kinds: tuple[str, ...] = ("forwa
         for hooks in tables:
             for hook in hooks.values():
                 package = defining_module(hook)
-                if not package.startswith(WRAPPER_PACKAGES):
+                if not _in_wrapper_package(package):
                     return f"a {kind} {where} (from {package})"
     return None
+
+
+def _in_wrapper_package(module_name: str) -> bool:
+    """``module_name`` is one of :data:`WRAPPER_PACKAGES` or inside one (not a package that merely starts
+    with the same letters: ``deepspeed_probe``, ``mmfast_ext``)."""
+    return any(module_name == p or module_name.startswith(p + ".") for p in WRAPPER_PACKAGES)
 
 
 def _describe(fn) -> str:

@@ -109,8 +109,10 @@ def _unchanged(act, fam: MlpFamily) -> bool:
     hook of its own and none registered for every module (then the full check has nothing to say)."""
     from torch.nn.modules import module as torch_module
 
+    if not isinstance(act, nn.Module):  # a function put in its place, None: the full check says why
+        return False
     fused = _FUSABLE.get(fam.kind, {})
-    return (fused.get(type(act)) is getattr(type(act), "forward", None) and "forward" not in vars(act)
+    return (fused.get(type(act)) is type(act).forward and "forward" not in vars(act)
             and not (act._forward_hooks or act._forward_pre_hooks or act._backward_hooks or act._backward_pre_hooks)
             and not (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
                      or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks))
@@ -118,7 +120,7 @@ def _unchanged(act, fam: MlpFamily) -> bool:
 
 def _checked_forward(fused: Callable, module: nn.Module, args: tuple, kwargs: dict):
     rec = module.__dict__[_ATTR]
-    act = module._modules.get(rec.family.act_attr)
+    act = getattr(module, rec.family.act_attr, None)
     if _unchanged(act, rec.family):
         return fused(module, *args, **kwargs)
     reason = _activation_bypassed(module, rec.family)
@@ -132,7 +134,7 @@ def _checked_forward(fused: Callable, module: nn.Module, args: tuple, kwargs: di
 
 def _plain(act, fam: MlpFamily) -> bool:
     """``act`` is what ``fam`` fuses, with nothing of its own: its type may take the cheap check."""
-    return fam.act_ok(act) and "forward" not in vars(act)
+    return isinstance(act, nn.Module) and fam.act_ok(act) and "forward" not in vars(act)
 
 
 def _swiglu_mlp_forward(module: nn.Module, *args, **kwargs):
