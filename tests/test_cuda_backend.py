@@ -412,10 +412,14 @@ def test_no_flock_on_the_filesystem_builds_unserialised(monkeypatch, tmp_path):
 
 def test_a_failed_build_is_not_repeated_by_the_other_ranks(fresh_loader, monkeypatch, tmp_path):
     """The ranks of a job that fail to build must not compile again one after another: a failure recorded
-    after this process started is taken with its reason; one from before (an earlier run, since fixed) is
-    built again."""
+    by a process of the same job after this process started is taken with its reason; another job's (a
+    transient failure in an unrelated run while this process was idle) and one from before this process
+    (an earlier run, since fixed) are built again."""
     from torch.utils import cpp_extension
 
+    for var in ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "MASTER_ADDR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MASTER_PORT", "29500")
     directory = tmp_path / "build"
     calls = []
     monkeypatch.setattr(cpp_extension, "load", _fake_build(calls, directory, fail="error: undefined_name"))
@@ -425,10 +429,18 @@ def test_a_failed_build_is_not_repeated_by_the_other_ranks(fresh_loader, monkeyp
     with pytest.raises(cuda_ext.BuildFailedElsewhere, match="undefined_name"):
         cuda_ext._build(directory)  # another rank of the same run
     assert len(calls) == 1
+    for other_job in ({"MASTER_PORT": "29501"}, {"TORCHELASTIC_RUN_ID": "another"}):
+        with monkeypatch.context() as job:
+            for var, value in other_job.items():
+                job.setenv(var, value)
+            with pytest.raises(RuntimeError, match="undefined_name") as failed:
+                cuda_ext._build(directory)  # compiled again (and failed again: the sources are still broken)
+            assert not isinstance(failed.value, cuda_ext.BuildFailedElsewhere)
+    assert len(calls) == 3
     monkeypatch.setattr(cuda_ext, "_PROCESS_START", time.time() + 1)  # a process started after the failure
     monkeypatch.setattr(cpp_extension, "load", _fake_build(calls, directory))
     cuda_ext._build(directory)
-    assert len(calls) == 2 and cuda_ext._built(directory) and not (directory / "build.failed").exists()
+    assert len(calls) == 4 and cuda_ext._built(directory) and not (directory / "build.failed").exists()
 
 
 def test_a_dead_builds_directory_is_removed(fresh_loader, monkeypatch, tmp_path):

@@ -316,13 +316,28 @@ class BuildFailedElsewhere(RuntimeError):
     """Another process of this run (a rank beside this one) failed to build these sources moments ago."""
 
 
+def _job() -> str:
+    """What the processes of one run share: the launcher's run id (torchrun, SLURM), else the rendezvous
+    address, else the parent process (ranks from ``torch.multiprocessing.spawn``)."""
+    env = os.environ
+    if env.get("TORCHELASTIC_RUN_ID"):
+        return f"torchelastic:{env['TORCHELASTIC_RUN_ID']}"
+    if env.get("SLURM_JOB_ID"):
+        return f"slurm:{env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID', '')}"
+    if env.get("MASTER_PORT"):
+        return f"rendezvous:{env.get('MASTER_ADDR', '')}:{env['MASTER_PORT']}"
+    return f"parent:{os.getppid()}"
+
+
 def _recorded_failure(directory: Path) -> str | None:
-    """The reason a build of the current key failed, when that happened after this process started."""
+    """The reason a build of the current key failed, when that happened in this run (a process of the same
+    job, after this one started); another job's failure (a transient one: nvcc killed for memory) is not
+    taken as this one's, so this process builds again."""
     try:
         rec = json.loads((directory / "build.failed").read_text())
     except (OSError, ValueError):
         return None
-    if rec.get("key") == build_key() and float(rec.get("time", 0)) >= _PROCESS_START:
+    if rec.get("key") == build_key() and rec.get("job") == _job() and float(rec.get("time", 0)) >= _PROCESS_START:
         return str(rec.get("reason"))
     return None
 
@@ -396,7 +411,8 @@ def _build(directory: Path):
             )
         except Exception as exc:
             _write_atomically(directory / "build.failed",
-                              json.dumps({"key": build_key(), "time": time.time(), "reason": _short(exc)}))
+                              json.dumps({"key": build_key(), "job": _job(), "time": time.time(),
+                                          "reason": _short(exc)}))
             shutil.rmtree(work, ignore_errors=True)
             raise
         os.replace(work / LIBRARY, directory / LIBRARY)  # complete, in one step (this process keeps its mapping)
