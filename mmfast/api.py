@@ -16,7 +16,8 @@ from .patching.core import EXTRA_KWARGS_ATTR, hide_extra_kwargs, show_extra_kwar
 from .patching.loss import patch_loss, unpatch_loss
 from .patching.mlp import patch_mlps, unpatch_mlps
 from .tuning import LN_RECIPES, apply_ln_recipe, remove_tuning_hooks, restore_master_weights
-from .tuning.mma import MMAOptions, added_modules, insert_mma, remove_mma
+from .tuning.recipes import recipe_modules
+from .tuning.mma import MMAOptions, added_modules, insert_mma, mma_problem, remove_mma
 
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time of the message (not at import)."""
@@ -95,6 +96,13 @@ def patch(
         raise ValueError(f"tuning={tuning!r}: the model has MMA adapters from tuning='mma', which would keep running "
                          f"(frozen) under a LayerNorm recipe; save them if needed (mmfast.save_trainable), then "
                          f"mmfast.unpatch(model) before patching with another recipe")
+    # a recipe that cannot apply is refused before the model is changed
+    if tuning == "mma":
+        problem = mma_problem(model, mma)
+        if problem is not None:
+            raise ValueError(problem)
+    elif tuning is not None:
+        recipe_modules(model, tuning, final_norm=final_norm)
     report = patch_norms(model, PatchReport(backend=requested_backend(), tuning=tuning))
     if fused_mlp:
         patch_mlps(model, report)

@@ -552,6 +552,45 @@ def test_interleaved_generations_keep_their_own_routing():
     assert state.has_image.tolist() == [True, False]
 
 
+def test_adapters_take_the_model_mode():
+    """Adapters added to a model in eval mode (as from_pretrained returns it) are in eval mode: no dropout
+    at inference. They were added in training mode, so generate after patch and load_trainable ran the
+    adapters' dropout on every call."""
+    model = build("llava", 0).eval()
+    mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(dropout=0.1, neck=True), verbose=False)
+    added = [m for n, m in model.named_modules() if "mma" in n.split(".")[-1]]
+    assert added and not any(m.training for a in added for m in a.modules())
+    _perturb_adapters(model)
+    inputs = batch("llava", B=2, images=[True, False])
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, model(**inputs).logits)
+    model.train()
+    assert all(m.training for a in added for m in a.modules())
+
+
+def test_mma_refuses_a_language_model_it_cannot_adapt():
+    """A multimodal model whose language model is not LLaMA-style (Aya Vision's Cohere2 layers have no
+    post_attention_layernorm) is refused with the reason, before anything is changed; it was patched with
+    vision adapters alone, the projector left frozen, and nothing said."""
+    import transformers
+
+    torch.manual_seed(0)
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, image_size=32, patch_size=8)
+    text = dict(model_type="cohere2", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, vocab_size=128, layer_types=["sliding_attention", "full_attention"],
+                sliding_window=8, pad_token_id=0)
+    model = transformers.AyaVisionForConditionalGeneration(transformers.AyaVisionConfig(
+        vision_config=vision, text_config=text, image_token_id=127, downsample_factor=2, vision_feature_layer=-1))
+    forwards = {n: m.forward for n, m in model.named_modules()}
+    for tuning in ("mma", "layernorm"):
+        with pytest.raises(ValueError, match="LLaMA-style language model"):
+            mmfast.patch(model, tuning=tuning, verbose=False)
+        assert {n: m.forward for n, m in model.named_modules()} == forwards, tuning
+        assert all(p.requires_grad for p in model.parameters())
+    assert mmfast.unpatch(model) == 0
+
+
 def test_save_load_trainable_mma(tmp_path):
     model = _mma()
     _perturb_adapters(model)

@@ -460,14 +460,52 @@ def _neck_for(hf: nn.Module, projector: nn.Module, out_dim: int, opts: MMAOption
 
 
 def _adapter_like(module: nn.Module, dim: int, opts: MMAOptions) -> MMAdapter:
+    """An adapter for ``module``, on its device and in its mode: a model in eval mode (as
+    ``from_pretrained`` returns it) gets adapters without dropout until it is put in training mode."""
     p = next(module.parameters())
-    return MMAdapter(dim, hidden_dim=opts.hidden_dim, groups=opts.groups, experts=opts.experts, scale=opts.scale,
-                     temperature=opts.temperature, dropout=opts.dropout, device=p.device, dtype=torch.float32)
+    adapter = MMAdapter(dim, hidden_dim=opts.hidden_dim, groups=opts.groups, experts=opts.experts, scale=opts.scale,
+                        temperature=opts.temperature, dropout=opts.dropout, device=p.device, dtype=torch.float32)
+    return adapter.train(module.training)
 
 
 def added_modules(model: nn.Module) -> list[str]:
     """Paths of the adapters and the modality embedding ``insert_mma`` added to ``model``."""
     return [n for n, _ in model.named_modules() if n.split(".")[-1] in (ADAPTER_NAME, EMBEDDING_NAME, NECK_NAME)]
+
+
+def _parts_or_problem(model: nn.Module, opts: MMAOptions):
+    """``(parts, None)`` with the language model's parts (None: a vision tower alone), or ``(None, why
+    tuning='mma' cannot apply)``."""
+    hf = _hf_model(model)
+    try:
+        parts = find_parts(model)
+    except ValueError as exc:
+        parts = None  # no LLaMA-style language model: vision adapters only (a CLIP/SigLIP tower)
+        if _has_lm_head(hf):  # a language model of another kind: adapters in the tower alone are not MMA
+            return None, (f"tuning='mma' needs a LLaMA-style language model (decoder layers with input_layernorm "
+                          f"and post_attention_layernorm), and {type(hf).__name__}'s language model is not one: "
+                          f"its adapters would go into the vision tower alone. ({exc})")
+    if parts is None and not _vision_layers(hf):
+        return None, (f"tuning='mma' found neither a LLaMA-style language model nor CLIP/SigLIP encoder layers "
+                      f"in {type(hf).__name__}")
+    if opts.neck and not added_modules(hf) and (parts is None or parts.projector is None):
+        return None, f"MMAOptions(neck=True) replaces the multimodal projector, and {type(hf).__name__} has none"
+    return parts, None
+
+
+def _has_lm_head(hf: nn.Module) -> bool:
+    get = getattr(hf, "get_output_embeddings", None)
+    try:
+        return callable(get) and isinstance(get(), nn.Module)
+    except (AttributeError, NotImplementedError):
+        return False
+
+
+def mma_problem(model: nn.Module, opts: Optional[MMAOptions] = None) -> Optional[str]:
+    """Why ``tuning='mma'`` cannot apply to ``model`` (None: it can), checked before anything is changed."""
+    if added_modules(_hf_model(model)):
+        return None  # applied already: insert_mma compares the options
+    return _parts_or_problem(model, opts or MMAOptions())[1]
 
 
 def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tuple[str, str]]:
@@ -496,16 +534,10 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
             raise ValueError(f"tuning='mma' is already applied with other options: {diff}; the adapters in the "
                              f"model keep theirs. mmfast.unpatch(model) first to patch with the new ones")
         return unread
+    parts, problem = _parts_or_problem(model, opts)
+    if problem is not None:
+        raise ValueError(problem)
     hf.__dict__[_OPTIONS] = dataclasses.replace(opts)  # a copy: the caller may change theirs
-    try:
-        parts = find_parts(model)
-    except ValueError:
-        parts = None  # no LLaMA-style language model: vision adapters only (a CLIP/SigLIP tower)
-    if parts is None and not vision:
-        raise ValueError(f"tuning='mma' found neither a LLaMA-style language model nor CLIP/SigLIP encoder layers "
-                         f"in {type(hf).__name__}")
-    if opts.neck and (parts is None or parts.projector is None):
-        raise ValueError(f"MMAOptions(neck=True) replaces the multimodal projector, and {type(hf).__name__} has none")
 
     if parts is not None:
         state = _state(hf)
@@ -515,7 +547,8 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
             layer.add_module(ADAPTER_NAME, adapter)
             layer.input_layernorm.register_forward_hook(functools.partial(_llm_norm_hook, state, i, adapter))
         p = next(parts.decoder.parameters())
-        parts.decoder.add_module(EMBEDDING_NAME, nn.Embedding(2, dim, device=p.device, dtype=torch.float32))
+        parts.decoder.add_module(EMBEDDING_NAME, nn.Embedding(2, dim, device=p.device, dtype=torch.float32)
+                                 .train(parts.decoder.training))
         parts.decoder.register_forward_pre_hook(functools.partial(_llm_pre_hook, state), with_kwargs=True)
         image_token_id = getattr(hf.config, "image_token_id", None)
         if image_token_id is None:
@@ -524,7 +557,7 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
         # shown in the signature of a patched forward (the fused loss's), so that HF Trainer keeps the column
         hf.__dict__[EXTRA_KWARGS_ATTR] = (HAS_IMAGE_KWARG,)
         if opts.neck:
-            neck = _neck_for(hf, parts.projector, dim, opts)
+            neck = _neck_for(hf, parts.projector, dim, opts).train(parts.projector.training)
             owner, _, name = next(n for n, m in hf.named_modules() if m is parts.projector).rpartition(".")
             setattr(hf.get_submodule(owner), name, neck)
             parts.projector.requires_grad_(False)  # out of the model now, frozen with the rest

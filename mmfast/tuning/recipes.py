@@ -186,8 +186,10 @@ def remove_tuning_hooks(model: nn.Module) -> None:
             h.remove()
 
 
-def apply_ln_recipe(model: nn.Module, recipe: str, *, final_norm: bool = False, master_weights: bool = True) -> None:
-    """Freeze ``model`` and make the recipe's parameters trainable."""
+def recipe_modules(model: nn.Module, recipe: str, *, final_norm: bool = False
+                   ) -> tuple[ModelParts, list[nn.Module], list[nn.Module]]:
+    """``(parts, norms, trained modules)`` of the recipe on ``model``, changing nothing; a ValueError says why the
+    recipe cannot apply (``patch`` asks before it changes anything)."""
     if recipe not in LN_RECIPES:
         raise ValueError(f"unknown LayerNorm-tuning recipe {recipe!r}; choose from {LN_RECIPES}")
     parts = find_parts(model)
@@ -202,7 +204,12 @@ def apply_ln_recipe(model: nn.Module, recipe: str, *, final_norm: bool = False, 
             if emb is None:
                 raise ValueError(f"tuning='layernorm' trains the {what}, which {type(parts.hf_model).__name__} lacks")
             train.append(emb)
+    return parts, norms, train
 
+
+def apply_ln_recipe(model: nn.Module, recipe: str, *, final_norm: bool = False, master_weights: bool = True) -> None:
+    """Freeze ``model`` and make the recipe's parameters trainable."""
+    parts, norms, train = recipe_modules(model, recipe, final_norm=final_norm)
     for p in model.parameters():
         p.requires_grad_(False)
     for m in train:
