@@ -124,9 +124,10 @@ def test_residual_calls_are_their_own_kernel_class(monkeypatch, device):
 
 
 def test_use_backend_blocks_overlapping_on_threads(monkeypatch):
-    """Blocks entered and left out of order on two threads: each block's own choice holds while it is
-    open, and when both have closed the variable rules again (a saved-and-restored global left the
-    first thread's choice on for the rest of the process)."""
+    """Blocks entered and left out of order on two threads: the choice is the process's (autograd runs
+    backward on threads of its own), that of the latest block still open; when both have closed the
+    variable rules again (a saved-and-restored global left the first thread's choice on for the rest of
+    the process)."""
     import threading
 
     from mmfast.ops.backend import requested_backend
