@@ -104,6 +104,16 @@ def test_recipes_find_other_projectors(family, tuning):
     assert all(".mma_adapter." in n for n in vision) and (tuning == "mma" or not vision)  # the tower stays frozen
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_mma_reports_a_vision_tower_without_adapters(family):
+    """A vision tower whose layers are not CLIP/SigLIP-style gets no MMA adapters: the report says so (it
+    said nothing), and the language model gets its adapters."""
+    model, _ = _vlm_meta(family)
+    report = mmfast.patch(model, tuning="mma", verbose=False)
+    assert [p for p, why in report.skipped if "no MMA adapters" in why and "layer_norm1" in why] == ["model.visual"]
+    assert report.adapters and not any(a.startswith("model.visual") for a in report.adapters)
+
+
 def test_recipe_errors():
     with pytest.raises(ValueError, match="tuning="):
         mmfast.patch(build("llama"), tuning="lora", verbose=False)

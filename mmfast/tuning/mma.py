@@ -473,6 +473,10 @@ def added_modules(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_modules() if n.split(".")[-1] in (ADAPTER_NAME, EMBEDDING_NAME, NECK_NAME)]
 
 
+#: Names a vision tower goes by (Pixtral / LLaVA, Qwen-VL, InternVL, ...), for the report.
+_TOWER_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder")
+
+
 def _parts_or_problem(model: nn.Module, opts: MMAOptions):
     """``(parts, None)`` with the language model's parts (None: a vision tower alone), or ``(None, why
     tuning='mma' cannot apply)``."""
@@ -538,6 +542,10 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
     if problem is not None:
         raise ValueError(problem)
     hf.__dict__[_OPTIONS] = dataclasses.replace(opts)  # a copy: the caller may change theirs
+    if parts is not None and not vision and getattr(hf.config, "vision_config", None) is not None:
+        tower = next((n for n, _ in hf.named_modules() if n.split(".")[-1] in _TOWER_NAMES), "vision tower")
+        unread.append((tower, "no MMA adapters: its layers are not CLIP/SigLIP encoder layers (no layer_norm1); "
+                              "the language model's adapters and routing are inserted as usual"))
 
     if parts is not None:
         state = _state(hf)
