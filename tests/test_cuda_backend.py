@@ -419,6 +419,7 @@ def test_a_failed_build_is_not_repeated_by_the_other_ranks(fresh_loader, monkeyp
 
     for var in ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "MASTER_ADDR"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun's static rendezvous: the same in every run
     monkeypatch.setenv("MASTER_PORT", "29500")
     directory = tmp_path / "build"
     calls = []
@@ -429,18 +430,21 @@ def test_a_failed_build_is_not_repeated_by_the_other_ranks(fresh_loader, monkeyp
     with pytest.raises(cuda_ext.BuildFailedElsewhere, match="undefined_name"):
         cuda_ext._build(directory)  # another rank of the same run
     assert len(calls) == 1
-    for other_job in ({"MASTER_PORT": "29501"}, {"TORCHELASTIC_RUN_ID": "another"}):
-        with monkeypatch.context() as job:
+    for other_job in ({"MASTER_PORT": "29501"}, {"TORCHELASTIC_RUN_ID": "another"}, {"MASTER_PORT": None}):
+        with monkeypatch.context() as job:  # (no launcher at all: a process of its own, a notebook kernel)
             for var, value in other_job.items():
-                job.setenv(var, value)
+                if value is None:
+                    job.delenv(var)
+                else:
+                    job.setenv(var, value)
             with pytest.raises(RuntimeError, match="undefined_name") as failed:
                 cuda_ext._build(directory)  # compiled again (and failed again: the sources are still broken)
             assert not isinstance(failed.value, cuda_ext.BuildFailedElsewhere)
-    assert len(calls) == 3
+    assert len(calls) == 4
     monkeypatch.setattr(cuda_ext, "_PROCESS_START", time.time() + 1)  # a process started after the failure
     monkeypatch.setattr(cpp_extension, "load", _fake_build(calls, directory))
     cuda_ext._build(directory)
-    assert len(calls) == 4 and cuda_ext._built(directory) and not (directory / "build.failed").exists()
+    assert len(calls) == 5 and cuda_ext._built(directory) and not (directory / "build.failed").exists()
 
 
 def test_a_dead_builds_directory_is_removed(fresh_loader, monkeypatch, tmp_path):

@@ -317,16 +317,25 @@ class BuildFailedElsewhere(RuntimeError):
 
 
 def _job() -> str:
-    """What the processes of one run share: the launcher's run id (torchrun, SLURM), else the rendezvous
-    address, else the parent process (ranks from ``torch.multiprocessing.spawn``)."""
+    """What the processes of one run share, and no other run: the launcher's run id (torchrun's; its
+    static rendezvous calls every run "none"), the SLURM job step and the rendezvous address, whichever
+    are set; else, in a process group, the parent process (ranks from ``torch.multiprocessing.spawn``);
+    else this process alone (a notebook kernel shares its parent with the server's other kernels)."""
     env = os.environ
-    if env.get("TORCHELASTIC_RUN_ID"):
-        return f"torchelastic:{env['TORCHELASTIC_RUN_ID']}"
+    parts = []
+    if env.get("TORCHELASTIC_RUN_ID", "none") != "none":
+        parts.append(f"torchelastic={env['TORCHELASTIC_RUN_ID']}")
     if env.get("SLURM_JOB_ID"):
-        return f"slurm:{env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID', '')}"
+        parts.append(f"slurm={env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID', '')}")
     if env.get("MASTER_PORT"):
-        return f"rendezvous:{env.get('MASTER_ADDR', '')}:{env['MASTER_PORT']}"
-    return f"parent:{os.getppid()}"
+        parts.append(f"rendezvous={env.get('MASTER_ADDR', '')}:{env['MASTER_PORT']}")
+    if parts:
+        return " ".join(parts)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return f"parent={os.getppid()}"
+    return f"process={os.getpid()}"
 
 
 def _recorded_failure(directory: Path) -> str | None:
