@@ -104,6 +104,41 @@ def test_recipes_find_other_projectors(family, tuning):
     assert all(".mma_adapter." in n for n in vision) and (tuning == "mma" or not vision)  # the tower stays frozen
 
 
+@pytest.mark.parametrize("family", ["blip2", "instructblip"])
+@pytest.mark.parametrize("tuning", ["layernorm", "mma"])
+def test_a_language_model_that_is_a_causal_lm(family, tuning):
+    """BLIP-2's language model is a whole causal LM (its get_decoder() hands out LlamaForCausalLM): the
+    recipes find the decoder one level down and the projector (language_projection); the LayerNorm recipes
+    refused BLIP-2, and MMA went into its vision tower alone. A step trains what the recipe trains."""
+    import transformers as T
+
+    text = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=4, vocab_size=128)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=8)
+    qformer = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                   encoder_hidden_size=32, vocab_size=128)
+    cls, config = ((T.Blip2ForConditionalGeneration, T.Blip2Config) if family == "blip2"
+                   else (T.InstructBlipForConditionalGeneration, T.InstructBlipConfig))
+    torch.manual_seed(0)
+    model = cls(config(vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=4,
+                       image_token_id=120))
+    report = mmfast.patch(model, tuning=tuning, verbose=False)
+    trainable = _trainable(model)
+    assert {f"language_projection.{k}" for k in ("weight", "bias")} <= set(trainable)
+    lm = "language_model.model.layers"
+    if tuning == "mma":
+        assert {f"{lm}.{i}.mma_adapter" for i in range(2)} <= set(report.adapters)
+    else:
+        assert {f"{lm}.{i}.{n}.weight" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")} \
+            <= set(trainable)
+    ids = torch.randint(0, 100, (2, 10))
+    ids[:, :4] = 120
+    extra = {"qformer_input_ids": torch.randint(0, 100, (2, 5))} if family == "instructblip" else {}
+    model(input_ids=ids, pixel_values=torch.randn(2, 3, 32, 32), labels=ids, **extra).loss.backward()
+    assert all(p.grad is not None for p in trainable.values())
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
 def test_mma_reports_a_vision_tower_without_adapters(family):
     """A vision tower whose layers are not CLIP/SigLIP-style gets no MMA adapters: the report says so (it

@@ -27,8 +27,8 @@ LN_RECIPES = ("layernorm", "layernorm-simp", "layernorm+projector")
 #: Submodule names that hold a vision-language projector (the module that maps vision features into the
 #: LLM's embedding space), in the order they are looked for: LLaVA and most HF VLMs, LLaVA's original
 #: code, Idefics2/3 and SmolVLM, the Qwen-VL and GLM-4V families (the vision tower's patch merger),
-#: DeepSeek-VL and Janus.
-PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "connector", "merger", "aligner")
+#: DeepSeek-VL and Janus, BLIP-2 and InstructBLIP (the Q-Former's output into the LLM).
+PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "connector", "merger", "aligner", "language_projection")
 #: Siblings that project vision features into the LLM too and train with the projector (Qwen3-VL's
 #: mergers for the features it adds to early LLM layers).
 PROJECTOR_SIBLINGS = {"merger": ("deepstack_merger_list",)}
@@ -62,6 +62,10 @@ def _hf_model(model: nn.Module) -> nn.Module:
 def find_parts(model: nn.Module) -> ModelParts:
     hf = _hf_model(model)
     decoder = hf.get_decoder() if hasattr(hf, "get_decoder") else None
+    # a language model that is itself a causal LM (Blip2's) hands out that model: its decoder is one down
+    while decoder is not None and getattr(decoder, "layers", None) is None and hasattr(decoder, "get_decoder"):
+        inner = decoder.get_decoder()
+        decoder = inner if inner is not decoder else None
     layers = getattr(decoder, "layers", None)
     if decoder is None or layers is None or not all(
         hasattr(layer, "input_layernorm") and hasattr(layer, "post_attention_layernorm") for layer in layers
