@@ -176,8 +176,40 @@ def test_visual_neck_replaces_only_a_per_token_projector():
     for kind, match in ((Merger, r"maps \[1, 4, 24\] features to \(1, 1, 40\)"), (Sized, "image_sizes")):
         model = build("llava")
         model.model.multi_modal_projector = kind(24, 40)
+        forwards = {n: m.forward for n, m in model.named_modules()}
         with pytest.raises(ValueError, match=match):
             mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(neck=True), verbose=False)
+        # refused before anything changed (adapters, hooks and options were in, the norms patched), so
+        # patching without the neck then works
+        assert {n: m.forward for n, m in model.named_modules()} == forwards and mmfast.unpatch(model) == 0
+        mmfast.patch(model, tuning="mma", verbose=False)
+
+
+def test_patching_again_with_other_options_changes_nothing():
+    """Other options on an MMA-patched model are refused before patch changes anything (it patched the
+    MLPs a first patch had left alone, then raised)."""
+    model = build("llava")
+    mmfast.patch(model, tuning="mma", fused_mlp=False, verbose=False)
+    forwards = {n: m.forward for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match="other options"):
+        mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(dropout=0.2), verbose=False)
+    assert {n: m.forward for n, m in model.named_modules()} == forwards
+
+
+def test_a_routing_state_pickled_before_its_newer_fields_loads():
+    """A patched model pickled by an earlier version (its routing state without the fields added since)
+    unpickles into a state that works."""
+    import pickle
+
+    from mmfast.tuning import mma
+
+    state = mma._State(has_image=torch.tensor([True]))
+    old = state.__getstate__()
+    del old["seen"]
+    restored = mma._State.__new__(mma._State)
+    restored.__setstate__(old)
+    assert restored.seen == {} and restored.has_image.tolist() == [True]
+    assert pickle.loads(pickle.dumps(state)).has_image.tolist() == [True]
 
 
 def test_patching_again_with_another_neck_choice_is_refused():
@@ -521,10 +553,12 @@ def test_image_after_a_cached_text_prefix_routes_as_image(monkeypatch):
     assert state.has_image.tolist() == [False, False] and not [w for w in caught if "mmfast MMA" in str(w.message)]
 
 
-def test_interleaved_generations_keep_their_own_routing():
-    """Two generations of one model stepped in turn (a serving loop, an evaluation harness): each decode
-    step routes by the flags of the prefill that filled its cache. Before, the latest prefill's flags went
-    to every cache of the same batch size, so the first generation's image sample decoded as text."""
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_interleaved_generations_keep_their_own_routing(compiled):
+    """Two generations of one model stepped in turn (a serving loop, an evaluation harness), and a copy of
+    a prompt cache continued later: each decode step routes by the flags of the prefill that filled its
+    cache, also in a compiled model. Before, the latest prefill's flags went to every cache of the same
+    batch size, so the first generation's image sample decoded as text."""
     import inspect
 
     from transformers import DynamicCache
@@ -532,23 +566,44 @@ def test_interleaved_generations_keep_their_own_routing():
     model = _mma()
     _perturb_adapters(model)
     model.eval()
+    run = torch.compile(model, backend="eager") if compiled else model
     a, b = batch("llava", B=2, images=[True, False]), batch("llava", B=2, images=[False, True])
     cache_kw = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
     step = torch.randint(0, 8, (2, 1))
 
     def prefill(inputs):
-        return model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], use_cache=True,
-                     **{cache_kw: DynamicCache()}).past_key_values
+        return run(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], use_cache=True,
+                   **{cache_kw: DynamicCache()}).past_key_values
 
     with torch.no_grad():
         alone = model(input_ids=step, use_cache=True, **{cache_kw: prefill(a)}).logits
         cache_a = prefill(a)
+        prompt = copy.deepcopy(cache_a)  # a prompt cache kept for reuse (HF's documented pattern)
         prefill(b)
-        interleaved = model(input_ids=step, use_cache=True, **{cache_kw: cache_a}).logits
-        explicit = model(input_ids=step, use_cache=True, mma_has_image=torch.tensor([True, False]),
-                         **{cache_kw: prefill(a)}).logits
+        interleaved = run(input_ids=step, use_cache=True, **{cache_kw: cache_a}).logits
+        prefill(b)
+        reused = run(input_ids=step, use_cache=True, **{cache_kw: prompt}).logits
+        explicit = run(input_ids=step, use_cache=True, mma_has_image=torch.tensor([True, False]),
+                       **{cache_kw: prefill(a)}).logits
     state = model.__dict__["_mmfast_mma_state"]
-    assert torch.equal(interleaved, alone) and torch.equal(alone, explicit)
+    for got in (interleaved, reused, explicit):
+        torch.testing.assert_close(got, alone, rtol=0, atol=1e-6)  # (compiled: the same ops, maybe reordered)
+    assert state.has_image.tolist() == [True, False]
+
+
+def test_a_cache_this_model_did_not_fill_warns():
+    """A non-empty cache without this model's flags (filled elsewhere) continues with the latest forward's
+    routing, and says so once."""
+    import types
+
+    from mmfast.tuning import mma
+
+    state = mma._State(has_image=torch.tensor([True, False]))
+    cache = types.SimpleNamespace(get_seq_length=lambda: 4)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("mmfast.ops.backend._warned", set())
+        with pytest.warns(RuntimeWarning, match="did not fill"):
+            mma._top_pre_hook(state, 7, None, (), {"input_ids": torch.tensor([[1], [2]]), "cache": cache})
     assert state.has_image.tolist() == [True, False]
 
 
@@ -719,13 +774,15 @@ def test_images_encoded_ahead_after_a_cached_prefix_route_as_image(monkeypatch, 
     monkeypatch.setattr("mmfast.ops.backend._warned", set())
     image = 7
     state = mma._State(has_image=torch.tensor([False, False]))
-    cache = types.SimpleNamespace(get_seq_length=lambda: 4)
+    cache = types.SimpleNamespace(get_seq_length=lambda: 4)  # filled by a text-only prefill
+    setattr(cache, mma.CACHE_FLAGS_ATTR, torch.tensor([False, False]))
     ids = torch.tensor([[1, image, image], [1, 2, 3]])
     with pytest.warns(RuntimeWarning, match="cached text prefix"):
         mma._top_pre_hook(state, image, None, (), {"input_ids": ids, "cache": cache, key: object()})
     assert state.has_image.tolist() == [True, False]
+    assert getattr(cache, mma.CACHE_FLAGS_ATTR).tolist() == [True, False]  # and from then on
     for empty in (None, {}):  # without images (generate passes {}): a sampled image-token id merges nothing
-        state.has_image = torch.tensor([False, False])
+        setattr(cache, mma.CACHE_FLAGS_ATTR, torch.tensor([False, False]))
         mma._top_pre_hook(state, image, None, (), {"input_ids": ids, "cache": cache, key: empty})
         assert state.has_image.tolist() == [False, False]
 

@@ -75,28 +75,15 @@ class _State:
     recording: bool = False  # True while the modality token runs through the layers
     #: layer -> {storage key of the layer's input: (weak reference to that input, route)}
     seen: dict = dataclasses.field(default_factory=dict)
-    #: id of a KV cache -> (weak reference to it, the flags of the samples it caches): each generation's
-    #: decode steps keep their own prefill's flags, also when generations of one model interleave
-    cached: dict = dataclasses.field(default_factory=dict)
 
     def __getstate__(self):  # weak references do not pickle; what they map is one forward's
-        return {**self.__dict__, "seen": {}, "cached": {}}
+        return {**self.__dict__, "seen": {}}
+
+    def __setstate__(self, state: dict) -> None:  # a state pickled by an earlier version may lack fields
+        self.__dict__.update({"seen": {}, **state})
 
     def __deepcopy__(self, memo):
-        return _State(copy.deepcopy(self.has_image, memo), copy.deepcopy(self.routes, memo), self.recording, {}, {})
-
-    def cache_flags(self, cache) -> Optional[Tensor]:
-        """The flags recorded for ``cache`` (None if it was not seen, or cannot be referenced weakly)."""
-        entry = self.cached.get(id(cache))
-        return entry[1] if entry is not None and entry[0]() is cache else None
-
-    def record_cache(self, cache, flags: Tensor) -> None:
-        for key in [k for k, (ref, _) in self.cached.items() if ref() is None]:
-            del self.cached[key]
-        try:
-            self.cached[id(cache)] = (weakref.ref(cache), flags)
-        except TypeError:  # a cache object without weak references: decode steps take the latest flags
-            pass
+        return _State(copy.deepcopy(self.has_image, memo), copy.deepcopy(self.routes, memo), self.recording, {})
 
     def live_input(self, layer: int, x: Tensor) -> bool:
         """Whether ``x``'s storage is that of a live input recorded at ``layer``."""
@@ -215,17 +202,30 @@ def _top_pre_hook(state: _State, image_token_id: Optional[int], module, args, kw
     else:
         flags = torch.zeros(B, dtype=torch.bool, device=device)
     state.has_image = flags
-    if past is not None and not torch.compiler.is_compiling():
-        state.record_cache(past, flags)
+    if past is not None:
+        try:  # on the cache itself: a copy of it (a reused prompt cache) carries them too
+            setattr(past, CACHE_FLAGS_ATTR, flags)
+        except AttributeError:  # a cache object that takes no attributes: decode steps take the latest flags
+            pass
     return args, kwargs
+
+
+#: Attribute of a KV cache object that holds the flags of the samples it caches: each generation's decode
+#: steps keep those of the prefill that filled their cache, also when generations of one model interleave
+#: or a copied prompt cache is continued.
+CACHE_FLAGS_ATTR = "_mmfast_mma_has_image"
 
 
 def _decode_flags(state: _State, past, batch: int) -> Optional[Tensor]:
     """The flags a decode step on ``past`` keeps: those of the forwards that filled that cache, or (a cache
-    this model has not seen filled, or one without weak references) the latest forward's."""
-    flags = None if torch.compiler.is_compiling() else state.cache_flags(past)
+    filled elsewhere, or one that takes no attributes) the latest forward's, with a warning."""
+    flags = getattr(past, CACHE_FLAGS_ATTR, None)
     if flags is None:
         flags = state.has_image
+        if flags is not None and not torch.compiler.is_compiling():
+            warn_once(f"mmfast MMA: a KV cache this model did not fill (or one that takes no attributes) is "
+                      f"continued with the routing of the latest forward; pass {HAS_IMAGE_KWARG} to say which "
+                      f"samples have images")
     return flags if flags is not None and flags.shape[0] == batch else None
 
 
@@ -477,24 +477,53 @@ def added_modules(model: nn.Module) -> list[str]:
 _TOWER_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder")
 
 
+def _reapply_problem(hf: nn.Module, opts: MMAOptions) -> Optional[str]:
+    """Why ``tuning='mma'`` with ``opts`` cannot go again on ``hf``, which has it already (None: patching
+    again is patching once)."""
+    has_neck = any(isinstance(m, VisualNeck) for m in hf.modules())
+    if has_neck != opts.neck:
+        return (f"tuning='mma' is already applied {'with' if has_neck else 'without'} the visual neck; "
+                f"mmfast.unpatch(model) first to patch with MMAOptions(neck={opts.neck})")
+    applied = hf.__dict__.get(_OPTIONS)
+    if applied is not None and opts != applied:
+        diff = ", ".join(f"{f.name}={getattr(applied, f.name)!r} (asked {getattr(opts, f.name)!r})"
+                         for f in dataclasses.fields(MMAOptions) if getattr(applied, f.name) != getattr(opts, f.name))
+        return (f"tuning='mma' is already applied with other options: {diff}; the adapters in the model keep "
+                f"theirs. mmfast.unpatch(model) first to patch with the new ones")
+    return None
+
+
 def _parts_or_problem(model: nn.Module, opts: MMAOptions):
-    """``(parts, None)`` with the language model's parts (None: a vision tower alone), or ``(None, why
-    tuning='mma' cannot apply)``."""
+    """``(parts, neck, None)`` with the language model's parts (None: a vision tower alone, or MMA applied
+    already) and the visual neck to insert (None: no neck), or ``(None, None, why tuning='mma' with opts
+    cannot apply)``: asked before anything changes."""
     hf = _hf_model(model)
+    if added_modules(hf):
+        return None, None, _reapply_problem(hf, opts)
     try:
         parts = find_parts(model)
     except ValueError as exc:
         parts = None  # no LLaMA-style language model: vision adapters only (a CLIP/SigLIP tower)
-        if _has_lm_head(hf):  # a language model of another kind: adapters in the tower alone are not MMA
-            return None, (f"tuning='mma' needs a LLaMA-style language model (decoder layers with input_layernorm "
-                          f"and post_attention_layernorm), and {type(hf).__name__}'s language model is not one: "
-                          f"its adapters would go into the vision tower alone. ({exc})")
+        if _has_lm_head(hf):  # a language model the adapters cannot go into: the tower's alone are not MMA
+            return None, None, (f"tuning='mma' found no LLaMA-style decoder layers (input_layernorm and "
+                          f"post_attention_layernorm) in {type(hf).__name__}'s language model, so its adapters would "
+                          f"go into the vision tower alone. ({exc})")
     if parts is None and not _vision_layers(hf):
-        return None, (f"tuning='mma' found neither a LLaMA-style language model nor CLIP/SigLIP encoder layers "
+        return None, None, (f"tuning='mma' found neither a LLaMA-style language model nor CLIP/SigLIP encoder layers "
                       f"in {type(hf).__name__}")
-    if opts.neck and not added_modules(hf) and (parts is None or parts.projector is None):
-        return None, f"MMAOptions(neck=True) replaces the multimodal projector, and {type(hf).__name__} has none"
-    return parts, None
+    neck = None
+    if opts.neck:
+        if parts is None or parts.projector is None:
+            return None, None, f"MMAOptions(neck=True) replaces the multimodal projector, and {type(hf).__name__} has none"
+        try:  # a projector the neck cannot stand in for (one that merges tokens) is refused here, not midway
+            neck = _neck_for(hf, parts.projector, _llm_width(parts), opts)
+        except ValueError as exc:
+            return None, None, str(exc)
+    return parts, neck, None
+
+
+def _llm_width(parts) -> int:
+    return full_shape(parts.decoder.layers[0].input_layernorm.weight)[0]
 
 
 def _has_lm_head(hf: nn.Module) -> bool:
@@ -507,9 +536,7 @@ def _has_lm_head(hf: nn.Module) -> bool:
 
 def mma_problem(model: nn.Module, opts: Optional[MMAOptions] = None) -> Optional[str]:
     """Why ``tuning='mma'`` cannot apply to ``model`` (None: it can), checked before anything is changed."""
-    if added_modules(_hf_model(model)):
-        return None  # applied already: insert_mma compares the options
-    return _parts_or_problem(model, opts or MMAOptions())[1]
+    return _parts_or_problem(model, opts or MMAOptions())[2]
 
 
 def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tuple[str, str]]:
@@ -525,31 +552,21 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
     unread = [(paths.get(id(m), "?"), f"no MMA adapter: the model reads the vision tower's hidden states at "
                f"vision_feature_layer={hf.config.vision_feature_layer}, and this layer's output is not used")
               for m in vision[len(read):]]
-    if added_modules(hf):
-        has_neck = any(isinstance(m, VisualNeck) for m in hf.modules())
-        if has_neck != opts.neck:
-            raise ValueError(f"tuning='mma' is already applied {'with' if has_neck else 'without'} the visual neck; "
-                             f"mmfast.unpatch(model) first to patch with MMAOptions(neck={opts.neck})")
-        applied = hf.__dict__.get(_OPTIONS)
-        if applied is not None and opts != applied:
-            diff = ", ".join(f"{f.name}={getattr(applied, f.name)!r} (asked {getattr(opts, f.name)!r})"
-                             for f in dataclasses.fields(MMAOptions)
-                             if getattr(applied, f.name) != getattr(opts, f.name))
-            raise ValueError(f"tuning='mma' is already applied with other options: {diff}; the adapters in the "
-                             f"model keep theirs. mmfast.unpatch(model) first to patch with the new ones")
-        return unread
-    parts, problem = _parts_or_problem(model, opts)
-    if problem is not None:
-        raise ValueError(problem)
-    hf.__dict__[_OPTIONS] = dataclasses.replace(opts)  # a copy: the caller may change theirs
-    if parts is not None and not vision and getattr(hf.config, "vision_config", None) is not None:
-        tower = next((n for n, _ in hf.named_modules() if n.split(".")[-1] in _TOWER_NAMES), "vision tower")
+    if not vision and getattr(hf.config, "vision_config", None) is not None:
+        tower = next((paths.get(id(m), n) for n, m in hf.named_modules() if n.split(".")[-1] in _TOWER_NAMES),
+                     "vision tower")
         unread.append((tower, "no MMA adapters: its layers are not CLIP/SigLIP encoder layers (no layer_norm1); "
                               "the language model's adapters and routing are inserted as usual"))
+    parts, neck, problem = _parts_or_problem(model, opts)
+    if problem is not None:
+        raise ValueError(problem)
+    if added_modules(hf):
+        return unread  # applied already, with these options
+    hf.__dict__[_OPTIONS] = dataclasses.replace(opts)  # a copy: the caller may change theirs
 
     if parts is not None:
         state = _state(hf)
-        dim = full_shape(parts.decoder.layers[0].input_layernorm.weight)[0]
+        dim = _llm_width(parts)
         for i, layer in enumerate(parts.decoder.layers):
             adapter = _adapter_like(layer, dim, opts)
             layer.add_module(ADAPTER_NAME, adapter)
@@ -564,8 +581,8 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
         hf.register_forward_pre_hook(functools.partial(_top_pre_hook, state, image_token_id), with_kwargs=True)
         # shown in the signature of a patched forward (the fused loss's), so that HF Trainer keeps the column
         hf.__dict__[EXTRA_KWARGS_ATTR] = (HAS_IMAGE_KWARG,)
-        if opts.neck:
-            neck = _neck_for(hf, parts.projector, dim, opts).train(parts.projector.training)
+        if neck is not None:  # built when the options were checked
+            neck.train(parts.projector.training)
             owner, _, name = next(n for n, m in hf.named_modules() if m is parts.projector).rpartition(".")
             setattr(hf.get_submodule(owner), name, neck)
             parts.projector.requires_grad_(False)  # out of the model now, frozen with the rest
