@@ -17,7 +17,7 @@ from .patching.loss import patch_loss, unpatch_loss
 from .patching.mlp import patch_mlps, unpatch_mlps
 from .tuning import LN_RECIPES, apply_ln_recipe, remove_tuning_hooks, restore_master_weights
 from .tuning.recipes import recipe_modules
-from .tuning.mma import MMAOptions, added_modules, insert_mma, mma_problem, remove_mma
+from .tuning.mma import MMAOptions, added_modules, insert_mma, remove_mma
 
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time of the message (not at import)."""
@@ -96,11 +96,11 @@ def patch(
         raise ValueError(f"tuning={tuning!r}: the model has MMA adapters from tuning='mma', which would keep running "
                          f"(frozen) under a LayerNorm recipe; save them if needed (mmfast.save_trainable), then "
                          f"mmfast.unpatch(model) before patching with another recipe")
-    # a recipe that cannot apply is refused before the model is changed
+    # a recipe that cannot apply is refused before the model is changed: MMA's insertion checks everything
+    # before it changes anything (and changes nothing the kernel patches below read), the LayerNorm recipes
+    # are looked up first
     if tuning == "mma":
-        problem = mma_problem(model, mma)
-        if problem is not None:
-            raise ValueError(problem)
+        skipped = insert_mma(model, mma)
     elif tuning is not None:
         recipe_modules(model, tuning, final_norm=final_norm)
     report = patch_norms(model, PatchReport(backend=requested_backend(), tuning=tuning))
@@ -109,7 +109,7 @@ def patch(
     else:
         unpatch_mlps(model)
     if tuning == "mma":
-        report.skipped.extend(insert_mma(model, mma))
+        report.skipped.extend(skipped)
         report.adapters = added_modules(model)
     elif tuning is not None:
         apply_ln_recipe(model, tuning, final_norm=final_norm, master_weights=master_weights)

@@ -1,4 +1,11 @@
-"""Counting stand-ins for functions a test needs to see called (or not)."""
+"""Counting stand-ins for functions a test needs to see called (or not), and hooks that seem to come from
+another package."""
+
+
+def as_from(package: str, hook):
+    """``hook`` as if defined in ``package`` (a sharding or offloading wrapper's, say, or a user's)."""
+    hook.__module__ = package
+    return hook
 
 
 def count_calls(monkeypatch, owner, name: str) -> list:

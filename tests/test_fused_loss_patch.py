@@ -12,6 +12,7 @@ import mmfast
 from model_accuracy import assert_model_accurate_over_draws, double_inputs, run_model
 from mmfast.ops import loss as loss_ops
 from mmfast.patching import core
+from spy import as_from
 from tiny_models import batch, build
 
 KINDS = ["llama", "llava"]
@@ -217,7 +218,7 @@ def test_head_output_passed_on_by_a_wrapper():
 
     loss_ops._LinearCrossEntropyFn.backward = staticmethod(spy)
     try:
-        model.lm_head.register_forward_hook(_as_from("deepspeed.runtime.zero.parameter_offload",
+        model.lm_head.register_forward_hook(as_from("deepspeed.runtime.zero.parameter_offload",
                                                      lambda m, args, out: PassOn.apply(out)))
         inputs = batch("llama")
         out = model(**inputs)
@@ -231,18 +232,12 @@ def test_head_output_passed_on_by_a_wrapper():
     torch.testing.assert_close(model.lm_head.weight.grad, ref.lm_head.weight.grad)
 
 
-def _as_from(package: str, hook):
-    """``hook`` as a sharding or offloading wrapper registers it (its function defined in ``package``)."""
-    hook.__module__ = package
-    return hook
-
-
 def test_head_output_replaced_by_a_wrapper_raises():
     """A wrapper's hook that replaces the head's output (a copy, another tensor) would have HF's loss
     computed from the stand-in's values: it raises and says what to do."""
     model = build("llama")
     mmfast.patch(model, verbose=False)
-    model.lm_head.register_forward_hook(_as_from("accelerate.hooks", lambda m, args, out: out.clone()))
+    model.lm_head.register_forward_hook(as_from("accelerate.hooks", lambda m, args, out: out.clone()))
     with pytest.raises(RuntimeError, match="fused_loss=False"):
         model(**batch("llama"))
 

@@ -10,6 +10,7 @@ import torch
 
 import mmfast
 from model_accuracy import assert_model_accurate, assert_model_accurate_over_draws, draw
+from spy import as_from
 from tiny_models import batch, build, llama_config, lora_llama
 
 
@@ -275,12 +276,7 @@ def test_only_wrapper_packages_hooks_are_let_through():
                              ("deepspeed_probe", True), ("accelerate_utils", True), ("mmfast_ext", True),
                              ("torch.distributed_extras", True)):
         act = torch.nn.SiLU()
-
-        def hook(module, args, out):
-            return out
-
-        hook.__module__ = package
-        act.register_forward_hook(hook)
+        act.register_forward_hook(as_from(package, lambda module, args, out: out))
         found = foreign_hook(act, "on act_fn")
         assert (found is not None) == foreign, (package, found)
         if foreign:

@@ -182,13 +182,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown tunings {sorted(unknown_tunings)}; choose from {model_bench.TUNINGS}")
     if "model" in ops:
         cases += model_cases(device, args.quick, args.llm_layers, args.batch, tunings)
-    wanted = set(args.providers.split(",")) if args.providers else None
+    named = args.providers.split(",") if args.providers else []  # in the order to run them
+    wanted = set(named) or None
     if wanted is not None and wanted - known_providers():
         p.error(f"unknown providers {sorted(wanted - known_providers())}; known: {sorted(known_providers())}")
     if not cases:
         p.error(f"nothing to run: --sizes {args.sizes} has no case of {sorted(ops)} on {device.type}"
                 + (" (the small shapes are CUDA-graph cases, GPU only)" if args.sizes == "small" else ""))
-    named = args.providers.split(",") if args.providers else []
     plan = [(c, prov) for c in cases
             for prov in sorted(_providers(c, device, wanted), key=lambda q: named.index(q) if q in named else -1)
             if wanted is None or prov in wanted]

@@ -202,6 +202,14 @@ def foreign_hook(module: nn.Module, where: str, kinds: tuple[str, ...] = ("forwa
     return None
 
 
+def has_hooks(module: nn.Module) -> bool:
+    """Whether any hook of :data:`_HOOK_KINDS` sits on ``module`` or is registered for every module (the
+    cheap question before :func:`foreign_hook`'s, which looks at where each one comes from)."""
+    from torch.nn.modules import module as torch_module
+
+    return any(getattr(module, attr, None) or getattr(torch_module, "_global" + attr, None) for _, attr in _HOOK_KINDS)
+
+
 def _in_wrapper_package(module_name: str) -> bool:
     """``module_name`` is one of :data:`WRAPPER_PACKAGES` or inside one (not a package that merely starts
     with the same letters: ``deepspeed_probe``, ``mmfast_ext``)."""

@@ -29,7 +29,8 @@ from torch import nn
 
 from ..nn.mlp import clip_mlp_forward, llama_mlp_forward
 from ..ops.backend import warn_once
-from .core import _ATTR, PatchReport, _foreign_patch, _install, _original_call, foreign_hook, is_patched, unpatch_where
+from .core import (_ATTR, PatchReport, _foreign_patch, _install, _original_call, foreign_hook, has_hooks, is_patched,
+                   unpatch_where)
 from .table import _code_key
 
 
@@ -107,15 +108,10 @@ _FUSABLE: dict[str, dict] = {}
 def _unchanged(act, fam: MlpFamily) -> bool:
     """The cheap per-call check: ``act`` is a plain instance of a type this family fused before, with no
     hook of its own and none registered for every module (then the full check has nothing to say)."""
-    from torch.nn.modules import module as torch_module
-
     if not isinstance(act, nn.Module):  # a function put in its place, None: the full check says why
         return False
     fused = _FUSABLE.get(fam.kind, {})
-    return (fused.get(type(act)) is type(act).forward and "forward" not in vars(act)
-            and not (act._forward_hooks or act._forward_pre_hooks or act._backward_hooks or act._backward_pre_hooks)
-            and not (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
-                     or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks))
+    return fused.get(type(act)) is type(act).forward and "forward" not in vars(act) and not has_hooks(act)
 
 
 def _checked_forward(fused: Callable, module: nn.Module, args: tuple, kwargs: dict):
@@ -124,17 +120,12 @@ def _checked_forward(fused: Callable, module: nn.Module, args: tuple, kwargs: di
     if _unchanged(act, rec.family):
         return fused(module, *args, **kwargs)
     reason = _activation_bypassed(module, rec.family)
-    if reason is None and not torch.compiler.is_compiling() and _plain(act, rec.family):
-        _FUSABLE.setdefault(rec.family.kind, {})[type(act)] = type(act).forward
     if reason is not None:
         warn_once(f"mmfast: a patched {type(module).__name__} runs its original forward: {reason}")
         return _original_call(module, rec)(*args, **kwargs)
+    if not torch.compiler.is_compiling():  # a plain instance the family fuses (act_ok): its type takes the cheap check
+        _FUSABLE.setdefault(rec.family.kind, {})[type(act)] = type(act).forward
     return fused(module, *args, **kwargs)
-
-
-def _plain(act, fam: MlpFamily) -> bool:
-    """``act`` is what ``fam`` fuses, with nothing of its own: its type may take the cheap check."""
-    return isinstance(act, nn.Module) and fam.act_ok(act) and "forward" not in vars(act)
 
 
 def _swiglu_mlp_forward(module: nn.Module, *args, **kwargs):

@@ -182,8 +182,8 @@ def _top_pre_hook(state: _State, image_token_id: Optional[int], module, args, kw
         flags = torch.as_tensor(flags, device=device).bool().reshape(-1)
         if flags.shape[0] != B:
             raise ValueError(f"mmfast MMA: {HAS_IMAGE_KWARG} has {flags.shape[0]} entries for a batch of {B}")
-    elif decoding and _decode_flags(state, past, B) is not None:
-        flags = _decode_flags(state, past, B)  # generation: keep the prefill's flags
+    elif decoding and (kept := _decode_flags(state, past, B)) is not None:
+        flags = kept  # generation: keep the prefill's flags
         images = any(v is not None and not (isinstance(v, (dict, list, tuple)) and not v)  # generate passes {}
                      for k, v in kwargs.items() if k.startswith("pixel_values") or k in _IMAGE_INPUTS)
         if images and ids is not None and image_token_id is not None:
@@ -534,16 +534,12 @@ def _has_lm_head(hf: nn.Module) -> bool:
         return False
 
 
-def mma_problem(model: nn.Module, opts: Optional[MMAOptions] = None) -> Optional[str]:
-    """Why ``tuning='mma'`` cannot apply to ``model`` (None: it can), checked before anything is changed."""
-    return _parts_or_problem(model, opts or MMAOptions())[2]
-
-
 def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tuple[str, str]]:
     """Add MMA adapters, the modality embedding and their hooks to ``model`` (idempotent); with
     ``opts.neck`` replace the multimodal projector with a visual neck; make the MMA parameters and the
     projector (or neck) trainable and freeze the rest. Returns the vision layers left without an
-    adapter, as (path, reason) pairs."""
+    adapter, as (path, reason) pairs. Everything that can refuse (a ValueError) is checked before the
+    model is changed."""
     opts = opts or MMAOptions()
     hf = _hf_model(model)
     vision = _vision_layers(hf)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import weakref
@@ -58,8 +57,8 @@ def _gathered_tensor(p: torch.Tensor) -> torch.Tensor:
 
 
 def _fsdp1_units(root: nn.Module, inner: nn.Module):
-    """``(prefix, unit, own parameters)`` for each FSDP1 unit under ``root``: the parameters a unit's own
-    flat parameter holds (not its nested units'), with their names under ``inner``."""
+    """``(unit, own parameters)`` for each FSDP1 unit under ``root``: the parameters a unit's own flat
+    parameter holds (not its nested units'), with their names under ``inner``."""
     paths = {id(m): n for n, m in inner.named_modules()}
 
     def own(module: nn.Module, prefix: str):
@@ -72,7 +71,7 @@ def _fsdp1_units(root: nn.Module, inner: nn.Module):
     for unit in root.modules():
         if type(unit).__name__ == "FullyShardedDataParallel":
             path = paths.get(id(unit), "")
-            yield (f"{path}." if path else ""), unit, lambda unit=unit, path=path: own(unit, f"{path}." if path else "")
+            yield unit, lambda unit=unit, path=path: own(unit, f"{path}." if path else "")
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -93,7 +92,7 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
         ref = seen.get(id(p))
         return ref is not None and ref() is p
 
-    for _, unit, own in _fsdp1_units(root, unwrap(model)):
+    for unit, own in _fsdp1_units(root, unwrap(model)):
         # (the root always: its summon is what initialises FSDP from the root; a nested unit summoned first
         # would take the root's part, and the model's next forward would fail)
         if unit is not root and not any(p.requires_grad and not saved(p) for _, p in own()):
