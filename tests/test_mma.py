@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import mmfast
 from mmfast.tuning.mma import ADAPTER_NAME, EMBEDDING_NAME
@@ -328,6 +329,80 @@ def test_clip_routes_each_sample_from_its_own_cls():
     with torch.no_grad():
         tower(pixel_values=pix)
     assert not torch.allclose(seen[-1][0], seen[-1][1])
+
+
+def _perturbed_mma_tower(model):
+    mmfast.patch(model, tuning="mma", verbose=False)
+    _perturb_adapters(model)
+    return model.eval()
+
+
+def test_siglip_routes_each_sample_from_the_mean_of_its_tokens():
+    """A SigLIP tower has no CLS token (position 0 is the image's corner patch): each sample routes from
+    the mean of its own normed tokens, so its output does not depend on the batch's other images."""
+    model = _perturbed_mma_tower(build("siglip-vision"))
+    pix = batch("siglip-vision", seed=8, B=3)["pixel_values"]
+    norm = model.encoder.layers[1].layer_norm1
+    normed = []
+    norm.register_forward_hook(lambda m, a, out: normed.append(a[0].detach()), prepend=True)
+    seen = _capture_mix(model, "encoder.layers.1")
+    with torch.no_grad():
+        together = model(pixel_values=pix).last_hidden_state
+        for i in range(3):
+            alone = model(pixel_values=pix[i:i + 1]).last_hidden_state[0]
+            torch.testing.assert_close(together[i], alone, rtol=1e-5, atol=1e-5)
+        adapter = model.encoder.layers[1].mma_adapter
+        expected = adapter.mix(F.layer_norm(normed[0].double(), norm.normalized_shape, norm.weight.double(),
+                                            norm.bias.double(), norm.eps).mean(dim=1))
+    torch.testing.assert_close(seen[0], expected.float(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(seen[0][0], seen[0][1])
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_a_padded_siglip2_sample_routes_from_its_patches_alone(attn):
+    """SigLIP2 (NaFlex) pads a batch's images to one number of patches and masks the padding out of
+    attention; the mean route leaves the padding out too, so a padded image gives what it gives alone."""
+    from transformers import Siglip2VisionConfig, Siglip2VisionModel
+
+    torch.manual_seed(0)
+    model = Siglip2VisionModel(Siglip2VisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+                                                   num_attention_heads=4, num_patches=16, patch_size=4,
+                                                   attn_implementation=attn))
+    model = _perturbed_mma_tower(model)
+    g = torch.Generator().manual_seed(3)
+    pix = torch.randn(2, 16, 3 * 4 * 4, generator=g)
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 6:] = 0  # image 1: a 2x3 grid of patches, then padding
+    shapes = torch.tensor([[4, 4], [2, 3]])
+    with torch.no_grad():
+        together = model(pixel_values=pix, pixel_attention_mask=mask, spatial_shapes=shapes).last_hidden_state
+        alone = model(pixel_values=pix[1:, :6], pixel_attention_mask=mask[1:, :6],
+                      spatial_shapes=shapes[1:]).last_hidden_state
+    torch.testing.assert_close(together[1, :6], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_vision_mask_forms_read_by_the_mean_route():
+    from mmfast.tuning.mma import _valid_tokens
+
+    keep = torch.tensor([[True, True, False], [True, False, False]])
+    assert _valid_tokens(None, 2, 3) is None
+    assert torch.equal(_valid_tokens(keep.long(), 2, 3), keep)
+    four = keep[:, None, None, :].expand(2, 1, 3, 3)
+    assert torch.equal(_valid_tokens(four, 2, 3), keep)
+    additive = torch.zeros(2, 1, 3, 3).masked_fill(~four, torch.finfo(torch.float32).min)
+    assert torch.equal(_valid_tokens(additive, 2, 3), keep)
+    causal = torch.ones(3, 3, dtype=torch.bool).tril()[None, None] & four  # a key is kept if any query sees it
+    assert torch.equal(_valid_tokens(causal, 2, 3), keep)
+    with pytest.raises(RuntimeError, match="attention mask has shape"):
+        _valid_tokens(torch.ones(2, 5), 2, 3)
+
+
+def test_unpatch_removes_the_siglip_route_hooks():
+    model = build("siglip-vision")
+    mmfast.patch(model, tuning="mma", verbose=False)
+    assert model.encoder.layers[0]._forward_pre_hooks
+    mmfast.unpatch(model)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
 
 
 @pytest.mark.parametrize("select,read", [(-2, 23), (-1, 24), (0, 0), (1, 1), (24, 24), (-25, 0), ([-2, -5], 23),

@@ -7,7 +7,8 @@
   -2 in LLaVA-1.5, so the last layer runs but its output is dropped): an adapter there could never get
   a gradient, and DDP stops on a parameter that never gets one.
 * Routing is per sample. In the vision tower each sample routes from its own CLS token (position 0 of
-  that layer's normed input). In the LLM a learned ``mma_modality_embedding`` (``Embedding(2, D)``:
+  that layer's normed input), or, in a tower without one (SigLIP), from the mean of its tokens that are
+  not padding. In the LLM a learned ``mma_modality_embedding`` (``Embedding(2, D)``:
   "has image" or not) plays LaVIN's modality token: before the main pass it runs through every
   decoder layer as a one-token sequence (adapters included), and layer l's router reads that token's
   normed state at layer l. The main sequence keeps plain causal attention, with no extra token.
@@ -146,6 +147,57 @@ def _state(hf: nn.Module) -> _State:
 def _vision_norm_hook(adapter: MMAdapter, module, args, output):
     """layer_norm1 output -> adapter, each sample routed by its own CLS token (position 0)."""
     return adapter(output, output[:, 0])
+
+
+class _TokenMask:
+    """The tokens of the layer's current call that are not padding (None: all of them), handed from the
+    layer's pre-hook to its ``layer_norm1`` hook."""
+
+    __slots__ = ("valid",)
+
+    def __init__(self):
+        self.valid = None
+
+    def __reduce__(self):
+        return _TokenMask, ()  # a call's mask is not state: copies and pickles start empty
+
+
+def _valid_tokens(mask, batch: int, seq: int):
+    """Which of ``seq`` key tokens a layer's attention mask lets any query see, ``[batch, seq]`` bool, or None
+    for all. HF hands encoder layers None (no padding), a 2D ``[B, S]`` keep mask (flash attention), or a 4D
+    ``[B, 1, Q, S]`` one, bool (True: attend) or additive float (0: attend, the dtype's minimum: not)."""
+    if mask is None:
+        return None
+    if not torch.is_tensor(mask):  # e.g. flex attention's BlockMask: no per-token view of it
+        warn_once("mma-vision-mask", f"mmfast MMA: a vision layer got an attention mask of type {type(mask).__name__}; "
+                  f"its samples route from the mean of all their tokens, padding included")
+        return None
+    if mask.dim() == 2 and tuple(mask.shape) == (batch, seq):
+        return mask != 0
+    if mask.dim() == 4 and mask.shape[-1] == seq and mask.shape[0] in (1, batch):
+        keep = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+        return keep[:, 0].any(dim=-2).expand(batch, seq)
+    raise RuntimeError(f"mmfast MMA: a vision layer's attention mask has shape {tuple(mask.shape)}; expected "
+                       f"[{batch}, {seq}] or [{batch}, 1, Q, {seq}]")
+
+
+def _vision_mask_hook(holder: _TokenMask, module, args, kwargs):
+    """Encoder layer pre-hook: keep the call's attention mask for the mean route of its ``layer_norm1``."""
+    holder.valid = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+
+
+def _vision_mean_hook(holder: _TokenMask, adapter: MMAdapter, module, args, output):
+    """layer_norm1 output -> adapter, each sample routed by the mean of its own tokens (padding left out):
+    for towers without a CLS token (SigLIP), where position 0 is one corner patch of the image."""
+    valid = _valid_tokens(holder.valid, output.shape[0], output.shape[1])
+    holder.valid = None  # not kept alive past the call
+    acc = torch.promote_types(output.dtype, torch.float32)
+    if valid is None:
+        route = output.mean(dim=1, dtype=acc)
+    else:  # a sum over the kept tokens (a batched matmul, which accumulates in fp32), then the mean
+        kept = torch.bmm(valid.to(output.dtype).unsqueeze(1), output).squeeze(1)
+        route = kept.to(acc) / valid.sum(dim=1, keepdim=True).clamp_min(1).to(acc)
+    return adapter(output, route)
 
 
 def _llm_norm_hook(state: _State, layer: int, adapter: MMAdapter, module, args, output):
@@ -358,7 +410,7 @@ def _llm_pre_hook(state: _State, module, args, kwargs):
     return args, kwargs
 
 
-_HOOK_FUNCS = (_vision_norm_hook, _llm_norm_hook, _top_pre_hook, _llm_pre_hook)
+_HOOK_FUNCS = (_vision_norm_hook, _vision_mask_hook, _vision_mean_hook, _llm_norm_hook, _top_pre_hook, _llm_pre_hook)
 
 
 def _ours(hook) -> bool:
@@ -389,6 +441,17 @@ def _read_vision_layers(hf: nn.Module, vision: list[nn.Module]) -> list[nn.Modul
     picks = select if isinstance(select, (list, tuple)) else [select]
     last_state = max(int(s) if s >= 0 else n + 1 + int(s) for s in picks)
     return vision[:max(last_state, 0)]
+
+
+def _layers_with_cls(hf: nn.Module) -> set[int]:
+    """ids of the encoder layers in a tower whose embeddings prepend a CLS token (``class_embedding``: CLIP,
+    BLIP); the others (SigLIP, Idefics) start with an image patch."""
+    found = set()
+    for m in hf.modules():
+        emb = getattr(m, "embeddings", None)
+        if isinstance(emb, nn.Module) and isinstance(m, nn.Module) and hasattr(emb, "class_embedding"):
+            found.update(id(sub) for sub in m.modules())
+    return found
 
 
 class _NeckLinear(nn.Linear):
@@ -584,11 +647,17 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
             parts.projector.requires_grad_(False)  # out of the model now, frozen with the rest
             parts.projector = neck
 
+    with_cls = _layers_with_cls(hf)
     for layer in read:
         vdim = layer.layer_norm1.normalized_shape[0]
         adapter = _adapter_like(layer, vdim, opts)
         layer.add_module(ADAPTER_NAME, adapter)
-        layer.layer_norm1.register_forward_hook(functools.partial(_vision_norm_hook, adapter))
+        if id(layer) in with_cls:
+            layer.layer_norm1.register_forward_hook(functools.partial(_vision_norm_hook, adapter))
+        else:
+            holder = _TokenMask()
+            layer.register_forward_pre_hook(functools.partial(_vision_mask_hook, holder), with_kwargs=True)
+            layer.layer_norm1.register_forward_hook(functools.partial(_vision_mean_hook, holder, adapter))
 
     for p in model.parameters():
         p.requires_grad_(False)
