@@ -31,7 +31,8 @@ def run(rank: int, world: int, port: int, mode: str, out_path: str, tuning: str 
     import mmfast
     from tiny_models import batch, build
 
-    if mode.startswith("zero3"):  # DeepSpeed reads the launcher's variables and picks its CPU accelerator
+    deepspeed_mode = mode.startswith(("zero2", "zero3"))
+    if deepspeed_mode:  # DeepSpeed reads the launcher's variables and picks its CPU accelerator
         os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         # DeepSpeed's CPU communication speed-up (a shared-memory allreduce) is a C++ op it compiles on first
@@ -41,7 +42,7 @@ def run(rank: int, world: int, port: int, mode: str, out_path: str, tuning: str 
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
     try:
-        config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3},
+        config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2 if mode == "zero2" else 3},
                   "optimizer": {"type": "SGD", "params": {"lr": 0.0}}, "zero_allow_untested_optimizer": True,
                   "bf16": {"enabled": dtype == "bfloat16"}}
         if mode == "zero3-init":  # built partitioned, as from_pretrained does under a ZeRO-3 config
@@ -94,7 +95,7 @@ def run(rank: int, world: int, port: int, mode: str, out_path: str, tuning: str 
                 if m is not None:
                     fully_shard(m, mesh=mesh)
             fully_shard(model, mesh=mesh)
-        elif mode.startswith("zero3"):  # DeepSpeed ZeRO-3 (its CPU accelerator, over the gloo group above)
+        elif deepspeed_mode:  # DeepSpeed ZeRO-2 / ZeRO-3 (its CPU accelerator, over the gloo group above)
             import deepspeed
 
             model, *_ = deepspeed.initialize(model=model, config=config,
@@ -107,16 +108,15 @@ def run(rank: int, world: int, port: int, mode: str, out_path: str, tuning: str 
         grads = {}
         # DDP finds a parameter that got no gradient only at the second step; a DeepSpeed engine's
         # gradients are read after one (its next backward would start a new accumulation)
-        zero3 = mode.startswith("zero3")
-        for _ in range(1 if zero3 else 2):
-            if not zero3:
+        for _ in range(1 if deepspeed_mode else 2):
+            if not deepspeed_mode:
                 model.zero_grad(set_to_none=True)
             with torch.autograd.graph.saved_tensors_hooks(lambda t: t, _live):
                 loss = model(**mine).loss
-            model.backward(loss) if zero3 else loss.backward()
+            model.backward(loss) if deepspeed_mode else loss.backward()
         for name, p in model.named_parameters():
             if p.requires_grad:
-                if zero3:
+                if deepspeed_mode:
                     from deepspeed.utils import safe_get_full_grad
 
                     g = safe_get_full_grad(p)
@@ -136,6 +136,33 @@ def run(rank: int, world: int, port: int, mode: str, out_path: str, tuning: str 
             st.save_file = real_save
         with open(f"{out_path}.rank{rank}.writes", "w") as f:
             f.write(str(len(writes)))
+        if deepspeed_mode:  # loaded back on every rank: into the module's copies and the optimizer's masters
+            from deepspeed.utils import safe_get_full_fp32_param
+            from safetensors import torch as st
+
+            from mmfast.tuning.state import FORMAT
+
+            if rank == 0:
+                moved = {n: t + 0.5 for n, t in st.load_file(out_path + ".safetensors").items()}
+                st.save_file(moved, out_path + ".moved.safetensors", metadata={"format": FORMAT})
+            dist.barrier()
+            moved = st.load_file(out_path + ".moved.safetensors")
+            mmfast.load_trainable(model, out_path + ".moved.safetensors")
+            for name, p in model.module.named_parameters():
+                if p.requires_grad:
+                    master = safe_get_full_fp32_param(p)
+                    assert torch.equal(master.cpu(), moved[name].float()), name
+                    from deepspeed import zero
+
+                    with zero.GatheredParameters([p]):
+                        assert torch.equal(p.detach().cpu(), moved[name].to(p.dtype)), name
+            # and saved again from the masters (a bf16 run's module copies are their rounding)
+            mmfast.save_trainable(model, out_path + ".resaved.safetensors")
+            if rank == 0:
+                resaved = st.load_file(out_path + ".resaved.safetensors")
+                assert resaved.keys() == moved.keys()
+                assert all(torch.equal(resaved[n], moved[n].float()) for n in moved), \
+                    [n for n in moved if not torch.equal(resaved[n], moved[n].float())]
         # release the DDP reducer / FSDP state while the group is alive, then leave together
         del model, grads
         import gc

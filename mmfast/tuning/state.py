@@ -9,7 +9,7 @@ import weakref
 import torch
 from torch import nn
 
-from .._zero import gathered, partitioned
+from .._zero import full_shape, gathered, partitioned
 
 FORMAT = "mmfast-trainable"
 
@@ -46,7 +46,20 @@ def _named_trainables(model: nn.Module):
     return ((clean_name(n), p) for n, p in unwrap(model).named_parameters() if p.requires_grad)
 
 
+def _deepspeed_master(p: torch.Tensor) -> bool:
+    """Whether a DeepSpeed optimizer keeps an fp32 master of ``p`` (ZeRO-1/2/3, its bf16 optimizer): the
+    trained value is the master's; the module's 16-bit copy is its rounding (a norm update below bf16's
+    resolution lives in the master alone)."""
+    return hasattr(p, "_hp_mapping") or (partitioned(p) and hasattr(p, "_z3_optimizer"))
+
+
 def _gathered_tensor(p: torch.Tensor) -> torch.Tensor:
+    if _deepspeed_master(p):  # gathered from every rank's fragment (a collective)
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        master = safe_get_full_fp32_param(p)
+        if master is not None:
+            return master.detach().cpu().contiguous()
     if partitioned(p):  # every rank gathers it
         with gathered([p]):
             return p.detach().clone().cpu().contiguous()
@@ -77,7 +90,8 @@ def _fsdp1_units(root: nn.Module, inner: nn.Module):
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Name -> full tensor of every parameter that requires grad, named as in the unwrapped model's
     ``state_dict`` (FSDP1's flat-parameter shards, FSDP2's DTensor shards and DeepSpeed ZeRO-3 partitions
-    are gathered: in a distributed run every rank must call this).
+    are gathered: in a distributed run every rank must call this). Where a DeepSpeed optimizer keeps an
+    fp32 master of a parameter (a bf16 / fp16 run), the master is saved, not the module's rounded copy.
 
     FSDP1 units are gathered one at a time, and only those that hold a trainable parameter, so that saving
     never needs more memory than the largest unit (a whole unsharded model could not fit)."""
@@ -131,6 +145,10 @@ def save_trainable(model: nn.Module, path: str | os.PathLike) -> list[str]:
 def load_trainable(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> list[str]:
     """Copy the tensors saved by :func:`save_trainable` into ``model``'s parameters.
 
+    Under DeepSpeed the values also go into the optimizer's fp32 masters (its next step would otherwise
+    put the old values back), and ZeRO-3 partitions are written through a gather: there, call it on
+    every rank.
+
     Every saved tensor must name a parameter of the same shape; with ``strict`` the file must hold
     exactly the trainable parameters of ``model`` (none missing, none frozen in the model: a checkpoint
     of another recipe). Anything else raises a ValueError that lists the mismatches, before any
@@ -154,8 +172,8 @@ def load_trainable(model: nn.Module, path: str | os.PathLike, *, strict: bool = 
         p = params.get(name)
         if p is None:
             problems.append(f"{name}: not a parameter of {type(inner).__name__}")
-        elif tuple(p.shape) != tuple(t.shape):
-            problems.append(f"{name}: saved shape {tuple(t.shape)} != model's {tuple(p.shape)}")
+        elif full_shape(p) != tuple(t.shape):
+            problems.append(f"{name}: saved shape {tuple(t.shape)} != model's {full_shape(p)}")
         elif hasattr(p, "full_tensor"):
             problems.append(f"{name}: sharded (DTensor) parameter; load before fully_shard")
     if strict:
@@ -170,6 +188,12 @@ def load_trainable(model: nn.Module, path: str | os.PathLike, *, strict: bool = 
             + "\n  ".join(problems)
         )
     with torch.no_grad():
-        for name, t in saved.items():
-            params[name].copy_(t.to(dtype=params[name].dtype))
+        for name in sorted(saved):  # one order on every rank: the ZeRO-3 gathers are collectives
+            p, t = params[name], saved[name]
+            with gathered([p], modifier_rank=0):  # rank 0's values partitioned again on exit (ZeRO-3)
+                p.copy_(t.to(dtype=p.dtype))
+            if _deepspeed_master(p):
+                from deepspeed.utils import safe_set_full_fp32_param
+
+                safe_set_full_fp32_param(p, t.to(dtype=torch.float32))
     return sorted(saved)
