@@ -734,6 +734,27 @@ def test_save_load_trainable_mma(tmp_path):
         assert torch.equal(model(**inputs).logits, fresh(**inputs).logits)
 
 
+def test_load_trainable_refuses_adapters_of_other_options(tmp_path):
+    """The adapters' weights do not show a temperature or scale: loaded into adapters made with others they
+    computed other outputs without a word. The file records the options; dropout (training's) may differ."""
+    model = build("llava")
+    mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(dropout=0.0, temperature=5.0, scale=2.0), verbose=False)
+    _perturb_adapters(model)
+    path = tmp_path / "mma.safetensors"
+    mmfast.save_trainable(model, path)
+    other = build("llava")
+    mmfast.patch(other, tuning="mma", mma=mmfast.MMAOptions(dropout=0.0), verbose=False)
+    for strict in (True, False):
+        with pytest.raises(ValueError, match=r"MMAOptions.scale: saved with 2.0.*\n.*MMAOptions.temperature"):
+            mmfast.load_trainable(other, path, strict=strict)
+    same = build("llava")
+    mmfast.patch(same, tuning="mma", mma=mmfast.MMAOptions(dropout=0.3, temperature=5.0, scale=2.0), verbose=False)
+    mmfast.load_trainable(same, path)
+    inputs = batch("llava", images=[True, False])
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, same.eval()(**inputs).logits)
+
+
 def test_a_layernorm_recipe_over_mma_is_refused():
     model = _mma()
     with pytest.raises(ValueError, match="MMA adapters"):

@@ -27,6 +27,14 @@ def llava_7b_meta():
         return LlavaForConditionalGeneration(llava_7b_config())
 
 
+def build_meta_llava():
+    from transformers import LlavaForConditionalGeneration
+
+    from tiny_models import llava_config
+
+    return LlavaForConditionalGeneration(llava_config())
+
+
 def _trainable(model):
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
@@ -221,6 +229,54 @@ def test_a_cast_after_patching_that_drops_the_master_weights_warns(recwarn):
     _train_steps(model, steps=1)
     assert len([w for w in recwarn if "master_weights" in str(w.message)]) == 1
     backend._warned.discard("master_weights_cast")
+
+
+def test_a_model_built_in_fp32_then_cast_after_patching_warns_too(recwarn):
+    """The norm weights of a model built in fp32 are fp32 at patch time, so nothing was widened; a cast to
+    bf16 after patching (Lightning's "bf16-true") takes them out of fp32 all the same, and said nothing."""
+    from mmfast.ops import backend
+
+    backend._warned.discard("master_weights_cast")
+    model = build("llava")
+    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    _train_steps(model, steps=1)
+    assert not [w for w in recwarn if "master_weights" in str(w.message)]
+    model.to(torch.bfloat16)
+    model.train()
+    model(**batch("llava", seed=3, dtype=torch.bfloat16)).loss.backward()
+    said = [str(w.message) for w in recwarn if "master_weights" in str(w.message)]
+    assert len(said) == 1 and "bfloat16 now" in said[0]
+    backend._warned.discard("master_weights_cast")
+    mmfast.unpatch(model)  # the cast's dtype stays
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+@pytest.mark.parametrize("tuning", ["layernorm-simp", "layernorm", "mma"])
+def test_a_recipe_on_a_peft_model_keeps_its_adapters_training(tuning):
+    """A recipe freezes the model around its own parameters; PEFT's LoRA weights, which the user added,
+    were frozen with the rest without a word. A norm in PEFT's ``modules_to_save`` trains through its active
+    copy (the one that runs, fp32 master weights included), not the ``original_module`` PEFT keeps aside."""
+    from peft import LoraConfig, get_peft_model
+
+    kind = "llava" if tuning == "mma" else "llama"
+    base = build(kind, dtype=torch.bfloat16 if tuning != "mma" else torch.float32)
+    config = LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)" if kind == "llava"
+                        else ["q_proj", "v_proj"], lora_dropout=0.0, modules_to_save=["input_layernorm"])
+    model = get_peft_model(base, config)
+    lora = {n for n, p in model.named_parameters() if "lora_" in n and p.requires_grad}
+    assert lora
+    mmfast.patch(model, tuning=tuning, verbose=False)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert lora <= trained
+    assert not any("original_module" in n for n in trained)
+    copies = [n for n in trained if "input_layernorm.modules_to_save" in n]
+    assert copies
+    if tuning != "mma":  # the recipe's norms: the active copy is the one widened to fp32
+        assert all(model.get_parameter(n).dtype == torch.float32 for n in copies)
+    model.train()
+    out = model(**batch(kind, dtype=torch.bfloat16 if tuning != "mma" else torch.float32))
+    out.loss.backward()
+    assert [n for n in trained if model.get_parameter(n).grad is None] == []
 
 
 def test_bf16_norm_weights_would_not_move():
@@ -623,6 +679,13 @@ def test_load_trainable_mismatch(tmp_path):
     assert any("multi_modal_projector" in n for n in loaded)
     proj = "model.multi_modal_projector.linear_1.weight"
     assert torch.equal(fewer.get_parameter(proj), more.get_parameter(proj))
+
+    # a model still on the meta device has no memory to load into: copy_ there did nothing, and said nothing
+    with torch.device("meta"):
+        empty = build_meta_llava()
+    mmfast.patch(empty, tuning="layernorm+projector", verbose=False)
+    with pytest.raises(ValueError, match="meta device"):
+        mmfast.load_trainable(empty, tmp_path / "wide.safetensors")
 
     other = tmp_path / "other.safetensors"
     from safetensors.torch import save_file

@@ -38,7 +38,7 @@ from .._zero import full_shape, gathered
 from ..nn.adapter import MMAdapter
 from ..patching.core import EXTRA_KWARGS_ATTR
 from ..ops.backend import warn_once
-from .recipes import _hf_model, find_parts
+from .recipes import _hf_model, active_copy, find_parts, peft_trainables
 
 ADAPTER_NAME = "mma_adapter"
 _OPTIONS = "_mmfast_mma_options"  # on the HF model: the MMAOptions its adapters were made with
@@ -659,14 +659,17 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
             layer.register_forward_pre_hook(functools.partial(_vision_mask_hook, holder), with_kwargs=True)
             layer.layer_norm1.register_forward_hook(functools.partial(_vision_mean_hook, holder, adapter))
 
+    kept = peft_trainables(model)  # PEFT's adapters keep training beside MMA's
     for p in model.parameters():
         p.requires_grad_(False)
     train = [hf.get_submodule(n) for n in added_modules(hf)]
     if parts is not None:
-        train.extend(parts.projector_modules())
+        train.extend(active_copy(m) for m in parts.projector_modules())
     for m in train:
         for p in m.parameters():
             p.requires_grad_(True)
+    for p in kept:
+        p.requires_grad_(True)
     return unread
 
 

@@ -86,6 +86,33 @@ def find_parts(model: nn.Module) -> ModelParts:
     return ModelParts(hf, decoder, projector, hf.get_input_embeddings(), hf.get_output_embeddings(), siblings)
 
 
+def active_copy(module: nn.Module) -> nn.Module:
+    """The module that runs in ``module``'s place: for PEFT's ``modules_to_save`` wrapper (``original_module``
+    beside trained copies) the active adapter's copy, which is what trains; else ``module`` itself."""
+    copies, original = getattr(module, "modules_to_save", None), getattr(module, "original_module", None)
+    if not (isinstance(copies, nn.ModuleDict) and isinstance(original, nn.Module)):
+        return module
+    names = getattr(module, "active_adapters", None) or getattr(module, "active_adapter", None)
+    name = names[0] if isinstance(names, (list, tuple)) and names else names
+    return copies[name] if isinstance(name, str) and name in copies else module
+
+
+def peft_trainables(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters PEFT added that train now: its tuner layers' adapter weights (LoRA's ``lora_A`` /
+    ``lora_B``, DoRA's magnitudes, ...) and the active copies of ``modules_to_save`` modules. A recipe
+    freezes the model around its own parameters and keeps these training: the user added them."""
+    kept = []
+    for m in model.modules():
+        names = getattr(type(m), "adapter_layer_names", None)
+        if isinstance(names, tuple) and hasattr(m, "base_layer"):  # a PEFT tuner layer
+            kept += [p for name in names if isinstance(getattr(m, name, None), nn.Module)
+                     for p in getattr(m, name).parameters() if p.requires_grad]
+        copy = active_copy(m)
+        if copy is not m:
+            kept += [p for p in copy.parameters() if p.requires_grad]
+    return kept
+
+
 def block_norms(parts: ModelParts, final_norm: bool) -> list[nn.Module]:
     norms = [n for layer in parts.decoder.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
     if final_norm:
@@ -197,43 +224,48 @@ def recipe_modules(model: nn.Module, recipe: str, *, final_norm: bool = False
     if recipe not in LN_RECIPES:
         raise ValueError(f"unknown LayerNorm-tuning recipe {recipe!r}; choose from {LN_RECIPES}")
     parts = find_parts(model)
-    norms = block_norms(parts, final_norm)
+    norms = [active_copy(n) for n in block_norms(parts, final_norm)]
     train: list[nn.Module] = list(norms)
     if recipe in ("layernorm", "layernorm+projector"):
         if parts.projector is None and recipe == "layernorm+projector":
             raise ValueError(f"tuning={recipe!r} needs a multimodal projector; {type(parts.hf_model).__name__} has none")
-        train.extend(parts.projector_modules())
+        train.extend(active_copy(m) for m in parts.projector_modules())
     if recipe == "layernorm":
         for emb, what in ((parts.input_embeddings, "input embeddings"), (parts.output_embeddings, "LM head")):
             if emb is None:
                 raise ValueError(f"tuning='layernorm' trains the {what}, which {type(parts.hf_model).__name__} lacks")
-            train.append(emb)
+            train.append(active_copy(emb))
     return parts, norms, train
 
 
 def apply_ln_recipe(model: nn.Module, recipe: str, *, final_norm: bool = False, master_weights: bool = True) -> None:
-    """Freeze ``model`` and make the recipe's parameters trainable."""
+    """Freeze ``model`` and make the recipe's parameters trainable (and PEFT's adapters, which the user
+    added: :func:`peft_trainables`)."""
     parts, norms, train = recipe_modules(model, recipe, final_norm=final_norm)
+    kept = peft_trainables(model)
     for p in model.parameters():
         p.requires_grad_(False)
     for m in train:
         for p in m.parameters():
             p.requires_grad_(True)
+    for p in kept:
+        p.requires_grad_(True)
     if master_weights:
         left = 0
         paths = {id(m): path for path, m in model.named_modules()}
-        skip = {id(p) for norm in norms for p in norm.parameters(recurse=False)  # the weights it widens
-                if not partitioned(p) and p.dtype != torch.float32}
+        skip = {id(p) for norm in norms for p in norm.parameters(recurse=False)}  # the weights kept in fp32
         for norm in norms:
             for name, p in norm.named_parameters(recurse=False):
                 if partitioned(p):  # ZeRO-3 holds the partition (ds_tensor); its optimizer keeps fp32 masters
                     left += p.ds_tensor.dtype != torch.float32
-                elif p.dtype != torch.float32:
-                    around = _surrounding_dtype(model, paths[id(norm)], skip)
-                    if _MASTER_ATTR not in norm.__dict__:
-                        norm.__dict__[_HOOK_ATTR] = norm.__dict__.get(_HOOK_ATTR, []) + [
-                            norm.register_forward_pre_hook(_master_weights_kept)]
-                    norm.__dict__.setdefault(_MASTER_ATTR, {}).setdefault(name, (p.dtype, around))
+                    continue
+                # fp32 already (a model built in fp32) or widened now: either way a later cast is warned about
+                around = _surrounding_dtype(model, paths[id(norm)], skip)
+                if _MASTER_ATTR not in norm.__dict__:
+                    norm.__dict__[_HOOK_ATTR] = norm.__dict__.get(_HOOK_ATTR, []) + [
+                        norm.register_forward_pre_hook(_master_weights_kept)]
+                norm.__dict__.setdefault(_MASTER_ATTR, {}).setdefault(name, (p.dtype, around))
+                if p.dtype != torch.float32:
                     p.data = p.data.to(torch.float32)
         if left:
             logging.getLogger("mmfast").info(

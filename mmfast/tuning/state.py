@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
 import weakref
+from typing import Optional
 
 import torch
 from torch import nn
@@ -119,6 +122,20 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return dict(sorted(out.items()))
 
 
+#: metadata key of the MMA options the saved adapters were trained with
+_MMA_KEY = "mma_options"
+
+
+def _mma_options(model: nn.Module) -> Optional[dict]:
+    from .mma import _OPTIONS
+
+    for m in unwrap(model).modules():
+        opts = m.__dict__.get(_OPTIONS)
+        if opts is not None:
+            return dataclasses.asdict(opts)
+    return None
+
+
 def save_trainable(model: nn.Module, path: str | os.PathLike) -> list[str]:
     """Write the trainable parameters of ``model`` to ``path`` (safetensors); returns their names.
 
@@ -135,6 +152,9 @@ def save_trainable(model: nn.Module, path: str | os.PathLike) -> list[str]:
     distributed = dist.is_available() and dist.is_initialized()
     if not distributed or dist.get_rank() == 0:
         meta = {"format": FORMAT, "mmfast": __version__, "model_class": type(unwrap(model)).__name__}
+        options = _mma_options(model)
+        if options is not None:  # what the adapters compute with besides their weights (temperature, scale)
+            meta[_MMA_KEY] = json.dumps(options, sort_keys=True)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         save_file(tensors, str(path), metadata=meta)
     if distributed:
@@ -149,11 +169,13 @@ def load_trainable(model: nn.Module, path: str | os.PathLike, *, strict: bool = 
     put the old values back), and ZeRO-3 partitions are written through a gather: there, call it on
     every rank.
 
-    Every saved tensor must name a parameter of the same shape; with ``strict`` the file must hold
-    exactly the trainable parameters of ``model`` (none missing, none frozen in the model: a checkpoint
-    of another recipe). Anything else raises a ValueError that lists the mismatches, before any
-    parameter is changed. ``strict=False`` loads into frozen parameters too (a trained state into a
-    model for inference). Values are cast to each parameter's dtype.
+    Every saved tensor must name a materialised (not meta) parameter of the same shape and a floating
+    dtype if the parameter's is, and MMA adapters must have the options they were saved with (all but
+    dropout: a temperature or scale changes what the same weights compute); with ``strict`` the file must
+    hold exactly the trainable parameters of ``model`` (none missing, none frozen in the model: a
+    checkpoint of another recipe). Anything else raises a ValueError that lists the mismatches, before any
+    parameter is changed. ``strict=False`` also loads a file that lacks some trainables or holds frozen
+    parameters (a trained state into a model for inference). Values are cast to each parameter's dtype.
     """
     from safetensors import safe_open
 
@@ -168,10 +190,19 @@ def load_trainable(model: nn.Module, path: str | os.PathLike, *, strict: bool = 
         raise ValueError("load_trainable: the model is wrapped in FSDP (FullyShardedDataParallel), whose parameters are "
                          "each rank's flat shards; load before wrapping it")
     problems = []
+    if _MMA_KEY in meta and _mma_options(model) is not None:  # the same weights give other outputs under others
+        were, now = json.loads(meta[_MMA_KEY]), _mma_options(model)
+        problems += [f"MMAOptions.{k}: saved with {were[k]!r}, the model's adapters have {now.get(k)!r}"
+                     for k in sorted(were) if k != "dropout" and were[k] != now.get(k)]  # dropout: training's
     for name, t in saved.items():
         p = params.get(name)
         if p is None:
             problems.append(f"{name}: not a parameter of {type(inner).__name__}")
+        elif p.is_meta:
+            problems.append(f"{name}: the model's parameter is on the meta device (no memory to load into); load "
+                            f"after model.to_empty(...)")
+        elif p.is_floating_point() and not t.is_floating_point():
+            problems.append(f"{name}: saved as {t.dtype}, the model's parameter is {p.dtype}")
         elif full_shape(p) != tuple(t.shape):
             problems.append(f"{name}: saved shape {tuple(t.shape)} != model's {full_shape(p)}")
         elif hasattr(p, "full_tensor"):
