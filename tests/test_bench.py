@@ -5,6 +5,7 @@ import importlib.util
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -519,6 +520,91 @@ def test_overwrite_replaces_the_previous_run_and_its_plots(tmp_path, capsys):
     assert rc == 0 and (tmp_path / "notes.txt").exists() and (tmp_path / "diagram.png").exists()
     assert not (tmp_path / "layer_norm_residual_bfloat16.png").exists() and not (tmp_path / "model_train_step.png").exists()
     assert json.loads((tmp_path / "results.json").read_text())["meta"]["commit"] != "old"
+
+
+def test_overwrite_keeps_the_previous_run_until_the_new_one_is_written(tmp_path, capsys, monkeypatch):
+    """--overwrite removed the previous run's files before measuring: a crash, a kill or an early Ctrl-C lost
+    them for nothing. They go just before the new outputs are written."""
+    (tmp_path / "results.json").write_text(json.dumps({"meta": {"device": "cpu", "commit": "old"}, "records": []}))
+    (tmp_path / "model_train_step.png").write_bytes(b"old")
+
+    def crash(*a, **k):
+        raise MemoryError("killed mid-run")
+
+    monkeypatch.setattr(bench_main, "time_case", crash)
+    with pytest.raises(MemoryError):
+        main(["--quick", "--ops", "swiglu", "--providers", "hf-eager", "--out", str(tmp_path), "--overwrite"])
+    assert json.loads((tmp_path / "results.json").read_text())["meta"]["commit"] == "old"
+    assert (tmp_path / "model_train_step.png").read_bytes() == b"old"
+
+
+def test_a_previous_run_without_its_results_json_is_seen(tmp_path, capsys):
+    """A directory holding a run's plots and summary but no results.json was taken as empty: the new run's
+    outputs went in beside the old plots."""
+    (tmp_path / "summary.md").write_text("old")
+    (tmp_path / "rms_norm_bfloat16.png").write_bytes(b"old")
+    with pytest.raises(SystemExit):
+        main(["--quick", "--ops", "swiglu", "--providers", "hf-eager", "--out", str(tmp_path)])
+    assert "results.json missing; summary.md, rms_norm_bfloat16.png" in capsys.readouterr().err
+
+
+def test_a_stop_while_writing_completes_the_outputs(tmp_path, capsys, monkeypatch):
+    """SIGTERM or Ctrl-C while the outputs were written left some out (summary.md) and said nothing; the
+    writes now finish first, and the run exits as interrupted."""
+    from mmfast.bench import report
+
+    real = report.write_plots
+
+    def plots_then_stop(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **k)
+
+    monkeypatch.setattr(bench_main, "write_plots", plots_then_stop)
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    rc = main(["--quick", "--ops", "swiglu", "--providers", "hf-eager", "--out", str(tmp_path)])
+    assert rc == 130
+    assert {"results.json", "results.csv", "summary.md"} <= set(os.listdir(tmp_path))
+    assert "SIGTERM while writing the outputs" in capsys.readouterr().err
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_outputs_that_cannot_be_written_go_to_a_temporary_directory(tmp_path, capsys, monkeypatch):
+    """A write that fails after the run (a mount that refuses writes although access() said yes) lost every
+    measurement; they are written to a temporary directory, which the run names."""
+    real = bench_main.write_json
+    out = tmp_path / "out"
+
+    def refuse_out(path, *a, **k):
+        if str(path).startswith(str(out)):
+            raise PermissionError(13, "Permission denied", path)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(bench_main, "write_json", refuse_out)
+    rc = main(["--quick", "--ops", "swiglu", "--providers", "hf-eager", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "could not write to --out" in err
+    moved = err.split("the results are in ")[1].split()[0]
+    assert json.loads(open(os.path.join(moved, "results.json")).read())["records"]
+
+
+def test_summary_cells_keep_their_table(tmp_path):
+    """An error message with '|' (PyTorch's "unsupported operand type(s) for |") split its cell and broke the
+    summary table."""
+    from mmfast.bench.report import _md_table
+
+    head, body = _md_table(["a", "b"], [["x", "TypeError: unsupported operand type(s) for |: 'A'\nand 'B'"]])[::2]
+    assert head.count(" | ") == body.replace("\\|", "").count(" | ") == 1 and "\n" not in body
+
+
+def test_results_json_stays_strict_json(tmp_path):
+    """A NaN timing was written as NaN, which strict JSON readers refuse; it is null now."""
+    from mmfast.bench.report import write_json
+
+    path = tmp_path / "r.json"
+    write_json(str(path), {"copy_gbps": float("inf")}, [{"ms": float("nan"), "gbps": 1.5}])
+    data = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in results.json"))
+    assert data == {"meta": {"copy_gbps": None}, "records": [{"ms": None, "gbps": 1.5}]}
 
 
 def test_known_providers_cover_every_suite():

@@ -22,6 +22,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import threading
 import time
 from typing import Optional
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"samples per model-level step (GPU; default {model_bench.LLAVA_BATCH}, LLaVA-1.5's per-device batch; "
                         "each is 576 image + 448 text tokens)")
     p.add_argument("--steps", type=int, default=None,
-                   help="timed training steps per model-level run (default 10; 2 with --quick, a smoke run)")
+                   help="timed training steps per model-level run (default 10 on a GPU, 3 on CPU; 2 with --quick, a smoke run)")
     p.add_argument("--tunings", default=",".join(model_bench.TUNINGS),
                    help="model suite: comma-separated tuning recipes to run (default: %(default)s)")
     p.add_argument("--sizes", choices=("all", "large", "small"), default="all",
@@ -147,9 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="also write the table MMFAST_BACKEND=auto uses to choose between the CUDA C++ and Triton "
                         "kernels on this GPU model, from this run's mmfast-cuda and mmfast-triton timings")
     args = p.parse_args(argv)
-    if args.steps is None:
-        args.steps = 2 if args.quick else 10
-    for flag, value in (("--steps", args.steps), ("--batch", args.batch), ("--llm-layers", args.llm_layers)):
+    for flag, value in (("--steps", 1 if args.steps is None else args.steps), ("--batch", args.batch), ("--llm-layers", args.llm_layers)):
         if value < 1:
             p.error(f"{flag} must be at least 1, got {value}")
     if args.time_budget is not None and not args.time_budget > 0:
@@ -170,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         if device.index is not None:
             torch.cuda.set_device(device.index)
         device = torch.device("cuda", torch.cuda.current_device())
+    if args.steps is None:  # (on CPU each step runs the Triton interpreter: seconds)
+        args.steps = 2 if args.quick else (10 if device.type == "cuda" else 3)
     ops = set(args.ops.split(","))
     unknown_ops = ops - set(OPS)
     if unknown_ops:
@@ -255,7 +256,6 @@ def main(argv: list[str] | None = None) -> int:
         meta["interrupted"] = interrupted
     if device.type != "cuda":
         meta["note"] = CPU_BANNER
-    os.makedirs(args.out, exist_ok=True)
     print(f"\n{env['device']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}")
     print(f"device-to-device copy: {copy:.1f} GB/s (read + write); %copy = achieved GB/s / that")
     print(table(records))
@@ -266,17 +266,62 @@ def main(argv: list[str] | None = None) -> int:
 
         print("\ngoals (mmfast/bench/goals.py):")
         print("\n".join("  " + line for line in goal_lines(records)))
-    write_json(os.path.join(args.out, "results.json"), meta, records)
-    write_csv(os.path.join(args.out, "results.csv"), records,
-              note="" if device.type == "cuda" else "CPU timing, not GPU performance")
-    plots = write_plots(args.out, meta, records)
-    write_summary_md(os.path.join(args.out, "summary.md"), meta, records, plots)
-    print(f"\nwrote {args.out}/results.json, results.csv, summary.md" + (f" and {len(plots)} plots" if plots else ""))
-    if args.backend_table and not interrupted:
-        _write_backend_table(args.backend_table, device, env, records, args.out)
-    if interrupted:
+    with _signals_deferred() as deferred:  # the outputs are written whole: a Ctrl-C now acts once they are
+        out, failed = args.out, None
+        try:
+            _write_outputs(out, meta, records, device, args.overwrite)
+        except OSError as e:  # the measurements are not lost with the directory
+            failed = e
+            out = tempfile.mkdtemp(prefix="mmfast-bench-")
+            _write_outputs(out, meta, records, device, False)
+        if failed is not None:
+            print(f"\n[mmfast.bench] could not write to --out {args.out} ({failed}); the results are in {out}",
+                  file=sys.stderr)
+        if args.backend_table and not interrupted and failed is None:
+            _write_backend_table(args.backend_table, device, env, records, out)
+    if deferred.signal is not None:
+        print(f"[mmfast.bench] {deferred.signal} while writing the outputs: they were completed first", file=sys.stderr)
+    if interrupted or deferred.signal is not None:
         return 130
-    return 1 if any(r["error"] for r in records) or not_run else 0
+    return 1 if any(r["error"] for r in records) or not_run or failed is not None else 0
+
+
+def _write_outputs(out: str, meta: dict, records: list[dict], device: torch.device, overwrite: bool) -> None:
+    """results.json, results.csv, the plots and summary.md into ``out``; with ``overwrite`` a previous
+    run's files go first, now that there is a run to replace them with (not before it was measured)."""
+    os.makedirs(out, exist_ok=True)
+    if overwrite:
+        for name in _previous_files(out):
+            os.remove(os.path.join(out, name))
+    write_json(os.path.join(out, "results.json"), meta, records)
+    write_csv(os.path.join(out, "results.csv"), records,
+              note="" if device.type == "cuda" else "CPU timing, not GPU performance")
+    plots = write_plots(out, meta, records)
+    write_summary_md(os.path.join(out, "summary.md"), meta, records, plots)
+    print(f"\nwrote {out}/results.json, results.csv, summary.md" + (f" and {len(plots)} plots" if plots else ""))
+
+
+class _signals_deferred:
+    """SIGINT and SIGTERM wait (the first one is kept in ``signal``) until the block ends: a stop while the
+    outputs are written would leave some of them out, and nothing in them would say so."""
+
+    signal = None
+
+    def __enter__(self):
+        self.old = {}
+        if threading.current_thread() is threading.main_thread():
+            def keep(signum, frame):
+                if self.signal is None:
+                    self.signal = signal.Signals(signum).name
+
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.old[sig] = signal.signal(sig, keep)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self.old.items():
+            signal.signal(sig, signal.SIG_DFL if old is None else old)
+        return False
 
 
 class _sigterm_as_interrupt:
@@ -298,11 +343,20 @@ class _sigterm_as_interrupt:
         return False
 
 
+def _previous_files(out: str) -> list[str]:
+    """The files of a previous run in ``out``: the outputs and the plots the bench names."""
+    plots = [os.path.basename(f) for f in glob.glob(os.path.join(glob.escape(out), "*.png"))]
+    return [name for name in [*OUTPUTS, *(f for f in plots if PLOT_NAME.fullmatch(f))]
+            if os.path.isfile(os.path.join(out, name))]
+
+
 def _previous_run(out: str) -> Optional[str]:
-    """What the results.json in ``out`` says about its run, or None when there is none."""
+    """What the results.json in ``out`` says about its run (a previous run's other files alone: "results.json
+    missing"), or None when there is none."""
     path = os.path.join(out, "results.json")
     if not os.path.exists(path):
-        return None
+        left = _previous_files(out)
+        return f"results.json missing; {', '.join(left[:3])}{' ...' if len(left) > 3 else ''}" if left else None
     try:
         with open(path) as f:
             meta = json.load(f).get("meta", {})
@@ -313,7 +367,7 @@ def _previous_run(out: str) -> Optional[str]:
 
 def _check_out(p: argparse.ArgumentParser, out: str, backend_table: Optional[str], overwrite: bool = False) -> None:
     """Fail before the run, not after it, where the results could not be written or would replace a
-    previous run's without being asked to; with ``overwrite``, clear the previous run's files."""
+    previous run's without being asked to (``overwrite``)."""
     if os.path.exists(out) and not os.path.isdir(out):
         p.error(f"--out {out}: exists and is not a directory")
     if backend_table:
@@ -325,17 +379,16 @@ def _check_out(p: argparse.ArgumentParser, out: str, backend_table: Optional[str
         if not overwrite:
             p.error(f"--out {out}: holds a previous run ({previous}); pass --overwrite to replace it, or "
                     "--out another directory")
-        plots = [os.path.basename(f) for f in glob.glob(os.path.join(glob.escape(out), "*.png"))]
-        for name in [*OUTPUTS, *(f for f in plots if PLOT_NAME.fullmatch(f))]:
-            path = os.path.join(out, name)
-            if os.path.exists(path):
-                os.remove(path)
+        # (removed just before the new outputs are written: a run that fails or stops early keeps them)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         p.error(f"--out {out}: cannot create it ({e.strerror})")
-    if not os.access(out, os.W_OK):
-        p.error(f"--out {out}: not writable")
+    try:  # a file written and removed: access() answers yes for root on read-only mounts and sysfs
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".mmfast-write-check-"):
+            pass
+    except OSError as e:
+        p.error(f"--out {out}: not writable ({e.strerror or e})")
 
 
 def _groups(plan: list, device: torch.device) -> list[list]:

@@ -121,8 +121,14 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _md_cell(text: str) -> str:
+    """A table cell: a '|' in an error message would end the cell, a newline the row."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
 def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + \
+        ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows]
 
 
 def write_summary_md(path: str, meta: dict, records: list[dict], plots: list[str]) -> None:
@@ -160,9 +166,20 @@ def write_summary_md(path: str, meta: dict, records: list[dict], plots: list[str
         f.write("\n".join(lines) + "\n")
 
 
+def _no_nan(value):
+    """NaN and infinities as null: JSON has no such numbers (Python writes NaN, which strict readers refuse)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_no_nan(v) for v in value]
+    return value
+
+
 def write_json(path: str, meta: dict, records: list[dict]) -> None:
     with open(path, "w") as f:
-        json.dump({"meta": meta, "records": records}, f, indent=1)
+        json.dump(_no_nan({"meta": meta, "records": records}), f, indent=1, allow_nan=False)
 
 
 def write_csv(path: str, records: list[dict], note: str = "") -> None:
