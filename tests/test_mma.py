@@ -395,6 +395,8 @@ def test_vision_mask_forms_read_by_the_mean_route():
     assert torch.equal(_valid_tokens(causal, 2, 3), keep)
     with pytest.raises(RuntimeError, match="attention mask has shape"):
         _valid_tokens(torch.ones(2, 5), 2, 3)
+    with pytest.warns(RuntimeWarning, match="attention mask of type object; its samples route from the mean"):
+        assert _valid_tokens(object(), 2, 3) is None
 
 
 def test_unpatch_removes_the_siglip_route_hooks():

@@ -15,8 +15,9 @@ hidden``). The matmuls are cuBLAS's, in the dtype ``F.linear`` would use; the so
 Rounding follows the unfused computation: logits rounded to the activation dtype, then fp32; the logits'
 gradient rounded to the activation dtype before the products, with the reduction's scale applied before
 that rounding (the backward's incoming gradient, 1 for ``loss.backward()``, multiplies afterwards, in
-fp32). For fp16 the hidden gradient's product takes the logits' gradient at a power-of-two lift and is
-kept in fp32 (:func:`_kept_hidden_dtype`): unfused, a loss scaler keeps that gradient in fp16's range.
+fp32). For fp16 the products take the logits' gradient at a power-of-two lift (unfused, a loss scaler
+keeps that gradient in fp16's range): the hidden gradient is kept in fp32 (:func:`_kept_hidden_dtype`),
+and a trained weight's is summed in fp32 (the accumulator, whatever its size) and scaled back once.
 
 The kept rows are found with one ``nonzero`` (a host sync). Plain eager calls run it in a
 ``torch.autograd.Function`` that keeps only the kept rows' gradients; ``torch.compile``, modes and tensor
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import plain_eager, refuse_functorch_ad
+from .backend import plain_eager, refuse_functorch_ad, warn_once
 
 #: Rows per chunk are chosen so that one chunk's fp32 logits take at most this many bytes.
 CHUNK_BYTES = 128 * 2**20
@@ -116,13 +117,14 @@ def _loss_and_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targ
     sc64 = scale.to(device=hidden.device, dtype=torch.float64) if isinstance(scale, Tensor) else \
         torch.tensor(float(scale), device=hidden.device, dtype=torch.float64)
     sc = sc64.float()
-    if need_w and grad_w_mode == "auto":
-        grad_w_mode = "logits" if n * V * hv.element_size() <= V * H * 4 else "accumulate"
-    g_h = hv.new_empty(n, H, dtype=_kept_hidden_dtype(dtype)) if need_h else None
-    # fp16 (see _kept_hidden_dtype): 2**k near 1 / |scale|, and its inverse, both exact powers of two
-    lift = torch.exp2(-torch.round(torch.log2(sc.abs()))) if g_h is not None and g_h.dtype != dtype else None
+    # fp16 (see _kept_hidden_dtype): 2**k near 1 / |scale|, and its inverse, both exact powers of two; the
+    # weight's gradient then sums the lifted products in fp32 (accumulate mode) and is scaled back once
+    lift = torch.exp2(-torch.round(torch.log2(sc.abs()))) if dtype == torch.float16 and (need_h or need_w) else None
     if lift is not None:
         lift = torch.where(torch.isfinite(lift) & (lift > 0), lift, torch.ones_like(lift))
+    if need_w and (grad_w_mode == "auto" or lift is not None):
+        grad_w_mode = "logits" if lift is None and n * V * hv.element_size() <= V * H * 4 else "accumulate"
+    g_h = hv.new_empty(n, H, dtype=_kept_hidden_dtype(dtype)) if need_h else None
     g_logits = hv.new_empty(n, V) if need_w and grad_w_mode == "logits" else None
     g_w32 = torch.zeros(V, H, device=hidden.device, dtype=torch.float32) \
         if need_w and grad_w_mode == "accumulate" else None
@@ -146,11 +148,12 @@ def _loss_and_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targ
             g_b += g.sum(0)
         if lift is not None:  # the lifted gradient rounded straight into fp16 (no fp32 temporary)
             lifted = torch.mul(g, lift, out=hv.new_empty(e - s, V))
-            torch.mul(torch.mm(lifted, w).float(), 1.0 / lift, out=g_h[s:e])
-            del lifted
-            if g_logits is None and g_w32 is None:
-                del z, g
-                continue
+            if need_h:
+                torch.mul(torch.mm(lifted, w).float(), 1.0 / lift, out=g_h[s:e])
+            if g_w32 is not None:  # a sum over the chunk's rows: fp32 out (a lifted fp16 sum could overflow)
+                g_w32 += _mm_fp32(lifted.t(), hc)
+            del lifted, z, g
+            continue
         g = g.to(dtype)
         if need_h and lift is None:
             torch.mm(g, w, out=g_h[s:e])
@@ -159,7 +162,26 @@ def _loss_and_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targ
         elif g_w32 is not None:
             g_w32 += torch.mm(g.t(), hc).float()
         del z, g
+    if lift is not None and g_w32 is not None:
+        g_w32.mul_(1.0 / lift)
     return _Grads((total * sc64).float(), rows, g_h, g_logits, hv if g_logits is not None else None, g_w32, g_b)
+
+
+_MM_OUT_DTYPE = [True]  # whether torch.mm(..., out_dtype=) works here (CUDA); asked once
+
+
+def _mm_fp32(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` for fp16 ``a`` and ``b`` with fp32 accumulation and an fp32 result: cuBLAS's fp16 GEMM with an
+    fp32 output where PyTorch has it (``mm`` with ``out_dtype``, CUDA), else the product of fp32 copies."""
+    if a.is_cuda and _MM_OUT_DTYPE[0]:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError) as e:
+            _MM_OUT_DTYPE[0] = False
+            warn_once(f"mmfast linear_cross_entropy: torch.mm(..., out_dtype=float32) is not available here "
+                      f"({type(e).__name__}); fp16 LM-head weight gradients use an fp32 matmul (slower)",
+                      key="mm-out-dtype")
+    return torch.mm(a.float(), b.float())
 
 
 def _scaled(g: Tensor, go: Tensor, dtype: torch.dtype) -> Tensor:

@@ -169,8 +169,8 @@ def _valid_tokens(mask, batch: int, seq: int):
     if mask is None:
         return None
     if not torch.is_tensor(mask):  # e.g. flex attention's BlockMask: no per-token view of it
-        warn_once("mma-vision-mask", f"mmfast MMA: a vision layer got an attention mask of type {type(mask).__name__}; "
-                  f"its samples route from the mean of all their tokens, padding included")
+        warn_once(f"mmfast MMA: a vision layer got an attention mask of type {type(mask).__name__}; its samples "
+                  f"route from the mean of all their tokens, padding included", key="mma-vision-mask")
         return None
     if mask.dim() == 2 and tuple(mask.shape) == (batch, seq):
         return mask != 0
