@@ -90,11 +90,15 @@ def _argument(cls: type, args: tuple, kwargs: dict, name: str, default: Any = No
 def _loss_not_causal(model: nn.Module) -> Optional[str]:
     """Why the loss ``model``'s forward computes is not HF's causal-LM loss (what the fused loss computes), or
     None: a class of its own ``loss_function``, or a ``loss_type`` mapped to another loss."""
-    from transformers import PreTrainedModel
+    # (traced inside a compiled forward: torch 2.11's Dynamo refuses transformers' lazy top-level module as an
+    # import result and inspect.getattr_static's MRO helper, so the class comes from its own module and the
+    # attribute lookup is a plain walk of the MRO)
     from transformers.loss.loss_utils import ForCausalLMLoss
+    from transformers.modeling_utils import PreTrainedModel
 
     cls = type(model)
-    if inspect.getattr_static(cls, "loss_function", None) is not PreTrainedModel.__dict__.get("loss_function"):
+    own = next((c.__dict__["loss_function"] for c in cls.__mro__ if "loss_function" in c.__dict__), None)
+    if own is not PreTrainedModel.__dict__.get("loss_function"):
         return f"{cls.__name__} defines its own loss_function; the fused loss would bypass it"
     if _hf_loss(model) is not ForCausalLMLoss:
         return f"loss_type={getattr(model, 'loss_type', None)!r} is not the causal-LM loss the fused loss computes"
