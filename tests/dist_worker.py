@@ -31,7 +31,7 @@ def run(rank: int, world: int, port: int, mode: str, out_path: str, tuning: str 
     import mmfast
     from tiny_models import batch, build
 
-    deepspeed_mode = mode.startswith(("zero2", "zero3"))
+    deepspeed_mode = mode.startswith(("zero0", "zero2", "zero3"))
     if deepspeed_mode:  # DeepSpeed reads the launcher's variables and picks its CPU accelerator
         os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -42,7 +42,7 @@ def run(rank: int, world: int, port: int, mode: str, out_path: str, tuning: str 
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
     try:
-        config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2 if mode == "zero2" else 3},
+        config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": {"zero0": 0, "zero2": 2}.get(mode, 3)},
                   "optimizer": {"type": "SGD", "params": {"lr": 0.0}}, "zero_allow_untested_optimizer": True,
                   "bf16": {"enabled": dtype == "bfloat16"}}
         if mode == "zero3-init":  # built partitioned, as from_pretrained does under a ZeRO-3 config
@@ -148,17 +148,46 @@ def run(rank: int, world: int, port: int, mode: str, out_path: str, tuning: str 
             dist.barrier()
             moved = st.load_file(out_path + ".moved.safetensors")
             mmfast.load_trainable(model, out_path + ".moved.safetensors")
+            if mode == "zero0":  # DeepSpeed's 16-bit optimizer without ZeRO: no per-parameter masters to ask;
+                model.step()  # its masters come from the loaded module copies, so a step (lr 0) keeps them
+                assert all(torch.equal(p.detach(), moved[n].to(p.dtype)) for n, p in model.module.named_parameters()
+                           if p.requires_grad)
             for name, p in model.module.named_parameters():
-                if p.requires_grad:
+                if p.requires_grad and mode != "zero0":
                     master = safe_get_full_fp32_param(p)
                     assert torch.equal(master.cpu(), moved[name].float()), name
                     from deepspeed import zero
 
                     with zero.GatheredParameters([p]):
                         assert torch.equal(p.detach().cpu(), moved[name].to(p.dtype)), name
+            if mode.startswith("zero3"):  # a rank that cannot load says so before the others wait in a gather
+                try:
+                    mmfast.load_trainable(model, out_path + (".moved" if rank == 0 else ".absent") + ".safetensors")
+                except RuntimeError as e:
+                    assert rank == 0 and "another rank could not load" in str(e), (rank, e)
+                except Exception as e:  # noqa: BLE001 - the missing file's own error
+                    assert rank == 1 and "absent" in str(e), (rank, e)
+                else:
+                    raise AssertionError(f"rank {rank} loaded")
+                real_save = st.save_file  # and a rank 0 that cannot write says so to the others (not a hang)
+
+                def full_disk(*a, **k):
+                    raise OSError(28, "No space left on device")
+
+                st.save_file = full_disk
+                try:
+                    mmfast.save_trainable(model, out_path + ".full.safetensors")
+                except OSError:
+                    assert rank == 0
+                except RuntimeError as e:
+                    assert rank == 1 and "rank 0 could not write" in str(e), (rank, e)
+                else:
+                    raise AssertionError(f"rank {rank} saved")
+                finally:
+                    st.save_file = real_save
             # and saved again from the masters (a bf16 run's module copies are their rounding)
             mmfast.save_trainable(model, out_path + ".resaved.safetensors")
-            if rank == 0:
+            if rank == 0 and mode != "zero0":
                 resaved = st.load_file(out_path + ".resaved.safetensors")
                 assert resaved.keys() == moved.keys()
                 assert all(torch.equal(resaved[n], moved[n].float()) for n in moved), \

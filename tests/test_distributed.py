@@ -33,6 +33,7 @@ def _single_process_grads(model, inputs):
                                                ("ddp", "mma", "float32"), ("ddp-reentrant", "mma", "float32"),
                                                ("fsdp2", "mma", "float32"), ("fsdp2", "mma", "bfloat16"),
                                                ("fsdp2-ckpt", "mma", "bfloat16"), ("fsdp2", "mma-neck", "bfloat16"),
+                                               ("zero0", "layernorm-simp", "bfloat16"),
                                                ("zero2", "layernorm", "float32"), ("zero2", "mma", "bfloat16"),
                                                ("zero3", "layernorm", "float32"),
                                                ("zero3", "mma", "float32"), ("zero3-init", "mma-neck", "float32"),
@@ -43,7 +44,8 @@ def test_distributed_gradients_match_single_process(mode, tuning, dtype, tmp_pat
     every parameter it trains gets a gradient in every step (DDP stops at the second step otherwise); its
     float64 oracle runs the eager adapters. FSDP2 follows the README's recipe for trainable parameters of
     two dtypes (bf16: fp32 norms beside the bf16 projector, embeddings and LM head); ``fsdp2-ckpt`` adds
-    HF's activation checkpointing, which recomputes the blocks inside backward. DeepSpeed ZeRO-2 partitions
+    HF's activation checkpointing, which recomputes the blocks inside backward. DeepSpeed without ZeRO keeps
+    its fp32 masters in a 16-bit optimizer of its own (loaded through its refresh). ZeRO-2 partitions
     the gradients and optimizer state (a bf16 run casts the model, fp32 masters included). ZeRO-3 (its CPU
     accelerator) partitions every module's parameters and gathers them in hooks around each module's
     forward and backward: the fused loss and the modality pass must go through those; ``zero3-init`` builds
@@ -51,7 +53,7 @@ def test_distributed_gradients_match_single_process(mode, tuning, dtype, tmp_pat
     patching. Every rank checks that no backward reads a saved tensor whose storage FSDP2 has freed
     (``dist_worker._live``): ``mma`` once read the last layer's freed norm weight, which gave wrong
     gradients only in some runs."""
-    if mode.startswith(("zero2", "zero3")):
+    if mode.startswith(("zero0", "zero2", "zero3")):
         pytest.importorskip("deepspeed", reason="deepspeed is not installed (a dev extra; CI installs it)")
     import dist_worker
 
@@ -92,7 +94,7 @@ def test_distributed_gradients_match_single_process(mode, tuning, dtype, tmp_pat
     assert saved.keys() == single.keys()
     # (ZeRO-3 partitions keep the model's dtype: mmfast's fp32 master weights are DeepSpeed's optimizer's there;
     # a bf16 ZeRO-2 engine casts the model, and its optimizer's masters start from that rounding)
-    rounded = torch.bfloat16 if mode == "zero2" and dtype == "bfloat16" else None
+    rounded = torch.bfloat16 if mode in ("zero0", "zero2") and dtype == "bfloat16" else None
     assert all(torch.equal(saved[n].to(params[n].dtype), params[n].detach().to(rounded or params[n].dtype)
                            .to(params[n].dtype)) for n in saved)
     if tuning == "layernorm-simp":

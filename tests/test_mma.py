@@ -395,6 +395,11 @@ def test_vision_mask_forms_read_by_the_mean_route():
     assert torch.equal(_valid_tokens(causal, 2, 3), keep)
     with pytest.raises(RuntimeError, match="attention mask has shape"):
         _valid_tokens(torch.ones(2, 5), 2, 3)
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    lengths = torch.tensor([2, 1])  # flex attention (Idefics3 can run it): read through the BlockMask's mask_mod
+    block = create_block_mask(lambda b, h, q, kv: kv < lengths[b], 2, 1, 3, 3, device="cpu")
+    assert torch.equal(_valid_tokens(block, 2, 3), keep)
     with pytest.warns(RuntimeWarning, match="attention mask of type object; its samples route from the mean"):
         assert _valid_tokens(object(), 2, 3) is None
 

@@ -279,6 +279,31 @@ def test_a_recipe_on_a_peft_model_keeps_its_adapters_training(tuning):
     assert [n for n in trained if model.get_parameter(n).grad is None] == []
 
 
+def test_a_recipe_trains_the_norm_peft_runs():
+    """Where PEFT's forward runs a wrapper's ``original_module`` (the active adapter has no copy of this norm),
+    that is the norm the recipe trains (the whole wrapper trained, the unused copy never got a gradient); a
+    prompt-learning model's prompt encoder keeps training (it was frozen)."""
+    from peft import LoraConfig, PromptTuningConfig, get_peft_model
+
+    model = get_peft_model(build("llama", dtype=torch.bfloat16),
+                           LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["input_layernorm"]),
+                           adapter_name="a")
+    model.add_adapter("b", LoraConfig(r=4, target_modules=["v_proj"]))
+    model.set_adapter("b")
+    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    norms = [n for n in trained if "input_layernorm" in n]
+    assert norms and all("original_module" in n for n in norms)
+    assert all(model.get_parameter(n).dtype == torch.float32 for n in norms)
+    model.train()
+    model(**batch("llama", dtype=torch.bfloat16)).loss.backward()
+    assert [n for n in trained if model.get_parameter(n).grad is None] == []
+
+    prompt = get_peft_model(build("llama"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    mmfast.patch(prompt, tuning="layernorm-simp", verbose=False)
+    assert any("prompt_encoder" in n for n, p in prompt.named_parameters() if p.requires_grad)
+
+
 def test_bf16_norm_weights_would_not_move():
     """Without master weights, AdamW's 1e-4 updates to bf16 weights near 1.0 round away entirely."""
     model = build("llava", dtype=torch.bfloat16)

@@ -148,11 +148,12 @@ def _loss_and_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targ
             g_b += g.sum(0)
         if lift is not None:  # the lifted gradient rounded straight into fp16 (no fp32 temporary)
             lifted = torch.mul(g, lift, out=hv.new_empty(e - s, V))
+            del z, g
             if need_h:
                 torch.mul(torch.mm(lifted, w).float(), 1.0 / lift, out=g_h[s:e])
             if g_w32 is not None:  # a sum over the chunk's rows: fp32 out (a lifted fp16 sum could overflow)
                 g_w32 += _mm_fp32(lifted.t(), hc)
-            del lifted, z, g
+            del lifted
             continue
         g = g.to(dtype)
         if need_h and lift is None:
@@ -176,6 +177,8 @@ def _mm_fp32(a: Tensor, b: Tensor) -> Tensor:
     if a.is_cuda and _MM_OUT_DTYPE[0]:
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
+        except torch.OutOfMemoryError:  # says nothing about out_dtype; the fallback would need more
+            raise
         except (TypeError, RuntimeError, NotImplementedError) as e:
             _MM_OUT_DTYPE[0] = False
             warn_once(f"mmfast linear_cross_entropy: torch.mm(..., out_dtype=float32) is not available here "

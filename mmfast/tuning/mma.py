@@ -165,10 +165,18 @@ class _TokenMask:
 def _valid_tokens(mask, batch: int, seq: int):
     """Which of ``seq`` key tokens a layer's attention mask lets any query see, ``[batch, seq]`` bool, or None
     for all. HF hands encoder layers None (no padding), a 2D ``[B, S]`` keep mask (flash attention), or a 4D
-    ``[B, 1, Q, S]`` one, bool (True: attend) or additive float (0: attend, the dtype's minimum: not)."""
+    ``[B, 1, Q, S]`` one, bool (True: attend) or additive float (0: attend, the dtype's minimum: not), or
+    flex attention's BlockMask (read through its ``mask_mod``)."""
     if mask is None:
         return None
-    if not torch.is_tensor(mask):  # e.g. flex attention's BlockMask: no per-token view of it
+    if not torch.is_tensor(mask) and callable(getattr(mask, "mask_mod", None)):  # flex attention's BlockMask
+        try:
+            from torch.nn.attention.flex_attention import create_mask
+
+            mask = create_mask(mask.mask_mod, mask.shape[0], 1, seq, seq, device=mask.kv_num_blocks.device)
+        except Exception:  # noqa: BLE001 - a mask_mod that cannot be evaluated densely: said below
+            pass
+    if not torch.is_tensor(mask):
         warn_once(f"mmfast MMA: a vision layer got an attention mask of type {type(mask).__name__}; its samples "
                   f"route from the mean of all their tokens, padding included", key="mma-vision-mask")
         return None
@@ -194,9 +202,9 @@ def _vision_mean_hook(holder: _TokenMask, adapter: MMAdapter, module, args, outp
     acc = torch.promote_types(output.dtype, torch.float32)
     if valid is None:
         route = output.mean(dim=1, dtype=acc)
-    else:  # a sum over the kept tokens (a batched matmul, which accumulates in fp32), then the mean
-        kept = torch.bmm(valid.to(output.dtype).unsqueeze(1), output).squeeze(1)
-        route = kept.to(acc) / valid.sum(dim=1, keepdim=True).clamp_min(1).to(acc)
+    else:  # the sum over the kept tokens, taken in fp32 as the mean above, then the mean
+        kept = (output * valid.unsqueeze(-1).to(output.dtype)).sum(dim=1, dtype=acc)
+        route = kept / valid.sum(dim=1, keepdim=True).clamp_min(1).to(acc)
     return adapter(output, route)
 
 

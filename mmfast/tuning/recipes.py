@@ -88,21 +88,30 @@ def find_parts(model: nn.Module) -> ModelParts:
 
 def active_copy(module: nn.Module) -> nn.Module:
     """The module that runs in ``module``'s place: for PEFT's ``modules_to_save`` wrapper (``original_module``
-    beside trained copies) the active adapter's copy, which is what trains; else ``module`` itself."""
+    beside trained copies) the active adapter's copy, or ``original_module`` where PEFT's forward runs that
+    (adapters disabled, or none of this wrapper's active); else ``module`` itself."""
     copies, original = getattr(module, "modules_to_save", None), getattr(module, "original_module", None)
     if not (isinstance(copies, nn.ModuleDict) and isinstance(original, nn.Module)):
         return module
-    names = getattr(module, "active_adapters", None) or getattr(module, "active_adapter", None)
-    name = names[0] if isinstance(names, (list, tuple)) and names else names
-    return copies[name] if isinstance(name, str) and name in copies else module
+    names = getattr(module, "active_adapters", None)
+    if names is None:
+        names = getattr(module, "active_adapter", None)
+    names = [names] if isinstance(names, str) else list(names or ())
+    if getattr(module, "disable_adapters", False) or not names or names[0] not in copies:
+        return original
+    return copies[names[0]]
 
 
 def peft_trainables(model: nn.Module) -> list[nn.Parameter]:
     """The parameters PEFT added that train now: its tuner layers' adapter weights (LoRA's ``lora_A`` /
-    ``lora_B``, DoRA's magnitudes, ...) and the active copies of ``modules_to_save`` modules. A recipe
+    ``lora_B``, DoRA's magnitudes, IA3's vectors, ...), a prompt-learning model's prompt encoder and the
+    active copies of ``modules_to_save`` modules. A recipe
     freezes the model around its own parameters and keeps these training: the user added them."""
     kept = []
     for m in model.modules():
+        prompts = getattr(m, "prompt_encoder", None)  # prompt learning (prompt / prefix / p-tuning)
+        if isinstance(prompts, nn.ModuleDict) and hasattr(m, "peft_config"):
+            kept += [p for p in prompts.parameters() if p.requires_grad]
         names = getattr(type(m), "adapter_layer_names", None)
         if isinstance(names, tuple) and hasattr(m, "base_layer"):  # a PEFT tuner layer
             kept += [p for name in names if isinstance(getattr(m, name, None), nn.Module)

@@ -150,16 +150,43 @@ def save_trainable(model: nn.Module, path: str | os.PathLike) -> list[str]:
     if not tensors:
         raise ValueError("save_trainable: the model has no trainable parameters (apply a tuning recipe first)")
     distributed = dist.is_available() and dist.is_initialized()
+    error = None
     if not distributed or dist.get_rank() == 0:
-        meta = {"format": FORMAT, "mmfast": __version__, "model_class": type(unwrap(model)).__name__}
-        options = _mma_options(model)
-        if options is not None:  # what the adapters compute with besides their weights (temperature, scale)
-            meta[_MMA_KEY] = json.dumps(options, sort_keys=True)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        save_file(tensors, str(path), metadata=meta)
-    if distributed:
-        dist.barrier()
+        try:
+            meta = {"format": FORMAT, "mmfast": __version__, "model_class": type(unwrap(model)).__name__}
+            options = _mma_options(model)
+            if options is not None:  # what the adapters compute with besides their weights (temperature, scale)
+                meta[_MMA_KEY] = json.dumps(options, sort_keys=True, default=_json_number)
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            save_file(tensors, str(path), metadata=meta)
+        except Exception as e:  # noqa: BLE001 - the other ranks are told, then it is raised
+            error = e
+    if distributed and not _all_ranks_ok(error is None) and error is None:  # (also the wait for rank 0's write)
+        raise RuntimeError(f"save_trainable: rank 0 could not write {path} (its error says why)")
+    if error is not None:
+        raise error
     return sorted(tensors)
+
+
+def _json_number(value):
+    """A number type json does not know (a NumPy scalar in an option, say) as the Python number it holds."""
+    item = getattr(value, "item", None)
+    if callable(item):
+        return item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _all_ranks_ok(ok: bool) -> bool:
+    """Whether every rank says ``ok`` (a collective: every rank must ask). A rank that failed alone would
+    otherwise leave the others waiting in the next collective for good."""
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend())
+    device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend and torch.cuda.is_available() \
+        else torch.device("cpu")
+    flag = torch.tensor([1 if ok else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def load_trainable(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> list[str]:
@@ -177,6 +204,40 @@ def load_trainable(model: nn.Module, path: str | os.PathLike, *, strict: bool = 
     parameter is changed. ``strict=False`` also loads a file that lacks some trainables or holds frozen
     parameters (a trained state into a model for inference). Values are cast to each parameter's dtype.
     """
+    import torch.distributed as dist
+
+    inner = unwrap(model)
+    params = {clean_name(n): p for n, p in inner.named_parameters()}
+    # ZeRO-3 partitions are written through gathers, collectives every rank must reach: a rank whose file
+    # is missing or does not match says so to the others before any of them waits in one
+    collective = dist.is_available() and dist.is_initialized() and any(partitioned(p) for p in params.values())
+    error = None
+    try:
+        meta, saved = _checked_file(model, inner, params, path, strict)
+    except Exception as e:  # noqa: BLE001 - raised below, once the other ranks know
+        error = e
+    if collective and not _all_ranks_ok(error is None) and error is None:
+        raise RuntimeError(f"load_trainable: another rank could not load {path} (its error says why)")
+    if error is not None:
+        raise error
+    with torch.no_grad():
+        for name in sorted(saved):  # one order on every rank: the ZeRO-3 gathers are collectives
+            p, t = params[name], saved[name]
+            with gathered([p], modifier_rank=0):  # rank 0's values partitioned again on exit (ZeRO-3)
+                p.copy_(t.to(dtype=p.dtype))
+            if _deepspeed_master(p):
+                from deepspeed.utils import safe_set_full_fp32_param
+
+                safe_set_full_fp32_param(p, t.to(dtype=torch.float32))
+    refresh = getattr(getattr(model, "optimizer", None), "refresh_fp32_params", None)
+    if callable(refresh) and not any(_deepspeed_master(p) for p in params.values()):
+        refresh()  # DeepSpeed's fp16 optimizer without ZeRO: its fp32 masters are taken from the module again
+    return sorted(saved)
+
+
+def _checked_file(model: nn.Module, inner: nn.Module, params: dict, path, strict: bool) -> tuple[dict, dict]:
+    """``(metadata, tensors)`` of a save_trainable file that fits ``model``, or the ValueError listing what does
+    not."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -184,8 +245,6 @@ def load_trainable(model: nn.Module, path: str | os.PathLike, *, strict: bool = 
         if meta.get("format") != FORMAT:
             raise ValueError(f"load_trainable: {path} was not written by mmfast.save_trainable")
         saved = {k: f.get_tensor(k) for k in f.keys()}
-    inner = unwrap(model)
-    params = {clean_name(n): p for n, p in inner.named_parameters()}
     if _fsdp1_root(model) is not None:
         raise ValueError("load_trainable: the model is wrapped in FSDP (FullyShardedDataParallel), whose parameters are "
                          "each rank's flat shards; load before wrapping it")
@@ -218,13 +277,4 @@ def load_trainable(model: nn.Module, path: str | os.PathLike, *, strict: bool = 
             f"load_trainable: {path} (saved from {saved_from}) does not match {type(inner).__name__}:\n  "
             + "\n  ".join(problems)
         )
-    with torch.no_grad():
-        for name in sorted(saved):  # one order on every rank: the ZeRO-3 gathers are collectives
-            p, t = params[name], saved[name]
-            with gathered([p], modifier_rank=0):  # rank 0's values partitioned again on exit (ZeRO-3)
-                p.copy_(t.to(dtype=p.dtype))
-            if _deepspeed_master(p):
-                from deepspeed.utils import safe_set_full_fp32_param
-
-                safe_set_full_fp32_param(p, t.to(dtype=torch.float32))
-    return sorted(saved)
+    return meta, saved
