@@ -5,6 +5,7 @@ import importlib.util
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -557,7 +558,6 @@ def test_a_stop_while_writing_completes_the_outputs(tmp_path, capsys, monkeypatc
 
     def plots_then_stop(*a, **k):
         os.kill(os.getpid(), signal.SIGTERM)
-        os.kill(os.getpid(), signal.SIGINT)
         return real(*a, **k)
 
     monkeypatch.setattr(bench_main, "write_plots", plots_then_stop)
@@ -566,6 +566,13 @@ def test_a_stop_while_writing_completes_the_outputs(tmp_path, capsys, monkeypatc
     assert rc == 130
     assert {"results.json", "results.csv", "summary.md"} <= set(os.listdir(tmp_path))
     assert "SIGTERM while writing the outputs" in capsys.readouterr().err
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    # a second stop does not wait (writes that hang, say)
+    with pytest.raises(KeyboardInterrupt, match="SIGINT"):
+        with bench_main._signals_deferred() as deferred:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert deferred.signal == "SIGTERM"
+            os.kill(os.getpid(), signal.SIGINT)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
@@ -585,7 +592,32 @@ def test_outputs_that_cannot_be_written_go_to_a_temporary_directory(tmp_path, ca
     err = capsys.readouterr().err
     assert rc == 1 and "could not write to --out" in err
     moved = err.split("the results are in ")[1].split()[0]
-    assert json.loads(open(os.path.join(moved, "results.json")).read())["records"]
+    try:
+        assert json.loads(open(os.path.join(moved, "results.json")).read())["records"]
+        assert os.listdir(out) == []  # nothing half-written left there
+    finally:
+        shutil.rmtree(moved)
+
+
+def test_a_failed_write_with_overwrite_keeps_the_previous_run(tmp_path, capsys, monkeypatch):
+    """--overwrite with a write that fails midway (a full disk at results.csv) removed the previous run and
+    left a lone new results.json, which the next run took for a whole one. Outputs are written beside
+    --out and moved in once complete."""
+    (tmp_path / "results.json").write_text(json.dumps({"meta": {"device": "cpu", "commit": "old"}, "records": []}))
+    (tmp_path / "summary.md").write_text("old")
+    real = bench_main.write_csv
+
+    def full_disk(path, *a, **k):
+        if str(path).startswith(str(tmp_path)):
+            raise OSError(28, "No space left on device", path)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(bench_main, "write_csv", full_disk)
+    rc = main(["--quick", "--ops", "swiglu", "--providers", "hf-eager", "--out", str(tmp_path), "--overwrite"])
+    moved = capsys.readouterr().err.split("the results are in ")[1].split()[0]
+    shutil.rmtree(moved)
+    assert rc == 1 and sorted(os.listdir(tmp_path)) == ["results.json", "summary.md"]
+    assert json.loads((tmp_path / "results.json").read_text())["meta"]["commit"] == "old"
 
 
 def test_summary_cells_keep_their_table(tmp_path):

@@ -20,6 +20,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -246,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
             if bar is not None:
                 bar.close()
 
+    with _signals_deferred() as deferred:  # from here to the end: the outputs are written whole
+        return _finish(args, device, env, copy, records, not_run, interrupted, plan, deferred)
+
+
+def _finish(args, device, env, copy, records, not_run, interrupted, plan, deferred) -> int:
+    """Print the results and write the outputs (SIGINT / SIGTERM deferred by the caller)."""
     meta = {**env, "copy_gbps": copy, "gpu": device.type == "cuda", "quick": args.quick}
     if not_run:
         meta["not_run"] = not_run
@@ -266,19 +273,18 @@ def main(argv: list[str] | None = None) -> int:
 
         print("\ngoals (mmfast/bench/goals.py):")
         print("\n".join("  " + line for line in goal_lines(records)))
-    with _signals_deferred() as deferred:  # the outputs are written whole: a Ctrl-C now acts once they are
-        out, failed = args.out, None
-        try:
-            _write_outputs(out, meta, records, device, args.overwrite)
-        except OSError as e:  # the measurements are not lost with the directory
-            failed = e
-            out = tempfile.mkdtemp(prefix="mmfast-bench-")
-            _write_outputs(out, meta, records, device, False)
-        if failed is not None:
-            print(f"\n[mmfast.bench] could not write to --out {args.out} ({failed}); the results are in {out}",
-                  file=sys.stderr)
-        if args.backend_table and not interrupted and failed is None:
-            _write_backend_table(args.backend_table, device, env, records, out)
+    out, failed = args.out, None
+    try:
+        _write_outputs(out, meta, records, device, args.overwrite)
+    except OSError as e:  # the measurements are not lost with the directory
+        failed = e
+        out = tempfile.mkdtemp(prefix="mmfast-bench-")
+        _write_outputs(out, meta, records, device, False)
+    if failed is not None:
+        print(f"\n[mmfast.bench] could not write to --out {args.out} ({failed}); the results are in {out}",
+              file=sys.stderr)
+    if args.backend_table and not interrupted and failed is None:
+        _write_backend_table(args.backend_table, device, env, records, out)
     if deferred.signal is not None:
         print(f"[mmfast.bench] {deferred.signal} while writing the outputs: they were completed first", file=sys.stderr)
     if interrupted or deferred.signal is not None:
@@ -287,23 +293,31 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write_outputs(out: str, meta: dict, records: list[dict], device: torch.device, overwrite: bool) -> None:
-    """results.json, results.csv, the plots and summary.md into ``out``; with ``overwrite`` a previous
-    run's files go first, now that there is a run to replace them with (not before it was measured)."""
+    """results.json, results.csv, the plots and summary.md into ``out``: written whole into a directory
+    beside them first, then moved in. With ``overwrite`` a previous run's files go just before the move,
+    once there is a whole run to replace them with; a write that fails leaves ``out`` as it was."""
     os.makedirs(out, exist_ok=True)
-    if overwrite:
-        for name in _previous_files(out):
-            os.remove(os.path.join(out, name))
-    write_json(os.path.join(out, "results.json"), meta, records)
-    write_csv(os.path.join(out, "results.csv"), records,
-              note="" if device.type == "cuda" else "CPU timing, not GPU performance")
-    plots = write_plots(out, meta, records)
-    write_summary_md(os.path.join(out, "summary.md"), meta, records, plots)
+    stage = tempfile.mkdtemp(dir=out, prefix=".mmfast-bench-")
+    try:
+        write_json(os.path.join(stage, "results.json"), meta, records)
+        write_csv(os.path.join(stage, "results.csv"), records,
+                  note="" if device.type == "cuda" else "CPU timing, not GPU performance")
+        plots = write_plots(stage, meta, records)
+        write_summary_md(os.path.join(stage, "summary.md"), meta, records, plots)
+        if overwrite:
+            for name in _previous_files(out):
+                os.remove(os.path.join(out, name))
+        for name in os.listdir(stage):
+            os.replace(os.path.join(stage, name), os.path.join(out, name))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     print(f"\nwrote {out}/results.json, results.csv, summary.md" + (f" and {len(plots)} plots" if plots else ""))
 
 
 class _signals_deferred:
     """SIGINT and SIGTERM wait (the first one is kept in ``signal``) until the block ends: a stop while the
-    outputs are written would leave some of them out, and nothing in them would say so."""
+    outputs are written would leave some of them out, and nothing in them would say so. A second one
+    stops at once."""
 
     signal = None
 
@@ -311,8 +325,9 @@ class _signals_deferred:
         self.old = {}
         if threading.current_thread() is threading.main_thread():
             def keep(signum, frame):
-                if self.signal is None:
-                    self.signal = signal.Signals(signum).name
+                if self.signal is not None:  # a second one: the writes hang, say; stop now
+                    raise KeyboardInterrupt(signal.Signals(signum).name)
+                self.signal = signal.Signals(signum).name
 
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.old[sig] = signal.signal(sig, keep)
