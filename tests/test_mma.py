@@ -762,6 +762,38 @@ def test_load_trainable_refuses_adapters_of_other_options(tmp_path):
         assert torch.equal(model(**inputs).logits, same.eval()(**inputs).logits)
 
 
+def test_peft_prefix_tuning_routes_each_batch_by_its_own_images():
+    """PEFT's prefix tuning hands every forward a KV cache already holding its virtual tokens: each training
+    forward was taken for a decode step and kept the previous batch's image flags (a text-only sample routed
+    as image). A whole sequence over a cache this model did not fill routes by its own image tokens."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    def model():
+        peft = get_peft_model(build("llava"), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+        mmfast.patch(peft, tuning="mma", mma=mmfast.MMAOptions(dropout=0.0), verbose=False)
+        _perturb_adapters(peft)
+        return peft.eval()
+
+    first, second = batch("llava", seed=1, images=[True, True]), batch("llava", seed=2, images=[False, True])
+    used, fresh = model(), model()
+    with torch.no_grad():
+        used(**first)
+        after = used(**second).logits
+        alone = fresh(**second).logits
+    assert torch.equal(after, alone)
+
+
+def test_a_norm_copied_after_mma_says_how_to_order_peft():
+    """PEFT's modules_to_save copies a norm with its MMA hook, whose adapter copy is no part of the model; the
+    error says to wrap with PEFT first."""
+    from peft import LoraConfig, get_peft_model
+
+    model = _mma("llama")
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["input_layernorm"]))
+    with pytest.raises(RuntimeError, match="call get_peft_model first, then mmfast.patch"):
+        peft(**batch("llama"))
+
+
 def test_a_layernorm_recipe_over_mma_is_refused():
     model = _mma()
     with pytest.raises(ValueError, match="MMA adapters"):

@@ -379,6 +379,38 @@ def test_hf_trainer(checkpointing, tmp_path, monkeypatch):
         assert not torch.equal(p, before[n]), f"{n} did not move"
 
 
+def test_peft_trainer_resume_with_the_readme_callback(tmp_path):
+    """A PEFT model's Trainer checkpoints hold PEFT's adapters only: resumed, the recipe's parameters started
+    again from the base model. The README's callback saves them beside each checkpoint, and loading them
+    before the resume gives the uninterrupted run's parameters."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class SaveTrainable(TrainerCallback):  # the README's
+        def on_save(self, args, state, control, model=None, **kwargs):
+            mmfast.save_trainable(model, f"{args.output_dir}/checkpoint-{state.global_step}/mmfast.safetensors")
+
+    def run(out, steps, resume=None):
+        torch.manual_seed(0)
+        model = get_peft_model(build("llava"), LoraConfig(r=4, target_modules=r".*language_model.*\.q_proj"))
+        mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+        args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=2,
+                                 learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="steps",
+                                 save_steps=2, disable_tqdm=True, data_seed=0, seed=0, lr_scheduler_type="constant")
+        trainer = Trainer(model=model, args=args, train_dataset=_Dataset(), callbacks=[SaveTrainable()])
+        if resume:
+            mmfast.load_trainable(model, f"{resume}/mmfast.safetensors")
+        trainer.train(resume_from_checkpoint=resume)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    whole = run(tmp_path / "whole", 4)
+    run(tmp_path / "cut", 2)
+    resumed = run(tmp_path / "resumed", 4, resume=str(tmp_path / "cut" / "checkpoint-2"))
+    assert any("layernorm" in n for n in whole) and any("lora_" in n for n in whole)
+    for n in whole:
+        torch.testing.assert_close(resumed[n], whole[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_trl_sft_trainer(tmp_path, monkeypatch):
     """TRL's SFTTrainer trains a patched LLaMA. TRL (1.x) adds its own fused LM head around the model's
     forward and asks for it in training, so its loss, entropy and token accuracy come from there; the

@@ -217,7 +217,9 @@ def _llm_norm_hook(state: _State, layer: int, adapter: MMAdapter, module, args, 
         route = _route_for_input(state, layer, args[0], state.routes.get(layer)) if args else state.routes.get(layer)
         if route is None or route.shape[0] != output.shape[0]:
             raise RuntimeError("mmfast MMA: no modality route for this forward; call the model (or its language "
-                               "model) as a whole, not a decoder layer alone")
+                               "model) as a whole, not a decoder layer alone. (A norm copied after tuning='mma', "
+                               "as PEFT's modules_to_save copies it, carries a copy of the adapter that is no part "
+                               "of the model: call get_peft_model first, then mmfast.patch.)")
     return adapter(output, route)
 
 
@@ -238,6 +240,11 @@ def _top_pre_hook(state: _State, image_token_id: Optional[int], module, args, kw
     # the KV cache: ``cache`` from transformers 5.24 (``past_key_values`` before, still accepted)
     past = next((kwargs[k] for k in ("cache", "past_key_values") if kwargs.get(k) is not None), None)
     decoding = past is not None and getattr(past, "get_seq_length", lambda: 0)() > 0
+    if decoding and getattr(past, CACHE_FLAGS_ATTR, None) is None and ids is not None and image_token_id is not None \
+            and (ids.shape[-1] > 1 or kwargs.get("labels") is not None):
+        # a cache this model did not fill, under a whole sequence (PEFT's prefix tuning hands every forward a
+        # cache holding its virtual tokens): its own image tokens say which samples have images
+        decoding = False
     if flags is not None:
         flags = torch.as_tensor(flags, device=device).bool().reshape(-1)
         if flags.shape[0] != B:
@@ -258,7 +265,8 @@ def _top_pre_hook(state: _State, image_token_id: Optional[int], module, args, kw
     elif ids is not None and image_token_id is not None:
         flags = (ids == image_token_id).any(-1)
     elif kwargs.get("pixel_values") is not None:
-        raise ValueError(f"mmfast MMA: images given without input_ids; pass {HAS_IMAGE_KWARG} (a [batch] bool tensor)")
+        raise ValueError(f"mmfast MMA: images given without input_ids (PEFT's prompt learning, say, hands the model "
+                         f"inputs_embeds only); pass {HAS_IMAGE_KWARG} (a [batch] bool tensor)")
     else:
         flags = torch.zeros(B, dtype=torch.bool, device=device)
     state.has_image = flags
