@@ -381,6 +381,39 @@ def test_a_padded_siglip2_sample_routes_from_its_patches_alone(attn):
     torch.testing.assert_close(together[1, :6], alone[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_padded_siglip2_gradients_under_activation_checkpointing(reentrant):
+    """HF checkpoints a layer's forward, not its hooks: the recompute ran layer_norm1's hook without the
+    layer's pre-hook, found no mask and averaged the padding in (non-reentrant: a CheckpointError; reentrant:
+    gradients off by more than 100%). The recompute now finds its forward's mask by the layer's input."""
+    from transformers import Siglip2VisionConfig, Siglip2VisionModel
+
+    torch.manual_seed(0)
+    model = Siglip2VisionModel(Siglip2VisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+                                                   num_attention_heads=4, num_patches=16, patch_size=4))
+    mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(dropout=0.0), verbose=False)
+    _perturb_adapters(model)
+    model.train()
+    g = torch.Generator().manual_seed(3)
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 6:] = 0
+    # (reentrant checkpointing skips a layer whose inputs need no grad: the frozen tower's would not)
+    inputs = dict(pixel_values=torch.randn(2, 16, 48, generator=g).requires_grad_(), pixel_attention_mask=mask,
+                  spatial_shapes=torch.tensor([[4, 4], [2, 3]]))
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        model(**inputs).last_hidden_state.pow(2).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys() and any("mma_adapter.router" in n for n in plain)
+    for n in plain:
+        torch.testing.assert_close(checkpointed[n], plain[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
 def test_vision_mask_forms_read_by_the_mean_route():
     from mmfast.tuning.mma import _valid_tokens
 

@@ -150,16 +150,39 @@ def _vision_norm_hook(adapter: MMAdapter, module, args, output):
 
 
 class _TokenMask:
-    """The tokens of the layer's current call that are not padding (None: all of them), handed from the
-    layer's pre-hook to its ``layer_norm1`` hook."""
+    """The non-padding tokens (``[B, S]`` bool, None: all) of a vision layer's calls, handed from the layer's
+    pre-hook to its ``layer_norm1`` hook: by the layer's input, so that activation checkpointing's recompute
+    (HF's checkpoints the layer's forward, not its hooks: the pre-hook does not run again) finds its own
+    forward's, also after later forwards; ``latest`` where inputs cannot be told apart (compiling)."""
 
-    __slots__ = ("valid",)
+    __slots__ = ("seen", "latest")
 
     def __init__(self):
-        self.valid = None
+        self.seen, self.latest = {}, None
 
     def __reduce__(self):
-        return _TokenMask, ()  # a call's mask is not state: copies and pickles start empty
+        return _TokenMask, ()  # the calls' masks are not state: copies and pickles start empty
+
+    def put(self, x: Tensor, valid: Optional[Tensor]) -> None:
+        self.latest = valid
+        if torch.compiler.is_compiling():
+            return
+        for key in [k for k, (ref, _) in self.seen.items() if ref() is None]:
+            del self.seen[key]
+        try:
+            self.seen[_storage_key(x)] = (weakref.ref(x), valid)
+        except (RuntimeError, NotImplementedError):  # no storage to tell inputs by
+            pass
+
+    def get(self, x: Tensor) -> Optional[Tensor]:
+        if not torch.compiler.is_compiling():
+            try:
+                entry = self.seen.get(_storage_key(x))
+            except (RuntimeError, NotImplementedError):
+                entry = None
+            if entry is not None and entry[0]() is not None:
+                return entry[1]
+        return self.latest
 
 
 def _valid_tokens(mask, batch: int, seq: int):
@@ -190,15 +213,20 @@ def _valid_tokens(mask, batch: int, seq: int):
 
 
 def _vision_mask_hook(holder: _TokenMask, module, args, kwargs):
-    """Encoder layer pre-hook: keep the call's attention mask for the mean route of its ``layer_norm1``."""
-    holder.valid = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    """Encoder layer pre-hook: keep which tokens the call's attention mask leaves in, for the mean route of
+    its ``layer_norm1`` (which reads the same input)."""
+    x = args[0] if args else kwargs.get("hidden_states")
+    if torch.is_tensor(x) and x.dim() == 3:
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        holder.put(x, _valid_tokens(mask, x.shape[0], x.shape[1]))
 
 
 def _vision_mean_hook(holder: _TokenMask, adapter: MMAdapter, module, args, output):
     """layer_norm1 output -> adapter, each sample routed by the mean of its own tokens (padding left out):
     for towers without a CLS token (SigLIP), where position 0 is one corner patch of the image."""
-    valid = _valid_tokens(holder.valid, output.shape[0], output.shape[1])
-    holder.valid = None  # not kept alive past the call
+    valid = holder.get(args[0]) if args else holder.latest
+    if valid is not None and tuple(valid.shape) != tuple(output.shape[:2]):
+        valid = None  # (another call's: not this input's shape)
     acc = torch.promote_types(output.dtype, torch.float32)
     if valid is None:
         route = output.mean(dim=1, dtype=acc)
