@@ -302,6 +302,21 @@ def test_text_and_image_samples_route_differently():
     assert torch.equal(seen[-1][0], main[1]) and torch.equal(seen[-1][2], main[2])  # the explicit flags win
 
 
+def test_a_video_sample_routes_as_one_with_an_image():
+    """A sample whose visual input is a video (LLaVA-OneVision's video tokens) has visual input as one with an
+    image; it was routed as text only."""
+    from mmfast.tuning.mma import _STATE
+
+    model = build("llava")
+    model.config.video_token_id = 5
+    mmfast.patch(model, tuning="mma", verbose=False)
+    inputs = batch("llava", B=3, images=[False, False, False])
+    inputs["input_ids"][0, 2:4] = 5
+    with torch.no_grad():
+        model(**inputs)
+    assert model.__dict__[_STATE].has_image.tolist() == [True, False, False]
+
+
 def test_llm_sample_independent_of_batch():
     """Routing is per sample: a text-only sample's logits do not depend on the other samples."""
     model = _mma()

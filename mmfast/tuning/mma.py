@@ -13,8 +13,8 @@
   decoder layer as a one-token sequence (adapters included), and layer l's router reads that token's
   normed state at layer l. The main sequence keeps plain causal attention, with no extra token.
 * Which samples have images: ``mma_has_image`` (a [B] bool tensor) passed to the model's forward, or
-  else the image tokens in ``input_ids`` (``config.image_token_id``); neither means text only. Decode
-  steps of generation keep the prefill's flags.
+  else the image or video tokens in ``input_ids`` (``config.image_token_id`` / ``video_token_id``); neither
+  means text only. Decode steps of generation keep the prefill's flags.
 
 Every added parameter has ``mma`` in its name; adapters are fp32. Routes are computed once per forward
 and read by the layers. When activation checkpointing recomputes a layer during backward, the layer
@@ -256,8 +256,18 @@ def _llm_norm_hook(state: _State, layer: int, adapter: MMAdapter, module, args, 
 _IMAGE_INPUTS = ("mm_encoder_outputs", "image_embeds", "image_features")
 
 
-def _top_pre_hook(state: _State, image_token_id: Optional[int], module, args, kwargs):
-    """Decide which samples have images, from ``mma_has_image`` or the image tokens in ``input_ids``."""
+def _has_visual_tokens(ids: Tensor, token_ids) -> Tensor:
+    """[B] bool: which rows of ``ids`` hold any of ``token_ids`` (an id, or a tuple: image and video)."""
+    found = None
+    for tid in token_ids if isinstance(token_ids, tuple) else (token_ids,):
+        hit = (ids == tid).any(-1)
+        found = hit if found is None else found | hit
+    return found
+
+
+def _top_pre_hook(state: _State, image_token_id, module, args, kwargs):
+    """Decide which samples have images, from ``mma_has_image`` or the image (and video) tokens in
+    ``input_ids``; ``image_token_id`` is the model's image token id or a tuple of its image and video ones."""
     flags = kwargs.pop(HAS_IMAGE_KWARG, None)
     ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
     embeds = kwargs.get("inputs_embeds")
@@ -284,14 +294,14 @@ def _top_pre_hook(state: _State, image_token_id: Optional[int], module, args, kw
         if images and ids is not None and image_token_id is not None:
             # a chunk after a cached prefix may bring a sample's image: route it (and what follows) as one
             # (only a chunk with images: a decode step that samples the image token id merges no image)
-            new = (ids == image_token_id).any(-1) & ~flags
+            new = _has_visual_tokens(ids, image_token_id) & ~flags
             if not torch.compiler.is_compiling() and bool(new.any()):
                 warn_once("mmfast MMA: image tokens arrived after a cached text prefix; the new tokens route "
                           "as image samples, but the cached prefix keeps the text routing it was computed "
                           "with (a single pass over the whole sequence would route all of it as image)")
             flags = flags | new
     elif ids is not None and image_token_id is not None:
-        flags = (ids == image_token_id).any(-1)
+        flags = _has_visual_tokens(ids, image_token_id)
     elif kwargs.get("pixel_values") is not None:
         raise ValueError(f"mmfast MMA: images given without input_ids (PEFT's prompt learning, say, hands the model "
                          f"inputs_embeds only); pass {HAS_IMAGE_KWARG} (a [batch] bool tensor)")
@@ -633,6 +643,15 @@ def _llm_width(parts) -> int:
     return full_shape(parts.decoder.layers[0].input_layernorm.weight)[0]
 
 
+def _config_id(config, kind: str) -> Optional[int]:
+    """``config.<kind>_token_id`` (or the older ``<kind>_token_index``)."""
+    for name in (f"{kind}_token_id", f"{kind}_token_index"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
 def _has_lm_head(hf: nn.Module) -> bool:
     get = getattr(hf, "get_output_embeddings", None)
     try:
@@ -678,10 +697,9 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
         parts.decoder.add_module(EMBEDDING_NAME, nn.Embedding(2, dim, device=p.device, dtype=torch.float32)
                                  .train(parts.decoder.training))
         parts.decoder.register_forward_pre_hook(functools.partial(_llm_pre_hook, state), with_kwargs=True)
-        image_token_id = getattr(hf.config, "image_token_id", None)
-        if image_token_id is None:
-            image_token_id = getattr(hf.config, "image_token_index", None)
-        hf.register_forward_pre_hook(functools.partial(_top_pre_hook, state, image_token_id), with_kwargs=True)
+        # a sample with a video (LLaVA-OneVision / -NeXT-Video, Qwen-VL) has visual input as one with an image
+        token_ids = tuple(t for t in (_config_id(hf.config, "image"), _config_id(hf.config, "video")) if t is not None)
+        hf.register_forward_pre_hook(functools.partial(_top_pre_hook, state, token_ids or None), with_kwargs=True)
         # shown in the signature of a patched forward (the fused loss's), so that HF Trainer keeps the column
         hf.__dict__[EXTRA_KWARGS_ATTR] = (HAS_IMAGE_KWARG,)
         if neck is not None:  # built when the options were checked
