@@ -317,6 +317,27 @@ def test_a_video_sample_routes_as_one_with_an_image():
     assert model.__dict__[_STATE].has_image.tolist() == [True, False, False]
 
 
+def test_compiled_with_flex_attention_routes_from_the_modality_token():
+    """Compiled with flex attention, the modality pass's graph break lost the reset of the recording flag:
+    the main pass's adapters routed from their own first token (logits off by 1e-2) and the flag stayed
+    set. That pass runs uncompiled there; compiled and eager logits agree (forward only: flex attention
+    has no backward on CPU)."""
+    from mmfast.tuning.mma import _state
+
+    model = build("llava")
+    model.set_attn_implementation("flex_attention")
+    mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(dropout=0.0), verbose=False)
+    _perturb_adapters(model)
+    model.eval()
+    inputs = batch("llava", images=[True, False])
+    with torch.no_grad():
+        eager = model(**inputs).logits
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="eager")(**inputs).logits
+    assert not _state(model).recording
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
 def test_llm_sample_independent_of_batch():
     """Routing is per sample: a text-only sample's logits do not depend on the other samples."""
     model = _mma()

@@ -417,6 +417,22 @@ def _position_embeddings(module: nn.Module, h: Tensor, position_ids: Tensor) -> 
     return [rotary(h, position_ids=position_ids)] * len(module.layers)
 
 
+def _modality_pass(state: _State, module: nn.Module, h: Tensor, position_ids: Tensor, pos_embs) -> None:
+    """The modality token through every decoder layer, each layer's norm hook recording its route."""
+    state.recording = True
+    try:
+        for layer, pos_emb in zip(module.layers, pos_embs):
+            # no cache argument: its default is None under both of its names (``past_key_values`` before
+            # transformers 5.24, ``cache`` after), and naming the old one warns from 5.24 on
+            h = _without_checkpointing(layer, h, attention_mask=None, position_ids=position_ids,
+                                       use_cache=False, position_embeddings=pos_emb)
+    finally:
+        state.recording = False
+
+
+_modality_pass_uncompiled = torch.compiler.disable(_modality_pass)
+
+
 def _llm_pre_hook(state: _State, module, args, kwargs):
     """Run the modality token through every decoder layer (one-token sequence) and record routes."""
     ref = kwargs.get("inputs_embeds")
@@ -433,15 +449,11 @@ def _llm_pre_hook(state: _State, module, args, kwargs):
     pos_embs = _position_embeddings(module, h, position_ids)
     state.prune()
     state.routes = {}
-    state.recording = True
-    try:
-        for layer, pos_emb in zip(module.layers, pos_embs):
-            # no cache argument: its default is None under both of its names (``past_key_values`` before
-            # transformers 5.24, ``cache`` after), and naming the old one warns from 5.24 on
-            h = _without_checkpointing(layer, h, attention_mask=None, position_ids=position_ids,
-                                       use_cache=False, position_embeddings=pos_emb)
-    finally:
-        state.recording = False
+    flex = getattr(getattr(module, "config", None), "_attn_implementation", None) == "flex_attention"
+    # compiled with flex attention, the pass's graph break (HF's flex mask) lost the reset of the recording
+    # flag, and the main pass's adapters routed from their own tokens: that pass runs uncompiled there
+    run = _modality_pass_uncompiled if flex and torch.compiler.is_compiling() else _modality_pass
+    run(state, module, h, position_ids, pos_embs)
     routes = [state.routes[i] for i in sorted(state.routes)]
     given = kwargs.get("inputs_embeds")
     if given is not None and state.live_input(0, given):
