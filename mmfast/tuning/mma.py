@@ -417,8 +417,9 @@ def _position_embeddings(module: nn.Module, h: Tensor, position_ids: Tensor) -> 
     return [rotary(h, position_ids=position_ids)] * len(module.layers)
 
 
-def _modality_pass(state: _State, module: nn.Module, h: Tensor, position_ids: Tensor, pos_embs) -> None:
-    """The modality token through every decoder layer, each layer's norm hook recording its route."""
+def _modality_pass(state: _State, module: nn.Module, h: Tensor, position_ids: Tensor, pos_embs) -> Tensor:
+    """The modality token through every decoder layer, each layer's norm hook recording its route; returns
+    the last layer's output (the route bridge holds it: FSDP's backward hooks for the pass sit on it)."""
     state.recording = True
     try:
         for layer, pos_emb in zip(module.layers, pos_embs):
@@ -428,6 +429,7 @@ def _modality_pass(state: _State, module: nn.Module, h: Tensor, position_ids: Te
                                        use_cache=False, position_embeddings=pos_emb)
     finally:
         state.recording = False
+    return h
 
 
 _modality_pass_uncompiled = torch.compiler.disable(_modality_pass)
@@ -453,7 +455,7 @@ def _llm_pre_hook(state: _State, module, args, kwargs):
     # compiled with flex attention, the pass's graph break (HF's flex mask) lost the reset of the recording
     # flag, and the main pass's adapters routed from their own tokens: that pass runs uncompiled there
     run = _modality_pass_uncompiled if flex and torch.compiler.is_compiling() else _modality_pass
-    run(state, module, h, position_ids, pos_embs)
+    h = run(state, module, h, position_ids, pos_embs)
     routes = [state.routes[i] for i in sorted(state.routes)]
     given = kwargs.get("inputs_embeds")
     if given is not None and state.live_input(0, given):
