@@ -66,6 +66,47 @@ class MMAOptions:
     neck_dim: int = 128
 
 
+_MISSING = object()
+
+
+class _ByInput:
+    """Values recorded against live input tensors and found again by the input's storage: activation
+    checkpointing recomputes a layer on the very input object (non-reentrant) or a detached alias of its
+    storage (reentrant). An entry goes with its input; nothing is recorded while compiling (no storage to
+    tell inputs by there) or for a tensor without storage."""
+
+    __slots__ = ("entries",)
+
+    def __init__(self):
+        self.entries = {}  # storage key -> (weak reference to the input, value)
+
+    def __reduce__(self):
+        return _ByInput, ()  # weak references do not pickle, and what they map is one forward's
+
+    def put(self, x: Tensor, value) -> None:
+        if torch.compiler.is_compiling():
+            return
+        self.prune()
+        try:
+            self.entries[_storage_key(x)] = (weakref.ref(x), value)
+        except (RuntimeError, NotImplementedError):
+            pass
+
+    def get(self, x: Tensor, default=None):
+        if torch.compiler.is_compiling():
+            return default
+        try:
+            entry = self.entries.get(_storage_key(x))
+        except (RuntimeError, NotImplementedError):
+            return default
+        return entry[1] if entry is not None and entry[0]() is not None else default
+
+    def prune(self) -> None:
+        """Forget the inputs that are gone (their forward's graph was freed)."""
+        for key in [k for k, (ref, _) in self.entries.items() if ref() is None]:
+            del self.entries[key]
+
+
 @dataclasses.dataclass
 class _State:
     """Per-forward routing of one model: flags per sample and the LLM routes per layer (the latest
@@ -74,10 +115,10 @@ class _State:
     has_image: Optional[Tensor] = None
     routes: dict = dataclasses.field(default_factory=dict)
     recording: bool = False  # True while the modality token runs through the layers
-    #: layer -> {storage key of the layer's input: (weak reference to that input, route)}
+    #: layer -> the routes each live input of the layer was given
     seen: dict = dataclasses.field(default_factory=dict)
 
-    def __getstate__(self):  # weak references do not pickle; what they map is one forward's
+    def __getstate__(self):  # what ``seen`` maps is one forward's
         return {**self.__dict__, "seen": {}}
 
     def __setstate__(self, state: dict) -> None:  # a state pickled by an earlier version may lack fields
@@ -88,19 +129,13 @@ class _State:
 
     def live_input(self, layer: int, x: Tensor) -> bool:
         """Whether ``x``'s storage is that of a live input recorded at ``layer``."""
-        if torch.compiler.is_compiling():
-            return False
-        try:
-            entry = self.seen.get(layer, {}).get(_storage_key(x))
-        except (RuntimeError, NotImplementedError):
-            return False
-        return entry is not None and entry[0]() is not None
+        table = self.seen.get(layer)
+        return table is not None and table.get(x, _MISSING) is not _MISSING
 
     def prune(self) -> None:
         """Forget the inputs that are gone (their forward's graph was freed)."""
-        for layer, entries in self.seen.items():
-            for key in [k for k, (ref, _) in entries.items() if ref() is None]:
-                del entries[key]
+        for table in self.seen.values():
+            table.prune()
 
 
 def _storage_key(x: Tensor) -> tuple:
@@ -115,20 +150,13 @@ def _route_for_input(state: _State, layer: int, x: Tensor, latest: Optional[Tens
     recomputing the layer, possibly after later forwards replaced ``latest``: it takes the recorded route.
     (Non-reentrant checkpointing recomputes on the very input object, reentrant on a detached alias of its
     storage; a forward given an input object it was given before is a new forward all the same.)"""
-    if torch.compiler.is_compiling():
-        return latest
-    try:
-        key = _storage_key(x)
-    except (RuntimeError, NotImplementedError):  # no storage to tell inputs by (a functorch or fake tensor)
-        return latest
-    entries = state.seen.setdefault(layer, {})
-    entry = entries.get(key)
-    if entry is not None and torch._C._current_graph_task_id() != -1:
-        ref, route = entry
-        if ref() is not None:
-            return route
+    table = state.seen.setdefault(layer, _ByInput())
+    if torch._C._current_graph_task_id() != -1:
+        recorded = table.get(x)
+        if recorded is not None:
+            return recorded
     if latest is not None:
-        entries[key] = (weakref.ref(x), latest)
+        table.put(x, latest)
     return latest
 
 
@@ -155,34 +183,20 @@ class _TokenMask:
     (HF's checkpoints the layer's forward, not its hooks: the pre-hook does not run again) finds its own
     forward's, also after later forwards; ``latest`` where inputs cannot be told apart (compiling)."""
 
-    __slots__ = ("seen", "latest")
+    __slots__ = ("by_input", "latest")
 
     def __init__(self):
-        self.seen, self.latest = {}, None
+        self.by_input, self.latest = _ByInput(), None
 
     def __reduce__(self):
         return _TokenMask, ()  # the calls' masks are not state: copies and pickles start empty
 
     def put(self, x: Tensor, valid: Optional[Tensor]) -> None:
         self.latest = valid
-        if torch.compiler.is_compiling():
-            return
-        for key in [k for k, (ref, _) in self.seen.items() if ref() is None]:
-            del self.seen[key]
-        try:
-            self.seen[_storage_key(x)] = (weakref.ref(x), valid)
-        except (RuntimeError, NotImplementedError):  # no storage to tell inputs by
-            pass
+        self.by_input.put(x, valid)
 
     def get(self, x: Tensor) -> Optional[Tensor]:
-        if not torch.compiler.is_compiling():
-            try:
-                entry = self.seen.get(_storage_key(x))
-            except (RuntimeError, NotImplementedError):
-                entry = None
-            if entry is not None and entry[0]() is not None:
-                return entry[1]
-        return self.latest
+        return self.by_input.get(x, self.latest)
 
 
 def _valid_tokens(mask, batch: int, seq: int):

@@ -249,8 +249,9 @@ def _checked_file(model: nn.Module, inner: nn.Module, params: dict, path, strict
         raise ValueError("load_trainable: the model is wrapped in FSDP (FullyShardedDataParallel), whose parameters are "
                          "each rank's flat shards; load before wrapping it")
     problems = []
-    if _MMA_KEY in meta and _mma_options(model) is not None:  # the same weights give other outputs under others
-        were, now = json.loads(meta[_MMA_KEY]), _mma_options(model)
+    now = _mma_options(model)
+    if _MMA_KEY in meta and now is not None:  # the same weights give other outputs under other options
+        were = json.loads(meta[_MMA_KEY])
         problems += [f"MMAOptions.{k}: saved with {were[k]!r}, the model's adapters have {now.get(k)!r}"
                      for k in sorted(were) if k != "dropout" and were[k] != now.get(k)]  # dropout: training's
     for name, t in saved.items():
