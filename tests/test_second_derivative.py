@@ -42,8 +42,28 @@ def test_second_derivative_raises(name, path, device, monkeypatch):
     out = OPS[name](lin(x))
     (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)  # first derivative: fine
     assert torch.isfinite(g).all()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="second derivative through a fused op"):
         g.square().sum().backward()  # through the op's backward
+
+
+@pytest.mark.parametrize("path", ["eager", "ops"])
+@pytest.mark.parametrize("name", sorted(OPS) + ["linear_cross_entropy"])
+def test_second_derivative_with_a_constant_output_gradient_raises(name, path, device, monkeypatch):
+    """A loss linear in the op's output (no parameter after it): the incoming gradient is a constant, the
+    inputs saved for the op's backward still require grad. PyTorch's once_differentiable marks nothing
+    then, and the penalty's terms through the op's backward were dropped silently (rms_norm's input
+    gradient off by 1e2 against the same math in PyTorch; the loss on both paths)."""
+    if path == "ops":
+        monkeypatch.setenv("MMFAST_EAGER", "ops")
+    fn = _loss if name == "linear_cross_entropy" else OPS[name]
+    lin = torch.nn.Linear(N, N, device=device)
+    x = torch.randn(2, 3, N, device=device)
+    h = lin(x)
+    out = fn(h)
+    main = (out * torch.randn(out.shape, device=device)).sum()
+    (g,) = torch.autograd.grad(main, h, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivative through a fused op"):
+        (main + g.square().sum()).backward()
 
 
 @pytest.mark.parametrize("path", ["eager", "ops"])

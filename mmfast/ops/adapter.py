@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backend import KernelKey, as_rows, plain_eager, refuse_functorch_ad, resolve_backend
+from .backend import KernelKey, as_rows, once_differentiable, plain_eager, refuse_functorch_ad, resolve_backend
 from .checks import check_activation, check_device, check_like, check_tensor
 
 # ---------------------------------------------------------------------------------------------
@@ -300,6 +300,7 @@ def _grads(ctx, dy, bwd):
     return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None, None, None, None)
 
 
+@once_differentiable  # a second derivative raises with the reason (not "no autograd formula")
 def _backward(ctx, dy, _dz):
     return _grads(ctx, dy, torch.ops.mmfast.mma_adapter_bwd)
 
@@ -318,7 +319,7 @@ class _MMAdapterFn(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # a second derivative raises, as the custom op's
+    @once_differentiable  # a second derivative raises, as the custom op's
     def backward(ctx, dy):
         return _grads(ctx, dy, _bwd)
 

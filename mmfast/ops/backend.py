@@ -271,6 +271,36 @@ def plain_eager(*tensors: Optional[Tensor]) -> bool:
     return all(t is None or type(t) is Tensor or type(t) is torch.nn.Parameter for t in tensors)
 
 
+def once_differentiable(backward):
+    """Mark an op's backward as not differentiable itself: a second derivative through it (a gradient
+    penalty: ``grad(..., create_graph=True)`` then ``backward``) raises instead of coming out wrong.
+
+    PyTorch's ``torch.autograd.function.once_differentiable`` marks the gradients only when an incoming
+    gradient requires grad. A loss linear in the op's output (``(y * c).sum()``) gives a constant ``dy``;
+    the inputs saved for the backward still require grad, so the terms through them are dropped without
+    a word. Here every gradient computed with ``create_graph=True`` carries the error. Compiled code is
+    left alone: AOTAutograd refuses a double backward by itself, and traces this backward with grad on."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            out = backward(ctx, *grads)
+        if (not torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()):
+            return out
+        outs = out if isinstance(out, tuple) else (out,)
+        err = torch._C._functions.DelayedError(
+            b"mmfast: a second derivative through a fused op's backward is not supported (the kernels' "
+            b"backward is not differentiable). Run the model under mmfast.disabled() for a gradient penalty",
+            len(outs))
+        marked = err(*[g.detach().requires_grad_() if isinstance(g, Tensor) and g.is_floating_point() else g
+                       for g in outs])
+        marked = marked if isinstance(marked, tuple) else (marked,)
+        return marked if isinstance(out, tuple) else marked[0]
+
+    return wrapper
+
+
 def records_grad(*tensors: Optional[Tensor]) -> bool:
     """Whether autograd might record a call with these tensors (grad mode on and one of them requires
     grad, or a forward-mode AD level is open, where the op's missing jvp must raise, not vanish). When it

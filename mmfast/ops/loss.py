@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import plain_eager, refuse_functorch_ad, warn_once
+from .backend import once_differentiable, plain_eager, refuse_functorch_ad, warn_once
 
 #: Rows per chunk are chosen so that one chunk's fp32 logits take at most this many bytes.
 CHUNK_BYTES = 128 * 2**20
@@ -225,7 +225,7 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
         return r.loss
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, grad_out):
         rows, g_h, g_logits, hv, g_w32, g_b = ctx.saved_tensors
         go = grad_out.float()
@@ -298,7 +298,7 @@ def _op_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])  # what the backward needs, not results to differentiate
 
 
-@torch.autograd.function.once_differentiable  # a second derivative raises, as the eager path's
+@once_differentiable  # a second derivative raises, as the eager path's
 def _op_backward(ctx, grad_loss, *_):
     go = grad_loss.float()
     grads = [_scaled(g, go, dt) if need else None

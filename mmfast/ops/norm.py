@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backend import KernelKey, as_rows, plain_eager, records_grad, refuse_functorch_ad, resolve_backend
+from .backend import KernelKey, as_rows, once_differentiable, plain_eager, records_grad, refuse_functorch_ad, resolve_backend
 from .checks import check_activation, check_device, check_like, check_tensor
 
 #: Widest normalised dimension supported.
@@ -293,6 +293,7 @@ def _rms_grads(ctx, dy, dh, bwd):
     return (dx if need_x else None, dw if need_dw else None, dx if need_res else None, None)
 
 
+@once_differentiable  # a second derivative raises with the reason (not "no autograd formula")
 def _rms_backward(ctx, dy, dh, _drstd):
     return _rms_grads(ctx, dy, dh, torch.ops.mmfast.rms_norm_bwd)
 
@@ -364,6 +365,7 @@ def _ln_grads(ctx, dy, dh, bwd):
     return (dx if need_x else None, dw if need_dw else None, db if need_db else None, dx if need_res else None, None)
 
 
+@once_differentiable  # a second derivative raises with the reason (not "no autograd formula")
 def _ln_backward(ctx, dy, dh, _dmean, _drstd):
     return _ln_grads(ctx, dy, dh, torch.ops.mmfast.layer_norm_bwd)
 
@@ -385,7 +387,7 @@ class _RMSNormFn(torch.autograd.Function):
         return y, h
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # a second derivative raises, as the custom op's
+    @once_differentiable  # a second derivative raises, as the custom op's
     def backward(ctx, dy, dh):
         def bwd(dy, h, weight, rstd, dres, need_dx, need_dw):
             return _bwd_eager(dy, h, weight, None, rstd, dres, True, need_dx, need_dw, False, None)[:2]
@@ -403,7 +405,7 @@ class _LayerNormFn(torch.autograd.Function):
         return y, h
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # a second derivative raises, as the custom op's
+    @once_differentiable  # a second derivative raises, as the custom op's
     def backward(ctx, dy, dh):
         def bwd(dy, h, weight, bias, mean, rstd, dres, need_dx, need_dw, need_db):
             return _bwd_eager(dy, h, weight, mean, rstd, dres, False, need_dx, need_dw, need_db,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import KernelKey, as_rows, plain_eager, records_grad, refuse_functorch_ad, resolve_backend
+from .backend import KernelKey, as_rows, once_differentiable, plain_eager, records_grad, refuse_functorch_ad, resolve_backend
 from .checks import check_activation, check_like
 
 ALPHA = 1.702
@@ -99,6 +99,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(inputs[0])
 
 
+@once_differentiable  # a second derivative raises with the reason (not "no autograd formula")
 def _backward(ctx, dy):
     return torch.ops.mmfast.quick_gelu_bwd(dy, ctx.saved_tensors[0])
 
@@ -115,7 +116,7 @@ class _QuickGELUFn(torch.autograd.Function):
         return _fwd(x)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # a second derivative raises, as the custom op's
+    @once_differentiable  # a second derivative raises, as the custom op's
     def backward(ctx, dy):
         return _bwd(dy, ctx.saved_tensors[0])
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import KernelKey, as_rows, plain_eager, records_grad, refuse_functorch_ad, resolve_backend
+from .backend import KernelKey, as_rows, once_differentiable, plain_eager, records_grad, refuse_functorch_ad, resolve_backend
 from .checks import check_activation, check_like
 
 # ---------------------------------------------------------------------------------------------
@@ -126,6 +126,7 @@ def _grads(ctx, dh, bwd):
     return (dg if need[0] else None, du if need[1] else None)
 
 
+@once_differentiable  # a second derivative raises with the reason (not "no autograd formula")
 def _backward(ctx, dh):
     return _grads(ctx, dh, torch.ops.mmfast.swiglu_bwd)
 
@@ -142,7 +143,7 @@ class _SwiGLUFn(torch.autograd.Function):
         return _fwd(gate, up)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # a second derivative raises, as the custom op's
+    @once_differentiable  # a second derivative raises, as the custom op's
     def backward(ctx, dh):
         return _grads(ctx, dh, _bwd)
 
