@@ -74,3 +74,21 @@ def sm_count(device: torch.device) -> int:
         return INTERPRETER_SM_COUNT
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _cuda_sm_count(index)
+
+
+def on_tensor_device(launcher):
+    """Run a Triton launcher on the device of its first tensor argument. Triton launches on the current
+    device and its stream; a model split over GPUs (``device_map="auto"``) calls layers on ``cuda:1``
+    while ``cuda:0`` is current, where the kernel would run on the wrong device's stream (unordered with
+    the work that made its inputs) or fail to reach the pointers. The CUDA C++ ops guard the same way."""
+
+    @functools.wraps(launcher)
+    def run(*args, **kwargs):
+        t = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if t is not None and t.is_cuda and t.device.index != torch.cuda.current_device():
+            with torch.cuda.device(t.device.index):
+                return launcher(*args, **kwargs)
+        return launcher(*args, **kwargs)
+
+    run.on_tensor_device = True
+    return run

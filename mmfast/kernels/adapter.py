@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from ._common import round_to, sum_partials
-from ._device import cdiv, interpreting, next_pow2, sm_count
+from ._device import cdiv, interpreting, next_pow2, on_tensor_device, sm_count
 
 # ---------------------------------------------------------------------------------------------
 # launch configuration
@@ -335,6 +335,7 @@ def _keep_mask_kernel(SEED, OUT, M, p_drop, R: tl.constexpr, RP: tl.constexpr, B
 # ---------------------------------------------------------------------------------------------
 
 
+@on_tensor_device
 def keep_mask(seed: torch.Tensor, M: int, R: int, p_drop: float) -> torch.Tensor:
     """Boolean [M, R]: which hidden activations the adapter kernels keep for ``seed``."""
     out = torch.empty((M, R), dtype=torch.int8, device=seed.device)
@@ -387,6 +388,7 @@ def pack_w(x2, up_w, up_b, groups) -> PackedW:
     return pw._replace(wp=wp)
 
 
+@on_tensor_device
 def adapter_fwd(x2, S, down_w, down_b, up_w, up_b, mix, scale, groups, p_drop, seed):
     """Forward over rows x2 [M, D] (unit column stride), M = B * S. Returns (y [M, D], z [M, R] fp32)."""
     M, D, R, E, RG, DG = _dims(x2, down_w, up_w, groups)
@@ -407,6 +409,7 @@ def adapter_fwd(x2, S, down_w, down_b, up_w, up_b, mix, scale, groups, p_drop, s
     return y, z
 
 
+@on_tensor_device
 def adapter_bwd(dy2, x2, z, S, down_w, up_w, up_b, mix, scale, groups, p_drop, seed, need_dx, need_dw, need_dmix):
     """Backward of :func:`adapter_fwd`. Returns (dx, d_down_w, d_down_b, d_up_w, d_up_b, d_mix), None where
     not requested. d_mix is per sample [B, E] (fp32)."""

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ._common import round_to as _round
 from ._common import sum_partials as _sum_partials
-from ._device import cdiv, interpreting, next_pow2, sm_count
+from ._device import cdiv, interpreting, next_pow2, on_tensor_device, sm_count
 
 # ---------------------------------------------------------------------------------------------
 # launch configuration (the one place for block sizes, warps and grid sizes)
@@ -428,6 +428,7 @@ def _row_stride(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.stride(0)
 
 
+@on_tensor_device
 def norm_fwd(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -466,6 +467,7 @@ def norm_fwd(
     return y, res_out, mean, rstd
 
 
+@on_tensor_device
 def norm_bwd(
     dy: torch.Tensor,
     x: torch.Tensor,

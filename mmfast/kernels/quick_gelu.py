@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ._common import round_to as _round
+from ._device import on_tensor_device
 from .swiglu import _sigmoid, run_rows
 
 #: The constant of CLIP's QuickGELU.
@@ -48,11 +49,13 @@ def _quick_gelu_bwd_kernel(DY, X, DX, n, stride_dy, stride_x, stride_dx, ALPHA_:
     tl.store(DX + row * stride_dx + cols, _round(dx, DX.dtype.element_ty, SOFT_RNE), mask=mask)
 
 
+@on_tensor_device
 def quick_gelu_fwd(x: torch.Tensor) -> torch.Tensor:
     """``x * sigmoid(1.702 x)`` of an ``[M, n]`` row view (last dimension contiguous), as a new contiguous tensor."""
     return run_rows(_quick_gelu_fwd_kernel, (x,), (x.dtype,), ALPHA_=ALPHA)[0]
 
 
+@on_tensor_device
 def quick_gelu_bwd(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``dx`` as a new contiguous ``[M, n]`` tensor in x's dtype."""
     return run_rows(_quick_gelu_bwd_kernel, (dy, x), (x.dtype,), ALPHA_=ALPHA)[0]

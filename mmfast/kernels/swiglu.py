@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._common import round_to as _round
-from ._device import cdiv, interpreting, next_pow2
+from ._device import cdiv, interpreting, next_pow2, on_tensor_device
 
 #: Largest column block one program covers.
 MAX_BLOCK = 2048
@@ -98,11 +98,13 @@ def run_rows(kernel, inputs: tuple[torch.Tensor, ...], out_dtypes: tuple[torch.d
     return outs
 
 
+@on_tensor_device
 def swiglu_fwd(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """``silu(g) * u`` of two ``[M, n]`` row views (last dimension contiguous), as a new contiguous tensor."""
     return run_rows(_swiglu_fwd_kernel, (g, u), (g.dtype,))[0]
 
 
+@on_tensor_device
 def swiglu_bwd(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dg, du)`` as new contiguous ``[M, n]`` tensors in g's and u's dtypes."""
     dg, du = run_rows(_swiglu_bwd_kernel, (dh, g, u), (g.dtype, u.dtype))
