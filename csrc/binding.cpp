@@ -65,7 +65,7 @@ void check_rows(const Tensor& t, const Tensor& x, const char* what) {
 
 void check_vector(const Tensor& t, const Tensor& x, const char* what) {
   TORCH_CHECK(t.device() == x.device(), "mmfast_cuda: ", what, " must be on x's device");
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1) && t.stride(0) == 1, "mmfast_cuda: ", what,
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1) && (t.stride(0) == 1 || t.size(0) == 1), "mmfast_cuda: ", what,
               " must be a contiguous vector of length N");
   TORCH_CHECK(t.scalar_type() == x.scalar_type() || t.scalar_type() == at::kFloat, "mmfast_cuda: ", what,
               " must be in x's dtype or float32");

@@ -316,6 +316,25 @@ def test_binding_takes_broadcast_rows(ops):
 
 
 @needs_emulator
+def test_a_one_element_weight_with_any_stride(ops):
+    """N = 1: a weight or bias view of one element may have any stride (PyTorch calls it contiguous, so
+    ``.contiguous()`` keeps it); the binding refused it, where the Triton backend took it."""
+    x, dy = t(M, 1), t(M, 1)
+    w, b = t(3)[::3], t(5)[2::4]
+    assert w.stride() == (3,) and b.stride() == (4,)
+    for rms in (True, False):
+        got = cuda_ext.norm_fwd(x, w, None if rms else b, None, 1e-5, rms)
+        want = cuda_ext.norm_fwd(x, w.clone(), None if rms else b.clone(), None, 1e-5, rms)
+        for a, e in zip(got, want):
+            assert (a is None and e is None) or torch.equal(a, e)
+        mean, rstd = got[2], got[3]
+        grads = cuda_ext.norm_bwd(dy, x, w, mean, rstd, None, rms, True, True, not rms)
+        want = cuda_ext.norm_bwd(dy, x, w.clone(), mean, rstd, None, rms, True, True, not rms)
+        for a, e in zip(grads, want):
+            assert (a is None and e is None) or torch.equal(a, e)
+
+
+@needs_emulator
 @pytest.mark.parametrize("p", [0.0, 0.25])
 @pytest.mark.parametrize("act", [torch.bfloat16, torch.float32])
 def test_adapter_binding_equals_the_drivers(ops, p, act):
