@@ -2,6 +2,7 @@
 
 import copy
 import functools
+import inspect
 import types
 
 import pytest
@@ -366,6 +367,85 @@ def test_accelerate_hook_kept():
     assert Count.n == before + 1
     mmfast.unpatch(norm)
     assert norm.__dict__["_old_forward"].__func__ is type(norm).forward
+
+
+def test_unpatch_keeps_an_accelerate_hook_added_after_patching(monkeypatch):
+    """patch, then ``cpu_offload`` (an AlignDevicesHook per module, weights on meta, loaded at forward),
+    then unpatch: unpatch took the hook's forward for the patched one and dropped it, and the model
+    failed on meta weights. The hooks stay now, around the original forwards."""
+    from accelerate import cpu_offload
+
+    model = build("llama")
+    inputs = {k: v for k, v in batch("llama").items() if k != "labels"}
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    mmfast.patch(model, verbose=False)
+    with torch.no_grad():
+        patched = model(**inputs).logits
+    cpu_offload(model, execution_device="cpu")
+    norm = model.model.layers[0].input_layernorm
+    assert norm.weight.device.type == "meta"
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, patched)
+    mmfast.unpatch(model)
+    assert "_hf_hook" in norm.__dict__ and not isinstance(norm.__dict__["_old_forward"], core._PatchedForward)
+    assert not isinstance(norm.forward.__wrapped__, core._PatchedForward)
+    calls = count_calls(monkeypatch, nn_norm, "rms_norm")
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref)
+    assert not calls, "a fused norm ran after unpatch"
+
+
+def test_unpatch_after_the_hook_it_was_put_behind_was_removed():
+    """A hook, patch (behind it), the hook removed (PEFT's from_pretrained on offloaded models), unpatch:
+    the module was left with the patched forward and no record (KeyError on every call)."""
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    norm = _llama_norm()
+    x = torch.randn(2, 16)
+    ref = norm(x)
+    add_hook_to_module(norm, ModelHook())
+    mmfast.patch(nn.Sequential(norm), verbose=False)
+    remove_hook_from_module(norm)
+    torch.testing.assert_close(norm(x), ref)
+    mmfast.unpatch(norm)
+    assert "forward" not in norm.__dict__ and "_old_forward" not in norm.__dict__
+    torch.testing.assert_close(norm(x), ref)
+    add_hook_to_module(norm, ModelHook())  # and a hook again: around the class's forward
+    mmfast.patch(nn.Sequential(norm), verbose=False)
+    assert core.is_patched(norm)
+
+
+def test_unpatch_keeps_accelerate_prepares_autocast():
+    """patch, ``Accelerator(mixed_precision="bf16").prepare``, unpatch: prepare wraps the model's (patched)
+    forward in autocast; unpatch removed that wrapper with the patched forward, and the model ran in fp32
+    without a word. The wrapper stays, and the forward it holds runs the original."""
+    from accelerate import Accelerator
+
+    model = build("llama")
+    inputs = {k: v for k, v in batch("llama").items() if k != "labels"}
+    mmfast.patch(model, verbose=False)
+    model = Accelerator(cpu=True, mixed_precision="bf16").prepare(model)
+    seen = []
+    model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, a, o: seen.append(o.dtype))
+    mmfast.unpatch(model)
+    assert not core.is_patched(model)
+    with torch.no_grad():
+        model(**inputs)
+    assert seen == [torch.bfloat16]
+
+
+def test_a_patched_forward_held_elsewhere_runs_the_original_after_unpatch(monkeypatch):
+    norm = _llama_norm()
+    x = torch.randn(2, 16)
+    ref = norm(x)
+    mmfast.patch(nn.Sequential(norm), verbose=False)
+    held = norm.forward
+    mmfast.unpatch(norm)
+    calls = count_calls(monkeypatch, nn_norm, "rms_norm")
+    torch.testing.assert_close(held(x), ref)
+    assert not calls
+    assert list(inspect.signature(held).parameters) == list(inspect.signature(norm.forward).parameters)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import inspect
 import re
+import types
 from collections import Counter
 from typing import Any, Optional
 
@@ -54,6 +55,8 @@ class _Patch:
     #: under an Accelerate hook: its forward's ``__wrapped__`` before patching (what signature lookups
     #: follow; pointed at the patched forward while patched), or _ABSENT
     saved_wrapped: object = _ABSENT
+    #: the installed forward (a :class:`_PatchedForward`), disarmed by unpatching wherever it is held then
+    forward: object = None
 
 
 def _original_call(module: nn.Module, rec: _Patch):
@@ -76,7 +79,8 @@ class _PatchedForward(functools.partial):
     def __signature__(self) -> inspect.Signature:
         module = self.args[0]
         rec = module.__dict__.get(_ATTR)
-        sig = inspect.signature(_original_call(module, rec) if rec is not None else type(module).forward)
+        sig = inspect.signature(_original_call(module, rec) if rec is not None else
+                                functools.partial(type(module).forward, module))
         extra = [n for n in module.__dict__.get(EXTRA_KWARGS_ATTR, ()) if n not in sig.parameters]
         if not extra:
             return sig
@@ -135,21 +139,15 @@ def show_extra_kwargs(module: nn.Module) -> bool:
 
 
 def hide_extra_kwargs(model: nn.Module) -> int:
-    """Remove the pass-through forwards :func:`show_extra_kwargs` installed, where each is still the
-    module's forward (one that something wrapped since, Accelerate's ``prepare`` say, stays: removing it
-    would drop the wrapper)."""
+    """Remove the pass-through forwards :func:`show_extra_kwargs` installed (one that something wrapped
+    since, Accelerate's ``prepare`` say, is disarmed inside the wrapper: see :func:`_uninstall`)."""
     n = 0
     for m in model.modules():
         rec = m.__dict__.get(_ATTR)
-        if rec is not None and rec.family == SIGNATURE and _is_our_forward(m, rec):
+        if rec is not None and rec.family == SIGNATURE:
             _uninstall(m)
             n += 1
     return n
-
-
-def _is_our_forward(module: nn.Module, rec) -> bool:
-    fwd = module.__dict__.get(rec.slot)
-    return isinstance(fwd, _PatchedForward) and fwd.func is _signature_forward and fwd.args[:1] == (module,)
 
 
 def _patched_extra_repr(module: nn.Module) -> str:
@@ -251,7 +249,7 @@ def _install(module: nn.Module, fam, forward=patched_forward) -> None:
     rec = _Patch(fam, slot, d.get(slot, _ABSENT) if slot == "_old_forward" else _ABSENT,
                  d.get("extra_repr", _ABSENT))
     d[_ATTR] = rec
-    patched = _PatchedForward(forward, module)
+    patched = rec.forward = _PatchedForward(forward, module)
     setattr(module, slot, patched)
     hooked = d.get("forward") if slot == "_old_forward" else None
     if hooked is not None and "__wrapped__" in getattr(hooked, "__dict__", {}):
@@ -273,19 +271,45 @@ def _refuse_replication(module: nn.Module):
         "mmfast.unpatch(model) first.")
 
 
+def _unpatched_call(original, module: nn.Module, *args, **kwargs):
+    """A disarmed patched forward: the original forward (``module`` stays the partial's first argument,
+    as the signature lookup wants it)."""
+    return original(*args, **kwargs)
+
+
 def _uninstall(module: nn.Module) -> None:
+    """Put back what :func:`_install` changed. What wrapped the module's forward since (an Accelerate hook
+    added or removed, ``Accelerator.prepare``'s autocast wrapper) stays, around the original forward: the
+    patched forward is taken out where it is found, and wherever it is still held (inside a wrapper) it
+    runs the original forward from now on."""
     d = module.__dict__
     d.pop(_REPLICATE, None)
     rec: _Patch = d.pop(_ATTR)
-    hooked = d.get("forward") if rec.slot == "_old_forward" else None
-    if rec.saved_wrapped is not _ABSENT and hooked is not None and isinstance(getattr(hooked, "__wrapped__", None),
-                                                                            _PatchedForward):
-        hooked.__wrapped__ = rec.saved_wrapped
-    for name, saved in ((rec.slot, rec.saved_slot), ("extra_repr", rec.saved_extra_repr)):
-        if saved is _ABSENT:
-            d.pop(name, None)
+    original = _original_call(module, rec)
+    if isinstance(rec.forward, _PatchedForward):  # disarmed in place: partial's state, as pickle sets it
+        rec.forward.__setstate__((functools.partial(_unpatched_call, original), (module,), {},
+                                  rec.forward.__dict__))
+    own = rec.saved_slot is _ABSENT or getattr(rec.saved_slot, "__func__", None) is type(module).forward
+    if d.get(rec.slot) is rec.forward:  # where it was put
+        if rec.saved_slot is _ABSENT:
+            d.pop(rec.slot, None)
         else:
-            d[name] = saved
+            d[rec.slot] = rec.saved_slot
+    elif d.get("forward") is rec.forward:  # the Accelerate hook it was put behind was removed since
+        if own:
+            d.pop("forward")
+        else:
+            d["forward"] = rec.saved_slot
+    elif d.get("_old_forward") is rec.forward:  # behind an Accelerate hook added since
+        d["_old_forward"] = rec.saved_slot if rec.saved_slot is not _ABSENT else \
+            types.MethodType(type(module).forward, module)
+    hooked = d.get("forward") if "_old_forward" in d else None
+    if hooked is not None and getattr(hooked, "__wrapped__", None) is rec.forward:
+        hooked.__wrapped__ = rec.saved_wrapped if rec.saved_wrapped is not _ABSENT else d["_old_forward"]
+    if rec.saved_extra_repr is _ABSENT:
+        d.pop("extra_repr", None)
+    else:
+        d["extra_repr"] = rec.saved_extra_repr
 
 
 @dataclasses.dataclass
