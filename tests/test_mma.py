@@ -742,6 +742,13 @@ def test_interleaved_generations_keep_their_own_routing(compiled):
     assert state.has_image.tolist() == [True, False]
 
 
+def _top_with_image_token(token_id):
+    """A stand-in for the model the top hook sits on: its config's image token id."""
+    import types
+
+    return types.SimpleNamespace(config=types.SimpleNamespace(image_token_id=token_id))
+
+
 def test_a_cache_this_model_did_not_fill_warns():
     """A non-empty cache without this model's flags (filled elsewhere) continues with the latest forward's
     routing, and says so once."""
@@ -754,7 +761,7 @@ def test_a_cache_this_model_did_not_fill_warns():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("mmfast.ops.backend._warned", set())
         with pytest.warns(RuntimeWarning, match="did not fill"):
-            mma._top_pre_hook(state, 7, None, (), {"input_ids": torch.tensor([[1], [2]]), "cache": cache})
+            mma._top_pre_hook(state, _top_with_image_token(7), (), {"input_ids": torch.tensor([[1], [2]]), "cache": cache})
     assert state.has_image.tolist() == [True, False]
 
 
@@ -982,12 +989,12 @@ def test_images_encoded_ahead_after_a_cached_prefix_route_as_image(monkeypatch, 
     setattr(cache, mma.CACHE_FLAGS_ATTR, torch.tensor([False, False]))
     ids = torch.tensor([[1, image, image], [1, 2, 3]])
     with pytest.warns(RuntimeWarning, match="cached text prefix"):
-        mma._top_pre_hook(state, image, None, (), {"input_ids": ids, "cache": cache, key: object()})
+        mma._top_pre_hook(state, _top_with_image_token(image), (), {"input_ids": ids, "cache": cache, key: object()})
     assert state.has_image.tolist() == [True, False]
     assert getattr(cache, mma.CACHE_FLAGS_ATTR).tolist() == [True, False]  # and from then on
     for empty in (None, {}):  # without images (generate passes {}): a sampled image-token id merges nothing
         setattr(cache, mma.CACHE_FLAGS_ATTR, torch.tensor([False, False]))
-        mma._top_pre_hook(state, image, None, (), {"input_ids": ids, "cache": cache, key: empty})
+        mma._top_pre_hook(state, _top_with_image_token(image), (), {"input_ids": ids, "cache": cache, key: empty})
         assert state.has_image.tolist() == [False, False]
 
 
@@ -1092,3 +1099,77 @@ def test_has_image_is_named_behind_an_accelerate_hook():
     assert out.loss is not None
     mmfast.unpatch(model)
     assert inspect.signature(model.forward) == before
+
+
+def test_the_image_token_id_is_read_at_every_call():
+    """An image token added after patching (``resize_token_embeddings``, then ``config.image_token_id``):
+    LLaVA merges the images at the new id, and MMA, which had kept the id of patch time, routed every
+    sample as text."""
+    from tiny_models import IMAGE_TOKEN, VOCAB
+
+    model = _mma()
+    _perturb_adapters(model)
+    inputs = batch("llava", images=[True, False])
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    model.resize_token_embeddings(VOCAB + 8)
+    with torch.no_grad():  # the old id's embedding row, at the new id
+        emb = model.get_input_embeddings().weight
+        emb[VOCAB + 3] = emb[IMAGE_TOKEN]
+    model.config.image_token_id = VOCAB + 3
+    moved = dict(inputs, input_ids=torch.where(inputs["input_ids"] == IMAGE_TOKEN, VOCAB + 3, inputs["input_ids"]))
+    with torch.no_grad():
+        logits = model(**moved).logits
+    assert model.__dict__["_mmfast_mma_state"].has_image.tolist() == [True, False]
+    assert torch.equal(logits[..., :VOCAB], ref[..., :VOCAB])
+
+
+def _trained_mma_llama():
+    model = build("llama").eval()
+    mmfast.patch(model, tuning="mma", verbose=False)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "mma" in n:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_mma_patched_after_accelerate_offloading():
+    """cpu_offload, then tuning="mma": the adapters and the modality embedding were made on the meta device
+    (where the offloaded weights wait between forwards), never initialised, and the forward failed. They
+    are made on the hooks' execution device now, resident there."""
+    from accelerate import cpu_offload
+
+    trained = _trained_mma_llama()
+    inputs = {k: v for k, v in batch("llama").items() if k != "labels"}
+    with torch.no_grad():
+        ref = trained(**inputs).logits
+    model = build("llama").eval()
+    cpu_offload(model, execution_device="cpu")
+    mmfast.patch(model, tuning="mma", verbose=False)
+    added = {n: p for n, p in model.named_parameters() if "mma" in n}
+    assert added and all(p.device.type == "cpu" for p in added.values())
+    assert model.model.layers[0].input_layernorm.weight.is_meta  # the offloaded weights stay offloaded
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if "mma" in n:
+                added[n].copy_(p)
+        assert torch.equal(model(**inputs).logits, ref)
+
+
+def test_an_mma_model_offloaded_after_patching():
+    """A trained MMA model offloaded for inference: the adapter reads its down-projection's weights
+    without calling it, so the offload hook on it never loaded them (the op got meta weights)."""
+    from accelerate import cpu_offload
+
+    model = _trained_mma_llama()
+    inputs = {k: v for k, v in batch("llama").items() if k != "labels"}
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    cpu_offload(model, execution_device="cpu")
+    down = model.model.layers[0].mma_adapter.down
+    assert down.weight.is_meta
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref)
+    assert down.weight.is_meta  # and offloaded again after the call

@@ -71,6 +71,19 @@ class MMAdapter(nn.Module):
                              f"got {getattr(route, 'shape', type(route))}")
         if self.impl not in IMPLS:
             raise ValueError(f"MMAdapter: impl must be one of {IMPLS}, got {self.impl!r}")
+        # an Accelerate offload hook on ``down`` (``cpu_offload``, a ``device_map`` with "cpu" or "disk"
+        # entries) keeps its weights on the meta device between its own calls; they are read here without
+        # calling it, so its hook loads them around the adapter's call
+        hook = getattr(self.down, "_hf_hook", None) if self.down.weight.is_meta else None
+        if hook is None:
+            return self._forward(x, route)
+        hook.pre_forward(self.down)
+        try:
+            return self._forward(x, route)
+        finally:
+            hook.post_forward(self.down, None)
+
+    def _forward(self, x: Tensor, route: Tensor) -> Tensor:
         p = self.dropout if self.training else 0.0
         if self.impl == "eager" or is_disabled():
             keep = None

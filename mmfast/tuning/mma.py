@@ -279,9 +279,18 @@ def _has_visual_tokens(ids: Tensor, token_ids) -> Tensor:
     return found
 
 
-def _top_pre_hook(state: _State, image_token_id, module, args, kwargs):
+def _visual_token_ids(config) -> Optional[tuple[int, ...]]:
+    """The model's image and video token ids (a sample with a video has visual input as one with an image:
+    LLaVA-OneVision / -NeXT-Video, Qwen-VL), or None."""
+    ids = tuple(t for t in (_config_id(config, "image"), _config_id(config, "video")) if t is not None)
+    return ids or None
+
+
+def _top_pre_hook(state: _State, module, args, kwargs):
     """Decide which samples have images, from ``mma_has_image`` or the image (and video) tokens in
-    ``input_ids``; ``image_token_id`` is the model's image token id or a tuple of its image and video ones."""
+    ``input_ids``. The token ids are read from the config on every call, as the model reads them: a token
+    added after patching (``resize_token_embeddings``, then ``config.image_token_id``) counts."""
+    image_token_id = _visual_token_ids(module.config)
     flags = kwargs.pop(HAS_IMAGE_KWARG, None)
     ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
     embeds = kwargs.get("inputs_embeds")
@@ -589,7 +598,7 @@ def _neck_for(hf: nn.Module, projector: nn.Module, out_dim: int, opts: MMAOption
         raise ValueError(f"MMAOptions(neck=True): cannot tell the width of the vision features {type(projector).__name__} "
                          f"reads (no vision_config.hidden_size, no Linear layer)")
     p = next(projector.parameters(), None)
-    device = p.device if p is not None else None
+    device = _home_device(projector) if p is not None else None
     probe = torch.zeros(1, 4, in_dim, device=device, dtype=p.dtype if p is not None else torch.float32)
     try:
         with gathered(projector.parameters()), torch.no_grad():
@@ -604,12 +613,41 @@ def _neck_for(hf: nn.Module, projector: nn.Module, out_dim: int, opts: MMAOption
     return VisualNeck(projector, in_dim, out_dim, opts.neck_dim, device=device)
 
 
+def _execution_device(module: nn.Module):
+    """The device an Accelerate hook on ``module`` (``cpu_offload``, ``dispatch_model``, ``from_pretrained``
+    with a ``device_map``) runs it on, or None."""
+    hooks = [module.__dict__.get("_hf_hook")]
+    while hooks:
+        hook = hooks.pop()
+        if hook is None:
+            continue
+        if getattr(hook, "execution_device", None) is not None:
+            dev = hook.execution_device
+            return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+        hooks.extend(getattr(hook, "hooks", ()))  # a SequentialHook
+    return None
+
+
+def _home_device(module: nn.Module) -> torch.device:
+    """Where new parameters for ``module`` go: its parameters' device; for weights Accelerate offloads (on
+    the meta device between forwards, loaded by its hooks), the device its hooks run it on, where the
+    (small) adapters then stay. A model built on the meta device without hooks gets meta parameters,
+    for its ``to_empty`` and initialisation."""
+    p = next(module.parameters())
+    if p.is_meta:
+        for m in module.modules():
+            dev = _execution_device(m)
+            if dev is not None:
+                return dev
+    return p.device
+
+
 def _adapter_like(module: nn.Module, dim: int, opts: MMAOptions) -> MMAdapter:
     """An adapter for ``module``, on its device and in its mode: a model in eval mode (as
     ``from_pretrained`` returns it) gets adapters without dropout until it is put in training mode."""
-    p = next(module.parameters())
     adapter = MMAdapter(dim, hidden_dim=opts.hidden_dim, groups=opts.groups, experts=opts.experts, scale=opts.scale,
-                        temperature=opts.temperature, dropout=opts.dropout, device=p.device, dtype=torch.float32)
+                        temperature=opts.temperature, dropout=opts.dropout, device=_home_device(module),
+                        dtype=torch.float32)
     return adapter.train(module.training)
 
 
@@ -721,13 +759,11 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
             adapter = _adapter_like(layer, dim, opts)
             layer.add_module(ADAPTER_NAME, adapter)
             layer.input_layernorm.register_forward_hook(functools.partial(_llm_norm_hook, state, i, adapter))
-        p = next(parts.decoder.parameters())
-        parts.decoder.add_module(EMBEDDING_NAME, nn.Embedding(2, dim, device=p.device, dtype=torch.float32)
+        parts.decoder.add_module(EMBEDDING_NAME, nn.Embedding(2, dim, device=_home_device(parts.decoder),
+                                                              dtype=torch.float32)
                                  .train(parts.decoder.training))
         parts.decoder.register_forward_pre_hook(functools.partial(_llm_pre_hook, state), with_kwargs=True)
-        # a sample with a video (LLaVA-OneVision / -NeXT-Video, Qwen-VL) has visual input as one with an image
-        token_ids = tuple(t for t in (_config_id(hf.config, "image"), _config_id(hf.config, "video")) if t is not None)
-        hf.register_forward_pre_hook(functools.partial(_top_pre_hook, state, token_ids or None), with_kwargs=True)
+        hf.register_forward_pre_hook(functools.partial(_top_pre_hook, state), with_kwargs=True)
         # shown in the signature of a patched forward (the fused loss's), so that HF Trainer keeps the column
         hf.__dict__[EXTRA_KWARGS_ATTR] = (HAS_IMAGE_KWARG,)
         if neck is not None:  # built when the options were checked
