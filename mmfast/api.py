@@ -16,7 +16,7 @@ from .patching.core import EXTRA_KWARGS_ATTR, hide_extra_kwargs, show_extra_kwar
 from .patching.loss import patch_loss, unpatch_loss
 from .patching.mlp import patch_mlps, unpatch_mlps
 from .tuning import LN_RECIPES, apply_ln_recipe, remove_tuning_hooks, restore_master_weights
-from .tuning.recipes import recipe_modules
+from .tuning.recipes import recipe_modules, watch_recipe
 from .tuning.mma import MMAOptions, added_modules, insert_mma, remove_mma
 
 class _StderrHandler(logging.StreamHandler):
@@ -113,6 +113,8 @@ def patch(
         report.adapters = added_modules(model)
     elif tuning is not None:
         apply_ln_recipe(model, tuning, final_norm=final_norm, master_weights=master_weights)
+    if tuning is not None:
+        watch_recipe(model, tuning)
     # a PEFT model calls its base model's forward: that is where the fused loss goes
     hf = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
     if fused_loss:  # a pass-through forward of an earlier patch would keep the fused loss off

@@ -279,6 +279,38 @@ def test_a_recipe_on_a_peft_model_keeps_its_adapters_training(tuning):
     assert [n for n in trained if model.get_parameter(n).grad is None] == []
 
 
+@pytest.mark.parametrize("tuning", ["layernorm-simp", "mma"])
+def test_peft_wrapping_a_patched_model_warns_that_the_recipe_froze(tuning, monkeypatch):
+    """patch, then get_peft_model (TRL's SFTTrainer(peft_config=...) does it): PEFT froze every recipe
+    parameter and LoRA trained alone, without a word. A training forward says so now; the other order
+    (PEFT, then patch) trains both and says nothing."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    kind = "llava" if tuning == "mma" else "llama"
+    config = LoraConfig(r=4, target_modules=r".*language_model.*\.q_proj" if kind == "llava" else ["q_proj"])
+    for order in ("peft first", "patch first"):
+        monkeypatch.setattr("mmfast.ops.backend._warned", set())
+        if order == "peft first":
+            model = get_peft_model(build(kind), config)
+            mmfast.patch(model, tuning=tuning, verbose=False)
+        else:
+            model = build(kind)
+            mmfast.patch(model, tuning=tuning, verbose=False)
+            model = get_peft_model(model, config)
+        assert any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+        model.train()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            model(**batch(kind)).loss.backward()
+            model.eval()
+            with torch.no_grad():
+                model(**batch(kind))
+        said = [str(w.message) for w in seen if "froze them after mmfast.patch" in str(w.message)]
+        assert len(said) == (order == "patch first"), (order, said)
+
+
 def test_a_recipe_trains_the_norm_peft_runs():
     """Where PEFT's forward runs a wrapper's ``original_module`` (the active adapter has no copy of this norm),
     that is the norm the recipe trains (the whole wrapper trained, the unused copy never got a gradient); a

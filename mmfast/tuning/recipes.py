@@ -15,6 +15,7 @@ reach blocks under (reentrant) activation checkpointing.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Optional
 
@@ -177,9 +178,11 @@ def _master_weights_kept(module: nn.Module, args) -> None:
 
             warn_once(f"mmfast: the trainable norm weights mmfast.patch kept in float32 (master_weights=True) are "
                       f"{str(p.dtype).removeprefix('torch.')} now: the model was cast after patching (Lightning's "
-                      "precision='bf16-true', model.to(dtype), Trainer's bf16_full_eval). Small updates round away "
-                      "in that dtype and the norms stop learning. Cast before mmfast.patch, and train with mixed "
-                      "precision (Lightning 'bf16-mixed', Trainer bf16=True) instead.", key="master_weights_cast")
+                      "precision='bf16-true', model.to(dtype), Trainer's bf16_full_eval), or its weights were "
+                      "loaded after patching in the checkpoint's dtype (load_checkpoint_and_dispatch into a model "
+                      "patched on the meta device). Small updates round away in that dtype and the norms stop "
+                      "learning. Cast or load before mmfast.patch, and train with mixed precision (Lightning "
+                      "'bf16-mixed', Trainer bf16=True) instead.", key="master_weights_cast")
             return
 
 
@@ -218,6 +221,44 @@ def restore_master_weights(model: nn.Module) -> int:
                 p.data = p.data.to(target)
                 restored += 1
     return restored
+
+
+def _recipe_kept(tuning: str, params: list, module: nn.Module, args) -> None:
+    """Forward pre-hook of a patched model: warn (once) when nothing ``tuning`` made trainable trains any
+    more while other parameters do. PEFT's ``get_peft_model`` freezes every parameter outside its own
+    adapters, so wrapping a patched model (TRL's ``SFTTrainer(peft_config=...)`` does) trains LoRA alone
+    and leaves the recipe's norms or adapters at their starting values, with nothing else to show it."""
+    if not params or not (module.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+        return
+    if any(p.requires_grad for p in params) or not any(p.requires_grad for p in module.parameters()):
+        return
+    from ..ops.backend import warn_once
+
+    params.clear()  # said once: no more checks
+
+    warn_once(f"mmfast: none of the parameters tuning={tuning!r} made trainable requires grad any more, while "
+              "other parameters train: something froze them after mmfast.patch. PEFT's get_peft_model freezes "
+              "every parameter outside its adapters (TRL's SFTTrainer(peft_config=...) calls it). Call "
+              "get_peft_model first, then mmfast.patch; with TRL, pass that PEFT model and no peft_config.",
+              key="recipe_frozen")
+
+
+def watch_recipe(model: nn.Module, tuning: str) -> None:
+    """Register :func:`_recipe_kept` on ``model`` for the parameters trainable now (a patch again
+    replaces the earlier watch)."""
+    hooks = [h for h in model.__dict__.get(_HOOK_ATTR, []) if not _is_watch(model, h)]
+    for h in model.__dict__.get(_HOOK_ATTR, []):
+        if _is_watch(model, h):
+            h.remove()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if params:
+        hooks.append(model.register_forward_pre_hook(functools.partial(_recipe_kept, tuning, params)))
+    model.__dict__[_HOOK_ATTR] = hooks
+
+
+def _is_watch(model: nn.Module, handle) -> bool:
+    hook = model._forward_pre_hooks.get(handle.id)
+    return isinstance(hook, functools.partial) and hook.func is _recipe_kept
 
 
 def remove_tuning_hooks(model: nn.Module) -> None:
