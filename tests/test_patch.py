@@ -435,6 +435,19 @@ def test_unpatch_keeps_accelerate_prepares_autocast():
     assert seen == [torch.bfloat16]
 
 
+def test_unpatch_a_record_from_before_records_kept_their_forward():
+    """A patched model pickled by an earlier mmfast: its records have no ``forward``; unpatch takes the
+    one in the record's slot (it left it there, and every call then failed on the missing record)."""
+    norm = _llama_norm()
+    x = torch.randn(2, 16)
+    ref = norm(x)
+    mmfast.patch(nn.Sequential(norm), verbose=False)
+    norm.__dict__[core._ATTR].forward = None
+    mmfast.unpatch(norm)
+    assert "forward" not in norm.__dict__ and "_old_forward" not in norm.__dict__
+    torch.testing.assert_close(norm(x), ref, rtol=0, atol=0)
+
+
 def test_a_patched_forward_held_elsewhere_runs_the_original_after_unpatch(monkeypatch):
     norm = _llama_norm()
     x = torch.randn(2, 16)

@@ -67,6 +67,42 @@ def test_second_derivative_with_a_constant_output_gradient_raises(name, path, de
 
 
 @pytest.mark.parametrize("path", ["eager", "ops"])
+def test_second_derivative_raises_under_a_dispatch_mode(path, device, monkeypatch):
+    """A pass-through TorchDispatchMode (a memory tracker, CommDebugMode) around the first derivative is no
+    trace: the marking stays (it was skipped under any dispatch mode, and the gradient came out without
+    a graph)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class PassThrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    if path == "ops":
+        monkeypatch.setenv("MMFAST_EAGER", "ops")
+    lin = torch.nn.Linear(N, N, device=device)
+    x = torch.randn(2, 3, N, device=device, requires_grad=True)
+    out = mmfast.rms_norm(lin(x), None, 1e-6)
+    with PassThrough():
+        (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivative through a fused op"):
+        g.square().sum().backward()
+
+
+def test_batched_gradients_with_create_graph_on_the_custom_ops(device, monkeypatch):
+    """``autograd.grad(..., is_grads_batched=True, create_graph=True)`` (``jacobian(vectorize=True,
+    create_graph=True)``) gives the first derivative: the marking cannot detach vmap's batched tensors,
+    and raised."""
+    monkeypatch.setenv("MMFAST_EAGER", "ops")
+    lin = torch.nn.Linear(N, N, device=device)
+    x = torch.randn(3, N, device=device, requires_grad=True)
+    y = mmfast.rms_norm(lin(x), None, 1e-6)
+    v = torch.eye(3 * N, device=device).view(3 * N, 3, N)
+    (jac,) = torch.autograd.grad(y, x, v, is_grads_batched=True, create_graph=True, retain_graph=True)
+    rows = torch.stack([torch.autograd.grad(y, x, v[i], retain_graph=True)[0] for i in range(3 * N)])
+    torch.testing.assert_close(jac, rows)  # the same kernels per slice, summed in another order
+
+
+@pytest.mark.parametrize("path", ["eager", "ops"])
 @pytest.mark.parametrize("name", sorted(OPS))
 def test_create_graph_without_a_derivative_of_the_ops_backward(name, path, device, monkeypatch):
     """``create_graph=True`` alone does not raise, only differentiating the op's backward does: a penalty

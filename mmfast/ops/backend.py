@@ -271,23 +271,38 @@ def plain_eager(*tensors: Optional[Tensor]) -> bool:
     return all(t is None or type(t) is Tensor or type(t) is torch.nn.Parameter for t in tensors)
 
 
+def _traced() -> bool:
+    """Whether a backward runs under tracing (compile's AOTAutograd, make_fx): fake, proxy or functional
+    tensors, where AOTAutograd refuses a double backward by itself."""
+    key = torch._C._TorchDispatchModeKey
+    return torch.compiler.is_compiling() or any(
+        torch._C._get_dispatch_mode(k) is not None for k in (key.FAKE, key.PROXY, key.FUNCTIONAL))
+
+
+def _batched(t) -> bool:
+    """A tensor of ``autograd.grad(..., is_grads_batched=True)`` (its vmap's batched tensors)."""
+    return isinstance(t, Tensor) and "Batched" in str(torch._C._dispatch_keys(t))
+
+
 def once_differentiable(backward):
     """Mark an op's backward as not differentiable itself: a second derivative through it (a gradient
     penalty: ``grad(..., create_graph=True)`` then ``backward``) raises instead of coming out wrong.
 
     PyTorch's ``torch.autograd.function.once_differentiable`` marks the gradients only when an incoming
     gradient requires grad. A loss linear in the op's output (``(y * c).sum()``) gives a constant ``dy``;
-    the inputs saved for the backward still require grad, so the terms through them are dropped without
-    a word. Here every gradient computed with ``create_graph=True`` carries the error. Compiled code is
-    left alone: AOTAutograd refuses a double backward by itself, and traces this backward with grad on."""
+    the inputs saved for the backward still require grad, so the terms through them were dropped without
+    a word. Here every gradient computed with ``create_graph=True`` carries the error. Traced backwards
+    (compile) and functorch's batched gradients (``is_grads_batched``) run as they are: AOTAutograd
+    refuses a double backward by itself, and the custom ops' backward ops have no autograd formula, so
+    differentiating them raises there too."""
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
+        if not torch.is_grad_enabled() or _traced() or torch._C._functorch.peek_interpreter_stack() is not None \
+                or any(_batched(g) for g in grads):
+            return backward(ctx, *grads)
         with torch.no_grad():
             out = backward(ctx, *grads)
-        if (not torch.is_grad_enabled() or torch.compiler.is_compiling()
-                or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()):
-            return out
         outs = out if isinstance(out, tuple) else (out,)
         err = torch._C._functions.DelayedError(
             b"mmfast: a second derivative through a fused op's backward is not supported (the kernels' "

@@ -286,6 +286,8 @@ def _uninstall(module: nn.Module) -> None:
     d.pop(_REPLICATE, None)
     rec: _Patch = d.pop(_ATTR)
     original = _original_call(module, rec)
+    if rec.forward is None:  # a record pickled before it kept its forward: the one in its slot
+        rec.forward = d.get(rec.slot)
     if isinstance(rec.forward, _PatchedForward):  # disarmed in place: partial's state, as pickle sets it
         rec.forward.__setstate__((functools.partial(_unpatched_call, original), (module,), {},
                                   rec.forward.__dict__))
