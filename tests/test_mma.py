@@ -1173,3 +1173,49 @@ def test_an_mma_model_offloaded_after_patching():
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, ref)
     assert down.weight.is_meta  # and offloaded again after the call
+
+
+def test_video_llava_leaves_each_towers_unread_layers_without_adapters():
+    """Video-LLaVA has an image and a video tower: the cut after ``vision_feature_layer`` went by the
+    count of all vision layers, which did not match one tower's, so every layer got an adapter (the
+    unread ones never get a gradient: DDP stops on them) and the report named none. Per tower now."""
+    import transformers as T
+
+    clip = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, image_size=16, patch_size=8, projection_dim=16)
+    text = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=128, pad_token_id=0)
+    torch.manual_seed(0)
+    model = T.VideoLlavaForConditionalGeneration(T.VideoLlavaConfig(
+        vision_config=clip, text_config=text, image_token_index=127, video_token_index=126, vision_feature_layer=-2))
+    report = mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(dropout=0.0), verbose=False)
+    towers = sorted(a for a in report.adapters if "tower" in a)
+    assert towers == ["model.image_tower.encoder.layers.0.mma_adapter", "model.video_tower.encoder.layers.0.mma_adapter"]
+    skipped = sorted(p for p, why in report.skipped if "vision_feature_layer" in why)
+    assert skipped == ["model.image_tower.encoder.layers.1", "model.video_tower.encoder.layers.1"]
+    _perturb_adapters(model)
+    ids = torch.randint(1, 100, (2, 10))
+    ids[:, 1:5] = 127
+    model.train()
+    model(input_ids=ids, pixel_values_images=torch.randn(2, 3, 16, 16), labels=ids.masked_fill(ids == 127, -100)
+          ).loss.backward()
+    assert model.model.image_tower.encoder.layers[0].mma_adapter.up_weight.grad.abs().sum() > 0
+
+
+def test_mma_refuses_a_decoder_with_cross_attention_layers():
+    """Mllama's cross-attention layers need the image states, which the modality pass has none of: patch
+    accepted the model and every forward then failed with a TypeError about missing arguments. It is
+    refused when patching now, with the model unchanged."""
+    import transformers as T
+
+    vc = dict(hidden_size=32, num_hidden_layers=2, num_global_layers=1, attention_heads=4, intermediate_size=64,
+              vision_output_dim=64, image_size=16, patch_size=8, max_num_tiles=1, intermediate_layers_indices=[0],
+              supported_aspect_ratios=[[1, 1]])
+    tc = dict(model_type="mllama_text_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=2, vocab_size=128, cross_attention_layers=[1],
+              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = T.MllamaForConditionalGeneration(T.MllamaConfig(vision_config=vc, text_config=tc, image_token_index=127))
+    before = repr(model)
+    with pytest.raises(ValueError, match=r"layers \[1\] are cross-attention layers"):
+        mmfast.patch(model, tuning="mma", verbose=False)
+    assert repr(model) == before and all(p.requires_grad for p in model.parameters())

@@ -311,6 +311,55 @@ def test_peft_wrapping_a_patched_model_warns_that_the_recipe_froze(tuning, monke
         assert len(said) == (order == "patch first"), (order, said)
 
 
+def test_the_recipe_watch_follows_replaced_parameters_and_keeps_none_alive(monkeypatch):
+    """The watch looks its parameters up by name: after ``load_state_dict(assign=True)`` (FSDP2 replaces
+    them too) it kept the old objects alive (a whole embedding and LM head under tuning="layernorm")
+    and watched those instead of the model's."""
+    import gc
+    import warnings
+    import weakref
+
+    model = build("llama")
+    mmfast.patch(model, tuning="layernorm", verbose=False)
+    old = weakref.ref(model.get_input_embeddings().weight)
+    model.load_state_dict({k: v.detach().clone() for k, v in model.state_dict().items()}, assign=True)
+    gc.collect()
+    assert old() is None
+    monkeypatch.setattr("mmfast.ops.backend._warned", set())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.model.layers[0].self_attn.q_proj.weight.requires_grad_(True)
+    model.train()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model(**batch("llama")).loss.backward()
+    assert [w for w in seen if "froze them after mmfast.patch" in str(w.message)]
+
+
+def test_a_second_recipe_keeps_the_embedding_hook_reentrant_checkpointing_needs():
+    """tuning="layernorm" (embeddings trained: no hook), then "layernorm-simp": the frozen embeddings'
+    output must require grad for reentrant checkpoint wrappers (FSDP's, DeepSpeed's), and the second
+    patch took the first one's recipe watch for that hook and skipped it: the block norms got no
+    gradient."""
+    from functools import partial
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointImpl,
+                                                                             apply_activation_checkpointing,
+                                                                             checkpoint_wrapper)
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    model = build("llama")
+    mmfast.patch(model, tuning="layernorm", verbose=False)
+    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    apply_activation_checkpointing(model, checkpoint_wrapper_fn=partial(checkpoint_wrapper,
+                                                                        checkpoint_impl=CheckpointImpl.REENTRANT),
+                                   check_fn=lambda m: isinstance(m, LlamaDecoderLayer))
+    model.train()
+    model(**batch("llama")).loss.backward()
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and [n for n in trained if model.get_parameter(n).grad is None] == []
+
+
 def test_a_recipe_trains_the_norm_peft_runs():
     """Where PEFT's forward runs a wrapper's ``original_module`` (the active adapter has no copy of this norm),
     that is the norm the recipe trains (the whole wrapper trained, the unused copy never got a gradient); a
@@ -787,3 +836,44 @@ def test_load_trainable_mismatch(tmp_path):
         for p in frozen.parameters():
             p.requires_grad_(False)
         mmfast.save_trainable(frozen, tmp_path / "none.safetensors")
+
+
+def test_gemma3_trains_the_norm_in_front_of_the_mlp():
+    """Gemma 2/3 layers have sandwich norms: ``post_attention_layernorm`` normalises the attention's output,
+    and ``pre_feedforward_layernorm`` is the MLP's input norm, the one LLaMA's ``post_attention_layernorm``
+    is. The recipes trained the former by its name."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=8, vocab_size=64, max_position_embeddings=64,
+                           sliding_window=4, layer_types=["sliding_attention", "full_attention"])
+    model = Gemma3ForCausalLM(cfg)
+    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    trained = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trained == [f"model.layers.{i}.{k}.weight" for i in range(2)
+                       for k in ("input_layernorm", "pre_feedforward_layernorm")]
+    ids = torch.randint(0, 64, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in trained)
+
+
+def test_llama4_recipes_find_the_decoder_below_its_causal_lm():
+    """Llama 4's text model is a causal LM whose ``get_decoder()`` hands back itself (its decoder sits at
+    ``.model``): every recipe was refused as if it had no LLaMA-style layers."""
+    import transformers as T
+
+    tc = dict(hidden_size=32, intermediate_size=64, intermediate_size_mlp=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=8, vocab_size=128, num_local_experts=2, num_experts_per_tok=1,
+              interleave_moe_layer_step=2, no_rope_layers=[1, 1], attention_chunk_size=16, max_position_embeddings=64,
+              pad_token_id=0)
+    vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
+              patch_size=8, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32, pixel_shuffle_ratio=0.5)
+    torch.manual_seed(0)
+    model = T.Llama4ForConditionalGeneration(T.Llama4Config(text_config=tc, vision_config=vc, image_token_index=127))
+    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    trained = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trained == [f"language_model.model.layers.{i}.{k}.weight" for i in range(2)
+                       for k in ("input_layernorm", "post_attention_layernorm")]
+    ids = torch.randint(1, 100, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(model.get_parameter(n).grad is not None for n in trained)

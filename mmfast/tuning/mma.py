@@ -520,18 +520,28 @@ def _vision_layers(hf: nn.Module) -> list[nn.Module]:
 
 
 def _read_vision_layers(hf: nn.Module, vision: list[nn.Module]) -> list[nn.Module]:
-    """The leading vision layers whose output reaches the model. A LLaVA-style model reads the tower's
-    hidden states at ``config.vision_feature_layer`` (an index or a list of them into the tower's
-    hidden states: [0] is the embeddings, [i] layer i-1's output); the layers after the last one read
-    run, but nothing uses what they compute."""
+    """The vision layers whose output reaches the model. A LLaVA-style model reads each tower's hidden
+    states at ``config.vision_feature_layer`` (an index or a list of them into the tower's hidden
+    states: [0] is the embeddings, [i] layer i-1's output); the layers after the last one read run, but
+    nothing uses what they compute. Per tower (Video-LLaVA has an image and a video tower): the layers
+    of one encoder's layer list."""
     cfg = getattr(hf, "config", None)
     select = getattr(cfg, "vision_feature_layer", None)
     n = getattr(getattr(cfg, "vision_config", None), "num_hidden_layers", None)
-    if select is None or n is None or len(vision) != n:
+    if select is None or n is None:
         return vision
     picks = select if isinstance(select, (list, tuple)) else [select]
     last_state = max(int(s) if s >= 0 else n + 1 + int(s) for s in picks)
-    return vision[:max(last_state, 0)]
+    towers: dict[int, list[nn.Module]] = {}
+    for m in hf.modules():
+        if isinstance(m, nn.ModuleList):
+            members = [layer for layer in m if any(layer is v for v in vision)]
+            if members:
+                towers[id(m)] = members
+    read = set()
+    for members in towers.values():
+        read.update(id(m) for m in (members[:max(last_state, 0)] if len(members) == n else members))
+    return [m for m in vision if id(m) in read or not any(m in t for t in towers.values())]
 
 
 def _layers_with_cls(hf: nn.Module) -> set[int]:
@@ -623,7 +633,11 @@ def _execution_device(module: nn.Module):
             continue
         if getattr(hook, "execution_device", None) is not None:
             dev = hook.execution_device
-            return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+            if isinstance(dev, int):  # an index of the machine's accelerator (CUDA, XPU, ...)
+                acc = getattr(torch, "accelerator", None)
+                kind = acc.current_accelerator() if acc is not None and acc.is_available() else None
+                return torch.device(kind.type if kind is not None else "cuda", dev)
+            return torch.device(dev)
         hooks.extend(getattr(hook, "hooks", ()))  # a SequentialHook
     return None
 
@@ -691,6 +705,11 @@ def _parts_or_problem(model: nn.Module, opts: MMAOptions):
             return None, None, (f"tuning='mma' found no LLaMA-style decoder layers (input_layernorm and "
                           f"post_attention_layernorm) in {type(hf).__name__}'s language model, so its adapters would "
                           f"go into the vision tower alone. ({exc})")
+    cross = [i for i, layer in enumerate(parts.decoder.layers) if hasattr(layer, "cross_attn")] if parts else []
+    if cross:
+        return None, None, (f"tuning='mma' runs its modality token through every decoder layer, and "
+                            f"{type(hf).__name__}'s layers {cross} are cross-attention layers, which need the "
+                            f"image states (Mllama); MMA does not support such decoders. The LayerNorm recipes do")
     if parts is None and not _vision_layers(hf):
         return None, None, (f"tuning='mma' found neither a LLaMA-style language model nor CLIP/SigLIP encoder layers "
                       f"in {type(hf).__name__}")
@@ -739,7 +758,7 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
     paths = {id(m): n for n, m in model.named_modules()}
     unread = [(paths.get(id(m), "?"), f"no MMA adapter: the model reads the vision tower's hidden states at "
                f"vision_feature_layer={hf.config.vision_feature_layer}, and this layer's output is not used")
-              for m in vision[len(read):]]
+              for m in vision if not any(m is r for r in read)]
     if not vision and getattr(hf.config, "vision_config", None) is not None:
         tower = next((paths.get(id(m), n) for n, m in hf.named_modules() if n.split(".")[-1] in _TOWER_NAMES),
                      "vision tower")

@@ -66,7 +66,9 @@ def find_parts(model: nn.Module) -> ModelParts:
     # a language model that is itself a causal LM (Blip2's) hands out that model: its decoder is one down
     while decoder is not None and getattr(decoder, "layers", None) is None and hasattr(decoder, "get_decoder"):
         inner = decoder.get_decoder()
-        decoder = inner if inner is not decoder else None
+        if inner is decoder:  # a causal LM whose get_decoder hands back itself (Llama 4's): its ``model``
+            inner = getattr(decoder, "model", None)
+        decoder = inner if isinstance(inner, nn.Module) and inner is not decoder else None
     layers = getattr(decoder, "layers", None)
     if decoder is None or layers is None or not all(
         hasattr(layer, "input_layernorm") and hasattr(layer, "post_attention_layernorm") for layer in layers
@@ -123,8 +125,17 @@ def peft_trainables(model: nn.Module) -> list[nn.Parameter]:
     return kept
 
 
+def mlp_norm(layer: nn.Module) -> nn.Module:
+    """The norm in front of a decoder layer's MLP: ``post_attention_layernorm`` in LLaMA-style layers;
+    ``pre_feedforward_layernorm`` where a layer has one (Gemma 2/3/3n: sandwich norms, where
+    ``post_attention_layernorm`` normalises the attention's output before the residual add)."""
+    pre = getattr(layer, "pre_feedforward_layernorm", None)
+    return pre if isinstance(pre, nn.Module) else layer.post_attention_layernorm
+
+
 def block_norms(parts: ModelParts, final_norm: bool) -> list[nn.Module]:
-    norms = [n for layer in parts.decoder.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    """Each block's attention-input and MLP-input norms (the two LLaMA has), plus the final norm."""
+    norms = [n for layer in parts.decoder.layers for n in (layer.input_layernorm, mlp_norm(layer))]
     if final_norm:
         norm = getattr(parts.decoder, "norm", None)
         if norm is None:
@@ -141,9 +152,9 @@ def _input_grads_hook(parts: ModelParts) -> None:
     gradient. The price is the input-gradient work of the first block only. Skipped while compiling.
     """
     emb, hf = parts.input_embeddings, parts.hf_model
-    if emb is None or getattr(hf, _HOOK_ATTR, None):
+    if emb is None or any(h is _output_requires_grad for h in emb._forward_hooks.values()):
         return
-    hf.__dict__[_HOOK_ATTR] = [emb.register_forward_hook(_output_requires_grad)]
+    hf.__dict__[_HOOK_ATTR] = hf.__dict__.get(_HOOK_ATTR, []) + [emb.register_forward_hook(_output_requires_grad)]
 
 
 def _output_requires_grad(module, args, output):
@@ -227,15 +238,24 @@ def _recipe_kept(tuning: str, params: list, module: nn.Module, args) -> None:
     """Forward pre-hook of a patched model: warn (once) when nothing ``tuning`` made trainable trains any
     more while other parameters do. PEFT's ``get_peft_model`` freezes every parameter outside its own
     adapters, so wrapping a patched model (TRL's ``SFTTrainer(peft_config=...)`` does) trains LoRA alone
-    and leaves the recipe's norms or adapters at their starting values, with nothing else to show it."""
+    and leaves the recipe's norms or adapters at their starting values, with nothing else to show it.
+    ``params``: (module path, parameter name) pairs, looked up at each call: a wrapper that replaces the
+    parameter objects (FSDP2, ``load_state_dict(assign=True)``) is followed, the old objects are not kept
+    alive, and a copy of the model (deepcopy, pickle) watches its own."""
     if not params or not (module.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
         return
-    if any(p.requires_grad for p in params) or not any(p.requires_grad for p in module.parameters()):
-        return
+    for path, name in params:
+        try:
+            p = module.get_submodule(path)._parameters.get(name)
+        except AttributeError:
+            p = None
+        if p is None or p.requires_grad:
+            return  # trains (or is gone: nothing to say)
+    if not any(p.requires_grad for p in module.parameters()):
+        return  # nothing trains: an evaluation with the model in training mode
     from ..ops.backend import warn_once
 
     params.clear()  # said once: no more checks
-
     warn_once(f"mmfast: none of the parameters tuning={tuning!r} made trainable requires grad any more, while "
               "other parameters train: something froze them after mmfast.patch. PEFT's get_peft_model freezes "
               "every parameter outside its adapters (TRL's SFTTrainer(peft_config=...) calls it). Call "
@@ -246,11 +266,14 @@ def _recipe_kept(tuning: str, params: list, module: nn.Module, args) -> None:
 def watch_recipe(model: nn.Module, tuning: str) -> None:
     """Register :func:`_recipe_kept` on ``model`` for the parameters trainable now (a patch again
     replaces the earlier watch)."""
-    hooks = [h for h in model.__dict__.get(_HOOK_ATTR, []) if not _is_watch(model, h)]
+    hooks = []
     for h in model.__dict__.get(_HOOK_ATTR, []):
         if _is_watch(model, h):
             h.remove()
-    params = [p for p in model.parameters() if p.requires_grad]
+        else:
+            hooks.append(h)
+    params = [(path, name) for path, m in model.named_modules() for name, p in m._parameters.items()
+              if p is not None and p.requires_grad]
     if params:
         hooks.append(model.register_forward_pre_hook(functools.partial(_recipe_kept, tuning, params)))
     model.__dict__[_HOOK_ATTR] = hooks
