@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backend import KernelKey, as_rows, once_differentiable, plain_eager, refuse_functorch_ad, resolve_backend
+from .backend import KernelKey, as_rows, batched, once_differentiable, plain_eager, refuse_functorch_ad, resolve_backend
 from .checks import check_activation, check_device, check_like, check_tensor
 
 # ---------------------------------------------------------------------------------------------
@@ -321,7 +321,7 @@ class _MMAdapterFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # a second derivative raises, as the custom op's
     def backward(ctx, dy):
-        return _grads(ctx, dy, _bwd)
+        return _grads(ctx, dy, torch.ops.mmfast.mma_adapter_bwd if batched(dy) else _bwd)
 
 
 def mma_adapter(x: Tensor, down_w: Tensor, down_b: Tensor, up_w: Tensor, up_b: Tensor, mix: Tensor,

@@ -279,9 +279,10 @@ def _traced() -> bool:
         torch._C._get_dispatch_mode(k) is not None for k in (key.FAKE, key.PROXY, key.FUNCTIONAL))
 
 
-def _batched(t) -> bool:
-    """A tensor of ``autograd.grad(..., is_grads_batched=True)`` (its vmap's batched tensors)."""
-    return isinstance(t, Tensor) and "Batched" in str(torch._C._dispatch_keys(t))
+def batched(*tensors) -> bool:
+    """Whether any of ``tensors`` is a gradient of ``autograd.grad(..., is_grads_batched=True)`` (its
+    vmap's batched tensors): the kernels cannot read those; the custom ops run them slice by slice."""
+    return any(isinstance(t, Tensor) and "Batched" in str(torch._C._dispatch_keys(t)) for t in tensors)
 
 
 def once_differentiable(backward):
@@ -299,7 +300,7 @@ def once_differentiable(backward):
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
         if not torch.is_grad_enabled() or _traced() or torch._C._functorch.peek_interpreter_stack() is not None \
-                or any(_batched(g) for g in grads):
+                or batched(*grads):
             return backward(ctx, *grads)
         with torch.no_grad():
             out = backward(ctx, *grads)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import once_differentiable, plain_eager, refuse_functorch_ad, warn_once
+from .backend import batched, once_differentiable, plain_eager, refuse_functorch_ad, warn_once
 
 #: Rows per chunk are chosen so that one chunk's fp32 logits take at most this many bytes.
 CHUNK_BYTES = 128 * 2**20
@@ -233,7 +233,10 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
         if g_h is not None:
             H = ctx.hidden_shape[-1]
             d2 = torch.zeros(ctx.hidden_shape.numel() // H, H, device=g_h.device, dtype=ctx.hidden_dtype)
-            d2.index_copy_(0, rows, _scaled(g_h, go, ctx.hidden_dtype))
+            if batched(go):  # is_grads_batched: vmap takes the out-of-place copy only
+                d2 = d2.index_copy(0, rows, _scaled(g_h, go, ctx.hidden_dtype))
+            else:
+                d2.index_copy_(0, rows, _scaled(g_h, go, ctx.hidden_dtype))
             d_hidden = d2.view(ctx.hidden_shape)
         if g_logits is not None:
             d_weight = _scaled(torch.mm(g_logits.t(), hv), go, ctx.weight_dtype)

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backend import KernelKey, as_rows, once_differentiable, plain_eager, records_grad, refuse_functorch_ad, resolve_backend
+from .backend import KernelKey, as_rows, batched, once_differentiable, plain_eager, records_grad, refuse_functorch_ad, resolve_backend
 from .checks import check_activation, check_device, check_like, check_tensor
 
 #: Widest normalised dimension supported.
@@ -392,7 +392,8 @@ class _RMSNormFn(torch.autograd.Function):
         def bwd(dy, h, weight, rstd, dres, need_dx, need_dw):
             return _bwd_eager(dy, h, weight, None, rstd, dres, True, need_dx, need_dw, False, None)[:2]
 
-        return _rms_grads(ctx, dy, dh, bwd)
+        # batched gradients (``is_grads_batched``): the custom op, slice by slice
+        return _rms_grads(ctx, dy, dh, torch.ops.mmfast.rms_norm_bwd if batched(dy, dh) else bwd)
 
 
 class _LayerNormFn(torch.autograd.Function):
@@ -411,7 +412,7 @@ class _LayerNormFn(torch.autograd.Function):
             return _bwd_eager(dy, h, weight, mean, rstd, dres, False, need_dx, need_dw, need_db,
                               None if bias is None else bias.dtype)
 
-        return _ln_grads(ctx, dy, dh, bwd)
+        return _ln_grads(ctx, dy, dh, torch.ops.mmfast.layer_norm_bwd if batched(dy, dh) else bwd)
 
 
 # ---------------------------------------------------------------------------------------------

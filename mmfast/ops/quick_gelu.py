@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import KernelKey, as_rows, once_differentiable, plain_eager, records_grad, refuse_functorch_ad, resolve_backend
+from .backend import KernelKey, as_rows, batched, once_differentiable, plain_eager, records_grad, refuse_functorch_ad, resolve_backend
 from .checks import check_activation, check_like
 
 ALPHA = 1.702
@@ -118,7 +118,7 @@ class _QuickGELUFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # a second derivative raises, as the custom op's
     def backward(ctx, dy):
-        return _bwd(dy, ctx.saved_tensors[0])
+        return (torch.ops.mmfast.quick_gelu_bwd if batched(dy) else _bwd)(dy, ctx.saved_tensors[0])
 
 
 def quick_gelu(x: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import KernelKey, as_rows, once_differentiable, plain_eager, records_grad, refuse_functorch_ad, resolve_backend
+from .backend import KernelKey, as_rows, batched, once_differentiable, plain_eager, records_grad, refuse_functorch_ad, resolve_backend
 from .checks import check_activation, check_like
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +145,7 @@ class _SwiGLUFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # a second derivative raises, as the custom op's
     def backward(ctx, dh):
-        return _grads(ctx, dh, _bwd)
+        return _grads(ctx, dh, torch.ops.mmfast.swiglu_bwd if batched(dh) else _bwd)
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
