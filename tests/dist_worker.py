@@ -75,9 +75,17 @@ def run(rank: int, world: int, port: int, mode: str, out_path: str, tuning: str 
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
             model.train()
             model = torch.nn.parallel.DistributedDataParallel(model, static_graph=True)
-        elif mode in ("fsdp2", "fsdp2-ckpt"):
+        elif mode in ("fsdp2", "fsdp2-ckpt", "fsdp2-wrapper"):
             if mode == "fsdp2-ckpt":  # HF's activation checkpointing (non-reentrant by default)
                 model.gradient_checkpointing_enable()
+                model.train()
+            if mode == "fsdp2-wrapper":  # Accelerate's order: checkpoint wrappers, then FSDP2 shards them
+                from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+                    apply_activation_checkpointing, checkpoint_wrapper)
+
+                blocks = set(model.model.language_model.layers)
+                apply_activation_checkpointing(model, checkpoint_wrapper_fn=checkpoint_wrapper,
+                                               check_fn=lambda m: m in blocks)
                 model.train()
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
@@ -122,7 +130,8 @@ def run(rank: int, world: int, port: int, mode: str, out_path: str, tuning: str 
                     g = safe_get_full_grad(p)
                 else:
                     g = p.grad
-                grads[name.removeprefix("module.")] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
+                name = name.removeprefix("module.").replace("_checkpoint_wrapped_module.", "")
+                grads[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
         if rank == 0:
             torch.save(grads, out_path)
         # save_trainable on every rank, as documented: it gathers, and rank 0 alone writes

@@ -32,7 +32,8 @@ def _single_process_grads(model, inputs):
                                                ("fsdp2", "layernorm", "float32"), ("fsdp2", "layernorm", "bfloat16"),
                                                ("ddp", "mma", "float32"), ("ddp-reentrant", "mma", "float32"),
                                                ("fsdp2", "mma", "float32"), ("fsdp2", "mma", "bfloat16"),
-                                               ("fsdp2-ckpt", "mma", "bfloat16"), ("fsdp2", "mma-neck", "bfloat16"),
+                                               ("fsdp2-ckpt", "mma", "bfloat16"), ("fsdp2-wrapper", "mma", "float32"),
+                                               ("fsdp2", "mma-neck", "bfloat16"),
                                                ("zero0", "layernorm-simp", "bfloat16"),
                                                ("zero2", "layernorm", "float32"), ("zero2", "mma", "bfloat16"),
                                                ("zero3", "layernorm", "float32"),
@@ -44,7 +45,9 @@ def test_distributed_gradients_match_single_process(mode, tuning, dtype, tmp_pat
     every parameter it trains gets a gradient in every step (DDP stops at the second step otherwise); its
     float64 oracle runs the eager adapters. FSDP2 follows the README's recipe for trainable parameters of
     two dtypes (bf16: fp32 norms beside the bf16 projector, embeddings and LM head); ``fsdp2-ckpt`` adds
-    HF's activation checkpointing, which recomputes the blocks inside backward. DeepSpeed without ZeRO keeps
+    HF's activation checkpointing, which recomputes the blocks inside backward; ``fsdp2-wrapper`` shards
+    checkpoint wrappers around the blocks (Accelerate's order), whose hooks the modality pass stepped over
+    (it read unsharded DTensor weights). DeepSpeed without ZeRO keeps
     its fp32 masters in a 16-bit optimizer of its own (loaded through its refresh). ZeRO-2 partitions
     the gradients and optimizer state (a bf16 run casts the model, fp32 masters included). ZeRO-3 (its CPU
     accelerator) partitions every module's parameters and gathers them in hooks around each module's

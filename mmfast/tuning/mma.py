@@ -358,22 +358,48 @@ def _decode_flags(state: _State, past, batch: int) -> Optional[Tensor]:
     return flags if flags is not None and flags.shape[0] == batch else None
 
 
+def _plain_call(module: nn.Module, *args, **kwargs):
+    return module(*args, **kwargs)
+
+
 def _without_checkpointing(layer: nn.Module, h: Tensor, **kwargs) -> Tensor:
     """Call a decoder layer on the modality token with activation checkpointing off for this call.
 
     Reentrant checkpointing runs its forward without grad, and the routes recorded in this pass must
-    carry theirs (the token is one per sample: nothing to save). Checkpoint wrappers (FSDP's) are
-    stepped over; HF layers have their ``gradient_checkpointing`` flag lowered for the call. The
-    layer's own hooks (FSDP's unshard among them) still run."""
-    inner = getattr(layer, "_checkpoint_wrapped_module", layer)
+    carry theirs (the token is one per sample: nothing to save). The layer is called as it is, so the
+    hooks of every wrapper around it run (FSDP's unshard, also where FSDP shards a checkpoint wrapper,
+    as Accelerate does); a checkpoint wrapper (``checkpoint_wrapper``) calls its module plainly for this
+    call, and HF layers have their ``gradient_checkpointing`` flag lowered."""
+    wrappers, inner = [], layer
+    while True:  # by registered children: FSDP1's __getattr__ hands out its child's attributes
+        children = inner._modules
+        if "_checkpoint_wrapped_module" in children:
+            if "checkpoint_fn" in inner.__dict__:
+                wrappers.append((inner, inner.__dict__["checkpoint_fn"], inner.__dict__.get("checkpoint_impl")))
+            inner = children["_checkpoint_wrapped_module"]
+        elif "_fsdp_wrapped_module" in children:
+            inner = children["_fsdp_wrapped_module"]
+        else:
+            break
     flagged = bool(getattr(inner, "gradient_checkpointing", False))
+    if wrappers:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl
+    for wrapper, _, _ in wrappers:
+        wrapper.checkpoint_fn = _plain_call
+        wrapper.checkpoint_impl = CheckpointImpl.NO_REENTRANT  # (reentrant packs keyword arguments)
     if flagged:
         inner.gradient_checkpointing = False
     try:
-        out = inner(h, **kwargs)
+        out = layer(h, **kwargs)
     finally:
         if flagged:
             inner.gradient_checkpointing = True
+        for wrapper, fn, impl in wrappers:
+            wrapper.checkpoint_fn = fn
+            if impl is None:
+                wrapper.__dict__.pop("checkpoint_impl", None)
+            else:
+                wrapper.checkpoint_impl = impl
     return out[0] if isinstance(out, tuple) else out
 
 
