@@ -137,13 +137,53 @@ def patch(
     return report
 
 
+def _wrapper_name(model: nn.Module) -> Optional[str]:
+    """The distributed wrapper holding ``model``'s parameters (DDP, FSDP1, FSDP2, DeepSpeed), or None."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    for m in model.modules():
+        if isinstance(m, DistributedDataParallel):
+            return "DistributedDataParallel"
+        if type(m).__name__ in ("FullyShardedDataParallel", "DeepSpeedEngine"):
+            return type(m).__name__
+    for p in model.parameters():
+        if type(p).__name__ == "DTensor" or hasattr(p, "full_tensor"):
+            return "FSDP2 (fully_shard)"
+        if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+            return "DeepSpeed"
+    return None
+
+
+def _wrapped_unpatch_problem(model: nn.Module) -> Optional[str]:
+    wrapper = _wrapper_name(model)
+    if wrapper is None:
+        return None
+    changes = []
+    if restore_master_weights(model, dry_run=True):
+        changes.append("round the fp32 master norm weights back to their dtype")
+    if wrapper != "FSDP2 (fully_shard)" and added_modules(model):
+        changes.append("remove the MMA adapters and modality embedding")
+    if not changes:
+        return None
+    return (f"mmfast.unpatch would {' and '.join(changes)} of a model inside {wrapper}, which holds those "
+            "parameters (its next steps would fail, or compute in another dtype). Unpatch the model before "
+            "wrapping it; to keep what trained, mmfast.save_trainable first, then load it into a fresh model "
+            "(or patch with master_weights=False).")
+
+
 def unpatch(model: nn.Module) -> int:
     """Restore the original forwards of every patched module, remove mmfast's hooks and the MMA
     adapters and modality embedding ``tuning="mma"`` added.
 
     Norm weights that ``master_weights`` kept in fp32 go back to their original dtype (rounded; save
     them with :func:`save_trainable` first to keep the fp32 values); other parameters keep their current
-    values, dtypes and ``requires_grad``. Returns the number of modules restored or removed."""
+    values, dtypes and ``requires_grad``. Returns the number of modules restored or removed.
+
+    Inside DDP, FSDP or DeepSpeed, which hold the parameters they were given, a change of their dtype or
+    the removal of MMA's modules is refused (before anything changes): unpatch before wrapping."""
+    problem = _wrapped_unpatch_problem(model)
+    if problem is not None:
+        raise ValueError(problem)
     remove_tuning_hooks(model)
     restore_master_weights(model)
     return (unpatch_loss(model) + hide_extra_kwargs(model) + remove_mma(model) + unpatch_mlps(model)

@@ -877,3 +877,37 @@ def test_llama4_recipes_find_the_decoder_below_its_causal_lm():
     ids = torch.randint(1, 100, (2, 8))
     model(input_ids=ids, labels=ids).loss.backward()
     assert all(model.get_parameter(n).grad is not None for n in trained)
+
+
+def test_unpatch_refuses_what_a_distributed_wrapper_holds(tmp_path):
+    """unpatch on a wrapped model: rounding fp32 master weights back to bf16 changed parameters FSDP2
+    re-gathers as fp32 (the next forward failed on mixed dtypes) and DDP's reducer stopped seeing their
+    gradients (its error then blamed unused parameters); removing MMA's modules under DDP left its
+    reducer waiting for their gradients. Refused now, before anything changes; what changes nothing
+    the wrapper holds still unpatches."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from mmfast.tuning.mma import added_modules
+
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path}/pg")
+    try:
+        model = build("llava")
+        mmfast.patch(model, tuning="mma", verbose=False)
+        with pytest.raises(ValueError, match="remove the MMA adapters .* inside DistributedDataParallel"):
+            mmfast.unpatch(DDP(model))
+        assert added_modules(model)
+        for wrap in (DDP, lambda m: fully_shard(m, mesh=init_device_mesh("cpu", (1,)))):
+            model = build("llama", dtype=torch.bfloat16)
+            mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+            wrapped = wrap(model)
+            with pytest.raises(ValueError, match="round the fp32 master norm weights"):
+                mmfast.unpatch(wrapped)
+            assert model.model.layers[0].input_layernorm.weight.dtype == torch.float32
+        model = build("llama")
+        mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+        assert mmfast.unpatch(DDP(model)) > 0  # fp32: nothing the wrapper holds changes
+    finally:
+        dist.destroy_process_group()

@@ -211,17 +211,19 @@ def _surrounding_dtype(model: nn.Module, path: str, skip: set[int]) -> Optional[
     return None
 
 
-def restore_master_weights(model: nn.Module) -> int:
+def restore_master_weights(model: nn.Module, dry_run: bool = False) -> int:
     """Round fp32 master weights back to the dtype they had before ``master_weights`` widened them (the
     module's own forward, once unpatched, expects it: HF's RMSNorm would return fp32 into bf16
-    projections); returns how many parameters were restored.
+    projections); returns how many parameters were restored (with ``dry_run``: would be, changing
+    nothing).
 
     A model cast since patching (``model.half()``, ``.float()``) is what the weights follow instead: they
     take the dtype the parameters around them have now (left as the cast made them)."""
     masters = {id(getattr(m, name)) for m in model.modules() for name in m.__dict__.get(_MASTER_ATTR, ())}
     restored = 0
     for path, m in list(model.named_modules()):
-        for name, (before, around) in m.__dict__.pop(_MASTER_ATTR, {}).items():
+        kept = m.__dict__.get(_MASTER_ATTR, {}) if dry_run else m.__dict__.pop(_MASTER_ATTR, {})
+        for name, (before, around) in kept.items():
             p = getattr(m, name, None)
             if not isinstance(p, nn.Parameter):
                 continue
@@ -229,7 +231,8 @@ def restore_master_weights(model: nn.Module) -> int:
             cast_since = p.dtype != torch.float32 or (now is not None and now != around)
             target = (now or p.dtype) if cast_since else before
             if p.dtype != target:
-                p.data = p.data.to(target)
+                if not dry_run:
+                    p.data = p.data.to(target)
                 restored += 1
     return restored
 
