@@ -5,15 +5,16 @@
 #
 #   bash scripts/gpu_check.sh [stage ...]      stages: lease, cuda, tests, compile, overhead, bench-kernels,
 #                                              bench-model, bench-model-compile, tune-adapter, tune-norm,
-#                                              tune-cuda, all (default: all but lease, bench-model-compile and
-#                                              the tune stages; each stage fits a 10-minute call)
+#                                              tune-cuda, all (cuda, tests, compile, overhead, bench-kernels and
+#                                              bench-model: several calls' worth); default: lease. Each stage
+#                                              but all fits a 10-minute call
 #
 # lease: the whole check in ONE call that fits a task's device time (15 minutes, the machine's start
 # included): MMFAST_LEASE_BUDGET seconds from the script's start, the install included (default 540; run
 # it with timeout_s=600), every step capped by what is left, the most wanted first: the CUDA C++ build in the background while the
 # native tests of everything else run (pytest-xdist where installed), the cuda-backend tests, the kernel
-# suite's large sizes with the backend table, the CUDA C++ backward's stage tuning, the model suite
-# (layernorm first), the CUDA-graph cases, and with what is left the Triton backward's launches. The goals
+# suite's large sizes with the backend table, the model suite (layernorm first), the CUDA-graph cases,
+# and with what is left the CUDA C++ backward's stage tuning and the Triton backward's launches. The goals
 # table over all of it ends $OUT/lease.log and the output. Files (8, the device tool's most): install.log,
 # lease.log, tests.log, cuda.log, bench-kernels.tar.gz, bench-model.tar.gz, bench-graphs.tar.gz,
 # tune.tar.gz, each tarball packed as soon as its step ends, so a call cut short still brings back every
@@ -45,23 +46,27 @@ OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(all)
+[ ${#stages[@]} -eq 0 ] && stages=(lease)
 [ "${stages[0]}" = all ] && stages=(cuda tests compile overhead bench-kernels bench-model)
 export MMFAST_CACHE_DIR="${MMFAST_CACHE_DIR:-$PWD/.mmfast-cache}"
 
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
+# the commit scripts/gpu_wheels.sh recorded where the checkout is (this copy's git metadata is not its own)
+[ -s .whl/COMMIT ] && export MMFAST_COMMIT="$(cat .whl/COMMIT)"
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
   || { cat "$OUT/install.log"; exit 1; }
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >> "$OUT/install.log" 2>&1 && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" \
+    || echo "WARNING: the carried wheels did not install (.whl/): $(ls .whl)" | tee -a "$OUT/install.log"
+fi
 {
   nvidia-smi
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
   python3 -c "import liger_kernel; print('liger_kernel', liger_kernel.__version__ if hasattr(liger_kernel, '__version__') else 'present')" \
     2>/dev/null || echo "liger_kernel: not installed"
-  git rev-parse HEAD 2>/dev/null || echo "commit: unknown"
+  echo "commit: ${MMFAST_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown) (this copy's git metadata: \
+run scripts/gpu_wheels.sh before the call for the checkout's)}"
 } >> "$OUT/install.log" 2>&1
 
 # the CUDA C++ extension: build (first use) or load it, say which; exit 1 where it is unavailable
@@ -83,8 +88,9 @@ lease_bench() {  # lease_bench NAME RESERVE CAP ARGS...: the bench into $OUT/ben
   local name=$1 reserve=$2 cap=$3; shift 3
   local t; t=$(lease_left "$reserve"); [ "$t" -gt "$cap" ] && t=$cap
   if [ "$t" -lt 10 ]; then echo "skipped: bench $name (no lease time left)"; return 124; fi
-  # the run in flight at the budget may finish for up to a minute more, but never past the lease's end
-  local stop=$(( t + 60 )) left; left=$(lease_left 0); [ "$stop" -gt "$left" ] && stop=$left
+  # the run in flight at the budget may finish for GRACE seconds more (the reserves below count it), never
+  # past the lease's end
+  local stop=$(( t + GRACE )) left; left=$(lease_left 0); [ "$stop" -gt "$left" ] && stop=$left
   [ "$stop" -lt "$t" ] && stop=$t
   mkdir -p "$OUT/bench-$name"
   echo "== bench $name: budget ${t} s, stopped at $stop s =="
@@ -92,6 +98,7 @@ lease_bench() {  # lease_bench NAME RESERVE CAP ARGS...: the bench into $OUT/ben
     | tee "$OUT/bench-$name/bench.log" | tr '\r' '\n' | grep -v '^mmfast.bench'
   return "${PIPESTATUS[0]}"
 }
+GRACE=20
 LEASE_RESULTS=/tmp/mmfast-lease-results  # results.json copies for the goals table, outside $OUT
 pack() {  # pack NAME: $OUT/NAME into $OUT/NAME.tar.gz now (results.json kept for the goals), the folder removed
   [ -d "$OUT/$1" ] || return 0
@@ -115,7 +122,9 @@ for stage in "${stages[@]}"; do
         # 2. native tests of everything but the cuda backend
         echo "== tests (not cuda) =="
         # shellcheck disable=SC2086
-        capped "$(lease_left 420)" python3 -m pytest ${MMFAST_LEASE_TESTS:-tests/test_norm.py tests/test_norm_api.py \
+        # (timeline, of the default 540 s: these tests end by 150 s, the cuda tests by 210, the kernels by
+        # 370 (budget 140 + grace), the model step by 480 (90 + grace), the graphs by 540; tuning after that)
+        capped "$(lease_left 390)" python3 -m pytest ${MMFAST_LEASE_TESTS:-tests/test_norm.py tests/test_norm_api.py \
 tests/test_adapter.py tests/test_swiglu.py tests/test_quick_gelu.py tests/test_loss.py tests/test_op_checks.py tests/test_op_layouts.py \
 tests/test_patch.py tests/test_mlp_patch.py tests/test_fused_loss_patch.py tests/test_mma.py tests/test_tuning.py \
 tests/test_bench.py::test_graph_case_times_every_direction_on_gpu} \
@@ -123,28 +132,34 @@ tests/test_bench.py::test_graph_case_times_every_direction_on_gpu} \
         done_at $? tests; tail -n 3 "$OUT/tests.log"
         # 3. the cuda backend's tests, once the build is there
         wait "$build"; build_rc=$?; tail -n 2 "$OUT/cuda.log"; [ "$build_rc" -eq 0 ] || lease_rc=1
+        # a failed build is not tried again by every later step (a minute of nvcc each)
+        [ "$build_rc" -eq 0 ] || export MMFAST_BENCH_CUDA=0
+        graph_providers=mmfast-triton$([ "$build_rc" -eq 0 ] && echo ,mmfast-cuda),torch-native,torch.compile,liger
         echo "== tests (cuda backend) =="
         [ "$build_rc" -eq 0 ] || echo "skipped: the CUDA C++ kernels did not build or load (cuda.log)"
         # shellcheck disable=SC2086
-        [ "$build_rc" -eq 0 ] && capped "$(lease_left 360)" python3 -m pytest $CUDA_TESTS -k "cuda and not emulated" \
+        # (not the nvcc compile report for sm_90a: the build above compiled the same sources)
+        [ "$build_rc" -eq 0 ] && capped "$(lease_left 330)" python3 -m pytest $CUDA_TESTS \
+          -k "cuda and not emulated and not compile_for_sm90a" \
           -q -p no:cacheprovider $xdist --durations=10 >> "$OUT/cuda.log" 2>&1
         done_at $? "cuda tests"; tail -n 3 "$OUT/cuda.log"
         # 4. kernels above the L2, both backends, and the backend table
-        lease_bench kernels 200 170 --ops rms_norm,layer_norm,mma_adapter,swiglu,quick_gelu --sizes large \
+        lease_bench kernels 170 140 --ops rms_norm,layer_norm,mma_adapter,swiglu,quick_gelu --sizes large \
           --backend-table "$OUT/bench-kernels/backend_table.json"
         done_at $? kernels; pack bench-kernels
-        # 5. the CUDA C++ backward's shared-memory stages (BWD_STAGES), about half a minute
-        mkdir -p "$OUT/tune"
-        t=$(lease_left 150); [ "$t" -gt 45 ] && t=45
-        capped "$t" python3 benchmarks/tune_norm.py --backend cuda --out "$OUT/tune" > "$OUT/tune/tune-cuda.log" 2>&1
-        done_at $? tune-cuda; tail -n 12 "$OUT/tune/tune-cuda.log"
-        pack tune
-        # 6. the model step, LayerNorm tuning first; 7. the small shapes under CUDA graphs, each provider a process
-        lease_bench model 60 110 --ops model
+        # 5. the model step, LayerNorm tuning first; 6. the small shapes under CUDA graphs, each provider a process
+        lease_bench model 60 90 --ops model
         done_at $? model; pack bench-model
-        lease_bench graphs 0 60 --ops rms_norm,layer_norm,mma_adapter --sizes small \
-          --providers mmfast-triton,mmfast-cuda,torch-native,torch.compile,liger
+        lease_bench graphs 0 40 --ops rms_norm,layer_norm,mma_adapter --sizes small --providers "$graph_providers"
         done_at $? graphs; pack bench-graphs
+        # 7. the CUDA C++ backward's shared-memory stages (BWD_STAGES), about half a minute, if time is left
+        mkdir -p "$OUT/tune"
+        t=$(lease_left 10); [ "$t" -gt 45 ] && t=45
+        if [ "$build_rc" -eq 0 ]; then
+          capped "$t" python3 benchmarks/tune_norm.py --backend cuda --out "$OUT/tune" > "$OUT/tune/tune-cuda.log" 2>&1
+          done_at $? tune-cuda; tail -n 12 "$OUT/tune/tune-cuda.log"
+        fi
+        pack tune
         # 8. the rest of the time: the Triton backward's launches at the goal widths (a line per candidate, so a
         # cut run still tells; the JSON only when it finishes)
         # (outside $OUT, then into the tune tarball with the CUDA C++ tuning's files: a call cut here leaves
@@ -179,7 +194,10 @@ tests/test_bench.py::test_graph_case_times_every_direction_on_gpu} \
     tests)
       # capped so that a hung kernel still leaves its log (the device tool kills a call at 10 minutes)
       # shellcheck disable=SC2086
-      timeout "${MMFAST_TESTS_TIMEOUT:-420}" python3 -m pytest ${MMFAST_TESTS:-tests} -q -p no:cacheprovider --durations=15 2>&1 \
+      # (SIGINT: pytest still prints its summary; not the pytest-benchmark suite, whose GPU sizes take minutes:
+      # the bench stages time those)
+      timeout -s INT -k 30 "${MMFAST_TESTS_TIMEOUT:-420}" python3 -m pytest ${MMFAST_TESTS:-tests} -q -p no:cacheprovider \
+        --deselect tests/test_bench.py::test_pytest_benchmark_cases_run --durations=15 2>&1 \
         | tee "$OUT/tests.log" | tail -n 40
       rc=${PIPESTATUS[0]} ;;
     compile)

@@ -742,12 +742,20 @@ def test_timed_backward_moves_only_the_ops_bytes(direction):
     assert extra == []
 
 
-def test_commit_names_mmfast_checkout_only(tmp_path):
+def test_commit_names_mmfast_checkout_only(tmp_path, monkeypatch):
     """Records name mmfast's commit: from its own checkout the HEAD it runs from; from a copy inside another
-    project's repository (an install in that project's .venv, say) not that project's HEAD but the version."""
+    project's repository (an install in that project's .venv, say) not that project's HEAD but the version;
+    MMFAST_COMMIT above both: the GPU machine's copy of the checkout carries stale git metadata (its
+    records named a commit weeks old), so scripts/gpu_check.sh sets the one gpu_wheels.sh recorded here."""
     import shutil
 
     from mmfast.bench.env import commit
+
+    commit.cache_clear()
+    monkeypatch.setenv("MMFAST_COMMIT", "0123456789ab")
+    assert commit() == "0123456789ab"
+    monkeypatch.delenv("MMFAST_COMMIT")
+    commit.cache_clear()
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(bench_main.__file__)))
     head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True)

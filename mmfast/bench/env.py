@@ -23,16 +23,20 @@ def _git(*args: str) -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def commit() -> str:
-    """The checkout's commit, with ``-dirty`` when it has uncommitted changes to tracked files; only when
-    the package runs from mmfast's own checkout (an install inside another project's repository would
-    report that project's commit). Else ``MMFAST_COMMIT`` if set, else ``unknown (mmfast <version>)``."""
+    """``MMFAST_COMMIT`` where set (a copy of the checkout whose git metadata is not its own: the GPU
+    machine's, which scripts/gpu_check.sh gives the commit scripts/gpu_wheels.sh recorded here); else the
+    checkout's commit, with ``-dirty`` when it has uncommitted changes to tracked files, only when the
+    package runs from mmfast's own checkout (an install inside another project's repository would report
+    that project's commit); else ``unknown (mmfast <version>)``."""
+    if os.environ.get("MMFAST_COMMIT"):
+        return os.environ["MMFAST_COMMIT"]
     package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # holds mmfast/
     top = _git("rev-parse", "--show-toplevel")
     sha = _git("rev-parse", "--short=12", "HEAD") if top and os.path.samefile(top, package_root) else None
     if sha is None:
         from .. import __version__
 
-        return os.environ.get("MMFAST_COMMIT", f"unknown (mmfast {__version__})")
+        return f"unknown (mmfast {__version__})"
     dirty = _git("status", "--porcelain", "--untracked-files=no")
     return sha + ("-dirty" if dirty else "")
 
