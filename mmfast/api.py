@@ -141,14 +141,18 @@ def _wrapper_name(model: nn.Module) -> Optional[str]:
     """The distributed wrapper holding ``model``'s parameters (DDP, FSDP1, FSDP2, DeepSpeed), or None."""
     from torch.nn.parallel import DistributedDataParallel
 
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without distributed
+        FSDPModule = ()
     for m in model.modules():
         if isinstance(m, DistributedDataParallel):
             return "DistributedDataParallel"
         if type(m).__name__ in ("FullyShardedDataParallel", "DeepSpeedEngine"):
             return type(m).__name__
-    for p in model.parameters():
-        if type(p).__name__ == "DTensor" or hasattr(p, "full_tensor"):
+        if FSDPModule and isinstance(m, FSDPModule):  # (a DTensor parameter alone may be tensor parallelism)
             return "FSDP2 (fully_shard)"
+    for p in model.parameters():
         if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
             return "DeepSpeed"
     return None
@@ -179,8 +183,10 @@ def unpatch(model: nn.Module) -> int:
     them with :func:`save_trainable` first to keep the fp32 values); other parameters keep their current
     values, dtypes and ``requires_grad``. Returns the number of modules restored or removed.
 
-    Inside DDP, FSDP or DeepSpeed, which hold the parameters they were given, a change of their dtype or
-    the removal of MMA's modules is refused (before anything changes): unpatch before wrapping."""
+    Given a model inside DDP, FSDP or DeepSpeed (the wrapper itself, or an FSDP2-sharded model), which hold
+    the parameters they were given, a change of their dtype or the removal of MMA's modules is refused
+    (before anything changes): unpatch before wrapping. (The module inside a DDP wrapper, as HF Trainer's
+    ``trainer.model`` hands it out, shows no sign of the wrapper: pass the wrapper.)"""
     problem = _wrapped_unpatch_problem(model)
     if problem is not None:
         raise ValueError(problem)

@@ -489,12 +489,20 @@ def test_the_vision_layers_a_llava_model_reads(select, read):
 
     from mmfast.tuning.mma import _read_vision_layers
 
-    layers = list(range(24))
+    def tower(n, config):
+        model = torch.nn.Module()
+        model.layers = torch.nn.ModuleList(torch.nn.Identity() for _ in range(n))
+        model.config = config
+        return model, list(model.layers)
+
     cfg = SimpleNamespace(vision_feature_layer=select, vision_config=SimpleNamespace(num_hidden_layers=24))
-    assert _read_vision_layers(SimpleNamespace(config=cfg), layers) == layers[:read]
-    # not a LLaVA-style config, or another count of layers: every layer
-    assert _read_vision_layers(SimpleNamespace(config=SimpleNamespace()), layers) == layers
-    assert _read_vision_layers(SimpleNamespace(config=cfg), layers[:12]) == layers[:12]
+    model, layers = tower(24, cfg)
+    assert _read_vision_layers(model, layers) == layers[:read]
+    # not a LLaVA-style config, or another count of layers in the tower: every layer
+    model, layers = tower(24, SimpleNamespace())
+    assert _read_vision_layers(model, layers) == layers
+    model, layers = tower(12, cfg)
+    assert _read_vision_layers(model, layers) == layers
 
 
 @pytest.mark.parametrize("feature_layer,adapted", [(-2, 1), (-1, 2), (1, 1), (2, 2)])

@@ -360,6 +360,25 @@ def test_a_second_recipe_keeps_the_embedding_hook_reentrant_checkpointing_needs(
     assert trained and [n for n in trained if model.get_parameter(n).grad is None] == []
 
 
+@pytest.mark.parametrize("saved", [["input_layernorm"], ["embed_tokens"]])
+def test_the_recipe_watch_warns_when_peft_also_wraps_what_it_trained(saved, monkeypatch):
+    """PEFT wrapping a module the recipe trains (modules_to_save) moves its parameter: the watch took that
+    for "gone, nothing to say" and stayed silent while PEFT froze everything else the recipe trained."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    monkeypatch.setattr("mmfast.ops.backend._warned", set())
+    model = build("llama")
+    mmfast.patch(model, tuning="layernorm", verbose=False)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=saved))
+    model.train()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model(**batch("llama")).loss.backward()
+    assert [w for w in seen if "froze them after mmfast.patch" in str(w.message)]
+
+
 def test_a_recipe_trains_the_norm_peft_runs():
     """Where PEFT's forward runs a wrapper's ``original_module`` (the active adapter has no copy of this norm),
     that is the norm the recipe trains (the whole wrapper trained, the unused copy never got a gradient); a
@@ -909,5 +928,13 @@ def test_unpatch_refuses_what_a_distributed_wrapper_holds(tmp_path):
         model = build("llama")
         mmfast.patch(model, tuning="layernorm-simp", verbose=False)
         assert mmfast.unpatch(DDP(model)) > 0  # fp32: nothing the wrapper holds changes
+        # tensor parallelism (DTensor projections, plain norms) holds no copy of the norms: not refused
+        from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+        model = build("llama", dtype=torch.bfloat16)
+        mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+        parallelize_module(model.model.layers[0].self_attn, init_device_mesh("cpu", (1,)), {"q_proj": ColwiseParallel()})
+        assert mmfast.unpatch(model) > 0
+        assert model.model.layers[0].input_layernorm.weight.dtype == torch.bfloat16
     finally:
         dist.destroy_process_group()

@@ -247,13 +247,19 @@ def _recipe_kept(tuning: str, params: list, module: nn.Module, args) -> None:
     alive, and a copy of the model (deepcopy, pickle) watches its own."""
     if not params or not (module.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
         return
+    found = False
     for path, name in params:
         try:
             p = module.get_submodule(path)._parameters.get(name)
         except AttributeError:
             p = None
-        if p is None or p.requires_grad:
-            return  # trains (or is gone: nothing to say)
+        if p is None:  # moved (PEFT wraps a module it trains or adapts: modules_to_save, LoRA's base_layer)
+            continue
+        if p.requires_grad:
+            return
+        found = True
+    if not found:
+        return
     if not any(p.requires_grad for p in module.parameters()):
         return  # nothing trains: an evaluation with the model in training mode
     from ..ops.backend import warn_once
