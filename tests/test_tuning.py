@@ -938,3 +938,20 @@ def test_unpatch_refuses_what_a_distributed_wrapper_holds(tmp_path):
         assert model.model.layers[0].input_layernorm.weight.dtype == torch.bfloat16
     finally:
         dist.destroy_process_group()
+
+
+def test_vaultgemma_blocks_without_a_post_attention_norm():
+    """VaultGemma's layers have input_layernorm and pre_feedforward_layernorm only: the recipes refused it
+    for lack of a post_attention_layernorm. They train those two now."""
+    from transformers import VaultGemmaConfig, VaultGemmaForCausalLM
+
+    cfg = VaultGemmaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=8, vocab_size=64, max_position_embeddings=64)
+    model = VaultGemmaForCausalLM(cfg)
+    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    trained = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trained == [f"model.layers.{i}.{k}.weight" for i in range(2)
+                       for k in ("input_layernorm", "pre_feedforward_layernorm")]
+    ids = torch.randint(0, 64, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in trained)

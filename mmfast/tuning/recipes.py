@@ -71,11 +71,12 @@ def find_parts(model: nn.Module) -> ModelParts:
         decoder = inner if isinstance(inner, nn.Module) and inner is not decoder else None
     layers = getattr(decoder, "layers", None)
     if decoder is None or layers is None or not all(
-        hasattr(layer, "input_layernorm") and hasattr(layer, "post_attention_layernorm") for layer in layers
+        hasattr(layer, "input_layernorm") and (hasattr(layer, "post_attention_layernorm")
+                                               or hasattr(layer, "pre_feedforward_layernorm")) for layer in layers
     ):
         raise ValueError(
             f"LayerNorm tuning needs a LLaMA-style language model (get_decoder().layers with input_layernorm and "
-            f"post_attention_layernorm); {type(hf).__name__} has none"
+            f"post_attention_layernorm, or Gemma's pre_feedforward_layernorm); {type(hf).__name__} has none"
         )
     modules = dict(hf.named_modules())
     found = next(((path, key) for key in PROJECTOR_NAMES for path in modules if path.split(".")[-1] == key), None)
