@@ -279,6 +279,17 @@ def test_a_recipe_on_a_peft_model_keeps_its_adapters_training(tuning):
     assert [n for n in trained if model.get_parameter(n).grad is None] == []
 
 
+def _recipe_frozen_warnings(model, kind: str) -> list[str]:
+    """The "recipe froze" warnings of one training step (forward and backward in training mode)."""
+    import warnings
+
+    model.train()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model(**batch(kind)).loss.backward()
+    return [str(w.message) for w in seen if "froze them after mmfast.patch" in str(w.message)]
+
+
 @pytest.mark.parametrize("tuning", ["layernorm-simp", "mma"])
 def test_peft_wrapping_a_patched_model_warns_that_the_recipe_froze(tuning, monkeypatch):
     """patch, then get_peft_model (TRL's SFTTrainer(peft_config=...) does it): PEFT froze every recipe
@@ -316,7 +327,6 @@ def test_the_recipe_watch_follows_replaced_parameters_and_keeps_none_alive(monke
     them too) it kept the old objects alive (a whole embedding and LM head under tuning="layernorm")
     and watched those instead of the model's."""
     import gc
-    import warnings
     import weakref
 
     model = build("llama")
@@ -329,11 +339,7 @@ def test_the_recipe_watch_follows_replaced_parameters_and_keeps_none_alive(monke
     for p in model.parameters():
         p.requires_grad_(False)
     model.model.layers[0].self_attn.q_proj.weight.requires_grad_(True)
-    model.train()
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        model(**batch("llama")).loss.backward()
-    assert [w for w in seen if "froze them after mmfast.patch" in str(w.message)]
+    assert _recipe_frozen_warnings(model, "llama")
 
 
 def test_a_second_recipe_keeps_the_embedding_hook_reentrant_checkpointing_needs():
@@ -364,19 +370,13 @@ def test_a_second_recipe_keeps_the_embedding_hook_reentrant_checkpointing_needs(
 def test_the_recipe_watch_warns_when_peft_also_wraps_what_it_trained(saved, monkeypatch):
     """PEFT wrapping a module the recipe trains (modules_to_save) moves its parameter: the watch took that
     for "gone, nothing to say" and stayed silent while PEFT froze everything else the recipe trained."""
-    import warnings
-
     from peft import LoraConfig, get_peft_model
 
     monkeypatch.setattr("mmfast.ops.backend._warned", set())
     model = build("llama")
     mmfast.patch(model, tuning="layernorm", verbose=False)
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=saved))
-    model.train()
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        model(**batch("llama")).loss.backward()
-    assert [w for w in seen if "froze them after mmfast.patch" in str(w.message)]
+    assert _recipe_frozen_warnings(model, "llama")
 
 
 def test_a_recipe_trains_the_norm_peft_runs():
@@ -857,21 +857,13 @@ def test_load_trainable_mismatch(tmp_path):
         mmfast.save_trainable(frozen, tmp_path / "none.safetensors")
 
 
-def test_gemma3_trains_the_norm_in_front_of_the_mlp():
-    """Gemma 2/3 layers have sandwich norms: ``post_attention_layernorm`` normalises the attention's output,
-    and ``pre_feedforward_layernorm`` is the MLP's input norm, the one LLaMA's ``post_attention_layernorm``
-    is. The recipes trained the former by its name."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    cfg = Gemma3TextConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, head_dim=8, vocab_size=64, max_position_embeddings=64,
-                           sliding_window=4, layer_types=["sliding_attention", "full_attention"])
-    model = Gemma3ForCausalLM(cfg)
+def _simp_trains_the_block_norms(model, layers: str, mlp_norm: str, vocab: int) -> None:
+    """tuning="layernorm-simp" on a two-block model trains exactly each block's input_layernorm and
+    ``mlp_norm``, and a step gives each of them a gradient."""
     mmfast.patch(model, tuning="layernorm-simp", verbose=False)
     trained = sorted(n for n, p in model.named_parameters() if p.requires_grad)
-    assert trained == [f"model.layers.{i}.{k}.weight" for i in range(2)
-                       for k in ("input_layernorm", "pre_feedforward_layernorm")]
-    ids = torch.randint(0, 64, (2, 8))
+    assert trained == [f"{layers}.{i}.{k}.weight" for i in range(2) for k in ("input_layernorm", mlp_norm)]
+    ids = torch.randint(1, vocab, (2, 8))
     model(input_ids=ids, labels=ids).loss.backward()
     assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in trained)
 
@@ -889,13 +881,7 @@ def test_llama4_recipes_find_the_decoder_below_its_causal_lm():
               patch_size=8, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32, pixel_shuffle_ratio=0.5)
     torch.manual_seed(0)
     model = T.Llama4ForConditionalGeneration(T.Llama4Config(text_config=tc, vision_config=vc, image_token_index=127))
-    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
-    trained = sorted(n for n, p in model.named_parameters() if p.requires_grad)
-    assert trained == [f"language_model.model.layers.{i}.{k}.weight" for i in range(2)
-                       for k in ("input_layernorm", "post_attention_layernorm")]
-    ids = torch.randint(1, 100, (2, 8))
-    model(input_ids=ids, labels=ids).loss.backward()
-    assert all(model.get_parameter(n).grad is not None for n in trained)
+    _simp_trains_the_block_norms(model, "language_model.model.layers", "post_attention_layernorm", vocab=100)
 
 
 def test_unpatch_refuses_what_a_distributed_wrapper_holds(tmp_path):
@@ -940,18 +926,19 @@ def test_unpatch_refuses_what_a_distributed_wrapper_holds(tmp_path):
         dist.destroy_process_group()
 
 
-def test_vaultgemma_blocks_without_a_post_attention_norm():
-    """VaultGemma's layers have input_layernorm and pre_feedforward_layernorm only: the recipes refused it
-    for lack of a post_attention_layernorm. They train those two now."""
-    from transformers import VaultGemmaConfig, VaultGemmaForCausalLM
+@pytest.mark.parametrize("family", ["gemma3", "vaultgemma"])
+def test_the_mlp_input_norm_of_sandwich_norm_blocks(family):
+    """Gemma 2/3 layers have sandwich norms: ``post_attention_layernorm`` normalises the attention's output,
+    and ``pre_feedforward_layernorm`` is the MLP's input norm, the one LLaMA's ``post_attention_layernorm``
+    is: the recipes trained the former by its name. VaultGemma's layers have no post_attention_layernorm
+    at all, and were refused."""
+    import transformers as T
 
-    cfg = VaultGemmaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, head_dim=8, vocab_size=64, max_position_embeddings=64)
-    model = VaultGemmaForCausalLM(cfg)
-    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
-    trained = sorted(n for n, p in model.named_parameters() if p.requires_grad)
-    assert trained == [f"model.layers.{i}.{k}.weight" for i in range(2)
-                       for k in ("input_layernorm", "pre_feedforward_layernorm")]
-    ids = torch.randint(0, 64, (2, 8))
-    model(input_ids=ids, labels=ids).loss.backward()
-    assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in trained)
+    shape = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=8, vocab_size=64, max_position_embeddings=64)
+    if family == "gemma3":
+        model = T.Gemma3ForCausalLM(T.Gemma3TextConfig(**shape, sliding_window=4,
+                                                       layer_types=["sliding_attention", "full_attention"]))
+    else:
+        model = T.VaultGemmaForCausalLM(T.VaultGemmaConfig(**shape))
+    _simp_trains_the_block_norms(model, "model.layers", "pre_feedforward_layernorm", vocab=64)
