@@ -900,3 +900,22 @@ def test_a_failed_cuda_build_is_not_retried_by_the_bench(monkeypatch, capsys):
     monkeypatch.setenv("MMFAST_BENCH_CUDA", "0")
     assert bench_norm.mmfast_providers(torch.device("cuda")) == ["mmfast-triton"]
     assert "MMFAST_BENCH_CUDA=0" in capsys.readouterr().err
+
+
+def test_the_cpu_main_job_times_the_triton_kernels(tmp_path):
+    """``python -m mmfast.bench`` on a machine without a GPU (the README's main job) timed mmfast's
+    pure-PyTorch reference, where the README says the Triton kernels run through the interpreter: Triton
+    reads TRITON_INTERPRET when torch imports it, before the bench could set it. The bench starts again
+    with it set."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # a machine without a GPU, also where this test runs on one
+    out = subprocess.run([sys.executable, "-m", "mmfast.bench", "--quick", "--ops", "rms_norm", "--out", str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    records = json.loads((tmp_path / "results.json").read_text())["records"]
+    mmfast_runs = [r for r in records if r["provider"].startswith("mmfast")]
+    assert mmfast_runs and all(r["provider"] == "mmfast-triton" and not r["error"] for r in mmfast_runs)
+    from mmfast.bench.__main__ import _interpreted_cpu_run
+
+    assert _interpreted_cpu_run(["--device", "cpu"]) == ("TRITON_INTERPRET" not in os.environ)
+    assert not _interpreted_cpu_run(["--help"])

@@ -457,5 +457,19 @@ def _model_record(case, provider: str, device: torch.device, env: dict, steps: i
                   **{f"saved_bytes_{k}": v for k, v in (res["saved"] or {}).items() if k != "total"})
 
 
+def _interpreted_cpu_run(argv: list[str]) -> bool:
+    """Whether ``python -m mmfast.bench ARGV`` times on the CPU without ``TRITON_INTERPRET`` set: that run
+    should time mmfast's Triton kernels through the interpreter, as the tests run them (not its pure-PyTorch
+    reference), and Triton reads the variable when it is first imported (torch imports it)."""
+    if "TRITON_INTERPRET" in os.environ or any(a in ("-h", "--help") for a in argv):
+        return False
+    device = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--device"), None)
+    device = next((a.split("=", 1)[1] for a in argv if a.startswith("--device=")), device)
+    return device == "cpu" or (device is None and not torch.cuda.is_available())
+
+
 if __name__ == "__main__":
+    if _interpreted_cpu_run(sys.argv[1:]):
+        os.environ["TRITON_INTERPRET"] = "1"
+        os.execv(sys.executable, [sys.executable, "-m", "mmfast.bench", *sys.argv[1:]])
     sys.exit(main())

@@ -81,7 +81,7 @@ def backends_used() -> Iterator[collections.Counter]:
 
         with mmfast.backends_used() as used:
             model(**batch).loss.backward()
-        for use, calls in sorted(used.items()):
+        for use, calls in sorted(used.items(), key=str):
             print(use, calls)
 
     Blocks nest; each counts every call made while it is open."""
