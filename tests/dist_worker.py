@@ -260,3 +260,9 @@ def save_fsdp1(rank: int, world: int, port: int, out_path: str, case: str = "wra
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # the rank is done: leave without the interpreter's teardown, where gloo's threads, left to C++ static
+    # destructors, aborted a rank now and then ("terminate called without an active exception", about one
+    # run in fifteen, also before this test's code changed)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
