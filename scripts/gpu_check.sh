@@ -133,7 +133,7 @@ tests/test_bench.py::test_graph_case_times_every_direction_on_gpu} \
         # 3. the cuda backend's tests, once the build is there
         wait "$build"; build_rc=$?; tail -n 2 "$OUT/cuda.log"; [ "$build_rc" -eq 0 ] || lease_rc=1
         # a failed build is not tried again by every later step (a minute of nvcc each)
-        [ "$build_rc" -eq 0 ] || export MMFAST_BENCH_CUDA=0
+        [ "$build_rc" -eq 0 ] || export MMFAST_CUDA_BUILD=0
         graph_providers=mmfast-triton$([ "$build_rc" -eq 0 ] && echo ,mmfast-cuda),torch-native,torch.compile,liger
         echo "== tests (cuda backend) =="
         [ "$build_rc" -eq 0 ] || echo "skipped: the CUDA C++ kernels did not build or load (cuda.log)"

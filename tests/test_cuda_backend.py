@@ -379,6 +379,17 @@ def test_a_finished_build_needs_no_compiler(fresh_loader, monkeypatch, tmp_path)
     assert fresh_loader.load() is True and fresh_loader.origin() == str(directory)
 
 
+def test_no_build_on_first_use_when_turned_off(fresh_loader, monkeypatch, tmp_path):
+    """MMFAST_CUDA_BUILD=0 (scripts/gpu_check.sh sets it once a build failed in its run): no build, the
+    variable named as the reason; a finished build still loads. Every later process tried the build again
+    (a minute of nvcc each) before its benchmark's budget began."""
+    monkeypatch.setattr(fresh_loader, "runtime_missing", lambda: None)
+    monkeypatch.setattr(fresh_loader, "prerequisites", lambda: None)
+    monkeypatch.setattr(fresh_loader, "_build", lambda d: pytest.fail("built"))
+    monkeypatch.setenv("MMFAST_CUDA_BUILD", "0")
+    assert fresh_loader.load() is False and "MMFAST_CUDA_BUILD=0" in fresh_loader.unavailable_reason()
+
+
 def test_a_lock_file_without_write_access_still_locks(monkeypatch, tmp_path):
     """Another user's lock file (0644, not writable here) is opened for reading, which flock takes."""
     real_open = os.open

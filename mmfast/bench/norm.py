@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
 from typing import Callable
 
 import torch
@@ -41,9 +40,7 @@ def mmfast_providers(device: torch.device) -> list[str]:
     from ..kernels import cuda_ext
 
     names = ["mmfast-triton"]
-    if os.environ.get("MMFAST_BENCH_CUDA", "1") == "0":  # a build that failed earlier in this run is not retried
-        _say_once("mmfast-cuda: not benchmarked (MMFAST_BENCH_CUDA=0: the CUDA C++ build failed earlier in this run)")
-    elif cuda_ext.load():
+    if cuda_ext.load():
         names.append("mmfast-cuda")
     else:
         _say_once(f"mmfast-cuda: not benchmarked, the CUDA C++ kernels are unavailable: {cuda_ext.unavailable_reason()}")

@@ -71,6 +71,9 @@ CXX_FLAGS = ("-O3",)
 
 CACHE_ENV = "MMFAST_CACHE_DIR"
 TIMEOUT_ENV = "MMFAST_CUDA_BUILD_TIMEOUT"
+#: ``MMFAST_CUDA_BUILD=0``: no build on first use (a finished build or the ahead-of-time one still loads):
+#: for the processes after a build that failed (scripts/gpu_check.sh), which would each try again.
+BUILD_ENV = "MMFAST_CUDA_BUILD"
 DEFAULT_TIMEOUT_S = 1800.0
 #: Seconds a local rank other than 0 waits for rank 0 to start (or finish) the build.
 RANK0_HEAD_START_S = 30.0
@@ -469,7 +472,9 @@ def load() -> bool:
         try:
             directory = build_dir()
             if not _built(directory):  # a finished build needs no compiler (a shared cache, a machine without nvcc)
-                why = prerequisites()
+                why = (f"{BUILD_ENV}=0: no build on first use, and {directory} holds no finished one"
+                       if os.environ.get(BUILD_ENV, "1").strip().lower() in ("0", "false", "off", "no") else
+                       prerequisites())
                 if why is not None:
                     _loaded, _reason = False, why
                     return False
