@@ -17,6 +17,7 @@ from .patching.loss import patch_loss, unpatch_loss
 from .patching.mlp import patch_mlps, unpatch_mlps
 from .tuning import LN_RECIPES, apply_ln_recipe, remove_tuning_hooks, restore_master_weights
 from .tuning.recipes import recipe_modules, watch_recipe
+from .tuning.state import distributed_holder
 from .tuning.mma import MMAOptions, added_modules, insert_mma, remove_mma
 
 class _StderrHandler(logging.StreamHandler):
@@ -137,29 +138,8 @@ def patch(
     return report
 
 
-def _wrapper_name(model: nn.Module) -> Optional[str]:
-    """The distributed wrapper holding ``model``'s parameters (DDP, FSDP1, FSDP2, DeepSpeed), or None."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch without distributed
-        FSDPModule = ()
-    for m in model.modules():
-        if isinstance(m, DistributedDataParallel):
-            return "DistributedDataParallel"
-        if type(m).__name__ in ("FullyShardedDataParallel", "DeepSpeedEngine"):
-            return type(m).__name__
-        if FSDPModule and isinstance(m, FSDPModule):  # (a DTensor parameter alone may be tensor parallelism)
-            return "FSDP2 (fully_shard)"
-    for p in model.parameters():
-        if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
-            return "DeepSpeed"
-    return None
-
-
 def _wrapped_unpatch_problem(model: nn.Module) -> Optional[str]:
-    wrapper = _wrapper_name(model)
+    wrapper = distributed_holder(model)
     if wrapper is None:
         return None
     changes = []

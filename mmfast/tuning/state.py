@@ -45,6 +45,27 @@ def _fsdp1_root(model: nn.Module):
     return next((m for m in model.modules() if type(m).__name__ == "FullyShardedDataParallel"), None)
 
 
+def distributed_holder(model: nn.Module) -> Optional[str]:
+    """The distributed wrapper holding ``model``'s parameters, or None: DDP, FSDP1 or a DeepSpeed engine
+    around it (what :func:`unwrap` steps through, but ``torch.compile``), FSDP2 (a ``fully_shard``
+    module in it; a DTensor parameter alone may be tensor parallelism, which holds no copy), DeepSpeed's
+    parameters (ZeRO-3 partitions, optimizer fp32 masters)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without distributed
+        FSDPModule = None
+    for m in model.modules():
+        if isinstance(m, nn.parallel.DistributedDataParallel):
+            return "DistributedDataParallel"
+        if type(m).__name__ in ("FullyShardedDataParallel", "DeepSpeedEngine"):
+            return type(m).__name__
+        if FSDPModule is not None and isinstance(m, FSDPModule):
+            return "FSDP2 (fully_shard)"
+    if any(partitioned(p) or _deepspeed_master(p) for p in model.parameters()):
+        return "DeepSpeed"
+    return None
+
+
 def _named_trainables(model: nn.Module):
     return ((clean_name(n), p) for n, p in unwrap(model).named_parameters() if p.requires_grad)
 
