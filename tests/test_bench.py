@@ -889,7 +889,7 @@ def test_graph_records_have_no_fraction_of_copy():
     assert d["timing"] == "direct" and d["frac_of_copy"] == pytest.approx(d["gbps"] / 3000.0)
 
 
-def test_the_cpu_main_job_times_the_triton_kernels(tmp_path):
+def test_the_cpu_main_job_times_the_triton_kernels(tmp_path, monkeypatch):
     """``python -m mmfast.bench`` on a machine without a GPU (the README's main job) timed mmfast's
     pure-PyTorch reference, where the README says the Triton kernels run through the interpreter: Triton
     reads TRITON_INTERPRET when torch imports it, before the bench could set it. The bench starts again
@@ -904,5 +904,8 @@ def test_the_cpu_main_job_times_the_triton_kernels(tmp_path):
     assert mmfast_runs and all(r["provider"] == "mmfast-triton" and not r["error"] for r in mmfast_runs)
     from mmfast.bench.__main__ import _interpreted_cpu_run
 
-    assert _interpreted_cpu_run(["--device", "cpu"]) == ("TRITON_INTERPRET" not in os.environ)
-    assert not _interpreted_cpu_run(["--help"])
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert _interpreted_cpu_run(["--device", "cpu"]) and _interpreted_cpu_run(["--dev=cpu", "--quick"])
+    assert not _interpreted_cpu_run(["--device", "cuda"]) and not _interpreted_cpu_run(["--help"])
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not _interpreted_cpu_run(["--device", "cpu"])  # set already: runs as it is

@@ -115,13 +115,13 @@ def _progress(total: int):
         return None
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mmfast.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench-results", help="output directory (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a previous run's results in --out (its results.*, summary.md and PNG plots); "
-                        "without it a directory holding a results.json is refused before anything runs")
+                        "without it a directory holding a previous run's outputs is refused before anything runs")
     p.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of %(default)s")
     p.add_argument("--providers", default=None,
                    help="comma-separated providers, run in the order given within each case (and, on a GPU, "
@@ -148,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend-table", default=None, metavar="FILE",
                    help="also write the table MMFAST_BACKEND=auto uses to choose between the CUDA C++ and Triton "
                         "kernels on this GPU model, from this run's mmfast-cuda and mmfast-triton timings")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
     for flag, value in (("--steps", 1 if args.steps is None else args.steps), ("--batch", args.batch), ("--llm-layers", args.llm_layers)):
         if value < 1:
@@ -463,8 +468,7 @@ def _interpreted_cpu_run(argv: list[str]) -> bool:
     reference), and Triton reads the variable when it is first imported (torch imports it)."""
     if "TRITON_INTERPRET" in os.environ or any(a in ("-h", "--help") for a in argv):
         return False
-    device = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--device"), None)
-    device = next((a.split("=", 1)[1] for a in argv if a.startswith("--device=")), device)
+    device = _parser().parse_known_args(argv)[0].device
     return device == "cpu" or (device is None and not torch.cuda.is_available())
 
 

@@ -270,10 +270,10 @@ def _llm_norm_hook(state: _State, layer: int, adapter: MMAdapter, module, args, 
 _IMAGE_INPUTS = ("mm_encoder_outputs", "image_embeds", "image_features")
 
 
-def _has_visual_tokens(ids: Tensor, token_ids) -> Tensor:
-    """[B] bool: which rows of ``ids`` hold any of ``token_ids`` (an id, or a tuple: image and video)."""
+def _has_visual_tokens(ids: Tensor, token_ids: tuple[int, ...]) -> Tensor:
+    """[B] bool: which rows of ``ids`` hold any of ``token_ids`` (:func:`_visual_token_ids`)."""
     found = None
-    for tid in token_ids if isinstance(token_ids, tuple) else (token_ids,):
+    for tid in token_ids:
         hit = (ids == tid).any(-1)
         found = hit if found is None else found | hit
     return found
@@ -290,7 +290,7 @@ def _top_pre_hook(state: _State, module, args, kwargs):
     """Decide which samples have images, from ``mma_has_image`` or the image (and video) tokens in
     ``input_ids``. The token ids are read from the config on every call, as the model reads them: a token
     added after patching (``resize_token_embeddings``, then ``config.image_token_id``) counts."""
-    image_token_id = _visual_token_ids(module.config)
+    visual_ids = _visual_token_ids(module.config)
     flags = kwargs.pop(HAS_IMAGE_KWARG, None)
     ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
     embeds = kwargs.get("inputs_embeds")
@@ -301,7 +301,7 @@ def _top_pre_hook(state: _State, module, args, kwargs):
     # the KV cache: ``cache`` from transformers 5.24 (``past_key_values`` before, still accepted)
     past = next((kwargs[k] for k in ("cache", "past_key_values") if kwargs.get(k) is not None), None)
     decoding = past is not None and getattr(past, "get_seq_length", lambda: 0)() > 0
-    if decoding and getattr(past, CACHE_FLAGS_ATTR, None) is None and ids is not None and image_token_id is not None \
+    if decoding and getattr(past, CACHE_FLAGS_ATTR, None) is None and ids is not None and visual_ids is not None \
             and (ids.shape[-1] > 1 or kwargs.get("labels") is not None):
         # a cache this model did not fill, under a whole sequence (PEFT's prefix tuning hands every forward a
         # cache holding its virtual tokens): its own image tokens say which samples have images
@@ -314,17 +314,17 @@ def _top_pre_hook(state: _State, module, args, kwargs):
         flags = kept  # generation: keep the prefill's flags
         images = any(v is not None and not (isinstance(v, (dict, list, tuple)) and not v)  # generate passes {}
                      for k, v in kwargs.items() if k.startswith("pixel_values") or k in _IMAGE_INPUTS)
-        if images and ids is not None and image_token_id is not None:
+        if images and ids is not None and visual_ids is not None:
             # a chunk after a cached prefix may bring a sample's image: route it (and what follows) as one
             # (only a chunk with images: a decode step that samples the image token id merges no image)
-            new = _has_visual_tokens(ids, image_token_id) & ~flags
+            new = _has_visual_tokens(ids, visual_ids) & ~flags
             if not torch.compiler.is_compiling() and bool(new.any()):
                 warn_once("mmfast MMA: image tokens arrived after a cached text prefix; the new tokens route "
                           "as image samples, but the cached prefix keeps the text routing it was computed "
                           "with (a single pass over the whole sequence would route all of it as image)")
             flags = flags | new
-    elif ids is not None and image_token_id is not None:
-        flags = _has_visual_tokens(ids, image_token_id)
+    elif ids is not None and visual_ids is not None:
+        flags = _has_visual_tokens(ids, visual_ids)
     elif kwargs.get("pixel_values") is not None:
         raise ValueError(f"mmfast MMA: images given without input_ids (PEFT's prompt learning, say, hands the model "
                          f"inputs_embeds only); pass {HAS_IMAGE_KWARG} (a [batch] bool tensor)")
@@ -558,16 +558,14 @@ def _read_vision_layers(hf: nn.Module, vision: list[nn.Module]) -> list[nn.Modul
         return vision
     picks = select if isinstance(select, (list, tuple)) else [select]
     last_state = max(int(s) if s >= 0 else n + 1 + int(s) for s in picks)
-    towers: dict[int, list[nn.Module]] = {}
+    ids = {id(v) for v in vision}
+    read, listed = set(), set()  # (a layer in no layer list is read)
     for m in hf.modules():
         if isinstance(m, nn.ModuleList):
-            members = [layer for layer in m if any(layer is v for v in vision)]
-            if members:
-                towers[id(m)] = members
-    read = set()
-    for members in towers.values():
-        read.update(id(m) for m in (members[:max(last_state, 0)] if len(members) == n else members))
-    return [m for m in vision if id(m) in read or not any(m in t for t in towers.values())]
+            members = [layer for layer in m if id(layer) in ids]
+            listed.update(id(layer) for layer in members)
+            read.update(id(layer) for layer in (members[:max(last_state, 0)] if len(members) == n else members))
+    return [m for m in vision if id(m) in read or id(m) not in listed]
 
 
 def _layers_with_cls(hf: nn.Module) -> set[int]:
@@ -784,7 +782,7 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
     paths = {id(m): n for n, m in model.named_modules()}
     unread = [(paths.get(id(m), "?"), f"no MMA adapter: the model reads the vision tower's hidden states at "
                f"vision_feature_layer={hf.config.vision_feature_layer}, and this layer's output is not used")
-              for m in vision if not any(m is r for r in read)]
+              for m in vision if id(m) not in {id(r) for r in read}]
     if not vision and getattr(hf.config, "vision_config", None) is not None:
         tower = next((paths.get(id(m), n) for n, m in hf.named_modules() if n.split(".")[-1] in _TOWER_NAMES),
                      "vision tower")
