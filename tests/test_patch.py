@@ -255,6 +255,45 @@ def test_pickle_and_deepcopy_keep_patch(tuning):
     assert core.is_patched(loaded.model.layers[0].input_layernorm)
 
 
+@pytest.mark.parametrize("tuning", [None, "layernorm", "mma"])
+def test_patched_model_freed_without_garbage_collection(tuning):
+    """``del model`` frees a patched, trained model (and a deep copy of it) at once, as an unpatched one: the
+    forwards, extra_repr, replication guard and fused loss patching puts on a module hold it weakly (a
+    strong hold made every patched module a cycle that kept its GPU memory until a full collection)."""
+    import gc
+    import weakref
+
+    model = build("llava")
+    mmfast.patch(model, tuning=tuning, verbose=False)
+    clone = copy.deepcopy(model)
+    for m in (model, clone):
+        m(**batch("llava")).loss.backward()
+    held = model.model.language_model.norm.forward
+    gc.collect()
+    gc.disable()
+    try:
+        refs = [weakref.ref(x) for m in (model, clone) for x in (*m.modules(), *m.parameters())]
+        del model, clone, m
+        alive = sum(r() is not None for r in refs)
+    finally:
+        gc.enable()
+    assert alive == 0, f"{alive} of {len(refs)} modules and parameters outlived their model"
+    with pytest.raises(ReferenceError, match="has been freed"):
+        held(torch.ones(2, 40))
+
+
+def test_patched_forward_pickled_as_partial_still_loads():
+    """A patched forward pickled by an earlier version (a ``functools.partial`` subclass: state is the
+    partial's tuple) loads into the weakly bound forward, bound to its module."""
+    model = build("llama")
+    mmfast.patch(model, verbose=False, fused_loss=False, fused_mlp=False)
+    norm = model.model.norm
+    old = core._PatchedForward(core.patched_forward)
+    old.__setstate__((core.patched_forward, (norm,), {}, {}))
+    x = torch.randn(3, 40)
+    assert old.args[0] is norm and torch.equal(old(x), norm(x))
+
+
 def test_save_pretrained_round_trip(tmp_path):
     from transformers import LlavaForConditionalGeneration
 
@@ -361,7 +400,7 @@ def test_accelerate_hook_kept():
     ref = norm(x)
     report = mmfast.patch(nn.Sequential(norm), verbose=False)
     assert report.patched == ["0"]
-    assert isinstance(norm.__dict__["_old_forward"], functools.partial)
+    assert isinstance(norm.__dict__["_old_forward"], core._PatchedForward)
     before = Count.n
     torch.testing.assert_close(norm(x), ref)
     assert Count.n == before + 1

@@ -20,6 +20,7 @@ import functools
 import inspect
 import re
 import types
+import weakref
 from collections import Counter
 from typing import Any, Optional
 
@@ -70,14 +71,63 @@ def _original_call(module: nn.Module, rec: _Patch):
 EXTRA_KWARGS_ATTR = "_mmfast_extra_kwargs"
 
 
-class _PatchedForward(functools.partial):
-    """``partial(forward, module)`` that shows the original forward's signature, so callers that
+class ModuleCall:
+    """``func(module, ...)``, for a callable the module itself holds (its patched forward, ``extra_repr``,
+    the fused loss). The module is held by weak reference: a strong one (a ``functools.partial``, a bound
+    method) would make every patched module a reference cycle, freed only by a full garbage collection
+    instead of when its last reference goes, as an unpatched one is (a ``del model`` that left a model's
+    GPU memory allocated until then). Pickle and deepcopy see ``func`` and the module itself, so a copy
+    binds to the copied module. ``func`` and ``args`` read as a partial's do."""
+
+    def __init__(self, func, module: Optional[nn.Module] = None):
+        self.func = func
+        self._ref = None if module is None else weakref.ref(module)
+
+    @property
+    def args(self) -> tuple:
+        return (self._module(),)
+
+    @property
+    def keywords(self) -> dict:
+        return {}
+
+    def _module(self) -> nn.Module:
+        module = self._ref() if self._ref is not None else None
+        if module is None:
+            raise ReferenceError(f"mmfast: the module this {_describe(self.func)} was bound to has been freed")
+        return module
+
+    def __call__(self, *args, **kwargs):
+        module = self._ref()
+        if module is None:
+            self._module()
+        return self.func(module, *args, **kwargs)
+
+    def __reduce__(self):
+        extra = {k: v for k, v in self.__dict__.items() if k not in ("func", "_ref")}
+        return type(self), (self.func, self._module()), extra or None
+
+    def __setstate__(self, state) -> None:
+        if isinstance(state, tuple):  # pickled as a functools.partial by an earlier version
+            func, args, _, extra = state
+            self.func, self._ref = func, weakref.ref(args[0])
+            state = extra or {}
+        self.__dict__.update({k: v for k, v in state.items() if k not in ("func", "_ref")})
+
+    def __repr__(self) -> str:
+        module = self._ref() if self._ref is not None else None
+        bound = "freed module" if module is None else type(module).__name__
+        return f"<mmfast {_describe(self.func)} bound to {bound}>"
+
+
+class _PatchedForward(ModuleCall):
+    """The patched forward: shows the original forward's signature, so callers that
     inspect it (HF Trainer's column filter, ``generate``'s argument check) see the real parameters, and
     the keyword arguments mmfast's hooks take (:data:`EXTRA_KWARGS_ATTR`), so Trainer keeps those columns."""
 
     @property
     def __signature__(self) -> inspect.Signature:
-        module = self.args[0]
+        module = self._module()
         rec = module.__dict__.get(_ATTR)
         sig = inspect.signature(_original_call(module, rec) if rec is not None else
                                 functools.partial(type(module).forward, module))
@@ -257,8 +307,8 @@ def _install(module: nn.Module, fam, forward=patched_forward) -> None:
         # signature is the original's plus mmfast's keyword arguments (EXTRA_KWARGS_ATTR)
         rec.saved_wrapped = hooked.__wrapped__
         hooked.__wrapped__ = patched
-    module.extra_repr = functools.partial(_patched_extra_repr, module)
-    d[_REPLICATE] = functools.partial(_refuse_replication, module)
+    module.extra_repr = ModuleCall(_patched_extra_repr, module)
+    d[_REPLICATE] = ModuleCall(_refuse_replication, module)
 
 
 def _refuse_replication(module: nn.Module):
@@ -272,8 +322,11 @@ def _refuse_replication(module: nn.Module):
 
 
 def _unpatched_call(original, module: nn.Module, *args, **kwargs):
-    """A disarmed patched forward: the original forward (``module`` stays the partial's first argument,
-    as the signature lookup wants it)."""
+    """A disarmed patched forward: the original forward (``module`` stays the first argument, as the
+    signature lookup wants it); ``original`` is the instance's own forward, or _ABSENT for the class's (looked
+    up at the call: holding it bound would hold the module)."""
+    if original is _ABSENT:
+        return type(module).forward(module, *args, **kwargs)
     return original(*args, **kwargs)
 
 
@@ -285,12 +338,10 @@ def _uninstall(module: nn.Module) -> None:
     d = module.__dict__
     d.pop(_REPLICATE, None)
     rec: _Patch = d.pop(_ATTR)
-    original = _original_call(module, rec)
     if rec.forward is None:  # a record pickled before it kept its forward: the one in its slot
         rec.forward = d.get(rec.slot)
-    if isinstance(rec.forward, _PatchedForward):  # disarmed in place: partial's state, as pickle sets it
-        rec.forward.__setstate__((functools.partial(_unpatched_call, original), (module,), {},
-                                  rec.forward.__dict__))
+    if isinstance(rec.forward, ModuleCall):  # disarmed in place, wherever it is held
+        rec.forward.func = functools.partial(_unpatched_call, rec.saved_slot)
     own = rec.saved_slot is _ABSENT or getattr(rec.saved_slot, "__func__", None) is type(module).forward
     if d.get(rec.slot) is rec.forward:  # where it was put
         if rec.saved_slot is _ABSENT:

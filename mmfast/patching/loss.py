@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.loss import linear_cross_entropy
-from .core import (_ATTR, _foreign_patch, _install, _original_call, foreign_hook, is_disabled, is_patched,
+from .core import (_ATTR, ModuleCall, _foreign_patch, _install, _original_call, foreign_hook, is_disabled, is_patched,
                    unpatch_where)
 from .table import _code_key
 
@@ -219,7 +219,7 @@ def _unfused_reason(model: nn.Module) -> Optional[str]:
         return ("the model's lm_head was replaced after patching (resize_token_embeddings, a PEFT "
                 "modules_to_save wrapper, ...); mmfast.patch(model) again fuses a new nn.Linear head")
     fn = model.__dict__.get("_loss_function")
-    if not (isinstance(fn, functools.partial) and fn.func is _loss_function):
+    if not (isinstance(fn, ModuleCall) and fn.func is _loss_function):
         return "a loss_function was set on the model after patching; the fused loss would bypass it"
     not_causal = _loss_not_causal(model)
     if not_causal is not None:
@@ -294,7 +294,7 @@ def patch_loss(model: nn.Module) -> Optional[str]:
         return reason
     _install(model, _MODEL, _model_forward)
     _install_head(model.lm_head)
-    model._loss_function = functools.partial(_loss_function, model)
+    model._loss_function = ModuleCall(_loss_function, model)
     return None
 
 
