@@ -857,6 +857,99 @@ def test_load_trainable_mismatch(tmp_path):
         mmfast.save_trainable(frozen, tmp_path / "none.safetensors")
 
 
+def _trained_file(tuning: str, path) -> tuple:
+    """A LLaVA tuned with ``tuning``, its trainables moved off their start (random), saved to ``path``;
+    returns the model and its logits on the tiny batch."""
+    model = build("llava").eval()
+    mmfast.patch(model, tuning=tuning, verbose=False)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+        ref = model(**_no_labels()).logits
+    mmfast.save_trainable(model, path)
+    return model, ref
+
+
+def _no_labels() -> dict:
+    return {k: v for k, v in batch("llava").items() if k != "labels"}
+
+
+@pytest.mark.parametrize("tuning", ["layernorm+projector", "mma"])
+@pytest.mark.parametrize("order", ["offload-then-patch", "patch-then-offload"])
+def test_save_load_trainable_with_accelerate_cpu_offload(tmp_path, tuning, order):
+    """A model offloaded by Accelerate (its weights on meta, loaded by its hooks for each forward): the trained
+    norms and projector are loaded into what the hooks load, and saved from there. Both refused before (the
+    load's error advised to_empty, which throws the offloaded weights away; the save raised on meta)."""
+    from accelerate import cpu_offload
+    from safetensors.torch import load_file
+
+    _, ref = _trained_file(tuning, tmp_path / "t.safetensors")
+    model = build("llava").eval()
+    if order == "offload-then-patch":
+        cpu_offload(model, execution_device="cpu")
+    mmfast.patch(model, tuning=tuning, verbose=False)
+    if order == "patch-then-offload":
+        cpu_offload(model, execution_device="cpu")
+    proj = model.model.multi_modal_projector.linear_1.weight
+    assert proj.is_meta and proj.requires_grad  # offloaded, and trained by the recipe
+    with torch.no_grad():
+        assert not torch.allclose(model(**_no_labels()).logits, ref)
+    loaded = mmfast.load_trainable(model, tmp_path / "t.safetensors")
+    assert "model.multi_modal_projector.linear_1.weight" in loaded
+    with torch.no_grad():
+        assert torch.equal(model(**_no_labels()).logits, ref)
+    assert proj.is_meta  # still offloaded
+    names = mmfast.save_trainable(model, tmp_path / "again.safetensors")
+    assert names == loaded
+    saved, again = load_file(tmp_path / "t.safetensors"), load_file(tmp_path / "again.safetensors")
+    assert all(torch.equal(saved[n], again[n]) for n in names)
+
+
+def test_load_trainable_refuses_disk_offloaded_parameters(tmp_path):
+    """Disk offloading reads each weight from its file at every forward: a load into what it read would be
+    lost. Refused, naming the way; nothing changed. Saving reads the file."""
+    from accelerate import disk_offload
+    from safetensors.torch import load_file
+
+    trained, ref = _trained_file("layernorm", tmp_path / "t.safetensors")
+    model = build("llava").eval()
+    mmfast.patch(model, tuning="layernorm", verbose=False)
+    mmfast.save_trainable(model, tmp_path / "before.safetensors")
+    disk_offload(model, str(tmp_path / "offload"), execution_device="cpu")
+    with torch.no_grad():
+        before = model(**_no_labels()).logits
+    with pytest.raises(ValueError, match="offloaded to disk by Accelerate"):
+        mmfast.load_trainable(model, tmp_path / "t.safetensors")
+    with torch.no_grad():
+        assert torch.equal(model(**_no_labels()).logits, before)
+    names = mmfast.save_trainable(model, tmp_path / "again.safetensors")
+    saved, again = load_file(tmp_path / "before.safetensors"), load_file(tmp_path / "again.safetensors")
+    assert names == sorted(saved) and all(torch.equal(saved[n], again[n]) for n in names)
+
+
+def test_trainable_file_path_errors(tmp_path):
+    """A directory, a torch.save file, a missing file: errors that name what was passed and what is wanted
+    (they were a bare OSError "No such device", a safetensors header error, an error from the writer)."""
+    model = build("llava")
+    mmfast.patch(model, tuning="layernorm", verbose=False)
+    checkpoint = tmp_path / "checkpoint-500"
+    checkpoint.mkdir()
+    with pytest.raises(ValueError, match="is a directory; pass the path of the file"):
+        mmfast.save_trainable(model, checkpoint)
+    with pytest.raises(ValueError, match="is a directory; pass the file save_trainable wrote$"):
+        mmfast.load_trainable(model, checkpoint)
+    mmfast.save_trainable(model, checkpoint / "mmfast.safetensors")
+    with pytest.raises(ValueError, match="is a directory.*it holds .*mmfast.safetensors"):
+        mmfast.load_trainable(model, checkpoint)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    with pytest.raises(ValueError, match="is not a safetensors file"):
+        mmfast.load_trainable(model, tmp_path / "model.pt")
+    with pytest.raises(FileNotFoundError, match="no file"):
+        mmfast.load_trainable(model, tmp_path / "missing.safetensors")
+
+
 def _simp_trains_the_block_norms(model, layers: str, mlp_norm: str, vocab: int) -> None:
     """tuning="layernorm-simp" on a two-block model trains exactly each block's input_layernorm and
     ``mlp_norm``, and a step gives each of them a gradient."""

@@ -70,6 +70,42 @@ def _named_trainables(model: nn.Module):
     return ((clean_name(n), p) for n, p in unwrap(model).named_parameters() if p.requires_grad)
 
 
+def _offload_hooks(hook):
+    """The hooks in an Accelerate hook (one, or a ``SequentialHook`` of several) that offload weights."""
+    for h in getattr(hook, "hooks", None) or (hook,):
+        if getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None:
+            yield h
+
+
+def _offloaded(inner: nn.Module) -> dict:
+    """Clean name -> (weights map, key) of each meta parameter of ``inner`` whose value an Accelerate hook
+    keeps off the module between forwards (``cpu_offload``, a ``device_map`` with "cpu" or "disk"
+    entries): the hook loads ``weights_map[key]`` onto the execution device for each forward."""
+    out = {}
+    for mod_name, module in inner.named_modules():
+        for hook in _offload_hooks(module.__dict__.get("_hf_hook")):
+            for local, p in module.named_parameters(recurse=bool(getattr(hook, "place_submodules", False))):
+                name = clean_name(f"{mod_name}.{local}" if mod_name else local)
+                if p.is_meta and name not in out:
+                    try:
+                        hook.weights_map[local]
+                    except KeyError:
+                        continue
+                    out[name] = (hook.weights_map, local)
+    return out
+
+
+def _offloaded_value(where: tuple) -> torch.Tensor:
+    weights_map, key = where
+    return weights_map[key]
+
+
+def _offloaded_in_memory(where: tuple) -> bool:
+    """Whether the weights map hands out one tensor for the key (held in memory: writing into it is what the
+    next forward loads), not a fresh read from disk each time."""
+    return _offloaded_value(where) is _offloaded_value(where)
+
+
 def _deepspeed_master(p: torch.Tensor) -> bool:
     """Whether a DeepSpeed optimizer keeps an fp32 master of ``p`` (ZeRO-1/2/3, its bf16 optimizer): the
     trained value is the master's; the module's 16-bit copy is its rounding (a norm update below bf16's
@@ -121,7 +157,9 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     never needs more memory than the largest unit (a whole unsharded model could not fit)."""
     root = _fsdp1_root(model)
     if root is None:
-        return {name: _gathered_tensor(p) for name, p in _named_trainables(model)}
+        offloaded = _offloaded(unwrap(model))
+        return {name: _gathered_tensor(_offloaded_value(offloaded[name]) if name in offloaded else p)
+                for name, p in _named_trainables(model)}
     # parameters saved so far, by id, with a weak reference that tells a live object from one that took a
     # freed one's id (without use_orig_params every summon makes new parameter objects and frees them after)
     out, seen = {}, {}
@@ -178,6 +216,9 @@ def save_trainable(model: nn.Module, path: str | os.PathLike) -> list[str]:
             options = _mma_options(model)
             if options is not None:  # what the adapters compute with besides their weights (temperature, scale)
                 meta[_MMA_KEY] = json.dumps(options, sort_keys=True, default=_json_number)
+            if os.path.isdir(path):
+                raise ValueError(f"save_trainable: {path} is a directory; pass the path of the file to write "
+                                 f"(e.g. {os.path.join(path, 'mmfast.safetensors')})")
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             save_file(tensors, str(path), metadata=meta)
         except Exception as e:  # noqa: BLE001 - the other ranks are told, then it is raised
@@ -241,9 +282,14 @@ def load_trainable(model: nn.Module, path: str | os.PathLike, *, strict: bool = 
         raise RuntimeError(f"load_trainable: another rank could not load {path} (its error says why)")
     if error is not None:
         raise error
+    offloaded = _offloaded(inner)
     with torch.no_grad():
         for name in sorted(saved):  # one order on every rank: the ZeRO-3 gathers are collectives
             p, t = params[name], saved[name]
+            if name in offloaded:  # what the offloading hook loads for the next forward
+                value = _offloaded_value(offloaded[name])
+                value.copy_(t.to(dtype=value.dtype))
+                continue
             with gathered([p], modifier_rank=0):  # rank 0's values partitioned again on exit (ZeRO-3)
                 p.copy_(t.to(dtype=p.dtype))
             if _deepspeed_master(p):
@@ -259,17 +305,28 @@ def load_trainable(model: nn.Module, path: str | os.PathLike, *, strict: bool = 
 def _checked_file(model: nn.Module, inner: nn.Module, params: dict, path, strict: bool) -> tuple[dict, dict]:
     """``(metadata, tensors)`` of a save_trainable file that fits ``model``, or the ValueError listing what does
     not."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"load_trainable: {path} was not written by mmfast.save_trainable")
-        saved = {k: f.get_tensor(k) for k in f.keys()}
+    if os.path.isdir(path):
+        inside = os.path.join(path, "mmfast.safetensors")
+        hint = f"; it holds {inside}, which may be the one" if os.path.isfile(inside) else ""
+        raise ValueError(f"load_trainable: {path} is a directory; pass the file save_trainable wrote{hint}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"load_trainable: no file {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"load_trainable: {path} was not written by mmfast.save_trainable")
+            saved = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:
+        raise ValueError(f"load_trainable: {path} is not a safetensors file ({e}); save_trainable writes "
+                         "safetensors (a torch.save file cannot be loaded here)") from e
     if _fsdp1_root(model) is not None:
         raise ValueError("load_trainable: the model is wrapped in FSDP (FullyShardedDataParallel), whose parameters are "
                          "each rank's flat shards; load before wrapping it")
     problems = []
+    offloaded = _offloaded(inner)
     now = _mma_options(model)
     if _MMA_KEY in meta and now is not None:  # the same weights give other outputs under other options
         were = json.loads(meta[_MMA_KEY])
@@ -279,6 +336,15 @@ def _checked_file(model: nn.Module, inner: nn.Module, params: dict, path, strict
         p = params.get(name)
         if p is None:
             problems.append(f"{name}: not a parameter of {type(inner).__name__}")
+        elif name in offloaded:
+            value = _offloaded_value(offloaded[name])
+            if not _offloaded_in_memory(offloaded[name]):
+                problems.append(f"{name}: offloaded to disk by Accelerate (each forward reads it from the file); "
+                                "load before dispatching the model, or offload it to the CPU instead")
+            elif tuple(value.shape) != tuple(t.shape):
+                problems.append(f"{name}: saved shape {tuple(t.shape)} != model's {tuple(value.shape)}")
+            elif value.is_floating_point() and not t.is_floating_point():
+                problems.append(f"{name}: saved as {t.dtype}, the model's parameter is {value.dtype}")
         elif p.is_meta:
             problems.append(f"{name}: the model's parameter is on the meta device (no memory to load into); load "
                             f"after model.to_empty(...)")
