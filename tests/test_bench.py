@@ -5,6 +5,7 @@ import importlib.util
 import csv
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -437,19 +438,23 @@ def test_tunings_option_selects_model_cases(capsys):
     (["--batch", "-1"], "--batch must be at least 1"),
     (["--time-budget", "-5"], "--time-budget must be a positive"),
     (["--device", "foo"], "--device"),
+    (["--device", ""], "--device: empty"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "mps"], "--device"),
     (["--out", "{file}"], "exists and is not a directory"),
     (["--out", "{file}/below"], "cannot create it"),
     (["--backend-table", "{tmp}/no-such-dir/table.json"], "--backend-table"),
     (["--providers", "hf-eager,mmfast-trition"], "unknown providers ['mmfast-trition']"),
     (["--out", "{tmp}/previous"], "holds a previous run (NVIDIA H100, commit abc); pass --overwrite"),
-] + ([(["--sizes", "small", "--ops", "rms_norm"], "the small shapes are CUDA-graph cases, GPU only")]
+] + ([(["--sizes", "small", "--ops", "rms_norm"], "the small shapes are CUDA-graph cases, GPU only"),
+       (["--backend-table", "{tmp}/table.json"], "--backend-table: the table is made from GPU timings")]
      if not torch.cuda.is_available() else []))
 def test_bad_arguments_fail_before_anything_runs(args, message, tmp_path, capsys, monkeypatch):
     """Arguments that would fail the run, or fail only once it had run (an --out that cannot be written lost
     every result at the end), or replace a previous run's results, are refused at the start, with
     argparse's usage error and nothing created."""
     monkeypatch.setattr(bench_main, "environment", lambda device: pytest.fail("the run started"))
+    # (which providers can run is asked after: on a GPU that builds the CUDA C++ extension, a minute)
+    monkeypatch.setattr(bench_main, "_providers", lambda *a: pytest.fail("the plan was made first"))
     (tmp_path / "file").write_text("")
     (tmp_path / "previous").mkdir()
     (tmp_path / "previous" / "results.json").write_text(json.dumps({"meta": {"device": "NVIDIA H100", "commit": "abc"}}))
@@ -906,6 +911,21 @@ def test_the_cpu_main_job_times_the_triton_kernels(tmp_path, monkeypatch):
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert _interpreted_cpu_run(["--device", "cpu"]) and _interpreted_cpu_run(["--dev=cpu", "--quick"])
+    assert _interpreted_cpu_run(["--device", "cpu:0"])  # timed the reference before
     assert not _interpreted_cpu_run(["--device", "cuda"]) and not _interpreted_cpu_run(["--help"])
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not _interpreted_cpu_run(["--device", "cpu"])  # set already: runs as it is
+
+
+def test_a_closed_console_loses_no_results(tmp_path):
+    """A reader that stops reading (``| head``): the table's print raised BrokenPipeError before the files
+    were written, and every measurement was lost with a traceback. The files come first now, and the run
+    ends as it would have."""
+    out = tmp_path / "out"
+    cmd = (f"{shlex.quote(sys.executable)} -m mmfast.bench --quick --ops swiglu --providers hf-eager "
+           f"--out {shlex.quote(str(out))} | head -c 1; exit ${{PIPESTATUS[0]}}")
+    run = subprocess.run(["bash", "-c", cmd], env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr and "results are in" not in run.stderr
+    assert json.loads((out / "results.json").read_text())["records"]

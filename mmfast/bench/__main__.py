@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.time_budget is not None and not args.time_budget > 0:
         p.error(f"--time-budget must be a positive number of seconds, got {args.time_budget:g}")
 
+    if args.device is not None and not args.device.strip():
+        p.error("--device: empty; pass cuda or cpu (or leave it out: cuda when available)")
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as e:
@@ -175,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         if device.index is not None:
             torch.cuda.set_device(device.index)
         device = torch.device("cuda", torch.cuda.current_device())
+    if args.backend_table and device.type != "cuda":
+        p.error(f"--backend-table: the table is made from GPU timings of both backends; this run is on {device.type}")
     if args.steps is None:  # (on CPU each step runs the Triton interpreter: seconds)
         args.steps = 2 if args.quick else (10 if device.type == "cuda" else 3)
     ops = set(args.ops.split(","))
@@ -196,17 +200,21 @@ def main(argv: list[str] | None = None) -> int:
     if not cases:
         p.error(f"nothing to run: --sizes {args.sizes} has no case of {sorted(ops)} on {device.type}"
                 + (" (the small shapes are CUDA-graph cases, GPU only)" if args.sizes == "small" else ""))
+    # before the plan: asking which providers can run builds the CUDA C++ extension on first use (a minute)
+    created = not os.path.exists(args.out)
+    _check_out(p, args.out, args.backend_table, args.overwrite)
     plan = [(c, prov) for c in cases
             for prov in sorted(_providers(c, device, wanted), key=lambda q: named.index(q) if q in named else -1)
             if wanted is None or prov in wanted]
     if not plan:
+        if created and not os.listdir(args.out):
+            os.rmdir(args.out)
         p.error("nothing to run: no case has any of the requested providers")
     if wanted is not None:
         absent = sorted(wanted - {prov for _, prov in plan})
         if absent:
             print(f"[mmfast.bench] not run here (not available on {device.type}, or no selected case has them): "
                   f"{', '.join(absent)}", file=sys.stderr)
-    _check_out(p, args.out, args.backend_table, args.overwrite)
     if device.type != "cuda":
         print(CPU_BANNER, file=sys.stderr)
 
@@ -268,37 +276,47 @@ def _finish(args, device, env, copy, records, not_run, interrupted, plan, deferr
         meta["interrupted"] = interrupted
     if device.type != "cuda":
         meta["note"] = CPU_BANNER
-    print(f"\n{env['device']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}")
-    print(f"device-to-device copy: {copy:.1f} GB/s (read + write); %copy = achieved GB/s / that")
-    print(table(records))
-    if device.type != "cuda":
-        print("\n" + CPU_BANNER)
-    else:
-        from .goals import goal_lines
-
-        print("\ngoals (mmfast/bench/goals.py):")
-        print("\n".join("  " + line for line in goal_lines(records)))
+    # the files first, then the console: a reader that went away (``| head``) must not cost the results
     out, failed = args.out, None
     try:
-        _write_outputs(out, meta, records, device, args.overwrite)
+        plots = _write_outputs(out, meta, records, device, args.overwrite)
     except OSError as e:  # the measurements are not lost with the directory
         failed = e
         out = tempfile.mkdtemp(prefix="mmfast-bench-")
-        _write_outputs(out, meta, records, device, False)
+        plots = _write_outputs(out, meta, records, device, False)
+    table_said = None
+    if args.backend_table and not interrupted and failed is None:
+        table_said = _write_backend_table(args.backend_table, device, env, records, out)
+    try:
+        print(f"\n{env['device']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}")
+        print(f"device-to-device copy: {copy:.1f} GB/s (read + write); %copy = achieved GB/s / that")
+        print(table(records))
+        if device.type != "cuda":
+            print("\n" + CPU_BANNER)
+        else:
+            from .goals import goal_lines
+
+            print("\ngoals (mmfast/bench/goals.py):")
+            print("\n".join("  " + line for line in goal_lines(records)))
+        print(f"\nwrote {out}/results.json, results.csv, summary.md" + (f" and {plots} plots" if plots else ""))
+        if table_said:
+            print(table_said)
+        sys.stdout.flush()
+    except BrokenPipeError:  # nobody reads the console any more: the files hold it all
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if failed is not None:
         print(f"\n[mmfast.bench] could not write to --out {args.out} ({failed}); the results are in {out}",
               file=sys.stderr)
-    if args.backend_table and not interrupted and failed is None:
-        _write_backend_table(args.backend_table, device, env, records, out)
     if deferred.signal is not None:
         print(f"[mmfast.bench] {deferred.signal} while writing the outputs: they were completed first", file=sys.stderr)
     if interrupted or deferred.signal is not None:
         return 130
-    return 1 if any(r["error"] for r in records) or not_run or failed is not None else 0
+    table_missing = bool(args.backend_table) and not (table_said or "").startswith("wrote")
+    return 1 if any(r["error"] for r in records) or not_run or failed is not None or table_missing else 0
 
 
-def _write_outputs(out: str, meta: dict, records: list[dict], device: torch.device, overwrite: bool) -> None:
-    """results.json, results.csv, the plots and summary.md into ``out``: written whole into a directory
+def _write_outputs(out: str, meta: dict, records: list[dict], device: torch.device, overwrite: bool) -> int:
+    """results.json, results.csv, the plots and summary.md into ``out`` (returns how many plots): written whole into a directory
     beside them first, then moved in. With ``overwrite`` a previous run's files go just before the move,
     once there is a whole run to replace them with; a write that fails leaves ``out`` as it was."""
     os.makedirs(out, exist_ok=True)
@@ -316,7 +334,7 @@ def _write_outputs(out: str, meta: dict, records: list[dict], device: torch.devi
             os.replace(os.path.join(stage, name), os.path.join(out, name))
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    print(f"\nwrote {out}/results.json, results.csv, summary.md" + (f" and {len(plots)} plots" if plots else ""))
+    return len(plots)
 
 
 class _signals_deferred:
@@ -427,25 +445,25 @@ def _groups(plan: list, device: torch.device) -> list[list]:
     return groups
 
 
-def _write_backend_table(path: str, device: torch.device, env: dict, records: list[dict], out: str) -> None:
+def _write_backend_table(path: str, device: torch.device, env: dict, records: list[dict], out: str) -> str:
+    """Write the backend table to ``path``; returns the line to print ("wrote ..."), or says on stderr why
+    nothing was written and returns ""."""
     import json
 
     from ..ops.backend_table import build_table
 
-    if device.type != "cuda":
-        print("--backend-table: not written, the table is made from GPU timings only", file=sys.stderr)
-        return
     meta = {k: env[k] for k in ("torch", "triton", "commit") if k in env}
     meta["source"] = os.path.join(out, "results.json")
     table = build_table(records, env["device"], meta)
     if not table["entries"]:
-        print("--backend-table: not written, no case was timed with both mmfast-cuda and mmfast-triton", file=sys.stderr)
-        return
+        print(f"--backend-table: {path} not written, no case was timed with both mmfast-cuda and mmfast-triton",
+              file=sys.stderr)
+        return ""
     with open(path, "w") as f:
         json.dump(table, f, indent=1)
         f.write("\n")
     wins = sum(e["winner"] == "cuda" for e in table["entries"])
-    print(f"wrote {path}: CUDA C++ faster in {wins} of {len(table['entries'])} (op, direction, dtype, N) classes")
+    return f"wrote {path}: CUDA C++ faster in {wins} of {len(table['entries'])} (op, direction, dtype, N) classes"
 
 
 def _model_record(case, provider: str, device: torch.device, env: dict, steps: int) -> dict:
@@ -469,7 +487,12 @@ def _interpreted_cpu_run(argv: list[str]) -> bool:
     if "TRITON_INTERPRET" in os.environ or any(a in ("-h", "--help") for a in argv):
         return False
     device = _parser().parse_known_args(argv)[0].device
-    return device == "cpu" or (device is None and not torch.cuda.is_available())
+    if device is None:
+        return not torch.cuda.is_available()
+    try:
+        return torch.device(device).type == "cpu"  # cpu:0 too
+    except RuntimeError:
+        return False  # main refuses it
 
 
 if __name__ == "__main__":
