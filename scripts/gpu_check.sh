@@ -155,7 +155,10 @@ tests/test_bench.py::test_graph_case_times_every_direction_on_gpu} \
         # 7. the CUDA C++ backward's shared-memory stages (BWD_STAGES), about half a minute, if time is left
         mkdir -p "$OUT/tune"
         t=$(lease_left 10); [ "$t" -gt 45 ] && t=45
-        if [ "$build_rc" -eq 0 ]; then
+        # (optional: on the planned timeline no time is left for it, and its skip does not fail the stage)
+        if [ "$build_rc" -eq 0 ] && [ "$t" -lt 15 ]; then
+          echo "skipped: tune-cuda (no lease time left; optional)"
+        elif [ "$build_rc" -eq 0 ]; then
           capped "$t" python3 benchmarks/tune_norm.py --backend cuda --out "$OUT/tune" > "$OUT/tune/tune-cuda.log" 2>&1
           done_at $? tune-cuda; tail -n 12 "$OUT/tune/tune-cuda.log"
         fi
@@ -167,7 +170,7 @@ tests/test_bench.py::test_graph_case_times_every_direction_on_gpu} \
         work=/tmp/mmfast-lease-tune; rm -rf "$work"; mkdir -p "$work"; tar -xzf "$OUT/tune.tar.gz" -C "$work" 2>/dev/null
         capped "$(lease_left 10)" python3 benchmarks/tune_norm.py --quick --directions bwd --out "$work" \
           > "$work/tune-triton.log" 2>&1
-        echo "tune-triton rc=$? (cut by the lease: expected) at $(( $(date +%s) - lease_start )) s"
+        r=$?; echo "tune-triton rc=$r$( [ "$r" -eq 124 ] || [ "$r" -eq 130 ] && echo " (cut by the lease: expected)") at $(( $(date +%s) - lease_start )) s"
         tail -n 12 "$work/tune-triton.log"; tar -czf "$OUT/tune.tar.gz.part" -C "$work" . && mv "$OUT/tune.tar.gz.part" "$OUT/tune.tar.gz"
         echo "== goals (python -m mmfast.bench.goals over the kernel, graph and model runs) =="
         # shellcheck disable=SC2046
@@ -233,13 +236,18 @@ tests/test_bench.py::test_graph_case_times_every_direction_on_gpu} \
       mkdir -p "$dir"
       sizes=$([ "$suite" = kernels ] && echo "--sizes large")
       # shellcheck disable=SC2086
-      python3 -m mmfast.bench --ops "$ops" --out "$dir" --time-budget "${MMFAST_BENCH_BUDGET:-450}" $sizes $extra 2>&1 \
-        | tee "$dir/bench.log" | grep -v '^mmfast.bench'
+      # (each run stopped by SIGINT past its budget and a grace, so that a hang still leaves what was measured
+      # before the device tool's 10-minute cut; the progress bar's \r-separated updates kept off the console,
+      # whose last 12,000 characters are all that come back)
+      budget=${MMFAST_BENCH_BUDGET:-420}
+      # shellcheck disable=SC2086
+      timeout -s INT -k 20 $(( budget + 30 )) python3 -m mmfast.bench --ops "$ops" --out "$dir" --time-budget "$budget" \
+        $sizes $extra 2>&1 | tee "$dir/bench.log" | tr '\r' '\n' | grep -v '^mmfast.bench'
       rc=${PIPESTATUS[0]}
       if [ "$suite" = kernels ]; then  # the CUDA-graph (small-shape) cases in a process of their own
         mkdir -p "$dir/graphs"
-        python3 -m mmfast.bench --ops "$ops" --out "$dir/graphs" --sizes small 2>&1 \
-          | tee "$dir/graphs/bench.log" | grep -v '^mmfast.bench'
+        timeout -s INT -k 20 90 python3 -m mmfast.bench --ops "$ops" --out "$dir/graphs" --sizes small --time-budget 60 \
+          2>&1 | tee "$dir/graphs/bench.log" | tr '\r' '\n' | grep -v '^mmfast.bench'
         rc=$(( rc | PIPESTATUS[0] ))
       fi
       tar -czf "$OUT/$stage.tar.gz" -C "$dir" . && rm -rf "$dir" ;;

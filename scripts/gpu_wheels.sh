@@ -9,12 +9,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl
+# no commit recorded until the wheels are here: a failed download must not leave an earlier run's commit
+# for gpu_check.sh to stamp on this run's records
+rm -f .whl/COMMIT
 rm -f .whl/liger_kernel-*.whl  # one version only: pip refuses two of the same package
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   --platform any -d .whl "liger-kernel==${LIGER_VERSION:-0.8.5}"
 # the commit the results will name (the GPU machine's copy of the checkout has git metadata of its own)
 sha=$(git rev-parse --short=12 HEAD)
-[ -z "$(git status --porcelain --untracked-files=no)" ] || sha="$sha-dirty"
+# (untracked files count: the device copy carries every file git does not ignore)
+[ -z "$(git status --porcelain)" ] || sha="$sha-dirty"
 echo "$sha" > .whl/COMMIT
 ls -l .whl; echo "commit: $sha"

@@ -929,3 +929,35 @@ def test_a_closed_console_loses_no_results(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert "Traceback" not in run.stderr and "results are in" not in run.stderr
     assert json.loads((out / "results.json").read_text())["records"]
+
+
+def test_gpu_wheels_records_this_commit_or_none(tmp_path):
+    """scripts/gpu_wheels.sh records the commit the GPU run's records will name. A failed download left an
+    earlier run's commit in .whl/COMMIT (gpu_check.sh then stamped it on new records); an untracked file,
+    which the device copy carries, did not make it -dirty."""
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(bench_main.__file__)))
+    shutil.copy(os.path.join(os.path.dirname(root), "scripts", "gpu_wheels.sh"), repo / "scripts")
+    (repo / ".gitignore").write_text(".whl/\n")
+    git = ["git", "-c", "user.email=a@b", "-c", "user.name=a"]
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "c"]):
+        subprocess.run(git + cmd, cwd=repo, check=True, capture_output=True)
+    sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python3").write_text('#!/usr/bin/env bash\n[ "$PIP_FAILS" = 1 ] && exit 1\n'
+                                  'touch .whl/liger_kernel-0.8.5-py3-none-any.whl\n')
+    (fake / "python3").chmod(0o755)
+    (repo / ".whl").mkdir()
+    (repo / ".whl" / "COMMIT").write_text("0000000stale\n")
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+
+    def run(fails: bool):
+        return subprocess.run(["bash", "scripts/gpu_wheels.sh"], cwd=repo, env={**env, "PIP_FAILS": "1" if fails else "0"},
+                              capture_output=True, text=True)
+
+    assert run(fails=True).returncode != 0 and not (repo / ".whl" / "COMMIT").exists()
+    assert run(fails=False).returncode == 0 and (repo / ".whl" / "COMMIT").read_text().strip() == sha
+    (repo / "new_module.py").write_text("")
+    assert run(fails=False).returncode == 0 and (repo / ".whl" / "COMMIT").read_text().strip() == sha + "-dirty"

@@ -25,7 +25,7 @@ def _git(*args: str) -> str | None:
 def commit() -> str:
     """``MMFAST_COMMIT`` where set (a copy of the checkout whose git metadata is not its own: the GPU
     machine's, which scripts/gpu_check.sh gives the commit scripts/gpu_wheels.sh recorded here); else the
-    checkout's commit, with ``-dirty`` when it has uncommitted changes to tracked files, only when the
+    checkout's commit, with ``-dirty`` when it has uncommitted changes or untracked files, only when the
     package runs from mmfast's own checkout (an install inside another project's repository would report
     that project's commit); else ``unknown (mmfast <version>)``."""
     if os.environ.get("MMFAST_COMMIT"):
@@ -37,7 +37,7 @@ def commit() -> str:
         from .. import __version__
 
         return f"unknown (mmfast {__version__})"
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    dirty = _git("status", "--porcelain")  # untracked files too: a new module changes what runs
     return sha + ("-dirty" if dirty else "")
 
 
