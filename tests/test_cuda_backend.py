@@ -761,6 +761,10 @@ def test_table_uses_gpu_time_and_a_margin():
             rec("mmfast-cuda", "bwd", 0.1, 0.0995), rec("mmfast-triton", "bwd", 0.1, 0.1)]  # within the margin
     winners = {e["direction"]: (e["winner"], e["cuda_ms"]) for e in backend_table.build_table(recs, "G")["entries"]}
     assert winners == {"fwd": ("cuda", 0.030), "bwd": ("triton", 0.0995)}
+    # a record that says another backend ran its calls (a pin that did not hold) decides nothing
+    recs[0]["backends"] = "triton"
+    recs[2]["backends"] = "cuda+triton"
+    assert backend_table.build_table(recs, "G")["entries"] == []
 
 
 def test_auto_consults_the_table_for_the_device(monkeypatch, tmp_path, fresh_loader, clean_tables):

@@ -68,8 +68,16 @@ def _norm_goals(records: list[dict]) -> list[dict]:
         if r["direction"] == "bwd" and _time(r) is not None:
             pairs.setdefault(r["N"], {})[r["provider"]] = _time(r)
     both = {n: p for n, p in pairs.items() if "mmfast-cuda" in p and "mmfast-triton" in p}
+    # a record that says which backend ran must name its provider's; one that does not (runs before the
+    # records said) cannot show it: a bench defect once ran Triton's backward in the mmfast-cuda rows
+    wrong = sorted({r["N"] for r in rows if r["direction"] == "bwd" and r["N"] in both
+                    and r.get("backends", "?") != r["provider"].removeprefix("mmfast-")})
     if not both:
         out.append(_goal(label, "not in this run (needs both backends)", None))
+    elif wrong:
+        said = {r["N"]: r.get("backends") for r in rows if r["direction"] == "bwd" and r["provider"] == "mmfast-cuda"}
+        out.append(_goal(label, "unverified: the records do not show the pinned backend ran the backward at N = "
+                         + ", ".join(f"{n} ({said.get(n) or 'not recorded'})" for n in wrong), None))
     else:
         parts = [f"N={n}: {p['mmfast-triton'] / p['mmfast-cuda']:.2f}x" for n, p in sorted(both.items())]
         measured, met = _partial(parts, [n for n in GOAL_NS if n not in both],
@@ -161,9 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     records: list[dict] = []
     gpus: dict[str, str] = {}
     for path in args.results:
-        with open(path) as f:
-            data = json.load(f)
-        meta = data.get("meta", {})
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except OSError as e:
+            p.error(f"{path}: cannot read it ({e.strerror or e})")
+        except ValueError as e:
+            p.error(f"{path}: not JSON ({e}); pass a results.json written by python -m mmfast.bench")
+        if not isinstance(data, dict) or not isinstance(data.get("records"), list):
+            p.error(f"{path}: not a results.json of python -m mmfast.bench (no records list)")
+        meta = data.get("meta") if isinstance(data.get("meta"), dict) else {}
         if not meta.get("gpu"):
             p.error(f"{path}: not a GPU run; the goals are GPU goals")
         gpus[path] = meta.get("device") or "unknown device"

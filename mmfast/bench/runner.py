@@ -15,6 +15,7 @@ from . import adapter as adapter_bench
 from . import norm as norm_bench
 from . import activation as activation_bench
 from .cases import DIRECTIONS, AdapterCase, NormCase, QuickGELUCase, SwiGLUCase
+from ..ops.backend import backends_used
 from .timing import gpu_busy_ms, median_ms, median_ms_graph, peak_memory_bytes
 
 
@@ -141,6 +142,13 @@ def _failure(e: BaseException, provider: str, case, direction: str | None = None
     return msg
 
 
+def _backends(used: dict, direction: str) -> str:
+    """``"cuda"``, ``"triton"``, ``"cuda+triton"``...: the backends that ran mmfast's op calls of
+    ``direction`` (fwd, bwd, or both for fwd+bwd) among the ``backends_used`` counts."""
+    wanted = ("fwd", "bwd") if direction == "fwd+bwd" else (direction,)
+    return "+".join(sorted({u.backend for u in used if u.direction in wanted}))
+
+
 def time_case(case, provider: str, device: torch.device, copy: float | None, env: dict,
               directions=DIRECTIONS) -> list[dict]:
     """Records for ``provider`` on ``case``; a provider that fails gets records carrying the error (a
@@ -159,7 +167,9 @@ def time_case(case, provider: str, device: torch.device, copy: float | None, env
             with norm_bench.provider_backend(provider):
                 _backward(_outputs(fn, inputs), seeds, leaves)
 
-        fwd_bwd()  # warm-up: compilation, autotuning, allocator
+        with backends_used() as used:  # warm-up: compilation, autotuning, allocator
+            fwd_bwd()
+        ran = {d: _backends(used, d) for d in DIRECTIONS} if provider.startswith("mmfast") else {}
         for t in leaves:
             t.grad = None
         peak = peak_memory_bytes(fwd_bwd, device)
@@ -196,6 +206,8 @@ def time_case(case, provider: str, device: torch.device, copy: float | None, env
                     print(f"[mmfast.bench] no GPU time for {provider} on {case.name} {direction}: {gpu_error}",
                           file=sys.stderr)
             extra = {"gpu_error": gpu_error} if gpu_error else {}
+            if direction in ran:  # what ran mmfast's ops in this direction (a pinned backend, checked)
+                extra["backends"] = ran[direction]
             out[direction] = record(case, provider, direction, ms, copy, peak, env, gpu_ms=gpu_ms, **extra)
         return [out[d] for d in directions]
     finally:

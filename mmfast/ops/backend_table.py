@@ -128,7 +128,8 @@ CUDA_MARGIN = 0.02
 
 def build_table(records: Iterable[dict], device: str, meta: dict | None = None) -> dict:
     """A table from benchmark records (``mmfast.bench`` rows): for each (op, direction, dtype, residual, N)
-    timed by both ``mmfast-cuda`` and ``mmfast-triton``, the faster one at the largest M.
+    timed by both ``mmfast-cuda`` and ``mmfast-triton``, the faster one at the largest M. A record whose
+    ``backends`` (what the bench counted running) is not its provider's backend alone is left out.
 
     Times are the GPU's busy time (``gpu_ms``) where the records have it, so that a slow host does not
     pick the winner; CUDA C++ wins only when it is more than ``CUDA_MARGIN`` faster (else the portable
@@ -142,6 +143,8 @@ def build_table(records: Iterable[dict], device: str, meta: dict | None = None) 
         residual = bool(plus) or bool(r.get("residual"))
         t = r.get("gpu_ms") if r.get("gpu_ms") is not None else r.get("ms")
         if r.get("provider") not in ("mmfast-cuda", "mmfast-triton") or t is None:
+            continue
+        if r.get("backends", r["provider"][7:]) != r["provider"][7:]:  # the record says another backend ran
             continue
         k = (op, r["direction"], r["dtype"], residual, int(r["N"]), int(r["M"]))
         best.setdefault(k, {})[r["provider"]] = float(t)
