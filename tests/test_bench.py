@@ -110,11 +110,19 @@ def test_pytest_benchmark_cases_run():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # a worker of a parallel (pytest-xdist) run: its variables would make pytest-benchmark disable itself
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("PYTEST_XDIST")}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # on CPU: the interpreted Triton kernels are timed, as python -m mmfast.bench does
+    saved = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"mmfast-pytest-bench-{os.getpid()}.json")
     out = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "--benchmark-only", "-q", "-p",
-                          "no:cacheprovider", "-p", "no:xdist", "--benchmark-disable-gc"], cwd=root, env=env,
-                         capture_output=True, text=True, timeout=900)
+                          "no:cacheprovider", "-p", "no:xdist", "--benchmark-disable-gc", f"--benchmark-json={saved}"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert " passed" in out.stdout
+    with open(saved) as f:
+        records = [b["extra_info"] for b in json.load(f)["benchmarks"]]
+    os.remove(saved)
+    providers = {r["provider"] for r in records}
+    assert "mmfast-triton" in providers and "mmfast-reference" not in providers, providers
+    assert all("NOT GPU performance" in r["note"] for r in records)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, scripts/gpu_check.sh tune-norm runs the real tuner")
@@ -1003,3 +1011,28 @@ def test_kernel_records_say_which_backend_ran():
     for r in time_case(case, "mmfast-reference", torch.device("cpu"), None, env):
         assert r["backends"] == "reference"
     assert all("backends" not in r for r in time_case(case, "torch-native", torch.device("cpu"), None, env))
+
+
+def test_a_run_without_records_still_writes_a_labelled_csv(tmp_path):
+    """A run that measured nothing (a budget spent on the first run) wrote a CSV of one empty line: no
+    header, no CPU note. The header of a record, and the note column, are there now."""
+    from mmfast.bench.report import write_csv
+    from mmfast.bench.runner import record
+
+    write_csv(str(tmp_path / "r.csv"), [], note="CPU timing, not GPU performance")
+    with open(tmp_path / "r.csv") as f:
+        header = next(csv.reader(f))
+    env = bench_main.environment(torch.device("cpu"))
+    assert header[-1] == "note" and header[:-1] == list(record(NormCase("rms_norm", 4, 8, torch.float32), "x", "fwd",
+                                                                   None, None, None, env))
+
+
+def test_records_name_the_liger_version():
+    """Liger-Kernel is a provider: its version is recorded with the others where it is installed."""
+    from importlib import metadata
+
+    try:
+        want = metadata.version("liger-kernel")
+    except metadata.PackageNotFoundError:
+        want = None
+    assert bench_main.environment(torch.device("cpu"))["liger_kernel"] == want

@@ -41,9 +41,16 @@ def commit() -> str:
     return sha + ("-dirty" if dirty else "")
 
 
-def _version(module: str) -> str | None:
+def _version(module: str, distribution: str | None = None) -> str | None:
     try:
         return __import__(module).__version__
+    except AttributeError:  # a package without __version__ (Liger-Kernel): its installed distribution's
+        from importlib import metadata
+
+        try:
+            return metadata.version(distribution or module)
+        except metadata.PackageNotFoundError:
+            return None
     except Exception:  # noqa: BLE001 - absent or broken: report as missing
         return None
 
@@ -63,5 +70,6 @@ def environment(device: torch.device) -> dict:
         "triton": _version("triton"),
         "transformers": _version("transformers"),
         "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "liger_kernel": _version("liger_kernel", "liger-kernel"),  # a provider where importable
         "commit": commit(),
     }

@@ -182,12 +182,19 @@ def write_json(path: str, meta: dict, records: list[dict]) -> None:
         json.dump(_no_nan({"meta": meta, "records": records}), f, indent=1, allow_nan=False)
 
 
+#: the columns every record has (runner.record's), the header of a run without records
+CSV_COLUMNS = ("op", "provider", "direction", "dtype", "M", "N", "ms", "gpu_ms", "bytes", "gbps", "frac_of_copy",
+               "peak_mem_bytes", "timing", "device", "torch", "triton", "transformers", "cuda", "liger_kernel", "commit",
+               "error")
+
+
 def write_csv(path: str, records: list[dict], note: str = "") -> None:
     """One row per record; ``note`` (a CPU run's label) goes into a ``note`` column of every row, so that
     a row copied out of the file still says what it is."""
     if note:
         records = [{**r, "note": note} for r in records]
-    keys: list[str] = []
+    # a run that measured nothing still gets the header (and its note column): an empty file said nothing
+    keys: list[str] = [*CSV_COLUMNS, *(["note"] if note else [])] if not records else []
     for r in records:
         keys += [k for k in r if k not in keys]
     with open(path, "w", newline="") as f:
