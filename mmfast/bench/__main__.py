@@ -198,8 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     if wanted is not None and wanted - known_providers():
         p.error(f"unknown providers {sorted(wanted - known_providers())}; known: {sorted(known_providers())}")
     if not cases:
-        p.error(f"nothing to run: --sizes {args.sizes} has no case of {sorted(ops)} on {device.type}"
-                + (" (the small shapes are CUDA-graph cases, GPU only)" if args.sizes == "small" else ""))
+        why = ""
+        if args.sizes == "small":
+            why = " (the small shapes are CUDA-graph cases, GPU only)" if device.type != "cuda" else \
+                " (--quick has no CUDA-graph cases)"
+        p.error(f"nothing to run: --sizes {args.sizes} has no case of {sorted(ops)} on {device.type}{why}")
     # before the plan: asking which providers can run builds the CUDA C++ extension on first use (a minute)
     created = not os.path.exists(args.out)
     _check_out(p, args.out, args.backend_table, args.overwrite)
