@@ -907,9 +907,11 @@ def test_save_load_trainable_with_accelerate_cpu_offload(tmp_path, tuning, order
     assert all(torch.equal(saved[n], again[n]) for n in names)
 
 
-def test_load_trainable_refuses_disk_offloaded_parameters(tmp_path):
+def test_load_trainable_refuses_disk_offloaded_parameters(tmp_path, monkeypatch):
     """Disk offloading reads each weight from its file at every forward: a load into what it read would be
-    lost. Refused, naming the way; nothing changed. Saving reads the file."""
+    lost. Refused, naming the way, without reading any file; nothing changed. Saving reads the trainables'
+    files alone (it read every offloaded weight: a 7B model's 14 GB for a few MB of norms)."""
+    import accelerate.utils.offload as offload
     from accelerate import disk_offload
     from safetensors.torch import load_file
 
@@ -920,11 +922,17 @@ def test_load_trainable_refuses_disk_offloaded_parameters(tmp_path):
     disk_offload(model, str(tmp_path / "offload"), execution_device="cpu")
     with torch.no_grad():
         before = model(**_no_labels()).logits
+    reads = []
+    real = offload.load_offloaded_weight
+    monkeypatch.setattr(offload, "load_offloaded_weight", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
     with pytest.raises(ValueError, match="offloaded to disk by Accelerate"):
         mmfast.load_trainable(model, tmp_path / "t.safetensors")
+    assert reads == []
+    names = mmfast.save_trainable(model, tmp_path / "again.safetensors")
+    assert len(reads) == len(names)  # each trainable once, nothing else
+    monkeypatch.undo()
     with torch.no_grad():
         assert torch.equal(model(**_no_labels()).logits, before)
-    names = mmfast.save_trainable(model, tmp_path / "again.safetensors")
     saved, again = load_file(tmp_path / "before.safetensors"), load_file(tmp_path / "again.safetensors")
     assert names == sorted(saved) and all(torch.equal(saved[n], again[n]) for n in names)
 

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import weakref
+from collections.abc import Mapping
 from typing import Optional
 
 import torch
@@ -77,33 +78,44 @@ def _offload_hooks(hook):
             yield h
 
 
-def _offloaded(inner: nn.Module) -> dict:
-    """Clean name -> (weights map, key) of each meta parameter of ``inner`` whose value an Accelerate hook
-    keeps off the module between forwards (``cpu_offload``, a ``device_map`` with "cpu" or "disk"
-    entries): the hook loads ``weights_map[key]`` onto the execution device for each forward."""
-    out = {}
+def _offloaded(inner: nn.Module, names) -> dict:
+    """Clean name -> (weights map, key, storage) of each meta parameter of ``inner`` named in ``names`` whose
+    value an Accelerate hook keeps off the module between forwards (``cpu_offload``, a ``device_map`` with
+    "cpu" or "disk" entries): the hook loads ``weights_map[key]`` onto the execution device for each
+    forward. ``storage`` is :func:`_storage`'s answer. Nothing is read (a disk-offloaded model's other
+    weights would each be read from their files)."""
+    names, out = set(names), {}
     for mod_name, module in inner.named_modules():
         for hook in _offload_hooks(module.__dict__.get("_hf_hook")):
             for local, p in module.named_parameters(recurse=bool(getattr(hook, "place_submodules", False))):
                 name = clean_name(f"{mod_name}.{local}" if mod_name else local)
-                if p.is_meta and name not in out:
-                    try:
-                        hook.weights_map[local]
-                    except KeyError:
-                        continue
-                    out[name] = (hook.weights_map, local)
+                if p.is_meta and name in names and name not in out:
+                    storage = _storage(hook.weights_map, local)
+                    if storage is not None:
+                        out[name] = (hook.weights_map, local, storage)
     return out
 
 
+def _storage(weights_map, key: str) -> Optional[str]:
+    """Where an Accelerate weights map keeps ``key``, told from its keys: "memory" (one tensor, handed out
+    at each access: writing into it is what the next forward loads), "disk" (read from its file at each
+    access), or None (not there)."""
+    while hasattr(weights_map, "dataset") and hasattr(weights_map, "prefix"):  # a PrefixedDataset
+        key, weights_map = weights_map.prefix + key, weights_map.dataset
+    state, index = getattr(weights_map, "state_dict", None), getattr(weights_map, "index", None)
+    if isinstance(state, dict) and isinstance(index, Mapping):  # an OffloadedWeightsLoader
+        return "memory" if key in state else "disk" if key in index else None
+    if isinstance(weights_map, dict):  # a state dict
+        return "memory" if key in weights_map else None
+    try:  # another mapping: asked (which may read it)
+        return ("memory" if weights_map[key] is weights_map[key] else "disk") if key in weights_map else None
+    except Exception:  # noqa: BLE001 - not a mapping this understands: left to the meta check
+        return None
+
+
 def _offloaded_value(where: tuple) -> torch.Tensor:
-    weights_map, key = where
+    weights_map, key, _ = where
     return weights_map[key]
-
-
-def _offloaded_in_memory(where: tuple) -> bool:
-    """Whether the weights map hands out one tensor for the key (held in memory: writing into it is what the
-    next forward loads), not a fresh read from disk each time."""
-    return _offloaded_value(where) is _offloaded_value(where)
 
 
 def _deepspeed_master(p: torch.Tensor) -> bool:
@@ -157,9 +169,10 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     never needs more memory than the largest unit (a whole unsharded model could not fit)."""
     root = _fsdp1_root(model)
     if root is None:
-        offloaded = _offloaded(unwrap(model))
+        trainables = dict(_named_trainables(model))
+        offloaded = _offloaded(unwrap(model), trainables)
         return {name: _gathered_tensor(_offloaded_value(offloaded[name]) if name in offloaded else p)
-                for name, p in _named_trainables(model)}
+                for name, p in trainables.items()}
     # parameters saved so far, by id, with a weak reference that tells a live object from one that took a
     # freed one's id (without use_orig_params every summon makes new parameter objects and frees them after)
     out, seen = {}, {}
@@ -282,7 +295,7 @@ def load_trainable(model: nn.Module, path: str | os.PathLike, *, strict: bool = 
         raise RuntimeError(f"load_trainable: another rank could not load {path} (its error says why)")
     if error is not None:
         raise error
-    offloaded = _offloaded(inner)
+    offloaded = _offloaded(inner, saved)
     with torch.no_grad():
         for name in sorted(saved):  # one order on every rank: the ZeRO-3 gathers are collectives
             p, t = params[name], saved[name]
@@ -326,7 +339,7 @@ def _checked_file(model: nn.Module, inner: nn.Module, params: dict, path, strict
         raise ValueError("load_trainable: the model is wrapped in FSDP (FullyShardedDataParallel), whose parameters are "
                          "each rank's flat shards; load before wrapping it")
     problems = []
-    offloaded = _offloaded(inner)
+    offloaded = _offloaded(inner, saved)
     now = _mma_options(model)
     if _MMA_KEY in meta and now is not None:  # the same weights give other outputs under other options
         were = json.loads(meta[_MMA_KEY])
@@ -336,12 +349,12 @@ def _checked_file(model: nn.Module, inner: nn.Module, params: dict, path, strict
         p = params.get(name)
         if p is None:
             problems.append(f"{name}: not a parameter of {type(inner).__name__}")
+        elif name in offloaded and offloaded[name][2] == "disk":
+            problems.append(f"{name}: offloaded to disk by Accelerate (each forward reads it from the file); "
+                            "load before dispatching the model, or offload it to the CPU instead")
         elif name in offloaded:
             value = _offloaded_value(offloaded[name])
-            if not _offloaded_in_memory(offloaded[name]):
-                problems.append(f"{name}: offloaded to disk by Accelerate (each forward reads it from the file); "
-                                "load before dispatching the model, or offload it to the CPU instead")
-            elif tuple(value.shape) != tuple(t.shape):
+            if tuple(value.shape) != tuple(t.shape):
                 problems.append(f"{name}: saved shape {tuple(t.shape)} != model's {tuple(value.shape)}")
             elif value.is_floating_point() and not t.is_floating_point():
                 problems.append(f"{name}: saved as {t.dtype}, the model's parameter is {value.dtype}")
