@@ -17,8 +17,7 @@ if DEVICE.type != "cuda" and "TRITON_INTERPRET" not in os.environ and "triton" n
     # the variable when it is imported), not its pure-PyTorch reference
     os.environ["TRITON_INTERPRET"] = "1"
 
-from mmfast.bench.__main__ import CPU_BANNER  # noqa: E402 - after the variable
-from mmfast.bench.env import environment  # noqa: E402
+from mmfast.bench.env import CPU_BANNER, environment  # noqa: E402 - after the variable
 from mmfast.bench.timing import copy_gbps  # noqa: E402
 
 

@@ -21,7 +21,8 @@
 # finished step. Liger's wheel: scripts/gpu_wheels.sh, run here first.
 #
 # Time caps (seconds): MMFAST_TESTS_TIMEOUT (tests, default 420) and MMFAST_BENCH_BUDGET (a bench stage
-# stops starting runs after it, default 450, and writes what it measured). MMFAST_TESTS (default
+# stops starting runs after it, default 420, and writes what it measured; stopped 30 s later, and
+# bench-kernels' CUDA-graph cases after 60 s more). MMFAST_TESTS (default
 # "tests") and MMFAST_CUDA_TESTS (default "cuda") narrow the tests / cuda stages (a path list and a -k
 # expression); MMFAST_CUDA_COMPILE_CHECK=0 skips the nvcc compile report in the cuda stage.
 # overhead: host microseconds per norm call for every provider (benchmarks/host_overhead.py).
@@ -239,7 +240,7 @@ tests/test_bench.py::test_graph_case_times_every_direction_on_gpu} \
       # (each run stopped by SIGINT past its budget and a grace, so that a hang still leaves what was measured
       # before the device tool's 10-minute cut; the progress bar's \r-separated updates kept off the console,
       # whose last 12,000 characters are all that come back)
-      budget=${MMFAST_BENCH_BUDGET:-420}
+      budget=${MMFAST_BENCH_BUDGET:-420}; budget=${budget%.*}  # whole seconds, for the shell's arithmetic
       # shellcheck disable=SC2086
       timeout -s INT -k 20 $(( budget + 30 )) python3 -m mmfast.bench --ops "$ops" --out "$dir" --time-budget "$budget" \
         $sizes $extra 2>&1 | tee "$dir/bench.log" | tr '\r' '\n' | grep -v '^mmfast.bench'

@@ -294,6 +294,38 @@ def test_patched_forward_pickled_as_partial_still_loads():
     assert old.args[0] is norm and torch.equal(old(x), norm(x))
 
 
+def test_fused_loss_of_a_model_pickled_by_an_earlier_version():
+    """A model pickled before the fused loss's partial held its model weakly has a functools.partial there: it
+    was taken for a loss function set by the user (the fused loss went off with a warning, and patching again
+    did not bring it back). It runs fused; patching again rebinds it weakly."""
+    import warnings
+
+    from mmfast.patching import loss
+
+    model = build("llama")
+    mmfast.patch(model, verbose=False)
+    model._loss_function = functools.partial(loss._loss_function, model)  # as such a pickle loads
+    inputs = batch("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = model(**inputs)
+    assert out.logits is None and out.loss is not None  # the fused loss ran (it keeps no logits)
+    mmfast.patch(model, verbose=False)
+    assert isinstance(model.__dict__["_loss_function"], core.ModuleCall)
+
+
+def test_an_accelerate_hook_does_not_copy_the_weak_binding():
+    """Accelerate's hook copies the wrapped forward's ``__dict__`` onto its own partial: the binding (function
+    and weak reference) stays off it, so a deep copy of the hooked module has none pointing at the original."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    model = build("llama")
+    mmfast.patch(model, verbose=False, fused_loss=False, fused_mlp=False)
+    norm = model.model.norm
+    add_hook_to_module(norm, ModelHook())
+    assert not {"func", "_ref"} & set(norm.forward.__dict__)
+
+
 def test_save_pretrained_round_trip(tmp_path):
     from transformers import LlavaForConditionalGeneration
 

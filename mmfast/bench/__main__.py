@@ -35,15 +35,11 @@ from . import model as model_bench
 from . import norm as norm_bench
 from . import activation as activation_bench
 from .cases import AdapterCase, NormCase, QuickGELUCase, SwiGLUCase
-from .env import environment
+from .env import CPU_BANNER, environment
 from .report import table, write_csv, write_json, write_plots, write_summary_md
 from .runner import record, time_case, time_cases_isolated
 from .timing import copy_gbps
 
-CPU_BANNER = (
-    "NO GPU: these are CPU timings of small sizes (mmfast runs its pure-PyTorch reference or the Triton "
-    "interpreter here). They are NOT GPU performance; run on a CUDA machine for real numbers."
-)
 OPS = ("rms_norm", "layer_norm", "mma_adapter", "swiglu", "quick_gelu", "model")
 
 

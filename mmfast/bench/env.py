@@ -11,6 +11,11 @@ import torch
 
 from ..kernels._device import interpreting
 
+CPU_BANNER = (
+    "NO GPU: these are CPU timings of small sizes (mmfast runs its pure-PyTorch reference or the Triton "
+    "interpreter here). They are NOT GPU performance; run on a CUDA machine for real numbers."
+)
+
 
 def _git(*args: str) -> str | None:
     here = os.path.dirname(os.path.abspath(__file__))
@@ -41,17 +46,20 @@ def commit() -> str:
     return sha + ("-dirty" if dirty else "")
 
 
-def _version(module: str, distribution: str | None = None) -> str | None:
+def _version(module: str) -> str | None:
     try:
         return __import__(module).__version__
-    except AttributeError:  # a package without __version__ (Liger-Kernel): its installed distribution's
-        from importlib import metadata
-
-        try:
-            return metadata.version(distribution or module)
-        except metadata.PackageNotFoundError:
-            return None
     except Exception:  # noqa: BLE001 - absent or broken: report as missing
+        return None
+
+
+def _installed(distribution: str) -> str | None:
+    """The installed version of ``distribution`` (without importing it), or None."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
         return None
 
 
@@ -70,6 +78,6 @@ def environment(device: torch.device) -> dict:
         "triton": _version("triton"),
         "transformers": _version("transformers"),
         "cuda": torch.version.cuda if device.type == "cuda" else None,
-        "liger_kernel": _version("liger_kernel", "liger-kernel"),  # a provider where importable
+        "liger_kernel": _installed("liger-kernel"),  # a provider where importable
         "commit": commit(),
     }

@@ -70,14 +70,18 @@ def _norm_goals(records: list[dict]) -> list[dict]:
     both = {n: p for n, p in pairs.items() if "mmfast-cuda" in p and "mmfast-triton" in p}
     # a record that says which backend ran must name its provider's; one that does not (runs before the
     # records said) cannot show it: a bench defect once ran Triton's backward in the mmfast-cuda rows
-    wrong = sorted({r["N"] for r in rows if r["direction"] == "bwd" and r["N"] in both
-                    and r.get("backends", "?") != r["provider"].removeprefix("mmfast-")})
+    pinned = ("mmfast-cuda", "mmfast-triton")  # (not mmfast-auto, which names no backend)
+    wrong = sorted((r["N"], r["provider"], r.get("backends")) for r in rows
+                   if r["direction"] == "bwd" and r["N"] in both and r["provider"] in pinned
+                   and r.get("backends") != r["provider"].removeprefix("mmfast-"))
     if not both:
         out.append(_goal(label, "not in this run (needs both backends)", None))
     elif wrong:
-        said = {r["N"]: r.get("backends") for r in rows if r["direction"] == "bwd" and r["provider"] == "mmfast-cuda"}
-        out.append(_goal(label, "unverified: the records do not show the pinned backend ran the backward at N = "
-                         + ", ".join(f"{n} ({said.get(n) or 'not recorded'})" for n in wrong), None))
+        def ran(backends):
+            return "not recorded" if backends is None else f"ran {backends or 'nothing of mmfast'}"
+
+        out.append(_goal(label, "unverified: the records do not show the pinned backend ran the backward: "
+                         + ", ".join(f"N={n} {p} ({ran(b)})" for n, p, b in sorted(set(wrong))), None))
     else:
         parts = [f"N={n}: {p['mmfast-triton'] / p['mmfast-cuda']:.2f}x" for n, p in sorted(both.items())]
         measured, met = _partial(parts, [n for n in GOAL_NS if n not in both],

@@ -79,6 +79,9 @@ class ModuleCall:
     GPU memory allocated until then). Pickle and deepcopy see ``func`` and the module itself, so a copy
     binds to the copied module. ``func`` and ``args`` read as a partial's do."""
 
+    # (slots: Accelerate's hook copies its wrapped forward's __dict__ onto its own partial)
+    __slots__ = ("func", "_ref", "__dict__", "__weakref__")
+
     def __init__(self, func, module: Optional[nn.Module] = None):
         self.func = func
         self._ref = None if module is None else weakref.ref(module)
@@ -94,25 +97,25 @@ class ModuleCall:
     def _module(self) -> nn.Module:
         module = self._ref() if self._ref is not None else None
         if module is None:
-            raise ReferenceError(f"mmfast: the module this {_describe(self.func)} was bound to has been freed")
+            raise ReferenceError(f"mmfast: the module this {_describe(self.func)} was bound to has been freed "
+                                 "(a patched module's forward holds it weakly: keep a reference to the model "
+                                 "while its forward is used)")
         return module
 
     def __call__(self, *args, **kwargs):
-        module = self._ref()
-        if module is None:
-            self._module()
-        return self.func(module, *args, **kwargs)
+        return self.func(self._module(), *args, **kwargs)
 
     def __reduce__(self):
-        extra = {k: v for k, v in self.__dict__.items() if k not in ("func", "_ref")}
-        return type(self), (self.func, self._module()), extra or None
+        return type(self), (self.func, self._module()), dict(self.__dict__) or None
 
     def __setstate__(self, state) -> None:
         if isinstance(state, tuple):  # pickled as a functools.partial by an earlier version
             func, args, _, extra = state
             self.func, self._ref = func, weakref.ref(args[0])
             state = extra or {}
-        self.__dict__.update({k: v for k, v in state.items() if k not in ("func", "_ref")})
+        for k, v in state.items():
+            if k not in ("func", "_ref"):
+                setattr(self, k, v)
 
     def __repr__(self) -> str:
         module = self._ref() if self._ref is not None else None

@@ -219,7 +219,8 @@ def _unfused_reason(model: nn.Module) -> Optional[str]:
         return ("the model's lm_head was replaced after patching (resize_token_embeddings, a PEFT "
                 "modules_to_save wrapper, ...); mmfast.patch(model) again fuses a new nn.Linear head")
     fn = model.__dict__.get("_loss_function")
-    if not (isinstance(fn, ModuleCall) and fn.func is _loss_function):
+    # (a functools.partial: a model pickled by an earlier version)
+    if not (isinstance(fn, (ModuleCall, functools.partial)) and fn.func is _loss_function):
         return "a loss_function was set on the model after patching; the fused loss would bypass it"
     not_causal = _loss_not_causal(model)
     if not_causal is not None:
@@ -280,6 +281,9 @@ def patch_loss(model: nn.Module) -> Optional[str]:
     """Install the fused LM-head loss on ``model`` (idempotent; again after the LM head was replaced, it
     installs on the new head). Returns None, or why it was not installed."""
     if is_patched(model) and model.__dict__[_ATTR].family == _MODEL:
+        fn = model.__dict__.get("_loss_function")
+        if isinstance(fn, functools.partial) and fn.func is _loss_function:  # pickled by an earlier version
+            model._loss_function = ModuleCall(_loss_function, model)
         head = model.lm_head
         if _STATE in head.__dict__:
             return None
