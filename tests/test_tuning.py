@@ -1043,3 +1043,30 @@ def test_the_mlp_input_norm_of_sandwich_norm_blocks(family):
     else:
         model = T.VaultGemmaForCausalLM(T.VaultGemmaConfig(**shape))
     _simp_trains_the_block_norms(model, "model.layers", "pre_feedforward_layernorm", vocab=64)
+
+
+@pytest.mark.parametrize("tuning", ["layernorm", "layernorm+projector", "mma", "layernorm-simp"])
+def test_llava_next_image_newline_trains_with_the_projector(tuning, tmp_path):
+    """LLaVA-NeXT's learned end-of-row embedding (``image_newline``, beside the projector on the model) goes
+    into every image's features: it trains with the projector (it stayed frozen, though the features
+    through it train), gets a gradient, and is saved; a recipe without the projector keeps it frozen."""
+    import transformers as T
+    from tiny_models import IMAGE_SIZE, VOCAB, clip_vision_config, llama_config
+
+    cfg = T.LlavaNextConfig(text_config=llama_config().to_dict(), vision_config=clip_vision_config().to_dict(),
+                            image_token_index=VOCAB - 1, image_grid_pinpoints=[[IMAGE_SIZE, IMAGE_SIZE]])
+    torch.manual_seed(0)
+    model = T.LlavaNextForConditionalGeneration(cfg)
+    opts = {"mma": mmfast.MMAOptions(dropout=0.0)} if tuning == "mma" else {}
+    report = mmfast.patch(model, tuning=tuning, verbose=False, **opts)
+    newline = model.model.image_newline
+    trains = tuning != "layernorm-simp"
+    assert newline.requires_grad == trains
+    ids = torch.randint(0, VOCAB - 2, (1, 14))
+    ids[0, 1:11] = VOCAB - 1  # one 2x2-patch image, its base and one tile: 10 tokens with the row ends
+    model(input_ids=ids, pixel_values=torch.randn(1, 2, 3, IMAGE_SIZE, IMAGE_SIZE),
+          image_sizes=torch.tensor([[IMAGE_SIZE, IMAGE_SIZE]]), labels=ids).loss.backward()
+    assert (newline.grad is not None and newline.grad.abs().sum() > 0) == trains
+    names = mmfast.save_trainable(model, tmp_path / "t.safetensors")
+    assert ("model.image_newline" in names) == trains
+    assert report.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)

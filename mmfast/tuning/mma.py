@@ -38,7 +38,7 @@ from .._zero import full_shape, gathered
 from ..nn.adapter import MMAdapter
 from ..patching.core import EXTRA_KWARGS_ATTR
 from ..ops.backend import warn_once
-from .recipes import _hf_model, active_copy, find_parts, peft_trainables
+from .recipes import _hf_model, find_parts, peft_trainables
 
 ADAPTER_NAME = "mma_adapter"
 _OPTIONS = "_mmfast_mma_options"  # on the HF model: the MMAOptions its adapters were made with
@@ -831,12 +831,10 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
     kept = peft_trainables(model)  # PEFT's adapters keep training beside MMA's
     for p in model.parameters():
         p.requires_grad_(False)
-    train = [hf.get_submodule(n) for n in added_modules(hf)]
+    for n in added_modules(hf):
+        hf.get_submodule(n).requires_grad_(True)
     if parts is not None:
-        train.extend(active_copy(m) for m in parts.projector_modules())
-    for m in train:
-        for p in m.parameters():
-            p.requires_grad_(True)
+        parts.train_projector()
     for p in kept:
         p.requires_grad_(True)
     return unread

@@ -33,6 +33,9 @@ PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "connector", "merger
 #: Siblings that project vision features into the LLM too and train with the projector (Qwen3-VL's
 #: mergers for the features it adds to early LLM layers).
 PROJECTOR_SIBLINGS = {"merger": ("deepstack_merger_list",)}
+#: Parameters beside the projector (on the module that holds it) that the projected features go through,
+#: trained with it: LLaVA-NeXT's, LLaVA-NeXT-Video's and LLaVA-OneVision's learned end-of-row embedding.
+PROJECTOR_PARAMS = ("image_newline",)
 _HOOK_ATTR = "_mmfast_tuning_hooks"
 
 
@@ -46,9 +49,17 @@ class ModelParts:
     input_embeddings: Optional[nn.Module]
     output_embeddings: Optional[nn.Module]
     projector_siblings: tuple[nn.Module, ...] = ()  # trained with the projector (PROJECTOR_SIBLINGS)
+    projector_params: tuple[nn.Parameter, ...] = ()  # trained with the projector (PROJECTOR_PARAMS)
 
     def projector_modules(self) -> list[nn.Module]:
         return [] if self.projector is None else [self.projector, *self.projector_siblings]
+
+    def train_projector(self) -> None:
+        """Make the projector's parameters (its siblings' and :data:`PROJECTOR_PARAMS` included) trainable."""
+        for m in self.projector_modules():
+            active_copy(m).requires_grad_(True)
+        for p in self.projector_params:
+            p.requires_grad_(True)
 
 
 def _hf_model(model: nn.Module) -> nn.Module:
@@ -80,14 +91,17 @@ def find_parts(model: nn.Module) -> ModelParts:
         )
     modules = dict(hf.named_modules())
     found = next(((path, key) for key in PROJECTOR_NAMES for path in modules if path.split(".")[-1] == key), None)
-    projector, siblings = None, ()
+    projector, siblings, params = None, (), ()
     if found is not None:
         path, key = found
         projector = modules[path]
         owner = path.rpartition(".")[0]
         siblings = tuple(modules[f"{owner}.{s}" if owner else s] for s in PROJECTOR_SIBLINGS.get(key, ())
                          if (f"{owner}.{s}" if owner else s) in modules)
-    return ModelParts(hf, decoder, projector, hf.get_input_embeddings(), hf.get_output_embeddings(), siblings)
+        params = tuple(p for name in PROJECTOR_PARAMS
+                       if isinstance(p := modules[owner]._parameters.get(name), nn.Parameter))
+    return ModelParts(hf, decoder, projector, hf.get_input_embeddings(), hf.get_output_embeddings(), siblings,
+                      params)
 
 
 def active_copy(module: nn.Module) -> nn.Module:
@@ -331,6 +345,8 @@ def apply_ln_recipe(model: nn.Module, recipe: str, *, final_norm: bool = False, 
     for m in train:
         for p in m.parameters():
             p.requires_grad_(True)
+    if recipe in ("layernorm", "layernorm+projector"):
+        parts.train_projector()
     for p in kept:
         p.requires_grad_(True)
     if master_weights:
