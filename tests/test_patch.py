@@ -243,7 +243,7 @@ def test_pickle_and_deepcopy_keep_patch(tuning):
     with torch.no_grad():
         ref = first_output(model(**inputs))
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-        assert core.is_patched(clone.model.norm) and clone.model.norm.forward.args[0] is clone.model.norm
+        assert core.is_patched(clone.model.norm) and core.binding_of(clone.model.norm.forward).args[0] is clone.model.norm
         with torch.no_grad():
             assert torch.equal(first_output(clone(**inputs)), ref)
         if tuning == "layernorm-simp":  # the copy's frozen embeddings still hand on a graph
@@ -432,7 +432,7 @@ def test_accelerate_hook_kept():
     ref = norm(x)
     report = mmfast.patch(nn.Sequential(norm), verbose=False)
     assert report.patched == ["0"]
-    assert isinstance(norm.__dict__["_old_forward"], core._PatchedForward)
+    assert core.binding_of(norm.__dict__["_old_forward"]) is not None
     before = Count.n
     torch.testing.assert_close(norm(x), ref)
     assert Count.n == before + 1
@@ -459,8 +459,8 @@ def test_unpatch_keeps_an_accelerate_hook_added_after_patching(monkeypatch):
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, patched)
     mmfast.unpatch(model)
-    assert "_hf_hook" in norm.__dict__ and not isinstance(norm.__dict__["_old_forward"], core._PatchedForward)
-    assert not isinstance(norm.forward.__wrapped__, core._PatchedForward)
+    assert "_hf_hook" in norm.__dict__ and core.binding_of(norm.__dict__["_old_forward"]) is None
+    assert core.binding_of(norm.forward.__wrapped__) is None
     calls = count_calls(monkeypatch, nn_norm, "rms_norm")
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, ref)
@@ -595,3 +595,34 @@ def test_peft_lora_model(seed):
     ours, lowp, ref64 = draw(peft_model, ref, copy.deepcopy(ref).double(), batch("llama", seed))
     assert ours[2].keys() == lowp[2].keys() and all("lora_" in n for n in ours[2])
     assert_model_accurate(ours, lowp, ref64, seed)
+
+
+@pytest.mark.parametrize("tuning", [None, "layernorm"])
+def test_layers_compiled_one_by_one_share_their_code(tuning):
+    """Each decoder layer compiled on its own (``layer.compile()``, Accelerate's regional compilation): the
+    patched forwards, callable objects, were guarded by identity, so every layer compiled again, and past
+    torch.compile's recompile limit (8) the other layers ran uncompiled, silently. They are methods whose
+    function's code all layers share now: one compile, as unpatched."""
+    from transformers import LlamaForCausalLM
+    from tiny_models import llama_config
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(num_hidden_layers=10))
+    mmfast.patch(model, tuning=tuning, verbose=False)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    inputs = batch("llama")
+    ref = model(**inputs, use_cache=False).loss
+    for layer in model.model.layers:
+        layer.compile(backend=backend)
+    try:
+        loss = model(**inputs, use_cache=False).loss
+        loss.backward()
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 1 and torch.allclose(loss, ref)

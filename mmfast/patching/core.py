@@ -123,24 +123,81 @@ class ModuleCall:
         return f"<mmfast {_describe(self.func)} bound to {bound}>"
 
 
+def _forward_signature(module: nn.Module, original=None) -> inspect.Signature:
+    """The signature a patched forward shows: the original forward's (``original``, else the one the
+    module's record names, else the class's), so that callers that inspect it (HF Trainer's column filter,
+    ``generate``'s argument check) see the real parameters, plus the keyword arguments mmfast's hooks take
+    (:data:`EXTRA_KWARGS_ATTR`), so that Trainer keeps those columns."""
+    if original is None:
+        rec = module.__dict__.get(_ATTR)
+        original = _original_call(module, rec) if rec is not None else functools.partial(type(module).forward, module)
+    sig = inspect.signature(original)
+    extra = [n for n in module.__dict__.get(EXTRA_KWARGS_ATTR, ()) if n not in sig.parameters]
+    if not extra:
+        return sig
+    params = list(sig.parameters.values())
+    at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+    added = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in extra]
+    return sig.replace(parameters=params[:at] + added + params[at:])
+
+
 class _PatchedForward(ModuleCall):
-    """The patched forward: shows the original forward's signature, so callers that
-    inspect it (HF Trainer's column filter, ``generate``'s argument check) see the real parameters, and
-    the keyword arguments mmfast's hooks take (:data:`EXTRA_KWARGS_ATTR`), so Trainer keeps those columns."""
+    """A patched forward as a callable object: on a model's top module (the fused loss's forward, the
+    signature pass-through), where Accelerate's ``prepare`` and PEFT rebind ``forward.__func__`` to the
+    module, and what earlier versions' pickles hold."""
 
     @property
     def __signature__(self) -> inspect.Signature:
-        module = self._module()
-        rec = module.__dict__.get(_ATTR)
-        sig = inspect.signature(_original_call(module, rec) if rec is not None else
-                                functools.partial(type(module).forward, module))
-        extra = [n for n in module.__dict__.get(EXTRA_KWARGS_ATTR, ()) if n not in sig.parameters]
-        if not extra:
-            return sig
-        params = list(sig.parameters.values())
-        at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
-        added = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in extra]
-        return sig.replace(parameters=params[:at] + added + params[at:])
+        return _forward_signature(self._module())
+
+
+def _bound_forward(binding, *args, **kwargs):
+    """The body of every patched forward: ``module.forward`` is a bound method of a copy of this function
+    (one per module, for its signature) bound to the module's :class:`ForwardBinding`."""
+    return binding.func(binding._module(), *args, **kwargs)
+
+
+class ForwardBinding(ModuleCall):
+    """What a patched submodule's forward is bound to. ``module.forward`` is a bound method (of a per-module
+    copy of :func:`_bound_forward`), not a callable object: torch.compile guards an instance's method forward
+    by its function's code, which all modules share, and any other forward by its identity, which made every
+    layer compiled on its own (``layer.compile()``, Accelerate's regional compilation) compile again, past
+    the recompile limit, after which the rest ran uncompiled. Pickle rebuilds the method as
+    ``getattr(binding, "forward")``. (Not on a model's top module: Accelerate's ``prepare`` rebinds its
+    ``forward.__func__`` to the model.)"""
+
+    __slots__ = ()
+
+    @property
+    def forward(self) -> types.MethodType:
+        fn = types.FunctionType(_bound_forward.__code__, _bound_forward.__globals__, "forward")
+        fn.__qualname__ = f"{_describe(self.func)}"
+        fn.__module__ = __name__
+        # (with the bound argument in front: inspect drops it, as for any method)
+        fn.__signature__ = _with_self(_forward_signature(self._module()))
+        return types.MethodType(fn, self)
+
+
+def _with_self(sig: inspect.Signature) -> inspect.Signature:
+    first = inspect.Parameter("_mmfast_binding", inspect.Parameter.POSITIONAL_ONLY)
+    return sig.replace(parameters=[first, *sig.parameters.values()])
+
+
+def binding_of(forward) -> Optional[ModuleCall]:
+    """The :class:`ModuleCall` behind a patched forward (this version's bound method, or an earlier version's
+    callable object), or None for anything else."""
+    if isinstance(forward, types.MethodType) and isinstance(forward.__self__, ForwardBinding):
+        return forward.__self__
+    return forward if isinstance(forward, ModuleCall) else None
+
+
+def refresh_signature(module: nn.Module) -> None:
+    """Show the module's current :data:`EXTRA_KWARGS_ATTR` in its patched forward's signature (it is
+    computed when the forward is installed)."""
+    rec = module.__dict__.get(_ATTR)
+    fwd = rec.forward if rec is not None else None
+    if isinstance(fwd, types.MethodType) and isinstance(fwd.__self__, ForwardBinding):
+        fwd.__func__.__signature__ = _with_self(_forward_signature(module))
 
 
 def patched_forward(module: nn.Module, *args, **kwargs):
@@ -184,10 +241,11 @@ def show_extra_kwargs(module: nn.Module) -> bool:
     if not module.__dict__.get(EXTRA_KWARGS_ATTR):
         return False
     if is_patched(module):
+        refresh_signature(module)
         return True
     if _foreign_patch(module) is not None:
         return False
-    _install(module, SIGNATURE, _signature_forward)
+    _install(module, SIGNATURE, _signature_forward, top=True)
     return True
 
 
@@ -294,15 +352,16 @@ def _foreign_patch(module: nn.Module) -> Optional[str]:
     return None
 
 
-def _install(module: nn.Module, fam, forward=patched_forward) -> None:
+def _install(module: nn.Module, fam, forward=patched_forward, top: bool = False) -> None:
     """Put ``forward(module, ...)`` in the module's forward slot, recording ``fam`` (anything with a
-    ``kind``: a :class:`NormFamily`, or the fused loss's parts) and what to put back."""
+    ``kind``: a :class:`NormFamily`, or the fused loss's parts) and what to put back. ``top``: the model's
+    top module, whose forward is a callable object (see :class:`ForwardBinding`)."""
     d = module.__dict__
     slot = "_old_forward" if "_hf_hook" in d and "_old_forward" in d else "forward"
     rec = _Patch(fam, slot, d.get(slot, _ABSENT) if slot == "_old_forward" else _ABSENT,
                  d.get("extra_repr", _ABSENT))
     d[_ATTR] = rec
-    patched = rec.forward = _PatchedForward(forward, module)
+    patched = rec.forward = _PatchedForward(forward, module) if top else ForwardBinding(forward, module).forward
     setattr(module, slot, patched)
     hooked = d.get("forward") if slot == "_old_forward" else None
     if hooked is not None and "__wrapped__" in getattr(hooked, "__dict__", {}):
@@ -343,8 +402,12 @@ def _uninstall(module: nn.Module) -> None:
     rec: _Patch = d.pop(_ATTR)
     if rec.forward is None:  # a record pickled before it kept its forward: the one in its slot
         rec.forward = d.get(rec.slot)
-    if isinstance(rec.forward, ModuleCall):  # disarmed in place, wherever it is held
-        rec.forward.func = functools.partial(_unpatched_call, rec.saved_slot)
+    binding = binding_of(rec.forward)
+    if binding is not None:  # disarmed in place, wherever it is held
+        binding.func = functools.partial(_unpatched_call, rec.saved_slot)
+        if isinstance(rec.forward, types.MethodType):  # the original's signature, without mmfast's arguments
+            original = rec.saved_slot if rec.saved_slot is not _ABSENT else functools.partial(type(module).forward, module)
+            rec.forward.__func__.__signature__ = _with_self(inspect.signature(original))
     own = rec.saved_slot is _ABSENT or getattr(rec.saved_slot, "__func__", None) is type(module).forward
     if d.get(rec.slot) is rec.forward:  # where it was put
         if rec.saved_slot is _ABSENT:

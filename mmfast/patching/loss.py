@@ -296,7 +296,7 @@ def patch_loss(model: nn.Module) -> Optional[str]:
     reason = unsupported_reason(model)
     if reason is not None:
         return reason
-    _install(model, _MODEL, _model_forward)
+    _install(model, _MODEL, _model_forward, top=True)
     _install_head(model.lm_head)
     model._loss_function = ModuleCall(_loss_function, model)
     return None

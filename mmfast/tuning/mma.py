@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from .._zero import full_shape, gathered
 from ..nn.adapter import MMAdapter
-from ..patching.core import EXTRA_KWARGS_ATTR
+from ..patching.core import EXTRA_KWARGS_ATTR, refresh_signature
 from ..ops.backend import warn_once
 from .recipes import _hf_model, find_parts, peft_trainables
 
@@ -860,5 +860,6 @@ def remove_mma(model: nn.Module) -> int:
                 removed += 1
         m.__dict__.pop(_STATE, None)
         m.__dict__.pop(_OPTIONS, None)
-        m.__dict__.pop(EXTRA_KWARGS_ATTR, None)
+        if m.__dict__.pop(EXTRA_KWARGS_ATTR, None) is not None:
+            refresh_signature(m)
     return removed
