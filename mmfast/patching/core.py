@@ -191,6 +191,25 @@ def binding_of(forward) -> Optional[ModuleCall]:
     return forward if isinstance(forward, ModuleCall) else None
 
 
+def guard_by_identity(module: nn.Module) -> None:
+    """Make the module's patched forward a callable object, which torch.compile guards by identity (a method
+    forward it guards by its function's code, which every layer shares). For modules whose hooks hold
+    per-layer state (MMA's adapters on the layer norms): compiled code traced through one layer's hooks
+    must not be reused for another's (a compiled MMA generation routed with the first layer's)."""
+    rec = module.__dict__.get(_ATTR)
+    if rec is None or not isinstance(rec.forward, types.MethodType):
+        return
+    obj = _PatchedForward(rec.forward.__self__.func, module)
+    d = module.__dict__
+    for slot in ("forward", "_old_forward"):
+        if d.get(slot) is rec.forward:
+            d[slot] = obj
+    hooked = d.get("forward") if "_old_forward" in d else None
+    if hooked is not None and getattr(hooked, "__wrapped__", None) is rec.forward:
+        hooked.__wrapped__ = obj
+    rec.forward = obj
+
+
 def refresh_signature(module: nn.Module) -> None:
     """Show the module's current :data:`EXTRA_KWARGS_ATTR` in its patched forward's signature (it is
     computed when the forward is installed)."""
@@ -361,7 +380,9 @@ def _install(module: nn.Module, fam, forward=patched_forward, top: bool = False)
     rec = _Patch(fam, slot, d.get(slot, _ABSENT) if slot == "_old_forward" else _ABSENT,
                  d.get("extra_repr", _ABSENT))
     d[_ATTR] = rec
-    patched = rec.forward = _PatchedForward(forward, module) if top else ForwardBinding(forward, module).forward
+    # (a module with hooks of its own may hold per-layer state in them, MMA's adapters: see guard_by_identity)
+    identity = top or bool(module._forward_hooks or module._forward_pre_hooks)
+    patched = rec.forward = _PatchedForward(forward, module) if identity else ForwardBinding(forward, module).forward
     setattr(module, slot, patched)
     hooked = d.get("forward") if slot == "_old_forward" else None
     if hooked is not None and "__wrapped__" in getattr(hooked, "__dict__", {}):
