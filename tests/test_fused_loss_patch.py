@@ -4,6 +4,7 @@ loss and gradients against float64: test_patch.py::test_patched_matches_unpatche
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import mmfast
 from model_accuracy import assert_model_accurate_over_draws, double_inputs, run_model
 from mmfast.ops import loss as loss_ops
 from mmfast.patching import core
+from mmfast.patching.loss import is_fused
 from spy import as_from
 from tiny_models import batch, build
 
@@ -158,17 +160,19 @@ def test_opt_out_unpatch_disable_and_pickle():
     report = mmfast.patch(model, fused_loss=False, verbose=False)
     assert report.fused_loss == "off" and "forward" not in model.__dict__
     mmfast.patch(model, verbose=False)
-    assert core.is_patched(model) and core.is_patched(model.lm_head)
+    # the model's own forward is left alone (hooks arm the head), the head's is patched
+    assert is_fused(model) and "forward" not in model.__dict__ and core.is_patched(model.lm_head)
     clone = pickle.loads(pickle.dumps(model))
     inputs = batch("llava")
     assert clone(**inputs).logits is None
     torch.testing.assert_close(clone(**inputs).loss, model(**inputs).loss)
     mmfast.patch(model, fused_loss=False, verbose=False)  # a later call without it takes it out
-    assert not core.is_patched(model) and "_loss_function" not in model.__dict__
+    assert not is_fused(model) and not model._forward_hooks and "_loss_function" not in model.__dict__
     mmfast.patch(model, verbose=False)
     assert mmfast.unpatch(model) > 2
     for m in (model, model.lm_head):
         assert not core.is_patched(m) and "forward" not in m.__dict__
+    assert not is_fused(model) and not model._forward_hooks and not model._forward_pre_hooks
     assert "_loss_function" not in model.__dict__ and model(**inputs).logits is not None
 
 
@@ -334,3 +338,36 @@ def test_a_model_whose_loss_is_not_the_causal_lm_loss():
     model.loss_type = ref.loss_type = "ForMaskedLM"
     with pytest.warns(RuntimeWarning, match="loss_type='ForMaskedLM'"):
         _same_step(model, ref)
+
+
+def test_accelerate_regional_compilation_keeps_the_fused_loss():
+    """Accelerate's regional compilation copies the model's top module and compiles its repeated blocks and
+    the head: the patched top forward ran the original module (every region uncompiled, silently); and a
+    compiled head was taken for a replaced one (fused loss off). The fused loss is hooks on the model now,
+    which run with the copy, and the head inside the compile wrapper is the patched one."""
+    import accelerate.utils
+
+    compile_regions = getattr(accelerate.utils, "compile_regions", None)
+    if compile_regions is None:
+        pytest.skip("this Accelerate has no regional compilation")
+    torch._dynamo.reset()
+    model = build("llama")
+    mmfast.patch(model, tuning="layernorm", verbose=False)
+    inputs = batch("llama")
+    ref = model(**inputs, use_cache=False).loss
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = compile_regions(model, backend=backend)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*fused LM-head loss is off")
+            out = compiled(**inputs, use_cache=False)
+        out.loss.backward()
+    finally:
+        torch._dynamo.reset()
+    assert graphs and out.logits is None
+    torch.testing.assert_close(out.loss, ref)

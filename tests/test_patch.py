@@ -119,7 +119,7 @@ def test_data_parallel_replication_is_refused():
     with pytest.raises(RuntimeError, match="DistributedDataParallel"):
         norm._replicate_for_data_parallel()
     with pytest.raises(RuntimeError, match="DataParallel"):
-        model._replicate_for_data_parallel()  # the fused loss's model forward
+        model.lm_head._replicate_for_data_parallel()  # the fused loss's head
     mmfast.unpatch(model)
     replica = norm._replicate_for_data_parallel()
     assert type(replica) is type(norm) and "forward" not in replica.__dict__
@@ -295,23 +295,31 @@ def test_patched_forward_pickled_as_partial_still_loads():
 
 
 def test_fused_loss_of_a_model_pickled_by_an_earlier_version():
-    """A model pickled before the fused loss's partial held its model weakly has a functools.partial there: it
-    was taken for a loss function set by the user (the fused loss went off with a warning, and patching again
-    did not bring it back). It runs fused; patching again rebinds it weakly."""
+    """A model pickled by an earlier version holds that version's fused loss: a replaced model forward and a
+    functools.partial loss function (taken for a user's loss function: the fused loss went off with a
+    warning). It runs fused; patching again moves it to the hooks and drops the old forward."""
     import warnings
 
     from mmfast.patching import loss
 
     model = build("llama")
-    mmfast.patch(model, verbose=False)
-    model._loss_function = functools.partial(loss._loss_function, model)  # as such a pickle loads
+    mmfast.patch(model, verbose=False, fused_loss=False)
     inputs = batch("llama")
+    ref = model(**inputs).loss
+    core._install(model, loss._MODEL, loss._model_forward, top=True)  # what such a pickle loads
+    loss._install_head(model.lm_head)
+    model._loss_function = functools.partial(loss._loss_function, model)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.filterwarnings("error", message=".*fused LM-head loss is off")
         out = model(**inputs)
-    assert out.logits is None and out.loss is not None  # the fused loss ran (it keeps no logits)
+    assert out.logits is None  # the fused loss ran (it keeps no logits)
+    torch.testing.assert_close(out.loss, ref)
     mmfast.patch(model, verbose=False)
+    assert loss.is_fused(model) and "forward" not in model.__dict__
     assert isinstance(model.__dict__["_loss_function"], core.ModuleCall)
+    assert model(**inputs).logits is None
+    mmfast.unpatch(model)
+    assert not {"forward", "_loss_function", "_mmfast_patch"} & set(model.__dict__) and not model._forward_hooks
 
 
 def test_an_accelerate_hook_does_not_copy_the_weak_binding():

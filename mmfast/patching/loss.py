@@ -50,6 +50,7 @@ from .table import _code_key
 
 _STATE = "_mmfast_loss_state"
 _SAID = "_mmfast_loss_off_said"  # the reasons already warned of, on the model
+_FUSED = "_mmfast_fused_loss"  # on the model: the fused loss's hooks are on it
 
 
 @dataclasses.dataclass
@@ -190,7 +191,7 @@ def _hf_loss(model: nn.Module):
 
 
 def _loss_function(model: nn.Module, logits=None, labels=None, vocab_size=None, **kwargs):
-    st: Optional[_LossState] = model.lm_head.__dict__.get(_STATE)
+    st: Optional[_LossState] = _head(model).__dict__.get(_STATE)
     if st is None or st.stand_in is None:  # unfused: what HF's own loss_function would call
         return _hf_loss(model)(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
     if logits is st.stand_in:
@@ -214,7 +215,7 @@ def _arm(labels: Tensor, kwargs: dict) -> dict:
 def _unfused_reason(model: nn.Module) -> Optional[str]:
     """Why this training call cannot take the fused loss any more, or None: the model was changed after
     ``patch`` in a way the fused loss would get wrong."""
-    head = model.lm_head
+    head = _head(model)
     if _STATE not in head.__dict__:
         return ("the model's lm_head was replaced after patching (resize_token_embeddings, a PEFT "
                 "modules_to_save wrapper, ...); mmfast.patch(model) again fuses a new nn.Linear head")
@@ -232,30 +233,69 @@ def _unfused_reason(model: nn.Module) -> Optional[str]:
     return None
 
 
-def _model_forward(model: nn.Module, *args, **kwargs):
-    orig = _original_call(model, model.__dict__[_ATTR])
+def _head(model: nn.Module):
+    """The model's LM head, inside torch.compile's wrapper where it has one (Accelerate's regional
+    compilation compiles the head on its own)."""
+    head = getattr(model, "lm_head", None)
+    return getattr(head, "_orig_mod", head) if type(head).__name__ == "OptimizedModule" else head
+
+
+def _arm_hook(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of the model: a training call with labels arms its LM head with the loss arguments
+    (the head then computes the loss and returns a stand-in for the logits). Hooks, not a replaced forward:
+    a copy of the model's top module (Accelerate's regional compilation makes one) runs them with itself,
+    and Accelerate's ``prepare`` wraps the class's forward as it does unpatched."""
     labels = _argument(type(model), args, kwargs, "labels")
     keep = _argument(type(model), args, kwargs, "logits_to_keep", 0)
     if (labels is None or not torch.is_grad_enabled() or is_disabled()
             or not (isinstance(keep, int) and keep == 0)):
-        return orig(*args, **kwargs)
+        return None
     reason = _unfused_reason(model)
     if reason is not None:  # the model's own head and loss, as unpatched; said once per model and reason
         said = model.__dict__.setdefault(_SAID, set())
         if reason not in said:
             said.add(reason)
             warnings.warn(f"mmfast: the fused LM-head loss is off for this model: {reason}", RuntimeWarning)
-        return orig(*args, **kwargs)
-    st: _LossState = model.lm_head.__dict__[_STATE]
+        return None
+    st: _LossState = _head(model).__dict__[_STATE]
     st.armed, st.loss, st.stand_in = _arm(labels, kwargs), None, None
+    return None
+
+
+def _disarm_hook(model: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+    """Forward hook of the model (also when the forward raised: ``out`` is None then): the output without
+    the stand-in logits, and the head disarmed."""
+    head = _head(model)
+    st: Optional[_LossState] = head.__dict__.get(_STATE) if isinstance(head, nn.Module) else None
+    if st is None or (st.armed is None and st.loss is None):  # not an armed call
+        return None
+    loss, stand_in = st.loss, st.stand_in
+    st.armed, st.loss, st.stand_in = None, None, None
+    if out is None or loss is None:
+        # the forward raised (that error stands), or never called the head: a forward that another library
+        # put on the model since (TRL's fused head takes the hidden states to its own) computed what it
+        # returns, unfused
+        return None
+    return _drop_stand_in(out, stand_in)
+
+
+def _model_forward(model: nn.Module, *args, **kwargs):
+    """The model forward earlier versions installed (what their pickles name): the hooks' work around the
+    original forward. ``patch`` replaces it with the hooks."""
+    orig = _original_call(model, model.__dict__[_ATTR])
+    _arm_hook(model, args, kwargs)
     try:
         out = orig(*args, **kwargs)
-        if st.loss is None:
-            raise RuntimeError("mmfast fused loss: the model's forward did not call its lm_head; run without the "
-                               "fused loss (mmfast.patch(..., fused_loss=False))")
-        return _drop_stand_in(out, st.stand_in)
-    finally:
-        st.armed, st.loss, st.stand_in = None, None, None
+    except BaseException:
+        _disarm_hook(model, args, kwargs, None)
+        raise
+    kept = _disarm_hook(model, args, kwargs, out)
+    return out if kept is None else kept
+
+
+def is_fused(model: nn.Module) -> bool:
+    """Whether the fused loss is installed on ``model`` (its top module)."""
+    return _FUSED in model.__dict__
 
 
 def _drop_stand_in(out: Any, stand_in: Tensor) -> Any:
@@ -280,7 +320,7 @@ _HEAD = _LossPart("fused_loss_head")
 def patch_loss(model: nn.Module) -> Optional[str]:
     """Install the fused LM-head loss on ``model`` (idempotent; again after the LM head was replaced, it
     installs on the new head). Returns None, or why it was not installed."""
-    if is_patched(model) and model.__dict__[_ATTR].family == _MODEL:
+    if is_fused(model):
         fn = model.__dict__.get("_loss_function")
         if isinstance(fn, functools.partial) and fn.func is _loss_function:  # pickled by an earlier version
             model._loss_function = ModuleCall(_loss_function, model)
@@ -293,10 +333,14 @@ def patch_loss(model: nn.Module) -> Optional[str]:
         _install_head(head)
         model.__dict__.pop(_SAID, None)
         return None
+    if is_patched(model) and model.__dict__[_ATTR].family == _MODEL:  # an earlier version's: installed again
+        unpatch_loss(model)
     reason = unsupported_reason(model)
     if reason is not None:
         return reason
-    _install(model, _MODEL, _model_forward, top=True)
+    model.register_forward_pre_hook(_arm_hook, with_kwargs=True)
+    model.register_forward_hook(_disarm_hook, with_kwargs=True, always_call=True)
+    model.__dict__[_FUSED] = True
     _install_head(model.lm_head)
     model._loss_function = ModuleCall(_loss_function, model)
     return None
@@ -304,11 +348,24 @@ def patch_loss(model: nn.Module) -> Optional[str]:
 
 def _drop_loss_state(m: nn.Module, family: _LossPart) -> None:
     m.__dict__.pop(_STATE, None)
-    if family == _MODEL:
+    if family == _MODEL:  # an earlier version's model forward
         m.__dict__.pop("_loss_function", None)
         m.__dict__.pop(_SAID, None)
 
 
 def unpatch_loss(model: nn.Module) -> int:
     """Remove the fused loss from ``model`` and its LM head; returns how many modules were restored."""
-    return unpatch_where(model, lambda fam: fam in (_MODEL, _HEAD), _drop_loss_state)
+    n = 0
+    for m in model.modules():
+        if m.__dict__.pop(_FUSED, None) is None:
+            continue
+        for hooks in (m._forward_pre_hooks, m._forward_hooks):
+            for key in [k for k, h in hooks.items() if h in (_arm_hook, _disarm_hook)]:
+                del hooks[key]
+                m._forward_pre_hooks_with_kwargs.pop(key, None)
+                m._forward_hooks_with_kwargs.pop(key, None)
+                m._forward_hooks_always_called.pop(key, None)
+        m.__dict__.pop("_loss_function", None)
+        m.__dict__.pop(_SAID, None)
+        n += 1
+    return n + unpatch_where(model, lambda fam: fam in (_MODEL, _HEAD), _drop_loss_state)
