@@ -125,7 +125,7 @@ def patch(
     elif not isinstance(getattr(hf, "lm_head", None), nn.Module):
         report.fused_loss = "n/a (no lm_head)"
     else:
-        reason = patch_loss(hf)
+        reason = patch_loss(hf, outermost=hf is model)
         report.fused_loss = "on" if reason is None else f"not installed: {reason}"
     for m in model.modules():  # signatures name mma_has_image (Trainer's column filter, generate)
         if EXTRA_KWARGS_ATTR in m.__dict__:

@@ -371,3 +371,73 @@ def test_accelerate_regional_compilation_keeps_the_fused_loss():
         torch._dynamo.reset()
     assert graphs and out.logits is None
     torch.testing.assert_close(out.loss, ref)
+
+
+def test_under_an_accelerate_hook_on_the_model_the_loss_fuses_inside_it():
+    """An Accelerate hook on the model (device_map dispatch, offloading) moves the inputs before its forward
+    and the output after it: the fused loss goes inside it (as the model's forward), so the labels are
+    moved before the head is armed and the hook never moves the stand-in (moved to another device it becomes
+    a whole logits tensor, and the output kept it). A hook added after patching turns the fused loss off
+    with a warning until the model is patched again."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class Seen(ModelHook):
+        logits = []
+
+        def post_forward(self, module, output):
+            self.logits.append(output.logits)
+            return output
+
+    inputs = batch("llama")
+    for order in ("hook first", "patch first"):
+        model = build("llama")
+        Seen.logits = []
+        if order == "hook first":
+            add_hook_to_module(model, Seen())
+        mmfast.patch(model, verbose=False)
+        if order == "patch first":
+            add_hook_to_module(model, Seen())
+            with pytest.warns(RuntimeWarning, match="Accelerate hook was put on the model after patching"):
+                assert model(**inputs).logits is not None
+            mmfast.patch(model, verbose=False)
+        Seen.logits = []
+        out = model(**inputs)
+        assert out.logits is None and Seen.logits == [None], order
+
+
+def test_a_wrapper_calling_the_forward_directly_still_fuses(monkeypatch):
+    """Some PEFT versions call the base model's ``forward`` directly, past its hooks: under a PEFT model the
+    fused loss is the base model's forward, so it fuses there too."""
+    from peft.tuners import tuners_utils
+
+    def old_forward(self, *args, **kwargs):  # what such versions do
+        return self.model.forward(*args, **kwargs)
+
+    from peft import LoraConfig, get_peft_model
+
+    monkeypatch.setattr(tuners_utils.BaseTuner, "forward", old_forward)
+    # (a causal-LM PEFT model calls its tuner, whose forward calls the base model's)
+    model = get_peft_model(build("llama"), LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"],
+                                                      lora_dropout=0.0))
+    assert mmfast.patch(model, tuning="layernorm", verbose=False).fused_loss == "on"
+    assert model(**batch("llama")).logits is None
+
+
+def test_an_interrupted_training_step_leaves_no_armed_head():
+    """A KeyboardInterrupt inside the forward runs no forward hook after it: the head stayed armed, and the
+    next call without labels (an evaluation, generate) computed a loss against the stale labels. Every call
+    disarms first now."""
+    model = build("llama")
+    mmfast.patch(model, verbose=False)
+    inputs = batch("llama")
+
+    def interrupt(module, args):
+        raise KeyboardInterrupt
+
+    handle = model.model.layers[1].register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        model(**inputs)
+    handle.remove()
+    with torch.no_grad():
+        out = model(input_ids=inputs["input_ids"])
+    assert out.logits is not None and out.loss is None

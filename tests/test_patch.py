@@ -330,8 +330,12 @@ def test_an_accelerate_hook_does_not_copy_the_weak_binding():
     model = build("llama")
     mmfast.patch(model, verbose=False, fused_loss=False, fused_mlp=False)
     norm = model.model.norm
+    want = inspect.signature(type(norm).forward.__get__(norm))
+    assert inspect.signature(norm.forward) == want
     add_hook_to_module(norm, ModelHook())
     assert not {"func", "_ref"} & set(norm.forward.__dict__)
+    # the signature it shows is the norm's (a copied signature carried the method's bound argument)
+    assert inspect.signature(norm.forward) == want
 
 
 def test_save_pretrained_round_trip(tmp_path):

@@ -173,14 +173,26 @@ class ForwardBinding(ModuleCall):
         fn = types.FunctionType(_bound_forward.__code__, _bound_forward.__globals__, "forward")
         fn.__qualname__ = f"{_describe(self.func)}"
         fn.__module__ = __name__
-        # (with the bound argument in front: inspect drops it, as for any method)
-        fn.__signature__ = _with_self(_forward_signature(self._module()))
+        # the signature, through __wrapped__ (what inspect follows; Accelerate's hook copies a wrapped
+        # forward's __dict__ onto its own wrapper and then points its __wrapped__ at the forward itself)
+        fn.__wrapped__ = _Signature(self)
         return types.MethodType(fn, self)
 
 
-def _with_self(sig: inspect.Signature) -> inspect.Signature:
-    first = inspect.Parameter("_mmfast_binding", inspect.Parameter.POSITIONAL_ONLY)
-    return sig.replace(parameters=[first, *sig.parameters.values()])
+class _Signature:
+    """What a patched method forward's function wraps, for ``inspect``: the signature the forward shows,
+    computed when asked (with the bound argument in front, which inspect drops, as for any method)."""
+
+    __slots__ = ("binding",)
+
+    def __init__(self, binding: ModuleCall):
+        self.binding = binding
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        sig = _forward_signature(self.binding._module())
+        first = inspect.Parameter("_mmfast_binding", inspect.Parameter.POSITIONAL_ONLY)
+        return sig.replace(parameters=[first, *sig.parameters.values()])
 
 
 def binding_of(forward) -> Optional[ModuleCall]:
@@ -208,15 +220,6 @@ def guard_by_identity(module: nn.Module) -> None:
     if hooked is not None and getattr(hooked, "__wrapped__", None) is rec.forward:
         hooked.__wrapped__ = obj
     rec.forward = obj
-
-
-def refresh_signature(module: nn.Module) -> None:
-    """Show the module's current :data:`EXTRA_KWARGS_ATTR` in its patched forward's signature (it is
-    computed when the forward is installed)."""
-    rec = module.__dict__.get(_ATTR)
-    fwd = rec.forward if rec is not None else None
-    if isinstance(fwd, types.MethodType) and isinstance(fwd.__self__, ForwardBinding):
-        fwd.__func__.__signature__ = _with_self(_forward_signature(module))
 
 
 def patched_forward(module: nn.Module, *args, **kwargs):
@@ -260,7 +263,6 @@ def show_extra_kwargs(module: nn.Module) -> bool:
     if not module.__dict__.get(EXTRA_KWARGS_ATTR):
         return False
     if is_patched(module):
-        refresh_signature(module)
         return True
     if _foreign_patch(module) is not None:
         return False
@@ -426,9 +428,6 @@ def _uninstall(module: nn.Module) -> None:
     binding = binding_of(rec.forward)
     if binding is not None:  # disarmed in place, wherever it is held
         binding.func = functools.partial(_unpatched_call, rec.saved_slot)
-        if isinstance(rec.forward, types.MethodType):  # the original's signature, without mmfast's arguments
-            original = rec.saved_slot if rec.saved_slot is not _ABSENT else functools.partial(type(module).forward, module)
-            rec.forward.__func__.__signature__ = _with_self(inspect.signature(original))
     own = rec.saved_slot is _ABSENT or getattr(rec.saved_slot, "__func__", None) is type(module).forward
     if d.get(rec.slot) is rec.forward:  # where it was put
         if rec.saved_slot is _ABSENT:

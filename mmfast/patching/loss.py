@@ -215,6 +215,9 @@ def _arm(labels: Tensor, kwargs: dict) -> dict:
 def _unfused_reason(model: nn.Module) -> Optional[str]:
     """Why this training call cannot take the fused loss any more, or None: the model was changed after
     ``patch`` in a way the fused loss would get wrong."""
+    if _FUSED in model.__dict__ and "_hf_hook" in model.__dict__:
+        return ("an Accelerate hook was put on the model after patching (dispatch_model, cpu_offload); its "
+                "output hook would copy the stand-in logits whole: mmfast.patch(model) again fuses the loss inside it")
     head = _head(model)
     if _STATE not in head.__dict__:
         return ("the model's lm_head was replaced after patching (resize_token_embeddings, a PEFT "
@@ -245,6 +248,9 @@ def _arm_hook(model: nn.Module, args: tuple, kwargs: dict) -> None:
     (the head then computes the loss and returns a stand-in for the logits). Hooks, not a replaced forward:
     a copy of the model's top module (Accelerate's regional compilation makes one) runs them with itself,
     and Accelerate's ``prepare`` wraps the class's forward as it does unpatched."""
+    st: Optional[_LossState] = _head(model).__dict__.get(_STATE) if isinstance(_head(model), nn.Module) else None
+    if st is not None:  # a call a KeyboardInterrupt cut (no hook runs after it) must not leave the head armed
+        st.armed, st.loss, st.stand_in = None, None, None
     labels = _argument(type(model), args, kwargs, "labels")
     keep = _argument(type(model), args, kwargs, "logits_to_keep", 0)
     if (labels is None or not torch.is_grad_enabled() or is_disabled()
@@ -257,7 +263,6 @@ def _arm_hook(model: nn.Module, args: tuple, kwargs: dict) -> None:
             said.add(reason)
             warnings.warn(f"mmfast: the fused LM-head loss is off for this model: {reason}", RuntimeWarning)
         return None
-    st: _LossState = _head(model).__dict__[_STATE]
     st.armed, st.loss, st.stand_in = _arm(labels, kwargs), None, None
     return None
 
@@ -280,8 +285,11 @@ def _disarm_hook(model: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
 
 
 def _model_forward(model: nn.Module, *args, **kwargs):
-    """The model forward earlier versions installed (what their pickles name): the hooks' work around the
-    original forward. ``patch`` replaces it with the hooks."""
+    """The hooks' work as the model's forward, where hooks on the model would be in the wrong place: under
+    an Accelerate hook on the model (``device_map`` dispatch, offloading), which moves the inputs before the
+    forward and the output after it (the labels must be moved when the head is armed, and a stand-in moved
+    to another device becomes a whole logits tensor), and under a PEFT model (some PEFT versions call the
+    base model's ``forward`` directly, past its hooks). Earlier versions' pickles name it too."""
     orig = _original_call(model, model.__dict__[_ATTR])
     _arm_hook(model, args, kwargs)
     try:
@@ -294,8 +302,13 @@ def _model_forward(model: nn.Module, *args, **kwargs):
 
 
 def is_fused(model: nn.Module) -> bool:
-    """Whether the fused loss is installed on ``model`` (its top module)."""
-    return _FUSED in model.__dict__
+    """Whether the fused loss is installed on ``model`` (its top module), by hooks or as its forward."""
+    return _FUSED in model.__dict__ or (is_patched(model) and model.__dict__[_ATTR].family == _MODEL)
+
+
+def _as_forward(model: nn.Module, outermost: bool) -> bool:
+    """Whether the fused loss goes on ``model`` as its forward rather than as hooks (see _model_forward)."""
+    return not outermost or "_hf_hook" in model.__dict__
 
 
 def _drop_stand_in(out: Any, stand_in: Tensor) -> Any:
@@ -317,14 +330,17 @@ _MODEL = _LossPart("fused_loss")
 _HEAD = _LossPart("fused_loss_head")
 
 
-def patch_loss(model: nn.Module) -> Optional[str]:
+def patch_loss(model: nn.Module, outermost: bool = True) -> Optional[str]:
     """Install the fused LM-head loss on ``model`` (idempotent; again after the LM head was replaced, it
-    installs on the new head). Returns None, or why it was not installed."""
+    installs on the new head): hooks on the model, or its forward (see :func:`_model_forward`; ``outermost``:
+    no wrapper such as PEFT's calls ``model``). Returns None, or why it was not installed."""
+    if is_fused(model) and (_FUSED in model.__dict__) == _as_forward(model, outermost):
+        unpatch_loss(model)  # installed the other way, which no longer fits (an Accelerate hook added since)
     if is_fused(model):
         fn = model.__dict__.get("_loss_function")
         if isinstance(fn, functools.partial) and fn.func is _loss_function:  # pickled by an earlier version
             model._loss_function = ModuleCall(_loss_function, model)
-        head = model.lm_head
+        head = _head(model)
         if _STATE in head.__dict__:
             return None
         reason = _head_reason(head)  # a head replaced since: fuse the new one where it can be
@@ -333,14 +349,15 @@ def patch_loss(model: nn.Module) -> Optional[str]:
         _install_head(head)
         model.__dict__.pop(_SAID, None)
         return None
-    if is_patched(model) and model.__dict__[_ATTR].family == _MODEL:  # an earlier version's: installed again
-        unpatch_loss(model)
     reason = unsupported_reason(model)
     if reason is not None:
         return reason
-    model.register_forward_pre_hook(_arm_hook, with_kwargs=True)
-    model.register_forward_hook(_disarm_hook, with_kwargs=True, always_call=True)
-    model.__dict__[_FUSED] = True
+    if _as_forward(model, outermost):
+        _install(model, _MODEL, _model_forward, top=True)
+    else:
+        model.register_forward_pre_hook(_arm_hook, with_kwargs=True)
+        model.register_forward_hook(_disarm_hook, with_kwargs=True, always_call=True)
+        model.__dict__[_FUSED] = True
     _install_head(model.lm_head)
     model._loss_function = ModuleCall(_loss_function, model)
     return None

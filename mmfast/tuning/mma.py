@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from .._zero import full_shape, gathered
 from ..nn.adapter import MMAdapter
-from ..patching.core import EXTRA_KWARGS_ATTR, guard_by_identity, refresh_signature
+from ..patching.core import EXTRA_KWARGS_ATTR, guard_by_identity
 from ..ops.backend import warn_once
 from .recipes import _hf_model, find_parts, peft_trainables
 
@@ -863,6 +863,5 @@ def remove_mma(model: nn.Module) -> int:
                 removed += 1
         m.__dict__.pop(_STATE, None)
         m.__dict__.pop(_OPTIONS, None)
-        if m.__dict__.pop(EXTRA_KWARGS_ATTR, None) is not None:
-            refresh_signature(m)
+        m.__dict__.pop(EXTRA_KWARGS_ATTR, None)
     return removed
