@@ -1227,3 +1227,19 @@ def test_mma_refuses_a_decoder_with_cross_attention_layers():
     with pytest.raises(ValueError, match=r"layers \[1\] are cross-attention layers"):
         mmfast.patch(model, tuning="mma", verbose=False)
     assert repr(model) == before and all(p.requires_grad for p in model.parameters())
+
+
+def test_norms_given_adapters_after_patching_keep_forwards_compile_tells_apart():
+    """MMA added to a model patched before: the layer norms that now carry adapter hooks get forwards that
+    torch.compile guards per module (a method forward, guarded by its shared code, let compiled code traced
+    through one layer's adapter run for the next); norms without hooks keep method forwards."""
+    import types
+
+    from mmfast.patching import core
+
+    model = build("llava")
+    mmfast.patch(model, verbose=False)
+    mmfast.patch(model, tuning="mma", verbose=False)
+    for layer in model.model.language_model.layers:
+        assert isinstance(layer.input_layernorm.forward, core._PatchedForward)
+        assert isinstance(layer.post_attention_layernorm.forward, types.MethodType)

@@ -90,10 +90,6 @@ class ModuleCall:
     def args(self) -> tuple:
         return (self._module(),)
 
-    @property
-    def keywords(self) -> dict:
-        return {}
-
     def _module(self) -> nn.Module:
         module = self._ref() if self._ref is not None else None
         if module is None:
@@ -123,15 +119,14 @@ class ModuleCall:
         return f"<mmfast {_describe(self.func)} bound to {bound}>"
 
 
-def _forward_signature(module: nn.Module, original=None) -> inspect.Signature:
-    """The signature a patched forward shows: the original forward's (``original``, else the one the
-    module's record names, else the class's), so that callers that inspect it (HF Trainer's column filter,
-    ``generate``'s argument check) see the real parameters, plus the keyword arguments mmfast's hooks take
-    (:data:`EXTRA_KWARGS_ATTR`), so that Trainer keeps those columns."""
-    if original is None:
-        rec = module.__dict__.get(_ATTR)
-        original = _original_call(module, rec) if rec is not None else functools.partial(type(module).forward, module)
-    sig = inspect.signature(original)
+def _forward_signature(module: nn.Module) -> inspect.Signature:
+    """The signature a patched forward shows: the original forward's (the one the module's record names, else
+    the class's), so that callers that inspect it (HF Trainer's column filter, ``generate``'s argument check)
+    see the real parameters, plus the keyword arguments mmfast's hooks take (:data:`EXTRA_KWARGS_ATTR`), so
+    that Trainer keeps those columns."""
+    rec = module.__dict__.get(_ATTR)
+    sig = inspect.signature(_original_call(module, rec) if rec is not None
+                            else functools.partial(type(module).forward, module))
     extra = [n for n in module.__dict__.get(EXTRA_KWARGS_ATTR, ()) if n not in sig.parameters]
     if not extra:
         return sig
@@ -171,7 +166,7 @@ class ForwardBinding(ModuleCall):
     @property
     def forward(self) -> types.MethodType:
         fn = types.FunctionType(_bound_forward.__code__, _bound_forward.__globals__, "forward")
-        fn.__qualname__ = f"{_describe(self.func)}"
+        fn.__qualname__ = _describe(self.func)
         fn.__module__ = __name__
         # the signature, through __wrapped__ (what inspect follows; Accelerate's hook copies a wrapped
         # forward's __dict__ onto its own wrapper and then points its __wrapped__ at the forward itself)
@@ -203,23 +198,22 @@ def binding_of(forward) -> Optional[ModuleCall]:
     return forward if isinstance(forward, ModuleCall) else None
 
 
-def guard_by_identity(module: nn.Module) -> None:
-    """Make the module's patched forward a callable object, which torch.compile guards by identity (a method
-    forward it guards by its function's code, which every layer shares). For modules whose hooks hold
-    per-layer state (MMA's adapters on the layer norms): compiled code traced through one layer's hooks
-    must not be reused for another's (a compiled MMA generation routed with the first layer's)."""
-    rec = module.__dict__.get(_ATTR)
-    if rec is None or not isinstance(rec.forward, types.MethodType):
-        return
-    obj = _PatchedForward(rec.forward.__self__.func, module)
-    d = module.__dict__
-    for slot in ("forward", "_old_forward"):
-        if d.get(slot) is rec.forward:
-            d[slot] = obj
-    hooked = d.get("forward") if "_old_forward" in d else None
-    if hooked is not None and getattr(hooked, "__wrapped__", None) is rec.forward:
-        hooked.__wrapped__ = obj
-    rec.forward = obj
+def _needs_identity(module: nn.Module) -> bool:
+    """Whether the module's patched forward must be a callable object, which torch.compile guards by
+    identity, rather than a method, which it guards by its function's code, shared by every layer: a module
+    with hooks of its own may hold per-layer state in them (MMA's adapters on the layer norms), and compiled
+    code traced through one layer's hooks must not be reused for another's."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _fit_forward_form(module: nn.Module) -> None:
+    """Install a patched module's forward again where hooks added since (MMA's, on a model patched before)
+    need the other form (:func:`_needs_identity`)."""
+    rec = module.__dict__[_ATTR]
+    if isinstance(rec.forward, types.MethodType) and _needs_identity(module):
+        family, forward = rec.family, rec.forward.__self__.func
+        _uninstall(module)
+        _install(module, family, forward)
 
 
 def patched_forward(module: nn.Module, *args, **kwargs):
@@ -332,6 +326,17 @@ def foreign_hook(module: nn.Module, where: str, kinds: tuple[str, ...] = ("forwa
     return None
 
 
+def remove_hooks(module: nn.Module, ours) -> None:
+    """Remove the forward hooks and pre-hooks of ``module`` for which ``ours(hook)`` is true (the hooks
+    mmfast registered without keeping their handles)."""
+    for hooks in (module._forward_pre_hooks, module._forward_hooks):
+        for key in [k for k, h in hooks.items() if ours(h)]:
+            del hooks[key]
+            for table in (module._forward_pre_hooks_with_kwargs, module._forward_hooks_with_kwargs,
+                          module._forward_hooks_always_called):
+                table.pop(key, None)
+
+
 def has_hooks(module: nn.Module) -> bool:
     """Whether any hook of :data:`_HOOK_KINDS` sits on ``module`` or is registered for every module (the
     cheap question before :func:`foreign_hook`'s, which looks at where each one comes from)."""
@@ -382,8 +387,7 @@ def _install(module: nn.Module, fam, forward=patched_forward, top: bool = False)
     rec = _Patch(fam, slot, d.get(slot, _ABSENT) if slot == "_old_forward" else _ABSENT,
                  d.get("extra_repr", _ABSENT))
     d[_ATTR] = rec
-    # (a module with hooks of its own may hold per-layer state in them, MMA's adapters: see guard_by_identity)
-    identity = top or bool(module._forward_hooks or module._forward_pre_hooks)
+    identity = top or _needs_identity(module)
     patched = rec.forward = _PatchedForward(forward, module) if identity else ForwardBinding(forward, module).forward
     setattr(module, slot, patched)
     hooked = d.get("forward") if slot == "_old_forward" else None
@@ -515,6 +519,7 @@ def patch_norms(model: nn.Module, report: Optional[PatchReport] = None) -> Patch
             rec: _Patch = module.__dict__[_ATTR]
             if rec.family not in FAMILIES:
                 continue  # not a norm (the fused loss's model and head)
+            _fit_forward_form(module)
             report.patched.append(path)
             report.kinds[path] = rec.family.kind
             continue

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from ..ops.loss import linear_cross_entropy
 from .core import (_ATTR, ModuleCall, _foreign_patch, _install, _original_call, foreign_hook, is_disabled, is_patched,
-                   unpatch_where)
+                   remove_hooks, unpatch_where)
 from .table import _code_key
 
 _STATE = "_mmfast_loss_state"
@@ -248,7 +248,8 @@ def _arm_hook(model: nn.Module, args: tuple, kwargs: dict) -> None:
     (the head then computes the loss and returns a stand-in for the logits). Hooks, not a replaced forward:
     a copy of the model's top module (Accelerate's regional compilation makes one) runs them with itself,
     and Accelerate's ``prepare`` wraps the class's forward as it does unpatched."""
-    st: Optional[_LossState] = _head(model).__dict__.get(_STATE) if isinstance(_head(model), nn.Module) else None
+    head = _head(model)
+    st: Optional[_LossState] = head.__dict__.get(_STATE) if isinstance(head, nn.Module) else None
     if st is not None:  # a call a KeyboardInterrupt cut (no hook runs after it) must not leave the head armed
         st.armed, st.loss, st.stand_in = None, None, None
     labels = _argument(type(model), args, kwargs, "labels")
@@ -365,7 +366,7 @@ def patch_loss(model: nn.Module, outermost: bool = True) -> Optional[str]:
 
 def _drop_loss_state(m: nn.Module, family: _LossPart) -> None:
     m.__dict__.pop(_STATE, None)
-    if family == _MODEL:  # an earlier version's model forward
+    if family == _MODEL:  # the fused loss as the model's forward (see _model_forward)
         m.__dict__.pop("_loss_function", None)
         m.__dict__.pop(_SAID, None)
 
@@ -376,12 +377,7 @@ def unpatch_loss(model: nn.Module) -> int:
     for m in model.modules():
         if m.__dict__.pop(_FUSED, None) is None:
             continue
-        for hooks in (m._forward_pre_hooks, m._forward_hooks):
-            for key in [k for k, h in hooks.items() if h in (_arm_hook, _disarm_hook)]:
-                del hooks[key]
-                m._forward_pre_hooks_with_kwargs.pop(key, None)
-                m._forward_hooks_with_kwargs.pop(key, None)
-                m._forward_hooks_always_called.pop(key, None)
+        remove_hooks(m, lambda h: h in (_arm_hook, _disarm_hook))
         m.__dict__.pop("_loss_function", None)
         m.__dict__.pop(_SAID, None)
         n += 1

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from .._zero import full_shape, gathered
 from ..nn.adapter import MMAdapter
-from ..patching.core import EXTRA_KWARGS_ATTR, guard_by_identity
+from ..patching.core import EXTRA_KWARGS_ATTR, remove_hooks
 from ..ops.backend import warn_once
 from .recipes import _hf_model, find_parts, peft_trainables
 
@@ -802,7 +802,6 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
             adapter = _adapter_like(layer, dim, opts)
             layer.add_module(ADAPTER_NAME, adapter)
             layer.input_layernorm.register_forward_hook(functools.partial(_llm_norm_hook, state, i, adapter))
-            guard_by_identity(layer.input_layernorm)
         parts.decoder.add_module(EMBEDDING_NAME, nn.Embedding(2, dim, device=_home_device(parts.decoder),
                                                               dtype=torch.float32)
                                  .train(parts.decoder.training))
@@ -824,12 +823,10 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
         layer.add_module(ADAPTER_NAME, adapter)
         if id(layer) in with_cls:
             layer.layer_norm1.register_forward_hook(functools.partial(_vision_norm_hook, adapter))
-            guard_by_identity(layer.layer_norm1)
         else:
             holder = _TokenMask()
             layer.register_forward_pre_hook(functools.partial(_vision_mask_hook, holder), with_kwargs=True)
             layer.layer_norm1.register_forward_hook(functools.partial(_vision_mean_hook, holder, adapter))
-            guard_by_identity(layer.layer_norm1)
 
     kept = peft_trainables(model)  # PEFT's adapters keep training beside MMA's
     for p in model.parameters():
@@ -852,11 +849,7 @@ def remove_mma(model: nn.Module) -> int:
             if isinstance(child, VisualNeck):
                 m._modules[name] = child.replaced
                 removed += 1
-        for hooks in (m._forward_hooks, m._forward_pre_hooks):
-            for key in [k for k, h in hooks.items() if _ours(h)]:
-                del hooks[key]
-                m._forward_hooks_with_kwargs.pop(key, None)
-                m._forward_pre_hooks_with_kwargs.pop(key, None)
+        remove_hooks(m, _ours)
         for name in (ADAPTER_NAME, EMBEDDING_NAME):
             if name in m._modules:
                 del m._modules[name]

@@ -345,8 +345,9 @@ def apply_ln_recipe(model: nn.Module, recipe: str, *, final_norm: bool = False, 
     for m in train:
         for p in m.parameters():
             p.requires_grad_(True)
-    if recipe in ("layernorm", "layernorm+projector"):
-        parts.train_projector()
+    if recipe in ("layernorm", "layernorm+projector"):  # (the projector's modules are in train)
+        for p in parts.projector_params:
+            p.requires_grad_(True)
     for p in kept:
         p.requires_grad_(True)
     if master_weights:
