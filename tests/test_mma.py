@@ -205,11 +205,11 @@ def test_a_routing_state_pickled_before_its_newer_fields_loads():
     from mmfast.tuning import mma
 
     state = mma._State(has_image=torch.tensor([True]))
-    old = state.__getstate__()
-    del old["seen"]
-    restored = mma._State.__new__(mma._State)
-    restored.__setstate__(old)
-    assert restored.seen == {} and restored.has_image.tolist() == [True]
+    for old in ({"has_image": torch.tensor([True]), "routes": {0: torch.ones(1, 4)}, "recording": False},
+                {"has_image": torch.tensor([True]), "routes": {}, "recording": False, "seen": {}}):
+        restored = mma._State.__new__(mma._State)
+        restored.__setstate__(old)  # (the routes it held by layer index are on the layers' slots now)
+        assert restored.__dict__.keys() == state.__dict__.keys() and restored.has_image.tolist() == [True]
     assert pickle.loads(pickle.dumps(state)).has_image.tolist() == [True]
 
 
@@ -1229,17 +1229,197 @@ def test_mma_refuses_a_decoder_with_cross_attention_layers():
     assert repr(model) == before and all(p.requires_grad for p in model.parameters())
 
 
-def test_norms_given_adapters_after_patching_keep_forwards_compile_tells_apart():
-    """MMA added to a model patched before: the layer norms that now carry adapter hooks get forwards that
-    torch.compile guards per module (a method forward, guarded by its shared code, let compiled code traced
-    through one layer's adapter run for the next); norms without hooks keep method forwards."""
-    import types
+def _compile_layers_one_by_one(layer_lists, graphs):
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
 
-    from mmfast.patching import core
+    for layers in layer_lists:
+        for layer in layers:
+            layer.compile(backend=backend)
 
-    model = build("llava")
-    mmfast.patch(model, verbose=False)
-    mmfast.patch(model, tuning="mma", verbose=False)
-    for layer in model.model.language_model.layers:
-        assert isinstance(layer.input_layernorm.forward, core._PatchedForward)
-        assert isinstance(layer.post_attention_layernorm.forward, types.MethodType)
+
+@pytest.mark.parametrize("patched_first", [False, True], ids=["mma", "patched-then-mma"])
+def test_layers_compiled_one_by_one_share_one_code_and_keep_their_own_adapters(patched_first):
+    """Layers compiled one by one (``layer.compile()``, Accelerate's regional compilation). The hooks bound
+    each layer's adapter and index, and torch.compile does not guard hooks: compiled code traced through one
+    layer's hooks ran for the next (the norms that carried them were given forwards guarded by identity
+    to stop that, so every layer compiled again, and past the recompile limit, 8, the others ran
+    uncompiled, silently). Layers route as eager, forward and backward, called twice (the second call
+    reuses compiled code), and a model of 10 + 10 layers compiles no more often than one of 4 + 4 (the
+    decoder's two passes, the modality token's and the sequence's; the vision layer whose output is not
+    read, without an adapter; the first layers, whose input needs no grad)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from tiny_models import clip_vision_config, llama_config, llava_config
+
+    def make(n):
+        torch.manual_seed(0)
+        model = LlavaForConditionalGeneration(llava_config(text=llama_config(num_hidden_layers=n),
+                                                           vision=clip_vision_config(num_hidden_layers=n)))
+        if patched_first:
+            mmfast.patch(model, verbose=False)
+        mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(dropout=0.0), verbose=False)
+        _perturb_adapters(model)
+        return model
+
+    inputs = batch("llava", images=[True, False])
+    inputs.update(labels=inputs["input_ids"], use_cache=False)
+
+    def compiles(n):
+        ref = make(n)
+        ref_loss = ref(**inputs).loss
+        ref_loss.backward()
+        model = make(n)
+        graphs = []
+        torch._dynamo.reset()
+        _compile_layers_one_by_one([model.model.language_model.layers, model.model.vision_tower.encoder.layers],
+                                   graphs)
+        try:
+            for _ in range(2):
+                model.zero_grad()
+                loss = model(**inputs).loss
+                loss.backward()
+                torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+                for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+                    if p.requires_grad:
+                        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+        finally:
+            torch._dynamo.reset()
+        return len(graphs)
+
+    assert compiles(10) == compiles(4)
+
+
+
+def test_siglip_layers_compiled_one_by_one_route_from_their_own_tokens():
+    """The same for a tower routed by the mean of its tokens (a pre-hook on the layer hands its norm's hook
+    the tokens the attention mask leaves in): every layer its own adapter, compiled once."""
+    model = _perturbed_mma_tower(build("siglip-vision"))
+    model.encoder.layers.extend([copy.deepcopy(layer) for layer in model.encoder.layers] * 4)  # 10 layers
+    _perturb_adapters(model, seed=3)
+    pix = batch("siglip-vision", seed=8, B=3)["pixel_values"]
+    with torch.no_grad():
+        ref = model(pixel_values=pix).last_hidden_state
+    graphs = []
+    torch._dynamo.reset()
+    _compile_layers_one_by_one([model.encoder.layers], graphs)
+    try:
+        with torch.no_grad():
+            for _ in range(2):
+                torch.testing.assert_close(model(pixel_values=pix).last_hidden_state, ref, rtol=1e-5, atol=1e-6)
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 1
+
+
+def test_a_model_pickled_with_the_earlier_hooks_runs_as_before():
+    """A model pickled by an earlier version carries hooks that bound each layer's adapter and index (and a
+    routing state that held the routes): it unpickles and runs as a model patched now, forward and backward."""
+    import functools
+    import pickle
+
+    from mmfast.tuning import mma
+
+    model = _mma()
+    _perturb_adapters(model)
+    old = copy.deepcopy(model)
+    state = old.__dict__[mma._STATE]
+    decoder = old.model.language_model
+    for m in old.modules():
+        mma.remove_hooks(m, mma._ours)
+        for key in (mma._SLOT, mma._SLOTS, mma._STATE):
+            m.__dict__.pop(key, None)
+    old.__dict__[mma._STATE] = state
+    state.__dict__["routes"] = {}
+    for i, layer in enumerate(decoder.layers):
+        layer.input_layernorm.register_forward_hook(functools.partial(mma._llm_norm_hook, state, i, layer.mma_adapter))
+    decoder.register_forward_pre_hook(functools.partial(mma._llm_pre_hook, state), with_kwargs=True)
+    old.register_forward_pre_hook(functools.partial(mma._top_pre_hook, state), with_kwargs=True)
+    for layer in old.model.vision_tower.encoder.layers:
+        if hasattr(layer, "mma_adapter"):
+            layer.layer_norm1.register_forward_hook(functools.partial(mma._vision_norm_hook, layer.mma_adapter))
+    old = pickle.loads(pickle.dumps(old))
+    assert "routes" not in old.__dict__[mma._STATE].__dict__
+    inputs = batch("llava", images=[True, False])
+    inputs["labels"] = inputs["input_ids"]
+    want, got = model(**inputs), old(**inputs)
+    torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=0)
+    want.loss.backward()
+    got.loss.backward()
+    for (name, p), q in zip(model.named_parameters(), old.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
+    assert mmfast.unpatch(old) and not any(mma._SLOT in m.__dict__ for m in old.modules())
+
+
+@pytest.mark.parametrize("checkpointing", [None, "non-reentrant", "reentrant"])
+def test_compiled_whole_trains_as_eager_without_compiling_per_layer_or_per_step(checkpointing):
+    """The whole model compiled. Each layer's routing asked autograd whether a backward was running, which
+    torch.compile cannot trace: the graph broke in every layer, each layer resumed with its own index
+    (compiled again per layer), and under activation checkpointing it compiled again every step. Training
+    steps give the eager loss and gradients; a model of 5 layers compiles no more often than one of 2,
+    and the third step no more than the first."""
+    from transformers import LlavaForConditionalGeneration
+
+    from tiny_models import llama_config, llava_config
+
+    def make(n):
+        torch.manual_seed(0)
+        model = LlavaForConditionalGeneration(llava_config(text=llama_config(num_hidden_layers=n)))
+        mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(dropout=0.0), verbose=False)
+        _perturb_adapters(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": checkpointing == "reentrant"})
+        return model.train()
+
+    inputs = batch("llava", images=[True, False])
+    inputs.update(labels=inputs["input_ids"])
+
+    def compiles(n):
+        ref = make(n)
+        ref_loss = ref(**inputs).loss
+        ref_loss.backward()
+        model = make(n)
+        graphs, counts = [], []
+
+        def backend(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=backend)
+        try:
+            for _ in range(3):
+                model.zero_grad()
+                loss = compiled(**inputs).loss
+                loss.backward()
+                counts.append(len(graphs))
+                torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+                for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+                    if p.requires_grad:
+                        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+        finally:
+            torch._dynamo.reset()
+        assert counts[2] == counts[0], counts
+        return counts[0]
+
+    assert compiles(5) == compiles(2)
+
+
+def test_a_forward_without_grad_compiles_whole():
+    """Routing an evaluation forward breaks no graph (each layer asked autograd whether a backward was
+    running, which torch.compile cannot trace): ``fullgraph=True`` compiles it, with the eager logits."""
+    model = _mma("llama")
+    _perturb_adapters(model)
+    model.eval()
+    inputs = batch("llama", images=None)
+    inputs["use_cache"] = False
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            eager = model(**inputs).logits
+            compiled = torch.compile(model, backend="eager", fullgraph=True)(**inputs).logits
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)

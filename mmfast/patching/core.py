@@ -198,12 +198,19 @@ def binding_of(forward) -> Optional[ModuleCall]:
     return forward if isinstance(forward, ModuleCall) else None
 
 
+#: Attribute set (True) on a hook function that binds nothing per module and reads what it needs per module
+#: from the module it is called with (MMA's): compiled code traced through it is right for every module.
+SHARED_CODE_HOOK = "_mmfast_shared_code_hook"
+
+
 def _needs_identity(module: nn.Module) -> bool:
     """Whether the module's patched forward must be a callable object, which torch.compile guards by
     identity, rather than a method, which it guards by its function's code, shared by every layer: a module
-    with hooks of its own may hold per-layer state in them (MMA's adapters on the layer norms), and compiled
-    code traced through one layer's hooks must not be reused for another's."""
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+    with hooks of its own may hold per-layer state in them, and torch.compile does not guard hooks, so
+    compiled code traced through one layer's hooks must not be reused for another's. Hooks marked
+    ``SHARED_CODE_HOOK`` hold none."""
+    hooks = (*module._forward_hooks.values(), *module._forward_pre_hooks.values())
+    return any(not getattr(getattr(h, "func", h), SHARED_CODE_HOOK, False) for h in hooks)
 
 
 def _fit_forward_form(module: nn.Module) -> None:

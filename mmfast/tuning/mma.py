@@ -20,6 +20,12 @@ Every added parameter has ``mma`` in its name; adapters are fp32. Routes are com
 and read by the layers. When activation checkpointing recomputes a layer during backward, the layer
 reads the routes of the forward that made its input, also after later forwards (two forwards, then one
 backward of their summed losses): each layer keeps which routes went with which input.
+
+The hooks hold nothing of their own: each reads its layer's pieces (adapter, route, token mask) from a
+:class:`_LayerSlot` on the norm it sits on, and the model's routing state from the module it is called
+with. torch.compile does not guard a module's hooks, and layers compiled one by one share one compiled code
+(mmfast's patched norms are methods it guards by their code): what a hook holds would be baked into that
+code, one layer's for every layer; what it reads from its module is read from each layer's own.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from torch import Tensor, nn
 
 from .._zero import full_shape, gathered
 from ..nn.adapter import MMAdapter
-from ..patching.core import EXTRA_KWARGS_ATTR, remove_hooks
+from ..patching.core import EXTRA_KWARGS_ATTR, SHARED_CODE_HOOK, remove_hooks
 from ..ops.backend import warn_once
 from .recipes import _hf_model, find_parts, peft_trainables
 
@@ -109,54 +115,67 @@ class _ByInput:
 
 @dataclasses.dataclass
 class _State:
-    """Per-forward routing of one model: flags per sample and the LLM routes per layer (the latest
-    forward's), and per layer the routes each live layer input was given (``seen``)."""
+    """Per-forward routing of one model: flags per sample (the routes are on the layers' slots)."""
 
     has_image: Optional[Tensor] = None
-    routes: dict = dataclasses.field(default_factory=dict)
     recording: bool = False  # True while the modality token runs through the layers
-    #: layer -> the routes each live input of the layer was given
-    seen: dict = dataclasses.field(default_factory=dict)
 
-    def __getstate__(self):  # what ``seen`` maps is one forward's
-        return {**self.__dict__, "seen": {}}
+    def __setstate__(self, state: dict) -> None:
+        # a state pickled by an earlier version held the routes itself, by layer index
+        self.__dict__.update({k: v for k, v in state.items() if k not in ("routes", "seen")})
 
-    def __setstate__(self, state: dict) -> None:  # a state pickled by an earlier version may lack fields
-        self.__dict__.update({"seen": {}, **state})
+
+class _LayerSlot:
+    """One layer's MMA pieces, on the norm whose output its adapter takes (attribute ``_SLOT``): the
+    adapter, the model's routing state, and for a decoder layer the latest forward's route and the route
+    each live input of the layer was given (``seen``); for a vision layer routed by its tokens' mean, which
+    tokens its calls leave in (``mask``). Copies and pickles keep the adapter and start without routes.
+
+    A vision layer whose output the model does not read has a slot without an adapter, and the same hooks
+    (which leave it alone): compiled code traced through a layer without hooks would otherwise be taken
+    for the layers with them (torch.compile does not guard hooks)."""
+
+    def __init__(self, adapter: Optional[MMAdapter], state: Optional[_State] = None,
+                 mask: Optional["_TokenMask"] = None):
+        self.adapter, self.state, self.mask = adapter, state, mask
+        self.route: Optional[Tensor] = None
+        self.seen = _ByInput()
+
+    def __reduce__(self):
+        return _LayerSlot, (self.adapter, self.state, self.mask)
 
     def __deepcopy__(self, memo):
-        return _State(copy.deepcopy(self.has_image, memo), copy.deepcopy(self.routes, memo), self.recording, {})
+        return _LayerSlot(copy.deepcopy(self.adapter, memo), copy.deepcopy(self.state, memo),
+                          copy.deepcopy(self.mask, memo))
 
-    def live_input(self, layer: int, x: Tensor) -> bool:
-        """Whether ``x``'s storage is that of a live input recorded at ``layer``."""
-        table = self.seen.get(layer)
-        return table is not None and table.get(x, _MISSING) is not _MISSING
 
-    def prune(self) -> None:
-        """Forget the inputs that are gone (their forward's graph was freed)."""
-        for table in self.seen.values():
-            table.prune()
+_SLOT = "_mmfast_mma_slot"
+_SLOTS = "_mmfast_mma_slots"  # on the decoder: its layers' slots, in order
 
 
 def _storage_key(x: Tensor) -> tuple:
     return (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), tuple(x.stride()))
 
 
-def _route_for_input(state: _State, layer: int, x: Tensor, latest: Optional[Tensor]) -> Optional[Tensor]:
-    """The route of the forward that made ``x``, layer ``layer``'s input.
+def _route_for_input(slot: _LayerSlot, x: Tensor) -> Optional[Tensor]:
+    """The route of the forward that made ``x``, the input of ``slot``'s layer.
 
-    A layer's run outside backward is a forward: it takes that forward's route (``latest``) and records it
-    against ``x``. A run inside backward on an input already recorded is activation checkpointing
+    A layer's run outside backward is a forward: it takes that forward's route (``slot.route``) and records
+    it against ``x``. A run inside backward on an input already recorded is activation checkpointing
     recomputing the layer, possibly after later forwards replaced ``latest``: it takes the recorded route.
     (Non-reentrant checkpointing recomputes on the very input object, reentrant on a detached alias of its
     storage; a forward given an input object it was given before is a new forward all the same.)"""
-    table = state.seen.setdefault(layer, _ByInput())
+    latest = slot.route
+    if torch.compiler.is_compiling():
+        # compiled code records nothing (no storage to tell inputs by): a compiled layer takes its
+        # forward's route, and asking autograd for the running backward would only break the graph
+        return latest
     if torch._C._current_graph_task_id() != -1:
-        recorded = table.get(x)
+        recorded = slot.seen.get(x)
         if recorded is not None:
             return recorded
     if latest is not None:
-        table.put(x, latest)
+        slot.seen.put(x, latest)
     return latest
 
 
@@ -168,13 +187,19 @@ def _state(hf: nn.Module) -> _State:
 
 
 # ---------------------------------------------------------------------------------------------
-# hooks (module-level functions bound with partial: picklable, found again by unpatch)
+# hooks (module-level functions wrapped in partial, binding nothing: picklable, found again by unpatch;
+# each reads what it needs from the module it is called with, see the module docstring)
 # ---------------------------------------------------------------------------------------------
 
 
-def _vision_norm_hook(adapter: MMAdapter, module, args, output):
+def _slot(module: nn.Module) -> _LayerSlot:
+    return getattr(module, _SLOT)
+
+
+def _vision_cls_hook(module, args, output):
     """layer_norm1 output -> adapter, each sample routed by its own CLS token (position 0)."""
-    return adapter(output, output[:, 0])
+    adapter = _slot(module).adapter
+    return None if adapter is None else adapter(output, output[:, 0])
 
 
 class _TokenMask:
@@ -226,18 +251,29 @@ def _valid_tokens(mask, batch: int, seq: int):
                        f"[{batch}, {seq}] or [{batch}, 1, Q, {seq}]")
 
 
-def _vision_mask_hook(holder: _TokenMask, module, args, kwargs):
+def _vision_padding_hook(module, args, kwargs):
     """Encoder layer pre-hook: keep which tokens the call's attention mask leaves in, for the mean route of
     its ``layer_norm1`` (which reads the same input)."""
+    slot = _slot(module.layer_norm1)
+    if slot.adapter is not None:
+        _keep_valid_tokens(slot.mask, args, kwargs)
+
+
+def _keep_valid_tokens(holder: _TokenMask, args, kwargs) -> None:
     x = args[0] if args else kwargs.get("hidden_states")
     if torch.is_tensor(x) and x.dim() == 3:
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         holder.put(x, _valid_tokens(mask, x.shape[0], x.shape[1]))
 
 
-def _vision_mean_hook(holder: _TokenMask, adapter: MMAdapter, module, args, output):
+def _vision_tokens_hook(module, args, output):
     """layer_norm1 output -> adapter, each sample routed by the mean of its own tokens (padding left out):
     for towers without a CLS token (SigLIP), where position 0 is one corner patch of the image."""
+    slot = _slot(module)
+    return None if slot.adapter is None else _mean_routed(slot.mask, slot.adapter, args, output)
+
+
+def _mean_routed(holder: _TokenMask, adapter: MMAdapter, args, output):
     valid = holder.get(args[0]) if args else holder.latest
     if valid is not None and tuple(valid.shape) != tuple(output.shape[:2]):
         valid = None  # (another call's: not this input's shape)
@@ -250,19 +286,21 @@ def _vision_mean_hook(holder: _TokenMask, adapter: MMAdapter, module, args, outp
     return adapter(output, route)
 
 
-def _llm_norm_hook(state: _State, layer: int, adapter: MMAdapter, module, args, output):
+def _llm_norm_adapter_hook(module, args, output):
     """input_layernorm output -> adapter, routed by the modality token's normed state at this layer."""
+    slot = _slot(module)
+    state = slot.state
     if state.recording:  # the modality token itself: it routes from its own state and leaves it
         route = output[:, 0]
-        state.routes[layer] = route
+        slot.route = route
     else:
-        route = _route_for_input(state, layer, args[0], state.routes.get(layer)) if args else state.routes.get(layer)
+        route = _route_for_input(slot, args[0]) if args else slot.route
         if route is None or route.shape[0] != output.shape[0]:
             raise RuntimeError("mmfast MMA: no modality route for this forward; call the model (or its language "
                                "model) as a whole, not a decoder layer alone. (A norm copied after tuning='mma', "
                                "as PEFT's modules_to_save copies it, carries a copy of the adapter that is no part "
                                "of the model: call get_peft_model first, then mmfast.patch.)")
-    return adapter(output, route)
+    return slot.adapter(output, route)
 
 
 #: Keyword arguments besides ``pixel_values*`` that bring images into a forward (encoded ahead of it:
@@ -286,10 +324,11 @@ def _visual_token_ids(config) -> Optional[tuple[int, ...]]:
     return ids or None
 
 
-def _top_pre_hook(state: _State, module, args, kwargs):
+def _flags_pre_hook(module, args, kwargs):
     """Decide which samples have images, from ``mma_has_image`` or the image (and video) tokens in
     ``input_ids``. The token ids are read from the config on every call, as the model reads them: a token
     added after patching (``resize_token_embeddings``, then ``config.image_token_id``) counts."""
+    state: _State = module.__dict__[_STATE]
     visual_ids = _visual_token_ids(module.config)
     flags = kwargs.pop(HAS_IMAGE_KWARG, None)
     ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
@@ -484,8 +523,9 @@ def _modality_pass(state: _State, module: nn.Module, h: Tensor, position_ids: Te
 _modality_pass_uncompiled = torch.compiler.disable(_modality_pass)
 
 
-def _llm_pre_hook(state: _State, module, args, kwargs):
+def _modality_pre_hook(module, args, kwargs):
     """Run the modality token through every decoder layer (one-token sequence) and record routes."""
+    state: _State = module.__dict__[_STATE]
     ref = kwargs.get("inputs_embeds")
     if ref is None:
         ref = kwargs.get("input_ids", args[0] if args else None)
@@ -498,16 +538,20 @@ def _llm_pre_hook(state: _State, module, args, kwargs):
     h = emb(flags.long()).to(dtype)[:, None, :]
     position_ids = torch.zeros(B, 1, dtype=torch.long, device=h.device)
     pos_embs = _position_embeddings(module, h, position_ids)
-    state.prune()
-    state.routes = {}
+    slots: list = module.__dict__[_SLOTS]
+    compiling = torch.compiler.is_compiling()
+    for slot in slots:  # the previous forward's: no layer may read a route this forward did not make
+        slot.route = None
+        if not compiling:  # (compiled code records no inputs; guards on what eager calls did would recompile)
+            slot.seen.prune()
     flex = getattr(getattr(module, "config", None), "_attn_implementation", None) == "flex_attention"
     # compiled with flex attention, the pass's graph break (HF's flex mask) lost the reset of the recording
     # flag, and the main pass's adapters routed from their own tokens: that pass runs uncompiled there
     run = _modality_pass_uncompiled if flex and torch.compiler.is_compiling() else _modality_pass
     h = run(state, module, h, position_ids, pos_embs)
-    routes = [state.routes[i] for i in sorted(state.routes)]
+    routes = [slot.route for slot in slots]
     given = kwargs.get("inputs_embeds")
-    if given is not None and state.live_input(0, given):
+    if given is not None and slots and slots[0].seen.get(given, _MISSING) is not _MISSING:
         # the same embeddings as a forward whose backward has not run (one tensor passed twice): a copy, so
         # that a layer recomputed for either one's backward tells them apart (by storage, see
         # _route_for_input). Only layer 0 can meet this: every later layer's input is new. Without grad too:
@@ -523,11 +567,53 @@ def _llm_pre_hook(state: _State, module, args, kwargs):
                 ids, args = args[0], (None, *args[1:])
             embeds = module.get_input_embeddings()(ids)
         kwargs["inputs_embeds"] = _RouteGradBridge.apply(embeds, leaves, h, *routes)
-        state.routes = dict(zip(sorted(state.routes), leaves))
+        for slot, leaf in zip(slots, leaves):
+            slot.route = leaf
     return args, kwargs
 
 
-_HOOK_FUNCS = (_vision_norm_hook, _vision_mask_hook, _vision_mean_hook, _llm_norm_hook, _top_pre_hook, _llm_pre_hook)
+# The hooks of earlier versions bound each layer's pieces (and the layer's index) into the hook; a model
+# pickled with them runs through these.
+
+
+def _vision_norm_hook(adapter: MMAdapter, module, args, output):
+    return adapter(output, output[:, 0])
+
+
+def _vision_mask_hook(holder: _TokenMask, module, args, kwargs):
+    _keep_valid_tokens(holder, args, kwargs)
+
+
+def _vision_mean_hook(holder: _TokenMask, adapter: MMAdapter, module, args, output):
+    return _mean_routed(holder, adapter, args, output)
+
+
+def _llm_norm_hook(state: _State, layer: int, adapter: MMAdapter, module, args, output):
+    return _llm_norm_adapter_hook(module, args, output)  # (its slot made by _llm_pre_hook)
+
+
+def _top_pre_hook(state: _State, module, args, kwargs):
+    module.__dict__.setdefault(_STATE, state)
+    return _flags_pre_hook(module, args, kwargs)
+
+
+def _llm_pre_hook(state: _State, module, args, kwargs):
+    if _SLOTS not in module.__dict__:
+        module.__dict__[_STATE], slots = state, []
+        for layer in module.layers:
+            norm = layer.input_layernorm
+            hook = next(h for h in norm._forward_hooks.values()
+                        if isinstance(h, functools.partial) and h.func is _llm_norm_hook)
+            slots.append(norm.__dict__.setdefault(_SLOT, _LayerSlot(hook.args[2], state)))
+        module.__dict__[_SLOTS] = slots
+    return _modality_pre_hook(module, args, kwargs)
+
+
+_HOOK_FUNCS = (_vision_cls_hook, _vision_padding_hook, _vision_tokens_hook, _llm_norm_adapter_hook,
+               _flags_pre_hook, _modality_pre_hook, _vision_norm_hook, _vision_mask_hook, _vision_mean_hook,
+               _llm_norm_hook, _top_pre_hook, _llm_pre_hook)
+for _hook in _HOOK_FUNCS[:6]:  # what they need per module they read from the module
+    setattr(_hook, SHARED_CODE_HOOK, True)
 
 
 def _ours(hook) -> bool:
@@ -798,15 +884,20 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
     if parts is not None:
         state = _state(hf)
         dim = _llm_width(parts)
-        for i, layer in enumerate(parts.decoder.layers):
+        slots = []
+        for layer in parts.decoder.layers:
             adapter = _adapter_like(layer, dim, opts)
             layer.add_module(ADAPTER_NAME, adapter)
-            layer.input_layernorm.register_forward_hook(functools.partial(_llm_norm_hook, state, i, adapter))
+            slots.append(_LayerSlot(adapter, state))
+            layer.input_layernorm.__dict__[_SLOT] = slots[-1]
+            layer.input_layernorm.register_forward_hook(functools.partial(_llm_norm_adapter_hook))
+        parts.decoder.__dict__[_SLOTS] = slots
         parts.decoder.add_module(EMBEDDING_NAME, nn.Embedding(2, dim, device=_home_device(parts.decoder),
                                                               dtype=torch.float32)
                                  .train(parts.decoder.training))
-        parts.decoder.register_forward_pre_hook(functools.partial(_llm_pre_hook, state), with_kwargs=True)
-        hf.register_forward_pre_hook(functools.partial(_top_pre_hook, state), with_kwargs=True)
+        parts.decoder.__dict__[_STATE] = state
+        parts.decoder.register_forward_pre_hook(functools.partial(_modality_pre_hook), with_kwargs=True)
+        hf.register_forward_pre_hook(functools.partial(_flags_pre_hook), with_kwargs=True)
         # shown in the signature of a patched forward (the fused loss's), so that HF Trainer keeps the column
         hf.__dict__[EXTRA_KWARGS_ATTR] = (HAS_IMAGE_KWARG,)
         if neck is not None:  # built when the options were checked
@@ -817,16 +908,19 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
             parts.projector = neck
 
     with_cls = _layers_with_cls(hf)
-    for layer in read:
-        vdim = layer.layer_norm1.normalized_shape[0]
-        adapter = _adapter_like(layer, vdim, opts)
-        layer.add_module(ADAPTER_NAME, adapter)
+    read_ids = {id(m) for m in read}
+    for layer in vision:  # a layer whose output is not read gets no adapter, and the same hooks (_LayerSlot)
+        adapter = None
+        if id(layer) in read_ids:
+            adapter = _adapter_like(layer, layer.layer_norm1.normalized_shape[0], opts)
+            layer.add_module(ADAPTER_NAME, adapter)
         if id(layer) in with_cls:
-            layer.layer_norm1.register_forward_hook(functools.partial(_vision_norm_hook, adapter))
+            layer.layer_norm1.__dict__[_SLOT] = _LayerSlot(adapter)
+            layer.layer_norm1.register_forward_hook(functools.partial(_vision_cls_hook))
         else:
-            holder = _TokenMask()
-            layer.register_forward_pre_hook(functools.partial(_vision_mask_hook, holder), with_kwargs=True)
-            layer.layer_norm1.register_forward_hook(functools.partial(_vision_mean_hook, holder, adapter))
+            layer.layer_norm1.__dict__[_SLOT] = _LayerSlot(adapter, mask=_TokenMask())
+            layer.register_forward_pre_hook(functools.partial(_vision_padding_hook), with_kwargs=True)
+            layer.layer_norm1.register_forward_hook(functools.partial(_vision_tokens_hook))
 
     kept = peft_trainables(model)  # PEFT's adapters keep training beside MMA's
     for p in model.parameters():
@@ -855,6 +949,8 @@ def remove_mma(model: nn.Module) -> int:
                 del m._modules[name]
                 removed += 1
         m.__dict__.pop(_STATE, None)
+        m.__dict__.pop(_SLOT, None)
+        m.__dict__.pop(_SLOTS, None)
         m.__dict__.pop(_OPTIONS, None)
         m.__dict__.pop(EXTRA_KWARGS_ATTR, None)
     return removed
