@@ -1328,7 +1328,7 @@ def test_a_model_pickled_with_the_earlier_hooks_runs_as_before():
     decoder = old.model.language_model
     for m in old.modules():
         mma.remove_hooks(m, mma._ours)
-        for key in (mma._SLOT, mma._SLOTS, mma._STATE):
+        for key in (mma._SLOT, mma._STATE):
             m.__dict__.pop(key, None)
     old.__dict__[mma._STATE] = state
     state.__dict__["routes"] = {}
@@ -1423,3 +1423,67 @@ def test_a_forward_without_grad_compiles_whole():
     finally:
         torch._dynamo.reset()
     torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+
+
+def test_a_decoder_layer_removed_after_patching_trains_and_is_freed():
+    """Pruning after patching (``del layers[k]``): the routes were taken from a list of every layer's slot kept
+    since patching, so the removed layer's empty route failed the training step and its adapter stayed alive;
+    they are the slots of the layers the decoder has at each forward."""
+    import gc
+    import weakref
+
+    from transformers import LlamaForCausalLM
+
+    from tiny_models import llama_config
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(num_hidden_layers=3))
+    mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(dropout=0.0), verbose=False)
+    _perturb_adapters(model)
+    removed = weakref.ref(model.model.layers[2].mma_adapter)
+    gc.collect()
+    gc.disable()
+    try:
+        del model.model.layers[2]
+        assert removed() is None
+    finally:
+        gc.enable()
+    inputs = batch("llama")
+    inputs["labels"] = inputs["input_ids"]
+    model(**inputs).loss.backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_accelerate_regional_compilation_of_an_mma_model_says_it_compiles_nothing():
+    """Accelerate's compile_regions makes a shallow copy of the model holding compiled copies of its layers;
+    an MMA model's forward (the signature pass-through that names ``mma_has_image``) runs the original
+    model, so nothing compiled runs: it says so (it was silent), and the results are the eager ones."""
+    import warnings
+
+    import accelerate.utils
+
+    from mmfast.ops import backend as ops_backend
+
+    compile_regions = getattr(accelerate.utils, "compile_regions", None)
+    if compile_regions is None:
+        pytest.skip("this Accelerate has no regional compilation")
+    model = _mma()
+    _perturb_adapters(model)
+    inputs = batch("llava", images=[True, False])
+    with torch.no_grad():
+        ref = model(**inputs, use_cache=False).logits
+    ops_backend._warned.discard("mma-shallow-copy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        model(**inputs, use_cache=False)  # the model itself does not warn
+    torch._dynamo.reset()
+    try:
+        copied = compile_regions(model, backend="eager")
+        with pytest.warns(RuntimeWarning, match="shallow copy of a patched MMA model"), torch.no_grad():
+            out = copied(**inputs, use_cache=False).logits
+    finally:
+        torch._dynamo.reset()
+        ops_backend._warned.discard("mma-shallow-copy")
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)

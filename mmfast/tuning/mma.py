@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from .._zero import full_shape, gathered
 from ..nn.adapter import MMAdapter
-from ..patching.core import EXTRA_KWARGS_ATTR, SHARED_CODE_HOOK, remove_hooks
+from ..patching.core import EXTRA_KWARGS_ATTR, SHARED_CODE_HOOK, binding_of, remove_hooks
 from ..ops.backend import warn_once
 from .recipes import _hf_model, find_parts, peft_trainables
 
@@ -150,7 +150,6 @@ class _LayerSlot:
 
 
 _SLOT = "_mmfast_mma_slot"
-_SLOTS = "_mmfast_mma_slots"  # on the decoder: its layers' slots, in order
 
 
 def _storage_key(x: Tensor) -> tuple:
@@ -329,6 +328,7 @@ def _flags_pre_hook(module, args, kwargs):
     ``input_ids``. The token ids are read from the config on every call, as the model reads them: a token
     added after patching (``resize_token_embeddings``, then ``config.image_token_id``) counts."""
     state: _State = module.__dict__[_STATE]
+    _warn_if_shallow_copy(module)
     visual_ids = _visual_token_ids(module.config)
     flags = kwargs.pop(HAS_IMAGE_KWARG, None)
     ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
@@ -376,6 +376,19 @@ def _flags_pre_hook(module, args, kwargs):
         except AttributeError:  # a cache object that takes no attributes: decode steps take the latest flags
             pass
     return args, kwargs
+
+
+def _warn_if_shallow_copy(module: nn.Module) -> None:
+    """Say so where ``module`` is a shallow copy of the patched model (Accelerate's ``compile_regions`` makes
+    one and puts compiled copies of the repeated layers in it): its forward, the signature pass-through the
+    copy shares, runs the original model, whose layers are not the compiled ones."""
+    binding = binding_of(module.__dict__.get("forward"))
+    original = binding._ref() if binding is not None and binding._ref is not None else None
+    if original is not None and original is not module and not torch.compiler.is_compiling():
+        warn_once("mmfast MMA: this model is a shallow copy of a patched MMA model (Accelerate's compile_regions "
+                  "makes one), and its forward runs the original model with the original layers: nothing the copy "
+                  "compiled runs. Compile the layers in place instead (layer.compile() for each decoder and vision "
+                  "layer), or the whole model (torch.compile)", key="mma-shallow-copy")
 
 
 #: Attribute of a KV cache object that holds the flags of the samples it caches: each generation's decode
@@ -538,7 +551,10 @@ def _modality_pre_hook(module, args, kwargs):
     h = emb(flags.long()).to(dtype)[:, None, :]
     position_ids = torch.zeros(B, 1, dtype=torch.long, device=h.device)
     pos_embs = _position_embeddings(module, h, position_ids)
-    slots: list = module.__dict__[_SLOTS]
+    # the slots of the layers the model has now (layers may have been removed or added since patching; one
+    # added has no adapter), in order
+    slots = [slot for slot in (getattr(getattr(layer, "input_layernorm", None), _SLOT, None)
+                               for layer in module.layers) if slot is not None]
     compiling = torch.compiler.is_compiling()
     for slot in slots:  # the previous forward's: no layer may read a route this forward did not make
         slot.route = None
@@ -598,14 +614,14 @@ def _top_pre_hook(state: _State, module, args, kwargs):
 
 
 def _llm_pre_hook(state: _State, module, args, kwargs):
-    if _SLOTS not in module.__dict__:
-        module.__dict__[_STATE], slots = state, []
-        for layer in module.layers:
-            norm = layer.input_layernorm
-            hook = next(h for h in norm._forward_hooks.values()
-                        if isinstance(h, functools.partial) and h.func is _llm_norm_hook)
-            slots.append(norm.__dict__.setdefault(_SLOT, _LayerSlot(hook.args[2], state)))
-        module.__dict__[_SLOTS] = slots
+    module.__dict__.setdefault(_STATE, state)
+    for layer in module.layers:  # a slot for each layer whose norm has the earlier hook
+        norm = layer.input_layernorm
+        if _SLOT not in norm.__dict__:
+            hook = next((h for h in norm._forward_hooks.values()
+                         if isinstance(h, functools.partial) and h.func is _llm_norm_hook), None)
+            if hook is not None:
+                norm.__dict__[_SLOT] = _LayerSlot(hook.args[2], state)
     return _modality_pre_hook(module, args, kwargs)
 
 
@@ -884,14 +900,11 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
     if parts is not None:
         state = _state(hf)
         dim = _llm_width(parts)
-        slots = []
         for layer in parts.decoder.layers:
             adapter = _adapter_like(layer, dim, opts)
             layer.add_module(ADAPTER_NAME, adapter)
-            slots.append(_LayerSlot(adapter, state))
-            layer.input_layernorm.__dict__[_SLOT] = slots[-1]
+            layer.input_layernorm.__dict__[_SLOT] = _LayerSlot(adapter, state)
             layer.input_layernorm.register_forward_hook(functools.partial(_llm_norm_adapter_hook))
-        parts.decoder.__dict__[_SLOTS] = slots
         parts.decoder.add_module(EMBEDDING_NAME, nn.Embedding(2, dim, device=_home_device(parts.decoder),
                                                               dtype=torch.float32)
                                  .train(parts.decoder.training))
@@ -950,7 +963,6 @@ def remove_mma(model: nn.Module) -> int:
                 removed += 1
         m.__dict__.pop(_STATE, None)
         m.__dict__.pop(_SLOT, None)
-        m.__dict__.pop(_SLOTS, None)
         m.__dict__.pop(_OPTIONS, None)
         m.__dict__.pop(EXTRA_KWARGS_ATTR, None)
     return removed
