@@ -382,9 +382,11 @@ def _warn_if_shallow_copy(module: nn.Module) -> None:
     """Say so where ``module`` is a shallow copy of the patched model (Accelerate's ``compile_regions`` makes
     one and puts compiled copies of the repeated layers in it): its forward, the signature pass-through the
     copy shares, runs the original model, whose layers are not the compiled ones."""
+    if torch.compiler.is_compiling():  # (compiled whole: no copy; nothing here for compiled code to guard)
+        return
     binding = binding_of(module.__dict__.get("forward"))
     original = binding._ref() if binding is not None and binding._ref is not None else None
-    if original is not None and original is not module and not torch.compiler.is_compiling():
+    if original is not None and original is not module:
         warn_once("mmfast MMA: this model is a shallow copy of a patched MMA model (Accelerate's compile_regions "
                   "makes one), and its forward runs the original model with the original layers: nothing the copy "
                   "compiled runs. Compile the layers in place instead (layer.compile() for each decoder and vision "
