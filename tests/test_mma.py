@@ -1229,6 +1229,18 @@ def test_mma_refuses_a_decoder_with_cross_attention_layers():
     assert repr(model) == before and all(p.requires_grad for p in model.parameters())
 
 
+def _train_step_as_eager(run, model, ref, ref_loss, inputs, grad_rtol):
+    """One training step through ``run`` (``model``, compiled some way): its loss and every trainable
+    gradient equal those of ``ref``, the same model run eager."""
+    model.zero_grad()
+    loss = run(**inputs).loss
+    loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=grad_rtol, atol=1e-6, msg=name)
+
+
 def _compile_layers_one_by_one(layer_lists, graphs):
     def backend(gm, example_inputs):
         graphs.append(gm)
@@ -1277,13 +1289,7 @@ def test_layers_compiled_one_by_one_share_one_code_and_keep_their_own_adapters(p
                                    graphs)
         try:
             for _ in range(2):
-                model.zero_grad()
-                loss = model(**inputs).loss
-                loss.backward()
-                torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
-                for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-                    if p.requires_grad:
-                        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+                _train_step_as_eager(model, model, ref, ref_loss, inputs, grad_rtol=1e-5)
         finally:
             torch._dynamo.reset()
         return len(graphs)
@@ -1391,14 +1397,8 @@ def test_compiled_whole_trains_as_eager_without_compiling_per_layer_or_per_step(
         compiled = torch.compile(model, backend=backend)
         try:
             for _ in range(3):
-                model.zero_grad()
-                loss = compiled(**inputs).loss
-                loss.backward()
+                _train_step_as_eager(compiled, model, ref, ref_loss, inputs, grad_rtol=1e-4)
                 counts.append(len(graphs))
-                torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
-                for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-                    if p.requires_grad:
-                        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
         finally:
             torch._dynamo.reset()
         assert counts[2] == counts[0], counts

@@ -144,7 +144,8 @@ def build_table(records: Iterable[dict], device: str, meta: dict | None = None) 
         t = r.get("gpu_ms") if r.get("gpu_ms") is not None else r.get("ms")
         if r.get("provider") not in ("mmfast-cuda", "mmfast-triton") or t is None:
             continue
-        if r.get("backends", r["provider"][7:]) != r["provider"][7:]:  # the record says another backend ran
+        pinned = r["provider"].removeprefix("mmfast-")
+        if r.get("backends", pinned) != pinned:  # the record says another backend ran
             continue
         k = (op, r["direction"], r["dtype"], residual, int(r["N"]), int(r["M"]))
         best.setdefault(k, {})[r["provider"]] = float(t)

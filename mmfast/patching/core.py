@@ -214,8 +214,8 @@ def _needs_identity(module: nn.Module) -> bool:
 
 
 def _fit_forward_form(module: nn.Module) -> None:
-    """Install a patched module's forward again where hooks added since (MMA's, on a model patched before)
-    need the other form (:func:`_needs_identity`)."""
+    """Install a patched module's forward again where hooks added since patching (ones not marked
+    ``SHARED_CODE_HOOK``) need the other form (:func:`_needs_identity`)."""
     rec = module.__dict__[_ATTR]
     if isinstance(rec.forward, types.MethodType) and _needs_identity(module):
         family, forward = rec.family, rec.forward.__self__.func

@@ -191,7 +191,7 @@ def _hf_loss(model: nn.Module):
 
 
 def _loss_function(model: nn.Module, logits=None, labels=None, vocab_size=None, **kwargs):
-    st: Optional[_LossState] = _head(model).__dict__.get(_STATE)
+    st = _head_state(model)
     if st is None or st.stand_in is None:  # unfused: what HF's own loss_function would call
         return _hf_loss(model)(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
     if logits is st.stand_in:
@@ -243,13 +243,18 @@ def _head(model: nn.Module):
     return getattr(head, "_orig_mod", head) if type(head).__name__ == "OptimizedModule" else head
 
 
+def _head_state(model: nn.Module) -> Optional[_LossState]:
+    """The fused loss's state on the model's LM head, or None (no head, or an unfused one)."""
+    head = _head(model)
+    return head.__dict__.get(_STATE) if isinstance(head, nn.Module) else None
+
+
 def _arm_hook(model: nn.Module, args: tuple, kwargs: dict) -> None:
     """Forward pre-hook of the model: a training call with labels arms its LM head with the loss arguments
     (the head then computes the loss and returns a stand-in for the logits). Hooks, not a replaced forward:
     a copy of the model's top module (Accelerate's regional compilation makes one) runs them with itself,
     and Accelerate's ``prepare`` wraps the class's forward as it does unpatched."""
-    head = _head(model)
-    st: Optional[_LossState] = head.__dict__.get(_STATE) if isinstance(head, nn.Module) else None
+    st = _head_state(model)
     if st is not None:  # a call a KeyboardInterrupt cut (no hook runs after it) must not leave the head armed
         st.armed, st.loss, st.stand_in = None, None, None
     labels = _argument(type(model), args, kwargs, "labels")
@@ -271,8 +276,7 @@ def _arm_hook(model: nn.Module, args: tuple, kwargs: dict) -> None:
 def _disarm_hook(model: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
     """Forward hook of the model (also when the forward raised: ``out`` is None then): the output without
     the stand-in logits, and the head disarmed."""
-    head = _head(model)
-    st: Optional[_LossState] = head.__dict__.get(_STATE) if isinstance(head, nn.Module) else None
+    st = _head_state(model)
     if st is None or (st.armed is None and st.loss is None):  # not an armed call
         return None
     loss, stand_in = st.loss, st.stand_in
@@ -366,7 +370,7 @@ def patch_loss(model: nn.Module, outermost: bool = True) -> Optional[str]:
 
 def _drop_loss_state(m: nn.Module, family: _LossPart) -> None:
     m.__dict__.pop(_STATE, None)
-    if family == _MODEL:  # the fused loss as the model's forward (see _model_forward)
+    if family == _MODEL:  # the model the fused loss is on (by hooks, or as its forward)
         m.__dict__.pop("_loss_function", None)
         m.__dict__.pop(_SAID, None)
 
@@ -378,7 +382,6 @@ def unpatch_loss(model: nn.Module) -> int:
         if m.__dict__.pop(_FUSED, None) is None:
             continue
         remove_hooks(m, lambda h: h in (_arm_hook, _disarm_hook))
-        m.__dict__.pop("_loss_function", None)
-        m.__dict__.pop(_SAID, None)
+        _drop_loss_state(m, _MODEL)
         n += 1
     return n + unpatch_where(model, lambda fam: fam in (_MODEL, _HEAD), _drop_loss_state)

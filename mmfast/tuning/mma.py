@@ -186,8 +186,8 @@ def _state(hf: nn.Module) -> _State:
 
 
 # ---------------------------------------------------------------------------------------------
-# hooks (module-level functions wrapped in partial, binding nothing: picklable, found again by unpatch;
-# each reads what it needs from the module it is called with, see the module docstring)
+# hooks (module-level functions, registered as they are: picklable, found again by unpatch; each reads
+# what it needs from the module it is called with, see the module docstring)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -627,15 +627,15 @@ def _llm_pre_hook(state: _State, module, args, kwargs):
     return _modality_pre_hook(module, args, kwargs)
 
 
-_HOOK_FUNCS = (_vision_cls_hook, _vision_padding_hook, _vision_tokens_hook, _llm_norm_adapter_hook,
-               _flags_pre_hook, _modality_pre_hook, _vision_norm_hook, _vision_mask_hook, _vision_mean_hook,
-               _llm_norm_hook, _top_pre_hook, _llm_pre_hook)
-for _hook in _HOOK_FUNCS[:6]:  # what they need per module they read from the module
+_HOOKS = (_vision_cls_hook, _vision_padding_hook, _vision_tokens_hook, _llm_norm_adapter_hook, _flags_pre_hook,
+          _modality_pre_hook)
+_LEGACY_HOOKS = (_vision_norm_hook, _vision_mask_hook, _vision_mean_hook, _llm_norm_hook, _top_pre_hook, _llm_pre_hook)
+for _hook in _HOOKS:  # what they need per module they read from the module
     setattr(_hook, SHARED_CODE_HOOK, True)
 
 
 def _ours(hook) -> bool:
-    return isinstance(hook, functools.partial) and hook.func in _HOOK_FUNCS
+    return hook in _HOOKS or (isinstance(hook, functools.partial) and hook.func in _LEGACY_HOOKS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -906,13 +906,13 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
             adapter = _adapter_like(layer, dim, opts)
             layer.add_module(ADAPTER_NAME, adapter)
             layer.input_layernorm.__dict__[_SLOT] = _LayerSlot(adapter, state)
-            layer.input_layernorm.register_forward_hook(functools.partial(_llm_norm_adapter_hook))
+            layer.input_layernorm.register_forward_hook(_llm_norm_adapter_hook)
         parts.decoder.add_module(EMBEDDING_NAME, nn.Embedding(2, dim, device=_home_device(parts.decoder),
                                                               dtype=torch.float32)
                                  .train(parts.decoder.training))
         parts.decoder.__dict__[_STATE] = state
-        parts.decoder.register_forward_pre_hook(functools.partial(_modality_pre_hook), with_kwargs=True)
-        hf.register_forward_pre_hook(functools.partial(_flags_pre_hook), with_kwargs=True)
+        parts.decoder.register_forward_pre_hook(_modality_pre_hook, with_kwargs=True)
+        hf.register_forward_pre_hook(_flags_pre_hook, with_kwargs=True)
         # shown in the signature of a patched forward (the fused loss's), so that HF Trainer keeps the column
         hf.__dict__[EXTRA_KWARGS_ATTR] = (HAS_IMAGE_KWARG,)
         if neck is not None:  # built when the options were checked
@@ -931,11 +931,11 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
             layer.add_module(ADAPTER_NAME, adapter)
         if id(layer) in with_cls:
             layer.layer_norm1.__dict__[_SLOT] = _LayerSlot(adapter)
-            layer.layer_norm1.register_forward_hook(functools.partial(_vision_cls_hook))
+            layer.layer_norm1.register_forward_hook(_vision_cls_hook)
         else:
             layer.layer_norm1.__dict__[_SLOT] = _LayerSlot(adapter, mask=_TokenMask())
-            layer.register_forward_pre_hook(functools.partial(_vision_padding_hook), with_kwargs=True)
-            layer.layer_norm1.register_forward_hook(functools.partial(_vision_tokens_hook))
+            layer.register_forward_pre_hook(_vision_padding_hook, with_kwargs=True)
+            layer.layer_norm1.register_forward_hook(_vision_tokens_hook)
 
     kept = peft_trainables(model)  # PEFT's adapters keep training beside MMA's
     for p in model.parameters():
