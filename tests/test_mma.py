@@ -2,6 +2,7 @@
 training, parameter counts, save/load, unpatch."""
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -1423,6 +1424,53 @@ def test_a_forward_without_grad_compiles_whole():
     finally:
         torch._dynamo.reset()
     torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+
+
+def test_a_static_cache_decode_step_compiles_whole():
+    """A static cache's length is a tensor, and routing branched on it: every compiled decode step broke its
+    graph, and ``fullgraph=True`` (generate's ``CompileConfig``) failed. Both routings are taken and one is
+    picked in the graph: generate compiles whole, and a decode step that is handed no flags keeps the
+    prefill's, as in eager code."""
+    from transformers import CompileConfig, StaticCache
+
+    model = _mma("llama")
+    _perturb_adapters(model)
+    model.eval()
+    inputs = batch("llama", images=None)
+    inputs.pop("labels")
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    flags = torch.tensor([True, False])
+    kw = dict(max_new_tokens=3, do_sample=False, cache_implementation="static", return_dict_in_generate=True,
+              output_logits=True, mma_has_image=flags)
+    config = CompileConfig(fullgraph=True, backend="eager")
+    config._compile_all_devices = True  # generate compiles on a GPU only otherwise
+    ids = inputs["input_ids"]
+    S = ids.shape[1]
+
+    # ``cache`` from transformers 5.24 (``past_key_values`` before)
+    cache_kw = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+    def decode_step(step, **step_flags):  # an eager prefill with flags, then a step (without them)
+        cache = StaticCache(config=model.config, max_cache_len=S + 1)
+        model(input_ids=ids, **{cache_kw: cache}, mma_has_image=flags, use_cache=True)
+        return step(input_ids=ids[:, -1:], **{cache_kw: cache}, use_cache=True,
+                    position_ids=torch.full((2, 1), S), **step_flags).logits
+
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            eager = model.generate(**inputs, **kw).logits
+            compiled = model.generate(**inputs, **kw, compile_config=config).logits
+            step_eager = decode_step(model)
+            step_compiled = decode_step(torch.compile(model, backend="eager", fullgraph=True))
+            step_text = decode_step(model, mma_has_image=torch.tensor([False, False]))
+    finally:
+        torch._dynamo.reset()
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(step_compiled, step_eager, rtol=1e-5, atol=1e-5)
+    assert (step_eager[0] - step_text[0]).abs().max() > 1e-3  # the image sample's routing shows
+    torch.testing.assert_close(step_eager[1], step_text[1], rtol=0, atol=0)
 
 
 def test_a_decoder_layer_removed_after_patching_trains_and_is_freed():

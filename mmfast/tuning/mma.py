@@ -339,36 +339,32 @@ def _flags_pre_hook(module, args, kwargs):
     B, device = ref.shape[0], ref.device
     # the KV cache: ``cache`` from transformers 5.24 (``past_key_values`` before, still accepted)
     past = next((kwargs[k] for k in ("cache", "past_key_values") if kwargs.get(k) is not None), None)
-    decoding = past is not None and getattr(past, "get_seq_length", lambda: 0)() > 0
-    if decoding and getattr(past, CACHE_FLAGS_ATTR, None) is None and ids is not None and visual_ids is not None \
-            and (ids.shape[-1] > 1 or kwargs.get("labels") is not None):
-        # a cache this model did not fill, under a whole sequence (PEFT's prefix tuning hands every forward a
-        # cache holding its virtual tokens): its own image tokens say which samples have images
-        decoding = False
     if flags is not None:
         flags = torch.as_tensor(flags, device=device).bool().reshape(-1)
         if flags.shape[0] != B:
             raise ValueError(f"mmfast MMA: {HAS_IMAGE_KWARG} has {flags.shape[0]} entries for a batch of {B}")
-    elif decoding and (kept := _decode_flags(state, past, B)) is not None:
-        flags = kept  # generation: keep the prefill's flags
-        images = any(v is not None and not (isinstance(v, (dict, list, tuple)) and not v)  # generate passes {}
-                     for k, v in kwargs.items() if k.startswith("pixel_values") or k in _IMAGE_INPUTS)
-        if images and ids is not None and visual_ids is not None:
-            # a chunk after a cached prefix may bring a sample's image: route it (and what follows) as one
-            # (only a chunk with images: a decode step that samples the image token id merges no image)
-            new = _has_visual_tokens(ids, visual_ids) & ~flags
-            if not torch.compiler.is_compiling() and bool(new.any()):
-                warn_once("mmfast MMA: image tokens arrived after a cached text prefix; the new tokens route "
-                          "as image samples, but the cached prefix keeps the text routing it was computed "
-                          "with (a single pass over the whole sequence would route all of it as image)")
-            flags = flags | new
-    elif ids is not None and visual_ids is not None:
-        flags = _has_visual_tokens(ids, visual_ids)
-    elif kwargs.get("pixel_values") is not None:
-        raise ValueError(f"mmfast MMA: images given without input_ids (PEFT's prompt learning, say, hands the model "
-                         f"inputs_embeds only); pass {HAS_IMAGE_KWARG} (a [batch] bool tensor)")
+    elif past is None:
+        flags = _flags_of_inputs(ids, visual_ids, kwargs, B, device)
     else:
-        flags = torch.zeros(B, dtype=torch.bool, device=device)
+        length = getattr(past, "get_seq_length", lambda: 0)()
+        # a static cache's length is a tensor: compiled code takes both routings and picks one in the graph (a
+        # branch on the tensor broke the graph of every compiled decode step)
+        in_graph = torch.is_tensor(length) and torch.compiler.is_compiling()
+        decoding = in_graph or bool(length > 0)
+        # a cache this model did not fill, under a whole sequence (PEFT's prefix tuning hands every forward a
+        # cache holding its virtual tokens): its own image tokens say which samples have images
+        foreign = getattr(past, CACHE_FLAGS_ATTR, None) is None and ids is not None and visual_ids is not None \
+            and (ids.shape[-1] > 1 or kwargs.get("labels") is not None)
+        kept = _flags_kept(state, past, B, ids, visual_ids, kwargs) if decoding and not foreign else None
+        if kept is None:
+            flags = _flags_of_inputs(ids, visual_ids, kwargs, B, device)
+        elif in_graph:
+            # (images without input_ids: a prefill raises in eager code; a decode step takes the kept flags)
+            fresh = kept if ids is None and kwargs.get("pixel_values") is not None else \
+                _flags_of_inputs(ids, visual_ids, kwargs, B, device)
+            flags = torch.where(length > 0, kept, fresh)
+        else:
+            flags = kept  # generation: keep the prefill's flags
     state.has_image = flags
     if past is not None:
         try:  # on the cache itself: a copy of it (a reused prompt cache) carries them too
@@ -376,6 +372,36 @@ def _flags_pre_hook(module, args, kwargs):
         except AttributeError:  # a cache object that takes no attributes: decode steps take the latest flags
             pass
     return args, kwargs
+
+
+def _flags_of_inputs(ids: Optional[Tensor], visual_ids, kwargs: dict, batch: int, device) -> Tensor:
+    """The flags of a forward that continues no cache: its image tokens say, or no sample has an image."""
+    if ids is not None and visual_ids is not None:
+        return _has_visual_tokens(ids, visual_ids)
+    if kwargs.get("pixel_values") is not None:
+        raise ValueError(f"mmfast MMA: images given without input_ids (PEFT's prompt learning, say, hands the model "
+                         f"inputs_embeds only); pass {HAS_IMAGE_KWARG} (a [batch] bool tensor)")
+    return torch.zeros(batch, dtype=torch.bool, device=device)
+
+
+def _flags_kept(state: _State, past, batch: int, ids: Optional[Tensor], visual_ids, kwargs: dict) -> Optional[Tensor]:
+    """The flags of a forward that continues ``past``: those kept for it, with the samples whose images arrive
+    in this chunk; None where none are kept for this batch."""
+    flags = _decode_flags(state, past, batch)
+    if flags is None:
+        return None
+    images = any(v is not None and not (isinstance(v, (dict, list, tuple)) and not v)  # generate passes {}
+                 for k, v in kwargs.items() if k.startswith("pixel_values") or k in _IMAGE_INPUTS)
+    if images and ids is not None and visual_ids is not None:
+        # a chunk after a cached prefix may bring a sample's image: route it (and what follows) as one
+        # (only a chunk with images: a decode step that samples the image token id merges no image)
+        new = _has_visual_tokens(ids, visual_ids) & ~flags
+        if not torch.compiler.is_compiling() and bool(new.any()):
+            warn_once("mmfast MMA: image tokens arrived after a cached text prefix; the new tokens route "
+                      "as image samples, but the cached prefix keeps the text routing it was computed "
+                      "with (a single pass over the whole sequence would route all of it as image)")
+        flags = flags | new
+    return flags
 
 
 def _warn_if_shallow_copy(module: nn.Module) -> None:
