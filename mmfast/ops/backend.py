@@ -285,6 +285,22 @@ def batched(*tensors) -> bool:
     return any(isinstance(t, Tensor) and "Batched" in str(torch._C._dispatch_keys(t)) for t in tensors)
 
 
+#: An op's backward node attribute: tensors that reach the op's inputs, where its saved tensors do not
+#: (:func:`once_differentiable`).
+TIES_ATTR = "mmfast_ties"
+
+
+class _UnpackedContext:
+    """An op's ``ctx`` whose saved tensors were unpacked once already (non-reentrant checkpointing refuses
+    a second unpack): the backward reads them from here, everything else from ``ctx``."""
+
+    def __init__(self, ctx, saved: tuple):
+        self.__dict__.update(_ctx=ctx, saved_tensors=saved)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["_ctx"], name)
+
+
 def once_differentiable(backward):
     """Mark an op's backward as not differentiable itself: a second derivative through it (a gradient
     penalty: ``grad(..., create_graph=True)`` then ``backward``) raises instead of coming out wrong.
@@ -292,26 +308,31 @@ def once_differentiable(backward):
     PyTorch's ``torch.autograd.function.once_differentiable`` marks the gradients only when an incoming
     gradient requires grad. A loss linear in the op's output (``(y * c).sum()``) gives a constant ``dy``;
     the inputs saved for the backward still require grad, so the terms through them were dropped without
-    a word. Here every gradient computed with ``create_graph=True`` carries the error. Traced backwards
-    (compile) and functorch's batched gradients (``is_grads_batched``) run as they are: AOTAutograd
-    refuses a double backward by itself, and the custom ops' backward ops have no autograd formula, so
-    differentiating them raises there too."""
+    a word. Here every gradient computed with ``create_graph=True`` carries the error, on a node that
+    also reaches the saved inputs: a second derivative that asks for chosen inputs only
+    (``autograd.grad(..., inputs)``, ``backward(inputs=...)``, ``hessian``) runs every node between the
+    gradient and them, this one included (on fresh leaves alone it was skipped and the terms through the
+    op dropped). Traced backwards (compile) and functorch's batched gradients (``is_grads_batched``) run
+    as they are: AOTAutograd refuses a double backward by itself, and the custom ops' backward ops have
+    no autograd formula, so differentiating them raises there too."""
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
         if not torch.is_grad_enabled() or _traced() or torch._C._functorch.peek_interpreter_stack() is not None \
                 or batched(*grads):
             return backward(ctx, *grads)
+        saved = tuple(ctx.saved_tensors)
         with torch.no_grad():
-            out = backward(ctx, *grads)
+            out = backward(_UnpackedContext(ctx, saved), *grads)
         outs = out if isinstance(out, tuple) else (out,)
+        ties = [t for t in (*saved, *grads, *getattr(ctx, TIES_ATTR, ())) if isinstance(t, Tensor) and t.requires_grad]
         err = torch._C._functions.DelayedError(
             b"mmfast: a second derivative through a fused op's backward is not supported (the kernels' "
             b"backward is not differentiable). Run the model under mmfast.disabled() for a gradient penalty",
-            len(outs))
+            len(outs) + len(ties))
         marked = err(*[g.detach().requires_grad_() if isinstance(g, Tensor) and g.is_floating_point() else g
-                       for g in outs])
-        marked = marked if isinstance(marked, tuple) else (marked,)
+                       for g in outs], *ties)
+        marked = (marked if isinstance(marked, tuple) else (marked,))[:len(outs)]
         return marked if isinstance(out, tuple) else marked[0]
 
     return wrapper

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import batched, once_differentiable, plain_eager, refuse_functorch_ad, warn_once
+from .backend import TIES_ATTR, batched, once_differentiable, plain_eager, refuse_functorch_ad, warn_once
 
 #: Rows per chunk are chosen so that one chunk's fp32 logits take at most this many bytes.
 CHUNK_BYTES = 128 * 2**20
@@ -363,14 +363,27 @@ def _apply(hidden, weight, bias, target, ignore_index, scale, chunk_rows, grad_w
     for the tests)."""
     if plain_eager(hidden, weight, bias, target, scale if isinstance(scale, Tensor) else None):
         with torch.autocast(hidden.device.type, enabled=False):
-            return _LinearCrossEntropyFn.apply(hidden, weight, bias, target, ignore_index, scale, chunk_rows,
+            loss = _LinearCrossEntropyFn.apply(hidden, weight, bias, target, ignore_index, scale, chunk_rows,
                                                grad_w_mode, dtype)
+        return _tie_inputs(loss, hidden, weight, bias)
     refuse_functorch_ad("linear_cross_entropy", hidden, weight, bias)
     need = [x is not None and torch.is_grad_enabled() and x.requires_grad for x in (hidden, weight, bias)]
     if scale is not None and not isinstance(scale, Tensor):
         scale = torch.tensor(float(scale), device=hidden.device, dtype=torch.float64)
-    return torch.ops.mmfast.linear_cross_entropy_fwd(hidden, weight, bias, target, ignore_index, scale,
+    loss = torch.ops.mmfast.linear_cross_entropy_fwd(hidden, weight, bias, target, ignore_index, scale,
                                                      chunk_rows or 0, *need, dtype)[0]
+    return _tie_inputs(loss, hidden, weight, bias)
+
+
+def _tie_inputs(loss: Tensor, *inputs: Optional[Tensor]) -> Tensor:
+    """Give the loss's backward node ``TIES_ATTR``: an empty sum of each input that requires grad (no
+    storage kept). The node saves the gradients its forward computed, not the inputs, so a second derivative
+    that asks for chosen inputs found no path through :func:`once_differentiable`'s error to them."""
+    if torch.compiler.is_compiling() or loss.grad_fn is None:  # (compiled: AOTAutograd refuses it itself)
+        return loss
+    setattr(loss.grad_fn, TIES_ATTR, tuple(t.narrow(-1, 0, 0).sum() for t in inputs
+                                           if t is not None and t.requires_grad))
+    return loss
 
 
 def linear_cross_entropy_reference(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,
