@@ -279,6 +279,114 @@ def test_a_users_head_hook_sees_the_logits(calls):
     assert 0 not in seen[0].stride() and torch.equal(seen[0], out.logits.detach())  # logits, not a stand-in
 
 
+@pytest.mark.parametrize("kind", ["backward hook", "backward pre-hook", "global forward hook"])
+def test_a_users_head_hook_on_the_gradient_sees_the_logits_gradient(kind, calls):
+    """A backward hook or pre-hook on the LM head, or a forward hook registered for every module, would have
+    seen the stand-in's gradient or the stand-in itself (the loss broadcast): a backward hook got all ones,
+    and a pre-hook that edits the logits' gradient (stop it at the pad token) zeroed every gradient, since
+    the stand-in reads its element 0 back; silently. The step runs unfused, with one warning, and the
+    hook edits what it does unpatched."""
+    model = build("llama")
+    mmfast.patch(model, tuning="layernorm", verbose=False)
+    ref = _unpatched_twin(model)
+    seen = []
+    handles = []
+    if kind == "backward hook":
+        for m in (model, ref):
+            handles.append(m.lm_head.register_full_backward_hook(lambda mod, gi, go: seen.append(go[0].detach())))
+    elif kind == "backward pre-hook":
+        def stop_pad(mod, go):
+            seen.append(go[0].detach())
+            return (go[0].clone().index_fill_(-1, torch.tensor([0]), 0.0),)
+
+        for m in (model, ref):
+            handles.append(m.lm_head.register_full_backward_pre_hook(stop_pad))
+    else:
+        def log(mod, args, out):
+            if mod is model.lm_head or mod is ref.lm_head:
+                seen.append(out.detach())
+
+        handles.append(torch.nn.modules.module.register_module_forward_hook(log))
+    try:
+        with pytest.warns(RuntimeWarning, match=f"{kind.removeprefix('global ')} .*stand-in"):
+            _same_step(model, ref)
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == [] and len(seen) == 2
+    torch.testing.assert_close(seen[0], seen[1])
+    assert 0 not in seen[0].stride()
+
+
+def test_a_users_head_pre_hook_keeps_the_fused_loss(calls):
+    """A forward pre-hook on the LM head sees (and may change) the head's input, which the fused loss reads
+    after it: the loss stays fused (it was turned off, with a warning that the hook would see a stand-in)."""
+    model = build("llama")
+    mmfast.patch(model, tuning="layernorm", verbose=False)
+    ref = _unpatched_twin(model)
+    for m in (model, ref):
+        m.lm_head.register_forward_pre_hook(lambda mod, args: (args[0] * 0.5,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = _same_step(model, ref)
+    assert out.logits is None and len(calls) == 1
+
+
+def test_a_pre_hook_on_the_model_after_patching_changes_the_labels(calls):
+    """A forward pre-hook on the model registered after patching that edits the labels (mask a prompt): the
+    fused loss had read them before it ran, and computed the loss of the labels as given, silently. That
+    call runs unfused; the fused loss's hook then runs last, and later calls are fused with the edited
+    labels."""
+    model = build("llama")
+    mmfast.patch(model, tuning="layernorm", verbose=False)
+    ref = _unpatched_twin(model)
+
+    def mask_prompt(mod, args, kwargs):
+        labels = kwargs["labels"].clone()
+        labels[:, :4] = -100
+        return args, {**kwargs, "labels": labels}
+
+    for m in (model, ref):
+        m.register_forward_pre_hook(mask_prompt, with_kwargs=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _same_step(model, ref)
+        assert calls == []
+        model.zero_grad()
+        ref.zero_grad()
+        _same_step(model, ref)
+    assert len(calls) == 1 and calls[0][1] == 2 * (12 - 4)  # the 8 labels left of 12 per sample are targets
+
+
+def test_a_users_forward_hook_on_the_model_sees_no_stand_in(calls):
+    """A forward hook on the model registered before patching ran before the fused loss's and saw the
+    stand-in as ``logits`` (the loss broadcast, zero strides); it sees the output the model returns."""
+    model = build("llama")
+    seen = []
+    model.register_forward_hook(lambda mod, args, out: seen.append(out.logits))
+    mmfast.patch(model, tuning="layernorm", verbose=False)
+    out = model(**batch("llama"))
+    assert len(calls) == 1 and seen == [None] and out.logits is None
+
+
+def test_a_second_head_call_in_one_training_forward_raises(calls):
+    """An auxiliary call of the LM head from a hook inside the forward (logit lens, early exit) took the
+    fused loss's arming and got the stand-in; the step then raised that a hook had replaced the head's
+    output. It raises at the second call, saying what happened."""
+    model = build("llama")
+    mmfast.patch(model, tuning="layernorm", verbose=False)
+    aux = []
+
+    def logit_lens(mod, args, out):
+        aux.append(model.lm_head(model.model.norm(out[0] if isinstance(out, tuple) else out)))
+
+    model.model.layers[0].register_forward_hook(logit_lens)
+    with pytest.raises(RuntimeError, match="LM head was called twice in one training forward"):
+        model(**batch("llama"))
+    model.model.layers[0]._forward_hooks.clear()
+    assert model(**batch("llama")).logits is None  # nothing left armed
+
+
 def test_a_loss_function_set_after_patching_is_used(calls):
     """HF's ``model.loss_function = ...`` after patching: the fused loss would bypass it (and handed it
     the stand-in): the step runs unfused with the user's function, with one warning."""

@@ -20,8 +20,9 @@ it. A head output that is neither the stand-in nor such an alias of it raises in
 loss from the stand-in's values.
 
 Each training call first checks that nothing replaced the fused path since patching (a ``loss_function``
-set, a new LM head, a forward hook on the head from outside the sharding and offloading wrappers, which
-would see the stand-in); then it runs unfused, as unpatched, warning once per reason.
+set, a new LM head, a forward or backward hook on the head, or a forward hook for every module, from
+outside the sharding and offloading wrappers, which would see the stand-in or its gradient); then it runs
+unfused, as unpatched, warning once per reason.
 
 The output then has ``loss`` and ``logits=None`` (the stand-in never leaves the forward). Without labels,
 under ``torch.no_grad()`` (evaluation, generation), with ``logits_to_keep``, or inside
@@ -44,8 +45,8 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.loss import linear_cross_entropy
-from .core import (_ATTR, ModuleCall, _foreign_patch, _install, _original_call, foreign_hook, is_disabled, is_patched,
-                   remove_hooks, unpatch_where)
+from .core import (_ATTR, ModuleCall, _foreign_patch, _in_wrapper_package, _install, _original_call, defining_module,
+                   foreign_hook, is_disabled, is_patched, remove_hooks, unpatch_where)
 from .table import _code_key
 
 _STATE = "_mmfast_loss_state"
@@ -171,6 +172,11 @@ def _aliases(t: Any, stand_in: Tensor) -> bool:
 def _head_forward(head: nn.Linear, x: Tensor) -> Tensor:
     st: _LossState = head.__dict__[_STATE]
     if st.armed is None:
+        if st.stand_in is not None:
+            raise RuntimeError("mmfast fused loss: the LM head was called twice in one training forward (an "
+                               "auxiliary head called from a hook: logit lens, early exit); the first call got the "
+                               "fused loss's stand-in, not logits. Call it after the forward, or run without the "
+                               "fused loss (mmfast.patch(..., fused_loss=False))")
         return _original_call(head, head.__dict__[_ATTR])(x)
     args, st.armed = st.armed, None
     target = args.pop("target")
@@ -229,9 +235,12 @@ def _unfused_reason(model: nn.Module) -> Optional[str]:
     not_causal = _loss_not_causal(model)
     if not_causal is not None:
         return not_causal
-    hook = foreign_hook(head, "on lm_head")  # a sharding or offloading wrapper's hands the stand-in on
+    # hooks that see the head's output or its gradient (a sharding or offloading wrapper's hand the stand-in
+    # on); a forward pre-hook sees the head's input, which the fused loss reads after it
+    hook = foreign_hook(head, "on lm_head", kinds=("forward hook", "backward hook", "backward pre-hook"),
+                        global_hooks=True)
     if hook is not None:
-        return (f"{hook} would see a stand-in instead of the logits; "
+        return (f"{hook} would see a stand-in instead of the logits (or of their gradient); "
                 "pass fused_loss=False to mmfast.patch to keep this hook without the warning")
     return None
 
@@ -263,6 +272,8 @@ def _arm_hook(model: nn.Module, args: tuple, kwargs: dict) -> None:
             or not (isinstance(keep, int) and keep == 0)):
         return None
     reason = _unfused_reason(model)
+    if reason is None and not _arms_last(model):
+        return None  # this call's loss arguments may change after this hook: unfused, once
     if reason is not None:  # the model's own head and loss, as unpatched; said once per model and reason
         said = model.__dict__.setdefault(_SAID, set())
         if reason not in said:
@@ -271,6 +282,23 @@ def _arm_hook(model: nn.Module, args: tuple, kwargs: dict) -> None:
         return None
     st.armed, st.loss, st.stand_in = _arm(labels, kwargs), None, None
     return None
+
+
+def _arms_last(model: nn.Module) -> bool:
+    """Whether :func:`_arm_hook` runs after every forward pre-hook on ``model`` that could change the call's
+    labels or loss arguments (one of the user's registered after patching: a prompt mask). Where one follows
+    it, it moves to the end, so that later calls read what the model's forward gets, and this call runs
+    unfused (it read the arguments before that hook changed them). Hooks of the forward form are inside
+    the forward, after every hook."""
+    hooks = model._forward_pre_hooks
+    if torch.compiler.is_compiling() or not any(h is _arm_hook for h in hooks.values()):
+        return True  # (compiled: traced once, guarded by nothing here; the forward form: no hook)
+    keys = list(hooks)
+    at = next(i for i, k in enumerate(keys) if hooks[k] is _arm_hook)
+    if all(_in_wrapper_package(defining_module(hooks[k])) for k in keys[at + 1:]):
+        return True
+    hooks[keys[at]] = hooks.pop(keys[at])  # (its with_kwargs entry is by key: it stays)
+    return False
 
 
 def _disarm_hook(model: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
@@ -361,7 +389,8 @@ def patch_loss(model: nn.Module, outermost: bool = True) -> Optional[str]:
         _install(model, _MODEL, _model_forward, top=True)
     else:
         model.register_forward_pre_hook(_arm_hook, with_kwargs=True)
-        model.register_forward_hook(_disarm_hook, with_kwargs=True, always_call=True)
+        # first of the model's forward hooks: one of the user's sees the output without the stand-in
+        model.register_forward_hook(_disarm_hook, with_kwargs=True, always_call=True, prepend=True)
         model.__dict__[_FUSED] = True
     _install_head(model.lm_head)
     model._loss_function = ModuleCall(_loss_function, model)
