@@ -275,6 +275,29 @@ def test_eval_and_zero_dropout_draw_no_random_numbers(device, monkeypatch):
     assert calls
 
 
+@pytest.mark.parametrize("order", ["adapter", "every module"])
+def test_init_after_meta(order):
+    """Built on the meta device, then ``to_empty``: ``reset_parameters`` left the router holding whatever the
+    memory did (a bias of -4e21 saturates the softmax), and a flow that resets every module (the adapter
+    before its children) gave ``down`` nn.Linear's init. Both give the documented init: ``down``
+    xavier-uniform with a zero bias, the up-projections zero, the router nn.Linear's."""
+    D, R = 64, 8
+    adapter = mmfast.MMAdapter(D, hidden_dim=R, device="meta")
+    adapter.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.fill_(-4e21)  # what the memory held
+    for m in ([adapter] if order == "adapter" else list(adapter.modules())):
+        m.reset_parameters()
+    assert torch.equal(adapter.down.bias, torch.zeros(R))
+    xavier = (6 / (D + R)) ** 0.5
+    assert adapter.down.weight.abs().max() <= xavier and adapter.down.weight.std() > xavier / 4
+    assert not adapter.up_weight.any() and not adapter.up_bias.any()
+    bound = 1 / D ** 0.5  # nn.Linear's default, weight and bias (two values: no spread to check)
+    assert adapter.router.weight.abs().max() <= bound and adapter.router.weight.std() > bound / 4
+    assert adapter.router.bias.abs().max() <= bound
+
+
 def test_parameter_counts():
     assert sum(p.numel() for p in mmfast.MMAdapter(4096).parameters()) == 81_930
     assert sum(p.numel() for p in mmfast.MMAdapter(1024).parameters()) == 20_490

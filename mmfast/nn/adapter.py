@@ -11,6 +11,19 @@ from .disable import is_disabled
 IMPLS = ("fused", "eager")
 
 
+class _XavierLinear(nn.Linear):
+    """A Linear with LaVIN's init: xavier-uniform weight, zero bias (the adapter's ``down``, the visual neck's
+    layers). Its own ``reset_parameters``: a flow that re-initialises every module after ``to_empty``
+    (``modules()`` order: the adapter before its children) gives it this init, not ``nn.Linear``'s."""
+
+    def reset_parameters(self) -> None:
+        if self.weight.is_meta:
+            return
+        nn.init.xavier_uniform_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
 class MMAdapter(nn.Module):
     """``y = x + scale * sum_e softmax(router(route) / temperature)_e * up_e(dropout(down(x)))``.
 
@@ -43,7 +56,7 @@ class MMAdapter(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.dim, self.hidden_dim, self.groups, self.experts = dim, hidden_dim, groups, experts
         self.scale, self.temperature, self.dropout = float(scale), float(temperature), float(dropout)
-        self.down = nn.Linear(dim, hidden_dim, **factory)
+        self.down = _XavierLinear(dim, hidden_dim, **factory)
         self.up_weight = nn.Parameter(torch.empty(experts, dim, hidden_dim // groups, **factory))
         self.up_bias = nn.Parameter(torch.empty(experts, dim, **factory))
         self.router = nn.Linear(dim, experts, **factory)
@@ -53,10 +66,10 @@ class MMAdapter(nn.Module):
     def reset_parameters(self) -> None:
         if self.down.weight.is_meta:
             return
-        nn.init.xavier_uniform_(self.down.weight)
-        nn.init.zeros_(self.down.bias)
+        self.down.reset_parameters()
         nn.init.zeros_(self.up_weight)
         nn.init.zeros_(self.up_bias)
+        self.router.reset_parameters()  # (after to_empty it held whatever the memory did)
 
     def mix(self, route: Tensor) -> Tensor:
         """Router weights per sample, ``[B, experts]``, in the router's dtype."""

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from .._zero import full_shape, gathered
-from ..nn.adapter import MMAdapter
+from ..nn.adapter import MMAdapter, _XavierLinear
 from ..patching.core import EXTRA_KWARGS_ATTR, SHARED_CODE_HOOK, binding_of, remove_hooks
 from ..ops.backend import warn_once
 from .recipes import _hf_model, find_parts, peft_trainables
@@ -709,15 +709,8 @@ def _layers_with_cls(hf: nn.Module) -> set[int]:
     return found
 
 
-class _NeckLinear(nn.Linear):
-    """A Linear with LaVIN's neck init: xavier-uniform weight, zero bias. ``reset_parameters`` is what
-    ``to_empty`` + re-initialisation flows call after building on the meta device."""
-
-    def reset_parameters(self) -> None:
-        if self.weight.is_meta:
-            return
-        nn.init.xavier_uniform_(self.weight)
-        nn.init.zeros_(self.bias)
+#: the visual neck's layers (the name earlier versions pickled)
+_NeckLinear = _XavierLinear
 
 
 class VisualNeck(nn.Module):
@@ -731,7 +724,7 @@ class VisualNeck(nn.Module):
     def __init__(self, replaced: nn.Module, in_dim: int, out_dim: int, hidden: int, device=None):
         super().__init__()
         self.__dict__["replaced"] = replaced
-        lin = functools.partial(_NeckLinear, device=device, dtype=torch.float32)
+        lin = functools.partial(_XavierLinear, device=device, dtype=torch.float32)
         self.add_module(NECK_NAME, nn.Sequential(lin(in_dim, hidden), nn.SiLU(), lin(hidden, out_dim)))
 
     def _apply(self, fn, recurse=True):
