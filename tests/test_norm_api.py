@@ -69,6 +69,36 @@ def test_bad_input(kind, case, device, no_launch):
         _call(kind, **kwargs)
 
 
+@pytest.mark.parametrize("kind", ["ln", "rms"])
+def test_numpy_eps(kind, device):
+    """A NumPy scalar eps (a config read through NumPy): np.float32 was refused as "not a Python float" while
+    np.float64, a float subclass, passed; both give the float's result."""
+    import numpy as np
+
+    x = torch.randn(3, 8, device=device)
+    expected = _call(kind, x=x, eps=1e-3)
+    for eps in (np.float32(1e-3), np.float64(1e-3)):
+        torch.testing.assert_close(_call(kind, x=x, eps=eps), expected)
+
+
+@pytest.mark.parametrize("path", ["eager", "ops"])
+@pytest.mark.parametrize("kind", ["ln", "rms"])
+def test_only_the_residual_sum_used(kind, path, device, monkeypatch):
+    """Only ``residual_out`` reaches the loss (the normalised output unused): the norm's parameters get no
+    gradient (None, as PyTorch gives them; they got zeros, which weight decay and momentum still move) and
+    x and the residual get the sum's."""
+    if path == "ops":
+        monkeypatch.setenv("MMFAST_EAGER", "ops")
+    x, r = (torch.randn(3, 8, device=device, requires_grad=True) for _ in range(2))
+    w, b = (torch.randn(8, device=device, requires_grad=True) for _ in range(2))
+    _, h = _call(kind, x=x, w=w, b=b if kind == "ln" else None, residual=r)
+    g = torch.randn_like(h)
+    h.backward(g)
+    assert w.grad is None and b.grad is None
+    torch.testing.assert_close(x.grad, g, rtol=0, atol=0)
+    torch.testing.assert_close(r.grad, g, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # backend choice
 # ---------------------------------------------------------------------------------------------

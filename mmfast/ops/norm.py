@@ -25,6 +25,7 @@ modules compute.
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -69,8 +70,9 @@ def check_norm_inputs(
         check_device(fn, name, p, "x", x)
     if residual is not None:
         check_like(fn, "residual", residual, "x", x)
-    if isinstance(eps, bool) or not isinstance(eps, (float, int)):
-        raise TypeError(f"{fn}: eps must be a Python float, got {type(eps).__name__}")
+    # (a NumPy scalar is a real number too: np.float32 is no float subclass, np.float64 is)
+    if isinstance(eps, bool) or not (isinstance(eps, (float, int)) or isinstance(eps, numbers.Real)):
+        raise TypeError(f"{fn}: eps must be a real number (a Python float), got {type(eps).__name__}")
     if not (0 <= eps < float("inf")):  # also rejects NaN; plain comparisons trace under torch.compile
         raise ValueError(f"{fn}: eps must be finite and >= 0, got {eps}")
 
@@ -282,13 +284,20 @@ def _grads_wanted(ctx, residual_index: int) -> tuple[bool, bool]:
     return ctx.needs_input_grad[0], ctx.has_residual and ctx.needs_input_grad[residual_index]
 
 
+def _residual_only_grads(dh: Tensor, need_x: bool, need_res: bool, params: int) -> tuple:
+    """The gradients where only ``residual_out`` was used (no gradient reached ``y``): the add's, and None
+    for the norm's parameters, as PyTorch gives them (zeros would still move them under weight decay and
+    momentum), with no kernel run on a zero ``dy``."""
+    return (dh if need_x else None, *(None,) * (params - 1), dh if need_res else None, None)
+
+
 def _rms_grads(ctx, dy, dh, bwd):
     """The gradients of (x, weight, residual, eps) from ``bwd`` (the custom op or the eager call)."""
     h, weight, rstd = ctx.saved_tensors
     need_x, need_res = _grads_wanted(ctx, 2)
     need_dw = weight is not None and ctx.needs_input_grad[1]
     if dy is None:
-        dy = torch.zeros_like(h)
+        return _residual_only_grads(dh, need_x, need_res, 2)
     dx, dw = bwd(dy, h, weight, rstd, dh if ctx.has_residual else None, need_x or need_res, need_dw)
     return (dx if need_x else None, dw if need_dw else None, dx if need_res else None, None)
 
@@ -359,7 +368,7 @@ def _ln_grads(ctx, dy, dh, bwd):
     need_dw = weight is not None and ctx.needs_input_grad[1]
     need_db = bias is not None and ctx.needs_input_grad[2]
     if dy is None:
-        dy = torch.zeros_like(h)
+        return _residual_only_grads(dh, need_x, need_res, 3)
     dx, dw, db = bwd(dy, h, weight, bias, mean, rstd, dh if ctx.has_residual else None,
                      need_x or need_res, need_dw, need_db)
     return (dx if need_x else None, dw if need_dw else None, db if need_db else None, dx if need_res else None, None)
