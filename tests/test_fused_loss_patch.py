@@ -327,7 +327,7 @@ def test_a_users_head_pre_hook_keeps_the_fused_loss(calls):
     for m in (model, ref):
         m.lm_head.register_forward_pre_hook(lambda mod, args: (args[0] * 0.5,))
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", RuntimeWarning)  # (mmfast's; Triton 3.6's interpreter warns of NumPy's)
         out = _same_step(model, ref)
     assert out.logits is None and len(calls) == 1
 
@@ -349,7 +349,7 @@ def test_a_pre_hook_on_the_model_after_patching_changes_the_labels(calls):
     for m in (model, ref):
         m.register_forward_pre_hook(mask_prompt, with_kwargs=True)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", RuntimeWarning)
         _same_step(model, ref)
         assert calls == []
         model.zero_grad()

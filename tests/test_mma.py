@@ -1469,7 +1469,7 @@ def test_a_static_cache_decode_step_compiles_whole():
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(step_compiled, step_eager, rtol=1e-5, atol=1e-5)
-    assert (step_eager[0] - step_text[0]).abs().max() > 1e-3  # the image sample's routing shows
+    assert (step_eager[0] - step_text[0]).abs().max() > 1e-4  # the image sample's routing shows (10x the above)
     torch.testing.assert_close(step_eager[1], step_text[1], rtol=0, atol=0)
 
 
