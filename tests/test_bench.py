@@ -126,7 +126,7 @@ def test_pytest_benchmark_cases_run():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, scripts/gpu_check.sh tune-norm runs the real tuner")
-def test_norm_tuner_smoke(tmp_path, capsys):
+def test_norm_tuner_smoke(tmp_path, capsys, monkeypatch):
     """benchmarks/tune_norm.py runs end to end (interpreter, tiny shapes): every candidate it times
     matches the current launch's outputs, it leaves TUNED as it found it, and writes its JSON."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,11 +135,19 @@ def test_norm_tuner_smoke(tmp_path, capsys):
     spec.loader.exec_module(tune)
     from mmfast.kernels import norm as K
 
+    # an entry there before the run (a committed one) is back in place after it (it was deleted)
+    key = ("bwd", "rms", 1024, "16bit")
+    monkeypatch.setitem(K.TUNED, key, tune._current("bwd", "rms", 37, 1024, torch.device("cpu")))
     before = dict(K.TUNED)
+    capsys.readouterr()
     tune.main(["--smoke", "--directions", "bwd", "--out", str(tmp_path)])
     assert K.TUNED == before
     data = json.loads((tmp_path / "tune_norm.json").read_text())
     assert data["smoke"] and len(data["records"]) == 2 * 3
+    # interpreter wall time is named so, and suggests no entries (it was stored and printed as GPU time)
+    assert all("interpreter_ms" in r and "gpu_ms" not in r for r in data["records"])
+    printed = capsys.readouterr().out
+    assert "GPU busy" not in printed and "TUNED" not in printed and "CPU interpreter ms" in printed
     assert all(r.get("ok") for r in data["records"]), [r for r in data["records"] if not r.get("ok")]
     assert {r["kind"] for r in data["records"]} == {"rms", "ln"}
     for N in (768, 1024):
@@ -456,6 +464,23 @@ def test_tunings_option_selects_model_cases(capsys):
     assert "unknown tunings ['lora']" in capsys.readouterr().err
 
 
+def test_a_tuning_named_twice_runs_once(tmp_path, monkeypatch):
+    """``--tunings layernorm,layernorm`` ran the model suite's layernorm cases twice (two equal rows)."""
+    seen = []
+    monkeypatch.setattr(bench_main, "model_cases", lambda *a: seen.append(a[-1]) or [])
+    with pytest.raises(SystemExit):  # (no case left: nothing to run)
+        main(["--quick", "--ops", "model", "--tunings", "layernorm,mma,layernorm", "--out", str(tmp_path / "o")])
+    assert seen == [("layernorm", "mma")]
+
+
+def test_a_backend_table_inside_a_new_out_directory(tmp_path):
+    """``--backend-table OUT/backend_table.json`` with an ``--out`` not made yet was refused ("cannot write a
+    file there"): its folder is the one the run creates."""
+    out = tmp_path / "new"
+    bench_main._check_out(bench_main._parser(), str(out), str(out / "backend_table.json"))
+    assert out.is_dir()
+
+
 @pytest.mark.parametrize("args,message", [
     (["--steps", "0"], "--steps must be at least 1"),
     (["--batch", "-1"], "--batch must be at least 1"),
@@ -467,8 +492,10 @@ def test_tunings_option_selects_model_cases(capsys):
     (["--out", "{file}/below"], "cannot create it"),
     (["--backend-table", "{tmp}/no-such-dir/table.json"], "--backend-table"),
     (["--providers", "hf-eager,mmfast-trition"], "unknown providers ['mmfast-trition']"),
+    (["--providers", ""], "--providers: empty"),  # (it ran every provider)
     (["--out", "{tmp}/previous"], "holds a previous run (NVIDIA H100, commit abc); pass --overwrite"),
 ] + ([(["--sizes", "small", "--ops", "rms_norm"], "the small shapes are CUDA-graph cases, GPU only"),
+       (["--sizes", "small"], "the small shapes are CUDA-graph cases, GPU only"),  # (it ran the model suite)
        (["--backend-table", "{tmp}/table.json"], "--backend-table: the table is made from GPU timings")]
      if not torch.cuda.is_available() else []))
 def test_bad_arguments_fail_before_anything_runs(args, message, tmp_path, capsys, monkeypatch):

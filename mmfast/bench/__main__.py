@@ -124,7 +124,8 @@ def _parser() -> argparse.ArgumentParser:
                         "the CUDA-graph cases' per-provider processes in that order, so that the first named "
                         "ones run first under --time-budget; default: all available but the model suite's "
                         "hf-compile and mmfast-compile, which run only when named)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run (seconds)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes, a smoke run (seconds on a GPU; a minute or two of the Triton interpreter on CPU)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--llm-layers", type=int, default=8, help="LLaMA layers in the model-level step (GPU)")
     p.add_argument("--batch", type=int, default=model_bench.LLAVA_BATCH,
@@ -135,9 +136,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tunings", default=",".join(model_bench.TUNINGS),
                    help="model suite: comma-separated tuning recipes to run (default: %(default)s)")
     p.add_argument("--sizes", choices=("all", "large", "small"), default="all",
-                   help="kernel cases to run: large (above the L2, timed directly), small (GPU: CUDA-graph "
-                        "replays), or all (default). Separate processes keep a failed capture from "
-                        "affecting the other cases")
+                   help="kernel cases to run: large (above the L2, timed directly; with the model suite), small "
+                        "(GPU: CUDA-graph replays; no model suite), or all (default). Separate processes keep a "
+                        "failed capture from affecting the other cases")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="stop starting new runs after this many seconds and write what was measured; the runs left "
                         "out are listed in the results (default: no limit)")
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type not in ("cuda", "cpu"):
         p.error(f"--device must be cuda or cpu, got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: this PyTorch sees no CUDA GPU")
+        p.error(f"--device {args.device}: this PyTorch sees no CUDA GPU")
     if device.type == "cuda":
         if device.index is not None and device.index >= torch.cuda.device_count():
             p.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA GPUs")
@@ -183,13 +184,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown ops {sorted(unknown_ops)}; choose from {OPS}")
     cases = [c for c in kernel_cases(device, args.quick) if c.op in ops
              and (args.sizes == "all" or getattr(c, "graphs", False) == (args.sizes == "small"))]
-    tunings = tuple(args.tunings.split(","))
+    tunings = tuple(dict.fromkeys(args.tunings.split(",")))  # (a tuning named twice runs once)
     unknown_tunings = set(tunings) - set(model_bench.TUNINGS)
     if unknown_tunings:
         p.error(f"unknown tunings {sorted(unknown_tunings)}; choose from {model_bench.TUNINGS}")
-    if "model" in ops:
+    if "model" in ops and args.sizes != "small":  # (the model suite has no CUDA-graph case)
         cases += model_cases(device, args.quick, args.llm_layers, args.batch, tunings)
-    named = args.providers.split(",") if args.providers else []  # in the order to run them
+    if args.providers is not None and not args.providers.strip():
+        p.error("--providers: empty; name providers (or leave it out: all available)")
+    named = list(dict.fromkeys(args.providers.split(","))) if args.providers else []  # in the order to run them
     wanted = set(named) or None
     if wanted is not None and wanted - known_providers():
         p.error(f"unknown providers {sorted(wanted - known_providers())}; known: {sorted(known_providers())}")
@@ -409,7 +412,9 @@ def _check_out(p: argparse.ArgumentParser, out: str, backend_table: Optional[str
         p.error(f"--out {out}: exists and is not a directory")
     if backend_table:
         parent = os.path.dirname(os.path.abspath(backend_table))
-        if os.path.isdir(backend_table) or not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        # (in --out, which is created below and checked for writing there)
+        if os.path.isdir(backend_table) or (parent != os.path.abspath(out) and (
+                not os.path.isdir(parent) or not os.access(parent, os.W_OK))):
             p.error(f"--backend-table {backend_table}: cannot write a file there")
     previous = _previous_run(out) if os.path.isdir(out) else None
     if previous is not None:
