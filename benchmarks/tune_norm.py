@@ -115,12 +115,20 @@ class TritonLaunches:
     def current(self, direction, kind, M, N, dev):
         return _current(direction, kind, M, N, dev)
 
+    def __init__(self):
+        self._kept = {}  # the entries there were before this run (a committed TUNED entry)
+
     def run(self, direction, kind, ins, key, cfg):
+        self._kept.setdefault(key, K.TUNED.get(key))
         K.TUNED[key] = cfg
         return _call(direction, kind, ins)
 
     def reset(self, key):
-        K.TUNED.pop(key, None)
+        kept = self._kept.pop(key, None)
+        if kept is None:
+            K.TUNED.pop(key, None)
+        else:
+            K.TUNED[key] = kept
 
     def describe(self, cfg):
         return dataclasses.asdict(cfg)
@@ -195,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
         shapes = SHAPES["goals"] + ([] if args.quick else SHAPES["rest"])
     os.makedirs(args.out, exist_ok=True)
     records, best = [], {}
+    # (smoke: wall time of the Triton interpreter on the CPU, named so, and no suggested entries from it)
+    T, unit = ("interpreter_ms", "CPU interpreter ms") if args.smoke else ("gpu_ms", "GPU busy ms")
     for direction in directions:
         for kind, M, N in shapes:
             key = (direction, kind, N, "16bit")
@@ -210,36 +220,39 @@ def main(argv: list[str] | None = None) -> None:
                 try:
                     fn = tuner.run(direction, kind, ins, key, cfg)
                     rec["ok"] = outputs_close(fn(), ref)
-                    rec["gpu_ms"] = median_ms(fn, dev, rep_ms=1) if args.smoke else gpu_busy_ms(fn, dev, iters=20)
-                    rec["gbps"] = nbytes / (rec["gpu_ms"] * 1e-3) / 1e9
+                    rec[T] = median_ms(fn, dev, rep_ms=1) if args.smoke else gpu_busy_ms(fn, dev, iters=20)
+                    rec["gbps"] = nbytes / (rec[T] * 1e-3) / 1e9
                     rec["frac_of_copy"] = rec["gbps"] / copy
                 except Exception as e:  # noqa: BLE001 - an unlaunchable choice is a result too
                     rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 records.append(rec)
                 print(f"{direction} {kind} N={N:5d} {rec['config']} " +
-                      (f"{rec['gpu_ms']:.4f} ms {rec['frac_of_copy']:.0%} of copy{'' if rec['ok'] else '  MISMATCH'}"
-                       if "gpu_ms" in rec else rec["error"]), flush=True)
+                      (f"{rec[T]:.4f} ms {rec['frac_of_copy']:.0%} of copy{'' if rec['ok'] else '  MISMATCH'}"
+                       if T in rec else rec["error"]), flush=True)
             tuner.reset(key)
             good = [r for r in records if r["direction"] == direction and r["kind"] == kind and r["N"] == N and r.get("ok")]
             if good:
-                top = min(good, key=lambda r: r["gpu_ms"])
+                top = min(good, key=lambda r: r[T])
                 cur = next((r for r in good if r["current"]), None)
-                best[f"{direction}/{kind}/N={N}"] = dict(
-                    key=list(key), config=top["config"], gpu_ms=top["gpu_ms"], frac_of_copy=top["frac_of_copy"],
-                    current_ms=cur["gpu_ms"] if cur else None, current_frac=cur["frac_of_copy"] if cur else None)
+                best[f"{direction}/{kind}/N={N}"] = {
+                    "key": list(key), "config": top["config"], T: top[T], "frac_of_copy": top["frac_of_copy"],
+                    "current_ms": cur[T] if cur else None, "current_frac": cur["frac_of_copy"] if cur else None}
     out = dict(environment(dev), smoke=args.smoke, backend=tuner.name, copy_gbps=copy, shapes=shapes, records=records,
                best=best)
     with open(os.path.join(args.out, f"tune_norm{'' if tuner.name == 'triton' else '_cuda'}.json"), "w") as f:
         json.dump(out, f, indent=1)
     print(f"\ndevice-to-device copy: {copy:.0f} GB/s")
-    print("best per direction, norm and width (GPU busy ms, fraction of copy; current choice in brackets):")
+    print(f"best per direction, norm and width ({unit}, fraction of copy; current choice in brackets):")
     for name, b in best.items():
         cur = "?" if b["current_ms"] is None else f"{b['current_ms']:.4f} ms {b['current_frac']:.0%}"
-        print(f"  {name:18s} {b['gpu_ms']:.4f} ms {b['frac_of_copy']:.0%}  [{cur}]  {b['config']}")
+        print(f"  {name:18s} {b[T]:.4f} ms {b['frac_of_copy']:.0%}  [{cur}]  {b['config']}")
+    if args.smoke:
+        print("\n(smoke run: interpreter timings on the CPU say nothing of the GPU; no entries suggested)")
+        return
     where = "TUNED (mmfast/kernels/norm.py)" if tuner.name == "triton" else "BWD_STAGES (mmfast/kernels/cuda_ext.py)"
     print(f"\n{where} entries for choices at least 3% faster than the current one:")
     for b in best.values():
-        if b["current_ms"] is not None and b["gpu_ms"] < 0.97 * b["current_ms"]:
+        if b["current_ms"] is not None and b[T] < 0.97 * b["current_ms"]:
             print(tuner.entry(b["key"], b["config"]))
 
 
