@@ -1433,6 +1433,8 @@ def test_a_static_cache_decode_step_compiles_whole():
     prefill's, as in eager code."""
     from transformers import CompileConfig, StaticCache
 
+    from mmfast.tuning.mma import CACHE_FLAGS_ATTR
+
     model = _mma("llama")
     _perturb_adapters(model)
     model.eval()
@@ -1453,8 +1455,13 @@ def test_a_static_cache_decode_step_compiles_whole():
     def decode_step(step, **step_flags):  # an eager prefill with flags, then a step (without them)
         cache = StaticCache(config=model.config, max_cache_len=S + 1)
         model(input_ids=ids, **{cache_kw: cache}, mma_has_image=flags, use_cache=True)
-        return step(input_ids=ids[:, -1:], **{cache_kw: cache}, use_cache=True,
-                    position_ids=torch.full((2, 1), S), **step_flags).logits
+        stored = getattr(cache, CACHE_FLAGS_ATTR)
+        logits = step(input_ids=ids[:, -1:], **{cache_kw: cache}, use_cache=True,
+                      position_ids=torch.full((2, 1), S), **step_flags).logits
+        # a compiled step leaves the prefill's flags on the cache (under CUDA graphs its own output, read back
+        # by the next step, would be overwritten by it)
+        assert step_flags or getattr(cache, CACHE_FLAGS_ATTR) is stored
+        return logits
 
     torch._dynamo.reset()
     try:

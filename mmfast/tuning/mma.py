@@ -362,7 +362,11 @@ def _flags_pre_hook(module, args, kwargs):
             # (images without input_ids: a prefill raises in eager code; a decode step takes the kept flags)
             fresh = kept if ids is None and kwargs.get("pixel_values") is not None else \
                 _flags_of_inputs(ids, visual_ids, kwargs, B, device)
-            flags = torch.where(length > 0, kept, fresh)
+            state.has_image = torch.where(length.to(device) > 0, kept, fresh)
+            # not stored on the cache: it keeps the flags its eager prefill stored (generate's prefill is not
+            # compiled). A compiled step's output that the next step reads back is what CUDA graphs
+            # (reduce-overhead, generate's default on a GPU) overwrite with that step
+            return args, kwargs
         else:
             flags = kept  # generation: keep the prefill's flags
     state.has_image = flags
