@@ -44,6 +44,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from ..ops.backend import warn_once
 from ..ops.loss import linear_cross_entropy
 from .core import (_ATTR, ModuleCall, _foreign_patch, _in_wrapper_package, _install, _original_call, defining_module,
                    foreign_hook, is_disabled, is_patched, remove_hooks, unpatch_where)
@@ -291,14 +292,39 @@ def _arms_last(model: nn.Module) -> bool:
     unfused (it read the arguments before that hook changed them). Hooks of the forward form are inside
     the forward, after every hook."""
     hooks = model._forward_pre_hooks
-    if torch.compiler.is_compiling() or not any(h is _arm_hook for h in hooks.values()):
-        return True  # (compiled: traced once, guarded by nothing here; the forward form: no hook)
     keys = list(hooks)
-    at = next(i for i, k in enumerate(keys) if hooks[k] is _arm_hook)
-    if all(_in_wrapper_package(defining_module(hooks[k])) for k in keys[at + 1:]):
-        return True
+    at = next((i for i, k in enumerate(keys) if hooks[k] is _arm_hook), None)
+    if at is None or all(_in_wrapper_package(defining_module(hooks[k])) for k in keys[at + 1:]):
+        return True  # (None: the forward form, no hook)
+    if torch.compiler.is_compiling():
+        # Dynamo cannot reorder a module's hooks: compiled calls run unfused while the hook follows (the code is
+        # traced with the hooks it guards on); said at trace time (a warning would break the graph)
+        from torch._dynamo.comptime import comptime
+
+        comptime(_say_hook_after_compiled)
+        return False
     hooks[keys[at]] = hooks.pop(keys[at])  # (its with_kwargs entry is by key: it stays)
+    _say_hook_after(model)
     return False
+
+
+_HOOK_AFTER = ("mmfast: a forward pre-hook was registered on the model after patching; it may change the labels "
+               "after the fused loss read them, so ")
+
+
+def _say_hook_after(model: nn.Module) -> None:
+    said = model.__dict__.setdefault(_SAID, set())
+    if "hook after" not in said:
+        said.add("hook after")
+        warnings.warn(_HOOK_AFTER + "this call runs unfused and the fused loss reads them after it from now on (a hook "
+                      "registered for every call keeps every call unfused: register it once, or before "
+                      "mmfast.patch)", RuntimeWarning)
+
+
+def _say_hook_after_compiled(ctx) -> None:
+    """(Run by Dynamo while it traces: ``comptime``; once per process.)"""
+    warn_once(_HOOK_AFTER + "compiled calls run unfused while it is there (compiled code cannot move the fused "
+              "loss's hook behind it: register it before mmfast.patch, or run one call uncompiled first)")
 
 
 def _disarm_hook(model: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
