@@ -61,7 +61,9 @@ class MMAdapter(nn.Module):
         self.up_bias = nn.Parameter(torch.empty(experts, dim, **factory))
         self.router = nn.Linear(dim, experts, **factory)
         self.impl = "fused"
-        self.reset_parameters()
+        if not self.up_weight.is_meta:  # (down and the router initialised themselves: drawn once)
+            nn.init.zeros_(self.up_weight)
+            nn.init.zeros_(self.up_bias)
 
     def reset_parameters(self) -> None:
         if self.down.weight.is_meta:
