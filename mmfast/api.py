@@ -123,7 +123,10 @@ def patch(
     if not fused_loss:
         unpatch_loss(hf)
     elif not isinstance(getattr(hf, "lm_head", None), nn.Module):
-        report.fused_loss = "n/a (no lm_head)"
+        inner = next((path for path, m in hf.named_modules() if path.endswith("lm_head")), None)
+        report.fused_loss = "n/a (no lm_head)" if inner is None else (
+            f"not installed: the LM head is {inner}, below the model ({type(hf).__name__}: not a LLaMA / LLaVA "
+            f"causal-LM forward the fused loss knows)")
     else:
         reason = patch_loss(hf, outermost=hf is model)
         report.fused_loss = "on" if reason is None else f"not installed: {reason}"

@@ -969,6 +969,41 @@ def _simp_trains_the_block_norms(model, layers: str, mlp_norm: str, vocab: int) 
     assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in trained)
 
 
+def _llama4_text_config():
+    return dict(hidden_size=32, intermediate_size=64, intermediate_size_mlp=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=128, num_local_experts=2,
+                num_experts_per_tok=1, interleave_moe_layer_step=2, no_rope_layers=[1, 1], attention_chunk_size=16,
+                max_position_embeddings=64, pad_token_id=0)
+
+
+def test_master_weights_of_a_norm_left_unpatched_keep_its_output_dtype():
+    """Llama 4's text norm is not patched (its own forward runs: the normalised input, rounded, times the
+    weight). master_weights widened its weight to fp32 all the same, so in a bf16 model it returned fp32
+    into bf16 projections and the first forward failed (mixed dtypes in a matmul). Its output goes back to
+    bf16: the model computes as unpatched (the product of two bf16 values, rounded once, is the same) while
+    the weight trains in fp32."""
+
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.Llama4ForCausalLM(T.Llama4TextConfig(**_llama4_text_config())).to(torch.bfloat16)
+    ref = copy.deepcopy(model)
+    ids = torch.randint(1, 100, (2, 8))
+    report = mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    norm = model.model.layers[0].input_layernorm
+    assert "model.layers.0.input_layernorm" not in report.patched and norm.weight.dtype == torch.float32
+    out = model(input_ids=ids, labels=ids)
+    expected = ref(input_ids=ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16
+    torch.testing.assert_close(out.logits, expected.logits, rtol=0, atol=0)
+    out.loss.backward()
+    assert norm.weight.grad.dtype == torch.float32 and norm.weight.grad.abs().sum() > 0
+    mmfast.unpatch(model)
+    assert not norm._forward_hooks and norm.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=0)
+
+
 def test_llama4_recipes_find_the_decoder_below_its_causal_lm():
     """Llama 4's text model is a causal LM whose ``get_decoder()`` hands back itself (its decoder sits at
     ``.model``): every recipe was refused as if it had no LLaMA-style layers."""
@@ -982,6 +1017,9 @@ def test_llama4_recipes_find_the_decoder_below_its_causal_lm():
               patch_size=8, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32, pixel_shuffle_ratio=0.5)
     torch.manual_seed(0)
     model = T.Llama4ForConditionalGeneration(T.Llama4Config(text_config=tc, vision_config=vc, image_token_index=127))
+    # (the report named no LM head: "n/a (no lm_head)")
+    assert mmfast.patch(copy.deepcopy(model), verbose=False).fused_loss.startswith(
+        "not installed: the LM head is language_model.lm_head")
     _simp_trains_the_block_norms(model, "language_model.model.layers", "post_attention_layernorm", vocab=100)
 
 

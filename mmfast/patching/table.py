@@ -100,4 +100,5 @@ def unsupported_reason(m: nn.Module) -> str:
     for pred, reason in KNOWN_DIFFERENT:
         if pred(name):
             return reason
-    return f"{name}: no fused op with the same semantics"
+    return (f"{name}: a forward the fused norms do not take (they take the code of LLaMA's RMSNorm and "
+            f"torch.nn.LayerNorm's)")

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .._zero import partitioned
+from ..patching.core import is_patched
 
 LN_RECIPES = ("layernorm", "layernorm-simp", "layernorm+projector")
 #: Submodule names that hold a vision-language projector (the module that maps vision features into the
@@ -183,6 +184,22 @@ def _output_requires_grad(module, args, output):
 #: on a norm module whose weights ``master_weights`` widened: {parameter name: (its dtype before, the
 #: dtype of the parameters around the norm then)}
 _MASTER_ATTR = "_mmfast_master_dtypes"
+
+
+def _output_as_before(module: nn.Module, args, out):
+    """Forward hook of a norm mmfast did not patch (its own forward runs) whose weights ``master_weights``
+    widened to fp32: a forward that multiplies in the weight's dtype (Llama 4's text norm: the normalised
+    input, rounded, times the weight) returned fp32 into bf16 layers, which failed. Its output goes back to
+    the dtype it had: the input's and the earlier weight dtype's, promoted (the fused norms return x's
+    dtype with fp32 weights too)."""
+    kept = module.__dict__.get(_MASTER_ATTR)
+    x = args[0] if args else None
+    if not kept or not isinstance(out, torch.Tensor) or not isinstance(x, torch.Tensor):
+        return None
+    want = x.dtype
+    for old, _ in kept.values():
+        want = torch.promote_types(want, old)
+    return out.to(want) if out.dtype != want and out.is_floating_point() else None
 
 
 def _master_weights_kept(module: nn.Module, args) -> None:
@@ -367,6 +384,9 @@ def apply_ln_recipe(model: nn.Module, recipe: str, *, final_norm: bool = False, 
                 norm.__dict__.setdefault(_MASTER_ATTR, {}).setdefault(name, (p.dtype, around))
                 if p.dtype != torch.float32:
                     p.data = p.data.to(torch.float32)
+                    if not is_patched(norm) and not any(  # its own forward: it may compute in the weight's dtype
+                            norm._forward_hooks.get(h.id) is _output_as_before for h in norm.__dict__[_HOOK_ATTR]):
+                        norm.__dict__[_HOOK_ATTR].append(norm.register_forward_hook(_output_as_before))
         if left:
             logging.getLogger("mmfast").info(
                 "master_weights: %d norm weights are partitioned by DeepSpeed ZeRO-3 and keep their dtype; "
