@@ -273,13 +273,10 @@ def _arm_hook(model: nn.Module, args: tuple, kwargs: dict) -> None:
             or not (isinstance(keep, int) and keep == 0)):
         return None
     reason = _unfused_reason(model)
-    if reason is None and not _arms_last(model):
-        return None  # this call's loss arguments may change after this hook: unfused, once
-    if reason is not None:  # the model's own head and loss, as unpatched; said once per model and reason
-        said = model.__dict__.setdefault(_SAID, set())
-        if reason not in said:
-            said.add(reason)
-            warnings.warn(f"mmfast: the fused LM-head loss is off for this model: {reason}", RuntimeWarning)
+    if reason is not None:  # the model's own head and loss, as unpatched
+        _say_once(model, reason, f"mmfast: the fused LM-head loss is off for this model: {reason}")
+        return None
+    if not _arms_last(model):  # this call's loss arguments may change after this hook: unfused
         return None
     st.armed, st.loss, st.stand_in = _arm(labels, kwargs), None, None
     return None
@@ -304,7 +301,9 @@ def _arms_last(model: nn.Module) -> bool:
         comptime(_say_hook_after_compiled)
         return False
     hooks[keys[at]] = hooks.pop(keys[at])  # (its with_kwargs entry is by key: it stays)
-    _say_hook_after(model)
+    _say_once(model, "hook after", _HOOK_AFTER + "this call runs unfused and the fused loss reads them after it from "
+              "now on (a hook registered for every call keeps every call unfused: register it once, or before "
+              "mmfast.patch)")
     return False
 
 
@@ -312,13 +311,12 @@ _HOOK_AFTER = ("mmfast: a forward pre-hook was registered on the model after pat
                "after the fused loss read them, so ")
 
 
-def _say_hook_after(model: nn.Module) -> None:
+def _say_once(model: nn.Module, key: str, message: str) -> None:
+    """Warn ``message`` once per model and ``key`` (the reasons said are kept on the model)."""
     said = model.__dict__.setdefault(_SAID, set())
-    if "hook after" not in said:
-        said.add("hook after")
-        warnings.warn(_HOOK_AFTER + "this call runs unfused and the fused loss reads them after it from now on (a hook "
-                      "registered for every call keeps every call unfused: register it once, or before "
-                      "mmfast.patch)", RuntimeWarning)
+    if key not in said:
+        said.add(key)
+        warnings.warn(message, RuntimeWarning)
 
 
 def _say_hook_after_compiled(ctx) -> None:
