@@ -16,6 +16,14 @@ from tiny_models import FSDP1_CASES, batch, build
 WORLD = 2
 
 
+def _start(fn, args):
+    """Both ranks, forked from one server process per test worker that imported torch, transformers and
+    mmfast once (about 5 s a rank under spawn, the larger part of a case's time)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "transformers", "mmfast", "tiny_models", "dist_worker"])
+    return mp.start_processes(fn, args=args, nprocs=WORLD, join=False, start_method="forkserver")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -61,8 +69,7 @@ def test_distributed_gradients_match_single_process(mode, tuning, dtype, tmp_pat
     import dist_worker
 
     out = tmp_path / "grads.pt"
-    ctx = mp.start_processes(dist_worker.run, args=(WORLD, _free_port(), mode, str(out), tuning, dtype), nprocs=WORLD,
-                             join=False, start_method="spawn")
+    ctx = _start(dist_worker.run, (WORLD, _free_port(), mode, str(out), tuning, dtype))
     deadline = time.monotonic() + 300
     while not ctx.join(timeout=5):  # raises if a rank failed
         if time.monotonic() > deadline:
@@ -123,8 +130,7 @@ def test_save_trainable_gathers_fsdp1_shards(tmp_path, case):
     from tiny_models import build_fsdp1_case
 
     out = tmp_path / "fsdp1.safetensors"
-    ctx = mp.start_processes(dist_worker.save_fsdp1, args=(WORLD, _free_port(), str(out), case), nprocs=WORLD,
-                             join=False, start_method="spawn")
+    ctx = _start(dist_worker.save_fsdp1, (WORLD, _free_port(), str(out), case))
     deadline = time.monotonic() + 300
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:
