@@ -15,6 +15,13 @@ import pytest  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.environ:
+    # a worker of a parallel run (the README's command: one per core): each worker's torch took a thread
+    # per core, and the workers' OpenMP pools spun against each other (test_norm.py and test_mlp_patch.py
+    # took 111 s on two cores, 95 s with a core's share each)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 @pytest.fixture
 def device():
