@@ -113,6 +113,26 @@ def test_rows_wider_than_one_grid(monkeypatch, device, seed):
     assert grids and max(g[1] for g in grids) <= 2 and sum(g[1] for g in grids[:2]) == 3
 
 
+def test_narrow_rows_share_a_program(monkeypatch, device, seed):
+    """Rows narrower than a block of ``MAX_BLOCK`` are stacked into one program (37 rows of 64: 2 programs
+    of 32 rows, the last one masked, where one program per row took 37); rows past 1024 elements keep one
+    program each (every LLaMA and CLIP MLP width). Accurate either way."""
+    from mmfast.kernels import swiglu as kernels
+
+    assert [kernels.launch(n)[0] for n in (64, 1000, 1024, 1025, 11008)] == [32, 2, 2, 1, 1]
+    grids = []
+    real = kernels._swiglu_fwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(kernels, "_swiglu_fwd_kernel", Spy())
+    check_swiglu(lambda i: (torch.randn(37, 64, device=device), torch.randn(37, 64, device=device)), seed)
+    assert grids[0] == (2, 1)
+
+
 def test_reference_backend(monkeypatch, device, seed):
     monkeypatch.setenv(ENV_VAR, "reference")
     g = torch.randn(5, 130, device=device).to(torch.bfloat16)

@@ -155,21 +155,22 @@ def _swiglu_variants():
 
     for dt in (torch.bfloat16, torch.float16, torch.float32):
         for n in (11008, 1000):
-            block, warps = K.launch(n)
-            yield K._swiglu_fwd_kernel, dict(G=Ptr(dt), U=Ptr(dt), H=Ptr(dt), n=n, stride_g=2 * n, stride_u=2 * n,
-                                             stride_h=n, BLOCK=block, SOFT_RNE=False), warps
-            yield K._swiglu_bwd_kernel, dict(DH=Ptr(dt), G=Ptr(dt), U=Ptr(dt), DG=Ptr(dt), DU=Ptr(dt), n=n,
+            rows, block, warps = K.launch(n)
+            yield K._swiglu_fwd_kernel, dict(G=Ptr(dt), U=Ptr(dt), H=Ptr(dt), M=4096, n=n, stride_g=2 * n,
+                                             stride_u=2 * n, stride_h=n, ROWS=rows, BLOCK=block, SOFT_RNE=False), warps
+            yield K._swiglu_bwd_kernel, dict(DH=Ptr(dt), G=Ptr(dt), U=Ptr(dt), DG=Ptr(dt), DU=Ptr(dt), M=4096, n=n,
                                              stride_dh=n, stride_g=2 * n, stride_u=2 * n, stride_dg=n, stride_du=n,
-                                             BLOCK=block, SOFT_RNE=False), warps
+                                             ROWS=rows, BLOCK=block, SOFT_RNE=False), warps
     from . import quick_gelu as Q
 
     for dt in (torch.bfloat16, torch.float16, torch.float32):
         for n in (4096, 1000):
-            block, warps = K.launch(n)
-            yield Q._quick_gelu_fwd_kernel, dict(X=Ptr(dt), Y=Ptr(dt), n=n, stride_x=n, stride_y=n, ALPHA_=Q.ALPHA,
-                                                 BLOCK=block, SOFT_RNE=False), warps
-            yield Q._quick_gelu_bwd_kernel, dict(DY=Ptr(dt), X=Ptr(dt), DX=Ptr(dt), n=n, stride_dy=n, stride_x=n,
-                                                 stride_dx=n, ALPHA_=Q.ALPHA, BLOCK=block, SOFT_RNE=False), warps
+            rows, block, warps = K.launch(n)
+            yield Q._quick_gelu_fwd_kernel, dict(X=Ptr(dt), Y=Ptr(dt), M=4096, n=n, stride_x=n, stride_y=n,
+                                                 ROWS=rows, BLOCK=block, SOFT_RNE=False, ALPHA_=Q.ALPHA), warps
+            yield Q._quick_gelu_bwd_kernel, dict(DY=Ptr(dt), X=Ptr(dt), DX=Ptr(dt), M=4096, n=n, stride_dy=n,
+                                                 stride_x=n, stride_dx=n, ROWS=rows, BLOCK=block, SOFT_RNE=False,
+                                                 ALPHA_=Q.ALPHA), warps
 
 
 def variants():

@@ -19,29 +19,25 @@ import triton.language as tl
 
 from ._common import round_to as _round
 from ._device import on_tensor_device
-from .swiglu import _sigmoid, run_rows
+from .swiglu import _sigmoid, _tile, run_rows
 
 #: The constant of CLIP's QuickGELU.
 ALPHA = 1.702
 
 
 @triton.jit
-def _quick_gelu_fwd_kernel(X, Y, n, stride_x, stride_y, ALPHA_: tl.constexpr, BLOCK: tl.constexpr,
-                           SOFT_RNE: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n
+def _quick_gelu_fwd_kernel(X, Y, M, n, stride_x, stride_y, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                           SOFT_RNE: tl.constexpr, ALPHA_: tl.constexpr):
+    row, cols, mask = _tile(M, n, ROWS, BLOCK)
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     y = x * _sigmoid(ALPHA_ * x)
     tl.store(Y + row * stride_y + cols, _round(y, Y.dtype.element_ty, SOFT_RNE), mask=mask)
 
 
 @triton.jit
-def _quick_gelu_bwd_kernel(DY, X, DX, n, stride_dy, stride_x, stride_dx, ALPHA_: tl.constexpr, BLOCK: tl.constexpr,
-                           SOFT_RNE: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n
+def _quick_gelu_bwd_kernel(DY, X, DX, M, n, stride_dy, stride_x, stride_dx, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                           SOFT_RNE: tl.constexpr, ALPHA_: tl.constexpr):
+    row, cols, mask = _tile(M, n, ROWS, BLOCK)
     dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     s = _sigmoid(ALPHA_ * x)

@@ -28,10 +28,13 @@ MAX_BLOCK = 2048
 MAX_GRID_Y = 65535
 
 
-def launch(n: int) -> tuple[int, int]:
-    """(column block, warps) of both kernels for rows of ``n`` elements."""
+def launch(n: int) -> tuple[int, int, int]:
+    """(rows, column block, warps) of both kernels for rows of ``n`` elements. A program covers at least
+    ``MAX_BLOCK`` elements: rows of up to ``MAX_BLOCK`` take one block each, and narrower rows are stacked
+    (any LLaMA or CLIP MLP width is past 1024, one row a program; a row of 64 took a program of 64
+    elements, and 32 of them now)."""
     block = min(MAX_BLOCK, max(16, next_pow2(n)))
-    return block, (8 if block >= 2048 else 4)
+    return MAX_BLOCK // block, block, (8 if block >= 2048 else 4)
 
 
 @triton.jit
@@ -49,10 +52,17 @@ def _silu(g):
 
 
 @triton.jit
-def _swiglu_fwd_kernel(G, U, H, n, stride_g, stride_u, stride_h, BLOCK: tl.constexpr, SOFT_RNE: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n
+def _tile(M, n, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """The program's [ROWS, BLOCK] tile: row indices (int64, a column), column indices (a row), and mask."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[None, :]
+    return rows, cols, (rows < M) & (cols < n)
+
+
+@triton.jit
+def _swiglu_fwd_kernel(G, U, H, M, n, stride_g, stride_u, stride_h, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                       SOFT_RNE: tl.constexpr):
+    row, cols, mask = _tile(M, n, ROWS, BLOCK)
     g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
     h = _silu(g) * u
@@ -60,11 +70,9 @@ def _swiglu_fwd_kernel(G, U, H, n, stride_g, stride_u, stride_h, BLOCK: tl.const
 
 
 @triton.jit
-def _swiglu_bwd_kernel(DH, G, U, DG, DU, n, stride_dh, stride_g, stride_u, stride_dg, stride_du,
-                       BLOCK: tl.constexpr, SOFT_RNE: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n
+def _swiglu_bwd_kernel(DH, G, U, DG, DU, M, n, stride_dh, stride_g, stride_u, stride_dg, stride_du,
+                       ROWS: tl.constexpr, BLOCK: tl.constexpr, SOFT_RNE: tl.constexpr):
+    row, cols, mask = _tile(M, n, ROWS, BLOCK)
     dh = tl.load(DH + row * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
@@ -78,8 +86,9 @@ def _swiglu_bwd_kernel(DH, G, U, DG, DU, n, stride_dh, stride_g, stride_u, strid
 def run_rows(kernel, inputs: tuple[torch.Tensor, ...], out_dtypes: tuple[torch.dtype, ...], **constexprs
              ) -> list[torch.Tensor]:
     """Launch an element-wise row kernel over ``[M, n]`` row views (last dimension contiguous) and return
-    its new contiguous outputs. The kernel's parameters are ``(*inputs, *outputs, n, *row strides of the
-    inputs then the outputs, BLOCK, SOFT_RNE, **constexprs)``; one program per (row, column block).
+    its new contiguous outputs. The kernel's parameters are ``(*inputs, *outputs, M, n, *row strides of the
+    inputs then the outputs, ROWS, BLOCK, SOFT_RNE, **constexprs)``; one program per (block of rows, column
+    block), shaped by :func:`launch`.
 
     Rows of more than ``MAX_GRID_Y`` blocks (a flattened tensor is one row: 134M elements at the largest
     block) go in column spans of at most that many blocks, one launch each, so that no grid exceeds CUDA's
@@ -87,14 +96,15 @@ def run_rows(kernel, inputs: tuple[torch.Tensor, ...], out_dtypes: tuple[torch.d
     M, n = inputs[0].shape
     outs = [torch.empty((M, n), dtype=dt, device=inputs[0].device) for dt in out_dtypes]
     if M and n:
-        block, warps = launch(n)
+        rows, block, warps = launch(n)
         tensors = (*inputs, *outs)
         span = MAX_GRID_Y * block
         for c0 in range(0, n, span):
             width = min(span, n - c0)
             views = tensors if width == n else tuple(t[:, c0:c0 + width] for t in tensors)
-            kernel[(M, cdiv(width, block))](*views, width, *(t.stride(0) for t in views), BLOCK=block,
-                                            SOFT_RNE=interpreting(), num_warps=warps, **constexprs)
+            kernel[(cdiv(M, rows), cdiv(width, block))](*views, M, width, *(t.stride(0) for t in views), ROWS=rows,
+                                                        BLOCK=block, SOFT_RNE=interpreting(), num_warps=warps,
+                                                        **constexprs)
     return outs
 
 
