@@ -977,16 +977,24 @@ def _llama4_text_config():
 
 
 def test_master_weights_of_a_norm_left_unpatched_keep_its_output_dtype():
-    """Llama 4's text norm is not patched (its own forward runs: the normalised input, rounded, times the
-    weight). master_weights widened its weight to fp32 all the same, so in a bf16 model it returned fp32
-    into bf16 projections and the first forward failed (mixed dtypes in a matmul). Its output goes back to
-    bf16: the model computes as unpatched (the product of two bf16 values, rounded once, is the same) while
-    the weight trains in fp32."""
+    """A norm the fused kernels do not take (a user's own forward, here around Llama 4's: the normalised
+    input, rounded, times the weight) is left unpatched. master_weights widened its weight to fp32 all the
+    same, so in a bf16 model it returned fp32 into bf16 projections and the first forward failed (mixed
+    dtypes in a matmul). Its output goes back to bf16: the model computes as unpatched (the product of two
+    bf16 values, rounded once, is the same) while the weight trains in fp32."""
 
     import transformers as T
+    from transformers.models.llama4.modeling_llama4 import Llama4TextRMSNorm
+
+    class OwnNorm(Llama4TextRMSNorm):
+        def forward(self, x):
+            return super().forward(x)
 
     torch.manual_seed(0)
     model = T.Llama4ForCausalLM(T.Llama4TextConfig(**_llama4_text_config())).to(torch.bfloat16)
+    for m in model.modules():
+        if type(m) is Llama4TextRMSNorm:
+            m.__class__ = OwnNorm
     ref = copy.deepcopy(model)
     ids = torch.randint(1, 100, (2, 8))
     report = mmfast.patch(model, tuning="layernorm-simp", verbose=False)

@@ -12,14 +12,24 @@ from torch import Tensor, nn
 from ..ops.norm import layer_norm, rms_norm
 
 
-def llama_rms_norm_forward(module: nn.Module, hidden_states: Tensor) -> Tensor:
-    """``LlamaRMSNorm.forward`` semantics (weight, variance_epsilon); output in the input's dtype."""
+def _rms_norm_as_hf(module: nn.Module, hidden_states: Tensor, eps: float) -> Tensor:
     w = module.weight
     if hidden_states.dtype == torch.float32 and w.dtype in (torch.float16, torch.bfloat16):
         # fp32 activations into a 16-bit model (an fp32 projector's or soft prompt's output): HF promotes
         # the weight's product with them to fp32, which is the fused op with the weight in fp32, exactly
         w = w.float()
-    return rms_norm(hidden_states, w, module.variance_epsilon)
+    return rms_norm(hidden_states, w, eps)
+
+
+def llama_rms_norm_forward(module: nn.Module, hidden_states: Tensor) -> Tensor:
+    """``LlamaRMSNorm.forward`` semantics (weight, variance_epsilon); output in the input's dtype."""
+    return _rms_norm_as_hf(module, hidden_states, module.variance_epsilon)
+
+
+def llama4_rms_norm_forward(module: nn.Module, x: Tensor) -> Tensor:
+    """``Llama4TextRMSNorm.forward`` semantics: LLaMA's, with its epsilon named ``eps`` (transformers 5.17)
+    or ``variance_epsilon`` (5.25)."""
+    return _rms_norm_as_hf(module, x, module.variance_epsilon if hasattr(module, "variance_epsilon") else module.eps)
 
 
 def layer_norm_forward(module: nn.LayerNorm, input: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 from torch import nn
 
 from .._zero import full_shape
-from ..nn.norm import layer_norm_forward, llama_rms_norm_forward
+from ..nn.norm import layer_norm_forward, llama4_rms_norm_forward, llama_rms_norm_forward
 from ..ops.norm import MAX_N
 
 
@@ -45,6 +45,24 @@ def _is_llama_rms_norm(m: nn.Module) -> bool:
     return _code_key(type(m).forward) == _llama_forward_key()
 
 
+@functools.lru_cache(maxsize=None)
+def _llama4_keys() -> tuple | None:
+    try:
+        from transformers.models.llama4.modeling_llama4 import Llama4TextRMSNorm
+    except ImportError:
+        return None
+    return _code_key(Llama4TextRMSNorm.forward), _code_key(Llama4TextRMSNorm._norm)
+
+
+def _is_llama4_rms_norm(m: nn.Module) -> bool:
+    """Llama 4's text RMSNorm and every class with its code (``forward`` and the ``_norm`` it calls): the
+    same computation as LLaMA's, written in two methods (normalise in fp32, round to the input dtype, times
+    ``weight``); its epsilon is ``eps`` in some transformers versions and ``variance_epsilon`` in others."""
+    keys = _llama4_keys()
+    cls = type(m)
+    return keys is not None and (_code_key(cls.forward), _code_key(getattr(cls, "_norm", None))) == keys
+
+
 def _check_rms(m: nn.Module) -> Optional[str]:
     w = getattr(m, "weight", None)
     if not isinstance(w, nn.Parameter) or w.dim() != 1:
@@ -70,6 +88,7 @@ def _check_layer_norm(m: nn.Module) -> Optional[str]:
 FAMILIES: tuple[NormFamily, ...] = (
     NormFamily("rms_norm", "LLaMA-style RMSNorm", _is_llama_rms_norm, llama_rms_norm_forward, _check_rms),
     NormFamily("layer_norm", "torch.nn.LayerNorm", _is_torch_layer_norm, layer_norm_forward, _check_layer_norm),
+    NormFamily("rms_norm", "Llama 4's text RMSNorm", _is_llama4_rms_norm, llama4_rms_norm_forward, _check_rms),
 )
 
 #: Norms with other semantics, left unpatched with a specific reason (class-name predicate, reason).
@@ -100,5 +119,5 @@ def unsupported_reason(m: nn.Module) -> str:
     for pred, reason in KNOWN_DIFFERENT:
         if pred(name):
             return reason
-    return (f"{name}: a forward the fused norms do not take (they take the code of LLaMA's RMSNorm and "
-            f"torch.nn.LayerNorm's)")
+    return (f"{name}: a forward the fused norms do not take (they take the code of LLaMA's RMSNorm, Llama 4's "
+            f"text RMSNorm and torch.nn.LayerNorm's)")
