@@ -154,7 +154,7 @@ def _swiglu_variants():
     from . import swiglu as K
 
     for dt in (torch.bfloat16, torch.float16, torch.float32):
-        for n in (11008, 1000):
+        for n in (11008, 1000, 64, 16):  # one row a program, and 2, 32 and 128 rows stacked
             rows, block, warps = K.launch(n)
             yield K._swiglu_fwd_kernel, dict(G=Ptr(dt), U=Ptr(dt), H=Ptr(dt), M=4096, n=n, stride_g=2 * n,
                                              stride_u=2 * n, stride_h=n, ROWS=rows, BLOCK=block, SOFT_RNE=False), warps
@@ -164,7 +164,7 @@ def _swiglu_variants():
     from . import quick_gelu as Q
 
     for dt in (torch.bfloat16, torch.float16, torch.float32):
-        for n in (4096, 1000):
+        for n in (4096, 1000, 64, 16):
             rows, block, warps = K.launch(n)
             yield Q._quick_gelu_fwd_kernel, dict(X=Ptr(dt), Y=Ptr(dt), M=4096, n=n, stride_x=n, stride_y=n,
                                                  ROWS=rows, BLOCK=block, SOFT_RNE=False, ALPHA_=Q.ALPHA), warps
