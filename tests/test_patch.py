@@ -14,7 +14,7 @@ from model_accuracy import assert_model_accurate, assert_model_accurate_over_dra
 from mmfast.nn import norm as nn_norm
 from mmfast.patching import core
 from spy import count_calls
-from tiny_models import batch, build, first_output, lora_llama
+from tiny_models import batch, build, first_output, llama4_text_config, lora_llama
 
 KINDS = ["llama", "clip-vision", "clip-text", "siglip-vision", "llava"]
 EXPECTED_PATCHED = {  # module kinds every tiny model must have patched
@@ -54,12 +54,7 @@ def test_llama4_text_norms_are_patched(seed, monkeypatch):
     from transformers.models.llama4.modeling_llama4 import Llama4TextRMSNorm
 
     torch.manual_seed(seed)
-    config = T.Llama4TextConfig(hidden_size=32, intermediate_size=64, intermediate_size_mlp=64, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=128,
-                                num_local_experts=2, num_experts_per_tok=1, interleave_moe_layer_step=2,
-                                no_rope_layers=[1, 1], attention_chunk_size=16, max_position_embeddings=64,
-                                pad_token_id=0, rms_norm_eps=3e-4)
-    model = T.Llama4ForCausalLM(config)
+    model = T.Llama4ForCausalLM(T.Llama4TextConfig(**llama4_text_config(rms_norm_eps=3e-4)))
     with torch.no_grad():  # weights away from their init of ones
         for m in model.modules():
             if isinstance(m, Llama4TextRMSNorm):

@@ -87,12 +87,8 @@ def test_row_strided_views_without_copy(device, seed):
     check_swiglu(lambda i: (gt, torch.randn(7, 40, device=device).to(torch.float16)), seed)
 
 
-def test_rows_wider_than_one_grid(monkeypatch, device, seed):
-    """A row of more column blocks than a grid's y dimension takes (CUDA: 65,535; a flattened 1-D tensor is
-    one row) runs in several launches, none over the limit, and is as accurate (limit lowered to 2 blocks
-    here; one launch asked for 3)."""
-    from mmfast.kernels import swiglu as kernels
-
+def _spy_grids(monkeypatch, kernels, names) -> list:
+    """Replace the named kernels of ``kernels`` with spies that record each launch's grid, then launch."""
     grids = []
 
     class Spy:
@@ -103,9 +99,19 @@ def test_rows_wider_than_one_grid(monkeypatch, device, seed):
             grids.append(grid)
             return self.kernel[grid]
 
-    monkeypatch.setattr(kernels, "MAX_GRID_Y", 2)
-    for name in ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel"):
+    for name in names:
         monkeypatch.setattr(kernels, name, Spy(getattr(kernels, name)))
+    return grids
+
+
+def test_rows_wider_than_one_grid(monkeypatch, device, seed):
+    """A row of more column blocks than a grid's y dimension takes (CUDA: 65,535; a flattened 1-D tensor is
+    one row) runs in several launches, none over the limit, and is as accurate (limit lowered to 2 blocks
+    here; one launch asked for 3)."""
+    from mmfast.kernels import swiglu as kernels
+
+    monkeypatch.setattr(kernels, "MAX_GRID_Y", 2)
+    grids = _spy_grids(monkeypatch, kernels, ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel"))
     gu = torch.randn(3, 2 * 5000, device=device).to(torch.bfloat16)
     check_swiglu(lambda i: (gu[:, :5000], gu[:, 5000:]), seed)  # row-strided views: spans keep the strides
     flat = torch.randn(5000, device=device)
@@ -120,15 +126,7 @@ def test_narrow_rows_share_a_program(monkeypatch, device, seed):
     from mmfast.kernels import swiglu as kernels
 
     assert [kernels.launch(n)[0] for n in (64, 1000, 1024, 1025, 11008)] == [32, 2, 2, 1, 1]
-    grids = []
-    real = kernels._swiglu_fwd_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            grids.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(kernels, "_swiglu_fwd_kernel", Spy())
+    grids = _spy_grids(monkeypatch, kernels, ("_swiglu_fwd_kernel",))
     check_swiglu(lambda i: (torch.randn(37, 64, device=device), torch.randn(37, 64, device=device)), seed)
     assert grids[0] == (2, 1)
 

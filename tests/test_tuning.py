@@ -8,7 +8,7 @@ import torch
 
 import mmfast
 from mmfast.tuning.recipes import remove_tuning_hooks
-from tiny_models import batch, build, llava_7b_config
+from tiny_models import batch, build, llama4_text_config, llava_7b_config
 
 # ---------------------------------------------------------------------------------------------
 # parameter selection on a LLaVA-1.5-7B-shaped model (meta device: no memory, no data)
@@ -969,13 +969,6 @@ def _simp_trains_the_block_norms(model, layers: str, mlp_norm: str, vocab: int) 
     assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in trained)
 
 
-def _llama4_text_config():
-    return dict(hidden_size=32, intermediate_size=64, intermediate_size_mlp=64, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=128, num_local_experts=2,
-                num_experts_per_tok=1, interleave_moe_layer_step=2, no_rope_layers=[1, 1], attention_chunk_size=16,
-                max_position_embeddings=64, pad_token_id=0)
-
-
 def test_master_weights_of_a_norm_left_unpatched_keep_its_output_dtype():
     """A norm the fused kernels do not take (a user's own forward, here around Llama 4's: the normalised
     input, rounded, times the weight) is left unpatched. master_weights widened its weight to fp32 all the
@@ -991,7 +984,7 @@ def test_master_weights_of_a_norm_left_unpatched_keep_its_output_dtype():
             return super().forward(x)
 
     torch.manual_seed(0)
-    model = T.Llama4ForCausalLM(T.Llama4TextConfig(**_llama4_text_config())).to(torch.bfloat16)
+    model = T.Llama4ForCausalLM(T.Llama4TextConfig(**llama4_text_config())).to(torch.bfloat16)
     for m in model.modules():
         if type(m) is Llama4TextRMSNorm:
             m.__class__ = OwnNorm
@@ -1017,10 +1010,7 @@ def test_llama4_recipes_find_the_decoder_below_its_causal_lm():
     ``.model``): every recipe was refused as if it had no LLaMA-style layers."""
     import transformers as T
 
-    tc = dict(hidden_size=32, intermediate_size=64, intermediate_size_mlp=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=8, vocab_size=128, num_local_experts=2, num_experts_per_tok=1,
-              interleave_moe_layer_step=2, no_rope_layers=[1, 1], attention_chunk_size=16, max_position_embeddings=64,
-              pad_token_id=0)
+    tc = llama4_text_config()
     vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
               patch_size=8, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32, pixel_shuffle_ratio=0.5)
     torch.manual_seed(0)

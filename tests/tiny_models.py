@@ -34,6 +34,16 @@ def clip_vision_config(**kw) -> CLIPVisionConfig:
     return CLIPVisionConfig(**cfg)
 
 
+def llama4_text_config(**kw) -> dict:
+    """A tiny Llama 4 text model (two layers: one MoE, one dense MLP) as ``Llama4TextConfig`` arguments."""
+    cfg = dict(hidden_size=32, intermediate_size=64, intermediate_size_mlp=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=128, num_local_experts=2,
+               num_experts_per_tok=1, interleave_moe_layer_step=2, no_rope_layers=[1, 1], attention_chunk_size=16,
+               max_position_embeddings=64, pad_token_id=0)
+    cfg.update(kw)
+    return cfg
+
+
 def llava_config(text=None, vision=None) -> LlavaConfig:
     return LlavaConfig(vision_config=vision or clip_vision_config(), text_config=text or llama_config(),
                        image_token_id=IMAGE_TOKEN, vision_feature_layer=-2, projector_hidden_act="gelu")

@@ -30,9 +30,8 @@ MAX_GRID_Y = 65535
 
 def launch(n: int) -> tuple[int, int, int]:
     """(rows, column block, warps) of both kernels for rows of ``n`` elements. A program covers at least
-    ``MAX_BLOCK`` elements: rows of up to ``MAX_BLOCK`` take one block each, and narrower rows are stacked
-    (any LLaMA or CLIP MLP width is past 1024, one row a program; a row of 64 took a program of 64
-    elements, and 32 of them now)."""
+    ``MAX_BLOCK`` elements: rows of up to ``MAX_BLOCK`` take one block each, and rows of up to
+    ``MAX_BLOCK // 2`` are stacked (rows of 64: 32 to a program); wider rows take one program each."""
     block = min(MAX_BLOCK, max(16, next_pow2(n)))
     return MAX_BLOCK // block, block, (8 if block >= 2048 else 4)
 
