@@ -1106,3 +1106,25 @@ def test_llava_next_image_newline_trains_with_the_projector(tuning, tmp_path):
     names = mmfast.save_trainable(model, tmp_path / "t.safetensors")
     assert ("model.image_newline" in names) == trains
     assert report.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_gemma4_moe_blocks_train_the_experts_input_norm_too():
+    """A Gemma 4 block with a mixture of experts runs it beside the MLP, on the residual stream normalised by
+    its own ``pre_feedforward_layernorm_2``: the recipes trained the MLP's input norm only, so the experts'
+    input stayed frozen. Both feed-forward input norms train and get a gradient; dense blocks are unchanged."""
+    import transformers as T
+
+    cfg = T.Gemma4TextConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=8, vocab_size=64, max_position_embeddings=64,
+                             sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                             hidden_size_per_layer_input=0, enable_moe_block=True, num_experts=4, top_k_experts=2,
+                             moe_intermediate_size=16)
+    torch.manual_seed(0)
+    model = T.Gemma4ForCausalLM(cfg)
+    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    trained = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    names = ("input_layernorm", "pre_feedforward_layernorm", "pre_feedforward_layernorm_2")
+    assert trained == [f"model.layers.{i}.{k}.weight" for i in range(2) for k in names]
+    ids = torch.randint(1, 64, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in trained)

@@ -141,17 +141,22 @@ def peft_trainables(model: nn.Module) -> list[nn.Parameter]:
     return kept
 
 
-def mlp_norm(layer: nn.Module) -> nn.Module:
-    """The norm in front of a decoder layer's MLP: ``post_attention_layernorm`` in LLaMA-style layers;
-    ``pre_feedforward_layernorm`` where a layer has one (Gemma 2/3/3n: sandwich norms, where
-    ``post_attention_layernorm`` normalises the attention's output before the residual add)."""
+def mlp_norms(layer: nn.Module) -> tuple[nn.Module, ...]:
+    """The norms in front of a decoder layer's feed-forward: ``post_attention_layernorm`` in LLaMA-style
+    layers; ``pre_feedforward_layernorm`` where a layer has one (Gemma 2/3/3n: sandwich norms, where
+    ``post_attention_layernorm`` normalises the attention's output before the residual add); and where a
+    layer runs a second feed-forward beside its MLP (Gemma 4's mixture of experts, which reads the residual
+    stream through ``pre_feedforward_layernorm_2``) that one's input norm too."""
     pre = getattr(layer, "pre_feedforward_layernorm", None)
-    return pre if isinstance(pre, nn.Module) else layer.post_attention_layernorm
+    if not isinstance(pre, nn.Module):
+        return (layer.post_attention_layernorm,)
+    second = getattr(layer, "pre_feedforward_layernorm_2", None)
+    return (pre, second) if isinstance(second, nn.Module) else (pre,)
 
 
 def block_norms(parts: ModelParts, final_norm: bool) -> list[nn.Module]:
-    """Each block's attention-input and MLP-input norms (the two LLaMA has), plus the final norm."""
-    norms = [n for layer in parts.decoder.layers for n in (layer.input_layernorm, mlp_norm(layer))]
+    """Each block's attention-input and feed-forward-input norms (the two LLaMA has), plus the final norm."""
+    norms = [n for layer in parts.decoder.layers for n in (layer.input_layernorm, *mlp_norms(layer))]
     if final_norm:
         norm = getattr(parts.decoder, "norm", None)
         if norm is None:
