@@ -506,6 +506,59 @@ def test_the_vision_layers_a_llava_model_reads(select, read):
     assert _read_vision_layers(model, layers) == layers
 
 
+@pytest.mark.parametrize("fields,read", [
+    # Granite 4 Vision: its spatial layer and deepstack pairs; its vision_feature_layer (-2) is not read
+    (dict(vision_feature_layer=-2, spatial_vision_layer=-1, deepstack_layer_map=[(1, 0), (2, 1)]), 24),
+    (dict(vision_feature_layer=-2, spatial_vision_layer=2, deepstack_layer_map=[(1, 0), (2, 1)]), 2),
+    (dict(vision_feature_layer=-1, spatial_vision_layer=3, deepstack_layer_map=[(-20, 0)]), 5),
+    # Molmo 2: layer indices (layer i is hidden state i + 1)
+    (dict(adapter_config=dict(vision_feature_layer=[-3, -9])), 22),
+    (dict(adapter_config=dict(vision_feature_layer=[5, 2])), 6),
+    # Phi-4-multimodal: the vision config's own field
+    (dict(vision_config=dict(feature_layer=-2)), 23),
+    (dict(vision_config=dict(feature_layer=4)), 4),
+])
+def test_the_vision_layers_other_families_read(fields, read):
+    """Families that say which hidden states they read elsewhere than ``vision_feature_layer``: Granite 4
+    Vision took its unread ``vision_feature_layer`` (-2), so the last layer it reads (``spatial_vision_layer``
+    -1) had no adapter and, with spatial layer 2, a layer it never reads had one (no gradient: DDP waits for
+    it); Phi-4-multimodal and Molmo 2 had adapters on every layer, read or not."""
+    from types import SimpleNamespace
+
+    from mmfast.tuning.mma import _read_vision_layers
+
+    fields = dict(fields)
+    vision = SimpleNamespace(num_hidden_layers=24, **fields.pop("vision_config", {}))
+    cfg = SimpleNamespace(vision_config=vision, **{k: SimpleNamespace(**v) if isinstance(v, dict) else v
+                                                   for k, v in fields.items()})
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList(torch.nn.Identity() for _ in range(24))
+    model.config = cfg
+    assert _read_vision_layers(model, list(model.layers)) == list(model.layers)[:read]
+
+
+def test_granite4_vision_adapters_sit_where_it_reads():
+    """The whole model: Granite 4 Vision with a 4-layer tower reading hidden state 2 (spatial) and 1, 2
+    (deepstack) gets adapters in layers 0 and 1, and the report names the fields it reads. (A tower 64 wide:
+    its Q-Former takes a head per 64.)"""
+    import transformers as T
+
+    from tiny_models import IMAGE_SIZE, VOCAB, clip_vision_config, llama_config
+
+    cfg = T.Granite4VisionConfig(
+        vision_config=clip_vision_config(num_hidden_layers=4, hidden_size=64).to_dict(), text_config=llama_config().to_dict(),
+        qformer_config=dict(intermediate_size=64), image_token_index=VOCAB - 1, downsample_rate="1/2",
+        deepstack_layer_map=[(1, 0), (2, 1)], spatial_vision_layer=2, spatial_target_layers=[0, 1, 0, 1],
+        image_grid_pinpoints=[[IMAGE_SIZE, IMAGE_SIZE]])
+    with torch.device("meta"):
+        model = T.Granite4VisionForConditionalGeneration(cfg)
+    report = mmfast.patch(model, tuning="mma", verbose=False)
+    layers = [n for n, _ in model.named_modules() if n.endswith(ADAPTER_NAME) and "vision_tower" in n]
+    assert [n.split(".")[-2] for n in layers] == ["0", "1"]
+    assert sorted(p.split(".")[-1] for p, why in report.skipped if "spatial_vision_layer=2 and deepstack" in why) \
+        == ["2", "3"]
+
+
 @pytest.mark.parametrize("feature_layer,adapted", [(-2, 1), (-1, 2), (1, 1), (2, 2)])
 def test_vision_adapters_only_where_the_model_reads(feature_layer, adapted):
     """A LLaVA-style model reads hidden state ``vision_feature_layer`` of the tower ([0]: the embeddings,

@@ -679,6 +679,36 @@ def _vision_layers(hf: nn.Module) -> list[nn.Module]:
             and isinstance(getattr(m, "layer_norm1"), nn.Module)]
 
 
+def _vision_states_read(cfg) -> tuple[list[int], str] | None:
+    """The indices into the vision tower's hidden states ([0] the embeddings, [i] layer i-1's output) the
+    model reads its image features from, and the config fields that say so; None where the config does not
+    say (every layer is then taken as read).
+
+    - ``vision_feature_layer``, an index or a list of them (LLaVA and most HF VLMs);
+    - Granite 4 Vision: ``spatial_vision_layer`` and the vision side of each ``deepstack_layer_map`` pair (its
+      ``vision_feature_layer`` is not read);
+    - Molmo 2: ``adapter_config.vision_feature_layer``, counted in layers (layer i is hidden state i + 1);
+    - Phi-4-multimodal: ``vision_config.feature_layer``."""
+    def ints(v):
+        return [int(i) for i in (v if isinstance(v, (list, tuple)) else [v])]
+
+    if cfg is None:
+        return None
+    if getattr(cfg, "spatial_vision_layer", None) is not None:
+        pairs = getattr(cfg, "deepstack_layer_map", None) or []
+        return ints(cfg.spatial_vision_layer) + [int(v) for v, _ in pairs], (
+            f"spatial_vision_layer={cfg.spatial_vision_layer} and deepstack_layer_map={pairs}")
+    if getattr(cfg, "vision_feature_layer", None) is not None:
+        return ints(cfg.vision_feature_layer), f"vision_feature_layer={cfg.vision_feature_layer}"
+    adapter = getattr(getattr(cfg, "adapter_config", None), "vision_feature_layer", None)
+    if adapter is not None:
+        return [i + 1 if i >= 0 else i for i in ints(adapter)], f"adapter_config.vision_feature_layer={adapter}"
+    feature = getattr(getattr(cfg, "vision_config", None), "feature_layer", None)
+    if isinstance(feature, int):
+        return [feature], f"vision_config.feature_layer={feature}"
+    return None
+
+
 def _read_vision_layers(hf: nn.Module, vision: list[nn.Module]) -> list[nn.Module]:
     """The vision layers whose output reaches the model. A LLaVA-style model reads each tower's hidden
     states at ``config.vision_feature_layer`` (an index or a list of them into the tower's hidden
@@ -686,12 +716,11 @@ def _read_vision_layers(hf: nn.Module, vision: list[nn.Module]) -> list[nn.Modul
     nothing uses what they compute. Per tower (Video-LLaVA has an image and a video tower): the layers
     of one encoder's layer list."""
     cfg = getattr(hf, "config", None)
-    select = getattr(cfg, "vision_feature_layer", None)
+    read_at = _vision_states_read(cfg)
     n = getattr(getattr(cfg, "vision_config", None), "num_hidden_layers", None)
-    if select is None or n is None:
+    if read_at is None or n is None:
         return vision
-    picks = select if isinstance(select, (list, tuple)) else [select]
-    last_state = max(int(s) if s >= 0 else n + 1 + int(s) for s in picks)
+    last_state = max(s if s >= 0 else n + 1 + s for s in read_at[0])
     ids = {id(v) for v in vision}
     read, listed = set(), set()  # (a layer in no layer list is read)
     for m in hf.modules():
@@ -907,8 +936,9 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
     vision = _vision_layers(hf)
     read = _read_vision_layers(hf, vision)
     paths = {id(m): n for n, m in model.named_modules()}
+    read_at = _vision_states_read(getattr(hf, "config", None))
     unread = [(paths.get(id(m), "?"), f"no MMA adapter: the model reads the vision tower's hidden states at "
-               f"vision_feature_layer={hf.config.vision_feature_layer}, and this layer's output is not used")
+               f"{read_at[1] if read_at else '?'}, and this layer's output is not used")
               for m in vision if id(m) not in {id(r) for r in read}]
     if not vision and getattr(hf.config, "vision_config", None) is not None:
         tower = next((paths.get(id(m), n) for n, m in hf.named_modules() if n.split(".")[-1] in _TOWER_NAMES),
