@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Callable, Optional
 
 from torch import nn
@@ -28,8 +29,19 @@ class NormFamily:
 
 
 def _code_key(fn) -> tuple | None:
+    """What a function computes, as its compiled code: two functions with the same key run the same
+    instructions on the same constants and names. The docstring is left out: a model family that copies
+    another's forward (Mistral's and Qwen's causal LMs, LLaMA's) documents it in its own words."""
     code = getattr(fn, "__code__", None)
-    return None if code is None else (code.co_code, code.co_consts, code.co_names, code.co_varnames)
+    if code is None:
+        return None
+    consts = code.co_consts
+    has_doc = getattr(inspect, "CO_HAS_DOCSTRING", None)  # Python 3.14: a flag says whether const 0 is it
+    if has_doc is not None:
+        consts = consts[1:] if code.co_flags & has_doc else consts
+    elif consts and (consts[0] is None or isinstance(consts[0], str)):
+        consts = consts[1:]  # before: const 0 is the docstring, or None where there is none
+    return code.co_code, consts, code.co_names, code.co_varnames
 
 
 @functools.lru_cache(maxsize=None)
