@@ -1283,6 +1283,46 @@ def test_mma_refuses_a_decoder_with_cross_attention_layers():
     assert repr(model) == before and all(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.parametrize("family", ["Gemma4", "Gemma3n"])
+def test_decoders_whose_layers_need_the_whole_forward_are_refused(family):
+    """Gemma 4's and Gemma 3n's decoder layers take per-layer inputs (computed from the token ids) and the keys
+    and values a layer shares with later ones, which the modality pass cannot give a token alone: patch
+    accepted them and every forward failed inside the attention (Gemma 4: a TypeError on the shared states'
+    dict). Refused when patching now, with the model unchanged."""
+    import transformers as T
+
+    shape = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=8, vocab_size=64, max_position_embeddings=64, sliding_window=4,
+                 layer_types=["sliding_attention", "full_attention"])
+    if family == "Gemma4":
+        cfg = T.Gemma4TextConfig(**shape, global_head_dim=8, hidden_size_per_layer_input=0)
+    else:
+        cfg = T.Gemma3nTextConfig(**shape, vocab_size_per_layer_input=64, hidden_size_per_layer_input=8, laurel_rank=4,
+                                  num_kv_shared_layers=0, activation_sparsity_pattern=[0.0, 0.0])
+    model = getattr(T, f"{family}ForCausalLM")(cfg)
+    before = repr(model)
+    with pytest.raises(ValueError, match=r"DecoderLayer takes per_layer_input and shared_kv_states"):
+        mmfast.patch(model, tuning="mma", verbose=False)
+    assert repr(model) == before and all(p.requires_grad for p in model.parameters())
+
+
+def test_a_bert_style_text_decoder_is_refused():
+    """BLIP's text decoder is BERT-style (no LLaMA-style layers) and its model hands out no output embeddings:
+    MMA took it for a vision tower alone and trained adapters in the tower only. Refused, as the LayerNorm
+    recipes refuse it."""
+    import transformers as T
+
+    cfg = T.BlipConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        vocab_size=64),
+                       vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, image_size=28, patch_size=14), projection_dim=32)
+    model = T.BlipForConditionalGeneration(cfg)
+    before = repr(model)
+    with pytest.raises(ValueError, match="no LLaMA-style decoder layers .* vision tower alone"):
+        mmfast.patch(model, tuning="mma", verbose=False)
+    assert repr(model) == before and all(p.requires_grad for p in model.parameters())
+
+
 def _train_step_as_eager(run, model, ref, ref_loss, inputs, grad_rtol):
     """One training step through ``run`` (``model``, compiled some way): its loss and every trainable
     gradient equal those of ``ref``, the same model run eager."""
@@ -1602,3 +1642,40 @@ def test_accelerate_regional_compilation_of_an_mma_model_says_it_compiles_nothin
         torch._dynamo.reset()
         ops_backend._warned.discard("mma-shallow-copy")
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_a_language_model_that_merges_the_images_itself_keeps_them():
+    """Phi-4-multimodal's language model takes the token ids with the image inputs and merges the images into
+    its embeddings itself. With grad on, MMA's routing looked the ids up in its place and handed the model
+    embeddings without the images: training never saw an image and no vision adapter got a gradient. Its
+    image token id is in its vision config only, so every sample was routed as text, too."""
+    import transformers as T
+
+    from mmfast.tuning.mma import _STATE
+
+    torch.manual_seed(0)
+    cfg = T.Phi4MultimodalConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=128,
+        original_max_position_embeddings=128,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                           image_size=32, patch_size=8, crop_size=32, image_token_id=127, feature_layer=-2),
+        audio_config=dict(hidden_size=32, intermediate_size=64, num_blocks=1, num_attention_heads=4,
+                          ext_pw_out_channel=32, depthwise_separable_out_channel=32, nemo_conv_channels=32,
+                          audio_token_id=126))
+    model = T.Phi4MultimodalForCausalLM(cfg)
+    ref = copy.deepcopy(model)
+    tokens = 2 * 2 * 3 + 1  # a global and a sub-image crop of 2 x (2 + 1) tokens each, and a separator
+    ids = torch.randint(3, 100, (2, tokens + 5))
+    ids[:, 1:1 + tokens] = 127
+    inputs = dict(input_ids=ids, image_pixel_values=torch.randn(2, 2, 3, 32, 32),
+                  image_sizes=torch.tensor([[32, 32]] * 2), image_attention_mask=torch.ones(2, 2, 4, 4, dtype=torch.long))
+    mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(dropout=0.0), verbose=False)
+    expected = ref(**inputs).logits  # fresh adapters are the identity
+    torch.testing.assert_close(model(**inputs).logits, expected, rtol=1e-5, atol=1e-6)
+    assert model.model.__dict__[_STATE].has_image.tolist() == [True, True]
+    _perturb_adapters(model)
+    model(**inputs).logits.square().mean().backward()
+    vision = [n for n, p in model.named_parameters() if "mma_adapter.up_" in n and "embed_tokens_extend" in n]
+    assert len(vision) == 2 * 2  # the two SigLIP layers it reads (hidden state -2 of 3 layers), two experts each
+    assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in vision)

@@ -52,6 +52,7 @@ EMBEDDING_NAME = "mma_modality_embedding"
 NECK_NAME = "mma_neck"
 HAS_IMAGE_KWARG = "mma_has_image"
 _STATE = "_mmfast_mma_state"
+_BRIDGE_HOOKED = "_mmfast_mma_bridge"  # on the language model's input embeddings: the routing state whose bridge it places
 
 
 @dataclasses.dataclass
@@ -119,10 +120,14 @@ class _State:
 
     has_image: Optional[Tensor] = None
     recording: bool = False  # True while the modality token runs through the layers
+    # the routes' gradient bridge (leaves, last output, routes) a forward called with token ids hands to its
+    # embedding lookup (:func:`_embedding_bridge_hook`); None once placed
+    bridge: Optional[tuple] = None
 
     def __setstate__(self, state: dict) -> None:
-        # a state pickled by an earlier version held the routes itself, by layer index
-        self.__dict__.update({k: v for k, v in state.items() if k not in ("routes", "seen")})
+        # a state pickled by an earlier version held the routes itself, by layer index, and no bridge (one
+        # pickled between a forward's start and its lookup of the embeddings brings none either)
+        self.__dict__.update(bridge=None, **{k: v for k, v in state.items() if k not in ("routes", "seen", "bridge")})
 
 
 class _LayerSlot:
@@ -293,6 +298,11 @@ def _llm_norm_adapter_hook(module, args, output):
         route = output[:, 0]
         slot.route = route
     else:
+        if state.bridge is not None:  # the forward's token ids were not looked up by its input embeddings
+            state.bridge = None
+            raise RuntimeError("mmfast MMA: the language model did not look up its input_ids with its input "
+                               "embeddings (get_input_embeddings()), so the routers would get no gradient; "
+                               "pass inputs_embeds instead")
         route = _route_for_input(slot, args[0]) if args else slot.route
         if route is None or route.shape[0] != output.shape[0]:
             raise RuntimeError("mmfast MMA: no modality route for this forward; call the model (or its language "
@@ -606,18 +616,42 @@ def _modality_pre_hook(module, args, kwargs):
         # reentrant checkpointing runs its forward without grad, so forwards without grad record their
         # inputs as well, and an evaluation pass between a forward and its backward must not overwrite it.
         kwargs["inputs_embeds"] = given.clone()
+    state.bridge = None
     if torch.is_grad_enabled() and any(r.requires_grad for r in routes):
         leaves = [r.detach().requires_grad_(r.requires_grad) for r in routes]
         embeds = kwargs.get("inputs_embeds")
-        if embeds is None:  # called with token ids: embed them here so the bridge can sit on the embeddings
+        if embeds is not None:
+            kwargs["inputs_embeds"] = _RouteGradBridge.apply(embeds, leaves, h, *routes)
+        elif _bridge_hooked(module.get_input_embeddings()):
+            # called with token ids: the bridge goes on the model's own lookup of them. Its forward may do
+            # more with the ids than look them up (Phi-4-multimodal merges the images into the embeddings
+            # there, Gemma 3n reads per-layer inputs from them), which embeddings passed in its place skip
+            state.bridge = (leaves, h, routes)
+        else:  # an input embedding module swapped in after patching (resize_token_embeddings): look them up
             ids = kwargs.pop("input_ids", None)
             if ids is None:
                 ids, args = args[0], (None, *args[1:])
-            embeds = module.get_input_embeddings()(ids)
-        kwargs["inputs_embeds"] = _RouteGradBridge.apply(embeds, leaves, h, *routes)
+            kwargs["inputs_embeds"] = _RouteGradBridge.apply(module.get_input_embeddings()(ids), leaves, h, *routes)
         for slot, leaf in zip(slots, leaves):
             slot.route = leaf
     return args, kwargs
+
+
+def _bridge_hooked(embeddings) -> bool:
+    """Whether ``embeddings`` (or the layer a PEFT wrapper around it calls) places the routes' bridge."""
+    return isinstance(embeddings, nn.Module) and (
+        _BRIDGE_HOOKED in embeddings.__dict__
+        or _BRIDGE_HOOKED in getattr(embeddings, "base_layer", embeddings).__dict__)
+
+
+def _embedding_bridge_hook(module, args, output):
+    """The language model's input embeddings: the first lookup after a forward called with token ids set
+    its bridge (:func:`_modality_pre_hook`) is that forward's own; the bridge goes on its output."""
+    state: _State = module.__dict__[_BRIDGE_HOOKED]
+    if state.bridge is None or not torch.is_tensor(output):
+        return None
+    (leaves, last, routes), state.bridge = state.bridge, None
+    return _RouteGradBridge.apply(output, leaves, last, *routes)
 
 
 # The hooks of earlier versions bound each layer's pieces (and the layer's index) into the hook; a model
@@ -658,7 +692,7 @@ def _llm_pre_hook(state: _State, module, args, kwargs):
 
 
 _HOOKS = (_vision_cls_hook, _vision_padding_hook, _vision_tokens_hook, _llm_norm_adapter_hook, _flags_pre_hook,
-          _modality_pre_hook)
+          _modality_pre_hook, _embedding_bridge_hook)
 _LEGACY_HOOKS = (_vision_norm_hook, _vision_mask_hook, _vision_mean_hook, _llm_norm_hook, _top_pre_hook, _llm_pre_hook)
 for _hook in _HOOKS:  # what they need per module they read from the module
     setattr(_hook, SHARED_CODE_HOOK, True)
@@ -881,7 +915,7 @@ def _parts_or_problem(model: nn.Module, opts: MMAOptions):
         parts = find_parts(model)
     except ValueError as exc:
         parts = None  # no LLaMA-style language model: vision adapters only (a CLIP/SigLIP tower)
-        if _has_lm_head(hf):  # a language model the adapters cannot go into: the tower's alone are not MMA
+        if _has_language_model(hf):  # a language model the adapters cannot go into: the tower's alone are not MMA
             return None, None, (f"tuning='mma' found no LLaMA-style decoder layers (input_layernorm and "
                           f"post_attention_layernorm) in {type(hf).__name__}'s language model, so its adapters would "
                           f"go into the vision tower alone. ({exc})")
@@ -890,6 +924,14 @@ def _parts_or_problem(model: nn.Module, opts: MMAOptions):
         return None, None, (f"tuning='mma' runs its modality token through every decoder layer, and "
                             f"{type(hf).__name__}'s layers {cross} are cross-attention layers, which need the "
                             f"image states (Mllama); MMA does not support such decoders. The LayerNorm recipes do")
+    needs = sorted(set(inspect.signature(type(parts.decoder.layers[0]).forward).parameters)
+                   & {"per_layer_input", "shared_kv_states"}) if parts and len(parts.decoder.layers) else []
+    if needs:
+        return None, None, (f"tuning='mma' runs its modality token through each decoder layer alone, and "
+                            f"{type(parts.decoder.layers[0]).__name__} takes {' and '.join(needs)}, which its model "
+                            f"computes for the whole forward (from the token ids, and the keys and values one "
+                            f"layer shares with later ones: Gemma 3n, Gemma 4); MMA does not support such "
+                            f"decoders. The LayerNorm recipes do")
     if parts is None and not _vision_layers(hf):
         return None, None, (f"tuning='mma' found neither a LLaMA-style language model nor CLIP/SigLIP encoder layers "
                       f"in {type(hf).__name__}")
@@ -910,11 +952,21 @@ def _llm_width(parts) -> int:
 
 def _config_id(config, kind: str) -> Optional[int]:
     """``config.<kind>_token_id`` (or the older ``<kind>_token_index``)."""
-    for name in (f"{kind}_token_id", f"{kind}_token_index"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
+    # (Phi-4-multimodal keeps its image token id in vision_config only)
+    for owner in (config, getattr(config, "vision_config", None) if kind == "image" else None):
+        for name in (f"{kind}_token_id", f"{kind}_token_index"):
+            value = getattr(owner, name, None)
+            if isinstance(value, int):
+                return value
     return None
+
+
+def _has_language_model(hf: nn.Module) -> bool:
+    """Whether ``hf`` generates text: an LM head it hands out, or a language model or text decoder inside
+    (BLIP's BERT-style ``text_decoder`` hands out no output embeddings). A dual encoder's text tower
+    (CLIP's ``text_model``) is not one."""
+    return _has_lm_head(hf) or any(name.rpartition(".")[2] in ("language_model", "text_decoder")
+                                   for name, _ in hf.named_modules())
 
 
 def _has_lm_head(hf: nn.Module) -> bool:
@@ -965,6 +1017,10 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
                                  .train(parts.decoder.training))
         parts.decoder.__dict__[_STATE] = state
         parts.decoder.register_forward_pre_hook(_modality_pre_hook, with_kwargs=True)
+        embeddings = parts.decoder.get_input_embeddings()
+        if isinstance(embeddings, nn.Module):
+            embeddings.__dict__[_BRIDGE_HOOKED] = state
+            embeddings.register_forward_hook(_embedding_bridge_hook)
         hf.register_forward_pre_hook(_flags_pre_hook, with_kwargs=True)
         # shown in the signature of a patched forward (the fused loss's), so that HF Trainer keeps the column
         hf.__dict__[EXTRA_KWARGS_ATTR] = (HAS_IMAGE_KWARG,)
@@ -1017,6 +1073,7 @@ def remove_mma(model: nn.Module) -> int:
                 del m._modules[name]
                 removed += 1
         m.__dict__.pop(_STATE, None)
+        m.__dict__.pop(_BRIDGE_HOOKED, None)
         m.__dict__.pop(_SLOT, None)
         m.__dict__.pop(_OPTIONS, None)
         m.__dict__.pop(EXTRA_KWARGS_ATTR, None)
