@@ -804,3 +804,13 @@ def test_unknown_backend_names_the_choices(monkeypatch):
     monkeypatch.setenv("MMFAST_BACKEND", "cudnn")
     with pytest.raises(ValueError, match="auto, cuda, triton, reference"):
         backend.requested_backend()
+
+
+def test_the_warning_says_how_the_cuda_backend_was_asked_for(monkeypatch):
+    """Under ``use_backend("cuda")`` with the variable unset, the fallback warning named MMFAST_BACKEND=cuda,
+    which the user never set."""
+    monkeypatch.delenv("MMFAST_BACKEND", raising=False)
+    backend._warned.clear()
+    with mmfast.use_backend("cuda"), pytest.warns(
+            RuntimeWarning, match=r"mmfast: use_backend\('cuda'\), but the CUDA C\+\+ kernels cannot run"):
+        mmfast.rms_norm(torch.randn(4, 64), torch.ones(64))

@@ -450,3 +450,24 @@ def test_fast_path_only_in_plain_eager(device):
 
     with Passthrough():
         assert mmfast.layer_norm(x, w, None).grad_fn.name() != "_LayerNormFnBackward"
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "layer_norm"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_outputs_are_tensors_of_their_own(op, grad):
+    """A 3-D input's outputs were views of the row-shaped results: a norm module sharded by FSDP2 then warned,
+    on every forward, that an in-place op on its output would drop the pre-backward hook (the PyTorch
+    norms return tensors of their own). Every output is a tensor of its own now, with the same values."""
+    x = torch.randn(2, 3, 64, requires_grad=grad)
+    w, r = torch.randn(64), torch.randn(2, 3, 64)
+    args = (x, w) if op == "rms_norm" else (x, w, torch.randn(64))
+    fn = getattr(mmfast, op)
+    for out in (fn(*args), *fn(*args, residual=r)):
+        assert out._base is None and out.shape == x.shape
+    y, h = fn(*args, residual=r)
+    ref_y, ref_h = getattr(ops_norm, f"{op}_reference")(*args, residual=r)  # (values: test_norm.py)
+    torch.testing.assert_close(y, ref_y)
+    torch.testing.assert_close(h, ref_h, rtol=0, atol=0)
+    if grad:
+        y.sum().backward()
+        assert x.grad is not None and x.grad._base is None

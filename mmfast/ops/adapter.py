@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backend import KernelKey, as_rows, batched, once_differentiable, plain_eager, refuse_functorch_ad, resolve_backend
+from .backend import KernelKey, as_rows, batched, no_forward_ad, once_differentiable, plain_eager, refuse_functorch_ad, resolve_backend
 from .checks import check_activation, check_device, check_like, check_tensor
 
 # ---------------------------------------------------------------------------------------------
@@ -311,6 +311,8 @@ mma_adapter_fwd.register_autograd(_backward, setup_context=_setup_context)
 class _MMAdapterFn(torch.autograd.Function):
     """The eager fast path (see :mod:`mmfast.ops.norm`): the same forward and backward as the custom ops,
     without the dispatcher's per-call cost."""
+
+    jvp = no_forward_ad("mma_adapter")
 
     @staticmethod
     def forward(ctx, x, down_w, down_b, up_w, up_b, mix, scale, groups, p, seed):

@@ -127,6 +127,11 @@ def use_backend(name: str) -> Iterator[None]:
             del _overrides[next(i for i, (t, _) in enumerate(_overrides) if t is token)]
 
 
+def _asked(name: str) -> str:
+    """How backend ``name`` was asked for, as a message names it: a :func:`use_backend` block or the variable."""
+    return f"use_backend({name!r})" if _overrides else f"{ENV_VAR}={name}"
+
+
 def requested_backend() -> str:
     """The backend asked for: :func:`use_backend`, else ``MMFAST_BACKEND`` (``auto`` when unset)."""
     if _overrides:
@@ -188,7 +193,7 @@ def _without_cuda(device: torch.device, forced_triton: bool) -> str:
     if forced_triton:
         reason = _triton_can_run(device)
         if reason is not None:
-            raise RuntimeError(f"{ENV_VAR}=triton cannot run: {reason}")
+            raise RuntimeError(f"{_asked('triton')} cannot run: {reason}")
         return "triton"
     if device.type == "cuda":
         reason = _triton_can_run(device)
@@ -231,7 +236,7 @@ def _resolve(device: torch.device, key: KernelKey | None, cuda_unsupported: str 
                 return "cuda"
             # once per kind of reason: an op that meets many shapes it cannot take (adapters of several
             # sizes) says so once, not once per size
-            warn_once(f"mmfast: {ENV_VAR}=cuda, but the CUDA C++ kernels cannot run: {reason}. "
+            warn_once(f"mmfast: {_asked('cuda')}, but the CUDA C++ kernels cannot run: {reason}. "
                       "Running the Triton kernels (or the reference on CPU) instead.",
                       key=f"{ENV_VAR}=cuda/{key.op}/" + re.sub(r"\d+(\.\d+)?", "#", reason))
         elif device.type == "cuda" and cuda_unsupported is None:
@@ -347,6 +352,18 @@ def records_grad(*tensors: Optional[Tensor]) -> bool:
     if getattr(forward_ad, "_current_level", -1) >= 0:
         return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def no_forward_ad(op: str) -> staticmethod:
+    """The ``jvp`` of an eager fast path's autograd function: forward-mode AD (``torch.autograd.forward_ad``
+    with dual inputs) raises naming the op, as on the custom-op path, not PyTorch's generic message."""
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(
+            f"mmfast.{op} does not support forward-mode AD (torch.autograd.forward_ad): it has a backward and no "
+            f"forward-mode derivative. Differentiate with .backward() or torch.autograd.grad, or run a patched "
+            f"model under mmfast.disabled() (its original modules) for forward mode.")
+
+    return staticmethod(jvp)
 
 
 def refuse_functorch_ad(op: str, *tensors: Optional[Tensor]) -> None:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import TIES_ATTR, batched, once_differentiable, plain_eager, refuse_functorch_ad, warn_once
+from .backend import TIES_ATTR, batched, no_forward_ad, once_differentiable, plain_eager, refuse_functorch_ad, warn_once
 
 #: Rows per chunk are chosen so that one chunk's fp32 logits take at most this many bytes.
 CHUNK_BYTES = 128 * 2**20
@@ -212,6 +212,8 @@ _SCALE_BLOCK = 16 * 2**20
 class _LinearCrossEntropyFn(torch.autograd.Function):
     """The eager path: keeps the kept rows' gradients only ([n, H], and [n, V] logits' gradient or an
     fp32 [V, H] accumulator for a trained weight)."""
+
+    jvp = no_forward_ad("linear_cross_entropy")
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, ignore_index, scale, chunk_rows, grad_w_mode, dtype):

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backend import KernelKey, as_rows, batched, once_differentiable, plain_eager, records_grad, refuse_functorch_ad, resolve_backend
+from .backend import KernelKey, as_rows, batched, no_forward_ad, once_differentiable, plain_eager, records_grad, refuse_functorch_ad, resolve_backend
 from .checks import check_activation, check_device, check_like, check_tensor
 
 #: Widest normalised dimension supported.
@@ -197,11 +197,20 @@ def _fwd_eager(x, weight, bias, residual, eps, rms):
     y, h, mean, rstd = fwd(as_rows(x), weight, bias, None if residual is None else as_rows(residual), eps, rms)
     if x.dim() != 2:
         lead = x.shape[:-1]
-        y = y.reshape(x.shape)
-        h = None if h is None else h.reshape(x.shape)
+        y = _own_tensor(y.reshape(x.shape))
+        h = None if h is None else _own_tensor(h.reshape(x.shape))
         mean = None if mean is None else mean.reshape(lead)
         rstd = rstd.reshape(lead)
     return y, h, mean, rstd
+
+
+def _own_tensor(view: Tensor) -> Tensor:
+    """``view`` (of a row-shaped result) as a tensor of its own over the same memory: a norm module's output
+    that is a view makes FSDP2 warn that an in-place op on it would drop its pre-backward hook (the
+    PyTorch norms return tensors of their own)."""
+    if view._base is None:
+        return view
+    return view.new_empty(0).set_(view.untyped_storage(), view.storage_offset(), view.shape, view.stride())
 
 
 def _bwd_eager(dy, x, weight, mean, rstd, dres, rms, need_dx, need_dw, need_db, db_dtype):
@@ -387,6 +396,8 @@ layer_norm_fwd.register_autograd(_ln_backward, setup_context=_ln_setup_context)
 # ---------------------------------------------------------------------------------------------
 
 class _RMSNormFn(torch.autograd.Function):
+    jvp = no_forward_ad("rms_norm")
+
     @staticmethod
     def forward(ctx, x, weight, residual, eps):
         y, h, _, rstd = _fwd_eager(x, weight, None, residual, eps, rms=True)
@@ -406,6 +417,8 @@ class _RMSNormFn(torch.autograd.Function):
 
 
 class _LayerNormFn(torch.autograd.Function):
+    jvp = no_forward_ad("layer_norm")
+
     @staticmethod
     def forward(ctx, x, weight, bias, residual, eps):
         y, h, mean, rstd = _fwd_eager(x, weight, bias, residual, eps, rms=False)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import KernelKey, as_rows, batched, once_differentiable, plain_eager, records_grad, refuse_functorch_ad, resolve_backend
+from .backend import KernelKey, as_rows, batched, no_forward_ad, once_differentiable, plain_eager, records_grad, refuse_functorch_ad, resolve_backend
 from .checks import check_activation, check_like
 
 ALPHA = 1.702
@@ -109,6 +109,8 @@ quick_gelu_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 class _QuickGELUFn(torch.autograd.Function):
     """The eager fast path: the same forward and backward as the custom ops, without the dispatcher."""
+
+    jvp = no_forward_ad("quick_gelu")
 
     @staticmethod
     def forward(ctx, x):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import KernelKey, as_rows, batched, once_differentiable, plain_eager, records_grad, refuse_functorch_ad, resolve_backend
+from .backend import KernelKey, as_rows, batched, no_forward_ad, once_differentiable, plain_eager, records_grad, refuse_functorch_ad, resolve_backend
 from .checks import check_activation, check_like
 
 # ---------------------------------------------------------------------------------------------
@@ -136,6 +136,8 @@ swiglu_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 class _SwiGLUFn(torch.autograd.Function):
     """The eager fast path: the same forward and backward as the custom ops, without the dispatcher."""
+
+    jvp = no_forward_ad("swiglu")
 
     @staticmethod
     def forward(ctx, gate, up):
