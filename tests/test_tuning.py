@@ -1128,3 +1128,36 @@ def test_gemma4_moe_blocks_train_the_experts_input_norm_too():
     ids = torch.randint(1, 64, (2, 8))
     model(input_ids=ids, labels=ids).loss.backward()
     assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in trained)
+
+
+@pytest.mark.parametrize("family,projector,siblings", [
+    ("Gemma4", "model.embed_vision", []),
+    ("LightOnOcr", "model.vision_projection", []),
+    ("MuseGlimmer", "model.vision_projection", ["model.vision_adapter"]),
+    ("PaddleOCRVL", "model.projector", []),
+    ("VideoLlama3", "model.projector", []),
+    ("HyperCLOVAXVisionV2", "model.projector", ["model.vision_model.merger"]),
+    ("Ovis2", "model.visual_embeddings_table", ["model.vision_tower.head_linear", "model.vision_tower.head_norm"]),
+    ("HYV4VL", "model.vision_tower.patch_merger", []),
+    ("Mistral3", "model.multi_modal_projector", []),  # (it holds a patch_merger: the whole connector is taken)
+    ("Qwen3VL", "model.visual.merger", ["model.visual.deepstack_merger_list"]),
+])
+def test_the_projector_each_family_has(family, projector, siblings):
+    """The vision-to-language connector the projector recipes train, found by name: these families' names
+    were not looked for, so "layernorm" trained no projector in them (and "layernorm+projector" was refused),
+    and HyperCLOVAX's merger was taken for its whole connector, its final projection left frozen. Built on
+    the meta device with the family's default config."""
+    import transformers as T
+
+    from mmfast.tuning.recipes import find_parts
+
+    cls = getattr(T, f"{family}ForConditionalGeneration", None)
+    if cls is None:
+        pytest.skip(f"transformers {T.__version__} has no {family}")
+    cfg = cls.config_class(**({"vision_config": {}, "audio_config": {}} if family == "Gemma4" else {}))
+    with torch.device("meta"):
+        model = cls(cfg)
+    paths = {id(m): n for n, m in model.named_modules()}
+    parts = find_parts(model)
+    assert paths[id(parts.projector)] == projector
+    assert [paths[id(m)] for m in parts.projector_siblings] == siblings

@@ -28,12 +28,20 @@ from ..patching.core import is_patched
 LN_RECIPES = ("layernorm", "layernorm-simp", "layernorm+projector")
 #: Submodule names that hold a vision-language projector (the module that maps vision features into the
 #: LLM's embedding space), in the order they are looked for: LLaVA and most HF VLMs, LLaVA's original
-#: code, Idefics2/3 and SmolVLM, the Qwen-VL and GLM-4V families (the vision tower's patch merger),
-#: DeepSeek-VL and Janus, BLIP-2 and InstructBLIP (the Q-Former's output into the LLM).
-PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "connector", "merger", "aligner", "language_projection")
-#: Siblings that project vision features into the LLM too and train with the projector (Qwen3-VL's
-#: mergers for the features it adds to early LLM layers).
-PROJECTOR_SIBLINGS = {"merger": ("deepstack_merger_list",)}
+#: code, Idefics2/3 and SmolVLM, PaddleOCR-VL, VideoLLaMA3 and HyperCLOVAX (``projector``), the Qwen-VL
+#: and GLM-4V families (the vision tower's patch merger), DeepSeek-VL and Janus, BLIP-2 and InstructBLIP
+#: (the Q-Former's output into the LLM), LightOnOCR and MuseGlimmer, Gemma 3n and 4 (their vision
+#: embedder), HunYuan-VL (the tower's patch merger), Ovis2 (its visual embedding table). A name that other
+#: connectors hold inside them comes after theirs (Mistral 3's projector holds a ``patch_merger``).
+PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "connector", "projector", "merger", "aligner",
+                   "language_projection", "vision_projection", "embed_vision", "patch_merger", "visual_embeddings_table")
+#: Siblings (paths from the module that holds the projector) that project vision features into the LLM too
+#: and train with the projector: Qwen3-VL's mergers for the features it adds to early LLM layers,
+#: HyperCLOVAX's merger ahead of its projector, MuseGlimmer's adapter ahead of its projection, and the head
+#: of Ovis2's visual tokenizer ahead of its visual embedding table.
+PROJECTOR_SIBLINGS = {"merger": ("deepstack_merger_list",), "projector": ("vision_model.merger",),
+                      "vision_projection": ("vision_adapter",),
+                      "visual_embeddings_table": ("vision_tower.head_linear", "vision_tower.head_norm")}
 #: Parameters beside the projector (on the module that holds it) that the projected features go through,
 #: trained with it: LLaVA-NeXT's, LLaVA-NeXT-Video's and LLaVA-OneVision's learned end-of-row embedding.
 PROJECTOR_PARAMS = ("image_newline",)
