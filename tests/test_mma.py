@@ -1094,7 +1094,7 @@ def test_gemma3_rotary_embedding_per_layer_type():
         torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, out.loss.detach())
 
 
-@pytest.mark.parametrize("kind,fused_loss", [("llava", False), ("qwen2", True)])
+@pytest.mark.parametrize("kind,fused_loss", [("llava", False), ("granite", True)])
 def test_has_image_is_named_where_the_fused_loss_is_off(kind, fused_loss, tmp_path):
     """Without the fused loss's forward (fused_loss=False, or a family it does not know) the signature
     named no mma_has_image: HF Trainer dropped the column (routing then silently followed the image tokens,
@@ -1102,12 +1102,12 @@ def test_has_image_is_named_where_the_fused_loss_is_off(kind, fused_loss, tmp_pa
     patch with the fused loss replaces it, and unpatch removes it."""
     import inspect
 
-    if kind == "qwen2":
-        from transformers import Qwen2Config, Qwen2ForCausalLM
+    if kind == "granite":  # (its forward scales the logits: not one the fused loss knows)
+        from transformers import GraniteConfig, GraniteForCausalLM
 
         torch.manual_seed(0)
-        model = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+        model = GraniteForCausalLM(GraniteConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
     else:
         model = build(kind)
     before = inspect.signature(model.forward)
@@ -1644,14 +1644,10 @@ def test_accelerate_regional_compilation_of_an_mma_model_says_it_compiles_nothin
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
-def test_a_language_model_that_merges_the_images_itself_keeps_them():
-    """Phi-4-multimodal's language model takes the token ids with the image inputs and merges the images into
-    its embeddings itself. With grad on, MMA's routing looked the ids up in its place and handed the model
-    embeddings without the images: training never saw an image and no vision adapter got a gradient. Its
-    image token id is in its vision config only, so every sample was routed as text, too."""
+def _phi4_multimodal():
+    """A tiny Phi-4-multimodal (its language model merges the images into its own embeddings) and a batch
+    of two samples with an image each."""
     import transformers as T
-
-    from mmfast.tuning.mma import _STATE
 
     torch.manual_seed(0)
     cfg = T.Phi4MultimodalConfig(
@@ -1664,18 +1660,64 @@ def test_a_language_model_that_merges_the_images_itself_keeps_them():
                           ext_pw_out_channel=32, depthwise_separable_out_channel=32, nemo_conv_channels=32,
                           audio_token_id=126))
     model = T.Phi4MultimodalForCausalLM(cfg)
-    ref = copy.deepcopy(model)
     tokens = 2 * 2 * 3 + 1  # a global and a sub-image crop of 2 x (2 + 1) tokens each, and a separator
     ids = torch.randint(3, 100, (2, tokens + 5))
     ids[:, 1:1 + tokens] = 127
     inputs = dict(input_ids=ids, image_pixel_values=torch.randn(2, 2, 3, 32, 32),
                   image_sizes=torch.tensor([[32, 32]] * 2), image_attention_mask=torch.ones(2, 2, 4, 4, dtype=torch.long))
+    return model, inputs
+
+
+def _vision_adapter_grads(model) -> list:
+    return [p.grad for n, p in model.named_parameters() if "mma_adapter.up_" in n and "embed_tokens_extend" in n]
+
+
+def test_a_language_model_that_merges_the_images_itself_keeps_them():
+    """Phi-4-multimodal's language model takes the token ids with the image inputs and merges the images into
+    its embeddings itself. With grad on, MMA's routing looked the ids up in its place and handed the model
+    embeddings without the images: training never saw an image and no vision adapter got a gradient. Its
+    image token id is in its vision config only, so every sample was routed as text, too."""
+    from mmfast.tuning.mma import _STATE
+
+    model, inputs = _phi4_multimodal()
+    ref = copy.deepcopy(model)
     mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(dropout=0.0), verbose=False)
     expected = ref(**inputs).logits  # fresh adapters are the identity
     torch.testing.assert_close(model(**inputs).logits, expected, rtol=1e-5, atol=1e-6)
     assert model.model.__dict__[_STATE].has_image.tolist() == [True, True]
     _perturb_adapters(model)
     model(**inputs).logits.square().mean().backward()
-    vision = [n for n, p in model.named_parameters() if "mma_adapter.up_" in n and "embed_tokens_extend" in n]
-    assert len(vision) == 2 * 2  # the two SigLIP layers it reads (hidden state -2 of 3 layers), two experts each
-    assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in vision)
+    grads = _vision_adapter_grads(model)
+    assert len(grads) == 2 * 2  # the two SigLIP layers it reads (hidden state -2 of 3 layers), two experts each
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_merged_images_kept_when_the_input_embeddings_are_swapped_or_the_forward_fails():
+    """The routes' gradient path goes on the lookup of the input embeddings module the model has at the call:
+    one set since patching (set_input_embeddings, or PEFT's trainable tokens wrapping it) keeps the images
+    and the vision adapters' gradients. A forward that fails before its lookup leaves nothing for a later
+    lookup of the module to take, and a model that does not look its ids up through that module raises."""
+    model, inputs = _phi4_multimodal()
+    mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(dropout=0.0), verbose=False)
+    _perturb_adapters(model)
+    replaced = copy.deepcopy(model.model.embed_tokens)
+    model.model.set_input_embeddings(replaced)
+    model(**inputs).logits.square().mean().backward()
+    assert all(g is not None and g.abs().sum() > 0 for g in _vision_adapter_grads(model))
+
+    def fail(module, args, kwargs):
+        raise KeyError("a hook of the user's")
+
+    handle = model.model.register_forward_pre_hook(fail, with_kwargs=True)
+    with pytest.raises(KeyError, match="a hook of the user's"):
+        model(**inputs)
+    handle.remove()
+    looked_up = replaced(inputs["input_ids"])  # the user's own lookup: a plain, frozen embedding
+    assert looked_up.grad_fn is None  # (not the failed forward's routes' gradient bridge)
+
+    unused = torch.nn.Embedding(128, 32)
+    model.model.get_input_embeddings = lambda: unused
+    with pytest.raises(RuntimeError, match="did not look its input_ids up with its input embeddings module"):
+        model(**inputs)
+
+

@@ -1111,7 +1111,8 @@ def test_llava_next_image_newline_trains_with_the_projector(tuning, tmp_path):
 def test_gemma4_moe_blocks_train_the_experts_input_norm_too():
     """A Gemma 4 block with a mixture of experts runs it beside the MLP, on the residual stream normalised by
     its own ``pre_feedforward_layernorm_2``: the recipes trained the MLP's input norm only, so the experts'
-    input stayed frozen. Both feed-forward input norms train and get a gradient; dense blocks are unchanged."""
+    input stayed frozen. Both feed-forward input norms train and get a gradient (dense blocks: one, as in
+    test_the_mlp_input_norm_of_sandwich_norm_blocks)."""
     import transformers as T
 
     cfg = T.Gemma4TextConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

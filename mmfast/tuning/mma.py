@@ -52,7 +52,7 @@ EMBEDDING_NAME = "mma_modality_embedding"
 NECK_NAME = "mma_neck"
 HAS_IMAGE_KWARG = "mma_has_image"
 _STATE = "_mmfast_mma_state"
-_BRIDGE_HOOKED = "_mmfast_mma_bridge"  # on the language model's input embeddings: the routing state whose bridge it places
+_BRIDGE_HOOKED = "_mmfast_mma_bridge"  # on a language model's input embeddings: the routing states whose bridge it places
 
 
 @dataclasses.dataclass
@@ -120,8 +120,9 @@ class _State:
 
     has_image: Optional[Tensor] = None
     recording: bool = False  # True while the modality token runs through the layers
-    # the routes' gradient bridge (leaves, last output, routes) a forward called with token ids hands to its
-    # embedding lookup (:func:`_embedding_bridge_hook`); None once placed
+    # the routes' gradient bridge (the input embeddings module, the leaves, the last output, the routes) a
+    # forward with token ids and other inputs hands to its own lookup (:func:`_embedding_bridge_hook`);
+    # None once placed, and after the forward
     bridge: Optional[tuple] = None
 
     def __setstate__(self, state: dict) -> None:
@@ -300,9 +301,9 @@ def _llm_norm_adapter_hook(module, args, output):
     else:
         if state.bridge is not None:  # the forward's token ids were not looked up by its input embeddings
             state.bridge = None
-            raise RuntimeError("mmfast MMA: the language model did not look up its input_ids with its input "
-                               "embeddings (get_input_embeddings()), so the routers would get no gradient; "
-                               "pass inputs_embeds instead")
+            raise RuntimeError("mmfast MMA: the language model did not look its input_ids up with its input "
+                               "embeddings module (get_input_embeddings()), where the routes' gradients join "
+                               "the main pass; the routers would get no gradient")
         route = _route_for_input(slot, args[0]) if args else slot.route
         if route is None or route.shape[0] != output.shape[0]:
             raise RuntimeError("mmfast MMA: no modality route for this forward; call the model (or its language "
@@ -620,38 +621,72 @@ def _modality_pre_hook(module, args, kwargs):
     if torch.is_grad_enabled() and any(r.requires_grad for r in routes):
         leaves = [r.detach().requires_grad_(r.requires_grad) for r in routes]
         embeds = kwargs.get("inputs_embeds")
+        lookup = module.get_input_embeddings()
         if embeds is not None:
             kwargs["inputs_embeds"] = _RouteGradBridge.apply(embeds, leaves, h, *routes)
-        elif _bridge_hooked(module.get_input_embeddings()):
-            # called with token ids: the bridge goes on the model's own lookup of them. Its forward may do
-            # more with the ids than look them up (Phi-4-multimodal merges the images into the embeddings
-            # there, Gemma 3n reads per-layer inputs from them), which embeddings passed in its place skip
-            state.bridge = (leaves, h, routes)
-        else:  # an input embedding module swapped in after patching (resize_token_embeddings): look them up
+        elif _more_than_text(kwargs) and isinstance(lookup, nn.Module):
+            # token ids with inputs of other kinds (Phi-4-multimodal's images): the model merges those into
+            # its embeddings itself, which embeddings passed in its place would skip. The bridge goes on its
+            # own lookup of the ids (the input embeddings module it has now)
+            _hook_lookup(lookup, state)
+            state.bridge = (lookup, leaves, h, routes)
+        else:  # token ids alone: look them up here, so that the bridge sits on the embeddings
             ids = kwargs.pop("input_ids", None)
             if ids is None:
                 ids, args = args[0], (None, *args[1:])
-            kwargs["inputs_embeds"] = _RouteGradBridge.apply(module.get_input_embeddings()(ids), leaves, h, *routes)
+            kwargs["inputs_embeds"] = _RouteGradBridge.apply(lookup(ids), leaves, h, *routes)
         for slot, leaf in zip(slots, leaves):
             slot.route = leaf
     return args, kwargs
 
 
-def _bridge_hooked(embeddings) -> bool:
-    """Whether ``embeddings`` (or the layer a PEFT wrapper around it calls) places the routes' bridge."""
-    return isinstance(embeddings, nn.Module) and (
-        _BRIDGE_HOOKED in embeddings.__dict__
-        or _BRIDGE_HOOKED in getattr(embeddings, "base_layer", embeddings).__dict__)
+#: a language model's inputs that carry text, or say how to attend to it (anything else a call passes,
+#: such as Phi-4-multimodal's ``image_pixel_values``, the model may merge into its embeddings itself)
+_TEXT_INPUTS = frozenset({"input_ids", "inputs_embeds", "attention_mask", "position_ids", "past_key_values",
+                          "cache", "cache_position", "use_cache", "output_attentions", "output_hidden_states",
+                          "return_dict", "labels", "logits_to_keep", "token_type_ids", "num_items_in_batch",
+                          "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"})
+
+
+def _more_than_text(kwargs: dict) -> bool:
+    """Whether a language model's call passes tensors besides its text inputs."""
+    return any(v is not None and k not in _TEXT_INPUTS and (torch.is_tensor(v) or isinstance(v, (list, tuple)))
+               for k, v in kwargs.items())
+
+
+def _hook_lookup(lookup: nn.Module, state: _State) -> None:
+    """Put :func:`_embedding_bridge_hook` on the input embeddings module ``lookup`` for ``state`` (once: the
+    module patching found, or one swapped in or wrapped since, as PEFT's trainable tokens wrap it)."""
+    states = lookup.__dict__.get(_BRIDGE_HOOKED, ())
+    if any(s is state for s in states):
+        return
+    if torch.compiler.is_compiling():
+        raise RuntimeError("mmfast MMA: this model's input embeddings module was replaced since patching and a "
+                           "compiled forward cannot hook it; run one training forward uncompiled first")
+    if not states:
+        lookup.register_forward_hook(_embedding_bridge_hook)
+    lookup.__dict__[_BRIDGE_HOOKED] = (*states, state)
 
 
 def _embedding_bridge_hook(module, args, output):
-    """The language model's input embeddings: the first lookup after a forward called with token ids set
-    its bridge (:func:`_modality_pre_hook`) is that forward's own; the bridge goes on its output."""
-    state: _State = module.__dict__[_BRIDGE_HOOKED]
-    if state.bridge is None or not torch.is_tensor(output):
-        return None
-    (leaves, last, routes), state.bridge = state.bridge, None
-    return _RouteGradBridge.apply(output, leaves, last, *routes)
+    """The language model's input embeddings: the first lookup through this module after a forward with
+    inputs besides the text set its bridge (:func:`_modality_pre_hook`) is that forward's own; the bridge
+    goes on its output. (Several models may share the module: each has its own routing state.)"""
+    for state in module.__dict__.get(_BRIDGE_HOOKED, ()):
+        pending = state.bridge
+        if pending is not None and pending[0] is module and torch.is_tensor(output):
+            state.bridge = None
+            _, leaves, last, routes = pending
+            return _RouteGradBridge.apply(output, leaves, last, *routes)
+    return None
+
+
+def _clear_bridge_hook(module, args, output):
+    """After the language model's forward, also one that raised: a bridge its lookup did not take (the
+    forward failed before it) is dropped, so that no later lookup of the module takes it."""
+    state = module.__dict__.get(_STATE)
+    if state is not None:
+        state.bridge = None
 
 
 # The hooks of earlier versions bound each layer's pieces (and the layer's index) into the hook; a model
@@ -692,7 +727,7 @@ def _llm_pre_hook(state: _State, module, args, kwargs):
 
 
 _HOOKS = (_vision_cls_hook, _vision_padding_hook, _vision_tokens_hook, _llm_norm_adapter_hook, _flags_pre_hook,
-          _modality_pre_hook, _embedding_bridge_hook)
+          _modality_pre_hook, _embedding_bridge_hook, _clear_bridge_hook)
 _LEGACY_HOOKS = (_vision_norm_hook, _vision_mask_hook, _vision_mean_hook, _llm_norm_hook, _top_pre_hook, _llm_pre_hook)
 for _hook in _HOOKS:  # what they need per module they read from the module
     setattr(_hook, SHARED_CODE_HOOK, True)
@@ -1017,10 +1052,10 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
                                  .train(parts.decoder.training))
         parts.decoder.__dict__[_STATE] = state
         parts.decoder.register_forward_pre_hook(_modality_pre_hook, with_kwargs=True)
+        parts.decoder.register_forward_hook(_clear_bridge_hook, always_call=True)
         embeddings = parts.decoder.get_input_embeddings()
-        if isinstance(embeddings, nn.Module):
-            embeddings.__dict__[_BRIDGE_HOOKED] = state
-            embeddings.register_forward_hook(_embedding_bridge_hook)
+        if isinstance(embeddings, nn.Module):  # (hooked here, so that a compiled first forward finds it hooked)
+            _hook_lookup(embeddings, state)
         hf.register_forward_pre_hook(_flags_pre_hook, with_kwargs=True)
         # shown in the signature of a patched forward (the fused loss's), so that HF Trainer keeps the column
         hf.__dict__[EXTRA_KWARGS_ATTR] = (HAS_IMAGE_KWARG,)
