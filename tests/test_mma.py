@@ -546,7 +546,8 @@ def test_granite4_vision_adapters_sit_where_it_reads():
     from tiny_models import IMAGE_SIZE, VOCAB, clip_vision_config, llama_config
 
     cfg = T.Granite4VisionConfig(
-        vision_config=clip_vision_config(num_hidden_layers=4, hidden_size=64).to_dict(), text_config=llama_config().to_dict(),
+        vision_config=clip_vision_config(num_hidden_layers=4, hidden_size=64).to_dict(),
+        text_config=T.GraniteConfig(**llama_config().to_dict()).to_dict(),
         qformer_config=dict(intermediate_size=64), image_token_index=VOCAB - 1, downsample_rate="1/2",
         deepstack_layer_map=[(1, 0), (2, 1)], spatial_vision_layer=2, spatial_target_layers=[0, 1, 0, 1],
         image_grid_pinpoints=[[IMAGE_SIZE, IMAGE_SIZE]])
@@ -1683,7 +1684,7 @@ def test_a_language_model_that_merges_the_images_itself_keeps_them():
     ref = copy.deepcopy(model)
     mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(dropout=0.0), verbose=False)
     expected = ref(**inputs).logits  # fresh adapters are the identity
-    torch.testing.assert_close(model(**inputs).logits, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model(**inputs).logits, expected)  # (without the images: 0.57 apart)
     assert model.model.__dict__[_STATE].has_image.tolist() == [True, True]
     _perturb_adapters(model)
     model(**inputs).logits.square().mean().backward()
