@@ -46,6 +46,16 @@ def test_patched_matches_unpatched(kind, seed):
     assert_model_accurate_over_draws(draws, seed)
 
 
+def _token_draws(model, plain, ref_model, seed: int, vocab: int) -> list:
+    """4 draws (:func:`model_accuracy.draw`) of a causal LM's training step on random token ids."""
+    draws = []
+    for i in range(4):
+        g = torch.Generator().manual_seed(seed + i)
+        ids = torch.randint(1, vocab, (2, 12), generator=g)
+        draws.append(draw(model, plain, ref_model, dict(input_ids=ids, labels=ids)))
+    return draws
+
+
 def test_llama4_text_norms_are_patched(seed, monkeypatch):
     """Llama 4's text RMSNorm computes LLaMA's norm in two methods (``forward`` calling ``_norm``), with its
     epsilon named ``eps`` in some transformers versions: it was left unpatched. Its norms are fused now, and
@@ -64,11 +74,7 @@ def test_llama4_text_norms_are_patched(seed, monkeypatch):
     norms = sorted(n for n, m in model.named_modules() if isinstance(m, Llama4TextRMSNorm))
     assert len(norms) == 5 and set(norms) <= set(report.patched), report.skipped
     calls = count_calls(monkeypatch, nn_norm, "rms_norm")
-    draws = []
-    for i in range(4):
-        g = torch.Generator().manual_seed(seed + i)
-        ids = torch.randint(1, 128, (2, 12), generator=g)
-        draws.append(draw(model, plain, ref_model, dict(input_ids=ids, labels=ids)))
+    draws = _token_draws(model, plain, ref_model, seed, vocab=128)
     assert len(calls) >= 5 * 4
     assert_model_accurate_over_draws(draws, seed)
 
@@ -91,11 +97,7 @@ def test_causal_lms_with_llamas_forward_in_their_own_words(family, seed, monkeyp
     ref_model, plain = copy.deepcopy(model).double(), copy.deepcopy(model)
     assert mmfast.patch(model, verbose=False).fused_loss == "on"
     calls = count_calls(monkeypatch, patched_loss, "linear_cross_entropy")
-    draws = []
-    for i in range(4):
-        g = torch.Generator().manual_seed(seed + i)
-        ids = torch.randint(1, 96, (2, 12), generator=g)
-        draws.append(draw(model, plain, ref_model, dict(input_ids=ids, labels=ids)))
+    draws = _token_draws(model, plain, ref_model, seed, vocab=96)
     assert len(calls) == 4
     assert_model_accurate_over_draws(draws, seed)
 

@@ -958,12 +958,14 @@ def test_trainable_file_path_errors(tmp_path):
         mmfast.load_trainable(model, tmp_path / "missing.safetensors")
 
 
-def _simp_trains_the_block_norms(model, layers: str, mlp_norm: str, vocab: int) -> None:
+def _simp_trains_the_block_norms(model, layers: str, mlp_norm: str | tuple, vocab: int) -> None:
     """tuning="layernorm-simp" on a two-block model trains exactly each block's input_layernorm and
-    ``mlp_norm``, and a step gives each of them a gradient."""
+    ``mlp_norm`` (one name, or the names of several feed-forward input norms), and a step gives each of
+    them a gradient."""
     mmfast.patch(model, tuning="layernorm-simp", verbose=False)
     trained = sorted(n for n, p in model.named_parameters() if p.requires_grad)
-    assert trained == [f"{layers}.{i}.{k}.weight" for i in range(2) for k in ("input_layernorm", mlp_norm)]
+    names = ("input_layernorm", *((mlp_norm,) if isinstance(mlp_norm, str) else mlp_norm))
+    assert trained == [f"{layers}.{i}.{k}.weight" for i in range(2) for k in names]
     ids = torch.randint(1, vocab, (2, 8))
     model(input_ids=ids, labels=ids).loss.backward()
     assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in trained)
@@ -1121,14 +1123,8 @@ def test_gemma4_moe_blocks_train_the_experts_input_norm_too():
                              hidden_size_per_layer_input=0, enable_moe_block=True, num_experts=4, top_k_experts=2,
                              moe_intermediate_size=16)
     torch.manual_seed(0)
-    model = T.Gemma4ForCausalLM(cfg)
-    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
-    trained = sorted(n for n, p in model.named_parameters() if p.requires_grad)
-    names = ("input_layernorm", "pre_feedforward_layernorm", "pre_feedforward_layernorm_2")
-    assert trained == [f"model.layers.{i}.{k}.weight" for i in range(2) for k in names]
-    ids = torch.randint(1, 64, (2, 8))
-    model(input_ids=ids, labels=ids).loss.backward()
-    assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in trained)
+    _simp_trains_the_block_norms(T.Gemma4ForCausalLM(cfg), "model.layers",
+                                 ("pre_feedforward_layernorm", "pre_feedforward_layernorm_2"), vocab=64)
 
 
 @pytest.mark.parametrize("family,projector,siblings", [

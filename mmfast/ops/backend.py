@@ -354,14 +354,21 @@ def records_grad(*tensors: Optional[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _ad_refusal(op: str, how: str, why: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"mmfast.{op} does not support {how}: {why}. Differentiate with .backward() or torch.autograd.grad, "
+        f"or run a patched model under mmfast.disabled() (its original modules) for these transforms.")
+
+
+_FORWARD_MODE = "it has a backward and no forward-mode derivative"
+
+
 def no_forward_ad(op: str) -> staticmethod:
     """The ``jvp`` of an eager fast path's autograd function: forward-mode AD (``torch.autograd.forward_ad``
-    with dual inputs) raises naming the op, as on the custom-op path, not PyTorch's generic message."""
+    with dual inputs) raises as on the custom-op path (:func:`refuse_functorch_ad`), not with PyTorch's
+    generic message."""
     def jvp(ctx, *tangents):
-        raise NotImplementedError(
-            f"mmfast.{op} does not support forward-mode AD (torch.autograd.forward_ad): it has a backward and no "
-            f"forward-mode derivative. Differentiate with .backward() or torch.autograd.grad, or run a patched "
-            f"model under mmfast.disabled() (its original modules) for forward mode.")
+        raise _ad_refusal(op, "forward-mode AD (torch.autograd.forward_ad)", _FORWARD_MODE)
 
     return staticmethod(jvp)
 
@@ -387,12 +394,10 @@ def refuse_functorch_ad(op: str, *tensors: Optional[Tensor]) -> None:
             t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)):
         how = ("forward-mode AD (torch.func.jvp / jacfwd)" if TT.Jvp in keys else
                "forward-mode AD (torch.autograd.forward_ad)")
-        why = "it has a backward and no forward-mode derivative, and its tangent would come out zero"
+        why = f"{_FORWARD_MODE}, and its tangent would come out zero"
     elif TT.Grad in keys:
         how, why = "torch.func.grad / vjp / jacrev", "PyTorch's custom ops do not run under those transforms"
     else:
         return
-    raise NotImplementedError(
-        f"mmfast.{op} does not support {how}: {why}. Differentiate with .backward() or torch.autograd.grad, "
-        f"or run a patched model under mmfast.disabled() (its original modules) for these transforms.")
+    raise _ad_refusal(op, how, why)
 

@@ -621,7 +621,7 @@ def _modality_pre_hook(module, args, kwargs):
     if torch.is_grad_enabled() and any(r.requires_grad for r in routes):
         leaves = [r.detach().requires_grad_(r.requires_grad) for r in routes]
         embeds = kwargs.get("inputs_embeds")
-        lookup = module.get_input_embeddings()
+        lookup = None if embeds is not None else module.get_input_embeddings()
         if embeds is not None:
             kwargs["inputs_embeds"] = _RouteGradBridge.apply(embeds, leaves, h, *routes)
         elif _more_than_text(kwargs) and isinstance(lookup, nn.Module):
