@@ -12,7 +12,7 @@ from torch import nn
 from ._zero import full_numel
 from .ops.backend import requested_backend
 from .patching import PatchReport, patch_norms, unpatch_norms
-from .patching.core import EXTRA_KWARGS_ATTR, hide_extra_kwargs, show_extra_kwargs
+from .patching.core import EXTRA_KWARGS_ATTR, hide_extra_kwargs, kernelize_problem, show_extra_kwargs
 from .patching.loss import patch_loss, unpatch_loss
 from .patching.mlp import patch_mlps, unpatch_mlps
 from .tuning import LN_RECIPES, apply_ln_recipe, remove_tuning_hooks, restore_master_weights
@@ -97,6 +97,9 @@ def patch(
         raise ValueError(f"tuning={tuning!r}: the model has MMA adapters from tuning='mma', which would keep running "
                          f"(frozen) under a LayerNorm recipe; save them if needed (mmfast.save_trainable), then "
                          f"mmfast.unpatch(model) before patching with another recipe")
+    problem = kernelize_problem(model)
+    if problem is not None:
+        raise ValueError(f"mmfast.patch: {problem}")
     # a recipe that cannot apply is refused before the model is changed: MMA's insertion checks everything
     # before it changes anything (and changes nothing the kernel patches below read), the LayerNorm recipes
     # are looked up first

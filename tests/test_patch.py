@@ -415,6 +415,138 @@ def test_save_pretrained_round_trip(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# transformers' hub kernels (from_pretrained's use_kernels, kernelized again at each train() / eval())
+# ---------------------------------------------------------------------------------------------
+
+def _rms_norm_calls(model, inputs) -> int:
+    with torch.no_grad(), mmfast.backends_used() as used:
+        model(**inputs)
+    return sum(n for use, n in used.items() if use.op == "rms_norm")
+
+
+def test_patch_survives_hub_kernel_switches(tmp_path):
+    """A model from ``from_pretrained`` has transformers' hub kernels on (``use_kernels``, its default where
+    the kernels library is installed), and each switch of ``model.train()`` / ``eval()`` (HF Trainer makes
+    one) kernelizes it again, which put the norm class's forward back in every patched RMSNorm: training
+    then ran HF's norm (with fp32 master weights: in fp32, or a dtype error at the next matmul)."""
+    from transformers import LlavaForConditionalGeneration
+
+    build("llava").save_pretrained(tmp_path)
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path)
+    if not model.use_kernels:
+        pytest.skip("this transformers loads with hub kernels off (the kernels library is not installed)")
+    report = mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    norms = [p for p in report.patched if report.kinds[p] == "rms_norm"]
+    inputs = batch("llava")
+    assert _rms_norm_calls(model, inputs) == len(norms) > 0
+    for switch in (model.train, model.eval, model.train):
+        switch()
+        assert _rms_norm_calls(model, inputs) == len(norms), switch.__name__
+        assert not any(core.displaced(m) for m in model.modules() if core.is_patched(m))
+    mmfast.unpatch(model)
+    model.eval()  # kernelized again: the unpatched norms are the hub kernels' to take once more
+    assert _rms_norm_calls(model, inputs) == 0
+
+
+def _hub_kernels() -> None:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    if getattr(LlamaRMSNorm, "kernel_layer_name", None) is None:
+        pytest.skip("the kernels library is not installed: transformers marks no layer for hub kernels")
+
+
+class _HubRMSNorm(nn.Module):
+    """What a hub kernel layer looks like to the model: kernelize binds its forward to the instance."""
+
+    def forward(self, hidden_states):
+        return hidden_states * 2.0
+
+
+@pytest.mark.parametrize("put", ["hub kernel", "class forward"])
+def test_patch_takes_the_place_of_a_hub_kernel(put):
+    """A norm ``kernelize`` put a forward on (a hub kernel's, bound to the instance, beside the ``_kernel_repo``
+    kernels 0.18+ records; or, before kernels 0.19, its class's own, bound) is patched, as its class's forward
+    would be: mmfast.patch is the later, explicit ask. Before, every such norm was skipped as "forward already
+    replaced", so on a GPU a model from ``from_pretrained`` got none of mmfast's norms. Unpatched, it runs its
+    class's forward until transformers kernelizes it again."""
+    _hub_kernels()
+    model = build("llama")
+    plain = copy.deepcopy(model)
+    hub = model.model.layers[0].input_layernorm
+    if put == "hub kernel":
+        hub.forward = types.MethodType(_HubRMSNorm.forward, hub)
+        hub.__dict__["_kernel_repo"] = "kernels-community/liger-kernels"
+    else:
+        hub.forward = types.MethodType(type(hub).forward, hub)
+    report = mmfast.patch(model, verbose=False)
+    assert "model.layers.0.input_layernorm" in report.patched and not report.skipped
+    x = torch.randn(2, 3, hub.weight.numel())
+    with mmfast.backends_used() as used:
+        y = hub(x)
+    assert sum(used.values()) == 1
+    torch.testing.assert_close(y, plain.model.layers[0].input_layernorm(x))
+    assert type(hub).kernel_condition(hub) is False  # kernelize leaves it to mmfast
+    assert type(hub).kernel_condition(plain.model.layers[0].input_layernorm) is True
+    assert "_kernel_repo" not in hub.__dict__
+    mmfast.unpatch(model)
+    assert "forward" not in hub.__dict__ and type(hub).kernel_condition(hub) is True
+
+
+def test_a_hub_kernel_layer_patched_by_another_library_is_left_alone():
+    """Liger's instance patching binds its forward to the norm as kernelize does, without ``_kernel_repo``:
+    someone's explicit choice, left alone, and the reason says how to load without hub kernels should it be
+    theirs (kernels 0.17 records no repository)."""
+    _hub_kernels()
+    model = build("llama")
+    norm = model.model.layers[0].input_layernorm
+    norm.forward = types.MethodType(_HubRMSNorm.forward, norm)
+    report = mmfast.patch(model, verbose=False)
+    reason = dict(report.skipped)["model.layers.0.input_layernorm"]
+    assert "does not stack" in reason and "use_kernels=False" in reason
+    assert norm.__dict__["forward"].__func__ is _HubRMSNorm.forward
+
+
+def test_patch_refuses_hub_kernels_it_cannot_keep_off(monkeypatch):
+    """kernels before 0.17 has no ``kernel_condition``: in a model loaded with ``use_kernels``, the next
+    ``train()`` / ``eval()`` would put the norms' own forward back over mmfast's. Refused before anything
+    changes, with the way out."""
+    _hub_kernels()
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    monkeypatch.delattr(LlamaRMSNorm, "kernel_condition")
+    model = build("llama")
+    mmfast.patch(model, verbose=False)  # hub kernels off: nothing kernelizes the model again
+    mmfast.unpatch(model)
+    model._use_kernels = True
+    with pytest.raises(ValueError, match=r"use_kernels=False.*kernels>=0\.17"):
+        mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    assert not any(core.is_patched(m) for m in model.modules())
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_patch_again_reports_a_forward_replaced_since():
+    """A patched norm (or MLP) whose forward something replaced since is no longer counted as patched by a
+    second ``mmfast.patch``: it is reported as someone else's, or patched again where its class's forward is back."""
+    model = build("llama")
+    mmfast.patch(model, verbose=False)
+    norms = model.model.layers[0]
+    norms.input_layernorm.forward = lambda hidden_states: hidden_states  # someone's own forward
+    norms.post_attention_layernorm.__dict__.pop("forward")  # the class's forward back
+    model.model.layers[1].mlp.forward = lambda x: x
+    report = mmfast.patch(model, verbose=False)
+    skipped = dict(report.skipped)
+    assert report.mlps == ["model.layers.0.mlp"] and "already replaced" in skipped["model.layers.1.mlp"]
+    assert "model.layers.0.input_layernorm" not in report.patched
+    assert "already replaced" in skipped["model.layers.0.input_layernorm"]
+    assert "model.layers.0.post_attention_layernorm" in report.patched
+    assert not core.is_patched(norms.input_layernorm) and core.is_patched(norms.post_attention_layernorm)
+    x = torch.randn(2, 3, norms.post_attention_layernorm.weight.numel())
+    with mmfast.backends_used() as used:
+        norms.post_attention_layernorm(x)
+    assert sum(used.values()) == 1
+
+
+# ---------------------------------------------------------------------------------------------
 # what is not patched, and why
 # ---------------------------------------------------------------------------------------------
 

@@ -2,11 +2,13 @@
 
 Rules:
 
-* only the ``forward`` (and ``extra_repr``) of module *instances* change; classes, parameter names,
-  ``state_dict`` keys and ``type(module)`` stay as they were;
+* only the ``forward`` (and ``extra_repr``) of module *instances* change; parameter names, ``state_dict``
+  keys and ``type(module)`` stay as they were, and so do classes, but for one attribute of a class whose
+  forward transformers lets the ``kernels`` library replace (:func:`_keep_from_kernelize`);
 * a module whose forward some other code already replaced is left alone and reported, except for an
   Accelerate hook, which wraps ``_old_forward``: then ``_old_forward`` is what gets swapped, so the hook
-  keeps working;
+  keeps working; and except for transformers' hub kernels (``use_kernels``, :func:`_kernelized`), which
+  mmfast's kernels take the place of;
 * patching is idempotent; ``unpatch`` puts back exactly what was there;
 * ``MMFAST_DISABLE=1`` or ``with mmfast.disabled():`` make patched modules run their original forward.
 
@@ -293,6 +295,21 @@ def is_patched(module: nn.Module) -> bool:
     return _ATTR in module.__dict__
 
 
+def displaced(module: nn.Module) -> bool:
+    """Whether the forward mmfast installed on patched ``module`` is no longer what runs: something put another
+    forward in its slot since (a wrapper that keeps it as ``__wrapped__``, as Accelerate's do, keeps it)."""
+    d, rec = module.__dict__, module.__dict__[_ATTR]
+    if rec.forward is None:  # a record pickled before it kept its forward: nothing to compare
+        return False
+    for slot in ("forward", "_old_forward"):
+        f, seen = d.get(slot), 0
+        while f is not None and seen < 16:
+            if f is rec.forward:
+                return False
+            f, seen = getattr(f, "__wrapped__", None), seen + 1
+    return True
+
+
 def _inner(fn):
     """The function behind a partial or a bound method."""
     return getattr(fn, "func", None) or getattr(fn, "__func__", None) or fn
@@ -364,8 +381,67 @@ def _describe(fn) -> str:
     return f"{defining_module(fn)}.{name}"
 
 
+def _kernelized(module: nn.Module) -> bool:
+    """Whether ``module``'s instance forward was put there by the ``kernels`` library's ``kernelize``, which
+    transformers runs over layers it marks ``use_kernel_forward_from_hub`` (every RMSNorm) when a model is
+    loaded with ``use_kernels`` (``from_pretrained``'s default where kernels is installed, as transformers
+    requires from 5.2x) and again at each ``model.train()`` / ``eval()``: a hub kernel's forward, or the
+    class's own, bound to the module (kernels 0.19 leaves the class's in place instead). mmfast's fused forward
+    takes its place, as it would the class's. A hub kernel is told from another library's forward put on the
+    instance (Liger's instance patching looks the same) by the ``_kernel_repo`` kernels 0.18+ records beside
+    it; kernels 0.17's hub kernels lack it, and are reported as someone else's."""
+    cls, d = type(module), module.__dict__
+    f = d.get("forward")
+    return (getattr(cls, "kernel_layer_name", None) is not None and isinstance(f, types.MethodType)
+            and f.__self__ is module and ("_kernel_repo" in d or f.__func__ is cls.forward))
+
+
+class _LeavePatched:
+    """The ``kernel_condition`` of a hub-kernel layer class once mmfast patched an instance of it: ``kernelize``
+    skips an instance whose condition is false, so it leaves the instances mmfast patched (and unpatched
+    since, again) to mmfast, and asks the class's own condition about the others."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, module: nn.Module) -> bool:
+        return not is_patched(module) and bool(self.inner(module))
+
+
+def _keep_from_kernelize(module: nn.Module) -> None:
+    """Keep transformers' hub kernels off ``module`` while mmfast's forward is installed: a model loaded with
+    ``use_kernels`` is kernelized again at each switch of ``model.train()`` / ``eval()`` (HF Trainer makes
+    one), which would put the class's forward or a hub kernel back in the instance's forward slot, and the
+    model would run them from then on with nothing to show it."""
+    cls = type(module)
+    inner = getattr(cls, "kernel_condition", None)
+    # kernels before 0.17 has no condition (kernelize_problem refuses what it would undo)
+    if getattr(cls, "kernel_layer_name", None) is not None and inner is not None \
+            and not isinstance(inner, _LeavePatched):
+        cls.kernel_condition = staticmethod(_LeavePatched(inner))
+
+
+def kernelize_problem(model: nn.Module) -> Optional[str]:
+    """Why mmfast cannot keep its forwards in ``model`` (a ValueError's message), or None: a model loaded with
+    ``use_kernels`` is kernelized again at each ``model.train()`` / ``eval()``, and kernels before 0.17 has no
+    ``kernel_condition`` through which :func:`_keep_from_kernelize` keeps it off the modules mmfast patches."""
+    if not any(getattr(m, "use_kernels", False) is True for m in model.modules()):
+        return None
+    for path, m in model.named_modules():
+        cls = type(m)
+        if getattr(cls, "kernel_layer_name", None) is not None and not hasattr(cls, "kernel_condition") \
+                and family_of(m) is not None:
+            return (f"{type(model).__name__} was loaded with transformers' hub kernels on (use_kernels), which "
+                    f"kernelizes it again at each model.train() / eval() and would put {path}'s own forward "
+                    f"({cls.__name__}) back over mmfast's; the installed kernels library (before 0.17) gives no "
+                    f"way to keep it off a module. Load the model with from_pretrained(..., use_kernels=False), "
+                    f"or upgrade kernels (pip install 'kernels>=0.17')")
+    return None
+
+
 def _foreign_patch(module: nn.Module) -> Optional[str]:
-    """Why ``module``'s forward is someone else's, or None when it is the class's own."""
+    """Why ``module``'s forward is someone else's, or None when it is the class's own (or a hub kernel's:
+    :func:`_kernelized`)."""
     cls = type(module)
     lib = cls.__module__.split(".")[0]
     if lib in KERNEL_LIBRARIES:
@@ -381,7 +457,12 @@ def _foreign_patch(module: nn.Module) -> Optional[str]:
             if getattr(old, "__func__", None) is cls.forward or getattr(old, "func", None) is cls.forward:
                 return None  # an Accelerate hook around the class's own forward
             return f"forward behind an Accelerate hook was replaced by {_describe(old)}; mmfast does not stack on it"
-        return f"forward already replaced on this instance by {_describe(d['forward'])}; mmfast does not stack on it"
+        if _kernelized(module):
+            return None
+        hub = (" (if transformers' hub kernels put it there, load the model with from_pretrained(..., "
+               "use_kernels=False))") if getattr(type(module), "kernel_layer_name", None) is not None else ""
+        return (f"forward already replaced on this instance by {_describe(d['forward'])}; mmfast does not stack on "
+                f"it{hub}")
     return None
 
 
@@ -391,6 +472,9 @@ def _install(module: nn.Module, fam, forward=patched_forward, top: bool = False)
     top module, whose forward is a callable object (see :class:`ForwardBinding`)."""
     d = module.__dict__
     slot = "_old_forward" if "_hf_hook" in d and "_old_forward" in d else "forward"
+    if slot == "forward" and _kernelized(module):
+        d.pop("_kernel_repo", None)  # the hub kernel's no longer: kernels' own inspection would name it
+    _keep_from_kernelize(module)
     rec = _Patch(fam, slot, d.get(slot, _ABSENT) if slot == "_old_forward" else _ABSENT,
                  d.get("extra_repr", _ABSENT))
     d[_ATTR] = rec
@@ -522,6 +606,8 @@ def patch_norms(model: nn.Module, report: Optional[PatchReport] = None) -> Patch
     """Swap the forward of every supported norm instance in ``model`` (idempotent)."""
     report = report or PatchReport()
     for path, module in model.named_modules(remove_duplicate=True):
+        if is_patched(module) and module.__dict__[_ATTR].family in FAMILIES and displaced(module):
+            _uninstall(module)  # replaced since: patched again below, or reported as someone else's
         if is_patched(module):
             rec: _Patch = module.__dict__[_ATTR]
             if rec.family not in FAMILIES:

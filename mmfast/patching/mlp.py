@@ -29,8 +29,8 @@ from torch import nn
 
 from ..nn.mlp import clip_mlp_forward, llama_mlp_forward
 from ..ops.backend import warn_once
-from .core import (_ATTR, PatchReport, _foreign_patch, _install, _original_call, foreign_hook, has_hooks, is_patched,
-                   unpatch_where)
+from .core import (_ATTR, PatchReport, _foreign_patch, _install, _original_call, _uninstall, displaced, foreign_hook,
+                   has_hooks, is_patched, unpatch_where)
 from .table import _code_key
 
 
@@ -166,6 +166,8 @@ def patch_mlps(model: nn.Module, report: PatchReport) -> PatchReport:
     (their family in ``report.kinds``), candidates that cannot take it to ``report.skipped``."""
     report.mlps = []
     for path, module in model.named_modules(remove_duplicate=True):
+        if is_patched(module) and module.__dict__[_ATTR].family in FAMILIES and displaced(module):
+            _uninstall(module)  # replaced since: fused again below, or reported as someone else's
         if is_patched(module):
             fam = module.__dict__[_ATTR].family
             if fam in FAMILIES:
