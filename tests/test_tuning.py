@@ -1158,3 +1158,26 @@ def test_the_projector_each_family_has(family, projector, siblings):
     parts = find_parts(model)
     assert paths[id(parts.projector)] == projector
     assert [paths[id(m)] for m in parts.projector_siblings] == siblings
+
+
+@pytest.mark.parametrize("tuning", ["mma", "layernorm", "layernorm+projector"])
+def test_a_quantized_projector_is_refused_before_anything_changes(tuning):
+    """A 4-bit or 8-bit model (bitsandbytes) keeps its projector's weights as integers, which cannot require
+    grad. The recipes that train the projector raised torch's "only Tensors of floating point dtype can
+    require gradients" after they had patched the norms, widened them to fp32 and frozen the model (MMA:
+    inserted its adapters too, so any other recipe was refused next). Now refused first, naming the modules
+    and how to load them unquantized; the norm-only recipe still applies."""
+    from mmfast.tuning.mma import added_modules
+
+    model = build("llava")
+    linear = model.model.multi_modal_projector.linear_1
+    packed = torch.randint(0, 255, (linear.weight.numel() // 2, 1), dtype=torch.uint8)  # as Params4bit keeps it
+    linear.weight = torch.nn.Parameter(packed, requires_grad=False)
+    before = {n: (p.dtype, p.requires_grad) for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"model\.multi_modal_projector\.linear_1, whose weights are quantized "
+                                         r"\(Parameter of torch\.uint8\).*llm_int8_skip_modules"):
+        mmfast.patch(model, tuning=tuning, verbose=False)
+    assert {n: (p.dtype, p.requires_grad) for n, p in model.named_parameters()} == before
+    assert not added_modules(model) and not any("_mmfast_patch" in m.__dict__ for m in model.modules())
+    report = mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    assert report.trainable_params and not linear.weight.requires_grad

@@ -44,7 +44,7 @@ from .._zero import full_shape, gathered
 from ..nn.adapter import MMAdapter, _XavierLinear
 from ..patching.core import EXTRA_KWARGS_ATTR, SHARED_CODE_HOOK, binding_of, remove_hooks
 from ..ops.backend import warn_once
-from .recipes import _hf_model, find_parts, peft_trainables
+from .recipes import _hf_model, find_parts, peft_trainables, untrainable_problem
 
 ADAPTER_NAME = "mma_adapter"
 _OPTIONS = "_mmfast_mma_options"  # on the HF model: the MMAOptions its adapters were made with
@@ -978,6 +978,11 @@ def _parts_or_problem(model: nn.Module, opts: MMAOptions):
             neck = _neck_for(hf, parts.projector, _llm_width(parts), opts)
         except ValueError as exc:
             return None, None, str(exc)
+    if parts is not None:  # (a neck takes the projector's place: the projector itself stays frozen)
+        trained = parts.projector_modules() if neck is None else list(parts.projector_siblings)
+        problem = untrainable_problem(hf, "mma", trained, parts.projector_params)
+        if problem is not None:
+            return None, None, problem
     return parts, neck, None
 
 

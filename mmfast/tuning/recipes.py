@@ -344,6 +344,25 @@ def remove_tuning_hooks(model: nn.Module) -> None:
             h.remove()
 
 
+def untrainable_problem(hf: nn.Module, tuning: str, modules, params=()) -> Optional[str]:
+    """Why ``tuning`` cannot make ``modules``' parameters (and ``params``) trainable, or None: a quantized weight
+    (bitsandbytes' 4-bit and 8-bit formats store integers) cannot require grad. Asked before anything changes."""
+    names = {id(p): name for name, p in hf.named_parameters(remove_duplicate=False)}
+    seen, bad = set(), []
+    for p in [p for m in modules for p in m.parameters()] + list(params):
+        if id(p) not in seen and not (p.is_floating_point() or p.is_complex()):
+            bad.append(p)
+        seen.add(id(p))
+    if not bad:
+        return None
+    owners = sorted({names.get(id(p), "?").rpartition(".")[0] for p in bad})
+    kinds = sorted({f"{type(p).__name__} of {p.dtype}" for p in bad})
+    return (f"tuning={tuning!r} trains {', '.join(owners)}, whose weights are quantized ({', '.join(kinds)}) and "
+            f"cannot require grad. Load the model with them left unquantized (bitsandbytes: "
+            f"BitsAndBytesConfig(..., llm_int8_skip_modules={owners!r})), or choose a recipe that leaves them "
+            f"frozen" + (" (tuning='layernorm-simp' trains the norms alone)" if tuning != "layernorm-simp" else ""))
+
+
 def recipe_modules(model: nn.Module, recipe: str, *, final_norm: bool = False
                    ) -> tuple[ModelParts, list[nn.Module], list[nn.Module]]:
     """``(parts, norms, trained modules)`` of the recipe on ``model``, changing nothing; a ValueError says why the
@@ -362,6 +381,10 @@ def recipe_modules(model: nn.Module, recipe: str, *, final_norm: bool = False
             if emb is None:
                 raise ValueError(f"tuning='layernorm' trains the {what}, which {type(parts.hf_model).__name__} lacks")
             train.append(active_copy(emb))
+    extra = parts.projector_params if recipe in ("layernorm", "layernorm+projector") else ()
+    problem = untrainable_problem(parts.hf_model, recipe, train, extra)
+    if problem is not None:
+        raise ValueError(problem)
     return parts, norms, train
 
 
