@@ -55,10 +55,13 @@ def _is_rank0() -> bool:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, all) parameter counts; shared parameters are counted once."""
+    """(trainable, all) parameter counts; shared parameters are counted once, and bitsandbytes' 4-bit weights
+    as the values they hold (two to each byte of their packed storage), as PEFT counts them."""
     trainable = total = 0
     for p in model.parameters():
         n = full_numel(p)
+        if type(p).__name__ == "Params4bit":
+            n *= 2 * p.element_size()
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
