@@ -1198,3 +1198,29 @@ def test_the_parameter_count_counts_4bit_weights_as_their_values():
     proj.weight = Params4bit(packed, requires_grad=False)
     report = mmfast.patch(model, tuning="layernorm-simp", verbose=False)
     assert (report.trainable_params, report.all_params) == (full.trainable_params, full.all_params)
+
+
+def test_prepare_for_kbit_training_after_patch_warns_that_the_recipe_froze(monkeypatch):
+    """patch, then PEFT's prepare_model_for_kbit_training (the QLoRA setup) freezes every parameter: nothing
+    trained at all, and the watch took "nothing trains" for an evaluation and said nothing. Now a training
+    forward says so, once for each model; an evaluation in eval mode says nothing."""
+    import warnings
+
+    from peft import prepare_model_for_kbit_training
+
+    monkeypatch.setattr("mmfast.ops.backend._warned", set())
+    said = []
+    for _ in range(2):
+        model = build("llama")
+        mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+        model = prepare_model_for_kbit_training(model)
+        assert not any(p.requires_grad for p in model.parameters())
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            model.eval()
+            model(**batch("llama"))
+            model.train()
+            model(**batch("llama"))
+            model(**batch("llama"))
+        said += [str(w.message) for w in seen if "froze them after mmfast.patch" in str(w.message)]
+    assert len(said) == 2 and all("nor does any other" in m and "prepare_model_for_kbit_training" in m for m in said)

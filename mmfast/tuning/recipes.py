@@ -283,10 +283,12 @@ def restore_master_weights(model: nn.Module, dry_run: bool = False) -> int:
 
 
 def _recipe_kept(tuning: str, params: list, module: nn.Module, args) -> None:
-    """Forward pre-hook of a patched model: warn (once) when nothing ``tuning`` made trainable trains any
-    more while other parameters do. PEFT's ``get_peft_model`` freezes every parameter outside its own
+    """Forward pre-hook of a patched model: warn (once per model) when nothing ``tuning`` made trainable trains
+    any more in a training forward. PEFT's ``get_peft_model`` freezes every parameter outside its own
     adapters, so wrapping a patched model (TRL's ``SFTTrainer(peft_config=...)`` does) trains LoRA alone
-    and leaves the recipe's norms or adapters at their starting values, with nothing else to show it.
+    and leaves the recipe's norms or adapters at their starting values, with nothing else to show it; its
+    ``prepare_model_for_kbit_training`` (for a quantized model) freezes every parameter, and the step then
+    trains nothing at all (its input-grad hook still gives the loss a grad_fn, so backward does not fail).
     ``params``: (module path, parameter name) pairs, looked up at each call: a wrapper that replaces the
     parameter objects (FSDP2, ``load_state_dict(assign=True)``) is followed, the old objects are not kept
     alive, and a copy of the model (deepcopy, pickle) watches its own."""
@@ -305,16 +307,16 @@ def _recipe_kept(tuning: str, params: list, module: nn.Module, args) -> None:
         found = True
     if not found:
         return
-    if not any(p.requires_grad for p in module.parameters()):
-        return  # nothing trains: an evaluation with the model in training mode
     from ..ops.backend import warn_once
 
+    others = any(p.requires_grad for p in module.parameters())
     params.clear()  # said once: no more checks
-    warn_once(f"mmfast: none of the parameters tuning={tuning!r} made trainable requires grad any more, while "
-              "other parameters train: something froze them after mmfast.patch. PEFT's get_peft_model freezes "
-              "every parameter outside its adapters (TRL's SFTTrainer(peft_config=...) calls it). Call "
-              "get_peft_model first, then mmfast.patch; with TRL, pass that PEFT model and no peft_config.",
-              key="recipe_frozen")
+    warn_once(f"mmfast: none of the parameters tuning={tuning!r} made trainable requires grad any more, "
+              f"{'while other parameters train' if others else 'nor does any other'}: something froze them after "
+              "mmfast.patch. PEFT's get_peft_model freezes every parameter outside its adapters (TRL's "
+              "SFTTrainer(peft_config=...) calls it), and prepare_model_for_kbit_training every parameter. Call "
+              "those first, then mmfast.patch; with TRL, pass that PEFT model and no peft_config.",
+              key=f"recipe_frozen:{id(module)}")
 
 
 def watch_recipe(model: nn.Module, tuning: str) -> None:
