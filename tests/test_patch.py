@@ -826,3 +826,53 @@ def test_layers_compiled_one_by_one_share_their_code(tuning):
     finally:
         torch._dynamo.reset()
     assert len(graphs) == 1 and torch.allclose(loss, ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# export and tracing of a patched model
+# ---------------------------------------------------------------------------------------------
+
+def test_export_non_strict_of_a_model_whose_top_forward_mmfast_replaced():
+    """``torch.export.export``'s default (non-strict) reads ``model.forward.__code__`` to name its shape
+    environment; where mmfast's forward on the model's top module is a callable object (MMA's, which shows
+    ``mma_has_image`` in the signature) it raised AttributeError. The exported program runs mmfast's ops."""
+    model = build("llama")
+    mmfast.patch(model, tuning="mma", verbose=False)
+    model.eval()
+    ids = torch.randint(1, 64, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ep = torch.export.export(model, (), {"input_ids": ids, "use_cache": False})
+        assert any(str(n.target).startswith("mmfast.") for n in ep.graph.nodes if n.op == "call_function")
+        torch.testing.assert_close(ep.module()(input_ids=ids, use_cache=False)["logits"],
+                                   model(input_ids=ids, use_cache=False).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_jit_trace_records_mmfast_ops(backend):
+    """Under ``torch.jit.trace`` the eager fast path ran with traced sizes, and the Triton launcher failed on
+    them ('Tensor' object has no attribute 'bit_length'); without Triton the trace missed the output's
+    allocation and the traced module failed on every input. The trace records the custom ops, and runs
+    right on another shape."""
+    model = build("llama")
+    mmfast.patch(model, verbose=False)
+    block = nn.Sequential(model.model.layers[0].input_layernorm, model.model.layers[0].mlp)
+    x = torch.randn(2, 5, block[0].weight.numel())
+    with torch.no_grad(), mmfast.use_backend(backend):
+        traced = torch.jit.trace(block, (x,))
+        assert "mmfast::rms_norm_fwd" in str(traced.inlined_graph)
+        assert "mmfast::swiglu" in str(traced.inlined_graph)
+        y = torch.randn(3, 7, x.shape[-1])
+        torch.testing.assert_close(traced(y), block(y), rtol=0, atol=0)
+
+
+def test_jit_script_of_a_patched_module_is_refused_clearly():
+    """TorchScript compiles a forward from its source and failed on a patched one with a TypeError about
+    mmfast's internals; it is refused with the way out, and the unpatched module scripts."""
+    model = build("clip-vision")
+    mmfast.patch(model, verbose=False)
+    norm = model.post_layernorm
+    with pytest.raises(RuntimeError, match=r"torch\.jit\.script cannot compile a patched module \(LayerNorm\).*unpatch"):
+        torch.jit.script(norm)
+    mmfast.unpatch(model)
+    x = torch.randn(2, 3, norm.weight.numel())
+    torch.testing.assert_close(torch.jit.script(norm)(x), norm(x))

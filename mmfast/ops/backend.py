@@ -267,7 +267,7 @@ def plain_eager(*tensors: Optional[Tensor]) -> bool:
     """Whether an op call with these tensors may take the eager fast path (a ``torch.autograd.Function``
     running the same forward and backward) instead of the custom op: nothing would see the difference.
     Not compiling or tracing, no torch_function / dispatch mode, no functorch transform, plain Tensors."""
-    if os.environ.get(EAGER_ENV) == "ops" or torch.compiler.is_compiling():
+    if os.environ.get(EAGER_ENV) == "ops" or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     if torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack():
         return False

@@ -34,6 +34,7 @@ from .table import FAMILIES, KERNEL_LIBRARIES, family_of, is_norm_candidate, uns
 
 _ATTR = "_mmfast_patch"
 _REPLICATE = "_replicate_for_data_parallel"  # what torch.nn.DataParallel's replicate() calls on each module
+_SCRIPTABLE = "__prepare_scriptable__"  # what torch.jit.script calls on each module first
 class _Absent:
     """The "nothing was there" marker; one instance, kept through pickle and deepcopy."""
 
@@ -146,6 +147,12 @@ class _PatchedForward(ModuleCall):
     @property
     def __signature__(self) -> inspect.Signature:
         return _forward_signature(self._module())
+
+    @property
+    def __code__(self) -> types.CodeType:
+        """The code of the forward this one stands in for, its module class's, for what reads a forward's
+        ``__code__`` (non-strict ``torch.export`` names its shape environment after it)."""
+        return type(self._module()).forward.__code__
 
 
 def _bound_forward(binding, *args, **kwargs):
@@ -489,6 +496,7 @@ def _install(module: nn.Module, fam, forward=patched_forward, top: bool = False)
         hooked.__wrapped__ = patched
     module.extra_repr = ModuleCall(_patched_extra_repr, module)
     d[_REPLICATE] = ModuleCall(_refuse_replication, module)
+    d[_SCRIPTABLE] = ModuleCall(_refuse_scripting, module)
 
 
 def _refuse_replication(module: nn.Module):
@@ -499,6 +507,15 @@ def _refuse_replication(module: nn.Module):
         "replicas would run the original's forward and weights. Use DistributedDataParallel instead (one "
         "process per GPU: torchrun, accelerate launch; HF Trainer uses it when launched so), or "
         "mmfast.unpatch(model) first.")
+
+
+def _refuse_scripting(module: nn.Module):
+    """``torch.jit.script`` compiles a module's forward from its source; a patched forward runs mmfast's ops
+    through Python, which TorchScript cannot read."""
+    raise RuntimeError(
+        f"mmfast: torch.jit.script cannot compile a patched module ({type(module).__name__}): its forward runs "
+        "mmfast's ops through Python. torch.jit.trace, torch.export and torch.compile record them as mmfast:: "
+        "ops; to script the model, mmfast.unpatch(model) first.")
 
 
 def _unpatched_call(original, module: nn.Module, *args, **kwargs):
@@ -517,6 +534,7 @@ def _uninstall(module: nn.Module) -> None:
     runs the original forward from now on."""
     d = module.__dict__
     d.pop(_REPLICATE, None)
+    d.pop(_SCRIPTABLE, None)
     rec: _Patch = d.pop(_ATTR)
     if rec.forward is None:  # a record pickled before it kept its forward: the one in its slot
         rec.forward = d.get(rec.slot)
