@@ -391,8 +391,8 @@ def _describe(fn) -> str:
 def _kernelized(module: nn.Module) -> bool:
     """Whether ``module``'s instance forward was put there by the ``kernels`` library's ``kernelize``, which
     transformers runs over layers it marks ``use_kernel_forward_from_hub`` (every RMSNorm) when a model is
-    loaded with ``use_kernels`` (``from_pretrained``'s default where kernels is installed, as transformers
-    5.25 installs it) and again at each ``model.train()`` / ``eval()``: a hub kernel's forward, or the
+    loaded with ``use_kernels`` (``from_pretrained``'s default in transformers 5.25, which installs kernels
+    with itself) and again at each ``model.train()`` / ``eval()``: a hub kernel's forward, or the
     class's own, bound to the module (kernels 0.19 leaves the class's in place instead). mmfast's fused forward
     takes its place, as it would the class's. A hub kernel is told from another library's forward put on the
     instance (Liger's instance patching looks the same) by the ``_kernel_repo`` kernels 0.18+ records beside
