@@ -313,6 +313,27 @@ def test_reference_backend(monkeypatch, device, seed):
     check_adapter(lambda i: _dropout_draw(2, 5, 200, 8, 2, 2, 0.2, torch.float32, device, seed + i), seed)
 
 
+def test_bf16_on_the_interpreter_runs_the_reference(adapter_backend, monkeypatch, device, seed):
+    """The Triton interpreter's bf16 ``tl.dot`` gives wrong products: a bf16 adapter under ``TRITON_INTERPRET=1``
+    returned outputs ~1e10 off, and a bf16 MMA model trained on such gradients without a word. The auto backend
+    runs those calls on the reference (counted as such, and accurate); ``MMFAST_BACKEND=triton`` refuses them,
+    saying why. (fp16 and fp32 calls still run the kernels there.)"""
+    from mmfast.kernels import _device
+
+    if adapter_backend != "auto" or not _device.interpreting():
+        pytest.skip("the auto backend's routing of CPU calls under the Triton interpreter")
+    with mmfast.backends_used() as used:
+        check_adapter(lambda i: dict(leaves=make_inputs(2, 5, 200, 8, 2, 2, torch.bfloat16, device), scale=0.8,
+                                     groups=2), seed)
+        mma_adapter(*make_inputs(2, 5, 200, 8, 2, 2, torch.float16, device), scale=0.8, groups=2)
+    ran = {(u.dtype, u.direction, u.backend) for u in used if u.op == "mma_adapter"}
+    assert ran == {(torch.bfloat16, "fwd", "reference"), (torch.bfloat16, "bwd", "reference"),
+                   (torch.float16, "fwd", "triton")}
+    monkeypatch.setenv(ENV_VAR, "triton")
+    with pytest.raises(RuntimeError, match="bf16 tl.dot"):
+        mma_adapter(*make_inputs(2, 5, 200, 8, 2, 2, torch.bfloat16, device), scale=0.8, groups=2)
+
+
 # ---------------------------------------------------------------------------------------------
 # errors, opcheck, compile
 # ---------------------------------------------------------------------------------------------

@@ -189,9 +189,21 @@ def warn_once(message: str, key: str | None = None) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def _without_cuda(device: torch.device, forced_triton: bool) -> str:
+#: Why the Triton interpreter cannot run an op call: its bf16 ``tl.dot`` products are wrong (off by orders
+#: of magnitude), and the adapter's kernels multiply with it.
+_INTERPRETER_BF16_DOT = "the Triton interpreter's bf16 tl.dot gives wrong products, and the adapter's kernels use it"
+
+
+def _interpreter_cannot(device: torch.device, key: KernelKey | None) -> Optional[str]:
+    if device.type == "cpu" and key is not None and key.op == "mma_adapter" and key.dtype == torch.bfloat16 \
+            and _device.interpreting():
+        return _INTERPRETER_BF16_DOT
+    return None
+
+
+def _without_cuda(device: torch.device, forced_triton: bool, key: KernelKey | None = None) -> str:
     if forced_triton:
-        reason = _triton_can_run(device)
+        reason = _triton_can_run(device) or _interpreter_cannot(device, key)
         if reason is not None:
             raise RuntimeError(f"{_asked('triton')} cannot run: {reason}")
         return "triton"
@@ -205,7 +217,8 @@ def _without_cuda(device: torch.device, forced_triton: bool) -> str:
         if problem is not None:  # TRITON_INTERPRET=1 asks for the kernels: say why they cannot run
             raise RuntimeError(f"TRITON_INTERPRET=1 runs the Triton kernels on CPU, but {problem}; or unset "
                                f"TRITON_INTERPRET (or set {ENV_VAR}=reference) for the PyTorch reference")
-        return "triton"
+        # a bf16 adapter call runs the reference: the interpreter's products would be wrong (counted as such)
+        return "reference" if _interpreter_cannot(device, key) else "triton"
     return "reference"
 
 
@@ -228,7 +241,7 @@ def _resolve(device: torch.device, key: KernelKey | None, cuda_unsupported: str 
     if wanted == "reference":
         return "reference"
     if wanted == "triton":
-        return _without_cuda(device, forced_triton=True)
+        return _without_cuda(device, forced_triton=True, key=key)
     if key is not None:
         if wanted == "cuda":
             reason = cuda_unsupported or cuda_can_run(device)
@@ -248,7 +261,7 @@ def _resolve(device: torch.device, key: KernelKey | None, cuda_unsupported: str 
                     return "cuda"
                 warn_once(f"mmfast: the backend table prefers the CUDA C++ kernels on this GPU, but they cannot "
                            f"run: {reason}. Running the Triton kernels instead.")
-    return _without_cuda(device, forced_triton=False)
+    return _without_cuda(device, forced_triton=False, key=key)
 
 
 def as_rows(t: Tensor) -> Tensor:
