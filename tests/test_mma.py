@@ -1722,3 +1722,50 @@ def test_merged_images_kept_when_the_input_embeddings_are_swapped_or_the_forward
         model(**inputs)
 
 
+
+
+def test_mma_again_on_a_frozen_model_trains_its_modules_again():
+    """Patching twice is patching once: a second ``tuning="mma"`` after something froze the model
+    (``requires_grad_(False)``, PEFT's prepare_model_for_kbit_training) left everything frozen, as the
+    LayerNorm recipes do not (they set what trains again): the next training step had no gradient to
+    compute. The adapters, the modality embedding and the projector train again."""
+    model = build("llava")
+    first = mmfast.patch(model, tuning="mma", verbose=False)
+    trained = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert any("multi_modal_projector" in n for n in trained)
+    model.requires_grad_(False)
+    again = mmfast.patch(model, tuning="mma", verbose=False)
+    assert again.trainable_params == first.trainable_params > 0
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == trained
+    model.train()
+    model(**batch("llava")).loss.backward()
+    assert all(model.get_parameter(n).grad is not None for n in trained)
+
+
+def test_a_cast_after_mma_warns_and_patching_again_widens_it_back(recwarn):
+    """MMA makes its adapters and modality embedding in fp32, as the LayerNorm recipes keep fp32 master
+    norm weights; a cast after patching (Lightning's "bf16-true", ``model.half()``) made them 16-bit with
+    nothing said, and a second patch left them so. A training forward warns once now, and patching again
+    puts them back in fp32."""
+    from mmfast.ops import backend
+    from mmfast.tuning.mma import added_modules
+
+    backend._warned.discard("mma_cast")
+    model = build("llava")
+    mmfast.patch(model, tuning="mma", verbose=False)
+    model.to(torch.bfloat16)
+    model.eval()
+    with torch.no_grad():
+        model(**batch("llava", dtype=torch.bfloat16))
+    assert not [w for w in recwarn if "MMA adapters" in str(w.message)]
+    model.train()
+    for _ in range(2):
+        model(**batch("llava", dtype=torch.bfloat16)).loss.backward()
+    said = [str(w.message) for w in recwarn if "MMA adapters" in str(w.message)]
+    assert len(said) == 1 and "bfloat16 now" in said[0] and "patching again" in said[0]
+    backend._warned.discard("mma_cast")
+    mmfast.patch(model, tuning="mma", verbose=False)
+    added = [model.get_submodule(n) for n in added_modules(model)]
+    assert added and all(p.dtype == torch.float32 and p.requires_grad for m in added for p in m.parameters())
+    model(**batch("llava", dtype=torch.bfloat16)).loss.backward()
+    assert len([w for w in recwarn if "MMA adapters" in str(w.message)]) == 1

@@ -40,11 +40,11 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .._zero import full_shape, gathered
+from .._zero import full_shape, gathered, partitioned
 from ..nn.adapter import MMAdapter, _XavierLinear
 from ..patching.core import EXTRA_KWARGS_ATTR, SHARED_CODE_HOOK, binding_of, remove_hooks
 from ..ops.backend import warn_once
-from .recipes import _hf_model, find_parts, peft_trainables, untrainable_problem
+from .recipes import _hf_model, find_parts, peft_trainables, untrainable_problem, warn_cast_trainables
 
 ADAPTER_NAME = "mma_adapter"
 _OPTIONS = "_mmfast_mma_options"  # on the HF model: the MMAOptions its adapters were made with
@@ -590,6 +590,11 @@ def _modality_pre_hook(module, args, kwargs):
     if flags is None or flags.shape[0] != B:
         flags = torch.zeros(B, dtype=torch.bool, device=ref.device)
     emb: nn.Embedding = getattr(module, EMBEDDING_NAME)
+    compiling = torch.compiler.is_compiling()
+    if module.training and torch.is_grad_enabled() and not compiling and emb.weight.requires_grad \
+            and emb.weight.dtype != torch.float32:  # (a cast casts the adapters with it)
+        warn_cast_trainables("the MMA adapters and modality embedding mmfast.patch made in float32",
+                             emb.weight.dtype, key="mma_cast")
     dtype = module.get_input_embeddings().weight.dtype
     h = emb(flags.long()).to(dtype)[:, None, :]
     position_ids = torch.zeros(B, 1, dtype=torch.long, device=h.device)
@@ -598,7 +603,6 @@ def _modality_pre_hook(module, args, kwargs):
     # added has no adapter), in order
     slots = [slot for slot in (getattr(getattr(layer, "input_layernorm", None), _SLOT, None)
                                for layer in module.layers) if slot is not None]
-    compiling = torch.compiler.is_compiling()
     for slot in slots:  # the previous forward's: no layer may read a route this forward did not make
         slot.route = None
         if not compiling:  # (compiled code records no inputs; guards on what eager calls did would recompile)
@@ -1040,8 +1044,13 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
     parts, neck, problem = _parts_or_problem(model, opts)
     if problem is not None:
         raise ValueError(problem)
-    if added_modules(hf):
-        return unread  # applied already, with these options
+    if added_modules(hf):  # applied already, with these options: what trains is set again, as a recipe's is
+        try:
+            parts = find_parts(model)
+        except ValueError:
+            parts = None  # a vision tower alone
+        _train_mma(model, hf, parts)
+        return unread
     hf.__dict__[_OPTIONS] = dataclasses.replace(opts)  # a copy: the caller may change theirs
 
     if parts is not None:
@@ -1086,16 +1095,27 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
             layer.register_forward_pre_hook(_vision_padding_hook, with_kwargs=True)
             layer.layer_norm1.register_forward_hook(_vision_tokens_hook)
 
+    _train_mma(model, hf, parts)
+    return unread
+
+
+def _train_mma(model: nn.Module, hf: nn.Module, parts) -> None:
+    """Freeze ``model`` but for MMA's modules, the projector (or neck) and PEFT's adapters. MMA's modules train
+    in fp32, as they were made: a cast since patching (which the modality pass warns about) is undone, but
+    for a ZeRO-3 partition, whose optimizer keeps fp32 masters of its own."""
     kept = peft_trainables(model)  # PEFT's adapters keep training beside MMA's
     for p in model.parameters():
         p.requires_grad_(False)
     for n in added_modules(hf):
-        hf.get_submodule(n).requires_grad_(True)
+        module = hf.get_submodule(n)
+        for p in module.parameters():
+            if p.dtype != torch.float32 and not partitioned(p):
+                p.data = p.data.to(torch.float32)
+        module.requires_grad_(True)
     if parts is not None:
         parts.train_projector()
     for p in kept:
         p.requires_grad_(True)
-    return unread
 
 
 def remove_mma(model: nn.Module) -> int:

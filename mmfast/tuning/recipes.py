@@ -215,6 +215,24 @@ def _output_as_before(module: nn.Module, args, out):
     return out.to(want) if out.dtype != want and out.is_floating_point() else None
 
 
+def warn_cast_trainables(what: str, dtype: torch.dtype, key: str) -> None:
+    """Warn (once per ``key``) that trainable weights mmfast.patch keeps in float32 (``what``, a plural noun) are
+    in ``dtype`` now. Not in a distributed run: FSDP2's mixed precision runs the forward on 16-bit copies of
+    fp32 shards, and DeepSpeed's bf16 engines cast the model while their optimizers keep fp32 masters: there a
+    16-bit weight in the forward says nothing, and this check cannot tell those runs from a cast that lost
+    the masters."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return
+    from ..ops.backend import warn_once
+
+    warn_once(f"mmfast: {what} are {str(dtype).removeprefix('torch.')} now: the model was cast after patching "
+              "(Lightning's precision='bf16-true', model.to(dtype), Trainer's bf16_full_eval), or its weights were "
+              "loaded after patching in the checkpoint's dtype (load_checkpoint_and_dispatch into a model patched "
+              "on the meta device). Small updates round away in that dtype and they stop learning. Cast or load "
+              "before mmfast.patch (patching again widens them back), and train with mixed precision (Lightning "
+              "'bf16-mixed', Trainer bf16=True) instead.", key=key)
+
+
 def _master_weights_kept(module: nn.Module, args) -> None:
     """Forward pre-hook of a norm whose weights ``master_weights`` widened: warn (once) when a cast since
     patching (Lightning's ``precision="bf16-true"``, ``model.to(torch.bfloat16)``, HF Trainer's
@@ -222,23 +240,11 @@ def _master_weights_kept(module: nn.Module, args) -> None:
     stops learning, with nothing else to show it."""
     if not (module.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
         return
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # FSDP2's mixed precision runs the forward on 16-bit copies of fp32 shards, and DeepSpeed's bf16
-        # engines cast the model while their optimizers keep fp32 masters: there a 16-bit weight in the
-        # forward says nothing, and this check cannot tell those runs from a cast that lost the masters
-        return
     for name in module.__dict__.get(_MASTER_ATTR, ()):
         p = getattr(module, name, None)
         if isinstance(p, nn.Parameter) and p.requires_grad and p.dtype != torch.float32:
-            from ..ops.backend import warn_once
-
-            warn_once(f"mmfast: the trainable norm weights mmfast.patch kept in float32 (master_weights=True) are "
-                      f"{str(p.dtype).removeprefix('torch.')} now: the model was cast after patching (Lightning's "
-                      "precision='bf16-true', model.to(dtype), Trainer's bf16_full_eval), or its weights were "
-                      "loaded after patching in the checkpoint's dtype (load_checkpoint_and_dispatch into a model "
-                      "patched on the meta device). Small updates round away in that dtype and the norms stop "
-                      "learning. Cast or load before mmfast.patch, and train with mixed precision (Lightning "
-                      "'bf16-mixed', Trainer bf16=True) instead.", key="master_weights_cast")
+            warn_cast_trainables("the trainable norm weights mmfast.patch kept in float32 (master_weights=True)",
+                                 p.dtype, key="master_weights_cast")
             return
 
 
