@@ -12,7 +12,8 @@ from torch import nn
 from ._zero import full_numel
 from .ops.backend import requested_backend
 from .patching import PatchReport, patch_norms, unpatch_norms
-from .patching.core import EXTRA_KWARGS_ATTR, hide_extra_kwargs, kernelize_problem, show_extra_kwargs
+from .patching.core import (EXTRA_KWARGS_ATTR, hide_extra_kwargs, is_patched, kernelize_problem, show_extra_kwargs,
+                            unwatch_patches, watch_patches)
 from .patching.loss import patch_loss, unpatch_loss
 from .patching.mlp import patch_mlps, unpatch_mlps
 from .tuning import LN_RECIPES, apply_ln_recipe, remove_tuning_hooks, restore_master_weights
@@ -139,6 +140,10 @@ def patch(
     for m in model.modules():  # signatures name mma_has_image (Trainer's column filter, generate)
         if EXTRA_KWARGS_ATTR in m.__dict__:
             show_extra_kwargs(m)
+    # a few of what was patched, to notice a bulk replacement of the forwards since (Liger's, at train())
+    top = next((path for path, m in model.named_modules() if m is hf), None) if is_patched(hf) else None
+    watch_patches(model, [path for path in (next(iter(report.patched), None), next(iter(report.mlps or ()), None), top)
+                          if path is not None])
     report.trainable_params, report.all_params = count_parameters(model)
     if verbose and _is_rank0():
         logger.info("%s\n%s", report.summary(), report.trainable_line())
@@ -180,6 +185,7 @@ def unpatch(model: nn.Module) -> int:
     if problem is not None:
         raise ValueError(problem)
     remove_tuning_hooks(model)
+    unwatch_patches(model)
     restore_master_weights(model)
     return (unpatch_loss(model) + hide_extra_kwargs(model) + remove_mma(model) + unpatch_mlps(model)
             + unpatch_norms(model))

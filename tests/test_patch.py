@@ -561,6 +561,51 @@ def _foreign_forward(self, x):
     return x
 
 
+def _as_liger(fn, qualname: str, module: str = "liger_kernel.transformers.rms_norm"):
+    """``fn`` dressed as Liger-Kernel's (what its instance patching binds to a module)."""
+    fake = types.FunctionType(fn.__code__, fn.__globals__, "forward")
+    fake.__module__, fake.__qualname__ = module, qualname
+    return fake
+
+
+def _liger_lce_forward(self, **kwargs):
+    return type(self).forward(self, **kwargs)
+
+
+def test_forwards_replaced_after_patch_warn_in_training():
+    """HF Trainer's and TRL's ``use_liger_kernel=True`` apply Liger-Kernel to the model at ``train()``, after
+    mmfast.patch: its instance patching replaced every patched forward (norms, MLPs, the model's forward with
+    the fused loss), mmfast's kernels stopped running, and nothing said so; a second patch then still reported
+    the fused loss as on. A training forward warns once now, naming what replaced them, and a second patch
+    reports every replaced module as someone else's, the fused loss included."""
+    import warnings
+
+    model = build("llama")
+    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    norm_fwd = _as_liger(_foreign_forward, "LigerRMSNorm.forward")
+    for m in model.modules():
+        if core.is_patched(m) and type(m).__name__ == "LlamaRMSNorm":
+            m.forward = types.MethodType(norm_fwd, m)
+    lce_forward = _as_liger(_liger_lce_forward, "lce_forward", "liger_kernel.transformers.model.llama")
+    model.forward = types.MethodType(lce_forward, model)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model.eval()
+        with torch.no_grad():
+            model(**batch("llama"))
+        model.train()
+        for _ in range(2):
+            model(**batch("llama")).loss.backward()
+    said = [str(w.message) for w in seen if "was replaced since" in str(w.message)]
+    assert len(said) == 1
+    assert "liger_kernel.transformers.rms_norm.LigerRMSNorm.forward" in said[0] and "use_liger_kernel" in said[0]
+    report = mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    skipped = dict(report.skipped)
+    assert not report.patched and all("liger_kernel" in skipped[p] for p in skipped if "norm" in p)
+    assert report.fused_loss.startswith("not installed: model: forward already replaced on this instance by "
+                                        "liger_kernel.transformers.model.llama.lce_forward")
+
+
 def test_refuses_instance_patched_by_other_library():
     model = nn.Sequential(_llama_norm(), _llama_norm())
     fake = types.FunctionType(_foreign_forward.__code__, {}, "forward")

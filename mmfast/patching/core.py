@@ -317,6 +317,54 @@ def displaced(module: nn.Module) -> bool:
     return True
 
 
+_WATCH_ATTR = "_mmfast_patch_watch"  # on the patched model: the handle of its _patches_in_place pre-hook
+
+
+def _patches_in_place(paths: list, module: nn.Module, args) -> None:
+    """Forward pre-hook of a patched model: warn (once) when a forward ``mmfast.patch`` installed was replaced
+    since. HF Trainer's and TRL's ``use_liger_kernel=True`` apply Liger-Kernel to the model at ``train()``,
+    over mmfast's forwards: mmfast's kernels stop running there (its fp32 master weights then meet Liger's),
+    and nothing else shows it. ``paths``: a few patched modules (the first norm, the first MLP, the model
+    itself), looked up at each training forward; what replaces forwards replaces them all."""
+    if torch.compiler.is_compiling() or not paths or not (module.training and torch.is_grad_enabled()):
+        return
+    for path in paths:
+        try:
+            m = module.get_submodule(path)
+        except AttributeError:
+            continue
+        if is_patched(m) and displaced(m):
+            from ..ops.backend import warn_once
+
+            paths.clear()  # said once: no more checks
+            now = m.__dict__.get("forward")
+            warn_once(f"mmfast: the forward mmfast.patch put on {path or type(m).__name__} was replaced since"
+                      f"{f' by {_describe(now)}' if now is not None else ''}, and mmfast's kernels no longer run "
+                      "there. HF Trainer's and TRL's use_liger_kernel=True apply Liger-Kernel to the model at "
+                      "train(), over mmfast's forwards: leave it off with mmfast.patch (or mmfast.unpatch the model "
+                      "to train with Liger alone).", key=f"patch_replaced:{id(module)}")
+            return
+
+
+setattr(_patches_in_place, SHARED_CODE_HOOK, True)  # reads nothing of a module's when compiled
+
+
+def watch_patches(model: nn.Module, paths: list[str]) -> None:
+    """Register :func:`_patches_in_place` on ``model`` for the patched modules at ``paths`` (a patch again
+    replaces the earlier watch; none: no watch)."""
+    unwatch_patches(model)
+    if paths:
+        model.__dict__[_WATCH_ATTR] = model.register_forward_pre_hook(
+            functools.partial(_patches_in_place, list(paths)))
+
+
+def unwatch_patches(model: nn.Module) -> None:
+    for m in model.modules():
+        handle = m.__dict__.pop(_WATCH_ATTR, None)
+        if handle is not None:
+            handle.remove()
+
+
 def _inner(fn):
     """The function behind a partial or a bound method."""
     return getattr(fn, "func", None) or getattr(fn, "__func__", None) or fn

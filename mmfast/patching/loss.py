@@ -122,7 +122,7 @@ def unsupported_reason(model: nn.Module) -> Optional[str]:
     if "_loss_function" in model.__dict__:
         return "a custom loss_function is set on the model; the fused loss would bypass it"
     foreign = _foreign_patch(model)
-    return None if foreign is None else f"model forward {foreign}"
+    return None if foreign is None else f"model: {foreign}"
 
 
 def _head_reason(head) -> Optional[str]:
@@ -130,7 +130,7 @@ def _head_reason(head) -> Optional[str]:
     if type(head) is not nn.Linear:
         return f"lm_head is {type(head).__name__}, not torch.nn.Linear"
     foreign = _foreign_patch(head)
-    return None if foreign is None else f"lm_head forward {foreign}"
+    return None if foreign is None else f"lm_head: {foreign}"
 
 
 def _install_head(head: nn.Linear) -> None:
@@ -393,6 +393,8 @@ def patch_loss(model: nn.Module, outermost: bool = True) -> Optional[str]:
     no wrapper such as PEFT's calls ``model``). Returns None, or why it was not installed."""
     if is_fused(model) and (_FUSED in model.__dict__) == _as_forward(model, outermost):
         unpatch_loss(model)  # installed the other way, which no longer fits (an Accelerate hook added since)
+    if is_fused(model) and (displaced(model) if is_patched(model) else _foreign_patch(model) is not None):
+        unpatch_loss(model)  # its forward replaced since (Liger's instance patching): reported below as such
     if is_fused(model):
         fn = model.__dict__.get("_loss_function")
         if isinstance(fn, functools.partial) and fn.func is _loss_function:  # pickled by an earlier version
