@@ -498,12 +498,60 @@ def test_a_hub_kernel_layer_patched_by_another_library_is_left_alone():
     theirs (kernels 0.17 records no repository)."""
     _hub_kernels()
     model = build("llama")
-    norm = model.model.layers[0].input_layernorm
+    norm, other = model.model.layers[0].input_layernorm, model.model.layers[1].input_layernorm
     norm.forward = types.MethodType(_HubRMSNorm.forward, norm)
+    other.__dict__["_kernel_repo"] = "kernels-community/liger-kernels"  # left by a hub kernel Liger replaced
+    liger = _as_liger(_foreign_forward, "LigerRMSNorm.forward")
+    other.forward = types.MethodType(liger, other)
     report = mmfast.patch(model, verbose=False)
     reason = dict(report.skipped)["model.layers.0.input_layernorm"]
     assert "does not stack" in reason and "use_kernels=False" in reason
     assert norm.__dict__["forward"].__func__ is _HubRMSNorm.forward
+    assert "liger_kernel" in dict(report.skipped)["model.layers.1.input_layernorm"]
+    assert other.__dict__["forward"].__func__ is liger
+
+
+def test_patch_takes_the_place_of_a_hub_kernel_behind_an_accelerate_hook():
+    """A model dispatched with ``device_map`` keeps its Accelerate hooks around what kernelize puts in the
+    forward slot (``_old_forward``): a hub kernel there was reported as another library's forward and the
+    norm skipped. It is patched behind the hook, and unpatched the hook runs the class's forward."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    _hub_kernels()
+    model = build("llama")
+    plain = copy.deepcopy(model)
+    norm = model.model.norm
+    add_hook_to_module(norm, ModelHook())
+    norm._old_forward = types.MethodType(_HubRMSNorm.forward, norm)
+    norm.__dict__["_kernel_repo"] = "kernels-community/liger-kernels"
+    report = mmfast.patch(model, verbose=False)
+    assert "model.norm" in report.patched and not report.skipped
+    x = torch.randn(2, 3, norm.weight.numel())
+    with mmfast.backends_used() as used:
+        torch.testing.assert_close(norm(x), plain.model.norm(x))
+    assert sum(used.values()) == 1
+    mmfast.unpatch(model)
+    assert norm._old_forward.__func__ is type(norm).forward and "_hf_hook" in norm.__dict__
+    torch.testing.assert_close(norm(x), plain.model.norm(x))
+
+
+def test_a_patched_model_unpickled_elsewhere_keeps_kernelize_off_its_norms(monkeypatch):
+    """What keeps kernelize off patched norms sits on their class (``kernel_condition``), which a pickle does
+    not carry: in a fresh process the unpickled model's next ``train()`` / ``eval()`` put the class's forward
+    back. Unpickling a patched module puts it on the class again."""
+    import pickle
+
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    _hub_kernels()
+    model = build("llama")
+    mmfast.patch(model, verbose=False)
+    assert isinstance(LlamaRMSNorm.kernel_condition, core._LeavePatched)
+    monkeypatch.setattr(LlamaRMSNorm, "kernel_condition", staticmethod(LlamaRMSNorm.kernel_condition.inner))
+    assert not isinstance(LlamaRMSNorm.kernel_condition, core._LeavePatched)  # as a fresh process has it
+    copy_ = pickle.loads(pickle.dumps(model))
+    assert isinstance(LlamaRMSNorm.kernel_condition, core._LeavePatched)
+    assert LlamaRMSNorm.kernel_condition(copy_.model.norm) is False
 
 
 def test_patch_refuses_hub_kernels_it_cannot_keep_off(monkeypatch):
@@ -572,7 +620,8 @@ def _liger_lce_forward(self, **kwargs):
     return type(self).forward(self, **kwargs)
 
 
-def test_forwards_replaced_after_patch_warn_in_training():
+@pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "peft"])
+def test_forwards_replaced_after_patch_warn_in_training(wrapped):
     """HF Trainer's and TRL's ``use_liger_kernel=True`` apply Liger-Kernel to the model at ``train()``, after
     mmfast.patch: its instance patching replaced every patched forward (norms, MLPs, the model's forward with
     the fused loss), mmfast's kernels stopped running, and nothing said so; a second patch then still reported
@@ -580,14 +629,17 @@ def test_forwards_replaced_after_patch_warn_in_training():
     reports every replaced module as someone else's, the fused loss included."""
     import warnings
 
-    model = build("llama")
+    model = lora_llama(0, ["q_proj"]) if wrapped else build("llama")  # (PEFT: the fused loss is the forward)
+    hf = model.get_base_model() if wrapped else model
     mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    assert core.is_patched(hf) == wrapped
     norm_fwd = _as_liger(_foreign_forward, "LigerRMSNorm.forward")
     for m in model.modules():
         if core.is_patched(m) and type(m).__name__ == "LlamaRMSNorm":
             m.forward = types.MethodType(norm_fwd, m)
+            m.extra_repr = lambda: "liger"
     lce_forward = _as_liger(_liger_lce_forward, "lce_forward", "liger_kernel.transformers.model.llama")
-    model.forward = types.MethodType(lce_forward, model)
+    hf.forward = types.MethodType(lce_forward, hf)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         model.eval()
@@ -604,6 +656,22 @@ def test_forwards_replaced_after_patch_warn_in_training():
     assert not report.patched and all("liger_kernel" in skipped[p] for p in skipped if "norm" in p)
     assert report.fused_loss.startswith("not installed: model: forward already replaced on this instance by "
                                         "liger_kernel.transformers.model.llama.lce_forward")
+    assert hf.model.norm.extra_repr() == "liger"  # Liger's own, left in place
+
+
+@pytest.mark.parametrize("tuning", [None, "mma"])
+def test_patch_again_after_accelerate_prepare_keeps_the_fused_loss(tuning):
+    """``Accelerator.prepare``'s autocast wraps the model's forward (around its class's, or MMA's signature
+    forward): a second patch took that for another library's forward and turned the fused loss off."""
+    from accelerate import Accelerator
+
+    model = build("llama")
+    mmfast.patch(model, tuning=tuning, verbose=False)
+    prepared = Accelerator(mixed_precision="bf16", cpu=True).prepare(model)
+    report = mmfast.patch(prepared, tuning=tuning, verbose=False)
+    assert report.fused_loss == "on"
+    prepared.train()
+    assert prepared(**batch("llama")).logits is None
 
 
 def test_refuses_instance_patched_by_other_library():

@@ -9,7 +9,8 @@ Rules:
   Accelerate hook, which wraps ``_old_forward``: then ``_old_forward`` is what gets swapped, so the hook
   keeps working; and except for transformers' hub kernels (``use_kernels``, :func:`_kernelized`), which
   mmfast's kernels take the place of;
-* patching is idempotent; ``unpatch`` puts back exactly what was there;
+* patching is idempotent; ``unpatch`` puts back exactly what was there (but for a hub kernel's forward: the
+  class's own comes back, and transformers puts the kernel back when it next kernelizes the model);
 * ``MMFAST_DISABLE=1`` or ``with mmfast.disabled():`` make patched modules run their original forward.
 
 No tensor data is touched, so models on the meta device patch the same way.
@@ -152,7 +153,10 @@ class _PatchedForward(ModuleCall):
     def __code__(self) -> types.CodeType:
         """The code of the forward this one stands in for, its module class's, for what reads a forward's
         ``__code__`` (non-strict ``torch.export`` names its shape environment after it)."""
-        return type(self._module()).forward.__code__
+        module = self._ref() if self._ref is not None else None
+        if module is None:  # (hasattr asks too)
+            raise AttributeError("__code__: the module this forward was bound to has been freed")
+        return type(module).forward.__code__
 
 
 def _bound_forward(binding, *args, **kwargs):
@@ -342,7 +346,8 @@ def _patches_in_place(paths: list, module: nn.Module, args) -> None:
                       f"{f' by {_describe(now)}' if now is not None else ''}, and mmfast's kernels no longer run "
                       "there. HF Trainer's and TRL's use_liger_kernel=True apply Liger-Kernel to the model at "
                       "train(), over mmfast's forwards: leave it off with mmfast.patch (or mmfast.unpatch the model "
-                      "to train with Liger alone).", key=f"patch_replaced:{id(module)}")
+                      "to train with Liger alone). A module given back its class's own forward (transformers' "
+                      "kernelize, say) is patched again by mmfast.patch.", key=f"patch_replaced:{id(module)}")
             return
 
 
@@ -363,6 +368,21 @@ def unwatch_patches(model: nn.Module) -> None:
         handle = m.__dict__.pop(_WATCH_ATTR, None)
         if handle is not None:
             handle.remove()
+
+
+def reaches_class_forward(module: nn.Module) -> bool:
+    """Whether ``module`` runs its class's forward: no forward of its own, or one that wraps the class's (as
+    ``__wrapped__``, or bound: Accelerate's autocast and hooks, ``torch.compile(module.forward)``) or one of
+    mmfast's (which runs it, or a fused path in its place; unpatched since, it runs the original)."""
+    cls_forward = type(module).forward
+    f, seen = module.__dict__.get("forward"), 0
+    if f is None:
+        return True
+    while f is not None and seen < 16:
+        if f is cls_forward or getattr(f, "__func__", None) is cls_forward or binding_of(f) is not None:
+            return True
+        f, seen = getattr(f, "__wrapped__", None), seen + 1
+    return False
 
 
 def _inner(fn):
@@ -445,10 +465,19 @@ def _kernelized(module: nn.Module) -> bool:
     takes its place, as it would the class's. A hub kernel is told from another library's forward put on the
     instance (Liger's instance patching looks the same) by the ``_kernel_repo`` kernels 0.18+ records beside
     it; kernels 0.17's hub kernels lack it, and are reported as someone else's."""
+    return _kernelized_slot(module, "forward")
+
+
+def _kernelized_slot(module: nn.Module, slot: str) -> bool:
+    """:func:`_kernelized` for the forward in ``slot``: "forward", or "_old_forward" where an Accelerate hook
+    wraps it (transformers keeps the hooks of a dispatched model around what kernelize puts there). A forward
+    of a kernel library's own (Liger's instance patching binds its forward and leaves ``_kernel_repo`` in
+    place) is not a hub kernel's."""
     cls, d = type(module), module.__dict__
-    f = d.get("forward")
+    f = d.get(slot)
     return (getattr(cls, "kernel_layer_name", None) is not None and isinstance(f, types.MethodType)
-            and f.__self__ is module and ("_kernel_repo" in d or f.__func__ is cls.forward))
+            and f.__self__ is module and ("_kernel_repo" in d or f.__func__ is cls.forward)
+            and defining_module(f).split(".")[0] not in KERNEL_LIBRARIES)
 
 
 class _LeavePatched:
@@ -511,6 +540,8 @@ def _foreign_patch(module: nn.Module) -> Optional[str]:
             old = d["_old_forward"]
             if getattr(old, "__func__", None) is cls.forward or getattr(old, "func", None) is cls.forward:
                 return None  # an Accelerate hook around the class's own forward
+            if _kernelized_slot(module, "_old_forward"):
+                return None  # around a hub kernel's
             return f"forward behind an Accelerate hook was replaced by {_describe(old)}; mmfast does not stack on it"
         if _kernelized(module):
             return None
@@ -527,11 +558,13 @@ def _install(module: nn.Module, fam, forward=patched_forward, top: bool = False)
     top module, whose forward is a callable object (see :class:`ForwardBinding`)."""
     d = module.__dict__
     slot = "_old_forward" if "_hf_hook" in d and "_old_forward" in d else "forward"
-    if slot == "forward" and _kernelized(module):
-        d.pop("_kernel_repo", None)  # the hub kernel's no longer: kernels' own inspection would name it
+    saved = d.get(slot, _ABSENT) if slot == "_old_forward" else _ABSENT
+    if _kernelized_slot(module, slot):  # a hub kernel's: unpatched, the module runs its class's forward (until
+        d.pop("_kernel_repo", None)     # transformers kernelizes it again); kernels' inspection would name it
+        if slot == "_old_forward":
+            saved = types.MethodType(type(module).forward, module)
     _keep_from_kernelize(module)
-    rec = _Patch(fam, slot, d.get(slot, _ABSENT) if slot == "_old_forward" else _ABSENT,
-                 d.get("extra_repr", _ABSENT))
+    rec = _Patch(fam, slot, saved, d.get("extra_repr", _ABSENT))
     d[_ATTR] = rec
     identity = top or _needs_identity(module)
     patched = rec.forward = _PatchedForward(forward, module) if identity else ForwardBinding(forward, module).forward
@@ -544,7 +577,7 @@ def _install(module: nn.Module, fam, forward=patched_forward, top: bool = False)
         hooked.__wrapped__ = patched
     module.extra_repr = ModuleCall(_patched_extra_repr, module)
     d[_REPLICATE] = ModuleCall(_refuse_replication, module)
-    d[_SCRIPTABLE] = ModuleCall(_refuse_scripting, module)
+    d[_SCRIPTABLE] = _KernelizeGuard(_refuse_scripting, module)
 
 
 def _refuse_replication(module: nn.Module):
@@ -555,6 +588,19 @@ def _refuse_replication(module: nn.Module):
         "replicas would run the original's forward and weights. Use DistributedDataParallel instead (one "
         "process per GPU: torchrun, accelerate launch; HF Trainer uses it when launched so), or "
         "mmfast.unpatch(model) first.")
+
+
+class _KernelizeGuard(ModuleCall):
+    """A :class:`ModuleCall` a patched module holds that puts :func:`_keep_from_kernelize` on the module's class
+    wherever the module is rebuilt: a patched model unpickled in another process finds its classes as
+    transformers made them, and its next ``train()`` / ``eval()`` would put the class's forward back."""
+
+    __slots__ = ()
+
+    def __init__(self, func, module: Optional[nn.Module] = None):
+        super().__init__(func, module)
+        if module is not None:
+            _keep_from_kernelize(module)
 
 
 def _refuse_scripting(module: nn.Module):
@@ -606,10 +652,12 @@ def _uninstall(module: nn.Module) -> None:
     hooked = d.get("forward") if "_old_forward" in d else None
     if hooked is not None and getattr(hooked, "__wrapped__", None) is rec.forward:
         hooked.__wrapped__ = rec.saved_wrapped if rec.saved_wrapped is not _ABSENT else d["_old_forward"]
-    if rec.saved_extra_repr is _ABSENT:
-        d.pop("extra_repr", None)
-    else:
-        d["extra_repr"] = rec.saved_extra_repr
+    now = d.get("extra_repr")
+    if isinstance(now, ModuleCall) and now.func is _patched_extra_repr:  # (not another library's, put since)
+        if rec.saved_extra_repr is _ABSENT:
+            d.pop("extra_repr", None)
+        else:
+            d["extra_repr"] = rec.saved_extra_repr
 
 
 @dataclasses.dataclass

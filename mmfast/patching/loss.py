@@ -47,7 +47,8 @@ from torch import Tensor, nn
 from ..ops.backend import warn_once
 from ..ops.loss import linear_cross_entropy
 from .core import (_ATTR, ModuleCall, _foreign_patch, _in_wrapper_package, _install, _original_call, defining_module,
-                   foreign_hook, is_disabled, is_patched, remove_hooks, unpatch_where)
+                   displaced, foreign_hook, is_disabled, is_patched, reaches_class_forward, remove_hooks,
+                   unpatch_where)
 from .table import _code_key
 
 _STATE = "_mmfast_loss_state"
@@ -393,7 +394,7 @@ def patch_loss(model: nn.Module, outermost: bool = True) -> Optional[str]:
     no wrapper such as PEFT's calls ``model``). Returns None, or why it was not installed."""
     if is_fused(model) and (_FUSED in model.__dict__) == _as_forward(model, outermost):
         unpatch_loss(model)  # installed the other way, which no longer fits (an Accelerate hook added since)
-    if is_fused(model) and (displaced(model) if is_patched(model) else _foreign_patch(model) is not None):
+    if is_fused(model) and (displaced(model) if is_patched(model) else not reaches_class_forward(model)):
         unpatch_loss(model)  # its forward replaced since (Liger's instance patching): reported below as such
     if is_fused(model):
         fn = model.__dict__.get("_loss_function")
