@@ -300,7 +300,9 @@ def test_text_and_image_samples_route_differently():
     assert torch.equal(main[0], main[2])  # same modality, same route
     with torch.no_grad():
         model(**batch("llava", B=3, images=[True, False, True]), mma_has_image=torch.tensor([False, False, True]))
-    assert torch.equal(seen[-1][0], main[1]) and torch.equal(seen[-1][2], main[2])  # the explicit flags win
+    # the explicit flags win (the same route to fp32 rounding: another batch row)
+    torch.testing.assert_close(seen[-1][0], main[1])
+    torch.testing.assert_close(seen[-1][2], main[2])
 
 
 def test_a_video_sample_routes_as_one_with_an_image():
@@ -545,6 +547,8 @@ def test_granite4_vision_adapters_sit_where_it_reads():
 
     from tiny_models import IMAGE_SIZE, VOCAB, clip_vision_config, llama_config
 
+    if not hasattr(T, "Granite4VisionConfig"):
+        pytest.skip(f"transformers {T.__version__} has no Granite 4 Vision")
     cfg = T.Granite4VisionConfig(
         vision_config=clip_vision_config(num_hidden_layers=4, hidden_size=64).to_dict(),
         text_config=T.GraniteConfig(**llama_config().to_dict()).to_dict(),
@@ -1292,6 +1296,8 @@ def test_decoders_whose_layers_need_the_whole_forward_are_refused(family):
     dict). Refused when patching now, with the model unchanged."""
     import transformers as T
 
+    if not hasattr(T, f"{family}ForCausalLM"):
+        pytest.skip(f"transformers {T.__version__} has no {family}")
     shape = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=8, vocab_size=64, max_position_embeddings=64, sliding_window=4,
                  layer_types=["sliding_attention", "full_attention"])
@@ -1302,7 +1308,11 @@ def test_decoders_whose_layers_need_the_whole_forward_are_refused(family):
                                   num_kv_shared_layers=0, activation_sparsity_pattern=[0.0, 0.0])
     model = getattr(T, f"{family}ForCausalLM")(cfg)
     before = repr(model)
-    with pytest.raises(ValueError, match=r"DecoderLayer takes per_layer_input and shared_kv_states"):
+    # what the layer takes (transformers 5.0's Gemma 3n layer shares no keys and values yet)
+    takes = [n for n in ("per_layer_input", "shared_kv_states")
+             if n in inspect.signature(type(model.model.layers[0]).forward).parameters]
+    assert "per_layer_input" in takes
+    with pytest.raises(ValueError, match=rf"DecoderLayer takes {' and '.join(takes)}, which"):
         mmfast.patch(model, tuning="mma", verbose=False)
     assert repr(model) == before and all(p.requires_grad for p in model.parameters())
 
