@@ -306,19 +306,29 @@ def is_patched(module: nn.Module) -> bool:
     return _ATTR in module.__dict__
 
 
+def drop_if_displaced(module: nn.Module, families) -> None:
+    """Forget the patch of ``module`` (one of ``families``) where its forward was replaced since (:func:`displaced`):
+    a patch again then installs it anew, or reports the forward as someone else's."""
+    if is_patched(module) and module.__dict__[_ATTR].family in families and displaced(module):
+        _uninstall(module)
+
+
+def _wrapper_chain(f):
+    """``f`` and what it wraps (``__wrapped__``, as ``functools.wraps`` keeps it), innermost last."""
+    for _ in range(16):
+        if f is None:
+            return
+        yield f
+        f = getattr(f, "__wrapped__", None)
+
+
 def displaced(module: nn.Module) -> bool:
     """Whether the forward mmfast installed on patched ``module`` is no longer what runs: something put another
     forward in its slot since (a wrapper that keeps it as ``__wrapped__``, as Accelerate's do, keeps it)."""
     d, rec = module.__dict__, module.__dict__[_ATTR]
     if rec.forward is None:  # a record pickled before it kept its forward: nothing to compare
         return False
-    for slot in ("forward", "_old_forward"):
-        f, seen = d.get(slot), 0
-        while f is not None and seen < 16:
-            if f is rec.forward:
-                return False
-            f, seen = getattr(f, "__wrapped__", None), seen + 1
-    return True
+    return not any(f is rec.forward for slot in ("forward", "_old_forward") for f in _wrapper_chain(d.get(slot)))
 
 
 _WATCH_ATTR = "_mmfast_patch_watch"  # on the patched model: the handle of its _patches_in_place pre-hook
@@ -374,15 +384,9 @@ def reaches_class_forward(module: nn.Module) -> bool:
     """Whether ``module`` runs its class's forward: no forward of its own, or one that wraps the class's (as
     ``__wrapped__``, or bound: Accelerate's autocast and hooks, ``torch.compile(module.forward)``) or one of
     mmfast's (which runs it, or a fused path in its place; unpatched since, it runs the original)."""
-    cls_forward = type(module).forward
-    f, seen = module.__dict__.get("forward"), 0
-    if f is None:
-        return True
-    while f is not None and seen < 16:
-        if f is cls_forward or getattr(f, "__func__", None) is cls_forward or binding_of(f) is not None:
-            return True
-        f, seen = getattr(f, "__wrapped__", None), seen + 1
-    return False
+    cls_forward, f = type(module).forward, module.__dict__.get("forward")
+    return f is None or any(f is cls_forward or getattr(f, "__func__", None) is cls_forward or binding_of(f) is not None
+                            for f in _wrapper_chain(f))
 
 
 def _inner(fn):
@@ -456,7 +460,12 @@ def _describe(fn) -> str:
     return f"{defining_module(fn)}.{name}"
 
 
-def _kernelized(module: nn.Module) -> bool:
+def _hub_layer(cls: type) -> bool:
+    """Whether transformers lets the ``kernels`` library replace the forward of ``cls``'s instances."""
+    return getattr(cls, "kernel_layer_name", None) is not None
+
+
+def _kernelized(module: nn.Module, slot: str = "forward") -> bool:
     """Whether ``module``'s instance forward was put there by the ``kernels`` library's ``kernelize``, which
     transformers runs over layers it marks ``use_kernel_forward_from_hub`` (every RMSNorm) when a model is
     loaded with ``use_kernels`` (``from_pretrained``'s default in transformers 5.25, which installs kernels
@@ -464,18 +473,12 @@ def _kernelized(module: nn.Module) -> bool:
     class's own, bound to the module (kernels 0.19 leaves the class's in place instead). mmfast's fused forward
     takes its place, as it would the class's. A hub kernel is told from another library's forward put on the
     instance (Liger's instance patching looks the same) by the ``_kernel_repo`` kernels 0.18+ records beside
-    it; kernels 0.17's hub kernels lack it, and are reported as someone else's."""
-    return _kernelized_slot(module, "forward")
-
-
-def _kernelized_slot(module: nn.Module, slot: str) -> bool:
-    """:func:`_kernelized` for the forward in ``slot``: "forward", or "_old_forward" where an Accelerate hook
-    wraps it (transformers keeps the hooks of a dispatched model around what kernelize puts there). A forward
-    of a kernel library's own (Liger's instance patching binds its forward and leaves ``_kernel_repo`` in
-    place) is not a hub kernel's."""
+    it (a kernel library's own forward beside a stale one is not a hub kernel's); kernels 0.17's hub kernels
+    lack it, and are reported as someone else's. ``slot``: "forward", or "_old_forward" where an Accelerate
+    hook wraps it (transformers keeps the hooks of a dispatched model around what kernelize puts there)."""
     cls, d = type(module), module.__dict__
     f = d.get(slot)
-    return (getattr(cls, "kernel_layer_name", None) is not None and isinstance(f, types.MethodType)
+    return (_hub_layer(cls) and isinstance(f, types.MethodType)
             and f.__self__ is module and ("_kernel_repo" in d or f.__func__ is cls.forward)
             and defining_module(f).split(".")[0] not in KERNEL_LIBRARIES)
 
@@ -500,8 +503,7 @@ def _keep_from_kernelize(module: nn.Module) -> None:
     cls = type(module)
     inner = getattr(cls, "kernel_condition", None)
     # kernels before 0.17 has no condition (kernelize_problem refuses what it would undo)
-    if getattr(cls, "kernel_layer_name", None) is not None and inner is not None \
-            and not isinstance(inner, _LeavePatched):
+    if _hub_layer(cls) and inner is not None and not isinstance(inner, _LeavePatched):
         cls.kernel_condition = staticmethod(_LeavePatched(inner))
 
 
@@ -513,8 +515,7 @@ def kernelize_problem(model: nn.Module) -> Optional[str]:
         return None
     for path, m in model.named_modules():
         cls = type(m)
-        if getattr(cls, "kernel_layer_name", None) is not None and not hasattr(cls, "kernel_condition") \
-                and family_of(m) is not None:
+        if _hub_layer(cls) and not hasattr(cls, "kernel_condition") and family_of(m) is not None:
             return (f"{type(model).__name__} was loaded with transformers' hub kernels on (use_kernels), which "
                     f"kernelizes it again at each model.train() / eval() and would put {path}'s own forward "
                     f"({cls.__name__}) back over mmfast's; the installed kernels library (before 0.17) gives no "
@@ -540,13 +541,13 @@ def _foreign_patch(module: nn.Module) -> Optional[str]:
             old = d["_old_forward"]
             if getattr(old, "__func__", None) is cls.forward or getattr(old, "func", None) is cls.forward:
                 return None  # an Accelerate hook around the class's own forward
-            if _kernelized_slot(module, "_old_forward"):
+            if _kernelized(module, "_old_forward"):
                 return None  # around a hub kernel's
             return f"forward behind an Accelerate hook was replaced by {_describe(old)}; mmfast does not stack on it"
         if _kernelized(module):
             return None
         hub = (" (if transformers' hub kernels put it there, load the model with from_pretrained(..., "
-               "use_kernels=False))") if getattr(type(module), "kernel_layer_name", None) is not None else ""
+               "use_kernels=False))") if _hub_layer(cls) else ""
         return (f"forward already replaced on this instance by {_describe(d['forward'])}; mmfast does not stack on "
                 f"it{hub}")
     return None
@@ -559,7 +560,7 @@ def _install(module: nn.Module, fam, forward=patched_forward, top: bool = False)
     d = module.__dict__
     slot = "_old_forward" if "_hf_hook" in d and "_old_forward" in d else "forward"
     saved = d.get(slot, _ABSENT) if slot == "_old_forward" else _ABSENT
-    if _kernelized_slot(module, slot):  # a hub kernel's: unpatched, the module runs its class's forward (until
+    if _kernelized(module, slot):  # a hub kernel's: unpatched, the module runs its class's forward (until
         d.pop("_kernel_repo", None)     # transformers kernelizes it again); kernels' inspection would name it
         if slot == "_old_forward":
             saved = types.MethodType(type(module).forward, module)
@@ -720,8 +721,7 @@ def patch_norms(model: nn.Module, report: Optional[PatchReport] = None) -> Patch
     """Swap the forward of every supported norm instance in ``model`` (idempotent)."""
     report = report or PatchReport()
     for path, module in model.named_modules(remove_duplicate=True):
-        if is_patched(module) and module.__dict__[_ATTR].family in FAMILIES and displaced(module):
-            _uninstall(module)  # replaced since: patched again below, or reported as someone else's
+        drop_if_displaced(module, FAMILIES)
         if is_patched(module):
             rec: _Patch = module.__dict__[_ATTR]
             if rec.family not in FAMILIES:

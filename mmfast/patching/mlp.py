@@ -29,7 +29,7 @@ from torch import nn
 
 from ..nn.mlp import clip_mlp_forward, llama_mlp_forward
 from ..ops.backend import warn_once
-from .core import (_ATTR, PatchReport, _foreign_patch, _install, _original_call, _uninstall, displaced, foreign_hook,
+from .core import (_ATTR, PatchReport, _foreign_patch, _install, _original_call, drop_if_displaced, foreign_hook,
                    has_hooks, is_patched, unpatch_where)
 from .table import _code_key
 
@@ -166,8 +166,7 @@ def patch_mlps(model: nn.Module, report: PatchReport) -> PatchReport:
     (their family in ``report.kinds``), candidates that cannot take it to ``report.skipped``."""
     report.mlps = []
     for path, module in model.named_modules(remove_duplicate=True):
-        if is_patched(module) and module.__dict__[_ATTR].family in FAMILIES and displaced(module):
-            _uninstall(module)  # replaced since: fused again below, or reported as someone else's
+        drop_if_displaced(module, FAMILIES)
         if is_patched(module):
             fam = module.__dict__[_ATTR].family
             if fam in FAMILIES:

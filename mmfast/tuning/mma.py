@@ -944,20 +944,21 @@ def _reapply_problem(hf: nn.Module, opts: MMAOptions) -> Optional[str]:
 
 
 def _parts_or_problem(model: nn.Module, opts: MMAOptions):
-    """``(parts, neck, None)`` with the language model's parts (None: a vision tower alone, or MMA applied
-    already) and the visual neck to insert (None: no neck), or ``(None, None, why tuning='mma' with opts
-    cannot apply)``: asked before anything changes."""
+    """``(parts, neck, None)`` with the language model's parts (None: a vision tower alone) and the visual neck
+    to insert (None: no neck, or MMA applied already), or ``(None, None, why tuning='mma' with opts cannot
+    apply)``: asked before anything changes."""
     hf = _hf_model(model)
-    if added_modules(hf):
-        return None, None, _reapply_problem(hf, opts)
     try:
-        parts = find_parts(model)
+        parts, missing = find_parts(model), None
     except ValueError as exc:
-        parts = None  # no LLaMA-style language model: vision adapters only (a CLIP/SigLIP tower)
-        if _has_language_model(hf):  # a language model the adapters cannot go into: the tower's alone are not MMA
-            return None, None, (f"tuning='mma' found no LLaMA-style decoder layers (input_layernorm and "
-                          f"post_attention_layernorm) in {type(hf).__name__}'s language model, so its adapters would "
-                          f"go into the vision tower alone. ({exc})")
+        parts, missing = None, exc  # no LLaMA-style language model: vision adapters only (a CLIP/SigLIP tower)
+    if added_modules(hf):  # applied already: the parts what trains is set again on
+        return parts, None, _reapply_problem(hf, opts)
+    if missing is not None and _has_language_model(hf):
+        # a language model the adapters cannot go into: the tower's alone are not MMA
+        return None, None, (f"tuning='mma' found no LLaMA-style decoder layers (input_layernorm and "
+                            f"post_attention_layernorm) in {type(hf).__name__}'s language model, so its adapters "
+                            f"would go into the vision tower alone. ({missing})")
     cross = [i for i, layer in enumerate(parts.decoder.layers) if hasattr(layer, "cross_attn")] if parts else []
     if cross:
         return None, None, (f"tuning='mma' runs its modality token through every decoder layer, and "
@@ -1045,10 +1046,6 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
     if problem is not None:
         raise ValueError(problem)
     if added_modules(hf):  # applied already, with these options: what trains is set again, as a recipe's is
-        try:
-            parts = find_parts(model)
-        except ValueError:
-            parts = None  # a vision tower alone
         _train_mma(model, hf, parts)
         return unread
     hf.__dict__[_OPTIONS] = dataclasses.replace(opts)  # a copy: the caller may change theirs
