@@ -385,6 +385,8 @@ def test_real_cuda_runtime_in_the_process_does_not_capture_the_emulator(tmp_path
     (2, "deadlock"),
     (3, "full masks over full warps"),
     (5, "in flight"),
+    (7, "misaligned 16-byte vector load from"),
+    (8, "misaligned 16-byte vector store to"),
 ])
 def test_emulator_reports_faults(which, message):
     out = torch.zeros(64)

@@ -345,6 +345,17 @@ void* dynamic_shared() {
   return g_grid->smem.empty() ? nullptr : g_grid->smem.data();
 }
 
+void vector_access(const void* p, bool store) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  if ((a & 15u) == 0) return;
+  Fiber& f = running();
+  char buf[32];
+  snprintf(buf, sizeof(buf), "0x%llx", static_cast<unsigned long long>(a));
+  fault(std::string("misaligned 16-byte vector ") + (store ? "store to " : "load from ") + buf + " (" +
+        std::to_string(a & 15u) + " bytes past a multiple of 16) in " + where(f));
+  yield_to_scheduler(f);
+}
+
 void cp_async16(void* smem, const void* gmem) {
   Fiber& f = running();
   const auto s = reinterpret_cast<uintptr_t>(smem), gm = reinterpret_cast<uintptr_t>(gmem);

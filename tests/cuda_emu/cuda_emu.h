@@ -17,6 +17,8 @@
 //   * __shared__ arrays are function statics (blocks never overlap; they keep their last values, so a read
 //                        before a write is not caught); dynamic shared memory is filled with 0xFF bytes
 //                        (NaN in every float format) before each block;
+//   * a 16-byte vector load or store (uint4) at an address that is not a multiple of 16 is reported (a
+//                        fault on a GPU; x86 does it as two 8-byte moves);
 //   * alloc_fenced gives buffers that end at a PROT_NONE page: an access past the end faults (SIGSEGV is
 //                        caught during launches and reported).
 //
@@ -118,7 +120,29 @@ bool device_props(int dev, DeviceProps* out);
 // The first fault since the last call ("" when none), and clears it.
 const char* take_fault();
 
+// ---- 16-byte vector accesses ------------------------------------------------------------------------
+// On the GPU a 16-byte load or store through uint4 must be 16-byte aligned (a misaligned one is a fault);
+// x86 does it as two 8-byte moves whatever the address. In kernel sources uint4 is this type instead, whose
+// copies report an address that is not a multiple of 16 as a fault of the running launch.
+void vector_access(const void* p, bool store);
+struct alignas(16) CheckedUint4 {
+  unsigned int x, y, z, w;
+  CheckedUint4() = default;
+  CheckedUint4(const CheckedUint4& o) {
+    vector_access(&o, false);
+    std::memcpy(static_cast<void*>(this), static_cast<const void*>(&o), 16);
+  }
+  CheckedUint4& operator=(const CheckedUint4& o) {
+    vector_access(&o, false);
+    vector_access(this, true);
+    std::memcpy(static_cast<void*>(this), static_cast<const void*>(&o), 16);
+    return *this;
+  }
+};
+
 }  // namespace mmfast_emu
+
+#define uint4 ::mmfast_emu::CheckedUint4
 
 #define threadIdx (::mmfast_emu::thread_idx())
 #define blockIdx (::mmfast_emu::block_idx())

@@ -70,11 +70,25 @@ __global__ void reuse_race_kernel(float* out) {
   }
 }
 
+// A 16-byte vector load from src + 1 float and a store to out + 2 floats (both misaligned when
+// `store` picks it); the aligned access between them is fine.
+__global__ void misaligned_vector_kernel(float* out, const float* src, bool store) {
+  const uint4 ok = *reinterpret_cast<const uint4*>(src);
+  *reinterpret_cast<uint4*>(out) = ok;
+  if (store) {
+    *reinterpret_cast<uint4*>(out + 2) = ok;
+  } else {
+    const uint4 v = *reinterpret_cast<const uint4*>(src + 1);
+    *reinterpret_cast<uint4*>(out + 4) = v;
+  }
+}
+
 }  // namespace
 
 // which: 0 good (2 blocks x 64 threads), 1 divergent barrier, 2 split warp (deadlock), 3 partial-warp
 // shuffle, 4 cp.async (32 threads), 5 copies in flight at exit, 6 the shared-memory reuse race (1 block x
-// 64 threads). Returns the launch's CUDA error.
+// 64 threads), 7 a misaligned 16-byte vector load, 8 a misaligned 16-byte vector store (1 thread each).
+// Returns the launch's CUDA error.
 extern "C" int emu_selftest(int which, float* out, const float* src) {
   cudaGetLastError();
   switch (which) {
@@ -85,6 +99,8 @@ extern "C" int emu_selftest(int which, float* out, const float* src) {
     case 4: { auto k = cp_async_kernel; MMFAST_LAUNCH(k, 1, 32, 32 * 16, nullptr)(out, src); break; }
     case 5: { auto k = copies_in_flight_kernel; MMFAST_LAUNCH(k, 1, 32, 32 * 16, nullptr)(out, src); break; }
     case 6: { auto k = reuse_race_kernel; MMFAST_LAUNCH(k, 1, 64, 0, nullptr)(out); break; }
+    case 7: { auto k = misaligned_vector_kernel; MMFAST_LAUNCH(k, 1, 1, 0, nullptr)(out, src, false); break; }
+    case 8: { auto k = misaligned_vector_kernel; MMFAST_LAUNCH(k, 1, 1, 0, nullptr)(out, src, true); break; }
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
