@@ -311,6 +311,26 @@ def test_pickle_and_deepcopy_keep_patch(tuning):
     assert core.is_patched(loaded.model.layers[0].input_layernorm)
 
 
+@pytest.mark.parametrize("tuning", [None, "mma"])
+def test_a_deep_copy_shows_its_forward_signatures_after_the_original_is_freed(tuning):
+    """A deep copy (an EMA model, TRL's reference model) outlives the model it was copied from: the
+    signatures of its patched norms and MLPs (what ``torch.export`` of a layer, or a tool binding arguments
+    per module, reads) raised ReferenceError once the original was freed, as deepcopy keeps a method's
+    function, whose signature was bound to the original module."""
+    import gc
+
+    model = build("llava")
+    mmfast.patch(model, tuning=tuning, verbose=False)
+    clone = copy.deepcopy(model)
+    del model
+    gc.collect()
+    patched = [m for m in clone.modules() if core.is_patched(m) and isinstance(m.forward, types.MethodType)]
+    assert {type(m).__name__ for m in patched} >= {"LlamaRMSNorm", "LayerNorm", "LlamaMLP", "CLIPMLP"}
+    for m in patched:
+        assert inspect.signature(m.forward) == inspect.signature(type(m).forward.__get__(m)), type(m).__name__
+    clone(**batch("llava")).loss.backward()
+
+
 @pytest.mark.parametrize("tuning", [None, "layernorm", "mma"])
 def test_patched_model_freed_without_garbage_collection(tuning):
     """``del model`` frees a patched, trained model (and a deep copy of it) at once, as an unpatched one: the

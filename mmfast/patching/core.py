@@ -189,18 +189,29 @@ class ForwardBinding(ModuleCall):
 
 class _Signature:
     """What a patched method forward's function wraps, for ``inspect``: the signature the forward shows,
-    computed when asked (with the bound argument in front, which inspect drops, as for any method)."""
+    computed when asked (with the bound argument in front, which inspect drops, as for any method).
 
-    __slots__ = ("binding",)
+    ``copy.deepcopy`` rebinds a method to the copied binding but keeps its function, so a copy's forward
+    (an EMA model, TRL's reference model) shows the original module's signature, the same as its own (same
+    class, same record). The last one computed is kept for when the original has been freed since."""
+
+    __slots__ = ("binding", "last")
 
     def __init__(self, binding: ModuleCall):
-        self.binding = binding
+        self.binding, self.last = binding, None
 
     @property
     def __signature__(self) -> inspect.Signature:
-        sig = _forward_signature(self.binding._module())
+        try:
+            module = self.binding._module()
+        except ReferenceError:
+            if self.last is None:
+                raise
+            return self.last
+        sig = _forward_signature(module)
         first = inspect.Parameter("_mmfast_binding", inspect.Parameter.POSITIONAL_ONLY)
-        return sig.replace(parameters=[first, *sig.parameters.values()])
+        self.last = sig.replace(parameters=[first, *sig.parameters.values()])
+        return self.last
 
 
 def binding_of(forward) -> Optional[ModuleCall]:
@@ -570,6 +581,8 @@ def _install(module: nn.Module, fam, forward=patched_forward, top: bool = False)
     identity = top or _needs_identity(module)
     patched = rec.forward = _PatchedForward(forward, module) if identity else ForwardBinding(forward, module).forward
     setattr(module, slot, patched)
+    if not identity:  # for a deep copy's forward, whose function is this one (see _Signature)
+        inspect.signature(patched)
     hooked = d.get("forward") if slot == "_old_forward" else None
     if hooked is not None and "__wrapped__" in getattr(hooked, "__dict__", {}):
         # inspect.signature(module.forward) follows the hook's __wrapped__: to the patched forward, whose
