@@ -884,6 +884,33 @@ def test_save_load_trainable_mma(tmp_path):
         assert torch.equal(model(**inputs).logits, fresh(**inputs).logits)
 
 
+def test_mma_patched_on_meta_and_loaded_without_adapters_says_so(tmp_path):
+    """Patched with MMA on the meta device, then the base model's weights loaded by assignment: the adapters
+    stay on meta (a base checkpoint does not hold them). The forward failed in torch ("Tensor on device meta is
+    not on the expected device cpu!") and save_trainable with "Cannot copy out of meta tensor"; both say what
+    happened and what to do now."""
+    from transformers import LlavaForConditionalGeneration
+
+    from tiny_models import llava_config
+
+    base = build("llava")
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(llava_config())
+    mmfast.patch(model, tuning="mma", verbose=False)
+    model.load_state_dict(base.state_dict(), assign=True, strict=False)
+    for name, buf in base.named_buffers():  # (the non-persistent ones, which from_pretrained would make)
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._buffers[leaf] = buf
+    for images in ([True, False], [False, False]):
+        with pytest.raises(RuntimeError, match="(MMAdapter: its|the modality embedding.s) weights hold no "
+                                               "values, on the meta device.*Patch after loading the weights"):
+            model(**batch("llava", images=images))
+    with pytest.raises(ValueError, match=r"save_trainable: \d+ trainable parameters hold no values.*"
+                                         r"mma_adapter.*Patch after loading"):
+        mmfast.save_trainable(model, tmp_path / "mma.safetensors")
+    assert not (tmp_path / "mma.safetensors").exists()
+
+
 def test_load_trainable_refuses_adapters_of_other_options(tmp_path):
     """The adapters' weights do not show a temperature or scale: loaded into adapters made with others they
     computed other outputs without a word. The file records the options; dropout (training's) may differ."""

@@ -24,6 +24,15 @@ class _XavierLinear(nn.Linear):
             nn.init.zeros_(self.bias)
 
 
+def unloaded_mma(what: str, device: torch.device) -> RuntimeError:
+    """The error for MMA weights left on the meta device under an input on ``device``."""
+    return RuntimeError(
+        f"{what} hold no values, on the meta device (the input is on {device}): the model was patched with "
+        "tuning='mma' on the meta device and its weights loaded since (load_state_dict(..., assign=True)) "
+        "without MMA's modules, which a checkpoint of the base model does not hold. Patch after loading the "
+        "weights; for trained adapters, mmfast.load_trainable(model, file) after model.to_empty(...) and the load")
+
+
 class MMAdapter(nn.Module):
     """``y = x + scale * sum_e softmax(router(route) / temperature)_e * up_e(dropout(down(x)))``.
 
@@ -91,6 +100,8 @@ class MMAdapter(nn.Module):
         # calling it, so its hook loads them around the adapter's call
         hook = getattr(self.down, "_hf_hook", None) if self.down.weight.is_meta else None
         if hook is None:
+            if self.down.weight.is_meta and not x.is_meta:
+                raise unloaded_mma("MMAdapter: its weights", x.device)
             return self._forward(x, route)
         hook.pre_forward(self.down)
         try:

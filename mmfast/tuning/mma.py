@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from .._zero import full_shape, gathered, partitioned
-from ..nn.adapter import MMAdapter, _XavierLinear
+from ..nn.adapter import MMAdapter, _XavierLinear, unloaded_mma
 from ..patching.core import EXTRA_KWARGS_ATTR, SHARED_CODE_HOOK, binding_of, remove_hooks
 from ..ops.backend import warn_once
 from .recipes import _hf_model, find_parts, peft_trainables, untrainable_problem, warn_cast_trainables
@@ -595,6 +595,8 @@ def _modality_pre_hook(module, args, kwargs):
             and emb.weight.dtype != torch.float32:  # (a cast casts the adapters with it)
         warn_cast_trainables("the MMA adapters and modality embedding mmfast.patch made in float32",
                              emb.weight.dtype, key="mma_cast")
+    if emb.weight.is_meta and not ref.is_meta and getattr(emb, "_hf_hook", None) is None:
+        raise unloaded_mma("mmfast MMA: the modality embedding's weights", ref.device)
     dtype = module.get_input_embeddings().weight.dtype
     h = emb(flags.long()).to(dtype)[:, None, :]
     position_ids = torch.zeros(B, 1, dtype=torch.long, device=h.device)

@@ -171,6 +171,13 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     if root is None:
         trainables = dict(_named_trainables(model))
         offloaded = _offloaded(unwrap(model), trainables)
+        empty = [n for n, p in trainables.items() if p.is_meta and n not in offloaded]
+        if empty:
+            listed = ", ".join(empty[:3]) + (f" and {len(empty) - 3} more" if len(empty) > 3 else "")
+            raise ValueError(f"save_trainable: {len(empty)} trainable parameters hold no values, on the meta "
+                             f"device ({listed}): the model was patched on the meta device and its weights "
+                             "loaded since without these (a checkpoint without mmfast's modules). Patch after "
+                             "loading the weights")
         return {name: _gathered_tensor(_offloaded_value(offloaded[name]) if name in offloaded else p)
                 for name, p in trainables.items()}
     # parameters saved so far, by id, with a weak reference that tells a live object from one that took a
