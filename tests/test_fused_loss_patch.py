@@ -117,6 +117,75 @@ def test_compiled_training_step_keeps_it(kind):
         torch.testing.assert_close(grads[n], eager_grads[n])
 
 
+@pytest.mark.parametrize("tuning", ["layernorm", "mma"])
+def test_compiled_training_with_new_shapes_every_step_stops_compiling(tuning):
+    """torch.compile runs each hook of a compiled model as a frame of its own, and gives a tensor a frame finds
+    on a torch.nn module (the LM head) a static shape: the labels the fused loss's hook stored on the head
+    made the model's forward compile again for every new sequence length, up to the recompile limit (after
+    which it ran uncompiled). Now, as unpatched, one recompile makes the shapes dynamic, and nothing more."""
+    torch._dynamo.reset()
+    model = build("llama")
+    mmfast.patch(model, tuning=tuning, verbose=False)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(model, backend=backend)
+    counts = []
+    try:
+        for B, S in ((2, 9), (3, 12), (2, 17), (3, 23), (2, 31)):  # (both change at once: one recompile)
+            out = compiled(**batch("llama", B=B, S=S))
+            assert out.logits is None  # fused
+            out.loss.backward()
+            counts.append(len(graphs))
+    finally:
+        torch._dynamo.reset()
+    assert counts[2:] == [counts[1]] * 3, counts
+
+
+def test_compiled_training_with_dynamic_marked_inputs():
+    """``torch._dynamo.mark_dynamic`` on the batch and sequence dimensions: the fused loss's stored labels,
+    static, specialised them (ConstraintViolationError)."""
+    torch._dynamo.reset()
+    model = build("llama")
+    mmfast.patch(model, tuning="layernorm", verbose=False)
+    ref = copy.deepcopy(model)
+    inputs = batch("llama", B=2, S=12)
+    for key in ("input_ids", "labels"):
+        torch._dynamo.mark_dynamic(inputs[key], 0)
+        torch._dynamo.mark_dynamic(inputs[key], 1)
+    try:
+        out = torch.compile(model, backend="eager")(**inputs)
+    finally:
+        torch._dynamo.reset()
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, ref(**inputs).loss)
+
+
+def test_each_fused_head_has_its_own_call_state():
+    """The call state the hooks hand to the head lives outside the head (see the test above), by a key each
+    head holds: a copy (deepcopy, pickle) gets a key of its own, and a freed head's state goes with it."""
+    import gc
+
+    from mmfast.patching import loss
+
+    model = build("llama")
+    mmfast.patch(model, verbose=False)
+    copies = [copy.deepcopy(model), pickle.loads(pickle.dumps(model))]
+    keys = {m.lm_head.__dict__[loss._STATE].key for m in (model, *copies)}
+    assert len(keys) == 3 and keys <= loss._CALLS.keys()
+    inputs = batch("llama")
+    for m in (model, *copies):
+        torch.testing.assert_close(m(**inputs).loss, model(**inputs).loss)
+    del copies, m
+    gc.collect()
+    assert len(keys & loss._CALLS.keys()) == 1
+    mmfast.unpatch(model)
+    assert not keys & loss._CALLS.keys()
+
+
 def test_tuple_output_and_hf_loss_arguments():
     model = build("llama")
     mmfast.patch(model, verbose=False)

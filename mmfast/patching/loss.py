@@ -38,7 +38,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import itertools
 import warnings
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -57,12 +59,42 @@ _FUSED = "_mmfast_fused_loss"  # on the model: the fused loss's hooks are on it
 
 
 @dataclasses.dataclass
-class _LossState:
+class _Call:
     """One armed call: the loss arguments on the way in, the loss and the stand-in on the way out."""
 
     armed: Optional[dict] = None
     loss: Optional[Tensor] = None
     stand_in: Optional[Tensor] = None
+
+
+#: Each fused head's :class:`_Call`, by its :class:`_LossState`'s key. The hooks and the head hand the call's
+#: tensors on through this global, not through the head: torch.compile runs each hook of a compiled model as a
+#: frame of its own, and gives a tensor a frame finds on a torch.nn module's attributes (the head is an
+#: nn.Linear) a static shape, so every new batch or sequence length compiled the model's forward again, up to
+#: the recompile limit (after which it ran uncompiled), and mark_dynamic on the inputs failed.
+_CALLS: dict[int, _Call] = {}
+_KEYS = itertools.count()
+
+
+class _LossState:
+    """What a fused head holds (attribute ``_STATE``): the key of its :class:`_Call` in :data:`_CALLS`, which
+    goes when the head does. A copy of the head (pickle, deepcopy) gets a key and a call of its own."""
+
+    __slots__ = ("key", "__weakref__")
+
+    def __init__(self):
+        self._register()
+
+    def _register(self) -> None:
+        self.key = next(_KEYS)
+        _CALLS[self.key] = _Call()
+        weakref.finalize(self, _CALLS.pop, self.key, None)
+
+    def __reduce__(self):
+        return _LossState, ()
+
+    def __setstate__(self, state) -> None:  # an earlier version's (the call's fields, on the head)
+        self._register()
 
 
 @functools.lru_cache(maxsize=None)
@@ -172,7 +204,7 @@ def _aliases(t: Any, stand_in: Tensor) -> bool:
 
 
 def _head_forward(head: nn.Linear, x: Tensor) -> Tensor:
-    st: _LossState = head.__dict__[_STATE]
+    st = _CALLS[head.__dict__[_STATE].key]
     if st.armed is None:
         if st.stand_in is not None:
             raise RuntimeError("mmfast fused loss: the LM head was called twice in one training forward (an "
@@ -181,7 +213,7 @@ def _head_forward(head: nn.Linear, x: Tensor) -> Tensor:
                                "fused loss (mmfast.patch(..., fused_loss=False))")
         return _original_call(head, head.__dict__[_ATTR])(x)
     args, st.armed = st.armed, None
-    target = args.pop("target")
+    target = _target(args.pop("labels"), args.pop("shift_labels"), args["ignore_index"])
     if target.shape != x.shape[:-1]:
         raise RuntimeError(f"mmfast fused loss: labels {tuple(target.shape)} do not match the LM head's input "
                            f"{tuple(x.shape)}; run without the fused loss (mmfast.patch(..., fused_loss=False))")
@@ -213,11 +245,17 @@ def _loss_function(model: nn.Module, logits=None, labels=None, vocab_size=None, 
 
 
 def _arm(labels: Tensor, kwargs: dict) -> dict:
-    ignore_index = kwargs.get("ignore_index", -100)
-    target = kwargs.get("shift_labels")
-    if target is None:
-        target = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    return dict(target=target, ignore_index=ignore_index, num_items_in_batch=kwargs.get("num_items_in_batch"))
+    """The call's loss arguments as given (shifted in the head's call: compiled, the labels are found there as
+    the forward's own input, with its dynamic dimensions, not as another frame's output with fixed ones)."""
+    return dict(labels=labels, shift_labels=kwargs.get("shift_labels"),
+                ignore_index=kwargs.get("ignore_index", -100), num_items_in_batch=kwargs.get("num_items_in_batch"))
+
+
+def _target(labels: Tensor, shift_labels: Optional[Tensor], ignore_index: int) -> Tensor:
+    """The token each position predicts: HF's causal-LM shift (or ``shift_labels``)."""
+    if shift_labels is not None:
+        return shift_labels
+    return nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
 
 
 def _unfused_reason(model: nn.Module) -> Optional[str]:
@@ -254,10 +292,11 @@ def _head(model: nn.Module):
     return getattr(head, "_orig_mod", head) if type(head).__name__ == "OptimizedModule" else head
 
 
-def _head_state(model: nn.Module) -> Optional[_LossState]:
-    """The fused loss's state on the model's LM head, or None (no head, or an unfused one)."""
+def _head_state(model: nn.Module) -> Optional[_Call]:
+    """The fused loss's call state of the model's LM head, or None (no head, or an unfused one)."""
     head = _head(model)
-    return head.__dict__.get(_STATE) if isinstance(head, nn.Module) else None
+    handle = head.__dict__.get(_STATE) if isinstance(head, nn.Module) else None
+    return None if handle is None else _CALLS[handle.key]
 
 
 def _arm_hook(model: nn.Module, args: tuple, kwargs: dict) -> None:
