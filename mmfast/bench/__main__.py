@@ -211,15 +211,35 @@ def main(argv: list[str] | None = None) -> int:
     if not plan:
         if created and not os.listdir(args.out):
             os.rmdir(args.out)
-        p.error("nothing to run: no case has any of the requested providers")
+        here = {}
+        for c in cases:
+            here.setdefault(c.op, set()).update(_providers(c, device, None))
+        p.error("nothing to run: no selected case has any of the requested providers on "
+                f"{device.type}; available here: "
+                + "; ".join(f"{op}: {', '.join(sorted(provs)) or 'none'}" for op, provs in sorted(here.items())))
     if wanted is not None:
         absent = sorted(wanted - {prov for _, prov in plan})
         if absent:
             print(f"[mmfast.bench] not run here (not available on {device.type}, or no selected case has them): "
                   f"{', '.join(absent)}", file=sys.stderr)
+        dropped = sorted({c.op for c in cases} - {c.op for c, _ in plan})
+        if dropped:
+            print(f"[mmfast.bench] not run: {', '.join(dropped)} (none of the requested providers runs it here)",
+                  file=sys.stderr)
     if device.type != "cuda":
         print(CPU_BANNER, file=sys.stderr)
 
+    threads = torch.get_num_threads()
+    if device.type != "cuda":
+        # one thread: with two on a machine that other work shares, a call's time jumped by 100x at random
+        torch.set_num_threads(1)
+    try:
+        return _run(args, device, plan)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args, device, plan) -> int:
     env = environment(device)
     copy = copy_gbps(device, (1 << 30) if device.type == "cuda" else (1 << 26))
     records: list[dict] = []
@@ -278,10 +298,17 @@ def _finish(args, device, env, copy, records, not_run, interrupted, plan, deferr
         meta["interrupted"] = interrupted
     if device.type != "cuda":
         meta["note"] = CPU_BANNER
+    if device.type != "cuda":
+        meta["cpu_threads"] = torch.get_num_threads()
     # the files first, then the console: a reader that went away (``| head``) must not cost the results
-    out, failed = args.out, None
+    out, failed, kept = args.out, None, None
+    if interrupted and args.overwrite and _previous_run(out) is not None:
+        # an interrupted run does not replace a whole one: its records go into a directory beside it
+        kept = out
+        parent = os.path.dirname(os.path.abspath(out))
+        out = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(out)) + "-interrupted-", dir=parent)
     try:
-        plots = _write_outputs(out, meta, records, device, args.overwrite)
+        plots = _write_outputs(out, meta, records, device, args.overwrite and kept is None)
     except OSError as e:  # the measurements are not lost with the directory
         failed = e
         out = tempfile.mkdtemp(prefix="mmfast-bench-")
@@ -299,8 +326,9 @@ def _finish(args, device, env, copy, records, not_run, interrupted, plan, deferr
             from .goals import goal_lines
 
             print("\ngoals (mmfast/bench/goals.py):")
-            print("\n".join("  " + line for line in goal_lines(records)))
-        print(f"\nwrote {out}/results.json, results.csv, summary.md" + (f" and {plots} plots" if plots else ""))
+            print("\n".join("  " + line for line in goal_lines([{**r, "_quick": args.quick} for r in records])))
+        print(f"\nwrote {out}/results.json, results.csv, summary.md"
+              + (f" and {plots} plot{'s' if plots != 1 else ''}" if plots else ""))
         if table_said:
             print(table_said)
         sys.stdout.flush()
@@ -309,6 +337,9 @@ def _finish(args, device, env, copy, records, not_run, interrupted, plan, deferr
     if failed is not None:
         print(f"\n[mmfast.bench] could not write to --out {args.out} ({failed}); the results are in {out}",
               file=sys.stderr)
+    if kept is not None:
+        print(f"\n[mmfast.bench] interrupted: the previous run in --out {kept} is kept (--overwrite replaces it "
+              f"with a whole run only); this run's {len(records)} records are in {out}", file=sys.stderr)
     if deferred.signal is not None:
         print(f"[mmfast.bench] {deferred.signal} while writing the outputs: they were completed first", file=sys.stderr)
     if interrupted or deferred.signal is not None:

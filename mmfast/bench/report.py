@@ -159,7 +159,8 @@ def write_summary_md(path: str, meta: dict, records: list[dict], plots: list[str
         from .goals import GOAL_HEAD, goal_rows
 
         lines += ["", "## Goals", "", "Checked from this run's records (mmfast/bench/goals.py); '-': the run has "
-                  "no records for that goal.", ""] + _md_table(GOAL_HEAD, goal_rows(records))
+                  "no records for that goal.", ""] + _md_table(
+                      GOAL_HEAD, goal_rows([{**r, "_quick": bool(meta.get("quick"))} for r in records]))
     if plots:
         lines += ["", "## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
     with open(path, "w") as f:
