@@ -47,6 +47,12 @@ def main() -> None:
     p.add_argument("--llm-layers", type=int, default=8, help="LLaMA layers of the step scaled to")
     p.add_argument("--batch", type=int, default=mb.LLAVA_BATCH, help="samples of the step scaled to")
     args = p.parse_args()
+    unknown = set(args.tunings.split(",")) - set(mb.TUNINGS)
+    if unknown:
+        p.error(f"--tunings: unknown {sorted(unknown)}; choose from {', '.join(mb.TUNINGS)}")
+    for name in ("text_tokens", "llm_layers", "batch"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     os.makedirs(args.out, exist_ok=True)
     target = mb.llava_7b_widths("layernorm", args.llm_layers, batch=args.batch, text_tokens=448)
     rows, lines = [], []

@@ -71,6 +71,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="fewer candidates")
     p.add_argument("--shapes", default="llama", help="comma-separated, from " + ", ".join(SHAPES))
     args = p.parse_args()
+    unknown = set(args.shapes.split(",")) - set(SHAPES)
+    if unknown:
+        p.error(f"--shapes: unknown {sorted(unknown)}; choose from {', '.join(SHAPES)}")
     if not torch.cuda.is_available():
         raise SystemExit("tune_adapter.py times GPU kernels; no GPU is visible")
     dev = torch.device("cuda")

@@ -182,6 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     tuner = TritonLaunches() if args.backend == "triton" else CudaStages()
     directions = args.directions.split(",")
+    if not directions or set(directions) - {"bwd", "fwd"}:
+        p.error(f"--directions {args.directions!r}: a comma-separated subset of bwd,fwd")
     if args.backend == "cuda":
         from mmfast.kernels import cuda_ext
 

@@ -133,6 +133,27 @@ def test_pytest_benchmark_cases_run():
     assert all("NOT GPU performance" in r["note"] for r in records)
 
 
+@pytest.mark.parametrize("script,args,message", [
+    ("tune_norm.py", ["--smoke", "--directions", "foo"], "--directions 'foo': a comma-separated subset of bwd,fwd"),
+    ("tune_adapter.py", ["--shapes", "llama,foo"], "--shapes: unknown ['foo']; choose from llama"),
+    ("activation_memory.py", ["--tunings", "foo"], "--tunings: unknown ['foo']; choose from layernorm"),
+    ("activation_memory.py", ["--batch", "0"], "--batch must be at least 1, got 0"),
+])
+def test_benchmark_scripts_refuse_bad_options(script, args, message, tmp_path):
+    """The tuning and memory scripts took any value: a KeyError traceback (tune_norm.py at once,
+    tune_adapter.py after its GPU check), a ValueError after building the model, or a batch of 0 written
+    out as 0 tokens. They refuse before any work, naming what they take."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", script), *args, "--out", str(tmp_path)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+    assert not os.listdir(tmp_path)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, scripts/gpu_check.sh tune-norm runs the real tuner")
 def test_norm_tuner_smoke(tmp_path, capsys, monkeypatch):
     """benchmarks/tune_norm.py runs end to end (interpreter, tiny shapes): every candidate it times
