@@ -651,6 +651,27 @@ def test_a_cpu_run_times_with_one_thread(tmp_path, capsys, monkeypatch):
     assert json.loads((tmp_path / "results.json").read_text())["meta"]["cpu_threads"] == 1
 
 
+def test_two_runs_into_one_out_directory(tmp_path, capsys):
+    """Two runs started into one --out each passed its checks, and each one's end replaced the other's files:
+    results of one run beside the plots of the other. A run claims --out; a second one while it runs is
+    refused, and a claim whose process is gone (a killed run) is taken over."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / bench_main.LOCK_NAME
+    lock.write_text(str(os.getppid()))  # a live process: a run in progress
+    with pytest.raises(SystemExit):
+        main(["--quick", "--ops", "swiglu", "--providers", "hf-eager", "--out", str(out)])
+    assert f"another mmfast.bench run (pid {os.getppid()}) is writing there" in capsys.readouterr().err
+    assert not (out / "results.json").exists()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(gone.stdout.strip())  # a process that has exited: a stale claim
+    assert main(["--quick", "--ops", "swiglu", "--providers", "hf-eager", "--out", str(out)]) == 0
+    assert (out / "results.json").exists() and not lock.exists()
+
+
 def test_what_the_providers_asked_for_leave_out_is_said(tmp_path, capsys):
     """An op none of the requested providers runs was dropped without a word, and "nothing to run" did not
     say what could run."""

@@ -229,14 +229,61 @@ def main(argv: list[str] | None = None) -> int:
     if device.type != "cuda":
         print(CPU_BANNER, file=sys.stderr)
 
-    threads = torch.get_num_threads()
-    if device.type != "cuda":
-        # one thread: with two on a machine that other work shares, a call's time jumped by 100x at random
-        torch.set_num_threads(1)
+    lock = _lock_out(p, args.out)
     try:
-        return _run(args, device, plan)
+        # (again, under the lock: a run that finished into --out since the first check is a previous run)
+        _check_out(p, args.out, args.backend_table, args.overwrite)
+        threads = torch.get_num_threads()
+        if device.type != "cuda":
+            # one thread: with two on a machine that other work shares, a call's time jumped by 100x at random
+            torch.set_num_threads(1)
+        try:
+            return _run(args, device, plan)
+        finally:
+            torch.set_num_threads(threads)
     finally:
-        torch.set_num_threads(threads)
+        os.unlink(lock)
+
+
+#: In --out while a run uses it: the pid of that run.
+LOCK_NAME = ".mmfast-bench.lock"
+
+
+def _lock_out(p: argparse.ArgumentParser, out: str) -> str:
+    """Claim ``out`` for this run (two runs into one directory each replaced the other's files at its end,
+    mixing their results and plots); a lock whose process is gone is taken over. Returns the lock's path."""
+    path = os.path.join(out, LOCK_NAME)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    pid = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid > 0 and pid != os.getpid() and _alive(pid):
+                p.error(f"--out {out}: another mmfast.bench run (pid {pid}) is writing there; wait for it, or "
+                        "--out another directory")
+            try:  # its run is gone (killed): the lock is stale
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return path
+    p.error(f"--out {out}: could not claim it for this run ({path} keeps coming back)")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _run(args, device, plan) -> int:
