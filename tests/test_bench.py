@@ -951,7 +951,7 @@ def test_commit_names_mmfast_checkout_only(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("arg,index", [(None, None), ("cuda", None), ("cuda:1", 1)])
-def test_device_index_becomes_the_current_device(arg, index, monkeypatch, capsys):
+def test_device_index_becomes_the_current_device(arg, index, monkeypatch, capsys, tmp_path):
     """--device cuda:N makes N the current device (the timers use it); no index leaves the current one as
     it is (torch.cuda.set_device refuses an index-less device). CUDA stood in for: no GPU here."""
     calls = []
@@ -965,6 +965,8 @@ def test_device_index_becomes_the_current_device(arg, index, monkeypatch, capsys
     monkeypatch.setattr(torch.cuda, "current_device", lambda: calls[-1] if calls else 0)
     monkeypatch.setattr(bench_main, "kernel_cases", lambda device, quick: [NormCase("rms_norm", 8, 8, torch.float32)])
     monkeypatch.setattr(bench_main, "_check_out", lambda *a: None)
+    lock = tmp_path / "lock"
+    monkeypatch.setattr(bench_main, "_lock_out", lambda *a: (lock.write_text(""), str(lock))[1])
 
     def started(device):
         raise Started(str(device))
