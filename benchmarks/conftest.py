@@ -35,3 +35,11 @@ def env():
 @pytest.fixture(scope="session")
 def copy():
     return copy_gbps(DEVICE, (1 << 30) if DEVICE.type == "cuda" else (1 << 24))
+
+
+@pytest.hookimpl(trylast=True)  # (after pytest-benchmark's table)
+def pytest_terminal_summary(terminalreporter):
+    """pytest-benchmark's own table prints CPU times like any others: say what they are not, where it is read."""
+    if DEVICE.type != "cuda":
+        terminalreporter.write_sep("=", "CPU timings")
+        terminalreporter.write_line(CPU_BANNER)

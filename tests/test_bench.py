@@ -124,6 +124,8 @@ def test_pytest_benchmark_cases_run():
                          cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert re.search(r"\b7 passed\b", out.stdout), out.stdout[-3000:]
+    # pytest-benchmark's table of CPU times is followed by what they are not
+    assert "NOT GPU performance" in out.stdout[out.stdout.index("Legend:"):], out.stdout[-3000:]
     with open(saved) as f:
         records = [b["extra_info"] for b in json.load(f)["benchmarks"]]
     os.remove(saved)
