@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import itertools
 import warnings
 import weakref
 from typing import Any, Optional
@@ -66,35 +65,53 @@ class _Call:
     loss: Optional[Tensor] = None
     stand_in: Optional[Tensor] = None
 
+    def empty(self) -> bool:
+        return self.armed is None and self.loss is None and self.stand_in is None
 
-#: Each fused head's :class:`_Call`, by its :class:`_LossState`'s key. The hooks and the head hand the call's
-#: tensors on through this global, not through the head: torch.compile runs each hook of a compiled model as a
-#: frame of its own, and gives a tensor a frame finds on a torch.nn module's attributes (the head is an
-#: nn.Linear) a static shape, so every new batch or sequence length compiled the model's forward again, up to
-#: the recompile limit (after which it ran uncompiled), and mark_dynamic on the inputs failed.
-_CALLS: dict[int, _Call] = {}
-_KEYS = itertools.count()
+
+#: The armed calls, innermost last (a fused model's forward run inside another's nests); a fused head holds
+#: the index of its own (:class:`_LossState`). The hooks and the head hand the call's tensors on through this
+#: global, not through the head: torch.compile runs each hook of a compiled model as a frame of its own and
+#: gives a tensor a frame finds on a torch.nn module's attributes (the head is an nn.Linear) a static shape,
+#: so every new batch or sequence length compiled the model's forward again, up to the recompile limit
+#: (after which it ran uncompiled), and mark_dynamic on the inputs failed. The index, 0 but for nested
+#: calls, is what compiled code specialises on: every model shares it (a key per head compiled every new
+#: model's forward again).
+_STACK: list[_Call] = []
 
 
 class _LossState:
-    """What a fused head holds (attribute ``_STATE``): the key of its :class:`_Call` in :data:`_CALLS`, which
-    goes when the head does. A copy of the head (pickle, deepcopy) gets a key and a call of its own."""
-
-    __slots__ = ("key", "__weakref__")
+    """What a fused head holds (attribute ``_STATE``): ``slot``, the index of its armed call in
+    :data:`_STACK`, or None. A copy of the head (pickle, deepcopy) starts unarmed."""
 
     def __init__(self):
-        self._register()
-
-    def _register(self) -> None:
-        self.key = next(_KEYS)
-        _CALLS[self.key] = _Call()
-        weakref.finalize(self, _CALLS.pop, self.key, None)
+        self.slot: Optional[int] = None
+        # a head freed with its call still armed (a KeyboardInterrupt, then ``del model``): the call's tensors go
+        weakref.finalize(self, _clear_slot, [self.__dict__])
 
     def __reduce__(self):
         return _LossState, ()
 
     def __setstate__(self, state) -> None:  # an earlier version's (the call's fields, on the head)
-        self._register()
+        self.__init__()
+
+
+def _clear_slot(box: list) -> None:
+    slot = box[0].get("slot")
+    if slot is not None and slot < len(_STACK):
+        _STACK[slot] = _Call()  # (emptied, not removed: the indices of calls nested in it stay right)
+
+
+def _call_of(st: Optional[_LossState]) -> Optional[_Call]:
+    """The armed call of the head holding ``st``, or None."""
+    return None if st is None or st.slot is None else _STACK[st.slot]
+
+
+def _release(st: _LossState) -> None:
+    """End the head's call: its entry (and any left after it by a cut call) leaves the stack."""
+    if st.slot is not None:
+        del _STACK[st.slot:]
+        st.slot = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -204,9 +221,9 @@ def _aliases(t: Any, stand_in: Tensor) -> bool:
 
 
 def _head_forward(head: nn.Linear, x: Tensor) -> Tensor:
-    st = _CALLS[head.__dict__[_STATE].key]
-    if st.armed is None:
-        if st.stand_in is not None:
+    st = _call_of(head.__dict__[_STATE])
+    if st is None or st.armed is None:
+        if st is not None and st.stand_in is not None:
             raise RuntimeError("mmfast fused loss: the LM head was called twice in one training forward (an "
                                "auxiliary head called from a hook: logit lens, early exit); the first call got the "
                                "fused loss's stand-in, not logits. Call it after the forward, or run without the "
@@ -231,7 +248,7 @@ def _hf_loss(model: nn.Module):
 
 
 def _loss_function(model: nn.Module, logits=None, labels=None, vocab_size=None, **kwargs):
-    st = _head_state(model)
+    st = _call_of(_head_state(model))
     if st is None or st.stand_in is None:  # unfused: what HF's own loss_function would call
         return _hf_loss(model)(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
     if logits is st.stand_in:
@@ -292,11 +309,10 @@ def _head(model: nn.Module):
     return getattr(head, "_orig_mod", head) if type(head).__name__ == "OptimizedModule" else head
 
 
-def _head_state(model: nn.Module) -> Optional[_Call]:
-    """The fused loss's call state of the model's LM head, or None (no head, or an unfused one)."""
+def _head_state(model: nn.Module) -> Optional[_LossState]:
+    """The fused loss's state on the model's LM head, or None (no head, or an unfused one)."""
     head = _head(model)
-    handle = head.__dict__.get(_STATE) if isinstance(head, nn.Module) else None
-    return None if handle is None else _CALLS[handle.key]
+    return head.__dict__.get(_STATE) if isinstance(head, nn.Module) else None
 
 
 def _arm_hook(model: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -306,7 +322,7 @@ def _arm_hook(model: nn.Module, args: tuple, kwargs: dict) -> None:
     and Accelerate's ``prepare`` wraps the class's forward as it does unpatched."""
     st = _head_state(model)
     if st is not None:  # a call a KeyboardInterrupt cut (no hook runs after it) must not leave the head armed
-        st.armed, st.loss, st.stand_in = None, None, None
+        _release(st)
     labels = _argument(type(model), args, kwargs, "labels")
     keep = _argument(type(model), args, kwargs, "logits_to_keep", 0)
     if (labels is None or not torch.is_grad_enabled() or is_disabled()
@@ -318,7 +334,10 @@ def _arm_hook(model: nn.Module, args: tuple, kwargs: dict) -> None:
         return None
     if not _arms_last(model):  # this call's loss arguments may change after this hook: unfused
         return None
-    st.armed, st.loss, st.stand_in = _arm(labels, kwargs), None, None
+    while _STACK and _STACK[-1].empty():  # (left by a freed head's cut call)
+        _STACK.pop()
+    st.slot = len(_STACK)
+    _STACK.append(_Call(armed=_arm(labels, kwargs)))
     return None
 
 
@@ -368,11 +387,12 @@ def _say_hook_after_compiled(ctx) -> None:
 def _disarm_hook(model: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
     """Forward hook of the model (also when the forward raised: ``out`` is None then): the output without
     the stand-in logits, and the head disarmed."""
-    st = _head_state(model)
-    if st is None or (st.armed is None and st.loss is None):  # not an armed call
+    handle = _head_state(model)
+    st = _call_of(handle)
+    if st is None:  # not an armed call
         return None
     loss, stand_in = st.loss, st.stand_in
-    st.armed, st.loss, st.stand_in = None, None, None
+    _release(handle)
     if out is None or loss is None:
         # the forward raised (that error stands), or never called the head: a forward that another library
         # put on the model since (TRL's fused head takes the hidden states to its own) computed what it
