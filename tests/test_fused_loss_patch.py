@@ -188,6 +188,27 @@ def test_models_compiled_one_after_another_share_their_compiled_code():
     assert counts[1:] == [counts[0]] * 3, counts
 
 
+def test_calls_of_two_models_ending_out_of_order():
+    """Model B armed while model A's call is open (B run from A's forward, or from another thread), A's call
+    ending first: B's call keeps its place (ending A's removed everything above it, B's included)."""
+    from mmfast.patching import loss
+
+    a, b = build("llama"), build("llama", seed=1)
+    for m in (a, b):
+        mmfast.patch(m, verbose=False)
+    inputs = batch("llama")
+    ha, hb = (m.lm_head.__dict__[loss._STATE] for m in (a, b))
+    loss._arm_hook(a, (), dict(inputs))
+    loss._arm_hook(b, (), dict(inputs))
+    assert (ha.slot, hb.slot) == (0, 1)
+    loss._disarm_hook(a, (), {}, None)
+    assert hb.slot == 1 and loss._STACK[1].armed is not None
+    stand_in = loss._head_forward(b.lm_head, torch.randn(2, 12, 40))  # B's head, after A's call ended
+    assert stand_in.shape == (2, 12, 64) and loss._STACK[1].loss is not None
+    loss._disarm_hook(b, (), {}, None)
+    assert loss._STACK == [] and ha.slot is None and hb.slot is None
+
+
 def test_a_cut_call_of_a_freed_model_leaves_nothing_held():
     """A KeyboardInterrupt inside a training forward runs no forward hook after it: its call (the loss and
     its graph) stays on the stack until the model runs again; a model freed after it lets it go, and a copy

@@ -108,10 +108,14 @@ def _call_of(st: Optional[_LossState]) -> Optional[_Call]:
 
 
 def _release(st: _LossState) -> None:
-    """End the head's call: its entry (and any left after it by a cut call) leaves the stack."""
+    """End the head's call: its entry is emptied, and empty entries at the top leave the stack (a call of
+    another model armed after this one keeps its index, whichever ends first)."""
     if st.slot is not None:
-        del _STACK[st.slot:]
+        if st.slot < len(_STACK):
+            _STACK[st.slot] = _Call()
         st.slot = None
+        while _STACK and _STACK[-1].empty():
+            _STACK.pop()
 
 
 @functools.lru_cache(maxsize=None)
@@ -336,7 +340,7 @@ def _arm_hook(model: nn.Module, args: tuple, kwargs: dict) -> None:
         return None
     while _STACK and _STACK[-1].empty():  # (left by a freed head's cut call)
         _STACK.pop()
-    st.slot = len(_STACK)
+    st.slot = len(_STACK)  # (one training forward per thread at a time: the stack is the process's)
     _STACK.append(_Call(armed=_arm(labels, kwargs)))
     return None
 
