@@ -1784,10 +1784,8 @@ def test_a_cast_after_mma_warns_and_patching_again_widens_it_back(recwarn):
     norm weights; a cast after patching (Lightning's "bf16-true", ``model.half()``) made them 16-bit with
     nothing said, and a second patch left them so. A training forward warns once now, and patching again
     puts them back in fp32."""
-    from mmfast.ops import backend
     from mmfast.tuning.mma import added_modules
 
-    backend._warned.discard("mma_cast")
     model = build("llava")
     mmfast.patch(model, tuning="mma", verbose=False)
     model.to(torch.bfloat16)
@@ -1800,7 +1798,6 @@ def test_a_cast_after_mma_warns_and_patching_again_widens_it_back(recwarn):
         model(**batch("llava", dtype=torch.bfloat16)).loss.backward()
     said = [str(w.message) for w in recwarn if "MMA adapters" in str(w.message)]
     assert len(said) == 1 and "bfloat16 now" in said[0] and "patching again" in said[0]
-    backend._warned.discard("mma_cast")
     mmfast.patch(model, tuning="mma", verbose=False)
     added = [model.get_submodule(n) for n in added_modules(model)]
     assert added and all(p.dtype == torch.float32 and p.requires_grad for m in added for p in m.parameters())

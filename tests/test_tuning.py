@@ -205,9 +205,6 @@ def test_a_cast_after_patching_that_drops_the_master_weights_warns(recwarn):
     nothing did). Evaluation, a model whose masters stay fp32, or a distributed run (FSDP2's mixed precision
     and DeepSpeed's bf16 engines run 16-bit weights over fp32 masters of their own) say nothing; unpatch
     removes the check."""
-    from mmfast.ops import backend
-
-    backend._warned.discard("master_weights_cast")
     model = build("llava", dtype=torch.bfloat16)
     mmfast.patch(model, tuning="layernorm-simp", verbose=False)
     _train_steps(model, steps=1)
@@ -224,19 +221,36 @@ def test_a_cast_after_patching_that_drops_the_master_weights_warns(recwarn):
     _train_steps(model, steps=2)
     said = [str(w.message) for w in recwarn if "master_weights" in str(w.message)]
     assert len(said) == 1 and "bfloat16 now" in said[0] and "bf16-true" in said[0]
-    backend._warned.discard("master_weights_cast")
     mmfast.unpatch(model)
     _train_steps(model, steps=1)
     assert len([w for w in recwarn if "master_weights" in str(w.message)]) == 1
-    backend._warned.discard("master_weights_cast")
+
+
+@pytest.mark.parametrize("tuning,words", [("layernorm-simp", "trainable norm weights"), ("mma", "MMA adapters")])
+def test_the_cast_warning_is_once_per_model(tuning, words, recwarn):
+    """The warning that a cast after patching took the fp32 trainables out of fp32 was once per process: a
+    second model cast the same way (a sweep in one notebook) trained its 16-bit norms or adapters in
+    silence. It is once per model now (the message names the model: Python's default filter shows a
+    warning text once per place)."""
+
+    def cast_and_train(model):
+        model.to(torch.bfloat16)
+        model.train()
+        for _ in range(2):
+            model(**batch("llava", seed=3, dtype=torch.bfloat16)).loss.backward()
+        return len([w for w in recwarn if words in str(w.message)])
+
+    first, second = build("llava"), build("llava", seed=1)
+    for m in (first, second):
+        mmfast.patch(m, tuning=tuning, verbose=False)
+    assert cast_and_train(first) == 1
+    assert cast_and_train(second) == 2
+    assert cast_and_train(first) == 2
 
 
 def test_a_model_built_in_fp32_then_cast_after_patching_warns_too(recwarn):
     """The norm weights of a model built in fp32 are fp32 at patch time, so nothing was widened; a cast to
     bf16 after patching (Lightning's "bf16-true") takes them out of fp32 all the same, and said nothing."""
-    from mmfast.ops import backend
-
-    backend._warned.discard("master_weights_cast")
     model = build("llava")
     mmfast.patch(model, tuning="layernorm-simp", verbose=False)
     _train_steps(model, steps=1)
@@ -246,7 +260,6 @@ def test_a_model_built_in_fp32_then_cast_after_patching_warns_too(recwarn):
     model(**batch("llava", seed=3, dtype=torch.bfloat16)).loss.backward()
     said = [str(w.message) for w in recwarn if "master_weights" in str(w.message)]
     assert len(said) == 1 and "bfloat16 now" in said[0]
-    backend._warned.discard("master_weights_cast")
     mmfast.unpatch(model)  # the cast's dtype stays
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
 

@@ -593,8 +593,8 @@ def _modality_pre_hook(module, args, kwargs):
     compiling = torch.compiler.is_compiling()
     if module.training and torch.is_grad_enabled() and not compiling and emb.weight.requires_grad \
             and emb.weight.dtype != torch.float32:  # (a cast casts the adapters with it)
-        warn_cast_trainables("the MMA adapters and modality embedding mmfast.patch made in float32",
-                             emb.weight.dtype, key="mma_cast")
+        warn_cast_trainables("the MMA adapters and modality embedding mmfast.patch made in float32", emb.weight.dtype,
+                             module.__dict__, _SAID_CAST, f"{type(module).__name__} at {id(module):#x}")
     if emb.weight.is_meta and not ref.is_meta and getattr(emb, "_hf_hook", None) is None:
         raise unloaded_mma("mmfast MMA: the modality embedding's weights", ref.device)
     dtype = module.get_input_embeddings().weight.dtype
@@ -1096,6 +1096,10 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
 
     _train_mma(model, hf, parts)
     return unread
+
+
+#: On the module MMA's modality pass runs from: the cast warning was given (once per model)
+_SAID_CAST = "_mmfast_said_mma_cast"
 
 
 def _train_mma(model: nn.Module, hf: nn.Module, parts) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import warnings
 from typing import Optional
 
 import torch
@@ -215,26 +216,33 @@ def _output_as_before(module: nn.Module, args, out):
     return out.to(want) if out.dtype != want and out.is_floating_point() else None
 
 
-def warn_cast_trainables(what: str, dtype: torch.dtype, key: str) -> None:
-    """Warn (once per ``key``) that trainable weights mmfast.patch keeps in float32 (``what``, a plural noun) are
-    in ``dtype`` now. Not in a distributed run: FSDP2's mixed precision runs the forward on 16-bit copies of
-    fp32 shards, and DeepSpeed's bf16 engines cast the model while their optimizers keep fp32 masters: there a
-    16-bit weight in the forward says nothing, and this check cannot tell those runs from a cast that lost
-    the masters."""
+def warn_cast_trainables(what: str, dtype: torch.dtype, said: dict, key: str, owner: str) -> None:
+    """Warn (once per model: ``said`` is a dict the model holds, ``key`` the entry that records it; ``owner``
+    names the model in the message, which Python's default filter would otherwise show once per process)
+    that trainable weights mmfast.patch keeps in float32 (``what``, a plural noun) are in ``dtype`` now. Not in a
+    distributed run: FSDP2's mixed precision runs the forward on 16-bit copies of fp32 shards, and DeepSpeed's
+    bf16 engines cast the model while their optimizers keep fp32 masters: there a 16-bit weight in the forward
+    says nothing, and this check cannot tell those runs from a cast that lost the masters."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return
-    from ..ops.backend import warn_once
-
-    warn_once(f"mmfast: {what} are {str(dtype).removeprefix('torch.')} now: the model was cast after patching "
+    if said.get(key):
+        return
+    said[key] = True
+    warnings.warn(f"mmfast: {what} ({owner}) are {str(dtype).removeprefix('torch.')} now: the model was cast after patching "
               "(Lightning's precision='bf16-true', model.to(dtype), Trainer's bf16_full_eval), or its weights were "
               "loaded after patching in the checkpoint's dtype (load_checkpoint_and_dispatch into a model patched "
               "on the meta device). Small updates round away in that dtype and they stop learning. Cast or load "
               "before mmfast.patch (patching again widens them back), and train with mixed precision (Lightning "
-              "'bf16-mixed', Trainer bf16=True) instead.", key=key)
+              "'bf16-mixed', Trainer bf16=True) instead.", RuntimeWarning, stacklevel=4)
 
 
-def _master_weights_kept(module: nn.Module, args) -> None:
-    """Forward pre-hook of a norm whose weights ``master_weights`` widened: warn (once) when a cast since
+#: The cast warning's record for hooks pickled by an earlier version, which hold no record of their model's
+_SAID_EARLIER = {"owner": "a model patched by an earlier mmfast"}
+
+
+def _master_weights_kept(module: nn.Module, args, said: Optional[dict] = None) -> None:
+    """Forward pre-hook of a norm whose weights ``master_weights`` widened (``said``: one dict for the norms
+    of one patch call, so once per model): warn (once) when a cast since
     patching (Lightning's ``precision="bf16-true"``, ``model.to(torch.bfloat16)``, HF Trainer's
     ``bf16_full_eval``) took them out of fp32 while they train: small updates then round away and the norm
     stops learning, with nothing else to show it."""
@@ -243,8 +251,9 @@ def _master_weights_kept(module: nn.Module, args) -> None:
     for name in module.__dict__.get(_MASTER_ATTR, ()):
         p = getattr(module, name, None)
         if isinstance(p, nn.Parameter) and p.requires_grad and p.dtype != torch.float32:
+            said = _SAID_EARLIER if said is None else said
             warn_cast_trainables("the trainable norm weights mmfast.patch kept in float32 (master_weights=True)",
-                                 p.dtype, key="master_weights_cast")
+                                 p.dtype, said, "master_weights_cast", said["owner"])
             return
 
 
@@ -415,6 +424,7 @@ def apply_ln_recipe(model: nn.Module, recipe: str, *, final_norm: bool = False, 
         left = 0
         paths = {id(m): path for path, m in model.named_modules()}
         skip = {id(p) for norm in norms for p in norm.parameters(recurse=False)}  # the weights kept in fp32
+        said = {"owner": f"{type(model).__name__} at {id(model):#x}"}  # the cast warning, once for these norms
         for norm in norms:
             for name, p in norm.named_parameters(recurse=False):
                 if partitioned(p):  # ZeRO-3 holds the partition (ds_tensor); its optimizer keeps fp32 masters
@@ -424,7 +434,8 @@ def apply_ln_recipe(model: nn.Module, recipe: str, *, final_norm: bool = False, 
                 around = _surrounding_dtype(model, paths[id(norm)], skip)
                 if _MASTER_ATTR not in norm.__dict__:
                     norm.__dict__[_HOOK_ATTR] = norm.__dict__.get(_HOOK_ATTR, []) + [
-                        norm.register_forward_pre_hook(_master_weights_kept)]
+                        norm.register_forward_pre_hook(functools.partial(_master_weights_kept, said=said))]
+
                 norm.__dict__.setdefault(_MASTER_ATTR, {}).setdefault(name, (p.dtype, around))
                 if p.dtype != torch.float32:
                     p.data = p.data.to(torch.float32)
