@@ -236,14 +236,17 @@ def warn_cast_trainables(what: str, dtype: torch.dtype, said: dict, key: str, ow
               "'bf16-mixed', Trainer bf16=True) instead.", RuntimeWarning, stacklevel=4)
 
 
-#: The cast warning's record for hooks pickled by an earlier version, which hold no record of their model's
+#: On a norm whose weights master_weights widened: the cast warning's record, one dict for the norms of one
+#: patch call (so once per model). On the norm, not in the hook's arguments: compiled code guards what a hook
+#: holds, and a record per model compiled every new model's layers again.
+_SAID_ATTR = "_mmfast_cast_said"
+#: The record of norms patched by an earlier version, which hold none
 _SAID_EARLIER = {"owner": "a model patched by an earlier mmfast"}
 
 
-def _master_weights_kept(module: nn.Module, args, said: Optional[dict] = None) -> None:
-    """Forward pre-hook of a norm whose weights ``master_weights`` widened (``said``: one dict for the norms
-    of one patch call, so once per model): warn (once) when a cast since
-    patching (Lightning's ``precision="bf16-true"``, ``model.to(torch.bfloat16)``, HF Trainer's
+def _master_weights_kept(module: nn.Module, args) -> None:
+    """Forward pre-hook of a norm whose weights ``master_weights`` widened: warn (once per model) when a
+    cast since patching (Lightning's ``precision="bf16-true"``, ``model.to(torch.bfloat16)``, HF Trainer's
     ``bf16_full_eval``) took them out of fp32 while they train: small updates then round away and the norm
     stops learning, with nothing else to show it."""
     if not (module.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
@@ -251,7 +254,7 @@ def _master_weights_kept(module: nn.Module, args, said: Optional[dict] = None) -
     for name in module.__dict__.get(_MASTER_ATTR, ()):
         p = getattr(module, name, None)
         if isinstance(p, nn.Parameter) and p.requires_grad and p.dtype != torch.float32:
-            said = _SAID_EARLIER if said is None else said
+            said = module.__dict__.get(_SAID_ATTR, _SAID_EARLIER)
             warn_cast_trainables("the trainable norm weights mmfast.patch kept in float32 (master_weights=True)",
                                  p.dtype, said, "master_weights_cast", said["owner"])
             return
@@ -283,6 +286,8 @@ def restore_master_weights(model: nn.Module, dry_run: bool = False) -> int:
     restored = 0
     for path, m in list(model.named_modules()):
         kept = m.__dict__.get(_MASTER_ATTR, {}) if dry_run else m.__dict__.pop(_MASTER_ATTR, {})
+        if not dry_run:
+            m.__dict__.pop(_SAID_ATTR, None)
         for name, (before, around) in kept.items():
             p = getattr(m, name, None)
             if not isinstance(p, nn.Parameter):
@@ -434,8 +439,8 @@ def apply_ln_recipe(model: nn.Module, recipe: str, *, final_norm: bool = False, 
                 around = _surrounding_dtype(model, paths[id(norm)], skip)
                 if _MASTER_ATTR not in norm.__dict__:
                     norm.__dict__[_HOOK_ATTR] = norm.__dict__.get(_HOOK_ATTR, []) + [
-                        norm.register_forward_pre_hook(functools.partial(_master_weights_kept, said=said))]
-
+                        norm.register_forward_pre_hook(_master_weights_kept)]
+                    norm.__dict__[_SAID_ATTR] = said
                 norm.__dict__.setdefault(_MASTER_ATTR, {}).setdefault(name, (p.dtype, around))
                 if p.dtype != torch.float32:
                     p.data = p.data.to(torch.float32)
