@@ -34,6 +34,21 @@ def calls(monkeypatch):
     return seen
 
 
+@pytest.fixture
+def counting_backend():
+    """A torch.compile backend that runs each graph as traced, and the list of graphs it was given (Dynamo's
+    caches reset before and after, so counts start from nothing)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    yield backend, graphs
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_training_step_uses_it_and_returns_no_logits(kind, calls):
     model = build(kind)
@@ -118,30 +133,21 @@ def test_compiled_training_step_keeps_it(kind):
 
 
 @pytest.mark.parametrize("tuning", ["layernorm", "mma"])
-def test_compiled_training_with_new_shapes_every_step_stops_compiling(tuning):
+def test_compiled_training_with_new_shapes_every_step_stops_compiling(tuning, counting_backend):
     """torch.compile runs each hook of a compiled model as a frame of its own, and gives a tensor a frame finds
     on a torch.nn module (the LM head) a static shape: the labels the fused loss's hook stored on the head
     made the model's forward compile again for every new sequence length, up to the recompile limit (after
     which it ran uncompiled). Now, as unpatched, one recompile makes the shapes dynamic, and nothing more."""
-    torch._dynamo.reset()
+    backend, graphs = counting_backend
     model = build("llama")
     mmfast.patch(model, tuning=tuning, verbose=False)
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
     compiled = torch.compile(model, backend=backend)
     counts = []
-    try:
-        for B, S in ((2, 9), (3, 12), (2, 17), (3, 23), (2, 31)):  # (both change at once: one recompile)
-            out = compiled(**batch("llama", B=B, S=S))
-            assert out.logits is None  # fused
-            out.loss.backward()
-            counts.append(len(graphs))
-    finally:
-        torch._dynamo.reset()
+    for B, S in ((2, 9), (3, 12), (2, 17), (3, 23), (2, 31)):  # (both change at once: one recompile)
+        out = compiled(**batch("llama", B=B, S=S))
+        assert out.logits is None  # fused
+        out.loss.backward()
+        counts.append(len(graphs))
     assert counts[2:] == [counts[1]] * 3, counts
 
 
@@ -164,27 +170,19 @@ def test_compiled_training_with_dynamic_marked_inputs():
     torch.testing.assert_close(out.loss, ref(**inputs).loss)
 
 
-def test_models_compiled_one_after_another_share_their_compiled_code():
+def test_models_compiled_one_after_another_share_their_compiled_code(counting_backend):
     """Each fused head's call is found through a module-level stack by an index, 0 for every model, that
     compiled code specialises on: a key per head compiled every new model's forward again, and past the
     recompile limit (8 models: a hyperparameter search, a policy and a reference model) ran it uncompiled."""
-    torch._dynamo.reset()
-    graphs, counts = [], []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    try:
-        for seed in range(4):
-            model = build("llama", seed=seed)
-            mmfast.patch(model, tuning="layernorm", verbose=False)
-            out = torch.compile(model, backend=backend)(**batch("llama"))
-            assert out.logits is None
-            out.loss.backward()
-            counts.append(len(graphs))
-    finally:
-        torch._dynamo.reset()
+    backend, graphs = counting_backend
+    counts = []
+    for seed in range(4):
+        model = build("llama", seed=seed)
+        mmfast.patch(model, tuning="layernorm", verbose=False)
+        out = torch.compile(model, backend=backend)(**batch("llama"))
+        assert out.logits is None
+        out.loss.backward()
+        counts.append(len(graphs))
     assert counts[1:] == [counts[0]] * 3, counts
 
 

@@ -114,8 +114,13 @@ def _release(st: _LossState) -> None:
         if st.slot < len(_STACK):
             _STACK[st.slot] = _Call()
         st.slot = None
-        while _STACK and _STACK[-1].empty():
-            _STACK.pop()
+        _trim()
+
+
+def _trim() -> None:
+    """Empty entries at the top leave the stack (a released call's, a freed head's cut call's)."""
+    while _STACK and _STACK[-1].empty():
+        _STACK.pop()
 
 
 @functools.lru_cache(maxsize=None)
@@ -338,8 +343,7 @@ def _arm_hook(model: nn.Module, args: tuple, kwargs: dict) -> None:
         return None
     if not _arms_last(model):  # this call's loss arguments may change after this hook: unfused
         return None
-    while _STACK and _STACK[-1].empty():  # (left by a freed head's cut call)
-        _STACK.pop()
+    _trim()
     st.slot = len(_STACK)  # (one training forward per thread at a time: the stack is the process's)
     _STACK.append(_Call(armed=_arm(labels, kwargs)))
     return None
