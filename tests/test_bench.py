@@ -514,6 +514,23 @@ def test_a_tuning_named_twice_runs_once(tmp_path, monkeypatch):
     assert seen == [("layernorm", "mma")]
 
 
+@pytest.mark.parametrize("flags,named", [(["--batch", "4"], "--batch"),
+                                         (["--batch", "4", "--llm-layers", "2"], "--batch and --llm-layers")])
+def test_model_step_sizes_that_do_not_apply_are_said(flags, named, monkeypatch, capsys, tmp_path):
+    """``--batch`` / ``--llm-layers`` size the GPU model step only; on CPU or with ``--quick`` they were
+    ignored without a word (a user comparing batch sizes got the same tiny model twice)."""
+    seen = []
+    monkeypatch.setattr(bench_main, "model_cases", lambda *a: seen.append(a) or [])
+    with pytest.raises(SystemExit):  # (no case left: nothing to run)
+        main(["--quick", "--ops", "model", "--device", "cpu", "--out", str(tmp_path / "o")] + flags)
+    err = capsys.readouterr().err
+    assert f"note: {named} size the GPU model step" in err and "(--quick)" in err
+    assert seen and seen[0][2:4] == ((2 if "--llm-layers" in flags else 8), 4)
+    with pytest.raises(SystemExit):
+        main(["--quick", "--ops", "model", "--device", "cpu", "--out", str(tmp_path / "p")])
+    assert "size the GPU model step" not in capsys.readouterr().err
+
+
 def test_a_backend_table_inside_a_new_out_directory(tmp_path):
     """``--backend-table OUT/backend_table.json`` with an ``--out`` not made yet was refused ("cannot write a
     file there"): its folder is the one the run creates."""

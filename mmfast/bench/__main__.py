@@ -127,10 +127,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes, a smoke run (seconds on a GPU; a minute or two of the Triton interpreter on CPU)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--llm-layers", type=int, default=8, help="LLaMA layers in the model-level step (GPU)")
-    p.add_argument("--batch", type=int, default=model_bench.LLAVA_BATCH,
-                   help=f"samples per model-level step (GPU; default {model_bench.LLAVA_BATCH}, LLaVA-1.5's per-device batch; "
-                        "each is 576 image + 448 text tokens)")
+    p.add_argument("--llm-layers", type=int, default=None,
+                   help="LLaMA layers in the model-level step (GPU, not --quick; default 8)")
+    p.add_argument("--batch", type=int, default=None,
+                   help=f"samples per model-level step (GPU, not --quick; default {model_bench.LLAVA_BATCH}, LLaVA-1.5's "
+                        "per-device batch; each is 576 image + 448 text tokens)")
     p.add_argument("--steps", type=int, default=None,
                    help="timed training steps per model-level run (default 10 on a GPU, 3 on CPU; 2 with --quick, a smoke run)")
     p.add_argument("--tunings", default=",".join(model_bench.TUNINGS),
@@ -151,8 +152,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = _parser()
     args = p.parse_args(argv)
-    for flag, value in (("--steps", 1 if args.steps is None else args.steps), ("--batch", args.batch), ("--llm-layers", args.llm_layers)):
-        if value < 1:
+    for flag, value in (("--steps", args.steps), ("--batch", args.batch), ("--llm-layers", args.llm_layers)):
+        if value is not None and value < 1:
             p.error(f"{flag} must be at least 1, got {value}")
     if args.time_budget is not None and not args.time_budget > 0:
         p.error(f"--time-budget must be a positive number of seconds, got {args.time_budget:g}")
@@ -189,7 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown_tunings:
         p.error(f"unknown tunings {sorted(unknown_tunings)}; choose from {model_bench.TUNINGS}")
     if "model" in ops and args.sizes != "small":  # (the model suite has no CUDA-graph case)
-        cases += model_cases(device, args.quick, args.llm_layers, args.batch, tunings)
+        sized = [f for f, v in (("--batch", args.batch), ("--llm-layers", args.llm_layers)) if v is not None]
+        if sized and (args.quick or device.type != "cuda"):  # (they size the LLaVA-7B-width step only)
+            print(f"note: {' and '.join(sized)} size the GPU model step; this run "
+                  f"({'--quick' if args.quick else 'cpu'}) times the tiny model, which they do not change",
+                  file=sys.stderr)
+        cases += model_cases(device, args.quick, 8 if args.llm_layers is None else args.llm_layers,
+                             model_bench.LLAVA_BATCH if args.batch is None else args.batch, tunings)
     if args.providers is not None and not args.providers.strip():
         p.error("--providers: empty; name providers (or leave it out: all available)")
     named = list(dict.fromkeys(args.providers.split(","))) if args.providers else []  # in the order to run them
