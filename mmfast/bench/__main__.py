@@ -377,10 +377,10 @@ def _finish(args, device, env, copy, records, not_run, interrupted, plan, deferr
         if device.type != "cuda":
             print("\n" + CPU_BANNER)
         else:
-            from .goals import goal_lines
+            from .goals import goal_lines, of_run
 
             print("\ngoals (mmfast/bench/goals.py):")
-            print("\n".join("  " + line for line in goal_lines([{**r, "_quick": args.quick} for r in records])))
+            print("\n".join("  " + line for line in goal_lines(of_run(records, args.quick))))
         print(f"\nwrote {out}/results.json, results.csv, summary.md"
               + (f" and {plots} plot{'s' if plots != 1 else ''}" if plots else ""))
         if table_said:

@@ -27,6 +27,12 @@ AHEAD = 0.01  # ahead of Liger: by more than this fraction on tokens/s and on pe
 MODEL_TUNING = "layernorm"
 
 
+def of_run(records: list[dict], quick: bool, run: Optional[str] = None) -> list[dict]:
+    """``records`` tagged with their run's ``--quick`` flag (a quick run's model step is a smoke run, not
+    judged) and, for goals over several runs, the run they came from (model steps pair within one run)."""
+    return [{**r, "_quick": bool(quick), **({"_run": run} if run is not None else {})} for r in records]
+
+
 def _mmfast(r: dict) -> bool:
     return r["provider"].startswith("mmfast-") and not r.get("error")
 
@@ -199,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{path}: not a GPU run; the goals are GPU goals")
         gpus[path] = meta.get("device") or "unknown device"
         # model steps pair within one run; a --quick run's model is not judged
-        records += [{**r, "_run": path, "_quick": bool(meta.get("quick"))} for r in data["records"]]
+        records += of_run(data["records"], meta.get("quick"), run=path)
     if len(set(gpus.values())) > 1:
         p.error("the runs were made on different GPUs, and a goal compares records of one device: "
                 + "; ".join(f"{k}: {v}" for k, v in gpus.items()))

@@ -156,11 +156,11 @@ def write_summary_md(path: str, meta: dict, records: list[dict], plots: list[str
     if mrows:
         lines += ["", "## Model level: one training step", "", MODEL_NOTE, ""] + _md_table(MODEL_HEAD, mrows)
     if meta.get("gpu"):
-        from .goals import GOAL_HEAD, goal_rows
+        from .goals import GOAL_HEAD, goal_rows, of_run
 
         lines += ["", "## Goals", "", "Checked from this run's records (mmfast/bench/goals.py); '-': the run has "
                   "no records for that goal.", ""] + _md_table(
-                      GOAL_HEAD, goal_rows([{**r, "_quick": bool(meta.get("quick"))} for r in records]))
+                      GOAL_HEAD, goal_rows(of_run(records, meta.get("quick"))))
     if plots:
         lines += ["", "## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
     with open(path, "w") as f:
