@@ -622,6 +622,30 @@ def test_a_stopped_run_writes_what_it_measured(how, tmp_path, capsys, monkeypatc
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+@pytest.mark.parametrize("how", ["Ctrl-C", "SIGTERM"])
+def test_a_run_stopped_before_its_first_measurement(how, tmp_path, capsys, monkeypatch):
+    """A stop while the bench measured the copy bandwidth (before the first case) ended in a traceback and
+    left an empty --out behind; now it says that nothing was timed, exits 130 and removes the --out it made."""
+    import signal
+    import threading
+
+    if how == "SIGTERM" and threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers can only be installed from the main thread (the bench then leaves SIGTERM alone)")
+    before = signal.getsignal(signal.SIGTERM)
+
+    def copy(*a):
+        if how == "SIGTERM":
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_main, "copy_gbps", copy)
+    out = tmp_path / "out"
+    assert main(["--quick", "--ops", "rms_norm", "--providers", "hf-eager", "--out", str(out)]) == 130
+    assert f"interrupted ({how}) before the first measurement" in capsys.readouterr().err
+    assert not out.exists()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_an_interrupted_overwrite_keeps_the_previous_run(tmp_path, capsys, monkeypatch):
     """Ctrl-C in a run with --overwrite replaced a previous whole run with the few records measured so far;
     the interrupted run's records go into a directory beside it now, which the message names."""
@@ -789,7 +813,7 @@ def test_outputs_that_cannot_be_written_go_to_a_temporary_directory(tmp_path, ca
     moved = err.split("the results are in ")[1].split()[0]
     try:
         assert json.loads(open(os.path.join(moved, "results.json")).read())["records"]
-        assert os.listdir(out) == []  # nothing half-written left there
+        assert not out.exists()  # nothing half-written left there (the --out the run made, left empty, is removed)
     finally:
         shutil.rmtree(moved)
 

@@ -250,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(threads)
     finally:
         os.unlink(lock)
+        if created and os.path.isdir(args.out) and not os.listdir(args.out):  # (a run stopped before it wrote anything)
+            os.rmdir(args.out)
 
 
 #: In --out while a run uses it: the pid of that run.
@@ -294,8 +296,14 @@ def _alive(pid: int) -> bool:
 
 
 def _run(args, device, plan) -> int:
-    env = environment(device)
-    copy = copy_gbps(device, (1 << 30) if device.type == "cuda" else (1 << 26))
+    with _sigterm_as_interrupt():
+        try:  # (seconds: the copy's bandwidth, and on a GPU the CUDA C++ build a provider check may start)
+            env = environment(device)
+            copy = copy_gbps(device, (1 << 30) if device.type == "cuda" else (1 << 26))
+        except KeyboardInterrupt as e:
+            print(f"\n[mmfast.bench] interrupted ({str(e) or 'Ctrl-C'}) before the first measurement: nothing "
+                  f"was timed, and nothing written to {args.out}", file=sys.stderr)
+            return 130
     records: list[dict] = []
     not_run: list[str] = []
     interrupted = None
