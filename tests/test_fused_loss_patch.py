@@ -81,6 +81,26 @@ def test_unfused_when_logits_are_wanted(kind, calls):
     assert calls == []
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_frozen_model_in_grad_mode_returns_its_logits(kind, calls):
+    """A model with every parameter frozen, called with labels outside ``no_grad`` (a teacher, an evaluation
+    script that forgot it): autograd records nothing, so no backward will use a fused loss; the call got
+    ``logits=None`` all the same, where unpatched gives the logits. It runs as unpatched now."""
+    model = build(kind)
+    mmfast.patch(model, verbose=False)
+    plain = _unpatched_twin(model)
+    for m in (model, plain):
+        m.requires_grad_(False)
+    inputs = batch(kind)
+    out, want = model(**inputs), plain(**inputs)
+    assert out.logits is not None and not out.loss.requires_grad
+    torch.testing.assert_close(out.logits, want.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=1e-5)
+    assert calls == []
+    model.lm_head.weight.requires_grad_(True)  # something trains through the head: fused again
+    assert model(**inputs).logits is None and len(calls) == 1
+
+
 def test_logits_to_keep_by_position(calls):
     """``logits_to_keep`` passed by position, as by keyword, runs the model as unpatched and returns its
     logits (it was seen by keyword only: the fused loss ran and the logits came back None)."""

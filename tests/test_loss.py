@@ -327,6 +327,17 @@ def test_bad_input(device):
         linear_cross_entropy(h, w, t, b, reduction="none")
     with pytest.raises(ValueError, match="bias"):
         linear_cross_entropy(h, w, t, b[:-1])
+    # a bias F.linear refuses (an integer one, or another dtype outside autocast) was cast without a word
+    with pytest.raises(TypeError, match="bias must be floating point"):
+        linear_cross_entropy(h, w, t, torch.ones(w.shape[0], dtype=torch.int64, device=device))
+    with pytest.raises(TypeError, match="bias is torch.bfloat16 but hidden and weight are torch.float32"):
+        linear_cross_entropy(h, w, t, b.detach().bfloat16())
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):  # (cast there, as F.linear's: test_autocast)
+        assert torch.isfinite(linear_cross_entropy(h, w.detach().bfloat16(), t, b.detach()))
+    with pytest.raises(ValueError, match="bias is on meta but hidden is on"):
+        linear_cross_entropy(h, w, t, b.detach().to("meta"))
+    with pytest.raises(ValueError, match="weight is on meta but hidden is on"):
+        linear_cross_entropy(h, w.detach().to("meta"), t, b)
     for path in ("eager", "ops"):  # both paths refuse it the same way
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("MMFAST_EAGER", path)
@@ -348,6 +359,50 @@ def test_custom_op_matches_reference(device, seed, dtype, bias, monkeypatch):
     h, w, b, t = make(device, dtype, bias=bias)
     check(f"op/{dtype}", forced("auto", 7), h, w, b, t, seed)
     check(f"op/{dtype}/items", linear_cross_entropy, h, w, b, t, seed, num_items_in_batch=torch.tensor(41))
+
+
+class _Wrapped(torch.Tensor):
+    """The simplest tensor subclass: PyTorch's own ``__torch_function__``, which re-wraps every result."""
+
+
+@pytest.mark.parametrize("which", ["hidden", "weight", "both"])
+def test_a_torch_function_subclass(device, seed, which):
+    """A ``__torch_function__`` subclass takes the custom op, whose loss PyTorch re-wraps (an alias node
+    above the op's): marking that node for the second-derivative check raised ``AttributeError`` on every
+    call with the subclass requiring grad. Values against float64; a second derivative still raises."""
+    def wrapped(h, w, t, b, **kw):
+        h2 = h.as_subclass(_Wrapped) if which != "weight" else h
+        w2 = w.as_subclass(_Wrapped) if which != "hidden" else w
+        loss = linear_cross_entropy(h2, w2, t, b, **kw)
+        assert type(loss) is _Wrapped
+        return loss
+
+    h, w, b, t = make(device, torch.float32, lead=(3, 9), H=16, V=50)
+    check(f"subclass {which}", wrapped, h, w, b, t, seed)
+    gh = torch.autograd.grad(wrapped(h, w, t, b), h, create_graph=True)[0]
+    with pytest.raises(RuntimeError, match="second derivative through a fused op"):
+        torch.autograd.grad(gh.square().sum(), w)
+
+
+@pytest.mark.parametrize("path", ["eager", "ops"])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_no_gradient_is_taken_where_autograd_records_nothing(device, path, mode, monkeypatch):
+    """Under ``no_grad`` / ``inference_mode`` (an evaluation of a model whose head trains) the eager path
+    still computed every gradient of the inputs that require grad, then dropped them: the hidden's, the
+    logits' or an fp32 vocab x hidden buffer, 8x the loss's own time. The loss alone runs now, the same
+    loss bit for bit."""
+    import mmfast.ops.loss as loss_mod
+
+    monkeypatch.setenv("MMFAST_EAGER", path)
+    asked, real = [], loss_mod._loss_and_grads
+    monkeypatch.setattr(loss_mod, "_loss_and_grads", lambda *a: asked.append(a[7:10]) or real(*a))
+    h, w, b, t = make(device, torch.float32, lead=(3, 9), H=16, V=50)
+    with_grad = linear_cross_entropy(h, w, t, b)
+    assert asked == [(True, True, True)]
+    with getattr(torch, mode)():
+        loss = linear_cross_entropy(h, w, t, b)
+    assert asked[1:] == [(False, False, False)] and not loss.requires_grad
+    assert torch.equal(loss, with_grad.detach())
 
 
 @pytest.mark.parametrize("args", ["all", "frozen-weight", "bf16-hidden-only"])

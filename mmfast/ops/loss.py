@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import TIES_ATTR, batched, no_forward_ad, once_differentiable, plain_eager, refuse_functorch_ad, warn_once
+from .backend import (TIES_ATTR, batched, no_forward_ad, once_differentiable, plain_eager, records_grad,
+                      refuse_functorch_ad, warn_once)
 
 #: Rows per chunk are chosen so that one chunk's fp32 logits take at most this many bytes.
 CHUNK_BYTES = 128 * 2**20
@@ -348,7 +349,16 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: O
         raise ValueError(f"linear_cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if not hidden.is_floating_point():
         raise TypeError(f"linear_cross_entropy: hidden must be floating point, got {hidden.dtype}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"linear_cross_entropy: {name} is on {t.device} but hidden is on {hidden.device}")
     dtype = _compute_dtype(hidden, weight)
+    if bias is not None and not bias.is_floating_point():
+        raise TypeError(f"linear_cross_entropy: bias must be floating point, got {bias.dtype}")
+    autocast = torch.is_autocast_enabled(hidden.device.type) and torch.float64 not in (hidden.dtype, weight.dtype)
+    if bias is not None and bias.dtype != dtype and not autocast:  # (autocast casts it, as F.linear's)
+        raise TypeError(f"linear_cross_entropy: bias is {bias.dtype} but hidden and weight are {dtype}; "
+                        "F.linear needs one dtype (or an autocast region)")
     target = target.to(hidden.device, torch.int64)
     if num_items_in_batch is not None:
         # a number as a float64 tensor too: a count of 0 (a batch with every label ignored) gives inf and a
@@ -364,6 +374,10 @@ def _apply(hidden, weight, bias, target, ignore_index, scale, chunk_rows, grad_w
     ``"auto"``, or ``"logits"`` / ``"accumulate"`` to pick how the eager path keeps the weight's gradient,
     for the tests)."""
     if plain_eager(hidden, weight, bias, target, scale if isinstance(scale, Tensor) else None):
+        if not records_grad(hidden, weight, bias):  # (no_grad, an evaluation: the loss alone, no gradient taken)
+            with torch.autocast(hidden.device.type, enabled=False):
+                return _loss_and_grads(hidden, weight, bias, target, ignore_index, scale, chunk_rows, False, False,
+                                       False, grad_w_mode, dtype).loss
         with torch.autocast(hidden.device.type, enabled=False):
             loss = _LinearCrossEntropyFn.apply(hidden, weight, bias, target, ignore_index, scale, chunk_rows,
                                                grad_w_mode, dtype)
@@ -383,8 +397,12 @@ def _tie_inputs(loss: Tensor, *inputs: Optional[Tensor]) -> Tensor:
     that asks for chosen inputs found no path through :func:`once_differentiable`'s error to them."""
     if torch.compiler.is_compiling() or loss.grad_fn is None:  # (compiled: AOTAutograd refuses it itself)
         return loss
-    setattr(loss.grad_fn, TIES_ATTR, tuple(t.narrow(-1, 0, 0).sum() for t in inputs
-                                           if t is not None and t.requires_grad))
+    node = loss.grad_fn
+    # a __torch_function__ subclass's result is the op's output re-wrapped (as_subclass): an alias node of
+    # PyTorch's own, which takes no attributes, above the op's node
+    while type(node).__name__ == "AliasBackward0" and len(node.next_functions) == 1:
+        node = node.next_functions[0][0]
+    setattr(node, TIES_ATTR, tuple(t.narrow(-1, 0, 0).sum() for t in inputs if t is not None and t.requires_grad))
     return loss
 
 

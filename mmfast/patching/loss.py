@@ -3,9 +3,10 @@
 Three instance-level swaps on a supported model (``LlamaForCausalLM``, ``LlavaForConditionalGeneration``
 and every class whose forward is the same code), no class is touched:
 
-* the model's ``forward``: when ``labels`` are given and autograd records, it arms the LM head for one
-  call, then runs the model's own forward unchanged;
-* the LM head's ``forward``: armed, it computes :func:`mmfast.ops.loss.linear_cross_entropy` of its input
+* the model's ``forward``: when ``labels`` are given in grad mode, it arms the LM head for one call, then
+  runs the model's own forward unchanged;
+* the LM head's ``forward``: armed, and autograd records its call (its input or parameters require grad), it
+  computes :func:`mmfast.ops.loss.linear_cross_entropy` of its input
   (with the weight as the head sees it inside its own call, so wrappers that gather parameters around the
   call keep working) and returns a stand-in for the logits: the loss, broadcast to the logits' shape with
   zero strides (no memory);
@@ -45,7 +46,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from ..ops.backend import warn_once
+from ..ops.backend import records_grad, warn_once
 from ..ops.loss import linear_cross_entropy
 from .core import (_ATTR, ModuleCall, _foreign_patch, _in_wrapper_package, _install, _original_call, defining_module,
                    displaced, foreign_hook, is_disabled, is_patched, reaches_class_forward, remove_hooks,
@@ -239,6 +240,10 @@ def _head_forward(head: nn.Linear, x: Tensor) -> Tensor:
                                "fused loss (mmfast.patch(..., fused_loss=False))")
         return _original_call(head, head.__dict__[_ATTR])(x)
     args, st.armed = st.armed, None
+    if not records_grad(x, head.weight, head.bias):
+        # nothing trains through the head (a frozen model called with labels outside no_grad): its logits and
+        # the model's own loss, as unpatched (the fused loss's only gain is in a backward that will not run)
+        return _original_call(head, head.__dict__[_ATTR])(x)
     target = _target(args.pop("labels"), args.pop("shift_labels"), args["ignore_index"])
     if target.shape != x.shape[:-1]:
         raise RuntimeError(f"mmfast fused loss: labels {tuple(target.shape)} do not match the LM head's input "
