@@ -3,6 +3,8 @@ gradient checkpointing), and the trainable state's save/load."""
 
 import copy
 
+import warnings
+
 import pytest
 import torch
 
@@ -246,6 +248,31 @@ def test_the_cast_warning_is_once_per_model(tuning, words, recwarn):
     assert cast_and_train(first) == 1
     assert cast_and_train(second) == 2
     assert cast_and_train(first) == 2
+
+
+@pytest.mark.parametrize("tuning,words", [("layernorm-simp", "trainable norm weights"), ("mma", "MMA adapters")])
+def test_the_cast_warning_is_said_again_after_a_patch_again(tuning, words):
+    """The README's way out of a cast after patching is to patch again (fp32 again); a second cast since was
+    not said: the record of the first warning stayed on the model, and its text was the first one's, which
+    Python's default filter shows once. A patch again re-arms it, under another text."""
+    model = build("llava")
+
+    def cast_and_train(dtype):
+        model.to(dtype)
+        model.train()
+        for _ in range(2):
+            model(**batch("llava", seed=3, dtype=dtype)).loss.backward()
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")  # (what a user's process shows: once per text and place)
+        mmfast.patch(model, tuning=tuning, verbose=False)
+        cast_and_train(torch.bfloat16)
+        mmfast.patch(model, tuning=tuning, verbose=False)  # (fp32 again: the tests above)
+        cast_and_train(torch.float16)
+        cast_and_train(torch.bfloat16)
+    said = [str(w.message) for w in seen if words in str(w.message)]
+    assert len(said) == 2 and "bfloat16 now" in said[0] and "float16 now" in said[1], said
+    assert "patched 2 times" in said[1] and "patched 2 times" not in said[0]
 
 
 def test_a_model_built_in_fp32_then_cast_after_patching_warns_too(recwarn):

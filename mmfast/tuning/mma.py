@@ -44,7 +44,7 @@ from .._zero import full_shape, gathered, partitioned
 from ..nn.adapter import MMAdapter, _XavierLinear, unloaded_mma
 from ..patching.core import EXTRA_KWARGS_ATTR, SHARED_CODE_HOOK, binding_of, remove_hooks
 from ..ops.backend import warn_once
-from .recipes import _hf_model, find_parts, peft_trainables, untrainable_problem, warn_cast_trainables
+from .recipes import _hf_model, find_parts, patch_owner, peft_trainables, untrainable_problem, warn_cast_trainables
 
 ADAPTER_NAME = "mma_adapter"
 _OPTIONS = "_mmfast_mma_options"  # on the HF model: the MMAOptions its adapters were made with
@@ -593,8 +593,11 @@ def _modality_pre_hook(module, args, kwargs):
     compiling = torch.compiler.is_compiling()
     if module.training and torch.is_grad_enabled() and not compiling and emb.weight.requires_grad \
             and emb.weight.dtype != torch.float32:  # (a cast casts the adapters with it)
+        said = module.__dict__.get(_SAID_CAST)
+        if not isinstance(said, dict):  # (True: a model an earlier version patched and pickled)
+            said = module.__dict__[_SAID_CAST] = {"owner": f"{type(module).__name__} at {id(module):#x}"}
         warn_cast_trainables("the MMA adapters and modality embedding mmfast.patch made in float32", emb.weight.dtype,
-                             module.__dict__, _SAID_CAST, f"{type(module).__name__} at {id(module):#x}")
+                             said, "mma_cast", said["owner"])
     if emb.weight.is_meta and not ref.is_meta and getattr(emb, "_hf_hook", None) is None:
         raise unloaded_mma("mmfast MMA: the modality embedding's weights", ref.device)
     dtype = module.get_input_embeddings().weight.dtype
@@ -1098,7 +1101,7 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
     return unread
 
 
-#: On the module MMA's modality pass runs from: the cast warning was given (once per model)
+#: On the module MMA's modality pass runs from: the cast warning's record (once per model, until a patch again)
 _SAID_CAST = "_mmfast_said_mma_cast"
 
 
@@ -1109,8 +1112,11 @@ def _train_mma(model: nn.Module, hf: nn.Module, parts) -> None:
     kept = peft_trainables(model)  # PEFT's adapters keep training beside MMA's
     for p in model.parameters():
         p.requires_grad_(False)
+    said = {"owner": patch_owner(model)}  # the cast warning, re-armed: this patch widens them back to fp32
     for n in added_modules(hf):
         module = hf.get_submodule(n)
+        if n.rpartition(".")[2] == EMBEDDING_NAME:
+            hf.get_submodule(n.rpartition(".")[0]).__dict__[_SAID_CAST] = said
         for p in module.parameters():
             if p.dtype != torch.float32 and not partitioned(p):
                 p.data = p.data.to(torch.float32)

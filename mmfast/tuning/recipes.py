@@ -244,6 +244,18 @@ _SAID_ATTR = "_mmfast_cast_said"
 _SAID_EARLIER = {"owner": "a model patched by an earlier mmfast"}
 
 
+#: On a tuned model: how many times mmfast.patch applied a recipe to it (:func:`patch_owner`)
+_PATCHES_ATTR = "_mmfast_recipe_patches"
+
+
+def patch_owner(model: nn.Module) -> str:
+    """The model as the cast warnings name it, for a new patch of it (counted): a patch again widens the
+    weights back to fp32 and re-arms the warning, whose text must then differ from the first one's, or
+    Python's default filter would not show it again."""
+    n = model.__dict__[_PATCHES_ATTR] = model.__dict__.get(_PATCHES_ATTR, 0) + 1
+    return f"{type(model).__name__} at {id(model):#x}" + (f", patched {n} times" if n > 1 else "")
+
+
 def _master_weights_kept(module: nn.Module, args) -> None:
     """Forward pre-hook of a norm whose weights ``master_weights`` widened: warn (once per model) when a
     cast since patching (Lightning's ``precision="bf16-true"``, ``model.to(torch.bfloat16)``, HF Trainer's
@@ -429,7 +441,7 @@ def apply_ln_recipe(model: nn.Module, recipe: str, *, final_norm: bool = False, 
         left = 0
         paths = {id(m): path for path, m in model.named_modules()}
         skip = {id(p) for norm in norms for p in norm.parameters(recurse=False)}  # the weights kept in fp32
-        said = {"owner": f"{type(model).__name__} at {id(model):#x}"}  # the cast warning, once for these norms
+        said = {"owner": patch_owner(model)}  # the cast warning, once for these norms until a patch again
         for norm in norms:
             for name, p in norm.named_parameters(recurse=False):
                 if partitioned(p):  # ZeRO-3 holds the partition (ds_tensor); its optimizer keeps fp32 masters
@@ -440,7 +452,7 @@ def apply_ln_recipe(model: nn.Module, recipe: str, *, final_norm: bool = False, 
                 if _MASTER_ATTR not in norm.__dict__:
                     norm.__dict__[_HOOK_ATTR] = norm.__dict__.get(_HOOK_ATTR, []) + [
                         norm.register_forward_pre_hook(_master_weights_kept)]
-                    norm.__dict__[_SAID_ATTR] = said
+                norm.__dict__[_SAID_ATTR] = said
                 norm.__dict__.setdefault(_MASTER_ATTR, {}).setdefault(name, (p.dtype, around))
                 if p.dtype != torch.float32:
                     p.data = p.data.to(torch.float32)
