@@ -20,6 +20,7 @@ from .tuning import LN_RECIPES, apply_ln_recipe, remove_tuning_hooks, restore_ma
 from .tuning.recipes import recipe_modules, watch_recipe
 from .tuning.state import distributed_holder
 from .tuning.mma import MMAOptions, added_modules, insert_mma, remove_mma
+from .tuning.optimizers import unwatch_optimizers, watch_optimizers
 
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time of the message (not at import)."""
@@ -123,6 +124,7 @@ def patch(
         apply_ln_recipe(model, tuning, final_norm=final_norm, master_weights=master_weights)
     if tuning is not None:
         watch_recipe(model, tuning)
+        watch_optimizers(model)  # (one built before this patch: said at its next step)
     # a PEFT model calls its base model's forward: that is where the fused loss goes
     hf = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
     if fused_loss:  # a pass-through forward of an earlier patch would keep the fused loss off
@@ -186,6 +188,7 @@ def unpatch(model: nn.Module) -> int:
         raise ValueError(problem)
     remove_tuning_hooks(model)
     unwatch_patches(model)
+    unwatch_optimizers(model)
     restore_master_weights(model)
     return (unpatch_loss(model) + hide_extra_kwargs(model) + remove_mma(model) + unpatch_mlps(model)
             + unpatch_norms(model))

@@ -275,6 +275,57 @@ def test_the_cast_warning_is_said_again_after_a_patch_again(tuning, words):
     assert "patched 2 times" in said[1] and "patched 2 times" not in said[0]
 
 
+def _step(model, opt, dtype=torch.float32):
+    model.train()
+    model(**batch("llava", seed=3, dtype=dtype)).loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _optimizer_said(seen) -> list[str]:
+    return [str(w.message) for w in seen if "Build the optimizer after mmfast.patch" in str(w.message)]
+
+
+def test_an_optimizer_built_before_mma_is_told_it_misses_the_adapters(recwarn):
+    """``AdamW(model.parameters())`` built before ``mmfast.patch(tuning="mma")`` holds none of the adapters
+    the patch adds: they got gradients and never changed (the method trained nothing of its own), without a
+    word. Its first step after the patch says so, once; an optimizer built after the patch says nothing."""
+    model = build("llava")
+    early = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    mmfast.patch(model, tuning="mma", verbose=False)
+    for _ in range(2):
+        _step(model, early)
+    said = _optimizer_said(recwarn)
+    assert len(said) == 1 and "AdamW holds parameters of LlavaForConditionalGeneration" in said[0], said
+    assert "mma_embedding" in said[0] or "adapter" in said[0]
+    for params in (model.parameters(), [p for p in model.parameters() if p.requires_grad]):
+        _step(model, torch.optim.AdamW(params, lr=1e-3))
+    assert len(_optimizer_said(recwarn)) == 1
+
+
+def test_an_optimizer_that_stepped_before_the_master_weights_is_told_why_it_fails(recwarn):
+    """A bf16 model's optimizer that stepped before ``mmfast.patch``: the patch widens the trained norm
+    weights to fp32 in place, and AdamW's next step failed on its bf16 state with "expected dtype
+    c10::BFloat16 for `end` but got dtype float", naming nothing of mmfast. A warning names the cause first;
+    the same order for a LayerNorm recipe on an fp32 model, or an optimizer that had not stepped, trains."""
+    model = build("llava", dtype=torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _step(model, opt, torch.bfloat16)
+    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    with pytest.raises(RuntimeError):  # (PyTorch's own error follows the warning)
+        _step(model, opt, torch.bfloat16)
+    said = _optimizer_said(recwarn)
+    assert len(said) == 1 and "while they were bfloat16" in said[0] and "input_layernorm" in said[0], said
+    for dtype, stepped in ((torch.bfloat16, False), (torch.float32, True)):
+        model = build("llava", dtype=dtype)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        if stepped:
+            _step(model, opt, dtype)
+        mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+        _step(model, opt, dtype)
+    assert len(_optimizer_said(recwarn)) == 1
+
+
 def test_a_model_built_in_fp32_then_cast_after_patching_warns_too(recwarn):
     """The norm weights of a model built in fp32 are fp32 at patch time, so nothing was widened; a cast to
     bf16 after patching (Lightning's "bf16-true") takes them out of fp32 all the same, and said nothing."""
