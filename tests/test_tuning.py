@@ -326,6 +326,18 @@ def test_an_optimizer_that_stepped_before_the_master_weights_is_told_why_it_fail
     assert len(_optimizer_said(recwarn)) == 1
 
 
+@pytest.mark.parametrize("tuning,words", [("layernorm-simp", "trainable norm weights"), ("mma", "MMA adapters")])
+def test_a_cast_to_float64_is_not_warned_about(tuning, words, recwarn):
+    """A patched model cast to float64 (a reference run in double, under mmfast.disabled()) was warned that
+    "small updates round away in that dtype": float64 holds every fp32 update."""
+    model = build("llava")
+    mmfast.patch(model, tuning=tuning, verbose=False)
+    model.double().train()
+    with mmfast.disabled():
+        model(**batch("llava", seed=3, dtype=torch.float64)).loss.backward()
+    assert not [w for w in recwarn if words in str(w.message)]
+
+
 def test_a_model_built_in_fp32_then_cast_after_patching_warns_too(recwarn):
     """The norm weights of a model built in fp32 are fp32 at patch time, so nothing was widened; a cast to
     bf16 after patching (Lightning's "bf16-true") takes them out of fp32 all the same, and said nothing."""
