@@ -275,6 +275,27 @@ def test_mma_trains_tiny_llava():
     assert all(p.grad is None for n, p in trainable.items() if unused in n)
 
 
+def test_the_language_model_called_alone_routes_as_text():
+    """The language model called on its own (no model forward around it) routed by the flags of whatever
+    model forward ran last, when the batch size matched: the same text gave other hidden states after an
+    image batch than after a text one. It routes as text now, whatever ran before."""
+    model = _mma()
+    _perturb_adapters(model)
+    model.eval()
+    lm = model.model.language_model
+    text = batch("llava", seed=7, images=[False, False])["input_ids"]
+    with torch.no_grad():
+        alone = lm(input_ids=text).last_hidden_state
+        for images in ([True, True], [False, False], [True, True]):
+            model(**{k: v for k, v in batch("llava", seed=1, images=images).items() if k != "labels"})
+            assert torch.equal(lm(input_ids=text).last_hidden_state, alone), images
+        # the model as a whole still routes by its own inputs (and so differently for images)
+        ids = batch("llava", seed=1, images=[True, True])
+        ids = {k: v for k, v in ids.items() if k != "labels"}
+        flagged = model(**ids, mma_has_image=torch.tensor([True, True])).logits
+        assert not torch.allclose(flagged, model(**ids, mma_has_image=torch.tensor([False, False])).logits)
+
+
 def _capture_mix(model, layer_path):
     adapter = model.get_submodule(layer_path + "." + ADAPTER_NAME)
     seen = []

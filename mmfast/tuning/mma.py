@@ -119,6 +119,10 @@ class _State:
     """Per-forward routing of one model: flags per sample (the routes are on the layers' slots)."""
 
     has_image: Optional[Tensor] = None
+    # set by the model's forward, taken by its language model's: a language model called alone (no model
+    # forward around it) routes as text, not by the flags of whatever forward ran last (those stay in
+    # ``has_image`` for a cache that forward filled)
+    live: bool = False
     recording: bool = False  # True while the modality token runs through the layers
     # the routes' gradient bridge (the input embeddings module, the leaves, the last output, the routes) a
     # forward with token ids and other inputs hands to its own lookup (:func:`_embedding_bridge_hook`);
@@ -373,14 +377,14 @@ def _flags_pre_hook(module, args, kwargs):
             # (images without input_ids: a prefill raises in eager code; a decode step takes the kept flags)
             fresh = kept if ids is None and kwargs.get("pixel_values") is not None else \
                 _flags_of_inputs(ids, visual_ids, kwargs, B, device)
-            state.has_image = torch.where(length.to(device) > 0, kept, fresh)
+            state.has_image, state.live = torch.where(length.to(device) > 0, kept, fresh), True
             # not stored on the cache: it keeps the flags its eager prefill stored (generate's prefill is not
             # compiled). A compiled step's output that the next step reads back is what CUDA graphs
             # (reduce-overhead, generate's default on a GPU) overwrite with that step
             return args, kwargs
         else:
             flags = kept  # generation: keep the prefill's flags
-    state.has_image = flags
+    state.has_image, state.live = flags, True
     if past is not None:
         try:  # on the cache itself: a copy of it (a reused prompt cache) carries them too
             setattr(past, CACHE_FLAGS_ATTR, flags)
@@ -586,7 +590,7 @@ def _modality_pre_hook(module, args, kwargs):
     if ref is None:
         ref = kwargs.get("input_ids", args[0] if args else None)
     B = ref.shape[0]
-    flags = state.has_image
+    flags, state.live = (state.has_image if state.live else None), False
     if flags is None or flags.shape[0] != B:
         flags = torch.zeros(B, dtype=torch.bool, device=ref.device)
     emb: nn.Embedding = getattr(module, EMBEDDING_NAME)
