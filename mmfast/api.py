@@ -12,7 +12,8 @@ from torch import nn
 from ._zero import full_numel
 from .ops.backend import requested_backend
 from .patching import PatchReport, patch_norms, unpatch_norms
-from .patching.core import (EXTRA_KWARGS_ATTR, hide_extra_kwargs, is_patched, kernelize_problem, show_extra_kwargs,
+from .patching.core import (EXTRA_KWARGS_ATTR, hide_extra_kwargs, is_patched, kernelize_problem, name_patch,
+                            show_extra_kwargs,
                             unwatch_patches, watch_patches)
 from .patching.loss import patch_loss, unpatch_loss
 from .patching.mlp import patch_mlps, unpatch_mlps
@@ -105,6 +106,7 @@ def patch(
     problem = kernelize_problem(model)
     if problem is not None:
         raise ValueError(f"mmfast.patch: {problem}")
+    name_patch(model)  # (how this patch's warnings name the model)
     # a recipe that cannot apply is refused before the model is changed: MMA's insertion checks everything
     # before it changes anything (and changes nothing the kernel patches below read), the LayerNorm recipes
     # are looked up first

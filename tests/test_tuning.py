@@ -272,7 +272,7 @@ def test_the_cast_warning_is_said_again_after_a_patch_again(tuning, words):
         cast_and_train(torch.bfloat16)
     said = [str(w.message) for w in seen if words in str(w.message)]
     assert len(said) == 2 and "bfloat16 now" in said[0] and "float16 now" in said[1], said
-    assert "patched 2 times" in said[1] and "patched 2 times" not in said[0]
+    assert said[0] != said[1] and all("LlavaForConditionalGeneration at 0x" in w for w in said)
 
 
 def _step(model, opt, dtype=torch.float32):
@@ -391,6 +391,32 @@ def _recipe_frozen_warnings(model, kind: str) -> list[str]:
         warnings.simplefilter("always")
         model(**batch(kind)).loss.backward()
     return [str(w.message) for w in seen if "froze them after mmfast.patch" in str(w.message)]
+
+
+def test_the_recipe_frozen_warning_is_said_for_each_model_and_patch():
+    """"Something froze the recipe's parameters" was once per process for an address (a key with the
+    model's ``id``) and once per text (Python's default filter): a new model at a freed one's address (a
+    sweep in one process, one model after another) and a model patched again were not told."""
+    import gc
+
+    def frozen_step(model):
+        model.requires_grad_(False)
+        model.train()
+        model(**batch("llama"))
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")  # (what a user's process shows: once per text and place)
+        for seed in range(4):
+            model = build("llama", seed=seed)
+            mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+            frozen_step(model)
+            if seed == 0:  # a patch again makes them trainable again; frozen again, said again
+                mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+                frozen_step(model)
+            del model
+            gc.collect()
+    said = [str(w.message) for w in seen if "froze them after mmfast.patch" in str(w.message)]
+    assert len(said) == 5 and len(set(said)) == 5, said
 
 
 @pytest.mark.parametrize("tuning", ["layernorm-simp", "mma"])

@@ -21,8 +21,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import itertools
 import re
 import types
+import warnings
 import weakref
 from collections import Counter
 from typing import Any, Optional
@@ -359,20 +361,38 @@ def _patches_in_place(paths: list, module: nn.Module, args) -> None:
         except AttributeError:
             continue
         if is_patched(m) and displaced(m):
-            from ..ops.backend import warn_once
-
-            paths.clear()  # said once: no more checks
+            paths.clear()  # said once (for this model and patch): no more checks
             now = m.__dict__.get("forward")
-            warn_once(f"mmfast: the forward mmfast.patch put on {path or type(m).__name__} was replaced since"
+            warnings.warn(f"mmfast: the forward mmfast.patch put on {path or type(m).__name__} ({patch_name(module)}) "
+                      "was replaced since"
                       f"{f' by {_describe(now)}' if now is not None else ''}, and mmfast's kernels no longer run "
                       "there. HF Trainer's and TRL's use_liger_kernel=True apply Liger-Kernel to the model at "
                       "train(), over mmfast's forwards: leave it off with mmfast.patch (or mmfast.unpatch the model "
                       "to train with Liger alone). A module given back its class's own forward (transformers' "
-                      "kernelize, say) is patched again by mmfast.patch.", key=f"patch_replaced:{id(module)}")
+                      "kernelize, say) is patched again by mmfast.patch.", RuntimeWarning, stacklevel=3)
             return
 
 
 setattr(_patches_in_place, SHARED_CODE_HOOK, True)  # reads nothing of a module's when compiled
+
+
+#: On a model mmfast.patch was given: how its warnings name it (:func:`name_patch`)
+_NAME_ATTR = "_mmfast_patch_name"
+_patch_serial = itertools.count(1)
+
+
+def name_patch(model: nn.Module) -> str:
+    """Name ``model`` for the warnings of the patch being applied (each is said once per model and patch). The
+    name has the patch's number in this process: the model's address alone is a freed model's too, and
+    Python's default warning filter shows a text once per place, so a new model at that address (a sweep in
+    one process), or the same model after a patch again, would not be told."""
+    name = model.__dict__[_NAME_ATTR] = f"{type(model).__name__} at {id(model):#x}, patch #{next(_patch_serial)}"
+    return name
+
+
+def patch_name(model: nn.Module) -> str:
+    """The name :func:`name_patch` gave ``model`` (a model patched by an earlier version: its address)."""
+    return model.__dict__.get(_NAME_ATTR) or f"{type(model).__name__} at {id(model):#x}"
 
 
 def watch_patches(model: nn.Module, paths: list[str]) -> None:

@@ -42,9 +42,9 @@ from torch import Tensor, nn
 
 from .._zero import full_shape, gathered, partitioned
 from ..nn.adapter import MMAdapter, _XavierLinear, unloaded_mma
-from ..patching.core import EXTRA_KWARGS_ATTR, SHARED_CODE_HOOK, binding_of, remove_hooks
+from ..patching.core import EXTRA_KWARGS_ATTR, SHARED_CODE_HOOK, binding_of, patch_name, remove_hooks
 from ..ops.backend import warn_once
-from .recipes import _hf_model, find_parts, patch_owner, peft_trainables, untrainable_problem, warn_cast_trainables
+from .recipes import _hf_model, find_parts, peft_trainables, untrainable_problem, warn_cast_trainables
 
 ADAPTER_NAME = "mma_adapter"
 _OPTIONS = "_mmfast_mma_options"  # on the HF model: the MMAOptions its adapters were made with
@@ -1116,7 +1116,7 @@ def _train_mma(model: nn.Module, hf: nn.Module, parts) -> None:
     kept = peft_trainables(model)  # PEFT's adapters keep training beside MMA's
     for p in model.parameters():
         p.requires_grad_(False)
-    said = {"owner": patch_owner(model)}  # the cast warning, re-armed: this patch widens them back to fp32
+    said = {"owner": patch_name(model)}  # the cast warning, re-armed: this patch widens them back to fp32
     for n in added_modules(hf):
         module = hf.get_submodule(n)
         if n.rpartition(".")[2] == EMBEDDING_NAME:

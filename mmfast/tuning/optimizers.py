@@ -21,6 +21,8 @@ import weakref
 import torch
 from torch import nn
 
+from ..patching.core import patch_name
+
 #: The models a recipe was applied to (while alive): the patch count when it was (last) applied
 _MODELS: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
 #: Optimizers looked at: the patch count then (each is looked at again after a later patch)
@@ -61,7 +63,7 @@ def _problem(optimizer: torch.optim.Optimizer, held: set[int], model: nn.Module)
     if not any(id(p) in held for _, p in params):
         return None  # another model's optimizer (or one of a wrapper that holds copies: DeepSpeed's)
     opt = type(optimizer).__name__
-    owner = f"{type(model).__name__} at {id(model):#x}"
+    owner = patch_name(model)
     # holds what the recipe froze (built over model.parameters() before the patch) but not what it trains
     missing = [n for n, p in params if p.requires_grad and id(p) not in held]
     if missing and any(not p.requires_grad and id(p) in held for _, p in params):

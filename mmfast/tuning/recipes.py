@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .._zero import partitioned
-from ..patching.core import is_patched
+from ..patching.core import is_patched, patch_name
 
 LN_RECIPES = ("layernorm", "layernorm-simp", "layernorm+projector")
 #: Submodule names that hold a vision-language projector (the module that maps vision features into the
@@ -246,18 +246,6 @@ _SAID_ATTR = "_mmfast_cast_said"
 _SAID_EARLIER = {"owner": "a model patched by an earlier mmfast"}
 
 
-#: On a tuned model: how many times mmfast.patch applied a recipe to it (:func:`patch_owner`)
-_PATCHES_ATTR = "_mmfast_recipe_patches"
-
-
-def patch_owner(model: nn.Module) -> str:
-    """The model as the cast warnings name it, for a new patch of it (counted): a patch again widens the
-    weights back to fp32 and re-arms the warning, whose text must then differ from the first one's, or
-    Python's default filter would not show it again."""
-    n = model.__dict__[_PATCHES_ATTR] = model.__dict__.get(_PATCHES_ATTR, 0) + 1
-    return f"{type(model).__name__} at {id(model):#x}" + (f", patched {n} times" if n > 1 else "")
-
-
 def _master_weights_kept(module: nn.Module, args) -> None:
     """Forward pre-hook of a norm whose weights ``master_weights`` widened: warn (once per model) when a
     cast since patching (Lightning's ``precision="bf16-true"``, ``model.to(torch.bfloat16)``, HF Trainer's
@@ -341,16 +329,15 @@ def _recipe_kept(tuning: str, params: list, module: nn.Module, args) -> None:
         found = True
     if not found:
         return
-    from ..ops.backend import warn_once
-
     others = any(p.requires_grad for p in module.parameters())
-    params.clear()  # said once: no more checks
-    warn_once(f"mmfast: none of the parameters tuning={tuning!r} made trainable requires grad any more, "
+    params.clear()  # said once (for this model and patch): no more checks
+    warnings.warn(f"mmfast: none of the parameters tuning={tuning!r} made trainable ({patch_name(module)}) requires "
+              "grad any more, "
               f"{'while other parameters train' if others else 'nor does any other'}: something froze them after "
               "mmfast.patch. PEFT's get_peft_model freezes every parameter outside its adapters (TRL's "
               "SFTTrainer(peft_config=...) calls it), and prepare_model_for_kbit_training every parameter. Call "
               "those first, then mmfast.patch; with TRL, pass that PEFT model and no peft_config.",
-              key=f"recipe_frozen:{id(module)}")
+              RuntimeWarning, stacklevel=3)
 
 
 def watch_recipe(model: nn.Module, tuning: str) -> None:
@@ -443,7 +430,7 @@ def apply_ln_recipe(model: nn.Module, recipe: str, *, final_norm: bool = False, 
         left = 0
         paths = {id(m): path for path, m in model.named_modules()}
         skip = {id(p) for norm in norms for p in norm.parameters(recurse=False)}  # the weights kept in fp32
-        said = {"owner": patch_owner(model)}  # the cast warning, once for these norms until a patch again
+        said = {"owner": patch_name(model)}  # the cast warning, once for these norms until a patch again
         for norm in norms:
             for name, p in norm.named_parameters(recurse=False):
                 if partitioned(p):  # ZeRO-3 holds the partition (ds_tensor); its optimizer keeps fp32 masters
