@@ -132,7 +132,8 @@ class _State:
     def __setstate__(self, state: dict) -> None:
         # a state pickled by an earlier version held the routes itself, by layer index, and no bridge (one
         # pickled between a forward's start and its lookup of the embeddings brings none either)
-        self.__dict__.update(bridge=None, **{k: v for k, v in state.items() if k not in ("routes", "seen", "bridge")})
+        self.__dict__.update(bridge=None, live=False,
+                             **{k: v for k, v in state.items() if k not in ("routes", "seen", "bridge", "live")})
 
 
 class _LayerSlot:
