@@ -698,6 +698,34 @@ def test_a_wrapper_calling_the_forward_directly_still_fuses(monkeypatch):
     assert model(**batch("llama")).logits is None
 
 
+def test_the_head_called_alone_after_an_interrupted_step_gives_logits(calls):
+    """A KeyboardInterrupt inside a training forward runs no hook after it, so the head stayed armed until the
+    model's next call: the head called alone in grad mode (a distillation's own loss on the backbone's hidden
+    states) returned the stale labels' loss broadcast to the logits' shape, and every later call of it raised
+    "called twice", under no_grad and mmfast.disabled() too. It gives logits now, and the model trains fused."""
+    model = build("llama")
+    mmfast.patch(model, tuning="layernorm", verbose=False)
+    inputs = batch("llama")
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    handle = model.model.layers[1].register_forward_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        model(**inputs)
+    handle.remove()
+    hidden = model.model(input_ids=inputs["input_ids"]).last_hidden_state
+    want = torch.nn.functional.linear(hidden, model.lm_head.weight)
+    for context in (torch.enable_grad, torch.no_grad, mmfast.disabled, torch.enable_grad):
+        with context():
+            logits = model.lm_head(hidden)
+        assert logits.stride()[-1] == 1 and torch.equal(logits, want), context
+    calls.clear()
+    out = model(**inputs)
+    assert out.logits is None and len(calls) == 1
+    out.loss.backward()
+
+
 def test_an_interrupted_training_step_leaves_no_armed_head():
     """A KeyboardInterrupt inside the forward runs no forward hook after it: the head stayed armed, and the
     next call without labels (an evaluation, generate) computed a loss against the stale labels. Every call

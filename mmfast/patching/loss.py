@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import sys
 import warnings
 import weakref
 from typing import Any, Optional
@@ -65,6 +66,9 @@ class _Call:
     armed: Optional[dict] = None
     loss: Optional[Tensor] = None
     stand_in: Optional[Tensor] = None
+    # the id of the frame that runs the model's forward (None where compiled): a head call with no such frame
+    # above it is outside the forward, after an interrupt cut it (no hook runs after a KeyboardInterrupt)
+    frame: Optional[int] = None
 
     def empty(self) -> bool:
         return self.armed is None and self.loss is None and self.stand_in is None
@@ -230,20 +234,35 @@ def _aliases(t: Any, stand_in: Tensor) -> bool:
                              and t.dtype == stand_in.dtype and t.data_ptr() == stand_in.data_ptr())
 
 
+def _cut(call: _Call) -> bool:
+    """Whether ``call``'s forward is no longer running (a KeyboardInterrupt cut it): its frame is not above
+    this one. Eager only (compiled calls record no frame)."""
+    if call.frame is None or torch.compiler.is_compiling():
+        return False
+    f = sys._getframe(1)
+    while f is not None:
+        if id(f) == call.frame:
+            return False
+        f = f.f_back
+    return True
+
+
 def _head_forward(head: nn.Linear, x: Tensor) -> Tensor:
     st = _call_of(head.__dict__[_STATE])
-    if st is None or st.armed is None:
-        if st is not None and st.stand_in is not None:
+    if st is not None and _cut(st):  # (a direct call of the head after the cut: logits, not the stale loss)
+        _release(head.__dict__[_STATE])
+        st = None
+    # a call autograd does not record (a frozen model called with labels outside no_grad, a logit lens under
+    # no_grad) gives logits and leaves the call armed: the fused loss's only gain is in a backward
+    if st is None or st.armed is None or is_disabled() or not records_grad(x, head.weight, head.bias):
+        if st is not None and st.armed is None and st.stand_in is not None and not is_disabled() \
+                and records_grad(x, head.weight, head.bias):
             raise RuntimeError("mmfast fused loss: the LM head was called twice in one training forward (an "
                                "auxiliary head called from a hook: logit lens, early exit); the first call got the "
-                               "fused loss's stand-in, not logits. Call it after the forward, or run without the "
-                               "fused loss (mmfast.patch(..., fused_loss=False))")
+                               "fused loss's stand-in, not logits. Call it after the forward (or under no_grad), or "
+                               "run without the fused loss (mmfast.patch(..., fused_loss=False))")
         return _original_call(head, head.__dict__[_ATTR])(x)
     args, st.armed = st.armed, None
-    if not records_grad(x, head.weight, head.bias):
-        # nothing trains through the head (a frozen model called with labels outside no_grad): its logits and
-        # the model's own loss, as unpatched (the fused loss's only gain is in a backward that will not run)
-        return _original_call(head, head.__dict__[_ATTR])(x)
     target = _target(args.pop("labels"), args.pop("shift_labels"), args["ignore_index"])
     if target.shape != x.shape[:-1]:
         raise RuntimeError(f"mmfast fused loss: labels {tuple(target.shape)} do not match the LM head's input "
@@ -350,7 +369,8 @@ def _arm_hook(model: nn.Module, args: tuple, kwargs: dict) -> None:
         return None
     _trim()
     st.slot = len(_STACK)  # (one training forward per thread at a time: the stack is the process's)
-    _STACK.append(_Call(armed=_arm(labels, kwargs)))
+    # (the frame that called this hook runs the forward: Module._call_impl, or _model_forward)
+    _STACK.append(_Call(armed=_arm(labels, kwargs), frame=None if torch.compiler.is_compiling() else id(sys._getframe(1))))
     return None
 
 
