@@ -214,6 +214,24 @@ def test_a_routing_state_pickled_before_its_newer_fields_loads():
     assert pickle.loads(pickle.dumps(state)).has_image.tolist() == [True]
 
 
+def test_a_vision_tower_shared_with_an_mma_model_is_refused():
+    """Two models sharing one vision tower (a policy and its reference model, to save memory), both patched
+    with tuning="mma": the second took the shared tower's adapters for its own, inserted no language-model
+    adapters and no modality embedding, and trained its projector alone without a word. It is refused now,
+    before anything changes; with a tower of its own it patches as usual."""
+    first, second = build("llava"), build("llava", seed=1)
+    second.model.vision_tower = first.model.vision_tower
+    mmfast.patch(first, tuning="mma", verbose=False)
+    before = {n: p.requires_grad for n, p in second.named_parameters()}
+    with pytest.raises(ValueError, match="already hold MMA adapters, but LlavaForConditionalGeneration was not patched"):
+        mmfast.patch(second, tuning="mma", verbose=False)
+    assert {n: p.requires_grad for n, p in second.named_parameters()} == before
+    second.model.vision_tower = copy.deepcopy(first.model.vision_tower)
+    mmfast.unpatch(second)  # (the copy's adapters, copied from the first model's tower, go)
+    report = mmfast.patch(second, tuning="mma", verbose=False)
+    assert any("language_model" in a for a in report.adapters) and any(EMBEDDING_NAME in a for a in report.adapters)
+
+
 def test_patching_again_with_another_neck_choice_is_refused():
     model = _mma()
     with pytest.raises(ValueError, match="without the visual neck"):

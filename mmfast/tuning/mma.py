@@ -963,6 +963,14 @@ def _parts_or_problem(model: nn.Module, opts: MMAOptions):
     except ValueError as exc:
         parts, missing = None, exc  # no LLaMA-style language model: vision adapters only (a CLIP/SigLIP tower)
     if added_modules(hf):  # applied already: the parts what trains is set again on
+        if hf.__dict__.get(_OPTIONS) is None and parts is not None and EMBEDDING_NAME not in parts.decoder._modules:
+            # not this model's: a module it shares with a model patched with tuning='mma' holds them
+            return None, None, (f"tuning='mma': {', '.join(added_modules(hf)[:2])}{', ...' if len(added_modules(hf)) > 2 else ''} "
+                                f"already hold MMA adapters, but {type(hf).__name__} was not patched with "
+                                "tuning='mma': a module it shares with another model patched so (a frozen vision tower "
+                                "shared by a policy and a reference model, say) carries them, and MMA's adapters train "
+                                "per model. Give this model its own copy of that module (copy.deepcopy), or "
+                                "mmfast.unpatch the other model first")
         return parts, None, _reapply_problem(hf, opts)
     if missing is not None and _has_language_model(hf):
         # a language model the adapters cannot go into: the tower's alone are not MMA
