@@ -19,6 +19,7 @@ __all__ = [
     "MMAOptions",
     "MMAdapter",
     "PatchReport",
+    "SaveTrainable",
     "disabled",
     "load_trainable",
     "patch",
@@ -35,3 +36,11 @@ __all__ = [
     "rms_norm_reference",
     "swiglu",
 ]
+
+
+def __getattr__(name: str):
+    if name == "SaveTrainable":  # (imports transformers' Trainer callbacks: only when asked for)
+        from .tuning.callbacks import SaveTrainable
+
+        return SaveTrainable
+    raise AttributeError(f"module 'mmfast' has no attribute {name!r}")

@@ -608,16 +608,14 @@ def test_hf_trainer(checkpointing, tmp_path, monkeypatch):
         assert not torch.equal(p, before[n]), f"{n} did not move"
 
 
-def test_peft_trainer_resume_with_the_readme_callback(tmp_path):
+def test_peft_trainer_resume_with_the_callback(tmp_path):
     """A PEFT model's Trainer checkpoints hold PEFT's adapters only: resumed, the recipe's parameters started
-    again from the base model. The README's callback saves them beside each checkpoint, and loading them
+    again from the base model. mmfast.SaveTrainable saves them beside each checkpoint, and loading them
     before the resume gives the uninterrupted run's parameters."""
     from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
-    class SaveTrainable(TrainerCallback):  # the README's
-        def on_save(self, args, state, control, model=None, **kwargs):
-            mmfast.save_trainable(model, f"{args.output_dir}/checkpoint-{state.global_step}/mmfast.safetensors")
+    SaveTrainable = mmfast.SaveTrainable
 
     def run(out, steps, resume=None):
         torch.manual_seed(0)
@@ -638,6 +636,67 @@ def test_peft_trainer_resume_with_the_readme_callback(tmp_path):
     assert any("layernorm" in n for n in whole) and any("lora_" in n for n in whole)
     for n in whole:
         torch.testing.assert_close(resumed[n], whole[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_peft_modules_to_save_norms_reload_exactly_into_a_patched_base(tmp_path):
+    """The README's way to reload norms trained in PEFT's ``modules_to_save`` of a bf16 model (saved in fp32
+    by PeftModel.save_pretrained): patch the base, PeftModel.from_pretrained, patch again. Loaded into an
+    unpatched bf16 base instead, they are rounded to bf16 on the way in."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    config = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["input_layernorm", "post_attention_layernorm"])
+    model = get_peft_model(build("llama", dtype=torch.bfloat16), config)
+    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    model.train()
+    for _ in range(4):
+        model(**batch("llama", dtype=torch.bfloat16)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if "modules_to_save" in n}
+    assert trained and all(p.dtype == torch.float32 for p in trained.values())
+    model.save_pretrained(tmp_path)
+    for patch_base_first in (True, False):
+        base = build("llama", dtype=torch.bfloat16)
+        if patch_base_first:
+            mmfast.patch(base, tuning="layernorm-simp", verbose=False)
+        again = PeftModel.from_pretrained(base, tmp_path, is_trainable=True)
+        mmfast.patch(again, tuning="layernorm-simp", verbose=False)
+        got = dict(again.named_parameters())
+        assert all(torch.equal(got[n], p) for n, p in trained.items()) == patch_base_first
+
+
+def test_load_best_model_at_end_with_the_callback(tmp_path):
+    """``load_best_model_at_end``: Trainer loads the best checkpoint's weights, which for a PEFT model are
+    PEFT's adapters alone, so the model ended with the best step's LoRA beside the last step's norms.
+    mmfast.SaveTrainable loads the best checkpoint's own file after Trainer's load: every trainable is the
+    best step's."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    model = get_peft_model(build("llava"), LoraConfig(r=4, target_modules=r".*language_model.*\.q_proj"))
+    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    # the best step by this metric is the first (the loss falls): not the last, whose values the model holds
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2,
+                             learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="steps", save_steps=1,
+                             eval_strategy="steps", eval_steps=1, load_best_model_at_end=True,
+                             metric_for_best_model="eval_loss", greater_is_better=True, disable_tqdm=True,
+                             seed=0, lr_scheduler_type="constant")
+    trainer = Trainer(model=model, args=args, train_dataset=_Dataset(), eval_dataset=_Dataset(4),
+                      callbacks=[mmfast.SaveTrainable()])
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best.endswith("checkpoint-1")
+    saved = load_file(f"{best}/mmfast.safetensors")
+    last = load_file(f"{tmp_path}/checkpoint-3/mmfast.safetensors")
+    params = dict(model.named_parameters())
+    names = [n for n in saved if "layernorm" in n]
+    assert names and any("lora_" in n for n in saved)
+    assert all(not torch.equal(saved[n], last[n]) for n in names)
+    for n, value in saved.items():
+        torch.testing.assert_close(params[n].detach(), value.to(params[n].dtype), rtol=0, atol=0, msg=n)
 
 
 def test_trl_sft_trainer(tmp_path, monkeypatch):
