@@ -963,9 +963,11 @@ def test_load_trainable_refuses_adapters_of_other_options(tmp_path):
     for strict in (True, False):
         with pytest.raises(ValueError, match=r"MMAOptions.scale: saved with 2.0.*\n.*MMAOptions.temperature"):
             mmfast.load_trainable(other, path, strict=strict)
-    same = build("llava")
-    mmfast.patch(same, tuning="mma", mma=mmfast.MMAOptions(dropout=0.3, temperature=5.0, scale=2.0), verbose=False)
+    same = build("llava")  # (neck_dim sizes nothing without a neck: another one is the same adapters)
+    mmfast.patch(same, tuning="mma", mma=mmfast.MMAOptions(dropout=0.3, temperature=5.0, scale=2.0, neck_dim=64),
+                 verbose=False)
     mmfast.load_trainable(same, path)
+    mmfast.patch(same, tuning="mma", mma=mmfast.MMAOptions(dropout=0.3, temperature=5.0, scale=2.0), verbose=False)
     inputs = batch("llava", images=[True, False])
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, same.eval()(**inputs).logits)

@@ -937,6 +937,14 @@ def added_modules(model: nn.Module) -> list[str]:
 _TOWER_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder")
 
 
+def options_differ(were: dict, now: dict, ignore: tuple = ()) -> list[str]:
+    """The MMAOptions fields of ``were`` (as dicts: a file of an earlier version may lack newer ones) that
+    ``now`` has otherwise: ``neck_dim`` only where a neck is made (it sizes nothing without one), and none of
+    ``ignore``."""
+    neckless = not were.get("neck") and not now.get("neck")
+    return [k for k in were if k not in ignore and were[k] != now.get(k) and not (k == "neck_dim" and neckless)]
+
+
 def _reapply_problem(hf: nn.Module, opts: MMAOptions) -> Optional[str]:
     """Why ``tuning='mma'`` with ``opts`` cannot go again on ``hf``, which has it already (None: patching
     again is patching once)."""
@@ -945,9 +953,9 @@ def _reapply_problem(hf: nn.Module, opts: MMAOptions) -> Optional[str]:
         return (f"tuning='mma' is already applied {'with' if has_neck else 'without'} the visual neck; "
                 f"mmfast.unpatch(model) first to patch with MMAOptions(neck={opts.neck})")
     applied = hf.__dict__.get(_OPTIONS)
-    if applied is not None and opts != applied:
-        diff = ", ".join(f"{f.name}={getattr(applied, f.name)!r} (asked {getattr(opts, f.name)!r})"
-                         for f in dataclasses.fields(MMAOptions) if getattr(applied, f.name) != getattr(opts, f.name))
+    differ = [] if applied is None else options_differ(dataclasses.asdict(applied), dataclasses.asdict(opts))
+    if differ:
+        diff = ", ".join(f"{k}={getattr(applied, k)!r} (asked {getattr(opts, k)!r})" for k in differ)
         return (f"tuning='mma' is already applied with other options: {diff}; the adapters in the model keep "
                 f"theirs. mmfast.unpatch(model) first to patch with the new ones")
     return None

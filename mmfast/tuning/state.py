@@ -350,8 +350,10 @@ def _checked_file(model: nn.Module, inner: nn.Module, params: dict, path, strict
     now = _mma_options(model)
     if _MMA_KEY in meta and now is not None:  # the same weights give other outputs under other options
         were = json.loads(meta[_MMA_KEY])
-        problems += [f"MMAOptions.{k}: saved with {were[k]!r}, the model's adapters have {now.get(k)!r}"
-                     for k in sorted(were) if k != "dropout" and were[k] != now.get(k)]  # dropout: training's
+        from .mma import options_differ
+
+        problems += [f"MMAOptions.{k}: saved with {were.get(k)!r}, the model's adapters have {now.get(k)!r}"
+                     for k in sorted(options_differ(were, now, ignore=("dropout",)))]  # dropout: training's
     for name, t in saved.items():
         p = params.get(name)
         if p is None:
