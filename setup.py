@@ -52,6 +52,15 @@ OFF = ("", "0", "false", "off", "no")
 cmdclass = {"build_py": BuildPyWithCudaSources}
 ext_modules = []
 if os.environ.get("MMFAST_CUDA", "0").strip().lower() not in OFF:
+    try:
+        import torch
+    except ModuleNotFoundError:
+        raise SystemExit("MMFAST_CUDA=1 builds the CUDA C++ extension against the installed torch, which pip's "
+                         "isolated build does not see: install torch first, then pip install --no-build-isolation")
+    if torch.version.cuda is None:  # (torch's own error asks for CUDA_HOME, which a CPU-only build ignores)
+        raise SystemExit(f"MMFAST_CUDA=1 needs a CUDA build of torch; this torch ({torch.__version__}) is CPU-only. "
+                         "Install a CUDA torch, or leave MMFAST_CUDA unset: the kernels then build on first use "
+                         "on a GPU machine")
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     loader = _loader()

@@ -604,8 +604,9 @@ def test_aot_build_is_opt_in():
     """setup.py describes the extension only with MMFAST_CUDA=1, from the loader's sources and flags."""
     probe = textwrap.dedent("""\
         import os, sys, setuptools
-        import torch.utils.cpp_extension as ce
-        ce.CUDA_HOME = ce.CUDA_HOME or "/usr/local/cuda"  # a CPU-only torch knows no toolkit; nothing is built
+        import torch, torch.utils.cpp_extension as ce
+        torch.version.cuda = torch.version.cuda or "13.0"  # a CPU-only torch: stood in for, nothing is built
+        ce.CUDA_HOME = ce.CUDA_HOME or "/usr/local/cuda"  # (and it knows no toolkit)
         seen = {}
         setuptools.setup = lambda **kw: seen.update(kw)
         sys.argv = ["setup.py"]
@@ -623,12 +624,34 @@ def test_aot_build_is_opt_in():
     assert "mmfast._cuda_ext" in aot.stdout and "csrc/norm_bwd.cu" in aot.stdout and "build_ext" in aot.stdout
 
 
+@pytest.mark.parametrize("torch_is", ["cpu-only", "missing"])
+def test_aot_build_without_a_cuda_torch_says_why(torch_is):
+    """MMFAST_CUDA=1 with a CPU-only torch failed with torch's "CUDA_HOME environment variable is not set"
+    (which setting it does not change: a CPU-only build ignores it), and in pip's isolated build with "No
+    module named 'torch'"; both say what is wrong now."""
+    probe = textwrap.dedent("""\
+        import os, sys
+        if sys.argv[1] == "missing":
+            sys.modules["torch"] = None
+        else:
+            import torch
+            torch.version.cuda = None
+        sys.argv = ["setup.py"]
+        exec(compile(open("setup.py").read(), "setup.py", "exec"), {"__name__": "__main__", "__file__": os.path.abspath("setup.py")})
+        """)
+    out = subprocess.run([sys.executable, "-c", probe, torch_is], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "MMFAST_CUDA": "1"})
+    assert out.returncode != 0
+    assert ("is CPU-only" if torch_is == "cpu-only" else "--no-build-isolation") in out.stderr, out.stderr
+
+
 def test_aot_build_stores_the_key_of_its_sources(tmp_path):
     """setup.py's build_ext writes aot_key() beside the extension it built (compiling stubbed out here),
     which the loader compares with the sources before it imports the build."""
     probe = textwrap.dedent(f"""\
         import os, sys, setuptools
-        import torch.utils.cpp_extension as ce
+        import torch, torch.utils.cpp_extension as ce
+        torch.version.cuda = torch.version.cuda or "13.0"
         ce.CUDA_HOME = ce.CUDA_HOME or "/usr/local/cuda"
         seen = {{}}
         setuptools.setup = lambda **kw: seen.update(kw)
