@@ -1009,3 +1009,16 @@ def test_jit_script_of_a_patched_module_is_refused_clearly():
     mmfast.unpatch(model)
     x = torch.randn(2, 3, norm.weight.numel())
     torch.testing.assert_close(torch.jit.script(norm)(x), norm(x))
+
+
+def test_import_loads_neither_dynamo_nor_transformers():
+    """``import mmfast`` made a function ``torch.compiler.disable`` at import, which imports Dynamo (and
+    Triton through it): two seconds of every import, before any model was patched. Dynamo and transformers
+    load when something needs them."""
+    import subprocess
+    import sys
+
+    code = "import sys, mmfast; print(sorted(m for m in ('torch._dynamo', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -132,6 +132,7 @@ class _State:
     def __setstate__(self, state: dict) -> None:
         # a state pickled by an earlier version held the routes itself, by layer index, and no bridge (one
         # pickled between a forward's start and its lookup of the embeddings brings none either)
+        _modality_pass_uncompiled()  # (in eager code: see there)
         self.__dict__.update(bridge=None, live=False,
                              **{k: v for k, v in state.items() if k not in ("routes", "seen", "bridge", "live")})
 
@@ -581,7 +582,16 @@ def _modality_pass(state: _State, module: nn.Module, h: Tensor, position_ids: Te
     return h
 
 
-_modality_pass_uncompiled = torch.compiler.disable(_modality_pass)
+_UNCOMPILED: list = []
+
+
+def _modality_pass_uncompiled():
+    """:func:`_modality_pass` kept out of compiled graphs. Made when MMA is inserted (or a model with it
+    unpickled), not at import: ``torch.compiler.disable`` imports Dynamo, which took two seconds of every
+    ``import mmfast``; compiled code then only reads it."""
+    if not _UNCOMPILED:
+        _UNCOMPILED.append(torch.compiler.disable(_modality_pass))
+    return _UNCOMPILED[0]
 
 
 def _modality_pre_hook(module, args, kwargs):
@@ -620,7 +630,7 @@ def _modality_pre_hook(module, args, kwargs):
     flex = getattr(getattr(module, "config", None), "_attn_implementation", None) == "flex_attention"
     # compiled with flex attention, the pass's graph break (HF's flex mask) lost the reset of the recording
     # flag, and the main pass's adapters routed from their own tokens: that pass runs uncompiled there
-    run = _modality_pass_uncompiled if flex and torch.compiler.is_compiling() else _modality_pass
+    run = _modality_pass_uncompiled() if flex and torch.compiler.is_compiling() else _modality_pass
     h = run(state, module, h, position_ids, pos_embs)
     routes = [slot.route for slot in slots]
     given = kwargs.get("inputs_embeds")
@@ -1075,6 +1085,7 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
         _train_mma(model, hf, parts)
         return unread
     hf.__dict__[_OPTIONS] = dataclasses.replace(opts)  # a copy: the caller may change theirs
+    _modality_pass_uncompiled()  # (in eager code: see there)
 
     if parts is not None:
         state = _state(hf)
