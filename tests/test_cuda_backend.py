@@ -589,6 +589,16 @@ def test_wheel_carries_the_cuda_sources(tmp_path):
     assert not any(n.endswith(".so") for n in names)  # pure Python unless MMFAST_CUDA=1
 
 
+def test_the_version_is_one():
+    """The version is written twice, in pyproject.toml (what pip records) and mmfast.__version__."""
+    import re
+
+    import mmfast
+
+    declared = re.search(r'^version = "([^"]+)"$', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert declared and declared.group(1) == mmfast.__version__
+
+
 def test_source_dir_prefers_the_packaged_copy(tmp_path, monkeypatch):
     assert cuda_ext.source_dir() == ROOT / "csrc"
     pkg = tmp_path / "mmfast"
