@@ -66,9 +66,11 @@ class _Call:
     armed: Optional[dict] = None
     loss: Optional[Tensor] = None
     stand_in: Optional[Tensor] = None
-    # the id of the frame that runs the model's forward (None where compiled): a head call with no such frame
-    # above it is outside the forward, after an interrupt cut it (no hook runs after a KeyboardInterrupt)
-    frame: Optional[int] = None
+    # what runs the model's forward (None where compiled): the code of the frame that called the arming hook
+    # (Module._call_impl, or _model_forward) and the model, by weak reference. A head call with no frame of
+    # that code for that model above it is outside the forward, after an interrupt cut it (no hook runs after
+    # a KeyboardInterrupt). (Not the frame's id: a freed frame's address is soon a new frame's.)
+    runner: Optional[tuple] = None
 
     def empty(self) -> bool:
         return self.armed is None and self.loss is None and self.stand_in is None
@@ -237,12 +239,15 @@ def _aliases(t: Any, stand_in: Tensor) -> bool:
 def _cut(call: _Call) -> bool:
     """Whether ``call``'s forward is no longer running (a KeyboardInterrupt cut it): its frame is not above
     this one. Eager only (compiled calls record no frame)."""
-    if call.frame is None or torch.compiler.is_compiling():
+    if call.runner is None or torch.compiler.is_compiling():
         return False
+    code, model = call.runner[0], call.runner[1]()
     f = sys._getframe(1)
     while f is not None:
-        if id(f) == call.frame:
-            return False
+        if f.f_code is code:
+            names = f.f_locals
+            if model is not None and (names.get("self") is model or names.get("model") is model):
+                return False
         f = f.f_back
     return True
 
@@ -370,7 +375,8 @@ def _arm_hook(model: nn.Module, args: tuple, kwargs: dict) -> None:
     _trim()
     st.slot = len(_STACK)  # (one training forward per thread at a time: the stack is the process's)
     # (the frame that called this hook runs the forward: Module._call_impl, or _model_forward)
-    _STACK.append(_Call(armed=_arm(labels, kwargs), frame=None if torch.compiler.is_compiling() else id(sys._getframe(1))))
+    runner = None if torch.compiler.is_compiling() else (sys._getframe(1).f_code, weakref.ref(model))
+    _STACK.append(_Call(armed=_arm(labels, kwargs), runner=runner))
     return None
 
 
