@@ -5,12 +5,13 @@ without a word of mmfast's:
 
 * ``tuning="mma"`` adds parameters (the adapters, the modality embedding) that the optimizer does not
   hold: they get gradients every step and never change, and the method trains nothing of its own;
-* ``master_weights=True`` widens trainable norm weights (and a patch again MMA's cast modules) to fp32 in
-  place, while an optimizer that already stepped keeps its state in their old dtype: AdamW's next step
-  fails with "expected dtype c10::BFloat16 for 'end' but got dtype float", naming nothing of mmfast.
+* ``master_weights=True`` widens trainable norm weights to fp32 in place, while an optimizer that already
+  stepped keeps its state in their old dtype: AdamW's next step fails with "expected dtype c10::BFloat16
+  for 'end' but got dtype float", naming nothing of mmfast.
 
 One global optimizer step pre-hook (registered at the first patch with a recipe) looks at each optimizer
-once after each patch: a set lookup per step otherwise. It warns; it changes nothing.
+against the models patched since it last looked: a dict lookup per step otherwise. It warns; it changes
+nothing. A compiled optimizer step is not looked at (the hook runs in its graph).
 """
 
 from __future__ import annotations
@@ -47,44 +48,53 @@ def unwatch_optimizers(model: nn.Module) -> None:
 
 
 def _first_step_after_a_patch(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    if torch.compiler.is_compiling() or _CHECKED.get(optimizer, 0) >= _PATCHES or not _MODELS:
+    if torch.compiler.is_compiling():
+        return None
+    last = _CHECKED.get(optimizer, 0)
+    if last >= _PATCHES or not _MODELS:
         return None
     _CHECKED[optimizer] = _PATCHES
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for model in list(_MODELS.keys()):
-        message = _problem(optimizer, held, model)
-        if message is not None:
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
+    for model, patched in list(_MODELS.items()):
+        if patched > last:  # (a model patched before this optimizer's last check was checked then)
+            message = _problem(optimizer, held, model)
+            if message is not None:
+                warnings.warn(message, RuntimeWarning, stacklevel=3)
     return None
 
 
 def _problem(optimizer: torch.optim.Optimizer, held: set[int], model: nn.Module):
-    params = list(model.named_parameters())
-    if not any(id(p) in held for _, p in params):
-        return None  # another model's optimizer (or one of a wrapper that holds copies: DeepSpeed's)
-    opt = type(optimizer).__name__
-    owner = patch_name(model)
-    # holds what the recipe froze (built over model.parameters() before the patch) but not what it trains
-    missing = [n for n, p in params if p.requires_grad and id(p) not in held]
-    if missing and any(not p.requires_grad and id(p) in held for _, p in params):
-        return (f"mmfast: this {opt} holds parameters of {owner} but not {len(missing)} of those its tuning trains "
-                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): it was built before mmfast.patch, "
-                "which added them (tuning='mma': the adapters and modality embedding), so they would never change. "
-                "Build the optimizer after mmfast.patch.")
+    from .mma import added_modules
+    from .recipes import _MASTER_ATTR
+
+    opt, owner = type(optimizer).__name__, patch_name(model)
+    # tuning="mma" added parameters: an optimizer that holds every other parameter of the model (built over
+    # model.parameters() before the patch) but not the added ones it trains. (Optimizers split by module, or
+    # over the trainables alone, hold the added ones or not the rest.)
+    added = {id(p) for path in added_modules(model) for p in model.get_submodule(path).parameters()}
+    if added:
+        params = list(model.named_parameters())
+        missing = [n for n, p in params if id(p) in added and p.requires_grad and id(p) not in held]
+        if missing and all(id(p) in held for _, p in params if id(p) not in added):
+            return (f"mmfast: this {opt} holds the parameters of {owner} but not {len(missing)} that tuning='mma' "
+                    f"added and trains ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): it was built "
+                    "before mmfast.patch, so they would never change. Build the optimizer after mmfast.patch.")
+    # master_weights widened norm weights to fp32: an optimizer that stepped them before keeps its state in
+    # their old dtype (an optimizer that keeps 16-bit state by design for fp32 weights is not asked about)
     stale, old = [], None
-    for name, p in params:
-        state = optimizer.state.get(p) if id(p) in held and p.requires_grad else None
-        for v in (state or {}).values():
-            if isinstance(v, torch.Tensor) and v.is_floating_point() and v.shape == p.shape \
-                    and v.element_size() < p.element_size():
-                stale.append(name)
-                old = old or v.dtype
-                break
+    for path, module in model.named_modules():
+        for name, (before, _) in module.__dict__.get(_MASTER_ATTR, {}).items():
+            p = module._parameters.get(name)
+            if p is None or id(p) not in held or p.dtype == before:
+                continue
+            if any(isinstance(v, torch.Tensor) and v.dtype == before and v.shape == p.shape
+                   for v in optimizer.state.get(p, {}).values()):
+                stale.append(f"{path}.{name}" if path else name)
+                old = before
     if stale:
         return (f"mmfast: this {opt} stepped {len(stale)} parameters of {owner} ({', '.join(stale[:3])}"
                 f"{', ...' if len(stale) > 3 else ''}) while they were {str(old).removeprefix('torch.')}; "
-                "mmfast.patch has made them float32 since (master_weights=True keeps trainable norm weights in "
-                "float32, and MMA's modules are float32), and its state is still in the old dtype, which its next "
-                "step may refuse ('expected dtype ... but got dtype float'). Build the optimizer after mmfast.patch "
-                "(or patch with master_weights=False).")
+                "mmfast.patch has made them float32 master weights since (master_weights=True), and its state is "
+                "still in the old dtype, which its next step may refuse ('expected dtype ... but got dtype "
+                "float'). Build the optimizer after mmfast.patch (or patch with master_weights=False).")
     return None
