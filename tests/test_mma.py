@@ -214,18 +214,20 @@ def test_a_routing_state_pickled_before_its_newer_fields_loads():
     assert pickle.loads(pickle.dumps(state)).has_image.tolist() == [True]
 
 
-def test_a_vision_tower_shared_with_an_mma_model_is_refused():
-    """Two models sharing one vision tower (a policy and its reference model, to save memory), both patched
+def test_a_module_shared_with_an_mma_model_is_refused():
+    """Two models sharing one vision tower or language model (a policy and its reference model), both patched
     with tuning="mma": the second took the shared tower's adapters for its own, inserted no language-model
     adapters and no modality embedding, and trained its projector alone without a word. It is refused now,
     before anything changes; with a tower of its own it patches as usual."""
-    first, second = build("llava"), build("llava", seed=1)
-    second.model.vision_tower = first.model.vision_tower
-    mmfast.patch(first, tuning="mma", verbose=False)
-    before = {n: p.requires_grad for n, p in second.named_parameters()}
-    with pytest.raises(ValueError, match="already hold MMA adapters, but LlavaForConditionalGeneration was not patched"):
-        mmfast.patch(second, tuning="mma", verbose=False)
-    assert {n: p.requires_grad for n, p in second.named_parameters()} == before
+    for shared in ("vision_tower", "language_model"):  # (the second's own tower got no adapters, no routing)
+        first, second = build("llava"), build("llava", seed=1)
+        setattr(second.model, shared, getattr(first.model, shared))
+        mmfast.patch(first, tuning="mma", verbose=False)
+        before = {n: p.requires_grad for n, p in second.named_parameters()}
+        with pytest.raises(ValueError, match="already hold MMA adapters, but LlavaForConditionalGeneration was not"):
+            mmfast.patch(second, tuning="mma", verbose=False)
+        assert {n: p.requires_grad for n, p in second.named_parameters()} == before
+    second = build("llava", seed=1)  # with a copy of the first's tower (adapters and all): its own
     second.model.vision_tower = copy.deepcopy(first.model.vision_tower)
     mmfast.unpatch(second)  # (the copy's adapters, copied from the first model's tower, go)
     report = mmfast.patch(second, tuning="mma", verbose=False)

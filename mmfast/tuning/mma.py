@@ -981,12 +981,14 @@ def _parts_or_problem(model: nn.Module, opts: MMAOptions):
     except ValueError as exc:
         parts, missing = None, exc  # no LLaMA-style language model: vision adapters only (a CLIP/SigLIP tower)
     if added_modules(hf):  # applied already: the parts what trains is set again on
-        if hf.__dict__.get(_OPTIONS) is None and parts is not None and EMBEDDING_NAME not in parts.decoder._modules:
-            # not this model's: a module it shares with a model patched with tuning='mma' holds them
+        if _OPTIONS not in hf.__dict__ and _STATE not in hf.__dict__:
+            # not this model's (whose options, or an earlier version's routing state, it would hold): a module
+            # it shares with a model patched with tuning='mma' holds them
             return None, None, (f"tuning='mma': {', '.join(added_modules(hf)[:2])}{', ...' if len(added_modules(hf)) > 2 else ''} "
                                 f"already hold MMA adapters, but {type(hf).__name__} was not patched with "
                                 "tuning='mma': a module it shares with another model patched so (a frozen vision tower "
-                                "shared by a policy and a reference model, say) carries them, and MMA's adapters train "
+                                "or language model shared by a policy and a reference model, say) carries them, and "
+                                "MMA's adapters train "
                                 "per model. Give this model its own copy of that module (copy.deepcopy), or "
                                 "mmfast.unpatch the other model first")
         return parts, None, _reapply_problem(hf, opts)
