@@ -309,6 +309,12 @@ def test_the_language_model_called_alone_routes_as_text():
         for images in ([True, True], [False, False], [True, True]):
             model(**{k: v for k, v in batch("llava", seed=1, images=images).items() if k != "labels"})
             assert torch.equal(lm(input_ids=text).last_hidden_state, alone), images
+        # a model forward that failed before its language model ran (in the vision tower)
+        handle = model.model.vision_tower.register_forward_hook(lambda *_: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            model(**{k: v for k, v in batch("llava", seed=1, images=[True, True]).items() if k != "labels"})
+        handle.remove()
+        assert torch.equal(lm(input_ids=text).last_hidden_state, alone)
         # the model as a whole still routes by its own inputs (and so differently for images)
         ids = batch("llava", seed=1, images=[True, True])
         ids = {k: v for k, v in ids.items() if k != "labels"}

@@ -706,11 +706,13 @@ def _embedding_bridge_hook(module, args, output):
 
 
 def _clear_bridge_hook(module, args, output):
-    """After the language model's forward, also one that raised: a bridge its lookup did not take (the
-    forward failed before it) is dropped, so that no later lookup of the module takes it."""
+    """After the language model's forward and the model's, also one that raised: a bridge its lookup did not
+    take (the forward failed before it) is dropped, so that no later lookup of the module takes it, and
+    flags the language model did not take (the model's forward failed before it ran) are no longer live."""
     state = module.__dict__.get(_STATE)
     if state is not None:
         state.bridge = None
+        state.live = False
 
 
 # The hooks of earlier versions bound each layer's pieces (and the layer's index) into the hook; a model
@@ -1107,6 +1109,7 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
         if isinstance(embeddings, nn.Module):  # (hooked here, so that a compiled first forward finds it hooked)
             _hook_lookup(embeddings, state)
         hf.register_forward_pre_hook(_flags_pre_hook, with_kwargs=True)
+        hf.register_forward_hook(_clear_bridge_hook, always_call=True)
         # shown in the signature of a patched forward (the fused loss's), so that HF Trainer keeps the column
         hf.__dict__[EXTRA_KWARGS_ATTR] = (HAS_IMAGE_KWARG,)
         if neck is not None:  # built when the options were checked
