@@ -66,10 +66,10 @@ class _Call:
     armed: Optional[dict] = None
     loss: Optional[Tensor] = None
     stand_in: Optional[Tensor] = None
-    # what runs the model's forward (None where compiled): the code of the frame that called the arming hook
-    # (Module._call_impl, or _model_forward) and the model, by weak reference. A head call with no frame of
-    # that code for that model above it is outside the forward, after an interrupt cut it (no hook runs after
-    # a KeyboardInterrupt). (Not the frame's id: a freed frame's address is soon a new frame's.)
+    # what runs the model's forward (None where compiled): the code of the frame that runs it around the arming
+    # hook (:func:`_runner`) and the model, by weak reference. A head call with no frame of that code for that
+    # model above it is outside the forward, after an interrupt cut it (no hook runs after a
+    # KeyboardInterrupt). (Not the frame's id: a freed frame's address is soon a new frame's.)
     runner: Optional[tuple] = None
 
     def empty(self) -> bool:
@@ -252,6 +252,21 @@ def _cut(call: _Call) -> bool:
     return True
 
 
+def _runner(model: nn.Module) -> Optional[tuple]:
+    """The code of the frame that runs ``model``'s forward around this hook (Module._call_impl, whose ``self``
+    it is, or _model_forward, whose ``model``), looked for among the few frames above the hook, and the
+    model; None where none is found (a hook called by hand: then no call counts as cut)."""
+    f = sys._getframe(2)
+    for _ in range(4):
+        if f is None:
+            break
+        names = f.f_locals
+        if names.get("self") is model or names.get("model") is model:
+            return f.f_code, weakref.ref(model)
+        f = f.f_back
+    return None
+
+
 def _head_forward(head: nn.Linear, x: Tensor) -> Tensor:
     st = _call_of(head.__dict__[_STATE])
     if st is not None and _cut(st):  # (a direct call of the head after the cut: logits, not the stale loss)
@@ -374,9 +389,7 @@ def _arm_hook(model: nn.Module, args: tuple, kwargs: dict) -> None:
         return None
     _trim()
     st.slot = len(_STACK)  # (one training forward per thread at a time: the stack is the process's)
-    # (the frame that called this hook runs the forward: Module._call_impl, or _model_forward)
-    runner = None if torch.compiler.is_compiling() else (sys._getframe(1).f_code, weakref.ref(model))
-    _STACK.append(_Call(armed=_arm(labels, kwargs), runner=runner))
+    _STACK.append(_Call(armed=_arm(labels, kwargs), runner=None if torch.compiler.is_compiling() else _runner(model)))
     return None
 
 
