@@ -107,6 +107,7 @@ def patch(
     if problem is not None:
         raise ValueError(f"mmfast.patch: {problem}")
     name_patch(model)  # (how this patch's warnings name the model)
+    dtypes = {id(p): p.dtype for p in model.parameters()}  # (what the recipe widens: said to older optimizers)
     # a recipe that cannot apply is refused before the model is changed: MMA's insertion checks everything
     # before it changes anything (and changes nothing the kernel patches below read), the LayerNorm recipes
     # are looked up first
@@ -126,7 +127,8 @@ def patch(
         apply_ln_recipe(model, tuning, final_norm=final_norm, master_weights=master_weights)
     if tuning is not None:
         watch_recipe(model, tuning)
-        watch_optimizers(model)  # (one built before this patch: said at its next step)
+        widened = {id(p): dtypes[id(p)] for p in model.parameters() if dtypes.get(id(p), p.dtype) != p.dtype}
+        watch_optimizers(model, widened)  # (one built before this patch: said at its next step)
     # a PEFT model calls its base model's forward: that is where the fused loss goes
     hf = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
     if fused_loss:  # a pass-through forward of an earlier patch would keep the fused loss off

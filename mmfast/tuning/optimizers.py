@@ -5,8 +5,9 @@ without a word of mmfast's:
 
 * ``tuning="mma"`` adds parameters (the adapters, the modality embedding) that the optimizer does not
   hold: they get gradients every step and never change, and the method trains nothing of its own;
-* ``master_weights=True`` widens trainable norm weights to fp32 in place, while an optimizer that already
-  stepped keeps its state in their old dtype: AdamW's next step fails with "expected dtype c10::BFloat16
+* ``master_weights=True`` widens trainable norm weights to fp32 in place (and a patch again after a cast
+  widens them and MMA's modules back), while an optimizer that already stepped keeps its state in their old
+  dtype: AdamW's next step fails with "expected dtype c10::BFloat16
   for 'end' but got dtype float", naming nothing of mmfast.
 
 One global optimizer step pre-hook (registered at the first patch with a recipe) looks at each optimizer
@@ -24,19 +25,21 @@ from torch import nn
 
 from ..patching.core import patch_name
 
-#: The models a recipe was applied to (while alive): the patch count when it was (last) applied
-_MODELS: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
+#: The models a recipe was applied to (while alive): the patch count when it was (last) applied, and the
+#: parameters that patch widened (by id: their dtype before)
+_MODELS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 #: Optimizers looked at: the patch count then (each is looked at again after a later patch)
 _CHECKED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, int]" = weakref.WeakKeyDictionary()
 _PATCHES = 0
 _HANDLE = None
 
 
-def watch_optimizers(model: nn.Module) -> None:
-    """Have the first step of every optimizer after this patch check it against ``model``'s trainables."""
+def watch_optimizers(model: nn.Module, widened: dict) -> None:
+    """Have the first step of every optimizer after this patch check it against ``model``'s trainables
+    (``widened``: the parameters this patch made fp32, by id, with their dtype before)."""
     global _PATCHES, _HANDLE
     _PATCHES += 1
-    _MODELS[model] = _PATCHES
+    _MODELS[model] = (_PATCHES, widened)
     if _HANDLE is None:
         from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -55,17 +58,16 @@ def _first_step_after_a_patch(optimizer: torch.optim.Optimizer, args, kwargs) ->
         return None
     _CHECKED[optimizer] = _PATCHES
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for model, patched in list(_MODELS.items()):
+    for model, (patched, widened) in list(_MODELS.items()):
         if patched > last:  # (a model patched before this optimizer's last check was checked then)
-            message = _problem(optimizer, held, model)
+            message = _problem(optimizer, held, model, widened)
             if message is not None:
                 warnings.warn(message, RuntimeWarning, stacklevel=3)
     return None
 
 
-def _problem(optimizer: torch.optim.Optimizer, held: set[int], model: nn.Module):
+def _problem(optimizer: torch.optim.Optimizer, held: set[int], model: nn.Module, widened: dict):
     from .mma import added_modules
-    from .recipes import _MASTER_ATTR
 
     opt, owner = type(optimizer).__name__, patch_name(model)
     # tuning="mma" added parameters: an optimizer that holds every other parameter of the model (built over
@@ -79,22 +81,23 @@ def _problem(optimizer: torch.optim.Optimizer, held: set[int], model: nn.Module)
             return (f"mmfast: this {opt} holds the parameters of {owner} but not {len(missing)} that tuning='mma' "
                     f"added and trains ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): it was built "
                     "before mmfast.patch, so they would never change. Build the optimizer after mmfast.patch.")
-    # master_weights widened norm weights to fp32: an optimizer that stepped them before keeps its state in
-    # their old dtype (an optimizer that keeps 16-bit state by design for fp32 weights is not asked about)
+    # the patch widened weights to fp32 (master_weights' norms; MMA's modules, a patch again after a cast): an
+    # optimizer that stepped them before keeps its state in their old dtype (one that keeps 16-bit state by
+    # design for fp32 weights the patch did not widen is not asked about)
     stale, old = [], None
-    for path, module in model.named_modules():
-        for name, (before, _) in module.__dict__.get(_MASTER_ATTR, {}).items():
-            p = module._parameters.get(name)
-            if p is None or id(p) not in held or p.dtype == before:
-                continue
-            if any(isinstance(v, torch.Tensor) and v.dtype == before and v.shape == p.shape
-                   for v in optimizer.state.get(p, {}).values()):
-                stale.append(f"{path}.{name}" if path else name)
-                old = before
+    for name, p in model.named_parameters():
+        before = widened.get(id(p))
+        if before is None or id(p) not in held or p.dtype == before:
+            continue
+        if any(isinstance(v, torch.Tensor) and v.dtype == before and v.shape == p.shape
+               for v in optimizer.state.get(p, {}).values()):
+            stale.append(name)
+            old = before
     if stale:
         return (f"mmfast: this {opt} stepped {len(stale)} parameters of {owner} ({', '.join(stale[:3])}"
                 f"{', ...' if len(stale) > 3 else ''}) while they were {str(old).removeprefix('torch.')}; "
-                "mmfast.patch has made them float32 master weights since (master_weights=True), and its state is "
-                "still in the old dtype, which its next step may refuse ('expected dtype ... but got dtype "
-                "float'). Build the optimizer after mmfast.patch (or patch with master_weights=False).")
+                "mmfast.patch has made them float32 since (master_weights=True keeps trainable norm weights in "
+                "float32, and MMA's modules are float32), and its state is still in the old dtype, which its next "
+                "step may refuse ('expected dtype ... but got dtype float'). Build the optimizer after "
+                "mmfast.patch, or after a cast and a patch again (or patch with master_weights=False).")
     return None
