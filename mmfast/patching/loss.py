@@ -244,12 +244,16 @@ def _cut(call: _Call) -> bool:
     code, model = call.runner[0], call.runner[1]()
     f = sys._getframe(1)
     while f is not None:
-        if f.f_code is code:
-            names = f.f_locals
-            if model is not None and (names.get("self") is model or names.get("model") is model):
-                return False
+        if f.f_code is code and model is not None and _runs(f, model):
+            return False
         f = f.f_back
     return True
+
+
+def _runs(frame, model: nn.Module) -> bool:
+    """Whether ``frame`` runs ``model``'s forward: Module._call_impl's ``self``, or _model_forward's ``model``."""
+    names = frame.f_locals
+    return names.get("self") is model or names.get("model") is model
 
 
 def _runner(model: nn.Module) -> Optional[tuple]:
@@ -260,8 +264,7 @@ def _runner(model: nn.Module) -> Optional[tuple]:
     for _ in range(4):
         if f is None:
             break
-        names = f.f_locals
-        if names.get("self") is model or names.get("model") is model:
+        if _runs(f, model):
             return f.f_code, weakref.ref(model)
         f = f.f_back
     return None
@@ -274,9 +277,9 @@ def _head_forward(head: nn.Linear, x: Tensor) -> Tensor:
         st = None
     # a call autograd does not record (a frozen model called with labels outside no_grad, a logit lens under
     # no_grad) gives logits and leaves the call armed: the fused loss's only gain is in a backward
-    if st is None or st.armed is None or is_disabled() or not records_grad(x, head.weight, head.bias):
-        if st is not None and st.armed is None and st.stand_in is not None and not is_disabled() \
-                and records_grad(x, head.weight, head.bias):
+    unrecorded = is_disabled() or not records_grad(x, head.weight, head.bias)
+    if st is None or st.armed is None or unrecorded:
+        if st is not None and st.armed is None and st.stand_in is not None and not unrecorded:
             raise RuntimeError("mmfast fused loss: the LM head was called twice in one training forward (an "
                                "auxiliary head called from a hook: logit lens, early exit); the first call got the "
                                "fused loss's stand-in, not logits. Call it after the forward (or under no_grad), or "

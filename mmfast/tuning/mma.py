@@ -610,9 +610,9 @@ def _modality_pre_hook(module, args, kwargs):
             and emb.weight.dtype != torch.float32:  # (a cast casts the adapters with it)
         said = module.__dict__.get(_SAID_CAST)
         if not isinstance(said, dict):  # (True: a model an earlier version patched and pickled)
-            said = module.__dict__[_SAID_CAST] = {"owner": f"{type(module).__name__} at {id(module):#x}"}
+            said = module.__dict__[_SAID_CAST] = {"owner": patch_name(module)}
         warn_cast_trainables("the MMA adapters and modality embedding mmfast.patch made in float32", emb.weight.dtype,
-                             said, "mma_cast", said["owner"])
+                             said)
     if emb.weight.is_meta and not ref.is_meta and getattr(emb, "_hf_hook", None) is None:
         raise unloaded_mma("mmfast MMA: the modality embedding's weights", ref.device)
     dtype = module.get_input_embeddings().weight.dtype
@@ -1149,11 +1149,10 @@ def _train_mma(model: nn.Module, hf: nn.Module, parts) -> None:
     kept = peft_trainables(model)  # PEFT's adapters keep training beside MMA's
     for p in model.parameters():
         p.requires_grad_(False)
-    said = {"owner": patch_name(model)}  # the cast warning, re-armed: this patch widens them back to fp32
+    if parts is not None:  # the cast warning, re-armed: this patch widens them back to fp32
+        parts.decoder.__dict__[_SAID_CAST] = {"owner": patch_name(model)}
     for n in added_modules(hf):
         module = hf.get_submodule(n)
-        if n.rpartition(".")[2] == EMBEDDING_NAME:
-            hf.get_submodule(n.rpartition(".")[0]).__dict__[_SAID_CAST] = said
         for p in module.parameters():
             if p.dtype != torch.float32 and not partitioned(p):
                 p.data = p.data.to(torch.float32)

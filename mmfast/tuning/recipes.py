@@ -216,10 +216,9 @@ def _output_as_before(module: nn.Module, args, out):
     return out.to(want) if out.dtype != want and out.is_floating_point() else None
 
 
-def warn_cast_trainables(what: str, dtype: torch.dtype, said: dict, key: str, owner: str) -> None:
-    """Warn (once per model: ``said`` is a dict the model holds, ``key`` the entry that records it; ``owner``
-    names the model in the message, which Python's default filter would otherwise show once per process)
-    that trainable weights mmfast.patch keeps in float32 (``what``, a plural noun) are in ``dtype`` now. Not in a
+def warn_cast_trainables(what: str, dtype: torch.dtype, said: dict) -> None:
+    """Warn (once per model and patch: ``said`` is a record the model holds, whose ``"owner"`` names the model
+    in the message, which Python's default filter would otherwise show once per process) that trainable weights mmfast.patch keeps in float32 (``what``, a plural noun) are in ``dtype`` now. Not in a
     distributed run: FSDP2's mixed precision runs the forward on 16-bit copies of fp32 shards, and DeepSpeed's
     bf16 engines cast the model while their optimizers keep fp32 masters: there a 16-bit weight in the forward
     says nothing, and this check cannot tell those runs from a cast that lost the masters."""
@@ -227,10 +226,10 @@ def warn_cast_trainables(what: str, dtype: torch.dtype, said: dict, key: str, ow
         return
     if dtype.itemsize >= 4:  # float64 (a reference run in double): nothing rounds away
         return
-    if said.get(key):
+    if said.get("said"):
         return
-    said[key] = True
-    warnings.warn(f"mmfast: {what} ({owner}) are {str(dtype).removeprefix('torch.')} now: the model was cast after patching "
+    said["said"] = True
+    warnings.warn(f"mmfast: {what} ({said['owner']}) are {str(dtype).removeprefix('torch.')} now: the model was cast after patching "
               "(Lightning's precision='bf16-true', model.to(dtype), Trainer's bf16_full_eval), or its weights were "
               "loaded after patching in the checkpoint's dtype (load_checkpoint_and_dispatch into a model patched "
               "on the meta device). Small updates round away in that dtype and they stop learning. Cast or load "
@@ -256,9 +255,8 @@ def _master_weights_kept(module: nn.Module, args) -> None:
     for name in module.__dict__.get(_MASTER_ATTR, ()):
         p = getattr(module, name, None)
         if isinstance(p, nn.Parameter) and p.requires_grad and p.dtype != torch.float32:
-            said = module.__dict__.get(_SAID_ATTR, _SAID_EARLIER)
             warn_cast_trainables("the trainable norm weights mmfast.patch kept in float32 (master_weights=True)",
-                                 p.dtype, said, "master_weights_cast", said["owner"])
+                                 p.dtype, module.__dict__.get(_SAID_ATTR, _SAID_EARLIER))
             return
 
 
