@@ -739,6 +739,30 @@ def test_the_head_called_alone_after_an_interrupted_step_gives_logits(calls):
     out.loss.backward()
 
 
+def test_the_forwards_runner_is_call_impl_past_a_helper_with_the_model_as_self(monkeypatch, calls):
+    """The armed call records the frame that runs the model's forward, so that a head call outside it (after a
+    KeyboardInterrupt) is known for stale. A frame nearer the arming hook with the model as ``self`` (a
+    helper that calls the hooks for Module._call_impl, as a torch version may have, or a user's wrapper)
+    was taken for it; it has returned when the head runs, so every training forward was taken for cut and
+    ran unfused, without a word."""
+    from mmfast.patching import loss as fused
+
+    model = build("llama")
+    mmfast.patch(model, tuning="layernorm", verbose=False)
+    arm = fused._arm_hook
+
+    def helper(self, args, kwargs):  # the model as self, between _call_impl and the arming hook
+        return arm(self, args, kwargs)
+
+    monkeypatch.setattr(fused, "_arm_hook", lambda model, args, kwargs: helper(model, args, kwargs))
+    key = next(k for k, h in model._forward_pre_hooks.items() if h is arm)
+    model._forward_pre_hooks[key] = fused._arm_hook
+    calls.clear()
+    out = model(**batch("llama"))
+    assert out.logits is None and len(calls) == 1
+    out.loss.backward()
+
+
 def test_an_interrupted_training_step_leaves_no_armed_head():
     """A KeyboardInterrupt inside the forward runs no forward hook after it: the head stayed armed, and the
     next call without labels (an evaluation, generate) computed a loss against the stale labels. Every call

@@ -3,13 +3,14 @@ training, parameter counts, save/load, unpatch."""
 
 import copy
 import inspect
+import pickle
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import mmfast
-from mmfast.tuning.mma import ADAPTER_NAME, EMBEDDING_NAME
+from mmfast.tuning.mma import _STATE, ADAPTER_NAME, EMBEDDING_NAME
 from tiny_models import batch, build, first_output, llava_7b_config
 
 
@@ -315,6 +316,25 @@ def test_the_language_model_called_alone_routes_as_text():
             model(**{k: v for k, v in batch("llava", seed=1, images=[True, True]).items() if k != "labels"})
         handle.remove()
         assert torch.equal(lm(input_ids=text).last_hidden_state, alone)
+        # one a KeyboardInterrupt cut there: PyTorch runs no hook after it (not the model's either), so the
+        # image flags stayed live and the language model called alone took them
+        def interrupt(*_):
+            raise KeyboardInterrupt
+
+        handle = model.model.vision_tower.register_forward_hook(interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            model(**{k: v for k, v in batch("llava", seed=1, images=[True, True]).items() if k != "labels"})
+        handle.remove()
+        assert torch.equal(lm(input_ids=text).last_hidden_state, alone)
+        # the state such a cut leaves behind copies and pickles (what it holds of the cut forward does not)
+        handle = model.model.vision_tower.register_forward_hook(interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            model(**{k: v for k, v in batch("llava", seed=1, images=[True, True]).items() if k != "labels"})
+        handle.remove()
+        other = copy.deepcopy(model)  # (transformers leaves hooks of its own, which do not pickle)
+        assert torch.equal(other.model.language_model(input_ids=text).last_hidden_state, alone)
+        state = pickle.loads(pickle.dumps(lm.__dict__[_STATE]))
+        assert state.runner is None and not state.live
         # the model as a whole still routes by its own inputs (and so differently for images)
         ids = batch("llava", seed=1, images=[True, True])
         ids = {k: v for k, v in ids.items() if k != "labels"}

@@ -23,6 +23,7 @@ import functools
 import inspect
 import itertools
 import re
+import sys
 import types
 import warnings
 import weakref
@@ -393,6 +394,51 @@ def name_patch(model: nn.Module) -> str:
 def patch_name(model: nn.Module) -> str:
     """The name :func:`name_patch` gave ``model`` (a model patched by an earlier version: its address)."""
     return model.__dict__.get(_NAME_ATTR) or f"{type(model).__name__} at {id(model):#x}"
+
+
+def _runs(frame, model: nn.Module) -> bool:
+    """Whether ``frame`` runs ``model``'s forward: Module._call_impl's ``self``, or a patched forward's ``model``."""
+    names = frame.f_locals
+    return names.get("self") is model or names.get("model") is model
+
+
+def forward_runner(model: nn.Module, frame, known: tuple) -> Optional[tuple]:
+    """What runs ``model``'s forward around a hook: the code of the frame among the few from ``frame`` (the
+    hook's caller) up that runs it (see :func:`_runs`), and the model by weak reference. A frame of a
+    ``known`` code (Module._call_impl, a patched forward) wins over any other frame nearer the hook with the
+    model as ``self`` / ``model`` (a helper that calls the hooks for _call_impl, a user's wrapper): such a
+    frame has returned by the time the hooks' work is taken, and the forward would be taken for cut. None
+    where no frame runs it (a hook called by hand: then nothing counts as cut). Eager only: a caller that
+    may be compiled asks ``torch.compiler.is_compiling()`` first (a graph has no frames to read).
+    (Not the frame's id: a freed frame's address is soon a new frame's.)"""
+    other = None
+    for _ in range(4):
+        if frame is None:
+            break
+        if _runs(frame, model):
+            if frame.f_code in known:
+                return frame.f_code, weakref.ref(model)
+            other = other or frame.f_code
+        frame = frame.f_back
+    return None if other is None else (other, weakref.ref(model))
+
+
+def forward_cut(runner: Optional[tuple]) -> bool:
+    """Whether the forward :func:`forward_runner` found is no longer running: no frame of its code runs its
+    model above the caller. No hook runs after a KeyboardInterrupt, so what a forward's pre-hooks set up
+    for its inner modules outlives a forward the interrupt cut. Eager only (False while compiling, and for
+    no runner)."""
+    if runner is None or torch.compiler.is_compiling():
+        return False
+    code, model = runner[0], runner[1]()
+    if model is None:
+        return True
+    f = sys._getframe(1)
+    while f is not None:
+        if f.f_code is code and _runs(f, model):
+            return False
+        f = f.f_back
+    return True
 
 
 def watch_patches(model: nn.Module, paths: list[str]) -> None:

@@ -50,8 +50,8 @@ from torch import Tensor, nn
 from ..ops.backend import records_grad, warn_once
 from ..ops.loss import linear_cross_entropy
 from .core import (_ATTR, ModuleCall, _foreign_patch, _in_wrapper_package, _install, _original_call, defining_module,
-                   displaced, foreign_hook, is_disabled, is_patched, reaches_class_forward, remove_hooks,
-                   unpatch_where)
+                   displaced, foreign_hook, forward_cut, forward_runner, is_disabled, is_patched,
+                   reaches_class_forward, remove_hooks, unpatch_where)
 from .table import _code_key
 
 _STATE = "_mmfast_loss_state"
@@ -237,37 +237,16 @@ def _aliases(t: Any, stand_in: Tensor) -> bool:
 
 
 def _cut(call: _Call) -> bool:
-    """Whether ``call``'s forward is no longer running (a KeyboardInterrupt cut it): its frame is not above
-    this one. Eager only (compiled calls record no frame)."""
-    if call.runner is None or torch.compiler.is_compiling():
-        return False
-    code, model = call.runner[0], call.runner[1]()
-    f = sys._getframe(1)
-    while f is not None:
-        if f.f_code is code and model is not None and _runs(f, model):
-            return False
-        f = f.f_back
-    return True
-
-
-def _runs(frame, model: nn.Module) -> bool:
-    """Whether ``frame`` runs ``model``'s forward: Module._call_impl's ``self``, or _model_forward's ``model``."""
-    names = frame.f_locals
-    return names.get("self") is model or names.get("model") is model
+    """Whether ``call``'s forward is no longer running (a KeyboardInterrupt cut it). Eager only."""
+    return forward_cut(call.runner)
 
 
 def _runner(model: nn.Module) -> Optional[tuple]:
-    """The code of the frame that runs ``model``'s forward around this hook (Module._call_impl, whose ``self``
-    it is, or _model_forward, whose ``model``), looked for among the few frames above the hook, and the
-    model; None where none is found (a hook called by hand: then no call counts as cut)."""
-    f = sys._getframe(2)
-    for _ in range(4):
-        if f is None:
-            break
-        if _runs(f, model):
-            return f.f_code, weakref.ref(model)
-        f = f.f_back
-    return None
+    """What runs ``model``'s forward around the arming hook: Module._call_impl (the model its ``self``) or
+    :func:`_model_forward` (its ``model``); see :func:`~mmfast.patching.core.forward_runner`."""
+    if torch.compiler.is_compiling():  # (no frames to read in a graph)
+        return None
+    return forward_runner(model, sys._getframe(2), (nn.Module._call_impl.__code__, _model_forward.__code__))
 
 
 def _head_forward(head: nn.Linear, x: Tensor) -> Tensor:
@@ -392,7 +371,7 @@ def _arm_hook(model: nn.Module, args: tuple, kwargs: dict) -> None:
         return None
     _trim()
     st.slot = len(_STACK)  # (one training forward per thread at a time: the stack is the process's)
-    _STACK.append(_Call(armed=_arm(labels, kwargs), runner=None if torch.compiler.is_compiling() else _runner(model)))
+    _STACK.append(_Call(armed=_arm(labels, kwargs), runner=_runner(model)))
     return None
 
 

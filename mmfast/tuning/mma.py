@@ -34,6 +34,7 @@ import copy
 import dataclasses
 import functools
 import inspect
+import sys
 import weakref
 from typing import Optional
 
@@ -42,7 +43,8 @@ from torch import Tensor, nn
 
 from .._zero import full_shape, gathered, partitioned
 from ..nn.adapter import MMAdapter, _XavierLinear, unloaded_mma
-from ..patching.core import EXTRA_KWARGS_ATTR, SHARED_CODE_HOOK, binding_of, patch_name, remove_hooks
+from ..patching.core import (EXTRA_KWARGS_ATTR, SHARED_CODE_HOOK, binding_of, forward_cut, forward_runner, patch_name,
+                             remove_hooks)
 from ..ops.backend import warn_once
 from .recipes import _hf_model, find_parts, peft_trainables, untrainable_problem, warn_cast_trainables
 
@@ -123,6 +125,10 @@ class _State:
     # forward around it) routes as text, not by the flags of whatever forward ran last (those stay in
     # ``has_image`` for a cache that forward filled)
     live: bool = False
+    # what runs the forward that set ``live`` (:func:`~mmfast.patching.core.forward_runner`): a forward a
+    # KeyboardInterrupt cut before its language model ran (no hook runs after it) leaves ``live`` set, and a
+    # language model called alone then sees that no such forward runs it
+    runner: Optional[tuple] = None
     recording: bool = False  # True while the modality token runs through the layers
     # the routes' gradient bridge (the input embeddings module, the leaves, the last output, the routes) a
     # forward with token ids and other inputs hands to its own lookup (:func:`_embedding_bridge_hook`);
@@ -133,8 +139,13 @@ class _State:
         # a state pickled by an earlier version held the routes itself, by layer index, and no bridge (one
         # pickled between a forward's start and its lookup of the embeddings brings none either)
         _modality_pass_uncompiled()  # (in eager code: see there)
-        self.__dict__.update(bridge=None, live=False,
-                             **{k: v for k, v in state.items() if k not in ("routes", "seen", "bridge", "live")})
+        self.__dict__.update(bridge=None, live=False, runner=None,
+                             **{k: v for k, v in state.items() if k not in ("routes", "seen", "bridge", "live", "runner")})
+
+    def __getstate__(self) -> dict:
+        # (the runner holds a code object and a weak reference, neither of which pickles; a pickle is taken
+        # between forwards, where it is spent)
+        return {k: v for k, v in self.__dict__.items() if k != "runner"}
 
 
 class _LayerSlot:
@@ -380,6 +391,7 @@ def _flags_pre_hook(module, args, kwargs):
             fresh = kept if ids is None and kwargs.get("pixel_values") is not None else \
                 _flags_of_inputs(ids, visual_ids, kwargs, B, device)
             state.has_image, state.live = torch.where(length.to(device) > 0, kept, fresh), True
+            state.runner = None  # (compiled: forward_runner finds none)
             # not stored on the cache: it keeps the flags its eager prefill stored (generate's prefill is not
             # compiled). A compiled step's output that the next step reads back is what CUDA graphs
             # (reduce-overhead, generate's default on a GPU) overwrite with that step
@@ -387,6 +399,8 @@ def _flags_pre_hook(module, args, kwargs):
         else:
             flags = kept  # generation: keep the prefill's flags
     state.has_image, state.live = flags, True
+    state.runner = None if torch.compiler.is_compiling() else \
+        forward_runner(module, sys._getframe(1), (nn.Module._call_impl.__code__,))
     if past is not None:
         try:  # on the cache itself: a copy of it (a reused prompt cache) carries them too
             setattr(past, CACHE_FLAGS_ATTR, flags)
@@ -601,7 +615,8 @@ def _modality_pre_hook(module, args, kwargs):
     if ref is None:
         ref = kwargs.get("input_ids", args[0] if args else None)
     B = ref.shape[0]
-    flags, state.live = (state.has_image if state.live else None), False
+    live = state.live and not forward_cut(state.runner)
+    flags, state.live, state.runner = (state.has_image if live else None), False, None
     if flags is None or flags.shape[0] != B:
         flags = torch.zeros(B, dtype=torch.bool, device=ref.device)
     emb: nn.Embedding = getattr(module, EMBEDDING_NAME)
@@ -712,7 +727,7 @@ def _clear_bridge_hook(module, args, output):
     state = module.__dict__.get(_STATE)
     if state is not None:
         state.bridge = None
-        state.live = False
+        state.live, state.runner = False, None
 
 
 # The hooks of earlier versions bound each layer's pieces (and the layer's index) into the hook; a model
