@@ -748,6 +748,24 @@ def test_layer_norm_without_affine_and_bias():
         torch.testing.assert_close(model(x), ref)
 
 
+def test_layer_norm_of_another_width_raises_as_unpatched():
+    """A LayerNorm given rows of another width: PyTorch raises. With no weight (elementwise_affine=False) the
+    patched forward normalised over the rows' width instead and returned them, without a word; with one it
+    raised a ValueError about the weight. Both raise PyTorch's error now."""
+    model = nn.Sequential(nn.LayerNorm(8, elementwise_affine=False), nn.LayerNorm(8, bias=False), nn.LayerNorm(8))
+    x = torch.randn(2, 16)
+    said = []
+    for norm in model:
+        with pytest.raises(RuntimeError) as e:
+            norm(x)
+        said.append(str(e.value))
+    assert mmfast.patch(model, verbose=False).patched == ["0", "1", "2"]
+    for norm, text in zip(model, said):
+        with pytest.raises(RuntimeError) as e:
+            norm(x)
+        assert str(e.value) == text
+
+
 def test_accelerate_hook_kept():
     """A module behind an Accelerate hook: the hook keeps running and wraps the fused forward."""
     from accelerate.hooks import ModelHook, add_hook_to_module

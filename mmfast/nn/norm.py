@@ -34,4 +34,7 @@ def llama4_rms_norm_forward(module: nn.Module, x: Tensor) -> Tensor:
 
 def layer_norm_forward(module: nn.LayerNorm, input: Tensor) -> Tensor:
     """``nn.LayerNorm.forward`` semantics for a 1-D ``normalized_shape``; output in the input's dtype."""
+    if input.shape[-1:] != tuple(module.normalized_shape):  # (the weight's length says it too, where there is one)
+        raise RuntimeError(f"Given normalized_shape={list(module.normalized_shape)}, expected input with shape "
+                           f"[*, {module.normalized_shape[0]}], but got input of size{list(input.shape)}")
     return layer_norm(input, module.weight, module.bias, module.eps)
