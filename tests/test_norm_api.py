@@ -99,6 +99,31 @@ def test_only_the_residual_sum_used(kind, path, device, monkeypatch):
     torch.testing.assert_close(r.grad, g, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("path", ["eager", "ops"])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("kind", ["ln", "rms"])
+def test_inference_tensor_inputs_train_the_weights(kind, residual, path, device, monkeypatch):
+    """Features made under ``torch.inference_mode`` (a frozen encoder's cached output) into a norm whose weight
+    trains: HF's RMSNorm trains on them (it saves only tensors it computed), but the fused ops saved x, and
+    autograd refuses to save an inference tensor. A copy is saved in that case: the gradients are those of
+    the same values in an ordinary tensor, bit for bit."""
+    if path == "ops":
+        monkeypatch.setenv(EAGER_ENV, "ops")
+    with torch.inference_mode():
+        x = torch.randn(3, 8, device=device)
+        r = torch.randn(3, 8, device=device) if residual else None
+    grads = []
+    for inference in (True, False):
+        xs, rs = (x, r) if inference else (x.clone(), None if r is None else r.clone())
+        w, b = (torch.linspace(0.5, 1.5, 8, device=device).requires_grad_() for _ in range(2))
+        out = _call(kind, x=xs, w=w, b=b if kind == "ln" else None, residual=rs)
+        y = out[0] if residual else out
+        y.backward(torch.linspace(-1, 1, y.numel(), device=device).view_as(y))
+        grads.append((y.detach(), w.grad, b.grad))
+    for got, want in zip(*grads):
+        assert (got is None and want is None) or torch.equal(got, want)
+
+
 # ---------------------------------------------------------------------------------------------
 # backend choice
 # ---------------------------------------------------------------------------------------------

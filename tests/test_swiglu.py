@@ -154,6 +154,27 @@ def test_keeps_only_gate_and_up(device):
     assert sum(t.numel() for t in unfused) == 3 * g.numel()
 
 
+@pytest.mark.parametrize("path", ["eager", "ops"])
+@pytest.mark.parametrize("frozen", ["gate", "up"])
+def test_an_inference_tensor_input_trains_the_other(frozen, path, device, monkeypatch):
+    """One input made under ``torch.inference_mode``, the other trains: HF's ``act(gate) * up`` trains the up
+    projection on a gate made so (it saves ``act(gate)``, a tensor it computed), but the fused op saved the
+    gate, and autograd refuses to save an inference tensor. A copy is saved in that case: the gradient is
+    that of the same values in an ordinary tensor, bit for bit."""
+    monkeypatch.setenv(EAGER_ENV, "ops" if path == "ops" else "")
+    with torch.inference_mode():
+        fixed = torch.randn(4, 16, device=device)
+    grads = []
+    for inference in (True, False):
+        other = torch.linspace(-2, 2, 64, device=device).view(4, 16).requires_grad_()
+        held = fixed if inference else fixed.clone()
+        h = swiglu(held, other) if frozen == "gate" else swiglu(other, held)
+        h.backward(torch.linspace(-1, 1, 64, device=device).view(4, 16))
+        grads.append((h.detach(), other.grad))
+    for got, want in zip(*grads):
+        assert torch.equal(got, want)
+
+
 def test_inputs_unchanged_by_backward(device):
     """A second backward through a retained graph gives the same gradients (the kernel never writes g, u)."""
     g = torch.randn(6, 100, device=device, requires_grad=True)

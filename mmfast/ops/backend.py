@@ -367,6 +367,14 @@ def records_grad(*tensors: Optional[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def savable(*tensors: Optional[Tensor]) -> tuple:
+    """``tensors`` as ``save_for_backward`` takes them: an inference tensor (made under
+    ``torch.inference_mode``: a frozen encoder's cached features) cannot be saved, so a copy of it is. The
+    modules the fused ops stand in for (HF's RMSNorm, the SwiGLU gate's product) save only tensors they
+    computed, and train on such inputs; the copy is made in that case only."""
+    return tuple(t.clone() if t is not None and t.is_inference() else t for t in tensors)
+
+
 def _ad_refusal(op: str, how: str, why: str) -> NotImplementedError:
     return NotImplementedError(
         f"mmfast.{op} does not support {how}: {why}. Differentiate with .backward() or torch.autograd.grad, "

@@ -31,7 +31,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backend import KernelKey, as_rows, batched, no_forward_ad, once_differentiable, plain_eager, records_grad, refuse_functorch_ad, resolve_backend
+from .backend import (KernelKey, as_rows, batched, no_forward_ad, once_differentiable, plain_eager, records_grad,
+                      refuse_functorch_ad, resolve_backend, savable)
 from .checks import check_activation, check_device, check_like, check_tensor
 
 #: Widest normalised dimension supported.
@@ -283,7 +284,7 @@ def _rms_setup_context(ctx, inputs, output):
     x, weight, residual, eps = inputs
     _, h, rstd = output
     ctx.has_residual = residual is not None
-    ctx.save_for_backward(h if ctx.has_residual else x, weight, rstd)
+    ctx.save_for_backward(*savable(h if ctx.has_residual else x, weight, rstd))
     ctx.mark_non_differentiable(rstd)
     ctx.set_materialize_grads(False)
 
@@ -365,7 +366,7 @@ def _ln_setup_context(ctx, inputs, output):
     x, weight, bias, residual, eps = inputs
     _, h, mean, rstd = output
     ctx.has_residual = residual is not None
-    ctx.save_for_backward(h if ctx.has_residual else x, weight, bias, mean, rstd)
+    ctx.save_for_backward(*savable(h if ctx.has_residual else x, weight, bias, mean, rstd))
     ctx.mark_non_differentiable(mean, rstd)
     ctx.set_materialize_grads(False)
 
@@ -402,7 +403,7 @@ class _RMSNormFn(torch.autograd.Function):
     def forward(ctx, x, weight, residual, eps):
         y, h, _, rstd = _fwd_eager(x, weight, None, residual, eps, rms=True)
         ctx.has_residual = residual is not None
-        ctx.save_for_backward(h if ctx.has_residual else x, weight, rstd)
+        ctx.save_for_backward(*savable(h if ctx.has_residual else x, weight, rstd))
         ctx.set_materialize_grads(False)
         return y, h
 
@@ -423,7 +424,7 @@ class _LayerNormFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, residual, eps):
         y, h, mean, rstd = _fwd_eager(x, weight, bias, residual, eps, rms=False)
         ctx.has_residual = residual is not None
-        ctx.save_for_backward(h if ctx.has_residual else x, weight, bias, mean, rstd)
+        ctx.save_for_backward(*savable(h if ctx.has_residual else x, weight, bias, mean, rstd))
         ctx.set_materialize_grads(False)
         return y, h
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import KernelKey, as_rows, batched, no_forward_ad, once_differentiable, plain_eager, records_grad, refuse_functorch_ad, resolve_backend
+from .backend import (KernelKey, as_rows, batched, no_forward_ad, once_differentiable, plain_eager, records_grad,
+                      refuse_functorch_ad, resolve_backend, savable)
 from .checks import check_activation, check_like
 
 # ---------------------------------------------------------------------------------------------
@@ -116,7 +117,7 @@ def _(dh, gate, up):
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    ctx.save_for_backward(*savable(*inputs))
 
 
 def _grads(ctx, dh, bwd):
@@ -141,7 +142,7 @@ class _SwiGLUFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate, up):
-        ctx.save_for_backward(gate, up)
+        ctx.save_for_backward(*savable(gate, up))
         return _fwd(gate, up)
 
     @staticmethod
