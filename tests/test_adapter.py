@@ -275,6 +275,18 @@ def test_eval_and_zero_dropout_draw_no_random_numbers(device, monkeypatch):
     assert calls
 
 
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_a_meta_forward_gives_shapes(mode):
+    """A forward on the meta device (shapes only: a model built there, traced before its weights load) ran in
+    eval mode but raised in training mode: the dropout mask read its seed's value."""
+    adapter = mmfast.MMAdapter(16, hidden_dim=4, dropout=0.1, device="meta").train(mode == "train")
+    x = torch.empty(2, 5, 16, device="meta", requires_grad=True)
+    y = adapter(x, torch.empty(2, 16, device="meta"))
+    assert y.is_meta and y.shape == x.shape and y.dtype == x.dtype
+    y.sum().backward()
+    assert x.grad.is_meta and x.grad.shape == x.shape and adapter.down.weight.grad.is_meta
+
+
 @pytest.mark.parametrize("order", ["adapter", "every module"])
 def test_init_after_meta(order):
     """Built on the meta device, then ``to_empty``: ``reset_parameters`` left the router holding whatever the

@@ -279,14 +279,16 @@ EAGER_ENV = "MMFAST_EAGER"
 def plain_eager(*tensors: Optional[Tensor]) -> bool:
     """Whether an op call with these tensors may take the eager fast path (a ``torch.autograd.Function``
     running the same forward and backward) instead of the custom op: nothing would see the difference.
-    Not compiling or tracing, no torch_function / dispatch mode, no functorch transform, plain Tensors."""
+    Not compiling or tracing, no torch_function / dispatch mode, no functorch transform, plain Tensors, none
+    on the meta device (shapes only: the custom ops' fake implementations answer for it, as for compile,
+    whatever backend is set; the eager path would ask a backend to run it)."""
     if os.environ.get(EAGER_ENV) == "ops" or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     if torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack():
         return False
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return False
-    return all(t is None or type(t) is Tensor or type(t) is torch.nn.Parameter for t in tensors)
+    return all(t is None or ((type(t) is Tensor or type(t) is torch.nn.Parameter) and not t.is_meta) for t in tensors)
 
 
 def _traced() -> bool:
