@@ -342,6 +342,51 @@ def test_the_language_model_called_alone_routes_as_text():
         assert not torch.allclose(flagged, model(**ids, mma_has_image=torch.tensor([False, False])).logits)
 
 
+@pytest.mark.parametrize("how", ["position_ids", "cu_seq_lens_q", "seq_idx"])
+def test_packed_rows_of_mixed_modality_are_refused(how):
+    """Padding-free batches (DataCollatorWithFlattening, TRL's padding_free) pack several samples into a row;
+    the unpatched model keeps them apart. MMA routes a row by one flag, so a text sample packed beside an
+    image sample was routed as an image sample, and its outputs and gradients depended on what it was packed
+    with. Such a row is refused now, naming it; rows of one modality route as their samples alone do."""
+    from tiny_models import IMAGE_SIZE, IMAGE_TOKEN, IMAGE_TOKENS, VOCAB
+
+    model = _mma()
+    _perturb_adapters(model)
+    model.eval()
+    g = torch.Generator().manual_seed(3)
+    image = torch.randint(0, VOCAB - 1, (10,), generator=g)
+    image[1:1 + IMAGE_TOKENS] = IMAGE_TOKEN
+    text, text2 = (torch.randint(0, VOCAB - 1, (n,), generator=g) for n in (8, 6))
+    pix = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+
+    def packed(*samples):
+        ids = torch.cat(samples)[None]
+        ends = torch.tensor([0, *torch.tensor([len(t) for t in samples]).cumsum(0).tolist()], dtype=torch.int32)
+        if how == "position_ids":
+            return {"position_ids": torch.cat([torch.arange(len(t)) for t in samples])[None]}, ids
+        if how == "cu_seq_lens_q":  # (with position_ids, as the collator gives them)
+            return {"cu_seq_lens_q": ends, "cu_seq_lens_k": ends, "max_length_q": 10, "max_length_k": 10}, ids
+        return {"seq_idx": torch.cat([torch.full((len(t),), i) for i, t in enumerate(samples)])[None]}, ids
+
+    extra, ids = packed(image, text)
+    with pytest.raises(ValueError, match="row 0 of this batch packs samples with images beside samples without"):
+        model(input_ids=ids, pixel_values=pix, use_cache=False, **extra)
+    # a row of one modality routes as its samples alone (position_ids: the unpatched model keeps them apart)
+    extra, ids = packed(text, text2)
+    with torch.no_grad():
+        row = model(input_ids=ids, use_cache=False, **extra).logits[0]
+        if how == "position_ids":
+            torch.testing.assert_close(row[:8], model(input_ids=text[None]).logits[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(row[8:], model(input_ids=text2[None]).logits[0], rtol=1e-5, atol=1e-5)
+        # the row's own flag, as asked
+        model(input_ids=torch.cat([image, text])[None], pixel_values=pix, use_cache=False,
+              mma_has_image=torch.tensor([True]), **packed(image, text)[0])
+        # left padding has restarting position_ids too, beside an attention mask: not packing
+        pad = torch.cat([torch.zeros(2, dtype=torch.long), image])[None]
+        model(input_ids=pad, pixel_values=pix, attention_mask=(torch.arange(12) >= 2)[None].long(),
+              position_ids=torch.tensor([[1, 1, *range(10)]]))
+
+
 def _capture_mix(model, layer_path):
     adapter = model.get_submodule(layer_path + "." + ADAPTER_NAME)
     seen = []

@@ -372,6 +372,8 @@ def _flags_pre_hook(module, args, kwargs):
         if flags.shape[0] != B:
             raise ValueError(f"mmfast MMA: {HAS_IMAGE_KWARG} has {flags.shape[0]} entries for a batch of {B}")
     elif past is None:
+        if ids is not None and visual_ids is not None:  # (transformers keeps packed samples apart without a cache)
+            _refuse_mixed_packing(ids, visual_ids, kwargs)
         flags = _flags_of_inputs(ids, visual_ids, kwargs, B, device)
     else:
         length = getattr(past, "get_seq_length", lambda: 0)()
@@ -417,6 +419,54 @@ def _flags_of_inputs(ids: Optional[Tensor], visual_ids, kwargs: dict, batch: int
         raise ValueError(f"mmfast MMA: images given without input_ids (PEFT's prompt learning, say, hands the model "
                          f"inputs_embeds only); pass {HAS_IMAGE_KWARG} (a [batch] bool tensor)")
     return torch.zeros(batch, dtype=torch.bool, device=device)
+
+
+def _packed_samples(ids: Tensor, kwargs: dict) -> Optional[Tensor]:
+    """[B, S] the sample each token belongs to where several samples are packed into a row (padding-free
+    batches: transformers' DataCollatorWithFlattening), found as transformers finds them: ``cu_seq_lens_q`` or
+    ``seq_idx`` where given, else ``position_ids`` that restart within a row with no ``attention_mask``. None
+    where rows are not packed so."""
+    B, S = ids.shape[0], ids.shape[-1]
+    cu = kwargs.get("cu_seq_lens_q")
+    if torch.is_tensor(cu) and cu.dim() == 1 and cu.numel() > 1:  # boundaries over the batch's B * S tokens
+        at = torch.arange(B * S, device=cu.device, dtype=cu.dtype)
+        return torch.searchsorted(cu[1:].contiguous(), at, right=True).view(B, S)
+    seq = kwargs.get("seq_idx")
+    if torch.is_tensor(seq) and tuple(seq.shape) == (B, S):
+        return seq
+    pos = kwargs.get("position_ids")
+    if not torch.is_tensor(pos) or pos.dim() != 2 or pos.shape[-1] != S or kwargs.get("attention_mask") is not None:
+        return None
+    pos = pos.expand(B, S)
+    return (torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+
+
+def _refuse_mixed_packing(ids: Tensor, visual_ids: tuple[int, ...], kwargs: dict) -> None:
+    """Raise where a packed row holds samples with images and samples without: MMA routes each row by one
+    flag (one modality token per row, one route per row in the adapters), so the row's text samples would
+    be routed as image samples (the unpatched model keeps packed samples apart). Rows of one modality route
+    as their samples would alone. Eager only (a data-dependent check)."""
+    if torch.compiler.is_compiling() or ids.dim() != 2:
+        return
+    sample = _packed_samples(ids, kwargs)
+    if sample is None:
+        return
+    sample = sample.to(ids.device).long()
+    visual = torch.zeros_like(ids, dtype=torch.bool)
+    for tid in visual_ids:
+        visual |= ids == tid
+    n = int(sample.max()) + 1
+    counts = torch.zeros(ids.shape[0], n, dtype=torch.long, device=ids.device)
+    has = counts.scatter_add(1, sample, visual.long()) > 0
+    present = counts.scatter_add(1, sample, torch.ones_like(sample)) > 0
+    mixed = (has.any(-1) & (present & ~has).any(-1)).nonzero().flatten().tolist()
+    if mixed:
+        raise ValueError(f"mmfast MMA: row{'s' if len(mixed) > 1 else ''} {', '.join(map(str, mixed[:8]))} of this "
+                         f"batch pack{'' if len(mixed) > 1 else 's'} samples with images beside samples without "
+                         "(padding-free packing: position_ids restarting within a row, cu_seq_lens_q or seq_idx); "
+                         "MMA routes a row by one modality flag, so its text samples would be routed as image "
+                         f"samples. Pack samples of one modality per row, pad instead of packing, or pass "
+                         f"{HAS_IMAGE_KWARG} (one flag per row) to choose a row's routing")
 
 
 def _flags_kept(state: _State, past, batch: int, ids: Optional[Tensor], visual_ids, kwargs: dict) -> Optional[Tensor]:
