@@ -257,6 +257,70 @@ def test_incoming_gradient_in_blocks(shape, device, monkeypatch):
             assert torch.equal(loss_ops._scaled(g, go, dtype), (g.float() * go).to(dtype))
 
 
+def test_auto_mode_keeps_the_smaller(device):
+    """The weight's gradient is kept as the logits' gradient with the kept rows ([n, V + H] in the activation
+    dtype) or as an fp32 [V, H] accumulator, whichever is smaller: the choice compared the logits' gradient
+    alone, and kept up to 67 MB more at LLaVA-7B's head (n from 7264 to 8192 rows, bf16)."""
+    from mmfast.ops.loss import _loss_and_grads
+
+    H, V = 48, 301  # fp32 [V, H]: 57,792 bytes; bf16 [n, V + H]: 698 n bytes
+    for n, mode in ((82, "logits"), (83, "accumulate"), (96, "accumulate")):
+        h, w, _, _ = make(device, torch.bfloat16, lead=(n,), H=H, V=V, bias=False)
+        t = torch.randint(0, V, (n,), device=device)
+        with torch.no_grad():  # (as the autograd Function's forward runs it)
+            r = _loss_and_grads(h, w, None, t, IGNORE, None, None, True, True, False, "auto", torch.bfloat16)
+        kept = [x for x in (r.g_logits, r.hv, r.g_w32) if x is not None]
+        assert (mode == "logits") == (r.g_logits is not None) and (mode == "accumulate") == (r.g_w32 is not None), n
+        assert sum(x.numel() * x.element_size() for x in kept) <= V * H * 4, n
+
+
+@pytest.mark.parametrize("own", [False, True])
+def test_incoming_gradient_into_another_dtype_in_blocks(own, device, monkeypatch):
+    """An fp32 kept gradient (the weight's accumulator) for a 16-bit parameter, and a product the backward
+    made for the purpose (``own``: scaled where it lies), give the one-shot product's bits block by block."""
+    from mmfast.ops import loss as loss_ops
+
+    go = torch.ones((), device=device) / 3
+    monkeypatch.setattr(loss_ops, "_SCALE_BLOCK", 5)
+    for src, dtype in ((torch.float32, torch.bfloat16), (torch.float32, torch.float16), (torch.bfloat16, torch.float32),
+                       (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)):
+        g = torch.randn(7, 3, device=device).to(src)
+        want = (g.float() * go).to(dtype)
+        out = loss_ops._scaled(g, go, dtype, own=own)
+        assert torch.equal(out, want) and (out is g) == (own and src == dtype)
+
+
+@pytest.mark.parametrize("path", ["eager", "ops"])
+@pytest.mark.parametrize("mode", ["logits", "accumulate"])
+def test_the_weight_gradient_is_the_backwards_one_weight_sized_tensor(device, path, mode, monkeypatch):
+    """The backward runs first, at the step's memory peak. The incoming gradient times the kept one is written
+    a block at a time into the weight's gradient: accumulate mode made a whole fp32 [V, H] temporary of
+    the product first, and logits mode a second [V, H] for the product of its product (about 525 MB at
+    LLaVA-7B's LM head, bf16)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    from mmfast.ops import loss as loss_ops
+
+    monkeypatch.setenv("MMFAST_EAGER", path)
+    monkeypatch.setattr(loss_ops, "_SCALE_BLOCK", 64)
+    h, w, b, t = make(device, torch.bfloat16, bias=False)
+    loss = forced(mode, 7)(h, w, t, b) / 3
+    made = {}
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in tree_leaves(out):
+                if isinstance(o, torch.Tensor) and o.numel() >= w.numel() and not func.is_view:
+                    made.setdefault(o.untyped_storage().data_ptr(), []).append((str(func), o.shape, o.dtype))
+            return out
+
+    with Watch():
+        g = torch.autograd.grad(loss, w)[0]
+    assert list(made) == [g.untyped_storage().data_ptr()], made
+
+
 @pytest.mark.parametrize("path", ["eager", "ops"])
 def test_fp16_hidden_gradient_keeps_its_precision_under_a_mean(device, seed, path, monkeypatch):
     """fp16 over many rows: the mean's 1/n puts the logits' gradient below fp16's normal range, where

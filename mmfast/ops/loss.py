@@ -8,9 +8,9 @@ logits kept for backward, their gradient, and the low-precision logits in the ou
 ``linear_cross_entropy`` computes the same loss over the rows whose target is not ``ignore_index``
 only, in row chunks whose logits live just long enough to give the chunk's loss and its gradients. It
 keeps for backward the gradient with respect to the kept rows of ``hidden`` (``rows x hidden`` in the
-activation dtype; fp32 for fp16) and, when ``weight`` is trained, what its gradient needs: the logits' gradient in the
-activation dtype when that is the smaller (``rows x vocab``), else an fp32 accumulator (``vocab x
-hidden``). The matmuls are cuBLAS's, in the dtype ``F.linear`` would use; the softmax statistics are fp32.
+activation dtype; fp32 for fp16) and, when ``weight`` is trained, what its gradient needs: the logits' gradient and
+the kept rows in the activation dtype when those are the smaller (``rows x (vocab + hidden)``), else an fp32
+accumulator (``vocab x hidden``). The matmuls are cuBLAS's, in the dtype ``F.linear`` would use; the softmax statistics are fp32.
 
 Rounding follows the unfused computation: logits rounded to the activation dtype, then fp32; the logits'
 gradient rounded to the activation dtype before the products, with the reduction's scale applied before
@@ -124,7 +124,8 @@ def _loss_and_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targ
     if lift is not None:
         lift = torch.where(torch.isfinite(lift) & (lift > 0), lift, torch.ones_like(lift))
     if need_w and (grad_w_mode == "auto" or lift is not None):
-        grad_w_mode = "logits" if lift is None and n * V * hv.element_size() <= V * H * 4 else "accumulate"
+        # (logits mode keeps the kept rows beside their logits' gradient, [n, V + H]; accumulate, [V, H] fp32)
+        grad_w_mode = "logits" if lift is None and n * (V + H) * hv.element_size() <= V * H * 4 else "accumulate"
     g_h = hv.new_empty(n, H, dtype=_kept_hidden_dtype(dtype)) if need_h else None
     g_logits = hv.new_empty(n, V) if need_w and grad_w_mode == "logits" else None
     g_w32 = torch.zeros(V, H, device=hidden.device, dtype=torch.float32) \
@@ -188,20 +189,22 @@ def _mm_fp32(a: Tensor, b: Tensor) -> Tensor:
     return torch.mm(a.float(), b.float())
 
 
-def _scaled(g: Tensor, go: Tensor, dtype: torch.dtype) -> Tensor:
+def _scaled(g: Tensor, go: Tensor, dtype: torch.dtype, own: bool = False) -> Tensor:
     """A kept gradient times the backward's incoming gradient (0-dim), in the parameter's dtype.
 
     The product is taken in fp32 and rounded once. Multiplying a 16-bit ``g`` by the factor directly
     would round the factor to ``g``'s dtype first wherever it is a device tensor (a loss scale of 2**16
-    is inf in fp16; 1/3 in bf16 is 0.33398). A 16-bit ``g`` is widened a block at a time (at most
-    ``_SCALE_BLOCK`` elements), so the backward's first step needs the output and one block, not two fp32
-    copies of a gradient that can be a whole LM head's."""
+    is inf in fp16; 1/3 in bf16 is 0.33398). The product is written a block at a time (at most
+    ``_SCALE_BLOCK`` elements, a 16-bit block widened to fp32 first) straight into the output, so the
+    backward's first step, at the step's memory peak, needs the output and one block, not a whole fp32
+    temporary of a gradient that can be a whole LM head's. ``own``: ``g`` is this call's to overwrite (a
+    product made for it), and is the output where it has the output's dtype."""
     go = go.float()
-    if g.dtype == torch.float32:
-        return (g * go).to(dtype)
-    out = torch.empty(g.shape, dtype=dtype, device=g.device)
+    if batched(go):  # is_grads_batched (vmap): out-of-place only
+        return (g.float() * go).to(dtype)
+    out = g if own and g.dtype == dtype and g.is_contiguous() else torch.empty(g.shape, dtype=dtype, device=g.device)
     flat, out_flat = g.reshape(-1), out.view(-1)
-    for i in range(0, flat.numel(), _SCALE_BLOCK):
+    for i in range(0, flat.numel(), _SCALE_BLOCK):  # (a block of g is widened before its slot is written)
         torch.mul(flat[i:i + _SCALE_BLOCK].float(), go, out=out_flat[i:i + _SCALE_BLOCK])
     return out
 
@@ -242,7 +245,7 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
                 d2.index_copy_(0, rows, _scaled(g_h, go, ctx.hidden_dtype))
             d_hidden = d2.view(ctx.hidden_shape)
         if g_logits is not None:
-            d_weight = _scaled(torch.mm(g_logits.t(), hv), go, ctx.weight_dtype)
+            d_weight = _scaled(torch.mm(g_logits.t(), hv), go, ctx.weight_dtype, own=True)
         elif g_w32 is not None:
             d_weight = _scaled(g_w32, go, ctx.weight_dtype)
         if g_b is not None:
@@ -302,6 +305,7 @@ def _op_setup_context(ctx, inputs, output):
     ctx.needs = inputs[7:10]
     ctx.save_for_backward(*output[1:])
     ctx.mark_non_differentiable(*output[1:])  # what the backward needs, not results to differentiate
+    ctx.set_materialize_grads(False)  # (their missing gradients made as zeros: an fp32 [V, H] at the peak)
 
 
 @once_differentiable  # a second derivative raises, as the eager path's
