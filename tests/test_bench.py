@@ -284,6 +284,38 @@ def test_saved_activation_bytes_counts_what_autograd_keeps():
     assert toy.proj.weight.grad is not None  # the backward ran (saved tensors released)
 
 
+def test_saved_activation_bytes_counts_what_backward_reads_and_leaks_nothing():
+    """A branch the loss does not reach (LLaVA's last CLIP layer, whose output the model drops) is freed with
+    its output before backward: not counted. The count held each saved tensor itself, so a node that saves
+    its own output (exp) held that output, whose grad_fn is the node: a cycle gc cannot free, and the
+    unreached branch stayed allocated for the rest of the process (and in the next provider's peak)."""
+    import gc
+    import weakref
+
+    from mmfast.bench.model import saved_activation_bytes
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 16)
+            self.mlp = torch.nn.Linear(16, 16)  # its branch is dropped, as an unread layer's
+
+        def forward(self, x):
+            h = self.proj(x)
+            dropped = self.mlp(2 * h).exp()  # mlp saves its input (5 x 16), exp its own output (5 x 16)
+            held.append(weakref.ref(dropped))
+            return h.sin().sum()  # sin saves h
+
+    held = []
+    x = torch.randn(5, 8)
+    toy = Toy()
+    saved = saved_activation_bytes(toy, lambda: toy(x))
+    assert saved["mlp"] == 0, saved
+    assert saved["other"] == 4 * (5 * 8 + 5 * 16), saved  # proj's input x, sin's h
+    gc.collect()
+    assert held[0]() is None  # nothing of the dropped branch outlives the count
+
+
 def test_mmfast_norms_save_less_than_hf_eager():
     """LayerNorm tuning on a tiny LLaVA: HF's eager RMSNorm keeps fp32 copies for backward, mmfast's keeps
     the input and one fp32 statistic per row; the fused SwiGLU gate keeps gate and up, not silu(gate)

@@ -36,6 +36,7 @@ import gc
 import importlib.util
 import statistics
 import time
+from typing import Any
 
 import torch
 from torch import nn
@@ -243,16 +244,20 @@ def model_part(name: str, module: nn.Module) -> str:
 
 
 def saved_activation_bytes(model: nn.Module, forward, part=None) -> dict[str, int]:
-    """Bytes autograd keeps for the backward of ``forward()`` (which returns the loss): every storage
-    once, parameters and buffers left out, attributed to the innermost module running when it was
-    saved (:data:`PARTS`, or ``part(name, module)`` when given; ``total`` too). Device independent: the
-    same on CPU and GPU but for the attention kernel's own choice of what to save."""
+    """Bytes autograd keeps for the backward of ``forward()`` (which returns the loss) and that backward
+    reads: every storage once, parameters and buffers left out, attributed to the innermost module running
+    when it was saved (:data:`PARTS`, or ``part(name, module)`` when given; ``total`` too). What a branch
+    the loss does not reach saves (LLaVA's last CLIP layer, whose output the model drops) is freed with
+    its output before backward, so it is not counted. Device independent: the same on CPU and GPU but for
+    the attention kernel's own choice of what to save."""
     keys = PARTS if part is None else ()
     part = part or model_part
     names = {id(m): (n, m) for n, m in model.named_modules()}
     owned = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     stack: list[str] = [part("", model)]  # work outside any submodule (the loss, say)
-    seen: dict[int, tuple[str, int]] = {}
+    # by address, each storage held until the count is done: a freed storage's address is soon another's
+    seen: dict[int, tuple[str, int, Any]] = {}
+    read: set[int] = set()
 
     def pre(module, args):
         n, m = names.get(id(module), ("", module))
@@ -268,23 +273,33 @@ def saved_activation_bytes(model: nn.Module, forward, part=None) -> dict[str, in
             return t
         key = storage.data_ptr()
         if key not in owned and key not in seen:
-            seen[key] = (stack[-1], storage.nbytes())
-        return t
+            seen[key] = (stack[-1], storage.nbytes(), storage)
+        # detached: a node that saves its own output would otherwise hold the output, whose grad_fn is the
+        # node, through this hook, a cycle through C++ that gc cannot free (a branch backward never runs
+        # would stay allocated for the rest of the process)
+        return key, t.detach()
+
+    def unpack(packed):
+        if isinstance(packed, tuple):
+            read.add(packed[0])
+            return packed[1]
+        return packed
 
     from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
     handles = [register_module_forward_pre_hook(pre), register_module_forward_hook(post)]
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             loss = forward()
     finally:
         for h in handles:
             h.remove()
     loss.backward()
+    counted = [(where, nbytes) for key, (where, nbytes, _) in seen.items() if key in read]
     out = dict.fromkeys(keys, 0)
-    for where, nbytes in seen.values():
+    for where, nbytes in counted:
         out[where] = out.get(where, 0) + nbytes
-    out["total"] = sum(seen_bytes for _, seen_bytes in seen.values())
+    out["total"] = sum(nbytes for _, nbytes in counted)
     return out
 
 
