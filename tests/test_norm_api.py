@@ -124,6 +124,49 @@ def test_inference_tensor_inputs_train_the_weights(kind, residual, path, device,
         assert (got is None and want is None) or torch.equal(got, want)
 
 
+@pytest.mark.parametrize("residual", [False, True])
+def test_layer_norm_under_autocast_runs_as_pytorchs(residual, device, monkeypatch):
+    """CUDA autocast runs PyTorch's layer_norm in float32 (a float32-list op: the inputs cast, the output
+    float32). The fused op kept x's dtype, so a patched CLIP tower under autocast (HF Trainer's bf16=True on a
+    bf16 model) ran its residual stream in bf16 where the unpatched one runs it in fp32 (pre_layrnorm's
+    output is the stream), and a bf16 weight with fp32 x was refused. CPU autocast leaves layer_norm in the
+    input's dtype, and so does the fused op there; on CPU the test gives CPU's autocast CUDA's rule
+    (AUTOCAST_FP32_LAYER_NORM) and compares with what CUDA autocast runs: layer_norm of float32 casts."""
+    import torch.nn.functional as F
+
+    if device == "cpu":
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # CPU's own rule first: the input's dtype
+            x = torch.randn(3, 8, dtype=torch.bfloat16)
+            assert mmfast.layer_norm(x, None, None).dtype == F.layer_norm(x, (8,)).dtype == torch.bfloat16
+        monkeypatch.setattr(ops_norm, "AUTOCAST_FP32_LAYER_NORM", ("cpu",))
+    for xdt, wdt in ((torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+                     (torch.float16, torch.float16)):
+        x = torch.randn(4, 6, 32, device=device).to(xdt).requires_grad_()
+        r = torch.randn(4, 6, 32, device=device).to(xdt).requires_grad_() if residual else None
+        w = (1 + torch.randn(32, device=device) / 4).to(wdt).requires_grad_()
+        b = torch.randn(32, device=device).to(wdt).requires_grad_()
+        leaves = [t for t in (x, r, w, b) if t is not None]
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out = mmfast.layer_norm(x, w, b, 1e-5, residual=r)
+        y, h = out if residual else (out, None)
+        hw = x if r is None else (x + r).detach().requires_grad_()
+        want = F.layer_norm(hw.float(), (32,), w.float(), b.float(), 1e-5)
+        assert y.dtype == torch.float32 and (h is None or (h.dtype == xdt and torch.equal(h, hw)))
+        torch.testing.assert_close(y, want)
+        dy = torch.randn_like(y)
+        got = torch.autograd.grad(y, leaves, dy)
+        ref = torch.autograd.grad(want, [hw, w, b], dy)
+        ref = [ref[0]] * (2 if residual else 1) + list(ref[1:])
+        for g, t, e in zip(got, leaves, ref):  # (both fp32 sums rounded once to the leaf's dtype)
+            assert g.dtype == t.dtype
+            torch.testing.assert_close(g, e.to(g.dtype))
+    # the patched module too: nn.LayerNorm's output dtype under autocast
+    norm = torch.nn.LayerNorm(32, device=device, dtype=torch.bfloat16)
+    mmfast.patch(torch.nn.Sequential(norm), verbose=False)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        assert norm(torch.randn(2, 32, device=device, dtype=torch.bfloat16)).dtype == torch.float32
+
+
 # ---------------------------------------------------------------------------------------------
 # backend choice
 # ---------------------------------------------------------------------------------------------

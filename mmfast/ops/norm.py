@@ -461,13 +461,36 @@ def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float = 1e-6, residual: O
     return y if residual is None else (y, h)
 
 
+#: Device types whose autocast runs ``layer_norm`` in float32 (PyTorch's CUDA autocast lists layer_norm
+#: among its float32 ops; CPU autocast leaves it in the input's dtype).
+AUTOCAST_FP32_LAYER_NORM = ("cuda",)
+
+
+def _autocast_fp32(x: Tensor) -> bool:
+    """Whether autocast, on for ``x``'s device, runs PyTorch's ``layer_norm`` of ``x`` in float32."""
+    return isinstance(x, Tensor) and x.device.type in AUTOCAST_FP32_LAYER_NORM and x.dtype in (torch.float16, torch.bfloat16, torch.float32) \
+        and torch.is_autocast_enabled(x.device.type)
+
+
+def _fp32(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t.float() if isinstance(t, Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-5,
                residual: Optional[Tensor] = None):
     """Fused LayerNorm over the last dimension, rounding like ``nn.LayerNorm``.
 
     ``weight``/``bias`` are optional and may be in x's dtype or float32; the output is in x's dtype.
     With ``residual``, returns ``(y, residual_out)`` with ``residual_out = x + residual``, ``y = layer_norm(residual_out)``.
+    Under CUDA autocast, as PyTorch's ``layer_norm`` there: the inputs are cast to float32 and so is the
+    output (with ``residual``, ``residual_out = x + residual`` as PyTorch adds them, then the norm of it).
     """
+    if _autocast_fp32(x):
+        if residual is not None:
+            check_norm_inputs("layer_norm", x, None, None, residual, eps)  # (the weights: below, in float32)
+            h = x + residual
+            return layer_norm(_fp32(h), _fp32(weight), _fp32(bias), eps), h
+        x, weight, bias = _fp32(x), _fp32(weight), _fp32(bias)
     check_norm_inputs("layer_norm", x, weight, bias, residual, eps)
     if plain_eager(x, weight, bias, residual):
         if records_grad(x, weight, bias, residual):
