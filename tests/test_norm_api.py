@@ -182,6 +182,21 @@ def test_backend_env(monkeypatch, device):
     assert resolve_backend(torch.device(device)) == "triton"  # CUDA, or CPU under the interpreter
 
 
+def test_eager_env(monkeypatch, device):
+    """MMFAST_EAGER takes 'ops' and 'eager' in any case; 'OPS' or '1' were ignored without a word (the fast
+    path ran), where a bad MMFAST_BACKEND raises. Another value raises now, naming the variable."""
+    from mmfast.ops.backend import plain_eager
+
+    x = torch.randn(2, 8, device=device)
+    for value, fast in (("", True), ("eager", True), ("Eager", True), ("ops", False), (" OPS ", False)):
+        monkeypatch.setenv(EAGER_ENV, value)
+        assert plain_eager(x) is fast, value
+    for value in ("1", "true", "op"):
+        monkeypatch.setenv(EAGER_ENV, value)
+        with pytest.raises(ValueError, match=f"{EAGER_ENV}='{value}'"):
+            mmfast.rms_norm(x, None)
+
+
 def test_use_backend_block(monkeypatch, device):
     """use_backend wins over the variable, nests, rejects unknown names, and covers a backward run
     inside the block."""

@@ -272,8 +272,20 @@ def as_rows(t: Tensor) -> Tensor:
     return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
 
 
-#: ``MMFAST_EAGER=ops`` routes eager calls through the custom ops (the path compile traces).
+#: ``MMFAST_EAGER=ops`` routes eager calls through the custom ops (the path compile traces); ``eager`` (or
+#: unset, or empty) keeps the eager fast path. Another value is refused, as a bad ``MMFAST_BACKEND`` is.
 EAGER_ENV = "MMFAST_EAGER"
+
+
+def _custom_ops_asked() -> bool:
+    value = os.environ.get(EAGER_ENV)
+    if not value:
+        return False
+    value = value.strip().lower()
+    if value in ("ops", "eager", ""):
+        return value == "ops"
+    raise ValueError(f"{EAGER_ENV}={os.environ[EAGER_ENV]!r}: expected 'ops' (eager calls through the custom ops) "
+                     "or 'eager' (the default)")
 
 
 def plain_eager(*tensors: Optional[Tensor]) -> bool:
@@ -282,7 +294,7 @@ def plain_eager(*tensors: Optional[Tensor]) -> bool:
     Not compiling or tracing, no torch_function / dispatch mode, no functorch transform, plain Tensors, none
     on the meta device (shapes only: the custom ops' fake implementations answer for it, as for compile,
     whatever backend is set; the eager path would ask a backend to run it)."""
-    if os.environ.get(EAGER_ENV) == "ops" or torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if _custom_ops_asked() or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     if torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack():
         return False
