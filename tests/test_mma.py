@@ -4,6 +4,7 @@ training, parameter counts, save/load, unpatch."""
 import copy
 import inspect
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -926,6 +927,38 @@ def _top_with_image_token(token_id):
     import types
 
     return types.SimpleNamespace(config=types.SimpleNamespace(image_token_id=token_id))
+
+
+@pytest.mark.parametrize("return_dict", [True, False])
+def test_a_cache_the_model_made_keeps_its_routing(return_dict):
+    """A forward with use_cache and no cache passed (a hand-written decode loop's prefill, a cached prefix)
+    makes its own cache. Only a cache passed in got the flags, so continuing one the model made took the
+    latest forward's routing: an image batch's continuation after a text forward, or a multi-token chunk
+    (taken for a cache filled elsewhere), routed as text, the one-token step with a warning that the model
+    had not filled the cache. It keeps its prefill's routing now, as a cache passed in does."""
+    model = _mma()
+    _perturb_adapters(model)
+    model.eval()
+    cache_kw = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    images = batch("llava", B=2, images=[True, True])
+    text = batch("llava", seed=3, B=2, images=[False, False])["input_ids"]
+    ids, pix = images["input_ids"], images["pixel_values"]
+    with torch.no_grad():
+        full = model(input_ids=ids, pixel_values=pix).logits
+
+        def prefill(n):
+            out = model(input_ids=ids[:, :n], pixel_values=pix, use_cache=True, return_dict=return_dict)
+            return out[cache_kw] if return_dict else next(v for v in out if hasattr(v, "get_seq_length"))
+
+        for n in (ids.shape[1] - 3, ids.shape[1] - 1):  # a chunk of 3 tokens, a one-token step
+            for between in (False, True):
+                cache = prefill(n)
+                if between:  # (an evaluation batch, say)
+                    model(input_ids=text)
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("error", message="mmfast")  # no "did not fill" warning
+                    got = model(input_ids=ids[:, n:], use_cache=True, **{cache_kw: cache}).logits
+                torch.testing.assert_close(got, full[:, n:], rtol=1e-5, atol=1e-5)
 
 
 def test_a_cache_this_model_did_not_fill_warns():

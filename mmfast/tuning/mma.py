@@ -773,11 +773,34 @@ def _embedding_bridge_hook(module, args, output):
 def _clear_bridge_hook(module, args, output):
     """After the language model's forward and the model's, also one that raised: a bridge its lookup did not
     take (the forward failed before it) is dropped, so that no later lookup of the module takes it, and
-    flags the language model did not take (the model's forward failed before it ran) are no longer live."""
+    flags the language model did not take (the model's forward failed before it ran) are no longer live.
+    After the model's own forward (the one :func:`_flags_pre_hook` runs on), a KV cache it made itself
+    (``use_cache`` with no cache passed: a hand-written decode loop's prefill) gets this forward's flags, as
+    a cache passed in does before the forward, so that continuing it keeps each sample's routing."""
     state = module.__dict__.get(_STATE)
     if state is not None:
+        if _OPTIONS in module.__dict__ and output is not None and state.has_image is not None \
+                and not torch.compiler.is_compiling():
+            _tag_made_cache(output, state.has_image)
         state.bridge = None
         state.live, state.runner = False, None
+
+
+def _tag_made_cache(output, flags: Tensor) -> None:
+    """Put ``flags`` on the KV cache in ``output`` (a model output, or its tuple) that carries none yet."""
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:  # (an MMA model is a transformers model)
+        return
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, tuple) else ()
+    for value in values:
+        if isinstance(value, Cache):
+            if getattr(value, CACHE_FLAGS_ATTR, None) is None:
+                try:
+                    setattr(value, CACHE_FLAGS_ATTR, flags)
+                except AttributeError:  # a cache that takes no attributes: decode steps take the latest flags
+                    pass
+            return
 
 
 # The hooks of earlier versions bound each layer's pieces (and the layer's index) into the hook; a model
