@@ -739,6 +739,27 @@ def test_the_head_called_alone_after_an_interrupted_step_gives_logits(calls):
     out.loss.backward()
 
 
+def test_bad_labels_raise_what_the_unpatched_model_raises():
+    """Labels of another shape than the input (F.cross_entropy's batch mismatch: a ValueError) raised a
+    RuntimeError, and a label out of the vocabulary (F.cross_entropy's IndexError) a ValueError; code that
+    checks its data by catching HF's error types missed them."""
+    inputs = batch("llama")
+    ids = inputs["input_ids"]
+    cases = {"shape": torch.zeros(ids.shape[0], ids.shape[1] + 2, dtype=torch.long),
+             "value": torch.full_like(ids, build("llama").config.vocab_size + 6)}
+    kinds = {}
+    for patched in (False, True):
+        model = build("llama")
+        if patched:
+            mmfast.patch(model, tuning="layernorm", verbose=False)
+        for name, labels in cases.items():
+            with pytest.raises(Exception) as e:
+                model(input_ids=ids, labels=labels)
+            kinds.setdefault(name, []).append(type(e.value))
+    for name, (unpatched, patched) in kinds.items():
+        assert issubclass(patched, unpatched), (name, unpatched, patched)
+
+
 def test_the_forwards_runner_is_call_impl_past_a_helper_with_the_model_as_self(monkeypatch, calls):
     """The armed call records the frame that runs the model's forward, so that a head call outside it (after a
     KeyboardInterrupt) is known for stale. A frame nearer the arming hook with the model as ``self`` (a

@@ -91,6 +91,11 @@ def _kept_hidden_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 else dtype
 
 
+class TargetOutOfRange(IndexError, ValueError):
+    """A target outside ``[0, V)`` that is not ``ignore_index``: an IndexError, as ``F.cross_entropy``'s
+    ("Target ... is out of bounds"), and a ValueError, as the argument checks' errors are."""
+
+
 def _loss_and_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
                     scale, chunk_rows: Optional[int], need_h: bool, need_w: bool, need_b: bool,
                     grad_w_mode: str, dtype: torch.dtype) -> _Grads:
@@ -103,8 +108,8 @@ def _loss_and_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targ
     rows = kept.nonzero().squeeze(1)
     if bad.item():
         lo, hi = torch.aminmax(t[kept])
-        raise ValueError(f"linear_cross_entropy: target values must be in [0, {V}) or equal "
-                         f"ignore_index={ignore_index}; got values in [{int(lo)}, {int(hi)}]")
+        raise TargetOutOfRange(f"linear_cross_entropy: target values must be in [0, {V}) or equal "
+                               f"ignore_index={ignore_index}; got values in [{int(lo)}, {int(hi)}]")
     n = rows.numel()
     hv = h2.index_select(0, rows).to(dtype)
     tv = t.index_select(0, rows)

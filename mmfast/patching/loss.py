@@ -267,8 +267,8 @@ def _head_forward(head: nn.Linear, x: Tensor) -> Tensor:
     args, st.armed = st.armed, None
     target = _target(args.pop("labels"), args.pop("shift_labels"), args["ignore_index"])
     if target.shape != x.shape[:-1]:
-        raise RuntimeError(f"mmfast fused loss: labels {tuple(target.shape)} do not match the LM head's input "
-                           f"{tuple(x.shape)}; run without the fused loss (mmfast.patch(..., fused_loss=False))")
+        raise ValueError(f"mmfast fused loss: labels {tuple(target.shape)} do not match the LM head's input "
+                         f"{tuple(x.shape)}; run without the fused loss (mmfast.patch(..., fused_loss=False))")
     st.loss = linear_cross_entropy(x, head.weight, target, head.bias, **args)
     st.stand_in = _StandIn.apply(st.loss, (*x.shape[:-1], head.out_features))
     return st.stand_in
