@@ -152,13 +152,22 @@ def test_compiled_training_step_keeps_it(kind):
         torch.testing.assert_close(grads[n], eager_grads[n])
 
 
+@pytest.mark.parametrize("traced", [False, True], ids=["graphs", "aot"])
 @pytest.mark.parametrize("tuning", ["layernorm", "mma"])
-def test_compiled_training_with_new_shapes_every_step_stops_compiling(tuning, counting_backend):
+def test_compiled_training_with_new_shapes_every_step_stops_compiling(tuning, traced, counting_backend):
     """torch.compile runs each hook of a compiled model as a frame of its own, and gives a tensor a frame finds
     on a torch.nn module (the LM head) a static shape: the labels the fused loss's hook stored on the head
     made the model's forward compile again for every new sequence length, up to the recompile limit (after
-    which it ran uncompiled). Now, as unpatched, one recompile makes the shapes dynamic, and nothing more."""
+    which it ran uncompiled). Now, as unpatched, one recompile makes the shapes dynamic, and nothing more.
+    ``aot``: AOTAutograd traces the backward too (as every real backend does), where the loss's blockwise
+    scaling looped over the symbolic size of the gradient and guarded on it: a compile per new length."""
     backend, graphs = counting_backend
+    if traced:
+        aot, count = torch._dynamo.lookup_backend("aot_eager"), backend
+
+        def backend(gm, example_inputs):
+            count(gm, example_inputs)
+            return aot(gm, example_inputs)
     model = build("llama")
     mmfast.patch(model, tuning=tuning, verbose=False)
     compiled = torch.compile(model, backend=backend)

@@ -257,6 +257,20 @@ def test_incoming_gradient_in_blocks(shape, device, monkeypatch):
             assert torch.equal(loss_ops._scaled(g, go, dtype), (g.float() * go).to(dtype))
 
 
+@pytest.mark.parametrize("path", ["eager", "ops"])
+def test_meta_tensors_give_shapes(path, monkeypatch):
+    """On the meta device (shapes only: a model traced before its weights load) the op asked autocast about
+    the meta device, which raised; the unpatched loss gives a meta loss."""
+    monkeypatch.setenv("MMFAST_EAGER", path)
+    h, w, b, t = (x.detach().to("meta") if x.is_floating_point() else x.to("meta")
+                  for x in make("cpu", torch.bfloat16))
+    h.requires_grad_(), w.requires_grad_()
+    loss = linear_cross_entropy(h, w, t, b)
+    assert loss.is_meta and loss.shape == () and loss.dtype == torch.float32
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    assert gh.is_meta and gh.shape == h.shape and gw.is_meta and gw.shape == w.shape
+
+
 def test_auto_mode_keeps_the_smaller(device):
     """The weight's gradient is kept as the logits' gradient with the kept rows ([n, V + H] in the activation
     dtype) or as an fp32 [V, H] accumulator, whichever is smaller: the choice compared the logits' gradient

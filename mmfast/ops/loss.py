@@ -52,10 +52,15 @@ def _chunk_rows(vocab: int, rows: int, chunk_rows: Optional[int]) -> int:
     return max(1, min(rows, 1 << (c.bit_length() - 1)))
 
 
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for tensors of this device type (the meta device has none: it raised)."""
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
+
+
 def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
     dev = hidden.device.type
     # autocast casts fp32 / fp16 / bf16 operands only, never float64 ones
-    if torch.is_autocast_enabled(dev) and torch.float64 not in (hidden.dtype, weight.dtype):
+    if _autocast_on(dev) and torch.float64 not in (hidden.dtype, weight.dtype):
         return torch.get_autocast_dtype(dev)
     if weight.dtype != hidden.dtype:
         raise TypeError(f"linear_cross_entropy: hidden is {hidden.dtype} but weight is {weight.dtype}; "
@@ -205,7 +210,10 @@ def _scaled(g: Tensor, go: Tensor, dtype: torch.dtype, own: bool = False) -> Ten
     temporary of a gradient that can be a whole LM head's. ``own``: ``g`` is this call's to overwrite (a
     product made for it), and is the output where it has the output's dtype."""
     go = go.float()
-    if batched(go):  # is_grads_batched (vmap): out-of-place only
+    # is_grads_batched (vmap): out-of-place only. Traced with a symbolic size (AOTAutograd's trace of a
+    # compiled backward): one product, which the compiler fuses with its rounding; a loop over the size
+    # would guard on it and compile again for every new sequence length
+    if batched(go) or not isinstance(g.numel(), int):
         return (g.float() * go).to(dtype)
     out = g if own and g.dtype == dtype and g.is_contiguous() else torch.empty(g.shape, dtype=dtype, device=g.device)
     flat, out_flat = g.reshape(-1), out.view(-1)
@@ -364,7 +372,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: O
     dtype = _compute_dtype(hidden, weight)
     if bias is not None and not bias.is_floating_point():
         raise TypeError(f"linear_cross_entropy: bias must be floating point, got {bias.dtype}")
-    autocast = torch.is_autocast_enabled(hidden.device.type) and torch.float64 not in (hidden.dtype, weight.dtype)
+    autocast = _autocast_on(hidden.device.type) and torch.float64 not in (hidden.dtype, weight.dtype)
     if bias is not None and bias.dtype != dtype and not autocast:  # (autocast casts it, as F.linear's)
         raise TypeError(f"linear_cross_entropy: bias is {bias.dtype} but hidden and weight are {dtype}; "
                         "F.linear needs one dtype (or an autocast region)")
