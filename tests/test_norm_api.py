@@ -139,10 +139,11 @@ def test_layer_norm_under_autocast_runs_as_pytorchs(residual, device, monkeypatc
             x = torch.randn(3, 8, dtype=torch.bfloat16)
             assert mmfast.layer_norm(x, None, None).dtype == F.layer_norm(x, (8,)).dtype == torch.bfloat16
         monkeypatch.setattr(ops_norm, "AUTOCAST_FP32_LAYER_NORM", ("cpu",))
-    for xdt, wdt in ((torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
-                     (torch.float16, torch.float16)):
+    for xdt, wdt, rdt in ((torch.bfloat16, torch.bfloat16, None), (torch.bfloat16, torch.float32, None),
+                          (torch.float32, torch.bfloat16, None), (torch.float16, torch.float16, None),
+                          (torch.bfloat16, torch.float32, torch.float32)):  # (a bf16 branch into an fp32 stream)
         x = torch.randn(4, 6, 32, device=device).to(xdt).requires_grad_()
-        r = torch.randn(4, 6, 32, device=device).to(xdt).requires_grad_() if residual else None
+        r = torch.randn(4, 6, 32, device=device).to(rdt or xdt).requires_grad_() if residual else None
         w = (1 + torch.randn(32, device=device) / 4).to(wdt).requires_grad_()
         b = torch.randn(32, device=device).to(wdt).requires_grad_()
         leaves = [t for t in (x, r, w, b) if t is not None]
@@ -151,7 +152,7 @@ def test_layer_norm_under_autocast_runs_as_pytorchs(residual, device, monkeypatc
         y, h = out if residual else (out, None)
         hw = x if r is None else (x + r).detach().requires_grad_()
         want = F.layer_norm(hw.float(), (32,), w.float(), b.float(), 1e-5)
-        assert y.dtype == torch.float32 and (h is None or (h.dtype == xdt and torch.equal(h, hw)))
+        assert y.dtype == torch.float32 and (h is None or (h.dtype == hw.dtype and torch.equal(h, hw)))
         torch.testing.assert_close(y, want)
         dy = torch.randn_like(y)
         got = torch.autograd.grad(y, leaves, dy)

@@ -486,8 +486,9 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps:
     output (with ``residual``, ``residual_out = x + residual`` as PyTorch adds them, then the norm of it).
     """
     if _autocast_fp32(x):
-        if residual is not None:
-            check_norm_inputs("layer_norm", x, None, None, residual, eps)  # (the weights: below, in float32)
+        if residual is not None:  # (another dtype is added as PyTorch adds it: an fp32 stream, a bf16 branch)
+            if not isinstance(residual, Tensor) or residual.shape != x.shape or residual.device != x.device:
+                check_norm_inputs("layer_norm", x, None, None, residual, eps)  # (raises, naming it)
             h = x + residual
             return layer_norm(_fp32(h), _fp32(weight), _fp32(bias), eps), h
         x, weight, bias = _fp32(x), _fp32(weight), _fp32(bias)
