@@ -382,10 +382,24 @@ def test_packed_rows_of_mixed_modality_are_refused(how):
         # the row's own flag, as asked
         model(input_ids=torch.cat([image, text])[None], pixel_values=pix, use_cache=False,
               mma_has_image=torch.tensor([True]), **packed(image, text)[0])
-        # left padding has restarting position_ids too, beside an attention mask: not packing
+        # left padding has restarting position_ids too, beside an attention mask: not packing (the mask and
+        # the position ids passed by position too)
         pad = torch.cat([torch.zeros(2, dtype=torch.long), image])[None]
-        model(input_ids=pad, pixel_values=pix, attention_mask=(torch.arange(12) >= 2)[None].long(),
-              position_ids=torch.tensor([[1, 1, *range(10)]]))
+        mask, pos = (torch.arange(12) >= 2)[None].long(), torch.tensor([[1, 1, *range(10)]])
+        model(input_ids=pad, pixel_values=pix, attention_mask=mask, position_ids=pos)
+        model(pad, pix, mask, pos)
+    # a sample whose labels are all ignored (a padding-free collator's padding to a multiple: each pad token a
+    # sample of its own) trains nothing: not counted; one that is labelled is
+    extra, ids = packed(image, image.clone())
+    if how == "position_ids":
+        ids, extra = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], 1), \
+            {"position_ids": torch.cat([extra["position_ids"], torch.zeros(1, 3, dtype=torch.long)], 1)}
+        labels = ids.clone()
+        labels[:, -3:] = -100
+        model(input_ids=ids, pixel_values=torch.cat([pix, pix]), labels=labels, use_cache=False, **extra)
+        labels[:, -1] = 5
+        with pytest.raises(ValueError, match="row 0 of this batch packs"):
+            model(input_ids=ids, pixel_values=torch.cat([pix, pix]), labels=labels, use_cache=False, **extra)
 
 
 def _capture_mix(model, layer_path):

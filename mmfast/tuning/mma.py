@@ -373,7 +373,7 @@ def _flags_pre_hook(module, args, kwargs):
             raise ValueError(f"mmfast MMA: {HAS_IMAGE_KWARG} has {flags.shape[0]} entries for a batch of {B}")
     elif past is None:
         if ids is not None and visual_ids is not None:  # (transformers keeps packed samples apart without a cache)
-            _refuse_mixed_packing(ids, visual_ids, kwargs)
+            _refuse_mixed_packing(ids, visual_ids, _named_arguments(module, args, kwargs))
         flags = _flags_of_inputs(ids, visual_ids, kwargs, B, device)
     else:
         length = getattr(past, "get_seq_length", lambda: 0)()
@@ -441,6 +441,23 @@ def _packed_samples(ids: Tensor, kwargs: dict) -> Optional[Tensor]:
     return (torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1) != 1).cumsum(-1)
 
 
+def _named_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """The forward's arguments by name: ``kwargs``, with the positional ones (past ``input_ids``: a mask or
+    position ids passed by position) named by the forward's signature."""
+    if len(args) < 2:
+        return kwargs
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return kwargs
+    names = []
+    for p in params:
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            break
+        names.append(p.name)
+    return {**dict(zip(names, args)), **kwargs}
+
+
 def _refuse_mixed_packing(ids: Tensor, visual_ids: tuple[int, ...], kwargs: dict) -> None:
     """Raise where a packed row holds samples with images and samples without: MMA routes each row by one
     flag (one modality token per row, one route per row in the adapters), so the row's text samples would
@@ -455,11 +472,15 @@ def _refuse_mixed_packing(ids: Tensor, visual_ids: tuple[int, ...], kwargs: dict
     visual = torch.zeros_like(ids, dtype=torch.bool)
     for tid in visual_ids:
         visual |= ids == tid
+    # a sample whose labels are all ignored trains nothing and (kept apart) reaches no other sample: not
+    # counted (a padding-free collator's padding to a multiple: each pad token a "sample" of its own)
+    labels = kwargs.get("labels")
+    counted = labels != -100 if torch.is_tensor(labels) and labels.shape == ids.shape else torch.ones_like(visual)
     n = int(sample.max()) + 1
     counts = torch.zeros(ids.shape[0], n, dtype=torch.long, device=ids.device)
     has = counts.scatter_add(1, sample, visual.long()) > 0
-    present = counts.scatter_add(1, sample, torch.ones_like(sample)) > 0
-    mixed = (has.any(-1) & (present & ~has).any(-1)).nonzero().flatten().tolist()
+    present = counts.scatter_add(1, sample, counted.to(ids.device).long()) > 0
+    mixed = ((has & present).any(-1) & (present & ~has).any(-1)).nonzero().flatten().tolist()
     if mixed:
         raise ValueError(f"mmfast MMA: row{'s' if len(mixed) > 1 else ''} {', '.join(map(str, mixed[:8]))} of this "
                          f"batch pack{'' if len(mixed) > 1 else 's'} samples with images beside samples without "
