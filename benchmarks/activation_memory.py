@@ -65,6 +65,14 @@ def main() -> None:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     os.makedirs(args.out, exist_ok=True)
     target = mb.llava_7b_widths("layernorm", args.llm_layers, batch=args.batch, text_tokens=args.text_tokens)
+    # the fused loss keeps a trained head's gradient as the labelled rows' logit gradient ([n, V + H], bf16)
+    # or as an fp32 [V, H] accumulator, whichever is smaller, for the step's rows: scaling one sample's bytes
+    # holds while the step stays on the sample's side of that line (mmfast.ops.loss._loss_and_grads)
+    V, H = target.vocab, target.hidden
+    if args.text_tokens * (V + H) * 2 <= V * H * 4 < target.batch * args.text_tokens * (V + H) * 2:
+        print(f"note: the step's {target.batch * args.text_tokens} labelled rows keep a trained LM head's gradient "
+              "in an fp32 [V, H] accumulator, where one sample keeps logit gradients: the fused loss's "
+              "head/other bytes below are scaled from the sample's, and overstate the step's", flush=True)
     read_layers = target.vision_layers - 1  # (vision_feature_layer -2: the last layer's output is dropped)
     rows, lines = [], []
     for tuning in args.tunings.split(","):
