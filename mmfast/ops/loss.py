@@ -8,9 +8,10 @@ logits kept for backward, their gradient, and the low-precision logits in the ou
 ``linear_cross_entropy`` computes the same loss over the rows whose target is not ``ignore_index``
 only, in row chunks whose logits live just long enough to give the chunk's loss and its gradients. It
 keeps for backward the gradient with respect to the kept rows of ``hidden`` (``rows x hidden`` in the
-activation dtype; fp32 for fp16) and, when ``weight`` is trained, what its gradient needs: the logits' gradient and
-the kept rows in the activation dtype when those are the smaller (``rows x (vocab + hidden)``), else an fp32
-accumulator (``vocab x hidden``). The matmuls are cuBLAS's, in the dtype ``F.linear`` would use; the softmax statistics are fp32.
+activation dtype; fp32 for fp16) and, when ``weight`` is trained, what its gradient needs: the logits'
+gradient and the kept rows in the activation dtype when those are the smaller (``rows x (vocab + hidden)``),
+else an fp32 accumulator (``vocab x hidden``). The matmuls are cuBLAS's, in the dtype ``F.linear`` would
+use; the softmax statistics are fp32.
 
 Rounding follows the unfused computation: logits rounded to the activation dtype, then fp32; the logits'
 gradient rounded to the activation dtype before the products, with the reduction's scale applied before

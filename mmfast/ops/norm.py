@@ -468,8 +468,8 @@ AUTOCAST_FP32_LAYER_NORM = ("cuda",)
 
 def _autocast_fp32(x: Tensor) -> bool:
     """Whether autocast, on for ``x``'s device, runs PyTorch's ``layer_norm`` of ``x`` in float32."""
-    return isinstance(x, Tensor) and x.device.type in AUTOCAST_FP32_LAYER_NORM and x.dtype in (torch.float16, torch.bfloat16, torch.float32) \
-        and torch.is_autocast_enabled(x.device.type)
+    return isinstance(x, Tensor) and x.device.type in AUTOCAST_FP32_LAYER_NORM \
+        and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and torch.is_autocast_enabled(x.device.type)
 
 
 def _fp32(t: Optional[Tensor]) -> Optional[Tensor]:

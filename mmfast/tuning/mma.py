@@ -129,6 +129,8 @@ class _State:
     # KeyboardInterrupt cut before its language model ran (no hook runs after it) leaves ``live`` set, and a
     # language model called alone then sees that no such forward runs it
     runner: Optional[tuple] = None
+    # the flags of an eager forward given no cache, for the cache it may make (:func:`_clear_bridge_hook`)
+    untagged: Optional[Tensor] = None
     recording: bool = False  # True while the modality token runs through the layers
     # the routes' gradient bridge (the input embeddings module, the leaves, the last output, the routes) a
     # forward with token ids and other inputs hands to its own lookup (:func:`_embedding_bridge_hook`);
@@ -139,8 +141,9 @@ class _State:
         # a state pickled by an earlier version held the routes itself, by layer index, and no bridge (one
         # pickled between a forward's start and its lookup of the embeddings brings none either)
         _modality_pass_uncompiled()  # (in eager code: see there)
-        self.__dict__.update(bridge=None, live=False, runner=None,
-                             **{k: v for k, v in state.items() if k not in ("routes", "seen", "bridge", "live", "runner")})
+        spent = ("routes", "seen", "bridge", "live", "runner", "untagged")
+        self.__dict__.update(bridge=None, live=False, runner=None, untagged=None,
+                             **{k: v for k, v in state.items() if k not in spent})
 
     def __getstate__(self) -> dict:
         # (the runner holds a code object and a weak reference, neither of which pickles; a pickle is taken
@@ -393,7 +396,7 @@ def _flags_pre_hook(module, args, kwargs):
             fresh = kept if ids is None and kwargs.get("pixel_values") is not None else \
                 _flags_of_inputs(ids, visual_ids, kwargs, B, device)
             state.has_image, state.live = torch.where(length.to(device) > 0, kept, fresh), True
-            state.runner = None  # (compiled: forward_runner finds none)
+            state.runner = state.untagged = None  # (compiled: forward_runner finds none)
             # not stored on the cache: it keeps the flags its eager prefill stored (generate's prefill is not
             # compiled). A compiled step's output that the next step reads back is what CUDA graphs
             # (reduce-overhead, generate's default on a GPU) overwrite with that step
@@ -401,8 +404,9 @@ def _flags_pre_hook(module, args, kwargs):
         else:
             flags = kept  # generation: keep the prefill's flags
     state.has_image, state.live = flags, True
-    state.runner = None if torch.compiler.is_compiling() else \
-        forward_runner(module, sys._getframe(1), (nn.Module._call_impl.__code__,))
+    eager = not torch.compiler.is_compiling()
+    state.runner = forward_runner(module, sys._getframe(1), (nn.Module._call_impl.__code__,)) if eager else None
+    state.untagged = flags if eager and past is None else None
     if past is not None:
         try:  # on the cache itself: a copy of it (a reused prompt cache) carries them too
             setattr(past, CACHE_FLAGS_ATTR, flags)
@@ -800,9 +804,10 @@ def _clear_bridge_hook(module, args, output):
     a cache passed in does before the forward, so that continuing it keeps each sample's routing."""
     state = module.__dict__.get(_STATE)
     if state is not None:
-        if _OPTIONS in module.__dict__ and output is not None and state.has_image is not None \
-                and not torch.compiler.is_compiling():
-            _tag_made_cache(output, state.has_image)
+        if _OPTIONS in module.__dict__:  # (the model's own forward, after its language model's)
+            if state.untagged is not None and output is not None and not torch.compiler.is_compiling():
+                _tag_made_cache(output, state.untagged)
+            state.untagged = None
         state.bridge = None
         state.live, state.runner = False, None
 
