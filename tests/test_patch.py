@@ -104,9 +104,12 @@ def test_causal_lms_with_llamas_forward_in_their_own_words(family, seed, monkeyp
 
 def test_optimizer_steps_match(seed):
     """A few AdamW steps of LayerNorm tuning: the patched model's updates to the trainable norms follow
-    the unpatched model's, both against the same steps in float64 (all updates jointly, norm-wise: in
-    its first steps Adam moves each weight by about lr * sign(gradient), so weights whose gradient is
-    near zero move by rounding noise, differently in every implementation)."""
+    the unpatched model's, both against the same steps in float64 (all updates jointly, norm-wise). In its
+    first steps Adam moves each weight by about lr * sign(gradient), so a weight whose gradient is near zero
+    (near Adam's eps) moves by rounding noise, differently in every implementation: one such weight in 160
+    (a float64 gradient of 2.6e-8 where the median is 6e-4) made the joint error of either implementation
+    noise, and failed about one seed in 60. Weights whose float64 gradient at some step is below a
+    thousandth of the median are left out of the comparison (at most a tenth of them)."""
     base = build("llava", seed)
     models = {"ours": copy.deepcopy(base), "lowp": copy.deepcopy(base), "ref": copy.deepcopy(base).double()}
     mmfast.patch(models["ours"], tuning="layernorm-simp", verbose=False)
@@ -116,7 +119,7 @@ def test_optimizer_steps_match(seed):
     assert all(p.dtype == torch.float64 for p in models["ref"].parameters())
     start = {k: p.detach().double() for k, p in base.named_parameters()}
     inputs = batch("llava", seed)
-    deltas = {}
+    deltas, smallest = {}, None
     for name, model in models.items():
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-3)
@@ -124,10 +127,16 @@ def test_optimizer_steps_match(seed):
         for _ in range(3):
             opt.zero_grad(set_to_none=True)
             model(**x).loss.backward()
+            if name == "ref":  # (in the deltas' order)
+                g = torch.cat([p.grad.abs().flatten() for _, p in sorted(model.named_parameters()) if p.requires_grad])
+                smallest = g / g.median() if smallest is None else torch.minimum(smallest, g / g.median())
             opt.step()
         trained = {k: p.detach().double() for k, p in model.named_parameters() if p.requires_grad}
         deltas[name] = torch.cat([trained[k].flatten() - start[k].flatten() for k in sorted(trained)])
     assert deltas["ref"].numel() == 2 * 2 * 40 and deltas["ref"].abs().min() > 0
+    kept = smallest >= 1e-3
+    assert kept.sum() >= 0.9 * kept.numel(), f"{int((~kept).sum())} weights with a near-zero gradient (seed {seed})"
+    deltas = {k: d[kept] for k, d in deltas.items()}
     err = (deltas["ours"] - deltas["ref"]).norm().item()
     err_lowp = (deltas["lowp"] - deltas["ref"]).norm().item()
     bound = 2 * err_lowp + torch.finfo(torch.float32).eps * deltas["ref"].norm().item()
