@@ -396,6 +396,24 @@ def patch_name(model: nn.Module) -> str:
     return model.__dict__.get(_NAME_ATTR) or f"{type(model).__name__} at {id(model):#x}"
 
 
+@functools.lru_cache(maxsize=None)
+def _param_index(cls: type, name: str) -> Optional[int]:
+    """Position of ``name`` among the forward's positional parameters (after self), or None."""
+    params = [p.name for p in inspect.signature(inspect.unwrap(cls.forward)).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
+    return params.index(name) if name in params else None
+
+
+def forward_argument(cls: type, args: tuple, kwargs: dict, name: str, default: Any = None) -> Any:
+    """The forward's argument ``name`` in a call ``(*args, **kwargs)``, by keyword or by position."""
+    if name in kwargs:
+        return kwargs[name]
+    if not args:  # (no signature lookup: compiled code would trace it, with Dynamo's lru_cache warning)
+        return default
+    idx = _param_index(cls, name)
+    return args[idx] if idx is not None and len(args) > idx else default
+
+
 def _runs(frame, model: nn.Module) -> bool:
     """Whether ``frame`` runs ``model``'s forward: Module._call_impl's ``self``, or a patched forward's ``model``."""
     names = frame.f_locals

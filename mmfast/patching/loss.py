@@ -50,8 +50,8 @@ from torch import Tensor, nn
 from ..ops.backend import records_grad, warn_once
 from ..ops.loss import linear_cross_entropy
 from .core import (_ATTR, ModuleCall, _foreign_patch, _in_wrapper_package, _install, _original_call, defining_module,
-                   displaced, foreign_hook, forward_cut, forward_runner, is_disabled, is_patched,
-                   reaches_class_forward, remove_hooks, unpatch_where)
+                   displaced, foreign_hook, forward_argument, forward_cut, forward_runner, is_disabled,
+                   is_patched, reaches_class_forward, remove_hooks, unpatch_where)
 from .table import _code_key
 
 _STATE = "_mmfast_loss_state"
@@ -136,24 +136,6 @@ def _supported_keys() -> frozenset:
     from transformers.models.llava.modeling_llava import LlavaForConditionalGeneration
 
     return frozenset(_code_key(inspect.unwrap(c.forward)) for c in (LlamaForCausalLM, LlavaForConditionalGeneration))
-
-
-@functools.lru_cache(maxsize=None)
-def _param_index(cls: type, name: str) -> Optional[int]:
-    """Position of ``name`` among the forward's positional parameters (after self), or None."""
-    params = [p.name for p in inspect.signature(inspect.unwrap(cls.forward)).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
-    return params.index(name) if name in params else None
-
-
-def _argument(cls: type, args: tuple, kwargs: dict, name: str, default: Any = None) -> Any:
-    """The forward's argument ``name`` in a call ``(*args, **kwargs)``, by keyword or by position."""
-    if name in kwargs:
-        return kwargs[name]
-    if not args:  # (no signature lookup: compiled code would trace it, with Dynamo's lru_cache warning)
-        return default
-    idx = _param_index(cls, name)
-    return args[idx] if idx is not None and len(args) > idx else default
 
 
 def _loss_not_causal(model: nn.Module) -> Optional[str]:
@@ -358,8 +340,8 @@ def _arm_hook(model: nn.Module, args: tuple, kwargs: dict) -> None:
     st = _head_state(model)
     if st is not None:  # a call a KeyboardInterrupt cut (no hook runs after it) must not leave the head armed
         _release(st)
-    labels = _argument(type(model), args, kwargs, "labels")
-    keep = _argument(type(model), args, kwargs, "logits_to_keep", 0)
+    labels = forward_argument(type(model), args, kwargs, "labels")
+    keep = forward_argument(type(model), args, kwargs, "logits_to_keep", 0)
     if (labels is None or not torch.is_grad_enabled() or is_disabled()
             or not (isinstance(keep, int) and keep == 0)):
         return None

@@ -43,8 +43,8 @@ from torch import Tensor, nn
 
 from .._zero import full_shape, gathered, partitioned
 from ..nn.adapter import MMAdapter, _XavierLinear, unloaded_mma
-from ..patching.core import (EXTRA_KWARGS_ATTR, SHARED_CODE_HOOK, binding_of, forward_cut, forward_runner, patch_name,
-                             remove_hooks)
+from ..patching.core import (EXTRA_KWARGS_ATTR, SHARED_CODE_HOOK, binding_of, forward_argument, forward_cut,
+                             forward_runner, patch_name, remove_hooks)
 from ..ops.backend import warn_once
 from .recipes import _hf_model, find_parts, peft_trainables, untrainable_problem, warn_cast_trainables
 
@@ -338,13 +338,17 @@ def _llm_norm_adapter_hook(module, args, output):
 _IMAGE_INPUTS = ("mm_encoder_outputs", "image_embeds", "image_features")
 
 
+def _visual_tokens(ids: Tensor, token_ids: tuple[int, ...]) -> Tensor:
+    """``ids``-shaped bool: which tokens are any of ``token_ids`` (:func:`_visual_token_ids`)."""
+    found = ids == token_ids[0]
+    for tid in token_ids[1:]:
+        found = found | (ids == tid)
+    return found
+
+
 def _has_visual_tokens(ids: Tensor, token_ids: tuple[int, ...]) -> Tensor:
     """[B] bool: which rows of ``ids`` hold any of ``token_ids`` (:func:`_visual_token_ids`)."""
-    found = None
-    for tid in token_ids:
-        hit = (ids == tid).any(-1)
-        found = hit if found is None else found | hit
-    return found
+    return _visual_tokens(ids, token_ids).any(-1)
 
 
 def _visual_token_ids(config) -> Optional[tuple[int, ...]]:
@@ -376,7 +380,7 @@ def _flags_pre_hook(module, args, kwargs):
             raise ValueError(f"mmfast MMA: {HAS_IMAGE_KWARG} has {flags.shape[0]} entries for a batch of {B}")
     elif past is None:
         if ids is not None and visual_ids is not None:  # (transformers keeps packed samples apart without a cache)
-            _refuse_mixed_packing(ids, visual_ids, _named_arguments(module, args, kwargs))
+            _refuse_mixed_packing(ids, visual_ids, functools.partial(forward_argument, type(module), args, kwargs))
         flags = _flags_of_inputs(ids, visual_ids, kwargs, B, device)
     else:
         length = getattr(past, "get_seq_length", lambda: 0)()
@@ -425,60 +429,41 @@ def _flags_of_inputs(ids: Optional[Tensor], visual_ids, kwargs: dict, batch: int
     return torch.zeros(batch, dtype=torch.bool, device=device)
 
 
-def _packed_samples(ids: Tensor, kwargs: dict) -> Optional[Tensor]:
+def _packed_samples(ids: Tensor, argument) -> Optional[Tensor]:
     """[B, S] the sample each token belongs to where several samples are packed into a row (padding-free
     batches: transformers' DataCollatorWithFlattening), found as transformers finds them: ``cu_seq_lens_q`` or
     ``seq_idx`` where given, else ``position_ids`` that restart within a row with no ``attention_mask``. None
-    where rows are not packed so."""
+    where rows are not packed so. ``argument(name)``: the forward's argument (by keyword or position)."""
     B, S = ids.shape[0], ids.shape[-1]
-    cu = kwargs.get("cu_seq_lens_q")
+    cu = argument("cu_seq_lens_q")
     if torch.is_tensor(cu) and cu.dim() == 1 and cu.numel() > 1:  # boundaries over the batch's B * S tokens
         at = torch.arange(B * S, device=cu.device, dtype=cu.dtype)
         return torch.searchsorted(cu[1:].contiguous(), at, right=True).view(B, S)
-    seq = kwargs.get("seq_idx")
+    seq = argument("seq_idx")
     if torch.is_tensor(seq) and tuple(seq.shape) == (B, S):
         return seq
-    pos = kwargs.get("position_ids")
-    if not torch.is_tensor(pos) or pos.dim() != 2 or pos.shape[-1] != S or kwargs.get("attention_mask") is not None:
+    pos = argument("position_ids")
+    if not torch.is_tensor(pos) or pos.dim() != 2 or pos.shape[-1] != S or argument("attention_mask") is not None:
         return None
     pos = pos.expand(B, S)
     return (torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1) != 1).cumsum(-1)
 
 
-def _named_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict:
-    """The forward's arguments by name: ``kwargs``, with the positional ones (past ``input_ids``: a mask or
-    position ids passed by position) named by the forward's signature."""
-    if len(args) < 2:
-        return kwargs
-    try:
-        params = inspect.signature(module.forward).parameters.values()
-    except (TypeError, ValueError):
-        return kwargs
-    names = []
-    for p in params:
-        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-            break
-        names.append(p.name)
-    return {**dict(zip(names, args)), **kwargs}
-
-
-def _refuse_mixed_packing(ids: Tensor, visual_ids: tuple[int, ...], kwargs: dict) -> None:
+def _refuse_mixed_packing(ids: Tensor, visual_ids: tuple[int, ...], argument) -> None:
     """Raise where a packed row holds samples with images and samples without: MMA routes each row by one
     flag (one modality token per row, one route per row in the adapters), so the row's text samples would
     be routed as image samples (the unpatched model keeps packed samples apart). Rows of one modality route
     as their samples would alone. Eager only (a data-dependent check)."""
     if torch.compiler.is_compiling() or ids.dim() != 2:
         return
-    sample = _packed_samples(ids, kwargs)
+    sample = _packed_samples(ids, argument)
     if sample is None:
         return
     sample = sample.to(ids.device).long()
-    visual = torch.zeros_like(ids, dtype=torch.bool)
-    for tid in visual_ids:
-        visual |= ids == tid
+    visual = _visual_tokens(ids, visual_ids)
     # a sample whose labels are all ignored trains nothing and (kept apart) reaches no other sample: not
     # counted (a padding-free collator's padding to a multiple: each pad token a "sample" of its own)
-    labels = kwargs.get("labels")
+    labels = argument("labels")
     counted = labels != -100 if torch.is_tensor(labels) and labels.shape == ids.shape else torch.ones_like(visual)
     n = int(sample.max()) + 1
     counts = torch.zeros(ids.shape[0], n, dtype=torch.long, device=ids.device)
