@@ -325,6 +325,42 @@ def test_reference_backend(monkeypatch, device, seed):
     check_adapter(lambda i: _dropout_draw(2, 5, 200, 8, 2, 2, 0.2, torch.float32, device, seed + i), seed)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_too_wide_for_the_triton_kernels_is_refused_before_any_launch(dtype, device, monkeypatch):
+    """Experts x hidden width whose packed up-projection tile cannot fit shared memory even at the
+    narrowest tile (8 experts of hidden 256: 263 KB, fp32 or 16-bit activations with fp32 weights): a
+    ValueError naming them, forward and backward, before any kernel runs (Triton would fail the launch as
+    out of resources, past the Triton launcher's own checks). One size down (hidden 254) still fits."""
+    from mmfast.kernels import adapter as K
+
+    monkeypatch.setenv(ENV_VAR, "triton")
+    launched = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            raise AssertionError("a kernel was launched")
+
+    for name in ("_pack_w_kernel", "_mma_fwd_kernel", "_mma_bwd_rows_kernel", "_mma_bwd_cols_kernel"):
+        monkeypatch.setattr(K, name, Recorder())
+    x, A, a, U, c, mix = (t.detach() for t in make_inputs(1, 3, 64, 256, 2, 8, dtype, device))
+    with pytest.raises(ValueError, match="8 experts of hidden width 256 are too wide for the Triton kernels"):
+        torch.ops.mmfast.mma_adapter_fwd(x, A, a, U, c, mix, 1.0, 2, 0.0, None)
+    z = torch.zeros(3, 256, device=device)
+    with pytest.raises(ValueError, match="8 experts of hidden width 256 are too wide"):
+        torch.ops.mmfast.mma_adapter_bwd(torch.ones_like(x), x, z, A, a, U, c, mix, 1.0, 2, 0.0, None,
+                                         True, True, True)
+    assert not launched
+    x2 = x.view(3, 64)
+    for R in (254, 256):
+        U = torch.zeros(8, 64, R // 2, device=device)
+        fits = [K.smem_bytes(K._unpacked(x2, U, c, 2).launch(x2, kernel, planes), 8 * K.slots(R),
+                             planes or (1 if dtype == torch.float32 else 2), x2.element_size()) <= K.SMEM_BUDGET
+                for kernel, planes in (("fwd", None), ("rows", None), ("cols", 1))]
+        # (the column kernel reads no W: one plane, so 16-bit activations' tiles fit at 256 too)
+        assert fits == [R == 254, R == 254, R == 254 or dtype != torch.float32], (R, fits)
+
+
 def test_bf16_on_the_interpreter_runs_the_reference(adapter_backend, monkeypatch, device, seed):
     """The Triton interpreter's bf16 ``tl.dot`` gives wrong products: a bf16 adapter under ``TRITON_INTERPRET=1``
     returned outputs ~1e10 off, and a bf16 MMA model trained on such gradients without a word. The auto backend

@@ -100,12 +100,16 @@ def fit(cfg: AdapterLaunch, EK: int, planes: int, elt: int) -> AdapterLaunch:
     """``cfg`` with fewer pipeline stages, then narrower column chunks, until one stage's tiles (the
     packed weights, ``planes`` of [EK, block_d], and a [block_m, block_d] activation tile) times the
     stages fit :data:`SMEM_BUDGET` (wide hidden x many experts would otherwise not launch)."""
-    stage = lambda c: (planes * EK + c.block_m) * c.block_d * elt  # noqa: E731
-    while cfg.num_stages > 1 and stage(cfg) * cfg.num_stages > SMEM_BUDGET:
+    while cfg.num_stages > 1 and smem_bytes(cfg, EK, planes, elt) > SMEM_BUDGET:
         cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
-    while cfg.block_d > 16 and stage(cfg) * cfg.num_stages > SMEM_BUDGET:
+    while cfg.block_d > 16 and smem_bytes(cfg, EK, planes, elt) > SMEM_BUDGET:
         cfg = dataclasses.replace(cfg, block_d=cfg.block_d // 2)
     return cfg
+
+
+def smem_bytes(cfg: AdapterLaunch, EK: int, planes: int, elt: int) -> int:
+    """Shared memory the pipelined tiles of ``cfg`` take (:func:`fit`)."""
+    return (planes * EK + cfg.block_m) * cfg.block_d * elt * cfg.num_stages
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -376,10 +380,32 @@ class PackedW(NamedTuple):
                    x2.element_size())
 
 
+def _unpacked(x2, up_w, up_b, groups) -> PackedW:
+    """The packing's layout, before anything is packed (wp None)."""
+    E, D, RG = up_w.shape
+    return PackedW(None, next_pow2(E), slots(RG * groups), _split_weights(x2, up_w, up_b))
+
+
+def _check_fits(x2, up_w, up_b, groups, kernels) -> None:
+    """A ValueError before anything runs where a kernel's tiles do not fit shared memory even at
+    :func:`fit`'s narrowest (Triton would refuse the launch as out of resources)."""
+    pw = _unpacked(x2, up_w, up_b, groups)
+    for kernel, planes in kernels:
+        cfg = pw.launch(x2, kernel, planes)
+        need = smem_bytes(cfg, pw.EK, (2 if pw.split else 1) if planes is None else planes, x2.element_size())
+        if need > SMEM_BUDGET:
+            E, R = up_w.shape[0], up_w.shape[2] * groups
+            raise ValueError(
+                f"mma_adapter: {E} experts of hidden width {R} are too wide for the Triton kernels, which keep "
+                f"every expert's up-projection tile in shared memory ({pw.EP} x {pw.RX} padded slots): "
+                f"{need} bytes at the narrowest tile, above their {SMEM_BUDGET}-byte budget. Use fewer experts "
+                f"or a narrower hidden width (LaVIN's adapters: hidden 8, 2 experts), or MMFAST_BACKEND=reference")
+
+
 def pack_w(x2, up_w, up_b, groups) -> PackedW:
     E, D, RG = up_w.shape
     R = RG * groups
-    pw = PackedW(None, next_pow2(E), slots(R), _split_weights(x2, up_w, up_b))
+    pw = _unpacked(x2, up_w, up_b, groups)
     wp = torch.empty(((2 if pw.split else 1) * pw.EK, D), dtype=x2.dtype, device=x2.device)
     block_d = 64 if pw.EK <= 64 else 16
     _pack_w_kernel[(cdiv(D, block_d),)](
@@ -396,6 +422,7 @@ def adapter_fwd(x2, S, down_w, down_b, up_w, up_b, mix, scale, groups, p_drop, s
     z = torch.empty((M, R), dtype=torch.float32, device=x2.device)
     if M == 0:
         return y, z
+    _check_fits(x2, up_w, up_b, groups, [("fwd", None)])
     down_w, down_b, up_w, up_b = (t.contiguous() for t in (down_w, down_b, up_w, up_b))  # read densely
     pw = pack_w(x2, up_w, up_b, groups)
     cfg = pw.launch(x2, "fwd")
@@ -424,6 +451,7 @@ def adapter_bwd(dy2, x2, z, S, down_w, up_w, up_b, mix, scale, groups, p_drop, s
             grads = [torch.zeros_like(t) for t in (down_w, down_w[:, 0], up_w, up_b)]
         return dx, *grads, (torch.zeros_like(mix) if need_dmix else None)
 
+    _check_fits(x2, up_w, up_b, groups, [("rows", None)] + ([("cols", 1)] if need_dx or need_dw else []))
     z, down_w, up_w, up_b = (t.contiguous() for t in (z, down_w, up_w, up_b))  # read densely
     pw = pack_w(x2, up_w, up_b, groups)
     common = dict(R=R, RX=pw.RX, RG=RG, E=E, EP=pw.EP, HAS_DROPOUT=p_drop > 0, PRECISION=_dot_precision(x2.dtype))
