@@ -335,6 +335,40 @@ def test_the_weight_gradient_is_the_backwards_one_weight_sized_tensor(device, pa
     assert list(made) == [g.untyped_storage().data_ptr()], made
 
 
+@pytest.mark.parametrize("ignored", [0.5, 0.0], ids=["some-ignored", "all-kept"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_the_forward_copies_no_kept_rows_beside_the_hidden_gradient(device, seed, ignored, dtype):
+    """With the LM head frozen (both recipes) the forward's only [n, H] tensor is the hidden gradient, at
+    the step's activation peak: the kept rows are gathered a chunk at a time, and with every row kept
+    in the compute dtype read in place. A whole copy of them was made first (16 GiB at a million bf16 tokens
+    of H = 8192). Checked on the function both paths run, whose operations a dispatch mode sees."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    from mmfast.ops import loss as loss_ops
+
+    h, w, b, t = make(device, dtype, lead=(4, 64), H=32, V=512, bias=False, ignored=ignored, w_grad=False)
+    n = int((t != IGNORE).sum())
+    big = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in tree_leaves(out):
+                # hidden-wide, more rows than a chunk's
+                if isinstance(o, torch.Tensor) and o.shape[-1:] == h.shape[-1:] and o.numel() > 16 * h.shape[-1] \
+                        and not func.is_view:
+                    big.append((str(func), tuple(o.shape)))
+            return out
+
+    with Watch():
+        r = loss_ops._loss_and_grads(h.detach(), w.detach(), None, t, IGNORE, None, 16, True, False, False, "auto",
+                                     dtype)
+    assert big == [("aten.new_empty.default", (n, h.shape[-1]))], big
+    check("chunked", forced("auto", 16), h, w, None, t, seed)
+    assert r.hv is None and r.g_h.shape == (n, h.shape[-1])
+
+
 @pytest.mark.parametrize("path", ["eager", "ops"])
 def test_fp16_hidden_gradient_keeps_its_precision_under_a_mean(device, seed, path, monkeypatch):
     """fp16 over many rows: the mean's 1/n puts the logits' gradient below fp16's normal range, where

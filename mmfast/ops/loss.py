@@ -117,7 +117,6 @@ def _loss_and_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targ
         raise TargetOutOfRange(f"linear_cross_entropy: target values must be in [0, {V}) or equal "
                                f"ignore_index={ignore_index}; got values in [{int(lo)}, {int(hi)}]")
     n = rows.numel()
-    hv = h2.index_select(0, rows).to(dtype)
     tv = t.index_select(0, rows)
     w = weight.to(dtype)
     b = None if bias is None else bias.to(dtype)
@@ -136,9 +135,15 @@ def _loss_and_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targ
         lift = torch.where(torch.isfinite(lift) & (lift > 0), lift, torch.ones_like(lift))
     if need_w and (grad_w_mode == "auto" or lift is not None):
         # (logits mode keeps the kept rows beside their logits' gradient, [n, V + H]; accumulate, [V, H] fp32)
-        grad_w_mode = "logits" if lift is None and n * (V + H) * hv.element_size() <= V * H * 4 else "accumulate"
-    g_h = hv.new_empty(n, H, dtype=_kept_hidden_dtype(dtype)) if need_h else None
-    g_logits = hv.new_empty(n, V) if need_w and grad_w_mode == "logits" else None
+        grad_w_mode = "logits" if lift is None and n * (V + H) * dtype.itemsize <= V * H * 4 else "accumulate"
+    logits_mode = need_w and grad_w_mode == "logits"
+    # the kept rows in the compute dtype: whole where logits mode keeps them for the backward, else a
+    # chunk at a time (no [n, H] copy beside the hidden gradient at the forward's peak); all rows kept
+    # and no cast: slices of hidden itself
+    everyone = n == h2.shape[0] and h2.dtype == dtype
+    hv = h2.index_select(0, rows).to(dtype) if logits_mode else None
+    g_h = h2.new_empty(n, H, dtype=_kept_hidden_dtype(dtype)) if need_h else None
+    g_logits = h2.new_empty(n, V, dtype=dtype) if logits_mode else None
     g_w32 = torch.zeros(V, H, device=hidden.device, dtype=torch.float32) \
         if need_w and grad_w_mode == "accumulate" else None
     g_b = torch.zeros(V, device=hidden.device, dtype=torch.float32) if need_b else None
@@ -148,7 +153,8 @@ def _loss_and_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targ
     step = _chunk_rows(V, n, chunk_rows)
     for s in range(0, n, step):
         e = min(n, s + step)
-        hc, tc = hv[s:e], tv[s:e]
+        hc = hv[s:e] if hv is not None else h2[s:e] if everyone else h2.index_select(0, rows[s:e]).to(dtype)
+        tc = tv[s:e]
         z = F.linear(hc, w, b).float()  # rounded to the activation dtype first, as F.linear returns
         lse = torch.logsumexp(z, dim=-1)
         total += (lse - z.gather(1, tc[:, None]).squeeze(1)).sum(dtype=torch.float64)
@@ -160,7 +166,7 @@ def _loss_and_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targ
         if need_b:
             g_b += g.sum(0)
         if lift is not None:  # the lifted gradient rounded straight into fp16 (no fp32 temporary)
-            lifted = torch.mul(g, lift, out=hv.new_empty(e - s, V))
+            lifted = torch.mul(g, lift, out=hc.new_empty(e - s, V))
             del z, g
             if need_h:
                 torch.mul(torch.mm(lifted, w).float(), 1.0 / lift, out=g_h[s:e])
