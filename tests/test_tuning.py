@@ -10,7 +10,7 @@ import torch
 
 import mmfast
 from mmfast.tuning.recipes import remove_tuning_hooks
-from tiny_models import batch, build, llama4_text_config, llava_7b_config
+from tiny_models import IMAGE_TOKENS, batch, build, llama4_text_config, llava_7b_config
 
 # ---------------------------------------------------------------------------------------------
 # parameter selection on a LLaVA-1.5-7B-shaped model (meta device: no memory, no data)
@@ -644,6 +644,58 @@ def test_hf_trainer(checkpointing, tmp_path, monkeypatch):
                                                                                            "non-reentrant"))
     for n, p in trainable.items():
         assert not torch.equal(p, before[n]), f"{n} did not move"
+
+
+@pytest.mark.parametrize("option", ["label-smoothing", "accumulation"])
+def test_hf_trainer_options_train_the_unpatched_objective(option, tmp_path, monkeypatch):
+    """Trainer options that change the loss: label smoothing (Trainer takes the labels out of the forward
+    and smooths the logits itself: the fused loss must not arm, the model must return logits) and gradient
+    accumulation over micro-batches with different numbers of labelled tokens (Trainer passes
+    ``num_items_in_batch``: the fused loss must sum over the micro-batch and divide by the whole batch's
+    count). The patched model logs the unpatched one's losses and takes its steps (plain SGD: a parameter
+    differs by what its gradient's rounding does, fp32 here)."""
+    from transformers import Trainer, TrainingArguments
+
+    from mmfast.ops import loss as loss_ops
+
+    fused_calls = []
+    real = loss_ops._loss_and_grads
+    monkeypatch.setattr(loss_ops, "_loss_and_grads", lambda *a, **k: fused_calls.append(1) or real(*a, **k))
+    data = _Dataset()
+    for i, item in enumerate(data.items):  # 1 to 5 more unlabelled tokens than the image's
+        item["labels"] = item["labels"].clone()
+        item["labels"][IMAGE_TOKENS + 1:IMAGE_TOKENS + 2 + i % 5] = -100
+    option_args = dict(label_smoothing_factor=0.1) if option == "label-smoothing" else \
+        dict(gradient_accumulation_steps=2)
+
+    def run(patched: bool):
+        model = build("llava", seed=3)
+        ref = copy.deepcopy(model)
+        mmfast.patch(ref, tuning="layernorm-simp", verbose=False)
+        names = set(_trainable(ref))
+        if patched:
+            model = ref
+        else:
+            for n, p in model.named_parameters():
+                p.requires_grad_(n in names)
+        args = TrainingArguments(
+            output_dir=str(tmp_path / str(patched)), max_steps=2, per_device_train_batch_size=2, learning_rate=0.5,
+            optim="sgd", lr_scheduler_type="constant", report_to=[], use_cpu=True, save_strategy="no",
+            logging_steps=1, disable_tqdm=True, seed=0, data_seed=0, **option_args)
+        trainer = Trainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h], _trainable(model)
+
+    plain_losses, plain = run(False)
+    assert not fused_calls
+    losses, tuned = run(True)
+    assert len(fused_calls) == (0 if option == "label-smoothing" else 4)
+    assert len(losses) == 2 and losses == pytest.approx(plain_losses, rel=1e-5)
+    assert tuned.keys() == plain.keys()
+    start = dict(build("llava", seed=3).named_parameters())
+    for n, p in tuned.items():
+        assert not torch.equal(p, start[n]), f"{n} did not move"
+        torch.testing.assert_close(p, plain[n], rtol=0, atol=1e-5, msg=n)
 
 
 def test_peft_trainer_resume_with_the_callback(tmp_path):
