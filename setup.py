@@ -46,6 +46,21 @@ def _loader():
     return module
 
 
+def _check_build_tools() -> None:
+    """pip's ``--no-build-isolation`` builds with this environment's setuptools, not pyproject.toml's build
+    requirements: a fresh Python 3.10 / 3.11 venv's (65.x, no ``wheel`` package) fails the build with
+    "invalid command 'bdist_wheel'". Say what to install instead."""
+    import setuptools
+
+    version = tuple(int(p) for p in setuptools.__version__.split(".")[:2] if p.isdigit())
+    if version < (70, 1) and importlib.util.find_spec("wheel") is None:
+        raise SystemExit(f"building mmfast needs setuptools >= 70.1 (or the wheel package); this environment has "
+                         f"setuptools {setuptools.__version__}, which pip's --no-build-isolation uses: "
+                         "pip install 'setuptools>=70.1' first")
+
+
+_check_build_tools()
+
 #: MMFAST_CUDA values that leave the extension out (as mmfast reads its other switches).
 OFF = ("", "0", "false", "off", "no")
 

@@ -655,6 +655,30 @@ def test_aot_build_without_a_cuda_torch_says_why(torch_is):
     assert ("is CPU-only" if torch_is == "cpu-only" else "--no-build-isolation") in out.stderr, out.stderr
 
 
+@pytest.mark.parametrize("tools", ["setuptools-65", "setuptools-65-with-wheel", "setuptools-70.1"])
+def test_a_build_with_the_environments_old_setuptools_says_what_to_install(tools):
+    """pip's --no-build-isolation builds with the environment's setuptools: a fresh Python 3.10 / 3.11 venv's
+    (65.5, no wheel package) failed with "invalid command 'bdist_wheel'". setup.py says to install
+    setuptools >= 70.1 first; with the wheel package, or setuptools 70.1, it goes on."""
+    probe = textwrap.dedent("""\
+        import importlib.util, os, sys, setuptools
+        tools = sys.argv[1]
+        setuptools.__version__ = "70.1.0" if tools == "setuptools-70.1" else "65.5.0"
+        find = importlib.util.find_spec
+        importlib.util.find_spec = lambda name, *a: (find("os") if tools.endswith("with-wheel") else None) \
+            if name == "wheel" else find(name, *a)
+        setuptools.setup = lambda **kw: print("setup called")
+        sys.argv = ["setup.py"]
+        exec(compile(open("setup.py").read(), "setup.py", "exec"), {"__name__": "__main__", "__file__": os.path.abspath("setup.py")})
+        """)
+    out = subprocess.run([sys.executable, "-c", probe, tools], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "MMFAST_CUDA": "0"})
+    if tools == "setuptools-65":
+        assert out.returncode != 0 and "pip install 'setuptools>=70.1' first" in out.stderr, out.stderr
+    else:
+        assert out.returncode == 0 and out.stdout.strip() == "setup called", out.stderr
+
+
 def test_aot_build_stores_the_key_of_its_sources(tmp_path):
     """setup.py's build_ext writes aot_key() beside the extension it built (compiling stubbed out here),
     which the loader compares with the sources before it imports the build."""
