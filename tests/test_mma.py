@@ -372,6 +372,10 @@ def test_packed_rows_of_mixed_modality_are_refused(how):
     extra, ids = packed(image, text)
     with pytest.raises(ValueError, match="row 0 of this batch packs samples with images beside samples without"):
         model(input_ids=ids, pixel_values=pix, use_cache=False, **extra)
+    with torch.no_grad():  # no visual input: the image-token ids merge nothing, the row routes as text
+        torch.testing.assert_close(model(input_ids=ids, use_cache=False, **extra).logits,
+                                   model(input_ids=ids, use_cache=False, mma_has_image=torch.tensor([False]),
+                                         **extra).logits, rtol=0, atol=0)
     # a row of one modality routes as its samples alone (position_ids: the unpatched model keeps them apart)
     extra, ids = packed(text, text2)
     with torch.no_grad():
@@ -434,17 +438,18 @@ def test_text_and_image_samples_route_differently():
 
 def test_a_video_sample_routes_as_one_with_an_image():
     """A sample whose visual input is a video (LLaVA-OneVision's video tokens) has visual input as one with an
-    image; it was routed as text only."""
+    image; it was routed as text only. (Beside an image sample: a call that brings no visual input at all
+    routes its visual tokens as text, as the model merges nothing there.)"""
     from mmfast.tuning.mma import _STATE
 
     model = build("llava")
     model.config.video_token_id = 5
     mmfast.patch(model, tuning="mma", verbose=False)
-    inputs = batch("llava", B=3, images=[False, False, False])
+    inputs = batch("llava", B=3, images=[False, True, False])
     inputs["input_ids"][0, 2:4] = 5
     with torch.no_grad():
         model(**inputs)
-    assert model.__dict__[_STATE].has_image.tolist() == [True, False, False]
+    assert model.__dict__[_STATE].has_image.tolist() == [True, True, False]
 
 
 def test_compiled_with_flex_attention_routes_from_the_modality_token():
@@ -936,6 +941,128 @@ def test_interleaved_generations_keep_their_own_routing(compiled):
     assert state.has_image.tolist() == [True, False]
 
 
+@pytest.mark.parametrize("op", ["repeat-then-select", "reorder"])
+def test_the_cache_row_operations_carry_its_routing(op):
+    """A prompt cache expanded for beams or a contrastive search's candidates (the cache's
+    ``batch_repeat_interleave``), rows picked back (``batch_select_indices``), beams reordered
+    (``reorder_cache``): each row keeps the routing of the sample it came from, as if ``mma_has_image``
+    said so. Before, the cache kept the old batch's flags; the next step took none and routed every row as
+    text, for good (that fallback was stored on the cache). Flags of another batch size, left by an
+    operation that does not carry them, are refused."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import Cache
+
+    model = _mma()
+    _perturb_adapters(model)
+    model.eval()
+    inputs = batch("llava", B=2, images=[True, False])
+    cache_kw = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+    def step(cache, samples):
+        """A decode step on ``cache`` whose rows hold ``samples`` (0: the image one): as the explicit flags
+        route it, and not as text."""
+        ids = torch.tensor([[5], [6], [7], [8], [9], [10]])[:len(samples)]
+        routed = {}
+        for name, flags in (("explicit", torch.tensor(samples) == 0), ("text", torch.zeros(len(samples), dtype=torch.bool))):
+            routed[name] = model(input_ids=ids, use_cache=True, mma_has_image=flags,
+                                 **{cache_kw: copy.deepcopy(cache)}).logits
+        got = model(input_ids=ids, use_cache=True, **{cache_kw: cache}).logits
+        torch.testing.assert_close(got, routed["explicit"], rtol=0, atol=0)
+        image_rows = torch.tensor(samples) == 0
+        assert (got[image_rows] - routed["text"][image_rows]).abs().amax() > 1e-4  # (a route's effect: 4e-4 here)
+
+    with torch.no_grad():
+        cache = model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], use_cache=True,
+                      **{cache_kw: DynamicCache()}).past_key_values
+        if op == "reorder":
+            cache.reorder_cache(torch.tensor([1, 0]))
+            step(cache, [1, 0])
+            return
+        cache.batch_repeat_interleave(3)
+        step(cache, [0, 0, 0, 1, 1, 1])
+        cache.batch_select_indices(torch.tensor([4, 1]))
+        step(cache, [1, 0])
+        cache.batch_select_indices(torch.tensor([True, True]))  # a bool mask, as the cache's layers take it
+        step(cache, [1, 0])
+        cache.batch_select_indices(torch.tensor([False, True]))
+        step(cache, [0])
+        cache.batch_repeat_interleave(2)
+        step(cache, [0, 0])
+        Cache.batch_repeat_interleave.__wrapped__(cache, 2)  # rows copied, flags not
+        with pytest.raises(ValueError, match="holds the routing of 2 samples but is continued with a batch of 4"):
+            model(input_ids=torch.ones(4, 1, dtype=torch.long), use_cache=True, **{cache_kw: cache})
+
+
+def test_the_cache_row_operations_carry_routing_before_any_forward(monkeypatch, tmp_path):
+    """The cache's row operations carry the flags from the moment MMA is applied, or a patched model is
+    unpickled: a prompt cache saved with its flags and loaded beside a model that has run no forward yet,
+    then expanded for beams, kept one sample's flags for two rows."""
+    import pickle
+
+    from transformers import DynamicCache
+    from transformers.cache_utils import Cache
+
+    from mmfast.tuning import mma
+
+    originals = {n: getattr(Cache.__dict__[n], "__wrapped__", Cache.__dict__[n]) for n in mma._CACHE_ROW_OPS}
+    for how in ("patched", "unpickled"):
+        for name, original in originals.items():  # as in a new process
+            monkeypatch.setattr(Cache, name, original)
+        monkeypatch.setattr(mma, "_CARRYING", [False])
+        if how == "patched":
+            model = _mma()
+        else:
+            monkeypatch.setattr(mma, "_carry_flags_through_cache_row_ops", lambda: None)
+            data = pickle.dumps(_mma())
+            monkeypatch.undo()  # (the originals are back, and the flag; the function too)
+            for name, original in originals.items():
+                monkeypatch.setattr(Cache, name, original)
+            monkeypatch.setattr(mma, "_CARRYING", [False])
+            model = pickle.loads(data)
+        cache = DynamicCache()
+        setattr(cache, mma.CACHE_FLAGS_ATTR, torch.tensor([True, False]))
+        cache.batch_repeat_interleave(2)
+        assert getattr(cache, mma.CACHE_FLAGS_ATTR).tolist() == [True, True, False, False], how
+        assert model is not None
+
+
+def test_image_token_ids_without_visual_inputs_route_as_text():
+    """A call that brings no visual input merges no image: its image-token ids are plain tokens to the
+    model, and route as text. A text sample that generated the image token's id without a KV cache (each
+    step a whole forward) switched to image routing from then on, where the cached decode steps kept it
+    text. With the images given, by keyword or by position, the tokens route as before."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    model = _mma()
+    _perturb_adapters(model)
+    model.eval()
+    inputs = batch("llava", B=2, images=[True, False])
+    ids, pix = inputs["input_ids"], inputs["pixel_values"]
+    as_text, as_images = torch.tensor([False, False]), torch.tensor([True, False])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, model(input_ids=ids, mma_has_image=as_text).logits,
+                                   rtol=0, atol=0)
+        routed = model(input_ids=ids, pixel_values=pix, mma_has_image=as_images).logits
+        for got in (model(input_ids=ids, pixel_values=pix).logits, model(ids, pix).logits):
+            torch.testing.assert_close(got, routed, rtol=0, atol=0)
+
+    class ImageTokenFirst(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] == prompt.shape[1]:
+                scores = torch.full_like(scores, -1e9)
+                scores[:, model.config.image_token_id] = 0
+            return scores
+
+    prompt = batch("llava", B=2, images=[False, False])["input_ids"]
+    runs = [model.generate(input_ids=prompt, max_new_tokens=4, do_sample=False, use_cache=cached,
+                           logits_processor=LogitsProcessorList([ImageTokenFirst()]), output_logits=True,
+                           return_dict_in_generate=True) for cached in (True, False)]
+    assert (runs[0].sequences[:, prompt.shape[1]] == model.config.image_token_id).all()
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    for a, b in zip(runs[0].logits[1:], runs[1].logits[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def _top_with_image_token(token_id):
     """A stand-in for the model the top hook sits on: its config's image token id."""
     import types
@@ -1163,8 +1290,13 @@ def test_mma_errors():
     with pytest.raises(ValueError, match="neck_dim"):
         mmfast.patch(build("llava"), tuning="mma", mma=mmfast.MMAOptions(neck=True, neck_dim=0), verbose=False)
     model = _mma()
-    with pytest.raises(ValueError, match="mma_has_image"):
+    with pytest.raises(ValueError, match="mma_has_image has 1 entries for a batch of 2$"):
         model(**batch("llava", B=2), mma_has_image=torch.tensor([True]))
+    # a list, which generate does not repeat for its beams: said so
+    inputs = batch("llava", B=1)
+    inputs.pop("labels")
+    with pytest.raises(ValueError, match="1 entries for a batch of 2 .generate repeats tensor arguments"):
+        model.generate(**inputs, mma_has_image=[True], num_beams=2, max_new_tokens=1)
 
 
 # the interpreter's bf16 tensor-core products are unusable (the adapter kernel's tests take fp16 there)

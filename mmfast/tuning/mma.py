@@ -141,6 +141,7 @@ class _State:
         # a state pickled by an earlier version held the routes itself, by layer index, and no bridge (one
         # pickled between a forward's start and its lookup of the embeddings brings none either)
         _modality_pass_uncompiled()  # (in eager code: see there)
+        _carry_flags_through_cache_row_ops()  # (a cache saved with its flags may be loaded beside it)
         spent = ("routes", "seen", "bridge", "live", "runner", "untagged")
         self.__dict__.update(bridge=None, live=False, runner=None, untagged=None,
                              **{k: v for k, v in state.items() if k not in spent})
@@ -375,13 +376,16 @@ def _flags_pre_hook(module, args, kwargs):
     # the KV cache: ``cache`` from transformers 5.24 (``past_key_values`` before, still accepted)
     past = next((kwargs[k] for k in ("cache", "past_key_values") if kwargs.get(k) is not None), None)
     if flags is not None:
-        flags = torch.as_tensor(flags, device=device).bool().reshape(-1)
+        given, flags = flags, torch.as_tensor(flags, device=device).bool().reshape(-1)
         if flags.shape[0] != B:
-            raise ValueError(f"mmfast MMA: {HAS_IMAGE_KWARG} has {flags.shape[0]} entries for a batch of {B}")
+            hint = "" if torch.is_tensor(given) or not flags.shape[0] or B % flags.shape[0] else \
+                " (generate repeats tensor arguments for its beams and returned sequences, not lists: pass a tensor)"
+            raise ValueError(f"mmfast MMA: {HAS_IMAGE_KWARG} has {flags.shape[0]} entries for a batch of {B}{hint}")
     elif past is None:
-        if ids is not None and visual_ids is not None:  # (transformers keeps packed samples apart without a cache)
+        # (transformers keeps packed samples apart without a cache; a call without visual input routes as text)
+        if ids is not None and visual_ids is not None and _visual_inputs_given(args, kwargs):
             _refuse_mixed_packing(ids, visual_ids, functools.partial(forward_argument, type(module), args, kwargs))
-        flags = _flags_of_inputs(ids, visual_ids, kwargs, B, device)
+        flags = _flags_of_inputs(ids, visual_ids, kwargs, B, device, args)
     else:
         length = getattr(past, "get_seq_length", lambda: 0)()
         # a static cache's length is a tensor: compiled code takes both routings and picks one in the graph (a
@@ -394,11 +398,11 @@ def _flags_pre_hook(module, args, kwargs):
             and (ids.shape[-1] > 1 or kwargs.get("labels") is not None)
         kept = _flags_kept(state, past, B, ids, visual_ids, kwargs) if decoding and not foreign else None
         if kept is None:
-            flags = _flags_of_inputs(ids, visual_ids, kwargs, B, device)
+            flags = _flags_of_inputs(ids, visual_ids, kwargs, B, device, args)
         elif in_graph:
             # (images without input_ids: a prefill raises in eager code; a decode step takes the kept flags)
             fresh = kept if ids is None and kwargs.get("pixel_values") is not None else \
-                _flags_of_inputs(ids, visual_ids, kwargs, B, device)
+                _flags_of_inputs(ids, visual_ids, kwargs, B, device, args)
             state.has_image, state.live = torch.where(length.to(device) > 0, kept, fresh), True
             state.runner = state.untagged = None  # (compiled: forward_runner finds none)
             # not stored on the cache: it keeps the flags its eager prefill stored (generate's prefill is not
@@ -412,6 +416,7 @@ def _flags_pre_hook(module, args, kwargs):
     state.runner = forward_runner(module, sys._getframe(1), (nn.Module._call_impl.__code__,)) if eager else None
     state.untagged = flags if eager and past is None else None
     if past is not None:
+        _carry_flags_through_cache_row_ops()
         try:  # on the cache itself: a copy of it (a reused prompt cache) carries them too
             setattr(past, CACHE_FLAGS_ATTR, flags)
         except AttributeError:  # a cache object that takes no attributes: decode steps take the latest flags
@@ -419,9 +424,32 @@ def _flags_pre_hook(module, args, kwargs):
     return args, kwargs
 
 
-def _flags_of_inputs(ids: Optional[Tensor], visual_ids, kwargs: dict, batch: int, device) -> Tensor:
-    """The flags of a forward that continues no cache: its image tokens say, or no sample has an image."""
+#: Words in the names of the forward arguments that bring visual input (pixel_values, image_pixel_values,
+#: pixel_values_videos, image_embeds, image_patches, ...). A name taken for one when it is not only keeps
+#: the image tokens counting, as before.
+_VISUAL_WORDS = ("pixel", "image", "video", "vision", "visual", "patch")
+
+
+def _visual_inputs_given(args: tuple, kwargs: dict) -> bool:
+    """Whether a forward call may bring visual inputs: an argument whose name has one of
+    :data:`_VISUAL_WORDS` (or one of :data:`_IMAGE_INPUTS`) that is given (not None, not empty), or any
+    tensor passed by position after the token ids (not told apart by name there)."""
+    if any(torch.is_tensor(a) for a in args[1:]):
+        return True
+    return any(v is not None and not (isinstance(v, (dict, list, tuple)) and not v)
+               and (k in _IMAGE_INPUTS or any(w in k for w in _VISUAL_WORDS))
+               for k, v in kwargs.items())
+
+
+def _flags_of_inputs(ids: Optional[Tensor], visual_ids, kwargs: dict, batch: int, device, args: tuple = ()) -> Tensor:
+    """The flags of a forward that continues no cache: its image tokens say, or no sample has an image.
+
+    A call that brings no visual input merges no image: its image-token ids are plain tokens to the model
+    (a text sample that generated the image token's id without a cache, each step a whole forward), so
+    they route as text, as the cached decode steps route them."""
     if ids is not None and visual_ids is not None:
+        if not _visual_inputs_given(args, kwargs):
+            return torch.zeros(batch, dtype=torch.bool, device=device)
         return _has_visual_tokens(ids, visual_ids)
     if kwargs.get("pixel_values") is not None:
         raise ValueError(f"mmfast MMA: images given without input_ids (PEFT's prompt learning, say, hands the model "
@@ -486,7 +514,7 @@ def _flags_kept(state: _State, past, batch: int, ids: Optional[Tensor], visual_i
     if flags is None:
         return None
     images = any(v is not None and not (isinstance(v, (dict, list, tuple)) and not v)  # generate passes {}
-                 for k, v in kwargs.items() if k.startswith("pixel_values") or k in _IMAGE_INPUTS)
+                 for k, v in kwargs.items() if "pixel_values" in k or k in _IMAGE_INPUTS)
     if images and ids is not None and visual_ids is not None:
         # a chunk after a cached prefix may bring a sample's image: route it (and what follows) as one
         # (only a chunk with images: a decode step that samples the image token id merges no image)
@@ -524,6 +552,13 @@ def _decode_flags(state: _State, past, batch: int) -> Optional[Tensor]:
     """The flags a decode step on ``past`` keeps: those of the forwards that filled that cache, or (a cache
     filled elsewhere, or one that takes no attributes) the latest forward's, with a warning."""
     flags = getattr(past, CACHE_FLAGS_ATTR, None)
+    if flags is not None and flags.shape[0] != batch:
+        # (rows copied or selected by something that did not carry the routing along: the new rows' samples
+        # are unknown, and the chunk's tokens cannot say: a decode step's token is no image token)
+        raise ValueError(f"mmfast MMA: this KV cache holds the routing of {flags.shape[0]} samples but is continued "
+                         f"with a batch of {batch}: its rows were copied or selected by a method that does not "
+                         f"carry the routing along (the cache's own batch_repeat_interleave, batch_select_indices "
+                         f"and reorder_cache do); pass {HAS_IMAGE_KWARG} (a [batch] bool tensor) with the call")
     if flags is None:
         flags = state.has_image
         if flags is not None and not torch.compiler.is_compiling():
@@ -531,6 +566,60 @@ def _decode_flags(state: _State, past, batch: int) -> Optional[Tensor]:
                       f"continued with the routing of the latest forward; pass {HAS_IMAGE_KWARG} to say which "
                       f"samples have images")
     return flags if flags is not None and flags.shape[0] == batch else None
+
+
+def _on(index, flags: Tensor) -> Tensor:
+    return torch.as_tensor(index, device=flags.device)
+
+
+#: The KV cache's methods that copy, select or reorder its rows, and what each does to the cached
+#: samples' flags (its arguments after self), as the cache's layers do it to their keys (indices or a
+#: bool mask for ``batch_select_indices``)
+_CACHE_ROW_OPS = {
+    "batch_repeat_interleave": lambda flags, repeats: flags.repeat_interleave(repeats, dim=0),
+    "batch_select_indices": lambda flags, indices: flags[_on(indices, flags)],
+    "reorder_cache": lambda flags, beam_idx: flags.index_select(0, _on(beam_idx, flags).long()),
+}
+
+
+def _cache_row_op(name: str, original):
+    @functools.wraps(original)
+    def method(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        flags = self.__dict__.get(CACHE_FLAGS_ATTR)
+        if flags is not None:
+            self.__dict__[CACHE_FLAGS_ATTR] = _CACHE_ROW_OPS[name](flags, *args, *kwargs.values())
+        return out
+
+    method.__mmfast_carries_flags__ = True
+    return method
+
+
+_CARRYING = [False]
+
+
+def _carry_flags_through_cache_row_ops() -> None:
+    """Make ``transformers.cache_utils.Cache``'s row operations carry the cached samples' flags along: a
+    prompt cache expanded for beams (``batch_repeat_interleave``), a contrastive search's candidate rows
+    (``batch_repeat_interleave``, then ``batch_select_indices``), beam reordering. Before, the flags stayed
+    as they were, and the next step found flags of another batch size and routed every row as text.
+
+    Called when MMA is applied or a patched model unpickled, and where a cache gets flags; the methods are
+    wrapped once, on the class (a transformers utility class, no model's): a cache without flags runs
+    them unchanged. (Not bound on each cache: a shallow copy of the cache would share the bound
+    methods, and they would reorder the original.) A subclass that overrides one without calling it leaves
+    flags of another batch size, which the next step refuses (:func:`_decode_flags`)."""
+    if _CARRYING[0]:
+        return
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:  # (an MMA model is a transformers model)
+        return
+    for name in _CACHE_ROW_OPS:
+        original = Cache.__dict__.get(name)
+        if original is not None and not getattr(original, "__mmfast_carries_flags__", False):
+            setattr(Cache, name, _cache_row_op(name, original))
+    _CARRYING[0] = True  # (after: another thread that finds it set finds the methods wrapped)
 
 
 def _plain_call(module: nn.Module, *args, **kwargs):
@@ -806,6 +895,7 @@ def _tag_made_cache(output, flags: Tensor) -> None:
     values = output.values() if isinstance(output, dict) else output if isinstance(output, tuple) else ()
     for value in values:
         if isinstance(value, Cache):
+            _carry_flags_through_cache_row_ops()
             if getattr(value, CACHE_FLAGS_ATTR, None) is None:
                 try:
                     setattr(value, CACHE_FLAGS_ATTR, flags)
@@ -1169,6 +1259,7 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
     model is changed."""
     opts = opts or MMAOptions()
     hf = _hf_model(model)
+    _carry_flags_through_cache_row_ops()  # (before any forward: a prompt cache saved with flags may be loaded)
     vision = _vision_layers(hf)
     read = _read_vision_layers(hf, vision)
     paths = {id(m): n for n, m in model.named_modules()}
