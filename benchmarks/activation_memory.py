@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -26,6 +27,7 @@ import torch
 
 from mmfast.bench import model as mb
 from mmfast.bench.env import environment
+from mmfast.ops.loss import keeps_logit_gradients
 
 
 def _where(name: str, module) -> str:
@@ -67,9 +69,9 @@ def main() -> None:
     target = mb.llava_7b_widths("layernorm", args.llm_layers, batch=args.batch, text_tokens=args.text_tokens)
     # the fused loss keeps a trained head's gradient as the labelled rows' logit gradient ([n, V + H], bf16)
     # or as an fp32 [V, H] accumulator, whichever is smaller, for the step's rows: scaling one sample's bytes
-    # holds while the step stays on the sample's side of that line (mmfast.ops.loss._loss_and_grads)
-    V, H = target.vocab, target.hidden
-    if args.text_tokens * (V + H) * 2 <= V * H * 4 < target.batch * args.text_tokens * (V + H) * 2:
+    # holds while the step stays on the sample's side of that line
+    keeps = functools.partial(keeps_logit_gradients, vocab=target.vocab, hidden=target.hidden, itemsize=2)
+    if keeps(args.text_tokens) and not keeps(target.batch * args.text_tokens):
         print(f"note: the step's {target.batch * args.text_tokens} labelled rows keep a trained LM head's gradient "
               "in an fp32 [V, H] accumulator, where one sample keeps logit gradients: the fused loss's "
               "head/other bytes below are scaled from the sample's, and overstate the step's", flush=True)

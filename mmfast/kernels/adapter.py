@@ -373,11 +373,14 @@ class PackedW(NamedTuple):
     def EK(self) -> int:
         return self.EP * self.RX
 
+    def planes(self, planes: int | None = None) -> int:
+        """W-sized tiles per pipeline stage: ``planes``, by default this packing's."""
+        return (2 if self.split else 1) if planes is None else planes
+
     def launch(self, x2: torch.Tensor, kernel: str, planes: int | None = None) -> AdapterLaunch:
         """``kernel``'s tile shape, fitted to shared memory with ``planes`` W-sized tiles per stage
-        (default: this packing's)."""
-        return fit(launch_config(x2.dtype, kernel), self.EK, (2 if self.split else 1) if planes is None else planes,
-                   x2.element_size())
+        (:meth:`planes`)."""
+        return fit(launch_config(x2.dtype, kernel), self.EK, self.planes(planes), x2.element_size())
 
 
 def _unpacked(x2, up_w, up_b, groups) -> PackedW:
@@ -392,7 +395,7 @@ def _check_fits(x2, up_w, up_b, groups, kernels) -> None:
     pw = _unpacked(x2, up_w, up_b, groups)
     for kernel, planes in kernels:
         cfg = pw.launch(x2, kernel, planes)
-        need = smem_bytes(cfg, pw.EK, (2 if pw.split else 1) if planes is None else planes, x2.element_size())
+        need = smem_bytes(cfg, pw.EK, pw.planes(planes), x2.element_size())
         if need > SMEM_BUDGET:
             E, R = up_w.shape[0], up_w.shape[2] * groups
             raise ValueError(

@@ -53,6 +53,13 @@ def _chunk_rows(vocab: int, rows: int, chunk_rows: Optional[int]) -> int:
     return max(1, min(rows, 1 << (c.bit_length() - 1)))
 
 
+def keeps_logit_gradients(rows: int, vocab: int, hidden: int, itemsize: int) -> bool:
+    """Whether a trained weight's gradient is kept as the rows' logits' gradient and the rows themselves
+    (``rows x (vocab + hidden)`` in the activation dtype) rather than an fp32 ``vocab x hidden`` accumulator:
+    the smaller of the two (``grad_w_mode="auto"``)."""
+    return rows * (vocab + hidden) * itemsize <= vocab * hidden * 4
+
+
 def _autocast_on(device_type: str) -> bool:
     """Whether autocast is on for tensors of this device type (the meta device has none: it raised)."""
     return device_type != "meta" and torch.is_autocast_enabled(device_type)
@@ -135,7 +142,7 @@ def _loss_and_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targ
         lift = torch.where(torch.isfinite(lift) & (lift > 0), lift, torch.ones_like(lift))
     if need_w and (grad_w_mode == "auto" or lift is not None):
         # (logits mode keeps the kept rows beside their logits' gradient, [n, V + H]; accumulate, [V, H] fp32)
-        grad_w_mode = "logits" if lift is None and n * (V + H) * dtype.itemsize <= V * H * 4 else "accumulate"
+        grad_w_mode = "logits" if lift is None and keeps_logit_gradients(n, V, H, dtype.itemsize) else "accumulate"
     logits_mode = need_w and grad_w_mode == "logits"
     # the kept rows in the compute dtype: whole where logits mode keeps them for the backward, else a
     # chunk at a time (no [n, H] copy beside the hidden gradient at the forward's peak); all rows kept

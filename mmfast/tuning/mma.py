@@ -415,13 +415,17 @@ def _flags_pre_hook(module, args, kwargs):
     eager = not torch.compiler.is_compiling()
     state.runner = forward_runner(module, sys._getframe(1), (nn.Module._call_impl.__code__,)) if eager else None
     state.untagged = flags if eager and past is None else None
-    if past is not None:
-        _carry_flags_through_cache_row_ops()
-        try:  # on the cache itself: a copy of it (a reused prompt cache) carries them too
-            setattr(past, CACHE_FLAGS_ATTR, flags)
-        except AttributeError:  # a cache object that takes no attributes: decode steps take the latest flags
-            pass
+    if past is not None:  # on the cache itself: a copy of it (a reused prompt cache) carries them too
+        _put_flags(past, flags)
     return args, kwargs
+
+
+def _put_flags(cache, flags: Tensor) -> None:
+    """Store ``flags`` on ``cache`` (:data:`CACHE_FLAGS_ATTR`)."""
+    try:
+        setattr(cache, CACHE_FLAGS_ATTR, flags)
+    except AttributeError:  # a cache object that takes no attributes: decode steps take the latest flags
+        pass
 
 
 #: Words in the names of the forward arguments that bring visual input (pixel_values, image_pixel_values,
@@ -436,9 +440,12 @@ def _visual_inputs_given(args: tuple, kwargs: dict) -> bool:
     tensor passed by position after the token ids (not told apart by name there)."""
     if any(torch.is_tensor(a) for a in args[1:]):
         return True
-    return any(v is not None and not (isinstance(v, (dict, list, tuple)) and not v)
-               and (k in _IMAGE_INPUTS or any(w in k for w in _VISUAL_WORDS))
-               for k, v in kwargs.items())
+    return any(_given(v) and (k in _IMAGE_INPUTS or any(w in k for w in _VISUAL_WORDS)) for k, v in kwargs.items())
+
+
+def _given(value) -> bool:
+    """An input argument that brings something: not None, not an empty container (generate passes {})."""
+    return value is not None and not (isinstance(value, (dict, list, tuple)) and not value)
 
 
 def _flags_of_inputs(ids: Optional[Tensor], visual_ids, kwargs: dict, batch: int, device, args: tuple = ()) -> Tensor:
@@ -513,8 +520,9 @@ def _flags_kept(state: _State, past, batch: int, ids: Optional[Tensor], visual_i
     flags = _decode_flags(state, past, batch)
     if flags is None:
         return None
-    images = any(v is not None and not (isinstance(v, (dict, list, tuple)) and not v)  # generate passes {}
-                 for k, v in kwargs.items() if "pixel_values" in k or k in _IMAGE_INPUTS)
+    # (by the image inputs' own names: an argument that only describes images, as image_sizes, brings none,
+    # and a sampled image token id without its image merges none)
+    images = any(_given(v) for k, v in kwargs.items() if "pixel_values" in k or k in _IMAGE_INPUTS)
     if images and ids is not None and visual_ids is not None:
         # a chunk after a cached prefix may bring a sample's image: route it (and what follows) as one
         # (only a chunk with images: a decode step that samples the image token id merges no image)
@@ -604,8 +612,8 @@ def _carry_flags_through_cache_row_ops() -> None:
     (``batch_repeat_interleave``, then ``batch_select_indices``), beam reordering. Before, the flags stayed
     as they were, and the next step found flags of another batch size and routed every row as text.
 
-    Called when MMA is applied or a patched model unpickled, and where a cache gets flags; the methods are
-    wrapped once, on the class (a transformers utility class, no model's): a cache without flags runs
+    Called when MMA is applied and when a patched model is unpickled or deep-copied (a flagged cache comes
+    from such a model): the methods are wrapped once, on the class (a transformers utility class, no model's): a cache without flags runs
     them unchanged. (Not bound on each cache: a shallow copy of the cache would share the bound
     methods, and they would reorder the original.) A subclass that overrides one without calling it leaves
     flags of another batch size, which the next step refuses (:func:`_decode_flags`)."""
@@ -895,12 +903,8 @@ def _tag_made_cache(output, flags: Tensor) -> None:
     values = output.values() if isinstance(output, dict) else output if isinstance(output, tuple) else ()
     for value in values:
         if isinstance(value, Cache):
-            _carry_flags_through_cache_row_ops()
             if getattr(value, CACHE_FLAGS_ATTR, None) is None:
-                try:
-                    setattr(value, CACHE_FLAGS_ATTR, flags)
-                except AttributeError:  # a cache that takes no attributes: decode steps take the latest flags
-                    pass
+                _put_flags(value, flags)
             return
 
 
