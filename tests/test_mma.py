@@ -790,6 +790,44 @@ def test_two_forwards_then_one_backward(checkpointing):
             torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7, msg=n)
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpointed_inputs_copied_by_a_saved_tensor_hook(reentrant):
+    """A saved-tensor hook that copies what it saves (``save_on_cpu`` on a GPU, activation offloading) hands
+    checkpointing a copy of each layer's input, which no forward recorded: the recompute takes the route of
+    the one forward whose backward is to come (not an evaluation pass's run since), and with two such
+    forwards it raises. (It took the latest forward's routes: silently wrong gradients, a misleading error,
+    or checkpointing's "different number of tensors" one.)"""
+    def make():
+        model = _mma()
+        _perturb_adapters(model)
+        model.train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        return model
+
+    def copying():
+        return torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)
+
+    a, b = batch("llava", seed=1, images=[True, False]), batch("llava", seed=2, images=[False, True])
+    ref, model = make(), make()
+    model.load_state_dict(ref.state_dict())
+    ref(**a).loss.backward()
+    ref(**b).loss.backward()
+    for x, y in ((a, b), (b, a)):  # each forward's backward before the next training forward, an evaluation between
+        with copying():
+            loss = model(**x).loss
+        with torch.no_grad():
+            model(**y)
+        loss.backward()
+    want, got = _trainable_grads(ref), _trainable_grads(model)
+    assert got.keys() == want.keys()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7, msg=n)
+    with copying():
+        loss = model(**a).loss + model(**b).loss
+    with pytest.raises(RuntimeError, match="2 forwards of this model wait for their backward.*saved-tensor hook"):
+        loss.backward()
+
+
 def _trainable_grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 

@@ -136,20 +136,37 @@ class _State:
     # forward with token ids and other inputs hands to its own lookup (:func:`_embedding_bridge_hook`);
     # None once placed, and after the forward
     bridge: Optional[tuple] = None
+    # the forwards whose routes' gradients are still to come (:class:`_Leaves`, until their bridge's backward
+    # runs or their graph is freed), and the backward the latest forward ran in (-1: none), for a layer
+    # recomputed on an input no forward recorded (:func:`_route_for_input`)
+    pending: weakref.WeakSet = dataclasses.field(default_factory=weakref.WeakSet)
+    routed_in: int = -1
 
     def __setstate__(self, state: dict) -> None:
         # a state pickled by an earlier version held the routes itself, by layer index, and no bridge (one
         # pickled between a forward's start and its lookup of the embeddings brings none either)
         _modality_pass_uncompiled()  # (in eager code: see there)
         _carry_flags_through_cache_row_ops()  # (a cache saved with its flags may be loaded beside it)
-        spent = ("routes", "seen", "bridge", "live", "runner", "untagged")
-        self.__dict__.update(bridge=None, live=False, runner=None, untagged=None,
-                             **{k: v for k, v in state.items() if k not in spent})
+        spent = ("routes", "seen", "bridge", "live", "runner", "untagged", "pending", "routed_in")
+        self.__dict__.update(bridge=None, live=False, runner=None, untagged=None, pending=weakref.WeakSet(),
+                             routed_in=-1, **{k: v for k, v in state.items() if k not in spent})
 
     def __getstate__(self) -> dict:
-        # (the runner holds a code object and a weak reference, neither of which pickles; a pickle is taken
-        # between forwards, where it is spent)
-        return {k: v for k, v in self.__dict__.items() if k != "runner"}
+        # (the runner holds a code object and a weak reference, and ``pending`` weak references, none of which
+        # pickles; a pickle is taken between forwards, where they are spent)
+        return {k: v for k, v in self.__dict__.items() if k not in ("runner", "pending")}
+
+
+class _Leaves:
+    """One forward's route leaves, in its layers' order (what :class:`_RouteGradBridge` hands the routes'
+    gradients from), and the leaf each layer's slot was given. It is in its state's ``pending`` from that
+    forward until its bridge's backward runs (or its graph is freed)."""
+
+    __slots__ = ("leaves", "by_slot", "pending", "__weakref__")
+
+    def __init__(self, slots: list, leaves: list, pending: weakref.WeakSet):
+        self.leaves, self.by_slot, self.pending = leaves, dict(zip(slots, leaves)), pending
+        pending.add(self)
 
 
 class _LayerSlot:
@@ -190,16 +207,33 @@ def _route_for_input(slot: _LayerSlot, x: Tensor) -> Optional[Tensor]:
     it against ``x``. A run inside backward on an input already recorded is activation checkpointing
     recomputing the layer, possibly after later forwards replaced ``latest``: it takes the recorded route.
     (Non-reentrant checkpointing recomputes on the very input object, reentrant on a detached alias of its
-    storage; a forward given an input object it was given before is a new forward all the same.)"""
+    storage; a forward given an input object it was given before is a new forward all the same.)
+
+    A recompute on an input no forward recorded (a saved-tensor hook, such as ``save_on_cpu`` on a GPU or
+    activation offloading, handed checkpointing a copy of it) takes the route of the one forward whose
+    backward is still to come; with several, which one made the input is unknown, and it raises."""
     latest = slot.route
     if torch.compiler.is_compiling():
         # compiled code records nothing (no storage to tell inputs by): a compiled layer takes its
         # forward's route, and asking autograd for the running backward would only break the graph
         return latest
-    if torch._C._current_graph_task_id() != -1:
+    task = torch._C._current_graph_task_id()
+    if task != -1:
         recorded = slot.seen.get(x)
         if recorded is not None:
             return recorded
+        state = slot.state
+        if state is not None and state.routed_in != task:  # (not a forward run inside this backward)
+            pending = [leaves.by_slot[slot] for leaves in list(state.pending) if slot in leaves.by_slot]
+            if len(pending) > 1:
+                raise RuntimeError(
+                    f"mmfast MMA: activation checkpointing is recomputing a decoder layer while {len(pending)} "
+                    "forwards of this model wait for their backward, and the layer's input is a copy (a "
+                    "saved-tensor hook such as torch.autograd.graph.save_on_cpu or activation offloading copied "
+                    "it), so which forward's routes it takes is unknown. Run each forward's backward before the "
+                    "next training forward, or leave that hook out.")
+            if pending:
+                return pending[0]
     if latest is not None:
         slot.seen.put(x, latest)
     return latest
@@ -693,14 +727,14 @@ class _RouteGradBridge(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, embeds, leaves, last, *routes):
+    def forward(ctx, embeds, leaves: _Leaves, last, *routes):
         ctx.leaves, ctx.last = leaves, (last.shape, last.dtype, last.device)
         return embeds.view_as(embeds)
 
     @staticmethod
     def backward(ctx, grad):
         shape, dtype, device = ctx.last
-        wanting = [leaf for leaf in ctx.leaves if leaf.requires_grad]
+        wanting = [leaf for leaf in ctx.leaves.leaves if leaf.requires_grad]
         if wanting and all(leaf.grad is None for leaf in wanting) and not any(
                 torch._C._will_engine_execute_node(_grad_accumulator(leaf)) for leaf in wanting):
             # torch.autograd.grad(loss, inputs) and backward(inputs=...) compute only what leads to their
@@ -711,9 +745,10 @@ class _RouteGradBridge(torch.autograd.Function):
                 "torch.autograd.grad and backward(inputs=...) would leave them out of every adapter and "
                 "router gradient. Call loss.backward() and read the parameters' .grad.")
         route_grads = []
-        for leaf in ctx.leaves:
+        for leaf in ctx.leaves.leaves:
             route_grads.append(leaf.grad)
             leaf.grad = None  # taken: a second backward through a retained graph brings its own
+        ctx.leaves.pending.discard(ctx.leaves)
         return (grad, None, torch.zeros(shape, dtype=dtype, device=device), *route_grads)
 
 
@@ -814,8 +849,10 @@ def _modality_pre_hook(module, args, kwargs):
         # inputs as well, and an evaluation pass between a forward and its backward must not overwrite it.
         kwargs["inputs_embeds"] = given.clone()
     state.bridge = None
+    if not compiling:
+        state.routed_in = torch._C._current_graph_task_id()
     if torch.is_grad_enabled() and any(r.requires_grad for r in routes):
-        leaves = [r.detach().requires_grad_(r.requires_grad) for r in routes]
+        leaves = _Leaves(slots, [r.detach().requires_grad_(r.requires_grad) for r in routes], state.pending)
         embeds = kwargs.get("inputs_embeds")
         lookup = None if embeds is not None else module.get_input_embeddings()
         if embeds is not None:
@@ -831,7 +868,7 @@ def _modality_pre_hook(module, args, kwargs):
             if ids is None:
                 ids, args = args[0], (None, *args[1:])
             kwargs["inputs_embeds"] = _RouteGradBridge.apply(lookup(ids), leaves, h, *routes)
-        for slot, leaf in zip(slots, leaves):
+        for slot, leaf in zip(slots, leaves.leaves):
             slot.route = leaf
     return args, kwargs
 
