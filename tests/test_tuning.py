@@ -420,6 +420,27 @@ def test_a_recipe_on_a_peft_model_keeps_its_adapters_training(tuning):
     assert [n for n in trained if model.get_parameter(n).grad is None] == []
 
 
+def test_a_recipe_on_peft_ln_tuning_trains_the_copies_that_run_in_fp32():
+    """PEFT's LNTuningConfig wraps each norm in an LNTuningLayer that runs a copy (``ln_tuning_layers``) beside
+    its ``base_layer``. A recipe made the wrapper's every parameter trainable: the unused ``base_layer`` too
+    (no gradient, counted twice, an unused parameter for DDP), and widened neither to fp32, since the wrapper
+    holds no weight of its own: in bf16 an AdamW step of 1e-4 moved no element of the norms that run."""
+    from peft import LNTuningConfig, get_peft_model
+
+    config = LNTuningConfig(target_modules=["input_layernorm", "post_attention_layernorm"], task_type="CAUSAL_LM")
+    model = get_peft_model(build("llama", dtype=torch.bfloat16), config)
+    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    trained = _trainable(model)
+    assert trained and all(".ln_tuning_layers.default." in n for n in trained), sorted(trained)
+    assert all(p.dtype == torch.float32 for p in trained.values())
+    before = {n: p.detach().clone() for n, p in trained.items()}
+    opt = torch.optim.AdamW(list(trained.values()), lr=1e-4, weight_decay=0.0)
+    model.train()
+    model(**batch("llama", dtype=torch.bfloat16)).loss.backward()
+    opt.step()
+    assert all(not torch.equal(p, before[n]) for n, p in trained.items())
+
+
 def _recipe_frozen_warnings(model, kind: str) -> list[str]:
     """The "recipe froze" warnings of one training step (forward and backward in training mode)."""
     import warnings

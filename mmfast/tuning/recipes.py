@@ -119,13 +119,19 @@ def active_copy(module: nn.Module) -> nn.Module:
     beside trained copies) the active adapter's copy, or ``original_module`` where PEFT's forward runs that
     (adapters disabled, or none of this wrapper's active); else ``module`` itself."""
     copies, original = getattr(module, "modules_to_save", None), getattr(module, "original_module", None)
+    merged = False
     if not (isinstance(copies, nn.ModuleDict) and isinstance(original, nn.Module)):
-        return module
+        # PEFT's LNTuningLayer (LNTuningConfig): a copy of the norm per adapter in ``ln_tuning_layers`` beside
+        # ``base_layer``; the active copy runs, ``base_layer`` when disabled or merged (merging swaps the two)
+        copies, original = getattr(module, "ln_tuning_layers", None), getattr(module, "base_layer", None)
+        if not (isinstance(copies, nn.ModuleDict) and isinstance(original, nn.Module)):
+            return module
+        merged = bool(getattr(module, "merged_adapters", None))
     names = getattr(module, "active_adapters", None)
     if names is None:
         names = getattr(module, "active_adapter", None)
     names = [names] if isinstance(names, str) else list(names or ())
-    if getattr(module, "disable_adapters", False) or not names or names[0] not in copies:
+    if merged or getattr(module, "disable_adapters", False) or not names or names[0] not in copies:
         return original
     return copies[names[0]]
 
