@@ -332,6 +332,11 @@ def test_not_installed_with_reason():
     assert "custom loss_function" in mmfast.patch(model, verbose=False).fused_loss
     vision = build("clip-vision")
     assert mmfast.patch(vision, verbose=False).fused_loss == "n/a (no lm_head)"
+    # a head of another class named Linear (PEFT's LoRA layer) is named by its module
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(build("llama"), LoraConfig(target_modules=["lm_head"], r=2))
+    assert "lm_head is peft.tuners.lora.layer.Linear, not torch.nn.Linear" in mmfast.patch(lora, verbose=False).fused_loss
 
 
 def test_hf_signature_kept():

@@ -176,7 +176,8 @@ def unsupported_reason(model: nn.Module) -> Optional[str]:
 def _head_reason(head) -> Optional[str]:
     """Why the fused loss cannot go on ``head``, or None."""
     if type(head) is not nn.Linear:
-        return f"lm_head is {type(head).__name__}, not torch.nn.Linear"
+        kind = type(head)  # (by its module: PEFT's LoRA layer is a "Linear" too)
+        return f"lm_head is {kind.__module__}.{kind.__qualname__}, not torch.nn.Linear"
     foreign = _foreign_patch(head)
     return None if foreign is None else f"lm_head: {foreign}"
 
