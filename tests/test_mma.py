@@ -1235,6 +1235,39 @@ def test_mma_patched_on_meta_and_loaded_without_adapters_says_so(tmp_path):
     assert not (tmp_path / "mma.safetensors").exists()
 
 
+@pytest.mark.parametrize("neck", [False, True])
+def test_mma_patched_on_meta_starts_from_its_init_after_to_empty(neck, monkeypatch):
+    """Patched with MMA on the meta device, then ``to_empty`` and the base model's weights: the adapters, the
+    modality embedding and the neck (which no base checkpoint holds) start from their init, the adapters as
+    the identity, as when patched on a device. They held whatever the memory did (NaN here), which HF's
+    init_weights does not reach (the up-projections are plain parameters): a NaN loss, or finite garbage."""
+    from transformers import LlavaForConditionalGeneration
+
+    from tiny_models import llava_config
+
+    base = build("llava")
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(llava_config())
+    mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(neck=neck), verbose=False)
+    empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda t, **kw: (lambda e: e.fill_(float("nan")) if e.is_floating_point()
+                                                              else e)(empty_like(t, **kw)))
+    model.to_empty(device="cpu")
+    monkeypatch.undo()
+    model.load_state_dict(base.state_dict(), strict=False)
+    for name, buf in base.named_buffers():  # (the non-persistent ones, which from_pretrained would make)
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._buffers[leaf] = buf.clone()
+    assert [n for n, p in model.named_parameters() if not p.isfinite().all()] == []
+    adapters = [m for m in model.modules() if isinstance(m, mmfast.MMAdapter)]
+    assert adapters and all(not a.up_weight.any() and not a.up_bias.any() for a in adapters)
+    assert all(torch.equal(a.down.bias, torch.zeros_like(a.down.bias)) for a in adapters)
+    if not neck:  # identity adapters: the base model's loss
+        inputs = batch("llava", images=[True, False])
+        with torch.no_grad():
+            torch.testing.assert_close(model(**inputs).loss, base(**inputs).loss, rtol=1e-6, atol=1e-6)
+
+
 def test_load_trainable_refuses_adapters_of_other_options(tmp_path):
     """The adapters' weights do not show a temperature or scale: loaded into adapters made with others they
     computed other outputs without a word. The file records the options; dropout (training's) may differ."""

@@ -24,6 +24,19 @@ class _XavierLinear(nn.Linear):
             nn.init.zeros_(self.bias)
 
 
+def apply_then_init(module: nn.Module, apply, fn, recurse: bool) -> nn.Module:
+    """``apply(fn, recurse)`` (the module's ``nn.Module._apply``), then ``module.reset_parameters()`` where it
+    took the module's parameters off the meta device. That is ``to_empty`` (moving meta tensors with ``to``
+    raises), which leaves them whatever the memory held: a module mmfast made while patching a model built on
+    the meta device, which no base checkpoint loads, then starts as it does when made on a device (an MMA
+    adapter as the identity) instead of from that memory."""
+    was_meta = any(p.is_meta for p in module.parameters())
+    out = apply(fn, recurse)
+    if was_meta and not any(p.is_meta for p in module.parameters()):
+        module.reset_parameters()
+    return out
+
+
 def unloaded_mma(what: str, device: torch.device) -> RuntimeError:
     """The error for MMA weights left on the meta device under an input on ``device``."""
     return RuntimeError(
@@ -81,6 +94,9 @@ class MMAdapter(nn.Module):
         nn.init.zeros_(self.up_weight)
         nn.init.zeros_(self.up_bias)
         self.router.reset_parameters()  # (after to_empty it held whatever the memory did)
+
+    def _apply(self, fn, recurse=True):
+        return apply_then_init(self, super()._apply, fn, recurse)
 
     def mix(self, route: Tensor) -> Tensor:
         """Router weights per sample, ``[B, experts]``, in the router's dtype."""

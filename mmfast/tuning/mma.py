@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from .._zero import full_shape, gathered, partitioned
-from ..nn.adapter import MMAdapter, _XavierLinear, unloaded_mma
+from ..nn.adapter import MMAdapter, _XavierLinear, apply_then_init, unloaded_mma
 from ..patching.core import (EXTRA_KWARGS_ATTR, SHARED_CODE_HOOK, binding_of, forward_argument, forward_cut,
                              forward_runner, patch_name, remove_hooks)
 from ..ops.backend import warn_once
@@ -1071,6 +1071,14 @@ def _layers_with_cls(hf: nn.Module) -> set[int]:
 _NeckLinear = _XavierLinear
 
 
+class ModalityEmbedding(nn.Embedding):
+    """The modality embedding (row 0: text, row 1: image), ``nn.Embedding``'s init; made on the meta device,
+    ``to_empty`` gives it that init (:func:`~mmfast.nn.adapter.apply_then_init`)."""
+
+    def _apply(self, fn, recurse=True):
+        return apply_then_init(self, super()._apply, fn, recurse)
+
+
 class VisualNeck(nn.Module):
     """LaVIN's visual neck in the projector's place: ``Linear(in_dim -> hidden)``, SiLU,
     ``Linear(hidden -> out_dim)``, xavier-uniform weights and zero biases as LaVIN initialises it. It
@@ -1087,7 +1095,12 @@ class VisualNeck(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self.replaced._apply(fn, recurse)
-        return super()._apply(fn, recurse)
+        return apply_then_init(self, super()._apply, fn, recurse)
+
+    def reset_parameters(self) -> None:
+        for layer in getattr(self, NECK_NAME):
+            if isinstance(layer, _XavierLinear):
+                layer.reset_parameters()
 
     def forward(self, features: Tensor, *args, **kwargs) -> Tensor:
         neck = getattr(self, NECK_NAME)
@@ -1330,8 +1343,8 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
             layer.add_module(ADAPTER_NAME, adapter)
             layer.input_layernorm.__dict__[_SLOT] = _LayerSlot(adapter, state)
             layer.input_layernorm.register_forward_hook(_llm_norm_adapter_hook)
-        parts.decoder.add_module(EMBEDDING_NAME, nn.Embedding(2, dim, device=_home_device(parts.decoder),
-                                                              dtype=torch.float32)
+        parts.decoder.add_module(EMBEDDING_NAME, ModalityEmbedding(2, dim, device=_home_device(parts.decoder),
+                                                                   dtype=torch.float32)
                                  .train(parts.decoder.training))
         parts.decoder.__dict__[_STATE] = state
         parts.decoder.register_forward_pre_hook(_modality_pre_hook, with_kwargs=True)
