@@ -816,3 +816,37 @@ def test_an_interrupted_training_step_leaves_no_armed_head():
     with torch.no_grad():
         out = model(input_ids=inputs["input_ids"])
     assert out.logits is not None and out.loss is None
+
+
+def test_training_forwards_of_two_models_on_two_threads_keep_their_own_losses(monkeypatch):
+    """The armed calls of every model share one stack. A head took its call's arguments off before computing
+    the loss, so while it computed, the call looked emptied, and another model's forward ending then (on
+    another thread) trimmed it off the stack: the first model's loss function raised IndexError, or read the
+    call of a model armed at that index since (its loss). The interleaving, made deterministic: model B's
+    whole training step runs while model A's head computes its loss."""
+    import threading
+
+    from mmfast.patching import loss as patched_loss
+
+    a, b = build("llama", 0), build("llama", 1)
+    for m in (a, b):
+        mmfast.patch(m, tuning="layernorm", verbose=False)
+    ia, ib = batch("llama", seed=1), batch("llama", seed=2, S=10)
+    expected = {}
+    for name, m, inputs in (("a", a, ia), ("b", b, ib)):
+        expected[name] = m(**inputs).loss.item()
+    real, seen = patched_loss.linear_cross_entropy, {}
+
+    def interleaved(*args, **kwargs):
+        if not seen:  # (A's head): B's step on another thread, run to its end meanwhile
+            seen["b"] = None
+            t = threading.Thread(target=lambda: seen.__setitem__("b", b(**ib).loss.item()))
+            t.start()
+            t.join()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(patched_loss, "linear_cross_entropy", interleaved)
+    got = a(**ia).loss.item()
+    assert got == pytest.approx(expected["a"], abs=1e-6)
+    assert seen["b"] == pytest.approx(expected["b"], abs=1e-6)
+    assert not patched_loss._STACK

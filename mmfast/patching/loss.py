@@ -36,10 +36,12 @@ mean over the labelled positions or ``num_items_in_batch``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
 import sys
+import threading
 import warnings
 import weakref
 from typing import Any, Optional
@@ -85,6 +87,15 @@ class _Call:
 #: calls, is what compiled code specialises on: every model shares it (a key per head compiled every new
 #: model's forward again).
 _STACK: list[_Call] = []
+#: Serialises eager changes to :data:`_STACK` (arming takes an index and appends; a release empties and trims):
+#: training forwards of different models on several threads otherwise took one index for two calls (one
+#: model's head then computed another's loss, or an IndexError). Reentrant: the finalizer of a freed head
+#: (:func:`_clear_slot`) may run in a garbage collection inside a locked section. Compiled code takes no lock.
+_STACK_LOCK = threading.RLock()
+
+
+def _stack_locked():
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else _STACK_LOCK
 
 
 class _LossState:
@@ -105,8 +116,9 @@ class _LossState:
 
 def _clear_slot(box: list) -> None:
     slot = box[0].get("slot")
-    if slot is not None and slot < len(_STACK):
-        _STACK[slot] = _Call()  # (emptied, not removed: the indices of calls nested in it stay right)
+    with _STACK_LOCK:
+        if slot is not None and slot < len(_STACK):
+            _STACK[slot] = _Call()  # (emptied, not removed: the indices of calls nested in it stay right)
 
 
 def _call_of(st: Optional[_LossState]) -> Optional[_Call]:
@@ -118,10 +130,11 @@ def _release(st: _LossState) -> None:
     """End the head's call: its entry is emptied, and empty entries at the top leave the stack (a call of
     another model armed after this one keeps its index, whichever ends first)."""
     if st.slot is not None:
-        if st.slot < len(_STACK):
-            _STACK[st.slot] = _Call()
-        st.slot = None
-        _trim()
+        with _stack_locked():
+            if st.slot < len(_STACK):
+                _STACK[st.slot] = _Call()
+            st.slot = None
+            _trim()
 
 
 def _trim() -> None:
@@ -247,13 +260,16 @@ def _head_forward(head: nn.Linear, x: Tensor) -> Tensor:
                                "fused loss's stand-in, not logits. Call it after the forward (or under no_grad), or "
                                "run without the fused loss (mmfast.patch(..., fused_loss=False))")
         return _original_call(head, head.__dict__[_ATTR])(x)
-    args, st.armed = st.armed, None
+    # (the call stays armed until its loss is in place: a call with neither is an emptied one, which another
+    # thread's release would trim off the stack while this head computes the loss)
+    args = dict(st.armed)
     target = _target(args.pop("labels"), args.pop("shift_labels"), args["ignore_index"])
     if target.shape != x.shape[:-1]:
         raise ValueError(f"mmfast fused loss: labels {tuple(target.shape)} do not match the LM head's input "
                          f"{tuple(x.shape)}; run without the fused loss (mmfast.patch(..., fused_loss=False))")
-    st.loss = linear_cross_entropy(x, head.weight, target, head.bias, **args)
-    st.stand_in = _StandIn.apply(st.loss, (*x.shape[:-1], head.out_features))
+    loss = linear_cross_entropy(x, head.weight, target, head.bias, **args)
+    st.loss, st.stand_in = loss, _StandIn.apply(loss, (*x.shape[:-1], head.out_features))
+    st.armed = None
     return st.stand_in
 
 
@@ -352,9 +368,11 @@ def _arm_hook(model: nn.Module, args: tuple, kwargs: dict) -> None:
         return None
     if not _arms_last(model):  # this call's loss arguments may change after this hook: unfused
         return None
-    _trim()
-    st.slot = len(_STACK)  # (one training forward per thread at a time: the stack is the process's)
-    _STACK.append(_Call(armed=_arm(labels, kwargs), runner=_runner(model)))
+    call = _Call(armed=_arm(labels, kwargs), runner=_runner(model))
+    with _stack_locked():  # (the stack is the process's: forwards of other models on other threads arm too)
+        _trim()
+        st.slot = len(_STACK)
+        _STACK.append(call)
     return None
 
 
