@@ -828,6 +828,59 @@ def test_checkpointed_inputs_copied_by_a_saved_tensor_hook(reentrant):
         loss.backward()
 
 
+def test_a_forward_on_another_thread_while_one_runs_is_refused():
+    """The routes are the model's state: a forward on a second thread while the first one's runs replaced its
+    routes, and both gave wrong outputs without a word. It is refused; the running forward is left as it was,
+    and a thread's forward after it (or after a thread whose forward a KeyboardInterrupt cut) runs."""
+    import threading
+
+    model = _mma()
+    _perturb_adapters(model)
+    model.eval()
+    a, b = batch("llava", seed=1, images=[True, False]), batch("llava", seed=2, images=[False, True])
+    with torch.no_grad():
+        want = {"a": model(**a).logits, "b": model(**b).logits}
+    got, errors = {}, []
+
+    def on_thread(name, inputs):
+        def run():
+            try:
+                with torch.no_grad():
+                    got[name] = model(**inputs).logits
+            except (RuntimeError, KeyboardInterrupt) as e:
+                errors.append(e)
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+
+    layer = model.model.language_model.layers[0]
+    calls = []
+
+    def inside(*_):  # b's forward inside a's (at layer 0's first call: in the modality token's pass)
+        if not calls:
+            calls.append(1)
+            on_thread("b", b)
+
+    handle = layer.register_forward_hook(inside)
+    with torch.no_grad():
+        got["a"] = model(**a).logits
+    handle.remove()
+    assert len(errors) == 1 and "running a forward on another thread" in str(errors[0]), errors
+    assert torch.equal(got["a"], want["a"]) and "b" not in got
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    handle = layer.register_forward_hook(interrupt)
+    on_thread("cut", a)
+    handle.remove()
+    assert isinstance(errors[-1], KeyboardInterrupt)
+    on_thread("b", b)
+    with torch.no_grad():
+        assert torch.equal(model(**a).logits, want["a"])
+    assert torch.equal(got["b"], want["b"])
+
+
 def _trainable_grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 

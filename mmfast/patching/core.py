@@ -448,15 +448,24 @@ def forward_cut(runner: Optional[tuple]) -> bool:
     no runner)."""
     if runner is None or torch.compiler.is_compiling():
         return False
+    return not _running(runner, sys._getframe(1))
+
+
+def forward_running_on(thread: int, runner: Optional[tuple]) -> bool:
+    """Whether thread ``thread`` (an ident) still runs the forward :func:`forward_runner` found there: False
+    for a thread that ended or left it (a KeyboardInterrupt skips the hooks after it), and for no runner."""
+    frame = sys._current_frames().get(thread) if runner is not None else None
+    return frame is not None and _running(runner, frame)
+
+
+def _running(runner: tuple, frame) -> bool:
+    """Whether a frame of ``runner``'s code runs its model from ``frame`` up."""
     code, model = runner[0], runner[1]()
-    if model is None:
-        return True
-    f = sys._getframe(1)
-    while f is not None:
-        if f.f_code is code and _runs(f, model):
-            return False
-        f = f.f_back
-    return True
+    while frame is not None and model is not None:
+        if frame.f_code is code and _runs(frame, model):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def watch_patches(model: nn.Module, paths: list[str]) -> None:

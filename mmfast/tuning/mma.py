@@ -35,6 +35,7 @@ import dataclasses
 import functools
 import inspect
 import sys
+import threading
 import weakref
 from typing import Optional
 
@@ -44,7 +45,7 @@ from torch import Tensor, nn
 from .._zero import full_shape, gathered, partitioned
 from ..nn.adapter import MMAdapter, _XavierLinear, apply_then_init, unloaded_mma
 from ..patching.core import (EXTRA_KWARGS_ATTR, SHARED_CODE_HOOK, binding_of, forward_argument, forward_cut,
-                             forward_runner, patch_name, remove_hooks)
+                             forward_runner, forward_running_on, patch_name, remove_hooks)
 from ..ops.backend import warn_once
 from .recipes import _hf_model, find_parts, peft_trainables, untrainable_problem, warn_cast_trainables
 
@@ -141,20 +142,22 @@ class _State:
     # recomputed on an input no forward recorded (:func:`_route_for_input`)
     pending: weakref.WeakSet = dataclasses.field(default_factory=weakref.WeakSet)
     routed_in: int = -1
+    # the thread in the model's forward and what runs it there (:func:`_refuse_another_thread`)
+    busy: Optional[tuple] = None
 
     def __setstate__(self, state: dict) -> None:
         # a state pickled by an earlier version held the routes itself, by layer index, and no bridge (one
         # pickled between a forward's start and its lookup of the embeddings brings none either)
         _modality_pass_uncompiled()  # (in eager code: see there)
         _carry_flags_through_cache_row_ops()  # (a cache saved with its flags may be loaded beside it)
-        spent = ("routes", "seen", "bridge", "live", "runner", "untagged", "pending", "routed_in")
+        spent = ("routes", "seen", "bridge", "live", "runner", "untagged", "pending", "routed_in", "busy")
         self.__dict__.update(bridge=None, live=False, runner=None, untagged=None, pending=weakref.WeakSet(),
-                             routed_in=-1, **{k: v for k, v in state.items() if k not in spent})
+                             routed_in=-1, busy=None, **{k: v for k, v in state.items() if k not in spent})
 
     def __getstate__(self) -> dict:
-        # (the runner holds a code object and a weak reference, and ``pending`` weak references, none of which
+        # (the runners hold a code object and a weak reference, and ``pending`` weak references, none of which
         # pickles; a pickle is taken between forwards, where they are spent)
-        return {k: v for k, v in self.__dict__.items() if k not in ("runner", "pending")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("runner", "pending", "busy")}
 
 
 class _Leaves:
@@ -445,13 +448,38 @@ def _flags_pre_hook(module, args, kwargs):
             return args, kwargs
         else:
             flags = kept  # generation: keep the prefill's flags
-    state.has_image, state.live = flags, True
     eager = not torch.compiler.is_compiling()
-    state.runner = forward_runner(module, sys._getframe(1), (nn.Module._call_impl.__code__,)) if eager else None
+    runner = forward_runner(module, sys._getframe(1), (nn.Module._call_impl.__code__,)) if eager else None
+    if eager:
+        _refuse_another_thread(state, runner)
+    state.has_image, state.live, state.runner = flags, True, runner
     state.untagged = flags if eager and past is None else None
     if past is not None:  # on the cache itself: a copy of it (a reused prompt cache) carries them too
         _put_flags(past, flags)
     return args, kwargs
+
+
+_BUSY_LOCK = threading.Lock()
+
+
+def _refuse_another_thread(state: _State, runner: Optional[tuple]) -> None:
+    """Mark the model's forward as this thread's, or raise if another thread is inside one: the routes are the
+    model's (each forward's on its layers' slots), and forwards on two threads at once would each read the
+    other's (wrong outputs, not an error; the unpatched model has no such state). A thread that left its
+    forward without the model's closing hook (a KeyboardInterrupt) or ended no longer counts."""
+    with _BUSY_LOCK:
+        if _another_thread_runs(state):
+            raise RuntimeError(
+                "mmfast MMA: this model is running a forward on another thread. Its routing is the model's "
+                "state, and forwards on two threads at once would mix their routes: run one MMA model from one "
+                "thread at a time (a lock around its calls, generate's too), or give each thread its own "
+                "copy (copy.deepcopy(model))")
+        state.busy = (threading.get_ident(), runner)
+
+
+def _another_thread_runs(state: _State) -> bool:
+    busy = state.busy
+    return busy is not None and busy[0] != threading.get_ident() and forward_running_on(*busy)
 
 
 def _put_flags(cache, flags: Tensor) -> None:
@@ -922,11 +950,13 @@ def _clear_bridge_hook(module, args, output):
     (``use_cache`` with no cache passed: a hand-written decode loop's prefill) gets this forward's flags, as
     a cache passed in does before the forward, so that continuing it keeps each sample's routing."""
     state = module.__dict__.get(_STATE)
-    if state is not None:
+    if state is not None and (torch.compiler.is_compiling() or not _another_thread_runs(state)):
+        # (not a forward refused because another thread's runs: the state is that one's)
         if _OPTIONS in module.__dict__:  # (the model's own forward, after its language model's)
             if state.untagged is not None and output is not None and not torch.compiler.is_compiling():
                 _tag_made_cache(output, state.untagged)
             state.untagged = None
+            state.busy = None
         state.bridge = None
         state.live, state.runner = False, None
 
