@@ -2220,3 +2220,21 @@ def test_a_cast_after_mma_warns_and_patching_again_widens_it_back(recwarn):
     assert added and all(p.dtype == torch.float32 and p.requires_grad for m in added for p in m.parameters())
     model(**batch("llava", dtype=torch.bfloat16)).loss.backward()
     assert len([w for w in recwarn if "MMA adapters" in str(w.message)]) == 1
+
+
+def test_a_dual_encoders_text_tower_gets_no_adapters():
+    """CLIP's text tower is built of CLIP encoder layers too, but it is causal: MMA put adapters routed from the
+    mean of every token there, so after training each token's state depended on later tokens (the per-token
+    states Stable Diffusion conditions on). A dual encoder's adapters go into its vision tower only, and a text
+    tower alone is refused."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
+
+    text = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, vocab_size=64,
+                max_position_embeddings=16)
+    vision = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=28,
+                  patch_size=14)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    report = mmfast.patch(model, tuning="mma", verbose=False)
+    assert report.adapters and all(a.startswith("vision_model.") for a in report.adapters)
+    with pytest.raises(ValueError, match="neither a LLaMA-style language model nor CLIP/SigLIP encoder layers"):
+        mmfast.patch(CLIPTextModel(CLIPTextConfig(**text)), tuning="mma", verbose=False)

@@ -1028,10 +1028,24 @@ def _ours(hook) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
+def _text_tower_layers(hf: nn.Module) -> set[int]:
+    """ids of the modules inside a dual encoder's text tower (CLIP's, SigLIP's: embeddings with a
+    ``token_embedding``). Their encoder layers are CLIP/SigLIP layers too, but no vision tower: CLIP's is causal,
+    and a route from the mean of every token would let each token's state depend on later tokens."""
+    found = set()
+    for m in hf.modules():
+        emb = getattr(m, "embeddings", None)
+        if isinstance(emb, nn.Module) and isinstance(getattr(emb, "token_embedding", None), nn.Module):
+            found.update(id(sub) for sub in m.modules())
+    return found
+
+
 def _vision_layers(hf: nn.Module) -> list[nn.Module]:
-    """Encoder layers with a ``layer_norm1`` (CLIP, SigLIP), wherever the vision tower sits."""
+    """Encoder layers with a ``layer_norm1`` (CLIP, SigLIP), wherever the vision tower sits (not in a dual
+    encoder's text tower: :func:`_text_tower_layers`)."""
+    text = _text_tower_layers(hf)
     return [m for name, m in hf.named_modules() if hasattr(m, "layer_norm1") and hasattr(m, "self_attn")
-            and isinstance(getattr(m, "layer_norm1"), nn.Module)]
+            and isinstance(getattr(m, "layer_norm1"), nn.Module) and id(m) not in text]
 
 
 def _vision_states_read(cfg) -> tuple[list[int], str] | None:
