@@ -287,6 +287,29 @@ def test_a_meta_forward_gives_shapes(mode):
     assert x.grad.is_meta and x.grad.shape == x.shape and adapter.down.weight.grad.is_meta
 
 
+@pytest.mark.parametrize("recurse", [True, False])
+def test_to_empty_gives_the_init(recurse, monkeypatch):
+    """``to_empty`` of an adapter made on the meta device (a model built there, then patched: no checkpoint of
+    the base model holds it) gives its init, the identity, not whatever the memory held (NaN here); also
+    module by module (``to_empty(recurse=False)``, FSDP1's materialisation), in either order."""
+    D, R = 64, 8
+    for order in (1, -1):
+        adapter = mmfast.MMAdapter(D, hidden_dim=R, device="meta")
+        empty_like = torch.empty_like
+        monkeypatch.setattr(torch, "empty_like", lambda t, **kw: empty_like(t, **kw).fill_(float("nan")))
+        for m in ([adapter] if recurse else list(adapter.modules())[::order]):
+            m.to_empty(device="cpu", recurse=recurse)
+        monkeypatch.undo()
+        assert all(p.isfinite().all() for p in adapter.parameters())
+        assert not adapter.up_weight.any() and not adapter.up_bias.any()
+        assert torch.equal(adapter.down.bias, torch.zeros(R))
+        xavier = (6 / (D + R)) ** 0.5
+        assert adapter.down.weight.abs().max() <= xavier and adapter.down.weight.std() > xavier / 4
+        assert adapter.router.weight.abs().max() <= 1 / D ** 0.5
+        x, route = torch.randn(2, 3, D), torch.randn(2, D)
+        torch.testing.assert_close(adapter(x, route), x)
+
+
 @pytest.mark.parametrize("order", ["adapter", "every module"])
 def test_init_after_meta(order):
     """Built on the meta device, then ``to_empty``: ``reset_parameters`` left the router holding whatever the

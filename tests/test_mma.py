@@ -2,6 +2,7 @@
 training, parameter counts, save/load, unpatch."""
 
 import copy
+import functools
 import inspect
 import pickle
 import warnings
@@ -822,16 +823,53 @@ def test_checkpointed_inputs_copied_by_a_saved_tensor_hook(reentrant):
     assert got.keys() == want.keys()
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7, msg=n)
+    # a retained graph's second backward, after another forward's (its graph kept too), and a forward cut by an
+    # error whose graph something keeps (a notebook's last traceback): each backward takes its own forward's
+    model.zero_grad(set_to_none=True)
+    with copying():
+        la = model(**a).loss
+    la.backward(retain_graph=True)
+    with copying():
+        lb = model(**b).loss
+    lb.backward()
+    model.zero_grad(set_to_none=True)
+    la.backward()
+    ref.zero_grad(set_to_none=True)
+    ref(**a).loss.backward()
+    want, got = _trainable_grads(ref), _trainable_grads(model)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7, msg=n)
+    cut = []
+
+    def interrupt(module, args, output):
+        cut.append(output)  # (the cut forward's graph, kept)
+        if len(cut) == 2:  # (the main pass, not the modality token's)
+            raise KeyboardInterrupt
+
+    handle = model.model.language_model.layers[1].register_forward_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt), copying():
+        model(**a)
+    handle.remove()
+    model.zero_grad(set_to_none=True)
+    with copying():
+        loss = model(**b).loss
+    loss.backward()
+    ref.zero_grad(set_to_none=True)
+    ref(**b).loss.backward()
+    want, got = _trainable_grads(ref), _trainable_grads(model)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7, msg=n)
     with copying():
         loss = model(**a).loss + model(**b).loss
-    with pytest.raises(RuntimeError, match="2 forwards of this model wait for their backward.*saved-tensor hook"):
+    with pytest.raises(RuntimeError, match="a backward through 2 forwards of this model.*saved-tensor hook"):
         loss.backward()
 
 
 def test_a_forward_on_another_thread_while_one_runs_is_refused():
     """The routes are the model's state: a forward on a second thread while the first one's runs replaced its
-    routes, and both gave wrong outputs without a word. It is refused; the running forward is left as it was,
-    and a thread's forward after it (or after a thread whose forward a KeyboardInterrupt cut) runs."""
+    routes, and both gave wrong outputs without a word. It is refused (the language model called alone too,
+    and also after a nested forward of the model on the first thread ended); the running forward is left as
+    it was, and a thread's forward after it (or after a thread whose forward a KeyboardInterrupt cut) runs."""
     import threading
 
     model = _mma()
@@ -842,40 +880,54 @@ def test_a_forward_on_another_thread_while_one_runs_is_refused():
         want = {"a": model(**a).logits, "b": model(**b).logits}
     got, errors = {}, []
 
-    def on_thread(name, inputs):
+    def on_thread(fn):
         def run():
             try:
                 with torch.no_grad():
-                    got[name] = model(**inputs).logits
+                    fn()
             except (RuntimeError, KeyboardInterrupt) as e:
                 errors.append(e)
         thread = threading.Thread(target=run)
         thread.start()
         thread.join()
 
+    def forward_b():
+        got["b"] = model(**b).logits
+
+    def nested_then_other():
+        with torch.no_grad():
+            model(**b)
+        on_thread(forward_b)
+
     layer = model.model.language_model.layers[0]
-    calls = []
+    lm_alone = functools.partial(model.model.language_model, input_ids=b["input_ids"])
+    for inner in (functools.partial(on_thread, forward_b), functools.partial(on_thread, lm_alone),
+                  nested_then_other):
+        errors.clear()
+        calls = []
 
-    def inside(*_):  # b's forward inside a's (at layer 0's first call: in the modality token's pass)
-        if not calls:
-            calls.append(1)
-            on_thread("b", b)
+        def inside(*_, inner=inner, calls=calls):  # inside a's forward (layer 0's first call: the modality pass)
+            if not calls:
+                calls.append(1)
+                inner()
 
-    handle = layer.register_forward_hook(inside)
-    with torch.no_grad():
-        got["a"] = model(**a).logits
-    handle.remove()
-    assert len(errors) == 1 and "running a forward on another thread" in str(errors[0]), errors
-    assert torch.equal(got["a"], want["a"]) and "b" not in got
+        handle = layer.register_forward_hook(inside)
+        with torch.no_grad():
+            logits = model(**a).logits
+        handle.remove()
+        assert len(errors) == 1 and "running a forward on another thread" in str(errors[0]), errors
+        assert "b" not in got
+        if inner is not nested_then_other:  # (a nested forward on one thread replaces the routes: not refused)
+            assert torch.equal(logits, want["a"])
 
     def interrupt(*_):
         raise KeyboardInterrupt
 
     handle = layer.register_forward_hook(interrupt)
-    on_thread("cut", a)
+    on_thread(functools.partial(model, **a))
     handle.remove()
     assert isinstance(errors[-1], KeyboardInterrupt)
-    on_thread("b", b)
+    on_thread(forward_b)
     with torch.no_grad():
         assert torch.equal(model(**a).logits, want["a"])
     assert torch.equal(got["b"], want["b"])

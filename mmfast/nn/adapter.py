@@ -11,7 +11,25 @@ from .disable import is_disabled
 IMPLS = ("fused", "eager")
 
 
-class _XavierLinear(nn.Linear):
+class InitWhenMaterialized:
+    """Mixin for the modules mmfast makes: ``to_empty`` (the only way off the meta device: ``to`` raises there)
+    leaves a module's parameters whatever the memory held. One made on the meta device (a model built there,
+    then patched), which no base checkpoint loads, takes its own init there instead (``_init_own``: its own
+    parameters; its children do the same), as when made on a device: an MMA adapter starts as the identity.
+    Per module, so that a materialisation module by module (FSDP1's ``to_empty(recurse=False)``) gets it too."""
+
+    def _init_own(self) -> None:
+        self.reset_parameters()
+
+    def _apply(self, fn, recurse=True):
+        was_meta = any(p.is_meta for p in self.parameters(recurse=False))
+        out = super()._apply(fn, recurse)
+        if was_meta and not any(p.is_meta for p in self.parameters(recurse=False)):
+            self._init_own()
+        return out
+
+
+class _XavierLinear(InitWhenMaterialized, nn.Linear):
     """A Linear with LaVIN's init: xavier-uniform weight, zero bias (the adapter's ``down``, the visual neck's
     layers). Its own ``reset_parameters``: a flow that re-initialises every module after ``to_empty``
     (``modules()`` order: the adapter before its children) gives it this init, not ``nn.Linear``'s."""
@@ -24,17 +42,8 @@ class _XavierLinear(nn.Linear):
             nn.init.zeros_(self.bias)
 
 
-def apply_then_init(module: nn.Module, apply, fn, recurse: bool) -> nn.Module:
-    """``apply(fn, recurse)`` (the module's ``nn.Module._apply``), then ``module.reset_parameters()`` where it
-    took the module's parameters off the meta device. That is ``to_empty`` (moving meta tensors with ``to``
-    raises), which leaves them whatever the memory held: a module mmfast made while patching a model built on
-    the meta device, which no base checkpoint loads, then starts as it does when made on a device (an MMA
-    adapter as the identity) instead of from that memory."""
-    was_meta = any(p.is_meta for p in module.parameters())
-    out = apply(fn, recurse)
-    if was_meta and not any(p.is_meta for p in module.parameters()):
-        module.reset_parameters()
-    return out
+class _Router(InitWhenMaterialized, nn.Linear):
+    """The adapter's router: ``nn.Linear`` with its init."""
 
 
 def unloaded_mma(what: str, device: torch.device) -> RuntimeError:
@@ -46,7 +55,7 @@ def unloaded_mma(what: str, device: torch.device) -> RuntimeError:
         "weights; for trained adapters, mmfast.load_trainable(model, file) after model.to_empty(...) and the load")
 
 
-class MMAdapter(nn.Module):
+class MMAdapter(InitWhenMaterialized, nn.Module):
     """``y = x + scale * sum_e softmax(router(route) / temperature)_e * up_e(dropout(down(x)))``.
 
     Parameters: ``down`` (``nn.Linear(dim, hidden_dim)``), ``up_weight`` ``[experts, dim, hidden_dim //
@@ -81,7 +90,7 @@ class MMAdapter(nn.Module):
         self.down = _XavierLinear(dim, hidden_dim, **factory)
         self.up_weight = nn.Parameter(torch.empty(experts, dim, hidden_dim // groups, **factory))
         self.up_bias = nn.Parameter(torch.empty(experts, dim, **factory))
-        self.router = nn.Linear(dim, experts, **factory)
+        self.router = _Router(dim, experts, **factory)
         self.impl = "fused"
         if not self.up_weight.is_meta:  # (down and the router initialised themselves: drawn once)
             nn.init.zeros_(self.up_weight)
@@ -95,8 +104,9 @@ class MMAdapter(nn.Module):
         nn.init.zeros_(self.up_bias)
         self.router.reset_parameters()  # (after to_empty it held whatever the memory did)
 
-    def _apply(self, fn, recurse=True):
-        return apply_then_init(self, super()._apply, fn, recurse)
+    def _init_own(self) -> None:
+        nn.init.zeros_(self.up_weight)
+        nn.init.zeros_(self.up_bias)
 
     def mix(self, route: Tensor) -> Tensor:
         """Router weights per sample, ``[B, experts]``, in the router's dtype."""

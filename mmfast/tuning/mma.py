@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from .._zero import full_shape, gathered, partitioned
-from ..nn.adapter import MMAdapter, _XavierLinear, apply_then_init, unloaded_mma
+from ..nn.adapter import InitWhenMaterialized, MMAdapter, _XavierLinear, unloaded_mma
 from ..patching.core import (EXTRA_KWARGS_ATTR, SHARED_CODE_HOOK, binding_of, forward_argument, forward_cut,
                              forward_runner, forward_running_on, patch_name, remove_hooks)
 from ..ops.backend import warn_once
@@ -137,39 +137,45 @@ class _State:
     # forward with token ids and other inputs hands to its own lookup (:func:`_embedding_bridge_hook`);
     # None once placed, and after the forward
     bridge: Optional[tuple] = None
-    # the forwards whose routes' gradients are still to come (:class:`_Leaves`, until their bridge's backward
-    # runs or their graph is freed), and the backward the latest forward ran in (-1: none), for a layer
-    # recomputed on an input no forward recorded (:func:`_route_for_input`)
-    pending: weakref.WeakSet = dataclasses.field(default_factory=weakref.WeakSet)
+    # the forwards whose graph is alive (:class:`_Leaves`), and the backward the latest forward ran in (-1:
+    # none), for a layer recomputed on an input no forward recorded (:func:`_route_for_input`)
+    forwards: weakref.WeakSet = dataclasses.field(default_factory=weakref.WeakSet)
     routed_in: int = -1
-    # the thread in the model's forward and what runs it there (:func:`_refuse_another_thread`)
-    busy: Optional[tuple] = None
+    # the thread in the model's forward, what runs the outermost one there, and how many of its forwards
+    # (the model's, its language model's) have started and not ended (:func:`_enter`)
+    busy: Optional[list] = None
 
     def __setstate__(self, state: dict) -> None:
         # a state pickled by an earlier version held the routes itself, by layer index, and no bridge (one
         # pickled between a forward's start and its lookup of the embeddings brings none either)
         _modality_pass_uncompiled()  # (in eager code: see there)
         _carry_flags_through_cache_row_ops()  # (a cache saved with its flags may be loaded beside it)
-        spent = ("routes", "seen", "bridge", "live", "runner", "untagged", "pending", "routed_in", "busy")
-        self.__dict__.update(bridge=None, live=False, runner=None, untagged=None, pending=weakref.WeakSet(),
+        spent = ("routes", "seen", "bridge", "live", "runner", "untagged", "forwards", "routed_in", "busy")
+        self.__dict__.update(bridge=None, live=False, runner=None, untagged=None, forwards=weakref.WeakSet(),
                              routed_in=-1, busy=None, **{k: v for k, v in state.items() if k not in spent})
 
     def __getstate__(self) -> dict:
-        # (the runners hold a code object and a weak reference, and ``pending`` weak references, none of which
+        # (the runners hold a code object and a weak reference, and ``forwards`` weak references, none of which
         # pickles; a pickle is taken between forwards, where they are spent)
-        return {k: v for k, v in self.__dict__.items() if k not in ("runner", "pending", "busy")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("runner", "forwards", "busy")}
 
 
 class _Leaves:
     """One forward's route leaves, in its layers' order (what :class:`_RouteGradBridge` hands the routes'
-    gradients from), and the leaf each layer's slot was given. It is in its state's ``pending`` from that
-    forward until its bridge's backward runs (or its graph is freed)."""
+    gradients from), the leaf each layer's slot was given, and the bridge's node (a weak reference, once
+    applied). The bridge holds it, so it lives as long as that forward's graph; its state's ``forwards`` holds
+    it weakly."""
 
-    __slots__ = ("leaves", "by_slot", "pending", "__weakref__")
+    __slots__ = ("leaves", "by_slot", "node", "__weakref__")
 
-    def __init__(self, slots: list, leaves: list, pending: weakref.WeakSet):
-        self.leaves, self.by_slot, self.pending = leaves, dict(zip(slots, leaves)), pending
-        pending.add(self)
+    def __init__(self, slots: list, leaves: list, forwards: weakref.WeakSet):
+        self.leaves, self.by_slot, self.node = leaves, dict(zip(slots, leaves)), None
+        forwards.add(self)
+
+    def backpropagated(self) -> bool:
+        """Whether the running backward runs through this forward's bridge (so through its layers)."""
+        node = self.node() if self.node is not None else None
+        return node is not None and torch._C._will_engine_execute_node(node)
 
 
 class _LayerSlot:
@@ -213,8 +219,9 @@ def _route_for_input(slot: _LayerSlot, x: Tensor) -> Optional[Tensor]:
     storage; a forward given an input object it was given before is a new forward all the same.)
 
     A recompute on an input no forward recorded (a saved-tensor hook, such as ``save_on_cpu`` on a GPU or
-    activation offloading, handed checkpointing a copy of it) takes the route of the one forward whose
-    backward is still to come; with several, which one made the input is unknown, and it raises."""
+    activation offloading, handed checkpointing a copy of it) takes the route of the one forward the running
+    backward runs through; through several (their losses summed), which one made the input is unknown, and it
+    raises."""
     latest = slot.route
     if torch.compiler.is_compiling():
         # compiled code records nothing (no storage to tell inputs by): a compiled layer takes its
@@ -227,16 +234,16 @@ def _route_for_input(slot: _LayerSlot, x: Tensor) -> Optional[Tensor]:
             return recorded
         state = slot.state
         if state is not None and state.routed_in != task:  # (not a forward run inside this backward)
-            pending = [leaves.by_slot[slot] for leaves in list(state.pending) if slot in leaves.by_slot]
-            if len(pending) > 1:
+            through = [f.by_slot[slot] for f in list(state.forwards) if slot in f.by_slot and f.backpropagated()]
+            if len(through) > 1:
                 raise RuntimeError(
-                    f"mmfast MMA: activation checkpointing is recomputing a decoder layer while {len(pending)} "
-                    "forwards of this model wait for their backward, and the layer's input is a copy (a "
-                    "saved-tensor hook such as torch.autograd.graph.save_on_cpu or activation offloading copied "
-                    "it), so which forward's routes it takes is unknown. Run each forward's backward before the "
-                    "next training forward, or leave that hook out.")
-            if pending:
-                return pending[0]
+                    f"mmfast MMA: activation checkpointing is recomputing a decoder layer in a backward through "
+                    f"{len(through)} forwards of this model, and the layer's input is a copy (a saved-tensor hook "
+                    "such as torch.autograd.graph.save_on_cpu or activation offloading copied it), so which "
+                    "forward's routes it takes is unknown. Run each forward's backward on its own loss, or leave "
+                    "that hook out.")
+            if through:
+                return through[0]
     if latest is not None:
         slot.seen.put(x, latest)
     return latest
@@ -401,6 +408,8 @@ def _flags_pre_hook(module, args, kwargs):
     ``input_ids``. The token ids are read from the config on every call, as the model reads them: a token
     added after patching (``resize_token_embeddings``, then ``config.image_token_id``) counts."""
     state: _State = module.__dict__[_STATE]
+    eager = not torch.compiler.is_compiling()
+    runner = _enter(state, module, sys._getframe(1)) if eager else None
     _warn_if_shallow_copy(module)
     visual_ids = _visual_token_ids(module.config)
     flags = kwargs.pop(HAS_IMAGE_KWARG, None)
@@ -448,10 +457,6 @@ def _flags_pre_hook(module, args, kwargs):
             return args, kwargs
         else:
             flags = kept  # generation: keep the prefill's flags
-    eager = not torch.compiler.is_compiling()
-    runner = forward_runner(module, sys._getframe(1), (nn.Module._call_impl.__code__,)) if eager else None
-    if eager:
-        _refuse_another_thread(state, runner)
     state.has_image, state.live, state.runner = flags, True, runner
     state.untagged = flags if eager and past is None else None
     if past is not None:  # on the cache itself: a copy of it (a reused prompt cache) carries them too
@@ -462,24 +467,40 @@ def _flags_pre_hook(module, args, kwargs):
 _BUSY_LOCK = threading.Lock()
 
 
-def _refuse_another_thread(state: _State, runner: Optional[tuple]) -> None:
-    """Mark the model's forward as this thread's, or raise if another thread is inside one: the routes are the
-    model's (each forward's on its layers' slots), and forwards on two threads at once would each read the
-    other's (wrong outputs, not an error; the unpatched model has no such state). A thread that left its
-    forward without the model's closing hook (a KeyboardInterrupt) or ended no longer counts."""
+def _enter(state: _State, module: nn.Module, frame) -> Optional[tuple]:
+    """A forward of the model, or of its language model, starts on this thread: count it, or raise if another
+    thread is inside one. The routes are the model's (each forward's on its layers' slots), and forwards on two
+    threads at once would each read the other's (wrong outputs, not an error; the unpatched model has no such
+    state). A thread that left its forward without the closing hooks (a KeyboardInterrupt) or ended no
+    longer counts. Returns what runs this forward (:func:`~mmfast.patching.core.forward_runner`)."""
+    runner = forward_runner(module, frame, (nn.Module._call_impl.__code__,))
+    me = threading.get_ident()
     with _BUSY_LOCK:
-        if _another_thread_runs(state):
-            raise RuntimeError(
-                "mmfast MMA: this model is running a forward on another thread. Its routing is the model's "
-                "state, and forwards on two threads at once would mix their routes: run one MMA model from one "
-                "thread at a time (a lock around its calls, generate's too), or give each thread its own "
-                "copy (copy.deepcopy(model))")
-        state.busy = (threading.get_ident(), runner)
+        busy = state.busy
+        if busy is not None and busy[0] != me:
+            if forward_running_on(busy[0], busy[1]):
+                raise RuntimeError(
+                    "mmfast MMA: this model is running a forward on another thread. Its routing is the model's "
+                    "state, and forwards on two threads at once would mix their routes: run one MMA model from "
+                    "one thread at a time (a lock around its calls, generate's too), or give each thread its own "
+                    "copy (copy.deepcopy(model))")
+            busy = None
+        state.busy = [me, runner, 1] if busy is None else [me, busy[1], busy[2] + 1]
+    return runner
 
 
-def _another_thread_runs(state: _State) -> bool:
+def _leave(state: _State) -> bool:
+    """A forward :func:`_enter` counted ends (its closing hook). False where another thread's forward holds
+    the state: this thread's was refused, and the state is that one's."""
     busy = state.busy
-    return busy is not None and busy[0] != threading.get_ident() and forward_running_on(*busy)
+    if busy is None:
+        return True
+    if busy[0] != threading.get_ident():
+        return False
+    busy[2] -= 1
+    if busy[2] <= 0:
+        state.busy = None
+    return True
 
 
 def _put_flags(cache, flags: Tensor) -> None:
@@ -757,6 +778,7 @@ class _RouteGradBridge(torch.autograd.Function):
     @staticmethod
     def forward(ctx, embeds, leaves: _Leaves, last, *routes):
         ctx.leaves, ctx.last = leaves, (last.shape, last.dtype, last.device)
+        leaves.node = weakref.ref(ctx)  # (ctx is the bridge's node)
         return embeds.view_as(embeds)
 
     @staticmethod
@@ -776,7 +798,6 @@ class _RouteGradBridge(torch.autograd.Function):
         for leaf in ctx.leaves.leaves:
             route_grads.append(leaf.grad)
             leaf.grad = None  # taken: a second backward through a retained graph brings its own
-        ctx.leaves.pending.discard(ctx.leaves)
         return (grad, None, torch.zeros(shape, dtype=dtype, device=device), *route_grads)
 
 
@@ -831,6 +852,9 @@ def _modality_pass_uncompiled():
 def _modality_pre_hook(module, args, kwargs):
     """Run the modality token through every decoder layer (one-token sequence) and record routes."""
     state: _State = module.__dict__[_STATE]
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        _enter(state, module, sys._getframe(1))
     ref = kwargs.get("inputs_embeds")
     if ref is None:
         ref = kwargs.get("input_ids", args[0] if args else None)
@@ -840,7 +864,6 @@ def _modality_pre_hook(module, args, kwargs):
     if flags is None or flags.shape[0] != B:
         flags = torch.zeros(B, dtype=torch.bool, device=ref.device)
     emb: nn.Embedding = getattr(module, EMBEDDING_NAME)
-    compiling = torch.compiler.is_compiling()
     if module.training and torch.is_grad_enabled() and not compiling and emb.weight.requires_grad \
             and emb.weight.dtype != torch.float32:  # (a cast casts the adapters with it)
         said = module.__dict__.get(_SAID_CAST)
@@ -880,7 +903,7 @@ def _modality_pre_hook(module, args, kwargs):
     if not compiling:
         state.routed_in = torch._C._current_graph_task_id()
     if torch.is_grad_enabled() and any(r.requires_grad for r in routes):
-        leaves = _Leaves(slots, [r.detach().requires_grad_(r.requires_grad) for r in routes], state.pending)
+        leaves = _Leaves(slots, [r.detach().requires_grad_(r.requires_grad) for r in routes], state.forwards)
         embeds = kwargs.get("inputs_embeds")
         lookup = None if embeds is not None else module.get_input_embeddings()
         if embeds is not None:
@@ -950,13 +973,12 @@ def _clear_bridge_hook(module, args, output):
     (``use_cache`` with no cache passed: a hand-written decode loop's prefill) gets this forward's flags, as
     a cache passed in does before the forward, so that continuing it keeps each sample's routing."""
     state = module.__dict__.get(_STATE)
-    if state is not None and (torch.compiler.is_compiling() or not _another_thread_runs(state)):
+    if state is not None and (torch.compiler.is_compiling() or _leave(state)):
         # (not a forward refused because another thread's runs: the state is that one's)
         if _OPTIONS in module.__dict__:  # (the model's own forward, after its language model's)
             if state.untagged is not None and output is not None and not torch.compiler.is_compiling():
                 _tag_made_cache(output, state.untagged)
             state.untagged = None
-            state.busy = None
         state.bridge = None
         state.live, state.runner = False, None
 
@@ -1115,12 +1137,8 @@ def _layers_with_cls(hf: nn.Module) -> set[int]:
 _NeckLinear = _XavierLinear
 
 
-class ModalityEmbedding(nn.Embedding):
-    """The modality embedding (row 0: text, row 1: image), ``nn.Embedding``'s init; made on the meta device,
-    ``to_empty`` gives it that init (:func:`~mmfast.nn.adapter.apply_then_init`)."""
-
-    def _apply(self, fn, recurse=True):
-        return apply_then_init(self, super()._apply, fn, recurse)
+class ModalityEmbedding(InitWhenMaterialized, nn.Embedding):
+    """The modality embedding (row 0: text, row 1: image), with ``nn.Embedding``'s init."""
 
 
 class VisualNeck(nn.Module):
@@ -1139,12 +1157,7 @@ class VisualNeck(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self.replaced._apply(fn, recurse)
-        return apply_then_init(self, super()._apply, fn, recurse)
-
-    def reset_parameters(self) -> None:
-        for layer in getattr(self, NECK_NAME):
-            if isinstance(layer, _XavierLinear):
-                layer.reset_parameters()
+        return super()._apply(fn, recurse)
 
     def forward(self, features: Tensor, *args, **kwargs) -> Tensor:
         neck = getattr(self, NECK_NAME)
