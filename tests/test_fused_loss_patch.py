@@ -2,6 +2,7 @@
 holds, the HF loss arguments it honours, lifecycle. Numerics of the loss itself: test_loss.py; whole-model
 loss and gradients against float64: test_patch.py::test_patched_matches_unpatched."""
 
+import contextlib
 import copy
 import pickle
 import warnings
@@ -760,7 +761,8 @@ def test_bad_labels_raise_what_the_unpatched_model_raises():
     inputs = batch("llama")
     ids = inputs["input_ids"]
     cases = {"shape": torch.zeros(ids.shape[0], ids.shape[1] + 2, dtype=torch.long),
-             "value": torch.full_like(ids, build("llama").config.vocab_size + 6)}
+             "value": torch.full_like(ids, build("llama").config.vocab_size + 6),
+             "dtype": ids.int()}  # (the fused loss took int32 labels, so training ran and evaluation raised)
     kinds = {}
     for patched in (False, True):
         model = build("llama")
@@ -772,6 +774,27 @@ def test_bad_labels_raise_what_the_unpatched_model_raises():
             kinds.setdefault(name, []).append(type(e.value))
     for name, (unpatched, patched) in kinds.items():
         assert issubclass(patched, unpatched), (name, unpatched, patched)
+
+
+def test_labels_of_another_shape_with_as_many_entries_as_hf_takes_them():
+    """HF's loss shifts the labels along their last dimension and flattens them and the logits, so it takes
+    labels of one sample without a batch dimension ([S] beside input_ids [1, S]); the fused loss refused
+    them. Loss and gradients equal the unpatched model's."""
+    inputs = batch("llama", B=1)
+    ids = inputs["input_ids"]
+    got = {}
+    model = build("llama")
+    mmfast.patch(model, tuning="layernorm", verbose=False)
+    for patched in (False, True):
+        model.zero_grad(set_to_none=True)
+        with contextlib.nullcontext() if patched else mmfast.disabled():
+            loss = model(input_ids=ids, labels=ids[0]).loss
+            loss.backward()
+        got[patched] = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(got[True][0], got[False][0], rtol=1e-6, atol=1e-6)
+    assert got[True][1].keys() == got[False][1].keys()
+    for n, g in got[False][1].items():
+        torch.testing.assert_close(got[True][1][n], g, rtol=1e-5, atol=1e-6, msg=n)
 
 
 def test_the_forwards_runner_is_call_impl_past_a_helper_with_the_model_as_self(monkeypatch, calls):

@@ -264,6 +264,11 @@ def _head_forward(head: nn.Linear, x: Tensor) -> Tensor:
     # thread's release would trim off the stack while this head computes the loss)
     args = dict(st.armed)
     target = _target(args.pop("labels"), args.pop("shift_labels"), args["ignore_index"])
+    if target.dtype not in (torch.int64, torch.uint8):  # (the op takes int32 too; the model's loss, as HF's, not)
+        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {target.dtype} (the labels of the "
+                           "model's loss: F.cross_entropy's message, which the unpatched model gives)")
+    if target.shape != x.shape[:-1] and target.numel() == x.shape[:-1].numel():
+        target = target.reshape(x.shape[:-1])  # HF's loss flattens both (labels [S] for one sample, say)
     if target.shape != x.shape[:-1]:
         raise ValueError(f"mmfast fused loss: labels {tuple(target.shape)} do not match the LM head's input "
                          f"{tuple(x.shape)}; run without the fused loss (mmfast.patch(..., fused_loss=False))")
