@@ -264,7 +264,7 @@ def _head_forward(head: nn.Linear, x: Tensor) -> Tensor:
     # thread's release would trim off the stack while this head computes the loss)
     args = dict(st.armed)
     target = _target(args.pop("labels"), args.pop("shift_labels"), args["ignore_index"])
-    if target.dtype not in (torch.int64, torch.uint8):  # (the op takes int32 too; the model's loss, as HF's, not)
+    if target.dtype != torch.int64 and target.dtype != torch.uint8:  # (the op takes int32; HF's loss does not)
         raise RuntimeError(f"expected target dtype to be Long or Byte, but got {target.dtype} (the labels of the "
                            "model's loss: F.cross_entropy's message, which the unpatched model gives)")
     if target.shape != x.shape[:-1] and target.numel() == x.shape[:-1].numel():

@@ -170,7 +170,8 @@ class _Leaves:
 
     def __init__(self, slots: list, leaves: list, forwards: weakref.WeakSet):
         self.leaves, self.by_slot, self.node = leaves, dict(zip(slots, leaves)), None
-        forwards.add(self)
+        if not torch.compiler.is_compiling():  # (compiled layers take their forward's route; a traced add
+            forwards.add(self)                 # guarded on the set's size: a compile per size)
 
     def backpropagated(self) -> bool:
         """Whether the running backward runs through this forward's bridge (so through its layers)."""
