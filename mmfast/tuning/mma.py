@@ -170,8 +170,10 @@ class _Leaves:
 
     def __init__(self, slots: list, leaves: list, forwards: weakref.WeakSet):
         self.leaves, self.by_slot, self.node = leaves, dict(zip(slots, leaves)), None
-        if not torch.compiler.is_compiling():  # (compiled layers take their forward's route; a traced add
-            forwards.add(self)                 # guarded on the set's size: a compile per size)
+        # (compiled layers take their forward's route, and a traced add guarded on the set's size: a compile
+        # per size)
+        if not torch.compiler.is_compiling():
+            forwards.add(self)
 
     def backpropagated(self) -> bool:
         """Whether the running backward runs through this forward's bridge (so through its layers)."""
