@@ -99,6 +99,9 @@ def patch(
         raise ValueError(f"tuning={tuning!r} is not one of {TUNINGS}")
     if mma is not None and tuning != "mma":
         raise ValueError("mma options need tuning='mma'")
+    if final_norm and tuning not in LN_RECIPES:
+        raise ValueError(f"final_norm=True adds the final norm to a LayerNorm recipe ({', '.join(LN_RECIPES)}); "
+                         f"tuning={tuning!r} has none")
     if tuning in LN_RECIPES and added_modules(model):
         raise ValueError(f"tuning={tuning!r}: the model has MMA adapters from tuning='mma', which would keep running "
                          f"(frozen) under a LayerNorm recipe; save them if needed (mmfast.save_trainable), then "

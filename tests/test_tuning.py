@@ -951,6 +951,40 @@ def test_unpatch_removes_hooks():
     assert not emb._forward_hooks
 
 
+def test_patch_again_without_master_weights_rounds_them_back():
+    """Patching again with master_weights=False left the fp32 master weights of an earlier patch (and their
+    hooks): the bf16 norms asked for stayed fp32. They go back as unpatch rounds them; patching again with
+    master weights widens them again."""
+    model = build("llava", dtype=torch.bfloat16)
+    pristine = {n: p.dtype for n, p in model.named_parameters()}
+    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    norm = model.model.language_model.layers[0].input_layernorm
+    assert norm.weight.dtype == torch.float32
+    with torch.no_grad():
+        norm.weight.add_(1e-3)
+    trained = norm.weight.detach().clone()
+    mmfast.patch(model, tuning="layernorm-simp", master_weights=False, verbose=False)
+    assert {n: p.dtype for n, p in model.named_parameters()} == pristine
+    assert torch.equal(norm.weight, trained.bfloat16()) and norm.weight.requires_grad
+    assert not norm._forward_pre_hooks and not norm._forward_hooks
+    model(**batch("llava", dtype=torch.bfloat16)).loss.backward()
+    assert norm.weight.grad is not None and norm.weight.grad.dtype == torch.bfloat16
+    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    assert norm.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("tuning", [None, "mma"])
+def test_final_norm_without_a_layernorm_recipe_is_refused(tuning):
+    """final_norm=True did nothing without a LayerNorm recipe (the final norm stayed frozen, without a word),
+    where mma options without tuning='mma' raise."""
+    model = build("llava")
+    before = {n: (p.dtype, p.requires_grad) for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="final_norm=True adds the final norm to a LayerNorm recipe"):
+        mmfast.patch(model, tuning=tuning, final_norm=True, verbose=False)
+    assert {n: (p.dtype, p.requires_grad) for n, p in model.named_parameters()} == before
+    assert not mmfast.patching.core.is_patched(model.model.language_model.norm)
+
+
 @pytest.mark.parametrize("tuning", ["layernorm-simp", "layernorm"])
 def test_unpatch_gives_back_a_bf16_model_that_runs(tuning):
     """Master weights go back to bf16 (rounded), so the restored HF forwards see the dtypes they were

@@ -430,6 +430,12 @@ def apply_ln_recipe(model: nn.Module, recipe: str, *, final_norm: bool = False, 
             p.requires_grad_(True)
     for p in kept:
         p.requires_grad_(True)
+    if not master_weights:  # a patch again without them: the fp32 weights an earlier patch kept go back
+        owners = [m for m in model.modules() if _MASTER_ATTR in m.__dict__]
+        restore_master_weights(model)
+        for m in owners:  # (their hooks: what keeps them in fp32, and casts their output back)
+            for h in m.__dict__.pop(_HOOK_ATTR, []):
+                h.remove()
     if master_weights:
         left = 0
         paths = {id(m): path for path, m in model.named_modules()}
