@@ -2290,3 +2290,54 @@ def test_a_dual_encoders_text_tower_gets_no_adapters():
     assert report.adapters and all(a.startswith("vision_model.") for a in report.adapters)
     with pytest.raises(ValueError, match="neither a LLaMA-style language model nor CLIP/SigLIP encoder layers"):
         mmfast.patch(CLIPTextModel(CLIPTextConfig(**text)), tuning="mma", verbose=False)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_a_backward_recomputing_layers_while_another_threads_forward_records_its_routes(reentrant):
+    """Activation checkpointing recomputes decoder layers in a backward (on autograd's own thread on a GPU)
+    while a forward of the model on another thread runs its modality pass (a generate streaming beside a
+    training loop): the recompute took the modality token's recording for its own (routing from its first
+    token and overwriting the other forward's routes: wrong gradients without a word, or a misleading error,
+    and the other forward's 'no modality route')."""
+    import threading
+
+    model = _mma()
+    _perturb_adapters(model)
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    ref = copy.deepcopy(model)
+    b = batch("llava", seed=1, images=[True, False])
+    prompt = {"input_ids": batch("llava", seed=7, B=1, S=8, images=[False])["input_ids"]}
+    ref(**b).loss.backward()
+    with torch.no_grad():
+        want = ref(**prompt).logits
+    loss = model(**b).loss
+    inside, go, got = threading.Event(), threading.Event(), {}
+
+    def hold(*_):  # the other thread's modality pass, at layer 0
+        if threading.current_thread() is not threading.main_thread() and not inside.is_set():
+            inside.set()
+            go.wait(30)
+
+    def other():
+        try:
+            with torch.no_grad():
+                got["logits"] = model(**prompt).logits
+        except RuntimeError as e:
+            got["error"] = e
+
+    handle = model.model.language_model.layers[0].register_forward_hook(hold)
+    thread = threading.Thread(target=other)
+    thread.start()
+    assert inside.wait(30)
+    try:
+        loss.backward()
+    finally:
+        go.set()
+        thread.join()
+        handle.remove()
+    assert "error" not in got, got
+    torch.testing.assert_close(got["logits"], want)
+    want, grads = _trainable_grads(ref), _trainable_grads(model)
+    for n in want:
+        torch.testing.assert_close(grads[n], want[n], rtol=1e-5, atol=1e-7, msg=n)

@@ -133,6 +133,9 @@ class _State:
     # the flags of an eager forward given no cache, for the cache it may make (:func:`_clear_bridge_hook`)
     untagged: Optional[Tensor] = None
     recording: bool = False  # True while the modality token runs through the layers
+    # the thread running that pass (eager): a layer another thread recomputes meanwhile (activation
+    # checkpointing in a backward) is no part of it
+    recording_thread: Optional[int] = None
     # the routes' gradient bridge (the input embeddings module, the leaves, the last output, the routes) a
     # forward with token ids and other inputs hands to its own lookup (:func:`_embedding_bridge_hook`);
     # None once placed, and after the forward
@@ -150,9 +153,11 @@ class _State:
         # pickled between a forward's start and its lookup of the embeddings brings none either)
         _modality_pass_uncompiled()  # (in eager code: see there)
         _carry_flags_through_cache_row_ops()  # (a cache saved with its flags may be loaded beside it)
-        spent = ("routes", "seen", "bridge", "live", "runner", "untagged", "forwards", "routed_in", "busy")
+        spent = ("routes", "seen", "bridge", "live", "runner", "untagged", "forwards", "routed_in", "busy",
+                 "recording_thread")
         self.__dict__.update(bridge=None, live=False, runner=None, untagged=None, forwards=weakref.WeakSet(),
-                             routed_in=-1, busy=None, **{k: v for k, v in state.items() if k not in spent})
+                             routed_in=-1, busy=None, recording_thread=None,
+                             **{k: v for k, v in state.items() if k not in spent})
 
     def __getstate__(self) -> dict:
         # (the runners hold a code object and a weak reference, and ``forwards`` weak references, none of which
@@ -363,7 +368,8 @@ def _llm_norm_adapter_hook(module, args, output):
     """input_layernorm output -> adapter, routed by the modality token's normed state at this layer."""
     slot = _slot(module)
     state = slot.state
-    if state.recording:  # the modality token itself: it routes from its own state and leaves it
+    if state.recording and (torch.compiler.is_compiling() or state.recording_thread in (None, threading.get_ident())):
+        # the modality token itself: it routes from its own state and leaves it
         route = output[:, 0]
         slot.route = route
     else:
@@ -829,6 +835,8 @@ def _modality_pass(state: _State, module: nn.Module, h: Tensor, position_ids: Te
     """The modality token through every decoder layer, each layer's norm hook recording its route; returns
     the last layer's output (the route bridge holds it: FSDP's backward hooks for the pass sit on it)."""
     state.recording = True
+    if not torch.compiler.is_compiling():
+        state.recording_thread = threading.get_ident()
     try:
         for layer, pos_emb in zip(module.layers, pos_embs):
             # no cache argument: its default is None under both of its names (``past_key_values`` before
@@ -837,6 +845,8 @@ def _modality_pass(state: _State, module: nn.Module, h: Tensor, position_ids: Te
                                        use_cache=False, position_embeddings=pos_emb)
     finally:
         state.recording = False
+        if not torch.compiler.is_compiling():
+            state.recording_thread = None
     return h
 
 
