@@ -762,15 +762,12 @@ def test_two_forwards_then_one_backward(checkpointing):
     same0 = ref.get_input_embeddings()(a["input_ids"]).detach()
     kw = dict(inputs_embeds=same0, labels=a["input_ids"], mma_has_image=torch.tensor([True, False]))
     ref(**kw).loss.backward()
-    want0 = _trainable_grads(ref)
     model.load_state_dict(ref.state_dict())
     loss = model(**kw).loss
     with torch.no_grad():
         model(inputs_embeds=same0, mma_has_image=torch.tensor([False, True]))
     loss.backward()
-    got0 = _trainable_grads(model)
-    for n in want0:
-        torch.testing.assert_close(got0[n], want0[n], rtol=1e-5, atol=1e-7, msg=n)
+    _assert_grads_as(model, ref)
     model.load_state_dict(ref.state_dict())
     # the second pair: one embeddings tensor passed to both forwards, routed two ways (the layers' inputs
     # then share storage between the two live forwards)
@@ -785,18 +782,15 @@ def test_two_forwards_then_one_backward(checkpointing):
         ref(**x).loss.backward()
         ref(**y).loss.backward()
         (model(**x).loss + model(**y).loss).backward()
-        want, got = _trainable_grads(ref), _trainable_grads(model)
-        assert got.keys() == want.keys()
-        for n in want:
-            torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7, msg=n)
+        _assert_grads_as(model, ref)
 
 
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_checkpointed_inputs_copied_by_a_saved_tensor_hook(reentrant):
     """A saved-tensor hook that copies what it saves (``save_on_cpu`` on a GPU, activation offloading) hands
     checkpointing a copy of each layer's input, which no forward recorded: the recompute takes the route of
-    the one forward whose backward is to come (not an evaluation pass's run since), and with two such
-    forwards it raises. (It took the latest forward's routes: silently wrong gradients, a misleading error,
+    the forward the running backward goes through (not an evaluation pass's or another forward's since), and
+    a backward through two forwards' summed losses raises. (It took the latest forward's routes: silently wrong gradients, a misleading error,
     or checkpointing's "different number of tensors" one.)"""
     def make():
         model = _mma()
@@ -819,10 +813,7 @@ def test_checkpointed_inputs_copied_by_a_saved_tensor_hook(reentrant):
         with torch.no_grad():
             model(**y)
         loss.backward()
-    want, got = _trainable_grads(ref), _trainable_grads(model)
-    assert got.keys() == want.keys()
-    for n in want:
-        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7, msg=n)
+    _assert_grads_as(model, ref)
     # a retained graph's second backward, after another forward's (its graph kept too), and a forward cut by an
     # error whose graph something keeps (a notebook's last traceback): each backward takes its own forward's
     model.zero_grad(set_to_none=True)
@@ -836,9 +827,7 @@ def test_checkpointed_inputs_copied_by_a_saved_tensor_hook(reentrant):
     la.backward()
     ref.zero_grad(set_to_none=True)
     ref(**a).loss.backward()
-    want, got = _trainable_grads(ref), _trainable_grads(model)
-    for n in want:
-        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7, msg=n)
+    _assert_grads_as(model, ref)
     cut = []
 
     def interrupt(module, args, output):
@@ -856,9 +845,7 @@ def test_checkpointed_inputs_copied_by_a_saved_tensor_hook(reentrant):
     loss.backward()
     ref.zero_grad(set_to_none=True)
     ref(**b).loss.backward()
-    want, got = _trainable_grads(ref), _trainable_grads(model)
-    for n in want:
-        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7, msg=n)
+    _assert_grads_as(model, ref)
     with copying():
         loss = model(**a).loss + model(**b).loss
     with pytest.raises(RuntimeError, match="a backward through 2 forwards of this model.*saved-tensor hook"):
@@ -935,6 +922,14 @@ def test_a_forward_on_another_thread_while_one_runs_is_refused():
 
 def _trainable_grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def _assert_grads_as(model, ref):
+    """``model``'s trainable parameters hold the gradients ``ref``'s do."""
+    want, got = _trainable_grads(ref), _trainable_grads(model)
+    assert got.keys() == want.keys()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7, msg=n)
 
 
 def test_every_backward_brings_its_own_route_gradients():
@@ -2338,6 +2333,4 @@ def test_a_backward_recomputing_layers_while_another_threads_forward_records_its
         handle.remove()
     assert "error" not in got, got
     torch.testing.assert_close(got["logits"], want)
-    want, grads = _trainable_grads(ref), _trainable_grads(model)
-    for n in want:
-        torch.testing.assert_close(grads[n], want[n], rtol=1e-5, atol=1e-7, msg=n)
+    _assert_grads_as(model, ref)
