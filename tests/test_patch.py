@@ -214,6 +214,46 @@ def test_fp32_activations_into_a_bf16_rms_norm():
     torch.testing.assert_close(gw, ref.weight.grad)  # fp32 sums rounded once to bf16 (bf16's tolerance)
 
 
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)])
+def test_16bit_activations_into_an_rms_norm_of_another_dtype_return_what_hf_returns(x_dtype, w_dtype):
+    """16-bit activations into an RMSNorm whose weight has another dtype (an fp32 model fed bf16 embeddings):
+    HF rounds the normalised input to x's dtype and multiplies by the weight in the promoted dtype, fp32. The
+    patched norm returned x's dtype (the fp32-master-weight rule, applied to weights no patch widened), so
+    the fp32 projection after it failed on mixed dtypes, under ``mmfast.disabled()`` too (which cast the
+    original forward's output to x's dtype); a weight of the other 16-bit dtype raised a TypeError."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(64).to(w_dtype)
+    with torch.no_grad():
+        norm.weight.normal_()
+    ref = copy.deepcopy(norm)
+    mmfast.patch(norm, verbose=False)
+    x = torch.randn(3, 5, 64, dtype=x_dtype, requires_grad=True)
+    y, y_ref = norm(x), ref(x)
+    assert y.dtype == y_ref.dtype == torch.float32
+    torch.testing.assert_close(y, y_ref)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    gx, gw = x.grad, norm.weight.grad
+    x.grad = None
+    y_ref.backward(gy)
+    torch.testing.assert_close(gx, x.grad)
+    assert gw.dtype == w_dtype
+    torch.testing.assert_close(gw, ref.weight.grad)
+    with mmfast.disabled():
+        assert norm(x).dtype == torch.float32
+
+    model = build("llama")  # fp32, fed bf16 embeddings: runs as unpatched, patched or disabled alike
+    plain = copy.deepcopy(model)
+    mmfast.patch(model, verbose=False)
+    emb = plain.get_input_embeddings()(batch("llama")["input_ids"]).to(torch.bfloat16)
+    with torch.no_grad():
+        expected = plain(inputs_embeds=emb).logits
+        torch.testing.assert_close(model(inputs_embeds=emb).logits, expected)
+        with mmfast.disabled():
+            torch.testing.assert_close(model(inputs_embeds=emb).logits, expected)
+
+
 def test_patch_twice_is_patch_once():
     model = build("llava")
     first = mmfast.patch(model, verbose=False)

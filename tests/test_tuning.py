@@ -376,6 +376,34 @@ def test_a_cast_to_float64_is_not_warned_about(tuning, words, recwarn):
     assert not [w for w in recwarn if words in str(w.message)]
 
 
+def test_a_float64_model_keeps_its_trainables_in_float64():
+    """Patching a float64 model (a reference run in double, under mmfast.disabled()) with a LayerNorm recipe
+    narrowed its trainable norm weights to fp32 (master_weights), rounding them and every update after; a
+    patch again after ``.double()`` did the same to MMA's adapters. Only 16-bit weights are widened."""
+    model = build("llava", dtype=torch.float64)
+    before = {n: p.clone() for n, p in model.named_parameters() if "layernorm" in n}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in before:
+                p.add_(1e-9 * torch.randn_like(p))  # values fp32 cannot hold
+                before[n] = p.clone()
+    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and set(trained) <= set(before)
+    for n, p in trained.items():
+        assert p.dtype == torch.float64 and torch.equal(p, before[n]), n
+    with mmfast.disabled():
+        model(**batch("llava", seed=3, dtype=torch.float64)).loss.backward()
+    assert all(p.grad.dtype == torch.float64 for p in trained.values())
+
+    model = build("llava")
+    mmfast.patch(model, tuning="mma", verbose=False)
+    model.double()
+    mmfast.patch(model, tuning="mma", verbose=False)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float64 for p in trained)
+
+
 def test_a_model_built_in_fp32_then_cast_after_patching_warns_too(recwarn):
     """The norm weights of a model built in fp32 are fp32 at patch time, so nothing was widened; a cast to
     bf16 after patching (Lightning's "bf16-true") takes them out of fp32 all the same, and said nothing."""
@@ -1338,6 +1366,39 @@ def test_master_weights_of_a_norm_left_unpatched_keep_its_output_dtype():
     assert not norm._forward_hooks and norm.weight.dtype == torch.bfloat16
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_a_norm_left_unpatched_cast_after_patching_runs_as_cast():
+    """A recipe norm mmfast leaves unpatched (a user's own class) in a bf16 model, the model then cast to fp16
+    (``model.half()``, HF Trainer's ``fp16_full_eval``): the hook that keeps the norm's output in the dtype it
+    had cast it to fp16 promoted with the bf16 recorded at patch time, fp32, and the fp16 projection after it
+    failed. The cast took the weight out of fp32: the norm's own forward computes as its class does."""
+    from torch import nn
+
+    class OwnRMSNorm(nn.Module):  # HF LlamaRMSNorm's computation, the user's own code
+        def __init__(self, n, eps=1e-6):
+            super().__init__()
+            self.weight, self.eps = nn.Parameter(torch.ones(n)), eps
+
+        def forward(self, x):
+            h = x.float()
+            return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+    model = build("llava")
+    for layer in model.model.language_model.layers:
+        layer.input_layernorm = OwnRMSNorm(layer.input_layernorm.weight.shape[0])
+    model.to(torch.bfloat16)
+    ref = copy.deepcopy(model)
+    report = mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    assert not any("input_layernorm" in n for n in report.patched)
+    model.half().eval()
+    ref.half().eval()
+    inputs = batch("llava", seed=3, dtype=torch.float16)
+    with torch.no_grad(), warnings.catch_warnings(), mmfast.disabled():  # (the fused kernels' fp16 rounding aside)
+        warnings.simplefilter("ignore")  # (the cast warning is not what this is about)
+        out, expected = model(**inputs), ref(**inputs)
+    assert out.logits.dtype == torch.float16
+    torch.testing.assert_close(out.logits, expected.logits, rtol=0, atol=0)
 
 
 def test_llama4_recipes_find_the_decoder_below_its_causal_lm():

@@ -12,9 +12,38 @@ from torch import Tensor, nn
 from ..ops.norm import layer_norm, rms_norm
 
 
+#: On a norm module whose weights ``mmfast.patch(master_weights=True)`` keeps in fp32: {parameter name:
+#: (its dtype before, the dtype of the parameters around the norm then)}
+MASTER_ATTR = "_mmfast_master_dtypes"
+
+
+def output_dtype_as_built(module: nn.Module, x: Tensor) -> torch.dtype | None:
+    """For a norm whose weights master_weights widened to fp32: the dtype its own forward returned for ``x``
+    before (x's dtype promoted with each such weight's earlier dtype: bf16 in a bf16 model, fp32 in an fp32
+    one). None for any other norm, or for one whose weights a cast since patching took out of fp32: its
+    forward's own dtype stands."""
+    kept = module.__dict__.get(MASTER_ATTR)
+    if not kept:
+        return None
+    want = x.dtype
+    for name, (before, _) in kept.items():
+        p = getattr(module, name, None)
+        if isinstance(p, Tensor):
+            if p.dtype != torch.float32:
+                return None
+            want = torch.promote_types(want, before)
+    return want
+
+
 def _rms_norm_as_hf(module: nn.Module, hidden_states: Tensor, eps: float) -> Tensor:
     w = module.weight
-    if hidden_states.dtype == torch.float32 and w.dtype in (torch.float16, torch.bfloat16):
+    want = output_dtype_as_built(module, hidden_states) or torch.promote_types(hidden_states.dtype, w.dtype)
+    if want != hidden_states.dtype:
+        # 16-bit activations into a weight of another dtype (an fp32 model fed bf16 embeddings; an fp32
+        # master weight counts as the dtype it had): HF rounds the normalised input to the activations'
+        # dtype, then multiplies by the weight in the promoted dtype, so the output is not x's dtype
+        return w * rms_norm(hidden_states, None, eps)
+    if w.dtype not in (hidden_states.dtype, torch.float32):
         # fp32 activations into a 16-bit model (an fp32 projector's or soft prompt's output): HF promotes
         # the weight's product with them to fp32, which is the fused op with the weight in fp32, exactly
         w = w.float()

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.disable import disabled, is_disabled  # noqa: F401 - the switch, re-exported here
+from ..nn.norm import output_dtype_as_built
 from .table import FAMILIES, KERNEL_LIBRARIES, family_of, is_norm_candidate, unsupported_reason
 
 _ATTR = "_mmfast_patch"
@@ -256,10 +257,13 @@ def patched_forward(module: nn.Module, *args, **kwargs):
     x = args[0] if args else next(iter(kwargs.values()), None)
     if is_disabled():
         out = _original_call(module, rec)(*args, **kwargs)
-        # fp32 master weights make the original LlamaRMSNorm return fp32; keep the input dtype (norms
-        # only: an MLP under autocast returns the autocast dtype, as it would unpatched)
-        if rec.family in FAMILIES and isinstance(out, Tensor) and isinstance(x, Tensor) and out.dtype != x.dtype:
-            out = out.to(x.dtype)
+        # fp32 master weights make the original LlamaRMSNorm of a bf16 model return fp32: its output goes
+        # back to the dtype it had (norms only, and only those: an MLP under autocast returns the autocast
+        # dtype, and an fp32 norm fed bf16 returns fp32, as they would unpatched)
+        if rec.family in FAMILIES and isinstance(out, Tensor) and isinstance(x, Tensor):
+            want = output_dtype_as_built(module, x)
+            if want is not None and out.dtype != want:
+                out = out.to(want)
         return out
     if isinstance(x, Tensor) and x.dtype == torch.float64:
         raise TypeError(

@@ -1458,7 +1458,7 @@ _SAID_CAST = "_mmfast_said_mma_cast"
 
 def _train_mma(model: nn.Module, hf: nn.Module, parts) -> None:
     """Freeze ``model`` but for MMA's modules, the projector (or neck) and PEFT's adapters. MMA's modules train
-    in fp32, as they were made: a cast since patching (which the modality pass warns about) is undone, but
+    in fp32, as they were made: a cast to 16 bits since patching (which the modality pass warns about) is undone, but
     for a ZeRO-3 partition, whose optimizer keeps fp32 masters of its own."""
     kept = peft_trainables(model)  # PEFT's adapters keep training beside MMA's
     for p in model.parameters():
@@ -1468,7 +1468,7 @@ def _train_mma(model: nn.Module, hf: nn.Module, parts) -> None:
     for n in added_modules(hf):
         module = hf.get_submodule(n)
         for p in module.parameters():
-            if p.dtype != torch.float32 and not partitioned(p):
+            if p.dtype.itemsize < 4 and not partitioned(p):  # (float64, cast for a reference run, stays)
                 p.data = p.data.to(torch.float32)
         module.requires_grad_(True)
     if parts is not None:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .._zero import partitioned
+from ..nn.norm import MASTER_ATTR as _MASTER_ATTR, output_dtype_as_built
 from ..patching.core import is_patched, patch_name
 
 LN_RECIPES = ("layernorm", "layernorm-simp", "layernorm+projector")
@@ -201,25 +202,17 @@ def _output_requires_grad(module, args, output):
         output.requires_grad_(True)
 
 
-#: on a norm module whose weights ``master_weights`` widened: {parameter name: (its dtype before, the
-#: dtype of the parameters around the norm then)}
-_MASTER_ATTR = "_mmfast_master_dtypes"
-
-
 def _output_as_before(module: nn.Module, args, out):
     """Forward hook of a norm mmfast did not patch (its own forward runs) whose weights ``master_weights``
     widened to fp32: a forward that multiplies in the weight's dtype (Llama 4's text norm: the normalised
     input, rounded, times the weight) returned fp32 into bf16 layers, which failed. Its output goes back to
-    the dtype it had: the input's and the earlier weight dtype's, promoted (the fused norms return x's
-    dtype with fp32 weights too)."""
-    kept = module.__dict__.get(_MASTER_ATTR)
+    the dtype it had (:func:`output_dtype_as_built`; the fused norms return x's dtype with fp32 weights too);
+    after a cast since patching, the dtype its forward gives."""
     x = args[0] if args else None
-    if not kept or not isinstance(out, torch.Tensor) or not isinstance(x, torch.Tensor):
+    if not isinstance(out, torch.Tensor) or not isinstance(x, torch.Tensor):
         return None
-    want = x.dtype
-    for old, _ in kept.values():
-        want = torch.promote_types(want, old)
-    return out.to(want) if out.dtype != want and out.is_floating_point() else None
+    want = output_dtype_as_built(module, x)
+    return out.to(want) if want is not None and out.dtype != want and out.is_floating_point() else None
 
 
 def warn_cast_trainables(what: str, dtype: torch.dtype, said: dict) -> None:
@@ -452,8 +445,11 @@ def apply_ln_recipe(model: nn.Module, recipe: str, *, final_norm: bool = False, 
                     norm.__dict__[_HOOK_ATTR] = norm.__dict__.get(_HOOK_ATTR, []) + [
                         norm.register_forward_pre_hook(_master_weights_kept)]
                 norm.__dict__[_SAID_ATTR] = said
-                norm.__dict__.setdefault(_MASTER_ATTR, {}).setdefault(name, (p.dtype, around))
-                if p.dtype != torch.float32:
+                kept = norm.__dict__.setdefault(_MASTER_ATTR, {})
+                if p.dtype.itemsize >= 4:  # (a float64 model, a reference run in double, keeps its precision)
+                    kept.setdefault(name, (p.dtype, around))
+                else:  # widened now, from this dtype (after a cast to 16 bits too: the output keeps the cast's)
+                    kept[name] = (p.dtype, around)
                     p.data = p.data.to(torch.float32)
                     if not is_patched(norm) and not any(  # its own forward: it may compute in the weight's dtype
                             norm._forward_hooks.get(h.id) is _output_as_before for h in norm.__dict__[_HOOK_ATTR]):
