@@ -379,6 +379,39 @@ def test_liger_case_leaves_transformers_as_it_found_it():
 
 @pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None,
                     reason="liger-kernel is not installed (optional; the GPU runs carry it)")
+def test_liger_norm_provider_fuses_the_residual_add_where_liger_does(monkeypatch):
+    """The residual RMSNorm rows timed Liger's plain RMSNorm after an eager add (and the two gradients summed
+    by autograd): 11 units of traffic against mmfast's 8, where Liger ships a fused add + RMSNorm with mmfast's
+    interface. (Liger's Triton kernels do not run in the interpreter: which of its modules runs, on what, is
+    what is checked.)"""
+    from liger_kernel.transformers import LigerFusedAddRMSNorm, LigerLayerNorm, LigerRMSNorm
+
+    ran = []
+
+    def recorder(cls):
+        def forward(self, *args):
+            ran.append((cls, len(args), self.in_place if cls is LigerFusedAddRMSNorm else None))
+            return (args[0], args[0] + args[1]) if cls is LigerFusedAddRMSNorm else args[0]
+        return forward
+
+    for cls in (LigerFusedAddRMSNorm, LigerLayerNorm, LigerRMSNorm):
+        monkeypatch.setattr(cls, "forward", recorder(cls))
+    x, r = torch.randn(8, 64), torch.randn(8, 64)
+    for op, residual, expected in (("rms_norm", True, (LigerFusedAddRMSNorm, 2, False)),
+                                   ("rms_norm", False, (LigerRMSNorm, 1, None)),
+                                   ("layer_norm", True, (LigerLayerNorm, 1, None)),  # (no fused add + LayerNorm)
+                                   ("layer_norm", False, (LigerLayerNorm, 1, None))):
+        ran.clear()
+        fn, params = norm_bench.build_provider("liger", NormCase(op, 8, 64, torch.float32, residual=residual),
+                                               torch.device("cpu"))
+        out = fn(x, r)
+        assert ran == [expected], (op, residual, ran)
+        assert len(out) == 2 if residual else isinstance(out, torch.Tensor)
+        assert params and all(isinstance(p, torch.nn.Parameter) for p in params)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None,
+                    reason="liger-kernel is not installed (optional; the GPU runs carry it)")
 def test_liger_provider_is_liger_own_model_patch():
     """The ``liger`` provider is Liger's own LLaVA patch (what its users run): Liger's RMSNorm and SwiGLU on
     the LLaMA, the recipe's parameter selection kept; transformers is restored afterwards."""

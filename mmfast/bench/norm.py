@@ -6,7 +6,9 @@ with its own parameters):
 * ``torch-native``: ``F.rms_norm`` / ``F.layer_norm``;
 * ``torch.compile``: ``torch.compile`` of the ``hf-eager`` function; ``torch.compile-nomix`` the same
   with Inductor's fused norm backward (``triton.mix_order_reduction``) off, where torch has it (GPU);
-* ``liger``: Liger-Kernel's ``LigerRMSNorm`` / ``LigerLayerNorm`` (GPU, when importable);
+* ``liger``: Liger-Kernel's ``LigerRMSNorm`` / ``LigerLayerNorm`` (GPU, when importable); with a residual,
+  its fused ``LigerFusedAddRMSNorm`` (the add in the norm's pass, as mmfast's) and ``LigerLayerNorm`` after an
+  eager add (Liger has no fused add + LayerNorm);
 * ``mmfast-<backend>``: ``mmfast.rms_norm`` / ``mmfast.layer_norm`` with the backend forced: on a GPU
   ``mmfast-triton`` and ``mmfast-cuda`` (the CUDA C++ kernels, when they build here; otherwise the run
   says why it has no such column), on CPU the backend the device selects.
@@ -82,8 +84,10 @@ def _hf_module(case: NormCase) -> nn.Module:
 
 
 def _liger_module(case: NormCase) -> nn.Module:
-    from liger_kernel.transformers import LigerLayerNorm, LigerRMSNorm
+    from liger_kernel.transformers import LigerFusedAddRMSNorm, LigerLayerNorm, LigerRMSNorm
 
+    if case.op == "rms_norm" and case.residual:  # forward(x, r) -> (y, x + r), as mmfast's
+        return LigerFusedAddRMSNorm(case.N, eps=EPS[case.op], offset=0.0, casting_mode="llama", in_place=False)
     if case.op == "rms_norm":
         return LigerRMSNorm(case.N, eps=EPS[case.op], offset=0.0, casting_mode="llama")
     return LigerLayerNorm(case.N, eps=EPS[case.op])
@@ -122,6 +126,8 @@ def build_provider(name: str, case: NormCase, device: torch.device) -> tuple[Cal
     w, b, eps, N = module.weight, getattr(module, "bias", None), EPS[case.op], case.N
     rms = case.op == "rms_norm"
 
+    if name == "liger" and rms and case.residual:
+        return module, params  # (its own fused add)
     if name in ("hf-eager", "liger"):
         return _with_residual(module, case.residual), params
     if name == "torch.compile":
