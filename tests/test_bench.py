@@ -675,7 +675,8 @@ def test_a_stopped_run_writes_what_it_measured(how, tmp_path, capsys, monkeypatc
     summary = (out / "summary.md").read_text()
     measured = {r["provider"] for r in data["records"]}
     if how == "budget":
-        assert rc == 1 and measured == {"hf-eager", "torch-native"} and "interrupted" not in data["meta"]
+        assert rc == bench_main.BUDGET_CUT == 3 and measured == {"hf-eager", "torch-native"}
+        assert "interrupted" not in data["meta"]
         assert "Not run (--time-budget" in summary
     else:
         # the second run was interrupted inside: only the first one's records are kept
@@ -709,6 +710,90 @@ def test_a_run_stopped_before_its_first_measurement(how, tmp_path, capsys, monke
     assert f"interrupted ({how}) before the first measurement" in capsys.readouterr().err
     assert not out.exists()
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_the_time_budget_counts_from_the_start(tmp_path, capsys, monkeypatch):
+    """--time-budget counted from the first measurement, after the copy's timing and (on a GPU) the CUDA C++
+    build a provider check may start: a caller's ``timeout`` set from the budget (a GPU lease's) then cut the
+    run in flight instead of giving it the planned grace. A budget spent before the first run runs none."""
+    clock = [0.0]
+    monkeypatch.setattr(bench_main.time, "monotonic", lambda: clock[0])
+
+    def copy(*a):
+        clock[0] += 100.0  # (the build and the copy's timing)
+        return 1.0
+
+    monkeypatch.setattr(bench_main, "copy_gbps", copy)
+    out = tmp_path / "out"
+    rc = main(["--quick", "--ops", "rms_norm", "--providers", "hf-eager", "--out", str(out), "--time-budget", "50"])
+    data = json.loads((out / "results.json").read_text())
+    assert rc == bench_main.BUDGET_CUT and not data["records"] and len(data["meta"]["not_run"]) == 2
+
+
+def test_a_killed_run_leaves_what_it_measured(tmp_path, capsys, monkeypatch):
+    """A run stopped where it cannot write its outputs (SIGKILL after a hang in C code, which SIGINT cannot
+    reach) lost every record: they lived in memory until the end. Each is kept in records.partial.<pid>.jsonl
+    in --out as it is measured (removed at the end of a run); the goals read that file as a results.json, and a
+    later run into --out counts it as a previous run's."""
+    from mmfast.bench import goals, runner
+
+    real, calls = runner.time_case, []
+    partial = tmp_path / "out" / f"records.partial.{os.getpid()}.jsonl"
+
+    def timed(case, prov, *a, **k):
+        calls.append(prov)
+        if len(calls) == 2:
+            lines = [json.loads(line) for line in partial.read_text().splitlines()]
+            assert lines[0]["meta"]["commit"] and {r["provider"] for r in lines[1:]} == {"hf-eager"}
+            assert len(lines) == 1 + len(DIRECTIONS)
+            raise SystemExit("killed")  # (stands for SIGKILL: nothing after it runs)
+        return real(case, prov, *a, **k)
+
+    monkeypatch.setattr(bench_main, "time_case", timed)
+    out = tmp_path / "out"
+    args = ["--quick", "--ops", "rms_norm", "--providers", "hf-eager,torch-native", "--out", str(out)]
+    with pytest.raises(SystemExit):
+        main(args)
+    assert os.listdir(out) == [partial.name]
+    with pytest.raises(SystemExit):  # records.partial.<pid>.jsonl: a previous run's, refused without --overwrite
+        main(args)
+    assert "holds a previous run" in capsys.readouterr().err
+    kept = tmp_path / "kept.jsonl"
+    shutil.copy(partial, kept)
+    with pytest.raises(SystemExit, match="2"):  # (a CPU run: the goals are GPU goals, read from the file all the same)
+        goals.main([str(kept)])
+    assert "not a GPU run" in capsys.readouterr().err
+    lines = kept.read_text().splitlines()
+    meta = json.loads(lines[0])
+    meta["meta"]["gpu"] = True
+    kept.write_text("\n".join([json.dumps(meta), *lines[1:]]) + "\n")
+    assert goals.main([str(kept)]) == 0  # (no goal has records: nothing unmet)
+    monkeypatch.setattr(bench_main, "time_case", real)
+    assert main([*args, "--overwrite"]) == 0
+    assert not partial.exists() and (out / "results.json").exists()
+
+
+def test_gpu_runs_time_one_case_of_every_op_first_and_report_them_in_order():
+    """A GPU lease's kernel run is cut by its time budget, and the cases ran op by op: the adapter, SwiGLU and
+    QuickGELU came last and went untimed. One case of every op runs first now; the report still lists the cases
+    in their own order."""
+    from mmfast.bench.report import kernel_rows
+
+    cases = [c for c in bench_main.kernel_cases(torch.device("cuda"), quick=False) if not getattr(c, "graphs", False)]
+    ops = [c.op for c in cases]
+    assert len(set(ops[:7])) == len(set(ops)) == 5 and ops[:2] == ["rms_norm"] * 2
+    assert {(c.op, c.N) for c in cases[:7] if isinstance(c, NormCase)} == {("rms_norm", 4096), ("layer_norm", 1024)}
+
+    def rec(op, N, timing="direct"):
+        return {"op": op, "dtype": "bfloat16", "M": 8, "N": N, "timing": timing, "provider": "p", "direction": "fwd",
+                "ms": 1.0, "error": None}
+
+    records = [rec("swiglu", 11008), rec("rms_norm", 4096, "cuda-graph"), rec("layer_norm+residual", 1024),
+               rec("rms_norm", 8192), rec("mma_adapter", 4096), rec("rms_norm", 1024), rec("rms_norm+residual", 4096)]
+    assert [(k[0], k[3], k[4]) for k, _ in kernel_rows(records)] == [
+        ("rms_norm", 1024, "direct"), ("rms_norm", 8192, "direct"), ("rms_norm+residual", 4096, "direct"),
+        ("layer_norm+residual", 1024, "direct"), ("mma_adapter", 4096, "direct"), ("swiglu", 11008, "direct"),
+        ("rms_norm", 4096, "cuda-graph")]
 
 
 def test_an_interrupted_overwrite_keeps_the_previous_run(tmp_path, capsys, monkeypatch):

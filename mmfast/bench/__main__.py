@@ -36,7 +36,7 @@ from . import norm as norm_bench
 from . import activation as activation_bench
 from .cases import AdapterCase, NormCase, QuickGELUCase, SwiGLUCase
 from .env import CPU_BANNER, environment
-from .report import table, write_csv, write_json, write_plots, write_summary_md
+from .report import no_nan, table, write_csv, write_json, write_plots, write_summary_md
 from .runner import record, time_case, time_cases_isolated
 from .timing import copy_gbps
 
@@ -58,11 +58,21 @@ def kernel_cases(device: torch.device, quick: bool) -> list:
                [NormCase("layer_norm", 256, 768, f32, residual=r) for r in (False, True)] + \
                [AdapterCase(2, 128, 1024, f32), SwiGLUCase(256, 2752, f32), QuickGELUCase(256, 1024, f32)]
     clip_m = 64 * 577
-    cases = [NormCase("rms_norm", 32768, n, bf16, residual=r) for r in (False, True) for n in (1024, 4096, 5120, 8192)]
-    cases += [NormCase("layer_norm", clip_m, n, bf16, residual=r) for r in (False, True) for n in (768, 1024, 1280)]
-    cases += [AdapterCase(64, 512, 4096, bf16), AdapterCase(64, 577, 1024, bf16)]
-    cases += [SwiGLUCase(16384, 11008, bf16)]  # LLaMA-7B's MLP width
-    cases += [QuickGELUCase(clip_m, 4096, bf16)]  # CLIP-L's MLP width, 64 images
+
+    def rms(n, r):
+        return NormCase("rms_norm", 32768, n, bf16, residual=r)
+
+    def ln(n, r):
+        return NormCase("layer_norm", clip_m, n, bf16, residual=r)
+
+    # Run order (the report lists the cases in their own order): one case of every op first, at LLaMA-7B's and
+    # CLIP-L's widths, so that a run --time-budget cuts short (a GPU lease's) still times each op; then the
+    # other widths, the norm goals' widest first
+    cases = [rms(4096, False), rms(4096, True), ln(1024, False), ln(1024, True), AdapterCase(64, 512, 4096, bf16),
+             SwiGLUCase(16384, 11008, bf16),  # LLaMA-7B's MLP width
+             QuickGELUCase(clip_m, 4096, bf16)]  # CLIP-L's MLP width, 64 images
+    cases += [rms(n, r) for n in (8192, 5120, 1024) for r in (False, True)]
+    cases += [ln(n, r) for n in (768, 1280) for r in (False, True)] + [AdapterCase(64, 577, 1024, bf16)]
     cases += [NormCase("rms_norm", 512, 4096, bf16, graphs=True), NormCase("rms_norm", 512, 4096, bf16, True, True),
               NormCase("layer_norm", 577, 1024, bf16, graphs=True), AdapterCase(1, 512, 4096, bf16, graphs=True)]
     return cases
@@ -141,8 +151,9 @@ def _parser() -> argparse.ArgumentParser:
                         "(GPU: CUDA-graph replays; no model suite), or all (default). Separate processes keep a "
                         "failed capture from affecting the other cases")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                   help="stop starting new runs after this many seconds and write what was measured; the runs left "
-                        "out are listed in the results (default: no limit)")
+                   help="stop starting new runs this many seconds after the start (the CUDA C++ build and the copy's "
+                        "timing included) and write what was measured; the runs left out are listed in the results, "
+                        "and the exit status is 3 where nothing else went wrong (default: no limit)")
     p.add_argument("--backend-table", default=None, metavar="FILE",
                    help="also write the table MMFAST_BACKEND=auto uses to choose between the CUDA C++ and Triton "
                         "kernels on this GPU model, from this run's mmfast-cuda and mmfast-triton timings")
@@ -150,6 +161,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()  # (--time-budget counts from here: the CUDA C++ build and the copy's timing count)
     p = _parser()
     args = p.parse_args(argv)
     for flag, value in (("--steps", args.steps), ("--batch", args.batch), ("--llm-layers", args.llm_layers)):
@@ -245,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             # one thread: with two on a machine that other work shares, a call's time jumped by 100x at random
             torch.set_num_threads(1)
         try:
-            return _run(args, device, plan)
+            return _run(args, device, plan, started)
         finally:
             torch.set_num_threads(threads)
     finally:
@@ -253,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         if created and os.path.isdir(args.out) and not os.listdir(args.out):  # (a run stopped before it wrote anything)
             os.rmdir(args.out)
 
+
+#: The exit status of a run whose --time-budget left runs out (and nothing else went wrong): a planned cut
+#: that a script can tell from a failure
+BUDGET_CUT = 3
 
 #: In --out while a run uses it: the pid of that run.
 LOCK_NAME = ".mmfast-bench.lock"
@@ -295,7 +311,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _run(args, device, plan) -> int:
+def _run(args, device, plan, started: float) -> int:
     with _sigterm_as_interrupt():
         try:  # (seconds: the copy's bandwidth, and on a GPU the CUDA C++ build a provider check may start)
             env = environment(device)
@@ -307,7 +323,7 @@ def _run(args, device, plan) -> int:
     records: list[dict] = []
     not_run: list[str] = []
     interrupted = None
-    started = time.monotonic()
+    partial = _Partial(args.out, {**env, "copy_gbps": copy, "gpu": device.type == "cuda", "quick": args.quick})
     bar = _progress(len(plan))
     groups = _groups(plan, device)
     done = 0
@@ -328,11 +344,13 @@ def _run(args, device, plan) -> int:
                     own = getattr(case, "graphs", False) and device.type == "cuda"
                     bar.set_postfix_str(f"{case.name} N={case.N} {prov}" + (" (CUDA graphs, own process)" if own else ""))
                 if isinstance(case, model_bench.ModelCase):
-                    records.append(_model_record(case, prov, device, env, args.steps))
+                    new = [_model_record(case, prov, device, env, args.steps)]
                 elif getattr(case, "graphs", False) and device.type == "cuda":
-                    records += time_cases_isolated([c for c, _ in group], prov, device, copy, env)
+                    new = time_cases_isolated([c for c, _ in group], prov, device, copy, env)
                 else:
-                    records += time_case(case, prov, device, copy, env)
+                    new = time_case(case, prov, device, copy, env)
+                records += new
+                partial.add(new)
                 if bar is not None:
                     bar.update(len(group))
             done = len(groups)
@@ -344,6 +362,7 @@ def _run(args, device, plan) -> int:
             if bar is not None:
                 bar.close()
 
+    partial.remove()  # (the outputs hold every record from here on)
     with _signals_deferred() as deferred:  # from here to the end: the outputs are written whole
         return _finish(args, device, env, copy, records, not_run, interrupted, plan, deferred)
 
@@ -407,7 +426,9 @@ def _finish(args, device, env, copy, records, not_run, interrupted, plan, deferr
     if interrupted or deferred.signal is not None:
         return 130
     table_missing = bool(args.backend_table) and not (table_said or "").startswith("wrote")
-    return 1 if any(r["error"] for r in records) or not_run or failed is not None or table_missing else 0
+    if any(r["error"] for r in records) or failed is not None or table_missing:
+        return 1
+    return BUDGET_CUT if not_run else 0  # (not_run without an interruption: the time budget's cut)
 
 
 def _write_outputs(out: str, meta: dict, records: list[dict], device: torch.device, overwrite: bool) -> int:
@@ -477,10 +498,60 @@ class _sigterm_as_interrupt:
 
 
 def _previous_files(out: str) -> list[str]:
-    """The files of a previous run in ``out``: the outputs and the plots the bench names."""
+    """The files of a previous run in ``out``: the outputs, the plots the bench names, and the records a
+    killed run left (:class:`_Partial`)."""
     plots = [os.path.basename(f) for f in glob.glob(os.path.join(glob.escape(out), "*.png"))]
-    return [name for name in [*OUTPUTS, *(f for f in plots if PLOT_NAME.fullmatch(f))]
+    partial = [os.path.basename(f) for f in glob.glob(os.path.join(glob.escape(out), "records.partial.*.jsonl"))]
+    return [name for name in [*OUTPUTS, *(f for f in plots if PLOT_NAME.fullmatch(f)),
+                              *(f for f in partial if PARTIAL_NAME.fullmatch(f))]
             if os.path.isfile(os.path.join(out, name))]
+
+
+#: :class:`_Partial`'s file in --out
+PARTIAL_NAME = re.compile(r"records\.partial\.\d+\.jsonl")
+
+
+class _Partial:
+    """``records.partial.<pid>.jsonl`` in --out while a run measures: a JSON line of the run's meta, then one
+    per record as it is measured; removed once the run has them all in hand to write its outputs. A run
+    killed where it cannot write them (SIGKILL after a hang inside a kernel or a compile, where SIGINT waits
+    for the C code to return) leaves what it measured there; ``python -m mmfast.bench.goals`` reads it as it
+    reads a results.json, and a later run into --out counts it as a previous run's file."""
+
+    def __init__(self, out: str, meta: dict):
+        self.path = os.path.join(out, f"records.partial.{os.getpid()}.jsonl")
+        self.file = None
+        try:
+            self.file = open(self.path, "w")
+        except OSError as e:
+            self._lost(e)
+        self._write([{"meta": {**meta, "partial": "the records a run measured before it was stopped "
+                                                 "without writing its outputs"}}])
+
+    def _lost(self, e: OSError) -> None:
+        print(f"[mmfast.bench] cannot keep the records in {self.path} as they are measured ({e.strerror or e}); "
+              "they are written at the end only", file=sys.stderr)
+        self.file = None
+
+    def _write(self, objs: list) -> None:
+        if self.file is None:
+            return
+        try:
+            self.file.write("".join(json.dumps(no_nan(o), allow_nan=False) + "\n" for o in objs))
+            self.file.flush()
+        except OSError as e:
+            self._lost(e)
+
+    def add(self, records: list[dict]) -> None:
+        self._write(records)
+
+    def remove(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        try:
+            os.remove(self.path)
+        except OSError:
+            pass
 
 
 def _previous_run(out: str) -> Optional[str]:

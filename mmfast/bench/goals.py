@@ -186,14 +186,20 @@ def main(argv: list[str] | None = None) -> int:
     import json
 
     p = argparse.ArgumentParser(prog="python -m mmfast.bench.goals", description=main.__doc__)
-    p.add_argument("results", nargs="+", help="results.json files written by python -m mmfast.bench")
+    p.add_argument("results", nargs="+", help="results.json files written by python -m mmfast.bench (or the "
+                                              "records.partial.<pid>.jsonl a killed run left)")
     args = p.parse_args(argv)
     records: list[dict] = []
     gpus: dict[str, str] = {}
     for path in args.results:
         try:
             with open(path) as f:
-                data = json.load(f)
+                if path.endswith(".jsonl"):  # its meta's line, then a line per record
+                    lines = [json.loads(line) for line in f if line.strip()]
+                    data = {"meta": (lines[0] if lines and isinstance(lines[0], dict) else {}).get("meta"),
+                            "records": lines[1:]}
+                else:
+                    data = json.load(f)
         except OSError as e:
             p.error(f"{path}: cannot read it ({e.strerror or e})")
         except ValueError as e:

@@ -20,12 +20,22 @@ def _is_model(r: dict) -> bool:
     return r["direction"] == "train-step"
 
 
+#: The order the report lists kernel cases in (a run times them in another: one case of every op first)
+OP_ORDER = ("rms_norm", "rms_norm+residual", "layer_norm", "layer_norm+residual", "mma_adapter", "swiglu", "quick_gelu")
+
+
+def _case_order(key: tuple) -> tuple:
+    op, dtype, M, N, timing = key
+    rank = OP_ORDER.index(op) if op in OP_ORDER else len(OP_ORDER)
+    return timing != "direct", rank, op, str(dtype), M, N
+
+
 def _kernel_groups(records):
     groups: dict[tuple, dict[str, dict[str, dict]]] = defaultdict(lambda: defaultdict(dict))
     for r in records:
         if not _is_model(r):
             groups[(r["op"], r["dtype"], r["M"], r["N"], r.get("timing", "direct"))][r["provider"]][r["direction"]] = r
-    return groups
+    return {k: groups[k] for k in sorted(groups, key=_case_order)}
 
 
 def _has_gpu_time(records: list[dict]) -> bool:
@@ -167,20 +177,20 @@ def write_summary_md(path: str, meta: dict, records: list[dict], plots: list[str
         f.write("\n".join(lines) + "\n")
 
 
-def _no_nan(value):
+def no_nan(value):
     """NaN and infinities as null: JSON has no such numbers (Python writes NaN, which strict readers refuse)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _no_nan(v) for k, v in value.items()}
+        return {k: no_nan(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_no_nan(v) for v in value]
+        return [no_nan(v) for v in value]
     return value
 
 
 def write_json(path: str, meta: dict, records: list[dict]) -> None:
     with open(path, "w") as f:
-        json.dump(_no_nan({"meta": meta, "records": records}), f, indent=1, allow_nan=False)
+        json.dump(no_nan({"meta": meta, "records": records}), f, indent=1, allow_nan=False)
 
 
 #: the columns every record has (runner.record's), the header of a run without records
