@@ -70,8 +70,9 @@ int64_t norm_bwd_num_partials(const NormBwdParams& p);
 // Backward: dx and the per-program partial sums of dweight/dbias (num_partials rows, see above).
 cudaError_t norm_bwd(const NormBwdParams& p, cudaStream_t stream);
 
-// out[n] = sum over p of partial[p, n], in a fixed order; out in dtype out_dt. P == 0 writes zeros.
-cudaError_t norm_sum_partials(const float* partial, int64_t P, int64_t N, void* out, DType out_dt,
+// out[n] = sum over p of partial[p, n], in a fixed order; out in dtype out_dt. P == 0 writes zeros. The
+// workspace is consumed: a first pass may write the sums of chunks of its rows into it.
+cudaError_t norm_sum_partials(float* partial, int64_t P, int64_t N, void* out, DType out_dt,
                               cudaStream_t stream);
 
 // Which kernel a forward / backward with these parameters runs ("special-4096", "register-v8-t128", "wide-v1", ...).

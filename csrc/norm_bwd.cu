@@ -418,15 +418,20 @@ __global__ void __launch_bounds__(kWideThreads) norm_bwd_wide_kernel(const NormB
   }
 }
 
-// out[n] = sum_p partial[p, n]: 32 columns x 8 slices of p per block, slices summed in order.
+// out[c * out_stride + n] = sum of part[p * step, n] over the rows p of chunk c = blockIdx.y (c * chunk up to
+// P): 32 columns x 8 slices of the rows per block, the slices summed in order. out may be part itself, at the
+// first row of each chunk: a block reads its rows before it writes (the barrier between), and no other
+// block reads them (so neither pointer is __restrict__).
 template <typename O>
-__global__ void __launch_bounds__(256) sum_partials_kernel(const float* __restrict__ part, int64_t P, int64_t N,
-                                                           O* __restrict__ out) {
+__global__ void __launch_bounds__(256) sum_partials_kernel(const float* part, int64_t P, int64_t N, int64_t chunk,
+                                                           int64_t step, O* out, int64_t out_stride) {
   __shared__ float red[8][33];
   const int64_t col = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.y) * chunk;
+  const int64_t end = first + chunk < P ? first + chunk : P;
   float s = 0.f;
   if (col < N) {
-    for (int64_t q = threadIdx.y; q < P; q += 8) s += part[q * N + col];
+    for (int64_t q = first + threadIdx.y; q < end; q += 8) s += part[q * step * N + col];
   }
   red[threadIdx.y][threadIdx.x] = s;
   __syncthreads();
@@ -434,7 +439,7 @@ __global__ void __launch_bounds__(256) sum_partials_kernel(const float* __restri
     float t = 0.f;
 #pragma unroll
     for (int j = 0; j < 8; ++j) t += red[j][threadIdx.x];
-    out[col] = from_f32<O>(t);
+    out[static_cast<int64_t>(blockIdx.y) * out_stride + col] = from_f32<O>(t);
   }
 }
 
@@ -442,11 +447,42 @@ __global__ void __launch_bounds__(256) sum_partials_kernel(const float* __restri
 // host side: grids, launchers, dispatch
 // ------------------------------------------------------------------------------------------------
 
+int current_sm_count();
+
+// Rows of the [P, N] partials one block sums in a first pass (P: a single pass). The persistent backwards
+// leave P of several per SM (up to kRows per block), and a pass over column blocks alone runs N / 32 blocks
+// (24 at N = 768), each slice walking hundreds of rows at the latency of its loads. Where the column blocks
+// fill fewer than two per SM, the rows are split too, enough for two per SM, in multiples of the 8 slices; a
+// second pass adds the chunks' sums. Fixed for (P, N, SM count): the order, and so the bits, do not change
+// run to run.
+inline int64_t sum_chunk_rows(int64_t P, int64_t N, int sms) {
+  const int64_t cols = (N + 31) / 32;
+  if (P <= 64 || cols >= 2 * static_cast<int64_t>(sms)) return P;
+  int64_t chunks = (2 * static_cast<int64_t>(sms) + cols - 1) / cols;
+  const int64_t most = (P + 31) / 32;  // (at least 32 rows a chunk: 4 a slice)
+  if (chunks > most) chunks = most;
+  const int64_t chunk = (P + chunks - 1) / chunks / 8 * 8;
+  return chunk < 32 ? 32 : chunk;
+}
+
 template <typename O>
-cudaError_t launch_sum_partials(const float* partial, int64_t P, int64_t N, void* out, cudaStream_t stream) {
+cudaError_t launch_sum_partials(float* partial, int64_t P, int64_t N, void* out, cudaStream_t stream) {
+  const auto cols = static_cast<unsigned>((N + 31) / 32);
+  const int64_t chunk = sum_chunk_rows(P, N, current_sm_count());
+  int64_t rows = P, step = 1;
+  if (chunk < P) {  // the chunks' sums, in place, at the first row of each: then a pass over those rows
+    const int64_t chunks = (P + chunk - 1) / chunk;
+    auto first = sum_partials_kernel<float>;
+    MMFAST_LAUNCH(first, dim3(cols, static_cast<unsigned>(chunks)), dim3(32, 8), 0, stream)(partial, P, N, chunk, 1,
+                                                                                          partial, chunk * N);
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+    rows = chunks;
+    step = chunk;
+  }
   auto kernel = sum_partials_kernel<O>;
-  MMFAST_LAUNCH(kernel, static_cast<unsigned>((N + 31) / 32), dim3(32, 8), 0, stream)(partial, P, N,
-                                                                                      static_cast<O*>(out));
+  MMFAST_LAUNCH(kernel, dim3(cols, 1), dim3(32, 8), 0, stream)(partial, rows, N, rows > 0 ? rows : 1, step,
+                                                              static_cast<O*>(out), 0);
   return cudaGetLastError();
 }
 
@@ -689,7 +725,7 @@ cudaError_t norm_bwd(const NormBwdParams& p, cudaStream_t stream) {
   return detail::bwd_run(p, stream, true, &partials);
 }
 
-cudaError_t norm_sum_partials(const float* partial, int64_t P, int64_t N, void* out, DType out_dt,
+cudaError_t norm_sum_partials(float* partial, int64_t P, int64_t N, void* out, DType out_dt,
                               cudaStream_t stream) {
   if (N < 1 || out == nullptr || (P > 0 && partial == nullptr)) return cudaErrorInvalidValue;
   switch (out_dt) {

@@ -368,6 +368,18 @@ def norm_bwd(dy, x, weight, mean, rstd, dres, rms: bool, need_dx=True, need_dw=T
 
 # ---- the adapter (what csrc/binding.cpp does on a GPU) ---------------------------------------------------
 
+def sum_partials(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """norm_sum_partials of a [P, N] fp32 workspace (a guarded copy, consumed as on the GPU) into a new
+    ``dtype`` vector."""
+    P_, N = part.shape
+    g = _input(part.float())
+    out = Guarded(N, dtype)
+    _check(lib().emu_norm_sum_partials(g.ptr(), P_, N, out.ptr(), DTYPE_CODE[dtype]), "norm_sum_partials")
+    _outputs_ok("norm_sum_partials", {"out": out})
+    assert g.intact(), "norm_sum_partials wrote outside its workspace"
+    return out.view.clone()
+
+
 def adapter_limits() -> tuple[int, int]:
     """(most hidden channels, most experts) the CUDA C++ adapter kernels take (csrc/adapter.h)."""
     hidden, experts = I(), I()

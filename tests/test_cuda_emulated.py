@@ -417,3 +417,23 @@ def test_guarded_memory_lives_as_long_as_its_tensors():
     w = E.Guarded(1000, torch.float32)
     w.view.fill_(7.0)
     assert v.data_ptr() != w.ptr() and torch.isnan(v).all()
+
+
+@pytest.mark.parametrize("P,N", [(2112, 768), (1056, 1024), (65, 100), (64, 768), (0, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_partial_sums_split_over_rows(P, N, dtype):
+    """The dweight / dbias workspace ([P, N] fp32, P = blocks x row slots: 2112 at N = 768 on an H100) was
+    summed by N / 32 blocks, 24 at N = 768, each slice walking 264 rows at the latency of its loads. Where the
+    columns fill fewer than two blocks per SM, the rows are split into chunks too (a first pass writes each
+    chunk's sum into its first row, a second adds those): as accurate as PyTorch's sum, the same bits run to
+    run, nothing written outside the workspace (on the emulated H100's 132 SMs, the split runs at the first
+    two shapes)."""
+    from accuracy import assert_accurate
+
+    torch.manual_seed(P + N)
+    part = torch.randn(P, N) * torch.rand(1, N) * 4
+    ref = part.double().sum(0)
+    ours = E.sum_partials(part, dtype)
+    assert torch.equal(ours, E.sum_partials(part, dtype))
+    scale = part.abs().sum(0).max().item() if P else 1.0
+    assert_accurate("sum", ours, part.sum(0).to(dtype), ref, scale, P * N, terms=max(P, 1))

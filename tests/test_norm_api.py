@@ -555,3 +555,38 @@ def test_outputs_are_tensors_of_their_own(op, grad):
     if grad:
         y.sum().backward()
         assert x.grad is not None and x.grad._base is None
+
+
+@pytest.mark.parametrize("P,N,chunk", [(1056, 1024, 32), (257, 300, 96), (100, 40, 64), (97, 33, 200), (5, 7, 2)])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_partial_sums_split_over_rows(P, N, chunk, out_dtype):
+    """The dweight / dbias partials ([P, N] fp32, P several per SM) were summed by N / 256 programs, 4 at
+    N = 1024, each reading a quarter of the rows at the latency of its loads. The rows are split into chunks
+    too where the columns leave SMs idle (a first pass writes each chunk's sum into its first row, a second adds
+    those): as accurate as PyTorch's sum, and the same bits run to run."""
+    from accuracy import assert_accurate
+
+    from mmfast.kernels._common import sum_partials
+
+    torch.manual_seed(P * N)
+    part = torch.randn(P, N) * torch.rand(1, N) * 4
+    ref = part.double().sum(0)
+    outs = []
+    for _ in range(2):
+        out = torch.empty(N, dtype=out_dtype)
+        sum_partials(part.clone(), out, chunk)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    assert_accurate("sum", outs[0], part.sum(0).to(out_dtype), ref, part.abs().sum(0).max().item(), P * N, terms=P)
+
+
+def test_partial_sums_split_rows_where_columns_leave_sms_idle():
+    from mmfast.kernels._common import SUM_BLOCK_P, sum_block_n, sum_chunk_rows
+
+    h100 = 132
+    for P, N in ((1056, 1024), (2112, 768), (1056, 4096), (528, 5120), (1056, 65536)):
+        chunk = sum_chunk_rows(P, N, h100)
+        programs = -(-N // sum_block_n(N)) * -(-P // chunk)
+        assert chunk % SUM_BLOCK_P == 0 and chunk < P and programs >= 2 * h100 or chunk == SUM_BLOCK_P, (P, N)
+    # a few rows (small M: one pass, no second launch), or columns enough to fill the GPU: one pass
+    assert sum_chunk_rows(128, 1024, h100) == 128 and sum_chunk_rows(4096, 1 << 17, h100) == 4096

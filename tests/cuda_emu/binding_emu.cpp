@@ -204,7 +204,7 @@ inline cudaError_t adapter_fwd(const AdapterFwdParams& p, cudaStream_t s) {
 inline cudaError_t adapter_bwd(const AdapterBwdParams& p, cudaStream_t s) {
   return launched("adapter_bwd", p, &mmfast::adapter_bwd_path, &mmfast::adapter_bwd, s);
 }
-inline cudaError_t norm_sum_partials(const float* part, int64_t P, int64_t N, void* out, DType dt, cudaStream_t s) {
+inline cudaError_t norm_sum_partials(float* part, int64_t P, int64_t N, void* out, DType dt, cudaStream_t s) {
   check_fenced("sum_partials", {part, out});
   return recorded("sum_partials", "", mmfast::norm_sum_partials(part, P, N, out, dt, s));
 }

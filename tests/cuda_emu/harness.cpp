@@ -96,7 +96,7 @@ int emu_norm_bwd(MMFAST_BWD_ARGS) {
 
 const char* emu_norm_bwd_path(MMFAST_BWD_ARGS) { return mmfast::norm_bwd_path(bwd_params(MMFAST_BWD_PASS)); }
 
-int emu_norm_sum_partials(const float* partial, int64_t P, int64_t N, void* out, int out_dt) {
+int emu_norm_sum_partials(float* partial, int64_t P, int64_t N, void* out, int out_dt) {
   const cudaError_t e = mmfast::norm_sum_partials(partial, P, N, out, static_cast<mmfast::DType>(out_dt), nullptr);
   return e != cudaSuccess ? e : cudaGetLastError();
 }
