@@ -396,12 +396,40 @@ def test_a_float64_model_keeps_its_trainables_in_float64():
         model(**batch("llava", seed=3, dtype=torch.float64)).loss.backward()
     assert all(p.grad.dtype == torch.float64 for p in trained.values())
 
+    model.float()  # (the reference run done: fp32 from here, its norms' forwards as they are, disabled or not)
+    inputs = batch("llava", seed=3)
+    with torch.no_grad():
+        assert model(**inputs).logits.dtype == torch.float32
+        with mmfast.disabled():
+            assert model(**inputs).logits.dtype == torch.float32
+
     model = build("llava")
     mmfast.patch(model, tuning="mma", verbose=False)
     model.double()
     mmfast.patch(model, tuning="mma", verbose=False)
     trained = [p for p in model.parameters() if p.requires_grad]
     assert trained and all(p.dtype == torch.float64 for p in trained)
+
+
+def test_a_bf16_model_cast_to_fp32_and_patched_again_computes_as_an_fp32_model():
+    """A bf16 model patched (its norm weights widened to fp32 masters), cast with ``.float()`` and patched again
+    kept the bf16 recorded at the first patch as the dtype its norms had, so fed bf16 embeddings they returned
+    bf16 into the fp32 projections, which failed (patched and under mmfast.disabled()); an fp32 model promotes
+    them to fp32."""
+    model = build("llama", dtype=torch.bfloat16)
+    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    model.float()
+    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    plain = copy.deepcopy(model)
+    mmfast.unpatch(plain)
+    assert all(p.dtype == torch.float32 for p in plain.parameters())
+    emb = plain.get_input_embeddings()(batch("llama")["input_ids"]).to(torch.bfloat16)
+    with torch.no_grad():
+        expected = plain(inputs_embeds=emb).logits
+        assert expected.dtype == torch.float32
+        torch.testing.assert_close(model(inputs_embeds=emb).logits, expected)
+        with mmfast.disabled():
+            torch.testing.assert_close(model(inputs_embeds=emb).logits, expected)
 
 
 def test_a_model_built_in_fp32_then_cast_after_patching_warns_too(recwarn):

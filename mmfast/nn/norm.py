@@ -18,10 +18,10 @@ MASTER_ATTR = "_mmfast_master_dtypes"
 
 
 def output_dtype_as_built(module: nn.Module, x: Tensor) -> torch.dtype | None:
-    """For a norm whose weights master_weights widened to fp32: the dtype its own forward returned for ``x``
-    before (x's dtype promoted with each such weight's earlier dtype: bf16 in a bf16 model, fp32 in an fp32
-    one). None for any other norm, or for one whose weights a cast since patching took out of fp32: its
-    forward's own dtype stands."""
+    """For a norm whose 16-bit weights master_weights widened to fp32: the dtype its own forward returned for
+    ``x`` before (x's dtype promoted with each such weight's earlier dtype: bf16 for bf16 x). None for any
+    other norm (weights that were fp32 or float64 already), or for one whose weights a cast since patching
+    took out of fp32: its forward's own dtype stands."""
     kept = module.__dict__.get(MASTER_ATTR)
     if not kept:
         return None
@@ -29,7 +29,7 @@ def output_dtype_as_built(module: nn.Module, x: Tensor) -> torch.dtype | None:
     for name, (before, _) in kept.items():
         p = getattr(module, name, None)
         if isinstance(p, Tensor):
-            if p.dtype != torch.float32:
+            if p.dtype != torch.float32 or before.itemsize >= 4:
                 return None
             want = torch.promote_types(want, before)
     return want
@@ -51,7 +51,8 @@ def _rms_norm_as_hf(module: nn.Module, hidden_states: Tensor, eps: float) -> Ten
 
 
 def llama_rms_norm_forward(module: nn.Module, hidden_states: Tensor) -> Tensor:
-    """``LlamaRMSNorm.forward`` semantics (weight, variance_epsilon); output in the input's dtype."""
+    """``LlamaRMSNorm.forward`` semantics (weight, variance_epsilon), its output dtype included (the input's,
+    promoted with the weight's; an fp32 master weight counts as the dtype it had)."""
     return _rms_norm_as_hf(module, hidden_states, module.variance_epsilon)
 
 

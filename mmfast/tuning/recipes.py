@@ -447,7 +447,10 @@ def apply_ln_recipe(model: nn.Module, recipe: str, *, final_norm: bool = False, 
                 norm.__dict__[_SAID_ATTR] = said
                 kept = norm.__dict__.setdefault(_MASTER_ATTR, {})
                 if p.dtype.itemsize >= 4:  # (a float64 model, a reference run in double, keeps its precision)
-                    kept.setdefault(name, (p.dtype, around))
+                    if name not in kept or kept[name][1] != around:
+                        # first kept, or the model was cast since (the parameters around it are in another
+                        # dtype now, fp32 after .float()): the weight's own dtype is the model's
+                        kept[name] = (p.dtype, around)
                 else:  # widened now, from this dtype (after a cast to 16 bits too: the output keeps the cast's)
                     kept[name] = (p.dtype, around)
                     p.data = p.data.to(torch.float32)
