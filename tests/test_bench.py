@@ -732,18 +732,21 @@ def test_the_time_budget_counts_from_the_start(tmp_path, capsys, monkeypatch):
 
 def test_a_killed_run_leaves_what_it_measured(tmp_path, capsys, monkeypatch):
     """A run stopped where it cannot write its outputs (SIGKILL after a hang in C code, which SIGINT cannot
-    reach) lost every record: they lived in memory until the end. Each is kept in records.partial.<pid>.jsonl
+    reach) lost every record: they lived in memory until the end. Each is kept in records.partial.<pid>-<ns>.jsonl
     in --out as it is measured (removed at the end of a run); the goals read that file as a results.json, and a
-    later run into --out counts it as a previous run's."""
+    later run into --out counts it as a previous run's (and never writes to it, in the same process either)."""
     from mmfast.bench import goals, runner
 
     real, calls = runner.time_case, []
-    partial = tmp_path / "out" / f"records.partial.{os.getpid()}.jsonl"
+
+    def partials():
+        return sorted((tmp_path / "out").glob("records.partial.*.jsonl"))
 
     def timed(case, prov, *a, **k):
         calls.append(prov)
         if len(calls) == 2:
-            lines = [json.loads(line) for line in partial.read_text().splitlines()]
+            assert len(partials()) == 1
+            lines = [json.loads(line) for line in partials()[0].read_text().splitlines()]
             assert lines[0]["meta"]["commit"] and {r["provider"] for r in lines[1:]} == {"hf-eager"}
             assert len(lines) == 1 + len(DIRECTIONS)
             raise SystemExit("killed")  # (stands for SIGKILL: nothing after it runs)
@@ -754,10 +757,12 @@ def test_a_killed_run_leaves_what_it_measured(tmp_path, capsys, monkeypatch):
     args = ["--quick", "--ops", "rms_norm", "--providers", "hf-eager,torch-native", "--out", str(out)]
     with pytest.raises(SystemExit):
         main(args)
+    [partial] = partials()
     assert os.listdir(out) == [partial.name]
-    with pytest.raises(SystemExit):  # records.partial.<pid>.jsonl: a previous run's, refused without --overwrite
+    left = partial.read_text()
+    with pytest.raises(SystemExit):  # the killed run's file: a previous run's, refused without --overwrite
         main(args)
-    assert "holds a previous run" in capsys.readouterr().err
+    assert "holds a previous run" in capsys.readouterr().err and partial.read_text() == left
     kept = tmp_path / "kept.jsonl"
     shutil.copy(partial, kept)
     with pytest.raises(SystemExit, match="2"):  # (a CPU run: the goals are GPU goals, read from the file all the same)
@@ -770,7 +775,7 @@ def test_a_killed_run_leaves_what_it_measured(tmp_path, capsys, monkeypatch):
     assert goals.main([str(kept)]) == 0  # (no goal has records: nothing unmet)
     monkeypatch.setattr(bench_main, "time_case", real)
     assert main([*args, "--overwrite"]) == 0
-    assert not partial.exists() and (out / "results.json").exists()
+    assert not partials() and (out / "results.json").exists()
 
 
 def test_gpu_runs_time_one_case_of_every_op_first_and_report_them_in_order():

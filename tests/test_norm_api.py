@@ -587,6 +587,7 @@ def test_partial_sums_split_rows_where_columns_leave_sms_idle():
     for P, N in ((1056, 1024), (2112, 768), (1056, 4096), (528, 5120), (1056, 65536)):
         chunk = sum_chunk_rows(P, N, h100)
         programs = -(-N // sum_block_n(N)) * -(-P // chunk)
-        assert chunk % SUM_BLOCK_P == 0 and chunk < P and programs >= 2 * h100 or chunk == SUM_BLOCK_P, (P, N)
+        # a split into whole steps, two programs per SM (or as many chunks as there are steps of rows)
+        assert chunk % SUM_BLOCK_P == 0 and chunk < P and (programs >= 2 * h100 or chunk == SUM_BLOCK_P), (P, N)
     # a few rows (small M: one pass, no second launch), or columns enough to fill the GPU: one pass
     assert sum_chunk_rows(128, 1024, h100) == 128 and sum_chunk_rows(4096, 1 << 17, h100) == 4096

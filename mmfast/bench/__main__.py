@@ -508,21 +508,22 @@ def _previous_files(out: str) -> list[str]:
 
 
 #: :class:`_Partial`'s file in --out
-PARTIAL_NAME = re.compile(r"records\.partial\.\d+\.jsonl")
+PARTIAL_NAME = re.compile(r"records\.partial\.\d+-\d+\.jsonl")
 
 
 class _Partial:
-    """``records.partial.<pid>.jsonl`` in --out while a run measures: a JSON line of the run's meta, then one
+    """``records.partial.<pid>-<ns>.jsonl`` in --out while a run measures: a JSON line of the run's meta, then one
     per record as it is measured; removed once the run has them all in hand to write its outputs. A run
     killed where it cannot write them (SIGKILL after a hang inside a kernel or a compile, where SIGINT waits
     for the C code to return) leaves what it measured there; ``python -m mmfast.bench.goals`` reads it as it
     reads a results.json, and a later run into --out counts it as a previous run's file."""
 
     def __init__(self, out: str, meta: dict):
-        self.path = os.path.join(out, f"records.partial.{os.getpid()}.jsonl")
+        # (a name of this run's own: a killed run's file is never reopened, by a run in the same process either)
+        self.path = os.path.join(out, f"records.partial.{os.getpid()}-{time.time_ns()}.jsonl")
         self.file = None
         try:
-            self.file = open(self.path, "w")
+            self.file = open(self.path, "x")
         except OSError as e:
             self._lost(e)
         self._write([{"meta": {**meta, "partial": "the records a run measured before it was stopped "

@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m mmfast.bench.goals", description=main.__doc__)
     p.add_argument("results", nargs="+", help="results.json files written by python -m mmfast.bench (or the "
-                                              "records.partial.<pid>.jsonl a killed run left)")
+                                              "records.partial.<pid>-<ns>.jsonl a killed run left)")
     args = p.parse_args(argv)
     records: list[dict] = []
     gpus: dict[str, str] = {}

@@ -105,11 +105,12 @@ def _common_variants():
     for out in (torch.float32, torch.bfloat16):
         yield K._sum_partials_kernel, dict(PART=Ptr(torch.float32), OUT=Ptr(out), P=264, N=4096, CHUNK=264, STEP=1,
                                            OUT_STRIDE=0, BLOCK_P=32, BLOCK_N=256, SOFT_RNE=False), 4
-        # the split sum: the chunks' sums in place, then the pass over every chunk's first row
-        yield K._sum_partials_kernel, dict(PART=Ptr(torch.float32), OUT=Ptr(torch.float32), P=1056, N=1024, CHUNK=32,
-                                           STEP=1, OUT_STRIDE=32 * 1024, BLOCK_P=32, BLOCK_N=256, SOFT_RNE=False), 4
+        # the split sum's second pass, over every chunk's first row
         yield K._sum_partials_kernel, dict(PART=Ptr(torch.float32), OUT=Ptr(out), P=33, N=1024, CHUNK=33, STEP=32,
                                            OUT_STRIDE=0, BLOCK_P=32, BLOCK_N=256, SOFT_RNE=False), 4
+    # its first pass: the chunks' sums in place
+    yield K._sum_partials_kernel, dict(PART=Ptr(torch.float32), OUT=Ptr(torch.float32), P=1056, N=1024, CHUNK=32,
+                                       STEP=1, OUT_STRIDE=32 * 1024, BLOCK_P=32, BLOCK_N=256, SOFT_RNE=False), 4
 
 
 def _adapter_variants():
