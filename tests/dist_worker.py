@@ -19,6 +19,13 @@ def _live(t):
     return t
 
 
+def mixed_rank_batch(rank: int, dtype):
+    """``ddp-mixed``: rank 0's batch holds images, the other ranks' only text."""
+    from tiny_models import batch
+
+    return batch("llava", seed=7 + rank, B=2, dtype=dtype, images=[rank == 0] * 2)
+
+
 def run(rank: int, world: int, port: int, mode: str, out_path: str, tuning: str = "layernorm-simp",
         dtype: str = "float32") -> None:
     import faulthandler
@@ -75,6 +82,10 @@ def run(rank: int, world: int, port: int, mode: str, out_path: str, tuning: str 
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
             model.train()
             model = torch.nn.parallel.DistributedDataParallel(model, static_graph=True)
+        elif mode == "ddp-mixed":  # the README's recipe where a rank's batch may hold only text, with accumulation
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.train()
+            model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         elif mode in ("fsdp2", "fsdp2-ckpt", "fsdp2-wrapper"):
             if mode == "fsdp2-ckpt":  # HF's activation checkpointing (non-reentrant by default)
                 model.gradient_checkpointing_enable()
@@ -110,15 +121,21 @@ def run(rank: int, world: int, port: int, mode: str, out_path: str, tuning: str 
                                              model_parameters=[p for p in model.parameters() if p.requires_grad])
         else:
             raise ValueError(mode)
-        full = batch("llava", seed=7, B=2 * world, dtype=getattr(torch, dtype))
-        per = full["input_ids"].shape[0] // world
-        mine = {k: v[rank * per:(rank + 1) * per] for k, v in full.items()}
+        if mode == "ddp-mixed":
+            mine = mixed_rank_batch(rank, getattr(torch, dtype))
+        else:
+            full = batch("llava", seed=7, B=2 * world, dtype=getattr(torch, dtype))
+            per = full["input_ids"].shape[0] // world
+            mine = {k: v[rank * per:(rank + 1) * per] for k, v in full.items()}
         grads = {}
         # DDP finds a parameter that got no gradient only at the second step; a DeepSpeed engine's
         # gradients are read after one (its next backward would start a new accumulation)
         for _ in range(1 if deepspeed_mode else 2):
             if not deepspeed_mode:
                 model.zero_grad(set_to_none=True)
+            if mode == "ddp-mixed":  # two micro-batches (the same one twice), the first without the all-reduce
+                with model.no_sync():
+                    model(**mine).loss.backward()
             with torch.autograd.graph.saved_tensors_hooks(lambda t: t, _live):
                 loss = model(**mine).loss
             model.backward(loss) if deepspeed_mode else loss.backward()

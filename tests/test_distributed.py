@@ -1,6 +1,7 @@
 """DDP and FSDP2 (``fully_shard``) with two CPU processes (gloo): the gradients of the trainable norms
 equal those of one process on the whole batch (accuracy rule of tests/accuracy.py, float64 oracle)."""
 
+import contextlib
 import copy
 import socket
 import time
@@ -33,12 +34,14 @@ def _free_port() -> int:
 def _single_process_grads(model, inputs):
     model.zero_grad(set_to_none=True)
     model(**inputs).loss.backward()
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    # (a text-only batch leaves the vision side without gradients)
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 
 @pytest.mark.parametrize("mode,tuning,dtype", [("ddp", "layernorm-simp", "float32"), ("fsdp2", "layernorm-simp", "float32"),
                                                ("fsdp2", "layernorm", "float32"), ("fsdp2", "layernorm", "bfloat16"),
                                                ("ddp", "mma", "float32"), ("ddp-reentrant", "mma", "float32"),
+                                               ("ddp-mixed", "mma", "float32"),
                                                ("fsdp2", "mma", "float32"), ("fsdp2", "mma", "bfloat16"),
                                                ("fsdp2-ckpt", "mma", "bfloat16"), ("fsdp2-wrapper", "mma", "float32"),
                                                ("fsdp2", "mma-neck", "bfloat16"),
@@ -90,10 +93,18 @@ def test_distributed_gradients_match_single_process(mode, tuning, dtype, tmp_pat
         ref_model = copy.deepcopy(model).double()
         mmfast.patch(model, tuning=tuning, verbose=False, **opts)
         mmfast.patch(ref_model, tuning=tuning, master_weights=False, verbose=False, **opts)
-    inputs = batch("llava", seed=7, B=2 * WORLD, dtype=getattr(torch, dtype))
-    single = _single_process_grads(model, inputs)
-    with mmfast.disabled():  # the float64 oracle runs the original HF forwards
-        ref = _single_process_grads(ref_model, {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()})
+    if mode == "ddp-mixed":  # each rank's batch, twice (two micro-batches), the ranks' gradients averaged
+        parts = [dist_worker.mixed_rank_batch(r, getattr(torch, dtype)) for r in range(WORLD)]
+    else:
+        parts = [batch("llava", seed=7, B=2 * WORLD, dtype=getattr(torch, dtype))]
+    single, ref = {}, {}
+    for inputs in parts:
+        weight = 2 / WORLD if mode == "ddp-mixed" else 1
+        for into, m, x in ((single, model, inputs),
+                           (ref, ref_model, {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()})):
+            with mmfast.disabled() if m is ref_model else contextlib.nullcontext():  # (the oracle: HF's forwards)
+                for n, g in _single_process_grads(m, x).items():
+                    into[n] = into.get(n, 0) + weight * g
 
     assert dist_grads.keys() == single.keys() == ref.keys()
     # save_trainable, called on every rank: rank 0 wrote the whole (gathered) trainable state
