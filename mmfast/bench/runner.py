@@ -28,9 +28,10 @@ def record(case, provider: str, direction: str, ms: float | None, copy: float | 
     basis = gpu_ms if gpu_ms is not None else ms
     gbps = None if basis is None or nbytes is None else nbytes / (basis * 1e-3) / 1e9
     graphs = bool(getattr(case, "graphs", False) and env.get("cuda"))
-    # no fraction of copy for a CUDA-graph replay: its few megabytes stay in the L2 between replays, while
-    # the copy is timed far above the L2 (its GB/s is memory bandwidth), so the two do not compare; nor on
-    # the CPU, whose small cases stay in its caches (they read above 100% of the copy there)
+    # no fraction of copy for a CUDA-graph replay: its few megabytes (read from memory: the timer flushes the
+    # L2 before each replay) take microseconds, which the kernels' start and ramp set, not bandwidth, so a
+    # fraction of the copy timed far above the L2 says nothing of them; nor on the CPU, whose small cases stay
+    # in its caches (they read above 100% of the copy there)
     cached = graphs or not env.get("cuda")
     return {
         "op": case.name,
