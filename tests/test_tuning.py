@@ -805,6 +805,28 @@ def test_peft_trainer_resume_with_the_callback(tmp_path):
         torch.testing.assert_close(resumed[n], whole[n], rtol=1e-5, atol=1e-6, msg=n)
 
 
+def test_a_bf16_model_patched_again_under_peft_modules_to_save_keeps_bf16_outputs():
+    """The README's order with a norm in PEFT's modules_to_save: patch, get_peft_model, patch again. PEFT copies
+    the patched norm (an fp32 master weight) into original_module and the active copy; the patch again took the
+    fp32 original_module beside the active copy for the model's dtype, recorded the norm as fp32-built, and its
+    outputs went fp32 into the bf16 projections (a training step and mmfast.disabled() failed)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = build("llama", dtype=torch.bfloat16)
+    mmfast.patch(base, tuning="layernorm-simp", verbose=False)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["input_layernorm"]))
+    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    norm = model.base_model.model.model.layers[0].input_layernorm
+    assert norm.modules_to_save["default"].weight.dtype == torch.float32
+    model.train()
+    model(**batch("llama")).loss.backward()  # (the fused loss: no logits in a training step)
+    assert norm.modules_to_save["default"].weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert model(input_ids=batch("llama")["input_ids"]).logits.dtype == torch.bfloat16
+        with mmfast.disabled():
+            assert model(**batch("llama")).logits.dtype == torch.bfloat16
+
+
 def test_peft_modules_to_save_norms_reload_exactly_into_a_patched_base(tmp_path):
     """The README's way to reload norms trained in PEFT's ``modules_to_save`` of a bf16 model (saved in fp32
     by PeftModel.save_pretrained): patch the base, PeftModel.from_pretrained, patch again. Loaded into an

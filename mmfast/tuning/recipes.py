@@ -432,7 +432,11 @@ def apply_ln_recipe(model: nn.Module, recipe: str, *, final_norm: bool = False, 
     if master_weights:
         left = 0
         paths = {id(m): path for path, m in model.named_modules()}
-        skip = {id(p) for norm in norms for p in norm.parameters(recurse=False)}  # the weights kept in fp32
+        # the weights kept in fp32: these norms', and any an earlier patch kept (a PEFT modules_to_save
+        # wrapper's original_module beside its active copy), which say nothing of the model's dtype
+        skip = {id(p) for norm in norms for p in norm.parameters(recurse=False)}
+        skip |= {id(getattr(m, n)) for m in model.modules() for n in m.__dict__.get(_MASTER_ATTR, ())
+                 if isinstance(getattr(m, n, None), torch.Tensor)}
         said = {"owner": patch_name(model)}  # the cast warning, once for these norms until a patch again
         for norm in norms:
             for name, p in norm.named_parameters(recurse=False):
