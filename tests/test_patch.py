@@ -190,37 +190,15 @@ def test_data_parallel_replication_is_refused():
     assert type(replica) is type(norm) and "forward" not in replica.__dict__
 
 
-def test_fp32_activations_into_a_bf16_rms_norm():
-    """fp32 activations (an fp32 projector's or soft prompt's output) into a bf16 LlamaRMSNorm: HF promotes
-    the product with the weight to fp32; the patched norm does the same (it raised a dtype error)."""
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-    norm = LlamaRMSNorm(64).to(torch.bfloat16)
-    with torch.no_grad():
-        norm.weight.normal_()
-    ref = copy.deepcopy(norm)
-    mmfast.patch(norm, verbose=False)
-    x = torch.randn(3, 5, 64, requires_grad=True)
-    y, y_ref = norm(x), ref(x)
-    assert y.dtype == y_ref.dtype == torch.float32
-    torch.testing.assert_close(y, y_ref)
-    gy = torch.randn_like(y)
-    y.backward(gy)
-    gx, gw = x.grad, norm.weight.grad
-    x.grad = None
-    y_ref.backward(gy)
-    torch.testing.assert_close(gx, x.grad)
-    assert gw.dtype == torch.bfloat16
-    torch.testing.assert_close(gw, ref.weight.grad)  # fp32 sums rounded once to bf16 (bf16's tolerance)
-
-
-@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)])
-def test_16bit_activations_into_an_rms_norm_of_another_dtype_return_what_hf_returns(x_dtype, w_dtype):
-    """16-bit activations into an RMSNorm whose weight has another dtype (an fp32 model fed bf16 embeddings):
-    HF rounds the normalised input to x's dtype and multiplies by the weight in the promoted dtype, fp32. The
-    patched norm returned x's dtype (the fp32-master-weight rule, applied to weights no patch widened), so
-    the fp32 projection after it failed on mixed dtypes, under ``mmfast.disabled()`` too (which cast the
-    original forward's output to x's dtype); a weight of the other 16-bit dtype raised a TypeError."""
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                             (torch.float16, torch.bfloat16)])
+def test_activations_into_an_rms_norm_of_another_dtype_return_what_hf_returns(x_dtype, w_dtype):
+    """Activations into an RMSNorm whose weight has another dtype: HF rounds the normalised input to x's dtype
+    and multiplies by the weight in the promoted dtype, fp32. fp32 activations into a bf16 norm (an fp32
+    projector's or soft prompt's output) raised a dtype error; 16-bit ones into an fp32 norm (an fp32 model fed
+    bf16 embeddings) came back in x's dtype (the fp32-master-weight rule, applied to weights no patch widened),
+    so the fp32 projection after it failed, under ``mmfast.disabled()`` too (which cast the original forward's
+    output to x's dtype); a weight of the other 16-bit dtype raised a TypeError."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     norm = LlamaRMSNorm(64).to(w_dtype)
@@ -239,11 +217,14 @@ def test_16bit_activations_into_an_rms_norm_of_another_dtype_return_what_hf_retu
     y_ref.backward(gy)
     torch.testing.assert_close(gx, x.grad)
     assert gw.dtype == w_dtype
-    torch.testing.assert_close(gw, ref.weight.grad)
+    torch.testing.assert_close(gw, ref.weight.grad)  # fp32 sums rounded once to the weight's dtype
     with mmfast.disabled():
         assert norm(x).dtype == torch.float32
 
-    model = build("llama")  # fp32, fed bf16 embeddings: runs as unpatched, patched or disabled alike
+
+def test_an_fp32_model_fed_bf16_embeddings_runs_as_unpatched():
+    """Its norms return fp32 into the fp32 projections, patched or under mmfast.disabled() (both failed)."""
+    model = build("llama")
     plain = copy.deepcopy(model)
     mmfast.patch(model, verbose=False)
     emb = plain.get_input_embeddings()(batch("llama")["input_ids"]).to(torch.bfloat16)

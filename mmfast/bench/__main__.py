@@ -34,13 +34,13 @@ from . import adapter as adapter_bench
 from . import model as model_bench
 from . import norm as norm_bench
 from . import activation as activation_bench
-from .cases import AdapterCase, NormCase, QuickGELUCase, SwiGLUCase
+from .cases import KERNEL_OPS, AdapterCase, NormCase, QuickGELUCase, SwiGLUCase
 from .env import CPU_BANNER, environment
 from .report import no_nan, table, write_csv, write_json, write_plots, write_summary_md
 from .runner import record, time_case, time_cases_isolated
 from .timing import copy_gbps
 
-OPS = ("rms_norm", "layer_norm", "mma_adapter", "swiglu", "quick_gelu", "model")
+OPS = (*KERNEL_OPS, "model")
 
 
 def kernel_cases(device: torch.device, quick: bool) -> list:
@@ -526,15 +526,16 @@ class _Partial:
             self.file = open(self.path, "x")
         except OSError as e:
             self._lost(e)
-        self._write([{"meta": {**meta, "partial": "the records a run measured before it was stopped "
-                                                 "without writing its outputs"}}])
+        self.add([{"meta": {**meta, "partial": "the records a run measured before it was stopped "
+                                               "without writing its outputs"}}])
 
     def _lost(self, e: OSError) -> None:
         print(f"[mmfast.bench] cannot keep the records in {self.path} as they are measured ({e.strerror or e}); "
               "they are written at the end only", file=sys.stderr)
         self.file = None
 
-    def _write(self, objs: list) -> None:
+    def add(self, objs: list) -> None:
+        """Append these records (or the meta's line), a JSON line each."""
         if self.file is None:
             return
         try:
@@ -542,9 +543,6 @@ class _Partial:
             self.file.flush()
         except OSError as e:
             self._lost(e)
-
-    def add(self, records: list[dict]) -> None:
-        self._write(records)
 
     def remove(self) -> None:
         if self.file is not None:

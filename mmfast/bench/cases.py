@@ -11,6 +11,8 @@ import dataclasses
 import torch
 
 DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
+#: The kernel suite's ops, in the order the report lists them (a case's name adds "+residual" to a norm's)
+KERNEL_OPS = ("rms_norm", "layer_norm", "mma_adapter", "swiglu", "quick_gelu")
 
 
 def _elem(dtype: torch.dtype) -> int:

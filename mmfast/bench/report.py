@@ -9,6 +9,8 @@ import math
 import os
 from collections import defaultdict
 
+from .cases import KERNEL_OPS
+
 KERNEL_DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
 
 
@@ -20,13 +22,11 @@ def _is_model(r: dict) -> bool:
     return r["direction"] == "train-step"
 
 
-#: The order the report lists kernel cases in (a run times them in another: one case of every op first)
-OP_ORDER = ("rms_norm", "rms_norm+residual", "layer_norm", "layer_norm+residual", "mma_adapter", "swiglu", "quick_gelu")
-
-
 def _case_order(key: tuple) -> tuple:
+    """The report's order of kernel cases (a run times them in another: one case of every op first)."""
     op, dtype, M, N, timing = key
-    rank = OP_ORDER.index(op) if op in OP_ORDER else len(OP_ORDER)
+    base = op.split("+")[0]
+    rank = KERNEL_OPS.index(base) if base in KERNEL_OPS else len(KERNEL_OPS)
     return timing != "direct", rank, op, str(dtype), M, N
 
 

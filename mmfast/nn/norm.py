@@ -35,6 +35,13 @@ def output_dtype_as_built(module: nn.Module, x: Tensor) -> torch.dtype | None:
     return want
 
 
+def cast_as_built(module: nn.Module, x: Tensor, out: Tensor) -> Tensor | None:
+    """``out`` of a norm's own forward cast to :func:`output_dtype_as_built`, or None where it has that dtype
+    already or there is none (a forward hook's "leave it")."""
+    want = output_dtype_as_built(module, x)
+    return out.to(want) if want is not None and out.dtype != want and out.is_floating_point() else None
+
+
 def _rms_norm_as_hf(module: nn.Module, hidden_states: Tensor, eps: float) -> Tensor:
     w = module.weight
     want = output_dtype_as_built(module, hidden_states) or torch.promote_types(hidden_states.dtype, w.dtype)

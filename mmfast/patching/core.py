@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.disable import disabled, is_disabled  # noqa: F401 - the switch, re-exported here
-from ..nn.norm import output_dtype_as_built
+from ..nn.norm import cast_as_built
 from .table import FAMILIES, KERNEL_LIBRARIES, family_of, is_norm_candidate, unsupported_reason
 
 _ATTR = "_mmfast_patch"
@@ -260,11 +260,10 @@ def patched_forward(module: nn.Module, *args, **kwargs):
         # fp32 master weights make the original LlamaRMSNorm of a bf16 model return fp32: its output goes
         # back to the dtype it had (norms only, and only those: an MLP under autocast returns the autocast
         # dtype, and an fp32 norm fed bf16 returns fp32, as they would unpatched)
+        cast = None
         if rec.family in FAMILIES and isinstance(out, Tensor) and isinstance(x, Tensor):
-            want = output_dtype_as_built(module, x)
-            if want is not None and out.dtype != want:
-                out = out.to(want)
-        return out
+            cast = cast_as_built(module, x, out)
+        return out if cast is None else cast
     if isinstance(x, Tensor) and x.dtype == torch.float64:
         raise TypeError(
             f"mmfast: this {type(module).__name__} was patched by mmfast.patch ({rec.family.kind}), whose kernels "

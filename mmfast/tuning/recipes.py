@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .._zero import partitioned
-from ..nn.norm import MASTER_ATTR as _MASTER_ATTR, output_dtype_as_built
+from ..nn.norm import MASTER_ATTR as _MASTER_ATTR, cast_as_built
 from ..patching.core import is_patched, patch_name
 
 LN_RECIPES = ("layernorm", "layernorm-simp", "layernorm+projector")
@@ -211,8 +211,7 @@ def _output_as_before(module: nn.Module, args, out):
     x = args[0] if args else None
     if not isinstance(out, torch.Tensor) or not isinstance(x, torch.Tensor):
         return None
-    want = output_dtype_as_built(module, x)
-    return out.to(want) if want is not None and out.dtype != want and out.is_floating_point() else None
+    return cast_as_built(module, x, out)
 
 
 def warn_cast_trainables(what: str, dtype: torch.dtype, said: dict) -> None:
