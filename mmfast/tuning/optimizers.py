@@ -26,7 +26,7 @@ from torch import nn
 from ..patching.core import patch_name
 
 #: The models a recipe was applied to (while alive): the patch count when it was (last) applied, and the
-#: parameters that patch widened (by id: their dtype before)
+#: parameters its patches widened (by id: their dtype before, and the count of the patch that widened them)
 _MODELS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 #: Optimizers looked at: the patch count then (each is looked at again after a later patch)
 _CHECKED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, int]" = weakref.WeakKeyDictionary()
@@ -36,10 +36,14 @@ _HANDLE = None
 
 def watch_optimizers(model: nn.Module, widened: dict) -> None:
     """Have the first step of every optimizer after this patch check it against ``model``'s trainables
-    (``widened``: the parameters this patch made fp32, by id, with their dtype before)."""
+    (``widened``: the parameters this patch made fp32, by id, with their dtype before). A patch again keeps
+    what earlier patches widened: it widens nothing more, and an optimizer that stepped before the first one
+    has yet to be told."""
     global _PATCHES, _HANDLE
     _PATCHES += 1
-    _MODELS[model] = (_PATCHES, widened)
+    record = dict(_MODELS[model][1]) if model in _MODELS else {}
+    record.update((i, (before, _PATCHES)) for i, before in widened.items())
+    _MODELS[model] = (_PATCHES, record)
     if _HANDLE is None:
         from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -60,13 +64,13 @@ def _first_step_after_a_patch(optimizer: torch.optim.Optimizer, args, kwargs) ->
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for model, (patched, widened) in list(_MODELS.items()):
         if patched > last:  # (a model patched before this optimizer's last check was checked then)
-            message = _problem(optimizer, held, model, widened)
+            message = _problem(optimizer, held, model, widened, last)
             if message is not None:
                 warnings.warn(message, RuntimeWarning, stacklevel=3)
     return None
 
 
-def _problem(optimizer: torch.optim.Optimizer, held: set[int], model: nn.Module, widened: dict):
+def _problem(optimizer: torch.optim.Optimizer, held: set[int], model: nn.Module, widened: dict, last: int):
     from .mma import added_modules
 
     opt, owner = type(optimizer).__name__, patch_name(model)
@@ -83,11 +87,12 @@ def _problem(optimizer: torch.optim.Optimizer, held: set[int], model: nn.Module,
                     "before mmfast.patch, so they would never change. Build the optimizer after mmfast.patch.")
     # the patch widened weights to fp32 (master_weights' norms; MMA's modules, a patch again after a cast): an
     # optimizer that stepped them before keeps its state in their old dtype (one that keeps 16-bit state by
-    # design for fp32 weights the patch did not widen is not asked about)
+    # design for fp32 weights the patch did not widen is not asked about; nor is one looked at after the patch
+    # that widened them: its state came later)
     stale, old = [], None
     for name, p in model.named_parameters():
-        before = widened.get(id(p))
-        if before is None or id(p) not in held or p.dtype == before:
+        before, widened_at = widened.get(id(p), (None, 0))
+        if before is None or widened_at <= last or id(p) not in held or p.dtype == before:
             continue
         if any(isinstance(v, torch.Tensor) and v.dtype == before and v.shape == p.shape
                for v in optimizer.state.get(p, {}).values()):
