@@ -907,9 +907,12 @@ def test_overwrite_keeps_the_previous_run_until_the_new_one_is_written(tmp_path,
         raise MemoryError("killed mid-run")
 
     monkeypatch.setattr(bench_main, "time_case", crash)
+    opened = []  # (the file of records kept as measured: left in --out, closed, not to the garbage collector)
+    monkeypatch.setattr(bench_main, "open", lambda *a, **k: opened.append(open(*a, **k)) or opened[-1], raising=False)
     with pytest.raises(MemoryError):
         main(["--quick", "--ops", "swiglu", "--providers", "hf-eager", "--out", str(tmp_path), "--overwrite"])
     assert json.loads((tmp_path / "results.json").read_text())["meta"]["commit"] == "old"
+    assert [f.name for f in opened if "records.partial" in f.name] and all(f.closed for f in opened)
     assert (tmp_path / "model_train_step.png").read_bytes() == b"old"
 
 

@@ -359,6 +359,7 @@ def _run(args, device, plan, started: float) -> int:
             for group in groups[done:]:
                 not_run += label(group)
         finally:
+            partial.close()  # (an exception leaves the file, with what was measured, closed)
             if bar is not None:
                 bar.close()
 
@@ -532,7 +533,7 @@ class _Partial:
     def _lost(self, e: OSError) -> None:
         print(f"[mmfast.bench] cannot keep the records in {self.path} as they are measured ({e.strerror or e}); "
               "they are written at the end only", file=sys.stderr)
-        self.file = None
+        self.close()
 
     def add(self, objs: list) -> None:
         """Append these records (or the meta's line), a JSON line each."""
@@ -544,9 +545,16 @@ class _Partial:
         except OSError as e:
             self._lost(e)
 
-    def remove(self) -> None:
+    def close(self) -> None:
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:
+                pass
+            self.file = None
+
+    def remove(self) -> None:
+        self.close()
         try:
             os.remove(self.path)
         except OSError:
