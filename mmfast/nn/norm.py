@@ -35,9 +35,11 @@ def output_dtype_as_built(module: nn.Module, x: Tensor) -> torch.dtype | None:
     return want
 
 
-def cast_as_built(module: nn.Module, x: Tensor, out: Tensor) -> Tensor | None:
+def cast_as_built(module: nn.Module, x, out) -> Tensor | None:
     """``out`` of a norm's own forward cast to :func:`output_dtype_as_built`, or None where it has that dtype
-    already or there is none (a forward hook's "leave it")."""
+    already, there is none, or input or output is no tensor (a forward hook's "leave it")."""
+    if not isinstance(x, Tensor) or not isinstance(out, Tensor):
+        return None
     want = output_dtype_as_built(module, x)
     return out.to(want) if want is not None and out.dtype != want and out.is_floating_point() else None
 

@@ -260,9 +260,7 @@ def patched_forward(module: nn.Module, *args, **kwargs):
         # fp32 master weights make the original LlamaRMSNorm of a bf16 model return fp32: its output goes
         # back to the dtype it had (norms only, and only those: an MLP under autocast returns the autocast
         # dtype, and an fp32 norm fed bf16 returns fp32, as they would unpatched)
-        cast = None
-        if rec.family in FAMILIES and isinstance(out, Tensor) and isinstance(x, Tensor):
-            cast = cast_as_built(module, x, out)
+        cast = cast_as_built(module, x, out) if rec.family in FAMILIES else None
         return out if cast is None else cast
     if isinstance(x, Tensor) and x.dtype == torch.float64:
         raise TypeError(

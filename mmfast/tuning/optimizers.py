@@ -41,7 +41,7 @@ def watch_optimizers(model: nn.Module, widened: dict) -> None:
     has yet to be told."""
     global _PATCHES, _HANDLE
     _PATCHES += 1
-    record = dict(_MODELS[model][1]) if model in _MODELS else {}
+    _, record = _MODELS.get(model, (0, {}))
     record.update((i, (before, _PATCHES)) for i, before in widened.items())
     _MODELS[model] = (_PATCHES, record)
     if _HANDLE is None:

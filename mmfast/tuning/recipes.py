@@ -208,10 +208,7 @@ def _output_as_before(module: nn.Module, args, out):
     input, rounded, times the weight) returned fp32 into bf16 layers, which failed. Its output goes back to
     the dtype it had (:func:`output_dtype_as_built`; the fused norms return x's dtype with fp32 weights too);
     after a cast since patching, the dtype its forward gives."""
-    x = args[0] if args else None
-    if not isinstance(out, torch.Tensor) or not isinstance(x, torch.Tensor):
-        return None
-    return cast_as_built(module, x, out)
+    return cast_as_built(module, args[0] if args else None, out)
 
 
 def warn_cast_trainables(what: str, dtype: torch.dtype, said: dict) -> None:
@@ -449,13 +446,12 @@ def apply_ln_recipe(model: nn.Module, recipe: str, *, final_norm: bool = False, 
                         norm.register_forward_pre_hook(_master_weights_kept)]
                 norm.__dict__[_SAID_ATTR] = said
                 kept = norm.__dict__.setdefault(_MASTER_ATTR, {})
-                if p.dtype.itemsize >= 4:  # (a float64 model, a reference run in double, keeps its precision)
-                    if name not in kept or kept[name][1] != around:
-                        # first kept, or the model was cast since (the parameters around it are in another
-                        # dtype now, fp32 after .float()): the weight's own dtype is the model's
-                        kept[name] = (p.dtype, around)
-                else:  # widened now, from this dtype (after a cast to 16 bits too: the output keeps the cast's)
+                # recorded when first kept, when widened now from 16 bits (after a cast to 16 bits too: the
+                # output keeps the cast's), or when the model was cast since (the parameters around it are in
+                # another dtype now, fp32 after .float()): then the weight's own dtype is the model's
+                if p.dtype.itemsize < 4 or name not in kept or kept[name][1] != around:
                     kept[name] = (p.dtype, around)
+                if p.dtype.itemsize < 4:  # (a float64 model, a reference run in double, keeps its precision)
                     p.data = p.data.to(torch.float32)
                     if not is_patched(norm) and not any(  # its own forward: it may compute in the weight's dtype
                             norm._forward_hooks.get(h.id) is _output_as_before for h in norm.__dict__[_HOOK_ATTR]):
