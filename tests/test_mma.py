@@ -2334,3 +2334,33 @@ def test_a_backward_recomputing_layers_while_another_threads_forward_records_its
     assert "error" not in got, got
     torch.testing.assert_close(got["logits"], want)
     _assert_grads_as(model, ref)
+
+
+def test_generate_chunked_prefill_routes_by_the_whole_prompt():
+    """generate(prefill_chunk_size=N) splits the prompt: a first chunk holding only the text before a sample's
+    image routed that sample as text (with the warning of an image after a cached text prefix), so its tokens
+    differed from the one-pass generate's. The whole prompt's image tokens route the prefill now."""
+    from tiny_models import IMAGE_SIZE, IMAGE_TOKEN, IMAGE_TOKENS
+
+    model = _mma()
+    _perturb_adapters(model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "mma_adapter.router" in n:
+                p.mul_(100)  # routers far from uniform (temperature 10), so that the two routings differ plainly
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.tensor([[5, 6, 7] + [IMAGE_TOKEN] * IMAGE_TOKENS + [8, 9, 10], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]])
+    pix = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+    kw = dict(input_ids=ids, pixel_values=pix, max_new_tokens=4, do_sample=False, pad_token_id=0,
+              return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        one_pass = model.generate(**kw)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="mmfast MMA: image tokens arrived")
+            chunked = model.generate(**kw, prefill_chunk_size=3)
+        as_text = model.generate(**kw, mma_has_image=torch.tensor([False, False]))
+    assert torch.equal(chunked.sequences, one_pass.sequences)
+    for a, b in zip(chunked.logits, one_pass.logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert (as_text.logits[0][0] - one_pass.logits[0][0]).abs().max() > 1e-3  # the routing shows

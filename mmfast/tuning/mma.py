@@ -153,6 +153,7 @@ class _State:
         # pickled between a forward's start and its lookup of the embeddings brings none either)
         _modality_pass_uncompiled()  # (in eager code: see there)
         _carry_flags_through_cache_row_ops()  # (a cache saved with its flags may be loaded beside it)
+        _route_chunked_prefill_whole()
         spent = ("routes", "seen", "bridge", "live", "runner", "untagged", "forwards", "routed_in", "busy",
                  "recording_thread")
         self.__dict__.update(bridge=None, live=False, runner=None, untagged=None, forwards=weakref.WeakSet(),
@@ -720,6 +721,54 @@ def _carry_flags_through_cache_row_ops() -> None:
         if original is not None and not getattr(original, "__mmfast_carries_flags__", False):
             setattr(Cache, name, _cache_row_op(name, original))
     _CARRYING[0] = True  # (after: another thread that finds it set finds the methods wrapped)
+
+
+def _chunked_prefill_flags(original):
+    signature = inspect.signature(original)  # (bound by name: the private method's signature may change)
+
+    @functools.wraps(original)
+    def _prefill(self, *args, **kwargs):
+        try:
+            bound = signature.bind(self, *args, **kwargs).arguments
+        except TypeError:
+            bound = {}
+        ids, config, model_kwargs = (bound.get(k) for k in ("input_ids", "generation_config", "model_kwargs"))
+        if self.__dict__.get(_STATE) is None or not isinstance(model_kwargs, dict) \
+                or getattr(config, "prefill_chunk_size", None) is None or model_kwargs.get(HAS_IMAGE_KWARG) is not None \
+                or not torch.is_tensor(ids) or ids.dim() != 2 or ids.shape[-1] == 0:
+            return original(self, *args, **kwargs)
+        cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+        visual_ids = _visual_token_ids(self.config)
+        if cache is None or getattr(cache, CACHE_FLAGS_ATTR, None) is not None \
+                or bool(getattr(cache, "get_seq_length", lambda: 0)() > 0) \
+                or visual_ids is None or not _visual_inputs_given((), model_kwargs):
+            return original(self, *args, **kwargs)
+        # generate feeds the prompt in chunks, and a first chunk of text before a sample's image routed that
+        # sample as text: the whole prompt says which samples have images. Set in generate's own dict for the
+        # prefill only: the decode steps keep the flags the prefill stored on the cache
+        model_kwargs[HAS_IMAGE_KWARG] = _has_visual_tokens(ids, visual_ids)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            model_kwargs.pop(HAS_IMAGE_KWARG, None)
+
+    _prefill.__mmfast_routes_whole_prompt__ = True
+    return _prefill
+
+
+def _route_chunked_prefill_whole() -> None:
+    """Make ``GenerationMixin._prefill`` route a chunked prefill (``generate(prefill_chunk_size=N)``) by the
+    whole prompt's image tokens: the chunks before a sample's image routed it as text, and the cache kept
+    that routing. The prefill is the one place that sees the whole prompt (each chunk's forward sees only
+    its own tokens). Wrapped once, on the class, like the cache's row operations; it acts only for a model
+    MMA patched, given no ``mma_has_image``, with an empty cache and visual inputs."""
+    try:
+        from transformers.generation.utils import GenerationMixin
+    except ImportError:
+        return
+    original = GenerationMixin.__dict__.get("_prefill")
+    if original is not None and not getattr(original, "__mmfast_routes_whole_prompt__", False):
+        GenerationMixin._prefill = _chunked_prefill_flags(original)
 
 
 def _plain_call(module: nn.Module, *args, **kwargs):
@@ -1384,6 +1433,7 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
     opts = opts or MMAOptions()
     hf = _hf_model(model)
     _carry_flags_through_cache_row_ops()  # (before any forward: a prompt cache saved with flags may be loaded)
+    _route_chunked_prefill_whole()
     vision = _vision_layers(hf)
     read = _read_vision_layers(hf, vision)
     paths = {id(m): n for n, m in model.named_modules()}
