@@ -2364,3 +2364,47 @@ def test_generate_chunked_prefill_routes_by_the_whole_prompt():
     for a, b in zip(chunked.logits, one_pass.logits):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert (as_text.logits[0][0] - one_pass.logits[0][0]).abs().max() > 1e-3  # the routing shows
+
+
+@pytest.mark.parametrize("case", ["reset", "prefix", "foreign"])
+def test_generate_chunked_prefill_on_a_given_cache_routes_as_one_pass(case):
+    """generate(prefill_chunk_size=N) with a cache the caller gives: one emptied by ``reset`` after an earlier
+    use (its flags are stale: the wrapper left such a cache to the chunks, and a first chunk of text before
+    the image routed the sample as text), one holding a text prefix (a prompt cache, a continued turn) that a
+    new image follows, or a prefix this model did not fill (no flags). Its tokens and logits match the
+    one-pass generate's, which routes all the new tokens of an image sample as image."""
+    from tiny_models import IMAGE_SIZE, IMAGE_TOKEN, IMAGE_TOKENS
+    from transformers import DynamicCache
+
+    model = _mma()
+    _perturb_adapters(model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "mma_adapter.router" in n:
+                p.mul_(100)
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    pix = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+    prompt = torch.tensor([[5, 6] + [IMAGE_TOKEN] * IMAGE_TOKENS + [8, 9], [30, 31, 32, 33, 34, 35, 36, 37]])
+    cache = DynamicCache(config=model.config.get_text_config())
+    with torch.no_grad():
+        if case == "reset":
+            model.generate(input_ids=prompt, pixel_values=pix, max_new_tokens=2, do_sample=False, pad_token_id=0,
+                           cache=cache)
+            cache.reset()  # (its flags say row 0 has an image: stale for the next prompt's rows)
+            ids = prompt.flip(0)
+        else:
+            prefix = torch.tensor([[21, 22, 23], [24, 25, 26]])
+            model(input_ids=prefix, cache=cache, use_cache=True)
+            if case == "foreign":
+                del cache.__dict__["_mmfast_mma_has_image"]
+            ids = torch.cat([prefix, prompt], 1)
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pix, max_new_tokens=3,
+              do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        one_pass = model.generate(**kw, cache=copy.deepcopy(cache))
+        chunked = model.generate(**kw, cache=copy.deepcopy(cache), prefill_chunk_size=2)
+    assert torch.equal(chunked.sequences, one_pass.sequences)
+    for a, b in zip(chunked.logits, one_pass.logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -739,14 +739,31 @@ def _chunked_prefill_flags(original):
             return original(self, *args, **kwargs)
         cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
         visual_ids = _visual_token_ids(self.config)
-        if cache is None or getattr(cache, CACHE_FLAGS_ATTR, None) is not None \
-                or bool(getattr(cache, "get_seq_length", lambda: 0)() > 0) \
-                or visual_ids is None or not _visual_inputs_given((), model_kwargs):
+        if cache is None or visual_ids is None or not _visual_inputs_given((), model_kwargs):
             return original(self, *args, **kwargs)
         # generate feeds the prompt in chunks, and a first chunk of text before a sample's image routed that
-        # sample as text: the whole prompt says which samples have images. Set in generate's own dict for the
-        # prefill only: the decode steps keep the flags the prefill stored on the cache
-        model_kwargs[HAS_IMAGE_KWARG] = _has_visual_tokens(ids, visual_ids)
+        # sample as text: the whole prompt says which samples have images, as one forward over it would say
+        # (:func:`_flags_pre_hook`). A cache that holds nothing routes by the prompt alone (flags left on it
+        # by an earlier use, before its ``reset``, are stale, as a one-pass prefill finds them); one that
+        # holds a prefix by the flags it keeps, with the samples whose images arrive in the new tokens (a
+        # cache this model did not fill: by the new tokens). Set in generate's own dict for the prefill only:
+        # the decode steps keep the flags the prefill stored on the cache
+        length = int(getattr(cache, "get_seq_length", lambda: 0)())
+        new = ids
+        if length > 0:
+            mask = model_kwargs.get("attention_mask")
+            if (mask.shape[1] if mask is not None else getattr(config, "_mask_length", -1)) == ids.shape[1]:
+                new = ids[:, length:]  # (as the prefill slices them)
+            if new.shape[-1] == 0:
+                return original(self, *args, **kwargs)
+        B = new.shape[0]
+        if length > 0 and getattr(cache, CACHE_FLAGS_ATTR, None) is not None:
+            flags = _flags_kept(self.__dict__[_STATE], cache, B, new, visual_ids, model_kwargs)
+            if flags is None:
+                return original(self, *args, **kwargs)
+        else:
+            flags = _has_visual_tokens(new, visual_ids)
+        model_kwargs[HAS_IMAGE_KWARG] = flags
         try:
             return original(self, *args, **kwargs)
         finally:
@@ -761,7 +778,7 @@ def _route_chunked_prefill_whole() -> None:
     whole prompt's image tokens: the chunks before a sample's image routed it as text, and the cache kept
     that routing. The prefill is the one place that sees the whole prompt (each chunk's forward sees only
     its own tokens). Wrapped once, on the class, like the cache's row operations; it acts only for a model
-    MMA patched, given no ``mma_has_image``, with an empty cache and visual inputs."""
+    MMA patched, given visual inputs and no ``mma_has_image``."""
     try:
         from transformers.generation.utils import GenerationMixin
     except ImportError:
