@@ -619,19 +619,22 @@ def test_aot_build_is_opt_in():
         ce.CUDA_HOME = ce.CUDA_HOME or "/usr/local/cuda"  # (and it knows no toolkit)
         seen = {}
         setuptools.setup = lambda **kw: seen.update(kw)
-        sys.argv = ["setup.py"]
-        exec(compile(open("setup.py").read(), "setup.py", "exec"), {"__name__": "__main__", "__file__": os.path.abspath("setup.py")})
-        print([(e.name, e.sources) for e in seen["ext_modules"]], sorted(seen["cmdclass"]))
+        for value in sys.argv[1:]:  # (one process: setup.py reads the switch each time it runs)
+            os.environ["MMFAST_CUDA"] = value
+            seen.clear()
+            sys.argv = ["setup.py"]
+            exec(compile(open("setup.py").read(), "setup.py", "exec"), {"__name__": "__main__", "__file__": os.path.abspath("setup.py")})
+            print(repr(value), [(e.name, e.sources) for e in seen["ext_modules"]], sorted(seen["cmdclass"]))
         """)
-    for off in ("0", "false", "OFF", "no", ""):  # as mmfast reads its other switches ("false" built it)
-        plain = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True,
-                               env={**os.environ, "MMFAST_CUDA": off})
-        assert plain.returncode == 0, plain.stderr
-        assert plain.stdout.strip() == "[] ['build_py']", off
-    aot = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "MMFAST_CUDA": "1"})
-    assert aot.returncode == 0, aot.stderr
-    assert "mmfast._cuda_ext" in aot.stdout and "csrc/norm_bwd.cu" in aot.stdout and "build_ext" in aot.stdout
+    offs = ("0", "false", "OFF", "no", "")  # as mmfast reads its other switches ("false" built it)
+    out = subprocess.run([sys.executable, "-c", probe, *offs, "1"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == len(offs) + 1, out.stdout
+    for off, line in zip(offs, lines):
+        assert line == f"{off!r} [] ['build_py']", line
+    aot = lines[-1]
+    assert aot.startswith("'1' ") and "mmfast._cuda_ext" in aot and "csrc/norm_bwd.cu" in aot and "build_ext" in aot
 
 
 @pytest.mark.parametrize("torch_is", ["cpu-only", "missing"])
