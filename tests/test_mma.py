@@ -1963,7 +1963,7 @@ def test_compiled_whole_trains_as_eager_without_compiling_per_layer_or_per_step(
     torch.compile cannot trace: the graph broke in every layer, each layer resumed with its own index
     (compiled again per layer), and under activation checkpointing it compiled again every step. Training
     steps give the eager loss and gradients; a model of 3 layers compiles no more often than one of 2,
-    and the third step no more than the first."""
+    and the second step not at all."""
     from transformers import LlavaForConditionalGeneration
 
     from tiny_models import llama_config, llava_config
@@ -1995,12 +1995,12 @@ def test_compiled_whole_trains_as_eager_without_compiling_per_layer_or_per_step(
         compiled = torch.compile(model, backend=backend)
         try:
             with torch._dynamo.config.patch(recompile_limit=64):  # a compile per layer counted past the limit, 8
-                for _ in range(3):
+                for _ in range(2):
                     _train_step_as_eager(compiled, model, ref, ref_loss, inputs, grad_rtol=1e-4)
                     counts.append(len(graphs))
         finally:
             torch._dynamo.reset()
-        assert counts[2] == counts[0], counts
+        assert counts[1] == counts[0], counts
         return counts[0]
 
     assert compiles(3) == compiles(2)
