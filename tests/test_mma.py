@@ -16,6 +16,15 @@ from mmfast.tuning.mma import _STATE, ADAPTER_NAME, EMBEDDING_NAME
 from tiny_models import batch, build, first_output, llava_7b_config
 
 
+def _strong_routers(model):
+    """Scale the routers far from uniform (temperature 10), so that two routings differ plainly."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "mma_adapter.router" in n:
+                p.mul_(100)
+    return model
+
+
 def _perturb_adapters(model, seed=0):
     """Give every adapter non-zero up weights (a fresh one is the identity) so routing shows."""
     g = torch.Generator().manual_seed(seed)
@@ -2035,10 +2044,7 @@ def test_a_static_cache_decode_step_compiles_whole():
 
     model = _mma("llama")
     _perturb_adapters(model)
-    with torch.no_grad():  # routers far from uniform (temperature 10), so that the two routings differ plainly
-        for n, p in model.named_parameters():
-            if "mma_adapter.router" in n:
-                p.mul_(100)
+    _strong_routers(model)
     model.eval()
     inputs = batch("llama", images=None)
     inputs.pop("labels")
@@ -2344,10 +2350,7 @@ def test_generate_chunked_prefill_routes_by_the_whole_prompt():
 
     model = _mma()
     _perturb_adapters(model)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "mma_adapter.router" in n:
-                p.mul_(100)  # routers far from uniform (temperature 10), so that the two routings differ plainly
+    _strong_routers(model)
     model.eval()
     g = torch.Generator().manual_seed(0)
     ids = torch.tensor([[5, 6, 7] + [IMAGE_TOKEN] * IMAGE_TOKENS + [8, 9, 10], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]])
@@ -2378,10 +2381,7 @@ def test_generate_chunked_prefill_on_a_given_cache_routes_as_one_pass(case):
 
     model = _mma()
     _perturb_adapters(model)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "mma_adapter.router" in n:
-                p.mul_(100)
+    _strong_routers(model)
     model.eval()
     g = torch.Generator().manual_seed(0)
     pix = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
@@ -2405,6 +2405,35 @@ def test_generate_chunked_prefill_on_a_given_cache_routes_as_one_pass(case):
         warnings.simplefilter("ignore")
         one_pass = model.generate(**kw, cache=copy.deepcopy(cache))
         chunked = model.generate(**kw, cache=copy.deepcopy(cache), prefill_chunk_size=2)
+    assert torch.equal(chunked.sequences, one_pass.sequences)
+    for a, b in zip(chunked.logits, one_pass.logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_chunked_prefill_of_an_assistant_routes_as_unchunked():
+    """An MMA model drafting for assisted decoding: the candidate generator's generate runs its prefill with
+    is_first_iteration=False, whose forwards get no image inputs (so they route as text). The chunked
+    prefill's routing by the whole prompt handed those forwards mma_has_image=True: the assistant's logits
+    differed with prefill_chunk_size from those without it."""
+    from tiny_models import IMAGE_SIZE, IMAGE_TOKEN, IMAGE_TOKENS
+    from transformers import GenerationConfig
+
+    model = _mma()
+    _perturb_adapters(model)
+    _strong_routers(model)
+    model.eval()
+    ids = torch.tensor([[5, 6, 7] + [IMAGE_TOKEN] * IMAGE_TOKENS + [8, 9, 10]])
+    pix = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+
+    def draft(chunk):
+        config = GenerationConfig(max_new_tokens=2, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+                                  output_scores=True, output_logits=True, prefill_chunk_size=chunk)
+        config.is_assistant = True  # (as AssistedCandidateGenerator sets it)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return model.generate(input_ids=ids, pixel_values=pix, generation_config=config)
+
+    one_pass, chunked = draft(None), draft(3)
     assert torch.equal(chunked.sequences, one_pass.sequences)
     for a, b in zip(chunked.logits, one_pass.logits):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -733,7 +733,10 @@ def _chunked_prefill_flags(original):
         except TypeError:
             bound = {}
         ids, config, model_kwargs = (bound.get(k) for k in ("input_ids", "generation_config", "model_kwargs"))
+        # (not an assistant's prefill, is_first_iteration=False: its forwards are given no image inputs, so
+        # they route as text, chunked or not)
         if self.__dict__.get(_STATE) is None or not isinstance(model_kwargs, dict) \
+                or not bound.get("is_first_iteration", True) \
                 or getattr(config, "prefill_chunk_size", None) is None or model_kwargs.get(HAS_IMAGE_KWARG) is not None \
                 or not torch.is_tensor(ids) or ids.dim() != 2 or ids.shape[-1] == 0:
             return original(self, *args, **kwargs)
