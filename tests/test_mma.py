@@ -16,15 +16,6 @@ from mmfast.tuning.mma import _STATE, ADAPTER_NAME, EMBEDDING_NAME
 from tiny_models import batch, build, first_output, llava_7b_config
 
 
-def _strong_routers(model):
-    """Scale the routers far from uniform (temperature 10), so that two routings differ plainly."""
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "mma_adapter.router" in n:
-                p.mul_(100)
-    return model
-
-
 def _perturb_adapters(model, seed=0):
     """Give every adapter non-zero up weights (a fresh one is the identity) so routing shows."""
     g = torch.Generator().manual_seed(seed)
@@ -42,6 +33,26 @@ def _mma(kind="llava", seed=0, dropout=0.0, feature_layer=None):
         model.config.vision_feature_layer = feature_layer
     mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(dropout=dropout), verbose=False)
     return model
+
+
+def _plainly_routed(kind="llava"):
+    """An MMA model in eval whose routing shows plainly in its logits: adapters away from the identity,
+    routers far from uniform (temperature 10)."""
+    model = _mma(kind)
+    _perturb_adapters(model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "mma_adapter.router" in n:
+                p.mul_(100)
+    return model.eval()
+
+
+def _assert_same_generation(got, want):
+    """Two ``generate(..., return_dict_in_generate=True, output_logits=True)`` results: same tokens, and
+    logits within fp32 noise."""
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_mma_parameter_count_7b():
@@ -2042,10 +2053,7 @@ def test_a_static_cache_decode_step_compiles_whole():
 
     from mmfast.tuning.mma import CACHE_FLAGS_ATTR
 
-    model = _mma("llama")
-    _perturb_adapters(model)
-    _strong_routers(model)
-    model.eval()
+    model = _plainly_routed("llama")
     inputs = batch("llama", images=None)
     inputs.pop("labels")
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
@@ -2348,10 +2356,7 @@ def test_generate_chunked_prefill_routes_by_the_whole_prompt():
     differed from the one-pass generate's. The whole prompt's image tokens route the prefill now."""
     from tiny_models import IMAGE_SIZE, IMAGE_TOKEN, IMAGE_TOKENS
 
-    model = _mma()
-    _perturb_adapters(model)
-    _strong_routers(model)
-    model.eval()
+    model = _plainly_routed()
     g = torch.Generator().manual_seed(0)
     ids = torch.tensor([[5, 6, 7] + [IMAGE_TOKEN] * IMAGE_TOKENS + [8, 9, 10], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]])
     pix = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
@@ -2363,9 +2368,7 @@ def test_generate_chunked_prefill_routes_by_the_whole_prompt():
             warnings.filterwarnings("error", message="mmfast MMA: image tokens arrived")
             chunked = model.generate(**kw, prefill_chunk_size=3)
         as_text = model.generate(**kw, mma_has_image=torch.tensor([False, False]))
-    assert torch.equal(chunked.sequences, one_pass.sequences)
-    for a, b in zip(chunked.logits, one_pass.logits):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    _assert_same_generation(chunked, one_pass)
     assert (as_text.logits[0][0] - one_pass.logits[0][0]).abs().max() > 1e-3  # the routing shows
 
 
@@ -2379,10 +2382,9 @@ def test_generate_chunked_prefill_on_a_given_cache_routes_as_one_pass(case):
     from tiny_models import IMAGE_SIZE, IMAGE_TOKEN, IMAGE_TOKENS
     from transformers import DynamicCache
 
-    model = _mma()
-    _perturb_adapters(model)
-    _strong_routers(model)
-    model.eval()
+    from mmfast.tuning.mma import CACHE_FLAGS_ATTR
+
+    model = _plainly_routed()
     g = torch.Generator().manual_seed(0)
     pix = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
     prompt = torch.tensor([[5, 6] + [IMAGE_TOKEN] * IMAGE_TOKENS + [8, 9], [30, 31, 32, 33, 34, 35, 36, 37]])
@@ -2397,7 +2399,7 @@ def test_generate_chunked_prefill_on_a_given_cache_routes_as_one_pass(case):
             prefix = torch.tensor([[21, 22, 23], [24, 25, 26]])
             model(input_ids=prefix, cache=cache, use_cache=True)
             if case == "foreign":
-                del cache.__dict__["_mmfast_mma_has_image"]
+                del cache.__dict__[CACHE_FLAGS_ATTR]
             ids = torch.cat([prefix, prompt], 1)
     kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pix, max_new_tokens=3,
               do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
@@ -2405,9 +2407,7 @@ def test_generate_chunked_prefill_on_a_given_cache_routes_as_one_pass(case):
         warnings.simplefilter("ignore")
         one_pass = model.generate(**kw, cache=copy.deepcopy(cache))
         chunked = model.generate(**kw, cache=copy.deepcopy(cache), prefill_chunk_size=2)
-    assert torch.equal(chunked.sequences, one_pass.sequences)
-    for a, b in zip(chunked.logits, one_pass.logits):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    _assert_same_generation(chunked, one_pass)
 
 
 def test_generate_chunked_prefill_of_an_assistant_routes_as_unchunked():
@@ -2418,10 +2418,7 @@ def test_generate_chunked_prefill_of_an_assistant_routes_as_unchunked():
     from tiny_models import IMAGE_SIZE, IMAGE_TOKEN, IMAGE_TOKENS
     from transformers import GenerationConfig
 
-    model = _mma()
-    _perturb_adapters(model)
-    _strong_routers(model)
-    model.eval()
+    model = _plainly_routed()
     ids = torch.tensor([[5, 6, 7] + [IMAGE_TOKEN] * IMAGE_TOKENS + [8, 9, 10]])
     pix = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
 
@@ -2434,6 +2431,4 @@ def test_generate_chunked_prefill_of_an_assistant_routes_as_unchunked():
             return model.generate(input_ids=ids, pixel_values=pix, generation_config=config)
 
     one_pass, chunked = draft(None), draft(3)
-    assert torch.equal(chunked.sequences, one_pass.sequences)
-    for a, b in zip(chunked.logits, one_pass.logits):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    _assert_same_generation(chunked, one_pass)

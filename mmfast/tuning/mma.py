@@ -152,8 +152,7 @@ class _State:
         # a state pickled by an earlier version held the routes itself, by layer index, and no bridge (one
         # pickled between a forward's start and its lookup of the embeddings brings none either)
         _modality_pass_uncompiled()  # (in eager code: see there)
-        _carry_flags_through_cache_row_ops()  # (a cache saved with its flags may be loaded beside it)
-        _route_chunked_prefill_whole()
+        _wrap_generation()  # (a cache saved with its flags may be loaded beside it)
         spent = ("routes", "seen", "bridge", "live", "runner", "untagged", "forwards", "routed_in", "busy",
                  "recording_thread")
         self.__dict__.update(bridge=None, live=False, runner=None, untagged=None, forwards=weakref.WeakSet(),
@@ -448,11 +447,7 @@ def _flags_pre_hook(module, args, kwargs):
         # branch on the tensor broke the graph of every compiled decode step)
         in_graph = torch.is_tensor(length) and torch.compiler.is_compiling()
         decoding = in_graph or bool(length > 0)
-        # a cache this model did not fill, under a whole sequence (PEFT's prefix tuning hands every forward a
-        # cache holding its virtual tokens): its own image tokens say which samples have images
-        foreign = getattr(past, CACHE_FLAGS_ATTR, None) is None and ids is not None and visual_ids is not None \
-            and (ids.shape[-1] > 1 or kwargs.get("labels") is not None)
-        kept = _flags_kept(state, past, B, ids, visual_ids, kwargs) if decoding and not foreign else None
+        kept = _kept_flags_or_none(state, past, decoding, ids, visual_ids, kwargs, B)
         if kept is None:
             flags = _flags_of_inputs(ids, visual_ids, kwargs, B, device, args)
         elif in_graph:
@@ -539,6 +534,17 @@ def _visual_inputs_given(args: tuple, kwargs: dict) -> bool:
 def _given(value) -> bool:
     """An input argument that brings something: not None, not an empty container (generate passes {})."""
     return value is not None and not (isinstance(value, (dict, list, tuple)) and not value)
+
+
+def _kept_flags_or_none(state: _State, past, decoding: bool, ids: Optional[Tensor], visual_ids, kwargs: dict,
+                        batch: int) -> Optional[Tensor]:
+    """The flags a forward continuing ``past`` takes from it (:func:`_flags_kept`), or None where its own
+    inputs decide (:func:`_flags_of_inputs`): an empty cache, or one this model did not fill under a whole
+    sequence (PEFT's prefix tuning hands every forward a cache holding its virtual tokens), whose own image
+    tokens say which samples have images."""
+    foreign = getattr(past, CACHE_FLAGS_ATTR, None) is None and ids is not None and visual_ids is not None \
+        and (ids.shape[-1] > 1 or kwargs.get("labels") is not None)
+    return _flags_kept(state, past, batch, ids, visual_ids, kwargs) if decoding and not foreign else None
 
 
 def _flags_of_inputs(ids: Optional[Tensor], visual_ids, kwargs: dict, batch: int, device, args: tuple = ()) -> Tensor:
@@ -745,12 +751,9 @@ def _chunked_prefill_flags(original):
         if cache is None or visual_ids is None or not _visual_inputs_given((), model_kwargs):
             return original(self, *args, **kwargs)
         # generate feeds the prompt in chunks, and a first chunk of text before a sample's image routed that
-        # sample as text: the whole prompt says which samples have images, as one forward over it would say
-        # (:func:`_flags_pre_hook`). A cache that holds nothing routes by the prompt alone (flags left on it
-        # by an earlier use, before its ``reset``, are stale, as a one-pass prefill finds them); one that
-        # holds a prefix by the flags it keeps, with the samples whose images arrive in the new tokens (a
-        # cache this model did not fill: by the new tokens). Set in generate's own dict for the prefill only:
-        # the decode steps keep the flags the prefill stored on the cache
+        # sample as text: the flags are those one forward over the prompt's new tokens takes
+        # (:func:`_flags_pre_hook`'s rules; a cache passed in counts as there). Set in generate's own dict for
+        # the prefill only: the decode steps keep the flags the prefill stored on the cache
         length = int(getattr(cache, "get_seq_length", lambda: 0)())
         new = ids
         if length > 0:
@@ -760,12 +763,9 @@ def _chunked_prefill_flags(original):
             if new.shape[-1] == 0:
                 return original(self, *args, **kwargs)
         B = new.shape[0]
-        if length > 0 and getattr(cache, CACHE_FLAGS_ATTR, None) is not None:
-            flags = _flags_kept(self.__dict__[_STATE], cache, B, new, visual_ids, model_kwargs)
-            if flags is None:
-                return original(self, *args, **kwargs)
-        else:
-            flags = _has_visual_tokens(new, visual_ids)
+        flags = _kept_flags_or_none(self.__dict__[_STATE], cache, length > 0, new, visual_ids, model_kwargs, B)
+        if flags is None:
+            flags = _flags_of_inputs(new, visual_ids, model_kwargs, B, new.device)
         model_kwargs[HAS_IMAGE_KWARG] = flags
         try:
             return original(self, *args, **kwargs)
@@ -789,6 +789,14 @@ def _route_chunked_prefill_whole() -> None:
     original = GenerationMixin.__dict__.get("_prefill")
     if original is not None and not getattr(original, "__mmfast_routes_whole_prompt__", False):
         GenerationMixin._prefill = _chunked_prefill_flags(original)
+
+
+def _wrap_generation() -> None:
+    """transformers' generation classes, wrapped once for MMA's flags (:func:`_carry_flags_through_cache_row_ops`,
+    :func:`_route_chunked_prefill_whole`): when MMA is applied, and when a patched model is unpickled or
+    deep-copied."""
+    _carry_flags_through_cache_row_ops()
+    _route_chunked_prefill_whole()
 
 
 def _plain_call(module: nn.Module, *args, **kwargs):
@@ -1452,8 +1460,7 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
     model is changed."""
     opts = opts or MMAOptions()
     hf = _hf_model(model)
-    _carry_flags_through_cache_row_ops()  # (before any forward: a prompt cache saved with flags may be loaded)
-    _route_chunked_prefill_whole()
+    _wrap_generation()  # (before any forward: a prompt cache saved with flags may be loaded)
     vision = _vision_layers(hf)
     read = _read_vision_layers(hf, vision)
     paths = {id(m): n for n, m in model.named_modules()}
