@@ -284,6 +284,32 @@ def test_tuple_output_and_hf_loss_arguments():
     torch.testing.assert_close(model(**inputs, shift_labels=shift).loss, ref(**inputs, shift_labels=shift).loss)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_another_ignore_index_as_hf_takes_it(kind, calls):
+    """HF's causal-LM loss takes ``ignore_index`` as a keyword of the model's call: the labels equal to it are
+    left out, and it pads the shifted labels' last position. Here a token id (7, on the first positions), so
+    a fused loss ignoring -100 instead counted those positions, and a pad of -100 was out of range. Loss
+    and gradients equal the unpatched model's."""
+    inputs = batch(kind)
+    inputs["labels"][:, :4] = 7
+    inputs["labels"][inputs["labels"] == -100] = 7  # (llava's image positions: -100 would be out of range)
+    model = build(kind)
+    mmfast.patch(model, tuning="layernorm", verbose=False)
+    got = {}
+    for patched in (True, False):
+        model.zero_grad(set_to_none=True)
+        with contextlib.nullcontext() if patched else mmfast.disabled():
+            loss = model(**inputs, ignore_index=7).loss
+            loss.backward()
+        got[patched] = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    labelled = int((inputs["labels"][:, 1:] != 7).sum())
+    assert calls == [(inputs["labels"].numel(), labelled)]
+    torch.testing.assert_close(got[True][0], got[False][0], rtol=1e-6, atol=1e-6)
+    assert got[True][1].keys() == got[False][1].keys()
+    for n, g in got[False][1].items():
+        torch.testing.assert_close(got[True][1][n], g, rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_matches_unfused_model_under_autocast(seed):
     """An fp32 model under bf16 autocast (HF Trainer's bf16=True): loss and gradients held to the unfused
     model's bf16 error against the float64 model, over 24 draws (rule: model_accuracy.py). A loss is one

@@ -107,6 +107,46 @@ def test_reductions(device, seed, kw):
     check(str(kw), linear_cross_entropy, h, w, b, t, seed, **kw)
 
 
+@pytest.mark.parametrize("path", ["eager", "ops"])
+def test_another_ignore_index(device, seed, path, monkeypatch):
+    """``ignore_index`` other than -100 (HF's loss takes it as a keyword): the rows whose target is that
+    value are left out, on both paths; here a token id (5), so -100 is not in the batch at all."""
+    monkeypatch.setenv("MMFAST_EAGER", path)
+    h, w, b, t = make(device, torch.float32)
+    t = torch.where(t == IGNORE, 5, t)
+    assert (t == 5).sum() > 0
+    check(f"ignore_index=5/{path}", linear_cross_entropy, h, w, b, t, seed, ignore_index=5)
+    check(f"ignore_index=5/{path}/sum", linear_cross_entropy, h, w, b, t, seed, ignore_index=5, reduction="sum")
+
+
+def test_default_chunks_hold_at_most_chunk_bytes_of_logits(device, seed, monkeypatch):
+    """The default row chunk keeps one chunk's fp32 logits within ``CHUNK_BYTES`` (lowered here to 128 rows
+    of the vocabulary; 256 rows kept): the vocabulary-wide tensors the function both paths run makes, seen
+    by a dispatch mode, have at most that many rows. Values by the accuracy rule."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    from mmfast.ops import loss as loss_ops
+
+    V = 301
+    monkeypatch.setattr(loss_ops, "CHUNK_BYTES", 4 * V * 128)
+    h, w, b, t = make(device, torch.float32, lead=(4, 64), H=16, V=V, ignored=0.0, w_grad=False)
+    rows = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            rows.extend(o.shape[0] for o in tree_leaves(out)
+                        if isinstance(o, torch.Tensor) and o.dim() == 2 and o.shape[1] == V and not func.is_view)
+            return out
+
+    with Watch():
+        loss_ops._loss_and_grads(h.detach(), w.detach(), b.detach(), t, IGNORE, None, None, True, False, True,
+                                 "auto", torch.float32)
+    assert rows and max(rows) == 128, sorted(set(rows))
+    check("default chunks", linear_cross_entropy, h, w, b, t, seed)
+
+
 def test_frozen_weight_keeps_only_the_hidden_gradient(device, seed):
     """LN tuning freezes the LM head in layernorm-simp / mma: only d hidden, nothing vocab-sized kept."""
     h, w, b, t = make(device, torch.bfloat16, w_grad=False, bias=False, lead=(4, 64), H=32, V=512)
@@ -155,9 +195,25 @@ def test_no_labelled_rows(device, seed, reduction):
             assert torch.equal(ours.isnan(), want.isnan()) and (ours.isnan() or ours == want)
 
 
-def test_autocast(device, seed):
-    """fp32 model under bf16 autocast (HF Trainer's bf16=True): bf16 products, fp32 gradients."""
-    h, w, b, t = make(device, torch.float32)
+@pytest.mark.parametrize("path", ["eager", "ops"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_no_labelled_rows_gives_pytorchs_gradients(device, dtype, path, monkeypatch):
+    """Every target ignored, a mean (NaN loss) or HF's normaliser at 0 items: the gradients are PyTorch's,
+    zero, in every dtype. (fp16 lifts the logits' gradient by about 1 / scale; a NaN or infinite scale must
+    not reach the weight's accumulator, which it scales back: NaN times its zeros.)"""
+    monkeypatch.setenv("MMFAST_EAGER", path)
+    h, w, b, t = make(device, dtype, ignored=1.1)
+    for kw in ({}, {"num_items_in_batch": 0}):
+        ours = grads(linear_cross_entropy(h, w, t, b, **kw), (h, w, b))
+        want = grads(linear_cross_entropy_reference(h, w, t, b, **kw), (h, w, b))
+        assert all(torch.equal(x, y) for x, y in zip(ours, want)), (kw, [x.abs().max() for x in ours])
+
+
+@pytest.mark.parametrize("ignored", [0.3, 0.0], ids=["some-ignored", "all-kept"])
+def test_autocast(device, seed, ignored):
+    """fp32 model under bf16 autocast (HF Trainer's bf16=True): bf16 products, fp32 gradients. With every
+    row kept the rows are not gathered, but they still need the cast to the autocast dtype."""
+    h, w, b, t = make(device, torch.float32, ignored=ignored)
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
         loss = linear_cross_entropy(h, w, t, b)
         lowp = linear_cross_entropy_reference(h, w, t, b)

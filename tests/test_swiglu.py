@@ -13,7 +13,7 @@ import mmfast
 from accuracy import assert_accurate
 from dispatch import dispatched_ops
 from mmfast.ops.backend import EAGER_ENV, ENV_VAR
-from mmfast.ops.swiglu import swiglu, swiglu_reference, swiglu_unfused
+from mmfast.ops.swiglu import swiglu, swiglu_unfused
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -29,7 +29,8 @@ def _draw(g, u, fn):
     dh = torch.randn_like(g)
     ours = _grads(fn, g, u, dh)
     lowp = _grads(swiglu_unfused, g, u, dh)
-    ref = _grads(swiglu_reference, g.double(), u.double(), dh.double())
+    # the definition written here, not the product's reference (the CPU backend runs that one)
+    ref = _grads(lambda g, u: torch.nn.functional.silu(g) * u, g.double(), u.double(), dh.double())
     g64, u64, dh64 = g.double(), u.double(), dh.double()
     s = torch.sigmoid(g64)
     mags = ((g64 * s).abs() * u64.abs(), (dh64 * u64 * s).abs() * (1 + (g64 * (1 - s)).abs()),
@@ -131,9 +132,34 @@ def test_narrow_rows_share_a_program(monkeypatch, device, seed):
     assert grids[0] == (2, 1)
 
 
-def test_reference_backend(monkeypatch, device, seed):
+@pytest.mark.parametrize("op", ["swiglu", "quick_gelu"])
+def test_row_offsets_past_2_31_elements(op, device):
+    """Rows of a strided view whose offsets pass 2**31 elements (row stride 2**30 + 128, third row) are
+    addressed with 64-bit offsets: the same bits as the rows copied out (with 32-bit offsets the third row
+    was read from before the tensor). Only the rows' pages are touched: the rest of the 4 GiB is never
+    written, so it costs no memory (CPU: untouched pages of an allocation; GPU: one allocation)."""
+    N, stride = 64, 2**30 + 128
+    base = torch.empty(2 * stride + 2 * N, device=device, dtype=torch.bfloat16)
+    rows = base.as_strided((3, 2 * N), (stride, 1))
+    rows.copy_(torch.randn(3, 2 * N, device=device))
+    views = (rows[:, :N], rows[:, N:]) if op == "swiglu" else (rows[:, :N],)
+    fn = mmfast.swiglu if op == "swiglu" else mmfast.quick_gelu
+    dy = torch.randn(3, N, device=device).to(torch.bfloat16)
+    results = []
+    for inputs in (views, tuple(v.clone() for v in views)):
+        inputs = tuple(v.detach().requires_grad_() for v in inputs)
+        y = fn(*inputs)
+        results.append((y, *torch.autograd.grad(y, inputs, dy)))
+    assert views[0].stride(0) == stride and results[1][0].abs().max() > 0
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_reference_backend(monkeypatch, device, seed, dtype):
+    """What CPU tensors run without the interpreter."""
     monkeypatch.setenv(ENV_VAR, "reference")
-    g = torch.randn(5, 130, device=device).to(torch.bfloat16)
+    g = (2 * torch.randn(5, 130, device=device)).to(dtype)
     check_swiglu(lambda i: (g, torch.randn_like(g)), seed)
 
 
