@@ -290,13 +290,15 @@ def _affine(weight, bias, x):
     return weight, bias, wdt
 
 
-def norm_fwd(x, weight, bias, residual, eps: float, rms: bool, pad: int = 0, offset: int = 0):
-    """(y, residual_out or None, mean or None, rstd) of 2-D ``x``; input rows are ``N + pad`` apart, and x
-    starts ``offset`` elements past 16-byte alignment (a view such as ``big[:, 1:]``)."""
+def norm_fwd(x, weight, bias, residual, eps: float, rms: bool, pad: int = 0, offset: int = 0,
+             res_pad: int | None = None, w_offset: int = 0):
+    """(y, residual_out or None, mean or None, rstd) of 2-D ``x``; input rows are ``N + pad`` apart (the
+    residual's ``N + res_pad`` when given), x starts ``offset`` elements past 16-byte alignment (a view such
+    as ``big[:, 1:]``), and weight and bias ``w_offset`` elements."""
     M, N = x.shape
     weight, bias, wdt = _affine(weight, bias, x)
-    xs, rs = _rows(x, N, pad, offset), _rows(residual, N, pad)
-    ws, bs = _input(weight), _input(bias)
+    xs, rs = _rows(x, N, pad, offset), _rows(residual, N, pad if res_pad is None else res_pad)
+    ws, bs = _input(weight, offset=w_offset), _input(bias, offset=w_offset)
     y = Guarded((M, N), x.dtype)
     h = Guarded((M, N), x.dtype) if residual is not None else None
     mean = Guarded(M, torch.float32, align=4) if not rms else None
@@ -311,10 +313,12 @@ def norm_fwd(x, weight, bias, residual, eps: float, rms: bool, pad: int = 0, off
             rstd.view.clone())
 
 
-def fwd_path(x, weight, bias, residual, rms: bool, pad: int = 0, offset: int = 0) -> str:
+def fwd_path(x, weight, bias, residual, rms: bool, pad: int = 0, offset: int = 0, res_pad: int | None = None,
+             w_offset: int = 0) -> str:
     M, N = x.shape
     weight, bias, wdt = _affine(weight, bias, x)
-    g = [_input(x, N + pad, offset), _input(residual, N + pad), _input(weight), _input(bias)]
+    g = [_input(x, N + pad, offset), _input(residual, N + (pad if res_pad is None else res_pad)),
+         _input(weight, offset=w_offset), _input(bias, offset=w_offset)]
     out = Guarded((M, N), x.dtype)
     return lib().emu_norm_fwd_path(_p(g[0]), _p(g[1]), _p(g[2]), _p(g[3]), out.ptr(), out.ptr() if residual is not None
                                    else None, M, N, _row_stride(g[0]), _row_stride(g[1]), DTYPE_CODE[x.dtype],
@@ -328,15 +332,17 @@ def _bwd_args(dy, x, w, mean, rstd, dres, dx, dwp, dbp, M, N, act, wdt, rms, nee
 
 
 def norm_bwd(dy, x, weight, mean, rstd, dres, rms: bool, need_dx=True, need_dw=True, need_db=False, stages: int = 0,
-             dw_dtype=None, db_dtype=None, pad: int = 0, offset: int = 0):
-    """(dx, dweight, dbias, path) like mmfast_cuda::norm_bwd; input rows are ``N + pad`` apart, and x
-    starts ``offset`` elements past 16-byte alignment."""
+             dw_dtype=None, db_dtype=None, pad: int = 0, offset: int = 0, res_pad: int | None = None,
+             w_offset: int = 0):
+    """(dx, dweight, dbias, path) like mmfast_cuda::norm_bwd; input rows are ``N + pad`` apart (dres's
+    ``N + res_pad`` when given), x starts ``offset`` elements past 16-byte alignment, and the weight
+    ``w_offset`` elements."""
     M, N = x.shape
     need_dw = need_dw and weight is not None
     wdt = weight.dtype if weight is not None else x.dtype
     g_dy, g_x = _rows(dy, N, pad), _rows(x, N, pad, offset)
-    g_dres = _rows(dres if need_dx else None, N, pad)
-    g_w, g_mean, g_rstd = _input(weight), _input(mean, align=4), _input(rstd, align=4)
+    g_dres = _rows(dres if need_dx else None, N, pad if res_pad is None else res_pad)
+    g_w, g_mean, g_rstd = _input(weight, offset=w_offset), _input(mean, align=4), _input(rstd, align=4)
     need = (need_dx, need_dw, need_db)
     dx = Guarded((M, N), x.dtype) if need_dx else None
     probe = _bwd_args(g_dy, g_x, g_w, g_mean, g_rstd, g_dres, dx, None, None, M, N, x.dtype, wdt, rms, need, stages)

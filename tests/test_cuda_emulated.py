@@ -43,9 +43,12 @@ def _detach(t):
     return None if t is None else t.detach()
 
 
-def emulated(stages: int = 0, pad: int = 0, paths: list | None = None, offset: int = 0):
+def emulated(stages: int = 0, pad: int = 0, paths: list | None = None, offset: int = 0, res_pad: int | None = None,
+             w_offset: int = 0):
     """A ``run`` for check_case: forward and backward through the emulated kernels (rows ``N + pad`` apart,
-    x ``offset`` elements off 16-byte alignment); the (forward, backward) kernel names go to ``paths``."""
+    the residual's and its gradient's ``N + res_pad`` when given, x ``offset`` elements and weight and bias
+    ``w_offset`` elements off 16-byte alignment); the (forward, backward) kernel names go to ``paths``."""
+    one_off = dict(res_pad=res_pad, w_offset=w_offset)
 
     def run(case):
         N = case.x.shape[-1]
@@ -53,16 +56,18 @@ def emulated(stages: int = 0, pad: int = 0, paths: list | None = None, offset: i
         rows = lambda t: None if t is None else t.detach().reshape(-1, N)  # noqa: E731
         rms = case.kind == "rms"
         w, b = _detach(case.weight), _detach(case.bias)
-        y, h, mean, rstd = E.norm_fwd(rows(case.x), w, b, rows(case.residual), case.eps, rms, pad=pad, offset=offset)
+        y, h, mean, rstd = E.norm_fwd(rows(case.x), w, b, rows(case.residual), case.eps, rms, pad=pad, offset=offset,
+                                  **one_off)
         need_dw = case.weight is not None and case.weight.requires_grad
         need_db = case.bias is not None and case.bias.requires_grad
         xin = h if h is not None else rows(case.x)
         dx, dw, db, bwd_path = E.norm_bwd(rows(case.gy), xin, w, mean, rstd, rows(case.gh), rms, True, need_dw, need_db,
                                           stages=stages, pad=pad, offset=0 if h is not None else offset,
                                           dw_dtype=None if w is None else w.dtype,
-                                          db_dtype=None if b is None else b.dtype)
+                                          db_dtype=None if b is None else b.dtype, **one_off)
         if paths is not None:
-            paths.append((E.fwd_path(rows(case.x), w, b, rows(case.residual), rms, pad=pad, offset=offset), bwd_path))
+            paths.append((E.fwd_path(rows(case.x), w, b, rows(case.residual), rms, pad=pad, offset=offset, **one_off),
+                          bwd_path))
         by_name = {"x": dx.view(shape), "weight": dw, "bias": db, "residual": dx.view(shape)}
         grads = [by_name[n] for n in ("x", "weight", "bias", "residual")
                  if getattr(case, n) is not None and getattr(case, n).requires_grad]
@@ -124,6 +129,52 @@ def test_misaligned_rows(N, fwd, bwd):
     """x starting 2 bytes past 16-byte alignment (a view like ``big[:, 1:]``) takes the scalar kernels."""
     for kind in ("rms", "ln"):
         assert _check(kind, 37, N, "bf16", False, seed=N, offset=1) == (fwd, bwd)
+
+
+ONE_INPUT_OFF = [  # (N, dtypes, forward kernel, backward kernel): the scalar kernels, where x alone would vectorise
+    (768, "bf16", "register-v1-t512", "register-v1-t256"),
+    (300, "fp32", "register-v1-t128", "register-v1-t128"),
+]
+
+
+@pytest.mark.parametrize("N,dtypes,fwd,bwd", ONE_INPUT_OFF, ids=[f"{d}-{n}" for n, d, *_ in ONE_INPUT_OFF])
+@pytest.mark.parametrize("which", ["residual-rows", "weight"])
+def test_one_input_off_the_vectors_takes_the_scalar_kernels(which, N, dtypes, fwd, bwd):
+    """x and dy on 16-byte vectors, but the residual's (and its gradient's) rows an odd number of elements
+    apart, or the weight and bias one element past 16-byte alignment (a slice of a packed parameter): a
+    16-byte access to them would be misaligned (a fault on a GPU and in the emulator), so every input's
+    alignment decides the kernel, not x's alone."""
+    kw = {"res_pad": 1} if which == "residual-rows" else {"w_offset": 1}
+    for kind in ("rms", "ln"):
+        torch.manual_seed(N)
+        paths = []
+        check_case(make_case(kind, (37,), N, dtypes, residual=True), N, run=emulated(paths=paths, **kw))
+        assert paths[0] == (fwd, bwd)
+
+
+@pytest.mark.parametrize("N,path", [(1000, "register-v8-t32"), (3001, "wide-v1"), (20000, "wide-v8")])
+def test_rms_norm_rounds_like_hf_on_every_kernel(N, path):
+    """RMSNorm rounds twice, as HF LlamaRMSNorm (the normalised row to bf16, then its product with the
+    weight): test_norm.py's test_rounding_matches_pytorch_modules holds the register kernel to it at N = 1000;
+    here also the wide kernels (one rounding fewer is more accurate, so the accuracy rule cannot see it).
+    Almost every element identical, none further apart than one unit per rounding plus fp32 noise."""
+    import math
+
+    import mmfast
+
+    torch.manual_seed(N)
+    M = 64 if N <= 3001 else 12
+    x = torch.randn(M, N, dtype=torch.bfloat16)
+    w = (1 + 0.1 * torch.randn(N)).to(torch.bfloat16)
+    ours = E.norm_fwd(x, w, None, None, 1e-6, True)[0]
+    assert E.fwd_path(x, w, None, None, True) == path
+    theirs = mmfast.rms_norm_reference(x, w, 1e-6)
+    normalised = mmfast.rms_norm_reference(x, None, 1e-6).float()
+    units = torch.finfo(torch.bfloat16).eps * (theirs.float().abs() + w.float().abs() * normalised.abs())
+    same = (ours == theirs).float().mean().item()
+    assert same > 0.99, f"only {same:.3f} of elements round identically"
+    fp32_noise = 2 * (math.log2(N) + 4) * torch.finfo(torch.float32).eps * theirs.float().abs().max()
+    assert ((ours.float() - theirs.float()).abs() <= units * 1.0001 + fp32_noise).all()
 
 
 # ---- the staged backward ------------------------------------------------------------------------------
@@ -190,6 +241,18 @@ def test_staged_falls_back_where_shared_memory_is_short():
     assert bwd == "special-8192"
     _, bwd = _check("rms", 63, 768, "bf16", True, seed=4, stages=2)  # 2 x 3 x 3 x 128 x 16 bytes fits
     assert bwd == "special-768-staged2"
+
+
+def test_staged_falls_back_when_its_stages_fill_the_opt_in_exactly():
+    """4 stages of bf16 4096 rows without a residual gradient take 4 x 2 x 4 x 128 x 16 = 65536 bytes, all the
+    64 KiB device 1 lets a block opt into, with no room left for the block's static reduction buffer (the
+    launcher opts in to 1 KiB less): the register kernel runs. 3 stages fit and stage."""
+    E.select_device(1)
+    optin = E.device_props(1)[1]
+    assert not staged_fits(4096, torch.bfloat16, 4, 2, optin) and staged_fits(4096, torch.bfloat16, 3, 2, optin)
+    for stages, want in ((4, "special-4096"), (3, "special-4096-staged3")):
+        _, bwd = _check("rms", 63, 4096, "bf16", False, seed=stages, stages=stages)
+        assert bwd == want
 
 
 def test_shared_memory_opt_in_is_per_device():
