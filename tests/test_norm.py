@@ -52,6 +52,22 @@ def test_leading_dims(kind, lead, device, seed):
     check_case(make_case(kind, lead, 129, "bf16", residual=True, device=device), seed)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_no_rows_zeroes_the_parameter_gradients(kind, device, seed, monkeypatch):
+    """M = 0: dweight and dbias are PyTorch's zeros, written by the backward, not what their memory held
+    (here every tensor torch.empty makes starts as NaN, so a skipped fill cannot pass by luck)."""
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    case = make_case(kind, (0,), 129, "bf16-fp32w", residual=True, device=device)
+    check_case(case, seed)
+    assert case.weight.requires_grad and (kind == "rms" or case.bias.requires_grad)
+
+
 @pytest.mark.parametrize("M,N", [(2000, 7), (300, 768), (77, 4096), (20, 9000)])
 @pytest.mark.parametrize("kind", KINDS)
 def test_persistent_rows(kind, M, N, device, seed):
@@ -158,8 +174,9 @@ def test_rms_reference_matches_hf_bitwise(device):
         assert torch.equal(m(x), mmfast.rms_norm_reference(x, m.weight, 1e-6))
 
 
+@pytest.mark.parametrize("M,N", [(64, 1000), (4, 16400)], ids=["registers", "two-pass"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_rounding_matches_pytorch_modules(kind, device, seed):
+def test_rounding_matches_pytorch_modules(kind, M, N, device, seed):
     """Outputs round like HF LlamaRMSNorm / nn.LayerNorm: almost every element identical in bf16, and none
     further apart than the roundings allow. Two fp32 computations of a value before rounding may differ by
     (log2 N + 4) fp32 units at the output's scale each (sums in another order), which matters only near
@@ -169,21 +186,22 @@ def test_rounding_matches_pytorch_modules(kind, device, seed):
     - LlamaRMSNorm rounds twice (the normalised row to bf16, then its product with the bf16 weight): one
       unit of the normalised value, times |w|, plus one unit of the output. Seen (seed 856428704): the
       normalised value -0.5957031288 lies 4e-9 from the midpoint of -0.59375 and -0.59765625; the two
-      fp32 sums rounded it to either side, and the outputs came out two bf16 units apart."""
-    x = torch.randn(64, 1000, device=device, dtype=torch.bfloat16)
-    w = (1 + 0.1 * torch.randn(1000, device=device)).to(torch.bfloat16)
-    b = (0.1 * torch.randn(1000, device=device)).to(torch.bfloat16)
+      fp32 sums rounded it to either side, and the outputs came out two bf16 units apart.
+    Both the register-resident path and the two-pass path of wide rows (N > 16384) round this way."""
+    x = torch.randn(M, N, device=device, dtype=torch.bfloat16)
+    w = (1 + 0.1 * torch.randn(N, device=device)).to(torch.bfloat16)
+    b = (0.1 * torch.randn(N, device=device)).to(torch.bfloat16)
     bf16_eps = torch.finfo(torch.bfloat16).eps  # one unit at |v| is at most eps * |v|
     if kind == "rms":
         ours, theirs = mmfast.rms_norm(x, w, 1e-6), mmfast.rms_norm_reference(x, w, 1e-6)
         normalised = mmfast.rms_norm_reference(x, None, 1e-6).float()  # HF's first rounding: no weight yet
         units = bf16_eps * (theirs.float().abs() + w.float().abs() * normalised.abs())
     else:
-        ours, theirs = mmfast.layer_norm(x, w, b, 1e-5), torch.nn.functional.layer_norm(x, (1000,), w, b, 1e-5)
+        ours, theirs = mmfast.layer_norm(x, w, b, 1e-5), torch.nn.functional.layer_norm(x, (N,), w, b, 1e-5)
         units = bf16_eps * theirs.float().abs()
     same = (ours == theirs).float().mean().item()
     assert same > 0.99, f"only {same:.3f} of elements round identically (seed {seed})"
-    fp32_noise = 2 * (math.log2(1000) + 4) * torch.finfo(torch.float32).eps * theirs.float().abs().max()
+    fp32_noise = 2 * (math.log2(N) + 4) * torch.finfo(torch.float32).eps * theirs.float().abs().max()
     apart = (ours.float() - theirs.float()).abs()
     assert (apart <= units * 1.0001 + fp32_noise).all(), (
         f"{int((apart > units * 1.0001 + fp32_noise).sum())} elements further apart than the roundings allow "
@@ -309,3 +327,71 @@ def test_variance_past_fp32_range(kind, N, device):
         assert torch.equal(got.isnan(), want.isnan())
     for got, want in zip(ours[:2], torch_[:2]):  # the other rows of y and dx
         torch.testing.assert_close(got[[0, 2]], want[[0, 2]], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("N", [129, 16400], ids=["registers", "two-pass"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_row_strides_differ_between_inputs(kind, N, device):
+    """x, the residual, dy and the gradient of residual_out each with its own row stride (a row slice of a
+    wider buffer, or contiguous): the kernels read each with its own stride, and give what they give for
+    contiguous copies, bit for bit. (A kernel that read the residual with x's stride, or dresidual_out with
+    dy's, passed every test where all of them shared one layout.) The row strides keep rows 16-byte aligned,
+    as the contiguous copies' are: rows off the 16-byte vectors take the CUDA backend's scalar kernels,
+    which sum in another order than the vector kernels the copies take (other bits, both accurate)."""
+    M = 3
+
+    def rows_of(width):  # [M, N] with row stride ``width``
+        return torch.randn(M, width, device=device).bfloat16()[:, :N]
+
+    x0, r0, gy0, gh0 = rows_of(N + 8), torch.randn(M, N, device=device).bfloat16(), rows_of(N + 16), rows_of(N + 40)
+    assert len({t.stride(0) for t in (x0, r0, gy0, gh0)}) == 4
+    w = torch.randn(N, device=device, requires_grad=True)
+    b = torch.randn(N, device=device, requires_grad=True) if kind == "ln" else None
+
+    def run(strided):
+        x, r, gy, gh = (t if strided else t.contiguous() for t in (x0, r0, gy0, gh0))
+        x, r = x.detach().requires_grad_(), r.detach().requires_grad_()
+        y, h = (mmfast.rms_norm(x, w, 1e-6, residual=r) if kind == "rms"
+                else mmfast.layer_norm(x, w, b, 1e-5, residual=r))
+        leaves = [x, r, w] + ([b] if b is not None else [])
+        return [y.detach(), h.detach(), *torch.autograd.grad([y, h], leaves, [gy, gh])]
+
+    for i, (got, want) in enumerate(zip(run(True), run(False))):
+        assert torch.equal(got, want), f"output {i} differs"
+
+
+@pytest.mark.parametrize("path", ["eager", "ops"])
+def test_fp32_bias_without_weight(path, device, seed, monkeypatch):
+    """LayerNorm with a float32 bias and no weight over bf16 x: dbias is reduced into float32 (the bias's
+    dtype, as the op's contract says), not rounded to x's dtype and cast back by autograd."""
+    if path == "ops":
+        monkeypatch.setenv("MMFAST_EAGER", "ops")
+    check_case(make_case("ln", (4, 5), 200, "bf16-fp32w", residual=True, weight=False, bias=True, device=device), seed)
+
+
+@pytest.mark.parametrize("M,N", [(64, 1000), (4, 16400)], ids=["registers", "two-pass"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_fp32_weights_enter_unrounded(kind, M, N, device, seed):
+    """bf16 x with float32 master weights: the weight (and bias) enter the forward and dx in float32, so y
+    rounds as the reference's does (almost every element identical) and dx is the float64 result rounded
+    once. A kernel that rounded the weight to bf16 first stays within the accuracy rule (its extra error is
+    about one unit) but changes about half the elements; the fraction identical is 1.0 when run correctly,
+    and a value nearer than fp32 noise to a rounding midpoint may fall either way (the 0.99 of
+    test_rounding_matches_pytorch_modules)."""
+    x = torch.randn(M, N, device=device).bfloat16().requires_grad_()
+    w = (1 + 0.1 * torch.randn(N, device=device)).requires_grad_()
+    b = (0.1 * torch.randn(N, device=device)).requires_grad_() if kind == "ln" else None
+    gy = torch.randn(M, N, device=device).bfloat16()
+    if kind == "rms":
+        fn, ref = (lambda x, w, b: mmfast.rms_norm(x, w, 1e-6)), (lambda x, w, b: mmfast.rms_norm_reference(x, w, 1e-6))
+    else:
+        fn, ref = (lambda x, w, b: mmfast.layer_norm(x, w, b, 1e-5)), (lambda x, w, b: mmfast.layer_norm_reference(x, w, b, 1e-5))
+    y = fn(x, w, b)
+    (dx,) = torch.autograd.grad(y, x, gy)
+    with torch.no_grad():
+        y_ref = ref(x, w, b)  # the reference's own fp32 computation, rounded as promised
+    x64 = x.detach().double().requires_grad_()
+    (dx64,) = torch.autograd.grad(ref(x64, w.detach().double(), None if b is None else b.detach().double()), x64, gy.double())
+    for name, got, want in (("y", y, y_ref), ("dx", dx, dx64.bfloat16())):
+        same = (got == want).float().mean().item()
+        assert same > 0.99, f"{name}: only {same:.3f} of elements identical (seed {seed})"

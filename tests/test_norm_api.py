@@ -591,3 +591,92 @@ def test_partial_sums_split_rows_where_columns_leave_sms_idle():
         assert chunk % SUM_BLOCK_P == 0 and chunk < P and (programs >= 2 * h100 or chunk == SUM_BLOCK_P), (P, N)
     # a few rows (small M: one pass, no second launch), or columns enough to fill the GPU: one pass
     assert sum_chunk_rows(128, 1024, h100) == 128 and sum_chunk_rows(4096, 1 << 17, h100) == 4096
+
+
+@pytest.mark.parametrize("kind", ["rms", "ln"])
+def test_default_eps_is_the_pytorch_modules(kind, device):
+    """Without eps, rms_norm uses HF LlamaRMSNorm's default (1e-6) and layer_norm nn.LayerNorm's (1e-5): on
+    rows whose variance is about 1e-6, where the two differ by a factor of two and more."""
+    x = torch.randn(4, 64, device=device) * 1e-3
+    w = torch.randn(64, device=device)
+    want, other = (1e-6, 1e-5) if kind == "rms" else (1e-5, 1e-6)
+    got = mmfast.rms_norm(x, w) if kind == "rms" else mmfast.layer_norm(x, w, None)  # (not _call: its eps is set)
+    assert torch.equal(got, _call(kind, x, w, eps=want))
+    assert not torch.allclose(got, _call(kind, x, w, eps=other), rtol=0.1)
+
+
+# (the interpreter warns of the padding rows of a tile: variance 0, so 1 / sqrt(0), never stored)
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("kind", ["rms", "ln"])
+def test_zero_eps(kind, device):
+    """eps = 0 is a valid eps (nn.LayerNorm and torch's rms_norm take it): the result is PyTorch's."""
+    import torch.nn.functional as F
+
+    x = torch.randn(4, 64, device=device)
+    w, b = torch.randn(64, device=device), torch.randn(64, device=device)
+    for eps in (0, 0.0):
+        if kind == "rms":
+            torch.testing.assert_close(_call(kind, x, w, eps=eps), F.rms_norm(x, (64,), w, 0.0))
+        else:
+            torch.testing.assert_close(_call(kind, x, w, b, eps=eps), F.layer_norm(x, (64,), w, b, 0.0))
+
+
+@pytest.mark.parametrize("path", ["eager", "ops"])
+@pytest.mark.parametrize("kind", ["rms", "ln"])
+def test_only_the_residual_requires_grad(kind, path, device, monkeypatch):
+    """x and the norm's parameters frozen, only the residual stream trains: it gets the gradient (the call
+    records for it, though none of x, weight, bias requires grad)."""
+    import torch.nn.functional as F
+
+    if path == "ops":
+        monkeypatch.setenv(EAGER_ENV, "ops")
+    x, w, b = torch.randn(3, 64, device=device), torch.randn(64, device=device), torch.randn(64, device=device)
+    r = torch.randn(3, 64, device=device, requires_grad=True)
+    gy, gh = torch.randn(3, 64, device=device), torch.randn(3, 64, device=device)
+    y, h = _call(kind, x, w, b if kind == "ln" else None, residual=r)
+    (got,) = torch.autograd.grad([y, h], [r], [gy, gh])
+    r2 = r.detach().requires_grad_()
+    h2 = x + r2
+    y2 = F.rms_norm(h2, (64,), w, 1e-5) if kind == "rms" else F.layer_norm(h2, (64,), w, b, 1e-5)
+    (want,) = torch.autograd.grad([y2, h2], [r2], [gy, gh])
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("path", ["eager", "ops"])
+@pytest.mark.parametrize("kind,trains", [("rms", "weight"), ("rms", "x"), ("ln", "weight"), ("ln", "bias"), ("ln", "x")])
+def test_frozen_parameters_get_no_gradient_work(kind, trains, path, device, monkeypatch):
+    """Only what requires grad gets a gradient, and the backward is asked for nothing else (a frozen norm
+    weight in LoRA / BitFit-style tuning costs no dweight reduction): a trained bias beside a frozen weight
+    gets its gradient, PyTorch's."""
+    import torch.nn.functional as F
+
+    if path == "ops":
+        monkeypatch.setenv(EAGER_ENV, "ops")
+    asked = []
+    real_impl = ops_norm._impl
+
+    def recording_impl(*args, **kwargs):
+        fwd, bwd = real_impl(*args, **kwargs)
+
+        def recorded_bwd(*a, **k):
+            asked.append(a[7:10])  # (need_dx, need_dw, need_db)
+            return bwd(*a, **k)
+
+        return fwd, recorded_bwd
+
+    monkeypatch.setattr(ops_norm, "_impl", recording_impl)
+    x = torch.randn(3, 64, device=device, requires_grad=trains == "x")
+    w = torch.randn(64, device=device, requires_grad=trains == "weight")
+    b = torch.randn(64, device=device, requires_grad=trains == "bias") if kind == "ln" else None
+    gy = torch.randn(3, 64, device=device)
+    leaves = [t for t in (x, w, b) if t is not None]
+    y = _call(kind, x, w, b)
+    y.backward(gy)
+    assert asked == [(trains == "x", trains == "weight", trains == "bias")]
+    copies = [t.detach().requires_grad_(t.requires_grad) for t in leaves]
+    y2 = F.rms_norm(copies[0], (64,), copies[1], 1e-5) if kind == "rms" else F.layer_norm(copies[0], (64,), *copies[1:], 1e-5)
+    y2.backward(gy)
+    for got, want in zip(leaves, copies):
+        assert (got.grad is None) == (want.grad is None)
+        if want.grad is not None:
+            torch.testing.assert_close(got.grad, want.grad)
