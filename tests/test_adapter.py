@@ -135,6 +135,37 @@ def test_weights_in_activation_dtype(dtype, device, seed):
                                  scale=1.0, groups=2), seed)
 
 
+def test_fp32_weights_keep_fp32_precision_in_router_and_bias_gradients(device, seed):
+    """16-bit activations with fp32 (master) weights: the up-projection's products take its x-dtype part
+    and its remainder, and the router weight's rounding remainder has its own slot (kernels/adapter.py), so
+    that d mix, d z (d down_b is its column sum) and d up_b keep fp32 precision. The LaVIN-style rule of
+    check_adapter cannot see that (PyTorch's 16-bit eager module rounds the same things), so here PyTorch's
+    implementation is its fp32 computation of the formula from the same inputs, the precision these
+    gradients are documented to have. The down-projection is made exact in x's dtype, so that z, whose
+    products run in x's dtype by design, is exact too."""
+    dtype = torch.float16 if device == "cpu" else torch.bfloat16  # (the interpreter's bf16 products)
+    B, S, D, R, G, E = 3, 4, 40, 8, 2, 2  # small sums: the rounding of a 16-bit step stands out
+    pooled = {}
+    for i in range(DRAWS):
+        leaves = make_inputs(B, S, D, R, G, E, dtype, device)
+        with torch.no_grad():
+            for t in leaves[1:3]:
+                t.copy_(t.to(dtype).float())
+        dy = torch.randn_like(leaves[0])
+        _, ours = _run(mma_adapter, leaves, dy, scale=0.8, groups=G)
+        _, fp32 = _run(mma_adapter_reference, leaves, dy, scale=0.8, groups=G)
+        l64 = [t.detach().double() for t in leaves]
+        _, ref = _run(mma_adapter_reference, l64, dy.double(), scale=0.8, groups=G)
+        _, mag = _run(mma_adapter_reference, [t.abs() for t in l64], dy.double().abs(), scale=0.8, groups=G)
+        for name in ("down_b", "up_b", "mix"):
+            k = NAMES.index(name)
+            assert ours[k].dtype == torch.float32
+            pooled.setdefault(name, []).append((ours[k], fp32[k], ref[k], mag[k].abs().max().item()))
+    for name, items in pooled.items():
+        cat = lambda k: torch.cat([it[k].flatten() for it in items])  # noqa: E731
+        assert_accurate("d" + name, cat(0), cat(1), cat(2), max(it[3] for it in items), seed, terms=B * S)
+
+
 TILES = [(16, 64), (32, 128), (64, 64)]  # (rows per tile, column chunk): shapes the GPU tuner may choose
 
 
@@ -256,6 +287,67 @@ def test_module_gradients_reach_router_and_route(device, seed, monkeypatch):
     err, err_lowp = (flat(ours) - flat(grads64)).norm().item(), (flat(lowp) - flat(grads64)).norm().item()
     bound = 2 * err_lowp + torch.finfo(torch.float32).eps * flat(grads64).norm().item()
     assert err <= bound, f"||error|| {err:.3e} > 2 x {err_lowp:.3e} + eps ||ref|| (seed {seed})"
+
+
+@pytest.mark.parametrize("impl", ["fused", "eager"])
+def test_module_follows_its_formula_with_its_options(impl, device, seed):
+    """The module's own options (scale, temperature, groups) and its router against the formula written out
+    here, not through the module's ``mix``: w = softmax(router(route) / temperature) per sample (over the
+    experts), y = x + scale * sum_e w_e (...). Output and every gradient (the router's, the route's) jointly,
+    norm-wise as test_module_gradients_reach_router_and_route: PyTorch's own is the formula in fp32."""
+    D, R, G, E, scale, t = 96, 8, 4, 2, 0.6, 2.5
+    adapter = mmfast.MMAdapter(D, hidden_dim=R, groups=G, experts=E, scale=scale, temperature=t, dropout=0.0).to(device)
+    adapter.impl = impl
+    with torch.no_grad():
+        adapter.up_weight.normal_(0, 0.2)
+        adapter.up_bias.normal_(0, 0.1)
+        adapter.router.weight.mul_(4)  # routers away from uniform: the temperature shows
+    x, route, dy = torch.randn(3, 5, D, device=device), torch.randn(3, D, device=device), torch.randn(3, 5, D, device=device)
+
+    def formula(x, route, params):
+        A, a, U, c, Wr, br = params
+        mix = torch.softmax((route @ Wr.T + br) / t, dim=-1)
+        return mma_adapter_reference(x, A, a, U, c, mix, scale, G)
+
+    named = dict(adapter.named_parameters())
+    params = [named[n] for n in ("down.weight", "down.bias", "up_weight", "up_bias", "router.weight", "router.bias")]
+    assert len(named) == len(params)
+
+    def run(fn, dtype):
+        xi, ri = x.to(dtype).requires_grad_(), route.to(dtype).requires_grad_()
+        ps = [p.detach().to(dtype).requires_grad_() for p in params]
+        y = fn(xi, ri, ps)
+        return [y, *torch.autograd.grad(y, [xi, ri, *ps], dy.to(dtype))]
+
+    ref = run(formula, torch.float64)
+    lowp = run(formula, torch.float32)
+    xi, ri = x.clone().requires_grad_(), route.clone().requires_grad_()
+    y = adapter(xi, ri)
+    ours = [y, *torch.autograd.grad(y, [xi, ri, *params], dy)]
+    flat = lambda gs: torch.cat([g.double().flatten() for g in gs])  # noqa: E731
+    err, err_lowp = (flat(ours) - flat(ref)).norm().item(), (flat(lowp) - flat(ref)).norm().item()
+    bound = 2 * err_lowp + torch.finfo(torch.float32).eps * flat(ref).norm().item()
+    assert err <= bound, f"||error|| {err:.3e} > 2 x {err_lowp:.3e} + eps ||ref|| (seed {seed})"
+
+
+@pytest.mark.parametrize("impl", ["fused", "eager"])
+def test_module_dropout_keeps_one_minus_p_scaled(impl, device):
+    """Training-mode dropout, through the module (the eager composition draws its own mask): with z = 1 and
+    each output channel reading one hidden channel, y - x is the scaled keep mask: a share 1 - p of it
+    1 / (1 - p), the rest 0."""
+    R, p = 8, 0.3
+    adapter = mmfast.MMAdapter(R, hidden_dim=R, groups=R, experts=1, dropout=p).to(device)
+    adapter.impl = impl
+    with torch.no_grad():
+        adapter.down.weight.zero_()
+        adapter.down.bias.fill_(1.0)
+        adapter.up_weight.fill_(1.0)
+    x = torch.zeros(4, 250, R, device=device)
+    zd = (adapter.train()(x, torch.randn(4, R, device=device)) - x).flatten()
+    kept = zd != 0
+    assert torch.allclose(zd[kept], torch.full_like(zd[kept], 1 / (1 - p)))
+    rate, n = kept.float().mean().item(), zd.numel()
+    assert abs(rate - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5, rate
 
 
 def test_eval_and_zero_dropout_draw_no_random_numbers(device, monkeypatch):
@@ -490,6 +582,33 @@ def test_backward_is_repeatable_and_deterministic(device, dropout):
                                             seed=seed if dropout else None), leaves, dy)
     for a, b, c in zip(first, second, again):
         assert a.abs().sum() > 0 and torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("path", ["eager", "ops"])
+def test_gradient_of_each_input_alone(path, device, monkeypatch):
+    """With only some inputs requiring gradients (a frozen down-projection, a fixed router, x a leaf of
+    nothing trainable), each one asked for alone gets exactly what the full backward gives it."""
+    if path == "ops":
+        monkeypatch.setenv("MMFAST_EAGER", "ops")
+    leaves = [t.detach() for t in make_inputs(2, 5, 64, 8, 2, 2, torch.float32, device)]
+    dy = torch.randn_like(leaves[0])
+    full = _run(mma_adapter, leaves, dy, scale=0.7, groups=2)[1]
+    for i, name in enumerate(NAMES):
+        ins = [t.clone().requires_grad_(k == i) for k, t in enumerate(leaves)]
+        (g,) = torch.autograd.grad(mma_adapter(*ins, scale=0.7, groups=2), ins[i], dy)
+        assert torch.equal(g, full[i]), name
+
+
+def test_dropout_offset_limit_is_checked(device):
+    """Dropout offsets are row * hidden + j in 32 bits: batch * seq * hidden must stay below 2**31, refused
+    before anything runs (meta tensors: shapes only)."""
+    D, R = 16, 8
+    args = [torch.empty(R, D, device="meta"), torch.empty(R, device="meta"), torch.empty(2, D, R // 2, device="meta"),
+            torch.empty(2, D, device="meta"), torch.empty(1, 2, device="meta")]
+    x = torch.empty(1, 2**31 // R, D, device="meta")
+    with pytest.raises(ValueError, match="must stay below 2\\*\\*31"):
+        mma_adapter(x, *args)
+    assert mma_adapter(x[:, 1:], *args).shape == (1, 2**31 // R - 1, D)
 
 
 def test_opcheck(device):
