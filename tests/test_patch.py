@@ -767,6 +767,69 @@ def test_skips_other_semantics_with_reason():
     assert "GroupNorm" in reasons["2"]
 
 
+def test_a_norm_whose_forward_differs_in_a_constant_alone_is_skipped():
+    """The family match compares the forward's code with its constants: a class whose forward is LLaMA's
+    bytecode but another power (a mean of |x|^3, say) computes something else, and is skipped with the
+    reason, not given the fused RMSNorm. Llama 4's match compares ``_norm`` too: a class with its forward
+    but another ``_norm`` is skipped the same way."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.llama4.modeling_llama4 import Llama4TextRMSNorm
+
+    code = LlamaRMSNorm.forward.__code__
+    assert code.co_consts.count(2) == 1  # the power of x.pow(2)
+    cubed = code.replace(co_consts=tuple(3 if c == 2 and type(c) is int else c for c in code.co_consts))
+    forward = types.FunctionType(cubed, LlamaRMSNorm.forward.__globals__, "forward")
+    forward.__module__ = __name__
+    Cubed = type("CubedRMSNorm", (LlamaRMSNorm,), {"forward": forward})
+
+    class MeanAbsNorm(Llama4TextRMSNorm):
+        def _norm(self, x):
+            return x / (x.abs().mean(-1, keepdim=True) + self.variance_epsilon)
+
+    model = nn.Sequential(Cubed(16), MeanAbsNorm(16), LlamaRMSNorm(16), Llama4TextRMSNorm(16))
+    report = mmfast.patch(model, verbose=False)
+    assert report.patched == ["2", "3"]
+    reasons = dict(report.skipped)
+    assert "CubedRMSNorm" in reasons["0"] and "MeanAbsNorm" in reasons["1"]
+
+
+def test_norms_wider_than_the_kernels_take_are_skipped_with_the_reason():
+    """A norm wider than the fused kernels' MAX_N is left to its own forward and reported, RMSNorm and
+    LayerNorm alike; one exactly MAX_N wide is patched (meta device: no memory)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from mmfast.ops.norm import MAX_N
+
+    with torch.device("meta"):
+        model = nn.Sequential(LlamaRMSNorm(MAX_N + 1), nn.LayerNorm(MAX_N + 1), LlamaRMSNorm(MAX_N), nn.LayerNorm(MAX_N))
+    report = mmfast.patch(model, verbose=False)
+    assert report.patched == ["2", "3"]
+    reasons = dict(report.skipped)
+    assert f"width {MAX_N + 1} above the supported {MAX_N}" == reasons["0"] == reasons["1"]
+
+
+@pytest.mark.parametrize("cls", ["LlamaRMSNorm", "Llama4TextRMSNorm"])
+def test_rms_norm_takes_the_modules_own_epsilon(cls, seed):
+    """The fused RMSNorm uses the module's epsilon (``variance_epsilon``), not a default: with an epsilon
+    comparable to the rows' mean square, the output is as accurate as PyTorch's bf16 against float64."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.llama4.modeling_llama4 import Llama4TextRMSNorm
+
+    from accuracy import assert_accurate
+
+    torch.manual_seed(seed)
+    norm = {"LlamaRMSNorm": LlamaRMSNorm, "Llama4TextRMSNorm": Llama4TextRMSNorm}[cls](64, eps=0.25)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.3)
+    norm = norm.to(torch.bfloat16)
+    ref, lowp = copy.deepcopy(norm).double(), copy.deepcopy(norm)
+    mmfast.patch(norm, verbose=False)
+    x = (0.3 * torch.randn(4, 7, 64)).to(torch.bfloat16)  # mean square ~0.09: eps 0.25 dominates
+    with torch.no_grad():
+        y, y_lowp, y_ref = norm(x), lowp(x), ref(x.double())
+    assert_accurate("y", y, y_lowp, y_ref, y_ref.abs().max().item(), seed)
+
+
 def test_layer_norm_without_affine_and_bias():
     model = nn.Sequential(nn.LayerNorm(32, elementwise_affine=False), nn.LayerNorm(32, bias=False))
     x = torch.randn(3, 32)

@@ -1008,10 +1008,12 @@ def test_lightning_steps_match_a_hand_loop():
         assert torch.equal(got[n], expected[n]), n
 
 
-def test_reentrant_checkpoint_wrapper_needs_the_input_grad_hook():
+@pytest.mark.parametrize("tuning", ["layernorm-simp", "layernorm+projector"])
+def test_reentrant_checkpoint_wrapper_needs_the_input_grad_hook(tuning):
     """Reentrant activation checkpointing applied from outside HF (FSDP's checkpoint_wrapper): with
     frozen embeddings no block input requires grad, and without mmfast's hook the checkpointed blocks'
-    norms get no gradient at all."""
+    norms get no gradient at all. With the projector trained too, a batch without images (text samples
+    of a mixed dataset) has no trained module ahead of the blocks either."""
     import functools
 
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
@@ -1019,18 +1021,22 @@ def test_reentrant_checkpoint_wrapper_needs_the_input_grad_hook():
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     model = build("llava")
-    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    mmfast.patch(model, tuning=tuning, verbose=False)
+    inputs = batch("llava")
+    if tuning != "layernorm-simp":  # text alone: the image tokens' ids stand as ordinary tokens
+        inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
+        inputs["input_ids"] = inputs["input_ids"].masked_fill(inputs["input_ids"] == model.config.image_token_id, 1)
     apply_activation_checkpointing(
         model, check_fn=lambda m: isinstance(m, LlamaDecoderLayer),
         checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.REENTRANT))
     model.train()
     norm = model.model.language_model.layers[0]._checkpoint_wrapped_module.input_layernorm
-    model(**batch("llava")).loss.backward()
+    model(**inputs).loss.backward()
     assert norm.weight.grad is not None and norm.weight.grad.abs().sum() > 0
     model.zero_grad(set_to_none=True)
     remove_tuning_hooks(model)
     with pytest.warns(UserWarning, match="None of the inputs have requires_grad"):
-        loss = model(**batch("llava")).loss
+        loss = model(**inputs).loss
     if loss.requires_grad:
         loss.backward()
     assert norm.weight.grad is None
