@@ -366,6 +366,24 @@ def test_not_installed_with_reason():
     assert "lm_head is peft.tuners.lora.layer.Linear, not torch.nn.Linear" in mmfast.patch(lora, verbose=False).fused_loss
 
 
+def test_a_head_of_a_linear_subclass_is_not_fused():
+    """An LM head whose class subclasses nn.Linear with a forward of its own (bitsandbytes' Linear8bitLt and
+    Linear4bit, a user's scaled head): the fused loss, which reads the weight as a plain Linear's, stays off,
+    and training computes the head's own logits and loss."""
+    class Halved(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 0.5
+
+    model = build("llama")
+    head = Halved(model.lm_head.in_features, model.lm_head.out_features, bias=model.lm_head.bias is not None)
+    head.load_state_dict(model.lm_head.state_dict())
+    model.lm_head = head
+    ref = copy.deepcopy(model)
+    assert "not torch.nn.Linear" in mmfast.patch(model, tuning="layernorm", verbose=False).fused_loss
+    mmfast.patch(ref, tuning="layernorm", fused_loss=False, verbose=False)
+    _same_step(model, ref)
+
+
 def test_hf_signature_kept():
     """Trainer keeps the dataset columns the forward's signature names; generate checks kwargs by it."""
     import inspect
@@ -615,7 +633,8 @@ def test_a_loss_function_set_after_patching_is_used(calls):
 
 def test_a_replaced_lm_head_runs_unfused_until_patched_again(calls):
     """``resize_token_embeddings`` (a new LM head) after patching: every forward still runs (they failed),
-    training unfused with one warning; ``mmfast.patch`` again fuses the new head."""
+    training unfused with one warning; ``mmfast.patch`` again fuses the new head, and a head replaced after
+    that warns again."""
     model = build("llama")
     mmfast.patch(model, tuning="layernorm", verbose=False)
     model.resize_token_embeddings(model.config.vocab_size + 8)
@@ -628,6 +647,10 @@ def test_a_replaced_lm_head_runs_unfused_until_patched_again(calls):
     assert mmfast.patch(model, tuning="layernorm", verbose=False).fused_loss == "on"
     out = model(**batch("llama"))
     assert out.logits is None and len(calls) == 1
+    model.resize_token_embeddings(model.config.vocab_size + 8)  # replaced again: said again (not once ever)
+    with pytest.warns(RuntimeWarning, match="lm_head was replaced"):
+        model(**batch("llama"))
+    assert len(calls) == 1
 
 
 def test_a_model_whose_loss_is_not_the_causal_lm_loss():
@@ -865,6 +888,28 @@ def test_an_interrupted_training_step_leaves_no_armed_head():
     with torch.no_grad():
         out = model(input_ids=inputs["input_ids"])
     assert out.logits is not None and out.loss is None
+
+
+def test_a_training_step_right_after_an_interrupted_one_leaves_nothing_armed(calls):
+    """The training step right after one a KeyboardInterrupt cut (no hook ran after it) fuses and leaves no
+    armed call behind: the cut call's entry, with its labels, stayed on the stack for good (one more per
+    cut) and every later call took index 1, which compiled code specialises on."""
+    from mmfast.patching import loss
+
+    model = build("llama")
+    mmfast.patch(model, tuning="layernorm", verbose=False)
+    inputs = batch("llama")
+
+    def interrupt(module, args):
+        raise KeyboardInterrupt
+
+    handle = model.model.layers[1].register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        model(**inputs)
+    handle.remove()
+    out = model(**inputs)
+    out.loss.backward()
+    assert out.logits is None and len(calls) == 1 and loss._STACK == []
 
 
 def test_training_forwards_of_two_models_on_two_threads_keep_their_own_losses(monkeypatch):

@@ -53,6 +53,8 @@ def test_llava_mlps_of_both_towers(seed):
     assert {report.kinds[p] for p in clip} == {"quick_gelu"} and {report.kinds[p] for p in llama} == {"swiglu"}
     assert "4 MLPs, 2 quick_gelu, 2 swiglu" in report.summary()
     assert "mmfast=quick_gelu" in repr(model.model.vision_tower.encoder.layers[0].mlp)
+    mmfast.unpatch(model)  # both families' forwards restored
+    assert not any("forward" in vars(model.get_submodule(p)) for p in clip + llama)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -177,7 +179,9 @@ def test_clip_mlp_called_with_its_keyword(seed):
 def test_hooks_on_the_activation_run(kind, seed, recwarn):
     """A hook on the activation module of a patched MLP runs, and what it returns counts: registered
     after patching, the MLP runs its original forward with one warning; registered before, the MLP is
-    not patched and the report says why (the fused kernel never called the module: hooks were skipped)."""
+    not patched and the report says why (the fused kernel never called the module: hooks were skipped).
+    The patched model runs fused once before the hook is registered: the per-call check's fast path then
+    holds, and it must see the hook too (it passed only when no earlier test had run an MLP fused)."""
     def make():
         m = _llama(seed)
         return m, m.model.layers[0].mlp
@@ -201,6 +205,7 @@ def test_hooks_on_the_activation_run(kind, seed, recwarn):
 
     after, amlp = make()
     mmfast.patch(after, fused_loss=False, verbose=False)
+    after(input_ids=ids)  # fused: the per-call check remembers the type (and must still see the new hook)
     calls.clear()
     register(amlp)
     with pytest.warns(RuntimeWarning, match="runs its original forward: a .*hook on act_fn"):
@@ -281,3 +286,87 @@ def test_only_wrapper_packages_hooks_are_let_through():
         assert (found is not None) == foreign, (package, found)
         if foreign:
             assert package in found
+
+
+@pytest.mark.parametrize("act", ["transformers", "torch"])
+def test_plain_silu_is_fused_and_a_global_override_of_it_is_not(act, seed, monkeypatch):
+    """``act_fn`` the config's SiLU (transformers') or an ``nn.SiLU`` (older transformers', or the user's)
+    takes the fused gate; with the class's ``forward`` replaced for every instance before patching (a
+    library's global patch) the MLP is skipped and computes the override (the fused SiLU dropped it)."""
+    plain = _llama(seed)
+    if act == "torch":
+        for layer in plain.model.layers:
+            layer.mlp.act_fn = torch.nn.SiLU()
+    assert mmfast.patch(copy.deepcopy(plain), fused_loss=False, verbose=False).mlps == ["model.layers.0.mlp",
+                                                                                        "model.layers.1.mlp"]
+    model = copy.deepcopy(plain)
+    monkeypatch.setattr(type(plain.model.layers[0].mlp.act_fn), "forward", lambda self, x: torch.relu(x))
+    report = mmfast.patch(model, fused_loss=False, verbose=False)
+    assert report.mlps == [] and "not SiLU" in dict(report.skipped)["model.layers.0.mlp"]
+    ids = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+def test_a_global_hook_of_the_user_is_not_bypassed(seed, monkeypatch):
+    """A hook registered for every module (``register_module_forward_hook``) by the user runs on the
+    activation too: registered before patching, the MLPs are skipped with the reason; registered after a
+    fused call, they run their original forward (the fused kernel never calls the activation)."""
+    monkeypatch.setattr("mmfast.ops.backend._warned", set())  # the warning is once per process
+    plain = _llama(seed)
+    ids = torch.randint(0, 64, (2, 6))
+    after = copy.deepcopy(plain)
+    mmfast.patch(after, fused_loss=False, verbose=False)
+    after(input_ids=ids)  # fused: the per-call check remembers the type
+    seen = []
+
+    def hook(mod, args, out):
+        if type(mod) is type(plain.model.layers[0].mlp.act_fn):
+            seen.append(1)
+            return out * 2
+        return None
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            want = plain(input_ids=ids).logits
+        assert len(seen) == 2
+        report = mmfast.patch(copy.deepcopy(plain), fused_loss=False, verbose=False)
+        assert report.mlps == [] and "hook" in dict(report.skipped)["model.layers.0.mlp"]
+        seen.clear()
+        with pytest.warns(RuntimeWarning, match="runs its original forward: a forward hook"), torch.no_grad():
+            got = after(input_ids=ids).logits
+        assert len(seen) == 2
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got, want)
+
+
+def test_an_instance_forward_on_the_activation_is_not_bypassed(seed, monkeypatch):
+    """An activation whose instance ``forward`` was replaced (a hub kernel, a user's override) before
+    patching: the MLP is skipped with the reason; replaced after patching (and after a fused call, which
+    the per-call check remembers): the MLP runs its original forward, so the override computes."""
+    monkeypatch.setattr("mmfast.ops.backend._warned", set())  # the warning is once per process
+    plain = _llama(seed)
+    ids = torch.randint(0, 64, (2, 6))
+
+    def override(m):
+        act = m.model.layers[0].mlp.act_fn
+        act.forward = lambda x: torch.relu(x)
+
+    before = copy.deepcopy(plain)
+    override(before)
+    report = mmfast.patch(before, fused_loss=False, verbose=False)
+    assert report.mlps == ["model.layers.1.mlp"] and "not SiLU" in dict(report.skipped)["model.layers.0.mlp"]
+
+    after = copy.deepcopy(plain)
+    mmfast.patch(after, fused_loss=False, verbose=False)
+    after(input_ids=ids)  # fused: the activation's type is remembered as fusable
+    override(after)
+    override(plain)
+    with pytest.warns(RuntimeWarning, match="runs its original forward: act_fn is SiLU"):
+        got = after(input_ids=ids).logits
+    with torch.no_grad():
+        want = plain(input_ids=ids).logits
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(before(input_ids=ids).logits, got)
