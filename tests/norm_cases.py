@@ -102,6 +102,7 @@ def run_lowp(case: Case):
             # low-precision x with fp32 weights: torch's CUDA layer_norm rejects mixed dtypes, and
             # autocast (and the CPU kernel) computes it as fp32 LayerNorm of the upcast input
             inp = inp.float()
+            w, b = (None if t is None else t.float() for t in (w, b))  # one fp32, one bf16: both fp32
         y = F.layer_norm(inp, (inp.shape[-1],), w, b, c.eps).to(c.x.dtype)
     return y, h, _grads(c, y, h)
 

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cuda_emulator as E
-from norm_cases import DTYPES, check_case, make_case, staged_fits, staged_rows
+from norm_cases import DTYPES, check_case, make_case, special_geometry, staged_fits, staged_rows
 
 _reason = E.unavailable_reason()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
@@ -262,6 +262,14 @@ def test_shared_memory_opt_in_is_per_device():
         E.select_device(dev)
         _, bwd = _check("rms", 63, 4096, "bf16", False, seed=5, stages=2)  # 2 x 2 x 4 x 128 x 16 B fits 64 KiB
         assert bwd == "special-4096-staged2"
+    # above the 48 KiB a launch gets without opting in, on device 1 after device 0 opted in: device 1 must
+    # opt in itself (a launcher that looked up device 0's opt-in for every device failed this launch)
+    items, threads, _ = special_geometry(768, torch.bfloat16)
+    assert 3 * 3 * items * threads * 16 > 48 * 1024 and staged_fits(768, torch.bfloat16, 3, 3, E.device_props(1)[1])
+    for dev in (0, 1):
+        E.select_device(dev)
+        _, bwd = _check("rms", 63, 768, "bf16", True, seed=7, stages=3)  # 3 x 3 x 3 x 128 x 16 B: 54 KiB
+        assert bwd == "special-768-staged3"
     E.select_device(0)
     _, bwd = _check("rms", 63, 4096, "bf16", True, seed=6, stages=4)  # 4 x 3 x 4 x 128 x 16 B does not
     assert bwd == "special-4096-staged4"

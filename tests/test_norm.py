@@ -8,6 +8,7 @@ whole path, ``csrc/binding.cpp`` built for CPU included, over the emulated kerne
 (cuda_emulator.register_cpu_ops).
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 import backend_params
 import mmfast
 from mmfast.kernels import _device
+from accuracy import assert_accurate
 from norm_cases import DTYPES, check_case, make_case, run_ours
 
 KINDS = ["rms", "ln"]
@@ -395,3 +397,59 @@ def test_fp32_weights_enter_unrounded(kind, M, N, device, seed):
     for name, got, want in (("y", y, y_ref), ("dx", dx, dx64.bfloat16())):
         same = (got == want).float().mean().item()
         assert same > 0.99, f"{name}: only {same:.3f} of elements identical (seed {seed})"
+
+
+@pytest.mark.parametrize("N", [768, 1000, 16400], ids=["registers", "generic", "two-pass"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_rows_of_zeros(kind, N, device, seed):
+    """A row of zeros (a padding position's hidden state): its variance is 0, so eps alone keeps rstd finite
+    (1/sqrt(eps)); y is 0 for RMSNorm and the bias for LayerNorm, and the gradients are finite, as PyTorch's.
+    Random rows cannot show eps's presence at fp32: it moves their rstd by about eps/2, below fp32 noise at
+    these widths (the two-pass kernels, Triton's and CUDA's, with eps dropped for RMSNorm alone passed every
+    other test; the register kernels' only other witness was N = 1. NaN here)."""
+    import torch.nn.functional as F
+
+    x = torch.randn(3, N, device=device)
+    x[1] = 0
+    w = 1 + 0.1 * torch.randn(N, device=device)
+    b = 0.1 * torch.randn(N, device=device) if kind == "ln" else None
+    gy = torch.randn(3, N, device=device)
+
+    def run(fn, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (x, w) + ((b,) if b is not None else ())]
+        y = fn(*leaves)
+        return [y.detach(), *torch.autograd.grad(y, leaves, gy.to(dtype))]
+
+    if kind == "ln":
+        ours = run(lambda x, w, b: mmfast.layer_norm(x, w, b, 1e-5), torch.float32)
+        torch_ = [run(lambda x, w, b: F.layer_norm(x, (N,), w, b, 1e-5), dt) for dt in (torch.float32, torch.float64)]
+    else:
+        ours = run(lambda x, w: mmfast.rms_norm(x, w, 1e-6), torch.float32)
+        torch_ = [run(lambda x, w: F.rms_norm(x, (N,), w, 1e-6), dt) for dt in (torch.float32, torch.float64)]
+    assert torch.equal(ours[0][1], torch.zeros(N, device=device) if b is None else b)
+    names = ["y", "dx", "dweight", "dbias"]
+    for name, got, lowp, ref in zip(names, ours, *torch_):  # (finite: assert_accurate's first check)
+        rows = 3 if name in ("dweight", "dbias") else 1  # (summed over the rows)
+        assert_accurate(name, got, lowp, ref, ref.abs().max().item(), seed, terms=rows)
+
+
+@pytest.mark.parametrize("fp32", ["weight", "bias"])
+def test_weight_and_bias_in_different_dtypes(fp32, device, seed):
+    """LayerNorm over bf16 x with one affine vector in float32 and the other in bf16 (the API takes each in
+    x's dtype or float32): each is read in its own dtype, and each gradient comes back in its parameter's
+    dtype. (The CUDA binding widens both to float32 for its kernels, which take one affine dtype; every other
+    test gave both the same dtype.)"""
+    case = make_case("ln", (4, 5), 768, "bf16-fp32w", residual=True, device=device)
+    other = "bias" if fp32 == "weight" else "weight"
+    case = dataclasses.replace(case, **{other: getattr(case, other).detach().bfloat16().requires_grad_()})
+    assert case.weight.dtype != case.bias.dtype
+    check_case(case, seed)
+
+
+@pytest.mark.parametrize("N", [768, 1000, 16400], ids=["registers", "generic", "two-pass"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_fp16_with_fp32_weights(kind, N, device, seed):
+    """fp16 x with float32 master weights (DTYPES pairs fp32 weights with bf16 only): the weights are read
+    as float32. (The CUDA kernels' dispatch has a case per pair of activation and weight dtype; one that
+    read this pair's weights as fp16 passed every other test.)"""
+    check_case(make_case(kind, (3, 5), N, (torch.float16, torch.float32), residual=True, device=device), seed)
