@@ -302,7 +302,8 @@ def test_module_follows_its_formula_with_its_options(impl, device, seed):
         adapter.up_weight.normal_(0, 0.2)
         adapter.up_bias.normal_(0, 0.1)
         adapter.router.weight.mul_(4)  # routers away from uniform: the temperature shows
-    x, route, dy = torch.randn(3, 5, D, device=device), torch.randn(3, D, device=device), torch.randn(3, 5, D, device=device)
+    x, dy = torch.randn(3, 5, D, device=device), torch.randn(3, 5, D, device=device)
+    route = torch.randn(3, D, device=device)
 
     def formula(x, route, params):
         A, a, U, c, Wr, br = params

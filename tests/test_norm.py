@@ -385,15 +385,18 @@ def test_fp32_weights_enter_unrounded(kind, M, N, device, seed):
     b = (0.1 * torch.randn(N, device=device)).requires_grad_() if kind == "ln" else None
     gy = torch.randn(M, N, device=device).bfloat16()
     if kind == "rms":
-        fn, ref = (lambda x, w, b: mmfast.rms_norm(x, w, 1e-6)), (lambda x, w, b: mmfast.rms_norm_reference(x, w, 1e-6))
+        fn = lambda x, w, b: mmfast.rms_norm(x, w, 1e-6)  # noqa: E731
+        ref = lambda x, w, b: mmfast.rms_norm_reference(x, w, 1e-6)  # noqa: E731
     else:
-        fn, ref = (lambda x, w, b: mmfast.layer_norm(x, w, b, 1e-5)), (lambda x, w, b: mmfast.layer_norm_reference(x, w, b, 1e-5))
+        fn = lambda x, w, b: mmfast.layer_norm(x, w, b, 1e-5)  # noqa: E731
+        ref = lambda x, w, b: mmfast.layer_norm_reference(x, w, b, 1e-5)  # noqa: E731
     y = fn(x, w, b)
     (dx,) = torch.autograd.grad(y, x, gy)
     with torch.no_grad():
         y_ref = ref(x, w, b)  # the reference's own fp32 computation, rounded as promised
     x64 = x.detach().double().requires_grad_()
-    (dx64,) = torch.autograd.grad(ref(x64, w.detach().double(), None if b is None else b.detach().double()), x64, gy.double())
+    y64 = ref(x64, w.detach().double(), None if b is None else b.detach().double())
+    (dx64,) = torch.autograd.grad(y64, x64, gy.double())
     for name, got, want in (("y", y, y_ref), ("dx", dx, dx64.bfloat16())):
         same = (got == want).float().mean().item()
         assert same > 0.99, f"{name}: only {same:.3f} of elements identical (seed {seed})"

@@ -674,7 +674,10 @@ def test_frozen_parameters_get_no_gradient_work(kind, trains, path, device, monk
     y.backward(gy)
     assert asked == [(trains == "x", trains == "weight", trains == "bias")]
     copies = [t.detach().requires_grad_(t.requires_grad) for t in leaves]
-    y2 = F.rms_norm(copies[0], (64,), copies[1], 1e-5) if kind == "rms" else F.layer_norm(copies[0], (64,), *copies[1:], 1e-5)
+    if kind == "rms":
+        y2 = F.rms_norm(copies[0], (64,), copies[1], 1e-5)
+    else:
+        y2 = F.layer_norm(copies[0], (64,), *copies[1:], 1e-5)
     y2.backward(gy)
     for got, want in zip(leaves, copies):
         assert (got.grad is None) == (want.grad is None)
