@@ -173,6 +173,18 @@ def test_unpatch_is_exact(kind):
         assert torch.equal(first_output(model(**inputs)), first_output(pristine(**inputs)))
 
 
+def test_unpatch_gives_back_an_extra_repr_the_module_had_before():
+    """A norm with an ``extra_repr`` of its own on the instance before mmfast.patch (another tool's label)
+    shows it with mmfast's mark while patched, and has it back after mmfast.unpatch (not the class's)."""
+    model = build("llama")
+    norm = model.model.norm
+    norm.extra_repr = lambda: "labelled"
+    mmfast.patch(model, verbose=False)
+    assert norm.extra_repr() == "labelled, mmfast=rms_norm"
+    mmfast.unpatch(model)
+    assert norm.extra_repr() == "labelled" and "labelled" in repr(model)
+
+
 def test_data_parallel_replication_is_refused():
     """torch.nn.DataParallel's replicate() copies each module's instance attributes into its replicas, so a
     patched forward would run the original module (the first GPU's weights) in every replica: refused with
@@ -1070,6 +1082,21 @@ def test_layers_compiled_one_by_one_share_their_code(tuning):
     finally:
         torch._dynamo.reset()
     assert len(graphs) == 1 and torch.allclose(loss, ref)
+
+
+def test_norms_given_hooks_of_their_own_after_patching_get_forwards_compile_tells_apart():
+    """Hooks the user put on patched norms after mmfast.patch (per-layer state torch.compile does not guard):
+    a patch again gives those norms forwards that torch.compile guards per module (a method forward, guarded
+    by the code every layer shares, let compiled code traced through one layer's hook run for the next);
+    norms without hooks keep method forwards."""
+    model = build("llama")
+    mmfast.patch(model, verbose=False)
+    for i, layer in enumerate(model.model.layers):
+        layer.input_layernorm.register_forward_hook(lambda m, args, out, s=float(i + 2): out * s)
+    mmfast.patch(model, verbose=False)
+    for layer in model.model.layers:
+        assert isinstance(layer.input_layernorm.forward, core._PatchedForward)
+        assert isinstance(layer.post_attention_layernorm.forward, types.MethodType)
 
 
 # ---------------------------------------------------------------------------------------------

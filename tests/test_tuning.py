@@ -250,6 +250,28 @@ def test_the_cast_warning_is_once_per_model(tuning, words, recwarn):
     assert cast_and_train(first) == 2
 
 
+def test_the_cast_warning_is_only_for_norm_weights_that_train():
+    """The cast warning (master_weights' fp32 norm weights made 16-bit since the patch) is for weights a
+    training forward trains: not in eval (a forward with grad, for saliency, say), nor for weights frozen
+    since the patch; the first training forward of the trainable ones says it."""
+    words = "trainable norm weights"
+    model = build("llava")
+    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    model.to(torch.bfloat16)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model.eval()
+        model(**batch("llava", seed=3, dtype=torch.bfloat16))
+        model.train()
+        model.requires_grad_(False)
+        model(**batch("llava", seed=3, dtype=torch.bfloat16))
+        assert not [w for w in seen if words in str(w.message)]
+        mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+        model.to(torch.bfloat16)
+        model(**batch("llava", seed=3, dtype=torch.bfloat16))
+    assert len([w for w in seen if words in str(w.message)]) == 1
+
+
 @pytest.mark.parametrize("tuning,words", [("layernorm-simp", "trainable norm weights"), ("mma", "MMA adapters")])
 def test_the_cast_warning_is_said_again_after_a_patch_again(tuning, words):
     """The README's way out of a cast after patching is to patch again (fp32 again); a second cast since was
@@ -548,6 +570,23 @@ def test_the_recipe_frozen_warning_is_said_for_each_model_and_patch():
             gc.collect()
     said = [str(w.message) for w in seen if "froze them after mmfast.patch" in str(w.message)]
     assert len(said) == 5 and len(set(said)) == 5, said
+
+
+def test_freezing_some_of_the_recipes_parameters_is_not_called_freezing_them_all():
+    """A user who freezes part of what the recipe trains (the first layer's norm, say) still trains the rest:
+    "something froze the recipe's parameters" is said only when none of them trains any more."""
+    model = build("llama")
+    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    model.model.layers[0].input_layernorm.weight.requires_grad_(False)
+    model.train()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model(**batch("llama"))
+        assert not [w for w in seen if "froze them after mmfast.patch" in str(w.message)]
+        model.requires_grad_(False)
+        model(**batch("llama"))
+    said = [str(w.message) for w in seen if "froze them after mmfast.patch" in str(w.message)]
+    assert len(said) == 1, said
 
 
 @pytest.mark.parametrize("tuning", ["layernorm-simp", "mma"])
