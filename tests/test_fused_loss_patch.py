@@ -870,14 +870,8 @@ def test_the_forwards_runner_is_call_impl_past_a_helper_with_the_model_as_self(m
     out.loss.backward()
 
 
-def test_an_interrupted_training_step_leaves_no_armed_head():
-    """A KeyboardInterrupt inside the forward runs no forward hook after it: the head stayed armed, and the
-    next call without labels (an evaluation, generate) computed a loss against the stale labels. Every call
-    disarms first now."""
-    model = build("llama")
-    mmfast.patch(model, verbose=False)
-    inputs = batch("llama")
-
+def _interrupt_a_forward(model, inputs):
+    """A forward a KeyboardInterrupt cuts in the second layer: no forward hook runs after it."""
     def interrupt(module, args):
         raise KeyboardInterrupt
 
@@ -885,6 +879,16 @@ def test_an_interrupted_training_step_leaves_no_armed_head():
     with pytest.raises(KeyboardInterrupt):
         model(**inputs)
     handle.remove()
+
+
+def test_an_interrupted_training_step_leaves_no_armed_head():
+    """A KeyboardInterrupt inside the forward runs no forward hook after it: the head stayed armed, and the
+    next call without labels (an evaluation, generate) computed a loss against the stale labels. Every call
+    disarms first now."""
+    model = build("llama")
+    mmfast.patch(model, verbose=False)
+    inputs = batch("llama")
+    _interrupt_a_forward(model, inputs)
     with torch.no_grad():
         out = model(input_ids=inputs["input_ids"])
     assert out.logits is not None and out.loss is None
@@ -899,14 +903,7 @@ def test_a_training_step_right_after_an_interrupted_one_leaves_nothing_armed(cal
     model = build("llama")
     mmfast.patch(model, tuning="layernorm", verbose=False)
     inputs = batch("llama")
-
-    def interrupt(module, args):
-        raise KeyboardInterrupt
-
-    handle = model.model.layers[1].register_forward_pre_hook(interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        model(**inputs)
-    handle.remove()
+    _interrupt_a_forward(model, inputs)
     out = model(**inputs)
     out.loss.backward()
     assert out.logits is None and len(calls) == 1 and loss._STACK == []

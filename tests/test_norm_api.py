@@ -24,6 +24,15 @@ def _call(kind, x, w=None, b=None, eps=1e-5, residual=None):
     return mmfast.layer_norm(x, w, b, eps, residual=residual)
 
 
+def _torch_norm(kind, x, w=None, b=None, eps=1e-5):
+    """PyTorch's own norm of the last dimension: what ``_call`` is held to."""
+    import torch.nn.functional as F
+
+    if kind == "rms":
+        return F.rms_norm(x, x.shape[-1:], w, eps)
+    return F.layer_norm(x, x.shape[-1:], w, b, eps)
+
+
 @pytest.fixture
 def no_launch(monkeypatch):
     """Fail the test if any backend runs: errors must come before a launch."""
@@ -610,15 +619,11 @@ def test_default_eps_is_the_pytorch_modules(kind, device):
 @pytest.mark.parametrize("kind", ["rms", "ln"])
 def test_zero_eps(kind, device):
     """eps = 0 is a valid eps (nn.LayerNorm and torch's rms_norm take it): the result is PyTorch's."""
-    import torch.nn.functional as F
-
     x = torch.randn(4, 64, device=device)
     w, b = torch.randn(64, device=device), torch.randn(64, device=device)
     for eps in (0, 0.0):
-        if kind == "rms":
-            torch.testing.assert_close(_call(kind, x, w, eps=eps), F.rms_norm(x, (64,), w, 0.0))
-        else:
-            torch.testing.assert_close(_call(kind, x, w, b, eps=eps), F.layer_norm(x, (64,), w, b, 0.0))
+        b_ = b if kind == "ln" else None
+        torch.testing.assert_close(_call(kind, x, w, b_, eps=eps), _torch_norm(kind, x, w, b_, 0.0))
 
 
 @pytest.mark.parametrize("path", ["eager", "ops"])
@@ -626,8 +631,6 @@ def test_zero_eps(kind, device):
 def test_only_the_residual_requires_grad(kind, path, device, monkeypatch):
     """x and the norm's parameters frozen, only the residual stream trains: it gets the gradient (the call
     records for it, though none of x, weight, bias requires grad)."""
-    import torch.nn.functional as F
-
     if path == "ops":
         monkeypatch.setenv(EAGER_ENV, "ops")
     x, w, b = torch.randn(3, 64, device=device), torch.randn(64, device=device), torch.randn(64, device=device)
@@ -637,7 +640,7 @@ def test_only_the_residual_requires_grad(kind, path, device, monkeypatch):
     (got,) = torch.autograd.grad([y, h], [r], [gy, gh])
     r2 = r.detach().requires_grad_()
     h2 = x + r2
-    y2 = F.rms_norm(h2, (64,), w, 1e-5) if kind == "rms" else F.layer_norm(h2, (64,), w, b, 1e-5)
+    y2 = _torch_norm(kind, h2, w, b if kind == "ln" else None)
     (want,) = torch.autograd.grad([y2, h2], [r2], [gy, gh])
     torch.testing.assert_close(got, want)
 
@@ -648,8 +651,6 @@ def test_frozen_parameters_get_no_gradient_work(kind, trains, path, device, monk
     """Only what requires grad gets a gradient, and the backward is asked for nothing else (a frozen norm
     weight in LoRA / BitFit-style tuning costs no dweight reduction): a trained bias beside a frozen weight
     gets its gradient, PyTorch's."""
-    import torch.nn.functional as F
-
     if path == "ops":
         monkeypatch.setenv(EAGER_ENV, "ops")
     asked = []
@@ -674,10 +675,7 @@ def test_frozen_parameters_get_no_gradient_work(kind, trains, path, device, monk
     y.backward(gy)
     assert asked == [(trains == "x", trains == "weight", trains == "bias")]
     copies = [t.detach().requires_grad_(t.requires_grad) for t in leaves]
-    if kind == "rms":
-        y2 = F.rms_norm(copies[0], (64,), copies[1], 1e-5)
-    else:
-        y2 = F.layer_norm(copies[0], (64,), *copies[1:], 1e-5)
+    y2 = _torch_norm(kind, *copies)
     y2.backward(gy)
     for got, want in zip(leaves, copies):
         assert (got.grad is None) == (want.grad is None)
