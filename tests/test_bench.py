@@ -1242,6 +1242,8 @@ def test_graph_case_times_every_direction_on_gpu(provider):
     recs = time_cases_isolated([case, case], provider, torch.device("cuda"), None, env)
     assert [(r["direction"], r["error"]) for r in recs] == [(d, None) for d in DIRECTIONS] * 2
     assert all(r["timing"] == "cuda-graph" and r["ms"] > 0 for r in recs)
+    # a replay's wall time is its GPU time: no profiled (eager, launch-gapped) GPU time stands in for it
+    assert all(r["gpu_ms"] is None and r["frac_of_copy"] is None for r in recs)
 
 
 def test_providers_run_in_the_order_named(monkeypatch, tmp_path):
@@ -1394,3 +1396,371 @@ def test_records_name_the_liger_version():
     except metadata.PackageNotFoundError:
         want = None
     assert bench_main.environment(torch.device("cpu"))["liger_kernel"] == want
+
+
+def test_every_byte_model_adds_its_directions():
+    """fwd+bwd moves what the forward and the backward move, for every case (only the norms' was checked)."""
+    for case in (NormCase("rms_norm", 10, 100, torch.bfloat16), NormCase("layer_norm", 10, 100, torch.float32, True),
+                 AdapterCase(2, 5, 64, torch.bfloat16), SwiGLUCase(10, 64, torch.bfloat16),
+                 QuickGELUCase(10, 64, torch.bfloat16)):
+        assert case.bytes_moved("fwd+bwd") == case.bytes_moved("fwd") + case.bytes_moved("bwd"), case
+
+
+def test_cpu_timer_takes_the_median_after_a_warm_up(monkeypatch):
+    """Off a GPU: one warm-up call left out, then the median (not the fastest) of the timed calls, each with
+    the gradients cleared first; on a GPU, do_bench's median with the gradients it clears. Stand-in clock."""
+    import types
+
+    from mmfast.bench import timing
+
+    clock, durations = [0.0], iter([0.5, 0.001, 0.005, 0.009])  # seconds: a slow warm-up (compiling), then 3 calls
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    leaf = torch.zeros(2, requires_grad=True)
+
+    def fn():
+        assert leaf.grad is None, "the gradient was not cleared before the call"
+        leaf.grad = torch.ones(2)
+        clock[0] += next(durations)
+
+    assert timing.median_ms(fn, torch.device("cpu"), grad_to_none=[leaf]) == pytest.approx(5.0)
+    seen = {}
+    triton_testing = pytest.importorskip("triton.testing")
+    monkeypatch.setattr(triton_testing, "do_bench", lambda fn, **kw: seen.update(kw) or 1.5)
+    assert timing.median_ms(lambda: None, torch.device("cuda"), grad_to_none=(leaf,)) == 1.5
+    assert seen["return_mode"] == "median" and seen["grad_to_none"] == [leaf]
+
+
+def test_gpu_time_clears_the_gradients_before_each_call(monkeypatch):
+    """The profiled calls clear their gradients as the event timings do: accumulation is not timed."""
+    import types
+
+    import torch.profiler
+    from torch.autograd import DeviceType
+
+    from mmfast.bench import timing
+
+    class Prof:
+        def __init__(self, **kw):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def events(self):
+            return [types.SimpleNamespace(name="k", device_type=DeviceType.CUDA,
+                                          time_range=types.SimpleNamespace(start=0.0, end=4.0))]
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.profiler, "profile", Prof)
+    leaf, calls = torch.zeros(2, requires_grad=True), []
+
+    def fn():
+        assert leaf.grad is None, "the gradient was not cleared before the call"
+        leaf.grad = torch.ones(2)
+        calls.append(1)
+
+    assert timing.gpu_busy_ms(fn, torch.device("cuda"), grad_to_none=[leaf], iters=4, flush_l2=False) == \
+        pytest.approx(4.0 / 4 / 1e3)
+    assert len(calls) == 5  # the warm-up, then the profiled calls
+
+
+class _FakeAllocator:
+    """torch.cuda's memory counters stood in for: ``base`` allocated, and a peak left high by earlier work."""
+
+    def __init__(self, base, stale_peak):
+        self.allocated, self.peak = base, stale_peak
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: self.allocated)
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: self.peak)
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
+                            lambda device=None: setattr(self, "peak", self.allocated))
+        monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+    def use(self, nbytes):  # allocate nbytes for a while, then free them
+        self.peak = max(self.peak, self.allocated + nbytes)
+
+
+def test_peak_memory_is_the_calls_own(monkeypatch):
+    """The peak above what was allocated before the call, with the peak counter reset first (an earlier,
+    higher peak is not this call's). CUDA's counters stood in for."""
+    from mmfast.bench import timing
+
+    mem = _FakeAllocator(base=1000, stale_peak=10**9)
+    mem.install(monkeypatch)
+    assert timing.peak_memory_bytes(lambda: mem.use(300), torch.device("cuda")) == 300
+    assert timing.peak_memory_bytes(lambda: mem.use(300), torch.device("cpu")) is None
+
+
+def test_copy_bandwidth_counts_read_and_write(monkeypatch):
+    """The copy's GB/s counts the bytes read and the bytes written, as every op's byte model does; on a GPU it
+    is timed from the copy kernels' busy time (without an L2 flush), as the records' GB/s are."""
+    from mmfast.bench import timing
+
+    monkeypatch.setattr(timing, "median_ms", lambda fn, device, **kw: (fn(), 2.0)[1])
+    assert timing.copy_gbps(torch.device("cpu"), 1 << 20) == pytest.approx(2 * (1 << 20) / 2e-3 / 1e9)
+    real_empty, seen = torch.empty, {}
+    monkeypatch.setattr(torch, "empty", lambda n, dtype, device: real_empty(n, dtype=dtype))  # no GPU here
+    monkeypatch.setattr(timing, "gpu_busy_ms", lambda fn, device, **kw: (seen.update(kw), fn(), 0.5)[2])
+    assert timing.copy_gbps(torch.device("cuda"), 1 << 20) == pytest.approx(2 * (1 << 20) / 0.5e-3 / 1e9)
+    assert seen == {"iters": timing.COPY_ITERS, "flush_l2": False}
+
+
+def test_record_gbps_from_gpu_time_in_decimal_gigabytes():
+    """GB/s = the byte model's bytes / the GPU busy time (the wall time only without one) / 1e9; the
+    fraction of copy divides that by the copy's GB/s; the peak is the one measured."""
+    from mmfast.bench.runner import record
+
+    case = NormCase("rms_norm", 32768, 4096, torch.bfloat16)
+    r = record(case, "mmfast-triton", "fwd", 0.25, 3000.0, 12345, {"cuda": "13.0"}, gpu_ms=0.2)
+    assert r["bytes"] == case.bytes_moved("fwd")
+    assert r["gbps"] == pytest.approx(case.bytes_moved("fwd") / 0.2e-3 / 1e9)
+    assert r["frac_of_copy"] == pytest.approx(r["gbps"] / 3000.0) and r["peak_mem_bytes"] == 12345
+    wall = record(case, "mmfast-triton", "fwd", 0.25, 3000.0, None, {"cuda": "13.0"})
+    assert wall["gbps"] == pytest.approx(case.bytes_moved("fwd") / 0.25e-3 / 1e9)
+
+
+def test_goal_thresholds_and_comparisons():
+    """Each goal at its threshold: met at it (>=, <=), not met past it; the faster mmfast record counts (the
+    fastest small shape), from GPU busy time where there is one; only the goal's records (M = 32768) count."""
+    from mmfast.bench.goals import evaluate
+
+    def rec(provider, direction, N, frac, gpu_ms=1.0, ms=1.0, M=32768):
+        return {"op": "rms_norm", "provider": provider, "direction": direction, "dtype": "bfloat16", "M": M, "N": N,
+                "ms": ms, "gpu_ms": gpu_ms, "frac_of_copy": frac, "timing": "direct", "error": None,
+                "backends": provider.removeprefix("mmfast-")}
+
+    def small(ms):
+        return {**rec("mmfast-cuda", "fwd+bwd", 4096, None, gpu_ms=None, ms=ms, M=512), "timing": "cuda-graph"}
+
+    def step(provider, tps, peak, M=16384):
+        return {"op": "llava-train-step[layernorm]", "provider": provider, "direction": "train-step", "M": M,
+                "N": 4096, "llm_layers": 8, "tuning": "layernorm", "tokens_per_s": tps, "peak_mem_bytes": peak,
+                "error": None}
+
+    def run(fwd, bwd, cuda_gpu_ms=1.0, cuda_ms=1.0, small_ms=(0.025,), steps=()):
+        return [r for n in (4096, 5120, 8192) for r in (
+            rec("mmfast-triton", "fwd", n, fwd), rec("mmfast-triton", "bwd", n, bwd),
+            rec("mmfast-cuda", "bwd", n, bwd, gpu_ms=cuda_gpu_ms, ms=cuda_ms))] + [small(s) for s in small_ms] \
+            + list(steps)
+
+    def met(records):
+        return [g["met"] for g in evaluate(records)]
+
+    assert met(run(0.90, 0.85))[:4] == [True, True, True, True]  # at the thresholds; CUDA as fast as Triton
+    assert met(run(0.89, 0.84, small_ms=(0.0251,)))[:4] == [False, False, True, False]
+    # CUDA vs Triton from the GPU busy times, not the wall times (which host gaps set)
+    assert met(run(0.95, 0.90, cuda_gpu_ms=0.9, cuda_ms=1.2))[2] is True
+    assert met(run(0.95, 0.90, cuda_gpu_ms=1.1, cuda_ms=0.8))[2] is False
+    # the fastest mmfast small-shape record counts
+    assert met(run(0.95, 0.90, small_ms=(0.030, 0.020)))[3] is True
+    # a record at another M (a smaller working set, served partly from the L2) does not stand in for M = 32768
+    other_m = [r for r in run(0.95, 0.90) if r["N"] != 8192] + [rec("mmfast-triton", "fwd", 8192, 0.99, M=4096)]
+    assert met(other_m)[0] is None and "N=8192 not in this run" in evaluate(other_m)[0]["measured"]
+    # the model step: 1.15x and a 20% cut are met, 1.14x or a 19% cut are not
+    hf = step("hf-eager", 100.0, 100 * 2**30)
+    assert met(run(0.95, 0.90, steps=[hf, step("mmfast", 115.0, 79 * 2**30)]))[4] is True
+    assert met(run(0.95, 0.90, steps=[hf, step("mmfast", 114.0, 70 * 2**30)]))[4] is False
+    assert met(run(0.95, 0.90, steps=[hf, step("mmfast", 130.0, 81 * 2**30)]))[4] is False
+    # a step at another batch size in the same run is another workload: it does not replace the paired one
+    assert met(run(0.95, 0.90, steps=[hf, step("mmfast", 114.0, 70 * 2**30),
+                                      step("mmfast", 500.0, 2**30, M=4096)]))[4] is False
+    # ahead of Liger by more than 1% on tokens/s too: 0.5% faster is a tie
+    liger = step("liger", 100.0, 100 * 2**30)
+    tie = evaluate(run(0.95, 0.90, steps=[hf, step("mmfast", 100.5, 70 * 2**30), liger]))[5]
+    assert tie["met"] is False and "a tie on tokens/s" in tie["measured"]
+    assert met(run(0.95, 0.90, steps=[hf, step("mmfast", 102.0, 70 * 2**30), liger]))[5] is True
+
+
+def test_a_quick_gpu_run_does_not_judge_its_smoke_model(tmp_path, capsys):
+    """A --quick run on a GPU: its tiny model's steps are no workload for the model goals. The console's goals,
+    summary.md's and results.json's meta say so (a 'NOT met' there judged a smoke test)."""
+    import argparse
+
+    env = {"device": "NVIDIA H100", "torch": "2", "triton": "3", "transformers": "4", "cuda": "13.0", "commit": "abc"}
+    steps = [{"op": "llava-train-step[layernorm]", "provider": p, "direction": "train-step", "dtype": "float32",
+              "M": 32, "N": 64, "ms": 1.0, "llm_layers": 2, "tuning": "layernorm", "tokens_per_s": tps,
+              "peak_mem_bytes": peak, "error": None, **env} for p, tps, peak in (("hf-eager", 100.0, 2**20),
+                                                                                ("mmfast", 90.0, 2**20))]
+    args = argparse.Namespace(out=str(tmp_path), quick=True, overwrite=False, backend_table=None, time_budget=None)
+
+    class Deferred:
+        signal = None
+
+    rc = bench_main._finish(args, torch.device("cuda"), env, 3000.0, steps, [], None, [], Deferred())
+    out = capsys.readouterr().out
+    assert rc == 0 and "NOT met" not in out and "--quick" in out
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## Goals" in summary and "NOT met" not in summary and "--quick" in summary
+    assert json.loads((tmp_path / "results.json").read_text())["meta"]["quick"] is True
+
+
+def test_tables_label_their_numbers(tmp_path):
+    """The kernel table's columns: wall ms, GPU ms (the record's gpu_ms), %copy in percent; the model table's
+    peak in GiB; summary.md states the copy bandwidth the %copy divides by."""
+    from mmfast.bench.report import kernel_head, kernel_rows, model_rows, write_summary_md
+
+    def rec(d, ms, gpu_ms, frac):
+        return {"op": "rms_norm", "provider": "mmfast-triton", "direction": d, "dtype": "bfloat16", "M": 8, "N": 64,
+                "ms": ms, "gpu_ms": gpu_ms, "frac_of_copy": frac, "timing": "direct", "error": None}
+
+    records = [rec("fwd", 1.5, 0.25, 0.87), rec("bwd", 2.5, 0.5, 0.6), rec("fwd+bwd", 4.5, 0.75, 0.7)]
+    assert kernel_head(records)[:4] == ["provider", "fwd ms", "GPU ms", "%copy"]
+    ((_, (row,)),) = kernel_rows(records)
+    assert row == ["mmfast-triton", "1.500", "0.2500", "87%", "2.500", "0.5000", "60%", "4.500", "0.7500", "70%", ""]
+    step = {"op": "llava-train-step[layernorm]", "provider": "mmfast", "direction": "train-step", "dtype": "bfloat16",
+            "M": 16384, "ms": 900.0, "tokens_per_s": 18204.4, "peak_mem_bytes": 3 * 2**30, "error": None}
+    assert model_rows([step])[0][7] == "3.00"
+    meta = {"device": "NVIDIA H100", "torch": "2", "triton": "3", "commit": "abc", "copy_gbps": 2950.0}
+    write_summary_md(str(tmp_path / "summary.md"), meta, records, [])
+    summary = (tmp_path / "summary.md").read_text()
+    assert "device-to-device copy in this run: 2950.0 GB/s" in summary
+
+
+def test_plots_draw_gbps_against_n(tmp_path, monkeypatch):
+    """The kernel plots draw each provider's GB/s (the records' gbps) against N, and the copy's GB/s."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.axes
+
+    from mmfast.bench.report import write_plots
+
+    lines, hlines = [], []
+    real_plot, real_hline = matplotlib.axes.Axes.plot, matplotlib.axes.Axes.axhline
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, x, y, **kw: lines.append((kw["label"], x, y)) or
+                        real_plot(ax, x, y, **kw))
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline",
+                        lambda ax, y, **kw: hlines.append(y) or real_hline(ax, y, **kw))
+    records = [{"op": "rms_norm", "provider": "p", "direction": "fwd", "dtype": "bfloat16", "M": 8, "N": n,
+                "ms": 9.0, "gbps": g, "timing": "direct"} for n, g in ((4096, 2000.0), (1024, 1000.0))]
+    paths = write_plots(str(tmp_path), {"device": "d", "gpu": True, "copy_gbps": 3000.0}, records)
+    assert [os.path.basename(p) for p in paths] == ["rms_norm_bfloat16.png"]
+    assert lines == [("p", [1024, 4096], [1000.0, 2000.0])] and hlines == [3000.0] * 3
+
+
+def test_environment_names_versions_and_a_dirty_checkout(monkeypatch):
+    """Records name the Triton and torch they ran with, CUDA only for a GPU run (a CUDA build of torch timing
+    on the CPU is a CPU run: the record's own checks read this field), and a checkout with changes as -dirty."""
+    from mmfast.bench import env as bench_env
+
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    fields = bench_env.environment(torch.device("cpu"))
+    assert fields["cuda"] is None and fields["torch"] == torch.__version__
+    triton = pytest.importorskip("triton")
+    assert fields["triton"] == triton.__version__
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(bench_env.__file__))))
+    for status, want in (("", "0123456789ab"), ("?? new_module.py", "0123456789ab-dirty")):
+        answers = {"rev-parse --show-toplevel": root, "rev-parse --short=12 HEAD": "0123456789ab",
+                   "status --porcelain": status}
+        monkeypatch.delenv("MMFAST_COMMIT", raising=False)
+        monkeypatch.setattr(bench_env, "_git", lambda *a: answers[" ".join(a)])
+        bench_env.commit.cache_clear()
+        try:
+            assert bench_env.commit() == want
+        finally:
+            bench_env.commit.cache_clear()
+
+
+class _Toy(torch.nn.Module):
+    """The model step's model stood in for: a loss of the batch, one parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, input_ids, labels, pixel_values):
+        import types
+
+        return types.SimpleNamespace(loss=(self.w * pixel_values.float()).mean())
+
+
+def _model_step_with(monkeypatch, durations_s, device):
+    import types
+
+    from mmfast.bench import model as model_bench
+
+    clock, it = [0.0], iter(durations_s)
+
+    def perf_counter():  # each step: its start, then its end
+        clock[0] += 0.0 if perf_counter.at_start else next(it)
+        perf_counter.at_start = not perf_counter.at_start
+        return clock[0]
+
+    perf_counter.at_start = True
+    monkeypatch.setattr(model_bench, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    monkeypatch.setattr(model_bench, "build_model", lambda case, device: _Toy())
+    monkeypatch.setattr(model_bench, "prepare", lambda model, provider, tuning: None)
+    real_batch = model_bench.make_batch
+    monkeypatch.setattr(model_bench, "make_batch", lambda case, device: real_batch(case, torch.device("cpu")))
+    case = model_bench.tiny("layernorm")
+    return case, model_bench.time_train_step(case, "hf-eager", device, steps=len(durations_s), warmup=1)
+
+
+def test_model_step_reports_the_median_step_and_its_tokens(monkeypatch):
+    """ms/step is the median of the timed steps (not the fastest); tokens/s counts every token of the batch
+    (image and text) per median step. A stand-in clock and model."""
+    from mmfast.bench import model as model_bench
+
+    case, res = _model_step_with(monkeypatch, [0.001, 0.009, 0.005], torch.device("cpu"))
+    assert case.M == model_bench.make_batch(case, torch.device("cpu"))["input_ids"].numel()
+    assert res["ms"] == pytest.approx(5.0) and res["tokens_per_s"] == pytest.approx(case.M / 5e-3)
+
+
+def test_model_step_on_a_gpu_times_synchronised_events_and_its_own_peak(monkeypatch):
+    """On a GPU: each step's CUDA-event time read once its end event completed, their median; the peak of
+    the timed steps above what was allocated before the model (the peak counter reset first: an earlier
+    provider's peak is not this one's). CUDA's events and counters stood in for."""
+    mem = _FakeAllocator(base=1000, stale_peak=10**9)
+    mem.install(monkeypatch)
+    times = iter([7.0, 3.0, 5.0])
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.done = False
+
+        def record(self):
+            mem.use(500)
+
+        def synchronize(self):
+            self.done = True
+
+        def elapsed_time(self, end):
+            assert end.done, "an event's time read before it completed"
+            return next(times)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    case, res = _model_step_with(monkeypatch, [0.001] * 3, torch.device("cuda"))
+    assert res["ms"] == pytest.approx(5.0) and res["peak_mem_bytes"] == 500
+
+
+def test_gpu_defaults_time_full_size_runs(monkeypatch, tmp_path):
+    """On a GPU, by default: 10 timed model steps, the LLaVA-7B-width step with 8 LLaMA layers and LLaVA's
+    batch, and the copy's bandwidth from a copy far above any L2 (1 GiB). CUDA stood in for: no GPU here."""
+    from mmfast.bench import model as model_bench
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(bench_main, "environment", lambda device: {"device": "NVIDIA H100"})
+
+    def copy(device, nbytes):
+        seen["copy_bytes"] = nbytes
+        raise Stop
+
+    monkeypatch.setattr(bench_main, "copy_gbps", copy)
+    real_run = bench_main._run
+    monkeypatch.setattr(bench_main, "_run", lambda args, device, plan, started: seen.update(
+        steps=args.steps, cases={c for c, _ in plan}) or real_run(args, device, plan, started))
+    with pytest.raises(Stop):
+        main(["--ops", "model", "--tunings", "layernorm", "--providers", "hf-eager", "--out", str(tmp_path / "o")])
+    (case,) = seen["cases"]
+    assert seen["steps"] == 10 and seen["copy_bytes"] >= 1 << 30
+    assert (case.llm_layers, case.batch) == (8, model_bench.LLAVA_BATCH) and case.hidden == 4096
