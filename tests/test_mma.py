@@ -1411,6 +1411,33 @@ def test_load_trainable_refuses_adapters_of_other_options(tmp_path):
         assert torch.equal(model(**inputs).logits, same.eval()(**inputs).logits)
 
 
+def test_save_trainable_records_numpy_options_as_the_numbers_they_hold(tmp_path):
+    """Options given as NumPy numbers (a sweep's values, say; ``np.float32`` is no Python float) are recorded in
+    the file's metadata as the numbers they hold: the save raised json's TypeError, and wrote nothing. The file
+    loads into adapters of those options, and is refused by adapters of others."""
+    import json
+
+    import numpy as np
+    from safetensors import safe_open
+
+    opts = dict(dropout=0.0, temperature=np.float32(5.0), scale=np.float32(2.0))
+    model = build("llava")
+    mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(**opts), verbose=False)
+    _perturb_adapters(model)
+    path = tmp_path / "mma.safetensors"
+    mmfast.save_trainable(model, path)
+    with safe_open(str(path), framework="pt") as f:
+        recorded = json.loads(f.metadata()["mma_options"])
+    assert recorded["temperature"] == 5.0 and recorded["scale"] == 2.0
+    same = build("llava")
+    mmfast.patch(same, tuning="mma", mma=mmfast.MMAOptions(dropout=0.0, temperature=5.0, scale=2.0), verbose=False)
+    mmfast.load_trainable(same, path)
+    other = build("llava")
+    mmfast.patch(other, tuning="mma", mma=mmfast.MMAOptions(dropout=0.0, temperature=5.0), verbose=False)
+    with pytest.raises(ValueError, match=r"MMAOptions.scale: saved with 2.0, the model's adapters have 1.0"):
+        mmfast.load_trainable(other, path)
+
+
 def test_peft_prefix_tuning_routes_each_batch_by_its_own_images():
     """PEFT's prefix tuning hands every forward a KV cache already holding its virtual tokens: each training
     forward was taken for a decode step and kept the previous batch's image flags (a text-only sample routed

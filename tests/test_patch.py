@@ -805,6 +805,167 @@ def test_a_norm_whose_forward_differs_in_a_constant_alone_is_skipped():
     assert "CubedRMSNorm" in reasons["0"] and "MeanAbsNorm" in reasons["1"]
 
 
+def _llama_forward_with(change: str):
+    """LlamaRMSNorm's forward with one part of its code changed, the rest of its key (:func:`table._code_key`) as
+    LLaMA's: "name" (torch.sqrt where it calls torch.rsqrt: the same bytecode and constants), "operation" (its
+    input divided by rsqrt(...), not multiplied: the same names and constants), "argument" (its input named
+    ``x``: the same computation, but a call by keyword names it), "docstring" (LLaMA's code under a docstring of
+    its own)."""
+    import dis
+
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    llama = LlamaRMSNorm.forward
+    code = llama.__code__
+    if change == "name":
+        assert code.co_names.count("rsqrt") == 1
+        code = code.replace(co_names=tuple("sqrt" if n == "rsqrt" else n for n in code.co_names))
+    elif change == "argument":
+        assert code.co_varnames[:2] == ("self", "hidden_states")
+        code = code.replace(co_varnames=("self", "x") + code.co_varnames[2:])
+    elif change == "operation":  # the first product (hidden_states * torch.rsqrt(...)) made a division
+        raw = bytearray(code.co_code)
+        first = next(i for i in dis.get_instructions(code) if i.opname == "BINARY_MULTIPLY"
+                     or i.opname == "BINARY_OP" and i.argrepr == "*")
+        if first.opname == "BINARY_OP":  # (Python 3.11+: one opcode, the operation its argument)
+            raw[first.offset + 1] = [sym for _, sym in dis._nb_ops].index("/")
+        else:
+            raw[first.offset] = dis.opmap["BINARY_TRUE_DIVIDE"]
+        code = code.replace(co_code=bytes(raw))
+    else:
+        if getattr(inspect, "CO_HAS_DOCSTRING", None) is not None:
+            pytest.skip("Python 3.14 keeps a docstring in a flag beside the constants: no code to add one to here")
+        assert code.co_consts[0] is None  # (before 3.14: const 0 is the docstring, None where there is none)
+        code = code.replace(co_consts=("The mean square of the row, normalised in fp32.",) + code.co_consts[1:])
+    forward = types.FunctionType(code, llama.__globals__, "forward")  # (code.replace: the rest is LLaMA's)
+    forward.__module__ = __name__  # (the module of the classes made here: a class's own forward)
+    return forward
+
+
+@pytest.mark.parametrize("change", ["name", "operation", "argument"])
+def test_a_norm_whose_forward_differs_in_a_name_an_operation_or_an_argument_is_skipped(change):
+    """The family match compares the forward's whole code (bytecode, the names it calls, its argument names),
+    not one part: a class with LLaMA's forward but another function called (sqrt for rsqrt) or another
+    operation (a division for the product) computes something else, and one whose input is named otherwise
+    is called by that name (a fused forward given ``x=`` raised a TypeError). Each is left to its own forward
+    and reported, and computes what it did unpatched."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    Variant = type(f"Variant{change.title()}RMSNorm", (LlamaRMSNorm,), {"forward": _llama_forward_with(change)})
+    torch.manual_seed(0)
+    model = nn.Sequential(Variant(16), LlamaRMSNorm(16))
+    with torch.no_grad():
+        for norm in model:
+            norm.weight.normal_(1.0, 0.3)
+    plain = copy.deepcopy(model)
+    report = mmfast.patch(model, verbose=False)
+    assert report.patched == ["1"] and Variant.__name__ in dict(report.skipped)["0"]
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        if change == "argument":
+            assert torch.equal(model[0](x=x), plain[0](x=x))
+        assert torch.equal(model[0](x), plain[0](x))
+
+
+def test_a_norm_with_llamas_forward_under_a_docstring_of_its_own_is_patched(seed, monkeypatch):
+    """A norm class whose forward is LLaMA's code under a docstring of its own (LLaMA's has none) computes
+    LLaMA's norm: it is patched, and its output is as accurate as PyTorch's bf16 against float64."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from accuracy import assert_accurate
+
+    Documented = type("DocumentedRMSNorm", (LlamaRMSNorm,), {"forward": _llama_forward_with("docstring")})
+    assert Documented.forward.__doc__ and not LlamaRMSNorm.forward.__doc__
+    torch.manual_seed(seed)
+    norm = Documented(64, eps=1e-3)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.3)
+    norm = norm.to(torch.bfloat16)
+    ref, lowp = copy.deepcopy(norm).double(), copy.deepcopy(norm)
+    assert mmfast.patch(nn.Sequential(norm), verbose=False).patched == ["0"]
+    calls = count_calls(monkeypatch, nn_norm, "rms_norm")
+    x = torch.randn(4, 7, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        y, y_lowp, y_ref = norm(x), lowp(x), ref(x.double())
+    assert len(calls) == 1
+    assert_accurate("y", y, y_lowp, y_ref, y_ref.abs().max().item(), seed)
+
+
+def test_a_norm_with_llama4s_norm_but_another_forward_is_skipped():
+    """Llama 4's match compares ``forward`` as well as ``_norm``: a class with its ``_norm`` but a forward that
+    scales by (1 + weight) computes something else, and is left to its own forward."""
+    from transformers.models.llama4.modeling_llama4 import Llama4TextRMSNorm
+
+    class OnePlusNorm(Llama4TextRMSNorm):
+        def forward(self, x):
+            output = self._norm(x.float()).type_as(x)
+            return output * (1.0 + self.weight)
+
+    model = nn.Sequential(OnePlusNorm(16), Llama4TextRMSNorm(16))
+    plain = copy.deepcopy(model)
+    report = mmfast.patch(model, verbose=False)
+    assert report.patched == ["1"] and "OnePlusNorm" in dict(report.skipped)["0"]
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        assert torch.equal(model[0](x), plain[0](x))
+
+
+def test_rms_norms_whose_weight_the_kernels_do_not_take_are_skipped():
+    """An RMSNorm with a 2-D weight (LLaMA's forward broadcasts it over the last two dimensions) is left to its
+    own forward, which it computes as unpatched (the fused op raised, wanting a weight of one row). A ZeRO-3
+    partition's width is its full shape (``ds_shape``), not the empty partition's: one wider than MAX_N is
+    skipped (meta device, stand-in attributes of a partitioned parameter)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from mmfast.ops.norm import MAX_N
+
+    torch.manual_seed(0)
+    grid = LlamaRMSNorm((4, 8))
+    with torch.no_grad():
+        grid.weight.normal_(1.0, 0.3)
+    plain = copy.deepcopy(grid)
+    report = mmfast.patch(nn.Sequential(grid), verbose=False)
+    assert not report.patched and dict(report.skipped)["0"] == "weight is not a 1-D parameter"
+    x = torch.randn(3, 4, 8)
+    with torch.no_grad():
+        assert torch.equal(grid(x), plain(x))
+
+    with torch.device("meta"):
+        model = nn.Sequential(LlamaRMSNorm(MAX_N + 1), LlamaRMSNorm(MAX_N))
+    for norm in model:  # partitioned: an empty local tensor, the full shape in ds_shape
+        w = norm.weight
+        w.ds_id, w.ds_shape, w.ds_numel = id(w), tuple(w.shape), w.numel()
+        w.data = torch.empty(0, device="meta")
+    report = mmfast.patch(model, verbose=False)
+    assert report.patched == ["1"] and dict(report.skipped)["0"] == f"width {MAX_N + 1} above the supported {MAX_N}"
+
+
+def test_layer_norm_subclasses_are_patched_only_with_torchs_forward():
+    """A LayerNorm subclass that keeps torch's forward computes LayerNorm and is patched (it runs the fused
+    op); one with a forward of its own (here over the channels of a channels-first input) is left to it."""
+
+    class KeptLayerNorm(nn.LayerNorm):
+        pass
+
+    class ChannelsFirstLayerNorm(nn.LayerNorm):
+        def forward(self, x):
+            return super().forward(x.transpose(1, -1)).transpose(1, -1)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(KeptLayerNorm(8), ChannelsFirstLayerNorm(8))
+    with torch.no_grad():
+        for norm in model:
+            norm.weight.normal_(1.0, 0.3)
+            norm.bias.normal_(0.0, 0.3)
+    plain = copy.deepcopy(model)
+    report = mmfast.patch(model, verbose=False)
+    assert report.patched == ["0"] and "ChannelsFirstLayerNorm" in dict(report.skipped)["1"]
+    x = torch.randn(2, 8, 5, 8)
+    with torch.no_grad():
+        assert torch.equal(model[1](x), plain[1](x))
+        torch.testing.assert_close(model[0](x), plain[0](x))
+
+
 def test_norms_wider_than_the_kernels_take_are_skipped_with_the_reason():
     """A norm wider than the fused kernels' MAX_N is left to its own forward and reported, RMSNorm and
     LayerNorm alike; one exactly MAX_N wide is patched (meta device: no memory)."""
@@ -820,23 +981,28 @@ def test_norms_wider_than_the_kernels_take_are_skipped_with_the_reason():
     assert f"width {MAX_N + 1} above the supported {MAX_N}" == reasons["0"] == reasons["1"]
 
 
-@pytest.mark.parametrize("cls", ["LlamaRMSNorm", "Llama4TextRMSNorm"])
+@pytest.mark.parametrize("cls", ["LlamaRMSNorm", "Llama4TextRMSNorm", "LayerNorm"])
 def test_rms_norm_takes_the_modules_own_epsilon(cls, seed):
-    """The fused RMSNorm uses the module's epsilon (``variance_epsilon``), not a default: with an epsilon
-    comparable to the rows' mean square, the output is as accurate as PyTorch's bf16 against float64."""
+    """The fused RMSNorm uses the module's epsilon (``variance_epsilon``), not a default, and the fused
+    LayerNorm its ``eps`` (not LayerNorm's default 1e-5, which the tiny models' configs keep): with an
+    epsilon comparable to the rows' mean square (variance), the output is as accurate as PyTorch's bf16
+    against float64."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
     from transformers.models.llama4.modeling_llama4 import Llama4TextRMSNorm
 
     from accuracy import assert_accurate
 
     torch.manual_seed(seed)
-    norm = {"LlamaRMSNorm": LlamaRMSNorm, "Llama4TextRMSNorm": Llama4TextRMSNorm}[cls](64, eps=0.25)
+    norm = {"LlamaRMSNorm": LlamaRMSNorm, "Llama4TextRMSNorm": Llama4TextRMSNorm, "LayerNorm": nn.LayerNorm}[cls](
+        64, eps=0.25)
     with torch.no_grad():
         norm.weight.normal_(1.0, 0.3)
+        if cls == "LayerNorm":
+            norm.bias.normal_(0.0, 0.3)
     norm = norm.to(torch.bfloat16)
     ref, lowp = copy.deepcopy(norm).double(), copy.deepcopy(norm)
     mmfast.patch(norm, verbose=False)
-    x = (0.3 * torch.randn(4, 7, 64)).to(torch.bfloat16)  # mean square ~0.09: eps 0.25 dominates
+    x = (0.3 * torch.randn(4, 7, 64)).to(torch.bfloat16)  # mean square (variance) ~0.09: eps 0.25 dominates
     with torch.no_grad():
         y, y_lowp, y_ref = norm(x), lowp(x), ref(x.double())
     assert_accurate("y", y, y_lowp, y_ref, y_ref.abs().max().item(), seed)

@@ -1430,6 +1430,167 @@ def test_trainable_file_path_errors(tmp_path):
         mmfast.load_trainable(model, tmp_path / "missing.safetensors")
 
 
+@pytest.mark.parametrize("wrap", ["DataParallel", "compile", "compile-blocks"])
+def test_save_load_trainable_names_a_wrapped_model_as_unwrapped(tmp_path, wrap):
+    """A model inside ``nn.DataParallel`` or ``torch.compile``, or with its blocks compiled one by one (their
+    parameters named ``..._orig_mod...``): the file names the trainables, and records the model class, as the
+    unwrapped model does (a file that names them otherwise loads into no other model, and its error would
+    say it was saved from the wrapper), and it loads into the wrapped and the plain model alike."""
+    from safetensors import safe_open
+
+    from mmfast.tuning.state import FORMAT
+
+    def wrapped(model):
+        if wrap == "DataParallel":  # (without CUDA it runs the module: no device is needed)
+            return torch.nn.DataParallel(model)
+        if wrap == "compile":  # (lazy: nothing is compiled without a forward)
+            return torch.compile(model)
+        layers = model.model.language_model.layers
+        for i, layer in enumerate(layers):
+            layers[i] = torch.compile(layer)
+        assert any("_orig_mod." in n for n, _ in model.named_parameters())
+        return model
+
+    model = build("llava")
+    mmfast.patch(model, tuning="layernorm+projector", verbose=False)
+    with torch.no_grad():
+        for p in _trainable(model).values():
+            p.add_(torch.randn_like(p))
+    want = {n: p.detach().clone() for n, p in _trainable(model).items()}
+    path = tmp_path / "wrapped.safetensors"
+    assert mmfast.save_trainable(wrapped(model), path) == sorted(want)
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["format"] == FORMAT and f.metadata()["mmfast"] == mmfast.__version__
+        assert f.metadata()["model_class"] == "LlavaForConditionalGeneration"
+        assert all(torch.equal(f.get_tensor(n), want[n]) for n in f.keys())
+    for fresh in (build("llava", seed=1), wrapped(build("llava", seed=1))):
+        mmfast.patch(fresh, tuning="layernorm+projector", verbose=False)
+        assert mmfast.load_trainable(fresh, path) == sorted(want)
+        assert all(torch.equal(p.detach(), want[n]) for n, p in mmfast.tuning.state._named_trainables(fresh))
+
+
+@pytest.mark.parametrize("offloaded", [False, True])
+def test_load_trainable_refuses_a_tensor_of_another_shape_or_integers_before_changing_anything(tmp_path, offloaded):
+    """Each saved tensor must have its parameter's shape and, for a floating parameter, a floating dtype: a norm
+    weight saved as one value (which ``copy_`` broadcast over the row) or as integers (which it cast) is refused
+    with the reason, in a plain model and in one Accelerate offloaded (where the values go into what its
+    hooks load), before anything changes."""
+    from accelerate import cpu_offload
+    from safetensors.torch import save_file
+
+    from mmfast.tuning.state import FORMAT
+
+    model = build("llava").eval()
+    mmfast.patch(model, tuning="layernorm+projector", verbose=False)
+    moved = {n: p.detach() + 0.5 for n, p in _trainable(model).items()}
+    norm = "model.language_model.layers.1.post_attention_layernorm.weight"
+    assert norm in moved and sorted(moved).index(norm) > 0  # (a tensor before it in the load's order)
+    if offloaded:
+        cpu_offload(model, execution_device="cpu")
+        assert model.get_parameter(norm).is_meta
+    with torch.no_grad():
+        before = model(**_no_labels()).logits
+    path = tmp_path / "bad.safetensors"
+    width = moved[norm].shape[0]
+    for words, bad in ((fr"saved shape \(1,\) != model's \({width},\)", moved[norm][:1].clone()),
+                       ("saved as torch.int64, the model's parameter is torch.float32",
+                        torch.ones(moved[norm].shape, dtype=torch.int64))):
+        save_file({**moved, norm: bad}, str(path), metadata={"format": FORMAT})
+        with pytest.raises(ValueError, match=f"{norm}: {words}"):
+            mmfast.load_trainable(model, path)
+        with torch.no_grad():
+            assert torch.equal(model(**_no_labels()).logits, before)
+    save_file(moved, str(path), metadata={"format": FORMAT})
+    mmfast.load_trainable(model, path)
+    with torch.no_grad():
+        assert not torch.equal(model(**_no_labels()).logits, before)
+
+
+def test_save_load_trainable_under_ddp_and_fsdp2_in_a_group_of_one(tmp_path):
+    """In a process group (one rank: gloo, in this process): DDP's model is saved under its own names (not
+    ``module.``); an FSDP2 (``fully_shard``) model's DTensor shards are saved as full tensors; a load into the
+    sharded model is refused, naming the way (load before fully_shard), before anything changes (a copy into
+    the DTensor raised torch's mixed-tensor error part way)."""
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path}/pg")
+    try:
+        models = []
+        for _ in range(2):
+            model = build("llama")
+            mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+            models.append(model)
+        with torch.no_grad():
+            for p in _trainable(models[0]).values():
+                p.add_(torch.randn_like(p))
+        want = {n: p.detach().clone() for n, p in _trainable(models[0]).items()}
+        path = tmp_path / "ddp.safetensors"
+        assert mmfast.save_trainable(DDP(models[0]), path) == sorted(want)
+        saved = load_file(str(path))
+        assert all(torch.equal(saved[n], want[n]) for n in want)
+        sharded = fully_shard(models[1], mesh=init_device_mesh("cpu", (1,)))
+        before = {n: p.full_tensor().clone() for n, p in _trainable(sharded).items()}
+        assert before.keys() == want.keys() and all(hasattr(p, "full_tensor") for p in _trainable(sharded).values())
+        with pytest.raises(ValueError, match="sharded \\(DTensor\\) parameter; load before fully_shard"):
+            mmfast.load_trainable(sharded, path)
+        assert all(torch.equal(p.full_tensor(), before[n]) for n, p in _trainable(sharded).items())
+        mmfast.save_trainable(sharded, tmp_path / "fsdp2.safetensors")
+        resaved = load_file(str(tmp_path / "fsdp2.safetensors"))
+        assert resaved.keys() == before.keys() and all(type(t) is torch.Tensor for t in resaved.values())
+        assert all(torch.equal(resaved[n], before[n]) for n in before)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_weights_map_that_reads_each_value_afresh_is_taken_for_disk(tmp_path):
+    """An offloading hook's weights map of another kind than Accelerate's (a mapping this code does not know)
+    is asked: one that hands out the same tensor at each access is memory (a load writes what the next
+    forward runs with); one that hands out a fresh copy at each access reads its values from elsewhere (a
+    file), and a load into a copy would be lost without a word: refused, as disk offloading is."""
+    from collections.abc import Mapping
+
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    class Store(Mapping):
+        def __init__(self, values, fresh):
+            self.values, self.fresh = values, fresh
+
+        def __getitem__(self, key):
+            return self.values[key].clone() if self.fresh else self.values[key]
+
+        def __iter__(self):
+            return iter(self.values)
+
+        def __len__(self):
+            return len(self.values)
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    trained = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    path = tmp_path / "t.safetensors"
+    mmfast.save_trainable(trained, path)
+    for fresh in (False, True):
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        store = Store({n: p.detach().clone() for n, p in model[0].named_parameters()}, fresh)
+        add_hook_to_module(model[0], AlignDevicesHook(execution_device="cpu", offload=True, weights_map=store))
+        assert model[0].weight.is_meta
+        with torch.no_grad():
+            before = model(x)
+        if fresh:
+            with pytest.raises(ValueError, match="0.weight: offloaded to disk"):
+                mmfast.load_trainable(model, path)
+            with torch.no_grad():
+                assert torch.equal(model(x), before)
+        else:
+            assert mmfast.load_trainable(model, path) == ["0.bias", "0.weight"]
+            with torch.no_grad():
+                assert torch.equal(model(x), trained(x))
+
+
 def _simp_trains_the_block_norms(model, layers: str, mlp_norm: str | tuple, vocab: int) -> None:
     """tuning="layernorm-simp" on a two-block model trains exactly each block's input_layernorm and
     ``mlp_norm`` (one name, or the names of several feed-forward input norms), and a step gives each of
