@@ -393,6 +393,11 @@ def test_packed_rows_of_mixed_modality_are_refused(how):
     extra, ids = packed(image, text)
     with pytest.raises(ValueError, match="row 0 of this batch packs samples with images beside samples without"):
         model(input_ids=ids, pixel_values=pix, use_cache=False, **extra)
+    # an image sample that starts with its image tokens, after a text sample: a sample's first token is its own
+    # (a boundary token counted in the sample before it gave the text sample an image, and the row passed)
+    extra, ids = packed(text, image.roll(-1))
+    with pytest.raises(ValueError, match="row 0 of this batch packs samples with images beside samples without"):
+        model(input_ids=ids, pixel_values=pix, use_cache=False, **extra)
     with torch.no_grad():  # no visual input: the image-token ids merge nothing, the row routes as text
         torch.testing.assert_close(model(input_ids=ids, use_cache=False, **extra).logits,
                                    model(input_ids=ids, use_cache=False, mma_has_image=torch.tensor([False]),
@@ -518,9 +523,19 @@ def test_clip_routes_each_sample_from_its_own_cls():
             torch.testing.assert_close(together[i], alone, rtol=1e-5, atol=1e-5)
     # and routing does depend on the sample: swapping in another image changes sample 0's router weights
     seen = _capture_mix(model, "model.vision_tower.encoder.layers.1")  # at layer 0 every CLS is the same embedding
+    layer = model.get_submodule("model.vision_tower.encoder.layers.1")
+    normed = []
+    layer.layer_norm1.register_forward_hook(lambda m, a, out: normed.append(a[0].detach()), prepend=True)
     with torch.no_grad():
         tower(pixel_values=pix)
-    assert not torch.allclose(seen[-1][0], seen[-1][1])
+        got = seen[-1]
+        # from the CLS token (position 0) of the norm's output: another position, or the tokens' mean, is per
+        # sample too and passes the checks above
+        norm = layer.layer_norm1
+        expected = getattr(layer, ADAPTER_NAME).mix(F.layer_norm(
+            normed[-1].double(), norm.normalized_shape, norm.weight.double(), norm.bias.double(), norm.eps)[:, 0])
+    torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got[0], got[1])
 
 
 def _perturbed_mma_tower(model):
@@ -573,6 +588,30 @@ def test_a_padded_siglip2_sample_routes_from_its_patches_alone(attn):
     torch.testing.assert_close(together[1, :6], alone[0], rtol=1e-5, atol=1e-5)
 
 
+def test_a_padded_siglip2_sample_routes_from_its_patches_alone_compiled():
+    """Compiled, the layers' inputs cannot be told apart (nothing is recorded by input): the mean route reads
+    the mask its layer's pre-hook kept last, and leaves the padding out as eager code does."""
+    from transformers import Siglip2VisionConfig, Siglip2VisionModel
+
+    torch.manual_seed(0)
+    model = Siglip2VisionModel(Siglip2VisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+                                                   num_attention_heads=4, num_patches=16, patch_size=4))
+    model = _perturbed_mma_tower(model)
+    g = torch.Generator().manual_seed(3)
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 6:] = 0
+    inputs = dict(pixel_values=torch.randn(2, 16, 48, generator=g), pixel_attention_mask=mask,
+                  spatial_shapes=torch.tensor([[4, 4], [2, 3]]))
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            eager = model(**inputs).last_hidden_state
+            compiled = torch.compile(model, backend="eager")(**inputs).last_hidden_state
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_padded_siglip2_gradients_under_activation_checkpointing(reentrant):
     """HF checkpoints a layer's forward, not its hooks: the recompute ran layer_norm1's hook without the
@@ -599,11 +638,28 @@ def test_padded_siglip2_gradients_under_activation_checkpointing(reentrant):
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     plain = grads()
+    # a second batch padded otherwise (same shapes): two forwards, then one backward of their summed losses
+    mask2 = torch.ones(2, 16, dtype=torch.long)
+    mask2[0, 8:] = 0  # image 0: a 2x4 grid of patches, then padding
+    other = dict(inputs, pixel_attention_mask=mask2, spatial_shapes=torch.tensor([[2, 4], [4, 4]]))
+
+    probe = torch.randn(2, 16, 24, generator=g)  # (a loss whose gradients are O(1): the mean square's are 1e-8)
+
+    def both():
+        model.zero_grad(set_to_none=True)
+        ((model(**inputs).last_hidden_state + model(**other).last_hidden_state) * probe).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_both = both()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     checkpointed = grads()
     assert plain.keys() == checkpointed.keys() and any("mma_adapter.router" in n for n in plain)
     for n in plain:
         torch.testing.assert_close(checkpointed[n], plain[n], rtol=1e-5, atol=1e-7, msg=n)
+    # the first forward's recompute keeps its own padding mask, not the later forward's
+    checkpointed = both()
+    for n in plain_both:
+        torch.testing.assert_close(checkpointed[n], plain_both[n], rtol=1e-5, atol=1e-7, msg=n)
 
 
 def test_vision_mask_forms_read_by_the_mean_route():
@@ -627,6 +683,34 @@ def test_vision_mask_forms_read_by_the_mean_route():
     assert torch.equal(_valid_tokens(block, 2, 3), keep)
     with pytest.warns(RuntimeWarning, match="attention mask of type object; its samples route from the mean"):
         assert _valid_tokens(object(), 2, 3) is None
+
+
+def test_the_mean_route_sums_in_fp32_and_routes_an_all_padding_sample_from_zero():
+    """The masked mean route of a half-precision tower is accumulated in fp32 (as the unmasked mean is), and a
+    sample whose tokens are all padding routes from zero, not NaN (a NaN route would reach every router's
+    gradient through the batch)."""
+    from accuracy import assert_accurate
+
+    from mmfast.tuning.mma import _mean_routed, _TokenMask
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 40, 16, generator=g)  # the layer's input, which the mask is kept for
+    out = (4 + torch.randn(3, 40, 16, generator=g)).to(torch.bfloat16)  # (a mean away from 0: rounding shows)
+    valid = torch.rand(3, 40, generator=g) > 0.3
+    valid[2] = False  # sample 2: all padding
+    holder = _TokenMask()
+    holder.put(x, valid)
+    route = _mean_routed(holder, lambda o, r: r, (x,), out)
+    count = valid.sum(1, keepdim=True).clamp_min(1)
+    ref = (out.double() * valid[..., None]).sum(1) / count
+    lowp = (out.float() * valid[..., None]).sum(1) / count
+    assert route.dtype == torch.float32
+    assert_accurate("masked mean route", route, lowp, ref, scale=ref.abs().max().item(), seed=0, terms=40)
+    assert torch.equal(route[2], torch.zeros(16))
+    # no mask: the mean of all tokens, in fp32 too
+    route = _mean_routed(_TokenMask(), lambda o, r: r, (x,), out)
+    assert_accurate("mean route", route, out.float().mean(1), out.double().mean(1),
+                    scale=out.double().mean(1).abs().max().item(), seed=0, terms=40)
 
 
 def test_unpatch_removes_the_siglip_route_hooks():
@@ -759,6 +843,22 @@ def test_activation_checkpointing_gives_the_same_gradients(reentrant):
     assert grads.keys() == ref.keys()
     for n in ref:
         torch.testing.assert_close(grads[n], ref[n], rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_an_input_record_is_found_by_its_own_input_only():
+    """What a layer records against its input (its route, its padding mask) is found again by that input or an
+    alias of its storage (checkpointing's recompute), not by another view that starts where it does (another
+    shape) nor by a new view in its place after it is gone."""
+    from mmfast.tuning.mma import _ByInput
+
+    base = torch.randn(4, 6)
+    records = _ByInput()
+    x = base[:2]
+    records.put(x, "x")
+    assert records.get(x) == "x" and records.get(x.detach()) == "x"
+    assert records.get(base[:1]) is None and records.get(base[:2].view(3, 4)) is None
+    del x
+    assert records.get(base[:2]) is None
 
 
 @pytest.mark.parametrize("checkpointing", [None, True, False], ids=["off", "reentrant", "non-reentrant"])
@@ -938,6 +1038,19 @@ def test_a_forward_on_another_thread_while_one_runs_is_refused():
     with torch.no_grad():
         assert torch.equal(model(**a).logits, want["a"])
     assert torch.equal(got["b"], want["b"])
+    # the language model called alone after a whole forward of the model on this thread is a forward too: a
+    # forward on another thread meanwhile is refused (the ended forward's count was cleared, not left at 0
+    # with its runner, which this thread no longer runs)
+    errors.clear()
+    got.clear()
+    with torch.no_grad():
+        model(**a)
+    handle = layer.register_forward_hook(lambda *_: None if errors or got else on_thread(forward_b))
+    with torch.no_grad():
+        model.model.language_model(input_ids=a["input_ids"])
+    handle.remove()
+    assert len(errors) == 1 and "running a forward on another thread" in str(errors[0]), errors
+    assert "b" not in got
 
 
 def _trainable_grads(model):
@@ -1059,6 +1172,13 @@ def test_image_after_a_cached_text_prefix_routes_as_image(monkeypatch):
         step = torch.full((2, 1), model.config.image_token_id)
         model(input_ids=step, use_cache=True, **{cache_kw: prefix.past_key_values})
     assert state.has_image.tolist() == [False, False] and not [w for w in caught if "mmfast MMA" in str(w.message)]
+    # a sample whose image is in the cached prefix keeps its image routing when a chunk brings another
+    # sample's image
+    with torch.no_grad():
+        prefix = model(input_ids=ids[:, :1], use_cache=True, mma_has_image=torch.tensor([False, True]),
+                       **{cache_kw: DynamicCache()})
+        model(input_ids=ids[:, 1:], pixel_values=pix, use_cache=True, **{cache_kw: prefix.past_key_values})
+    assert state.has_image.tolist() == [True, True]
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
@@ -1181,6 +1301,8 @@ def test_the_cache_row_operations_carry_routing_before_any_forward(monkeypatch, 
         setattr(cache, mma.CACHE_FLAGS_ATTR, torch.tensor([True, False]))
         cache.batch_repeat_interleave(2)
         assert getattr(cache, mma.CACHE_FLAGS_ATTR).tolist() == [True, True, False, False], how
+        cache.batch_select_indices(indices=torch.tensor([0, 2]))  # (the argument by keyword too)
+        assert getattr(cache, mma.CACHE_FLAGS_ATTR).tolist() == [True, False], how
         assert model is not None
 
 
@@ -1274,6 +1396,24 @@ def test_a_cache_this_model_did_not_fill_warns():
         with pytest.warns(RuntimeWarning, match="did not fill"):
             mma._top_pre_hook(state, _top_with_image_token(7), (), {"input_ids": torch.tensor([[1], [2]]), "cache": cache})
     assert state.has_image.tolist() == [True, False]
+
+
+def test_a_one_token_training_forward_on_a_cache_this_model_did_not_fill_routes_by_its_tokens(monkeypatch):
+    """A one-token forward with labels on a non-empty cache without this model's flags (PEFT's prefix tuning
+    hands every forward such a cache) is a training forward, not a decode step: its own tokens say which
+    samples have images, not the latest forward's flags."""
+    import types
+
+    from mmfast.tuning import mma
+
+    monkeypatch.setattr("mmfast.ops.backend._warned", set())
+    state = mma._State(has_image=torch.tensor([True, False]))
+    cache = types.SimpleNamespace(get_seq_length=lambda: 4)
+    ids = torch.tensor([[1], [2]])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="mmfast")  # no "did not fill" warning
+        mma._top_pre_hook(state, _top_with_image_token(7), (), {"input_ids": ids, "labels": ids, "cache": cache})
+    assert state.has_image.tolist() == [False, False]
 
 
 def test_adapters_take_the_model_mode():
