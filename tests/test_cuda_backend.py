@@ -222,6 +222,26 @@ def test_ops_without_cuda_kernels_ignore_forced_cuda(monkeypatch, fresh_loader):
         assert resolve_backend(torch.device("cuda")) == "triton"
 
 
+def test_forced_cuda_never_runs_the_activations_as_cuda(monkeypatch, fresh_loader):
+    """The activations call resolve_backend with their own key and ``has_cuda=False``: where the CUDA C++
+    kernels could run (here: said to), MMFAST_BACKEND=cuda must not choose "cuda" for them (they have none;
+    the op then ran its PyTorch reference while backends_used said cuda), nor warn on CPU tensors."""
+    monkeypatch.setenv("MMFAST_BACKEND", "cuda")
+    g, u = torch.randn(5, 48, dtype=torch.float64).float(), torch.randn(5, 48, dtype=torch.float64).float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no "CUDA C++ kernels cannot run" warning for ops that have none)
+        with mmfast.backends_used() as used:
+            h, q = mmfast.swiglu(g, u), mmfast.quick_gelu(g)
+    assert {use.op for use in used} == {"swiglu", "quick_gelu"}
+    assert all(use.backend != "cuda" for use in used), used
+    monkeypatch.setattr(backend, "cuda_can_run", lambda device: None)  # as on a GPU with the extension loaded
+    for op in ("swiglu", "quick_gelu"):
+        assert resolve_backend(torch.device("cpu"), KernelKey(op, "fwd", torch.float32, 48), has_cuda=False) != "cuda"
+    gd, ud = g.double(), u.double()
+    torch.testing.assert_close(h.double(), torch.nn.functional.silu(gd) * ud, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(q.double(), gd * torch.sigmoid(1.702 * gd), rtol=1e-5, atol=1e-6)
+
+
 def test_adapter_too_large_for_cuda_runs_triton_with_one_warning(monkeypatch, fresh_loader):
     """The CUDA C++ adapter kernels take up to ADAPTER_MAX_HIDDEN hidden channels and ADAPTER_MAX_EXPERTS
     experts; where the CUDA C++ backend is chosen for a larger adapter, Triton runs it and says so once."""
@@ -756,6 +776,11 @@ def test_table_lookup_uses_the_nearest_benchmarked_width_within_its_range():
     t["entries"].append({**_entry("rms_norm", "bwd", "bfloat16", 8192, "cuda"), "residual": True})
     assert win(8192, res=True) == "cuda"
     assert backend_table.winner_from(None, KernelKey("rms_norm", "bwd", torch.bfloat16, 4096)) == "triton"
+    # equally near two timed widths (log scale): the smaller one decides, whatever the entries' order
+    two = [_entry("rms_norm", "bwd", "bfloat16", 1024, "triton"), _entry("rms_norm", "bwd", "bfloat16", 4096, "cuda")]
+    for entries in (two, two[::-1]):
+        for n, want in ((2048, "triton"), (2049, "cuda")):
+            assert backend_table.winner_from(_table(entries), KernelKey("rms_norm", "bwd", torch.bfloat16, n)) == want
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -764,6 +789,9 @@ def test_table_lookup_uses_the_nearest_benchmarked_width_within_its_range():
     ({"format": 1, "device": "x", "entries": [{"op": "softmax", "direction": "fwd", "dtype": "bfloat16", "N": 8, "winner": "cuda"}]}, "op"),
     ({"format": 1, "device": "x", "entries": [_entry("rms_norm", "fwd", "bfloat16", 0, "cuda")]}, "N"),
     ({"format": 1, "device": "x", "entries": [_entry("rms_norm", "fwd", "bfloat16", 8, "fastest")]}, "winner"),
+    # a string where a bool belongs: the entry would never match a call (Triton, without a word)
+    ({"format": 1, "device": "x",
+      "entries": [{**_entry("rms_norm", "fwd", "bfloat16", 8, "cuda"), "residual": "true"}]}, "residual"),
 ])
 def test_malformed_tables_are_rejected(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -854,6 +882,25 @@ def test_auto_consults_the_table_for_the_device(monkeypatch, tmp_path, fresh_loa
     assert resolve_backend(cuda, KernelKey("layer_norm", "fwd", torch.float16, 1024)) == "triton"  # no table for it
 
 
+def test_the_table_the_variable_names_replaces_the_shipped_ones(monkeypatch, tmp_path, clean_tables):
+    """``$MMFAST_BACKEND_TABLE`` replaces the shipped tables (it did not, and a shipped table of this GPU still
+    chose CUDA C++ where the user's table, for another GPU or measured anew, said nothing)."""
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    (shipped / "gpu.json").write_text(json.dumps(_table([_entry("rms_norm", "fwd", "bfloat16", 1024, "cuda")])))
+    monkeypatch.setattr(backend_table, "TABLE_DIR", shipped)
+    monkeypatch.delenv(backend_table.TABLE_ENV, raising=False)
+    backend_table.clear_cache()
+    key = KernelKey("rms_norm", "fwd", torch.bfloat16, 1024)
+    assert backend_table.winner_from(backend_table.table_for("Test GPU"), key) == "cuda"
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps(_table([_entry("layer_norm", "fwd", "bfloat16", 1024, "cuda")], device="Other GPU")))
+    monkeypatch.setenv(backend_table.TABLE_ENV, str(mine))
+    backend_table.clear_cache()
+    assert [t["device"] for t in backend_table.load_tables()] == ["Other GPU"]
+    assert backend_table.table_for("Test GPU") is None
+
+
 def test_shipped_tables_are_valid(clean_tables, monkeypatch):
     monkeypatch.delenv(backend_table.TABLE_ENV, raising=False)
     for table in backend_table.load_tables():
@@ -864,6 +911,9 @@ def test_unknown_backend_names_the_choices(monkeypatch):
     monkeypatch.setenv("MMFAST_BACKEND", "cudnn")
     with pytest.raises(ValueError, match="auto, cuda, triton, reference"):
         backend.requested_backend()
+    for value, meant in ((" Reference ", "reference"), ("TRITON", "triton"), ("", "auto"), ("  ", "auto")):
+        monkeypatch.setenv("MMFAST_BACKEND", value)  # case and surrounding spaces do not matter; empty is unset
+        assert backend.requested_backend() == meant, value
 
 
 def test_the_warning_says_how_the_cuda_backend_was_asked_for(monkeypatch):

@@ -337,6 +337,22 @@ def test_interpreter_without_triton_is_an_error(monkeypatch):
     assert backend.resolve_backend(torch.device("cpu")) == "reference"
 
 
+def test_forced_triton_under_the_interpreter_refuses_tensors_of_other_devices(monkeypatch):
+    """The Triton interpreter runs CPU tensors: MMFAST_BACKEND=triton with TRITON_INTERPRET=1 and tensors of
+    another (non-CUDA) device is an error that says so, not a launch of the interpreter on them."""
+    from mmfast.kernels import _device
+    from mmfast.ops import backend
+
+    monkeypatch.setattr(_device, "interpreting", lambda: True)
+    monkeypatch.setattr(_device, "interpreter_problem", lambda: None)
+    monkeypatch.setattr(backend, "_triton_available", lambda: True)
+    monkeypatch.setenv(ENV_VAR, "triton")
+    assert backend.resolve_backend(torch.device("cpu")) == "triton"
+    for dev in ("mps", "xpu"):
+        with pytest.raises(RuntimeError, match=f"interpreter runs CPU tensors, not {dev}"):
+            backend.resolve_backend(torch.device(dev))
+
+
 def test_cpu_without_interpreter_uses_reference():
     """A fresh process with the interpreter off: CPU tensors take the reference, and forcing Triton
     is an error that says why (Triton fixes interpreter mode when it is imported, hence a subprocess)."""

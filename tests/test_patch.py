@@ -326,6 +326,9 @@ def test_report_table_and_log(capfd, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     mmfast.patch(build("llava"), tuning="layernorm-simp")
     assert "mmfast.patch" not in capfd.readouterr().err  # logs on rank 0 only
+    monkeypatch.setenv("RANK", "0")
+    mmfast.patch(build("llava"), tuning="layernorm-simp", verbose=False)
+    assert "mmfast.patch" not in capfd.readouterr().err  # verbose=False: nothing logged, on rank 0 too
 
 
 @pytest.mark.parametrize("tuning", [None, "layernorm-simp", "mma"])

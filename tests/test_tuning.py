@@ -943,6 +943,39 @@ def test_load_best_model_at_end_with_the_callback(tmp_path):
         torch.testing.assert_close(params[n].detach(), value.to(params[n].dtype), rtol=0, atol=0, msg=n)
 
 
+def test_the_callback_loads_the_best_file_only_when_trainer_loads_the_best_checkpoint(tmp_path):
+    """Trainer sets ``best_model_checkpoint`` whenever ``metric_for_best_model`` is set, and loads it only with
+    ``load_best_model_at_end``: without it the model keeps the last step's weights, and so must the recipe's
+    (loading the best file there rolled the norms back beside the last step's other weights). A best
+    checkpoint without the file keeps the last values and says so."""
+    import types
+
+    model = build("llama")
+    mmfast.patch(model, tuning="layernorm-simp", verbose=False)
+    norm = model.model.layers[0].input_layernorm.weight
+    best = tmp_path / "checkpoint-1"
+    best.mkdir()
+    mmfast.save_trainable(model, str(best / "mmfast.safetensors"))
+    saved = norm.detach().clone()
+    with torch.no_grad():
+        norm.add_(torch.rand_like(norm) + 0.5)  # the steps since the best one
+    last = norm.detach().clone()
+    cb, state = mmfast.SaveTrainable(), types.SimpleNamespace(best_model_checkpoint=str(best), global_step=3)
+    end = lambda load_best: cb.on_train_end(  # noqa: E731
+        types.SimpleNamespace(load_best_model_at_end=load_best, output_dir=str(tmp_path)), state, None, model=model)
+    end(False)
+    assert torch.equal(norm.detach(), last)
+    end(True)
+    assert torch.equal(norm.detach(), saved)
+    state.best_model_checkpoint = str(tmp_path / "checkpoint-2")
+    (tmp_path / "checkpoint-2").mkdir()
+    with torch.no_grad():
+        norm.copy_(last)
+    with pytest.warns(RuntimeWarning, match="has no mmfast.safetensors"):
+        end(True)
+    assert torch.equal(norm.detach(), last)
+
+
 def test_trl_sft_trainer(tmp_path, monkeypatch):
     """TRL's SFTTrainer trains a patched LLaMA. TRL (1.x) adds its own fused LM head around the model's
     forward and asks for it in training, so its loss, entropy and token accuracy come from there; the
@@ -1866,6 +1899,23 @@ def test_the_parameter_count_counts_4bit_weights_as_their_values():
     proj.weight = Params4bit(packed, requires_grad=False)
     report = mmfast.patch(model, tuning="layernorm-simp", verbose=False)
     assert (report.trainable_params, report.all_params) == (full.trainable_params, full.all_params)
+
+
+def test_tied_embeddings_are_counted_once():
+    """A LLaMA whose LM head shares the input embeddings' weight (tie_word_embeddings): the report counts the
+    shared weight once, as model.parameters() and PEFT do (counting it twice overstated both counts by the
+    vocabulary's embedding, trainable ones too under tuning='layernorm')."""
+    from transformers import LlamaForCausalLM
+
+    from tiny_models import llama_config
+
+    model = LlamaForCausalLM(llama_config(tie_word_embeddings=True))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    report = mmfast.patch(model, tuning="layernorm", verbose=False)
+    unique = {id(p): p for m in model.modules() for p in m.parameters(recurse=False)}
+    assert report.all_params == sum(p.numel() for p in unique.values())
+    assert report.trainable_params == sum(p.numel() for p in unique.values() if p.requires_grad)
+    assert report.trainable_params >= model.lm_head.weight.numel()  # (the shared weight trains, once)
 
 
 def test_prepare_for_kbit_training_after_patch_warns_that_the_recipe_froze(monkeypatch):
