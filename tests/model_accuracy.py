@@ -17,6 +17,9 @@ tensor, from exact inputs, in the kernel tests.
 
 from __future__ import annotations
 
+import contextlib
+import types
+
 import torch
 from torch import nn
 
@@ -24,8 +27,56 @@ from accuracy import assert_accurate
 from tiny_models import first_output
 
 
+def _rms_norm_in_float64(self, x):
+    """LLaMA's RMSNorm, w * x * rsqrt(mean(x^2) + eps), in the input's dtype."""
+    return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+def _llama_rms_norm_forwards() -> list:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.llama4.modeling_llama4 import Llama4TextRMSNorm
+
+    return [LlamaRMSNorm.forward, Llama4TextRMSNorm.forward]
+
+
+def _same_code(f, g) -> bool:
+    a, b = getattr(f, "__code__", None), getattr(g, "__code__", None)
+    return a is not None and b is not None and (a.co_code, a.co_names, a.co_consts[1:]) == (
+        b.co_code, b.co_names, b.co_consts[1:])
+
+
+@contextlib.contextmanager
+def float64_norms(model: nn.Module):
+    """HF's LLaMA-family RMSNorms normalise in fp32 whatever their input's dtype (``.to(torch.float32)``), so
+    a float64 oracle would round every such norm to fp32, the error an fp32 model is measured by. Inside
+    this, the float64 model's LLaMA and Llama 4 RMSNorms (and copies of their forward, Mistral's, Qwen's)
+    compute their formula in float64; each module's own ``forward`` attribute (a patch's) comes back after."""
+    hf = _llama_rms_norm_forwards()
+    saved = []
+    for m in model.modules():
+        if any(_same_code(type(m).forward, f) for f in hf) and m.weight.dtype == torch.float64:
+            saved.append((m, m.__dict__.get("forward")))
+            m.forward = types.MethodType(_rms_norm_in_float64, m)
+    try:
+        yield
+    finally:
+        for m, forward in saved:
+            if forward is None:
+                del m.forward
+            else:
+                m.forward = forward
+
+
 def run_model(model: nn.Module, inputs: dict):
-    """(output, loss, {param name: grad}, the loss's natural scale) of one forward/backward."""
+    """(output, loss, {param name: grad}, the loss's natural scale) of one forward/backward; a float64
+    model computes its RMSNorms in float64 too (:func:`float64_norms`)."""
+    if next(model.parameters()).dtype == torch.float64:
+        with float64_norms(model):
+            return _run_model(model, inputs)
+    return _run_model(model, inputs)
+
+
+def _run_model(model: nn.Module, inputs: dict):
     model.zero_grad(set_to_none=True)
     if next(model.parameters()).dtype == torch.float64 and "labels" in inputs:
         # the oracle: HF's causal-LM loss upcasts the logits with .float(), which would round a float64
