@@ -648,9 +648,12 @@ def test_padded_siglip2_gradients_under_activation_checkpointing(reentrant):
     inputs = dict(pixel_values=torch.randn(2, 16, 48, generator=g).requires_grad_(), pixel_attention_mask=mask,
                   spatial_shapes=torch.tensor([[4, 4], [2, 3]]))
 
+    probe = torch.randn(2, 16, 24, generator=g)  # (a loss whose gradients are O(1): the mean square's are 1e-8,
+    # under the comparison's atol)
+
     def grads():
         model.zero_grad(set_to_none=True)
-        model(**inputs).last_hidden_state.pow(2).mean().backward()
+        (model(**inputs).last_hidden_state * probe).sum().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     plain = grads()
@@ -658,8 +661,6 @@ def test_padded_siglip2_gradients_under_activation_checkpointing(reentrant):
     mask2 = torch.ones(2, 16, dtype=torch.long)
     mask2[0, 8:] = 0  # image 0: a 2x4 grid of patches, then padding
     other = dict(inputs, pixel_attention_mask=mask2, spatial_shapes=torch.tensor([[2, 4], [4, 4]]))
-
-    probe = torch.randn(2, 16, 24, generator=g)  # (a loss whose gradients are O(1): the mean square's are 1e-8)
 
     def both():
         model.zero_grad(set_to_none=True)
