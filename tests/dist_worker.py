@@ -169,7 +169,11 @@ def run(rank: int, world: int, port: int, mode: str, out_path: str, tuning: str 
             from mmfast.tuning.state import FORMAT
 
             if rank == 0:
-                moved = {n: t + 0.5 for n, t in st.load_file(out_path + ".safetensors").items()}
+                first = st.load_file(out_path + ".safetensors")
+                # the optimizer's fp32 masters were saved, not a bf16 engine's module copies (their rounding)
+                assert mode == "zero0" or all(t.dtype == torch.float32 for t in first.values()), \
+                    {n: t.dtype for n, t in first.items()}
+                moved = {n: t + 0.5 for n, t in first.items()}
                 st.save_file(moved, out_path + ".moved.safetensors", metadata={"format": FORMAT})
             dist.barrier()
             moved = st.load_file(out_path + ".moved.safetensors")
