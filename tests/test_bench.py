@@ -213,14 +213,34 @@ def test_profiler_events_have_what_gpu_time_reads():
     assert all(e.time_range.end >= e.time_range.start and isinstance(e.name, str) for e in events)
 
 
+def _fake_profile(names):
+    """A stand-in for ``torch.profiler.profile`` whose events are CUDA kernels ``(name, width)``, 10 apart."""
+    import types
+
+    from torch.autograd import DeviceType
+
+    class Prof:
+        def __init__(self, **kw):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def events(self):
+            return [types.SimpleNamespace(name=n, device_type=DeviceType.CUDA,
+                                          time_range=types.SimpleNamespace(start=10.0 * i, end=10.0 * i + w))
+                    for i, (n, w) in enumerate(names)]
+    return Prof
+
+
 def test_gpu_time_leaves_the_l2_flush_out(monkeypatch):
     """On a GPU each profiled call follows an L2 flush (a ``bitwise_not_`` of a buffer twice the L2); its
     kernel is left out of the busy time, and a profile where the flushes cannot be told apart raises
     rather than count them. Checked with a stand-in profiler: there is no GPU here."""
-    import types
-
     import torch.profiler
-    from torch.autograd import DeviceType
 
     from mmfast.bench import timing
 
@@ -230,31 +250,14 @@ def test_gpu_time_leaves_the_l2_flush_out(monkeypatch):
         def bitwise_not_(self):
             calls.append("flush")
 
-    def fake_profile(names):
-        class Prof:
-            def __init__(self, **kw):
-                pass
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                return False
-
-            def events(self):
-                return [types.SimpleNamespace(name=n, device_type=DeviceType.CUDA,
-                                              time_range=types.SimpleNamespace(start=10.0 * i, end=10.0 * i + w))
-                        for i, (n, w) in enumerate(names)]
-        return Prof
-
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     monkeypatch.setattr(timing, "_flush_buffer", lambda device: Flush())
     flush_kernel = "void at::native::vectorized_elementwise_kernel<4, at::native::bitwise_not_kernel_cuda(...)>"
     profile = [(flush_kernel, 8.0), ("rms_norm_fwd", 2.0)] * 10
-    monkeypatch.setattr(torch.profiler, "profile", fake_profile(profile))
+    monkeypatch.setattr(torch.profiler, "profile", _fake_profile(profile))
     ms = timing.gpu_busy_ms(lambda: calls.append("fn"), torch.device("cuda"))
     assert ms == pytest.approx(2.0 / 1e3) and calls == ["fn"] + ["flush", "fn"] * 10
-    monkeypatch.setattr(torch.profiler, "profile", fake_profile([("rms_norm_fwd", 2.0)] * 10))
+    monkeypatch.setattr(torch.profiler, "profile", _fake_profile([("rms_norm_fwd", 2.0)] * 10))
     with pytest.raises(RuntimeError, match="L2 flush kernels apart"):
         timing.gpu_busy_ms(lambda: None, torch.device("cuda"))
     assert timing.gpu_busy_ms(lambda: None, torch.device("cuda"), flush_l2=False) == pytest.approx(2.0 / 1e3)
@@ -1432,29 +1435,12 @@ def test_cpu_timer_takes_the_median_after_a_warm_up(monkeypatch):
 
 def test_gpu_time_clears_the_gradients_before_each_call(monkeypatch):
     """The profiled calls clear their gradients as the event timings do: accumulation is not timed."""
-    import types
-
     import torch.profiler
-    from torch.autograd import DeviceType
 
     from mmfast.bench import timing
 
-    class Prof:
-        def __init__(self, **kw):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def events(self):
-            return [types.SimpleNamespace(name="k", device_type=DeviceType.CUDA,
-                                          time_range=types.SimpleNamespace(start=0.0, end=4.0))]
-
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    monkeypatch.setattr(torch.profiler, "profile", Prof)
+    monkeypatch.setattr(torch.profiler, "profile", _fake_profile([("k", 4.0)]))
     leaf, calls = torch.zeros(2, requires_grad=True), []
 
     def fn():

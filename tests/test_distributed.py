@@ -103,9 +103,8 @@ def test_distributed_gradients_match_single_process(mode, tuning, dtype, tmp_pat
         weight = 2 / WORLD if mode == "ddp-mixed" else 1
         for into, m, x in ((single, model, inputs),
                            (ref, ref_model, {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()})):
-            # (the oracle: HF's forwards, its RMSNorms in float64 too)
-            with mmfast.disabled() if m is ref_model else contextlib.nullcontext(), \
-                    float64_norms(m) if m is ref_model else contextlib.nullcontext():
+            # (the oracle: HF's forwards, its RMSNorms in float64 too; float64_norms leaves other dtypes alone)
+            with mmfast.disabled() if m is ref_model else contextlib.nullcontext(), float64_norms(m):
                 for n, g in _single_process_grads(m, x).items():
                     into[n] = into.get(n, 0) + weight * g
 
