@@ -2618,13 +2618,15 @@ def test_generate_chunked_prefill_routes_by_the_whole_prompt():
     assert (as_text.logits[0][0] - one_pass.logits[0][0]).abs().max() > 1e-3  # the routing shows
 
 
-@pytest.mark.parametrize("case", ["reset", "prefix", "foreign"])
+@pytest.mark.parametrize("case", ["reset", "prefix", "foreign", "foreign-image"])
 def test_generate_chunked_prefill_on_a_given_cache_routes_as_one_pass(case):
     """generate(prefill_chunk_size=N) with a cache the caller gives: one emptied by ``reset`` after an earlier
     use (its flags are stale: the wrapper left such a cache to the chunks, and a first chunk of text before
     the image routed the sample as text), one holding a text prefix (a prompt cache, a continued turn) that a
-    new image follows, or a prefix this model did not fill (no flags). Its tokens and logits match the
-    one-pass generate's, which routes all the new tokens of an image sample as image."""
+    new image follows, or a prefix this model did not fill (no flags), also one whose cached prefix holds the
+    other sample's image (the new tokens route it: as text, as in one pass, not by the prefix's image
+    tokens). Its tokens and logits match the one-pass generate's, which routes all the new tokens of an image
+    sample as image."""
     from tiny_models import IMAGE_SIZE, IMAGE_TOKEN, IMAGE_TOKENS
     from transformers import DynamicCache
 
@@ -2643,8 +2645,12 @@ def test_generate_chunked_prefill_on_a_given_cache_routes_as_one_pass(case):
             ids = prompt.flip(0)
         else:
             prefix = torch.tensor([[21, 22, 23], [24, 25, 26]])
-            model(input_ids=prefix, cache=cache, use_cache=True)
-            if case == "foreign":
+            images = {}
+            if case == "foreign-image":
+                prefix = torch.tensor([[21, 22, 23, 24, 25], [IMAGE_TOKEN] * IMAGE_TOKENS + [26]])
+                images["pixel_values"] = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+            model(input_ids=prefix, cache=cache, use_cache=True, **images)
+            if case.startswith("foreign"):
                 del cache.__dict__[CACHE_FLAGS_ATTR]
             ids = torch.cat([prefix, prompt], 1)
     kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pix, max_new_tokens=3,
