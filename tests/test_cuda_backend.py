@@ -207,7 +207,7 @@ def test_forced_cuda_on_cpu_tensors_warns_once_and_still_computes(fresh_loader, 
         y2 = mmfast.rms_norm(x, w)
     msgs = [str(w.message) for w in seen if issubclass(w.category, RuntimeWarning)]
     assert len(msgs) == 1, msgs
-    assert "MMFAST_BACKEND=cuda" in msgs[0] and "cpu" in msgs[0]
+    assert "MMFAST_BACKEND=cuda" in msgs[0] and "run CUDA tensors, not cpu tensors" in msgs[0], msgs
     ref = mmfast.ops.norm.rms_norm_reference(x.detach().double(), w.detach().double())
     torch.testing.assert_close(y2.double(), ref, rtol=1e-5, atol=1e-5)
 
@@ -382,6 +382,10 @@ def test_a_finished_build_is_imported_without_lock_or_writes(fresh_loader, monke
     # another key's build there is not taken
     (directory / "built.ok").write_text("0123456789abcdef\n")
     assert not cuda_ext._built(directory)
+    # nor a marker of this key without its library
+    (directory / "built.ok").write_text(cuda_ext.build_key() + "\n")
+    (directory / cuda_ext.LIBRARY).unlink()
+    assert not cuda_ext._built(directory)
 
 
 def test_a_finished_build_needs_no_compiler(fresh_loader, monkeypatch, tmp_path):
@@ -399,15 +403,121 @@ def test_a_finished_build_needs_no_compiler(fresh_loader, monkeypatch, tmp_path)
     assert fresh_loader.load() is True and fresh_loader.origin() == str(directory)
 
 
-def test_no_build_on_first_use_when_turned_off(fresh_loader, monkeypatch, tmp_path):
+@pytest.mark.parametrize("off", ["0", "false", " OFF ", "no"])
+def test_no_build_on_first_use_when_turned_off(fresh_loader, monkeypatch, tmp_path, off):
     """MMFAST_CUDA_BUILD=0 (scripts/gpu_check.sh sets it once a build failed in its run): no build, the
     variable named as the reason; a finished build still loads. Every later process tried the build again
     (a minute of nvcc each) before its benchmark's budget began."""
+    from torch.utils import cpp_extension
+
     monkeypatch.setattr(fresh_loader, "runtime_missing", lambda: None)
     monkeypatch.setattr(fresh_loader, "prerequisites", lambda: None)
+    build = fresh_loader._build
     monkeypatch.setattr(fresh_loader, "_build", lambda d: pytest.fail("built"))
-    monkeypatch.setenv("MMFAST_CUDA_BUILD", "0")
+    monkeypatch.setenv("MMFAST_CUDA_BUILD", off)
     assert fresh_loader.load() is False and "MMFAST_CUDA_BUILD=0" in fresh_loader.unavailable_reason()
+    # a finished build loads all the same
+    fresh_loader._reset_for_tests()
+    monkeypatch.setattr(fresh_loader, "_build", build)
+    monkeypatch.setattr(cpp_extension, "load", lambda **k: pytest.fail("compiled"))
+    monkeypatch.setattr(fresh_loader, "_import_built", lambda d: "module")
+    directory = fresh_loader.build_dir()
+    directory.mkdir(parents=True)
+    (directory / fresh_loader.LIBRARY).write_text("library")
+    (directory / "built.ok").write_text(fresh_loader.build_key() + "\n")
+    assert fresh_loader.load() is True and fresh_loader.origin() == str(directory)
+
+
+def test_a_failed_load_is_not_tried_again(fresh_loader, monkeypatch):
+    """load() tries once per process: after a failed build, the next op call (each asks unavailable_reason)
+    neither compiles again (minutes of nvcc per call) nor changes its answer."""
+    monkeypatch.setattr(fresh_loader, "runtime_missing", lambda: None)
+    monkeypatch.setattr(fresh_loader, "prerequisites", lambda: None)
+    builds = []
+
+    def failing(directory):
+        builds.append(directory)
+        raise RuntimeError("error: identifier undefined_name is undefined")
+
+    monkeypatch.setattr(fresh_loader, "_build", failing)
+    assert fresh_loader.load() is False
+    monkeypatch.setattr(fresh_loader, "_build", lambda d: builds.append(d) or "module")  # would work now
+    assert fresh_loader.load() is False and "undefined_name" in fresh_loader.unavailable_reason()
+    assert fresh_loader.origin() is None and len(builds) == 1
+
+
+@pytest.mark.skipif(cuda_ext.fcntl is None, reason="POSIX file locks")
+def test_load_waits_for_anothers_build_as_long_as_the_variable_says(fresh_loader, monkeypatch):
+    """MMFAST_CUDA_BUILD_TIMEOUT bounds the wait for another process's build lock: then load() says so
+    (the lock timeout, naming the variable) and the Triton kernels run; it neither compiles nor waits on."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(fresh_loader, "runtime_missing", lambda: None)
+    monkeypatch.setattr(fresh_loader, "prerequisites", lambda: None)
+    monkeypatch.setattr(cpp_extension, "load", lambda **k: pytest.fail("compiled under another's lock"))
+    monkeypatch.setenv(cuda_ext.TIMEOUT_ENV, "0.5")
+    directory = fresh_loader.build_dir()
+    directory.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER.replace("600", "20"), str(directory / "build.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        start = time.monotonic()
+        assert fresh_loader.load() is False
+        assert 0.4 < time.monotonic() - start < 5
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    reason = fresh_loader.unavailable_reason()
+    assert "LockTimeout" in reason and cuda_ext.TIMEOUT_ENV in reason, reason
+
+
+def test_a_build_finished_while_waiting_for_the_lock_is_imported(fresh_loader, monkeypatch, tmp_path):
+    """A process that waited for the lock while another built (the other ranks of a job) imports that build
+    when it gets the lock; it does not compile again (minutes each, one rank after another)."""
+    import contextlib
+
+    from torch.utils import cpp_extension
+
+    directory = tmp_path / "build"
+    real_lock = cuda_ext.build_lock
+
+    @contextlib.contextmanager
+    def lock_after_anothers_build(d, timeout):
+        with real_lock(d, timeout) as lock:  # the holder it waited for finished meanwhile
+            (d / cuda_ext.LIBRARY).write_text("theirs")
+            (d / "built.ok").write_text(cuda_ext.build_key() + "\n")
+            yield lock
+
+    imported = []
+    monkeypatch.setattr(cuda_ext, "build_lock", lock_after_anothers_build)
+    monkeypatch.setattr(cuda_ext, "_import_built", lambda d: imported.append(d) or "module")
+    monkeypatch.setattr(cpp_extension, "load", lambda **k: pytest.fail("compiled again"))
+    assert cuda_ext._build(directory) == "module" and imported == [directory]
+    assert (directory / cuda_ext.LIBRARY).read_text() == "theirs"
+
+
+def test_a_build_gives_rank0_its_head_start_before_taking_the_lock(fresh_loader, monkeypatch, tmp_path):
+    from torch.utils import cpp_extension
+
+    directory = tmp_path / "build"
+    events = []
+    monkeypatch.setattr(cuda_ext, "wait_for_rank0", lambda d: events.append(("head start", cuda_ext.lock_is_held(d))))
+    fake = _fake_build([], directory)
+    monkeypatch.setattr(cpp_extension, "load", lambda **k: events.append("compile") or fake(**k))
+    cuda_ext._build(directory)
+    assert events == [("head start", False), "compile"]
+
+
+def test_build_errors_are_cut_to_the_compilers_lines():
+    """The reason quotes the last compiler error lines (not ninja's closing line), else the last lines."""
+    out = "\n".join(["[1/2] nvcc -c a.cu", "a.cu(1): error: first", "a.cu(2): error: second", "a.cu(3): warning: w",
+                     "a.cu(4): error: third", "a.cu(5): error: last",
+                     "ninja: build stopped: cannot make progress due to previous errors.", ""])
+    assert cuda_ext._short(RuntimeError(out)) == ("RuntimeError: a.cu(2): error: second | a.cu(4): error: third | "
+                                                  "a.cu(5): error: last")
+    assert cuda_ext._short(OSError("one\ntwo\n\nthree\nfour")) == "OSError: two | three | four"
+    assert cuda_ext._short(RuntimeError("")) == "RuntimeError"
 
 
 def test_a_lock_file_without_write_access_still_locks(monkeypatch, tmp_path):
@@ -452,12 +562,14 @@ def test_a_failed_build_is_not_repeated_by_the_other_ranks(fresh_loader, monkeyp
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun's static rendezvous: the same in every run
     monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setenv(cuda_ext.TIMEOUT_ENV, "2")  # (a lock left held fails the next build in seconds)
     directory = tmp_path / "build"
     calls = []
     monkeypatch.setattr(cpp_extension, "load", _fake_build(calls, directory, fail="error: undefined_name"))
     with pytest.raises(RuntimeError, match="undefined_name"):
         cuda_ext._build(directory)
     assert len(calls) == 1 and not list(directory.glob("tmp-*"))
+    assert not cuda_ext.lock_is_held(directory)  # a failed build lets go of the lock
     with pytest.raises(cuda_ext.BuildFailedElsewhere, match="undefined_name"):
         cuda_ext._build(directory)  # another rank of the same run
     assert len(calls) == 1
@@ -472,10 +584,21 @@ def test_a_failed_build_is_not_repeated_by_the_other_ranks(fresh_loader, monkeyp
                 cuda_ext._build(directory)  # compiled again (and failed again: the sources are still broken)
             assert not isinstance(failed.value, cuda_ext.BuildFailedElsewhere)
     assert len(calls) == 4
-    monkeypatch.setattr(cuda_ext, "_PROCESS_START", time.time() + 1)  # a process started after the failure
+    with monkeypatch.context() as job:  # two steps of one SLURM job (srun ... & srun ...) are two runs
+        job.setenv("SLURM_JOB_ID", "7")
+        for step in ("0", "1"):
+            job.setenv("SLURM_STEP_ID", step)
+            with pytest.raises(RuntimeError, match="undefined_name") as failed:
+                cuda_ext._build(directory)
+            assert not isinstance(failed.value, cuda_ext.BuildFailedElsewhere)
+    assert len(calls) == 6
+    with pytest.raises(RuntimeError, match="undefined_name"):  # recorded by this job again ...
+        cuda_ext._build(directory)
+    assert len(calls) == 7 and json.loads((directory / "build.failed").read_text())["job"] == cuda_ext._job()
+    monkeypatch.setattr(cuda_ext, "_PROCESS_START", time.time() + 1)  # ... and a process of it started after that
     monkeypatch.setattr(cpp_extension, "load", _fake_build(calls, directory))
     cuda_ext._build(directory)
-    assert len(calls) == 5 and cuda_ext._built(directory) and not (directory / "build.failed").exists()
+    assert len(calls) == 8 and cuda_ext._built(directory) and not (directory / "build.failed").exists()
 
 
 def test_a_dead_builds_directory_is_removed(fresh_loader, monkeypatch, tmp_path):
@@ -486,9 +609,19 @@ def test_a_dead_builds_directory_is_removed(fresh_loader, monkeypatch, tmp_path)
     dead.wait()
     (directory / f"tmp-{dead.pid}-1").mkdir(parents=True)
     (directory / f"tmp-{os.getppid()}-1").mkdir()  # a live process's build: left alone
+    others = 2**22 + 7  # (above any pid_max) a live process of another user's: signals refused, left alone too
+    (directory / f"tmp-{others}-1").mkdir()
+    real_kill = os.kill
+
+    def kill(pid, sig):
+        if pid == others:
+            raise PermissionError(1, "Operation not permitted")
+        return real_kill(pid, sig)
+
+    monkeypatch.setattr(os, "kill", kill)
     monkeypatch.setattr(cpp_extension, "load", _fake_build([], directory))
     cuda_ext._build(directory)
-    assert sorted(p.name for p in directory.glob("tmp-*")) == [f"tmp-{os.getppid()}-1"]
+    assert sorted(p.name for p in directory.glob("tmp-*")) == sorted([f"tmp-{others}-1", f"tmp-{os.getppid()}-1"])
 
 
 def test_load_says_why_when_the_cache_cannot_be_named(fresh_loader, monkeypatch):
@@ -559,17 +692,64 @@ def test_an_aot_build_that_fails_to_import_says_why(fresh_loader, fake_aot, monk
     monkeypatch.setenv("FAKE_AOT_BROKEN", "1")
     assert fresh_loader.load() is False
     assert "failed to load" in fresh_loader.unavailable_reason() and "undefined symbol" in fresh_loader.unavailable_reason()
+    monkeypatch.delenv("FAKE_AOT_BROKEN")  # it would import now: the answer is kept, it is not imported again
+    assert fresh_loader.load() is False and "undefined symbol" in fresh_loader.unavailable_reason()
+    assert "fake_aot_ext" not in sys.modules
+
+
+@pytest.mark.parametrize("key", [None, "0123456789abcdef"])
+def test_an_aot_build_without_sources_to_compare_is_trusted_by_its_key(fresh_loader, fake_aot, monkeypatch, key):
+    """No CUDA sources to hash (an install without them): an AOT build with a key file is loaded; one
+    without is passed over with a warning."""
+    if key:
+        fake_aot.write_text(key + "\n")
+
+    def no_sources():
+        raise FileNotFoundError("the CUDA sources are neither in A nor in B")
+
+    monkeypatch.setattr(fresh_loader, "source_dir", no_sources)
+    monkeypatch.setattr(fresh_loader, "runtime_missing", lambda: "no CUDA device is visible")
+    if key:
+        assert fresh_loader.load() is True and fresh_loader.origin() == "aot"
+    else:
+        with pytest.warns(RuntimeWarning, match=f"has no {cuda_ext.AOT_KEY_FILE}"):
+            assert fresh_loader.load() is False
+        assert "fake_aot_ext" not in sys.modules
+
+
+def test_a_namespace_package_is_no_aot_build(fresh_loader, fake_aot, monkeypatch):
+    """A directory named like the AOT module (a namespace package: no file) is no build; load() says why
+    the build on first use cannot run instead of raising from every op call."""
+    monkeypatch.setattr(cuda_ext, "AOT_MODULE", "ns_aot_ext")
+    (fake_aot.parent / "ns_aot_ext").mkdir()
+    monkeypatch.setattr(fresh_loader, "runtime_missing", lambda: "no CUDA device is visible")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fresh_loader.load() is False
+    assert fresh_loader.unavailable_reason() == "no CUDA device is visible"
 
 
 def test_other_local_ranks_give_rank0_a_head_start(monkeypatch, tmp_path):
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    start = time.monotonic()
-    cuda_ext.wait_for_rank0(tmp_path, head_start=5)
-    assert time.monotonic() - start < 0.5  # rank 0 never waits
+    for rank0 in ("0", "", "not-a-number"):  # (a variable set empty or to nonsense: no launcher's rank)
+        monkeypatch.setenv("LOCAL_RANK", rank0)
+        start = time.monotonic()
+        cuda_ext.wait_for_rank0(tmp_path, head_start=5)
+        assert time.monotonic() - start < 0.5  # rank 0 never waits
     monkeypatch.setenv("LOCAL_RANK", "1")
     start = time.monotonic()
     cuda_ext.wait_for_rank0(tmp_path, head_start=0.5)
     assert 0.4 < time.monotonic() - start < 5  # nobody started: waits out the head start, then builds itself
+    if cuda_ext.fcntl is not None:
+        holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "build.lock")], stdout=subprocess.PIPE,
+                                  text=True)
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            start = time.monotonic()
+            cuda_ext.wait_for_rank0(tmp_path, head_start=5)
+            assert time.monotonic() - start < 2  # rank 0 is building: wait in the lock, not out the head start
+        finally:
+            holder.send_signal(signal.SIGKILL)
+            holder.wait()
     (tmp_path / "built.ok").write_text("x")
     start = time.monotonic()
     cuda_ext.wait_for_rank0(tmp_path, head_start=5)
@@ -577,12 +757,43 @@ def test_other_local_ranks_give_rank0_a_head_start(monkeypatch, tmp_path):
 
 
 def test_build_key_follows_sources_and_versions(monkeypatch, tmp_path):
-    key = cuda_ext.build_key()
+    """A change to any input of a build (a source, a header, a flag, torch, CUDA, Python) names another
+    build directory, and the sources and flags another AOT key: an old build is never taken for it."""
+    import shutil
+
+    key, aot = cuda_ext.build_key(), cuda_ext.aot_key()
     assert key == cuda_ext.build_key() and len(key) == 16
-    monkeypatch.setattr(torch, "__version__", "0.0.0-other")
-    assert cuda_ext.build_key() != key
+    src = tmp_path / "src"
+    shutil.copytree(cuda_ext.source_dir(), src)
+    monkeypatch.setattr(cuda_ext, "source_dir", lambda: src)
+    assert (cuda_ext.build_key(), cuda_ext.aot_key()) == (key, aot)  # the same sources elsewhere
+    keys = {}
+    for f in (cuda_ext.SOURCES[-1], cuda_ext.HEADERS[-1]):
+        original = (src / f).read_bytes()
+        (src / f).write_bytes(original + b"\n// edited\n")
+        keys[f] = (cuda_ext.build_key(), cuda_ext.aot_key())
+        (src / f).write_bytes(original)
+    for flags in ("NVCC_FLAGS", "CXX_FLAGS"):
+        with monkeypatch.context() as m:
+            m.setattr(cuda_ext, flags, getattr(cuda_ext, flags) + ("-DMMFAST_OTHER",))
+            keys[flags] = (cuda_ext.build_key(), cuda_ext.aot_key())
+    for obj, attr, value in ((torch, "__version__", "0.0.0-other"), (torch.version, "cuda", "99.9"),
+                             (sys.implementation, "cache_tag", "cpython-99")):
+        with monkeypatch.context() as m:
+            m.setattr(obj, attr, value)
+            keys[attr] = (cuda_ext.build_key(), cuda_ext.aot_key())  # (an AOT build: its sources and flags only)
+    assert (cuda_ext.build_key(), cuda_ext.aot_key()) == (key, aot)
+    for what, (k, a) in keys.items():
+        assert k != key, what
+        assert (a != aot) == (what not in ("__version__", "cuda", "cache_tag")), what
+    assert len({k for k, _ in keys.values()}) == len(keys)
     monkeypatch.setenv(cuda_ext.CACHE_ENV, str(tmp_path))
     assert cuda_ext.build_dir().parent == tmp_path
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(cuda_ext.CACHE_ENV, "~/cache")
+    assert cuda_ext.build_dir().parent == tmp_path / "home" / "cache"
+    monkeypatch.delenv(cuda_ext.CACHE_ENV)
+    assert cuda_ext.build_dir().parent == tmp_path / "home" / ".cache" / "mmfast"
 
 
 def test_bad_timeout_is_an_error(monkeypatch):
