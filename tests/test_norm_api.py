@@ -353,6 +353,51 @@ def test_forced_triton_under_the_interpreter_refuses_tensors_of_other_devices(mo
             backend.resolve_backend(torch.device(dev))
 
 
+def _interpreting_with(monkeypatch, value):
+    """_device.interpreting() as a fresh process with TRITON_INTERPRET=value would answer, and Triton's answer."""
+    import triton
+
+    from mmfast.kernels import _device
+
+    with monkeypatch.context() as m:
+        m.setenv("TRITON_INTERPRET", value)
+        _device.interpreting.cache_clear()
+        try:
+            return _device.interpreting(), triton.knobs.runtime.interpret
+        finally:
+            _device.interpreting.cache_clear()
+
+
+@pytest.mark.parametrize("value", ["1", "true", "TRUE", "on", "yes", "y", "0", "false", "off", "", "no", "n", "2"])
+def test_interpreting_agrees_with_triton(monkeypatch, value):
+    """mmfast and Triton read TRITON_INTERPRET alike: were mmfast to miss TRITON_INTERPRET=true, the interpreter
+    would run the kernels while mmfast took the reference path for CPU tensors and GPU rounding for them."""
+    ours, triton_says = _interpreting_with(monkeypatch, value)
+    assert ours == triton_says, value
+
+
+def test_interpreting_is_read_once(monkeypatch):
+    """Triton fixes interpreter mode when it decorates the kernels; a later change of the variable changes
+    neither its answer nor mmfast's."""
+    from mmfast.kernels import _device
+
+    first = _device.interpreting()
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if first else "1")
+    assert _device.interpreting() == first
+
+
+def test_sm_count_of_cuda_devices(monkeypatch):
+    """Off the interpreter: an index-less CUDA device is the current one (cuda:1 current: its SMs, not
+    cuda:0's); an indexed one is itself."""
+    from mmfast.kernels import _device
+
+    monkeypatch.setattr(_device, "interpreting", lambda: False)
+    monkeypatch.setattr(_device, "_cuda_sm_count", lambda index: {0: 132, 1: 78}[index])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert _device.sm_count(torch.device("cuda")) == 78
+    assert _device.sm_count(torch.device("cuda", 0)) == 132
+
+
 def test_cpu_without_interpreter_uses_reference():
     """A fresh process with the interpreter off: CPU tensors take the reference, and forcing Triton
     is an error that says why (Triton fixes interpreter mode when it is imported, hence a subprocess)."""

@@ -24,7 +24,7 @@ def interpreting() -> bool:
     Read once per process: Triton makes the same choice once, when it decorates each kernel at import
     (a later change of the variable does not turn compiled kernels into interpreted ones), and the host
     code asks on every launch."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off")
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes", "y")  # Triton's getenv_bool
 
 
 def version_problem(triton_version: str, numpy_version: str) -> str | None:
