@@ -18,3 +18,121 @@ def test_triton_kernels_compile_for_sm90():
                    "_mma_fwd_kernel", "_mma_bwd_rows_kernel", "_mma_bwd_cols_kernel", "_swiglu_fwd_kernel",
                    "_swiglu_bwd_kernel"):
         assert kernel in out.stdout
+
+
+def test_variants_cover_every_kernel_and_launch_choice():
+    """What is compiled covers what the launchers launch: every Triton kernel of mmfast.kernels, every boolean
+    specialization both ways, every (PREFETCH, KEEP_W) loop shape tune_norm.py can enter, each dtype, and the
+    extremes of the elementwise kernels' rows per program with every warp count their launcher picks."""
+    import importlib
+    import itertools
+    from collections import defaultdict
+
+    import torch
+
+    from mmfast.kernels import compile_check as cc
+    from mmfast.kernels import swiglu
+
+    seen = defaultdict(set)
+    for fn, args, options in cc.variants():
+        warps = options["num_warps"] if isinstance(options, dict) else options
+        seen[fn.__name__, "num_warps"].add(warps)
+        for k, v in args.items():
+            seen[fn.__name__, k].add(v.dtype if isinstance(v, cc.Ptr) else v)
+        if fn.__name__ == "_norm_bwd_kernel":
+            seen[fn.__name__, "loop"].add((args["PREFETCH"], args["KEEP_W"]))
+    kernels = {name for name, _ in seen}
+    for module in ("norm", "_common", "adapter", "swiglu", "quick_gelu"):
+        mod = importlib.import_module(f"mmfast.kernels.{module}")
+        defined = {n for n in vars(mod) if n.endswith("_kernel") and hasattr(getattr(mod, n), "__getitem__")}
+        assert defined and defined <= kernels, (module, defined - kernels)
+    # SOFT_RNE is the interpreter's rounding: never launched on a GPU
+    fixed = {"SOFT_RNE"}
+    for (name, key), values in seen.items():
+        if key not in fixed and all(isinstance(v, bool) for v in values):
+            assert values == {False, True}, (name, key, values)
+    assert seen["_norm_bwd_kernel", "loop"] == set(itertools.product((False, True), repeat=2))
+    bf16, f16, f32 = torch.bfloat16, torch.float16, torch.float32
+    for name in ("_norm_fwd_kernel", "_norm_bwd_kernel", "_norm_fwd_wide_kernel", "_norm_bwd_wide_kernel"):
+        assert {bf16, f32} <= seen[name, "X"] and {bf16, f32} <= seen[name, "W"], name
+    for name in ("_swiglu_fwd_kernel", "_quick_gelu_fwd_kernel"):
+        first = "G" if "swiglu" in name else "X"
+        assert seen[name, first] == {bf16, f16, f32}, name
+        picks = {swiglu.launch(n) for n in range(1, 4 * swiglu.MAX_BLOCK)}
+        assert {1, max(r for r, _, _ in picks)} <= seen[name, "ROWS"], name
+        assert {w for _, _, w in picks} <= seen[name, "num_warps"], name
+
+
+_FAKE_COMPILE = r'''
+import contextlib, io, json, sys, types
+import triton
+from mmfast.kernels import compile_check as cc
+
+expected = [o["num_warps"] if isinstance(o, dict) else o for _, _, o in cc.variants()]
+for scenario in json.loads(sys.argv[1]):
+    calls = []
+
+    def compile(src, target=None, options=None):
+        name = src.fn.__name__
+        calls.append([name, target.backend, target.arch, target.warp_size, options["num_warps"]])
+        if name == scenario.get("fail"):
+            raise RuntimeError("at 12:8:\nunsupported layout conversion")
+        shared = scenario.get("smem", 0) if name == "_swiglu_fwd_kernel" else 0
+        return types.SimpleNamespace(asm={"cubin": name.encode()}, metadata=types.SimpleNamespace(shared=shared))
+
+    triton.compile = compile
+    cc.resource_usage = lambda cubin: dict(scenario.get("use", {}) if cubin == b"_swiglu_bwd_kernel" else
+                                           {"REG": 40, "STACK": 0, "SHARED": 0, "LOCAL": 0})
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        rc = cc.main(scenario.get("argv", []))
+    print("RESULT " + json.dumps({"rc": rc, "calls": calls, "expected_warps": expected, "out": out.getvalue()}))
+'''
+
+
+def _fake_compile_check(*scenarios):
+    """compile_check.main() once per scenario, in a process without the interpreter, with triton.compile
+    (and cuobjdump) stood in for: each run's exit status, the compiles it asked for, and its output."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _FAKE_COMPILE, json.dumps(scenarios)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    results = [json.loads(line[len("RESULT "):]) for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(results) == len(scenarios), out.stdout + out.stderr
+    return results
+
+
+def test_compile_check_main_with_a_stand_in_compiler():
+    """main() with triton.compile stood in for: no --arch compiles every variant for ("cuda", 90, 32) with the
+    launcher's warps; a compile error, shared memory past what sm_90 gives a block (232448 B: that much is
+    allowed), a stack frame or local memory (spills: reported, failing only with --no-spills) each show."""
+    stack = {"REG": 255, "STACK": 24, "SHARED": 0, "LOCAL": 0}
+    local = {"REG": 255, "STACK": 0, "SHARED": 0, "LOCAL": 8}
+    plain, failed, smem_max, smem_over, *spills = _fake_compile_check(
+        {}, {"fail": "_keep_mask_kernel"}, {"smem": 232448}, {"smem": 232449},
+        {"use": stack}, {"use": local},
+        {"use": stack, "argv": ["--no-spills"]}, {"use": local, "argv": ["--no-spills"]})
+    assert plain["rc"] == 0, plain["out"]
+    assert {tuple(c[1:4]) for c in plain["calls"]} == {("cuda", 90, 32)}
+    assert [c[4] for c in plain["calls"]] == plain["expected_warps"]
+    assert "SPILLS" not in plain["out"] and "FAILED" not in plain["out"]
+    assert failed["rc"] == 1 and "FAILED: _keep_mask_kernel(" in failed["out"]
+    assert "unsupported layout conversion" in failed["out"]
+    assert smem_max["rc"] == 0, smem_max["out"]
+    assert smem_over["rc"] == 1 and "FAILED: _swiglu_fwd_kernel(" in smem_over["out"]
+    assert "shared memory" in smem_over["out"]
+    for run in spills[:2]:
+        assert run["rc"] == 0 and "SPILLS: _swiglu_bwd_kernel(" in run["out"], run["out"]
+    assert [run["rc"] for run in spills[2:]] == [1, 1]
+
+
+def test_resource_usage_reads_cuobjdump(tmp_path, monkeypatch):
+    """The registers, stack, shared and local memory of cuobjdump --dump-resource-usage (triton's copy)."""
+    from mmfast.kernels import compile_check as cc
+
+    tool = tmp_path / "cuobjdump"
+    tool.write_text("#!/bin/sh\nprintf 'Resource usage:\\n Common:\\n  GLOBAL:0\\n Function _k:\\n"
+                    "  REG:168 STACK:24 SHARED:1024 LOCAL:16 CONSTANT[0]:584 TEXTURE:0 SURFACE:0 SAMPLER:0\\n'\n")
+    tool.chmod(0o755)
+    monkeypatch.setattr(cc, "_cuobjdump", lambda: str(tool))
+    assert cc.resource_usage(b"\0") == {"REG": 168, "STACK": 24, "SHARED": 1024, "LOCAL": 16}

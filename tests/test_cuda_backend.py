@@ -120,6 +120,115 @@ def test_ptxas_report_is_parsed():
     assert use.family == "k"
 
 
+# main() with stand-ins for the toolchain (no nvcc needed): an nvcc script that records its arguments, writes
+# the ptxas report it is given and fails where told; the binding's host compile and the nm check stood in for.
+_FAKE_NVCC = '''\
+#!{python}
+import json, pathlib, sys
+args = sys.argv[1:]
+if args == ["--version"]:
+    print("Cuda compilation tools, release 13.0, V13.0.0")
+    sys.exit(0)
+spec = json.loads(pathlib.Path({spec!r}).read_text())
+with open({calls!r}, "a") as f:
+    f.write(json.dumps(args) + "\\n")
+src = pathlib.Path(args[args.index("-c") + 1])
+sys.stderr.write(spec["logs"].get(src.name, ""))
+if src.name in spec["failing"]:
+    sys.stderr.write(f"{{src}}(3): error: identifier \\"oops\\" is undefined\\n")
+    sys.exit(2)
+pathlib.Path(args[args.index("-o") + 1]).write_bytes(b"")
+'''
+
+
+def _ptxas_entry(mangled, regs, stack=0, stores=0, loads=0):
+    """One kernel's report as ptxas -v (CUDA 13) prints it."""
+    extra = f", {stack} bytes cumulative stack size" if stack else ""
+    return (f"ptxas info    : Compiling entry function '{mangled}' for 'sm_90a'\n"
+            f"ptxas info    : Function properties for {mangled}\n"
+            f"    {stack} bytes stack frame, {stores} bytes spill stores, {loads} bytes spill loads\n"
+            f"ptxas info    : Used {regs} registers, used 1 barriers{extra}, 64 bytes smem\n"
+            f"ptxas info    : Compile time = 1.234 ms\n")
+
+
+def _run_cuda_check(tmp_path, monkeypatch, capsys, argv=(), failing=(), logs=None, binding_rc=0, missing=()):
+    from mmfast.kernels import cuda_compile_check as cc
+
+    spec, calls = tmp_path / "spec.json", tmp_path / "calls.jsonl"
+    spec.write_text(json.dumps({"failing": list(failing), "logs": logs or {}}))
+    calls.unlink(missing_ok=True)
+    nvcc = tmp_path / "nvcc"
+    nvcc.write_text(_FAKE_NVCC.format(python=sys.executable, spec=str(spec), calls=str(calls)))
+    nvcc.chmod(0o755)
+    monkeypatch.setattr(cc, "find_nvcc", lambda: str(nvcc))
+
+    def binding(path, out_dir):
+        (out_dir / (path.stem + ".o")).write_bytes(b"")
+        return binding_rc, "binding.cpp:7: error: 'oops' was not declared in this scope" if binding_rc else ""
+
+    monkeypatch.setattr(cc, "check_binding", binding)
+    monkeypatch.setattr(cc, "unresolved_symbols", lambda objects: list(missing))
+    capsys.readouterr()
+    rc = cc.main(list(argv))
+    out = capsys.readouterr().out
+    return rc, out, [json.loads(line) for line in calls.read_text().splitlines()] if calls.exists() else []
+
+
+def test_compile_check_compiles_every_cu_for_sm90a_by_default(tmp_path, monkeypatch, capsys):
+    """No --arch (how scripts/gpu_check.sh runs it): every .cu of the sources is compiled, each for sm_90a
+    exactly (sm_90 would not compile wgmma/TMA code), with ptxas' report on, and with the flags torch's
+    extension build adds (a source relying on implicit half conversions must fail here, as it fails there)."""
+    from torch.utils import cpp_extension
+
+    rc, out, calls = _run_cuda_check(tmp_path, monkeypatch, capsys)
+    assert rc == 0, out
+    compiled = sorted(Path(c[c.index("-c") + 1]).name for c in calls)
+    assert compiled == sorted(p.name for p in cuda_ext.source_dir().glob("*.cu"))
+    for c in calls:
+        assert [a for a in c if "arch" in a or a.startswith("-gencode")] == ["-gencode=arch=compute_90a,code=sm_90a"]
+        assert "-v" in c and c[c.index("-v") - 1] == "-Xptxas"
+        assert set(cpp_extension.COMMON_NVCC_FLAGS) <= set(c) and set(cuda_ext.NVCC_FLAGS) <= set(c)
+    assert "binding.cpp: ok" in out and "symbols: ok" in out
+
+
+@pytest.mark.parametrize("broken", [*(f for f in cuda_ext.SOURCES), "symbols"])
+def test_compile_check_fails_when_any_part_fails(broken, tmp_path, monkeypatch, capsys):
+    """A source nvcc rejects, a binding the host compiler rejects, or a symbol defined nowhere: exit 1, the
+    part named FAILED, and the compiler's error shown; the other parts still report ok."""
+    rc, out, _ = _run_cuda_check(tmp_path, monkeypatch, capsys, failing=(broken,),
+                                 binding_rc=int(broken == "binding.cpp"),
+                                 missing=("mmfast::norm_fwd(int)",) if broken == "symbols" else ())
+    assert rc == 1, out
+    assert f"{broken}: FAILED" in out
+    if broken.endswith(".cu"):
+        assert 'identifier "oops" is undefined' in out
+    for other in cuda_ext.SOURCES:
+        if other != broken:
+            assert f"{other}: ok" in out
+    if broken == "symbols":
+        assert "mmfast::norm_fwd(int)" in out
+
+
+def test_compile_check_reports_spills(tmp_path, monkeypatch, capsys):
+    """ptxas' report as CUDA 13 prints it: a kernel that only stores to spill (24 B) and one that only loads
+    are listed as spilling, the family's worst register count is the one reported; exit 0, but 1 with
+    --no-spills; without spills --no-spills passes."""
+    logs = {"norm_fwd.cu": "ptxas info    : 0 bytes gmem\n" + _ptxas_entry("_Z8kernel_aPf", 64, 24, 24, 0)
+            + _ptxas_entry("_Z8kernel_aPi", 96),
+            "norm_bwd.cu": _ptxas_entry("_Z8kernel_bPf", 40, 8, 0, 8) + _ptxas_entry("_Z8kernel_cPf", 30)}
+    rc, out, _ = _run_cuda_check(tmp_path, monkeypatch, capsys, logs=logs)
+    assert rc == 0, out
+    spills = [line for line in out.splitlines() if line.startswith("SPILLS:")]
+    assert len(spills) == 2 and "2 of 4 kernels spill" in out, out
+    assert "kernel_a" in spills[0] and "stores 24 B, loads 0 B" in spills[0]
+    assert "kernel_b" in spills[1] and "stores 0 B, loads 8 B" in spills[1]
+    (family_a,) = [line.split() for line in out.splitlines() if line.split()[:1] == ["kernel_a"]]
+    assert family_a[1:4] == ["max", "regs", "96"], out
+    assert _run_cuda_check(tmp_path, monkeypatch, capsys, ["--no-spills"], logs=logs)[0] == 1
+    no_spills = {"norm_fwd.cu": _ptxas_entry("_Z8kernel_aPi", 96)}
+    assert _run_cuda_check(tmp_path, monkeypatch, capsys, ["--no-spills"], logs=no_spills)[0] == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # loading and falling back
 # ---------------------------------------------------------------------------------------------

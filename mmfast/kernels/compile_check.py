@@ -97,6 +97,39 @@ def _norm_variants():
                             # the other loop shapes benchmarks/tune_norm.py can enter in K.TUNED
                             for prefetch, keep_w in ((True, True), (True, False), (False, False)):
                                 yield K._norm_bwd_kernel, {**args, "PREFETCH": prefetch, "KEEP_W": keep_w}, cfg.num_warps
+    # a norm without a weight (or a bias), and frozen affine parameters: the flags' other branches
+    for rms in (True, False):
+        for N in (4096, 20000):
+            cfg = K.fwd_launch(32768, N)
+            for has_w, has_b in ((False, False), (False, True)) if not rms else ((False, False),):
+                args = dict(X=Ptr(bf16), stride_x=N, R=None, stride_r=N, W=Ptr(f32) if has_w else None,
+                            B=Ptr(f32) if has_b else None, Y=Ptr(bf16), RES_OUT=None, MEAN=None if rms else Ptr(f32),
+                            RSTD=Ptr(f32), M=32768, N=N, eps=1e-6, IS_RMS=rms, HAS_W=has_w, HAS_B=has_b,
+                            HAS_RES=False, BLOCK_N=cfg.block_n, SOFT_RNE=False)
+                if cfg.wide:
+                    yield K._norm_fwd_wide_kernel, args, cfg.num_warps
+                else:
+                    yield K._norm_fwd_kernel, {**args, "BLOCK_M": cfg.block_m}, cfg.num_warps
+            cfg = K.bwd_launch(32768, N, torch.device("cpu"))
+            grads = [(False, False, False), (True, False, False)]  # (HAS_W, NEED_DW, NEED_DB)
+            if not rms:
+                grads += [(False, False, True), (True, False, True), (True, True, False)]
+            for has_w, need_dw, need_db in grads:
+                stats = dict(MEAN=None if rms else Ptr(f32), RSTD=Ptr(f32))
+                args = dict(DY=Ptr(bf16), stride_dy=N, X=Ptr(bf16), stride_x=N, W=Ptr(f32) if has_w else None, **stats,
+                            DRES=None, stride_dres=N, DX=Ptr(bf16), DW_PART=Ptr(f32) if need_dw else None,
+                            DB_PART=Ptr(f32) if need_db else None, M=32768, N=N, IS_RMS=rms, HAS_W=has_w,
+                            HAS_DRES=False, NEED_DX=True, NEED_DW=need_dw, NEED_DB=need_db, BLOCK_N=cfg.block_n,
+                            SOFT_RNE=False)
+                if cfg.wide:
+                    if not need_dw and not need_db:  # (one row-dot kernel per weight flag)
+                        yield K._norm_bwd_rowdot_kernel, dict(
+                            DY=Ptr(bf16), stride_dy=N, X=Ptr(bf16), stride_x=N, W=Ptr(f32) if has_w else None,
+                            **stats, C=Ptr(f32), N=N, IS_RMS=rms, HAS_W=has_w, BLOCK_N=cfg.block_n), cfg.num_warps
+                    yield K._norm_bwd_wide_kernel, {**args, "C": Ptr(f32)}, cfg.num_warps
+                else:
+                    args = {**args, "BLOCK_M": cfg.block_m, "PREFETCH": cfg.prefetch, "KEEP_W": cfg.keep_w}
+                    yield K._norm_bwd_kernel, args, cfg.num_warps
 
 
 def _common_variants():
@@ -148,10 +181,15 @@ def _adapter_variants():
                 DY=Ptr(dt), stride_dy=D, Z=Ptr(f32), WP=Ptr(dt), MIX=Ptr(f32), SEED=seed,
                 DZ=Ptr(f32), DMIX=Ptr(f32), SPLIT_W=split, **shared, **tiles), o
             tiles, o = opts("cols", 1)
-            yield K._mma_bwd_cols_kernel, dict(
-                X=Ptr(dt), stride_x=D, DY=Ptr(dt), stride_dy=D, Z=Ptr(f32), DZ=Ptr(f32), A=Ptr(wdt),
-                MIX=Ptr(f32), SEED=seed, DX=Ptr(dt), DA_PART=Ptr(f32), DU_PART=Ptr(f32),
-                DC_PART=Ptr(f32), NEED_DX=True, NEED_DW=True, SOFT_RNE=False, **shared, **tiles), o
+            # (frozen adapters, or an input that needs no gradient: one of the two, once)
+            needs = ((True, True), (True, False), (False, True)) if (D, R, drop, wdt) == (4096, 8, False, f32) \
+                else ((True, True),)
+            for need_dx, need_dw in needs:
+                part = Ptr(f32) if need_dw else None
+                yield K._mma_bwd_cols_kernel, dict(
+                    X=Ptr(dt), stride_x=D, DY=Ptr(dt), stride_dy=D, Z=Ptr(f32), DZ=Ptr(f32), A=Ptr(wdt),
+                    MIX=Ptr(f32), SEED=seed, DX=Ptr(dt) if need_dx else None, DA_PART=part, DU_PART=part,
+                    DC_PART=part, NEED_DX=need_dx, NEED_DW=need_dw, SOFT_RNE=False, **shared, **tiles), o
     yield K._keep_mask_kernel, dict(SEED=Ptr(i64), OUT=Ptr(torch.int8), M=32768, p_drop=0.1, R=8,
                                     RP=K.hidden_pad(8), BLOCK_M=64), 4
 
@@ -213,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90)")
     p.add_argument("--no-spills", action="store_true", help="fail when any kernel uses local memory (spills)")
     args = p.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    from ._device import interpreting
+
+    if interpreting.__wrapped__():  # (the variable now, by Triton's rule: its compiler is what runs here)
         print("compile_check: unset TRITON_INTERPRET (it needs the compiler, not the interpreter)", file=sys.stderr)
         return 2
     import triton
