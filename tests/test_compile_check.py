@@ -74,7 +74,8 @@ for scenario in json.loads(sys.argv[1]):
 
     def compile(src, target=None, options=None):
         name = src.fn.__name__
-        calls.append([name, target.backend, target.arch, target.warp_size, options["num_warps"]])
+        calls.append([name, target.backend, target.arch, target.warp_size, options["num_warps"],
+                      options.get("enable_fp_fusion")])
         if name == scenario.get("fail"):
             raise RuntimeError("at 12:8:\nunsupported layout conversion")
         shared = scenario.get("smem", 0) if name == "_swiglu_fwd_kernel" else 0
@@ -115,6 +116,7 @@ def test_compile_check_main_with_a_stand_in_compiler():
     assert plain["rc"] == 0, plain["out"]
     assert {tuple(c[1:4]) for c in plain["calls"]} == {("cuda", 90, 32)}
     assert [c[4] for c in plain["calls"]] == plain["expected_warps"]
+    assert {c[5] for c in plain["calls"]} == {True}  # (as the launchers ask)
     assert "SPILLS" not in plain["out"] and "FAILED" not in plain["out"]
     assert failed["rc"] == 1 and "FAILED: _keep_mask_kernel(" in failed["out"]
     assert "unsupported layout conversion" in failed["out"]

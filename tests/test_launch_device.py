@@ -73,3 +73,55 @@ def test_a_norm_on_the_second_gpu_while_the_first_is_current():
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_every_launch_asks_for_fused_multiply_adds(monkeypatch):
+    """Each Triton kernel is launched with enable_fp_fusion=True: the contraction every measurement and the
+    bitwise tests assume, not Triton's default (Triton 3.9 warns at each launch that leaves it to the default,
+    and 3.10 turns it off). Every kernel of the launchers' modules is launched here at least once."""
+    from mmfast.kernels import _common
+
+    launches: dict[str, list] = {}
+
+    class Recording:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            launch = self.kernel[grid]
+
+            def run(*args, **kwargs):
+                launches.setdefault(self.name, []).append(kwargs.get("enable_fp_fusion"))
+                return launch(*args, **kwargs)
+
+            return run
+
+    kernels = set()
+    for module in (norm, _common, adapter, swiglu, quick_gelu):
+        for name, obj in list(vars(module).items()):
+            if name.endswith("_kernel") and hasattr(obj, "__getitem__"):
+                monkeypatch.setattr(module, name, Recording(name, obj))
+                kernels.add(name)
+    monkeypatch.setattr(norm, "MAX_FUSED_N_FWD", 64)  # (rows of 100 take the two-pass kernels)
+    monkeypatch.setattr(norm, "MAX_FUSED_N_BWD", 64)
+    g = torch.Generator().manual_seed(0)
+    for N in (48, 100):
+        x, dy = (torch.randn(3, N, generator=g) for _ in range(2))
+        w, b = torch.randn(N, generator=g), torch.randn(N, generator=g)
+        for rms in (True, False):
+            y, _, mean, rstd = norm.norm_fwd(x, w, None if rms else b, None, 1e-6, rms)
+            norm.norm_bwd(dy, x, w, mean, rstd, None, rms, True, True, not rms)
+    B, S, D, R, G, E = 2, 3, 32, 8, 2, 2
+    x2, dy2 = (torch.randn(B * S, D, generator=g) for _ in range(2))
+    down_w, down_b = torch.randn(R, D, generator=g) / 8, torch.randn(R, generator=g)
+    up_w, up_b = torch.randn(E, D, R // G, generator=g), torch.randn(E, D, generator=g)
+    mix = torch.softmax(torch.randn(B, E, generator=g), -1)
+    seed = torch.tensor([7])
+    adapter.keep_mask(seed, B * S, R, 0.25)
+    y, z = adapter.adapter_fwd(x2, S, down_w, down_b, up_w, up_b, mix, 1.0, G, 0.25, seed)
+    adapter.adapter_bwd(dy2, x2, z, S, down_w, up_w, up_b, mix, 1.0, G, 0.25, seed, True, True, True)
+    gate, up = (torch.randn(4, 40, generator=g) for _ in range(2))
+    swiglu.swiglu_bwd(swiglu.swiglu_fwd(gate, up), gate, up)
+    quick_gelu.quick_gelu_bwd(quick_gelu.quick_gelu_fwd(gate), gate)
+    assert set(launches) == kernels, kernels - set(launches)
+    assert {name: set(calls) for name, calls in launches.items()} == {name: {True} for name in kernels}

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import cdiv, interpreting, next_pow2, sm_count
+from ._device import COMPILE_OPTIONS, cdiv, interpreting, next_pow2, sm_count
 
 
 @triton.jit
@@ -75,7 +75,7 @@ def sum_partials(part: torch.Tensor, out: torch.Tensor, chunk: int | None = None
     block_n = sum_block_n(N)
     if chunk is None:
         chunk = sum_chunk_rows(P, N, sm_count(part.device))
-    common = dict(BLOCK_P=SUM_BLOCK_P, BLOCK_N=block_n, SOFT_RNE=interpreting(), num_warps=4)
+    common = dict(BLOCK_P=SUM_BLOCK_P, BLOCK_N=block_n, SOFT_RNE=interpreting(), num_warps=4, **COMPILE_OPTIONS)
     step = 1
     if 0 < chunk < P:  # the chunks' sums, in place, at the first row of each: then a pass over those rows
         chunks = cdiv(P, chunk)

@@ -16,6 +16,10 @@ import torch
 # Virtual multiprocessor count used under the Triton interpreter.
 INTERPRETER_SM_COUNT = 2
 
+#: Every launch's compile options beyond the launcher's own: fused multiply-adds on, as Triton's default was
+#: for every GPU run so far; Triton 3.9 warns at a launch that leaves it to the default, which 3.10 turns off.
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
 
 @functools.lru_cache(maxsize=None)
 def interpreting() -> bool:

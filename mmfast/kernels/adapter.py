@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from ._common import round_to, sum_partials
-from ._device import cdiv, interpreting, next_pow2, on_tensor_device, sm_count
+from ._device import COMPILE_OPTIONS, cdiv, interpreting, next_pow2, on_tensor_device, sm_count
 
 # ---------------------------------------------------------------------------------------------
 # launch configuration
@@ -344,7 +344,8 @@ def keep_mask(seed: torch.Tensor, M: int, R: int, p_drop: float) -> torch.Tensor
     """Boolean [M, R]: which hidden activations the adapter kernels keep for ``seed``."""
     out = torch.empty((M, R), dtype=torch.int8, device=seed.device)
     if M:
-        _keep_mask_kernel[(cdiv(M, 64),)](seed, out, M, float(p_drop), R=R, RP=hidden_pad(R), BLOCK_M=64)
+        _keep_mask_kernel[(cdiv(M, 64),)](seed, out, M, float(p_drop), R=R, RP=hidden_pad(R), BLOCK_M=64,
+                                            **COMPILE_OPTIONS)
     return out.bool()
 
 
@@ -413,7 +414,7 @@ def pack_w(x2, up_w, up_b, groups) -> PackedW:
     block_d = 64 if pw.EK <= 64 else 16
     _pack_w_kernel[(cdiv(D, block_d),)](
         up_w, up_b, wp, D, D // groups, R=R, RG=RG, E=E, EP=pw.EP, RX=pw.RX, SPLIT_W=pw.split, BLOCK_D=block_d,
-        num_warps=4)
+        num_warps=4, **COMPILE_OPTIONS)
     return pw._replace(wp=wp)
 
 
@@ -435,6 +436,7 @@ def adapter_fwd(x2, S, down_w, down_b, up_w, up_b, mix, scale, groups, p_drop, s
         R=R, RX=pw.RX, RG=RG, E=E, EP=pw.EP, HAS_DROPOUT=p_drop > 0,
         SPLIT_W=pw.split, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,
         PRECISION=_dot_precision(x2.dtype), SOFT_RNE=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **COMPILE_OPTIONS,
     )
     return y, z
 
@@ -457,7 +459,8 @@ def adapter_bwd(dy2, x2, z, S, down_w, up_w, up_b, mix, scale, groups, p_drop, s
     _check_fits(x2, up_w, up_b, groups, [("rows", None)] + ([("cols", 1)] if need_dx or need_dw else []))
     z, down_w, up_w, up_b = (t.contiguous() for t in (z, down_w, up_w, up_b))  # read densely
     pw = pack_w(x2, up_w, up_b, groups)
-    common = dict(R=R, RX=pw.RX, RG=RG, E=E, EP=pw.EP, HAS_DROPOUT=p_drop > 0, PRECISION=_dot_precision(x2.dtype))
+    common = dict(R=R, RX=pw.RX, RG=RG, E=E, EP=pw.EP, HAS_DROPOUT=p_drop > 0, PRECISION=_dot_precision(x2.dtype),
+                  **COMPILE_OPTIONS)
     dz = torch.empty((M, R), dtype=torch.float32, device=dev)
     dmix_rows = torch.empty((M, E), dtype=torch.float32, device=dev)
     cfg = pw.launch(x2, "rows")

@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90)")
     p.add_argument("--no-spills", action="store_true", help="fail when any kernel uses local memory (spills)")
     args = p.parse_args(argv)
-    from ._device import interpreting
+    from ._device import COMPILE_OPTIONS, interpreting
 
     if interpreting.__wrapped__():  # (the variable now, by Triton's rule: its compiler is what runs here)
         print("compile_check: unset TRITON_INTERPRET (it needs the compiler, not the interpreter)", file=sys.stderr)
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     failures, spills, rows = [], [], []
     start = time.time()
     for fn, kargs, options in variants():
-        options = options if isinstance(options, dict) else {"num_warps": options}
+        options = {**COMPILE_OPTIONS, **(options if isinstance(options, dict) else {"num_warps": options})}
         warps = options["num_warps"]
         sig, consts = _signature(fn, kargs)
         label = fn.__name__ + "(" + ", ".join(f"{k}={v}" for k, v in consts.items() if v is not None) + f", warps={warps})"

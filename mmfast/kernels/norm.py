@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ._common import round_to as _round
 from ._common import sum_partials as _sum_partials
-from ._device import cdiv, interpreting, next_pow2, on_tensor_device, sm_count
+from ._device import COMPILE_OPTIONS, cdiv, interpreting, next_pow2, on_tensor_device, sm_count
 
 # ---------------------------------------------------------------------------------------------
 # launch configuration (the one place for block sizes, warps and grid sizes)
@@ -458,7 +458,7 @@ def norm_fwd(
     )
     flags = dict(
         IS_RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None,
-        BLOCK_N=cfg.block_n, SOFT_RNE=interpreting(), num_warps=cfg.num_warps,
+        BLOCK_N=cfg.block_n, SOFT_RNE=interpreting(), num_warps=cfg.num_warps, **COMPILE_OPTIONS,
     )
     if cfg.wide:
         _norm_fwd_wide_kernel[(cfg.programs,)](*args, **flags)
@@ -512,7 +512,7 @@ def norm_bwd(
     flags = dict(
         IS_RMS=rms, HAS_W=weight is not None, HAS_DRES=has_dres,
         NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
-        BLOCK_N=cfg.block_n, SOFT_RNE=interpreting(), num_warps=cfg.num_warps,
+        BLOCK_N=cfg.block_n, SOFT_RNE=interpreting(), num_warps=cfg.num_warps, **COMPILE_OPTIONS,
     )
     if cfg.wide:
         c = None
@@ -520,7 +520,7 @@ def norm_bwd(
             c = torch.empty((M, 2), dtype=torch.float32, device=dev)
             _norm_bwd_rowdot_kernel[(M,)](
                 dy, dy.stride(0), x, x.stride(0), weight, mean, rstd, c, N,
-                IS_RMS=rms, HAS_W=weight is not None, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+                IS_RMS=rms, HAS_W=weight is not None, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, **COMPILE_OPTIONS,
             )
         _norm_bwd_wide_kernel[(P,)](
             dy, dy.stride(0), x, x.stride(0), weight, mean, rstd, c, dres, _row_stride(dres),

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._common import round_to as _round
-from ._device import cdiv, interpreting, next_pow2, on_tensor_device
+from ._device import COMPILE_OPTIONS, cdiv, interpreting, next_pow2, on_tensor_device
 
 #: Largest column block one program covers.
 MAX_BLOCK = 2048
@@ -103,7 +103,7 @@ def run_rows(kernel, inputs: tuple[torch.Tensor, ...], out_dtypes: tuple[torch.d
             views = tensors if width == n else tuple(t[:, c0:c0 + width] for t in tensors)
             kernel[(cdiv(M, rows), cdiv(width, block))](*views, M, width, *(t.stride(0) for t in views), ROWS=rows,
                                                         BLOCK=block, SOFT_RNE=interpreting(), num_warps=warps,
-                                                        **constexprs)
+                                                        **COMPILE_OPTIONS, **constexprs)
     return outs
 
 
