@@ -28,8 +28,10 @@ from tiny_models import first_output
 
 
 def _rms_norm_in_float64(self, x):
-    """LLaMA's RMSNorm, w * x * rsqrt(mean(x^2) + eps), in the input's dtype."""
-    return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+    """LLaMA's RMSNorm, w * x * rsqrt(mean(x^2) + eps), in the input's dtype (Llama 4's names its epsilon
+    ``eps`` in some transformers versions)."""
+    eps = getattr(self, "variance_epsilon", None)
+    return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + (self.eps if eps is None else eps)))
 
 
 def _llama_rms_norm_forwards() -> list:
