@@ -47,6 +47,12 @@ def _plainly_routed(kind="llava"):
     return model.eval()
 
 
+def _cache_kw(model) -> str:
+    """The name of the KV cache argument of ``model``'s forward: ``cache`` from transformers 5.24,
+    ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
 def _assert_same_generation(got, want):
     """Two ``generate(..., return_dict_in_generate=True, output_logits=True)`` results: same tokens, and
     logits within fp32 noise."""
@@ -1208,7 +1214,6 @@ def test_image_after_a_cached_text_prefix_routes_as_image(monkeypatch):
     """A forward on a KV cache whose prefix had no image, bringing image tokens: those samples route as
     image samples from then on (as if ``mma_has_image`` said so), with a warning that the cached prefix
     keeps its text routing. Before, the decode path kept the prefix's flags and routed the image as text."""
-    import inspect
     import warnings
 
     from transformers import DynamicCache
@@ -1219,7 +1224,7 @@ def test_image_after_a_cached_text_prefix_routes_as_image(monkeypatch):
     model.eval()
     inputs = batch("llava", B=2, images=[True, False])
     ids, pix = inputs["input_ids"], inputs["pixel_values"]
-    cache_kw = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    cache_kw = _cache_kw(model)
     state = model.__dict__["_mmfast_mma_state"]
 
     def rest(**flags):
@@ -1260,8 +1265,6 @@ def test_interleaved_generations_keep_their_own_routing(compiled):
     a prompt cache continued later: each decode step routes by the flags of the prefill that filled its
     cache, also in a compiled model. Before, the latest prefill's flags went to every cache of the same
     batch size, so the first generation's image sample decoded as text."""
-    import inspect
-
     from transformers import DynamicCache
 
     model = _mma()
@@ -1269,7 +1272,7 @@ def test_interleaved_generations_keep_their_own_routing(compiled):
     model.eval()
     run = torch.compile(model, backend="eager") if compiled else model
     a, b = batch("llava", B=2, images=[True, False]), batch("llava", B=2, images=[False, True])
-    cache_kw = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    cache_kw = _cache_kw(model)
     step = torch.randint(0, 8, (2, 1))
 
     def prefill(inputs):
@@ -1307,7 +1310,7 @@ def test_the_cache_row_operations_carry_its_routing(op):
     _perturb_adapters(model)
     model.eval()
     inputs = batch("llava", B=2, images=[True, False])
-    cache_kw = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    cache_kw = _cache_kw(model)
 
     def step(cache, samples):
         """A decode step on ``cache`` whose rows hold ``samples`` (0: the image one): as the explicit flags
@@ -1433,7 +1436,7 @@ def test_a_cache_the_model_made_keeps_its_routing(return_dict):
     model = _mma()
     _perturb_adapters(model)
     model.eval()
-    cache_kw = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    cache_kw = _cache_kw(model)
     images = batch("llava", B=2, images=[True, True])
     text = batch("llava", seed=3, B=2, images=[False, False])["input_ids"]
     ids, pix = images["input_ids"], images["pixel_values"]
@@ -2311,8 +2314,7 @@ def test_a_static_cache_decode_step_compiles_whole():
     ids = inputs["input_ids"]
     S = ids.shape[1]
 
-    # ``cache`` from transformers 5.24 (``past_key_values`` before)
-    cache_kw = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    cache_kw = _cache_kw(model)
 
     def decode_step(step, **step_flags):  # an eager prefill with flags, then a step (without them)
         cache = StaticCache(config=model.config, max_cache_len=S + 1)
@@ -2649,7 +2651,7 @@ def test_generate_chunked_prefill_on_a_given_cache_routes_as_one_pass(case):
     pix = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
     prompt = torch.tensor([[5, 6] + [IMAGE_TOKEN] * IMAGE_TOKENS + [8, 9], [30, 31, 32, 33, 34, 35, 36, 37]])
     cache = DynamicCache(config=model.config.get_text_config())
-    cache_kw = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    cache_kw = _cache_kw(model)
     with torch.no_grad():
         if case == "reset":
             model.generate(input_ids=prompt, pixel_values=pix, max_new_tokens=2, do_sample=False, pad_token_id=0,

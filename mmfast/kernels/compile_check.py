@@ -58,6 +58,38 @@ def _signature(fn, args: dict) -> tuple[dict, dict]:
     return sig, consts
 
 
+def _norm_fwd(K, rms, dt, wdt, N, res=False, has_w=True, has_b=None):
+    """The forward kernel the launcher picks for width N: (kernel, args, warps)."""
+    f32, has_b = torch.float32, (not rms) if has_b is None else has_b
+    cfg = K.fwd_launch(32768, N)
+    args = dict(X=Ptr(dt), stride_x=N, R=Ptr(dt) if res else None, stride_r=N, W=Ptr(wdt) if has_w else None,
+                B=Ptr(wdt) if has_b else None, Y=Ptr(dt), RES_OUT=Ptr(dt) if res else None,
+                MEAN=None if rms else Ptr(f32), RSTD=Ptr(f32), M=32768, N=N, eps=1e-6, IS_RMS=rms, HAS_W=has_w,
+                HAS_B=has_b, HAS_RES=res, BLOCK_N=cfg.block_n, SOFT_RNE=False)
+    if cfg.wide:
+        return K._norm_fwd_wide_kernel, args, cfg.num_warps
+    return K._norm_fwd_kernel, {**args, "BLOCK_M": cfg.block_m}, cfg.num_warps
+
+
+def _norm_bwd(K, rms, dt, wdt, N, need_dx=True, dres=False, has_w=True, need_dw=True, need_db=None, rowdot=True):
+    """The backward kernels the launcher picks for width N (the row-dot kernel first on wide rows, where
+    ``rowdot``): [(kernel, args, warps)]."""
+    f32, need_db = torch.float32, (not rms) if need_db is None else need_db
+    cfg = K.bwd_launch(32768, N, torch.device("cpu"))
+    common = dict(DY=Ptr(dt), stride_dy=N, X=Ptr(dt), stride_x=N, W=Ptr(wdt) if has_w else None,
+                  MEAN=None if rms else Ptr(f32), RSTD=Ptr(f32))
+    args = dict(common, DRES=Ptr(dt) if dres else None, stride_dres=N, DX=Ptr(dt) if need_dx else None,
+                DW_PART=Ptr(f32) if need_dw else None, DB_PART=Ptr(f32) if need_db else None, M=32768, N=N,
+                IS_RMS=rms, HAS_W=has_w, HAS_DRES=dres, NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
+                BLOCK_N=cfg.block_n, SOFT_RNE=False)
+    if not cfg.wide:
+        args = {**args, "BLOCK_M": cfg.block_m, "PREFETCH": cfg.prefetch, "KEEP_W": cfg.keep_w}
+        return [(K._norm_bwd_kernel, args, cfg.num_warps)]
+    dot = [(K._norm_bwd_rowdot_kernel, dict(common, C=Ptr(f32), N=N, IS_RMS=rms, HAS_W=has_w, BLOCK_N=cfg.block_n),
+            cfg.num_warps)] if rowdot else []
+    return dot + [(K._norm_bwd_wide_kernel, {**args, "C": Ptr(f32)}, cfg.num_warps)]
+
+
 def _norm_variants():
     from . import norm as K
 
@@ -66,70 +98,26 @@ def _norm_variants():
         for dt, wdt in ((bf16, f32), (bf16, bf16), (f32, f32)):
             for N in (768, 4096, 8192, 20000):
                 for res in (False, True):
-                    cfg = K.fwd_launch(32768, N)
-                    args = dict(X=Ptr(dt), stride_x=N, R=Ptr(dt) if res else None, stride_r=N, W=Ptr(wdt),
-                                B=None if rms else Ptr(wdt), Y=Ptr(dt), RES_OUT=Ptr(dt) if res else None,
-                                MEAN=None if rms else Ptr(f32), RSTD=Ptr(f32), M=32768, N=N, eps=1e-6,
-                                IS_RMS=rms, HAS_W=True, HAS_B=not rms, HAS_RES=res, BLOCK_N=cfg.block_n,
-                                SOFT_RNE=False)
-                    if cfg.wide:
-                        yield K._norm_fwd_wide_kernel, args, cfg.num_warps
-                    else:
-                        yield K._norm_fwd_kernel, {**args, "BLOCK_M": cfg.block_m}, cfg.num_warps
+                    yield _norm_fwd(K, rms, dt, wdt, N, res)
                 for need_dx, dres in ((True, False), (True, True), (False, False)):
-                    cfg = K.bwd_launch(32768, N, torch.device("cpu"))
-                    args = dict(DY=Ptr(dt), stride_dy=N, X=Ptr(dt), stride_x=N, W=Ptr(wdt),
-                                MEAN=None if rms else Ptr(f32), RSTD=Ptr(f32), DRES=Ptr(dt) if dres else None,
-                                stride_dres=N, DX=Ptr(dt) if need_dx else None, DW_PART=Ptr(f32),
-                                DB_PART=None if rms else Ptr(f32), M=32768, N=N, IS_RMS=rms, HAS_W=True,
-                                HAS_DRES=dres, NEED_DX=need_dx, NEED_DW=True, NEED_DB=not rms,
-                                BLOCK_N=cfg.block_n, SOFT_RNE=False)
-                    if cfg.wide:
-                        yield K._norm_bwd_rowdot_kernel, dict(
-                            DY=Ptr(dt), stride_dy=N, X=Ptr(dt), stride_x=N, W=Ptr(wdt),
-                            MEAN=None if rms else Ptr(f32), RSTD=Ptr(f32), C=Ptr(f32), N=N, IS_RMS=rms,
-                            HAS_W=True, BLOCK_N=cfg.block_n), cfg.num_warps
-                        yield K._norm_bwd_wide_kernel, {**args, "C": Ptr(f32)}, cfg.num_warps
-                    else:
-                        args = {**args, "BLOCK_M": cfg.block_m, "PREFETCH": cfg.prefetch, "KEEP_W": cfg.keep_w}
-                        yield K._norm_bwd_kernel, args, cfg.num_warps
-                        if (dt, wdt) == (bf16, f32) and need_dx and not dres:
-                            # the other loop shapes benchmarks/tune_norm.py can enter in K.TUNED
-                            for prefetch, keep_w in ((True, True), (True, False), (False, False)):
-                                yield K._norm_bwd_kernel, {**args, "PREFETCH": prefetch, "KEEP_W": keep_w}, cfg.num_warps
+                    variants = _norm_bwd(K, rms, dt, wdt, N, need_dx, dres)
+                    yield from variants
+                    fn, args, warps = variants[-1]
+                    if fn is K._norm_bwd_kernel and (dt, wdt) == (bf16, f32) and need_dx and not dres:
+                        # the other loop shapes benchmarks/tune_norm.py can enter in K.TUNED
+                        for prefetch, keep_w in ((True, True), (True, False), (False, False)):
+                            yield fn, {**args, "PREFETCH": prefetch, "KEEP_W": keep_w}, warps
     # a norm without a weight (or a bias), and frozen affine parameters: the flags' other branches
     for rms in (True, False):
         for N in (4096, 20000):
-            cfg = K.fwd_launch(32768, N)
-            for has_w, has_b in ((False, False), (False, True)) if not rms else ((False, False),):
-                args = dict(X=Ptr(bf16), stride_x=N, R=None, stride_r=N, W=Ptr(f32) if has_w else None,
-                            B=Ptr(f32) if has_b else None, Y=Ptr(bf16), RES_OUT=None, MEAN=None if rms else Ptr(f32),
-                            RSTD=Ptr(f32), M=32768, N=N, eps=1e-6, IS_RMS=rms, HAS_W=has_w, HAS_B=has_b,
-                            HAS_RES=False, BLOCK_N=cfg.block_n, SOFT_RNE=False)
-                if cfg.wide:
-                    yield K._norm_fwd_wide_kernel, args, cfg.num_warps
-                else:
-                    yield K._norm_fwd_kernel, {**args, "BLOCK_M": cfg.block_m}, cfg.num_warps
-            cfg = K.bwd_launch(32768, N, torch.device("cpu"))
+            for has_b in (False, True) if not rms else (False,):
+                yield _norm_fwd(K, rms, bf16, f32, N, has_w=False, has_b=has_b)
             grads = [(False, False, False), (True, False, False)]  # (HAS_W, NEED_DW, NEED_DB)
             if not rms:
                 grads += [(False, False, True), (True, False, True), (True, True, False)]
-            for has_w, need_dw, need_db in grads:
-                stats = dict(MEAN=None if rms else Ptr(f32), RSTD=Ptr(f32))
-                args = dict(DY=Ptr(bf16), stride_dy=N, X=Ptr(bf16), stride_x=N, W=Ptr(f32) if has_w else None, **stats,
-                            DRES=None, stride_dres=N, DX=Ptr(bf16), DW_PART=Ptr(f32) if need_dw else None,
-                            DB_PART=Ptr(f32) if need_db else None, M=32768, N=N, IS_RMS=rms, HAS_W=has_w,
-                            HAS_DRES=False, NEED_DX=True, NEED_DW=need_dw, NEED_DB=need_db, BLOCK_N=cfg.block_n,
-                            SOFT_RNE=False)
-                if cfg.wide:
-                    if not need_dw and not need_db:  # (one row-dot kernel per weight flag)
-                        yield K._norm_bwd_rowdot_kernel, dict(
-                            DY=Ptr(bf16), stride_dy=N, X=Ptr(bf16), stride_x=N, W=Ptr(f32) if has_w else None,
-                            **stats, C=Ptr(f32), N=N, IS_RMS=rms, HAS_W=has_w, BLOCK_N=cfg.block_n), cfg.num_warps
-                    yield K._norm_bwd_wide_kernel, {**args, "C": Ptr(f32)}, cfg.num_warps
-                else:
-                    args = {**args, "BLOCK_M": cfg.block_m, "PREFETCH": cfg.prefetch, "KEEP_W": cfg.keep_w}
-                    yield K._norm_bwd_kernel, args, cfg.num_warps
+            for has_w, need_dw, need_db in grads:  # (one row-dot kernel per weight flag)
+                yield from _norm_bwd(K, rms, bf16, f32, N, has_w=has_w, need_dw=need_dw, need_db=need_db,
+                                     rowdot=not need_dw and not need_db)
 
 
 def _common_variants():
