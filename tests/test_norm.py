@@ -82,12 +82,14 @@ def test_persistent_rows(kind, M, N, device, seed):
 TUNES = [(1, 4, 1, True, True), (1, 4, 2, True, False), (2, 4, 1, False, False), (4, 8, 3, True, True)]
 
 
+@pytest.mark.parametrize("norm_backend", ["auto"], indirect=True)  # TUNED holds the Triton kernels' launches only
 @pytest.mark.parametrize("tune", TUNES, ids=str)
 @pytest.mark.parametrize("kind", KINDS)
 def test_tuned_launches(kind, tune, device, seed, monkeypatch):
     """Every launch choice the GPU tuner can enter in ``TUNED`` is accurate, forward and backward, with M
     not a multiple of the tile or the grid, so the prefetch of a missing tile is masked off (and a
-    program whose first tile is missing, with per SM > 1, writes zero partials)."""
+    program whose first tile is missing, with per SM > 1, writes zero partials). The Triton backend's: the
+    CUDA C++ backward's own launch choice (its stages) is test_cuda_staged.py's."""
     from mmfast.kernels import norm as K
 
     N, M = 768, 37
