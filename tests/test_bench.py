@@ -1750,3 +1750,32 @@ def test_gpu_defaults_time_full_size_runs(monkeypatch, tmp_path):
     (case,) = seen["cases"]
     assert seen["steps"] == 10 and seen["copy_bytes"] >= 1 << 30
     assert (case.llm_layers, case.batch) == (8, model_bench.LLAVA_BATCH) and case.hidden == 4096
+
+
+def test_isolated_cases_take_an_index_less_cuda_device(monkeypatch):
+    """time_cases_isolated(..., torch.device("cuda")) (the GPU graph test's call): the child sets the
+    current device only for an indexed device (torch.cuda.set_device refuses plain "cuda", so every record
+    was an error), and the parent hands its own current device over. CUDA stood in for: no GPU here."""
+    from mmfast.bench import runner
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(torch.device(d)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert runner._time_cases([], "torch-native", "cuda", None, {}) == [] and calls == []
+    assert runner._time_cases([], "torch-native", "cuda:1", None, {}) == [] and calls == [torch.device("cuda", 1)]
+
+    class Pool:
+        def __init__(self, *a, **k):
+            pass
+
+        def submit(self, fn, cases, provider, device, *rest):
+            seen.append(device)
+            return type("F", (), {"result": lambda self: []})()
+
+        def shutdown(self, **k):
+            pass
+
+    seen = []
+    monkeypatch.setattr(runner, "ProcessPoolExecutor", Pool)
+    runner.time_cases_isolated([], "torch-native", torch.device("cuda"), None, {})
+    assert seen == ["cuda:1"]

@@ -220,7 +220,9 @@ def time_case(case, provider: str, device: torch.device, copy: float | None, env
 
 def _time_cases(cases: list, provider: str, device: str, copy: float | None, env: dict) -> list[dict]:
     dev = torch.device(device)
-    if dev.type == "cuda":  # a spawned process starts on cuda:0; the timers use the current device
+    # a spawned process starts on cuda:0; the timers use the current device (torch.cuda.set_device refuses
+    # an index-less device: plain "cuda" stays on the child's current device)
+    if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)
     return [r for case in cases for r in time_case(case, provider, dev, copy, env)]
 
@@ -228,6 +230,8 @@ def _time_cases(cases: list, provider: str, device: str, copy: float | None, env
 def time_cases_isolated(cases: list, provider: str, device: torch.device, copy: float | None, env: dict) -> list[dict]:
     """:func:`time_case` of ``provider`` on each of ``cases``, in a fresh (spawned) process: whatever a
     failed CUDA-graph capture leaves behind stays there. A process that dies gives error records."""
+    if device.type == "cuda" and device.index is None:  # the child's current device is cuda:0, not ours
+        device = torch.device("cuda", torch.cuda.current_device())
     try:
         pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
         try:
