@@ -1761,8 +1761,9 @@ def test_mma_model_accurate_against_float64(seed, dtype, device, monkeypatch):
     mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(dropout=0.0), verbose=False)
     _perturb_adapters(model, seed)
     ref64 = copy.deepcopy(model).double()
-    with pytest.raises(TypeError, match=r"mmfast\.disabled\(\)"):
-        ref64(**double_inputs(batch("llava", seed, images=[True, False], dtype=dtype)))
+    with pytest.raises(TypeError, match=r"mmfast\.disabled\(\)"):  # (on the model's device: a GPU run's too)
+        ref64(**double_inputs({k: v.to(device) for k, v in batch("llava", seed, images=[True, False],
+                                                                  dtype=dtype).items()}))
     calls = count_calls(monkeypatch, adapter_module, "mma_adapter")
     draws = []
     for i in range(DRAWS[dtype]):

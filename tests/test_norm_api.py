@@ -742,3 +742,27 @@ def test_frozen_parameters_get_no_gradient_work(kind, trains, path, device, monk
         assert (got.grad is None) == (want.grad is None)
         if want.grad is not None:
             torch.testing.assert_close(got.grad, want.grad)
+
+
+@pytest.mark.parametrize("P,N", [(528, 100), (300, 64), (130, 1000)])
+def test_two_pass_partial_sums(P, N, device, seed):
+    """The fixed-order sum of the backward's partial rows in two passes (chunks of rows, then the chunks'
+    sums), which the launchers take only where the device has many SMs (132: the norm backward's 528
+    partial rows at N = 4096) and never under the interpreter's 2. Asked for here with an H100's SM count:
+    the chunk need not divide P, the sum holds to the float64 one as PyTorch's fp32 sum does, and a
+    second call gives the same bits."""
+    from accuracy import assert_accurate
+    from mmfast.kernels._common import sum_chunk_rows, sum_partials
+
+    chunk = sum_chunk_rows(P, N, 132)
+    assert 0 < chunk < P
+    torch.manual_seed(seed)
+    part = torch.randn(P, N, device=device)
+    outs = []
+    for _ in range(2):
+        out = torch.empty(N, device=device)
+        sum_partials(part.clone(), out, chunk=chunk)  # (part is consumed)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    ref = part.double().sum(0)
+    assert_accurate("sum", outs[0], part.sum(0), ref, part.double().abs().sum(0).max().item(), seed, terms=P)
