@@ -75,7 +75,7 @@ def test_a_norm_on_the_second_gpu_while_the_first_is_current():
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-4)
 
 
-def test_every_launch_asks_for_fused_multiply_adds(monkeypatch):
+def test_every_launch_asks_for_fused_multiply_adds(monkeypatch, device):
     """Each Triton kernel is launched with enable_fp_fusion=True: the contraction every measurement and the
     bitwise tests assume, not Triton's default (Triton 3.9 warns at each launch that leaves it to the default,
     and 3.10 turns it off). Every kernel of the launchers' modules is launched here at least once."""
@@ -105,22 +105,26 @@ def test_every_launch_asks_for_fused_multiply_adds(monkeypatch):
     monkeypatch.setattr(norm, "MAX_FUSED_N_FWD", 64)  # (rows of 100 take the two-pass kernels)
     monkeypatch.setattr(norm, "MAX_FUSED_N_BWD", 64)
     g = torch.Generator().manual_seed(0)
+
+    def randn(*shape):  # on the device: compiled launchers take no CPU tensor (only the interpreter does)
+        return torch.randn(*shape, generator=g).to(device)
+
     for N in (48, 100):
-        x, dy = (torch.randn(3, N, generator=g) for _ in range(2))
-        w, b = torch.randn(N, generator=g), torch.randn(N, generator=g)
+        x, dy = (randn(3, N) for _ in range(2))
+        w, b = randn(N), randn(N)
         for rms in (True, False):
             y, _, mean, rstd = norm.norm_fwd(x, w, None if rms else b, None, 1e-6, rms)
             norm.norm_bwd(dy, x, w, mean, rstd, None, rms, True, True, not rms)
     B, S, D, R, G, E = 2, 3, 32, 8, 2, 2
-    x2, dy2 = (torch.randn(B * S, D, generator=g) for _ in range(2))
-    down_w, down_b = torch.randn(R, D, generator=g) / 8, torch.randn(R, generator=g)
-    up_w, up_b = torch.randn(E, D, R // G, generator=g), torch.randn(E, D, generator=g)
-    mix = torch.softmax(torch.randn(B, E, generator=g), -1)
-    seed = torch.tensor([7])
+    x2, dy2 = (randn(B * S, D) for _ in range(2))
+    down_w, down_b = randn(R, D) / 8, randn(R)
+    up_w, up_b = randn(E, D, R // G), randn(E, D)
+    mix = torch.softmax(randn(B, E), -1)
+    seed = torch.tensor([7], device=device)
     adapter.keep_mask(seed, B * S, R, 0.25)
     y, z = adapter.adapter_fwd(x2, S, down_w, down_b, up_w, up_b, mix, 1.0, G, 0.25, seed)
     adapter.adapter_bwd(dy2, x2, z, S, down_w, up_w, up_b, mix, 1.0, G, 0.25, seed, True, True, True)
-    gate, up = (torch.randn(4, 40, generator=g) for _ in range(2))
+    gate, up = (randn(4, 40) for _ in range(2))
     swiglu.swiglu_bwd(swiglu.swiglu_fwd(gate, up), gate, up)
     quick_gelu.quick_gelu_bwd(quick_gelu.quick_gelu_fwd(gate), gate)
     assert set(launches) == kernels, kernels - set(launches)

@@ -629,7 +629,7 @@ def test_outputs_are_tensors_of_their_own(op, grad):
 
 @pytest.mark.parametrize("P,N,chunk", [(1056, 1024, 32), (257, 300, 96), (100, 40, 64), (97, 33, 200), (5, 7, 2)])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-def test_partial_sums_split_over_rows(P, N, chunk, out_dtype):
+def test_partial_sums_split_over_rows(P, N, chunk, out_dtype, device):
     """The dweight / dbias partials ([P, N] fp32, P several per SM) were summed by N / 256 programs, 4 at
     N = 1024, each reading a quarter of the rows at the latency of its loads. The rows are split into chunks
     too where the columns leave SMs idle (a first pass writes each chunk's sum into its first row, a second adds
@@ -639,11 +639,11 @@ def test_partial_sums_split_over_rows(P, N, chunk, out_dtype):
     from mmfast.kernels._common import sum_partials
 
     torch.manual_seed(P * N)
-    part = torch.randn(P, N) * torch.rand(1, N) * 4
+    part = torch.randn(P, N, device=device) * torch.rand(1, N, device=device) * 4  # (the launcher's tensors' device)
     ref = part.double().sum(0)
     outs = []
     for _ in range(2):
-        out = torch.empty(N, dtype=out_dtype)
+        out = torch.empty(N, dtype=out_dtype, device=device)
         sum_partials(part.clone(), out, chunk)
         outs.append(out)
     assert torch.equal(outs[0], outs[1])
@@ -743,26 +743,3 @@ def test_frozen_parameters_get_no_gradient_work(kind, trains, path, device, monk
         if want.grad is not None:
             torch.testing.assert_close(got.grad, want.grad)
 
-
-@pytest.mark.parametrize("P,N", [(528, 100), (300, 64), (130, 1000)])
-def test_two_pass_partial_sums(P, N, device, seed):
-    """The fixed-order sum of the backward's partial rows in two passes (chunks of rows, then the chunks'
-    sums), which the launchers take only where the device has many SMs (132: the norm backward's 528
-    partial rows at N = 4096) and never under the interpreter's 2. Asked for here with an H100's SM count:
-    the chunk need not divide P, the sum holds to the float64 one as PyTorch's fp32 sum does, and a
-    second call gives the same bits."""
-    from accuracy import assert_accurate
-    from mmfast.kernels._common import sum_chunk_rows, sum_partials
-
-    chunk = sum_chunk_rows(P, N, 132)
-    assert 0 < chunk < P
-    torch.manual_seed(seed)
-    part = torch.randn(P, N, device=device)
-    outs = []
-    for _ in range(2):
-        out = torch.empty(N, device=device)
-        sum_partials(part.clone(), out, chunk=chunk)  # (part is consumed)
-        outs.append(out)
-    assert torch.equal(outs[0], outs[1])
-    ref = part.double().sum(0)
-    assert_accurate("sum", outs[0], part.sum(0), ref, part.double().abs().sum(0).max().item(), seed, terms=P)
