@@ -1031,7 +1031,7 @@ def test_known_providers_cover_every_suite():
     assert offered <= bench_main.known_providers()
 
 
-def test_graph_cases_run_per_provider_in_their_own_process():
+def test_graph_cases_run_per_provider_in_their_own_process(device):
     """On a GPU each provider's CUDA-graph cases form one run in a fresh process (a failed capture
     leaves the CUDA generator unusable for the rest of its process); other runs stay one per pair."""
     from mmfast.bench.__main__ import _groups
@@ -1046,9 +1046,11 @@ def test_graph_cases_run_per_provider_in_their_own_process():
                       [(small[0], "b"), (small[1], "b")]]
     assert _groups(plan, torch.device("cpu")) == [[pair] for pair in plan]
 
-    case, env = NormCase("rms_norm", 16, 64, torch.float32), {"device": "cpu", "cuda": None}
-    child = time_cases_isolated([case], "mmfast-triton", torch.device("cpu"), None, env)
-    here = time_case(case, "mmfast-triton", torch.device("cpu"), None, env)
+    # (on the tests' device: a GPU machine runs the Triton kernels on CUDA tensors only)
+    case = NormCase("rms_norm", 16, 64, torch.float32)
+    env = {"device": device, "cuda": torch.version.cuda if device == "cuda" else None}
+    child = time_cases_isolated([case], "mmfast-triton", torch.device(device), None, env)
+    here = time_case(case, "mmfast-triton", torch.device(device), None, env)
     assert [r["error"] for r in child] == [None] * 3
     assert [(r["direction"], r["bytes"]) for r in child] == [(r["direction"], r["bytes"]) for r in here]
 
@@ -1363,18 +1365,18 @@ def test_goals_refuse_files_that_are_not_results(content, message, tmp_path, cap
     assert exit_info.value.code == 2 and f"{path}: {message}" in err
 
 
-def test_kernel_records_say_which_backend_ran():
+def test_kernel_records_say_which_backend_ran(device):
     """Each mmfast record names the backends that ran its direction's op calls (counted, not assumed from the
     provider's name: a pinned backend once held for the forward alone); other providers' records have none."""
     from mmfast.bench.runner import time_case
 
-    case = NormCase("rms_norm", 16, 64, torch.float32)
-    env = {"device": "cpu"}
-    for r in time_case(case, "mmfast-triton", torch.device("cpu"), None, env, directions=("fwd", "bwd", "fwd+bwd")):
+    case, dev = NormCase("rms_norm", 16, 64, torch.float32), torch.device(device)
+    env = {"device": device, "cuda": torch.version.cuda if device == "cuda" else None}
+    for r in time_case(case, "mmfast-triton", dev, None, env, directions=("fwd", "bwd", "fwd+bwd")):
         assert r["error"] is None and r["backends"] == "triton", r
-    for r in time_case(case, "mmfast-reference", torch.device("cpu"), None, env):
+    for r in time_case(case, "mmfast-reference", dev, None, env):
         assert r["backends"] == "reference"
-    assert all("backends" not in r for r in time_case(case, "torch-native", torch.device("cpu"), None, env))
+    assert all("backends" not in r for r in time_case(case, "torch-native", dev, None, env))
 
 
 def test_a_run_without_records_still_writes_a_labelled_csv(tmp_path):

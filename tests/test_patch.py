@@ -1288,20 +1288,20 @@ def test_export_non_strict_of_a_model_whose_top_forward_mmfast_replaced():
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
-def test_jit_trace_records_mmfast_ops(backend):
+def test_jit_trace_records_mmfast_ops(backend, device):
     """Under ``torch.jit.trace`` the eager fast path ran with traced sizes, and the Triton launcher failed on
     them ('Tensor' object has no attribute 'bit_length'); without Triton the trace missed the output's
     allocation and the traced module failed on every input. The trace records the custom ops, and runs
     right on another shape."""
-    model = build("llama")
+    model = build("llama").to(device)  # (a GPU machine runs the Triton kernels on CUDA tensors only)
     mmfast.patch(model, verbose=False)
     block = nn.Sequential(model.model.layers[0].input_layernorm, model.model.layers[0].mlp)
-    x = torch.randn(2, 5, block[0].weight.numel())
+    x = torch.randn(2, 5, block[0].weight.numel(), device=device)
     with torch.no_grad(), mmfast.use_backend(backend):
         traced = torch.jit.trace(block, (x,))
         assert "mmfast::rms_norm_fwd" in str(traced.inlined_graph)
         assert "mmfast::swiglu" in str(traced.inlined_graph)
-        y = torch.randn(3, 7, x.shape[-1])
+        y = torch.randn(3, 7, x.shape[-1], device=device)
         torch.testing.assert_close(traced(y), block(y), rtol=0, atol=0)
 
 
