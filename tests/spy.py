@@ -20,3 +20,19 @@ def count_calls(monkeypatch, owner, name: str) -> list:
 
     monkeypatch.setattr(owner, name, counting)
     return calls
+
+
+#: The modules whose launchers launch mmfast's Triton kernels.
+KERNEL_MODULES = ("norm", "_common", "adapter", "swiglu", "quick_gelu")
+
+
+def triton_kernels() -> list:
+    """(module, name, kernel) for every Triton kernel the launchers' modules define (``mmfast.kernels``)."""
+    import importlib
+
+    found = []
+    for module in KERNEL_MODULES:
+        mod = importlib.import_module(f"mmfast.kernels.{module}")
+        found += [(mod, name, obj) for name, obj in vars(mod).items()
+                  if name.endswith("_kernel") and hasattr(obj, "__getitem__")]
+    return found

@@ -1756,15 +1756,15 @@ def test_gpu_defaults_time_full_size_runs(monkeypatch, tmp_path):
 
 
 def test_isolated_cases_take_an_index_less_cuda_device(monkeypatch):
-    """time_cases_isolated(..., torch.device("cuda")) (the GPU graph test's call): the child sets the
-    current device only for an indexed device (torch.cuda.set_device refuses plain "cuda", so every record
-    was an error), and the parent hands its own current device over. CUDA stood in for: no GPU here."""
+    """time_cases_isolated(..., torch.device("cuda")) (the GPU graph test's call): the child was handed plain
+    "cuda", which torch.cuda.set_device refuses, so every record was an error. The parent hands its current
+    device's index over, an indexed device as it is, and the child makes it current. CUDA stood in for: no
+    GPU here."""
     from mmfast.bench import runner
 
     calls = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(torch.device(d)))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
-    assert runner._time_cases([], "torch-native", "cuda", None, {}) == [] and calls == []
     assert runner._time_cases([], "torch-native", "cuda:1", None, {}) == [] and calls == [torch.device("cuda", 1)]
 
     class Pool:
@@ -1781,4 +1781,5 @@ def test_isolated_cases_take_an_index_less_cuda_device(monkeypatch):
     seen = []
     monkeypatch.setattr(runner, "ProcessPoolExecutor", Pool)
     runner.time_cases_isolated([], "torch-native", torch.device("cuda"), None, {})
-    assert seen == ["cuda:1"]
+    runner.time_cases_isolated([], "torch-native", torch.device("cuda", 0), None, {})
+    assert seen == ["cuda:1", "cuda:0"]

@@ -24,7 +24,6 @@ def test_variants_cover_every_kernel_and_launch_choice():
     """What is compiled covers what the launchers launch: every Triton kernel of mmfast.kernels, every boolean
     specialization both ways, every (PREFETCH, KEEP_W) loop shape tune_norm.py can enter, each dtype, and the
     extremes of the elementwise kernels' rows per program with every warp count their launcher picks."""
-    import importlib
     import itertools
     from collections import defaultdict
 
@@ -32,6 +31,7 @@ def test_variants_cover_every_kernel_and_launch_choice():
 
     from mmfast.kernels import compile_check as cc
     from mmfast.kernels import swiglu
+    from spy import KERNEL_MODULES, triton_kernels
 
     seen = defaultdict(set)
     for fn, args, options in cc.variants():
@@ -42,10 +42,9 @@ def test_variants_cover_every_kernel_and_launch_choice():
         if fn.__name__ == "_norm_bwd_kernel":
             seen[fn.__name__, "loop"].add((args["PREFETCH"], args["KEEP_W"]))
     kernels = {name for name, _ in seen}
-    for module in ("norm", "_common", "adapter", "swiglu", "quick_gelu"):
-        mod = importlib.import_module(f"mmfast.kernels.{module}")
-        defined = {n for n in vars(mod) if n.endswith("_kernel") and hasattr(getattr(mod, n), "__getitem__")}
-        assert defined and defined <= kernels, (module, defined - kernels)
+    defined = triton_kernels()
+    assert {mod.__name__ for mod, _, _ in defined} == {f"mmfast.kernels.{m}" for m in KERNEL_MODULES}
+    assert {name for _, name, _ in defined} <= kernels, {name for _, name, _ in defined} - kernels
     # SOFT_RNE is the interpreter's rounding: never launched on a GPU
     fixed = {"SOFT_RNE"}
     for (name, key), values in seen.items():

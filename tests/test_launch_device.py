@@ -79,7 +79,7 @@ def test_every_launch_asks_for_fused_multiply_adds(monkeypatch, device):
     """Each Triton kernel is launched with enable_fp_fusion=True: the contraction every measurement and the
     bitwise tests assume, not Triton's default (Triton 3.9 warns at each launch that leaves it to the default,
     and 3.10 turns it off). Every kernel of the launchers' modules is launched here at least once."""
-    from mmfast.kernels import _common
+    from spy import triton_kernels
 
     launches: dict[str, list] = {}
 
@@ -97,11 +97,9 @@ def test_every_launch_asks_for_fused_multiply_adds(monkeypatch, device):
             return run
 
     kernels = set()
-    for module in (norm, _common, adapter, swiglu, quick_gelu):
-        for name, obj in list(vars(module).items()):
-            if name.endswith("_kernel") and hasattr(obj, "__getitem__"):
-                monkeypatch.setattr(module, name, Recording(name, obj))
-                kernels.add(name)
+    for module, name, obj in triton_kernels():
+        monkeypatch.setattr(module, name, Recording(name, obj))
+        kernels.add(name)
     monkeypatch.setattr(norm, "MAX_FUSED_N_FWD", 64)  # (rows of 100 take the two-pass kernels)
     monkeypatch.setattr(norm, "MAX_FUSED_N_BWD", 64)
     g = torch.Generator().manual_seed(0)

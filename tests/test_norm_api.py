@@ -742,4 +742,3 @@ def test_frozen_parameters_get_no_gradient_work(kind, trains, path, device, monk
         assert (got.grad is None) == (want.grad is None)
         if want.grad is not None:
             torch.testing.assert_close(got.grad, want.grad)
-

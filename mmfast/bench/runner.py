@@ -220,10 +220,8 @@ def time_case(case, provider: str, device: torch.device, copy: float | None, env
 
 def _time_cases(cases: list, provider: str, device: str, copy: float | None, env: dict) -> list[dict]:
     dev = torch.device(device)
-    # a spawned process starts on cuda:0; the timers use the current device (torch.cuda.set_device refuses
-    # an index-less device: plain "cuda" stays on the child's current device)
-    if dev.type == "cuda" and dev.index is not None:
-        torch.cuda.set_device(dev)
+    if dev.type == "cuda":  # a spawned process starts on cuda:0; the timers use the current device
+        torch.cuda.set_device(dev)  # (indexed: time_cases_isolated names the index)
     return [r for case in cases for r in time_case(case, provider, dev, copy, env)]
 
 
