@@ -68,6 +68,7 @@ import triton
 from mmfast.kernels import compile_check as cc
 
 expected = [o["num_warps"] if isinstance(o, dict) else o for _, _, o in cc.variants()]
+aligned = [[fn.__name__, cc.aligned(fn, a)] for fn, a, _ in cc.variants()]
 for scenario in json.loads(sys.argv[1]):
     calls = []
 
@@ -78,14 +79,18 @@ for scenario in json.loads(sys.argv[1]):
         if name == scenario.get("fail"):
             raise RuntimeError("at 12:8:\nunsupported layout conversion")
         shared = scenario.get("smem", 0) if name == "_swiglu_fwd_kernel" else 0
-        return types.SimpleNamespace(asm={"cubin": name.encode()}, metadata=types.SimpleNamespace(shared=shared))
+        ptx = scenario.get("ptx", {}).get(name, "ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];")
+        calls[-1].append(bool(src.attrs))
+        return types.SimpleNamespace(asm={"cubin": name.encode(), "ptx": ptx},
+                                     metadata=types.SimpleNamespace(shared=shared))
 
     triton.compile = compile
     cc.resource_usage = lambda cubin: dict(scenario.get("use", {}) if cubin == b"_swiglu_bwd_kernel" else
                                            {"REG": 40, "STACK": 0, "SHARED": 0, "LOCAL": 0})
     with contextlib.redirect_stdout(io.StringIO()) as out:
         rc = cc.main(scenario.get("argv", []))
-    print("RESULT " + json.dumps({"rc": rc, "calls": calls, "expected_warps": expected, "out": out.getvalue()}))
+    print("RESULT " + json.dumps({"rc": rc, "calls": calls, "expected_warps": expected, "aligned": aligned,
+                                  "out": out.getvalue()}))
 '''
 
 
@@ -104,18 +109,31 @@ def _fake_compile_check(*scenarios):
 
 def test_compile_check_main_with_a_stand_in_compiler():
     """main() with triton.compile stood in for: no --arch compiles every variant for ("cuda", 90, 32) with the
-    launcher's warps; a compile error, shared memory past what sm_90 gives a block (232448 B: that much is
-    allowed), a stack frame or local memory (spills: reported, failing only with --no-spills) each show."""
+    launcher's warps and the JIT's alignment marks; a compile error, shared memory past what sm_90 gives a block
+    (232448 B: that much is allowed), a 16-bit global load in a variant whose rows are all 16-byte aligned (not
+    in one whose are not), a stack frame or local memory (spills: reported, failing only with --no-spills)
+    each show."""
     stack = {"REG": 255, "STACK": 24, "SHARED": 0, "LOCAL": 0}
     local = {"REG": 255, "STACK": 0, "SHARED": 0, "LOCAL": 8}
-    plain, failed, smem_max, smem_over, *spills = _fake_compile_check(
+    narrow = "ld.global.L1::evict_last.b16 {%rs1}, [%rd2];\n"
+    plain, failed, smem_max, smem_over, scalar, *spills = _fake_compile_check(
         {}, {"fail": "_keep_mask_kernel"}, {"smem": 232448}, {"smem": 232449},
+        {"ptx": {"_norm_fwd_kernel": narrow, "_swiglu_fwd_kernel": narrow, "_quick_gelu_bwd_kernel": narrow}},
         {"use": stack}, {"use": local},
         {"use": stack, "argv": ["--no-spills"]}, {"use": local, "argv": ["--no-spills"]})
     assert plain["rc"] == 0, plain["out"]
     assert {tuple(c[1:4]) for c in plain["calls"]} == {("cuda", 90, 32)}
     assert [c[4] for c in plain["calls"]] == plain["expected_warps"]
     assert {c[5] for c in plain["calls"]} == {True}  # (as the launchers ask)
+    assert {c[6] for c in plain["calls"]} == {True}  # (every variant has an aligned pointer)
+    assert scalar["rc"] == 1
+    failed_scalar = [line.split("(")[0] for line in scalar["out"].splitlines() if line.startswith("FAILED")]
+    # the norm kernel's aligned variants fail, and no unaligned one (N=1000, a view one element in) does
+    assert set(failed_scalar) == {"FAILED: _norm_fwd_kernel", "FAILED: _swiglu_fwd_kernel",
+                                  "FAILED: _quick_gelu_bwd_kernel"}, scalar["out"]
+    fwd = [ok for name, ok in scalar["aligned"] if name == "_norm_fwd_kernel"]
+    assert failed_scalar.count("FAILED: _norm_fwd_kernel") == sum(fwd) < len(fwd)
+    assert "not vectorized" in scalar["out"] and "rows off 16 B" not in scalar["out"]
     assert "SPILLS" not in plain["out"] and "FAILED" not in plain["out"]
     assert failed["rc"] == 1 and "FAILED: _keep_mask_kernel(" in failed["out"]
     assert "unsupported layout conversion" in failed["out"]
@@ -137,3 +155,66 @@ def test_resource_usage_reads_cuobjdump(tmp_path, monkeypatch):
     tool.chmod(0o755)
     monkeypatch.setattr(cc, "_cuobjdump", lambda: str(tool))
     assert cc.resource_usage(b"\0") == {"REG": 168, "STACK": 24, "SHARED": 1024, "LOCAL": 16}
+
+
+_REAL_SPECIALIZE = r'''
+import json, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from mmfast.kernels import compile_check as cc, norm as K
+
+target, out = GPUTarget("cuda", 90, 32), {}
+fn, args, warps = cc._norm_fwd(K, True, torch.bfloat16, torch.float32, 4096)
+options = {"num_warps": warps, "enable_fp_fusion": True}
+for name, change in (("aligned", {}), ("odd", {"N": 1000, "stride_x": 1000, "stride_r": 1000}),
+                     ("view", {"X": cc.Ptr(torch.bfloat16, aligned=False), "stride_x": 4097}), ("one", {"M": 1})):
+    sig, consts, attrs = cc.specialize(fn, {**args, **change}, options, target)
+    out[name] = {"marked": sorted(fn.arg_names[i] for (i,) in attrs),
+                 "consts": {fn.arg_names[i]: v for (i,), v in consts.items() if v is not None and not
+                            fn.params[i].is_constexpr}, "types": {k: sig[k] for k in ("X", "N", "eps", "M")}}
+    assert all(v == [["tt.divisibility", 16]] for v in attrs.values())
+sig, consts, attrs = cc.specialize(fn, args, options, target)
+for name, marks in (("narrow_aligned", attrs), ("narrow_unmarked", {})):
+    compiled = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=marks), target=target, options=options)
+    out[name] = cc.narrow_accesses(compiled.asm["ptx"])
+print("RESULT " + json.dumps(out))
+'''
+
+
+def test_variants_are_compiled_as_the_jit_specializes_them():
+    """What is compiled is what a launch with those arguments runs: Triton's JIT marks a 16-byte aligned pointer
+    and an int that divides by 16 (and makes an int of 1 a constant); without the marks the real compiler reads
+    a bf16 row one element at a time (16-bit loads), with them in 16-byte vectors, and narrow_accesses tells the
+    two apart in the PTX."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _REAL_SPECIALIZE], env=env, capture_output=True, text=True,
+                         timeout=600)
+    (line,) = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")] or [run.stdout + run.stderr]
+    out = json.loads(line[len("RESULT "):])
+    pointers = ["RSTD", "W", "X", "Y"]
+    strides = ["stride_r", "stride_x"]  # (stride_r is an int argument also when there is no residual)
+    assert out["aligned"] == {"marked": sorted(pointers + ["M", "N"] + strides), "consts": {},
+                              "types": {"X": "*bf16", "N": "i32", "eps": "fp32", "M": "i32"}}
+    assert out["odd"]["marked"] == sorted(pointers + ["M"])
+    assert out["view"]["marked"] == sorted(["M", "N", "RSTD", "W", "Y", "stride_r"])
+    assert out["one"]["marked"] == sorted(pointers + ["N"] + strides)
+    assert out["one"]["consts"] == {"M": 1} and out["one"]["types"]["M"] == "constexpr"
+    assert out["narrow_aligned"] == 0 and out["narrow_unmarked"] >= 16, out
+
+
+def test_narrow_accesses_counts_single_element_global_accesses():
+    from mmfast.kernels.compile_check import narrow_accesses
+
+    ptx = """
+    ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];
+    ld.global.L1::evict_last.b16 { %rs1 }, [ %rd2 + 0 ];
+    @%p1 st.global.b16 [ %rd3 + 0 ], { %rs2 };
+    st.global.u8 [ %rd4 ], %rs3;
+    ld.global.b32 { %r5 }, [ %rd5 + 0 ];
+    ld.global.v2.b32 { %r6, %r7 }, [ %rd6 + 0 ];
+    ld.shared.b16 %rs4, [ %r8 ];
+    st.global.v4.b16 [ %rd7 ], { %rs5, %rs6, %rs7, %rs8 };
+    """
+    assert narrow_accesses(ptx) == 3  # (the evict_last load, the predicated b16 store, the u8 store)

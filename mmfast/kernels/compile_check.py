@@ -5,8 +5,11 @@ rejects (a tensor first defined inside a loop and used after it, say), and says 
 pressure. This compiles a representative set of specializations of each kernel, with the block
 sizes and warps the launchers choose, down to a cubin for ``--arch`` (default sm_90), and reports
 registers, stack and local memory per kernel from ``cuobjdump`` and the shared memory the pipelined
-tiles take. Any compile error, or shared memory beyond what the target gives a block, fails (exit 1);
-spills are reported, and fail with ``--no-spills``.
+tiles take. Each variant is specialized as Triton's JIT specializes a launch with those arguments (an
+int that divides by 16, or a 16-byte aligned pointer, is known to; an int of 1 is a constant), so what
+is compiled is what runs. Any compile error, shared memory beyond what the target gives a block, or
+a 16- or 8-bit global load or store (an access not vectorized) where every pointer and width is
+aligned, fails (exit 1); spills are reported, and fail with ``--no-spills``.
 """
 
 from __future__ import annotations
@@ -25,37 +28,73 @@ import torch
 
 @dataclass(frozen=True)
 class Ptr:
+    """A pointer argument: a tensor of ``dtype`` whose address is 16-byte aligned (as torch's allocations
+    are) or, with ``aligned=False``, not (a view that starts one element in)."""
+
     dtype: torch.dtype
-
-
-_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64", torch.int32: "i32",
-          torch.int8: "i8"}
+    aligned: bool = True
 
 
 #: Shared memory one block may use (bytes), per compute capability x 10.
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 
 
-def _signature(fn, args: dict) -> tuple[dict, dict]:
-    sig, consts = {}, {}
+def _stand_in(v):
+    """A launch argument Triton's JIT specializes as it would the one ``v`` stands for."""
+    if not isinstance(v, Ptr):
+        return v
+    t = torch.empty(64 // v.dtype.itemsize, dtype=v.dtype)
+    assert t.data_ptr() % 16 == 0
+    return t if v.aligned else t[1:]
+
+
+def specialize(fn, args: dict, options: dict, target) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) of what Triton's JIT compiles for a launch of ``fn`` with ``args``:
+    its own binder types every argument and marks what it knows (``tt.divisibility`` 16 for a pointer
+    16-byte aligned and an int that divides by 16; an int of 1 becomes a constant). Without the marks the
+    compiler cannot prove 16-byte access and compiles other code (per-element loads, other registers)."""
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    missing = [p.name for p in fn.params if p.name not in args]
+    if missing:
+        raise KeyError(f"{fn.__name__}: no value for {', '.join(missing)}")
     for p in fn.params:
-        if p.name not in args:
-            raise KeyError(f"{fn.__name__}: no value for {p.name}")
-        v = args[p.name]
-        if p.is_constexpr or v is None:
-            sig[p.name] = "constexpr"
-            consts[p.name] = v
-        elif isinstance(v, Ptr):
-            sig[p.name] = "*" + _TYPES[v.dtype]
-        elif isinstance(v, bool):
+        if not p.is_constexpr and isinstance(args[p.name], bool):
             raise TypeError(f"{fn.__name__}: {p.name} is a bool but not constexpr")
-        elif isinstance(v, int):
-            sig[p.name] = "i64" if abs(v) >= 2**31 else "i32"
-        elif isinstance(v, float):
-            sig[p.name] = "fp32"
-        else:
-            raise TypeError(f"{fn.__name__}: cannot type {p.name}={v!r}")
-    return sig, consts
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    _, spec, _ = binder(**{k: _stand_in(v) for k, v in args.items()}, **options)
+    sig, consts, attrs = {}, {}, {}
+    for i, (p, (kind, key)) in enumerate(zip(fn.params, spec)):
+        sig[p.name] = kind
+        if kind == "constexpr":
+            consts[(i,)] = key
+        elif isinstance(key, str) and backend.parse_attr(key):
+            attrs[(i,)] = backend.parse_attr(key)
+    return sig, consts, attrs
+
+
+def aligned(fn, args: dict) -> bool:
+    """Whether every pointer of a launch is 16-byte aligned and every int argument divides by 16 (or is 1,
+    a constant): the specialization in which whole rows can be read in 16-byte vectors."""
+    return all(v.aligned if isinstance(v, Ptr) else v == 1 or v % 16 == 0 for p in fn.params
+               for v in [args[p.name]] if not p.is_constexpr and isinstance(v, (Ptr, int)))
+
+
+#: A global load or store in PTX: ``ld.global.v4.b32``, ``st.global.L1::evict_last.b16``, ...
+_GLOBAL_ACCESS = re.compile(r"\b(?:ld|st)\.global((?:\.[\w:]+)+)")
+
+
+def narrow_accesses(ptx: str) -> int:
+    """The global loads and stores in ``ptx`` of one 8- or 16-bit element (not a ``.v2``/``.v4`` vector)."""
+    n = 0
+    for mods in _GLOBAL_ACCESS.findall(ptx):
+        parts = mods.split(".")[1:]
+        if parts[-1] in ("b8", "u8", "s8", "b16", "u16", "s16", "f16", "bf16") and \
+                not any(re.fullmatch(r"v\d+", m) for m in parts):
+            n += 1
+    return n
 
 
 def _norm_fwd(K, rms, dt, wdt, N, res=False, has_w=True, has_b=None):
@@ -118,6 +157,16 @@ def _norm_variants():
             for has_w, need_dw, need_db in grads:  # (one row-dot kernel per weight flag)
                 yield from _norm_bwd(K, rms, bf16, f32, N, has_w=has_w, need_dw=need_dw, need_db=need_db,
                                      rowdot=not need_dw and not need_db)
+    # rows off 16 bytes, compiled without the alignment marks: a width that does not divide by 16, and a view
+    # that starts one element in (x[:, 1:]: the row stride then does not divide either)
+    for rms in (True, False):
+        yield _norm_fwd(K, rms, bf16, f32, 1000)
+        yield from _norm_bwd(K, rms, bf16, f32, 1000)
+        off = {"X": Ptr(bf16, aligned=False), "stride_x": 4097}
+        fn, args, warps = _norm_fwd(K, rms, bf16, f32, 4096)
+        yield fn, {**args, **off}, warps
+        for fn, args, warps in _norm_bwd(K, rms, bf16, f32, 4096):
+            yield fn, {**args, **off}, warps
 
 
 def _common_variants():
@@ -254,14 +303,20 @@ def main(argv: list[str] | None = None) -> int:
     for fn, kargs, options in variants():
         options = {**COMPILE_OPTIONS, **(options if isinstance(options, dict) else {"num_warps": options})}
         warps = options["num_warps"]
-        sig, consts = _signature(fn, kargs)
-        label = fn.__name__ + "(" + ", ".join(f"{k}={v}" for k, v in consts.items() if v is not None) + f", warps={warps})"
+        label = fn.__name__ + "(" + ", ".join(f"{p.name}={kargs[p.name]}" for p in fn.params
+                                              if p.is_constexpr and kargs[p.name] is not None)
+        label += f", warps={warps})" + ("" if aligned(fn, kargs) else " [rows off 16 B]")
         try:
-            compiled = triton.compile(ASTSource(fn, sig, constexprs=consts), target=target,
+            sig, consts, attrs = specialize(fn, kargs, options, target)
+            compiled = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=target,
                                       options=options)
         except Exception as e:  # noqa: BLE001 - every failure is reported
             failures.append((label, f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:400]}"))
             continue
+        narrow = narrow_accesses(compiled.asm["ptx"]) if aligned(fn, kargs) else 0
+        if narrow:
+            failures.append((label, f"{narrow} global loads/stores of single 8- or 16-bit elements where every "
+                                    f"pointer and width is 16-byte aligned: the accesses are not vectorized"))
         use = resource_usage(compiled.asm["cubin"])
         use["SMEM"] = int(getattr(compiled.metadata, "shared", 0) or 0)  # dynamic: what pipelining takes
         rows.append((fn.__name__, warps, use))
