@@ -108,6 +108,7 @@ SHAPES = [  # (B, S, D, R, G, E)
     (1, 33, 96, 4, 1, 2),  # one group, more tokens than a tile
     (4, 3, 136, 16, 2, 2),  # hidden 16
     (2, 9, 120, 6, 3, 3),  # three groups, three experts
+    (1, 5, 40, 126, 2, 4),  # wide hidden x many experts: fit() narrows the column chunks (16-32)
 ]
 
 
@@ -441,6 +442,32 @@ def test_reference_backend(monkeypatch, device, seed):
     check_adapter(lambda i: dict(leaves=make_inputs(2, 5, 200, 8, 2, 2, torch.float32, device), scale=0.8,
                                  groups=2), seed)
     check_adapter(lambda i: _dropout_draw(2, 5, 200, 8, 2, 2, 0.2, torch.float32, device, seed + i), seed)
+
+
+def test_fit_narrows_column_chunks_for_registers_only_where_tiles_are_wide():
+    """fit() leaves the usual adapter's tiles (hidden 8, two experts) as launch_config gives them, and narrows
+    the column chunk of wide hidden x many experts until each kernel's [EK, block_d] tile is within
+    REG_TILE_BYTES a warp (the sm_90 compile check, tests/test_compile_check.py, finds no spills then; at the
+    former widths the forward spilled 928 B a thread at 512 extended slots), never below 16 columns."""
+    from mmfast.kernels import adapter as K
+
+    bf16, f32 = torch.bfloat16, torch.float32
+    planes = {"fwd": 2, "rows": 2, "cols": 1}  # (16-bit x with fp32 weights: two planes of W)
+    for dt in (bf16, f32):
+        for kernel in K.KERNELS:
+            cfg = K.launch_config(dt, kernel)
+            assert K.fit(cfg, 2 * K.slots(8), planes[kernel], dt.itemsize, kernel) == cfg
+    widths = {}
+    for dt in (bf16, f32):
+        for kernel in K.KERNELS:
+            for EK in (128, 256, 512, 1024):
+                cfg = K.fit(K.launch_config(dt, kernel), EK, planes[kernel] if dt == bf16 else 1, dt.itemsize, kernel)
+                assert cfg.block_d == 16 or EK * cfg.block_d * dt.itemsize <= K.REG_TILE_BYTES[kernel] * cfg.num_warps
+                widths[dt, kernel, EK] = cfg.block_d
+    assert [widths[bf16, "fwd", EK] for EK in (128, 256, 512, 1024)] == [64, 64, 32, 16]
+    assert [widths[bf16, "cols", EK] for EK in (128, 256, 512, 1024)] == [64, 32, 16, 16]
+    assert [widths[f32, "fwd", EK] for EK in (128, 256, 512, 1024)] == [64, 32, 16, 16]
+    assert [widths[f32, "cols", EK] for EK in (128, 256, 512, 1024)] == [32, 16, 16, 16]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)

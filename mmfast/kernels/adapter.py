@@ -64,9 +64,10 @@ class AdapterLaunch:
 
 KERNELS = ("fwd", "rows", "cols")
 
-# Tile shapes per kernel. None spills registers on sm_90 at the usual adapter sizes (hidden 8, two
-# experts; ``python -m mmfast.kernels.compile_check``); :func:`fit` shrinks them for wide hidden x many
-# experts so that they still launch. 16-bit inputs use the tensor cores;
+# Tile shapes per kernel. At the usual adapter sizes (hidden 8, two experts) none spills registers on
+# sm_90 beyond the 16 B of stack ptxas leaves in the column kernel with dropout under Triton 3.6
+# (``python -m mmfast.kernels.compile_check``); :func:`fit` shrinks them for wide hidden x many experts
+# so that they still launch and fit the registers. 16-bit inputs use the tensor cores;
 # fp32 inputs use exact fp32 products, which take more registers, so a shorter tile.
 # ``benchmarks/tune_adapter.py`` times alternatives on a GPU.
 _DEFAULT = {"16bit": AdapterLaunch(32, 64, 8), "fp32": AdapterLaunch(16, 64, 8)}
@@ -96,13 +97,25 @@ def slots(R: int) -> int:
 SMEM_BUDGET = 160 * 1024  # bytes of shared memory the pipelined tiles may take (sm_90 has 227 KB)
 
 
-def fit(cfg: AdapterLaunch, EK: int, planes: int, elt: int) -> AdapterLaunch:
+#: Bytes of an [EK, block_d] tile in x's dtype per warp that a kernel can hold in registers without
+#: spilling: the forward and row kernels hold a product's operand of that shape, the column kernel its
+#: dW partials (fp32) besides the x and dy tiles, so half as much. From the sm_90 compile check over
+#: hidden 8-128 x 2-8 experts, 16-bit and fp32 x, Triton 3.6 and 3.9: within these no tile spills more
+#: than 16 B a thread; at twice these, up to 928 B (forward, 512 extended slots) and 1.6 KB (column
+#: kernel, fp32 x) did.
+REG_TILE_BYTES = {"fwd": 4096, "rows": 4096, "cols": 2048}
+
+
+def fit(cfg: AdapterLaunch, EK: int, planes: int, elt: int, kernel: str) -> AdapterLaunch:
     """``cfg`` with fewer pipeline stages, then narrower column chunks, until one stage's tiles (the
     packed weights, ``planes`` of [EK, block_d], and a [block_m, block_d] activation tile) times the
-    stages fit :data:`SMEM_BUDGET` (wide hidden x many experts would otherwise not launch)."""
+    stages fit :data:`SMEM_BUDGET` (wide hidden x many experts would otherwise not launch), and
+    ``kernel``'s [EK, block_d] tile fits the registers (:data:`REG_TILE_BYTES`; no narrower than 16
+    columns). At the usual sizes (hidden 8, two experts) neither shrinks anything."""
     while cfg.num_stages > 1 and smem_bytes(cfg, EK, planes, elt) > SMEM_BUDGET:
         cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
-    while cfg.block_d > 16 and smem_bytes(cfg, EK, planes, elt) > SMEM_BUDGET:
+    while cfg.block_d > 16 and (smem_bytes(cfg, EK, planes, elt) > SMEM_BUDGET
+                                or EK * cfg.block_d * elt > REG_TILE_BYTES[kernel] * cfg.num_warps):
         cfg = dataclasses.replace(cfg, block_d=cfg.block_d // 2)
     return cfg
 
@@ -381,7 +394,7 @@ class PackedW(NamedTuple):
     def launch(self, x2: torch.Tensor, kernel: str, planes: int | None = None) -> AdapterLaunch:
         """``kernel``'s tile shape, fitted to shared memory with ``planes`` W-sized tiles per stage
         (:meth:`planes`)."""
-        return fit(launch_config(x2.dtype, kernel), self.EK, self.planes(planes), x2.element_size())
+        return fit(launch_config(x2.dtype, kernel), self.EK, self.planes(planes), x2.element_size(), kernel)
 
 
 def _unpacked(x2, up_w, up_b, groups) -> PackedW:

@@ -183,16 +183,21 @@ def _common_variants():
                                        STEP=1, OUT_STRIDE=32 * 1024, BLOCK_P=32, BLOCK_N=256, SOFT_RNE=False), 4
 
 
-def _adapter_variants():
+#: (x dtype, weight dtype, hidden R, experts E, width D) of the adapter variants; the last two: wide hidden x
+#: many experts (the column chunks fit() narrows for registers).
+ADAPTER_SHAPES = ((torch.bfloat16, torch.float32, 8, 2, 1024), (torch.bfloat16, torch.float32, 8, 2, 4096),
+                  (torch.bfloat16, torch.bfloat16, 8, 2, 4096), (torch.float32, torch.float32, 8, 2, 4096),
+                  (torch.bfloat16, torch.float32, 64, 4, 4096), (torch.float32, torch.float32, 64, 2, 4096))
+
+
+def _adapter_variants(shapes=ADAPTER_SHAPES):
     import triton
 
     from . import adapter as K
 
     f32, i64 = torch.float32, torch.int64
 
-    for dt, wdt, R, E, D in ((torch.bfloat16, f32, 8, 2, 1024), (torch.bfloat16, f32, 8, 2, 4096),
-                             (torch.bfloat16, torch.bfloat16, 8, 2, 4096), (f32, f32, 8, 2, 4096),
-                             (torch.bfloat16, f32, 64, 4, 4096)):  # the last: wide hidden x many experts
+    for dt, wdt, R, E, D in shapes:
         G = 2
         EP, RX = triton.next_power_of_2(E), K.slots(R)
         split = wdt == f32 and dt != f32
@@ -201,7 +206,7 @@ def _adapter_variants():
                                      EP=EP, RX=RX, SPLIT_W=split, BLOCK_D=64 if EP * RX <= 64 else 16), 4
 
         def opts(kernel, planes):
-            cfg = K.fit(K.launch_config(dt, kernel), EP * RX, planes, dt.itemsize)
+            cfg = K.fit(K.launch_config(dt, kernel), EP * RX, planes, dt.itemsize, kernel)
             return dict(BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d), {"num_warps": cfg.num_warps,
                                                                      "num_stages": cfg.num_stages}
 
