@@ -13,8 +13,8 @@ finalize), its GB/s from the kernel suite's byte model and the fraction of a dev
 measured in the same run. Every candidate's outputs are compared with the current choice's.
 
 Why these candidates: the backward keeps x, dy, the weight row and the dweight (and dbias) partial
-sums of its tile in registers. At N >= 4096 that allows one or two resident programs per SM (the
-sm_90 compile check reports 64-128 registers a thread), so each SM has one or two rows of loads in
+sums of its tile in registers. At N >= 4096 that allows one to three resident programs per SM (the
+sm_90 compile check reports 80-128 registers a thread in bf16), so each SM has one to three rows of loads in
 flight, short of what HBM needs at full speed. Prefetching the next tile, re-reading the weight row
 from L1, more warps per row (fewer registers per thread) and more rows per tile each change that
 balance; which wins is measured here, not guessed.
