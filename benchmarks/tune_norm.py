@@ -100,8 +100,8 @@ def _current(direction: str, kind: str, M: int, N: int, dev) -> K.NormTune:
         c = K.fwd_launch(M, N, kind == "rms", torch.bfloat16)
         return K.NormTune(c.block_m, c.num_warps)
     c = K.bwd_launch(M, N, dev, kind == "rms", torch.bfloat16)
-    per_sm = _device.cdiv(c.programs, _device.sm_count(dev))
-    return K.NormTune(c.block_m, c.num_warps, per_sm, c.prefetch, c.keep_w)
+    # per_sm 0: the launcher's own count (up to 32 warps' worth, no more than an SM holds of the compiled kernel)
+    return K.NormTune(c.block_m, c.num_warps, 0, c.prefetch, c.keep_w)
 
 
 class TritonLaunches:

@@ -243,6 +243,112 @@ def test_persistent_grid_is_bounded():
         assert small.programs <= 3
 
 
+H100 = dict(regs_per_sm=65536, threads_per_sm=2048, shared_per_sm=233472)  # (torch's device properties there)
+
+
+@pytest.mark.parametrize("regs, warps, shared, limits, blocks", [
+    (80, 8, 1024, H100, 3),  # 2560 registers a warp: 6 warps per partition, 24 an SM
+    (128, 8, 1024, H100, 2),
+    (96, 16, 1024, H100, 1),  # 3072 a warp: 5 per partition, 20 an SM: one block of 16
+    (255, 8, 0, H100, 1),  # 8192 a warp: 2 per partition
+    (99, 8, 0, H100, 2),  # 3168 rounds up to 3328 a warp: 4 per partition
+    (40, 4, 0, H100, 12),  # 1280 a warp: 12 per partition, 48 an SM
+    (32, 4, 0, H100, 16),  # registers and threads allow 16 (2048 / 128), the block limit too
+    (32, 4, 100_000, H100, 2),  # shared memory: 233472 // (101024 rounded up to 101120)
+    (32, 4, 0, dict(regs_per_sm=65536, threads_per_sm=1536, shared_per_sm=102400), 12),  # sm_86's threads
+    (64, 6, 0, H100, 5),  # 2048 a warp: 8 per partition, 32 an SM: five blocks of 6
+])
+def test_resident_blocks_follow_cuda_occupancy(regs, warps, shared, limits, blocks):
+    assert _device.resident_blocks(regs, warps, shared, **limits) == blocks
+
+
+def test_resident_per_sm_compiles_once_per_key(monkeypatch):
+    """resident_per_sm asks Triton's warmup for the compiled kernel once per (kernel, device, key), loads it, and
+    answers from its registers, warps and shared memory; under the interpreter and off CUDA it answers None
+    without compiling anything."""
+    import types
+
+    calls = []
+
+    class Compiled:
+        n_regs, metadata = 80, types.SimpleNamespace(num_warps=8, shared=1024)
+
+        def _init_handles(self):
+            calls.append("load")
+
+    class Kernel:
+        def warmup(self, *args, grid, **kwargs):
+            calls.append((args, grid, kwargs))
+            return Compiled()
+
+    kernel, cuda = Kernel(), torch.device("cuda", 0)
+    monkeypatch.setattr(_device, "_sm_limits", lambda index: tuple(H100.values()))
+    monkeypatch.setattr(_device, "_RESIDENT", {})
+    monkeypatch.setattr(_device, "interpreting", lambda: True)
+    assert _device.resident_per_sm(kernel, ("k",), cuda, (1,), {}) is None and not calls
+    monkeypatch.setattr(_device, "interpreting", lambda: False)
+    assert _device.resident_per_sm(kernel, ("k",), torch.device("cpu"), (1,), {}) is None and not calls
+    assert _device.resident_per_sm(kernel, ("k",), cuda, (torch.float32, 7), {"BLOCK_M": 1, "num_warps": 8}) == 3
+    assert calls == [((torch.float32, 7), (1,), {"BLOCK_M": 1, "num_warps": 8}), "load"]
+    assert _device.resident_per_sm(kernel, ("k",), cuda, (torch.float32, 7), {}) == 3 and len(calls) == 2
+    Compiled.n_regs = 128
+    assert _device.resident_per_sm(kernel, ("other",), cuda, (), {}) == 2
+    assert _device.resident_per_sm(kernel, ("k",), torch.device("cuda", 1), (), {}) == 2 and len(calls) == 6
+
+
+@pytest.mark.parametrize("norm_backend", ["auto"], indirect=True)  # the Triton kernels' grid (pinned below)
+@pytest.mark.parametrize("N", [768, 20000])
+@pytest.mark.parametrize("kind", KINDS)
+def test_backward_grid_holds_only_resident_programs(kind, N, device, seed, monkeypatch):
+    """The backward asks how many programs of the kernel it launches fit an SM at once (resident_per_sm: the
+    compiled kernel's registers) and launches no more per SM, so none waits for a second, partly empty wave:
+    its question compiles exactly the launch's specialization (the same kernel, flags and argument types), and
+    the smaller grid is as accurate. On a GPU the compiled kernel's own count decides (with the interpreter,
+    which compiles nothing, a stand-in says one program per SM)."""
+    from mmfast.kernels import norm as K
+    from mmfast.ops.backend import ENV_VAR
+
+    monkeypatch.setenv(ENV_VAR, "triton")
+    asked, launched = [], []
+    real = K.resident_per_sm
+    stand_in = _device.interpreting() or device == "cpu"
+
+    def resident(kernel, key, dev, args, kwargs):
+        n = 1 if stand_in else real(kernel, key, dev, args, kwargs)
+        asked.append((kernel, args, kwargs, n))
+        return n
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getattr__(self, name):  # (warmup, on a GPU)
+            return getattr(self.kernel, name)
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append((self, grid, args, kwargs))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(K, "resident_per_sm", resident)
+    for name in ("_norm_bwd_kernel", "_norm_bwd_wide_kernel"):
+        monkeypatch.setattr(K, name, Spy(getattr(K, name)))
+    sms = _device.sm_count(torch.device(device))
+    M = 6 * sms * (4 if N < 4096 else 1)  # (more row tiles than programs)
+    check_case(make_case(kind, (M,), N, "bf16-fp32w", residual=True, device=device), seed)
+    assert asked and len(asked) == len(launched), (len(asked), len(launched))
+    for (kernel, args, kwargs, per_sm), (spy, grid, real_args, real_kwargs) in zip(asked, launched):
+        assert kernel is spy and kwargs == real_kwargs
+        assert len(args) == len(real_args)
+        for a, b in zip(args, real_args):
+            if isinstance(b, torch.Tensor):
+                assert a is b or a == b.dtype, (a, b.dtype)
+            else:
+                assert a == b
+        assert per_sm >= 1 and grid == (min(M, per_sm * sms, 4 * sms),), (grid, per_sm)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: 64-bit offsets only matter past 2**31 elements")
 @pytest.mark.parametrize("kind", KINDS)
 def test_offsets_past_2_31_elements(kind):

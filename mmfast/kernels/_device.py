@@ -96,3 +96,49 @@ def on_tensor_device(launcher):
 
     run.on_tensor_device = True
     return run
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_limits(index: int) -> tuple[int, int, int]:
+    p = torch.cuda.get_device_properties(index)
+    return p.regs_per_multiprocessor, p.max_threads_per_multi_processor, p.shared_memory_per_multiprocessor
+
+
+def resident_blocks(regs_per_thread: int, num_warps: int, shared: int, regs_per_sm: int, threads_per_sm: int,
+                    shared_per_sm: int) -> int:
+    """Blocks of a kernel one SM holds at once, by CUDA's occupancy rules for sm_80 and later (those of
+    its occupancy calculator): registers are allocated per warp, in units of 256, from four equal
+    partitions of the register file; a block takes its shared memory plus 1 KB, in units of 128 B; an
+    SM holds at most 16 blocks (32 on sm_80/90, but no mmfast launch has fewer than 4 warps, so the
+    threads bound is met first)."""
+    per_warp = -(-regs_per_thread * 32 // 256) * 256
+    warps_by_regs = (regs_per_sm // 4 // per_warp) * 4 if per_warp else 64
+    by_shared = shared_per_sm // (-(-(shared + 1024) // 128) * 128)
+    return max(0, min(warps_by_regs // num_warps, threads_per_sm // (32 * num_warps), by_shared, 16))
+
+
+#: Resident programs per SM of a compiled specialization, by (kernel, device index, launcher's key).
+_RESIDENT: dict[tuple, int] = {}
+
+
+def resident_per_sm(kernel, key: tuple, device: torch.device, args: tuple, kwargs: dict) -> int | None:
+    """How many programs of ``kernel`` (a Triton JIT function) one SM of ``device`` holds at once, compiled for
+    ``args`` and ``kwargs`` as their launch compiles it (``warmup``: compiled, or found compiled, and
+    loaded, not run; a launch after it finds it in Triton's cache). Cached by ``key``, which the caller
+    makes from what decides the compiled code (dtypes, flags, tile, warps). None under the interpreter
+    or off CUDA (no compiled code), and where a Triton compile hook answered for the compile.
+
+    A persistent grid sized past this runs its last programs in a second, partly empty wave."""
+    if interpreting() or device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    full = (kernel, index, *key)
+    hit = _RESIDENT.get(full)
+    if hit is None:
+        compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+        if compiled is None or not hasattr(compiled, "_init_handles"):
+            return None
+        compiled._init_handles()
+        meta = compiled.metadata
+        hit = _RESIDENT[full] = resident_blocks(compiled.n_regs, meta.num_warps, meta.shared, *_sm_limits(index))
+    return hit

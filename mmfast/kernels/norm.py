@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ._common import round_to as _round
 from ._common import sum_partials as _sum_partials
-from ._device import COMPILE_OPTIONS, cdiv, interpreting, next_pow2, on_tensor_device, sm_count
+from ._device import COMPILE_OPTIONS, cdiv, interpreting, next_pow2, on_tensor_device, resident_per_sm, sm_count
 
 # ---------------------------------------------------------------------------------------------
 # launch configuration (the one place for block sizes, warps and grid sizes)
@@ -114,16 +114,24 @@ def fwd_launch(M: int, N: int, rms: bool = True, dtype: torch.dtype | None = Non
     return NormLaunch(block_m, block_n, num_warps, wide, programs)
 
 
-def bwd_launch(M: int, N: int, device: torch.device, rms: bool = True, dtype: torch.dtype | None = None) -> NormLaunch:
-    """Persistent grid: at most a few programs per SM, never more than there are row tiles."""
+def bwd_launch(M: int, N: int, device: torch.device, rms: bool = True, dtype: torch.dtype | None = None,
+               resident: int | None = None) -> NormLaunch:
+    """Persistent grid: at most a few programs per SM (32 warps' worth), never more than there are row
+    tiles, and, given ``resident`` (how many programs of the compiled kernel one SM holds at once), no
+    more than that per SM: the programs past it would run in a second, partly empty wave (at N = 4096 in
+    bf16 the RMSNorm backward holds 80 registers a thread, so three of its 8-warp programs fit an SM,
+    not four). A measured ``TUNED`` programs-per-SM stands as measured."""
     block_m, block_n, wide = _tile(N, MAX_FUSED_N_BWD)
     num_warps = _num_warps(block_m * block_n)
-    per_sm = max(1, 32 // num_warps)
     prefetch, keep_w = False, True
     tune = None if wide else _tuned("bwd", rms, N, dtype)
     if tune is not None:
         block_m, num_warps, prefetch, keep_w = tune.block_m, tune.num_warps, tune.prefetch, tune.keep_w
-        per_sm = tune.per_sm or max(1, 32 // num_warps)
+    per_sm = max(1, 32 // num_warps)
+    if tune is not None and tune.per_sm:
+        per_sm = tune.per_sm
+    elif resident:
+        per_sm = min(per_sm, resident)
     tiles = cdiv(M, block_m)
     programs = max(1, min(tiles, sm_count(device) * per_sm))
     return NormLaunch(block_m, block_n, num_warps, wide, programs, prefetch, keep_w)
@@ -504,9 +512,6 @@ def norm_bwd(
     mean = None if mean is None else mean.contiguous()
     rstd = rstd.contiguous()
     cfg = bwd_launch(M, N, dev, rms, x.dtype)
-    P = cfg.programs
-    dw_part = torch.empty((P, N), dtype=torch.float32, device=dev) if need_dw else None
-    db_part = torch.empty((P, N), dtype=torch.float32, device=dev) if need_db else None
     has_dres = need_dx and dresidual_out is not None
     dres = dresidual_out if has_dres else None
     flags = dict(
@@ -514,6 +519,21 @@ def norm_bwd(
         NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
         BLOCK_N=cfg.block_n, SOFT_RNE=interpreting(), num_warps=cfg.num_warps, **COMPILE_OPTIONS,
     )
+    if not cfg.wide:
+        flags.update(BLOCK_M=cfg.block_m, PREFETCH=cfg.prefetch, KEEP_W=cfg.keep_w)
+    if cfg.programs > sm_count(dev):  # (one program per SM always fits)
+        f32 = torch.float32  # (the partial sums' stand-ins: Triton's warmup takes a dtype for a tensor)
+        key = (cfg.wide, x.dtype, None if weight is None else weight.dtype, rms, weight is not None, has_dres,
+               need_dx, need_dw, need_db, cfg.block_n, cfg.block_m, cfg.num_warps, cfg.prefetch, cfg.keep_w)
+        kernel = _norm_bwd_wide_kernel if cfg.wide else _norm_bwd_kernel
+        wide_c = (f32 if need_dx else None,) if cfg.wide else ()
+        resident = resident_per_sm(kernel, key, dev, (
+            dy, dy.stride(0), x, x.stride(0), weight, mean, rstd, *wide_c, dres, _row_stride(dres), dx,
+            f32 if need_dw else None, f32 if need_db else None, M, N), flags)
+        cfg = bwd_launch(M, N, dev, rms, x.dtype, resident)
+    P = cfg.programs
+    dw_part = torch.empty((P, N), dtype=torch.float32, device=dev) if need_dw else None
+    db_part = torch.empty((P, N), dtype=torch.float32, device=dev) if need_db else None
     if cfg.wide:
         c = None
         if need_dx:
@@ -529,7 +549,7 @@ def norm_bwd(
     else:
         _norm_bwd_kernel[(P,)](
             dy, dy.stride(0), x, x.stride(0), weight, mean, rstd, dres, _row_stride(dres),
-            dx, dw_part, db_part, M, N, BLOCK_M=cfg.block_m, PREFETCH=cfg.prefetch, KEEP_W=cfg.keep_w, **flags,
+            dx, dw_part, db_part, M, N, **flags,
         )
     if need_dw:
         _sum_partials(dw_part, dw)
