@@ -100,8 +100,10 @@ def _current(direction: str, kind: str, M: int, N: int, dev) -> K.NormTune:
         c = K.fwd_launch(M, N, kind == "rms", torch.bfloat16)
         return K.NormTune(c.block_m, c.num_warps)
     c = K.bwd_launch(M, N, dev, kind == "rms", torch.bfloat16)
-    # per_sm 0: the launcher's own count (up to 32 warps' worth, no more than an SM holds of the compiled kernel)
-    return K.NormTune(c.block_m, c.num_warps, 0, c.prefetch, c.keep_w)
+    # a committed entry's programs per SM, else 0: the launcher's own count (up to 32 warps' worth, no more than
+    # an SM holds of the compiled kernel)
+    tuned = K._tuned("bwd", kind == "rms", N, torch.bfloat16)
+    return K.NormTune(c.block_m, c.num_warps, tuned.per_sm if tuned else 0, c.prefetch, c.keep_w)
 
 
 class TritonLaunches:

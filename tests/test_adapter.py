@@ -109,6 +109,7 @@ SHAPES = [  # (B, S, D, R, G, E)
     (4, 3, 136, 16, 2, 2),  # hidden 16
     (2, 9, 120, 6, 3, 3),  # three groups, three experts
     (1, 5, 40, 126, 2, 4),  # wide hidden x many experts: fit() narrows the column chunks (16-32)
+    (1, 3, 40, 126, 2, 8),  # 1024 extended slots: row tiles of 16 too
 ]
 
 
@@ -448,7 +449,8 @@ def test_fit_narrows_column_chunks_for_registers_only_where_tiles_are_wide():
     """fit() leaves the usual adapter's tiles (hidden 8, two experts) as launch_config gives them, and narrows
     the column chunk of wide hidden x many experts until each kernel's [EK, block_d] tile is within
     REG_TILE_BYTES a warp (the sm_90 compile check, tests/test_compile_check.py, finds no spills then; at the
-    former widths the forward spilled 928 B a thread at 512 extended slots), never below 16 columns."""
+    former widths the forward spilled 928 B a thread at 512 extended slots), never below 16 columns, and past
+    WIDE_EK slots to row tiles of 16."""
     from mmfast.kernels import adapter as K
 
     bf16, f32 = torch.bfloat16, torch.float32
@@ -463,6 +465,7 @@ def test_fit_narrows_column_chunks_for_registers_only_where_tiles_are_wide():
             for EK in (128, 256, 512, 1024):
                 cfg = K.fit(K.launch_config(dt, kernel), EK, planes[kernel] if dt == bf16 else 1, dt.itemsize, kernel)
                 assert cfg.block_d == 16 or EK * cfg.block_d * dt.itemsize <= K.REG_TILE_BYTES[kernel] * cfg.num_warps
+                assert cfg.block_m == (16 if EK > K.WIDE_EK else K.launch_config(dt, kernel).block_m)
                 widths[dt, kernel, EK] = cfg.block_d
     assert [widths[bf16, "fwd", EK] for EK in (128, 256, 512, 1024)] == [64, 64, 32, 16]
     assert [widths[bf16, "cols", EK] for EK in (128, 256, 512, 1024)] == [64, 32, 16, 16]

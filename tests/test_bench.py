@@ -169,7 +169,12 @@ def test_norm_tuner_smoke(tmp_path, capsys, monkeypatch):
 
     # an entry there before the run (a committed one) is back in place after it (it was deleted)
     key = ("bwd", "rms", 1024, "16bit")
-    monkeypatch.setitem(K.TUNED, key, tune._current("bwd", "rms", 37, 1024, torch.device("cpu")))
+    cpu = torch.device("cpu")
+    # the current choice: a committed entry's programs per SM where there is one, else the launcher's own (0)
+    assert tune._current("bwd", "rms", 37, 1024, cpu).per_sm == 0
+    c = K.bwd_launch(37, 1024, cpu)
+    monkeypatch.setitem(K.TUNED, key, K.NormTune(c.block_m, c.num_warps, 2, c.prefetch, c.keep_w))
+    assert tune._current("bwd", "rms", 37, 1024, cpu) == K.TUNED[key]
     before = dict(K.TUNED)
     capsys.readouterr()
     tune.main(["--smoke", "--directions", "bwd", "--out", str(tmp_path)])

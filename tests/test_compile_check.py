@@ -75,7 +75,8 @@ import triton
 from mmfast.kernels import compile_check as cc
 
 expected = [o["num_warps"] if isinstance(o, dict) else o for _, _, o in cc.variants()]
-aligned = [[fn.__name__, cc.aligned(fn, a)] for fn, a, _ in cc.variants()]
+aligned = [[fn.__name__, cc.vectorizable(fn, a, o["num_warps"] if isinstance(o, dict) else o)]
+           for fn, a, o in cc.variants()]
 for scenario in json.loads(sys.argv[1]):
     calls = []
 

@@ -262,10 +262,11 @@ def test_resident_blocks_follow_cuda_occupancy(regs, warps, shared, limits, bloc
     assert _device.resident_blocks(regs, warps, shared, **limits) == blocks
 
 
-def test_resident_per_sm_compiles_once_per_key(monkeypatch):
-    """resident_per_sm asks Triton's warmup for the compiled kernel once per (kernel, device, key), loads it, and
-    answers from its registers, warps and shared memory; under the interpreter and off CUDA it answers None
-    without compiling anything."""
+def test_resident_per_sm_compiles_once_per_specialization(monkeypatch):
+    """resident_per_sm asks Triton's warmup for the compiled kernel once per specialization Triton compiles (a
+    tensor's dtype and 16-byte alignment, an int's divisibility by 16 and being 1, the keyword arguments; not
+    a float's value) and device, loads it, and answers from its registers, warps and shared memory; under the
+    interpreter and off CUDA it answers None without compiling anything."""
     import types
 
     calls = []
@@ -281,19 +282,29 @@ def test_resident_per_sm_compiles_once_per_key(monkeypatch):
             calls.append((args, grid, kwargs))
             return Compiled()
 
-    kernel, cuda = Kernel(), torch.device("cuda", 0)
+    kernel, cuda, x = Kernel(), torch.device("cuda", 0), torch.zeros(64)
     monkeypatch.setattr(_device, "_sm_limits", lambda index: tuple(H100.values()))
     monkeypatch.setattr(_device, "_RESIDENT", {})
     monkeypatch.setattr(_device, "interpreting", lambda: True)
-    assert _device.resident_per_sm(kernel, ("k",), cuda, (1,), {}) is None and not calls
+    assert _device.resident_per_sm(kernel, cuda, (x, 7), {}) is None and not calls
     monkeypatch.setattr(_device, "interpreting", lambda: False)
-    assert _device.resident_per_sm(kernel, ("k",), torch.device("cpu"), (1,), {}) is None and not calls
-    assert _device.resident_per_sm(kernel, ("k",), cuda, (torch.float32, 7), {"BLOCK_M": 1, "num_warps": 8}) == 3
-    assert calls == [((torch.float32, 7), (1,), {"BLOCK_M": 1, "num_warps": 8}), "load"]
-    assert _device.resident_per_sm(kernel, ("k",), cuda, (torch.float32, 7), {}) == 3 and len(calls) == 2
+    assert _device.resident_per_sm(kernel, torch.device("cpu"), (x, 7), {}) is None and not calls
+    args, kwargs = (x, torch.float32, None, 1024, 1e-6), {"BLOCK_M": 1, "num_warps": 8}
+    assert _device.resident_per_sm(kernel, cuda, args, kwargs) == 3
+    assert calls == [(args, (1,), kwargs), "load"]
+    same = [(torch.zeros(8), torch.float32, None, 2048, 1e-5)]  # another aligned tensor, int, eps: as compiled
     Compiled.n_regs = 128
-    assert _device.resident_per_sm(kernel, ("other",), cuda, (), {}) == 2
-    assert _device.resident_per_sm(kernel, ("k",), torch.device("cuda", 1), (), {}) == 2 and len(calls) == 6
+    for other in same:
+        assert _device.resident_per_sm(kernel, cuda, other, kwargs) == 3 and len(calls) == 2
+    others = [(x[1:], torch.float32, None, 1024, 1e-6), (x.double(), torch.float32, None, 1024, 1e-6),
+              (x, torch.float16, None, 1024, 1e-6), (x, torch.float32, None, 1000, 1e-6),
+              (x, torch.float32, None, 1, 1e-6)]
+    for other in others:  # (an address off 16 bytes, another dtype or stand-in, an int that does not divide, 1)
+        assert _device.resident_per_sm(kernel, cuda, other, kwargs) == 2
+    assert len(calls) == 2 + 2 * len(others)
+    assert _device.resident_per_sm(kernel, cuda, args, {**kwargs, "BLOCK_M": 2}) == 2
+    assert _device.resident_per_sm(kernel, torch.device("cuda", 1), args, kwargs) == 2
+    assert len(calls) == 2 + 2 * len(others) + 4
 
 
 @pytest.mark.parametrize("norm_backend", ["auto"], indirect=True)  # the Triton kernels' grid (pinned below)
@@ -302,9 +313,11 @@ def test_resident_per_sm_compiles_once_per_key(monkeypatch):
 def test_backward_grid_holds_only_resident_programs(kind, N, device, seed, monkeypatch):
     """The backward asks how many programs of the kernel it launches fit an SM at once (resident_per_sm: the
     compiled kernel's registers) and launches no more per SM, so none waits for a second, partly empty wave:
-    its question compiles exactly the launch's specialization (the same kernel, flags and argument types), and
-    the smaller grid is as accurate. On a GPU the compiled kernel's own count decides (with the interpreter,
-    which compiles nothing, a stand-in says one program per SM)."""
+    its question compiles the contiguous layout's specialization (the same kernel, flags and argument types,
+    rows N apart: what this test's contiguous launch compiles), and the smaller grid is as accurate. On a GPU
+    the compiled kernel's own count decides (with the interpreter, which compiles nothing, a stand-in says one
+    program per SM). Another layout gets the same grid: test_op_layouts.py holds every output, dweight's
+    partial sums included, to the contiguous call's bits."""
     from mmfast.kernels import norm as K
     from mmfast.ops.backend import ENV_VAR
 
@@ -313,8 +326,8 @@ def test_backward_grid_holds_only_resident_programs(kind, N, device, seed, monke
     real = K.resident_per_sm
     stand_in = _device.interpreting() or device == "cpu"
 
-    def resident(kernel, key, dev, args, kwargs):
-        n = 1 if stand_in else real(kernel, key, dev, args, kwargs)
+    def resident(kernel, dev, args, kwargs):
+        n = 1 if stand_in else real(kernel, dev, args, kwargs)
         asked.append((kernel, args, kwargs, n))
         return n
 
@@ -342,11 +355,20 @@ def test_backward_grid_holds_only_resident_programs(kind, N, device, seed, monke
         assert kernel is spy and kwargs == real_kwargs
         assert len(args) == len(real_args)
         for a, b in zip(args, real_args):
-            if isinstance(b, torch.Tensor):
-                assert a is b or a == b.dtype, (a, b.dtype)
-            else:
-                assert a == b
+            assert a == (b.dtype if isinstance(b, torch.Tensor) else b), (a, b)
         assert per_sm >= 1 and grid == (min(M, per_sm * sms, 4 * sms),), (grid, per_sm)
+    # rows N + 3 apart (not 16-byte aligned, compiled apart by Triton): the same question, grid and bits
+    rms, dev = kind == "rms", torch.device(device)
+    w, b = torch.randn(N, device=dev), (None if rms else torch.randn(N, device=dev))
+    wide = [torch.randn(M, N + 3, device=dev).to(torch.bfloat16) for _ in range(2)]
+    outs = []
+    for x, dy in ((t[:, :N].contiguous() for t in wide), (t[:, :N] for t in wide)):
+        _, _, mean, rstd = K.norm_fwd(x, w, b, None, 1e-6, rms)
+        outs.append(K.norm_bwd(dy, x, w, mean, rstd, None, rms, True, True, not rms))
+    assert asked[-1][1:] == asked[-2][1:] and launched[-1][1] == launched[-2][1]
+    assert launched[-1][2][1] == N + 3 and launched[-2][2][1] == N
+    for e, o in zip(*outs):
+        assert (e is None and o is None) or torch.equal(e, o)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: 64-bit offsets only matter past 2**31 elements")

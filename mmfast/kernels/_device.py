@@ -117,28 +117,43 @@ def resident_blocks(regs_per_thread: int, num_warps: int, shared: int, regs_per_
     return max(0, min(warps_by_regs // num_warps, threads_per_sm // (32 * num_warps), by_shared, 16))
 
 
-#: Resident programs per SM of a compiled specialization, by (kernel, device index, launcher's key).
+#: Resident programs per SM of a compiled specialization, by (kernel, device index, specialization).
 _RESIDENT: dict[tuple, int] = {}
 
 
-def resident_per_sm(kernel, key: tuple, device: torch.device, args: tuple, kwargs: dict) -> int | None:
+def _specialization(arg):
+    """What Triton's JIT compiles ``arg`` by: a tensor's dtype and whether its address is 16-byte aligned; an
+    int's divisibility by 16 and whether it is 1; not a float's value; a constant (or a dtype standing in
+    for a tensor, as ``warmup`` takes) as it is."""
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if isinstance(arg, bool) or not isinstance(arg, (int, float)):
+        return arg
+    if isinstance(arg, float):
+        return float
+    return arg % 16 == 0, arg == 1
+
+
+def resident_per_sm(kernel, device: torch.device, args: tuple, kwargs: dict) -> int | None:
     """How many programs of ``kernel`` (a Triton JIT function) one SM of ``device`` holds at once, compiled for
     ``args`` and ``kwargs`` as their launch compiles it (``warmup``: compiled, or found compiled, and
-    loaded, not run; a launch after it finds it in Triton's cache). Cached by ``key``, which the caller
-    makes from what decides the compiled code (dtypes, flags, tile, warps). None under the interpreter
-    or off CUDA (no compiled code), and where a Triton compile hook answered for the compile.
+    loaded, not run; the launch after it finds it in Triton's cache). Cached by what Triton specializes
+    the compile on (:func:`_specialization` of each argument, the keyword arguments), so two launches that
+    compile differently (a width that divides by 16 and one that does not, a row view off 16 bytes) are
+    asked about separately. None under the interpreter or off CUDA (no compiled code), and where a Triton
+    compile hook answered for the compile.
 
     A persistent grid sized past this runs its last programs in a second, partly empty wave."""
     if interpreting() or device.type != "cuda":
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
-    full = (kernel, index, *key)
-    hit = _RESIDENT.get(full)
+    key = (kernel, index, tuple(map(_specialization, args)), tuple(kwargs.items()))
+    hit = _RESIDENT.get(key)
     if hit is None:
         compiled = kernel.warmup(*args, grid=(1,), **kwargs)
         if compiled is None or not hasattr(compiled, "_init_handles"):
             return None
         compiled._init_handles()
         meta = compiled.metadata
-        hit = _RESIDENT[full] = resident_blocks(compiled.n_regs, meta.num_warps, meta.shared, *_sm_limits(index))
+        hit = _RESIDENT[key] = resident_blocks(compiled.n_regs, meta.num_warps, meta.shared, *_sm_limits(index))
     return hit

@@ -99,11 +99,16 @@ SMEM_BUDGET = 160 * 1024  # bytes of shared memory the pipelined tiles may take 
 
 #: Bytes of an [EK, block_d] tile in x's dtype per warp that a kernel can hold in registers without
 #: spilling: the forward and row kernels hold a product's operand of that shape, the column kernel its
-#: dW partials (fp32) besides the x and dy tiles, so half as much. From the sm_90 compile check over
-#: hidden 8-128 x 2-8 experts, 16-bit and fp32 x, Triton 3.6 and 3.9: within these no tile spills more
-#: than 16 B a thread; at twice these, up to 928 B (forward, 512 extended slots) and 1.6 KB (column
-#: kernel, fp32 x) did.
+#: dW partials (fp32) besides the x and dy tiles, so half as much. Past :data:`WIDE_EK` extended slots
+#: the row tiles narrow to 16 rows as well. From the sm_90 compile check at D = 4096 (Triton 3.6 and
+#: 3.9): up to 512 slots (hidden 8-128 x 2-8 experts) no kernel spills more than 16 B a thread, where
+#: twice these budgets spilled up to 928 B (forward) and 1.6 KB (column kernel, fp32 x). At 1024 slots
+#: (hidden 128 x 4, hidden 64 x 8) 16-bit x with 16-bit weights spills at most 32 B; with fp32 weights
+#: (two planes of W) the forward still spills about 0.5 KB, and with fp32 x the column kernel about
+#: 0.65 KB under Triton 3.9: correct, slower. tests/test_compile_check.py holds the compile check's
+#: adapter shapes, 1024 slots of 16-bit x and weights among them, to 16 B.
 REG_TILE_BYTES = {"fwd": 4096, "rows": 4096, "cols": 2048}
+WIDE_EK = 512
 
 
 def fit(cfg: AdapterLaunch, EK: int, planes: int, elt: int, kernel: str) -> AdapterLaunch:
@@ -111,7 +116,10 @@ def fit(cfg: AdapterLaunch, EK: int, planes: int, elt: int, kernel: str) -> Adap
     packed weights, ``planes`` of [EK, block_d], and a [block_m, block_d] activation tile) times the
     stages fit :data:`SMEM_BUDGET` (wide hidden x many experts would otherwise not launch), and
     ``kernel``'s [EK, block_d] tile fits the registers (:data:`REG_TILE_BYTES`; no narrower than 16
-    columns). At the usual sizes (hidden 8, two experts) neither shrinks anything."""
+    columns), with row tiles of 16 past :data:`WIDE_EK` extended slots. At the usual sizes (hidden 8,
+    two experts) none of this shrinks anything."""
+    if EK > WIDE_EK and cfg.block_m > 16:
+        cfg = dataclasses.replace(cfg, block_m=16)
     while cfg.num_stages > 1 and smem_bytes(cfg, EK, planes, elt) > SMEM_BUDGET:
         cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
     while cfg.block_d > 16 and (smem_bytes(cfg, EK, planes, elt) > SMEM_BUDGET

@@ -9,7 +9,8 @@ tiles take. Each variant is specialized as Triton's JIT specializes a launch wit
 int that divides by 16, or a 16-byte aligned pointer, is known to; an int of 1 is a constant), so what
 is compiled is what runs. Any compile error, shared memory beyond what the target gives a block, or
 a 16- or 8-bit global load or store (an access not vectorized) where every pointer and width is
-aligned, fails (exit 1); spills are reported, and fail with ``--no-spills``.
+aligned and the tile gives each thread 16 bytes, fails (exit 1); spills are reported, and fail with
+``--no-spills``.
 """
 
 from __future__ import annotations
@@ -80,6 +81,21 @@ def aligned(fn, args: dict) -> bool:
     a constant): the specialization in which whole rows can be read in 16-byte vectors."""
     return all(v.aligned if isinstance(v, Ptr) else v == 1 or v % 16 == 0 for p in fn.params
                for v in [args[p.name]] if not p.is_constexpr and isinstance(v, (Ptr, int)))
+
+
+#: The constexpr tile sizes of the kernels: rows and columns of the tile a program moves at once.
+_TILE = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_P", "ROWS", "BLOCK")
+
+
+def vectorizable(fn, args: dict, num_warps: int) -> bool:
+    """Whether a launch's global accesses can all be 16-byte vectors: it is :func:`aligned`, and its tile (the
+    product of its tile sizes, in its narrowest dtype) gives each thread at least 16 bytes. (The adapter's
+    narrowest tiles, 16 x 16 for the widest hidden x experts, give a thread one element.)"""
+    elems = 1
+    for k in _TILE:
+        elems *= args.get(k) or 1
+    elt = min(v.dtype.itemsize for v in args.values() if isinstance(v, Ptr))
+    return aligned(fn, args) and elems * elt >= 16 * 32 * num_warps
 
 
 #: A global load or store in PTX: ``ld.global.v4.b32``, ``st.global.L1::evict_last.b16``, ...
@@ -183,11 +199,12 @@ def _common_variants():
                                        STEP=1, OUT_STRIDE=32 * 1024, BLOCK_P=32, BLOCK_N=256, SOFT_RNE=False), 4
 
 
-#: (x dtype, weight dtype, hidden R, experts E, width D) of the adapter variants; the last two: wide hidden x
-#: many experts (the column chunks fit() narrows for registers).
+#: (x dtype, weight dtype, hidden R, experts E, width D) of the adapter variants; the last three: wide hidden x
+#: many experts (the tiles fit() narrows for registers: 512, 256 and 1024 extended slots).
 ADAPTER_SHAPES = ((torch.bfloat16, torch.float32, 8, 2, 1024), (torch.bfloat16, torch.float32, 8, 2, 4096),
                   (torch.bfloat16, torch.bfloat16, 8, 2, 4096), (torch.float32, torch.float32, 8, 2, 4096),
-                  (torch.bfloat16, torch.float32, 64, 4, 4096), (torch.float32, torch.float32, 64, 2, 4096))
+                  (torch.bfloat16, torch.float32, 64, 4, 4096), (torch.float32, torch.float32, 64, 2, 4096),
+                  (torch.bfloat16, torch.bfloat16, 64, 8, 4096))
 
 
 def _adapter_variants(shapes=ADAPTER_SHAPES):
@@ -318,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001 - every failure is reported
             failures.append((label, f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:400]}"))
             continue
-        narrow = narrow_accesses(compiled.asm["ptx"]) if aligned(fn, kargs) else 0
+        narrow = narrow_accesses(compiled.asm["ptx"]) if vectorizable(fn, kargs, warps) else 0
         if narrow:
             failures.append((label, f"{narrow} global loads/stores of single 8- or 16-bit elements where every "
                                     f"pointer and width is 16-byte aligned: the accesses are not vectorized"))

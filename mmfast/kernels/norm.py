@@ -119,8 +119,9 @@ def bwd_launch(M: int, N: int, device: torch.device, rms: bool = True, dtype: to
     """Persistent grid: at most a few programs per SM (32 warps' worth), never more than there are row
     tiles, and, given ``resident`` (how many programs of the compiled kernel one SM holds at once), no
     more than that per SM: the programs past it would run in a second, partly empty wave (at N = 4096 in
-    bf16 the RMSNorm backward holds 80 registers a thread, so three of its 8-warp programs fit an SM,
-    not four). A measured ``TUNED`` programs-per-SM stands as measured."""
+    bf16 the RMSNorm backward holds 80 registers a thread under Triton 3.9, so three of its 8-warp
+    programs fit an SM, not four; 108 with fp32 weights under 3.6, so two). A measured ``TUNED``
+    programs-per-SM stands as measured."""
     block_m, block_n, wide = _tile(N, MAX_FUSED_N_BWD)
     num_warps = _num_warps(block_m * block_n)
     prefetch, keep_w = False, True
@@ -522,13 +523,15 @@ def norm_bwd(
     if not cfg.wide:
         flags.update(BLOCK_M=cfg.block_m, PREFETCH=cfg.prefetch, KEEP_W=cfg.keep_w)
     if cfg.programs > sm_count(dev):  # (one program per SM always fits)
-        f32 = torch.float32  # (the partial sums' stand-ins: Triton's warmup takes a dtype for a tensor)
-        key = (cfg.wide, x.dtype, None if weight is None else weight.dtype, rms, weight is not None, has_dres,
-               need_dx, need_dw, need_db, cfg.block_n, cfg.block_m, cfg.num_warps, cfg.prefetch, cfg.keep_w)
+        # asked of the contiguous layout's compile (dtypes standing in for the tensors: Triton's warmup takes
+        # them as 16-byte aligned ones, rows N apart), so that the grid, and with it the order dweight's
+        # partials are summed in, is the same whatever the layout of x, dy and the residual's gradient
+        f32 = torch.float32
         kernel = _norm_bwd_wide_kernel if cfg.wide else _norm_bwd_kernel
         wide_c = (f32 if need_dx else None,) if cfg.wide else ()
-        resident = resident_per_sm(kernel, key, dev, (
-            dy, dy.stride(0), x, x.stride(0), weight, mean, rstd, *wide_c, dres, _row_stride(dres), dx,
+        resident = resident_per_sm(kernel, dev, (
+            dy.dtype, N, x.dtype, N, None if weight is None else weight.dtype, None if mean is None else f32, f32,
+            *wide_c, dres.dtype if has_dres else None, N if has_dres else 0, x.dtype if need_dx else None,
             f32 if need_dw else None, f32 if need_db else None, M, N), flags)
         cfg = bwd_launch(M, N, dev, rms, x.dtype, resident)
     P = cfg.programs
