@@ -12,7 +12,8 @@
 # lease: the whole check in ONE call that fits a task's device time (15 minutes, the machine's start
 # included): MMFAST_LEASE_BUDGET seconds from the script's start, the install included (default 540; run
 # it with timeout_s=600), every step capped by what is left, the most wanted first: the CUDA C++ build in the background while the
-# native tests of everything else run (pytest-xdist where installed), the cuda-backend tests, the kernel
+# native tests of everything else run (pytest-xdist where installed), the Triton backward's grid at the goal
+# widths (programs per SM), the cuda-backend tests, the kernel
 # suite's large sizes with the backend table, the model suite (layernorm first), the CUDA-graph cases,
 # and with what is left the CUDA C++ backward's stage tuning and the Triton backward's launches. The goals
 # table over all of it ends $OUT/lease.log and the output. Files (8, the device tool's most): install.log,
@@ -74,6 +75,14 @@ run scripts/gpu_wheels.sh before the call for the checkout's)}"
 CUDA_LOAD="from mmfast.kernels import cuda_ext as c; ok = c.load(); \
 print('cuda extension:', 'loaded from ' + str(c.origin()) if ok else 'UNAVAILABLE: ' + str(c.unavailable_reason())); \
 raise SystemExit(0 if ok else 1)"
+# the Triton norm backward's persistent grid at the goal widths (bf16, as the kernel suite runs them): programs
+# per SM, as many as one SM holds of the compiled kernel (mmfast.kernels.norm.bwd_grid), up to 32 warps' worth
+GRID="import torch; from mmfast.kernels import norm as K, _device as D; dev = torch.device('cuda'); \
+sms = D.sm_count(dev); bf = torch.bfloat16
+for rms, M, N in ((True, 32768, 4096), (True, 32768, 5120), (True, 32768, 8192), (False, 64 * 577, 1024)):
+    c, _ = K.bwd_grid(M, N, dev, rms, bf, bf, bf, True, True, not rms)
+    print(f'backward grid {\"rms\" if rms else \"ln\"} N={N}: {c.programs} programs on {sms} SMs '
+          f'({c.programs / sms:.3g} per SM), {c.num_warps} warps, BLOCK_M {c.block_m}')"
 # the tests that run the cuda backend (with -k cuda)
 CUDA_TESTS="tests/test_norm.py tests/test_adapter.py tests/test_cuda_backend.py tests/test_cuda_staged.py tests/test_cuda_binding.py \
 tests/test_op_layouts.py"
@@ -143,6 +152,7 @@ tests/test_patch.py tests/test_mlp_patch.py tests/test_fused_loss_patch.py tests
 tests/test_bench.py::test_graph_case_times_every_direction_on_gpu} \
           -k "not cuda" -q -p no:cacheprovider $xdist --durations=10 > "$OUT/tests.log" 2>&1
         done_at $? tests; tail -n 3 "$OUT/tests.log"
+        capped 60 python3 -c "$GRID"  # (compiles what the kernel suite's cases launch: not time lost)
         # 3. the cuda backend's tests, once the build is there
         wait "$build"; build_rc=$?; tail -n 2 "$OUT/cuda.log"; [ "$build_rc" -eq 0 ] || lease_rc=1
         # a failed build is not tried again by every later step (a minute of nvcc each)

@@ -476,6 +476,36 @@ def norm_fwd(
     return y, res_out, mean, rstd
 
 
+def bwd_grid(M: int, N: int, device: torch.device, rms: bool, x_dtype: torch.dtype, dy_dtype: torch.dtype,
+             w_dtype: torch.dtype | None, need_dx: bool, need_dw: bool, need_db: bool,
+             dres_dtype: torch.dtype | None = None) -> tuple[NormLaunch, dict]:
+    """The backward's launch for [M, N] rows of these dtypes and gradients (``dres_dtype``: the residual's
+    gradient, added to dx), and its kernel's flags. The persistent grid holds no more programs per SM than
+    one SM holds of the compiled kernel at once (:func:`bwd_launch`); that is asked of the contiguous
+    layout's compile (dtypes standing in for the tensors: Triton's warmup takes them as 16-byte aligned
+    ones, rows N apart), so that the grid, and with it the order dweight's partials are summed in, is the
+    same whatever the layout of x, dy and the residual's gradient."""
+    cfg = bwd_launch(M, N, device, rms, x_dtype)
+    has_dres = need_dx and dres_dtype is not None
+    flags = dict(
+        IS_RMS=rms, HAS_W=w_dtype is not None, HAS_DRES=has_dres,
+        NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
+        BLOCK_N=cfg.block_n, SOFT_RNE=interpreting(), num_warps=cfg.num_warps, **COMPILE_OPTIONS,
+    )
+    if not cfg.wide:
+        flags.update(BLOCK_M=cfg.block_m, PREFETCH=cfg.prefetch, KEEP_W=cfg.keep_w)
+    if cfg.programs > sm_count(device):  # (one program per SM always fits)
+        f32 = torch.float32
+        kernel = _norm_bwd_wide_kernel if cfg.wide else _norm_bwd_kernel
+        wide_c = (f32 if need_dx else None,) if cfg.wide else ()
+        resident = resident_per_sm(kernel, device, (
+            dy_dtype, N, x_dtype, N, w_dtype, None if rms else f32, f32, *wide_c, dres_dtype if has_dres else None,
+            N if has_dres else 0, x_dtype if need_dx else None, f32 if need_dw else None, f32 if need_db else None,
+            M, N), flags)
+        cfg = bwd_launch(M, N, device, rms, x_dtype, resident)
+    return cfg, flags
+
+
 @on_tensor_device
 def norm_bwd(
     dy: torch.Tensor,
@@ -512,28 +542,10 @@ def norm_bwd(
     weight = None if weight is None else weight.contiguous()  # and the statistics, one float per row
     mean = None if mean is None else mean.contiguous()
     rstd = rstd.contiguous()
-    cfg = bwd_launch(M, N, dev, rms, x.dtype)
     has_dres = need_dx and dresidual_out is not None
     dres = dresidual_out if has_dres else None
-    flags = dict(
-        IS_RMS=rms, HAS_W=weight is not None, HAS_DRES=has_dres,
-        NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
-        BLOCK_N=cfg.block_n, SOFT_RNE=interpreting(), num_warps=cfg.num_warps, **COMPILE_OPTIONS,
-    )
-    if not cfg.wide:
-        flags.update(BLOCK_M=cfg.block_m, PREFETCH=cfg.prefetch, KEEP_W=cfg.keep_w)
-    if cfg.programs > sm_count(dev):  # (one program per SM always fits)
-        # asked of the contiguous layout's compile (dtypes standing in for the tensors: Triton's warmup takes
-        # them as 16-byte aligned ones, rows N apart), so that the grid, and with it the order dweight's
-        # partials are summed in, is the same whatever the layout of x, dy and the residual's gradient
-        f32 = torch.float32
-        kernel = _norm_bwd_wide_kernel if cfg.wide else _norm_bwd_kernel
-        wide_c = (f32 if need_dx else None,) if cfg.wide else ()
-        resident = resident_per_sm(kernel, dev, (
-            dy.dtype, N, x.dtype, N, None if weight is None else weight.dtype, None if mean is None else f32, f32,
-            *wide_c, dres.dtype if has_dres else None, N if has_dres else 0, x.dtype if need_dx else None,
-            f32 if need_dw else None, f32 if need_db else None, M, N), flags)
-        cfg = bwd_launch(M, N, dev, rms, x.dtype, resident)
+    cfg, flags = bwd_grid(M, N, dev, rms, x.dtype, dy.dtype, None if weight is None else weight.dtype,
+                          need_dx, need_dw, need_db, dres.dtype if has_dres else None)
     P = cfg.programs
     dw_part = torch.empty((P, N), dtype=torch.float32, device=dev) if need_dw else None
     db_part = torch.empty((P, N), dtype=torch.float32, device=dev) if need_db else None
