@@ -685,6 +685,50 @@ def test_padded_siglip2_gradients_under_activation_checkpointing(reentrant):
         torch.testing.assert_close(checkpointed[n], plain_both[n], rtol=1e-5, atol=1e-7, msg=n)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_padded_siglip2_on_copied_inputs_past_an_evaluation_pass(reentrant):
+    """A saved-tensor hook that copies the checkpointed inputs (save_on_cpu on a GPU; transformers'
+    activation_checkpointing_enable(offload=True)): the recompute's input is not found by its storage, and its
+    layer took the padding mask of the layer's latest call, an evaluation pass between the forward and its
+    backward included (router gradients 56% off). The latest call in training mode's is taken now. (Another
+    training forward in between still hides the mask: README, tuning="mma".)"""
+    from transformers import Siglip2VisionConfig, Siglip2VisionModel
+
+    def tower():
+        torch.manual_seed(0)
+        model = Siglip2VisionModel(Siglip2VisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+                                                       num_attention_heads=4, num_patches=16, patch_size=4))
+        mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(dropout=0.0), verbose=False)
+        _perturb_adapters(model)
+        return model.train()
+
+    g = torch.Generator().manual_seed(3)
+    pix = torch.randn(2, 16, 48, generator=g).requires_grad_()  # (reentrant skips a layer whose inputs need no grad)
+    mask, other = torch.ones(2, 16, dtype=torch.long), torch.ones(2, 16, dtype=torch.long)
+    mask[1, 6:], other[0, 8:] = 0, 0
+    a = dict(pixel_values=pix, pixel_attention_mask=mask, spatial_shapes=torch.tensor([[4, 4], [2, 3]]))
+    b = dict(pixel_values=pix, pixel_attention_mask=other, spatial_shapes=torch.tensor([[2, 4], [4, 4]]))
+    probe = torch.randn(2, 16, 24, generator=g)
+
+    def run(model):
+        out = model(**a).last_hidden_state
+        with torch.no_grad():
+            model.eval()
+            model(**b)
+            model.train()
+        (out * probe).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    want = run(tower())
+    model = tower()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        got = run(model)
+    assert got.keys() == want.keys() and any("mma_adapter.router" in n for n in want)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
 def test_vision_mask_forms_read_by_the_mean_route():
     from mmfast.tuning.mma import _valid_tokens
 

@@ -247,7 +247,8 @@ def _route_for_input(slot: _LayerSlot, x: Tensor) -> Optional[Tensor]:
                 raise RuntimeError(
                     f"mmfast MMA: activation checkpointing is recomputing a decoder layer in a backward through "
                     f"{len(through)} forwards of this model, and the layer's input is a copy (a saved-tensor hook "
-                    "such as torch.autograd.graph.save_on_cpu or activation offloading copied it), so which "
+                    "such as torch.autograd.graph.save_on_cpu, or activation offloading, as transformers' "
+                    "activation_checkpointing_enable(offload=True), copied it), so which "
                     "forward's routes it takes is unknown. Run each forward's backward on its own loss, or leave "
                     "that hook out.")
             if through:
@@ -284,22 +285,32 @@ class _TokenMask:
     """The non-padding tokens (``[B, S]`` bool, None: all) of a vision layer's calls, handed from the layer's
     pre-hook to its ``layer_norm1`` hook: by the layer's input, so that activation checkpointing's recompute
     (HF's checkpoints the layer's forward, not its hooks: the pre-hook does not run again) finds its own
-    forward's, also after later forwards; ``latest`` where inputs cannot be told apart (compiling)."""
+    forward's, also after later forwards; ``latest`` where inputs cannot be told apart (compiling); and for
+    a recompute on an input no call recorded (a saved-tensor hook copied it), ``trained``: the latest call
+    in training mode's, so that an evaluation pass (eval mode) between a forward and its backward leaves it
+    as it was."""
 
-    __slots__ = ("by_input", "latest")
+    __slots__ = ("by_input", "latest", "trained")
 
     def __init__(self):
-        self.by_input, self.latest = _ByInput(), None
+        self.by_input, self.latest, self.trained = _ByInput(), None, None
 
     def __reduce__(self):
         return _TokenMask, ()  # the calls' masks are not state: copies and pickles start empty
 
-    def put(self, x: Tensor, valid: Optional[Tensor]) -> None:
+    def put(self, x: Tensor, valid: Optional[Tensor], training: bool = True) -> None:
         self.latest = valid
+        if training:
+            self.trained = valid
         self.by_input.put(x, valid)
 
     def get(self, x: Tensor) -> Optional[Tensor]:
-        return self.by_input.get(x, self.latest)
+        if torch.compiler.is_compiling():
+            return self.latest
+        found = self.by_input.get(x, _MISSING)
+        if found is not _MISSING:
+            return found
+        return self.trained if torch._C._current_graph_task_id() != -1 else self.latest
 
 
 def _valid_tokens(mask, batch: int, seq: int):
@@ -334,14 +345,14 @@ def _vision_padding_hook(module, args, kwargs):
     its ``layer_norm1`` (which reads the same input)."""
     slot = _slot(module.layer_norm1)
     if slot.adapter is not None:
-        _keep_valid_tokens(slot.mask, args, kwargs)
+        _keep_valid_tokens(slot.mask, args, kwargs, module.training)
 
 
-def _keep_valid_tokens(holder: _TokenMask, args, kwargs) -> None:
+def _keep_valid_tokens(holder: _TokenMask, args, kwargs, training: bool = True) -> None:
     x = args[0] if args else kwargs.get("hidden_states")
     if torch.is_tensor(x) and x.dim() == 3:
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        holder.put(x, _valid_tokens(mask, x.shape[0], x.shape[1]))
+        holder.put(x, _valid_tokens(mask, x.shape[0], x.shape[1]), training)
 
 
 def _vision_tokens_hook(module, args, output):
@@ -1096,7 +1107,7 @@ def _vision_norm_hook(adapter: MMAdapter, module, args, output):
 
 
 def _vision_mask_hook(holder: _TokenMask, module, args, kwargs):
-    _keep_valid_tokens(holder, args, kwargs)
+    _keep_valid_tokens(holder, args, kwargs, module.training)
 
 
 def _vision_mean_hook(holder: _TokenMask, adapter: MMAdapter, module, args, output):
