@@ -285,15 +285,20 @@ class _TokenMask:
     """The non-padding tokens (``[B, S]`` bool, None: all) of a vision layer's calls, handed from the layer's
     pre-hook to its ``layer_norm1`` hook: by the layer's input, so that activation checkpointing's recompute
     (HF's checkpoints the layer's forward, not its hooks: the pre-hook does not run again) finds its own
-    forward's, also after later forwards; ``latest`` where inputs cannot be told apart (compiling); and for
-    a recompute on an input no call recorded (a saved-tensor hook copied it), ``trained``: the latest call
-    in training mode's, so that an evaluation pass (eval mode) between a forward and its backward leaves it
-    as it was."""
+    forward's, also after later forwards; ``latest`` where inputs cannot be told apart (compiling).
 
-    __slots__ = ("by_input", "latest", "trained")
+    A recompute on an input no call recorded (a saved-tensor hook such as ``save_on_cpu`` copied it) takes
+    the mask of the call an autograd node of which the running backward executes (``nodes``: the adapter's
+    node of each call, and for reentrant checkpointing, which builds none inside, the layer's checkpoint
+    node, recorded by the layer's forward hook outside the checkpoint); through several calls of different
+    masks (their losses summed), which one made the input is unknown, and it raises; where no recorded call
+    is found (a model pickled with an earlier version's hooks), the latest call in training mode's
+    (``trained``)."""
+
+    __slots__ = ("by_input", "latest", "trained", "nodes")
 
     def __init__(self):
-        self.by_input, self.latest, self.trained = _ByInput(), None, None
+        self.by_input, self.latest, self.trained, self.nodes = _ByInput(), None, None, []
 
     def __reduce__(self):
         return _TokenMask, ()  # the calls' masks are not state: copies and pickles start empty
@@ -304,13 +309,43 @@ class _TokenMask:
             self.trained = valid
         self.by_input.put(x, valid)
 
+    def put_node(self, node, valid: Optional[Tensor]) -> None:
+        """The mask of the call one of whose autograd nodes is ``node`` (outside backward; a node that takes no
+        weak reference, a C++ one, is left out)."""
+        if node is None or torch._C._current_graph_task_id() != -1:  # (the callers skip compiled code)
+            return
+        try:
+            ref = weakref.ref(node)
+        except TypeError:
+            return
+        self.nodes = [(r, v) for r, v in self.nodes if r() is not None]
+        self.nodes.append((ref, valid))
+
     def get(self, x: Tensor) -> Optional[Tensor]:
         if torch.compiler.is_compiling():
             return self.latest
         found = self.by_input.get(x, _MISSING)
         if found is not _MISSING:
             return found
-        return self.trained if torch._C._current_graph_task_id() != -1 else self.latest
+        if torch._C._current_graph_task_id() == -1:
+            return self.latest
+        through = [v for ref, v in self.nodes if ref() is not None and torch._C._will_engine_execute_node(ref())]
+        if not through:
+            return self.trained
+        if any(not _same_mask(v, through[0]) for v in through[1:]):
+            raise RuntimeError(
+                f"mmfast MMA: activation checkpointing is recomputing a vision layer in a backward through "
+                f"{len(through)} forwards of it with different padding, and the layer's input is a copy (a "
+                "saved-tensor hook such as torch.autograd.graph.save_on_cpu, or activation offloading, as "
+                "transformers' activation_checkpointing_enable(offload=True), copied it), so which forward's "
+                "padding it takes is unknown. Run each forward's backward on its own loss, or leave that hook out.")
+        return through[0]
+
+
+def _same_mask(a: Optional[Tensor], b: Optional[Tensor]) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a is b or (a.shape == b.shape and bool(torch.equal(a, b)))
 
 
 def _valid_tokens(mask, batch: int, seq: int):
@@ -348,6 +383,15 @@ def _vision_padding_hook(module, args, kwargs):
         _keep_valid_tokens(slot.mask, args, kwargs, module.training)
 
 
+def _vision_padding_node_hook(module, args, output):
+    """Encoder layer forward hook (outside HF's checkpoint): the autograd node of the call's output, for the
+    call's mask (:class:`_TokenMask`)."""
+    slot = _slot(module.layer_norm1)
+    out = output[0] if isinstance(output, (tuple, list)) else output
+    if slot.adapter is not None and torch.is_tensor(out) and not torch.compiler.is_compiling():
+        slot.mask.put_node(out.grad_fn, slot.mask.latest)
+
+
 def _keep_valid_tokens(holder: _TokenMask, args, kwargs, training: bool = True) -> None:
     x = args[0] if args else kwargs.get("hidden_states")
     if torch.is_tensor(x) and x.dim() == 3:
@@ -372,7 +416,10 @@ def _mean_routed(holder: _TokenMask, adapter: MMAdapter, args, output):
     else:  # the sum over the kept tokens, taken in fp32 as the mean above, then the mean
         kept = (output * valid.unsqueeze(-1).to(output.dtype)).sum(dim=1, dtype=acc)
         route = kept / valid.sum(dim=1, keepdim=True).clamp_min(1).to(acc)
-    return adapter(output, route)
+    out = adapter(output, route)
+    if not torch.compiler.is_compiling():
+        holder.put_node(out.grad_fn, valid)
+    return out
 
 
 def _llm_norm_adapter_hook(module, args, output):
@@ -1135,8 +1182,8 @@ def _llm_pre_hook(state: _State, module, args, kwargs):
     return _modality_pre_hook(module, args, kwargs)
 
 
-_HOOKS = (_vision_cls_hook, _vision_padding_hook, _vision_tokens_hook, _llm_norm_adapter_hook, _flags_pre_hook,
-          _modality_pre_hook, _embedding_bridge_hook, _clear_bridge_hook)
+_HOOKS = (_vision_cls_hook, _vision_padding_hook, _vision_padding_node_hook, _vision_tokens_hook,
+          _llm_norm_adapter_hook, _flags_pre_hook, _modality_pre_hook, _embedding_bridge_hook, _clear_bridge_hook)
 _LEGACY_HOOKS = (_vision_norm_hook, _vision_mask_hook, _vision_mean_hook, _llm_norm_hook, _top_pre_hook, _llm_pre_hook)
 for _hook in _HOOKS:  # what they need per module they read from the module
     setattr(_hook, SHARED_CODE_HOOK, True)
@@ -1534,6 +1581,7 @@ def insert_mma(model: nn.Module, opts: Optional[MMAOptions] = None) -> list[tupl
         else:
             layer.layer_norm1.__dict__[_SLOT] = _LayerSlot(adapter, mask=_TokenMask())
             layer.register_forward_pre_hook(_vision_padding_hook, with_kwargs=True)
+            layer.register_forward_hook(_vision_padding_node_hook)
             layer.layer_norm1.register_forward_hook(_vision_tokens_hook)
 
     _train_mma(model, hf, parts)
