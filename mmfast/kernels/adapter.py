@@ -101,7 +101,8 @@ SMEM_BUDGET = 160 * 1024  # bytes of shared memory the pipelined tiles may take 
 #: spilling: the forward and row kernels hold a product's operand of that shape, the column kernel its
 #: dW partials (fp32) besides the x and dy tiles, so half as much. Past :data:`WIDE_EK` extended slots
 #: the row tiles narrow to 16 rows as well. From the sm_90 compile check at D = 4096 (Triton 3.6 and
-#: 3.9): up to 512 slots (hidden 8-128 x 2-8 experts) no kernel spills more than 16 B a thread, where
+#: 3.9): up to 512 slots (experts x hidden + 2 rounded up to a power of two; measured: hidden 8-128 with 2
+#: experts, 8-64 with 4, 16 with 8) no kernel spills more than 16 B a thread, where
 #: twice these budgets spilled up to 928 B (forward) and 1.6 KB (column kernel, fp32 x). At 1024 slots
 #: (hidden 128 x 4, hidden 64 x 8) 16-bit x with 16-bit weights spills at most 32 B; with fp32 weights
 #: (two planes of W) the forward still spills about 0.5 KB, and with fp32 x the column kernel about
