@@ -634,11 +634,8 @@ def test_a_padded_siglip2_sample_routes_from_its_patches_alone_compiled():
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("reentrant", [False, True])
-def test_padded_siglip2_gradients_under_activation_checkpointing(reentrant):
-    """HF checkpoints a layer's forward, not its hooks: the recompute ran layer_norm1's hook without the
-    layer's pre-hook, found no mask and averaged the padding in (non-reentrant: a CheckpointError; reentrant:
-    gradients off by more than 100%). The recompute now finds its forward's mask by the layer's input."""
+def _trained_siglip2_tower():
+    """A tiny SigLIP2 (NaFlex) tower under tuning="mma", dropout off, adapters perturbed, in training mode."""
     from transformers import Siglip2VisionConfig, Siglip2VisionModel
 
     torch.manual_seed(0)
@@ -646,7 +643,15 @@ def test_padded_siglip2_gradients_under_activation_checkpointing(reentrant):
                                                    num_attention_heads=4, num_patches=16, patch_size=4))
     mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(dropout=0.0), verbose=False)
     _perturb_adapters(model)
-    model.train()
+    return model.train()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_padded_siglip2_gradients_under_activation_checkpointing(reentrant):
+    """HF checkpoints a layer's forward, not its hooks: the recompute ran layer_norm1's hook without the
+    layer's pre-hook, found no mask and averaged the padding in (non-reentrant: a CheckpointError; reentrant:
+    gradients off by more than 100%). The recompute now finds its forward's mask by the layer's input."""
+    model = _trained_siglip2_tower()
     g = torch.Generator().manual_seed(3)
     mask = torch.ones(2, 16, dtype=torch.long)
     mask[1, 6:] = 0
@@ -696,16 +701,6 @@ def test_padded_siglip2_on_copied_inputs(between, reentrant):
     through; through two forwards padded otherwise (their losses summed) it raises, as the decoder layers do
     (transformers 5.25; where HF's checkpoint wraps the layer's call, as in 5.17, the layer's pre-hook runs
     again in the recompute and finds the copy's mask itself: the gradients then match)."""
-    from transformers import Siglip2VisionConfig, Siglip2VisionModel
-
-    def tower():
-        torch.manual_seed(0)
-        model = Siglip2VisionModel(Siglip2VisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=2,
-                                                       num_attention_heads=4, num_patches=16, patch_size=4))
-        mmfast.patch(model, tuning="mma", mma=mmfast.MMAOptions(dropout=0.0), verbose=False)
-        _perturb_adapters(model)
-        return model.train()
-
     g = torch.Generator().manual_seed(3)
     pix = torch.randn(2, 16, 48, generator=g).requires_grad_()  # (reentrant skips a layer whose inputs need no grad)
     mask, other = torch.ones(2, 16, dtype=torch.long), torch.ones(2, 16, dtype=torch.long)
@@ -730,8 +725,8 @@ def test_padded_siglip2_on_copied_inputs(between, reentrant):
         (out * probe).sum().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    want = run(tower())
-    model = tower()
+    want = run(_trained_siglip2_tower())
+    model = _trained_siglip2_tower()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
         try:

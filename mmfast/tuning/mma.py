@@ -217,6 +217,15 @@ def _storage_key(x: Tensor) -> tuple:
     return (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), tuple(x.stride()))
 
 
+def _copied_input_error(layer: str, forwards: str, what: str) -> RuntimeError:
+    """A recompute on a copied input in a backward through several forwards: which one made it is unknown."""
+    return RuntimeError(
+        f"mmfast MMA: activation checkpointing is recomputing {layer} in a backward through {forwards}, and the "
+        "layer's input is a copy (a saved-tensor hook such as torch.autograd.graph.save_on_cpu, or activation "
+        "offloading, as transformers' activation_checkpointing_enable(offload=True), copied it), so which "
+        f"forward's {what} it takes is unknown. Run each forward's backward on its own loss, or leave that hook out.")
+
+
 def _route_for_input(slot: _LayerSlot, x: Tensor) -> Optional[Tensor]:
     """The route of the forward that made ``x``, the input of ``slot``'s layer.
 
@@ -244,13 +253,7 @@ def _route_for_input(slot: _LayerSlot, x: Tensor) -> Optional[Tensor]:
         if state is not None and state.routed_in != task:  # (not a forward run inside this backward)
             through = [f.by_slot[slot] for f in list(state.forwards) if slot in f.by_slot and f.backpropagated()]
             if len(through) > 1:
-                raise RuntimeError(
-                    f"mmfast MMA: activation checkpointing is recomputing a decoder layer in a backward through "
-                    f"{len(through)} forwards of this model, and the layer's input is a copy (a saved-tensor hook "
-                    "such as torch.autograd.graph.save_on_cpu, or activation offloading, as transformers' "
-                    "activation_checkpointing_enable(offload=True), copied it), so which "
-                    "forward's routes it takes is unknown. Run each forward's backward on its own loss, or leave "
-                    "that hook out.")
+                raise _copied_input_error("a decoder layer", f"{len(through)} forwards of this model", "routes")
             if through:
                 return through[0]
     if latest is not None:
@@ -333,12 +336,8 @@ class _TokenMask:
         if not through:
             return self.trained
         if any(not _same_mask(v, through[0]) for v in through[1:]):
-            raise RuntimeError(
-                f"mmfast MMA: activation checkpointing is recomputing a vision layer in a backward through "
-                f"{len(through)} forwards of it with different padding, and the layer's input is a copy (a "
-                "saved-tensor hook such as torch.autograd.graph.save_on_cpu, or activation offloading, as "
-                "transformers' activation_checkpointing_enable(offload=True), copied it), so which forward's "
-                "padding it takes is unknown. Run each forward's backward on its own loss, or leave that hook out.")
+            raise _copied_input_error("a vision layer", f"{len(through)} forwards of it with different padding",
+                                      "padding")
         return through[0]
 
 
